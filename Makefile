@@ -1,0 +1,59 @@
+# espbridge — `make help` lists the targets.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STATE  := $(or $(ESPBRIDGE_STATE_DIR),$(CURDIR)/.run)
+ENVF   := $(STATE)/espbridge.env
+PYTEST_ARGS ?=
+
+.PHONY: help setup up down status migrate lint typecheck test test-unit check demo clean
+
+help: ## list the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(VENV)/.synced: pyproject.toml uv.lock
+	@command -v uv >/dev/null || python3 -m pip install --quiet --disable-pip-version-check uv
+	uv sync --frozen --quiet
+	@touch $@
+
+setup: $(VENV)/.synced ## install Python dependencies (uv, from uv.lock) and the servers' packages and jars
+	infra/local.sh install
+
+up: setup ## start Kafka, PostgreSQL and the SFTP server (what is not running) and migrate the database
+	infra/local.sh up
+	set -a; source $(ENVF); set +a; $(VENV)/bin/espbridge db migrate
+
+down: ## stop the servers that `make up` started
+	infra/local.sh down
+
+status: ## show each server with its address and state
+	infra/local.sh status
+
+migrate: $(VENV)/.synced ## apply pending database migrations
+	set -a; source $(ENVF); set +a; $(VENV)/bin/espbridge db migrate
+
+lint: $(VENV)/.synced ## ruff (format check + lint) and the import-layer contracts
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+
+typecheck: $(VENV)/.synced ## mypy --strict over shared, services and tests
+	$(VENV)/bin/mypy
+
+test-unit: $(VENV)/.synced ## unit tests only (no servers)
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+test: lint typecheck ## linters, type checks, then the whole suite against real servers
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+check: test ## everything CI runs
+
+demo: up ## run a broadcast through the pipeline against the sandbox ESP
+	@echo "The end-to-end demo arrives with the services' stage work; the servers are up (make status)." >&2
+	@exit 2
+
+clean: ## remove the virtualenv and caches (not the servers' data: see `make down`)
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

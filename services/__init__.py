@@ -1,0 +1,1 @@
+"""espbridge's services: uploader, monitor, gatherer, loader. They meet only on Kafka topics."""

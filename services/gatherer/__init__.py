@@ -1,0 +1,1 @@
+"""The gatherer service: fetches response data from the ESPs and publishes normalized events."""

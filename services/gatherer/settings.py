@@ -1,0 +1,13 @@
+"""Settings of the gatherer (environment prefix ESPBRIDGE_GATHERER_ for its own keys)."""
+
+from __future__ import annotations
+
+from pydantic_settings import SettingsConfigDict
+
+from shared.service import ServiceSettings
+
+
+class Settings(ServiceSettings):
+    """The gatherer's settings: the shared pieces (Kafka, HTTP, logging) plus its own."""
+
+    model_config = SettingsConfigDict(env_prefix="ESPBRIDGE_GATHERER_", frozen=True, extra="ignore")

@@ -1,0 +1,1 @@
+"""The loader service: loads response events into the response database, idempotently."""

@@ -1,0 +1,55 @@
+"""asyncpg connections and pools built from :class:`~shared.settings.PostgresSettings`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+
+from shared.errors import ConfigurationError, UnavailableError
+from shared.settings import PostgresSettings
+
+
+def dsn_kwargs(settings: PostgresSettings) -> dict[str, Any]:
+    """Keyword arguments for asyncpg (the password stays a secret until this call)."""
+    return {
+        "host": settings.host,
+        "port": settings.port,
+        "database": settings.database,
+        "user": settings.user,
+        "password": settings.password.get_secret_value() if settings.password else None,
+        "timeout": settings.connect_timeout_s,
+    }
+
+
+def _map_connect_error(settings: PostgresSettings, exc: BaseException) -> Exception:
+    where = f"PostgreSQL at {settings.host}:{settings.port}/{settings.database}"
+    if isinstance(exc, (asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError)):
+        return ConfigurationError(f"{where} refused user {settings.user!r}: {exc}")
+    if isinstance(exc, asyncpg.InvalidCatalogNameError):
+        return ConfigurationError(f"{where} has no database {settings.database!r}")
+    return UnavailableError(f"{where} is unreachable: {exc}")
+
+
+_CONNECT_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
+async def connect(settings: PostgresSettings) -> asyncpg.Connection:
+    """One connection (for the migration runner and tools)."""
+    try:
+        return await asyncpg.connect(**dsn_kwargs(settings))
+    except _CONNECT_ERRORS as exc:
+        raise _map_connect_error(settings, exc) from exc
+
+
+async def create_pool(settings: PostgresSettings) -> asyncpg.Pool:
+    """The process's connection pool."""
+    kwargs = dsn_kwargs(settings)
+    try:
+        pool = await asyncpg.create_pool(
+            min_size=settings.pool_min_size, max_size=settings.pool_max_size, **kwargs
+        )
+    except _CONNECT_ERRORS as exc:
+        raise _map_connect_error(settings, exc) from exc
+    assert pool is not None  # create_pool returns the pool once awaited
+    return pool

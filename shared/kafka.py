@@ -1,0 +1,168 @@
+"""Kafka helpers: the faststream broker factory, topic creation, typed publishing, error policy.
+
+The error policy is the one place where a handler's exception becomes a retry (transient) or a
+dead letter with the original bytes (permanent); handlers never catch to decide that themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, TypeVar, cast
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from faststream import BaseMiddleware, StreamMessage
+from faststream.kafka import KafkaBroker
+from pydantic import ValidationError
+
+from shared.errors import InvalidMessageError, UnavailableError, is_transient
+from shared.logs import log_context
+from shared.messages import DeadLetter, EventSource, Message
+from shared.settings import KafkaSettings
+from shared.topics import Topic, spec_for_model
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=Message)
+
+RETRY_BACKOFF_MIN_S = 0.5
+RETRY_BACKOFF_MAX_S = 30.0
+
+
+def make_broker(
+    settings: KafkaSettings,
+    *,
+    client_id: str,
+    graceful_timeout_s: float = 30.0,
+    middlewares: Iterable[Any] = (),
+) -> KafkaBroker:
+    """A faststream Kafka broker for one service process (not connected until started)."""
+    return KafkaBroker(
+        settings.bootstrap_servers,
+        client_id=f"{settings.client_id}-{client_id}",
+        graceful_timeout=graceful_timeout_s,
+        middlewares=tuple(middlewares),
+        acks="all",
+        enable_idempotence=True,
+        logger=logging.getLogger(f"espbridge.kafka.{client_id}"),
+    )
+
+
+async def ensure_topics(settings: KafkaSettings, topics: Iterable[Topic] = tuple(Topic)) -> list[str]:
+    """Create the registry topics that do not exist yet, with their configured partition counts.
+
+    Returns the names of the topics it created. An existing topic with fewer partitions than
+    configured is reported in the log, never shrunk or silently accepted as sized.
+    """
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=settings.bootstrap_servers, client_id=f"{settings.client_id}-admin"
+    )
+    try:
+        await admin.start()
+    except KafkaError as exc:
+        raise UnavailableError(f"Kafka at {settings.bootstrap_servers} is unreachable: {exc}") from exc
+    try:
+        wanted = {settings.topic(t): settings.partitions(t) for t in topics}
+        existing = set(await admin.list_topics())
+        missing = [
+            NewTopic(name, num_partitions=n, replication_factor=settings.replication_factor)
+            for name, n in wanted.items()
+            if name not in existing
+        ]
+        created: list[str] = []
+        if missing:
+            response = await admin.create_topics(missing)
+            for name, code, *_ in cast(Any, response).topic_errors:
+                if code == 0:
+                    created.append(name)
+                elif code != TopicAlreadyExistsError.errno:
+                    raise UnavailableError(f"creating topic {name} failed with Kafka error {code}")
+        present = [name for name in wanted if name in existing]
+        if present:
+            for meta in await admin.describe_topics(present):
+                have = len(meta.get("partitions", []))
+                if have < wanted[meta["topic"]]:
+                    log.warning(
+                        "topic has fewer partitions than configured",
+                        extra={"topic": meta["topic"], "have": have, "configured": wanted[meta["topic"]]},
+                    )
+        if created:
+            log.info("created topics", extra={"topics": created})
+        return created
+    finally:
+        await admin.close()
+
+
+async def publish(broker: KafkaBroker, settings: KafkaSettings, message: Message) -> None:
+    """Publish a message to the topic its model belongs to, keyed as the registry says."""
+    spec = spec_for_model(type(message))
+    await broker.publish(
+        message.to_json(),
+        topic=settings.topic(spec.topic),
+        key=spec.key(message).encode(),
+        headers={"content-type": "application/json", "schema-version": str(message.schema_version)},
+    )
+
+
+def decode(model: type[M], body: bytes) -> M:
+    """Validate a raw message body against a model; bad bytes raise :class:`InvalidMessageError`."""
+    try:
+        return model.from_json(body)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(message)'}: {err['msg']}"
+            for err in exc.errors()[:20]
+        )
+        raise InvalidMessageError(f"not a valid {model.__name__}: {problems}") from None
+
+
+def error_policy(service: str, dead_letter: Callable[[DeadLetter], Awaitable[None]]) -> type[BaseMiddleware]:
+    """A faststream middleware: transient errors are retried with bounded backoff, others dead-lettered.
+
+    A permanent failure publishes a DeadLetter carrying the original bytes and the partition and
+    offset, then lets the message be committed, so one bad message never blocks its partition.
+    """
+    failures: dict[tuple[str, int], int] = {}
+
+    class ErrorPolicy(BaseMiddleware):
+        async def consume_scope(
+            self, call_next: Callable[..., Awaitable[Any]], msg: StreamMessage[Any]
+        ) -> Any:
+            raw = msg.raw_message
+            topic, partition, offset = raw.topic, raw.partition, raw.offset
+            where = (topic, partition)
+            with log_context(topic=topic, partition=partition, offset=offset):
+                try:
+                    result = await call_next(msg)
+                except Exception as exc:
+                    if is_transient(exc):
+                        n = failures.get(where, 0) + 1
+                        failures[where] = n
+                        delay = min(RETRY_BACKOFF_MAX_S, RETRY_BACKOFF_MIN_S * 2 ** (n - 1))
+                        log.warning(
+                            "transient failure, retrying the message",
+                            extra={"error": repr(exc), "attempt": n, "retry_in_s": delay},
+                        )
+                        await asyncio.sleep(delay)  # bounded backoff before the redelivery
+                        raise
+                    failures.pop(where, None)
+                    log.error(
+                        "message rejected to the dead-letter topic",
+                        extra={"error_class": type(exc).__name__, "error": str(exc)[:2000]},
+                    )
+                    await dead_letter(
+                        DeadLetter(
+                            source=EventSource(kind="topic", name=topic, partition=partition, offset=offset),
+                            payload=bytes(msg.body),
+                            error_class=type(exc).__name__,
+                            message=str(exc)[:10_000],
+                            service=service,
+                        )
+                    )
+                    return None
+                failures.pop(where, None)
+                return result
+
+    return ErrorPolicy

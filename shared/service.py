@@ -1,0 +1,208 @@
+"""What every service process shares: the entry point, the runtime it hands to handlers, start-up.
+
+A service's ``__main__`` calls :func:`service_main` with its settings class and ``create_app``.
+All resources (broker, HTTP server, pools) are opened in one ``AsyncExitStack`` and closed in
+reverse; SIGTERM and SIGINT stop the consumers, let in-flight messages finish, and exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, Protocol
+
+import orjson
+from faststream import AckPolicy, FastStream
+from faststream.kafka import KafkaBroker
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.errors import EspbridgeError, UnavailableError
+from shared.http import HealthServer, Metrics
+from shared.kafka import ensure_topics, error_policy, make_broker, publish
+from shared.logs import configure
+from shared.messages import DeadLetter, Message
+from shared.settings import HttpSettings, KafkaSettings, LogSettings
+from shared.topics import Topic
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[..., Awaitable[None]]
+
+
+class ServiceSettings(BaseSettings):
+    """Settings every service has; a service subclasses it with its own env prefix."""
+
+    model_config = SettingsConfigDict(frozen=True, extra="ignore")
+
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
+    startup_timeout_s: float = Field(default=120.0, gt=0, description="how long to wait for Kafka at start")
+    shutdown_timeout_s: float = Field(default=30.0, gt=0, description="grace for in-flight work on SIGTERM")
+
+    def group_id(self, service: str) -> str:
+        """The consumer group of a service, under the deployment's topic prefix."""
+        return f"{self.kafka.topic_prefix}espbridge-{service}"
+
+    def masked(self) -> dict[str, Any]:
+        """The settings for the start-up log line, secrets masked."""
+        return self.model_dump(mode="json")
+
+
+class Runtime:
+    """The per-process objects a service's handlers use: broker, publishing, metrics."""
+
+    def __init__(self, name: str, settings: ServiceSettings) -> None:
+        self.name = name
+        self.settings = settings
+        self.metrics = Metrics(name)
+        self.ready = False
+        self.broker: KafkaBroker = make_broker(
+            settings.kafka,
+            client_id=name,
+            graceful_timeout_s=settings.shutdown_timeout_s,
+            middlewares=[error_policy(name, self.dead_letter)],
+        )
+
+    def subscriber(self, topic: Topic, **options: Any) -> Callable[[Handler], Any]:
+        """A subscriber on a registry topic in this service's consumer group.
+
+        Offsets are committed after the handler finished; a transient failure rewinds to the
+        message (retry), a permanent one is dead-lettered by the error policy and committed.
+        """
+        subscriber: Callable[[Handler], Any] = self.broker.subscriber(
+            self.settings.kafka.topic(topic),
+            group_id=self.settings.group_id(self.name),
+            ack_policy=AckPolicy.NACK_ON_ERROR,
+            auto_offset_reset="earliest",
+            **options,
+        )
+        return subscriber
+
+    async def publish(self, message: Message) -> None:
+        """Publish a message to its registry topic."""
+        await publish(self.broker, self.settings.kafka, message)
+        self.metrics.inc("messages_published_total", type=type(message).__name__)
+
+    async def dead_letter(self, letter: DeadLetter) -> None:
+        """Publish a dead letter and count it."""
+        await self.publish(letter)
+        self.metrics.inc("dead_letters_total", error_class=letter.error_class)
+
+
+class AppFactory(Protocol):
+    """``create_app(settings, runtime)`` of a service: wires subscribers, returns the app."""
+
+    def __call__(self, settings: Any, runtime: Runtime, /) -> FastStream: ...
+
+
+async def wait_for_kafka(settings: KafkaSettings, timeout_s: float) -> None:
+    """Create the topics, retrying with bounded backoff until Kafka answers or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.5
+    while True:
+        try:
+            await ensure_topics(settings)
+            return
+        except UnavailableError as exc:
+            if time.monotonic() + delay > deadline:
+                raise UnavailableError(f"Kafka not available after {timeout_s:.0f}s: {exc}") from exc
+            log.warning("Kafka not available yet, retrying", extra={"error": str(exc), "retry_in_s": delay})
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
+@contextlib.asynccontextmanager
+async def _health(settings: ServiceSettings, runtime: Runtime) -> AsyncIterator[HealthServer | None]:
+    if not settings.http.enabled:
+        yield None
+        return
+    server = HealthServer(settings.http, runtime.metrics, lambda: runtime.ready)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+async def run_service(
+    name: str,
+    settings: ServiceSettings,
+    create_app: AppFactory,
+    on_ready: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Run a service until SIGTERM/SIGINT."""
+    runtime = Runtime(name, settings)
+    async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(_health(settings, runtime))
+        await wait_for_kafka(settings.kafka, settings.startup_timeout_s)
+        app = create_app(settings, runtime)
+
+        async def mark_ready() -> None:
+            runtime.ready = True
+            log.info("service ready", extra={"group_id": settings.group_id(name)})
+            if on_ready is not None:
+                await on_ready()
+
+        async def mark_stopping() -> None:
+            runtime.ready = False
+            log.info("stopping: finishing in-flight messages")
+
+        app.after_startup(mark_ready)
+        app.on_shutdown(mark_stopping)
+        await app.run(log_level=logging.DEBUG)
+        log.info("stopped")
+
+
+def service_main(
+    name: str,
+    description: str,
+    settings_cls: type[ServiceSettings],
+    create_app: AppFactory,
+    argv: Sequence[str] | None = None,
+) -> int:
+    """The entry point of ``python -m services.<name>``; returns the process exit code."""
+    parser = argparse.ArgumentParser(
+        prog=f"python -m services.{name}",
+        description=description,
+        epilog=(
+            "Configuration comes from environment variables (ESPBRIDGE_KAFKA_*, ESPBRIDGE_PG_*, "
+            "ESPBRIDGE_SFTP_*, ESPBRIDGE_HTTP_*, ESPBRIDGE_LOG_*); see the service's README. "
+            "SIGTERM stops the service after in-flight messages are done."
+        ),
+    )
+    parser.add_argument(
+        "--print-settings", action="store_true", help="print the settings (secrets masked) and exit"
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="check the settings and that Kafka answers, then exit"
+    )
+    args = parser.parse_args(argv)
+    try:
+        settings = settings_cls()
+    except ValidationError as exc:
+        print(f"{name}: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    if args.print_settings:
+        sys.stdout.write(orjson.dumps(settings.masked(), option=orjson.OPT_INDENT_2).decode() + "\n")
+        return 0
+    configure(name, settings.log.level, settings.log.format)
+    log.info("starting", extra={"settings": settings.masked()})
+    try:
+        if args.check:
+            asyncio.run(ensure_topics(settings.kafka))
+            log.info("check passed")
+            return 0
+        asyncio.run(run_service(name, settings, create_app))
+    except EspbridgeError as exc:
+        log.error("fatal: %s", exc, extra={"error_class": type(exc).__name__})
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    return 0
