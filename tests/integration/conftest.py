@@ -1,0 +1,97 @@
+"""Integration fixtures: real servers once per run; unique topics, databases and folders per test."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from shared.db import connect, migrate, quote_ident
+from shared.settings import KafkaSettings, PostgresSettings
+from tests.fixtures.servers import (
+    REQUIRED,
+    Servers,
+    servers_from_env,
+    start_local_servers,
+    stop_local_servers,
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/integration" in str(item.path):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def servers() -> Iterator[Servers]:
+    if all(os.environ.get(k) for k in REQUIRED):
+        yield servers_from_env(os.environ)
+        return
+    found = start_local_servers()
+    try:
+        yield found
+    finally:
+        if found.started_here:
+            stop_local_servers()
+
+
+@pytest.fixture
+def unique() -> str:
+    """A short unique token for this test's names."""
+    return uuid.uuid4().hex[:10]
+
+
+@pytest.fixture
+def kafka(servers: Servers, unique: str) -> KafkaSettings:
+    """Kafka settings whose topics and groups belong to this test alone."""
+    return servers.kafka.model_copy(
+        update={"topic_prefix": f"t{unique}.", "partitions_responses": 6, "partitions_default": 3}
+    )
+
+
+@pytest.fixture
+async def database(servers: Servers, unique: str) -> AsyncIterator[PostgresSettings]:
+    """A fresh database for this test with all migrations applied; dropped afterwards."""
+    name = f"test_{unique}"
+    admin = await connect(servers.pg)
+    try:
+        await admin.execute(f"CREATE DATABASE {quote_ident(name)}")
+    finally:
+        await admin.close()
+    settings = servers.pg.with_database(name)
+    conn = await connect(settings)
+    try:
+        await migrate(conn)
+    finally:
+        await conn.close()
+    try:
+        yield settings
+    finally:
+        admin = await connect(servers.pg)
+        try:
+            await admin.execute(f"DROP DATABASE IF EXISTS {quote_ident(name)} WITH (FORCE)")
+        finally:
+            await admin.close()
+
+
+@pytest.fixture
+async def db(database: PostgresSettings) -> AsyncIterator[asyncpg.Connection]:
+    conn = await connect(database)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+def sftp_folder(servers: Servers, unique: str) -> tuple[str, Path]:
+    """A folder on the SFTP site for this test: (remote path, the same folder on local disk)."""
+    remote = f"tests/{unique}"
+    local = servers.sftp_local_root / remote
+    local.mkdir(parents=True)
+    return remote, local
