@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar, cast
 
+from aiokafka import ConsumerRebalanceListener
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from faststream import BaseMiddleware, StreamMessage
@@ -89,10 +91,33 @@ async def ensure_topics(settings: KafkaSettings, topics: Iterable[Topic] = tuple
                         extra={"topic": meta["topic"], "have": have, "configured": wanted[meta["topic"]]},
                     )
         if created:
+            await _wait_until_visible(admin, {name: wanted[name] for name in created})
             log.info("created topics", extra={"topics": created})
         return created
     finally:
         await admin.close()
+
+
+async def _wait_until_visible(
+    admin: AIOKafkaAdminClient, partitions: dict[str, int], timeout_s: float = 30.0
+) -> None:
+    """Wait until new topics show all their partitions with leaders (metadata lags creation)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        described = await admin.describe_topics(list(partitions))
+        ready = {
+            meta["topic"]
+            for meta in described
+            if meta.get("error_code", 0) == 0
+            and len(meta.get("partitions", [])) == partitions.get(meta["topic"], -1)
+            and all(p.get("leader", -1) >= 0 for p in meta["partitions"])
+        }
+        if ready >= set(partitions):
+            return
+        if time.monotonic() > deadline:
+            missing = sorted(set(partitions) - ready)
+            raise UnavailableError(f"topics not ready after {timeout_s:.0f}s: {', '.join(missing)}")
+        await asyncio.sleep(0.1)  # poll interval while the controller propagates metadata
 
 
 async def publish(broker: KafkaBroker, settings: KafkaSettings, message: Message) -> None:
@@ -118,11 +143,75 @@ def decode(model: type[M], body: bytes) -> M:
         raise InvalidMessageError(f"not a valid {model.__name__}: {problems}") from None
 
 
-def error_policy(service: str, dead_letter: Callable[[DeadLetter], Awaitable[None]]) -> type[BaseMiddleware]:
-    """A faststream middleware: transient errors are retried with bounded backoff, others dead-lettered.
+class InFlight:
+    """Counts messages between receipt and offset commit, so a rebalance can wait for them."""
 
-    A permanent failure publishes a DeadLetter carrying the original bytes and the partition and
-    offset, then lets the message be committed, so one bad message never blocks its partition.
+    def __init__(self) -> None:
+        self._count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        """A message is being handled."""
+        self._count += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        """A message is done: committed, handed back, or dead-lettered and committed."""
+        self._count -= 1
+        if self._count == 0:
+            self._idle.set()
+
+    @property
+    def count(self) -> int:
+        """Messages in flight now."""
+        return self._count
+
+    async def drained(self, timeout_s: float) -> bool:
+        """Wait until nothing is in flight; False if the timeout passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+
+class DrainOnRevoke(ConsumerRebalanceListener):
+    """Before partitions are taken away, let the message in hand finish and commit.
+
+    Without this, a message being handled during a rebalance is committed under the old
+    generation (the commit fails) and handled again by the partition's new owner.
+    """
+
+    def __init__(self, inflight: InFlight, timeout_s: float) -> None:
+        self._inflight = inflight
+        self._timeout_s = timeout_s
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        if revoked and not await self._inflight.drained(self._timeout_s):
+            log.warning(
+                "rebalance proceeds with a message still in flight", extra={"timeout_s": self._timeout_s}
+            )
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        log.info(
+            "partitions assigned",
+            extra={"partitions": sorted(f"{tp.topic}:{tp.partition}" for tp in assigned)},
+        )
+
+
+def error_policy(
+    service: str, dead_letter: Callable[[DeadLetter], Awaitable[None]], inflight: InFlight
+) -> type[BaseMiddleware]:
+    """A faststream middleware that owns the outcome of every message, in one place:
+
+    * success: commit the offset;
+    * transient failure: wait with bounded backoff, then rewind to the message (it is retried);
+    * permanent failure: publish a DeadLetter with the original bytes, partition and offset, then
+      commit, so one bad message never blocks its partition.
+
+    Subscribers use ``AckPolicy.MANUAL`` so that the commit happens here, inside the in-flight
+    window that :class:`DrainOnRevoke` and graceful shutdown wait for.
     """
     failures: dict[tuple[str, int], int] = {}
 
@@ -133,36 +222,45 @@ def error_policy(service: str, dead_letter: Callable[[DeadLetter], Awaitable[Non
             raw = msg.raw_message
             topic, partition, offset = raw.topic, raw.partition, raw.offset
             where = (topic, partition)
-            with log_context(topic=topic, partition=partition, offset=offset):
-                try:
-                    result = await call_next(msg)
-                except Exception as exc:
-                    if is_transient(exc):
-                        n = failures.get(where, 0) + 1
-                        failures[where] = n
-                        delay = min(RETRY_BACKOFF_MAX_S, RETRY_BACKOFF_MIN_S * 2 ** (n - 1))
-                        log.warning(
-                            "transient failure, retrying the message",
-                            extra={"error": repr(exc), "attempt": n, "retry_in_s": delay},
+            inflight.enter()
+            try:
+                with log_context(topic=topic, partition=partition, offset=offset):
+                    try:
+                        result = await call_next(msg)
+                    except Exception as exc:
+                        if is_transient(exc):
+                            n = failures.get(where, 0) + 1
+                            failures[where] = n
+                            delay = min(RETRY_BACKOFF_MAX_S, RETRY_BACKOFF_MIN_S * 2 ** (n - 1))
+                            log.warning(
+                                "transient failure, retrying the message",
+                                extra={"error": repr(exc), "attempt": n, "retry_in_s": delay},
+                            )
+                            await asyncio.sleep(delay)  # bounded backoff before the redelivery
+                            await msg.nack()
+                            return None
+                        failures.pop(where, None)
+                        log.error(
+                            "message rejected to the dead-letter topic",
+                            extra={"error_class": type(exc).__name__, "error": str(exc)[:2000]},
                         )
-                        await asyncio.sleep(delay)  # bounded backoff before the redelivery
-                        raise
+                        await dead_letter(
+                            DeadLetter(
+                                source=EventSource(
+                                    kind="topic", name=topic, partition=partition, offset=offset
+                                ),
+                                payload=bytes(msg.body),
+                                error_class=type(exc).__name__,
+                                message=str(exc)[:10_000],
+                                service=service,
+                            )
+                        )
+                        await msg.ack()
+                        return None
                     failures.pop(where, None)
-                    log.error(
-                        "message rejected to the dead-letter topic",
-                        extra={"error_class": type(exc).__name__, "error": str(exc)[:2000]},
-                    )
-                    await dead_letter(
-                        DeadLetter(
-                            source=EventSource(kind="topic", name=topic, partition=partition, offset=offset),
-                            payload=bytes(msg.body),
-                            error_class=type(exc).__name__,
-                            message=str(exc)[:10_000],
-                            service=service,
-                        )
-                    )
-                    return None
-                failures.pop(where, None)
-                return result
+                    await msg.ack()
+                    return result
+            finally:
+                inflight.leave()
 
     return ErrorPolicy

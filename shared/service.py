@@ -24,7 +24,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.errors import EspbridgeError, UnavailableError
 from shared.http import HealthServer, Metrics
-from shared.kafka import ensure_topics, error_policy, make_broker, publish
+from shared.kafka import DrainOnRevoke, InFlight, ensure_topics, error_policy, make_broker, publish
 from shared.logs import configure
 from shared.messages import DeadLetter, Message
 from shared.settings import HttpSettings, KafkaSettings, LogSettings
@@ -63,23 +63,26 @@ class Runtime:
         self.settings = settings
         self.metrics = Metrics(name)
         self.ready = False
+        self.inflight = InFlight()
         self.broker: KafkaBroker = make_broker(
             settings.kafka,
             client_id=name,
             graceful_timeout_s=settings.shutdown_timeout_s,
-            middlewares=[error_policy(name, self.dead_letter)],
+            middlewares=[error_policy(name, self.dead_letter, self.inflight)],
         )
 
     def subscriber(self, topic: Topic, **options: Any) -> Callable[[Handler], Any]:
         """A subscriber on a registry topic in this service's consumer group.
 
-        Offsets are committed after the handler finished; a transient failure rewinds to the
-        message (retry), a permanent one is dead-lettered by the error policy and committed.
+        Offsets are committed by the error policy after the handler finished; a transient failure
+        rewinds to the message (retry), a permanent one is dead-lettered and committed. Before a
+        rebalance takes partitions away, the message in hand finishes and commits.
         """
         subscriber: Callable[[Handler], Any] = self.broker.subscriber(
             self.settings.kafka.topic(topic),
             group_id=self.settings.group_id(self.name),
-            ack_policy=AckPolicy.NACK_ON_ERROR,
+            ack_policy=AckPolicy.MANUAL,
+            listener=DrainOnRevoke(self.inflight, self.settings.shutdown_timeout_s),
             auto_offset_reset="earliest",
             **options,
         )

@@ -1,0 +1,217 @@
+# shellcheck shell=bash
+# infra/lib/common.sh — helpers shared by the espbridge local-infrastructure scripts.
+# Sourced (never executed) by infra/local.sh and infra/{kafka,postgres,sftp}/*.sh.
+# The sourcing script sets COMPONENT (log prefix) before sourcing.
+#
+# Environment honoured by every script:
+#   ESPBRIDGE_STATE_DIR  runtime state (configs, data, logs, pids, keys, secrets)  default: <repo>/.run
+#   ESPBRIDGE_CACHE_DIR  downloads kept across state resets (Kafka jars)           default: $HOME/.cache/espbridge
+
+COMPONENT="${COMPONENT:-espbridge}"
+
+ESPBRIDGE_INFRA_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+ESPBRIDGE_ROOT="$(cd "$ESPBRIDGE_INFRA_DIR/.." && pwd)"
+
+ESPBRIDGE_STATE_DIR="${ESPBRIDGE_STATE_DIR:-$ESPBRIDGE_ROOT/.run}"
+[[ "$ESPBRIDGE_STATE_DIR" == /* ]] || ESPBRIDGE_STATE_DIR="$PWD/$ESPBRIDGE_STATE_DIR"
+ESPBRIDGE_CACHE_DIR="${ESPBRIDGE_CACHE_DIR:-$HOME/.cache/espbridge}"
+[[ "$ESPBRIDGE_CACHE_DIR" == /* ]] || ESPBRIDGE_CACHE_DIR="$PWD/$ESPBRIDGE_CACHE_DIR"
+export ESPBRIDGE_STATE_DIR ESPBRIDGE_CACHE_DIR
+
+# Loopback only: nothing here is meant to be reachable from another machine.
+# shellcheck disable=SC2034  # used by the sourcing scripts
+ESPBRIDGE_BIND_HOST="127.0.0.1"
+
+# ---- logging -------------------------------------------------------------------------------
+log() { printf '[%s] %s\n' "$COMPONENT" "$*" >&2; }
+die() { printf '[%s] ERROR: %s\n' "$COMPONENT" "$*" >&2; exit 1; }
+
+# ---- time (microsecond wall clock; EPOCHREALTIME's separator depends on the locale) ---------
+now_us() { local t="${EPOCHREALTIME//[!0-9]/}"; printf '%s\n' "$((10#$t))"; }
+# elapsed_s START_US -> "12.34"
+elapsed_s() {
+  local d=$(( $(now_us) - $1 ))
+  printf '%d.%02d\n' "$((d / 1000000))" "$(((d / 10000) % 100))"
+}
+
+# ---- validation ----------------------------------------------------------------------------
+require_port() {  # require_port NAME VALUE
+  if [[ ! "$2" =~ ^[0-9]+$ ]] || (($2 < 1 || $2 > 65535)); then
+    die "$1 must be a TCP port number, got '$2'"
+  fi
+}
+
+# ---- processes -----------------------------------------------------------------------------
+port_open() {  # port_open HOST PORT -> 0 when something accepts TCP connections there
+  (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null
+}
+
+# port_listening IPV4 PORT -> 0 when a socket is in LISTEN state there (read from /proc/net/tcp,
+# so unlike port_open it makes no connection and leaves nothing in the server's log)
+port_listening() {
+  local a b c d want
+  IFS=. read -r a b c d <<<"$1"
+  want="$(printf '%02X%02X%02X%02X:%04X' "$d" "$c" "$b" "$a" "$2")"
+  awk -v w="$want" '$2 == w && $4 == "0A" { found = 1 } END { exit !found }' /proc/net/tcp 2>/dev/null
+}
+
+# pid_alive PID -> 0 while the process exists and is not a zombie (a server whose launcher exited is
+# reparented to PID 1, which may reap it late; `kill -0` alone would call a zombie alive)
+pid_alive() {
+  [[ -n "${1:-}" ]] && kill -0 "$1" 2>/dev/null || return 1
+  local stat=""
+  if ! { stat="$(<"/proc/$1/stat")"; } 2>/dev/null; then
+    [[ ! -d /proc/self ]] # no procfs: trust kill -0; with procfs: it just exited
+    return
+  fi
+  stat="${stat##*) }"
+  [[ "${stat%% *}" == Z ]] || return 0
+  # a zombie leader whose other threads are still exiting (still holding its sockets) counts as alive
+  local tasks=("/proc/$1/task/"*)
+  ((${#tasks[@]} > 1))
+}
+
+read_pid_file() {  # first line of a pid file, digits only, or nothing
+  local line=""
+  if [[ -r "$1" ]]; then IFS= read -r line <"$1" || true; fi
+  if [[ "$line" =~ ^[0-9]+$ ]]; then printf '%s\n' "$line"; fi
+}
+
+# pid_cmdline_has PID STRING -> 0 when the process's command line contains STRING
+pid_cmdline_has() {
+  local cmdline=""
+  { cmdline="$(tr '\0' ' ' <"/proc/$1/cmdline")"; } 2>/dev/null || return 1
+  [[ "$cmdline" == *"$2"* ]]
+}
+
+rss_kb() {  # resident set size of PID in KiB (VmRSS from /proc/PID/status), empty if gone
+  awk '/^VmRSS:/ { print $2; exit }' "/proc/$1/status" 2>/dev/null || true
+}
+
+kb_to_mb() { [[ -n "${1:-}" ]] && awk -v k="$1" 'BEGIN { printf "%.1fMB\n", k / 1024 }' || echo "-"; }
+
+child_pids() {  # direct children of PID (read from /proc; procps may be absent on a fresh box)
+  local parent="$1" f stat rest ppid
+  for f in /proc/[0-9]*/stat; do
+    { stat="$(<"$f")"; } 2>/dev/null || continue
+    rest="${stat##*) }"            # fields after "(comm) ": state ppid ...
+    read -r _ ppid _ <<<"$rest"
+    if [[ "$ppid" == "$parent" ]]; then f="${f#/proc/}"; printf '%s\n' "${f%/stat}"; fi
+  done
+}
+
+# stop_pid PID TIMEOUT_S: SIGTERM, poll until gone (deadline), then SIGKILL.
+stop_pid() {
+  local pid="$1" timeout="$2" deadline
+  kill -TERM "$pid" 2>/dev/null || return 0
+  deadline=$((SECONDS + timeout))
+  while pid_alive "$pid"; do
+    if ((SECONDS >= deadline)); then
+      log "pid $pid still alive after ${timeout}s, sending SIGKILL"
+      kill -KILL "$pid" 2>/dev/null || true
+      break
+    fi
+    sleep 0.1
+  done
+  # a SIGKILLed process disappears asynchronously; wait (bounded) for it
+  deadline=$((SECONDS + 10))
+  while pid_alive "$pid" && ((SECONDS < deadline)); do sleep 0.1; done
+  ! pid_alive "$pid"
+}
+
+# wait_port_closed HOST PORT TIMEOUT_S
+wait_port_closed() {
+  local deadline=$((SECONDS + $3))
+  while port_open "$1" "$2"; do
+    ((SECONDS < deadline)) || return 1
+    sleep 0.1
+  done
+}
+
+# print_status NAME ADDRESS STATE PID RSS_KB  — the one-line format shared by every `status`
+print_status() {
+  printf '%-9s %-16s %-8s pid=%-8s rss=%s\n' "$1" "$2" "$3" "${4:--}" "$(kb_to_mb "${5:-}")"
+}
+
+# ---- packages ------------------------------------------------------------------------------
+# ensure_packages CHECK=PACKAGE ...
+#   CHECK is a command name (looked up in PATH) or an absolute path (must be executable).
+#   Missing ones are installed with apt-get (as root, or via passwordless sudo); `apt-get update`
+#   runs at most once per invocation tree (ESPBRIDGE_APT_UPDATED is exported to child scripts).
+ensure_packages() {
+  local spec check pkg missing=() sudo=()
+  for spec in "$@"; do
+    check="${spec%%=*}" pkg="${spec#*=}"
+    if [[ "$check" == /* ]]; then
+      [[ -x "$check" ]] && continue
+    else
+      command -v "$check" >/dev/null 2>&1 && continue
+    fi
+    [[ " ${missing[*]} " == *" $pkg "* ]] || missing+=("$pkg")
+  done
+  ((${#missing[@]})) || return 0
+  if ((EUID != 0)); then
+    if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+      sudo=(sudo -n)
+    else
+      die "missing packages: ${missing[*]} — install them as root: apt-get install -y ${missing[*]}"
+    fi
+  fi
+  command -v apt-get >/dev/null 2>&1 || die "missing packages: ${missing[*]} and no apt-get on this machine"
+  if [[ "${ESPBRIDGE_APT_UPDATED:-0}" != 1 ]]; then
+    log "apt-get update"
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2 || die "apt-get update failed"
+    ESPBRIDGE_APT_UPDATED=1
+    export ESPBRIDGE_APT_UPDATED
+  fi
+  log "apt-get install -y ${missing[*]}"
+  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    "${missing[@]}" >&2 || die "apt-get install ${missing[*]} failed"
+  for spec in "$@"; do
+    check="${spec%%=*}"
+    if [[ "$check" == /* ]]; then
+      [[ -x "$check" ]] || die "$check still missing after installing ${spec#*=}"
+    else
+      command -v "$check" >/dev/null 2>&1 || die "$check still missing after installing ${spec#*=}"
+    fi
+  done
+}
+
+# ---- per-component facts shared with infra/local.sh ------------------------------------------
+ESPBRIDGE_KAFKA_VERSION="${ESPBRIDGE_KAFKA_VERSION:-4.2.1}"
+ESPBRIDGE_PG_BINDIR="${ESPBRIDGE_PG_BINDIR:-/usr/lib/postgresql/15/bin}"
+ESPBRIDGE_SSHD="${ESPBRIDGE_SSHD:-/usr/sbin/sshd}"
+
+kafka_lib_dir() { printf '%s\n' "$ESPBRIDGE_CACHE_DIR/kafka/lib-$ESPBRIDGE_KAFKA_VERSION"; }
+
+# component_requirements NAME -> CHECK=PACKAGE specs for ensure_packages
+component_requirements() {
+  case "$1" in
+    kafka)
+      echo "java=openjdk-17-jre-headless"
+      # Maven is only needed until the jar cache is populated
+      [[ -f "$(kafka_lib_dir)/.complete" ]] || echo "mvn=maven"
+      ;;
+    postgres)
+      echo "$ESPBRIDGE_PG_BINDIR/postgres=postgresql-15"
+      echo "$ESPBRIDGE_PG_BINDIR/initdb=postgresql-15"
+      echo "$ESPBRIDGE_PG_BINDIR/pg_ctl=postgresql-15"
+      echo "$ESPBRIDGE_PG_BINDIR/psql=postgresql-client-15"
+      echo "$ESPBRIDGE_PG_BINDIR/pg_isready=postgresql-client-15"
+      ;;
+    sftp)
+      echo "$ESPBRIDGE_SSHD=openssh-server"
+      echo "ssh-keygen=openssh-client"
+      echo "sftp=openssh-client"
+      ;;
+    *) die "unknown component '$1'" ;;
+  esac
+}
+
+ensure_component_packages() {  # ensure_component_packages NAME...
+  local c specs=()
+  for c in "$@"; do
+    mapfile -t -O "${#specs[@]}" specs < <(component_requirements "$c")
+  done
+  ensure_packages "${specs[@]}"
+}
