@@ -9,6 +9,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient
 
 from shared.db import connect, migrate, quote_ident
 from shared.settings import KafkaSettings, PostgresSettings
@@ -47,11 +48,20 @@ def unique() -> str:
 
 
 @pytest.fixture
-def kafka(servers: Servers, unique: str) -> KafkaSettings:
-    """Kafka settings whose topics and groups belong to this test alone."""
-    return servers.kafka.model_copy(
+async def kafka(servers: Servers, unique: str) -> AsyncIterator[KafkaSettings]:
+    """Kafka settings whose topics and groups belong to this test alone (topics deleted after)."""
+    settings = servers.kafka.model_copy(
         update={"topic_prefix": f"t{unique}.", "partitions_responses": 6, "partitions_default": 3}
     )
+    yield settings
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
+    await admin.start()
+    try:
+        mine = [t for t in await admin.list_topics() if t.startswith(settings.topic_prefix)]
+        if mine:
+            await admin.delete_topics(mine)
+    finally:
+        await admin.close()
 
 
 @pytest.fixture
