@@ -48,6 +48,7 @@ def make_broker(
         middlewares=tuple(middlewares),
         acks="all",
         enable_idempotence=True,
+        linger_ms=5,  # lets the client batch records published in a burst
         logger=logging.getLogger(f"espbridge.kafka.{client_id}"),
     )
 
@@ -129,6 +130,25 @@ async def publish(broker: KafkaBroker, settings: KafkaSettings, message: Message
         key=spec.key(message).encode(),
         headers={"content-type": "application/json", "schema-version": str(message.schema_version)},
     )
+
+
+async def publish_many(broker: KafkaBroker, settings: KafkaSettings, messages: Iterable[Message]) -> int:
+    """Publish many messages without a round trip each, then wait for every acknowledgement."""
+    pending = []
+    for message in messages:
+        spec = spec_for_model(type(message))
+        pending.append(
+            await broker.publish(
+                message.to_json(),
+                topic=settings.topic(spec.topic),
+                key=spec.key(message).encode(),
+                headers={"content-type": "application/json", "schema-version": str(message.schema_version)},
+                no_confirm=True,
+            )
+        )
+    if pending:
+        await asyncio.gather(*pending)
+    return len(pending)
 
 
 def decode(model: type[M], body: bytes) -> M:

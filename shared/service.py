@@ -24,7 +24,15 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.errors import EspbridgeError, UnavailableError
 from shared.http import HealthServer, Metrics
-from shared.kafka import DrainOnRevoke, InFlight, ensure_topics, error_policy, make_broker, publish
+from shared.kafka import (
+    DrainOnRevoke,
+    InFlight,
+    ensure_topics,
+    error_policy,
+    make_broker,
+    publish,
+    publish_many,
+)
 from shared.logs import configure
 from shared.messages import DeadLetter, Message
 from shared.settings import HttpSettings, KafkaSettings, LogSettings
@@ -64,6 +72,7 @@ class Runtime:
         self.metrics = Metrics(name)
         self.ready = False
         self.inflight = InFlight()
+        self.stack = contextlib.AsyncExitStack()
         self.broker: KafkaBroker = make_broker(
             settings.kafka,
             client_id=name,
@@ -93,6 +102,12 @@ class Runtime:
         await publish(self.broker, self.settings.kafka, message)
         self.metrics.inc("messages_published_total", type=type(message).__name__)
 
+    async def publish_many(self, messages: Sequence[Message]) -> None:
+        """Publish messages in one go, waiting until Kafka acknowledged all of them."""
+        await publish_many(self.broker, self.settings.kafka, messages)
+        if messages:
+            self.metrics.inc("messages_published_total", len(messages), type=type(messages[0]).__name__)
+
     async def dead_letter(self, letter: DeadLetter) -> None:
         """Publish a dead letter and count it."""
         await self.publish(letter)
@@ -100,9 +115,10 @@ class Runtime:
 
 
 class AppFactory(Protocol):
-    """``create_app(settings, runtime)`` of a service: wires subscribers, returns the app."""
+    """``create_app(settings, runtime)`` of a service: opens its resources on ``runtime.stack``
+    (closed in reverse at shutdown), wires subscribers, returns the app."""
 
-    def __call__(self, settings: Any, runtime: Runtime, /) -> FastStream: ...
+    def __call__(self, settings: Any, runtime: Runtime, /) -> Awaitable[FastStream]: ...
 
 
 async def wait_for_kafka(settings: KafkaSettings, timeout_s: float) -> None:
@@ -142,10 +158,10 @@ async def run_service(
 ) -> None:
     """Run a service until SIGTERM/SIGINT."""
     runtime = Runtime(name, settings)
-    async with contextlib.AsyncExitStack() as stack:
+    async with runtime.stack as stack:
         await stack.enter_async_context(_health(settings, runtime))
         await wait_for_kafka(settings.kafka, settings.startup_timeout_s)
-        app = create_app(settings, runtime)
+        app = await create_app(settings, runtime)
 
         async def mark_ready() -> None:
             runtime.ready = True

@@ -13,7 +13,7 @@ from shared.topics import Topic
 DESCRIPTION = "Consumes remote response files to gather (responses.files.v1)."
 
 
-def create_app(settings: Settings, runtime: Runtime) -> FastStream:
+async def create_app(settings: Settings, runtime: Runtime) -> FastStream:
     """The gatherer's app: consumes RESPONSE_FILES in the espbridge-gatherer consumer group."""
     del settings  # the gatherer has no settings of its own yet
 

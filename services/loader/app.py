@@ -13,7 +13,7 @@ from shared.topics import Topic
 DESCRIPTION = "Consumes response events (responses.events.v1) for the response database."
 
 
-def create_app(settings: Settings, runtime: Runtime) -> FastStream:
+async def create_app(settings: Settings, runtime: Runtime) -> FastStream:
     """The loader's app: consumes RESPONSE_EVENTS in the espbridge-loader consumer group."""
     del settings  # the loader has no settings of its own yet
 

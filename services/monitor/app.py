@@ -15,7 +15,7 @@ DESCRIPTION = (
 )
 
 
-def create_app(settings: Settings, runtime: Runtime) -> FastStream:
+async def create_app(settings: Settings, runtime: Runtime) -> FastStream:
     """The monitor's app: consumes BROADCAST_LISTS in the espbridge-monitor consumer group."""
     del settings  # the monitor has no settings of its own yet
 

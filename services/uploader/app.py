@@ -1,27 +1,38 @@
-"""Wiring of the uploader: its subscriber on BROADCAST_JOBS and what it publishes."""
+"""Wiring of the uploader: its resources, its subscriber on broadcast.jobs.v1."""
 
 from __future__ import annotations
 
+import aiohttp
 from faststream import FastStream
 from faststream.kafka.annotations import KafkaMessage
 
 from services.uploader import handlers
 from services.uploader.settings import Settings
+from shared.db import create_pool
+from shared.esp import Accounts
 from shared.service import Runtime
+from shared.sftp import SftpPool
 from shared.topics import Topic
 
 DESCRIPTION = (
-    "Consumes broadcast jobs (broadcast.jobs.v1), validates them and reports their "
-    "upload stage on broadcast.status.v1."
+    "Consumes broadcast jobs (broadcast.jobs.v1), streams each job's recipients into the ESP's list "
+    "format, uploads the file to the ESP's SFTP drop (temporary name, then rename) and publishes "
+    "ListUploaded (broadcast.lists.v1) and the upload stage on broadcast.status.v1."
 )
 
 
-def create_app(settings: Settings, runtime: Runtime) -> FastStream:
-    """The uploader's app: consumes BROADCAST_JOBS in the espbridge-uploader consumer group."""
-    del settings  # the uploader has no settings of its own yet
+async def create_app(settings: Settings, runtime: Runtime) -> FastStream:
+    """The uploader's app: consumes broadcast.jobs.v1 in the espbridge-uploader consumer group."""
+    accounts = Accounts.load(settings.accounts)
+    pool = await create_pool(settings.pg)
+    runtime.stack.push_async_callback(pool.close)
+    sftp = SftpPool(settings.sftp)
+    runtime.stack.push_async_callback(sftp.close)
+    http = await runtime.stack.enter_async_context(aiohttp.ClientSession())
+    uploader = handlers.Uploader(settings, runtime, pool, sftp, http, accounts)
 
     @runtime.subscriber(Topic.BROADCAST_JOBS)
     async def on_message(message: KafkaMessage) -> None:
-        await handlers.handle_job(message.body, runtime)
+        await handlers.handle_job(message.body, uploader)
 
     return FastStream(runtime.broker)

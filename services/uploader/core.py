@@ -1,24 +1,97 @@
-"""The uploader's rules (no I/O): what a job's acceptance or rejection looks like on the status topic."""
+"""The uploader's rules (no I/O): the list file's columns and rows, and what statuses say."""
 
 from __future__ import annotations
 
+import csv
+import io
 import re
+from collections.abc import Iterable, Mapping
+from datetime import date, datetime
+from typing import Any
 
 import orjson
 
-from shared.messages import BroadcastJob, BroadcastStatus, Stage, State
+from shared.errors import PermanentError
+from shared.messages import BroadcastJob, BroadcastStatus, ListUploaded, Stage, State
 
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+TRUTHY = frozenset({"true", "t", "1", "yes", "y"})
 
 
-def accepted(job: BroadcastJob) -> BroadcastStatus:
-    """The status of a valid job the uploader has taken on."""
+class EmptySelectionError(PermanentError):
+    """A job's selection has no recipients left to upload."""
+
+
+class FieldMapError(PermanentError):
+    """A job's field map does not give the ESP the fields it needs."""
+
+
+def list_columns(job: BroadcastJob, email_field: str, key_field: str) -> list[str]:
+    """The list file's header: the mapped fields, plus the ESP's key field if not mapped."""
+    fields = list(job.field_map.values())
+    if email_field not in fields:
+        raise FieldMapError(f"field_map maps no column to the ESP's {email_field!r} field")
+    if key_field not in fields:
+        fields.append(key_field)
+    return fields
+
+
+def source_columns(job: BroadcastJob, key_field: str) -> list[str]:
+    """The source column behind each list column, in the same order as :func:`list_columns`."""
+    sources = list(job.field_map)
+    if key_field not in job.field_map.values():
+        sources.append(job.communication_key)
+    return sources
+
+
+def text(value: Any) -> str:
+    """A source value as list-file text."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    return str(value)
+
+
+def is_suppressed(row: Mapping[str, Any], column: str) -> bool:
+    """Whether a CSV or inline row is opted out by its suppression column."""
+    value = row.get(column)
+    if isinstance(value, bool):
+        return value
+    return value is not None and str(value).strip().lower() in TRUTHY
+
+
+def encode_rows(rows: Iterable[Iterable[Any]], delimiter: str, terminator: str, encoding: str) -> bytes:
+    """Rows as CSV bytes (RFC 4180 quoting)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, delimiter=delimiter, lineterminator=terminator, quoting=csv.QUOTE_MINIMAL)
+    writer.writerows([text(v) for v in row] for row in rows)
+    return buf.getvalue().encode(encoding)
+
+
+def status(job_id: str, state: State, detail: str = "", **counts: int) -> BroadcastStatus:
+    """An upload-stage status."""
     return BroadcastStatus(
-        job_id=job.job_id,
+        job_id=job_id,
         stage=Stage.UPLOAD,
-        state=State.QUEUED,
-        detail=f"accepted for {job.esp}/{job.account}, list {job.list_name!r}",
+        state=state,
+        detail=detail[:2000],
+        counts=counts,
         service="uploader",
+    )
+
+
+def uploaded_status(upload: ListUploaded) -> BroadcastStatus:
+    """The status of a finished upload."""
+    return status(
+        upload.job_id,
+        State.DONE,
+        f"{upload.rows} recipients in {upload.remote_path}",
+        rows=upload.rows,
+        excluded=upload.excluded,
+        bytes=upload.bytes,
     )
 
 
@@ -35,8 +108,4 @@ def job_id_of(body: bytes) -> str | None:
 def rejected(body: bytes, reason: str) -> BroadcastStatus | None:
     """The failed status of an invalid job, or None when the job has no usable id."""
     job_id = job_id_of(body)
-    if job_id is None:
-        return None
-    return BroadcastStatus(
-        job_id=job_id, stage=Stage.UPLOAD, state=State.FAILED, detail=reason[:2000], service="uploader"
-    )
+    return None if job_id is None else status(job_id, State.FAILED, reason)

@@ -1,28 +1,143 @@
-"""The uploader's handlers: validate, apply the core rules, publish the next messages."""
+"""The uploader's handler: job → selection → list file on the ESP's SFTP drop → ListUploaded."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
 
-from services.uploader import core
-from shared.errors import InvalidMessageError
+import aiohttp
+import asyncpg
+
+from services.uploader import core, selection
+from services.uploader.settings import Settings
+from shared.db import jobs
+from shared.errors import InvalidMessageError, PermanentError
+from shared.esp import Accounts, connector_for
 from shared.kafka import decode
 from shared.logs import log_context
-from shared.messages import BroadcastJob
+from shared.messages import (
+    BroadcastJob,
+    CsvSelection,
+    InlineSelection,
+    ListUploaded,
+    State,
+    TableSelection,
+    utcnow,
+)
 from shared.service import Runtime
+from shared.sftp import SftpPool, upload_stream_atomic
 
 log = logging.getLogger(__name__)
 
+CHUNK_ROWS = 2000
 
-async def handle_job(body: bytes, runtime: Runtime) -> None:
-    """One broadcast job: an invalid one gets a failed status (if it has an id) and a dead letter."""
+
+@dataclass
+class Uploader:
+    """The uploader's per-process resources."""
+
+    settings: Settings
+    runtime: Runtime
+    pool: asyncpg.Pool
+    sftp: SftpPool
+    http: aiohttp.ClientSession
+    accounts: Accounts
+
+    async def status(self, job_id: str, state: State, detail: str = "", **counts: int) -> None:
+        """Publish an upload status and keep it in control.jobs."""
+        await self.report(core.status(job_id, state, detail, **counts))
+
+    async def report(self, status: Any) -> None:
+        """Publish a status and record it."""
+        await self.runtime.publish(status)
+        async with self.pool.acquire() as conn:
+            await jobs.record_status(conn, status)
+
+
+async def handle_job(body: bytes, up: Uploader) -> None:
+    """One broadcast job. Invalid or impossible jobs get a failed status and a dead letter."""
     try:
         job = decode(BroadcastJob, body)
     except InvalidMessageError as exc:
         status = core.rejected(body, str(exc))
         if status is not None:
-            await runtime.publish(status)
+            await up.runtime.publish(status)
         raise
     with log_context(job_id=job.job_id):
-        await runtime.publish(core.accepted(job))
-        log.info("job accepted", extra={"esp": job.esp, "account": job.account})
+        async with up.pool.acquire() as conn:
+            await jobs.upsert_job(conn, job)
+        try:
+            upload = await upload_list(job, up)
+        except PermanentError as exc:
+            await up.status(job.job_id, State.FAILED, str(exc))
+            raise
+        await up.runtime.publish(upload)
+        await up.report(core.uploaded_status(upload))
+        log.info(
+            "list uploaded",
+            extra={"rows": upload.rows, "excluded": upload.excluded, "remote": upload.remote_path},
+        )
+
+
+async def upload_list(job: BroadcastJob, up: Uploader) -> ListUploaded:
+    """Stream the selection into the ESP's list format and upload it atomically."""
+    account = up.accounts.get(job.esp, job.account)
+    connector = connector_for(account, up.http)
+    fmt = connector.list_format
+    header = core.list_columns(job, fmt.email_field, fmt.key_field)
+    wanted = core.source_columns(job, fmt.key_field)
+    remote = f"{account.sftp_root}/{fmt.drop_folder}/{fmt.file_name(job.job_id)}"
+    await up.status(job.job_id, State.RUNNING, f"writing {remote}")
+    tally = selection.Tally()
+    rows = 0
+
+    async def chunks(source: AsyncIterator[tuple[Any, ...]]) -> AsyncIterator[bytes]:
+        nonlocal rows
+        first = await anext(source, None)
+        if first is None:
+            raise core.EmptySelectionError(f"the selection has no recipients ({tally.excluded} opted out)")
+        yield core.encode_rows([header, first], fmt.delimiter, fmt.line_terminator, fmt.encoding)
+        rows = 1
+        batch: list[tuple[Any, ...]] = []
+        async for row in source:
+            batch.append(row)
+            if len(batch) >= CHUNK_ROWS:
+                rows += len(batch)
+                yield core.encode_rows(batch, fmt.delimiter, fmt.line_terminator, fmt.encoding)
+                batch = []
+        if batch:
+            rows += len(batch)
+            yield core.encode_rows(batch, fmt.delimiter, fmt.line_terminator, fmt.encoding)
+
+    sel = job.selection
+    column = up.settings.suppression_column
+    async with up.sftp.session() as sftp:
+        if isinstance(sel, TableSelection):
+            async with up.pool.acquire() as conn, conn.transaction(readonly=True):
+                source = selection.from_table(conn, sel, wanted, column, tally, up.settings.fetch_rows)
+                uploaded = await upload_stream_atomic(sftp, chunks(source), remote)
+        elif isinstance(sel, CsvSelection):
+            path = selection.resolve_csv(up.settings.csv_dir, sel.path)
+            uploaded = await upload_stream_atomic(
+                sftp, chunks(selection.from_csv(path, sel, wanted, column, tally)), remote
+            )
+        else:
+            assert isinstance(sel, InlineSelection)
+            uploaded = await upload_stream_atomic(
+                sftp, chunks(selection.from_inline(sel, wanted, column, tally)), remote
+            )
+    async with up.pool.acquire() as conn:
+        await jobs.set_remote_path(conn, job.job_id, remote)
+    return ListUploaded(
+        job_id=job.job_id,
+        esp=job.esp,
+        account=job.account,
+        remote_path=remote,
+        rows=rows,
+        bytes=uploaded.bytes,
+        sha256=uploaded.sha256,
+        excluded=tally.excluded,
+        uploaded_at=utcnow(),
+    )

@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from shared.esp import AccountsSettings
+from shared.messages import Identifier
 from shared.service import ServiceSettings
+from shared.settings import PostgresSettings, SftpSettings
 
 
 class Settings(ServiceSettings):
-    """The uploader's settings: the shared pieces (Kafka, HTTP, logging) plus its own."""
+    """The uploader's settings: Kafka, HTTP and logging, the database, SFTP, the ESP accounts."""
 
     model_config = SettingsConfigDict(env_prefix="ESPBRIDGE_UPLOADER_", frozen=True, extra="ignore")
+
+    pg: PostgresSettings = Field(default_factory=PostgresSettings)
+    sftp: SftpSettings = Field(default_factory=SftpSettings)
+    accounts: AccountsSettings = Field(default_factory=AccountsSettings)
+    suppression_column: Identifier = Field(
+        default="opted_out", description="a boolean column; rows where it is true are left out"
+    )
+    csv_dir: Path | None = Field(default=None, description="the only folder CSV selections may be read from")
+    fetch_rows: int = Field(default=5000, ge=100, description="rows per round trip of the selection cursor")

@@ -1,11 +1,12 @@
 """PostgreSQL access: one asyncpg pool per process, and the migration runner."""
 
-from shared.db.core import connect, create_pool, dsn_kwargs
+from shared.db.core import Conn, connect, create_pool, dsn_kwargs
 from shared.db.migrate import MIGRATIONS_DIR, Migration, applied_migrations, load_migrations, migrate
 from shared.db.sql import InvalidIdentifierError, copy_merge, quote_ident, quote_qualified
 
 __all__ = [
     "MIGRATIONS_DIR",
+    "Conn",
     "InvalidIdentifierError",
     "Migration",
     "applied_migrations",

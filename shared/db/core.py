@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeAlias
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 from shared.errors import ConfigurationError, UnavailableError
 from shared.settings import PostgresSettings
+
+Conn: TypeAlias = asyncpg.Connection | PoolConnectionProxy
+"""A connection, or one borrowed from a pool: what query helpers accept."""
 
 
 def dsn_kwargs(settings: PostgresSettings) -> dict[str, Any]:

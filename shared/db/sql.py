@@ -8,8 +8,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 
-import asyncpg
-
+from shared.db.core import Conn
 from shared.errors import PermanentError
 from shared.messages import IDENTIFIER_PATTERN
 
@@ -36,7 +35,7 @@ def quote_qualified(name: str) -> str:
 
 
 async def copy_merge(
-    conn: asyncpg.Connection,
+    conn: Conn,
     table: str,
     columns: Sequence[str],
     records: Iterable[Sequence[object]],

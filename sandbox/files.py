@@ -1,0 +1,65 @@
+"""Atomic file writes and RFC 4180 rows: what the ESP puts on its SFTP site is never seen half-written."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import IO
+
+_NEEDS_QUOTES = frozenset(',"\r\n')
+
+
+def csv_field(value: str) -> str:
+    """One field, quoted when it holds a comma, a quote, CR or LF.
+
+    The csv module's writer does not quote a lone CR when the line end is LF, which RFC 4180
+    requires, so response files are formatted here.
+    """
+    if _NEEDS_QUOTES.isdisjoint(value):
+        return value
+    return '"' + value.replace('"', '""') + '"'
+
+
+def csv_line(fields: Iterable[str]) -> str:
+    """One record with its LF line end."""
+    return ",".join(csv_field(f) for f in fields) + "\n"
+
+
+def temp_path(path: Path) -> Path:
+    """The hidden name a file is written under before it is renamed into place."""
+    return path.with_name(f".{path.name}.tmp")
+
+
+@contextlib.contextmanager
+def atomic_writer(path: Path) -> Iterator[IO[str]]:
+    """Write text to a hidden temporary file in the same folder, then rename it to ``path``.
+
+    The data is flushed to disk before the rename so a crash leaves either the old file or the
+    whole new one, never a truncated file under the final name.
+    """
+    tmp = temp_path(path)
+    try:
+        with tmp.open("w", encoding="utf-8", newline="") as out:
+            yield out
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically (hidden temporary name, then rename)."""
+    tmp = temp_path(path)
+    try:
+        with tmp.open("wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

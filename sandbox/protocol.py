@@ -1,0 +1,118 @@
+"""The names and formats of the generic ESP protocol (docs/generic-esp.md), in one place."""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+"""ESP and account names."""
+
+# external_id names the manifest file, so it must be a safe single file name (not hidden, no '/').
+EXTERNAL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+API_PREFIX = "/api/v1/accounts"
+
+DROP = "drop"
+RESPONSES = "responses"
+ARCHIVE = "archive"
+MANIFEST = "manifest"
+ACCOUNT_FOLDERS = (DROP, RESPONSES, ARCHIVE, MANIFEST)
+
+STATE_FILE = ".sandbox-state.json"
+LISTS_FOLDER = ".sandbox-lists"
+
+EMAIL = "Email"
+COMMUNICATION_KEY = "CommunicationKey"
+
+RESPONSE_HEADER = (
+    "EventId",
+    "BroadcastId",
+    "MessageId",
+    "CommunicationKey",
+    "Email",
+    "EventType",
+    "Url",
+    "OccurredAt",
+)
+
+MAX_LISTED_ERRORS = 100
+
+
+class EventType(StrEnum):
+    """The `EventType` column of a response file."""
+
+    SENT = "sent"
+    """The message left the ESP for this recipient."""
+    DELIVERED = "delivered"
+    """The receiving server accepted the message."""
+    BOUNCE_HARD = "bounce_hard"
+    """Permanent failure (unknown address)."""
+    BOUNCE_SOFT = "bounce_soft"
+    """Temporary failure (mailbox full, greylisting given up)."""
+    OPEN = "open"
+    """The recipient opened the message (may repeat)."""
+    CLICK = "click"
+    """The recipient clicked a link (`Url` is set)."""
+    UNSUBSCRIBE = "unsubscribe"
+    """The recipient unsubscribed through the message."""
+    COMPLAINT = "complaint"
+    """The recipient marked the message as spam."""
+
+
+class Phase(StrEnum):
+    """A group of response files written together; phases are written in this order."""
+
+    SENT = "sent"
+    """`sent` events."""
+    DELIVERY = "delivery"
+    """`delivered`, `bounce_hard` and `bounce_soft` events."""
+    OPENS = "opens"
+    """`open` events."""
+    CLICKS = "clicks"
+    """`click` events."""
+    OPTOUTS = "optouts"
+    """`unsubscribe` and `complaint` events."""
+
+
+PHASE_OF: dict[EventType, Phase] = {
+    EventType.SENT: Phase.SENT,
+    EventType.DELIVERED: Phase.DELIVERY,
+    EventType.BOUNCE_HARD: Phase.DELIVERY,
+    EventType.BOUNCE_SOFT: Phase.DELIVERY,
+    EventType.OPEN: Phase.OPENS,
+    EventType.CLICK: Phase.CLICKS,
+    EventType.UNSUBSCRIBE: Phase.OPTOUTS,
+    EventType.COMPLAINT: Phase.OPTOUTS,
+}
+
+
+class ImportState(StrEnum):
+    """The `state` of an import."""
+
+    QUEUED = "queued"
+    """Accepted, not started."""
+    RUNNING = "running"
+    """The file is being read."""
+    DONE = "done"
+    """Imported; the valid rows can be sent."""
+    FAILED = "failed"
+    """The file could not be imported at all (missing column, unreadable)."""
+
+
+class SendState(StrEnum):
+    """The `state` of a send."""
+
+    SCHEDULED = "scheduled"
+    """Accepted; waits for `send_at`."""
+    SENDING = "sending"
+    """Messages are going out."""
+    SENT = "sent"
+    """Every message went out (responses keep arriving afterwards)."""
+    FAILED = "failed"
+    """The send could not be carried out."""
+
+
+def response_file_name(send_id: str, seq: int, phase: Phase) -> str:
+    """`<send_id>_<seq 3 digits>_<phase>.csv`."""
+    return f"{send_id}_{seq:03d}_{phase.value}.csv"

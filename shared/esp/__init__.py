@@ -1,0 +1,32 @@
+"""ESP connectors: one module per ESP behind one small interface (:class:`Connector`).
+
+A connector is data (the list file format, the response folders) plus a few async calls
+(import, send, their statuses) and a response-file parser. Which connector serves a job comes
+from the configured ESP accounts (:mod:`shared.esp.accounts`).
+"""
+
+from shared.esp.accounts import AccountConfig, Accounts, AccountsSettings
+from shared.esp.base import (
+    BadRow,
+    Connector,
+    ImportState,
+    ImportStatus,
+    ListFormat,
+    SendState,
+    SendStatus,
+)
+from shared.esp.registry import connector_for
+
+__all__ = [
+    "AccountConfig",
+    "Accounts",
+    "AccountsSettings",
+    "BadRow",
+    "Connector",
+    "ImportState",
+    "ImportStatus",
+    "ListFormat",
+    "SendState",
+    "SendStatus",
+    "connector_for",
+]

@@ -1,0 +1,118 @@
+"""The configured ESP accounts: which connector, where its API is, its credentials, its SFTP tree.
+
+Read from a JSON or YAML file named by ``ESPBRIDGE_ACCOUNTS_FILE``::
+
+    accounts:
+      - esp: sandbox
+        account: demo
+        connector: generic
+        api_url: http://127.0.0.1:8787/api/v1/accounts/demo
+        token_file: /path/to/token        # or token: … (prefer the file)
+        sftp_root: sandbox/demo           # default <esp>/<account>
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Self
+
+import orjson
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.errors import ConfigurationError, PermanentError
+from shared.messages import Name
+from shared.settings import read_secret_file
+
+
+class AccountConfig(BaseModel):
+    """One ESP account espbridge may send through."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    esp: Name
+    account: Name
+    connector: Name = "generic"
+    api_url: str = Field(pattern=r"^https?://")
+    token: SecretStr | None = None
+    token_file: Path | None = None
+    sftp_root: str = ""
+    request_timeout_s: float = Field(default=30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _defaults(self) -> Self:
+        if self.token is None and self.token_file is not None:
+            object.__setattr__(self, "token", read_secret_file(self.token_file))
+        if not self.sftp_root:
+            object.__setattr__(self, "sftp_root", f"{self.esp}/{self.account}")
+        if self.sftp_root.startswith("/") or ".." in self.sftp_root.split("/"):
+            raise ValueError("sftp_root must be a relative path inside the SFTP login directory")
+        return self
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """(esp, account)."""
+        return (self.esp, self.account)
+
+
+class AccountsFile(BaseModel):
+    """The accounts file's shape."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    accounts: tuple[AccountConfig, ...] = ()
+
+
+class AccountsSettings(BaseSettings):
+    """Where the ESP accounts are configured."""
+
+    model_config = SettingsConfigDict(env_prefix="ESPBRIDGE_", frozen=True, extra="ignore")
+
+    accounts_file: Path | None = None
+
+
+class UnknownAccountError(PermanentError):
+    """A job names an ESP or account that is not configured."""
+
+
+class Accounts:
+    """The configured accounts, looked up by (esp, account)."""
+
+    def __init__(self, accounts: tuple[AccountConfig, ...] = ()) -> None:
+        self._by_key: dict[tuple[str, str], AccountConfig] = {}
+        for acc in accounts:
+            if acc.key in self._by_key:
+                raise ConfigurationError(f"account {acc.esp}/{acc.account} is configured twice")
+            self._by_key[acc.key] = acc
+
+    @classmethod
+    def load(cls, settings: AccountsSettings) -> Self:
+        """Read the accounts file (none configured = no accounts)."""
+        path = settings.accounts_file
+        if path is None:
+            return cls()
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise ConfigurationError(f"cannot read accounts file {path}: {exc.strerror}") from None
+        try:
+            data = orjson.loads(raw) if path.suffix == ".json" else yaml.safe_load(raw)
+            parsed = AccountsFile.model_validate(data or {})
+        except (orjson.JSONDecodeError, yaml.YAMLError, ValidationError) as exc:
+            raise ConfigurationError(f"accounts file {path} is invalid: {exc}") from None
+        return cls(parsed.accounts)
+
+    def get(self, esp: str, account: str) -> AccountConfig:
+        """The account a job names; an unknown one is a permanent error naming what exists."""
+        try:
+            return self._by_key[(esp, account)]
+        except KeyError:
+            known = ", ".join(f"{e}/{a}" for e, a in sorted(self._by_key)) or "none"
+            raise UnknownAccountError(
+                f"ESP account {esp}/{account} is not configured (configured: {known})"
+            ) from None
+
+    def all(self) -> list[AccountConfig]:
+        """Every configured account."""
+        return list(self._by_key.values())

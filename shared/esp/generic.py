@@ -1,0 +1,212 @@
+"""The generic ESP connector (``connector: generic``), written from docs/generic-esp.md.
+
+REST under the account's ``api_url`` with a bearer token; list files as UTF-8 CSV with ``Email``
+and ``CommunicationKey``; response files in ``responses/`` with one event per row.
+"""
+
+from __future__ import annotations
+
+import csv
+import posixpath
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from shared.errors import PermanentError
+from shared.esp.accounts import AccountConfig
+from shared.esp.base import (
+    BadRow,
+    ImportState,
+    ImportStatus,
+    ListFormat,
+    ResponseSource,
+    SendState,
+    SendStatus,
+)
+from shared.esp.http import EspUnavailableError, request_json
+from shared.messages import EventSource, EventType, ResponseEvent, event_id_for
+
+RESPONSE_HEADER = (
+    "EventId",
+    "BroadcastId",
+    "MessageId",
+    "CommunicationKey",
+    "Email",
+    "EventType",
+    "Url",
+    "OccurredAt",
+)
+
+
+class ListRejectedError(PermanentError):
+    """The ESP refused to import or send a list."""
+
+
+class GenericConnector:
+    """Connector for the generic ESP protocol."""
+
+    list_format = ListFormat()
+    archive_folder = "archive"
+    response_sources: tuple[ResponseSource, ...] = (ResponseSource("responses"),)
+
+    def __init__(self, account: AccountConfig, session: aiohttp.ClientSession) -> None:
+        self.account = account
+        self._session = session
+        self._base = account.api_url.rstrip("/")
+
+    # --- REST ---------------------------------------------------------------------------------
+
+    def _headers(self) -> dict[str, str]:
+        token = self.account.token.get_secret_value() if self.account.token else ""
+        return {"Authorization": f"Bearer {token}"}
+
+    async def _call(
+        self, method: str, path: str, *, json: Any = None, params: dict[str, str] | None = None
+    ) -> tuple[int, Any]:
+        return await request_json(
+            self._session,
+            method,
+            self._base + path,
+            headers=self._headers(),
+            json=json,
+            params=params,
+            timeout_s=self.account.request_timeout_s,
+        )
+
+    def _relative(self, remote_path: str) -> str:
+        root = self.account.sftp_root.rstrip("/") + "/"
+        if not remote_path.startswith(root):
+            raise PermanentError(f"{remote_path} is not inside the account folder {root}")
+        return remote_path[len(root) :]
+
+    async def start_import(self, remote_path: str, list_name: str, external_id: str) -> ImportStatus:
+        """POST /imports (idempotent by external id)."""
+        rel = self._relative(remote_path)
+        status, body = await self._call(
+            "POST", "/imports", json={"file": rel, "list_name": list_name, "external_id": external_id}
+        )
+        if status == 404:
+            raise ListRejectedError(f"the ESP cannot find the list file {rel}: {_message(body)}")
+        return _import_status(body)
+
+    async def import_status(self, import_id: str) -> ImportStatus:
+        """GET /imports/{id}."""
+        status, body = await self._call("GET", f"/imports/{import_id}")
+        if status == 404:
+            raise ListRejectedError(f"the ESP does not know import {import_id}")
+        return _import_status(body)
+
+    async def find_send(self, external_id: str) -> SendStatus | None:
+        """GET /sends?external_id=…; the first send of the broadcast, if any."""
+        _, body = await self._call("GET", "/sends", params={"external_id": external_id})
+        sends = body.get("sends", []) if isinstance(body, dict) else []
+        return _send_status(sends[0]) if sends else None
+
+    async def send(
+        self, import_id: str, message: str, external_id: str, send_at: datetime | None
+    ) -> SendStatus:
+        """POST /sends (idempotent by external id)."""
+        payload = {
+            "import_id": import_id,
+            "message": message,
+            "external_id": external_id,
+            "send_at": send_at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if send_at else None,
+        }
+        status, body = await self._call("POST", "/sends", json=payload)
+        if status in (404, 409):
+            raise ListRejectedError(f"the ESP refused the send: {_message(body)}")
+        return _send_status(body)
+
+    async def send_status(self, send_id: str) -> SendStatus:
+        """GET /sends/{id}."""
+        status, body = await self._call("GET", f"/sends/{send_id}")
+        if status == 404:
+            raise EspUnavailableError(f"the ESP does not (yet) know send {send_id}")
+        return _send_status(body)
+
+    # --- response files -------------------------------------------------------------------------
+
+    def parse_response_file(self, local_path: Path, remote_path: str) -> Iterator[ResponseEvent | BadRow]:
+        """Rows of a response file as events; a row that does not fit becomes a BadRow."""
+        esp, account = self.account.esp, self.account.account
+        with local_path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header is None:
+                return
+            if tuple(header) != RESPONSE_HEADER:
+                yield BadRow(1, _raw(header), f"unexpected header, want {','.join(RESPONSE_HEADER)}")
+                return
+            last = reader.line_num
+            for row in reader:
+                line = last + 1
+                last = reader.line_num
+                try:
+                    yield _event(esp, account, remote_path, line, row)
+                except ValueError as exc:
+                    yield BadRow(line, _raw(row), str(exc))
+
+
+def _message(body: Any) -> str:
+    return str(body.get("message") or body.get("error")) if isinstance(body, dict) else str(body)
+
+
+def _import_status(body: Any) -> ImportStatus:
+    errors = tuple(f"line {e.get('line')}: {e.get('error')}" for e in body.get("errors") or [])
+    return ImportStatus(
+        import_id=str(body["import_id"]),
+        state=ImportState(body["state"]),
+        rows_valid=int(body.get("rows_valid") or 0),
+        rows_invalid=int(body.get("rows_invalid") or 0),
+        errors=errors,
+    )
+
+
+def _send_status(body: Any) -> SendStatus:
+    return SendStatus(
+        send_id=str(body["send_id"]),
+        state=SendState(body["state"]),
+        recipients=int(body.get("recipients") or 0),
+    )
+
+
+def _raw(row: list[str]) -> bytes:
+    return ",".join(row).encode("utf-8", "surrogateescape")
+
+
+def _parse_time(value: str) -> datetime:
+    when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    if when.tzinfo is None:
+        raise ValueError(f"OccurredAt {value!r} has no time zone")
+    return when.astimezone(UTC)
+
+
+_TYPES = {t.value: t for t in EventType}
+
+
+def _event(esp: str, account: str, remote_path: str, line: int, row: list[str]) -> ResponseEvent:
+    if len(row) != len(RESPONSE_HEADER):
+        raise ValueError(f"{len(row)} fields, want {len(RESPONSE_HEADER)}")
+    if any("\udc80" <= ch <= "\udcff" for field in row for ch in field):
+        raise ValueError("not valid UTF-8")
+    event_id, broadcast_id, message_id, key, email, kind, url, occurred = row
+    if kind not in _TYPES:
+        raise ValueError(f"unknown EventType {kind!r}")
+    if not event_id:
+        raise ValueError("empty EventId")
+    return ResponseEvent(
+        event_id=event_id_for(esp, esp_event_id=f"{account}:{event_id}"),
+        esp=esp,
+        account=account,
+        broadcast_id=broadcast_id,
+        esp_message_id=message_id or None,
+        communication_key=key or None,
+        email=email or None,
+        type=_TYPES[kind],
+        url=url or None,
+        occurred_at=_parse_time(occurred),
+        source=EventSource(kind="file", name=posixpath.normpath(remote_path), line=line),
+    )
