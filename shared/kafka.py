@@ -240,11 +240,12 @@ def error_policy(
             self, call_next: Callable[..., Awaitable[Any]], msg: StreamMessage[Any]
         ) -> Any:
             raw = msg.raw_message
-            topic, partition, offset = raw.topic, raw.partition, raw.offset
-            where = (topic, partition)
+            records = raw if isinstance(raw, tuple) else (raw,)  # batch subscribers get a tuple
+            first = records[0]
+            where = (first.topic, first.partition)
             inflight.enter()
             try:
-                with log_context(topic=topic, partition=partition, offset=offset):
+                with log_context(topic=first.topic, partition=first.partition, offset=first.offset):
                     try:
                         result = await call_next(msg)
                     except Exception as exc:
@@ -262,19 +263,27 @@ def error_policy(
                         failures.pop(where, None)
                         log.error(
                             "message rejected to the dead-letter topic",
-                            extra={"error_class": type(exc).__name__, "error": str(exc)[:2000]},
+                            extra={
+                                "error_class": type(exc).__name__,
+                                "error": str(exc)[:2000],
+                                "messages": len(records),
+                            },
                         )
-                        await dead_letter(
-                            DeadLetter(
-                                source=EventSource(
-                                    kind="topic", name=topic, partition=partition, offset=offset
-                                ),
-                                payload=bytes(msg.body),
-                                error_class=type(exc).__name__,
-                                message=str(exc)[:10_000],
-                                service=service,
+                        for record in records:
+                            await dead_letter(
+                                DeadLetter(
+                                    source=EventSource(
+                                        kind="topic",
+                                        name=record.topic,
+                                        partition=record.partition,
+                                        offset=record.offset,
+                                    ),
+                                    payload=bytes(record.value or b""),
+                                    error_class=type(exc).__name__,
+                                    message=str(exc)[:10_000],
+                                    service=service,
+                                )
                             )
-                        )
                         await msg.ack()
                         return None
                     failures.pop(where, None)

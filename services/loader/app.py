@@ -1,4 +1,4 @@
-"""Wiring of the loader: its subscriber on RESPONSE_EVENTS and what it publishes."""
+"""Wiring of the loader: its pool, its batch subscriber on responses.events.v1."""
 
 from __future__ import annotations
 
@@ -7,18 +7,32 @@ from faststream.kafka.annotations import KafkaMessage
 
 from services.loader import handlers
 from services.loader.settings import Settings
+from shared.db import create_pool
 from shared.service import Runtime
 from shared.topics import Topic
 
-DESCRIPTION = "Consumes response events (responses.events.v1) for the response database."
+DESCRIPTION = (
+    "Consumes response events (responses.events.v1) in batches, loads them into the response database "
+    "idempotently (COPY, merge on event_id, per-broadcast counts, then offsets), and publishes opt-outs "
+    "on subscriptions.changes.v1."
+)
 
 
 async def create_app(settings: Settings, runtime: Runtime) -> FastStream:
-    """The loader's app: consumes RESPONSE_EVENTS in the espbridge-loader consumer group."""
-    del settings  # the loader has no settings of its own yet
+    """The loader's app: consumes responses.events.v1 in the espbridge-loader consumer group."""
+    pool = await create_pool(settings.pg)
+    runtime.stack.push_async_callback(pool.close)
+    loader = handlers.Loader(settings, runtime, pool)
 
-    @runtime.subscriber(Topic.RESPONSE_EVENTS)
-    async def on_message(message: KafkaMessage) -> None:
-        await handlers.handle_event(message.body, runtime)
+    @runtime.subscriber(
+        Topic.RESPONSE_EVENTS,
+        batch=True,
+        max_records=settings.batch_max,
+        batch_timeout_ms=settings.batch_wait_ms,
+        max_partition_fetch_bytes=8 * 1024 * 1024,
+    )
+    async def on_batch(message: KafkaMessage) -> None:
+        raw = message.raw_message
+        await handlers.handle_batch(raw if isinstance(raw, tuple) else (raw,), loader)
 
     return FastStream(runtime.broker)

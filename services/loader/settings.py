@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from shared.service import ServiceSettings
+from shared.settings import PostgresSettings
 
 
 class Settings(ServiceSettings):
-    """The loader's settings: the shared pieces (Kafka, HTTP, logging) plus its own."""
+    """The loader's settings: Kafka, HTTP and logging, the response database, batching."""
 
     model_config = SettingsConfigDict(env_prefix="ESPBRIDGE_LOADER_", frozen=True, extra="ignore")
+
+    pg: PostgresSettings = Field(default_factory=PostgresSettings)
+    batch_max: int = Field(default=5000, ge=1, le=100_000, description="events per database transaction")
+    batch_wait_ms: int = Field(default=500, ge=0, description="how long to wait to fill a batch")

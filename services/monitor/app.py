@@ -1,26 +1,36 @@
-"""Wiring of the monitor: its subscriber on BROADCAST_LISTS and what it publishes."""
+"""Wiring of the monitor: its resources, its subscriber on broadcast.lists.v1."""
 
 from __future__ import annotations
 
+import aiohttp
 from faststream import FastStream
 from faststream.kafka.annotations import KafkaMessage
 
 from services.monitor import handlers
 from services.monitor.settings import Settings
+from shared.db import create_pool
+from shared.esp import Accounts
 from shared.service import Runtime
 from shared.topics import Topic
 
 DESCRIPTION = (
-    "Consumes uploaded lists (broadcast.lists.v1) and reports their import stage on broadcast.status.v1."
+    "Consumes uploaded lists (broadcast.lists.v1), drives the ESP's import and send through its REST "
+    "API (never sending a broadcast twice) and reports the import and send stages on broadcast.status.v1."
 )
 
 
 async def create_app(settings: Settings, runtime: Runtime) -> FastStream:
-    """The monitor's app: consumes BROADCAST_LISTS in the espbridge-monitor consumer group."""
-    del settings  # the monitor has no settings of its own yet
+    """The monitor's app: consumes broadcast.lists.v1 in the espbridge-monitor consumer group."""
+    accounts = Accounts.load(settings.accounts)
+    pool = await create_pool(settings.pg)
+    runtime.stack.push_async_callback(pool.close)
+    http = await runtime.stack.enter_async_context(aiohttp.ClientSession())
+    monitor = handlers.Monitor(settings, runtime, pool, http, accounts)
+    # A list is followed inside its handler until the send ends: allow that long between polls.
+    max_poll_ms = int((settings.import_timeout_s + settings.send_timeout_s + 600) * 1000)
 
-    @runtime.subscriber(Topic.BROADCAST_LISTS)
+    @runtime.subscriber(Topic.BROADCAST_LISTS, max_poll_interval_ms=max_poll_ms)
     async def on_message(message: KafkaMessage) -> None:
-        await handlers.handle_list(message.body, runtime)
+        await handlers.handle_list(message.body, monitor)
 
     return FastStream(runtime.broker)

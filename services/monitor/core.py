@@ -1,17 +1,39 @@
-"""The monitor's rules (no I/O)."""
+"""The monitor's rules (no I/O): polling backoff and what its statuses say."""
 
 from __future__ import annotations
 
-from shared.messages import BroadcastStatus, ListUploaded, Stage, State
+from collections.abc import Iterator
+
+from shared.esp.base import ImportStatus, SendStatus
+from shared.messages import BroadcastStatus, Stage, State
 
 
-def import_queued(upload: ListUploaded) -> BroadcastStatus:
-    """The status of an uploaded list waiting for the ESP's import."""
+def backoff(initial_s: float, max_s: float, factor: float = 1.6) -> Iterator[float]:
+    """Waits between polls: growing from ``initial_s`` to at most ``max_s``."""
+    delay = initial_s
+    while True:
+        yield delay
+        delay = min(max_s, delay * factor)
+
+
+def status(job_id: str, stage: Stage, state: State, detail: str = "", **counts: int) -> BroadcastStatus:
+    """An import- or send-stage status from the monitor."""
     return BroadcastStatus(
-        job_id=upload.job_id,
-        stage=Stage.IMPORT,
-        state=State.QUEUED,
-        counts={"rows": upload.rows},
-        detail=f"list {upload.remote_path} on {upload.esp}/{upload.account}",
-        service="monitor",
+        job_id=job_id, stage=stage, state=state, detail=detail[:2000], counts=counts, service="monitor"
     )
+
+
+def import_counts(imp: ImportStatus) -> dict[str, int]:
+    """The counts an import status carries."""
+    return {"rows_valid": imp.rows_valid, "rows_invalid": imp.rows_invalid}
+
+
+def import_failure(imp: ImportStatus) -> str:
+    """Why the ESP rejected a list, in one line."""
+    reasons = "; ".join(imp.errors[:5]) or "no reason given"
+    return f"the ESP rejected the list (import {imp.import_id}): {reasons}"
+
+
+def send_counts(send: SendStatus) -> dict[str, int]:
+    """The counts a send status carries."""
+    return {"recipients": send.recipients}

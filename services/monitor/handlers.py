@@ -1,16 +1,180 @@
-"""The monitor's handlers."""
+"""The monitor's handler: import → (send) → follow, never sending one broadcast twice.
+
+"Send requested" is recorded in control.jobs before the send call. If it was recorded before
+(a restart, a redelivery), the ESP is asked whether the send exists before anything is sent.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import aiohttp
+import asyncpg
+
 from services.monitor import core
+from services.monitor.settings import Settings
+from shared.db import jobs
+from shared.errors import PermanentError, TransientError
+from shared.esp import Accounts, Connector, ImportState, SendState, SendStatus, connector_for
+from shared.esp.http import EspUnavailableError
 from shared.kafka import decode
 from shared.logs import log_context
-from shared.messages import ListUploaded
+from shared.messages import BroadcastJob, BroadcastStatus, ListUploaded, SendMode, Stage, State
 from shared.service import Runtime
 
+log = logging.getLogger(__name__)
 
-async def handle_list(body: bytes, runtime: Runtime) -> None:
-    """One uploaded list: report it queued for import."""
+
+class ImportRejectedError(PermanentError):
+    """The ESP refused the uploaded list."""
+
+
+class StageTimeoutError(PermanentError):
+    """An import or send did not finish within its configured time."""
+
+
+@dataclass
+class Monitor:
+    """The monitor's per-process resources."""
+
+    settings: Settings
+    runtime: Runtime
+    pool: asyncpg.Pool
+    http: aiohttp.ClientSession
+    accounts: Accounts
+
+    async def report(self, status: BroadcastStatus) -> None:
+        """Publish a status and keep it in control.jobs."""
+        await self.runtime.publish(status)
+        async with self.pool.acquire() as conn:
+            await jobs.record_status(conn, status)
+
+    async def wait(self, delay: float, retry_after: float | None = None) -> None:
+        """Wait before the next poll (or as long as the ESP asked with Retry-After)."""
+        await asyncio.sleep(max(delay, retry_after or 0.0))  # polling interval, bounded by settings
+
+
+async def handle_list(body: bytes, mon: Monitor) -> None:
+    """One uploaded list: drive its import and send to the end."""
     upload = decode(ListUploaded, body)
     with log_context(job_id=upload.job_id):
-        await runtime.publish(core.import_queued(upload))
+        async with mon.pool.acquire() as conn:
+            row = await conn.fetchrow("SELECT job FROM control.jobs WHERE job_id = $1", upload.job_id)
+        if row is None:
+            raise PermanentError(f"job {upload.job_id} is not recorded in control.jobs")
+        job = BroadcastJob.from_json(row["job"])
+        connector = connector_for(mon.accounts.get(upload.esp, upload.account), mon.http)
+        stage = Stage.IMPORT
+        try:
+            import_id = await run_import(upload, job, connector, mon)
+            stage = Stage.SEND
+            if job.mode is SendMode.UPLOAD_ONLY:
+                await mon.report(
+                    core.status(job.job_id, stage, State.CANCELLED, "upload_only job: no send requested")
+                )
+                return
+            await run_send(job, import_id, connector, mon)
+        except PermanentError as exc:
+            await mon.report(core.status(job.job_id, stage, State.FAILED, str(exc)))
+            raise
+
+
+async def run_import(upload: ListUploaded, job: BroadcastJob, connector: Connector, mon: Monitor) -> str:
+    """Start (or resume) the ESP's import of the list and wait for it; returns the import id."""
+    async with mon.pool.acquire() as conn:
+        known = await jobs.get_job(conn, job.job_id)
+    if known is not None and known.esp_import_id:
+        imp = await connector.import_status(known.esp_import_id)
+    else:
+        imp = await connector.start_import(upload.remote_path, job.list_name, job.job_id)
+        async with mon.pool.acquire() as conn:
+            await jobs.set_import_id(conn, job.job_id, imp.import_id)
+    await mon.report(core.status(job.job_id, Stage.IMPORT, State.RUNNING, f"import {imp.import_id}"))
+    deadline = time.monotonic() + mon.settings.import_timeout_s
+    delays = core.backoff(mon.settings.poll_initial_s, mon.settings.poll_max_s)
+    while imp.state not in (ImportState.DONE, ImportState.FAILED):
+        if time.monotonic() > deadline:
+            raise StageTimeoutError(
+                f"import {imp.import_id} not done after {mon.settings.import_timeout_s:.0f}s"
+            )
+        retry_after = None
+        try:
+            await mon.wait(next(delays))
+            imp = await connector.import_status(imp.import_id)
+        except EspUnavailableError as exc:
+            retry_after = exc.retry_after_s
+            log.warning("import status unavailable, polling again", extra={"error": str(exc)})
+            await mon.wait(0, retry_after)
+    if imp.state is ImportState.FAILED:
+        raise ImportRejectedError(core.import_failure(imp))
+    await mon.report(
+        core.status(
+            job.job_id, Stage.IMPORT, State.DONE, f"import {imp.import_id}", **core.import_counts(imp)
+        )
+    )
+    return imp.import_id
+
+
+async def run_send(job: BroadcastJob, import_id: str, connector: Connector, mon: Monitor) -> None:
+    """Send once, then follow the send to its end."""
+    async with mon.pool.acquire() as conn:
+        first_request = await jobs.claim_send(conn, job.job_id)
+    existing = None if first_request else await connector.find_send(job.job_id)
+    if existing is not None:
+        send = existing
+        log.info("send already exists at the ESP, following it", extra={"send_id": send.send_id})
+    else:
+        send = await _send_with_retries(job, import_id, connector, mon)
+    async with mon.pool.acquire() as conn:
+        await jobs.set_send_id(conn, job.job_id, send.send_id)
+    await mon.report(
+        core.status(
+            job.job_id,
+            Stage.SEND,
+            State.RUNNING,
+            f"send {send.send_id} {send.state}",
+            **core.send_counts(send),
+        )
+    )
+    deadline = time.monotonic() + mon.settings.send_timeout_s
+    delays = core.backoff(mon.settings.poll_initial_s, mon.settings.poll_max_s)
+    while send.state not in (SendState.SENT, SendState.FAILED):
+        if time.monotonic() > deadline:
+            raise StageTimeoutError(
+                f"send {send.send_id} not finished after {mon.settings.send_timeout_s:.0f}s"
+            )
+        try:
+            await mon.wait(next(delays))
+            send = await connector.send_status(send.send_id)
+        except EspUnavailableError as exc:
+            log.warning("send status unavailable, polling again", extra={"error": str(exc)})
+            await mon.wait(0, exc.retry_after_s)
+    state = State.DONE if send.state is SendState.SENT else State.FAILED
+    await mon.report(
+        core.status(
+            job.job_id, Stage.SEND, state, f"send {send.send_id} {send.state}", **core.send_counts(send)
+        )
+    )
+
+
+async def _send_with_retries(
+    job: BroadcastJob, import_id: str, connector: Connector, mon: Monitor
+) -> SendStatus:
+    """POST the send; when its answer is lost, ask the ESP before trying again."""
+    delays = core.backoff(mon.settings.poll_initial_s, mon.settings.poll_max_s)
+    deadline = time.monotonic() + mon.settings.import_timeout_s
+    while True:
+        try:
+            return await connector.send(import_id, job.message, job.job_id, job.send_at)
+        except TransientError as exc:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("send call failed, checking the ESP before retrying", extra={"error": str(exc)})
+            retry_after = exc.retry_after_s if isinstance(exc, EspUnavailableError) else None
+            await mon.wait(next(delays), retry_after)
+            found = await connector.find_send(job.job_id)
+            if found is not None:
+                return found
