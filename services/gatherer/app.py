@@ -1,24 +1,63 @@
-"""Wiring of the gatherer: its subscriber on RESPONSE_FILES and what it publishes."""
+"""Wiring of the gatherer: its resources, the scan loop, its subscriber on responses.files.v1."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import shutil
+
+import aiohttp
 from faststream import FastStream
 from faststream.kafka.annotations import KafkaMessage
 
 from services.gatherer import handlers
 from services.gatherer.settings import Settings
+from shared.db import create_pool
+from shared.esp import Accounts
 from shared.service import Runtime
+from shared.sftp import SftpPool
 from shared.topics import Topic
 
-DESCRIPTION = "Consumes remote response files to gather (responses.files.v1)."
+DESCRIPTION = (
+    "Scans the ESP accounts' response folders on an interval (announcing new files on responses.files.v1), "
+    "and for each announced file downloads, parses and publishes its events (responses.events.v1), "
+    "dead-letters bad rows with file and line, then archives the file on the ESP's site."
+)
 
 
 async def create_app(settings: Settings, runtime: Runtime) -> FastStream:
-    """The gatherer's app: consumes RESPONSE_FILES in the espbridge-gatherer consumer group."""
-    del settings  # the gatherer has no settings of its own yet
+    """The gatherer's app: consumes responses.files.v1 in the espbridge-gatherer consumer group."""
+    accounts = Accounts.load(settings.accounts)
+    pool = await create_pool(settings.pg)
+    runtime.stack.push_async_callback(pool.close)
+    sftp = SftpPool(settings.sftp)
+    runtime.stack.push_async_callback(sftp.close)
+    http = await runtime.stack.enter_async_context(aiohttp.ClientSession())
+    if settings.work_dir is not None:
+        settings.work_dir.mkdir(parents=True, exist_ok=True)
+        work_dir = settings.work_dir
+    else:
+        work_dir = handlers.default_work_dir()
+        runtime.stack.callback(shutil.rmtree, work_dir, True)
+    gatherer = handlers.Gatherer(settings, runtime, pool, sftp, http, accounts, work_dir)
 
     @runtime.subscriber(Topic.RESPONSE_FILES)
     async def on_message(message: KafkaMessage) -> None:
-        await handlers.handle_file(message.body, runtime)
+        await handlers.handle_file(message.body, gatherer)
 
-    return FastStream(runtime.broker)
+    app = FastStream(runtime.broker)
+    if settings.scan_interval_s > 0:
+        tasks: list[asyncio.Task[None]] = []
+
+        async def start_scanning() -> None:
+            tasks.append(asyncio.create_task(gatherer.scan_forever(), name="scan"))
+
+        async def stop_scanning() -> None:
+            for task in tasks:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+        app.after_startup(start_scanning)
+        app.on_shutdown(stop_scanning)
+    return app

@@ -2,9 +2,32 @@
 
 from __future__ import annotations
 
-from shared.messages import ResponseFile
+import posixpath
+from collections import Counter
+
+from shared.messages import BroadcastStatus, ResponseFile, Stage, State
 
 
 def file_key(file: ResponseFile) -> str:
     """The ledger identity of a remote file: where it is, its size and its modification time."""
     return f"{file.esp}/{file.account}/{file.path}@{file.size}:{file.mtime.isoformat()}"
+
+
+def archive_path(remote_path: str, account_root: str, archive_folder: str) -> str:
+    """Where a processed response file goes on the ESP's site (same name, archive folder)."""
+    return posixpath.join(account_root, archive_folder, posixpath.basename(remote_path))
+
+
+def gather_statuses(file: ResponseFile, per_broadcast: Counter[str], bad_rows: int) -> list[BroadcastStatus]:
+    """One running gather status per broadcast found in a file."""
+    return [
+        BroadcastStatus(
+            job_id=broadcast,
+            stage=Stage.GATHER,
+            state=State.RUNNING,
+            counts={"events": n, "bad_rows": bad_rows},
+            detail=f"{n} events from {file.path}",
+            service="gatherer",
+        )
+        for broadcast, n in sorted(per_broadcast.items())
+    ]

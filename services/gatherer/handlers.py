@@ -1,21 +1,188 @@
-"""The gatherer's handlers."""
+"""The gatherer: a scan loop that announces new files, and a worker per file message.
+
+A worker downloads the file to local disk (constant memory), parses it as a stream, publishes its
+events (waiting for Kafka's acknowledgements), dead-letters bad rows with file and line, and only
+then archives the file on the ESP side. A crash anywhere re-processes the file; the events' ids
+are deterministic, so the loader absorbs the duplicates.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import tempfile
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import asyncssh
 
 from services.gatherer import core
+from services.gatherer.settings import Settings
+from shared.errors import EspbridgeError, PermanentError
+from shared.esp import Accounts, BadRow, connector_for
+from shared.gathering import scan
 from shared.kafka import decode
 from shared.logs import log_context
-from shared.messages import ResponseFile
+from shared.messages import DeadLetter, EventSource, Message, ResponseEvent, ResponseFile
 from shared.service import Runtime
+from shared.sftp import SftpPool, download_stream, safe_local_name
 
 log = logging.getLogger(__name__)
 
 
-async def handle_file(body: bytes, runtime: Runtime) -> None:
-    """One remote response file to gather."""
+@dataclass
+class Gatherer:
+    """The gatherer's per-process resources."""
+
+    settings: Settings
+    runtime: Runtime
+    pool: asyncpg.Pool
+    sftp: SftpPool
+    http: aiohttp.ClientSession
+    accounts: Accounts
+    work_dir: Path
+
+    async def scan_once(self) -> int:
+        """Scan every account once; returns the number of new files announced."""
+        files = await scan(
+            self.accounts,
+            self.sftp,
+            self.pool,
+            self.http,
+            self.runtime.broker,
+            self.settings.kafka,
+            self.settings.republish_after_s,
+        )
+        return len(files)
+
+    async def scan_forever(self) -> None:
+        """Scan on the configured interval until cancelled; a failed scan is logged and retried."""
+        while True:
+            try:
+                await self.scan_once()
+            except EspbridgeError as exc:
+                log.warning("scan failed, trying again next interval", extra={"error": str(exc)})
+            await asyncio.sleep(self.settings.scan_interval_s)  # the scan interval itself
+
+
+async def handle_file(body: bytes, g: Gatherer) -> None:
+    """Gather one remote response file."""
     file = decode(ResponseFile, body)
     with log_context(file=core.file_key(file)):
-        runtime.metrics.inc("files_received_total", esp=file.esp)
-        log.info("response file received")
+        account = g.accounts.get(file.esp, file.account)
+        connector = connector_for(account, g.http)
+        async with g.pool.acquire() as conn:
+            state = await conn.fetchval(
+                """
+                INSERT INTO control.gathered_files
+                    (esp, account, path, size, mtime, state, attempts, started_at)
+                VALUES ($1, $2, $3, $4, $5, 'processing', 1, now())
+                ON CONFLICT (esp, account, path, size, mtime) DO UPDATE
+                SET state = CASE WHEN gathered_files.state = 'archived' THEN 'archived' ELSE 'processing' END,
+                    attempts = gathered_files.attempts + 1,
+                    started_at = now()
+                RETURNING state
+                """,
+                file.esp,
+                file.account,
+                file.path,
+                file.size,
+                file.mtime,
+            )
+        if state == "archived":
+            log.info("file already gathered")
+            return
+        archive = core.archive_path(file.path, account.sftp_root, connector.archive_folder)
+        local = g.work_dir / safe_local_name(file.path)
+        try:
+            async with g.sftp.session() as sftp:
+                if not await _download(sftp, file.path, local):
+                    if await sftp.exists(archive):
+                        await _ledger_done(g, file, archive, None, None)
+                        log.info("file was archived by an earlier attempt")
+                        return
+                    raise PermanentError(f"response file {file.path} is gone from the ESP's site")
+            events, bad = await _publish_file(g, file, connector.parse_response_file(local, file.path))
+            async with g.sftp.session() as sftp:
+                await sftp.posix_rename(file.path, archive)
+            await _ledger_done(g, file, archive, events, bad)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                local.unlink()
+
+
+async def _download(sftp: asyncssh.SFTPClient, remote: str, local: Path) -> bool:
+    """Stream a remote file to local disk; False if it does not exist."""
+    try:
+        with local.open("wb") as out:
+            async for chunk in download_stream(sftp, remote):
+                out.write(chunk)
+    except asyncssh.SFTPNoSuchFile:
+        return False
+    return True
+
+
+async def _publish_file(
+    g: Gatherer, file: ResponseFile, rows: Iterable[ResponseEvent | BadRow]
+) -> tuple[int, int]:
+    """Publish a parsed file's events and dead letters in batches; returns (events, bad rows)."""
+    batch: list[Message] = []
+    per_broadcast: Counter[str] = Counter()
+    events = bad = 0
+    for item in rows:  # parsed from local disk, a batch at a time
+        if isinstance(item, ResponseEvent):
+            events += 1
+            per_broadcast[item.broadcast_id] += 1
+            batch.append(item)
+        elif isinstance(item, BadRow):
+            bad += 1
+            batch.append(
+                DeadLetter(
+                    source=EventSource(kind="file", name=file.path, line=item.line),
+                    payload=item.raw,
+                    error_class="BadResponseRow",
+                    message=item.error,
+                    service="gatherer",
+                )
+            )
+        if len(batch) >= g.settings.publish_batch:
+            await g.runtime.publish_many(batch)
+            batch = []
+    await g.runtime.publish_many(batch)
+    await g.runtime.publish_many(core.gather_statuses(file, per_broadcast, bad))
+    g.runtime.metrics.inc("events_gathered_total", events, esp=file.esp)
+    g.runtime.metrics.inc("bad_rows_total", bad, esp=file.esp)
+    log.info("file gathered", extra={"events": events, "bad_rows": bad})
+    return events, bad
+
+
+async def _ledger_done(
+    g: Gatherer, file: ResponseFile, archive: str, events: int | None, bad: int | None
+) -> None:
+    async with g.pool.acquire() as conn:
+        await conn.execute(
+            """
+            UPDATE control.gathered_files
+            SET state = 'archived', archived_to = $6, finished_at = now(),
+                events = coalesce($7, events), bad_rows = coalesce($8, bad_rows), error = NULL
+            WHERE esp = $1 AND account = $2 AND path = $3 AND size = $4 AND mtime = $5
+            """,
+            file.esp,
+            file.account,
+            file.path,
+            file.size,
+            file.mtime,
+            archive,
+            events,
+            bad,
+        )
+
+
+def default_work_dir() -> Path:
+    """A private download folder for this process."""
+    return Path(tempfile.mkdtemp(prefix="espbridge-gatherer-"))

@@ -2,12 +2,33 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from shared.esp import AccountsSettings
 from shared.service import ServiceSettings
+from shared.settings import PostgresSettings, SftpSettings
 
 
 class Settings(ServiceSettings):
-    """The gatherer's settings: the shared pieces (Kafka, HTTP, logging) plus its own."""
+    """The gatherer's settings: Kafka, HTTP and logging, the ledger database, SFTP, the ESP accounts."""
 
     model_config = SettingsConfigDict(env_prefix="ESPBRIDGE_GATHERER_", frozen=True, extra="ignore")
+
+    pg: PostgresSettings = Field(default_factory=PostgresSettings)
+    sftp: SftpSettings = Field(default_factory=SftpSettings)
+    accounts: AccountsSettings = Field(default_factory=AccountsSettings)
+    scan_interval_s: float = Field(
+        default=60.0, ge=0, description="seconds between scans; 0 = only on demand"
+    )
+    republish_after_s: float = Field(
+        default=300.0, gt=0, description="re-announce a file nobody took after this"
+    )
+    work_dir: Path | None = Field(
+        default=None, description="where files are downloaded to (default: a temp dir)"
+    )
+    publish_batch: int = Field(
+        default=5000, ge=1, description="events published per round of acknowledgements"
+    )
