@@ -9,7 +9,7 @@ STATE  := $(or $(ESPBRIDGE_STATE_DIR),$(CURDIR)/.run)
 ENVF   := $(STATE)/espbridge.env
 PYTEST_ARGS ?=
 
-.PHONY: help setup up down status migrate lint typecheck test test-unit check demo clean
+.PHONY: help setup up down status migrate lint typecheck test test-unit check demo demo-stop clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -26,7 +26,7 @@ up: setup ## start Kafka, PostgreSQL and the SFTP server (what is not running) a
 	infra/local.sh up
 	set -a; source $(ENVF); set +a; $(VENV)/bin/espbridge db migrate
 
-down: ## stop the servers that `make up` started
+down: demo-stop ## stop the demo's processes and the servers that `make up` started
 	infra/local.sh down
 
 status: ## show each server with its address and state
@@ -51,9 +51,13 @@ test: lint typecheck ## linters, type checks, then the whole suite against real 
 
 check: test ## everything CI runs
 
-demo: up ## run a broadcast through the pipeline against the sandbox ESP
-	@echo "The end-to-end demo arrives with the services' stage work; the servers are up (make status)." >&2
-	@exit 2
+RECIPIENTS ?= 100000
+
+demo: up ## run one broadcast through the whole pipeline against the sandbox ESP and print its funnel
+	set -a; source $(ENVF); set +a; $(PY) -m tools.demo run --recipients $(RECIPIENTS)
+
+demo-stop: ## stop the sandbox ESP and the services `make demo` started
+	@if [ -x $(PY) ]; then $(PY) -m tools.demo stop; fi
 
 clean: ## remove the virtualenv and caches (not the servers' data: see `make down`)
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

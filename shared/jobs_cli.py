@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 import orjson
 import yaml
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 from faststream.kafka import KafkaBroker
 from pydantic import ValidationError
 
@@ -82,16 +82,17 @@ async def read_statuses(kafka: KafkaSettings, job_id: str) -> list[BroadcastStat
     """Every status of a job on broadcast.status.v1, from the beginning up to now."""
     topic = kafka.topic(Topic.BROADCAST_STATUS)
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=kafka.bootstrap_servers, enable_auto_commit=False, auto_offset_reset="earliest"
+        topic,
+        bootstrap_servers=kafka.bootstrap_servers,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
     )
     await consumer.start()
     try:
-        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        parts = list(consumer.assignment())  # without a group, every partition of the topic
         if not parts:
-            await consumer.topics()  # refresh metadata once: the topic may be new to this client
-            parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
-        consumer.assign(parts)
-        await consumer.seek_to_beginning(*parts)
+            return []
         ends = await consumer.end_offsets(parts)
         key = job_id.encode()
         out: list[BroadcastStatus] = []

@@ -9,8 +9,8 @@ from shared.messages import BroadcastStatus, ResponseFile, Stage, State
 
 
 def file_key(file: ResponseFile) -> str:
-    """The ledger identity of a remote file: where it is, its size and its modification time."""
-    return f"{file.esp}/{file.account}/{file.path}@{file.size}:{file.mtime.isoformat()}"
+    """A remote file's identity for logs: its path, size and modification time (as in the ledger)."""
+    return f"{file.path}@{file.size}:{file.mtime.isoformat()}"
 
 
 def archive_path(remote_path: str, account_root: str, archive_folder: str) -> str:

@@ -29,14 +29,15 @@ WITH added AS (
 ), per_type AS (
     SELECT broadcast_id, type, count(*) AS events, min(occurred_at) AS first_at, max(occurred_at) AS last_at
     FROM added GROUP BY broadcast_id, type ORDER BY broadcast_id, type
+), counted AS (
+    INSERT INTO responses.broadcast_type_counts AS c (broadcast_id, type, events, first_at, last_at)
+    SELECT broadcast_id, type, events, first_at, last_at FROM per_type
+    ON CONFLICT (broadcast_id, type) DO UPDATE
+    SET events = c.events + excluded.events,
+        first_at = least(c.first_at, excluded.first_at),
+        last_at = greatest(c.last_at, excluded.last_at)
 )
-INSERT INTO responses.broadcast_type_counts AS c (broadcast_id, type, events, first_at, last_at)
-SELECT broadcast_id, type, events, first_at, last_at FROM per_type
-ON CONFLICT (broadcast_id, type) DO UPDATE
-SET events = c.events + excluded.events,
-    first_at = least(c.first_at, excluded.first_at),
-    last_at = greatest(c.last_at, excluded.last_at)
-RETURNING broadcast_id, excluded.events AS added
+SELECT broadcast_id, sum(events)::bigint AS added FROM per_type GROUP BY broadcast_id
 """
 
 

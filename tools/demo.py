@@ -1,0 +1,356 @@
+"""``make demo``: one real broadcast through the whole pipeline against the sandbox ESP.
+
+    python -m tools.demo run [--recipients N]   start sandbox + services, seed, publish, wait, print
+    python -m tools.demo stop                   stop the sandbox and services the demo started
+
+Expects the servers' settings in the environment (``make demo`` sources .run/espbridge.env).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from shared import jobs_cli
+from shared.db import Conn, connect
+from shared.kafka import ensure_topics
+from shared.messages import BroadcastStatus, Stage, State
+from shared.settings import KafkaSettings, PostgresSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVICES = ("uploader", "monitor", "gatherer", "loader")
+FUNNEL_TYPES = (
+    "sent",
+    "delivered",
+    "bounce_hard",
+    "bounce_soft",
+    "open",
+    "click",
+    "unsubscribe",
+    "complaint",
+)
+
+
+async def seed_customers(conn: Conn, total: int, opted_out_every: int = 33) -> int:
+    """Top crm.customers up to ``total`` rows (deterministic data); returns the rows added."""
+    have = await conn.fetchval("SELECT count(*) FROM crm.customers")
+    if have >= total:
+        return 0
+    await conn.execute(
+        """
+        INSERT INTO crm.customers (email, first_name, last_name, communication_key, opted_out, opted_out_at,
+                                   city, country, segment, loyalty_points)
+        SELECT 'customer' || n || '@example.com',
+               (ARRAY['Anna','Ben','Chloé','Dario','Emre','Fatma','Gustav','Hana'])[1 + n % 8],
+               (ARRAY['Smith','Jones','Müller','García','Dupont','Rossi','Novak','Kim'])[1 + (n / 8) % 8],
+               'ck-' || lpad(n::text, 9, '0'),
+               n % $3 = 0,
+               CASE WHEN n % $3 = 0 THEN now() END,
+               (ARRAY['London','Leeds','Bristol','Manchester, UK','Glasgow'])[1 + n % 5],
+               'GB',
+               (ARRAY['gold','silver','bronze'])[1 + n % 3],
+               (n * 37) % 1000
+        FROM generate_series($1::bigint + 1, $2::bigint) AS n
+        """,
+        have,
+        total,
+        opted_out_every,
+    )
+    return total - int(have)
+
+
+def demo_job(job_id: str, esp: str, account: str) -> dict[str, Any]:
+    """The demo broadcast: every customer not opted out, five fields."""
+    return {
+        "job_id": job_id,
+        "esp": esp,
+        "account": account,
+        "list_name": "espbridge demo",
+        "message": "demo-newsletter",
+        "selection": {
+            "kind": "table",
+            "table": "crm.customers",
+            "columns": ["email", "first_name", "last_name", "city", "communication_key"],
+        },
+        "field_map": {"email": "Email", "first_name": "FirstName", "last_name": "LastName", "city": "City"},
+        "communication_key": "communication_key",
+        "requested_by": "make demo",
+    }
+
+
+def write_accounts_file(path: Path, esp: str, account: str, url: str, token_file: Path) -> None:
+    """The ESP accounts file pointing the services at the sandbox."""
+    doc = {
+        "accounts": [
+            {
+                "esp": esp,
+                "account": account,
+                "connector": "generic",
+                "api_url": f"{url.rstrip('/')}/api/v1/accounts/{account}",
+                "token_file": str(token_file),
+            }
+        ]
+    }
+    path.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
+
+
+@dataclass
+class Processes:
+    """The demo's background processes, tracked with pid files in the state folder."""
+
+    folder: Path
+
+    def pid_file(self, name: str) -> Path:
+        return self.folder / f"{name}.pid"
+
+    def start(self, name: str, module: str, env: Mapping[str, str]) -> int:
+        log = (self.folder / f"{name}.log").open("ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", module],
+            env=dict(env),
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # survives the demo command; `stop` ends it
+        )
+        self.pid_file(name).write_text(str(proc.pid))
+        return proc.pid
+
+    def running(self, name: str) -> int | None:
+        try:
+            pid = int(self.pid_file(name).read_text())
+            os.kill(pid, 0)
+        except (OSError, ValueError):
+            return None
+        return pid
+
+    def stop_all(self) -> list[str]:
+        stopped = []
+        for name in (*SERVICES, "sandbox"):
+            pid = self.running(name)
+            if pid is None:
+                self.pid_file(name).unlink(missing_ok=True)
+                continue
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 45
+            while time.monotonic() < deadline and self.running(name) is not None and not _zombie(pid):
+                time.sleep(0.1)  # waiting for a process to exit after SIGTERM
+            if self.running(name) is not None and not _zombie(pid):
+                os.kill(pid, signal.SIGKILL)
+            self.pid_file(name).unlink(missing_ok=True)
+            stopped.append(name)
+        return stopped
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    except OSError:
+        return True
+
+
+def say(text: str) -> None:
+    """A progress line of the demo."""
+    sys.stdout.write(f"[demo {datetime.now(UTC):%H:%M:%S}] {text}\n")
+    sys.stdout.flush()
+
+
+async def wait_until(what: str, check: Any, timeout_s: float, every_s: float = 0.5) -> Any:
+    """Poll an async check until it returns something truthy."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = await check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gave up after {timeout_s:.0f}s waiting for {what}")
+        await asyncio.sleep(every_s)  # polling interval of a condition with a deadline
+
+
+def stage_times(statuses: list[BroadcastStatus], loaded_at: datetime) -> list[tuple[str, float]]:
+    """Seconds per stage from the status timestamps."""
+
+    def first(stage: Stage, state: State | None = None) -> datetime | None:
+        return next(
+            (s.at for s in statuses if s.stage is stage and (state is None or s.state is state)), None
+        )
+
+    out: list[tuple[str, float]] = []
+    spans = [
+        ("upload", first(Stage.UPLOAD), first(Stage.UPLOAD, State.DONE)),
+        ("import", first(Stage.IMPORT), first(Stage.IMPORT, State.DONE)),
+        ("send", first(Stage.SEND), first(Stage.SEND, State.DONE)),
+        ("responses gathered + loaded", first(Stage.SEND, State.DONE), loaded_at),
+    ]
+    for name, start, end in spans:
+        if start and end:
+            out.append((name, (end - start).total_seconds()))
+    return out
+
+
+async def run(recipients: int, esp: str, account: str) -> int:
+    state = ROOT / ".run" / "demo"
+    state.mkdir(parents=True, exist_ok=True)
+    procs = Processes(state)
+    stopped = procs.stop_all()
+    if stopped:
+        say(f"stopped the previous demo's {', '.join(stopped)}")
+    sftp_root = Path(os.environ["ESPBRIDGE_SFTP_LOCAL_ROOT"])
+    token_file = state / "sandbox_token"
+    if not token_file.exists():
+        token_file.write_text(secrets.token_urlsafe(24))
+        token_file.chmod(0o600)
+    url_file = state / "sandbox_url"
+    url_file.unlink(missing_ok=True)
+    env = {k: v for k, v in os.environ.items()}
+    sandbox_env = {
+        **env,
+        "ESPBRIDGE_SANDBOX_ROOT": str(sftp_root),
+        "ESPBRIDGE_SANDBOX_ESP": esp,
+        "ESPBRIDGE_SANDBOX_ACCOUNTS": account,
+        "ESPBRIDGE_SANDBOX_PORT": "0",
+        "ESPBRIDGE_SANDBOX_URL_FILE": str(url_file),
+        "ESPBRIDGE_SANDBOX_TOKEN_FILE": str(token_file),
+        "ESPBRIDGE_SANDBOX_PHASE_DELAY_S": "1.0",
+        "PYTHONPATH": str(ROOT),
+    }
+    procs.start("sandbox", "sandbox", sandbox_env)
+    async def sandbox_url() -> str | None:
+        if procs.running("sandbox") is None or _zombie(int(procs.pid_file("sandbox").read_text())):
+            tail = (state / "sandbox.log").read_text().splitlines()[-15:]
+            raise RuntimeError("the sandbox ESP exited:\n" + "\n".join(tail))
+        return await _read(url_file)()
+
+    url = await wait_until("the sandbox ESP", sandbox_url, 30, 0.1)
+    say(f"sandbox ESP {esp}/{account} at {url}")
+    accounts_file = state / "accounts.json"
+    write_accounts_file(accounts_file, esp, account, url, token_file)
+    kafka, pg = KafkaSettings(), PostgresSettings()
+    await ensure_topics(kafka)
+    service_env = {
+        **env,
+        "ESPBRIDGE_ACCOUNTS_FILE": str(accounts_file),
+        "ESPBRIDGE_GATHERER_SCAN_INTERVAL_S": "2",
+        "ESPBRIDGE_MONITOR_POLL_INITIAL_S": "0.5",
+        "ESPBRIDGE_MONITOR_POLL_MAX_S": "2",
+        "PYTHONPATH": str(ROOT),
+    }
+    for name in SERVICES:
+        procs.start(name, f"services.{name}", service_env)
+    say(f"started {', '.join(SERVICES)} (logs in {state})")
+
+    conn = await connect(pg)
+    try:
+        added = await seed_customers(conn, recipients)
+        counts = await conn.fetchrow(
+            "SELECT count(*) AS n, count(*) FILTER (WHERE opted_out) AS o FROM crm.customers"
+        )
+    finally:
+        await conn.close()
+    assert counts is not None
+    say(f"crm.customers: {counts['n']} customers ({added} added now), {counts['o']} opted out")
+
+    job = jobs_cli.build_job(demo_job(f"demo-{datetime.now(UTC):%Y%m%d-%H%M%S}", esp, account))
+    t0 = time.monotonic()
+    await jobs_cli.publish_job(kafka, job)
+    say(f"published job {job.job_id} to {kafka.topic_prefix}broadcast.jobs.v1")
+
+    seen: set[tuple[str, str]] = set()
+
+    async def sent() -> bool:
+        for s in await jobs_cli.read_statuses(kafka, job.job_id):
+            if (s.stage, s.state) not in seen and s.stage in (Stage.UPLOAD, Stage.IMPORT, Stage.SEND):
+                seen.add((s.stage, s.state))
+                counts = " ".join(f"{k}={v}" for k, v in s.counts.items())
+                say(f"  {s.stage:<6} {s.state:<8} {s.detail} {counts}".rstrip())
+            if s.state is State.FAILED:
+                raise RuntimeError(f"{s.stage} failed: {s.detail}")
+        return (Stage.SEND, State.DONE) in seen
+
+    await wait_until("the send", sent, 600)
+    manifest_path = sftp_root / esp / account / "manifest" / f"{job.job_id}.json"
+
+    async def all_loaded() -> dict[str, Any] | None:
+        if not manifest_path.exists():
+            return None
+        manifest = orjson.loads(manifest_path.read_bytes())
+        if not manifest.get("complete"):
+            return None
+        loaded = await _loaded_counts(pg, job.job_id)
+        return manifest if all(loaded.get(t, 0) == manifest["counts"][t] for t in FUNNEL_TYPES) else None
+
+    manifest = await wait_until("all responses loaded", all_loaded, 900, 1.0)
+    loaded_at = datetime.now(UTC)
+    statuses = await jobs_cli.read_statuses(kafka, job.job_id)
+    funnel = await jobs_cli.funnel(pg, job.job_id) or {}
+    upload = next((s for s in statuses if s.stage is Stage.UPLOAD and s.state is State.DONE), None)
+    print()
+    print(f"broadcast {job.job_id} — response funnel (responses.broadcast_funnel)")
+    rows = [("recipients", upload.counts.get("rows", 0) if upload else 0, manifest["recipients"])]
+    names = dict(zip(jobs_cli.FUNNEL, FUNNEL_TYPES, strict=True))
+    rows += [(label, funnel.get(label, 0), manifest["counts"][names[label]]) for label in jobs_cli.FUNNEL]
+    print(f"  {'':<14}{'loaded':>10}{'ESP manifest':>14}")
+    for label, value, expected in rows:
+        print(f"  {label:<14}{value:>10}{expected:>14}{'' if value == expected else '  MISMATCH'}")
+    print("\nstage times")
+    for name, seconds in stage_times(statuses, loaded_at):
+        print(f"  {name:<30}{seconds:>8.1f} s")
+    print(f"  {'total (publish → all loaded)':<30}{time.monotonic() - t0:>8.1f} s")
+    print(
+        "\nThe sandbox ESP and the four services keep running: "
+        "`make demo-stop` stops them, `make down` the servers."
+    )
+    mismatch = any(v != e for _, v, e in rows)
+    return 1 if mismatch else 0
+
+
+def _read(path: Path) -> Any:
+    async def check() -> str | None:
+        text = path.read_text().strip() if path.exists() else ""
+        return text or None
+
+    return check
+
+
+async def _loaded_counts(pg: PostgresSettings, broadcast_id: str) -> dict[str, int]:
+    conn = await connect(pg)
+    try:
+        rows = await conn.fetch(
+            "SELECT type, events FROM responses.broadcast_type_counts WHERE broadcast_id = $1", broadcast_id
+        )
+    finally:
+        await conn.close()
+    return {r["type"]: r["events"] for r in rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.demo", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    run_p = sub.add_parser("run", help="run one broadcast end to end and print its funnel")
+    run_p.add_argument("--recipients", type=int, default=100_000)
+    run_p.add_argument("--esp", default="sandbox")
+    run_p.add_argument("--account", default="demo")
+    sub.add_parser("stop", help="stop the demo's sandbox and services")
+    args = parser.parse_args(argv)
+    if args.cmd == "stop":
+        stopped = Processes(ROOT / ".run" / "demo").stop_all()
+        say(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+        return 0
+    return asyncio.run(run(args.recipients, args.esp, args.account))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
