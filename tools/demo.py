@@ -228,11 +228,13 @@ async def run(recipients: int, esp: str, account: str) -> int:
         "PYTHONPATH": str(ROOT),
     }
     procs.start("sandbox", "sandbox", sandbox_env)
+
     async def sandbox_url() -> str | None:
         if procs.running("sandbox") is None or _zombie(int(procs.pid_file("sandbox").read_text())):
             tail = (state / "sandbox.log").read_text().splitlines()[-15:]
             raise RuntimeError("the sandbox ESP exited:\n" + "\n".join(tail))
-        return await _read(url_file)()
+        text = url_file.read_text().strip() if url_file.exists() else ""
+        return text or None
 
     url = await wait_until("the sandbox ESP", sandbox_url, 30, 0.1)
     say(f"sandbox ESP {esp}/{account} at {url}")
@@ -315,14 +317,6 @@ async def run(recipients: int, esp: str, account: str) -> int:
     )
     mismatch = any(v != e for _, v, e in rows)
     return 1 if mismatch else 0
-
-
-def _read(path: Path) -> Any:
-    async def check() -> str | None:
-        text = path.read_text().strip() if path.exists() else ""
-        return text or None
-
-    return check
 
 
 async def _loaded_counts(pg: PostgresSettings, broadcast_id: str) -> dict[str, int]:
