@@ -11,13 +11,15 @@ import orjson
 import pytest
 from aiohttp import ClientSession
 
+from shared.db import connect
 from shared.kafka import ensure_topics
-from shared.messages import BroadcastStatus, DeadLetter, Stage, State
-from shared.settings import KafkaSettings
+from shared.messages import BroadcastStatus, DeadLetter, State
+from shared.settings import KafkaSettings, PostgresSettings
 from shared.topics import Topic
 from tests.fixtures.kafka import Record, group_members, produce, read_until, wait_for
 from tests.fixtures.processes import running, service_env, stop
 from tests.fixtures.servers import ROOT, Servers
+from tools.demo import demo_job, write_accounts_file
 
 SERVICES = ["uploader", "monitor", "gatherer", "loader"]
 
@@ -60,57 +62,68 @@ async def test_service_joins_its_group_and_stops_on_sigterm(
     assert "Traceback" not in text
 
 
-async def test_uploader_reports_valid_jobs_and_dead_letters_bad_ones(
-    servers: Servers, kafka: KafkaSettings, tmp_path: Path
+async def test_uploader_fails_bad_jobs_clearly_and_dead_letters_them(
+    servers: Servers, kafka: KafkaSettings, database: PostgresSettings, tmp_path: Path
 ) -> None:
-    good: dict[str, object] = {
-        "job_id": "job-ok",
-        "esp": "sandbox",
-        "account": "demo",
-        "list_name": "November",
-        "message": "msg-1",
-        "selection": {"kind": "table", "table": "crm.customers", "columns": ["email", "communication_key"]},
-        "field_map": {"email": "Email"},
-        "communication_key": "communication_key",
-        "requested_by": "test",
-        "created_at": datetime.now(UTC).isoformat(),
-    }
-    injected = {
-        **good,
-        "job_id": "job-bad",
-        "selection": {
-            "kind": "table",
-            "table": "crm.x; DROP TABLE y",
-            "columns": ["email", "communication_key"],
-        },
+    accounts = tmp_path / "accounts.json"
+    token = tmp_path / "token"
+    token.write_text("t0ken")
+    write_accounts_file(accounts, "sandbox", "demo", "http://127.0.0.1:9/unused", token)
+
+    def job(job_id: str, **changes: object) -> bytes:
+        doc = demo_job(job_id, "sandbox", "demo")
+        doc["created_at"] = datetime.now(UTC).isoformat()
+        doc.update(changes)
+        return orjson.dumps(doc)
+
+    table = {"kind": "table", "columns": ["email", "first_name", "last_name", "city", "communication_key"]}
+    bad = {
+        "job-unknown-account": job("job-unknown-account", account="nope"),
+        "job-injection": job("job-injection", selection={**table, "table": "crm.x; DROP TABLE y"}),
+        "job-no-table": job("job-no-table", selection={**table, "table": "crm.missing"}),
+        "job-empty": job(
+            "job-empty", selection={**table, "table": "crm.customers", "filters": {"city": "Atlantis"}}
+        ),
     }
     garbage = b"\xff\xfenot json at all"
-    env = service_env(servers.env, ESPBRIDGE_KAFKA_TOPIC_PREFIX=kafka.topic_prefix)
+    env = service_env(
+        servers.env,
+        ESPBRIDGE_KAFKA_TOPIC_PREFIX=kafka.topic_prefix,
+        ESPBRIDGE_PG_DATABASE=database.database,
+        ESPBRIDGE_ACCOUNTS_FILE=str(accounts),
+    )
     await ensure_topics(kafka)
     with running("services.uploader", env, tmp_path / "uploader.log") as proc:
         await produce(
-            kafka,
-            Topic.BROADCAST_JOBS,
-            [(b"job-ok", orjson.dumps(good)), (b"job-bad", orjson.dumps(injected)), (None, garbage)],
+            kafka, Topic.BROADCAST_JOBS, [*((k.encode(), v) for k, v in bad.items()), (None, garbage)]
         )
         statuses = await read_until(
-            kafka, Topic.BROADCAST_STATUS, lambda rs: {_status(r).job_id for r in rs} >= {"job-ok", "job-bad"}
+            kafka,
+            Topic.BROADCAST_STATUS,
+            lambda rs: {s.job_id for s in map(_status, rs) if s.state is State.FAILED} >= set(bad),
         )
-        letters = await read_until(kafka, Topic.DEADLETTER, lambda rs: len(rs) >= 2)
+        letters = await read_until(kafka, Topic.DEADLETTER, lambda rs: len(rs) >= len(bad) + 1)
         assert stop(proc) == 0
 
-    by_job = {s.job_id: s for s in map(_status, statuses)}
-    assert (by_job["job-ok"].stage, by_job["job-ok"].state) == (Stage.UPLOAD, State.QUEUED)
-    assert by_job["job-bad"].state is State.FAILED
-    assert "selection.table.table" in by_job["job-bad"].detail
+    failed = {s.job_id: s.detail for s in map(_status, statuses) if s.state is State.FAILED}
+    assert "sandbox/nope is not configured" in failed["job-unknown-account"]
+    assert "selection.table.table" in failed["job-injection"]
+    assert "crm.missing does not exist" in failed["job-no-table"]
+    assert "the selection has no recipients" in failed["job-empty"]
     payloads = {
         DeadLetter.from_json(r.value).payload: DeadLetter.from_json(r.value) for r in letters if r.value
     }
-    assert set(payloads) == {orjson.dumps(injected), garbage}
+    assert set(payloads) == {*bad.values(), garbage}
     assert payloads[garbage].error_class == "InvalidMessageError"
     assert payloads[garbage].source.name == kafka.topic(Topic.BROADCAST_JOBS)
-    assert payloads[garbage].source.partition is not None
     assert payloads[garbage].source.offset is not None
+    assert payloads[bad["job-no-table"]].error_class == "SelectionError"
+    conn = await connect(database)
+    try:
+        states = {r["job_id"]: r["state"] for r in await conn.fetch("SELECT job_id, state FROM control.jobs")}
+    finally:
+        await conn.close()
+    assert states == {"job-unknown-account": "failed", "job-no-table": "failed", "job-empty": "failed"}
 
 
 def _status(record: Record) -> BroadcastStatus:
