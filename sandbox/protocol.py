@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 from enum import StrEnum
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 """ESP and account names."""
 
-# external_id names the manifest file, so it must be a safe single file name (not hidden, no '/').
-EXTERNAL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# The doc leaves external_id free; it names the manifest file, so it must be one visible file name.
+EXTERNAL_ID_RE = re.compile(r"^[^./\\\x00-\x1f][^/\\\x00-\x1f]{0,199}$")
 
 API_PREFIX = "/api/v1/accounts"
 
@@ -116,3 +117,15 @@ class SendState(StrEnum):
 def response_file_name(send_id: str, seq: int, phase: Phase) -> str:
     """`<send_id>_<seq 3 digits>_<phase>.csv`."""
     return f"{send_id}_{seq:03d}_{phase.value}.csv"
+
+
+def utc_text(moment: datetime | float) -> str:
+    """ISO 8601 in UTC with `Z`, whole seconds, e.g. `2026-11-22T10:00:03Z`."""
+    if not isinstance(moment, datetime):
+        moment = datetime.fromtimestamp(moment, UTC)
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_utc(text: str) -> datetime:
+    """The inverse of :func:`utc_text` (any ISO 8601 form with a zone is accepted)."""
+    return datetime.fromisoformat(text).astimezone(UTC)

@@ -1,0 +1,69 @@
+"""`python -m sandbox`: build the settings, configure logging, run the sandbox ESP until SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+
+import orjson
+from pydantic import ValidationError
+
+from sandbox.app import run
+from sandbox.logs import configure
+from sandbox.settings import Settings
+
+EPILOG = """\
+environment variables (prefix ESPBRIDGE_SANDBOX_):
+  ROOT               the SFTP login directory (required); accounts are ROOT/ESP/ACCOUNT
+  ESP                ESP folder name (default sandbox)
+  ACCOUNTS           comma-separated account names (default demo)
+  HOST, PORT         where the API listens (default 127.0.0.1:8787; port 0 picks a free one)
+  URL_FILE           file the server URL is written to once listening
+  TOKEN, TOKEN_FILE  the bearer token every account accepts (one of them is required)
+  SEED               seed of the simulated responses (default 42)
+  PHASE_DELAY_S      pause between response phases (default 1.0)
+  IMPORT_DELAY_S     time an import stays queued, and running (default 0.2)
+  ROWS_PER_FILE      events per response file at most (default 5000)
+  RATE_HARD_BOUNCE, RATE_SOFT_BOUNCE, RATE_OPEN, RATE_CLICK, RATE_UNSUBSCRIBE, RATE_COMPLAINT
+                     response probabilities (defaults 0.02, 0.03, 0.35, 0.3, 0.02, 0.003)
+  LOG_LEVEL          DEBUG, INFO, WARNING or ERROR (default INFO)
+
+SIGTERM or SIGINT stops it (exit 0); unfinished imports and sends resume at the next start.
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the sandbox ESP; returns the process exit code."""
+    parser = argparse.ArgumentParser(
+        prog="python -m sandbox",
+        description="The sandbox ESP: serves the generic ESP's REST API, imports lists dropped on its "
+        "SFTP tree, simulates sends and writes response files (docs/generic-esp.md).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--print-settings", action="store_true", help="print the settings (token masked) and exit"
+    )
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        prefix = "ESPBRIDGE_SANDBOX_RATE_" if exc.title == "Rates" else "ESPBRIDGE_SANDBOX_"
+        problems = "\n".join(
+            f"  {prefix + '_'.join(str(p) for p in e['loc']).upper() if e['loc'] else 'settings'}: {e['msg']}"
+            for e in exc.errors(include_input=False)
+        )
+        sys.stderr.write(f"sandbox: invalid settings:\n{problems}\n")
+        return 2
+    if args.print_settings:
+        sys.stdout.write(orjson.dumps(settings.masked(), option=orjson.OPT_INDENT_2).decode() + "\n")
+        return 0
+    configure(settings.log_level)
+    asyncio.run(run(settings))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,290 @@
+"""The ESP's behaviour per account: create imports and sends, and carry them out in the background."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import threading
+from collections.abc import Coroutine
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from sandbox.listfile import ImportInterruptedError, ImportResult, import_list
+from sandbox.protocol import (
+    ACCOUNT_FOLDERS,
+    DROP,
+    LISTS_FOLDER,
+    MANIFEST,
+    RESPONSES,
+    STATE_FILE,
+    ImportState,
+    Phase,
+    SendState,
+    parse_utc,
+    utc_text,
+)
+from sandbox.responses import Broadcast, ResponseWriter, SendInterruptedError
+from sandbox.settings import Settings
+from sandbox.state import AccountState, ImportRecord, SendRecord
+
+log = logging.getLogger(__name__)
+
+
+class EspError(Exception):
+    """An error the API answers with ``{"error": code, "message": message}`` and ``status``."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(6)}"
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def drop_file(file: str) -> PurePosixPath:
+    """The ``file`` of an import request as a path, if it names a visible file directly in ``drop/``."""
+    path = PurePosixPath(file)
+    if (
+        path.is_absolute()
+        or len(path.parts) != 2
+        or path.parts[0] != DROP
+        or path.name.startswith(".")
+        or "\\" in file
+    ):
+        raise EspError(400, "invalid_request", "file must name a file in drop/, e.g. drop/job-1.csv")
+    return path
+
+
+class Account:
+    """One ESP account: its folder tree, its imports and sends, and the background work for them."""
+
+    def __init__(self, name: str, folder: Path, settings: Settings, stop: threading.Event) -> None:
+        self.name = name
+        self.folder = folder
+        self.settings = settings
+        self.state = AccountState(folder / STATE_FILE)
+        self._stop = stop
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def open(self) -> None:
+        """Create the account's missing folders, remove its own stale temporary files, load its state."""
+        for sub in (*ACCOUNT_FOLDERS, LISTS_FOLDER):
+            (self.folder / sub).mkdir(parents=True, exist_ok=True)
+        # A killed sandbox may leave half-written files under hidden temporary names; only the
+        # sandbox writes in these folders (drop/ is the client's and is left alone).
+        for folder in (
+            self.folder,
+            self.folder / RESPONSES,
+            self.folder / MANIFEST,
+            self.folder / LISTS_FOLDER,
+        ):
+            for stale in folder.glob(".*.tmp"):
+                stale.unlink(missing_ok=True)
+        self.state.load()
+
+    def resume(self) -> None:
+        """Continue the imports and sends an earlier run left unfinished."""
+        for imp in self.state.imports.values():
+            if imp.state in (ImportState.QUEUED, ImportState.RUNNING):
+                log.info("resuming import", extra={"account": self.name, "import_id": imp.import_id})
+                self._spawn(self._run_import(imp), f"import {imp.import_id}")
+        for snd in self.state.sends.values():
+            if snd.state is not SendState.FAILED and not snd.responses_complete:
+                log.info("resuming send", extra={"account": self.name, "send_id": snd.send_id})
+                self._spawn(self._run_send(snd), f"send {snd.send_id}")
+
+    async def close(self) -> None:
+        """Stop the background work; what is unfinished resumes at the next start."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(work, name=f"{self.name}: {name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _list_store(self, import_id: str) -> Path:
+        return self.folder / LISTS_FOLDER / f"{import_id}.csv"
+
+    # Imports
+
+    async def create_import(
+        self, file: str, list_name: str | None, external_id: str
+    ) -> tuple[ImportRecord, bool]:
+        """A new import (and True), or the existing one with this ``external_id`` (and False)."""
+        existing = self.state.import_by_external_id(external_id)
+        if existing is not None:
+            return existing, False
+        path = drop_file(file)
+        if not (self.folder / path).is_file():
+            raise EspError(404, "file_not_found", f"{file} does not exist")
+        record = ImportRecord(
+            import_id=_new_id("imp"),
+            external_id=external_id,
+            file=str(path),
+            list_name=list_name,
+            created_at=utc_text(_now()),
+        )
+        self.state.imports[record.import_id] = record
+        await self.state.save()
+        log.info(
+            "import created",
+            extra={
+                "account": self.name,
+                "import_id": record.import_id,
+                "external_id": external_id,
+                "file": file,
+            },
+        )
+        self._spawn(self._run_import(record), f"import {record.import_id}")
+        return record, True
+
+    async def _run_import(self, record: ImportRecord) -> None:
+        delay = self.settings.import_delay_s
+        try:
+            if record.state is ImportState.QUEUED:
+                await asyncio.sleep(delay)
+                record.state = ImportState.RUNNING
+                await self.state.save()
+            try:
+                result = await asyncio.to_thread(
+                    import_list, self.folder / record.file, self._list_store(record.import_id), self._stop
+                )
+            except OSError as exc:
+                log.exception("import could not be read", extra={"import_id": record.import_id})
+                result = ImportResult(failed=True)
+                result.error(1, f"cannot import the file: {exc.strerror or exc}")
+            # The import stays observable as running for a moment, as at a real ESP.
+            await asyncio.sleep(delay)
+        except ImportInterruptedError:
+            log.info("import interrupted; redone at the next start", extra={"import_id": record.import_id})
+            return
+        record.rows_total = result.rows_total
+        record.rows_valid = result.rows_valid
+        record.rows_invalid = result.rows_invalid
+        record.errors = result.errors
+        if result.failed:
+            record.state = ImportState.FAILED
+        else:
+            record.list_id = _new_id("lst")
+            record.state = ImportState.DONE
+        await self.state.save()
+        log.info(
+            "import finished",
+            extra={
+                "account": self.name,
+                "import_id": record.import_id,
+                "state": record.state.value,
+                "rows_valid": record.rows_valid,
+                "rows_invalid": record.rows_invalid,
+            },
+        )
+
+    # Sends
+
+    async def create_send(
+        self, import_id: str, message: str, external_id: str, send_at: datetime | None
+    ) -> tuple[SendRecord, bool]:
+        """A new send (and True), or the existing one with this ``external_id`` (and False)."""
+        existing = self.state.sends_by_external_id(external_id)
+        if existing:
+            return existing[0], False
+        imported = self.state.imports.get(import_id)
+        if imported is None:
+            raise EspError(404, "import_not_found", f"no import {import_id}")
+        if imported.state is not ImportState.DONE:
+            raise EspError(409, "import_not_done", f"import {import_id} is {imported.state.value}, not done")
+        record = SendRecord(
+            send_id=_new_id("snd"),
+            external_id=external_id,
+            import_id=import_id,
+            message=message,
+            recipients=imported.rows_valid,
+            send_at=utc_text(send_at) if send_at is not None else None,
+            created_at=utc_text(_now()),
+            seed=self.settings.seed,
+            rows_per_file=self.settings.rows_per_file,
+            rates=self.settings.rate,
+        )
+        self.state.sends[record.send_id] = record
+        await self.state.save()
+        log.info(
+            "send created",
+            extra={
+                "account": self.name,
+                "send_id": record.send_id,
+                "external_id": external_id,
+                "recipients": record.recipients,
+                "send_at": record.send_at,
+            },
+        )
+        self._spawn(self._run_send(record), f"send {record.send_id}")
+        return record, True
+
+    async def _run_send(self, record: SendRecord) -> None:
+        try:
+            await self._send(record)
+        except SendInterruptedError:
+            log.info("send interrupted; resumed at the next start", extra={"send_id": record.send_id})
+        except Exception:
+            log.exception("send failed", extra={"account": self.name, "send_id": record.send_id})
+            if record.state in (SendState.SCHEDULED, SendState.SENDING):
+                record.state = SendState.FAILED
+                record.finished_at = utc_text(_now())
+            await self.state.save()
+
+    async def _send(self, record: SendRecord) -> None:
+        if record.state is SendState.SCHEDULED:
+            if record.send_at is not None:
+                wait_s = (parse_utc(record.send_at) - _now()).total_seconds()
+                if wait_s > 0:
+                    await asyncio.sleep(wait_s)
+            record.state = SendState.SENDING
+            record.started_at = utc_text(_now())
+            await self.state.save()
+            log.info("sending", extra={"account": self.name, "send_id": record.send_id})
+        store = self._list_store(record.import_id)
+        if not store.is_file():
+            raise FileNotFoundError(f"the imported list of {record.import_id} is gone: {store}")
+        started = parse_utc(record.started_at) if record.started_at else _now()
+        broadcast = Broadcast(
+            account_dir=self.folder,
+            send_id=record.send_id,
+            external_id=record.external_id,
+            message=record.message,
+            recipients=record.recipients,
+            list_store=store,
+            t0=int(started.timestamp()),
+            seed=record.seed,
+            rates=record.rates,
+            rows_per_file=record.rows_per_file,
+        )
+        writer = ResponseWriter(broadcast, self._stop)
+        await asyncio.to_thread(writer.start)
+        for phase in Phase:
+            # Responses trickle in: a pause before each later phase, once this run has written a file.
+            if phase is not Phase.SENT and writer.files_written:
+                await asyncio.sleep(self.settings.phase_delay_s)
+            await asyncio.to_thread(writer.write_phase, phase)
+            if phase is Phase.SENT and record.state is SendState.SENDING:
+                record.state = SendState.SENT
+                record.finished_at = utc_text(_now())
+                await self.state.save()
+                log.info("sent", extra={"account": self.name, "send_id": record.send_id})
+        await asyncio.to_thread(writer.finish)
+        record.responses_complete = True
+        await self.state.save()
+        log.info(
+            "responses complete",
+            extra={"account": self.name, "send_id": record.send_id, "counts": writer.counts},
+        )

@@ -1,0 +1,105 @@
+"""The sandbox settings, from ``ESPBRIDGE_SANDBOX_*`` environment variables, built once in ``__main__``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import DirectoryPath, Field, PrivateAttr, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from sandbox.protocol import NAME_RE
+
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+def read_secret_file(path: Path) -> SecretStr:
+    """A secret from a file, one trailing newline stripped; errors name the file, never the value."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"cannot read token file {path}: {exc.strerror}") from None
+    value = text.rstrip("\r\n")
+    if not value:
+        raise ValueError(f"token file {path} is empty")
+    return SecretStr(value)
+
+
+class Rates(BaseSettings):
+    """How recipients respond; probabilities drawn per recipient by the seeded simulation."""
+
+    model_config = SettingsConfigDict(env_prefix="ESPBRIDGE_SANDBOX_RATE_", frozen=True, extra="ignore")
+
+    hard_bounce: Probability = Field(default=0.02, description="of sent messages")
+    soft_bounce: Probability = Field(default=0.03, description="of sent messages")
+    open: Probability = Field(default=0.35, description="of delivered messages; an opener opens 1-3 times")
+    click: Probability = Field(default=0.30, description="of openers; a clicker clicks 1-2 times")
+    unsubscribe: Probability = Field(default=0.02, description="of openers")
+    complaint: Probability = Field(default=0.003, description="of delivered messages")
+
+    @model_validator(mode="after")
+    def _bounces_fit(self) -> Self:
+        if self.hard_bounce + self.soft_bounce > 1.0:
+            raise ValueError("hard_bounce + soft_bounce must not exceed 1")
+        return self
+
+
+class Settings(BaseSettings):
+    """Everything the sandbox ESP is configured with (environment prefix ``ESPBRIDGE_SANDBOX_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="ESPBRIDGE_SANDBOX_", frozen=True, extra="ignore")
+
+    root: DirectoryPath = Field(description="the SFTP login directory; accounts are <root>/<esp>/<account>")
+    esp: str = Field(default="sandbox", pattern=NAME_RE.pattern)
+    accounts: Annotated[tuple[str, ...], NoDecode] = Field(default=("demo",), description="comma list")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8787, ge=0, le=65535, description="0 picks a free port")
+    url_file: Path | None = Field(default=None, description="where to write the server URL once listening")
+    token: SecretStr | None = Field(default=None, description="the bearer token (or token_file)")
+    token_file: Path | None = None
+    seed: int = 42
+    phase_delay_s: float = Field(default=1.0, ge=0.0, description="pause between two response phases")
+    import_delay_s: float = Field(default=0.2, ge=0.0, description="time an import stays queued, and running")
+    rows_per_file: int = Field(default=5000, ge=1, description="events per response file at most")
+    rate: Rates = Field(default_factory=Rates)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    _bearer: SecretStr = PrivateAttr(default=SecretStr(""))
+
+    @field_validator("accounts", mode="before")
+    @classmethod
+    def _split_accounts(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("accounts")
+    @classmethod
+    def _check_accounts(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("at least one account is needed")
+        for name in value:
+            if not NAME_RE.fullmatch(name):
+                raise ValueError(f"invalid account name {name!r} (must match {NAME_RE.pattern})")
+        return tuple(dict.fromkeys(value))
+
+    @model_validator(mode="after")
+    def _resolve_token(self) -> Self:
+        if self.token is not None and self.token_file is not None:
+            raise ValueError("set ESPBRIDGE_SANDBOX_TOKEN or ESPBRIDGE_SANDBOX_TOKEN_FILE, not both")
+        if self.token_file is not None:
+            self._bearer = read_secret_file(self.token_file)
+        elif self.token is not None and self.token.get_secret_value():
+            self._bearer = self.token
+        else:
+            raise ValueError("ESPBRIDGE_SANDBOX_TOKEN or ESPBRIDGE_SANDBOX_TOKEN_FILE is required")
+        return self
+
+    @property
+    def bearer_token(self) -> SecretStr:
+        """The one bearer token every account accepts (from the variable or the file)."""
+        return self._bearer
+
+    def masked(self) -> dict[str, Any]:
+        """The settings for the start-up log line; the token shows as asterisks."""
+        return self.model_dump(mode="json")
