@@ -123,12 +123,29 @@ async def funnel(pg: PostgresSettings, broadcast_id: str) -> dict[str, int] | No
     return None if row is None else {k: int(row[k]) for k in FUNNEL}
 
 
-def format_statuses(statuses: Sequence[BroadcastStatus]) -> str:
-    """Statuses as an aligned table."""
-    lines = [f"{'at':<24} {'stage':<7} {'state':<9} {'service':<9} detail"]
+def summarize(statuses: Sequence[BroadcastStatus]) -> list[tuple[BroadcastStatus, int]]:
+    """The statuses a person reads: every change of stage or state, with repeated progress
+    updates of one stage and state (gather and load report per file and batch) folded into the
+    latest one and counted."""
+    out: list[tuple[BroadcastStatus, int]] = []
+    index: dict[tuple[str, str], int] = {}
     for s in statuses:
+        key = (s.stage.value, s.state.value)
+        if key in index and s.state.value == "running":
+            i = index[key]
+            out[i] = (s, out[i][1] + 1)
+        else:
+            index[key] = len(out)
+            out.append((s, 1))
+    return out
+
+
+def format_statuses(statuses: Sequence[BroadcastStatus]) -> str:
+    """Statuses as an aligned table, progress updates folded (see :func:`summarize`)."""
+    lines = [f"{'at':<24} {'stage':<7} {'state':<9} {'service':<9} detail"]
+    for s, n in summarize(statuses):
         counts = " ".join(f"{k}={v}" for k, v in s.counts.items())
-        detail = f"{s.detail} {counts}".strip()
+        detail = f"{s.detail} {counts}".strip() + (f" ({n} updates, latest shown)" if n > 1 else "")
         lines.append(
             f"{s.at:%Y-%m-%d %H:%M:%S.%f}"[:23].ljust(24)
             + f" {s.stage:<7} {s.state:<9} {s.service:<9} {detail}"

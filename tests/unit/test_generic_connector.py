@@ -1,0 +1,112 @@
+"""The generic connector's response parser and the uploader's list-file rules, without servers."""
+
+from __future__ import annotations
+
+import csv
+import io
+from datetime import UTC, datetime
+from pathlib import Path
+
+import aiohttp
+import pytest
+from pydantic import SecretStr
+
+from services.uploader import core as uploader
+from shared.esp import AccountConfig, BadRow
+from shared.esp.generic import RESPONSE_HEADER, GenericConnector
+from shared.jobs_cli import summarize
+from shared.messages import BroadcastStatus, EventType, ResponseEvent, Stage, State
+from tests.unit.test_messages import job
+
+HEADER = ",".join(RESPONSE_HEADER)
+
+
+async def parse(tmp_path: Path, text: str) -> list[ResponseEvent | BadRow]:
+    path = tmp_path / "r.csv"
+    path.write_bytes(text.encode("utf-8"))
+    account = AccountConfig(
+        esp="sandbox", account="demo", api_url="http://127.0.0.1:1/api", token=SecretStr("t")
+    )
+    async with aiohttp.ClientSession() as http:
+        return list(GenericConnector(account, http).parse_response_file(path, "sandbox/demo/responses/r.csv"))
+
+
+async def test_rows_become_events_with_deterministic_ids(tmp_path: Path) -> None:
+    text = f'{HEADER}\ne1,job-1,m,ck1,a@x.com,click,"https://x.com/?a=1,2",2026-11-22T10:00:03Z\n'
+    (event,) = await parse(tmp_path, text)
+    (again,) = await parse(tmp_path, text)
+    assert isinstance(event, ResponseEvent)
+    assert event.type is EventType.CLICK
+    assert event.url == "https://x.com/?a=1,2"
+    assert event.occurred_at == datetime(2026, 11, 22, 10, 0, 3, tzinfo=UTC)
+    assert (event.source.name, event.source.line) == ("sandbox/demo/responses/r.csv", 2)
+    assert isinstance(again, ResponseEvent)
+    assert event.event_id == again.event_id
+
+
+async def test_bad_rows_are_kept_with_their_line_and_good_rows_still_parse(tmp_path: Path) -> None:
+    text = (
+        f"{HEADER}\n"
+        "e1,job-1,m,ck1,a@x.com,open,,2026-11-22T10:00:03Z\n"
+        'e2,job-1,m,ck2,"multi\nline",open,,2026-11-22T10:00:04Z\n'
+        "e3,job-1,m,ck3,c@x.com,teleport,,2026-11-22T10:00:05Z\n"
+        "e4,job-1,m,ck4,d@x.com,open,,2026-11-22 10:00:06\n"
+        "e5,job-1,m\n"
+        "e6,job-1,m,ck6,f@x.com,open,,2026-11-22T10:00:07+01:00\n"
+    )
+    items = await parse(tmp_path, text)
+    good = [i for i in items if isinstance(i, ResponseEvent)]
+    bad = {i.line: i.error for i in items if isinstance(i, BadRow)}
+    assert [e.communication_key for e in good] == ["ck1", "ck2", "ck6"]
+    assert good[1].source.line == 3
+    assert set(bad) == {5, 6, 7}
+    assert "unknown EventType" in bad[5]
+    assert "no time zone" in bad[6]
+    assert "3 fields" in bad[7]
+    assert good[2].occurred_at == datetime(2026, 11, 22, 9, 0, 7, tzinfo=UTC)
+
+
+async def test_an_unexpected_header_rejects_the_file(tmp_path: Path) -> None:
+    (item,) = await parse(tmp_path, "Email,Type\na@x.com,open\n")
+    assert isinstance(item, BadRow)
+    assert item.line == 1
+
+
+def test_list_columns_add_the_key_field_and_need_an_email() -> None:
+    j = job()
+    assert uploader.list_columns(j, "EmailAddress", "CommunicationKey") == [
+        "EmailAddress",
+        "FirstName",
+        "CommunicationKey",
+    ]
+    assert uploader.source_columns(j, "CommunicationKey") == ["email", "first_name", "communication_key"]
+    with pytest.raises(uploader.FieldMapError, match="'Email'"):
+        uploader.list_columns(j, "Email", "CommunicationKey")
+
+
+def test_list_rows_are_quoted_as_rfc_4180() -> None:
+    data = uploader.encode_rows([["a@x.com", 'Jo "JJ", Jr', None, True]], ",", "\n", "utf-8")
+    assert data == b'a@x.com,"Jo ""JJ"", Jr",,true\n'
+    assert next(csv.reader(io.StringIO(data.decode()))) == ["a@x.com", 'Jo "JJ", Jr', "", "true"]
+
+
+def test_suppression_values() -> None:
+    assert uploader.is_suppressed({"opted_out": "Yes"}, "opted_out")
+    assert uploader.is_suppressed({"opted_out": True}, "opted_out")
+    assert not uploader.is_suppressed({"opted_out": "0"}, "opted_out")
+    assert not uploader.is_suppressed({}, "opted_out")
+
+
+def test_status_summary_folds_progress_updates() -> None:
+    def st(stage: Stage, state: State, n: int) -> BroadcastStatus:
+        return BroadcastStatus(job_id="j", stage=stage, state=state, counts={"n": n})
+
+    rows = summarize(
+        [st(Stage.SEND, State.RUNNING, 0), st(Stage.SEND, State.DONE, 1)]
+        + [st(Stage.LOAD, State.RUNNING, i) for i in range(5)]
+    )
+    assert [(s.stage, s.state, s.counts["n"], n) for s, n in rows] == [
+        (Stage.SEND, State.RUNNING, 0, 1),
+        (Stage.SEND, State.DONE, 1, 1),
+        (Stage.LOAD, State.RUNNING, 4, 5),
+    ]
