@@ -21,7 +21,8 @@ from shared.esp import AccountsSettings
 from shared.kafka import ensure_topics
 from shared.messages import Stage, State
 from shared.settings import KafkaSettings, PostgresSettings
-from tests.fixtures.kafka import wait_for
+from shared.topics import Topic
+from tests.fixtures.kafka import produce, read_until, wait_for
 from tests.fixtures.processes import running, service_env, stop
 from tests.fixtures.sandbox import running_sandbox
 from tests.fixtures.servers import Servers
@@ -141,6 +142,25 @@ async def test_a_broadcast_end_to_end(
         ):
             stats = await resp.json()
         assert stats["sends_created"] == {job.job_id: 1}
+
+        # A redelivered ListUploaded (as after a monitor crash) follows the existing send, never a new one.
+        (uploaded,) = await read_until(kafka, Topic.BROADCAST_LISTS, lambda rs: len(rs) >= 1)
+        await produce(kafka, Topic.BROADCAST_LISTS, [(uploaded.key, uploaded.value or b"")])
+
+        async def second_send_done() -> bool:
+            done = [
+                s
+                for s in await jobs_cli.read_statuses(kafka, job.job_id)
+                if (s.stage, s.state) == (Stage.SEND, State.DONE)
+            ]
+            return len(done) == 2
+
+        await wait_for(second_send_done, timeout_s=60, what="the redelivered list followed to its send")
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"{esp.api(account)}/_sandbox/stats", headers=esp.headers) as resp,
+        ):
+            assert (await resp.json())["sends_created"] == {job.job_id: 1}
 
         # Gathering again adds no rows: a scan finds nothing new, and a file the ESP delivers again
         # (same content, new file) is gathered but its events are already there.
