@@ -13,7 +13,7 @@ from aiohttp import ClientSession
 
 from shared.db import connect
 from shared.kafka import ensure_topics
-from shared.messages import BroadcastStatus, DeadLetter, State
+from shared.messages import BroadcastStatus, DeadLetter, ListUploaded, State
 from shared.settings import KafkaSettings, PostgresSettings
 from shared.topics import Topic
 from tests.fixtures.kafka import Record, group_members, produce, read_until, wait_for
@@ -142,3 +142,106 @@ def _health_port(log: Path) -> int:
             url: str = orjson.loads(line)["url"]
             return int(url.rsplit(":", 1)[1].split("/", 1)[0])
     raise AssertionError("the service did not log its health endpoint")
+
+
+async def test_uploader_reads_inline_and_csv_selections(
+    servers: Servers,
+    kafka: KafkaSettings,
+    database: PostgresSettings,
+    tmp_path: Path,
+    sftp_folder: tuple[str, Path],
+) -> None:
+    remote, local = sftp_folder
+    accounts = tmp_path / "accounts.json"
+    token = tmp_path / "token"
+    token.write_text("t0ken")
+    accounts.write_bytes(
+        orjson.dumps(
+            {
+                "accounts": [
+                    {
+                        "esp": "sandbox",
+                        "account": "demo",
+                        "api_url": "http://127.0.0.1:9/unused",
+                        "token_file": str(token),
+                        "sftp_root": remote,
+                    }
+                ]
+            }
+        )
+    )
+    (local / "drop").mkdir()
+    csv_dir = tmp_path / "lists"
+    csv_dir.mkdir()
+    (csv_dir / "people.csv").write_text(
+        "mail;name;key;opted_out\n"
+        "x@example.com;Xi;k1;no\n"
+        'y@example.com;"Y; the second";k2;yes\n'
+        "z@example.com;Zed;k3;\n",
+        encoding="utf-8",
+    )
+    base = {
+        "esp": "sandbox",
+        "account": "demo",
+        "list_name": "l",
+        "message": "m",
+        "requested_by": "t",
+        "created_at": datetime.now(UTC).isoformat(),
+    }
+    inline = {
+        **base,
+        "job_id": "job-inline",
+        "selection": {
+            "kind": "inline",
+            "rows": [
+                {"email": "a@example.com", "first": "Ann, Jr", "ck": "c1"},
+                {"email": "b@example.com", "first": "Bo", "ck": "c2", "opted_out": True},
+            ],
+        },
+        "field_map": {"email": "Email", "first": "FirstName"},
+        "communication_key": "ck",
+    }
+    from_csv = {
+        **base,
+        "job_id": "job-csv",
+        "selection": {"kind": "csv", "path": "people.csv", "delimiter": ";"},
+        "field_map": {"mail": "Email", "name": "FirstName"},
+        "communication_key": "key",
+    }
+    escape = {**from_csv, "job_id": "job-escape", "selection": {"kind": "csv", "path": "../../etc/passwd"}}
+    env = service_env(
+        servers.env,
+        ESPBRIDGE_KAFKA_TOPIC_PREFIX=kafka.topic_prefix,
+        ESPBRIDGE_PG_DATABASE=database.database,
+        ESPBRIDGE_ACCOUNTS_FILE=str(accounts),
+        ESPBRIDGE_UPLOADER_CSV_DIR=str(csv_dir),
+    )
+    await ensure_topics(kafka)
+    with running("services.uploader", env, tmp_path / "uploader.log") as proc:
+        await produce(
+            kafka, Topic.BROADCAST_JOBS, [(None, orjson.dumps(j)) for j in (inline, from_csv, escape)]
+        )
+        lists = await read_until(kafka, Topic.BROADCAST_LISTS, lambda rs: len(rs) >= 2)
+        statuses = await read_until(
+            kafka,
+            Topic.BROADCAST_STATUS,
+            lambda rs: any(
+                _status(r).job_id == "job-escape" and _status(r).state is State.FAILED for r in rs
+            ),
+        )
+        assert stop(proc) == 0
+
+    uploaded = {u.job_id: u for u in (ListUploaded.from_json(r.value or b"") for r in lists)}
+    assert (uploaded["job-inline"].rows, uploaded["job-inline"].excluded) == (1, 1)
+    assert (uploaded["job-csv"].rows, uploaded["job-csv"].excluded) == (2, 1)
+    assert (
+        local / "drop" / "job-inline.csv"
+    ).read_text() == 'Email,FirstName,CommunicationKey\na@example.com,"Ann, Jr",c1\n'
+    assert (local / "drop" / "job-csv.csv").read_text() == (
+        "Email,FirstName,CommunicationKey\nx@example.com,Xi,k1\nz@example.com,Zed,k3\n"
+    )
+    escaped = next(
+        _status(r) for r in statuses if _status(r).job_id == "job-escape" and _status(r).state is State.FAILED
+    )
+    assert "outside" in escaped.detail
+    assert not (local / "drop" / "job-escape.csv").exists()
