@@ -52,9 +52,10 @@ test: lint typecheck ## linters, type checks, then the whole suite against real 
 check: test ## everything CI runs
 
 RECIPIENTS ?= 100000
+ESP ?= sandbox
 
-demo: up ## run one broadcast through the whole pipeline against the sandbox ESP and print its funnel
-	set -a; source $(ENVF); set +a; $(PY) -m tools.demo run --recipients $(RECIPIENTS)
+demo: up ## run one broadcast through the pipeline against the sandbox ESP (ESP=sandbox|generic_sftp) and print its funnel
+	set -a; source $(ENVF); set +a; $(PY) -m tools.demo run --recipients $(RECIPIENTS) --esp $(ESP)
 
 demo-stop: ## stop the sandbox ESP and the services `make demo` started
 	@if [ -x $(PY) ]; then $(PY) -m tools.demo stop; fi

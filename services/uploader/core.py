@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 
 from shared.errors import PermanentError
-from shared.messages import BroadcastJob, BroadcastStatus, ListUploaded, Stage, State
+from shared.messages import BroadcastJob, BroadcastStatus, ListUploaded, SendMode, Stage, State
 
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 TRUTHY = frozenset({"true", "t", "1", "yes", "y"})
@@ -24,6 +24,19 @@ class EmptySelectionError(PermanentError):
 
 class FieldMapError(PermanentError):
     """A job's field map does not give the ESP the fields it needs."""
+
+
+class ModeError(PermanentError):
+    """A job asks for a send from an ESP account that cannot send."""
+
+
+def check_mode(job: BroadcastJob, can_send: bool, connector: str) -> None:
+    """File-only ESPs take ``upload_only`` jobs alone; say so before anything is uploaded."""
+    if job.mode is SendMode.UPLOAD_AND_SEND and not can_send:
+        raise ModeError(
+            f"{job.esp}/{job.account} uses the {connector} connector, which cannot send: "
+            "publish the job with mode upload_only"
+        )
 
 
 def list_columns(job: BroadcastJob, email_field: str, key_field: str) -> list[str]:

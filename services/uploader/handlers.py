@@ -85,6 +85,7 @@ async def upload_list(job: BroadcastJob, up: Uploader) -> ListUploaded:
     """Stream the selection into the ESP's list format and upload it atomically."""
     account = up.accounts.get(job.esp, job.account)
     connector = connector_for(account, up.http)
+    core.check_mode(job, connector.can_send, account.connector)
     fmt = connector.list_format
     header = core.list_columns(job, fmt.email_field, fmt.key_field)
     wanted = core.source_columns(job, fmt.key_field)

@@ -9,12 +9,13 @@ Read from a JSON or YAML file named by ``ESPBRIDGE_ACCOUNTS_FILE``::
         api_url: http://127.0.0.1:8787/api/v1/accounts/demo
         token_file: /path/to/token        # or token: … (prefer the file)
         sftp_root: sandbox/demo           # default <esp>/<account>
+        options: {}                       # connector-specific, see docs/connectors/<connector>.md
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 import orjson
 import yaml
@@ -34,11 +35,12 @@ class AccountConfig(BaseModel):
     esp: Name
     account: Name
     connector: Name = "generic"
-    api_url: str = Field(pattern=r"^https?://")
+    api_url: str | None = Field(default=None, pattern=r"^https?://", description="absent for file-only ESPs")
     token: SecretStr | None = None
     token_file: Path | None = None
     sftp_root: str = ""
     request_timeout_s: float = Field(default=30.0, gt=0)
+    options: dict[str, Any] = Field(default_factory=dict, description="connector-specific settings")
 
     @model_validator(mode="after")
     def _defaults(self) -> Self:

@@ -102,6 +102,8 @@ class Connector(Protocol):
     list_format: ListFormat
     response_sources: tuple[ResponseSource, ...]
     archive_folder: str
+    can_send: bool
+    """False for file-only ESPs: only ``upload_only`` jobs can run on them."""
 
     async def start_import(self, remote_path: str, list_name: str, external_id: str) -> ImportStatus:
         """Start (or find, for the same external id) the import of an uploaded list file."""

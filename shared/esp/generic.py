@@ -15,7 +15,7 @@ from typing import Any
 
 import aiohttp
 
-from shared.errors import PermanentError
+from shared.errors import ConfigurationError, PermanentError
 from shared.esp.accounts import AccountConfig
 from shared.esp.base import (
     BadRow,
@@ -50,9 +50,12 @@ class GenericConnector:
 
     list_format = ListFormat()
     archive_folder = "archive"
+    can_send = True
     response_sources: tuple[ResponseSource, ...] = (ResponseSource("responses"),)
 
     def __init__(self, account: AccountConfig, session: aiohttp.ClientSession) -> None:
+        if not account.api_url:
+            raise ConfigurationError(f"account {account.esp}/{account.account} needs an api_url")
         self.account = account
         self._session = session
         self._base = account.api_url.rstrip("/")
