@@ -17,7 +17,7 @@ import aiohttp
 import asyncpg
 from faststream.kafka import KafkaBroker
 
-from shared.esp import Accounts, connector_for
+from shared.esp import Accounts, ConnectorContext, connector_for
 from shared.kafka import publish_many
 from shared.messages import ResponseFile
 from shared.settings import KafkaSettings
@@ -38,7 +38,7 @@ async def scan(
     """One scan of every configured account; returns the files it published."""
     found: list[ResponseFile] = []
     for account in accounts.all():
-        connector = connector_for(account, http)
+        connector = connector_for(account, ConnectorContext(http, sftp))
         async with sftp.session() as session:
             for source in connector.response_sources:
                 folder = posixpath.join(account.sftp_root, source.folder)

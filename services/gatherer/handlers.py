@@ -24,7 +24,7 @@ import asyncssh
 from services.gatherer import core
 from services.gatherer.settings import Settings
 from shared.errors import EspbridgeError, PermanentError
-from shared.esp import Accounts, BadRow, connector_for
+from shared.esp import Accounts, BadRow, ConnectorContext, connector_for
 from shared.gathering import scan
 from shared.kafka import decode
 from shared.logs import log_context
@@ -75,7 +75,7 @@ async def handle_file(body: bytes, g: Gatherer) -> None:
     file = decode(ResponseFile, body)
     with log_context(file=core.file_key(file)):
         account = g.accounts.get(file.esp, file.account)
-        connector = connector_for(account, g.http)
+        connector = connector_for(account, ConnectorContext(g.http, g.sftp))
         async with g.pool.acquire() as conn:
             state = await conn.fetchval(
                 """

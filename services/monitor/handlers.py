@@ -11,14 +11,21 @@ import logging
 import time
 from dataclasses import dataclass
 
-import aiohttp
 import asyncpg
 
 from services.monitor import core
 from services.monitor.settings import Settings
 from shared.db import jobs
 from shared.errors import PermanentError, TransientError
-from shared.esp import Accounts, Connector, ImportState, SendState, SendStatus, connector_for
+from shared.esp import (
+    Accounts,
+    Connector,
+    ConnectorContext,
+    ImportState,
+    SendState,
+    SendStatus,
+    connector_for,
+)
 from shared.esp.http import EspUnavailableError
 from shared.kafka import decode
 from shared.logs import log_context
@@ -43,7 +50,7 @@ class Monitor:
     settings: Settings
     runtime: Runtime
     pool: asyncpg.Pool
-    http: aiohttp.ClientSession
+    clients: ConnectorContext
     accounts: Accounts
 
     async def report(self, status: BroadcastStatus) -> None:
@@ -66,7 +73,7 @@ async def handle_list(body: bytes, mon: Monitor) -> None:
         if row is None:
             raise PermanentError(f"job {upload.job_id} is not recorded in control.jobs")
         job = BroadcastJob.from_json(row["job"])
-        connector = connector_for(mon.accounts.get(upload.esp, upload.account), mon.http)
+        connector = connector_for(mon.accounts.get(upload.esp, upload.account), mon.clients)
         stage = Stage.IMPORT
         try:
             import_id = await run_import(upload, job, connector, mon)
@@ -89,7 +96,7 @@ async def run_import(upload: ListUploaded, job: BroadcastJob, connector: Connect
     if known is not None and known.esp_import_id:
         imp = await connector.import_status(known.esp_import_id)
     else:
-        imp = await connector.start_import(upload.remote_path, job.list_name, job.job_id)
+        imp = await connector.start_import(upload.remote_path, job)
         async with mon.pool.acquire() as conn:
             await jobs.set_import_id(conn, job.job_id, imp.import_id)
     await mon.report(core.status(job.job_id, Stage.IMPORT, State.RUNNING, f"import {imp.import_id}"))
@@ -122,7 +129,7 @@ async def run_send(job: BroadcastJob, import_id: str, connector: Connector, mon:
     """Send once, then follow the send to its end."""
     async with mon.pool.acquire() as conn:
         first_request = await jobs.claim_send(conn, job.job_id)
-    existing = None if first_request else await connector.find_send(job.job_id)
+    existing = None if first_request else await connector.find_send(job)
     if existing is not None:
         send = existing
         log.info("send already exists at the ESP, following it", extra={"send_id": send.send_id})
@@ -168,13 +175,13 @@ async def _send_with_retries(
     deadline = time.monotonic() + mon.settings.import_timeout_s
     while True:
         try:
-            return await connector.send(import_id, job.message, job.job_id, job.send_at)
+            return await connector.send(import_id, job)
         except TransientError as exc:
             if time.monotonic() > deadline:
                 raise
             log.warning("send call failed, checking the ESP before retrying", extra={"error": str(exc)})
             retry_after = exc.retry_after_s if isinstance(exc, EspUnavailableError) else None
             await mon.wait(next(delays), retry_after)
-            found = await connector.find_send(job.job_id)
+            found = await connector.find_send(job)
             if found is not None:
                 return found

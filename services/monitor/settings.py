@@ -7,7 +7,7 @@ from pydantic_settings import SettingsConfigDict
 
 from shared.esp import AccountsSettings
 from shared.service import ServiceSettings
-from shared.settings import PostgresSettings
+from shared.settings import PostgresSettings, SftpSettings
 
 
 class Settings(ServiceSettings):
@@ -16,6 +16,7 @@ class Settings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="ESPBRIDGE_MONITOR_", frozen=True, extra="ignore")
 
     pg: PostgresSettings = Field(default_factory=PostgresSettings)
+    sftp: SftpSettings = Field(default_factory=SftpSettings, description="for ESPs driven by SFTP folders")
     accounts: AccountsSettings = Field(default_factory=AccountsSettings)
     poll_initial_s: float = Field(default=0.5, gt=0, description="first wait between status polls")
     poll_max_s: float = Field(default=30.0, gt=0, description="longest wait between status polls")

@@ -14,7 +14,7 @@ from services.uploader import core, selection
 from services.uploader.settings import Settings
 from shared.db import jobs
 from shared.errors import InvalidMessageError, PermanentError
-from shared.esp import Accounts, connector_for
+from shared.esp import Accounts, ConnectorContext, connector_for
 from shared.kafka import decode
 from shared.logs import log_context
 from shared.messages import (
@@ -84,12 +84,12 @@ async def handle_job(body: bytes, up: Uploader) -> None:
 async def upload_list(job: BroadcastJob, up: Uploader) -> ListUploaded:
     """Stream the selection into the ESP's list format and upload it atomically."""
     account = up.accounts.get(job.esp, job.account)
-    connector = connector_for(account, up.http)
+    connector = connector_for(account, ConnectorContext(up.http, up.sftp))
     core.check_mode(job, connector.can_send, account.connector)
     fmt = connector.list_format
     header = core.list_columns(job, fmt.email_field, fmt.key_field)
     wanted = core.source_columns(job, fmt.key_field)
-    remote = f"{account.sftp_root}/{fmt.drop_folder}/{fmt.file_name(job.job_id)}"
+    remote = connector.list_path(job)
     await up.status(job.job_id, State.RUNNING, f"writing {remote}")
     tally = selection.Tally()
     rows = 0

@@ -9,11 +9,16 @@ from shared.esp.accounts import AccountConfig, Accounts, AccountsSettings
 from shared.esp.base import (
     BadRow,
     Connector,
+    ConnectorContext,
     ImportState,
     ImportStatus,
     ListFormat,
+    NotSupportedError,
+    PullPage,
     SendState,
     SendStatus,
+    SentBroadcast,
+    WebhookAuthError,
 )
 from shared.esp.registry import connector_for
 
@@ -23,10 +28,15 @@ __all__ = [
     "AccountsSettings",
     "BadRow",
     "Connector",
+    "ConnectorContext",
     "ImportState",
     "ImportStatus",
     "ListFormat",
+    "NotSupportedError",
+    "PullPage",
     "SendState",
     "SendStatus",
+    "SentBroadcast",
+    "WebhookAuthError",
     "connector_for",
 ]

@@ -7,7 +7,8 @@ Read from a JSON or YAML file named by ``ESPBRIDGE_ACCOUNTS_FILE``::
         account: demo
         connector: generic
         api_url: http://127.0.0.1:8787/api/v1/accounts/demo
-        token_file: /path/to/token        # or token: … (prefer the file)
+        token_file: /path/to/token        # or token: … (prefer files for every secret)
+        # username, password[_file], client_id, client_secret[_file]: as the connector needs
         sftp_root: sandbox/demo           # default <esp>/<account>
         options: {}                       # connector-specific, see docs/connectors/<connector>.md
 """
@@ -38,14 +39,22 @@ class AccountConfig(BaseModel):
     api_url: str | None = Field(default=None, pattern=r"^https?://", description="absent for file-only ESPs")
     token: SecretStr | None = None
     token_file: Path | None = None
+    username: str | None = Field(default=None, description="API user, where the ESP has one")
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    client_id: str | None = Field(default=None, description="OAuth2 client id / API id")
+    client_secret: SecretStr | None = None
+    client_secret_file: Path | None = None
     sftp_root: str = ""
     request_timeout_s: float = Field(default=30.0, gt=0)
     options: dict[str, Any] = Field(default_factory=dict, description="connector-specific settings")
 
     @model_validator(mode="after")
     def _defaults(self) -> Self:
-        if self.token is None and self.token_file is not None:
-            object.__setattr__(self, "token", read_secret_file(self.token_file))
+        for secret in ("token", "password", "client_secret"):
+            path = getattr(self, f"{secret}_file")
+            if getattr(self, secret) is None and path is not None:
+                object.__setattr__(self, secret, read_secret_file(path))
         if not self.sftp_root:
             object.__setattr__(self, "sftp_root", f"{self.esp}/{self.account}")
         if self.sftp_root.startswith("/") or ".." in self.sftp_root.split("/"):

@@ -1,16 +1,19 @@
-"""The connector interface and the values that cross it."""
+"""The connector interface and the values that cross it (see docs/connectors/README.md)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Protocol
 
+import aiohttp
+
+from shared.errors import PermanentError
 from shared.esp.accounts import AccountConfig
-from shared.messages import ResponseEvent
+from shared.messages import BroadcastJob, ResponseEvent
+from shared.sftp import SftpPool
 
 
 class ImportState(StrEnum):
@@ -79,7 +82,7 @@ class ListFormat:
 
 @dataclass(frozen=True, slots=True)
 class BadRow:
-    """A response-file row that could not become an event, kept for the dead-letter topic."""
+    """A response row or webhook item that could not become an event, kept for the dead-letter topic."""
 
     line: int
     raw: bytes
@@ -95,38 +98,91 @@ class ResponseSource:
     extra: dict[str, str] = field(default_factory=dict)
 
 
-class Connector(Protocol):
-    """What every ESP connector provides."""
+@dataclass(frozen=True, slots=True)
+class SentBroadcast:
+    """A broadcast the ESP has sent, as the gatherer knows it from control.jobs."""
 
-    account: AccountConfig
-    list_format: ListFormat
-    response_sources: tuple[ResponseSource, ...]
-    archive_folder: str
-    can_send: bool
-    """False for file-only ESPs: only ``upload_only`` jobs can run on them."""
+    job_id: str
+    message: str
+    import_id: str | None
+    send_id: str | None
+    requested_at: datetime | None
 
-    async def start_import(self, remote_path: str, list_name: str, external_id: str) -> ImportStatus:
-        """Start (or find, for the same external id) the import of an uploaded list file."""
-        ...
+
+@dataclass(frozen=True, slots=True)
+class PullPage:
+    """One page of an API pull: its events (and rejected items), the cursor to resume from, more?"""
+
+    items: tuple[ResponseEvent | BadRow, ...]
+    cursor: str | None
+    more: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectorContext:
+    """The process's shared clients a connector may use."""
+
+    http: aiohttp.ClientSession
+    sftp: SftpPool | None = None
+
+
+class WebhookAuthError(PermanentError):
+    """A webhook call whose authentication is missing or wrong."""
+
+
+class NotSupportedError(PermanentError):
+    """The ESP has no such interface (a send, API pulls, webhooks)."""
+
+
+class Connector:
+    """Base of every connector: the defaults of an ESP with files and no extras.
+
+    Subclasses set ``list_format`` and ``response_sources`` and override what their ESP has.
+    """
+
+    list_format = ListFormat()
+    response_sources: tuple[ResponseSource, ...] = ()
+    archive_folder = "archive"
+    can_send = True
+    pulls_api = False
+
+    def __init__(self, account: AccountConfig, context: ConnectorContext) -> None:
+        self.account = account
+        self.context = context
+
+    def list_path(self, job: BroadcastJob) -> str:
+        """Where the list file goes, relative to the SFTP login directory."""
+        fmt = self.list_format
+        return f"{self.account.sftp_root}/{fmt.drop_folder}/{fmt.file_name(job.job_id)}"
+
+    async def start_import(self, remote_path: str, job: BroadcastJob) -> ImportStatus:
+        """Start (or find, for the same job) the import of an uploaded list file."""
+        raise NotSupportedError(f"{self.account.connector} cannot import lists")
 
     async def import_status(self, import_id: str) -> ImportStatus:
         """The import's current state."""
-        ...
+        raise NotSupportedError(f"{self.account.connector} cannot import lists")
 
-    async def find_send(self, external_id: str) -> SendStatus | None:
+    async def find_send(self, job: BroadcastJob) -> SendStatus | None:
         """The send of a broadcast if the ESP has one (checked before any retried send call)."""
-        ...
+        return None
 
-    async def send(
-        self, import_id: str, message: str, external_id: str, send_at: datetime | None
-    ) -> SendStatus:
-        """Send the pre-created message to the imported list (now or at ``send_at``)."""
-        ...
+    async def send(self, import_id: str, job: BroadcastJob) -> SendStatus:
+        """Send the job's pre-created message to the imported list (now or at ``send_at``)."""
+        raise NotSupportedError(f"{self.account.connector} has no send: publish upload_only jobs")
 
     async def send_status(self, send_id: str) -> SendStatus:
         """The send's current state."""
-        ...
+        raise NotSupportedError(f"{self.account.connector} has no send")
 
     def parse_response_file(self, local_path: Path, remote_path: str) -> Iterator[ResponseEvent | BadRow]:
         """Events (and rejected rows) of a downloaded response file, streamed from disk."""
-        ...
+        raise NotSupportedError(f"{self.account.connector} has no response files")
+
+    async def pull_responses(self, broadcast: SentBroadcast, cursor: str | None) -> PullPage:
+        """One page of the broadcast's responses from the ESP's API, from ``cursor`` on."""
+        raise NotSupportedError(f"{self.account.connector} has no response API")
+
+    def parse_webhook(self, headers: Mapping[str, str], body: bytes) -> list[ResponseEvent | BadRow]:
+        """Verify a webhook call and turn its body into events (raises WebhookAuthError)."""
+        raise NotSupportedError(f"{self.account.connector} receives no webhooks")

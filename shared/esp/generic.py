@@ -13,12 +13,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
 from shared.errors import ConfigurationError, PermanentError
 from shared.esp.accounts import AccountConfig
 from shared.esp.base import (
     BadRow,
+    Connector,
+    ConnectorContext,
     ImportState,
     ImportStatus,
     ListFormat,
@@ -27,7 +27,7 @@ from shared.esp.base import (
     SendStatus,
 )
 from shared.esp.http import EspUnavailableError, request_json
-from shared.messages import EventSource, EventType, ResponseEvent, event_id_for
+from shared.messages import BroadcastJob, EventSource, EventType, ResponseEvent, event_id_for
 
 RESPONSE_HEADER = (
     "EventId",
@@ -45,19 +45,17 @@ class ListRejectedError(PermanentError):
     """The ESP refused to import or send a list."""
 
 
-class GenericConnector:
+class GenericConnector(Connector):
     """Connector for the generic ESP protocol."""
 
     list_format = ListFormat()
-    archive_folder = "archive"
-    can_send = True
     response_sources: tuple[ResponseSource, ...] = (ResponseSource("responses"),)
 
-    def __init__(self, account: AccountConfig, session: aiohttp.ClientSession) -> None:
+    def __init__(self, account: AccountConfig, context: ConnectorContext) -> None:
+        super().__init__(account, context)
         if not account.api_url:
             raise ConfigurationError(f"account {account.esp}/{account.account} needs an api_url")
-        self.account = account
-        self._session = session
+        self._session = context.http
         self._base = account.api_url.rstrip("/")
 
     # --- REST ---------------------------------------------------------------------------------
@@ -85,11 +83,11 @@ class GenericConnector:
             raise PermanentError(f"{remote_path} is not inside the account folder {root}")
         return remote_path[len(root) :]
 
-    async def start_import(self, remote_path: str, list_name: str, external_id: str) -> ImportStatus:
-        """POST /imports (idempotent by external id)."""
+    async def start_import(self, remote_path: str, job: BroadcastJob) -> ImportStatus:
+        """POST /imports (idempotent by the job id as external id)."""
         rel = self._relative(remote_path)
         status, body = await self._call(
-            "POST", "/imports", json={"file": rel, "list_name": list_name, "external_id": external_id}
+            "POST", "/imports", json={"file": rel, "list_name": job.list_name, "external_id": job.job_id}
         )
         if status == 404:
             raise ListRejectedError(f"the ESP cannot find the list file {rel}: {_message(body)}")
@@ -102,21 +100,19 @@ class GenericConnector:
             raise ListRejectedError(f"the ESP does not know import {import_id}")
         return _import_status(body)
 
-    async def find_send(self, external_id: str) -> SendStatus | None:
+    async def find_send(self, job: BroadcastJob) -> SendStatus | None:
         """GET /sends?external_id=…; the first send of the broadcast, if any."""
-        _, body = await self._call("GET", "/sends", params={"external_id": external_id})
+        _, body = await self._call("GET", "/sends", params={"external_id": job.job_id})
         sends = body.get("sends", []) if isinstance(body, dict) else []
         return _send_status(sends[0]) if sends else None
 
-    async def send(
-        self, import_id: str, message: str, external_id: str, send_at: datetime | None
-    ) -> SendStatus:
-        """POST /sends (idempotent by external id)."""
+    async def send(self, import_id: str, job: BroadcastJob) -> SendStatus:
+        """POST /sends (idempotent by the job id as external id)."""
         payload = {
             "import_id": import_id,
-            "message": message,
-            "external_id": external_id,
-            "send_at": send_at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if send_at else None,
+            "message": job.message,
+            "external_id": job.job_id,
+            "send_at": job.send_at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if job.send_at else None,
         }
         status, body = await self._call("POST", "/sends", json=payload)
         if status in (404, 409):

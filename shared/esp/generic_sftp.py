@@ -19,8 +19,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from shared.errors import ConfigurationError, PermanentError
 from shared.esp.accounts import AccountConfig
-from shared.esp.base import BadRow, ImportState, ImportStatus, ListFormat, ResponseSource, SendStatus
-from shared.messages import EventSource, EventType, ResponseEvent, event_id_for
+from shared.esp.base import (
+    BadRow,
+    Connector,
+    ConnectorContext,
+    ImportState,
+    ImportStatus,
+    ListFormat,
+    ResponseSource,
+    SendStatus,
+)
+from shared.messages import BroadcastJob, EventSource, EventType, ResponseEvent, event_id_for
 
 DEFAULT_COLUMNS = {
     "message_type": "MessageType",
@@ -64,13 +73,13 @@ class UploadOnlyError(PermanentError):
     """A send was asked of an ESP that has no send API."""
 
 
-class GenericSftpConnector:
+class GenericSftpConnector(Connector):
     """Connector for ESPs reached by files alone."""
 
-    archive_folder = "archive"
     can_send = False
 
-    def __init__(self, account: AccountConfig) -> None:
+    def __init__(self, account: AccountConfig, context: ConnectorContext) -> None:
+        super().__init__(account, context)
         try:
             self.options = Options.model_validate(account.options)
         except ValidationError as exc:
@@ -88,7 +97,6 @@ class GenericSftpConnector:
             self._zone: tzinfo = ZoneInfo(self.options.timezone)
         except (ZoneInfoNotFoundError, ValueError):
             raise ConfigurationError(f"unknown time zone {self.options.timezone!r}") from None
-        self.account = account
         self._columns = columns
         self.list_format = ListFormat(delimiter=self.options.list_delimiter, suffix=self.options.list_suffix)
         self.response_sources: tuple[ResponseSource, ...] = (
@@ -97,7 +105,7 @@ class GenericSftpConnector:
 
     # --- no API: the import is the upload, and there is no send --------------------------------------
 
-    async def start_import(self, remote_path: str, list_name: str, external_id: str) -> ImportStatus:
+    async def start_import(self, remote_path: str, job: BroadcastJob) -> ImportStatus:
         """The list is on the site: that is all this ESP needs."""
         return ImportStatus(import_id=f"file:{posixpath.basename(remote_path)}", state=ImportState.DONE)
 
@@ -105,21 +113,11 @@ class GenericSftpConnector:
         """Always done (see :meth:`start_import`)."""
         return ImportStatus(import_id=import_id, state=ImportState.DONE)
 
-    async def find_send(self, external_id: str) -> SendStatus | None:
-        """There are no sends to find."""
-        return None
-
-    async def send(
-        self, import_id: str, message: str, external_id: str, send_at: datetime | None
-    ) -> SendStatus:
+    async def send(self, import_id: str, job: BroadcastJob) -> SendStatus:
         """Refused: the message is sent at the ESP by a person or its own automation."""
         raise UploadOnlyError(
             f"{self.account.esp}/{self.account.account} has no send API: publish upload_only jobs"
         )
-
-    async def send_status(self, send_id: str) -> SendStatus:
-        """Refused, as :meth:`send`."""
-        raise UploadOnlyError(f"{self.account.esp}/{self.account.account} has no send API")
 
     # --- response files --------------------------------------------------------------------------------
 

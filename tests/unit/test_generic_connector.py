@@ -12,7 +12,7 @@ import pytest
 from pydantic import SecretStr
 
 from services.uploader import core as uploader
-from shared.esp import AccountConfig, BadRow
+from shared.esp import AccountConfig, BadRow, ConnectorContext
 from shared.esp.generic import RESPONSE_HEADER, GenericConnector
 from shared.jobs_cli import summarize
 from shared.messages import BroadcastStatus, EventType, ResponseEvent, Stage, State
@@ -28,7 +28,11 @@ async def parse(tmp_path: Path, text: str) -> list[ResponseEvent | BadRow]:
         esp="sandbox", account="demo", api_url="http://127.0.0.1:1/api", token=SecretStr("t")
     )
     async with aiohttp.ClientSession() as http:
-        return list(GenericConnector(account, http).parse_response_file(path, "sandbox/demo/responses/r.csv"))
+        return list(
+            GenericConnector(account, ConnectorContext(http)).parse_response_file(
+                path, "sandbox/demo/responses/r.csv"
+            )
+        )
 
 
 async def test_rows_become_events_with_deterministic_ids(tmp_path: Path) -> None:

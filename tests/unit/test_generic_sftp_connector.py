@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import aiohttp
 import pytest
 
 from shared.errors import ConfigurationError
-from shared.esp import AccountConfig, BadRow
+from shared.esp import AccountConfig, BadRow, ConnectorContext
 from shared.esp.generic_sftp import GenericSftpConnector, UploadOnlyError
 from shared.messages import EventType, ResponseEvent
 
@@ -18,7 +19,8 @@ HEADER = "MessageType\turn\temail\tmailingId\tmailingName\ttimestamp\tlink\tboun
 
 def connector(**options: Any) -> GenericSftpConnector:
     return GenericSftpConnector(
-        AccountConfig(esp="ferg", account="demo", connector="generic_sftp", options=options)
+        AccountConfig(esp="ferg", account="demo", connector="generic_sftp", options=options),
+        ConnectorContext(http=cast(aiohttp.ClientSession, None)),
     )
 
 
@@ -108,7 +110,7 @@ async def test_there_is_no_send() -> None:
     assert c.list_format.delimiter == "\t"
     assert c.list_format.file_name("job-1") == "job-1.txt"
     with pytest.raises(UploadOnlyError, match="upload_only"):
-        await c.send("imp", "msg", "job-1", None)
+        await c.send("imp", job_for_send())
 
 
 def test_upload_and_send_jobs_are_refused_for_file_only_esps() -> None:
@@ -119,3 +121,9 @@ def test_upload_and_send_jobs_are_refused_for_file_only_esps() -> None:
         check_mode(job(), can_send=False, connector="generic_sftp")
     check_mode(job(mode="upload_only"), can_send=False, connector="generic_sftp")
     check_mode(job(), can_send=True, connector="generic")
+
+
+def job_for_send() -> Any:
+    from tests.unit.test_messages import job
+
+    return job(mode="upload_only")
