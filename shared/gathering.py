@@ -1,9 +1,14 @@
-"""Finding response files: list each account's response folders, record new files in the ledger
-(control.gathered_files), and publish one ResponseFile per new file for the gatherer workers.
+"""Finding response data: files in the accounts' response folders, and pages of their APIs.
 
-Used by every gatherer process on its interval and by ``espbridge gather now``; the ledger's
-unique key makes concurrent scans publish each file once. A file recorded but not yet taken by a
-worker after ``republish_after_s`` is published again (its first message may have been lost).
+* :func:`scan` lists each account's response folders, records new files in the ledger
+  (control.gathered_files) and publishes one ResponseFile per new file for the gatherer workers.
+  The ledger's unique key makes concurrent scans publish each file once; a file recorded but not
+  taken after ``republish_after_s`` is published again (its first message may have been lost).
+* :func:`pull_api` asks each API-capable account for the responses of its recently sent
+  broadcasts, page by page from a stored cursor (control.api_cursors), publishing the events
+  before it stores the next cursor; an advisory lock keeps two gatherers off the same broadcast.
+
+Used by every gatherer process on its interval and by ``espbridge gather now``.
 """
 
 from __future__ import annotations
@@ -11,15 +16,16 @@ from __future__ import annotations
 import fnmatch
 import logging
 import posixpath
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
-import aiohttp
 import asyncpg
 from faststream.kafka import KafkaBroker
 
-from shared.esp import Accounts, ConnectorContext, connector_for
+from shared.db import Conn
+from shared.esp import BadRow, Connector, Connectors, SentBroadcast
 from shared.kafka import publish_many
-from shared.messages import ResponseFile
+from shared.messages import DeadLetter, EventSource, Message, ResponseEvent, ResponseFile
 from shared.settings import KafkaSettings
 from shared.sftp import SftpPool, list_files
 
@@ -27,18 +33,19 @@ log = logging.getLogger(__name__)
 
 
 async def scan(
-    accounts: Accounts,
+    connectors: Connectors,
     sftp: SftpPool,
     pool: asyncpg.Pool,
-    http: aiohttp.ClientSession,
     broker: KafkaBroker,
     kafka: KafkaSettings,
     republish_after_s: float = 300.0,
 ) -> list[ResponseFile]:
-    """One scan of every configured account; returns the files it published."""
+    """One scan of every configured account's response folders; returns the files it published."""
     found: list[ResponseFile] = []
-    for account in accounts.all():
-        connector = connector_for(account, ConnectorContext(http, sftp))
+    for connector in connectors.all():
+        if not connector.response_sources:
+            continue
+        account = connector.account
         async with sftp.session() as session:
             for source in connector.response_sources:
                 folder = posixpath.join(account.sftp_root, source.folder)
@@ -80,3 +87,127 @@ async def scan(
     if to_publish:
         log.info("response files found", extra={"files": len(to_publish)})
     return to_publish
+
+
+@dataclass
+class PullResult:
+    """What one API pull of one broadcast published."""
+
+    job_id: str
+    pages: int = 0
+    events: int = 0
+    bad_items: int = 0
+
+
+async def pull_api(
+    connectors: Connectors,
+    pool: asyncpg.Pool,
+    broker: KafkaBroker,
+    kafka: KafkaSettings,
+    window_days: float = 30.0,
+    service: str = "gatherer",
+) -> list[PullResult]:
+    """Pull new responses of every recently sent broadcast of every API-capable account."""
+    results: list[PullResult] = []
+    for connector in connectors.all():
+        if not connector.pulls_api:
+            continue
+        account = connector.account
+        async with pool.acquire() as conn:
+            rows = await conn.fetch(
+                """
+                SELECT job_id, job->>'message' AS message, esp_import_id, esp_send_id, send_requested_at
+                FROM control.jobs
+                WHERE esp = $1 AND account = $2 AND esp_send_id IS NOT NULL
+                  AND send_requested_at > now() - make_interval(days => $3::int)
+                ORDER BY send_requested_at
+                """,
+                account.esp,
+                account.account,
+                int(window_days),
+            )
+        for row in rows:
+            broadcast = SentBroadcast(
+                job_id=row["job_id"],
+                message=row["message"],
+                import_id=row["esp_import_id"],
+                send_id=row["esp_send_id"],
+                requested_at=row["send_requested_at"],
+            )
+            async with pool.acquire() as conn:
+                if not await conn.fetchval(
+                    "SELECT pg_try_advisory_lock(hashtextextended($1, 42))", broadcast.job_id
+                ):
+                    continue  # another gatherer is pulling this broadcast right now
+                try:
+                    results.append(await _pull_one(connector, broadcast, conn, broker, kafka, service))
+                finally:
+                    await conn.execute(
+                        "SELECT pg_advisory_unlock(hashtextextended($1, 42))", broadcast.job_id
+                    )
+    return results
+
+
+async def _pull_one(
+    connector: Connector,
+    broadcast: SentBroadcast,
+    conn: Conn,
+    broker: KafkaBroker,
+    kafka: KafkaSettings,
+    service: str,
+) -> PullResult:
+    account = connector.account
+    cursor = await conn.fetchval(
+        "SELECT cursor FROM control.api_cursors WHERE esp = $1 AND account = $2 AND job_id = $3",
+        account.esp,
+        account.account,
+        broadcast.job_id,
+    )
+    result = PullResult(broadcast.job_id)
+    while True:
+        page = await connector.pull_responses(broadcast, cursor)
+        messages: list[Message] = []
+        for item in page.items:
+            if isinstance(item, ResponseEvent):
+                messages.append(item)
+                result.events += 1
+            elif isinstance(item, BadRow):
+                result.bad_items += 1
+                messages.append(
+                    DeadLetter(
+                        source=EventSource(
+                            kind="api", name=f"{account.esp}/{account.account}", page=result.pages
+                        ),
+                        payload=item.raw,
+                        error_class="BadResponseItem",
+                        message=item.error,
+                        service=service,
+                    )
+                )
+        await publish_many(broker, kafka, messages)  # acknowledged before the cursor moves on
+        result.pages += 1
+        cursor = page.cursor
+        await conn.execute(
+            """
+            INSERT INTO control.api_cursors (esp, account, job_id, cursor, pages, events, bad_items)
+            VALUES ($1, $2, $3, $4, 1, $5, $6)
+            ON CONFLICT (esp, account, job_id) DO UPDATE
+            SET cursor = excluded.cursor, pages = api_cursors.pages + 1,
+                events = api_cursors.events + excluded.events,
+                bad_items = api_cursors.bad_items + excluded.bad_items, updated_at = now()
+            """,
+            account.esp,
+            account.account,
+            broadcast.job_id,
+            cursor,
+            sum(1 for m in messages if isinstance(m, ResponseEvent)),
+            sum(1 for m in messages if isinstance(m, DeadLetter)),
+        )
+        if not page.more:
+            break
+    if result.events or result.bad_items:
+        log.info(
+            "API responses pulled",
+            extra={"job_id": broadcast.job_id, "pages": result.pages, "events": result.events},
+        )
+    return result

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -16,6 +16,7 @@ from shared.settings import HttpSettings
 log = logging.getLogger(__name__)
 
 Labels = tuple[tuple[str, str], ...]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class Metrics:
@@ -60,14 +61,19 @@ def _escape(value: str) -> str:
 
 
 class HealthServer:
-    """Serves /healthz (200 when ``ready()`` is true, else 503) and /metrics."""
+    """Serves /healthz (200 when ``ready()`` is true, else 503), /metrics, and a service's extra routes."""
 
     def __init__(self, settings: HttpSettings, metrics: Metrics, ready: Callable[[], bool]) -> None:
         self._settings = settings
         self._metrics = metrics
         self._ready = ready
         self._runner: web.AppRunner | None = None
+        self._routes: list[tuple[str, str, Handler]] = []
         self.port: int | None = None
+
+    def add_route(self, method: str, path: str, handler: Handler) -> None:
+        """Serve another route on the same port (call before :meth:`start`)."""
+        self._routes.append((method, path, handler))
 
     async def _healthz(self, _request: web.Request) -> web.Response:
         ok = self._ready()
@@ -84,6 +90,8 @@ class HealthServer:
         app = web.Application()
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/metrics", self._metrics_handler)
+        for method, path, handler in self._routes:
+            app.router.add_route(method, path, handler)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._settings.host, self._settings.port)

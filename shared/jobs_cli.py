@@ -19,8 +19,8 @@ from pydantic import ValidationError
 
 from shared.db import connect, create_pool
 from shared.errors import ConfigurationError, InvalidMessageError
-from shared.esp import Accounts, AccountsSettings
-from shared.gathering import scan
+from shared.esp import Accounts, AccountsSettings, ConnectorContext, Connectors
+from shared.gathering import pull_api, scan
 from shared.kafka import ensure_topics, publish
 from shared.messages import BroadcastJob, BroadcastStatus, ResponseFile
 from shared.settings import KafkaSettings, PostgresSettings, SftpSettings
@@ -165,7 +165,10 @@ async def gather_now(
     await broker.start()
     try:
         async with aiohttp.ClientSession() as http:
-            return await scan(configured, sftp_pool, pool, http, broker, kafka, republish_after_s=0.0)
+            connectors = Connectors(configured, ConnectorContext(http, sftp_pool))
+            files = await scan(connectors, sftp_pool, pool, broker, kafka, republish_after_s=0.0)
+            await pull_api(connectors, pool, broker, kafka, service="cli")
+            return files
     finally:
         await broker.stop()
         await sftp_pool.close()

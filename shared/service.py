@@ -13,7 +13,7 @@ import contextlib
 import logging
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 import orjson
@@ -73,6 +73,7 @@ class Runtime:
         self.ready = False
         self.inflight = InFlight()
         self.stack = contextlib.AsyncExitStack()
+        self.http = HealthServer(settings.http, self.metrics, lambda: self.ready)
         self.broker: KafkaBroker = make_broker(
             settings.kafka,
             client_id=name,
@@ -137,19 +138,6 @@ async def wait_for_kafka(settings: KafkaSettings, timeout_s: float) -> None:
             delay = min(delay * 2, 10.0)
 
 
-@contextlib.asynccontextmanager
-async def _health(settings: ServiceSettings, runtime: Runtime) -> AsyncIterator[HealthServer | None]:
-    if not settings.http.enabled:
-        yield None
-        return
-    server = HealthServer(settings.http, runtime.metrics, lambda: runtime.ready)
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
-
-
 async def run_service(
     name: str,
     settings: ServiceSettings,
@@ -159,9 +147,11 @@ async def run_service(
     """Run a service until SIGTERM/SIGINT."""
     runtime = Runtime(name, settings)
     async with runtime.stack as stack:
-        await stack.enter_async_context(_health(settings, runtime))
         await wait_for_kafka(settings.kafka, settings.startup_timeout_s)
         app = await create_app(settings, runtime)
+        if settings.http.enabled:  # after create_app: a service may have added routes (webhooks)
+            await runtime.http.start()
+            stack.push_async_callback(runtime.http.stop)
 
         async def mark_ready() -> None:
             runtime.ready = True

@@ -7,13 +7,14 @@ import contextlib
 import shutil
 
 import aiohttp
+from aiohttp import web
 from faststream import FastStream
 from faststream.kafka.annotations import KafkaMessage
 
 from services.gatherer import handlers
 from services.gatherer.settings import Settings
 from shared.db import create_pool
-from shared.esp import Accounts
+from shared.esp import Accounts, ConnectorContext, Connectors
 from shared.service import Runtime
 from shared.sftp import SftpPool
 from shared.topics import Topic
@@ -39,7 +40,13 @@ async def create_app(settings: Settings, runtime: Runtime) -> FastStream:
     else:
         work_dir = handlers.default_work_dir()
         runtime.stack.callback(shutil.rmtree, work_dir, True)
-    gatherer = handlers.Gatherer(settings, runtime, pool, sftp, http, accounts, work_dir)
+    connectors = Connectors(accounts, ConnectorContext(http, sftp))
+    gatherer = handlers.Gatherer(settings, runtime, pool, sftp, connectors, work_dir)
+
+    async def on_webhook(request: web.Request) -> web.Response:
+        return await handlers.handle_webhook(request, gatherer)
+
+    runtime.http.add_route("POST", "/webhooks/{esp}/{account}", on_webhook)
 
     @runtime.subscriber(Topic.RESPONSE_FILES)
     async def on_message(message: KafkaMessage) -> None:

@@ -17,15 +17,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import aiohttp
 import asyncpg
 import asyncssh
+from aiohttp import web
 
 from services.gatherer import core
 from services.gatherer.settings import Settings
 from shared.errors import EspbridgeError, PermanentError
-from shared.esp import Accounts, BadRow, ConnectorContext, connector_for
-from shared.gathering import scan
+from shared.esp import BadRow, Connectors, NotSupportedError, WebhookAuthError
+from shared.gathering import pull_api, scan
 from shared.kafka import decode
 from shared.logs import log_context
 from shared.messages import DeadLetter, EventSource, Message, ResponseEvent, ResponseFile
@@ -43,22 +43,19 @@ class Gatherer:
     runtime: Runtime
     pool: asyncpg.Pool
     sftp: SftpPool
-    http: aiohttp.ClientSession
-    accounts: Accounts
+    connectors: Connectors
     work_dir: Path
 
     async def scan_once(self) -> int:
-        """Scan every account once; returns the number of new files announced."""
+        """Scan every account's folders and pull its API once; returns files announced + events pulled."""
+        kafka = self.settings.kafka
         files = await scan(
-            self.accounts,
-            self.sftp,
-            self.pool,
-            self.http,
-            self.runtime.broker,
-            self.settings.kafka,
-            self.settings.republish_after_s,
+            self.connectors, self.sftp, self.pool, self.runtime.broker, kafka, self.settings.republish_after_s
         )
-        return len(files)
+        pulled = await pull_api(
+            self.connectors, self.pool, self.runtime.broker, kafka, self.settings.api_window_days
+        )
+        return len(files) + sum(p.events for p in pulled)
 
     async def scan_forever(self) -> None:
         """Scan on the configured interval until cancelled; a failed scan is logged and retried."""
@@ -74,8 +71,8 @@ async def handle_file(body: bytes, g: Gatherer) -> None:
     """Gather one remote response file."""
     file = decode(ResponseFile, body)
     with log_context(file=core.file_key(file)):
-        account = g.accounts.get(file.esp, file.account)
-        connector = connector_for(account, ConnectorContext(g.http, g.sftp))
+        connector = g.connectors.get(file.esp, file.account)
+        account = connector.account
         async with g.pool.acquire() as conn:
             state = await conn.fetchval(
                 """
@@ -181,6 +178,50 @@ async def _ledger_done(
             events,
             bad,
         )
+
+
+async def handle_webhook(request: web.Request, g: Gatherer) -> web.Response:
+    """``POST /webhooks/{esp}/{account}``: authenticate, parse, publish; bad items are dead-lettered."""
+    esp, account = request.match_info["esp"], request.match_info["account"]
+    body = await request.read()
+    where = f"webhook:{esp}/{account}"
+    try:
+        connector = g.connectors.get(esp, account)
+        items = connector.parse_webhook(request.headers, body)
+    except WebhookAuthError as exc:
+        await g.runtime.dead_letter(_webhook_letter(where, body, exc))
+        return web.json_response({"error": "unauthorized", "message": str(exc)}, status=401)
+    except (NotSupportedError, PermanentError) as exc:
+        await g.runtime.dead_letter(_webhook_letter(where, body, exc))
+        return web.json_response(
+            {"error": "rejected", "message": str(exc)},
+            status=404 if isinstance(exc, NotSupportedError) else 400,
+        )
+    events = [i for i in items if isinstance(i, ResponseEvent)]
+    letters = [
+        DeadLetter(
+            source=EventSource(kind="webhook", name=where, line=i.line),
+            payload=i.raw,
+            error_class="BadWebhookItem",
+            message=i.error,
+            service="gatherer",
+        )
+        for i in items
+        if isinstance(i, BadRow)
+    ]
+    await g.runtime.publish_many([*events, *letters])  # acknowledged by Kafka before we answer 200
+    g.runtime.metrics.inc("webhook_events_total", len(events), esp=esp)
+    return web.json_response({"accepted": len(events), "rejected": len(letters)})
+
+
+def _webhook_letter(where: str, body: bytes, exc: Exception) -> DeadLetter:
+    return DeadLetter(
+        source=EventSource(kind="webhook", name=where),
+        payload=body,
+        error_class=type(exc).__name__,
+        message=str(exc),
+        service="gatherer",
+    )
 
 
 def default_work_dir() -> Path:

@@ -29,6 +29,7 @@ class Settings(ServiceSettings):
     work_dir: Path | None = Field(
         default=None, description="where files are downloaded to (default: a temp dir)"
     )
+    api_window_days: float = Field(default=30.0, gt=0, description="pull API responses of sends this recent")
     publish_batch: int = Field(
         default=5000, ge=1, description="events published per round of acknowledgements"
     )

@@ -9,7 +9,7 @@ from faststream.kafka.annotations import KafkaMessage
 from services.monitor import handlers
 from services.monitor.settings import Settings
 from shared.db import create_pool
-from shared.esp import Accounts, ConnectorContext
+from shared.esp import Accounts, ConnectorContext, Connectors
 from shared.service import Runtime
 from shared.sftp import SftpPool
 from shared.topics import Topic
@@ -28,7 +28,7 @@ async def create_app(settings: Settings, runtime: Runtime) -> FastStream:
     http = await runtime.stack.enter_async_context(aiohttp.ClientSession())
     sftp = SftpPool(settings.sftp)
     runtime.stack.push_async_callback(sftp.close)
-    monitor = handlers.Monitor(settings, runtime, pool, ConnectorContext(http, sftp), accounts)
+    monitor = handlers.Monitor(settings, runtime, pool, Connectors(accounts, ConnectorContext(http, sftp)))
     # A list is followed inside its handler until the send ends: allow that long between polls.
     max_poll_ms = int((settings.import_timeout_s + settings.send_timeout_s + 600) * 1000)
 

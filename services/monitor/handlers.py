@@ -18,13 +18,11 @@ from services.monitor.settings import Settings
 from shared.db import jobs
 from shared.errors import PermanentError, TransientError
 from shared.esp import (
-    Accounts,
     Connector,
-    ConnectorContext,
+    Connectors,
     ImportState,
     SendState,
     SendStatus,
-    connector_for,
 )
 from shared.esp.http import EspUnavailableError
 from shared.kafka import decode
@@ -50,8 +48,7 @@ class Monitor:
     settings: Settings
     runtime: Runtime
     pool: asyncpg.Pool
-    clients: ConnectorContext
-    accounts: Accounts
+    connectors: Connectors
 
     async def report(self, status: BroadcastStatus) -> None:
         """Publish a status and keep it in control.jobs."""
@@ -73,7 +70,7 @@ async def handle_list(body: bytes, mon: Monitor) -> None:
         if row is None:
             raise PermanentError(f"job {upload.job_id} is not recorded in control.jobs")
         job = BroadcastJob.from_json(row["job"])
-        connector = connector_for(mon.accounts.get(upload.esp, upload.account), mon.clients)
+        connector = mon.connectors.get(upload.esp, upload.account)
         stage = Stage.IMPORT
         try:
             import_id = await run_import(upload, job, connector, mon)

@@ -9,7 +9,7 @@ from faststream.kafka.annotations import KafkaMessage
 from services.uploader import handlers
 from services.uploader.settings import Settings
 from shared.db import create_pool
-from shared.esp import Accounts
+from shared.esp import Accounts, ConnectorContext, Connectors
 from shared.service import Runtime
 from shared.sftp import SftpPool
 from shared.topics import Topic
@@ -29,7 +29,8 @@ async def create_app(settings: Settings, runtime: Runtime) -> FastStream:
     sftp = SftpPool(settings.sftp)
     runtime.stack.push_async_callback(sftp.close)
     http = await runtime.stack.enter_async_context(aiohttp.ClientSession())
-    uploader = handlers.Uploader(settings, runtime, pool, sftp, http, accounts)
+    connectors = Connectors(accounts, ConnectorContext(http, sftp))
+    uploader = handlers.Uploader(settings, runtime, pool, sftp, connectors)
 
     @runtime.subscriber(Topic.BROADCAST_JOBS)
     async def on_message(message: KafkaMessage) -> None:

@@ -7,14 +7,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import asyncpg
 
 from services.uploader import core, selection
 from services.uploader.settings import Settings
 from shared.db import jobs
 from shared.errors import InvalidMessageError, PermanentError
-from shared.esp import Accounts, ConnectorContext, connector_for
+from shared.esp import Connectors
 from shared.kafka import decode
 from shared.logs import log_context
 from shared.messages import (
@@ -42,8 +41,7 @@ class Uploader:
     runtime: Runtime
     pool: asyncpg.Pool
     sftp: SftpPool
-    http: aiohttp.ClientSession
-    accounts: Accounts
+    connectors: Connectors
 
     async def status(self, job_id: str, state: State, detail: str = "", **counts: int) -> None:
         """Publish an upload status and keep it in control.jobs."""
@@ -83,9 +81,8 @@ async def handle_job(body: bytes, up: Uploader) -> None:
 
 async def upload_list(job: BroadcastJob, up: Uploader) -> ListUploaded:
     """Stream the selection into the ESP's list format and upload it atomically."""
-    account = up.accounts.get(job.esp, job.account)
-    connector = connector_for(account, ConnectorContext(up.http, up.sftp))
-    core.check_mode(job, connector.can_send, account.connector)
+    connector = up.connectors.get(job.esp, job.account)
+    core.check_mode(job, connector.can_send, connector.account.connector)
     fmt = connector.list_format
     header = core.list_columns(job, fmt.email_field, fmt.key_field)
     wanted = core.source_columns(job, fmt.key_field)

@@ -20,7 +20,7 @@ from shared.esp.base import (
     SentBroadcast,
     WebhookAuthError,
 )
-from shared.esp.registry import connector_for
+from shared.esp.registry import Connectors, connector_for
 
 __all__ = [
     "AccountConfig",
@@ -29,6 +29,7 @@ __all__ = [
     "BadRow",
     "Connector",
     "ConnectorContext",
+    "Connectors",
     "ImportState",
     "ImportStatus",
     "ListFormat",

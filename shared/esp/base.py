@@ -7,13 +7,16 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
-
-import aiohttp
+from typing import TYPE_CHECKING
 
 from shared.errors import PermanentError
 from shared.esp.accounts import AccountConfig
 from shared.messages import BroadcastJob, ResponseEvent
-from shared.sftp import SftpPool
+
+if TYPE_CHECKING:  # the values module stays free of I/O libraries (services' core modules import it)
+    import aiohttp
+
+    from shared.sftp import SftpPool
 
 
 class ImportState(StrEnum):

@@ -6,7 +6,10 @@ timeouts and dropped connections are transient and carry the server's Retry-Afte
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import time
+from collections import deque
+from typing import Any, Protocol
 
 import aiohttp
 import orjson
@@ -24,6 +27,10 @@ class EspUnavailableError(TransientError):
 
 class EspRequestError(PermanentError):
     """The ESP refused the request as such (4xx other than 401, 403, 404, 409, 429)."""
+
+
+class EspAuthError(ConfigurationError):
+    """The ESP refused the credentials (401 or 403)."""
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -67,7 +74,7 @@ async def request_json(
     if status == 429 or status >= 500:
         raise EspUnavailableError(f"{where}: {body[:300]!r}", retry_after)
     if status in (401, 403):
-        raise ConfigurationError(f"{where}: the ESP refused the credentials")
+        raise EspAuthError(f"{where}: the ESP refused the credentials: {body[:300]!r}")
     try:
         parsed = orjson.loads(body) if body else None
     except orjson.JSONDecodeError:
@@ -75,3 +82,137 @@ async def request_json(
     if status in expect or status in (404, 409):
         return status, parsed
     raise EspRequestError(f"{where}: {body[:500]!r}")
+
+
+class RateLimiter:
+    """At most ``calls`` calls in any ``per_s`` seconds, across all tasks of the process.
+
+    Waiting here keeps the client under an ESP's documented limit, so 429s stay the exception.
+    """
+
+    def __init__(self, calls: int, per_s: float = 1.0) -> None:
+        self._calls = calls
+        self._per_s = per_s
+        self._sent: deque[float] = deque()
+        self._lock = asyncio.Lock()
+
+    async def acquire(self) -> None:
+        """Wait for a free slot and take it."""
+        async with self._lock:
+            while True:
+                now = time.monotonic()
+                while self._sent and now - self._sent[0] >= self._per_s:
+                    self._sent.popleft()
+                if len(self._sent) < self._calls:
+                    self._sent.append(now)
+                    return
+                await asyncio.sleep(self._per_s - (now - self._sent[0]))  # until the oldest call ages out
+
+
+class TokenSource(Protocol):
+    """Something that produces an Authorization header value and can be told it was refused."""
+
+    async def authorization(self) -> str:
+        """The header value, fetching or refreshing the token when needed."""
+        ...
+
+    def invalidate(self) -> None:
+        """The ESP refused the current token: fetch a new one next time."""
+        ...
+
+
+class OAuth2Token:
+    """An OAuth2 bearer token from a token endpoint (password or client-credentials grant).
+
+    Refreshed ``margin_s`` before it expires (with the refresh token when the ESP gave one), and
+    fetched anew after :meth:`invalidate` (a 401 on an API call).
+    """
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        token_url: str,
+        grant: dict[str, str],
+        basic: tuple[str, str] | None = None,
+        margin_s: float = 60.0,
+        timeout_s: float = 30.0,
+    ) -> None:
+        self._session = session
+        self._url = token_url
+        self._grant = grant
+        self._basic = aiohttp.BasicAuth(*basic) if basic else None
+        self._margin_s = margin_s
+        self._timeout_s = timeout_s
+        self._token: str | None = None
+        self._refresh: str | None = None
+        self._expires_at = 0.0
+        self._lock = asyncio.Lock()
+        self.fetches = 0
+
+    async def authorization(self) -> str:
+        """``Bearer <token>``, valid for at least ``margin_s`` more seconds."""
+        async with self._lock:
+            if self._token is None or time.monotonic() >= self._expires_at - self._margin_s:
+                await self._fetch()
+            return f"Bearer {self._token}"
+
+    def invalidate(self) -> None:
+        """Forget the token (it was refused)."""
+        self._token = None
+
+    async def _fetch(self) -> None:
+        form = dict(self._grant)
+        if self._refresh and self._token is not None:
+            form = {
+                **{k: v for k, v in form.items() if k in ("client_id", "client_secret")},
+                "grant_type": "refresh_token",
+                "refresh_token": self._refresh,
+            }
+        try:
+            async with self._session.post(
+                self._url, data=form, auth=self._basic, timeout=aiohttp.ClientTimeout(total=self._timeout_s)
+            ) as resp:
+                body = await resp.read()
+                status = resp.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise EspUnavailableError(f"token endpoint {self._url}: {exc}") from exc
+        if status in (400, 401, 403) and form.get("grant_type") == "refresh_token":
+            self._refresh = None  # the refresh token is spent or revoked: use the grant itself
+            await self._fetch()
+            return
+        if status in (400, 401, 403):
+            raise EspAuthError(f"token endpoint {self._url} refused the credentials ({status})")
+        if status != 200:
+            raise EspUnavailableError(f"token endpoint {self._url} answered {status}")
+        try:
+            data = orjson.loads(body)
+            self._token = str(data["access_token"])
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            raise EspUnavailableError(f"token endpoint {self._url} answered without access_token") from None
+        self._refresh = data.get("refresh_token") or self._refresh
+        self._expires_at = time.monotonic() + float(data.get("expires_in") or 3600)
+        self.fetches += 1
+
+
+async def request_with_token(
+    session: aiohttp.ClientSession,
+    token: TokenSource,
+    method: str,
+    url: str,
+    *,
+    limiter: RateLimiter | None = None,
+    headers: dict[str, str] | None = None,
+    **kwargs: Any,
+) -> tuple[int, Any]:
+    """:func:`request_json` with a bearer token; a 401 refreshes the token and retries once."""
+    for attempt in (1, 2):
+        if limiter is not None:
+            await limiter.acquire()
+        auth = {"Authorization": await token.authorization()}
+        try:
+            return await request_json(session, method, url, headers={**(headers or {}), **auth}, **kwargs)
+        except EspAuthError:
+            if attempt == 2:
+                raise
+            token.invalidate()
+    raise AssertionError("unreachable")  # the loop returns or raises
