@@ -162,7 +162,7 @@ class OAuth2Token:
 
     async def _fetch(self) -> None:
         form = dict(self._grant)
-        if self._refresh and self._token is not None:
+        if self._refresh:
             form = {
                 **{k: v for k, v in form.items() if k in ("client_id", "client_secret")},
                 "grant_type": "refresh_token",
