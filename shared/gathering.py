@@ -23,6 +23,7 @@ import asyncpg
 from faststream.kafka import KafkaBroker
 
 from shared.db import Conn
+from shared.errors import EspbridgeError
 from shared.esp import BadRow, Connector, Connectors, SentBroadcast
 from shared.kafka import publish_many
 from shared.messages import DeadLetter, EventSource, Message, ResponseEvent, ResponseFile
@@ -141,6 +142,17 @@ async def pull_api(
                     continue  # another gatherer is pulling this broadcast right now
                 try:
                     results.append(await _pull_one(connector, broadcast, conn, broker, kafka, service))
+                except EspbridgeError as exc:
+                    # One broadcast's trouble must not stop the others; the next pass tries again
+                    # from the stored cursor.
+                    log.warning(
+                        "API pull failed",
+                        extra={
+                            "job_id": broadcast.job_id,
+                            "error_class": type(exc).__name__,
+                            "error": str(exc),
+                        },
+                    )
                 finally:
                     await conn.execute(
                         "SELECT pg_advisory_unlock(hashtextextended($1, 42))", broadcast.job_id

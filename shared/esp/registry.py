@@ -7,10 +7,12 @@ from shared.esp.accounts import AccountConfig, Accounts
 from shared.esp.base import Connector, ConnectorContext
 from shared.esp.generic import GenericConnector
 from shared.esp.generic_sftp import GenericSftpConnector
+from shared.esp.instiller import InstillerConnector
 
 CONNECTORS: dict[str, type[Connector]] = {
     "generic": GenericConnector,
     "generic_sftp": GenericSftpConnector,
+    "instiller": InstillerConnector,
 }
 
 

@@ -1,0 +1,691 @@
+"""The Instiller connector (``connector: instiller``), written from docs/connectors/instiller.md.
+
+* Lists: a CSV file (``Email``, ``CommunicationKey`` and the job's field-map targets) uploaded to
+  ``<sftp_root>/upload/<job_id>.csv``, then imported into the job's own list
+  (``espbridge_<job_id>``) with ``POST lists/import_file`` and followed with ``GET lists/import_status``.
+* Sends: ``POST emails/send`` of the job's pre-created email to that list, found again with
+  ``GET emails/list_sends`` and followed with ``GET emails/send_status``; imports and sends are
+  idempotent by the job id (``external_id``).
+* Responses: pulled from ``GET emails/export_responses``, one export type and one page per
+  :meth:`InstillerConnector.pull_responses` call, with the connector's own JSON cursor
+  (``{"v":1,"next":<type>,"offsets":{<type>: rows read}}``). No response files, no webhooks.
+
+Credentials: every request carries ``api_id`` and ``api_key`` as request parameters (query string
+for GET, form fields for POST; never a header). ``api_id`` is the account's ``client_id`` and
+``api_key`` its ``client_secret`` (prefer ``client_secret_file``). Because the key travels in
+URLs, no request URL's query string is ever put into a log line or an error message.
+
+Calls keep to ``requests_per_second`` per account (evenly spaced, one connector instance per
+account per process). A 429 raises :class:`EspUnavailableError` with its ``Retry-After``, and the
+account's further calls wait until that time has passed (or fail at once if it is further away
+than the request timeout). Every endpoint path, parameter name, state name, export type, row key
+and time format is an account option; see the documentation page for each of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime, tzinfo
+from typing import Any, Self
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import aiohttp
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from shared.errors import ConfigurationError, PermanentError
+from shared.esp.accounts import AccountConfig
+from shared.esp.base import (
+    BadRow,
+    Connector,
+    ConnectorContext,
+    ImportState,
+    ImportStatus,
+    ListFormat,
+    PullPage,
+    ResponseSource,
+    SendState,
+    SendStatus,
+    SentBroadcast,
+)
+from shared.esp.generic import ListRejectedError
+from shared.esp.http import EspAuthError, EspRequestError, EspUnavailableError, RateLimiter
+from shared.messages import BroadcastJob, EventSource, EventType, ResponseEvent, event_id_for
+
+log = logging.getLogger(__name__)
+
+CURSOR_VERSION = 1
+
+DEFAULT_PATHS = {
+    "import_file": "/lists/import_file",
+    "import_status": "/lists/import_status",
+    "send": "/emails/send",
+    "send_status": "/emails/send_status",
+    "list_sends": "/emails/list_sends",
+    "export": "/emails/export_responses",
+}
+DEFAULT_PARAMS = {
+    "list": "list_api_identifier",
+    "list_name": "list_name",
+    "field_map": "field_map_api_identifier",
+    "file": "file",
+    "external_id": "external_id",
+    "import_id": "import_id",
+    "message": "email_api_identifier",
+    "send_at": "send_at",
+    "email_profile": "email_profile_api_identifier",
+    "send_id": "send_id",
+    "export_type": "export_type",
+    "offset": "offset",
+    "limit": "limit",
+}
+DEFAULT_IMPORT_STATES = {"queued": "queued", "processing": "running", "complete": "done", "failed": "failed"}
+DEFAULT_SEND_STATES = {s: s for s in ("scheduled", "sending", "sent", "failed")}
+DEFAULT_EXPORT_TYPES = (
+    "output",
+    "delivered",
+    "hard",
+    "soft",
+    "open",
+    "clicks_info",
+    "complaints",
+    "unsubscribes",
+)
+DEFAULT_EXPORT_TYPE_MAP = {
+    "output": "sent",
+    "delivered": "delivered",
+    "hard": "bounce_hard",
+    "soft": "bounce_soft",
+    "open": "open",
+    "clicks_info": "click",
+    "complaints": "complaint",
+    "unsubscribes": "unsubscribe",
+}
+DEFAULT_COLUMNS = {
+    "id": "Id",
+    "communication_key": "CommunicationKey",
+    "email": "Email",
+    "message": "EmailApiIdentifier",
+    "send_id": "SendId",
+    "url": "ClickUrl",
+    "reason": "Reason",
+}
+DEFAULT_DATE_COLUMNS = {
+    "output": "SentDate",
+    "delivered": "DeliveryDate",
+    "hard": "BounceDate",
+    "soft": "BounceDate",
+    "returned": "ReturnedDate",
+    "open": "OpenDate",
+    "clicks_info": "ClickDate",
+    "complaints": "ComplaintDate",
+    "unsubscribes": "UnsubscribeDate",
+}
+AUTH_PARAMS = ("api_id", "api_key")
+
+_MERGED_WITH_DEFAULTS: dict[str, Mapping[str, str]] = {
+    "paths": DEFAULT_PATHS,
+    "params": DEFAULT_PARAMS,
+    "import_states": DEFAULT_IMPORT_STATES,
+    "send_states": DEFAULT_SEND_STATES,
+    "export_type_map": DEFAULT_EXPORT_TYPE_MAP,
+    "columns": DEFAULT_COLUMNS,
+    "date_columns": DEFAULT_DATE_COLUMNS,
+}
+"""Dict options an account gives in part: its entries are laid over these defaults."""
+
+_ROLE_KEYED = ("paths", "params", "columns")
+"""Dict options keyed by a fixed set of roles: an unknown role is refused."""
+
+
+class Options(BaseModel):
+    """The account ``options`` this connector reads (see docs/connectors/instiller.md#configuration).
+
+    ``paths``, ``params``, ``columns``, ``date_columns``, ``export_type_map``, ``import_states`` and
+    ``send_states`` are merged over their defaults, so an account names only what differs.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    paths: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_PATHS))
+    params: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_PARAMS))
+    import_states: dict[str, ImportState] = Field(
+        default_factory=lambda: {k: ImportState(v) for k, v in DEFAULT_IMPORT_STATES.items()}
+    )
+    send_states: dict[str, SendState] = Field(
+        default_factory=lambda: {k: SendState(v) for k, v in DEFAULT_SEND_STATES.items()}
+    )
+    list_identifier_template: str = "espbridge_{job_id}"
+    field_map_api_identifier: str = Field(default="espbridge", min_length=1)
+    email_profile_api_identifier: str | None = None
+    upload_folder: str = Field(default="upload", min_length=1)
+    list_suffix: str = ".csv"
+    list_delimiter: str = Field(default=",", min_length=1, max_length=1)
+    list_encoding: str = "utf-8"
+    list_line_terminator: str = "\n"
+    email_column: str = Field(default="Email", min_length=1)
+    key_column: str = Field(default="CommunicationKey", min_length=1)
+    export_types: tuple[str, ...] = Field(default=DEFAULT_EXPORT_TYPES, min_length=1)
+    export_type_map: dict[str, EventType] = Field(
+        default_factory=lambda: {k: EventType(v) for k, v in DEFAULT_EXPORT_TYPE_MAP.items()}
+    )
+    optional_export_types: tuple[str, ...] = ("output", "unsubscribes")
+    columns: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_COLUMNS))
+    date_columns: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_DATE_COLUMNS))
+    id_column: str = Field(default="Id", description='the row key of the ESP\'s event id; "" = none')
+    page_size: int = Field(default=1000, ge=1, le=5000)
+    date_format: str = Field(default="%Y-%m-%d %H:%M:%S", min_length=1)
+    timezone: str = "Europe/London"
+    requests_per_second: float = Field(default=5.0, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        merged = dict(data)
+        for name, defaults in _MERGED_WITH_DEFAULTS.items():
+            given = merged.get(name)
+            if isinstance(given, dict):
+                merged[name] = {**defaults, **given}
+        given_columns = data.get("columns")
+        given_id = given_columns.get("id") if isinstance(given_columns, dict) else None
+        if given_id is not None:
+            # columns.id and id_column name the same key: either may be given, but not two different ones
+            if "id_column" not in data:
+                merged["id_column"] = given_id
+            elif data["id_column"] and data["id_column"] != given_id:
+                raise ValueError(f"id_column {data['id_column']!r} and columns.id {given_id!r} disagree")
+        return merged
+
+    @model_validator(mode="after")
+    def _coherent(self) -> Self:
+        defaults: dict[str, Mapping[str, str]] = {
+            "paths": DEFAULT_PATHS,
+            "params": DEFAULT_PARAMS,
+            "columns": DEFAULT_COLUMNS,
+        }
+        for name in _ROLE_KEYED:
+            unknown = set(getattr(self, name)) - set(defaults[name])
+            if unknown:
+                raise ValueError(
+                    f"{name} has unknown roles {sorted(unknown)} (known: {sorted(defaults[name])})"
+                )
+        bad_paths = [p for p in self.paths.values() if not p.startswith("/")]
+        if bad_paths:
+            raise ValueError(f"paths must start with '/': {bad_paths}")
+        names = list(self.params.values())
+        if len(set(names)) != len(names) or set(names) & set(AUTH_PARAMS) or "" in names:
+            raise ValueError(f"params must be distinct non-empty names other than {AUTH_PARAMS}: {names}")
+        if "{job_id}" not in self.list_identifier_template:
+            raise ValueError("list_identifier_template must contain {job_id}")
+        try:
+            self.list_identifier_template.format(job_id="job-1")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"list_identifier_template is not a template of job_id only: {exc}") from None
+        if len(set(self.export_types)) != len(self.export_types):
+            raise ValueError("export_types lists a type twice")
+        unmapped = [t for t in self.export_types if t not in self.export_type_map]
+        if unmapped:
+            raise ValueError(f"export_types {unmapped} are not mapped in export_type_map")
+        undated = [t for t in self.export_types if not self.date_columns.get(t)]
+        if undated:
+            raise ValueError(f"export_types {undated} have no date column in date_columns")
+        sample = datetime(2026, 11, 22, 10, 0, 3)
+        try:
+            datetime.strptime(sample.strftime(self.date_format), self.date_format)
+        except ValueError as exc:
+            raise ValueError(f"date_format {self.date_format!r} cannot be read back: {exc}") from None
+        return self
+
+
+class InstillerRefusedError(EspRequestError):
+    """The ESP answered 400, 404, 409 or another 4xx with its ``{"error", "message"}`` body."""
+
+    def __init__(self, where: str, status: int, error: str, message: str) -> None:
+        super().__init__(f"{where} answered {status} {error}: {message}")
+        self.status = status
+        self.error = error
+
+
+class InstillerConnector(Connector):
+    """Connector for Instiller (REST with ``api_id``/``api_key`` parameters, SFTP list files)."""
+
+    can_send = True
+    pulls_api = True
+    response_sources: tuple[ResponseSource, ...] = ()
+
+    def __init__(self, account: AccountConfig, context: ConnectorContext) -> None:
+        super().__init__(account, context)
+        name = f"{account.esp}/{account.account}"
+        try:
+            self.options = Options.model_validate(account.options)
+        except ValidationError as exc:
+            raise ConfigurationError(f"account {name} options: {exc}") from None
+        if not account.api_url:
+            raise ConfigurationError(
+                f"account {name} needs an api_url (e.g. https://control.instiller.co.uk/rest)"
+            )
+        if not account.client_id or not account.client_secret or not account.client_secret.get_secret_value():
+            raise ConfigurationError(
+                f"account {name} needs client_id (the Instiller API ID) "
+                "and client_secret[_file] (the API key)"
+            )
+        try:
+            self._zone: tzinfo = ZoneInfo(self.options.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ConfigurationError(
+                f"account {name} options: unknown time zone {self.options.timezone!r}"
+            ) from None
+        opts = self.options
+        self._name = name
+        self._session = context.http
+        self._base = account.api_url.rstrip("/")
+        self._api_id = account.client_id
+        self._api_key = account.client_secret.get_secret_value()
+        self._id_key = opts.id_column
+        self._columns = dict(opts.columns)
+        self._limiter = RateLimiter(1, 1.0 / opts.requests_per_second)
+        self._hold_until = 0.0  # monotonic time before which a 429's Retry-After asks us not to call
+        self._missing_types: set[str] = set()  # optional export types the ESP does not know
+        self.list_format = ListFormat(
+            delimiter=opts.list_delimiter,
+            encoding=opts.list_encoding,
+            line_terminator=opts.list_line_terminator,
+            email_field=opts.email_column,
+            key_field=opts.key_column,
+            drop_folder=opts.upload_folder,
+            suffix=opts.list_suffix,
+        )
+
+    # --- HTTP ---------------------------------------------------------------------------------------
+
+    def _redact(self, text: str) -> str:
+        """Text for a log or an error: no query strings, no API key."""
+        text = re.sub(r"\?[^\s'\">]*", "?…", text)
+        return text.replace(self._api_key, "***") if self._api_key else text
+
+    async def _wait_for_turn(self, where: str) -> None:
+        hold = self._hold_until - time.monotonic()
+        if hold > self.account.request_timeout_s:
+            raise EspUnavailableError(f"{where}: rate limited by the ESP for {hold:.0f}s more", hold)
+        if hold > 0:
+            await asyncio.sleep(hold)  # the ESP's Retry-After of an earlier call
+        await self._limiter.acquire()
+
+    async def _call(self, method: str, role: str, params: dict[str, str]) -> Any:
+        """One authenticated call; the parsed body of a 200, else the documented error mapping."""
+        path = self.options.paths[role]
+        where = f"{method} {path}"
+        await self._wait_for_turn(where)
+        fields = {**params, "api_id": self._api_id, "api_key": self._api_key}
+        get = method == "GET"
+        try:
+            async with self._session.request(
+                method,
+                self._base + path,
+                params=fields if get else None,
+                data=None if get else fields,  # application/x-www-form-urlencoded
+                headers={"Accept": "application/json"},
+                timeout=aiohttp.ClientTimeout(total=self.account.request_timeout_s),
+                allow_redirects=False,
+            ) as resp:
+                body = await resp.read()
+                status = resp.status
+                retry_after = _retry_after(resp.headers.get("Retry-After"))
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # from None: the original exception's text may hold the URL with its query string
+            raise EspUnavailableError(f"{where}: {type(exc).__name__}: {self._redact(str(exc))}") from None
+        snippet = self._redact(body[:300].decode("utf-8", "replace"))
+        if status == 429:
+            if retry_after is not None:
+                self._hold_until = max(self._hold_until, time.monotonic() + retry_after)
+            raise EspUnavailableError(f"{where} answered 429 (rate limited): {snippet}", retry_after)
+        if status >= 500:
+            raise EspUnavailableError(f"{where} answered {status}: {snippet}", retry_after)
+        if status in (401, 403):
+            raise EspAuthError(
+                f"{where} answered {status}: Instiller refused the API ID or key of {self._name}"
+            )
+        try:
+            parsed = orjson.loads(body) if body else None
+        except orjson.JSONDecodeError:
+            parsed = None
+            if status == 200:
+                raise EspUnavailableError(
+                    f"{where} answered 200 with a body that is not JSON: {snippet}"
+                ) from None
+        if status == 200:
+            return parsed
+        error, message = (
+            (str(parsed.get("error") or ""), str(parsed.get("message") or ""))
+            if isinstance(parsed, dict)
+            else ("", snippet)
+        )
+        raise InstillerRefusedError(where, status, error, self._redact(message))
+
+    # --- imports and sends ----------------------------------------------------------------------------
+
+    def _list_id(self, job_id: str) -> str:
+        return self.options.list_identifier_template.format(job_id=job_id)
+
+    def _relative(self, remote_path: str) -> str:
+        root = self.account.sftp_root.rstrip("/") + "/"
+        if not remote_path.startswith(root):
+            raise PermanentError(f"{remote_path} is not inside the account folder {root}")
+        return remote_path[len(root) :]
+
+    async def start_import(self, remote_path: str, job: BroadcastJob) -> ImportStatus:
+        """POST lists/import_file (idempotent by the job id as external_id)."""
+        p, rel = self.options.params, self._relative(remote_path)
+        form = {
+            p["list"]: self._list_id(job.job_id),
+            p["list_name"]: job.list_name,
+            p["field_map"]: self.options.field_map_api_identifier,
+            p["file"]: rel,
+            p["external_id"]: job.job_id,
+        }
+        try:
+            body = await self._call("POST", "import_file", form)
+        except InstillerRefusedError as exc:
+            if exc.status == 404:
+                raise ListRejectedError(f"Instiller cannot import {rel}: {exc}") from None
+            raise
+        return self._import_status(body)
+
+    async def import_status(self, import_id: str) -> ImportStatus:
+        """GET lists/import_status."""
+        try:
+            body = await self._call("GET", "import_status", {self.options.params["import_id"]: import_id})
+        except InstillerRefusedError as exc:
+            if exc.status == 404:
+                raise ListRejectedError(f"Instiller does not know import {import_id}: {exc}") from None
+            raise
+        return self._import_status(body)
+
+    async def find_send(self, job: BroadcastJob) -> SendStatus | None:
+        """GET emails/list_sends?external_id=<job_id>: the first send, else None."""
+        body = await self._call("GET", "list_sends", {self.options.params["external_id"]: job.job_id})
+        sends = body.get("sends") if isinstance(body, dict) else None
+        if not isinstance(sends, list):
+            raise EspUnavailableError(f"list_sends answered without a sends list: {_short(body)}")
+        return self._send_status(sends[0]) if sends else None
+
+    async def send(self, import_id: str, job: BroadcastJob) -> SendStatus:
+        """POST emails/send of the job's message to the job's list (idempotent by external_id)."""
+        p, opts = self.options.params, self.options
+        form = {
+            p["message"]: job.message,
+            p["list"]: self._list_id(job.job_id),
+            p["external_id"]: job.job_id,
+        }
+        if job.send_at is not None:
+            form[p["send_at"]] = job.send_at.astimezone(self._zone).strftime(opts.date_format)
+        if opts.email_profile_api_identifier:
+            form[p["email_profile"]] = opts.email_profile_api_identifier
+        try:
+            body = await self._call("POST", "send", form)
+        except InstillerRefusedError as exc:
+            if exc.status in (404, 409):
+                raise ListRejectedError(f"Instiller refused the send of {job.job_id}: {exc}") from None
+            raise
+        return self._send_status(body)
+
+    async def send_status(self, send_id: str) -> SendStatus:
+        """GET emails/send_status."""
+        body = await self._call("GET", "send_status", {self.options.params["send_id"]: send_id})
+        return self._send_status(body)
+
+    def _import_status(self, body: Any) -> ImportStatus:
+        if not isinstance(body, dict) or not body.get("import_id") or not isinstance(body.get("state"), str):
+            raise EspUnavailableError(f"an import answer without import_id and state: {_short(body)}")
+        state = self.options.import_states.get(body["state"])
+        if state is None:
+            raise ConfigurationError(
+                f"Instiller answered import state {body['state']!r}, which options.import_states of "
+                f"{self._name} does not map"
+            )
+        errors = body.get("errors") or []
+        if not isinstance(errors, list):
+            raise EspUnavailableError(f"an import answer whose errors are not a list: {_short(body)}")
+        return ImportStatus(
+            import_id=str(body["import_id"]),
+            state=state,
+            rows_valid=_count(body, "rows_imported"),
+            rows_invalid=_count(body, "rows_rejected"),
+            errors=tuple(
+                f"line {e.get('line')}: {e.get('error')}" if isinstance(e, dict) else str(e) for e in errors
+            ),
+        )
+
+    def _send_status(self, body: Any) -> SendStatus:
+        if not isinstance(body, dict) or not body.get("send_id") or not isinstance(body.get("state"), str):
+            raise EspUnavailableError(f"a send answer without send_id and state: {_short(body)}")
+        state = self.options.send_states.get(body["state"])
+        if state is None:
+            raise ConfigurationError(
+                f"Instiller answered send state {body['state']!r}, which options.send_states of "
+                f"{self._name} does not map"
+            )
+        return SendStatus(
+            send_id=str(body["send_id"]),
+            state=state,
+            recipients=_count(body, "recipients"),
+            detail=str(body.get("error") or ""),
+        )
+
+    # --- responses --------------------------------------------------------------------------------------
+
+    def _read_cursor(self, cursor: str | None) -> tuple[str, dict[str, int]]:
+        types = self.options.export_types
+        if cursor is None:
+            return types[0], {}
+        try:
+            data = orjson.loads(cursor)
+            if not isinstance(data, dict) or data.get("v") != CURSOR_VERSION:
+                raise ValueError("not a version 1 cursor")
+            offsets = data["offsets"]
+            if not isinstance(offsets, dict) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in offsets.values()
+            ):
+                raise ValueError("offsets are not counts")
+            following = data["next"]
+        except (orjson.JSONDecodeError, KeyError, ValueError) as exc:
+            log.warning(
+                "unreadable pull cursor, reading the broadcast's exports from the start",
+                extra={"account": self._name, "error": str(exc)},
+            )
+            return types[0], {}
+        return (following if following in types else types[0]), {str(k): v for k, v in offsets.items()}
+
+    @staticmethod
+    def _write_cursor(following: str, offsets: dict[str, int]) -> str:
+        return orjson.dumps({"v": CURSOR_VERSION, "next": following, "offsets": offsets}).decode()
+
+    async def pull_responses(self, broadcast: SentBroadcast, cursor: str | None) -> PullPage:
+        """One GET emails/export_responses page: export type ``next`` from its stored offset.
+
+        When a type is exhausted the cursor moves to the next type (``more``), and after the last
+        type it wraps to the first with ``more = False``: one round visits every type.
+        """
+        opts, p = self.options, self.options.params
+        types = opts.export_types
+        current, offsets = self._read_cursor(cursor)
+        index = types.index(current)
+
+        def advance() -> tuple[str, bool]:
+            """The type after ``current``, and whether the round goes on (False when it wraps)."""
+            following = index + 1
+            return (types[following], True) if following < len(types) else (types[0], False)
+
+        while current in self._missing_types:  # optional types the ESP does not know: treated as empty
+            if index + 1 >= len(types):
+                return PullPage((), self._write_cursor(types[0], offsets), more=False)
+            index += 1
+            current = types[index]
+        offset = offsets.get(current, 0)
+        list_id = self._list_id(broadcast.job_id)
+        query = {
+            p["list"]: list_id,
+            p["export_type"]: current,
+            p["offset"]: str(offset),
+            p["limit"]: str(opts.page_size),
+        }
+        try:
+            body = await self._call("GET", "export", query)
+        except InstillerRefusedError as exc:
+            if (
+                exc.status == 400
+                and exc.error == "invalid_export_type"
+                and current in opts.optional_export_types
+            ):
+                if current not in self._missing_types:
+                    self._missing_types.add(current)
+                    log.warning(
+                        "Instiller does not know an optional export type: treated as empty",
+                        extra={"account": self._name, "export_type": current},
+                    )
+                following, more = advance()
+                return PullPage((), self._write_cursor(following, offsets), more=more)
+            raise
+        rows, total = self._envelope(body, current, list_id, offset)
+        items = tuple(
+            self._item(broadcast, current, offset, offset + i + 1, row) for i, row in enumerate(rows)
+        )
+        offsets = {**offsets, current: offset + len(rows)}
+        if rows and offset + len(rows) < total:
+            return PullPage(items, self._write_cursor(current, offsets), more=True)
+        following, more = advance()
+        return PullPage(items, self._write_cursor(following, offsets), more=more)
+
+    def _envelope(self, body: Any, export_type: str, list_id: str, offset: int) -> tuple[list[Any], int]:
+        """The rows and total of an export answer; anything else fails the call (cursor kept)."""
+
+        def is_count(value: Any) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+        problem = None
+        if not isinstance(body, dict):
+            problem = "not an object"
+        elif not isinstance(body.get("rows"), list):
+            problem = "no rows list"
+        elif not is_count(body.get("total")):
+            problem = "no total count"
+        elif not is_count(body.get("limit")):
+            problem = "no limit count"
+        elif body.get("offset") != offset or not is_count(body.get("offset")):
+            problem = f"offset {body.get('offset')!r}, not the {offset} asked for"
+        elif body.get("export_type") != export_type:
+            problem = f"export_type {body.get('export_type')!r}, not {export_type!r}"
+        elif body.get("list_api_identifier") != list_id:
+            problem = f"list_api_identifier {body.get('list_api_identifier')!r}, not {list_id!r}"
+        if problem is not None:
+            raise EspUnavailableError(
+                f"GET {self.options.paths['export']} ({export_type}) answered a body that is not the "
+                f"export envelope ({problem}): {_short(body)}"
+            )
+        return body["rows"], body["total"]
+
+    def _item(
+        self, broadcast: SentBroadcast, export_type: str, offset: int, line: int, row: Any
+    ) -> ResponseEvent | BadRow:
+        try:
+            return self._event(broadcast, export_type, offset, row)
+        except ValueError as exc:
+            return BadRow(line=line, raw=orjson.dumps(row), error=f"{export_type} row: {exc}")
+
+    def _event(self, broadcast: SentBroadcast, export_type: str, offset: int, row: Any) -> ResponseEvent:
+        opts, cols = self.options, self._columns
+        if not isinstance(row, dict):
+            raise ValueError(f"not an object but {type(row).__name__}")
+        not_text = [str(k) for k, v in row.items() if not isinstance(v, str)]
+        if not_text:
+            raise ValueError(f"non-string values in {', '.join(not_text)}")
+
+        def get(role: str) -> str:
+            return str(row.get(cols[role], ""))
+
+        esp_id = str(row.get(self._id_key, "")) if self._id_key else ""
+        if self._id_key and not esp_id:
+            raise ValueError(f"empty {self._id_key}")
+        key, email = get("communication_key"), get("email")
+        if not key and not email:
+            raise ValueError(f"neither {cols['communication_key']} nor {cols['email']}")
+        date_column = opts.date_columns[export_type]
+        if date_column not in row:
+            raise ValueError(f"no {date_column}")
+        occurred = self._time(date_column, row[date_column])
+        event_type = opts.export_type_map[export_type]
+        url = get("url") if event_type is EventType.CLICK else ""
+        if event_type is EventType.CLICK and not url:
+            raise ValueError(f"a click without {cols['url']}")
+        esp = self.account.esp
+        event_id = (
+            event_id_for(esp, esp_event_id=f"{self.account.account}:{export_type}:{esp_id}")
+            if esp_id
+            else event_id_for(
+                esp,
+                broadcast_id=broadcast.job_id,
+                recipient=key or email,
+                event_type=event_type.value,
+                occurred_at=occurred,
+                url=url or None,
+            )
+        )
+        extra = {"export_type": export_type}
+        for role, name in (("send_id", "SendId"), ("reason", "Reason")):
+            if get(role):
+                extra[name] = get(role)
+        return ResponseEvent(
+            event_id=event_id,
+            esp=esp,
+            account=self.account.account,
+            broadcast_id=broadcast.job_id,
+            esp_message_id=get("message") or broadcast.message,
+            communication_key=key or None,
+            email=email or None,
+            type=event_type,
+            url=url or None,
+            occurred_at=occurred,
+            source=EventSource(
+                kind="api",
+                name=f"{opts.paths['export']}?export_type={export_type}",
+                page=offset // opts.page_size,
+            ),
+            extra=extra,
+        )
+
+    def _time(self, column: str, value: str) -> datetime:
+        """A local time in ``date_format``/``timezone`` (first occurrence when repeated) as UTC."""
+        if not value:
+            raise ValueError(f"empty {column}")
+        try:
+            parsed = datetime.strptime(value, self.options.date_format)
+        except ValueError:
+            raise ValueError(f"{column} {value!r} does not match {self.options.date_format!r}") from None
+        local = parsed if parsed.tzinfo else parsed.replace(tzinfo=self._zone, fold=0)
+        return local.astimezone(UTC)
+
+
+def _retry_after(value: str | None) -> float | None:
+    try:
+        return max(0.0, float(value)) if value else None
+    except ValueError:
+        return None
+
+
+def _count(body: dict[str, Any], name: str) -> int:
+    value = body.get(name)
+    if value is None:
+        return 0
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise EspUnavailableError(f"{name} is not a count: {_short(body)}")
+    return value
+
+
+def _short(body: Any) -> str:
+    return orjson.dumps(body).decode("utf-8", "replace")[:300]
