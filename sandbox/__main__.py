@@ -11,11 +11,14 @@ import orjson
 from pydantic import ValidationError
 
 from sandbox.app import run
+from sandbox.flavors import FLAVORS
 from sandbox.logs import configure
 from sandbox.settings import Settings
 
 EPILOG = """\
 environment variables (prefix ESPBRIDGE_SANDBOX_):
+  FLAVOR             the ESP played: generic (default; docs/generic-esp.md) or generic_sftp
+                     (docs/connectors/generic_sftp.md)
   ROOT               the SFTP login directory (required); accounts are ROOT/ESP/ACCOUNT
   ESP                ESP folder name (default sandbox)
   ACCOUNTS           comma-separated account names (default demo)
@@ -26,6 +29,7 @@ environment variables (prefix ESPBRIDGE_SANDBOX_):
   PHASE_DELAY_S      pause between response phases (default 1.0)
   IMPORT_DELAY_S     time an import stays queued, and running (default 0.2)
   ROWS_PER_FILE      events per response file at most (default 5000)
+  WATCH_INTERVAL_S   how often a flavor that watches SFTP folders reads them (default 0.2)
   RATE_HARD_BOUNCE, RATE_SOFT_BOUNCE, RATE_OPEN, RATE_CLICK, RATE_UNSUBSCRIBE, RATE_COMPLAINT
                      response probabilities (defaults 0.02, 0.03, 0.35, 0.3, 0.02, 0.003)
   LOG_LEVEL          DEBUG, INFO, WARNING or ERROR (default INFO)
@@ -38,8 +42,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the sandbox ESP; returns the process exit code."""
     parser = argparse.ArgumentParser(
         prog="python -m sandbox",
-        description="The sandbox ESP: serves the generic ESP's REST API, imports lists dropped on its "
-        "SFTP tree, simulates sends and writes response files (docs/generic-esp.md).",
+        description="The sandbox ESP: plays an ESP (a flavor) over HTTP and its SFTP tree: imports "
+        "lists dropped there, simulates sends and writes response files.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -56,6 +60,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             for e in exc.errors(include_input=False)
         )
         sys.stderr.write(f"sandbox: invalid settings:\n{problems}\n")
+        return 2
+    if settings.flavor not in FLAVORS:
+        sys.stderr.write(
+            f"sandbox: invalid settings:\n  ESPBRIDGE_SANDBOX_FLAVOR: unknown flavor {settings.flavor!r} "
+            f"(known: {', '.join(sorted(FLAVORS))})\n"
+        )
         return 2
     if args.print_settings:
         sys.stdout.write(orjson.dumps(settings.masked(), option=orjson.OPT_INDENT_2).decode() + "\n")

@@ -1,18 +1,23 @@
-"""The REST API of docs/generic-esp.md over aiohttp: bearer auth, JSON errors, imports, sends, stats."""
+"""The HTTP server every flavor shares: bearer auth, JSON errors, ``/healthz``, ``_sandbox/stats``.
+
+The flavor adds its own routes (the generic flavor's imports and sends, docs/generic-esp.md);
+their handlers use :func:`account_of`, :func:`read_body` and :func:`json_response` from here.
+"""
 
 from __future__ import annotations
 
 import hmac
 import logging
+from collections.abc import Iterable
 from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ValidationError
 
 from sandbox.engine import Account, EspError
-from sandbox.protocol import API_PREFIX, EXTERNAL_ID_RE
+from sandbox.protocol import API_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -30,33 +35,13 @@ class ApiContext:
 CONTEXT = web.AppKey("context", ApiContext)
 
 
-class ImportRequest(BaseModel):
-    """The body of ``POST /imports``."""
-
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
-    file: str = Field(min_length=1)
-    list_name: str | None = None
-    external_id: str = Field(pattern=EXTERNAL_ID_RE.pattern)
-
-
-class SendRequest(BaseModel):
-    """The body of ``POST /sends``."""
-
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
-    import_id: str = Field(min_length=1)
-    message: str = Field(min_length=1)
-    external_id: str = Field(pattern=EXTERNAL_ID_RE.pattern)
-    send_at: AwareDatetime | None = None
-
-
-def _json(body: Any, status: int = 200) -> web.Response:
+def json_response(body: Any, status: int = 200) -> web.Response:
+    """A JSON answer."""
     return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
 
 
 def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
-    response = _json({"error": code, "message": message}, status)
+    response = json_response({"error": code, "message": message}, status)
     if headers:
         response.headers.update(headers)
     return response
@@ -93,7 +78,8 @@ async def bearer_auth(request: web.Request, handler: Handler) -> web.StreamRespo
     return await handler(request)
 
 
-def _account(request: web.Request) -> Account:
+def account_of(request: web.Request) -> Account:
+    """The account named in the path (``{account}``); 404 if there is none."""
     name = request.match_info["account"]
     account = request.app[CONTEXT].accounts.get(name)
     if account is None:
@@ -101,7 +87,8 @@ def _account(request: web.Request) -> Account:
     return account
 
 
-async def _body(request: web.Request, model: type[M]) -> M:
+async def read_body(request: web.Request, model: type[M]) -> M:
+    """The JSON body validated as ``model``; 400 with the problems otherwise."""
     try:
         data = orjson.loads(await request.read())
     except orjson.JSONDecodeError:
@@ -116,77 +103,21 @@ async def _body(request: web.Request, model: type[M]) -> M:
         raise EspError(400, "invalid_request", problems) from None
 
 
-async def create_import(request: web.Request) -> web.Response:
-    """``POST /imports``: 202 with a new import, 200 with the one this ``external_id`` made."""
-    account = _account(request)
-    body = await _body(request, ImportRequest)
-    record, created = await account.create_import(body.file, body.list_name, body.external_id)
-    if created:
-        return _json({"import_id": record.import_id, "state": record.state.value}, 202)
-    return _json(record.public())
-
-
-async def get_import(request: web.Request) -> web.Response:
-    """``GET /imports/<import_id>``."""
-    account = _account(request)
-    import_id = request.match_info["import_id"]
-    record = account.state.imports.get(import_id)
-    if record is None:
-        raise EspError(404, "import_not_found", f"no import {import_id}")
-    return _json(record.public())
-
-
-async def create_send(request: web.Request) -> web.Response:
-    """``POST /sends``: 202 with a new send, 200 with the one this ``external_id`` made (never sent again)."""
-    account = _account(request)
-    body = await _body(request, SendRequest)
-    record, created = await account.create_send(body.import_id, body.message, body.external_id, body.send_at)
-    if created:
-        return _json({"send_id": record.send_id, "state": record.state.value}, 202)
-    return _json(record.public())
-
-
-async def get_send(request: web.Request) -> web.Response:
-    """``GET /sends/<send_id>``."""
-    account = _account(request)
-    send_id = request.match_info["send_id"]
-    record = account.state.sends.get(send_id)
-    if record is None:
-        raise EspError(404, "send_not_found", f"no send {send_id}")
-    return _json(record.public())
-
-
-async def list_sends(request: web.Request) -> web.Response:
-    """``GET /sends?external_id=…``: the sends made with that ``external_id`` (all without it)."""
-    account = _account(request)
-    external_id = request.query.get("external_id")
-    if external_id is None:
-        found = list(account.state.sends.values())
-    else:
-        found = account.state.sends_by_external_id(external_id)
-    return _json({"sends": [s.public() for s in found]})
-
-
 async def stats(request: web.Request) -> web.Response:
-    """``GET /_sandbox/stats`` (sandbox only): imports and sends created per ``external_id``."""
-    return _json(_account(request).state.stats())
+    """``GET /_sandbox/stats`` (every flavor, for tests): imports and sends created per ``external_id``."""
+    return json_response(account_of(request).state.stats())
 
 
 async def healthz(_request: web.Request) -> web.Response:
     """Liveness for process supervisors; no authentication, no account data."""
-    return _json({"status": "ok"})
+    return json_response({"status": "ok"})
 
 
-def create_app(context: ApiContext) -> web.Application:
-    """The aiohttp application serving the API for ``context``'s accounts."""
+def create_app(context: ApiContext, routes: Iterable[web.RouteDef]) -> web.Application:
+    """The aiohttp application for ``context``'s accounts: the flavor's ``routes`` and the shared ones."""
     app = web.Application(middlewares=[json_errors, bearer_auth])
     app[CONTEXT] = context
-    base = API_PREFIX + "/{account}"
-    app.router.add_post(f"{base}/imports", create_import)
-    app.router.add_get(f"{base}/imports/{{import_id}}", get_import)
-    app.router.add_post(f"{base}/sends", create_send)
-    app.router.add_get(f"{base}/sends", list_sends)
-    app.router.add_get(f"{base}/sends/{{send_id}}", get_send)
-    app.router.add_get(f"{base}/_sandbox/stats", stats)
+    app.add_routes(routes)
+    app.router.add_get(API_PREFIX + "/{account}/_sandbox/stats", stats)
     app.router.add_get("/healthz", healthz)
     return app

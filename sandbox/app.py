@@ -14,6 +14,8 @@ from aiohttp import web
 from sandbox.api import ApiContext, create_app
 from sandbox.engine import Account
 from sandbox.files import atomic_write_bytes
+from sandbox.flavors import FLAVORS
+from sandbox.flavors.base import Flavor
 from sandbox.protocol import API_PREFIX
 from sandbox.settings import Settings
 
@@ -31,11 +33,11 @@ def server_url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def open_accounts(settings: Settings, stop: threading.Event) -> dict[str, Account]:
+def open_accounts(settings: Settings, flavor: Flavor, stop: threading.Event) -> dict[str, Account]:
     """The configured accounts, their folders created and their saved state loaded."""
     accounts: dict[str, Account] = {}
     for name in settings.accounts:
-        account = Account(name, settings.root / settings.esp / name, settings, stop)
+        account = Account(name, settings.root / settings.esp / name, settings, flavor, stop)
         account.open()
         accounts[name] = account
     return accounts
@@ -43,6 +45,7 @@ def open_accounts(settings: Settings, stop: threading.Event) -> dict[str, Accoun
 
 async def run(settings: Settings) -> None:
     """Serve until SIGTERM or SIGINT, then stop the background work and return."""
+    flavor = FLAVORS[settings.flavor]
     log.info("starting", extra={"settings": settings.masked()})
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
@@ -51,9 +54,9 @@ async def run(settings: Settings) -> None:
 
     # Worker threads (list imports, response files) check this flag between rows and files.
     stop_flag = threading.Event()
-    accounts = open_accounts(settings, stop_flag)
+    accounts = open_accounts(settings, flavor, stop_flag)
     token = settings.bearer_token.get_secret_value().encode()
-    runner = web.AppRunner(create_app(ApiContext(accounts, token)), access_log=None)
+    runner = web.AppRunner(create_app(ApiContext(accounts, token), flavor.routes), access_log=None)
     await runner.setup()
     url_file: Path | None = None
     try:
@@ -70,11 +73,12 @@ async def run(settings: Settings) -> None:
                 "url": url,
                 "base_urls": {name: f"{url}{API_PREFIX}/{name}" for name in accounts},
                 "esp": settings.esp,
+                "flavor": flavor.name,
                 "root": str(settings.root),
             },
         )
         for account in accounts.values():
-            account.resume()
+            account.start()
         await stopping.wait()
         log.info("stopping")
     finally:

@@ -1,4 +1,9 @@
-"""The ESP's behaviour per account: create imports and sends, and carry them out in the background."""
+"""The ESP's behaviour per account: create imports and sends, and carry them out in the background.
+
+This is what every flavor shares; the account's flavor reads the list files and writes the
+response files, and its routes or its watcher call :meth:`Account.create_import` and
+:meth:`Account.create_send`.
+"""
 
 from __future__ import annotations
 
@@ -8,26 +13,28 @@ import secrets
 import threading
 from collections.abc import Coroutine
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sandbox.listfile import ImportInterruptedError, ImportResult, import_list
+from sandbox.listfile import ImportInterruptedError, ImportResult
 from sandbox.protocol import (
-    ACCOUNT_FOLDERS,
-    DROP,
     LISTS_FOLDER,
     MANIFEST,
     RESPONSES,
     STATE_FILE,
+    EventType,
     ImportState,
-    Phase,
     SendState,
     parse_utc,
     utc_text,
 )
-from sandbox.responses import Broadcast, ResponseWriter, SendInterruptedError
+from sandbox.responses import Broadcast, ResponsePhase, ResponseWriter, SendInterruptedError
 from sandbox.settings import Settings
 from sandbox.state import AccountState, ImportRecord, SendRecord
+
+if TYPE_CHECKING:
+    from sandbox.flavors.base import Flavor
 
 log = logging.getLogger(__name__)
 
@@ -50,57 +57,45 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def drop_file(file: str) -> PurePosixPath:
-    """The ``file`` of an import request as a path, if it names a visible file directly in ``drop/``."""
-    path = PurePosixPath(file)
-    if (
-        path.is_absolute()
-        or len(path.parts) != 2
-        or path.parts[0] != DROP
-        or path.name.startswith(".")
-        or "\\" in file
-    ):
-        raise EspError(400, "invalid_request", "file must name a file in drop/, e.g. drop/job-1.csv")
-    return path
-
-
 class Account:
     """One ESP account: its folder tree, its imports and sends, and the background work for them."""
 
-    def __init__(self, name: str, folder: Path, settings: Settings, stop: threading.Event) -> None:
+    def __init__(
+        self, name: str, folder: Path, settings: Settings, flavor: Flavor, stop: threading.Event
+    ) -> None:
         self.name = name
         self.folder = folder
         self.settings = settings
+        self.flavor = flavor
         self.state = AccountState(folder / STATE_FILE)
         self._stop = stop
         self._tasks: set[asyncio.Task[None]] = set()
+        self._running_imports: dict[str, asyncio.Task[None]] = {}
 
     def open(self) -> None:
-        """Create the account's missing folders, remove its own stale temporary files, load its state."""
-        for sub in (*ACCOUNT_FOLDERS, LISTS_FOLDER):
+        """Create the account's missing folders, load its state, remove its own stale temporary files."""
+        for sub in dict.fromkeys((*self.flavor.folders, MANIFEST, LISTS_FOLDER)):
             (self.folder / sub).mkdir(parents=True, exist_ok=True)
-        # A killed sandbox may leave half-written files under hidden temporary names; only the
-        # sandbox writes in these folders (drop/ is the client's and is left alone).
-        for folder in (
-            self.folder,
-            self.folder / RESPONSES,
-            self.folder / MANIFEST,
-            self.folder / LISTS_FOLDER,
-        ):
-            for stale in folder.glob(".*.tmp"):
-                stale.unlink(missing_ok=True)
         self.state.load()
+        # A killed sandbox may leave half-written files under hidden temporary names; only the
+        # sandbox writes in these folders (the client's list folders are left alone).
+        written = {str(PurePosixPath(f).parent) for snd in self.state.sends.values() for f in snd.files}
+        for sub in {".", RESPONSES, MANIFEST, LISTS_FOLDER, *written}:
+            for stale in (self.folder / sub).glob(".*.tmp"):
+                stale.unlink(missing_ok=True)
 
-    def resume(self) -> None:
-        """Continue the imports and sends an earlier run left unfinished."""
+    def start(self) -> None:
+        """Continue the imports and sends an earlier run left unfinished; start the flavor's watcher."""
         for imp in self.state.imports.values():
             if imp.state in (ImportState.QUEUED, ImportState.RUNNING):
                 log.info("resuming import", extra={"account": self.name, "import_id": imp.import_id})
-                self._spawn(self._run_import(imp), f"import {imp.import_id}")
+                self._start_import(imp)
         for snd in self.state.sends.values():
             if snd.state is not SendState.FAILED and not snd.responses_complete:
                 log.info("resuming send", extra={"account": self.name, "send_id": snd.send_id})
-                self._spawn(self._run_send(snd), f"send {snd.send_id}")
+                self.spawn(self._run_send(snd), f"send {snd.send_id}")
+        if self.flavor.watch is not None:
+            self.spawn(self.flavor.watch(self), f"{self.flavor.name} watcher")
 
     async def close(self) -> None:
         """Stop the background work; what is unfinished resumes at the next start."""
@@ -108,10 +103,12 @@ class Account:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
+    def spawn(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        """Run ``work`` in the background until it ends or the sandbox stops."""
         task = asyncio.create_task(work, name=f"{self.name}: {name}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     def _list_store(self, import_id: str) -> Path:
         return self.folder / LISTS_FOLDER / f"{import_id}.csv"
@@ -121,17 +118,19 @@ class Account:
     async def create_import(
         self, file: str, list_name: str | None, external_id: str
     ) -> tuple[ImportRecord, bool]:
-        """A new import (and True), or the existing one with this ``external_id`` (and False)."""
+        """A new import (and True), or the existing one with this ``external_id`` (and False).
+
+        ``file`` is relative to the account folder; the flavor has checked that it may be imported.
+        """
         existing = self.state.import_by_external_id(external_id)
         if existing is not None:
             return existing, False
-        path = drop_file(file)
-        if not (self.folder / path).is_file():
+        if not (self.folder / file).is_file():
             raise EspError(404, "file_not_found", f"{file} does not exist")
         record = ImportRecord(
             import_id=_new_id("imp"),
             external_id=external_id,
-            file=str(path),
+            file=file,
             list_name=list_name,
             created_at=utc_text(_now()),
         )
@@ -146,8 +145,20 @@ class Account:
                 "file": file,
             },
         )
-        self._spawn(self._run_import(record), f"import {record.import_id}")
+        self._start_import(record)
         return record, True
+
+    def _start_import(self, record: ImportRecord) -> None:
+        task = self.spawn(self._run_import(record), f"import {record.import_id}")
+        self._running_imports[record.import_id] = task
+        task.add_done_callback(lambda _: self._running_imports.pop(record.import_id, None))
+
+    async def finished_import(self, import_id: str) -> ImportRecord:
+        """The import once its background work has ended: ``done`` or ``failed`` (unless stopping)."""
+        task = self._running_imports.get(import_id)
+        if task is not None:
+            await asyncio.wait({task})
+        return self.state.imports[import_id]
 
     async def _run_import(self, record: ImportRecord) -> None:
         delay = self.settings.import_delay_s
@@ -158,7 +169,10 @@ class Account:
                 await self.state.save()
             try:
                 result = await asyncio.to_thread(
-                    import_list, self.folder / record.file, self._list_store(record.import_id), self._stop
+                    self.flavor.read_list,
+                    self.folder / record.file,
+                    self._list_store(record.import_id),
+                    self._stop,
                 )
             except OSError as exc:
                 log.exception("import could not be read", extra={"import_id": record.import_id})
@@ -228,7 +242,7 @@ class Account:
                 "send_at": record.send_at,
             },
         )
-        self._spawn(self._run_send(record), f"send {record.send_id}")
+        self.spawn(self._run_send(record), f"send {record.send_id}")
         return record, True
 
     async def _run_send(self, record: SendRecord) -> None:
@@ -269,14 +283,15 @@ class Account:
             rates=record.rates,
             rows_per_file=record.rows_per_file,
         )
-        writer = ResponseWriter(broadcast, self._stop)
+        responses = self.flavor.responses
+        writer = ResponseWriter(broadcast, responses, partial(self._file_name, record, broadcast), self._stop)
         await asyncio.to_thread(writer.start)
-        for phase in Phase:
+        for index, phase in enumerate(responses.phases):
             # Responses trickle in: a pause before each later phase, once this run has written a file.
-            if phase is not Phase.SENT and writer.files_written:
+            if index and writer.files_written:
                 await asyncio.sleep(self.settings.phase_delay_s)
-            await asyncio.to_thread(writer.write_phase, phase)
-            if phase is Phase.SENT and record.state is SendState.SENDING:
+            await writer.write_phase(phase)
+            if EventType.SENT in phase.types and record.state is SendState.SENDING:
                 record.state = SendState.SENT
                 record.finished_at = utc_text(_now())
                 await self.state.save()
@@ -287,4 +302,24 @@ class Account:
         log.info(
             "responses complete",
             extra={"account": self.name, "send_id": record.send_id, "counts": writer.counts},
+        )
+
+    async def _file_name(
+        self, record: SendRecord, broadcast: Broadcast, phase: ResponsePhase, seq: int
+    ) -> str:
+        """The path of the send's ``seq``-th response file: the saved one, or a new one saved now."""
+        if seq <= len(record.files):
+            return record.files[seq - 1]
+        path = self.flavor.responses.file_name(broadcast, phase, seq, _now(), self._path_taken)
+        record.files.append(path)
+        await self.state.save()
+        return path
+
+    def _path_taken(self, path: str) -> bool:
+        """Whether a response file path is in use: on disk, archived, or chosen by a send of this account."""
+        archive = self.folder / self.flavor.responses.archive_folder
+        return (
+            (self.folder / path).exists()
+            or (archive / PurePosixPath(path).name).exists()
+            or any(path in snd.files for snd in self.state.sends.values())
         )

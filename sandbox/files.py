@@ -1,4 +1,4 @@
-"""Atomic file writes and RFC 4180 rows: what the ESP puts on its SFTP site is never seen half-written."""
+"""Atomic file writes and delimited rows: what the ESP puts on its SFTP site is never seen half-written."""
 
 from __future__ import annotations
 
@@ -8,23 +8,21 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
-_NEEDS_QUOTES = frozenset(',"\r\n')
 
-
-def csv_field(value: str) -> str:
-    """One field, quoted when it holds a comma, a quote, CR or LF.
+def csv_field(value: str, delimiter: str = ",") -> str:
+    """One field, quoted when it holds the delimiter, a quote, CR or LF.
 
     The csv module's writer does not quote a lone CR when the line end is LF, which RFC 4180
     requires, so response files are formatted here.
     """
-    if _NEEDS_QUOTES.isdisjoint(value):
+    if delimiter not in value and '"' not in value and "\r" not in value and "\n" not in value:
         return value
     return '"' + value.replace('"', '""') + '"'
 
 
-def csv_line(fields: Iterable[str]) -> str:
-    """One record with its LF line end."""
-    return ",".join(csv_field(f) for f in fields) + "\n"
+def csv_line(fields: Iterable[str], delimiter: str = ",") -> str:
+    """One record with its LF line end (comma-delimited unless ``delimiter`` says otherwise)."""
+    return delimiter.join(csv_field(f, delimiter) for f in fields) + "\n"
 
 
 def temp_path(path: Path) -> Path:

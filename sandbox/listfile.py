@@ -1,7 +1,8 @@
 """Import a list file: validate it row by row as a stream and keep the valid recipients.
 
 The ESP keeps its own copy of the imported recipients (``.sandbox-lists/<import_id>.csv`` in the
-account folder) because the client may remove the dropped file once the import is done.
+account folder, always comma-delimited whatever the flavor) because the client may remove the
+dropped file once the import is done.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import _csv
 import csv
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +41,10 @@ class ImportResult:
             self.errors.append({"line": line, "error": message})
 
 
+ListReader = Callable[[Path, Path, threading.Event], ImportResult]
+"""A flavor's list-file reader: ``(dropped file, recipient store, stop flag) -> result``."""
+
+
 def _fail(line: int, message: str) -> ImportResult:
     result = ImportResult(failed=True)
     result.error(line, message)
@@ -61,16 +66,16 @@ def _check_row(row: list[str], width: int, email_at: int, key_at: int, seen: set
     return None
 
 
-def import_list(source: Path, store: Path, stop: threading.Event) -> ImportResult:
+def import_list(source: Path, store: Path, stop: threading.Event, delimiter: str = ",") -> ImportResult:
     """Validate ``source`` and write its valid (Email, CommunicationKey) rows to ``store``.
 
-    The file is read with the csv module one record at a time. Line numbers are those of the
-    file, the header being line 1; a quoted field with line breaks makes a record span lines, and
-    its number is the line it starts on. A UTF-8 byte order mark is tolerated.
+    The file is read with the csv module (``delimiter``, ``"`` quoting) one record at a time. Line
+    numbers are those of the file, the header being line 1; a quoted field with line breaks makes a
+    record span lines, and its number is the line it starts on. A UTF-8 byte order mark is tolerated.
     """
     try:
         with source.open(encoding="utf-8-sig", newline="") as handle:
-            reader = csv.reader(handle)
+            reader = csv.reader(handle, delimiter=delimiter)
             try:
                 return _read(reader, store, stop)
             except UnicodeDecodeError:

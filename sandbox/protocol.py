@@ -1,4 +1,7 @@
-"""The names and formats of the generic ESP protocol (docs/generic-esp.md), in one place."""
+"""The names every flavor of the sandbox shares: folders, list columns, event types, import and send states.
+
+What belongs to one ESP's protocol (its routes, file names and columns) lives in its flavor module.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 # The doc leaves external_id free; it names the manifest file, so it must be one visible file name.
 EXTERNAL_ID_RE = re.compile(r"^[^./\\\x00-\x1f][^/\\\x00-\x1f]{0,199}$")
 
+# The generic flavor's API and the test-support `_sandbox/stats` of every flavor live under it.
 API_PREFIX = "/api/v1/accounts"
 
 DROP = "drop"
@@ -26,22 +30,11 @@ LISTS_FOLDER = ".sandbox-lists"
 EMAIL = "Email"
 COMMUNICATION_KEY = "CommunicationKey"
 
-RESPONSE_HEADER = (
-    "EventId",
-    "BroadcastId",
-    "MessageId",
-    "CommunicationKey",
-    "Email",
-    "EventType",
-    "Url",
-    "OccurredAt",
-)
-
 MAX_LISTED_ERRORS = 100
 
 
 class EventType(StrEnum):
-    """The `EventType` column of a response file."""
+    """What the simulation produces per recipient; each flavor writes them in its own format."""
 
     SENT = "sent"
     """The message left the ESP for this recipient."""
@@ -54,38 +47,11 @@ class EventType(StrEnum):
     OPEN = "open"
     """The recipient opened the message (may repeat)."""
     CLICK = "click"
-    """The recipient clicked a link (`Url` is set)."""
+    """The recipient clicked a link (the event has a URL)."""
     UNSUBSCRIBE = "unsubscribe"
     """The recipient unsubscribed through the message."""
     COMPLAINT = "complaint"
     """The recipient marked the message as spam."""
-
-
-class Phase(StrEnum):
-    """A group of response files written together; phases are written in this order."""
-
-    SENT = "sent"
-    """`sent` events."""
-    DELIVERY = "delivery"
-    """`delivered`, `bounce_hard` and `bounce_soft` events."""
-    OPENS = "opens"
-    """`open` events."""
-    CLICKS = "clicks"
-    """`click` events."""
-    OPTOUTS = "optouts"
-    """`unsubscribe` and `complaint` events."""
-
-
-PHASE_OF: dict[EventType, Phase] = {
-    EventType.SENT: Phase.SENT,
-    EventType.DELIVERED: Phase.DELIVERY,
-    EventType.BOUNCE_HARD: Phase.DELIVERY,
-    EventType.BOUNCE_SOFT: Phase.DELIVERY,
-    EventType.OPEN: Phase.OPENS,
-    EventType.CLICK: Phase.CLICKS,
-    EventType.UNSUBSCRIBE: Phase.OPTOUTS,
-    EventType.COMPLAINT: Phase.OPTOUTS,
-}
 
 
 class ImportState(StrEnum):
@@ -112,11 +78,6 @@ class SendState(StrEnum):
     """Every message went out (responses keep arriving afterwards)."""
     FAILED = "failed"
     """The send could not be carried out."""
-
-
-def response_file_name(send_id: str, seq: int, phase: Phase) -> str:
-    """`<send_id>_<seq 3 digits>_<phase>.csv`."""
-    return f"{send_id}_{seq:03d}_{phase.value}.csv"
 
 
 def utc_text(moment: datetime | float) -> str:

@@ -49,6 +49,7 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="ESPBRIDGE_SANDBOX_", frozen=True, extra="ignore")
 
+    flavor: str = Field(default="generic", description="the ESP the sandbox plays (sandbox.flavors.FLAVORS)")
     root: DirectoryPath = Field(description="the SFTP login directory; accounts are <root>/<esp>/<account>")
     esp: str = Field(default="sandbox", pattern=NAME_RE.pattern)
     accounts: Annotated[tuple[str, ...], NoDecode] = Field(default=("demo",), description="comma list")
@@ -61,6 +62,9 @@ class Settings(BaseSettings):
     phase_delay_s: float = Field(default=1.0, ge=0.0, description="pause between two response phases")
     import_delay_s: float = Field(default=0.2, ge=0.0, description="time an import stays queued, and running")
     rows_per_file: int = Field(default=5000, ge=1, description="events per response file at most")
+    watch_interval_s: float = Field(
+        default=0.2, gt=0.0, description="how often watched SFTP folders are read"
+    )
     rate: Rates = Field(default_factory=Rates)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

@@ -8,10 +8,10 @@ is what lets a restarted sandbox regenerate a half-written broadcast and write o
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Collection, Iterable, Iterator
+from dataclasses import dataclass, replace
 
-from sandbox.protocol import PHASE_OF, EventType, Phase
+from sandbox.protocol import EventType
 from sandbox.settings import Rates
 
 # Messages leave at this rate, so a large list takes a plausible while to send.
@@ -40,11 +40,6 @@ class Event:
     key: str
     url: str
     at: int
-
-    @property
-    def phase(self) -> Phase:
-        """The phase whose files carry this event."""
-        return PHASE_OF[self.event_type]
 
 
 def _recipient(rng: random.Random, index: int, t0: int, rates: Rates) -> list[tuple[EventType, int, str]]:
@@ -86,11 +81,31 @@ def simulate(
             yield Event(number, event_type, email, key, url, at)
 
 
-def phase_files(events: Iterable[Event], phase: Phase, rows_per_file: int) -> Iterator[list[Event]]:
-    """The events of one phase cut into files of at most ``rows_per_file``, each in time order."""
+def distinct_seconds(events: Iterable[Event]) -> Iterator[Event]:
+    """The events, each moved on a second while an earlier one has its recipient, type, URL and second.
+
+    For formats without an event id, whose reader tells events apart by (recipient, type, link,
+    second). A recipient's events come together in :func:`simulate`'s order, and keys are unique.
+    """
+    key: str | None = None
+    seen: set[tuple[EventType, str, int]] = set()
+    for event in events:
+        if event.key != key:
+            key, seen = event.key, set()
+        at = event.at
+        while (event.event_type, event.url, at) in seen:
+            at += 1
+        seen.add((event.event_type, event.url, at))
+        yield event if at == event.at else replace(event, at=at)
+
+
+def phase_files(
+    events: Iterable[Event], types: Collection[EventType], rows_per_file: int
+) -> Iterator[list[Event]]:
+    """The events of the given types cut into files of at most ``rows_per_file``, each in time order."""
     chunk: list[Event] = []
     for event in events:
-        if event.phase is not phase:
+        if event.event_type not in types:
             continue
         chunk.append(event)
         if len(chunk) == rows_per_file:

@@ -79,6 +79,9 @@ class SendRecord(BaseModel):
     seed: int
     rows_per_file: int
     rates: Rates
+    # The response file names chosen so far, in writing order: saved before each file is written,
+    # so a resumed send writes a missing file under the name it had, and skips a written one.
+    files: list[str] = Field(default_factory=list)
 
     def public(self) -> dict[str, Any]:
         """The body of ``GET /sends/<send_id>``."""

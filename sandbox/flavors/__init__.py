@@ -1,0 +1,11 @@
+"""The ESPs the sandbox can play, one module each (``ESPBRIDGE_SANDBOX_FLAVOR``).
+
+A flavor module defines ``FLAVOR``, a :class:`sandbox.flavors.base.Flavor`, and is listed here.
+"""
+
+from __future__ import annotations
+
+from sandbox.flavors import generic, generic_sftp
+from sandbox.flavors.base import Flavor
+
+FLAVORS: dict[str, Flavor] = {f.name: f for f in (generic.FLAVOR, generic_sftp.FLAVOR)}

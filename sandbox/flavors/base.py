@@ -1,0 +1,46 @@
+"""The plug-in boundary between the sandbox's shared engine and one ESP flavor.
+
+The engine (``sandbox.engine``) owns what every flavor shares: accounts and their folders, imports
+and sends with their states, the saved state and resuming after a restart, the seeded simulation,
+the manifest, and writing response files phase by phase ``PHASE_DELAY_S`` apart. A flavor says how
+its ESP looks from outside: the routes it serves, how it reads a list file, how it names and writes
+response files, and what triggers its imports and sends (API calls through its routes, or files
+appearing in an SFTP folder it watches).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from sandbox.listfile import ListReader
+from sandbox.protocol import ACCOUNT_FOLDERS
+from sandbox.responses import ResponseFormat
+
+if TYPE_CHECKING:
+    from sandbox.engine import Account
+
+
+@dataclass(frozen=True)
+class Flavor:
+    """One ESP the sandbox can play (``ESPBRIDGE_SANDBOX_FLAVOR``); each flavor module defines one."""
+
+    name: str
+    read_list: ListReader
+    """Reads a dropped list file in a worker thread: validates it and stores the valid recipients
+    (usually :func:`sandbox.listfile.import_list` with the flavor's delimiter)."""
+    responses: ResponseFormat
+    """Its response files: the phases, the file names, the rows."""
+    folders: Sequence[str] = ACCOUNT_FOLDERS
+    """The account's folders (relative to it), created at the start if missing; ``manifest/`` is
+    always created."""
+    routes: Sequence[web.RouteDef] = ()
+    """Its REST API, with full paths. Paths under ``API_PREFIX`` need the bearer token (checked by
+    the shared middleware); a flavor with another authentication serves other paths and checks it
+    itself. Handlers find the accounts in ``request.app[sandbox.api.CONTEXT]``."""
+    watch: Callable[[Account], Coroutine[Any, Any, None]] | None = None
+    """Background work per account, started once the server listens and cancelled at the stop,
+    e.g. watching an SFTP folder and calling ``account.create_import``/``create_send``."""
