@@ -74,17 +74,32 @@ async def seed_customers(conn: Conn, total: int, opted_out_every: int = 33) -> i
 
 @dataclass(frozen=True)
 class Flavor:
-    """How the demo runs one ESP: the sandbox flavor, the connector, the job's mode."""
+    """How the demo (and the end-to-end tests) run one ESP: the sandbox flavor, the connector,
+    the job's mode, and how the account's entry points the connector at the sandbox."""
 
     sandbox_flavor: str
     connector: str
-    mode: str
-    has_api: bool = True
+    mode: str = "upload_and_send"
+
+    def account_entry(self, esp: str, account: str, url: str, token_file: Path) -> dict[str, Any]:
+        """The ESP account's entry in the accounts file (credentials as the sandbox flavor expects)."""
+        entry: dict[str, Any] = {"esp": esp, "account": account, "connector": self.connector}
+        base = url.rstrip("/")
+        match self.connector:
+            case "generic":
+                entry |= {"api_url": f"{base}/api/v1/accounts/{account}", "token_file": str(token_file)}
+            case "instiller":
+                entry |= {
+                    "api_url": f"{base}/rest",
+                    "client_id": account,
+                    "client_secret_file": str(token_file),
+                }
+        return entry
 
 
 FLAVORS = {
-    "sandbox": Flavor("generic", "generic", "upload_and_send"),
-    "generic_sftp": Flavor("generic_sftp", "generic_sftp", "upload_only", has_api=False),
+    "sandbox": Flavor("generic", "generic"),
+    "generic_sftp": Flavor("generic_sftp", "generic_sftp", "upload_only"),
 }
 """``make demo ESP=<name>``: the ESP names the demo knows."""
 
@@ -109,15 +124,9 @@ def demo_job(job_id: str, esp: str, account: str, mode: str = "upload_and_send")
     }
 
 
-def write_accounts_file(
-    path: Path, esp: str, account: str, url: str, token_file: Path, connector: str = "generic"
-) -> None:
-    """The ESP accounts file pointing the services at the sandbox."""
-    entry: dict[str, Any] = {"esp": esp, "account": account, "connector": connector}
-    if connector != "generic_sftp":
-        entry["api_url"] = f"{url.rstrip('/')}/api/v1/accounts/{account}"
-        entry["token_file"] = str(token_file)
-    path.write_bytes(orjson.dumps({"accounts": [entry]}, option=orjson.OPT_INDENT_2))
+def write_accounts_file(path: Path, entries: list[dict[str, Any]]) -> None:
+    """The ESP accounts file pointing the services at the sandbox(es)."""
+    path.write_bytes(orjson.dumps({"accounts": entries}, option=orjson.OPT_INDENT_2))
 
 
 @dataclass
@@ -256,7 +265,7 @@ async def run(recipients: int, esp: str, account: str) -> int:
     url = await wait_until("the sandbox ESP", sandbox_url, 30, 0.1)
     say(f"sandbox ESP {esp}/{account} ({flavor.sandbox_flavor} flavor) at {url}")
     accounts_file = state / "accounts.json"
-    write_accounts_file(accounts_file, esp, account, url, token_file, flavor.connector)
+    write_accounts_file(accounts_file, [flavor.account_entry(esp, account, url, token_file)])
     kafka, pg = KafkaSettings(), PostgresSettings()
     await ensure_topics(kafka)
     service_env = {

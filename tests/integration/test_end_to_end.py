@@ -26,7 +26,7 @@ from tests.fixtures.kafka import produce, read_until, wait_for
 from tests.fixtures.processes import running, service_env, stop
 from tests.fixtures.sandbox import running_sandbox
 from tests.fixtures.servers import Servers
-from tools.demo import demo_job, seed_customers, write_accounts_file
+from tools.demo import FLAVORS, demo_job, seed_customers, write_accounts_file
 
 TYPES = ("sent", "delivered", "bounce_hard", "bounce_soft", "open", "click", "unsubscribe", "complaint")
 SERVICES = ("uploader", "monitor", "gatherer", "loader")
@@ -73,7 +73,9 @@ async def test_a_broadcast_end_to_end(
         ExitStack() as stack,
     ):
         accounts_file = tmp_path / "accounts.json"
-        write_accounts_file(accounts_file, "sandbox", account, esp.url, token_file)
+        write_accounts_file(
+            accounts_file, [FLAVORS["sandbox"].account_entry("sandbox", account, esp.url, token_file)]
+        )
         env = service_env(
             servers.env,
             ESPBRIDGE_KAFKA_TOPIC_PREFIX=kafka.topic_prefix,

@@ -19,7 +19,7 @@ from shared.topics import Topic
 from tests.fixtures.kafka import Record, group_members, produce, read_until, wait_for
 from tests.fixtures.processes import running, service_env, stop
 from tests.fixtures.servers import ROOT, Servers
-from tools.demo import demo_job, write_accounts_file
+from tools.demo import FLAVORS, demo_job, write_accounts_file
 
 SERVICES = ["uploader", "monitor", "gatherer", "loader"]
 
@@ -68,7 +68,9 @@ async def test_uploader_fails_bad_jobs_clearly_and_dead_letters_them(
     accounts = tmp_path / "accounts.json"
     token = tmp_path / "token"
     token.write_text("t0ken")
-    write_accounts_file(accounts, "sandbox", "demo", "http://127.0.0.1:9/unused", token)
+    write_accounts_file(
+        accounts, [FLAVORS["sandbox"].account_entry("sandbox", "demo", "http://127.0.0.1:9/unused", token)]
+    )
 
     def job(job_id: str, **changes: object) -> bytes:
         doc = demo_job(job_id, "sandbox", "demo")
