@@ -8,11 +8,13 @@ from shared.esp.base import Connector, ConnectorContext
 from shared.esp.generic import GenericConnector
 from shared.esp.generic_sftp import GenericSftpConnector
 from shared.esp.instiller import InstillerConnector
+from shared.esp.mailup import MailUpConnector
 
 CONNECTORS: dict[str, type[Connector]] = {
     "generic": GenericConnector,
     "generic_sftp": GenericSftpConnector,
     "instiller": InstillerConnector,
+    "mailup": MailUpConnector,
 }
 
 

@@ -1,0 +1,1267 @@
+"""The MailUp connector (``connector: mailup``), written from docs/connectors/mailup.md.
+
+* Lists: the uploader writes ``<sftp_root>/drop/<job_id>.csv`` (``Email``, ``CommunicationKey`` and
+  the job's field-map targets). MailUp never reads it: :meth:`MailUpConnector.start_import` reads it
+  back over SFTP and posts it in chunks to ``POST /Console/Group/{g}/Recipients`` (the job's own
+  group ``espbridge-<job_id>``, found by name or created), each chunk an asynchronous MailUp import.
+  The import id is ``<idGroup>/<local invalid rows>/<idImport>,<idImport>,…`` and is followed with
+  ``GET /Console/Imports/{id}``.
+* Sends: ``POST /Console/Group/{g}/Email/{m}/Send`` of the job's own message, confirmed with
+  ``POST /Console/Email/Sendings/{id}/Immediate`` (or deferred with ``?datetime=``). The send id is
+  ``<idMessage>:<idSending>``, followed through the Undefined, Deferred and Immediate queues and the
+  message's SendHistory.
+* Responses: paged pulls of the mail statistics service (one page of one endpoint per
+  :meth:`MailUpConnector.pull_responses` call, cursor ``{"v":1,"ep":…,"page":…}``), or, with
+  ``statistics_source: export``, the SFTP statistics export files (``statistics/*.csv``) plus the
+  Unsubscriptions endpoint; unsubscribes also arrive by the Unsubscribe webhook.
+
+Credentials (OAuth2 password grant at ``token_path``): ``username`` and ``password``/``password_file``
+are the MailUp console user, ``client_id`` and ``client_secret``/``client_secret_file`` the
+application's API keys. ``token``/``token_file`` is *not* an API credential: it is the webhook's
+shared secret, sent by MailUp as the form field ``Secret``. The token is refreshed
+``token_margin_s`` before it expires and once after a 401; every console and statistics call of the
+account waits for the connector's ``RateLimiter`` (``rate_limit_per_s``, 5, per 1.1 s so that
+network jitter stays under MailUp's count), and a 429 is waited out
+(``Retry-After``, else 1 s) and repeated. Every option is described on the documentation page.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import csv
+import hmac
+import logging
+import posixpath
+import re
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass
+from datetime import UTC, datetime, tzinfo
+from pathlib import Path
+from typing import Any, Literal, Self
+from urllib.parse import parse_qsl, quote, urlencode
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from shared.errors import ConfigurationError, PermanentError
+from shared.esp.accounts import AccountConfig
+from shared.esp.base import (
+    BadRow,
+    Connector,
+    ConnectorContext,
+    ImportState,
+    ImportStatus,
+    ListFormat,
+    PullPage,
+    ResponseSource,
+    SendState,
+    SendStatus,
+    SentBroadcast,
+    WebhookAuthError,
+)
+from shared.esp.generic import ListRejectedError
+from shared.esp.http import EspUnavailableError, OAuth2Token, RateLimiter, request_with_token
+from shared.messages import BroadcastJob, EventSource, EventType, ResponseEvent, event_id_for
+from shared.sftp import download_stream
+
+log = logging.getLogger(__name__)
+
+CURSOR_VERSION = 1
+FIELD_MAX_CHARS = 200
+"""MailUp's personal data fields hold at most 200 characters."""
+MAX_ERRORS = 100
+"""Local row reasons kept per import (the rest are counted)."""
+RATE_WINDOW_S = 1.1
+"""The limiter's window: ``rate_limit_per_s`` calls per 1.1 s, so that a call delayed on its way
+(behind a token fetch, by the network) does not make MailUp count one call too many in its second."""
+MAX_ATTEMPTS = 10
+"""Calls of one request when MailUp answers 429 (or, where repeating is safe, 5xx)."""
+
+DEFAULT_EXPORT_COLUMNS = {
+    "list_id": "idList",
+    "send_id": "idInvio",
+    "message_id": "idNl",
+    "email": "e-mail address",
+    "status": "statusType",
+    "details": "details",
+    "time": "statusChange",
+    "key": "CommunicationKey",
+    "job": "EspbridgeJob",
+}
+REQUIRED_EXPORT_ROLES = ("list_id", "message_id", "email", "status", "details", "time", "job")
+DEFAULT_IMPORT_STATUS_CODES = {"1": "queued", "2": "running", "3": "done", "4": "failed"}
+ReasonType = Literal["unsubscribe", "complaint"]
+"""What an unsubscription becomes (or None in ``unsubscribe_reasons``: no event)."""
+DEFAULT_UNSUBSCRIBE_REASONS: dict[str, ReasonType | None] = {
+    "0": "unsubscribe",
+    "1": "unsubscribe",
+    "2": "complaint",
+    "3": None,
+}
+API_ENDPOINTS = ("Recipients", "Bounces", "Views", "UrlClickDetails", "Unsubscriptions")
+"""The statistics endpoints read with ``statistics_source: api``, in this order."""
+EXPORT_API_ENDPOINTS = ("Unsubscriptions",)
+"""The only endpoint read with ``statistics_source: export`` (the export has no unsubscribes)."""
+QUEUES = ("Undefined", "Deferred", "Immediate")
+"""Sending queues in the order a sending moves through them (then SendHistory): a sending that
+moves on while they are read is met again further on, never missed."""
+EXPORT_TYPES = {"SNT": EventType.SENT, "OPN": EventType.OPEN, "CLK": EventType.CLICK}
+
+_IMPORT_ID = re.compile(r"([0-9]+)/([0-9]+)/([0-9]+(?:,[0-9]+)*)?")
+_SEND_ID = re.compile(r"([0-9]+):([0-9]+)")
+_DIGITS = re.compile(r"[0-9]+")
+_INVALID_KINDS = (
+    ("Invalid", "InvalidEmail", "invalid email"),
+    ("Invalid", "WithoutEmail", "without email"),
+    ("Valid", "RepeatedEmail", "repeated email"),
+    ("Invalid", "InvalidNumber", "invalid number"),
+    ("Invalid", "WithoutNumber", "without number"),
+    ("Invalid", "WithoutPrefix", "without prefix"),
+)
+
+
+class Options(BaseModel):
+    """The account ``options`` this connector reads (docs/connectors/mailup.md#configuration).
+
+    ``export_columns`` is laid over its defaults (the ``key`` and ``job`` columns default to
+    ``key_field`` and ``job_field``); ``import_status_codes`` and ``unsubscribe_reasons`` replace
+    theirs as a whole.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    list_id: int = Field(gt=0, description="the MailUp list (required)")
+    send_to: Literal["group", "list"] = "group"
+    group_prefix: str = "espbridge-"
+    key_field: str = Field(default="CommunicationKey", min_length=1)
+    job_field: str = Field(default="EspbridgeJob", min_length=1)
+    import_chunk_rows: int = Field(default=5000, ge=1)
+    confirm_sending: bool = True
+    statistics_source: Literal["api", "export"] = "api"
+    page_size: int = Field(default=500, ge=1)
+    rate_limit_per_s: int = Field(default=5, ge=1)
+    token_margin_s: float = Field(default=60.0, ge=0)
+    token_path: str = Field(default="/Authorization/OAuth/Token", min_length=1)
+    console_path: str = "/API/v1.1/Rest/ConsoleService.svc"
+    stats_path: str = "/API/v1.1/Rest/MailStatisticsService.svc"
+    import_status_path: str = "/Console/Imports/{id}"
+    send_history_path: str = "/Console/List/{list}/Email/{message}/SendHistory"
+    click_details_path: str = "/Message/{message}/List/UrlClickDetails"
+    import_status_codes: dict[str, ImportState] = Field(
+        default_factory=lambda: {k: ImportState(v) for k, v in DEFAULT_IMPORT_STATUS_CODES.items()}
+    )
+    unsubscribe_reasons: dict[str, ReasonType | None] = Field(
+        default_factory=lambda: dict(DEFAULT_UNSUBSCRIBE_REASONS)
+    )
+    hard_bounce_pattern: str = "^5"
+    soft_bounce_pattern: str = "^4"
+    export_folder: str = Field(default="statistics", min_length=1)
+    export_pattern: str = Field(default="*.csv", min_length=1)
+    export_delimiter: str = Field(default=";", min_length=1, max_length=1)
+    export_quote: str = Field(default='"', min_length=1, max_length=1)
+    export_encoding: str = "utf-8"
+    export_timezone: str = "Europe/Rome"
+    export_date_format: str = Field(default="%Y%m%dT%H%M%S", min_length=1)
+    export_columns: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _coherent(self) -> Self:
+        for name in ("token_path", "console_path", "stats_path"):
+            if not getattr(self, name).startswith("/"):
+                raise ValueError(f"{name} must start with '/'")
+        templates = {
+            "import_status_path": (self.import_status_path, {"id": 1}),
+            "send_history_path": (self.send_history_path, {"list": 1, "message": 2}),
+            "click_details_path": (self.click_details_path, {"message": 2}),
+        }
+        for name, (template, values) in templates.items():
+            if not template.startswith("/"):
+                raise ValueError(f"{name} must start with '/'")
+            try:
+                template.format(**values)
+            except (KeyError, IndexError, ValueError) as exc:
+                raise ValueError(
+                    f"{name} {template!r} may use only {{{'}, {'.join(values)}}}: {exc}"
+                ) from None
+        for name in ("hard_bounce_pattern", "soft_bounce_pattern"):
+            try:
+                re.compile(getattr(self, name))
+            except re.error as exc:
+                raise ValueError(f"{name} is not a regular expression: {exc}") from None
+        unknown = set(self.export_columns) - set(DEFAULT_EXPORT_COLUMNS)
+        if unknown:
+            raise ValueError(
+                f"export_columns has unknown roles {sorted(unknown)} "
+                f"(known: {sorted(DEFAULT_EXPORT_COLUMNS)})"
+            )
+        try:
+            codecs.lookup(self.export_encoding)
+        except LookupError:
+            raise ValueError(f"unknown export_encoding {self.export_encoding!r}") from None
+        sample = datetime(2026, 11, 22, 10, 0, 3)
+        try:
+            datetime.strptime(sample.strftime(self.export_date_format), self.export_date_format)
+        except ValueError as exc:
+            raise ValueError(
+                f"export_date_format {self.export_date_format!r} cannot be read back: {exc}"
+            ) from None
+        if "'" in self.group_prefix:
+            raise ValueError("group_prefix cannot contain ' (it is quoted in the group filter)")
+        return self
+
+
+class MessageTakenError(PermanentError):
+    """The job's MailUp message already has a sending (each job needs a message of its own)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Chunk:
+    """One MailUp import (one posted chunk) as ``GET /Console/Imports/{id}`` reports it."""
+
+    import_id: int
+    state: ImportState
+    valid: int
+    invalid: int
+    error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Fields:
+    """The MailUp field ids the list file's columns go to."""
+
+    email: int
+    """Index of the ``Email`` column."""
+    columns: tuple[tuple[int, int], ...]
+    """(column index, field id) for every other column, the key column first."""
+    job_field: int
+
+
+async def read_list_rows(
+    chunks: AsyncIterable[bytes],
+) -> AsyncGenerator[tuple[int, list[str] | None], None]:
+    """Records of a UTF-8 CSV byte stream with the line each starts on (header included).
+
+    RFC 4180 as Python's csv writes it: a quoted field may hold the delimiter, doubled quotes and
+    line ends, so a record ends at a line end after an even number of quotes. ``None`` stands for
+    a record csv cannot read. Decoding is incremental, so the file is never held in memory.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8-sig")()
+    pending = ""
+    record: list[str] = []
+    quotes = 0
+    line = 0
+    start = 1
+
+    def complete(text: str) -> list[tuple[int, list[str] | None]]:
+        nonlocal quotes, line, start
+        line += 1
+        if not record:
+            start = line
+        record.append(text)
+        quotes += text.count('"')
+        if quotes % 2:
+            return []
+        return [take()]
+
+    def take() -> tuple[int, list[str] | None]:
+        nonlocal quotes
+        lines = list(record)
+        record.clear()
+        quotes = 0
+        try:
+            rows = list(csv.reader(lines))
+        except csv.Error:
+            return start, None
+        return start, (rows[0] if len(rows) == 1 else [] if not rows else None)
+
+    try:
+        async for chunk in chunks:
+            pending += decoder.decode(chunk)
+            *lines, pending = pending.split("\n")
+            for text in lines:
+                for item in complete(text + "\n"):
+                    yield item
+        pending += decoder.decode(b"", final=True)
+    except UnicodeDecodeError as exc:
+        raise PermanentError(f"the list file is not UTF-8 (after line {line}): {exc.reason}") from None
+    if pending:
+        for item in complete(pending):
+            yield item
+    if record:
+        yield take()  # an unclosed quote at the end of the file
+
+
+def _int(value: Any) -> int:
+    """A JSON integer (or integer text) from a MailUp body; anything else is 0."""
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and _DIGITS.fullmatch(value.strip()):
+        return int(value.strip())
+    return 0
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _is_rate_limited(exc: EspUnavailableError) -> bool:
+    """Whether request_json raised for a 429 (its message names the status)."""
+    return " answered 429" in str(exc)
+
+
+def _split_job_value(value: str) -> tuple[str, str] | None:
+    """``<message>:<job_id>`` from the job field, or None when it is not of that shape."""
+    message, sep, job_id = value.partition(":")
+    if not sep or not _DIGITS.fullmatch(message) or not job_id:
+        return None
+    return message, job_id
+
+
+def _raw_item(item: Any) -> bytes:
+    try:
+        return orjson.dumps(item)
+    except TypeError:
+        return repr(item).encode("utf-8", "replace")
+
+
+class MailUpConnector(Connector):
+    """Connector for MailUp (REST API v1.1 behind OAuth2, SFTP list files and statistics export)."""
+
+    can_send = True
+    pulls_api = True
+    list_format = ListFormat()
+
+    def __init__(self, account: AccountConfig, context: ConnectorContext) -> None:
+        super().__init__(account, context)
+        name = f"{account.esp}/{account.account}"
+        try:
+            self.options = Options.model_validate(account.options)
+        except ValidationError as exc:
+            raise ConfigurationError(f"account {name} options: {exc}") from None
+        opts = self.options
+        if not account.api_url:
+            raise ConfigurationError(f"account {name} needs an api_url (e.g. https://services.mailup.com)")
+        missing = [
+            what
+            for what, value in (
+                ("username", account.username),
+                ("password[_file]", account.password.get_secret_value() if account.password else ""),
+                ("client_id", account.client_id),
+                (
+                    "client_secret[_file]",
+                    account.client_secret.get_secret_value() if account.client_secret else "",
+                ),
+            )
+            if not value
+        ]
+        if missing:
+            raise ConfigurationError(
+                f"account {name} needs {', '.join(missing)} (the MailUp console user and the API keys)"
+            )
+        try:
+            self._zone: tzinfo = ZoneInfo(opts.export_timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ConfigurationError(
+                f"account {name} options: unknown time zone {opts.export_timezone!r}"
+            ) from None
+        assert account.password is not None  # checked above
+        assert account.client_secret is not None
+        base = account.api_url.rstrip("/")
+        self._name = name
+        self._http = context.http
+        self._console = base + opts.console_path.rstrip("/")
+        self._stats = base + opts.stats_path.rstrip("/")
+        self._token = OAuth2Token(
+            context.http,
+            base + opts.token_path,
+            {
+                "grant_type": "password",
+                "client_id": account.client_id or "",
+                "client_secret": account.client_secret.get_secret_value(),
+                "username": account.username or "",
+                "password": account.password.get_secret_value(),
+            },
+            margin_s=opts.token_margin_s,
+            timeout_s=account.request_timeout_s,
+        )
+        self._limiter = RateLimiter(opts.rate_limit_per_s, RATE_WINDOW_S)
+        self._hard = re.compile(opts.hard_bounce_pattern)
+        self._soft = re.compile(opts.soft_bounce_pattern)
+        self._columns = {
+            **DEFAULT_EXPORT_COLUMNS,
+            "key": opts.key_field,
+            "job": opts.job_field,
+            **opts.export_columns,
+        }
+        self._endpoints = API_ENDPOINTS if opts.statistics_source == "api" else EXPORT_API_ENDPOINTS
+        self._final_imports: dict[int, _Chunk] = {}
+        self._local_errors: dict[str, tuple[str, ...]] = {}
+        self.response_sources: tuple[ResponseSource, ...] = (
+            (ResponseSource(opts.export_folder, opts.export_pattern),)
+            if opts.statistics_source == "export"
+            else ()
+        )
+
+    # --- HTTP -----------------------------------------------------------------------------------------
+
+    async def _call(
+        self,
+        method: str,
+        url: str,
+        *,
+        json: Any = None,
+        query: Mapping[str, str | int] | None = None,
+        repeatable: bool = False,
+    ) -> tuple[int, Any]:
+        """One console or statistics call: bearer token, rate limiter, 429s waited out and repeated.
+
+        ``repeatable`` calls (an import chunk, an Immediate confirmation) are also repeated in place
+        after a 5xx, a timeout or a dropped connection; other calls raise those as transient.
+        """
+        if query:
+            url = f"{url}?{urlencode(query, quote_via=quote, safe='')}"
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await request_with_token(
+                    self._http,
+                    self._token,
+                    method,
+                    url,
+                    limiter=self._limiter,
+                    json=json,
+                    timeout_s=self.account.request_timeout_s,
+                )
+            except EspUnavailableError as exc:
+                limited = _is_rate_limited(exc)
+                if attempt >= MAX_ATTEMPTS or not (limited or repeatable):
+                    raise
+                wait = exc.retry_after_s if exc.retry_after_s is not None else (1.0 if limited else attempt)
+                if wait > self.account.request_timeout_s:
+                    raise  # the caller waits that long itself (the error carries Retry-After)
+                log.warning(
+                    "MailUp call repeated",
+                    extra={
+                        "account": self._name,
+                        "call": f"{method} {url}",
+                        "wait_s": wait,
+                        "error": str(exc),
+                    },
+                )
+                await asyncio.sleep(wait)  # MailUp's Retry-After (or 1 s) before the same call again
+
+    async def _pages(self, url: str, query: Mapping[str, str] | None = None) -> list[dict[str, Any]] | None:
+        """Every item of a paged list (None when MailUp answers 404)."""
+        items: list[dict[str, Any]] = []
+        page = 0
+        while True:
+            status, body = await self._page(url, page, query)
+            if status == 404:
+                return None
+            page_items, last = self._envelope(url, body, page)
+            items.extend(page_items)
+            if last:
+                return items
+            page += 1
+
+    async def _page(self, url: str, page: int, query: Mapping[str, str] | None = None) -> tuple[int, Any]:
+        return await self._call(
+            "GET", url, query={**(query or {}), "pageSize": self.options.page_size, "pageNumber": page}
+        )
+
+    def _envelope(self, url: str, body: Any, page: int) -> tuple[list[dict[str, Any]], bool]:
+        """The items of a paging envelope and whether it is the last page."""
+        if not isinstance(body, dict) or not isinstance(body.get("Items"), list):
+            raise EspUnavailableError(f"GET {url} answered without a paging envelope: {str(body)[:200]}")
+        items = [i if isinstance(i, dict) else {"_item": i} for i in body["Items"]]
+        size = _int(body.get("PageSize")) or self.options.page_size
+        number = _int(body.get("PageNumber")) if body.get("PageNumber") is not None else page
+        total = _int(body.get("TotalElementsCount"))
+        last = body.get("IsPaginated") is False or not items or (number + 1) * size >= total
+        return items, last
+
+    # --- messages and sendings ------------------------------------------------------------------------
+
+    def _message_id(self, job: BroadcastJob) -> int:
+        if not _DIGITS.fullmatch(job.message) or int(job.message) <= 0:
+            raise ListRejectedError(
+                f"job {job.job_id}: message {job.message!r} is not a MailUp message id (a positive number)"
+            )
+        return int(job.message)
+
+    def _history_url(self, message: int) -> str:
+        path = self.options.send_history_path.format(list=self.options.list_id, message=message)
+        return self._console + path
+
+    async def _find_sending(
+        self, message: int, sending: int | None = None
+    ) -> tuple[str, dict[str, Any]] | None:
+        """Where a sending of the message (or that one sending) is: a queue name or ``History``.
+
+        Raises :class:`ListRejectedError` when MailUp does not know the message (404).
+        """
+        for queue in QUEUES:
+            for item in await self._pages(f"{self._console}/Console/Email/Sendings/{queue}") or []:
+                if _int(item.get("IdMessage")) == message and sending in (None, _int(item.get("Id"))):
+                    return queue, item
+        history = await self._pages(self._history_url(message))
+        if history is None:
+            raise ListRejectedError(f"MailUp knows no message {message} in list {self.options.list_id}")
+        found = [i for i in history if sending in (None, _int(i.get("IdSending")))]
+        if not found:
+            return None
+        return "History", max(found, key=lambda i: _int(i.get("IdSending")))
+
+    def _status_of(self, message: int, where: str, item: Mapping[str, Any]) -> SendStatus:
+        if where == "History":
+            sending = _int(item.get("IdSending"))
+            done = item.get("EndDate") not in (None, "")
+            return SendStatus(
+                send_id=f"{message}:{sending}",
+                state=SendState.SENT if done else SendState.SENDING,
+                recipients=_int(item.get("Recipients")),
+                detail=f"sending {sending} " + ("finished" if done else "in delivery"),
+            )
+        sending = _int(item.get("Id"))
+        return SendStatus(
+            send_id=f"{message}:{sending}",
+            state=SendState.SENDING if where == "Immediate" else SendState.SCHEDULED,
+            detail=f"sending {sending} in the {where} queue",
+        )
+
+    async def _confirm(self, sending: int) -> None:
+        status, body = await self._call(
+            "POST", f"{self._console}/Console/Email/Sendings/{sending}/Immediate", repeatable=True
+        )
+        if status == 404:
+            raise ListRejectedError(f"MailUp does not know sending {sending}: {_error_text(body)}")
+
+    # --- import ---------------------------------------------------------------------------------------
+
+    async def start_import(self, remote_path: str, job: BroadcastJob) -> ImportStatus:
+        """Check the message is unused, read the list file back from SFTP and post it in chunks."""
+        message = self._message_id(job)
+        found = await self._find_sending(message)
+        if found is not None:
+            raise MessageTakenError(
+                f"message {message} already has a sending ({self._status_of(message, *found).send_id}): "
+                "every job needs a MailUp message of its own"
+            )
+        if self.context.sftp is None:
+            raise ConfigurationError(f"{self._name}: the mailup connector needs the SFTP pool to read lists")
+        async with self.context.sftp.session() as sftp:
+            data = download_stream(sftp, remote_path)
+            try:
+                return await self.import_list(data, job)
+            finally:
+                if isinstance(data, AsyncGenerator):
+                    await data.aclose()  # the remote file is closed even when the import stops early
+
+    async def import_list(self, chunks: AsyncIterable[bytes], job: BroadcastJob) -> ImportStatus:
+        """Post a list file's rows (the bytes of ``drop/<job_id>.csv``) to MailUp, chunk by chunk.
+
+        Rows that cannot be imported are left out and counted with their line. Returns ``queued``
+        with the composite import id (see the module docstring).
+        """
+        async with aclosing(read_list_rows(chunks)) as rows:
+            return await self._import_rows(rows, job)
+
+    async def _import_rows(
+        self, rows: AsyncIterator[tuple[int, list[str] | None]], job: BroadcastJob
+    ) -> ImportStatus:
+        message = self._message_id(job)
+        opts = self.options
+        first = await anext(rows, None)
+        if first is None or not first[1]:
+            raise ListRejectedError(f"the list file of job {job.job_id} has no header row")
+        header = first[1]
+        fields = await self._resolve_fields(header)
+        group = 0 if opts.send_to == "list" else await self._group(job)
+        url = (
+            f"{self._console}/Console/List/{opts.list_id}/Recipients"
+            if opts.send_to == "list"
+            else f"{self._console}/Console/Group/{group}/Recipients"
+        )
+        job_value = f"{message}:{job.job_id}"
+        key_index = header.index(self.list_format.key_field)
+        seen_emails: set[str] = set()
+        seen_keys: set[str] = set()
+        errors: list[str] = []
+        invalid = 0
+        batch: list[dict[str, Any]] = []
+        imports: list[int] = []
+        async for line, row in rows:
+            if row == []:
+                continue  # an empty line is no row
+            reason = self._row_problem(row, len(header), fields.email, key_index, seen_emails, seen_keys)
+            if reason is not None:
+                invalid += 1
+                if len(errors) < MAX_ERRORS:
+                    errors.append(f"line {line}: {reason}")
+                continue
+            assert row is not None  # _row_problem refuses unreadable records
+            batch.append(
+                {
+                    "Email": row[fields.email],
+                    "Name": "",
+                    "Fields": [
+                        *({"Id": field, "Value": row[index]} for index, field in fields.columns[:1]),
+                        {"Id": fields.job_field, "Value": job_value},
+                        *({"Id": field, "Value": row[index]} for index, field in fields.columns[1:]),
+                    ],
+                }
+            )
+            if len(batch) >= opts.import_chunk_rows:
+                imports.append(await self._post_chunk(url, batch))
+                batch = []
+        if batch:
+            imports.append(await self._post_chunk(url, batch))
+        if invalid > len(errors):
+            errors.append(f"… and {invalid - len(errors)} more rows left out")
+        import_id = f"{group}/{invalid}/{','.join(str(i) for i in imports)}"
+        self._local_errors[import_id] = tuple(errors)
+        log.info(
+            "MailUp import posted",
+            extra={"job_id": job.job_id, "import_id": import_id, "chunks": len(imports), "left_out": invalid},
+        )
+        if not imports:
+            return ImportStatus(
+                import_id=import_id,
+                state=ImportState.FAILED,
+                rows_invalid=invalid,
+                errors=(*errors, "no row of the list file can be imported"),
+            )
+        return ImportStatus(
+            import_id=import_id, state=ImportState.QUEUED, rows_invalid=invalid, errors=tuple(errors)
+        )
+
+    def _row_problem(
+        self,
+        row: list[str] | None,
+        width: int,
+        email_index: int,
+        key_index: int,
+        seen_emails: set[str],
+        seen_keys: set[str],
+    ) -> str | None:
+        """Why a list row is left out, or None (then its email and key count as seen)."""
+        if row is None:
+            return "not a readable CSV record"
+        if len(row) != width:
+            return f"{len(row)} fields, want {width}"
+        key = row[key_index]
+        if not key:
+            return f"empty {self.list_format.key_field}"
+        long = [i for i, value in enumerate(row) if i != email_index and len(value) > FIELD_MAX_CHARS]
+        if long:
+            return f"a value over {FIELD_MAX_CHARS} characters (field {long[0] + 1})"
+        email = row[email_index].lower()
+        if email and email in seen_emails:
+            return f"email {row[email_index]!r} already in the file"
+        if key in seen_keys:
+            return f"{self.list_format.key_field} {key!r} already in the file"
+        if email:
+            seen_emails.add(email)
+        seen_keys.add(key)
+        return None
+
+    async def _resolve_fields(self, header: Sequence[str]) -> _Fields:
+        """Map the list file's columns to MailUp personal data fields by their Description."""
+        fmt, opts = self.list_format, self.options
+        for needed in (fmt.email_field, fmt.key_field):
+            if needed not in header:
+                raise ListRejectedError(f"the list file has no {needed!r} column")
+        duplicated = sorted({c for c in header if header.count(c) > 1})
+        if duplicated:
+            raise ListRejectedError(f"the list file names columns twice: {', '.join(duplicated)}")
+        items = await self._pages(f"{self._console}/Console/Recipient/DynamicFields")
+        by_name: dict[str, int] = {}
+        for item in items or []:
+            description, field = item.get("Description"), _int(item.get("Id"))
+            if isinstance(description, str) and field > 0:
+                by_name.setdefault(description, field)
+
+        def field_of(name: str, what: str) -> int:
+            if name not in by_name:
+                raise ListRejectedError(
+                    f"MailUp has no personal data field {name!r} ({what}); "
+                    f"known: {', '.join(sorted(by_name))}"
+                )
+            return by_name[name]
+
+        key_index = header.index(fmt.key_field)
+        columns = [(key_index, field_of(opts.key_field, f"for the column {fmt.key_field!r}"))]
+        for index, column in enumerate(header):
+            if column not in (fmt.email_field, fmt.key_field):
+                columns.append((index, field_of(column, f"for the column {column!r}")))
+        job_field = field_of(opts.job_field, "the job_field")
+        ids = [field for _, field in columns] + [job_field]
+        if len(set(ids)) != len(ids):
+            raise ListRejectedError(
+                f"two list columns (or a column and the job field {opts.job_field!r}) go to one MailUp field"
+            )
+        return _Fields(email=header.index(fmt.email_field), columns=tuple(columns), job_field=job_field)
+
+    async def _group(self, job: BroadcastJob) -> int:
+        """The job's group, found by name or created."""
+        opts = self.options
+        name = f"{opts.group_prefix}{job.job_id}"
+        url = f"{self._console}/Console/List/{opts.list_id}/Groups"
+        items = await self._pages(url, {"filterby": f"Name=='{name}'"})
+        if items is None:
+            raise ListRejectedError(f"MailUp knows no list {opts.list_id}")
+        for item in items:
+            if item.get("Name") == name and _int(item.get("idGroup")) > 0:
+                return _int(item.get("idGroup"))
+        status, body = await self._call(
+            "POST",
+            f"{self._console}/Console/List/{opts.list_id}/Group",
+            json={"Name": name, "Notes": job.list_name, "Deletable": True},
+        )
+        group = _int(_dict(body).get("idGroup"))
+        if status == 404 or group <= 0:
+            raise ListRejectedError(f"MailUp did not create group {name!r}: {_error_text(body)}")
+        log.info("MailUp group created", extra={"job_id": job.job_id, "group": group})
+        return group
+
+    async def _post_chunk(self, url: str, recipients: list[dict[str, Any]]) -> int:
+        """One asynchronous import; repeated in place on 429/5xx (MailUp upserts by email)."""
+        status, body = await self._call("POST", url, json=recipients, repeatable=True)
+        if status == 404:
+            raise ListRejectedError(f"MailUp knows no such list or group: {_error_text(body)}")
+        import_id = _int(body)
+        if import_id <= 0:
+            raise EspUnavailableError(f"POST {url} answered without an import id: {str(body)[:200]}")
+        return import_id
+
+    async def import_status(self, import_id: str) -> ImportStatus:
+        """Every chunk's ``GET /Console/Imports/{id}``, folded into one status."""
+        match = _IMPORT_ID.fullmatch(import_id)
+        if match is None:
+            raise ListRejectedError(f"{import_id!r} is not a mailup import id (<group>/<invalid>/<ids>)")
+        local = int(match.group(2))
+        ids = [int(i) for i in match.group(3).split(",")] if match.group(3) else []
+        errors = list(self._local_errors.get(import_id, ()))
+        if local and not errors:
+            errors.append(f"{local} rows of the list file were left out before the import")
+        chunks = [await self._chunk(i) for i in ids]
+        errors += [c.error for c in chunks if c.error]
+        states = [c.state for c in chunks]
+        if not states or ImportState.FAILED in states:
+            state = ImportState.FAILED
+            if not states:
+                errors.append("no row of the list file can be imported")
+        elif all(s is ImportState.DONE for s in states):
+            state = ImportState.DONE
+        elif all(s is ImportState.QUEUED for s in states):
+            state = ImportState.QUEUED
+        else:
+            state = ImportState.RUNNING
+        return ImportStatus(
+            import_id=import_id,
+            state=state,
+            rows_valid=sum(c.valid for c in chunks),
+            rows_invalid=local + sum(c.invalid for c in chunks),
+            errors=tuple(errors),
+        )
+
+    async def _chunk(self, import_id: int) -> _Chunk:
+        if import_id in self._final_imports:
+            return self._final_imports[import_id]
+        path = self.options.import_status_path.format(id=import_id)
+        status, body = await self._call("GET", self._console + path)
+        if status == 404:
+            chunk = _Chunk(
+                import_id, ImportState.FAILED, 0, 0, f"import {import_id}: MailUp does not know it"
+            )
+        else:
+            chunk = self._parse_chunk(import_id, _dict(body))
+        if chunk.state in (ImportState.DONE, ImportState.FAILED):
+            self._final_imports[import_id] = chunk
+        return chunk
+
+    def _parse_chunk(self, import_id: int, body: Mapping[str, Any]) -> _Chunk:
+        code = body.get("StatusCode")
+        state = self.options.import_status_codes.get(str(code), ImportState.RUNNING)
+        rows = _dict(body.get("Rows"))
+        valid, invalid = _dict(rows.get("Valid")), _dict(rows.get("Invalid"))
+        repeated = _int(valid.get("RepeatedEmail"))
+        counts = [
+            f"{n} {label}"
+            for part, key, label in _INVALID_KINDS
+            if (n := _int(_dict(rows.get(part)).get(key)))
+        ]
+        problem = f"import {import_id}: {', '.join(counts)}" if counts else None
+        if state is ImportState.FAILED:
+            problem = f"import {import_id} failed (StatusCode {code})" + (
+                f": {', '.join(counts)}" if counts else ""
+            )
+        return _Chunk(
+            import_id=import_id,
+            state=state,
+            valid=max(0, _int(valid.get("Total")) - repeated),
+            invalid=_int(invalid.get("Total")) + repeated,
+            error=problem,
+        )
+
+    # --- send -----------------------------------------------------------------------------------------
+
+    async def find_send(self, job: BroadcastJob) -> SendStatus | None:
+        """The sending of the job's message, if any (each job has a message of its own).
+
+        A sending still waiting in the Undefined queue for an immediate job is confirmed here:
+        its confirmation may be what failed before the monitor asked.
+        """
+        message = self._message_id(job)
+        try:
+            found = await self._find_sending(message)
+        except ListRejectedError:
+            return None
+        if found is None:
+            return None
+        where, item = found
+        if where == "Undefined" and job.send_at is None and self.options.confirm_sending:
+            await self._confirm(_int(item.get("Id")))
+            return SendStatus(
+                send_id=f"{message}:{_int(item.get('Id'))}",
+                state=SendState.SCHEDULED,
+                detail=f"sending {_int(item.get('Id'))} confirmed",
+            )
+        return self._status_of(message, where, item)
+
+    async def send(self, import_id: str, job: BroadcastJob) -> SendStatus:
+        """Send the job's message to its group (or list), confirmed now or deferred to ``send_at``."""
+        message = self._message_id(job)
+        match = _IMPORT_ID.fullmatch(import_id)
+        if match is None:
+            raise ListRejectedError(f"{import_id!r} is not a mailup import id (<group>/<invalid>/<ids>)")
+        group = int(match.group(1))
+        found = await self._find_sending(message)
+        if found is not None:
+            raise MessageTakenError(
+                f"message {message} already sent ({self._status_of(message, *found).send_id}); "
+                "every job needs a MailUp message of its own"
+            )
+        opts = self.options
+        if opts.send_to == "list":
+            url = f"{self._console}/Console/List/{opts.list_id}/Email/{message}/Send"
+        elif group > 0:
+            url = f"{self._console}/Console/Group/{group}/Email/{message}/Send"
+        else:
+            raise ListRejectedError(f"import {import_id} has no group to send to (send_to: group)")
+        query = (
+            {"datetime": job.send_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")} if job.send_at else None
+        )
+        status, body = await self._call("POST", url, query=query)
+        sending = _int(_dict(body).get("Id"))
+        if status == 404 or sending <= 0:
+            raise ListRejectedError(f"MailUp refused the send of message {message}: {_error_text(body)}")
+        if job.send_at is None and opts.confirm_sending:
+            await self._confirm(sending)
+        log.info("MailUp sending created", extra={"job_id": job.job_id, "sending": sending})
+        return SendStatus(
+            send_id=f"{message}:{sending}",
+            state=SendState.SCHEDULED,
+            recipients=_int(_dict(body).get("Sent")),
+            detail=f"sending {sending}" + (" deferred" if job.send_at else ""),
+        )
+
+    async def send_status(self, send_id: str) -> SendStatus:
+        """Where the sending is: queues → scheduled/sending, SendHistory → sending/sent."""
+        match = _SEND_ID.fullmatch(send_id)
+        if match is None:
+            raise ListRejectedError(f"{send_id!r} is not a mailup send id (<message>:<sending>)")
+        message, sending = int(match.group(1)), int(match.group(2))
+        try:
+            found = await self._find_sending(message, sending)
+        except ListRejectedError:
+            found = None
+        if found is None:
+            return SendStatus(send_id=send_id, state=SendState.FAILED, detail=f"sending {sending} not found")
+        return self._status_of(message, *found)
+
+    # --- statistics API -------------------------------------------------------------------------------
+
+    async def pull_responses(self, broadcast: SentBroadcast, cursor: str | None) -> PullPage:
+        """One page of one statistics endpoint of the broadcast's message (see the module docstring)."""
+        endpoint, page = self._read_cursor(cursor)
+        message = broadcast.message
+        if not _DIGITS.fullmatch(message):
+            return PullPage(
+                (BadRow(1, message.encode(), f"message {message!r} is not a MailUp message id"),), None, False
+            )
+        url = (
+            self._stats + self.options.click_details_path.format(message=int(message))
+            if endpoint == "UrlClickDetails"
+            else f"{self._stats}/Message/{int(message)}/List/{endpoint}"
+        )
+        pulled_at = datetime.now(UTC)
+        status, body = await self._page(url, page)
+        if status == 404:
+            log.warning(
+                "MailUp statistics not found", extra={"job_id": broadcast.job_id, "endpoint": endpoint}
+            )
+            items: list[dict[str, Any]] = []
+            last = True
+        else:
+            items, last = self._envelope(url, body, page)
+        send_id = _SEND_ID.fullmatch(broadcast.send_id or "")
+        context = _PullContext(
+            broadcast=broadcast,
+            message=str(int(message)),
+            endpoint=endpoint,
+            page=page,
+            pulled_at=pulled_at,
+            sending=send_id.group(2) if send_id else None,
+        )
+        out: list[ResponseEvent | BadRow] = []
+        for position, item in enumerate(items, start=1):
+            try:
+                out.extend(self._api_events(context, item))
+            except ValueError as exc:
+                out.append(BadRow(position, _raw_item(item), f"{endpoint} item: {exc}"))
+        if not last:
+            return PullPage(tuple(out), self._cursor(endpoint, page + 1), True)
+        following = self._endpoints.index(endpoint) + 1
+        if following < len(self._endpoints):
+            return PullPage(tuple(out), self._cursor(self._endpoints[following], 0), True)
+        return PullPage(tuple(out), self._cursor(self._endpoints[0], 0), False)  # the next round
+
+    def _cursor(self, endpoint: str, page: int) -> str:
+        return orjson.dumps({"v": CURSOR_VERSION, "ep": endpoint, "page": page}).decode()
+
+    def _read_cursor(self, cursor: str | None) -> tuple[str, int]:
+        """(endpoint, page) of a stored cursor; anything unusable starts a new round."""
+        if cursor:
+            try:
+                data = orjson.loads(cursor)
+            except orjson.JSONDecodeError:
+                data = None
+            if (
+                isinstance(data, dict)
+                and data.get("v") == CURSOR_VERSION
+                and data.get("ep") in self._endpoints
+                and isinstance(data.get("page"), int)
+                and not isinstance(data.get("page"), bool)
+                and data["page"] >= 0
+            ):
+                return str(data["ep"]), int(data["page"])
+            log.warning("unusable MailUp pull cursor, starting a new round", extra={"cursor": cursor[:200]})
+        return self._endpoints[0], 0
+
+    def _api_events(self, ctx: _PullContext, item: Mapping[str, Any]) -> list[ResponseEvent]:
+        """The events of one statistics item (ValueError: a BadRow)."""
+        recipient = _int(item.get("IdRecipient"))
+        if recipient <= 0:
+            raise ValueError("no IdRecipient")
+        email = item.get("Email")
+        if not isinstance(email, str) or not email.strip():
+            raise ValueError("no Email")
+        m = ctx.message
+        extra = {"time_source": "pull", "id_recipient": str(recipient)}
+        if ctx.sending:
+            extra["send_id"] = ctx.sending
+        if ctx.endpoint == "Recipients":
+            return [self._api_event(ctx, f"snt:{m}:{recipient}", EventType.SENT, email, None, extra)]
+        if ctx.endpoint == "Bounces":
+            code = str(item.get("Code") or "").strip()
+            kind = self._bounce_type(code)
+            return [
+                self._api_event(
+                    ctx, f"nco:{m}:{recipient}", kind, email, None, {**extra, "bounce_code": code}
+                )
+            ]
+        if ctx.endpoint == "Unsubscriptions":
+            kind_or_none = self._reason_type(item.get("Reason"))
+            if kind_or_none is None:
+                return []
+            reason = {"reason": str(item.get("Reason"))} if item.get("Reason") is not None else {}
+            event_id = f"uns:{m}:{email.strip().lower()}"
+            return [self._api_event(ctx, event_id, kind_or_none, email, None, {**extra, **reason})]
+        count = item.get("Count", 1)
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"Count {count!r} is not a count")
+        if ctx.endpoint == "Views":
+            return [
+                self._api_event(ctx, f"opn:{m}:{recipient}:{k}", EventType.OPEN, email, None, extra)
+                for k in range(1, count + 1)
+            ]
+        url = item.get("Url")
+        if not isinstance(url, str) or not url:
+            raise ValueError("a click without Url")
+        return [
+            self._api_event(ctx, f"clk:{m}:{recipient}:{k}:{url}", EventType.CLICK, email, url, extra)
+            for k in range(1, count + 1)
+        ]
+
+    def _api_event(
+        self,
+        ctx: _PullContext,
+        esp_event_id: str,
+        kind: EventType,
+        email: str,
+        url: str | None,
+        extra: dict[str, str],
+    ) -> ResponseEvent:
+        return ResponseEvent(
+            event_id=event_id_for(self.account.esp, esp_event_id=f"{self.account.account}:{esp_event_id}"),
+            esp=self.account.esp,
+            account=self.account.account,
+            broadcast_id=ctx.broadcast.job_id,
+            esp_message_id=ctx.message,
+            email=email.strip(),
+            type=kind,
+            url=url,
+            occurred_at=ctx.pulled_at,
+            source=EventSource(
+                kind="api", name=f"{self._name}:Message/{ctx.message}/List/{ctx.endpoint}", page=ctx.page
+            ),
+            extra=extra,
+        )
+
+    def _bounce_type(self, code: str) -> EventType:
+        if not code:
+            raise ValueError("a bounce without a code")
+        if self._hard.search(code):
+            return EventType.BOUNCE_HARD
+        if self._soft.search(code):
+            return EventType.BOUNCE_SOFT
+        raise ValueError(
+            f"bounce code {code!r} matches neither {self._hard.pattern!r} (hard) "
+            f"nor {self._soft.pattern!r} (soft)"
+        )
+
+    def _reason_type(self, reason: Any) -> EventType | None:
+        """unsubscribe/complaint by ``unsubscribe_reasons``; None: no event. No reason: unsubscribe."""
+        if reason is None or reason == "":
+            return EventType.UNSUBSCRIBE
+        key = str(reason).strip()
+        if key not in self.options.unsubscribe_reasons:
+            raise ValueError(f"unknown unsubscribe Reason {reason!r}")
+        mapped = self.options.unsubscribe_reasons[key]
+        return EventType(mapped) if mapped else None
+
+    # --- statistics export ----------------------------------------------------------------------------
+
+    def parse_response_file(self, local_path: Path, remote_path: str) -> Iterator[ResponseEvent | BadRow]:
+        """Rows of a statistics export file: one event each; bad rows with their line."""
+        opts = self.options
+        encoding = (
+            "utf-8-sig" if codecs.lookup(opts.export_encoding).name == "utf-8" else opts.export_encoding
+        )
+        with local_path.open(encoding=encoding, errors="surrogateescape", newline="") as f:
+            reader = csv.reader(
+                f, delimiter=opts.export_delimiter, quotechar=opts.export_quote, doublequote=True
+            )
+            header = next(reader, None)
+            if header is None:
+                return
+            index = {name: i for i, name in enumerate(header)}
+            missing = [self._columns[r] for r in REQUIRED_EXPORT_ROLES if self._columns[r] not in index]
+            if missing:
+                yield BadRow(1, self._raw_row(header), f"header lacks {', '.join(missing)}")
+                return
+            last = reader.line_num
+            for row in reader:
+                line = last + 1
+                last = reader.line_num
+                if not row:
+                    continue
+                try:
+                    event = self._export_event(remote_path, line, row, header, index)
+                except ValueError as exc:
+                    yield BadRow(line, self._raw_row(row), str(exc))
+                    continue
+                if event is not None:
+                    yield event
+
+    def _raw_row(self, row: list[str]) -> bytes:
+        return self.options.export_delimiter.join(row).encode("utf-8", "surrogateescape")
+
+    def _export_event(
+        self, remote_path: str, line: int, row: list[str], header: list[str], index: Mapping[str, int]
+    ) -> ResponseEvent | None:
+        """One export row as an event; None for a row espbridge did not send (ValueError: a BadRow)."""
+        if len(row) != len(header):
+            raise ValueError(f"{len(row)} fields, want {len(header)}")
+        if any("\udc80" <= ch <= "\udcff" for value in row for ch in value):
+            raise ValueError(f"not valid {self.options.export_encoding}")
+
+        def get(role: str) -> str:
+            column = self._columns[role]
+            return row[index[column]].strip() if column in index else ""
+
+        if get("list_id") != str(self.options.list_id):
+            return None  # another list: not espbridge's
+        job_value = get("job")
+        if not job_value:
+            return None  # not imported by espbridge
+        parts = _split_job_value(job_value)
+        if parts is None:
+            raise ValueError(f"{self._columns['job']} {job_value!r} is not <message>:<job_id>")
+        message, job_id = parts
+        if message != get("message_id"):
+            raise ValueError(
+                f"{self._columns['job']} {job_value!r} names message {message}, the row is of message "
+                f"{get('message_id')!r} (the recipient was imported for a later job)"
+            )
+        status = get("status")
+        details = get("details")
+        extra: dict[str, str] = {}
+        url: str | None = None
+        if status in EXPORT_TYPES:
+            kind = EXPORT_TYPES[status]
+            if kind is EventType.CLICK:
+                if not details:
+                    raise ValueError("CLK without a URL")
+                url = details
+        elif status == "NCO":
+            kind = self._bounce_type(details)
+            extra["bounce_code"] = details
+        else:
+            raise ValueError(f"unknown {self._columns['status']} {status!r}")
+        email = get("email")
+        if not email:
+            raise ValueError("empty email")
+        occurred = self._export_time(get("time"))
+        if get("send_id"):
+            extra["send_id"] = get("send_id")
+        return ResponseEvent(
+            event_id=event_id_for(
+                self.account.esp,
+                broadcast_id=job_id,
+                recipient=email.lower(),
+                event_type=kind.value,
+                occurred_at=occurred,
+                url=url,
+            ),
+            esp=self.account.esp,
+            account=self.account.account,
+            broadcast_id=job_id,
+            esp_message_id=message,
+            communication_key=get("key") or None,
+            email=email,
+            type=kind,
+            url=url,
+            occurred_at=occurred,
+            source=EventSource(kind="file", name=posixpath.normpath(remote_path), line=line),
+            extra=extra,
+        )
+
+    def _export_time(self, value: str) -> datetime:
+        """An export time in Italian local time (the first occurrence in the repeated hour) as UTC."""
+        fmt = self.options.export_date_format
+        try:
+            parsed = datetime.strptime(value, fmt)
+        except ValueError:
+            raise ValueError(f"{self._columns['time']} {value!r} does not match {fmt!r}") from None
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=self._zone, fold=0)
+        return parsed.astimezone(UTC)
+
+    # --- webhook --------------------------------------------------------------------------------------
+
+    def parse_webhook(self, headers: Mapping[str, str], body: bytes) -> list[ResponseEvent | BadRow]:
+        """MailUp's Unsubscribe webhook (form fields, the shared secret as ``Secret``)."""
+        form: dict[str, str] = {}
+        for key, value in parse_qsl(
+            body.decode("utf-8", "replace"), keep_blank_values=True, encoding="utf-8", errors="replace"
+        ):
+            form.setdefault(key, value)
+        expected = self.account.token.get_secret_value() if self.account.token else ""
+        given = form.get("Secret")
+        if not expected:
+            raise WebhookAuthError(f"{self._name} has no webhook secret configured (token/token_file)")
+        if given is None:
+            raise WebhookAuthError("the webhook call has no Secret")
+        if not hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8")):
+            raise WebhookAuthError("the webhook call's Secret is wrong")
+        if form.get("EventType", "").strip().lower() != "unsubscribe":
+            return []
+        message = form.get("IdNL", "").strip()
+        if message in ("", "0"):
+            return []  # not caused by a message
+        job_value = form.get("Job", "").strip()
+        if not job_value:
+            return []  # a recipient espbridge did not import
+        safe_body = "&".join(f"{k}={quote(v, safe='')}" for k, v in form.items() if k != "Secret").encode(
+            "utf-8"
+        )
+        try:
+            event = self._webhook_event(form, message, job_value)
+        except ValueError as exc:
+            return [BadRow(1, safe_body, str(exc))]
+        return [event] if event is not None else []
+
+    def _webhook_event(self, form: Mapping[str, str], message: str, job_value: str) -> ResponseEvent | None:
+        if not _DIGITS.fullmatch(message):
+            raise ValueError(f"IdNL {message!r} is not a message id")
+        parts = _split_job_value(job_value)
+        if parts is None:
+            raise ValueError(f"Job {job_value!r} is not <message>:<job_id>")
+        if int(parts[0]) != int(message):
+            raise ValueError(
+                f"Job {job_value!r} names message {parts[0]}, the unsubscribe is from message {message} "
+                "(the recipient was imported for a later job)"
+            )
+        kind = self._reason_type(form.get("Reason", "").strip())
+        if kind is None:
+            return None
+        email = form.get("Email", "").strip()
+        if not email:
+            raise ValueError("no Email")
+        occurred = _webhook_time(form.get("EventDate", "").strip())
+        m = str(int(message))
+        extra = {"reason": form.get("Reason", ""), "event_source": form.get("EventSource", "")}
+        return ResponseEvent(
+            event_id=event_id_for(
+                self.account.esp, esp_event_id=f"{self.account.account}:uns:{m}:{email.lower()}"
+            ),
+            esp=self.account.esp,
+            account=self.account.account,
+            broadcast_id=parts[1],
+            esp_message_id=m,
+            communication_key=form.get("Key", "").strip() or None,
+            email=email,
+            type=kind,
+            occurred_at=occurred,
+            source=EventSource(kind="webhook", name=f"webhook:{self.account.esp}/{self.account.account}"),
+            extra={k: v for k, v in extra.items() if v},
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _PullContext:
+    """What every event of one pulled page shares."""
+
+    broadcast: SentBroadcast
+    message: str
+    endpoint: str
+    page: int
+    pulled_at: datetime
+    sending: str | None
+
+
+def _webhook_time(value: str) -> datetime:
+    """ISO 8601 with an offset (``+01``, ``+01:00``, ``+0100``, ``Z``), fractions optional."""
+    if not value:
+        raise ValueError("no EventDate")
+    try:
+        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"EventDate {value!r} is not an ISO 8601 time") from None
+    if when.tzinfo is None:
+        raise ValueError(f"EventDate {value!r} has no offset")
+    return when.astimezone(UTC)
+
+
+def _error_text(body: Any) -> str:
+    if isinstance(body, dict):
+        return str(body.get("ErrorDescription") or body.get("error_description") or body)[:300]
+    return str(body)[:300]

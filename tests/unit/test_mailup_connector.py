@@ -1,0 +1,966 @@
+"""The mailup connector against a small fake of MailUp's REST API on loopback (written from
+docs/connectors/mailup.md): OAuth2, import chunks, states, sends, statistics paging, the export
+parser, the webhook and the client-side rate limiter."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, cast
+from urllib.parse import urlencode
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+from pydantic import SecretStr
+
+from shared.errors import ConfigurationError
+from shared.esp import (
+    AccountConfig,
+    BadRow,
+    ConnectorContext,
+    ImportState,
+    SendState,
+    SentBroadcast,
+    WebhookAuthError,
+    connector_for,
+)
+from shared.esp.base import ResponseSource
+from shared.esp.generic import ListRejectedError
+from shared.esp.http import EspAuthError, EspUnavailableError
+from shared.esp.mailup import MailUpConnector, MessageTakenError, read_list_rows
+from shared.messages import BroadcastJob, EventType, ResponseEvent, event_id_for
+from shared.sftp import SftpPool
+from tests.unit.test_messages import job as base_job
+
+CONSOLE = "/API/v1.1/Rest/ConsoleService.svc"
+STATS = "/API/v1.1/Rest/MailStatisticsService.svc"
+TOKEN_PATH = "/Authorization/OAuth/Token"
+PASSWORD_GRANT = {
+    "grant_type": "password",
+    "client_id": "cid",
+    "client_secret": "csecret",
+    "username": "user",
+    "password": "pw",
+}
+FIELDS = [
+    {"Description": "FirstName", "Id": 1},
+    {"Description": "LastName", "Id": 2},
+    {"Description": "Company", "Id": 3},
+    {"Description": "CommunicationKey", "Id": 12},
+    {"Description": "EspbridgeJob", "Id": 13},
+]
+
+
+@dataclass
+class Call:
+    at: float
+    method: str
+    path: str
+    query: dict[str, str]
+    authorization: str
+    accept: str
+
+
+@dataclass
+class FakeMailUp:
+    """Just enough of MailUp for the connector: state the tests set and inspect."""
+
+    url: str = ""
+    expires_in: int = 3600
+    grants: list[dict[str, str]] = field(default_factory=list)
+    issued: int = 0
+    valid: set[str] = field(default_factory=set)
+    refresh_tokens: set[str] = field(default_factory=set)
+    expire_next: int = 0
+    """Answer the next n API calls with the confirmed 401 (token expired)."""
+    limit_next: int = 0
+    """Answer the next n API calls with the confirmed 429."""
+    retry_after: str = "0"
+    page_cap: int = 1000
+    calls: list[Call] = field(default_factory=list)
+    groups: list[dict[str, Any]] = field(default_factory=list)
+    group_posts: list[dict[str, Any]] = field(default_factory=list)
+    posted: list[tuple[str, list[dict[str, Any]]]] = field(default_factory=list)
+    next_import: int = 9001
+    unavailable_imports: int = 0
+    """Answer the next n import POSTs with a 503."""
+    imports: dict[int, dict[str, Any]] = field(default_factory=dict)
+    queues: dict[str, list[dict[str, Any]]] = field(
+        default_factory=lambda: {"Undefined": [], "Deferred": [], "Immediate": []}
+    )
+    history: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    sends: list[tuple[str, dict[str, str]]] = field(default_factory=list)
+    confirmed: list[int] = field(default_factory=list)
+    next_sending: int = 555
+    stats: dict[tuple[int, str], list[dict[str, Any]]] = field(default_factory=dict)
+
+    def api_calls(self, path_part: str = "") -> list[Call]:
+        return [c for c in self.calls if path_part in c.path]
+
+
+def _envelope(fake: FakeMailUp, request: web.Request, items: list[dict[str, Any]]) -> web.Response:
+    query = {k.lower(): v for k, v in request.query.items()}
+    size = min(int(query.get("pagesize", "20")), fake.page_cap)
+    number = int(query.get("pagenumber", "0"))
+    return web.json_response(
+        {
+            "IsPaginated": True,
+            "Items": items[number * size : (number + 1) * size],
+            "PageNumber": number,
+            "PageSize": size,
+            "Skipped": number * size,
+            "TotalElementsCount": len(items),
+        }
+    )
+
+
+def _error(status: int, description: str, name: str | None) -> web.Response:
+    body = {"ErrorCode": str(status), "ErrorDescription": description, "ErrorName": name, "ErrorStack": None}
+    return web.json_response(body, status=status)
+
+
+def _app(fake: FakeMailUp) -> web.Application:
+    @web.middleware
+    async def auth(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path == TOKEN_PATH:
+            return cast(web.StreamResponse, await handler(request))
+        fake.calls.append(
+            Call(
+                time.monotonic(),
+                request.method,
+                request.path,
+                dict(request.query),
+                request.headers.get("Authorization", ""),
+                request.headers.get("Accept", ""),
+            )
+        )
+        if fake.limit_next:
+            fake.limit_next -= 1
+            return web.json_response(
+                {
+                    "ErrorCode": "429",
+                    "ErrorDescription": "Authorization error (too_many_requests): Too many requests. "
+                    "Max:5 calls per second , actual:6.",
+                    "ErrorName": None,
+                    "ErrorStack": None,
+                },
+                status=429,
+                headers={"Retry-After": fake.retry_after},
+            )
+        presented = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        if fake.expire_next or presented not in fake.valid:
+            fake.expire_next = max(0, fake.expire_next - 1)
+            return _error(401, "Authorization error: Access token is expired", "Unauthorized")
+        return cast(web.StreamResponse, await handler(request))
+
+    async def token(request: web.Request) -> web.Response:
+        form = {k: str(v) for k, v in (await request.post()).items()}
+        fake.grants.append(form)
+        if form.get("grant_type") == "password":
+            if {k: form.get(k) for k in PASSWORD_GRANT} != PASSWORD_GRANT:
+                return web.json_response({"error": "invalid_grant", "error_description": "no"}, status=400)
+        elif form.get("grant_type") == "refresh_token":
+            if form.get("refresh_token") not in fake.refresh_tokens or form.get("client_secret") != "csecret":
+                return web.json_response({"error": "invalid_grant", "error_description": "spent"}, status=400)
+            fake.refresh_tokens.discard(form["refresh_token"])
+        else:
+            return web.json_response({"error": "unsupported_grant_type"}, status=400)
+        fake.issued += 1
+        access, refresh = f"t{fake.issued}", f"r{fake.issued}"
+        fake.valid = {access}
+        fake.refresh_tokens.add(refresh)
+        return web.json_response(
+            {"access_token": access, "expires_in": fake.expires_in, "refresh_token": refresh, "scope": "x"}
+        )
+
+    async def dynamic_fields(request: web.Request) -> web.Response:
+        return _envelope(fake, request, FIELDS)
+
+    async def groups(request: web.Request) -> web.Response:
+        wanted = request.query.get("filterby", "")
+        items = [g for g in fake.groups if wanted == f"Name=='{g['Name']}'"]
+        return _envelope(fake, request, items)
+
+    async def create_group(request: web.Request) -> web.Response:
+        body = await request.json()
+        fake.group_posts.append(body)
+        group = {**body, "idGroup": 17 + len(fake.groups), "idList": int(request.match_info["list"])}
+        fake.groups.append(group)
+        return web.json_response(group)
+
+    async def recipients(request: web.Request) -> web.Response:
+        if fake.unavailable_imports:
+            fake.unavailable_imports -= 1
+            response = _error(503, "Service unavailable", None)
+            response.headers["Retry-After"] = "0"
+            return response
+        fake.posted.append((request.path, await request.json()))
+        import_id = fake.next_import
+        fake.next_import += 1
+        fake.imports[import_id] = {"IdImport": import_id, "StatusCode": 1}
+        return web.json_response(import_id)
+
+    async def import_detail(request: web.Request) -> web.Response:
+        import_id = int(request.match_info["id"])
+        if import_id not in fake.imports:
+            return _error(404, "Import not found", "NotFound")
+        return web.json_response(fake.imports[import_id])
+
+    async def send(request: web.Request) -> web.Response:
+        message = int(request.match_info["message"])
+        fake.sends.append((request.path, dict(request.query)))
+        sending = fake.next_sending
+        fake.next_sending += 1
+        queue = "Deferred" if "datetime" in request.query else "Undefined"
+        fake.queues[queue].append({"Id": sending, "IdList": 1, "IdMessage": message, "State": queue})
+        return web.json_response(
+            {
+                "Id": sending,
+                "Sent": 3,
+                "InvalidRecipients": [],
+                "UnprocessedRecipients": [],
+                "idMessage": message,
+            }
+        )
+
+    async def immediate(request: web.Request) -> web.Response:
+        sending = int(request.match_info["id"])
+        fake.confirmed.append(sending)
+        for item in list(fake.queues["Undefined"]):
+            if item["Id"] == sending:
+                fake.queues["Undefined"].remove(item)
+                fake.queues["Immediate"].append({**item, "State": "Immediate"})
+        return web.json_response({"Id": sending, "IdList": 1, "State": "Immediate", "Type": "Newsletter"})
+
+    async def queue(request: web.Request) -> web.Response:
+        return _envelope(fake, request, fake.queues[request.match_info["queue"]])
+
+    async def send_history(request: web.Request) -> web.Response:
+        message = int(request.match_info["message"])
+        if message >= 900:
+            return _error(404, "Message not found", "NotFound")
+        return _envelope(fake, request, fake.history.get(message, []))
+
+    async def statistics(request: web.Request) -> web.Response:
+        key = (int(request.match_info["message"]), request.match_info["endpoint"])
+        return _envelope(fake, request, fake.stats.get(key, []))
+
+    app = web.Application(middlewares=[auth])
+    app.router.add_post(TOKEN_PATH, token)
+    app.router.add_get(f"{CONSOLE}/Console/Recipient/DynamicFields", dynamic_fields)
+    app.router.add_get(CONSOLE + "/Console/List/{list}/Groups", groups)
+    app.router.add_post(CONSOLE + "/Console/List/{list}/Group", create_group)
+    app.router.add_post(CONSOLE + "/Console/Group/{group}/Recipients", recipients)
+    app.router.add_post(CONSOLE + "/Console/List/{list}/Recipients", recipients)
+    app.router.add_get(CONSOLE + "/Console/Imports/{id}", import_detail)
+    app.router.add_post(CONSOLE + "/Console/Group/{group}/Email/{message}/Send", send)
+    app.router.add_post(CONSOLE + "/Console/List/{list}/Email/{message}/Send", send)
+    app.router.add_post(CONSOLE + "/Console/Email/Sendings/{id}/Immediate", immediate)
+    app.router.add_get(CONSOLE + "/Console/Email/Sendings/{queue}", queue)
+    app.router.add_get(CONSOLE + "/Console/List/{list}/Email/{message}/SendHistory", send_history)
+    app.router.add_get(STATS + "/Message/{message}/List/{endpoint}", statistics)
+    return app
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeMailUp]:
+    state = FakeMailUp()
+    runner = web.AppRunner(_app(state))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    state.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    yield state
+    await runner.cleanup()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+def account(url: str, *, secret: str | None = "s3cr3t", **options: Any) -> AccountConfig:
+    return AccountConfig(
+        esp="mailup",
+        account="demo",
+        connector="mailup",
+        api_url=url,
+        username="user",
+        password=SecretStr("pw"),
+        client_id="cid",
+        client_secret=SecretStr("csecret"),
+        token=SecretStr(secret) if secret is not None else None,
+        request_timeout_s=5,
+        options={"list_id": 1, "rate_limit_per_s": 1000, **options},
+    )
+
+
+def make(
+    fake: FakeMailUp, http: aiohttp.ClientSession, sftp: SftpPool | None = None, **options: Any
+) -> MailUpConnector:
+    made = connector_for(account(fake.url, **options), ConnectorContext(http, sftp))
+    assert isinstance(made, MailUpConnector)
+    return made
+
+
+def offline(**options: Any) -> MailUpConnector:
+    return MailUpConnector(
+        account("http://127.0.0.1:1", **options), ConnectorContext(http=cast(aiohttp.ClientSession, None))
+    )
+
+
+def job(**overrides: Any) -> BroadcastJob:
+    values: dict[str, Any] = {
+        "message": "42",
+        "field_map": {"email": "Email", "first_name": "FirstName"},
+        **overrides,
+    }
+    return base_job(**values)
+
+
+async def chunked(data: bytes, size: int) -> AsyncIterator[bytes]:
+    for i in range(0, len(data), size):
+        yield data[i : i + size]
+
+
+# --- configuration -----------------------------------------------------------------------------------
+
+
+def test_options_are_checked_and_name_the_account() -> None:
+    assert offline().options.page_size == 500
+    with pytest.raises(ConfigurationError, match="mailup/demo options"):
+        offline(statistics_source="ftp")
+    with pytest.raises(ConfigurationError, match="mailup/demo options"):
+        offline(no_such_option=1)
+    with pytest.raises(ConfigurationError, match="export_columns has unknown roles"):
+        offline(export_columns={"colour": "x"})
+    with pytest.raises(ConfigurationError, match="mailup/demo options"):
+        MailUpConnector(
+            account("http://127.0.0.1:1").model_copy(update={"options": {}}),
+            ConnectorContext(http=cast(aiohttp.ClientSession, None)),
+        )
+    no_user = account("http://127.0.0.1:1").model_copy(update={"username": None})
+    with pytest.raises(ConfigurationError, match="needs username"):
+        MailUpConnector(no_user, ConnectorContext(http=cast(aiohttp.ClientSession, None)))
+
+
+# --- OAuth2 ------------------------------------------------------------------------------------------
+
+
+async def test_the_password_grant_sends_the_documented_form(
+    fake: FakeMailUp, http: aiohttp.ClientSession
+) -> None:
+    assert await make(fake, http).find_send(job()) is None
+    assert fake.grants == [PASSWORD_GRANT]
+    paths = [c.path.removeprefix(CONSOLE) for c in fake.calls]
+    assert paths == [
+        "/Console/Email/Sendings/Undefined",
+        "/Console/Email/Sendings/Deferred",
+        "/Console/Email/Sendings/Immediate",
+        "/Console/List/1/Email/42/SendHistory",
+    ]
+    assert {(c.authorization, c.accept) for c in fake.calls} == {("Bearer t1", "application/json")}
+    assert {(c.query["pageSize"], c.query["pageNumber"]) for c in fake.calls} == {("500", "0")}
+
+
+async def test_the_token_is_refreshed_before_it_expires(
+    fake: FakeMailUp, http: aiohttp.ClientSession
+) -> None:
+    fake.expires_in = 30  # within token_margin_s (60): every call finds it about to expire
+    await make(fake, http).find_send(job())
+    assert [g["grant_type"] for g in fake.grants] == ["password"] + ["refresh_token"] * 3
+    assert fake.grants[1] == {
+        "grant_type": "refresh_token",
+        "client_id": "cid",
+        "client_secret": "csecret",
+        "refresh_token": "r1",
+    }
+    assert [g["refresh_token"] for g in fake.grants[1:]] == ["r1", "r2", "r3"]  # each used once
+    assert [c.authorization for c in fake.calls] == ["Bearer t1", "Bearer t2", "Bearer t3", "Bearer t4"]
+
+
+async def test_a_401_refreshes_once_and_repeats_the_call(
+    fake: FakeMailUp, http: aiohttp.ClientSession
+) -> None:
+    mailup = make(fake, http)
+    await mailup.send_status("42:555")
+    fake.expire_next = 1
+    before = len(fake.calls)
+    status = await mailup.send_status("42:555")
+    assert status.state is SendState.FAILED
+    assert len(fake.calls) - before == 5  # four reads, one of them twice
+    assert [g["grant_type"] for g in fake.grants] == ["password", "refresh_token"]
+    fake.refresh_tokens.clear()  # a refused refresh falls back to the password grant
+    fake.expire_next = 1
+    await mailup.send_status("42:555")
+    assert [g["grant_type"] for g in fake.grants][2:] == ["refresh_token", "password"]
+    fake.expire_next = 2
+    before = len(fake.calls)
+    with pytest.raises(EspAuthError):
+        await mailup.send_status("42:555")
+    assert len(fake.calls) - before == 2  # one repeat, never a loop
+
+
+async def test_a_refused_password_is_a_configuration_error(
+    fake: FakeMailUp, http: aiohttp.ClientSession
+) -> None:
+    wrong = account(fake.url).model_copy(update={"password": SecretStr("nope")})
+    with pytest.raises(ConfigurationError, match="refused the credentials"):
+        await MailUpConnector(wrong, ConnectorContext(http)).send_status("42:1")
+    assert fake.calls == []
+
+
+# --- rate limits -------------------------------------------------------------------------------------
+
+
+async def test_the_limiter_keeps_five_calls_per_second(fake: FakeMailUp, http: aiohttp.ClientSession) -> None:
+    mailup = make(fake, http, rate_limit_per_s=5)
+    await asyncio.gather(*(mailup.send_status(f"42:{n}") for n in range(3)))  # 12 calls
+    times = sorted(c.at for c in fake.calls)
+    assert len(times) == 12
+    windows = [sum(1 for t in times if start <= t < start + 1.0) for start in times]
+    assert max(windows) <= 5  # as MailUp counts them, on arrival
+    assert times[-1] - times[0] >= 2.0  # 12 calls at 5/s need two full waits
+    assert len(fake.grants) == 1  # token calls are not limited (nor counted)
+
+
+async def test_a_429_is_waited_out_and_repeated(fake: FakeMailUp, http: aiohttp.ClientSession) -> None:
+    mailup = make(fake, http)
+    fake.limit_next = 2
+    assert (await mailup.send_status("42:1")).state is SendState.FAILED
+    assert len(fake.calls) == 6
+    fake.limit_next, fake.retry_after = 1, "30"  # longer than the request timeout: the caller waits
+    with pytest.raises(EspUnavailableError) as info:
+        await mailup.send_status("42:1")
+    assert info.value.retry_after_s == 30.0
+
+
+# --- import --------------------------------------------------------------------------------------------
+
+LONG = "x" * 201
+LIST_FILE = (
+    "Email,FirstName,CommunicationKey\n"  # 1
+    "anna@example.com,Anna,K-1\n"  # 2
+    '"bob@example.com","Bob ""B"", Jr",K-2\n'  # 3
+    "ANNA@example.com,Dup,K-3\n"  # 4: email again (case-insensitive)
+    "carl@example.com,,K-2\n"  # 5: key again
+    "dora@example.com,Dora\n"  # 6: two fields
+    "eve@example.com,Eve,\n"  # 7: no key
+    'fay@example.com,"multi\nline",K-6\n'  # 8-9
+    f"gus@example.com,{LONG},K-7\n"  # 10: over 200 characters
+    "hal@example.com,Hål,K-8\n"  # 11
+    ",NoEmail,K-9\n"  # 12: left to MailUp
+).encode()
+
+
+def _fields(key: str, first: str) -> list[dict[str, Any]]:
+    return [{"Id": 12, "Value": key}, {"Id": 13, "Value": "42:job-1"}, {"Id": 1, "Value": first}]
+
+
+async def test_list_rows_are_read_across_chunk_boundaries() -> None:
+    data = 'a,b\r\n"x\r\ny",é\r\n\r\nlast,"q""q"'.encode()
+    rows = [r async for r in read_list_rows(chunked(data, 1))]
+    assert rows == [(1, ["a", "b"]), (2, ["x\r\ny", "é"]), (4, []), (5, ["last", 'q"q'])]
+
+
+async def test_the_list_is_posted_in_chunks_to_the_jobs_group(
+    fake: FakeMailUp, http: aiohttp.ClientSession
+) -> None:
+    mailup = make(fake, http, import_chunk_rows=2)
+    fake.unavailable_imports = 1  # repeated in place: a re-post is an upsert
+    status = await mailup.import_list(chunked(LIST_FILE, 5), job())
+    assert status.import_id == "17/5/9001,9002,9003"
+    assert status.state is ImportState.QUEUED
+    assert status.rows_invalid == 5
+    assert [e.split(":")[0] for e in status.errors] == ["line 4", "line 5", "line 6", "line 7", "line 10"]
+    assert fake.group_posts == [
+        {"Name": "espbridge-job-1", "Notes": "November newsletter", "Deletable": True}
+    ]
+    assert fake.api_calls("/Groups")[0].query["filterby"] == "Name=='espbridge-job-1'"
+    assert [p for p, _ in fake.posted] == [f"{CONSOLE}/Console/Group/17/Recipients"] * 3
+    assert len(fake.api_calls("/Recipients")) == 4
+    assert [body for _, body in fake.posted] == [
+        [
+            {"Email": "anna@example.com", "Name": "", "Fields": _fields("K-1", "Anna")},
+            {"Email": "bob@example.com", "Name": "", "Fields": _fields("K-2", 'Bob "B", Jr')},
+        ],
+        [
+            {"Email": "fay@example.com", "Name": "", "Fields": _fields("K-6", "multi\nline")},
+            {"Email": "hal@example.com", "Name": "", "Fields": _fields("K-8", "Hål")},
+        ],
+        [{"Email": "", "Name": "", "Fields": _fields("K-9", "NoEmail")}],
+    ]
+    again = await mailup.import_list(chunked(LIST_FILE, 4096), job())  # the group is found, not made again
+    assert again.import_id == "17/5/9004,9005,9006"
+    assert len(fake.group_posts) == 1
+
+
+async def test_send_to_list_posts_to_the_list_and_an_unknown_column_fails(
+    fake: FakeMailUp, http: aiohttp.ClientSession
+) -> None:
+    mailup = make(fake, http, send_to="list")
+    status = await mailup.import_list(chunked(b"Email,CommunicationKey\na@x.com,K-1\n", 100), job())
+    assert status.import_id == "0/0/9001"
+    assert fake.posted[0][0] == f"{CONSOLE}/Console/List/1/Recipients"
+    assert fake.group_posts == []
+    with pytest.raises(ListRejectedError, match="'Shoe'"):
+        await mailup.import_list(chunked(b"Email,Shoe,CommunicationKey\na@x.com,9,K-1\n", 100), job())
+    with pytest.raises(ListRejectedError, match="'Nickname'"):
+        await make(fake, http, job_field="Nickname").import_list(
+            chunked(b"Email,CommunicationKey\n", 9), job()
+        )
+
+
+class FakeRemoteFile:
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    async def read(self, size: int) -> bytes:
+        chunk, self._data = self._data[:size], self._data[size:]
+        return chunk
+
+
+class FakeSftp:
+    def __init__(self, files: dict[str, bytes]) -> None:
+        self.files = files
+
+    @contextlib.asynccontextmanager
+    async def open(self, path: str, mode: str) -> AsyncIterator[FakeRemoteFile]:
+        assert mode == "rb"
+        yield FakeRemoteFile(self.files[path])
+
+    @contextlib.asynccontextmanager
+    async def session(self) -> AsyncIterator[FakeSftp]:
+        yield self
+
+
+async def test_start_import_reads_the_file_back_and_refuses_a_used_message(
+    fake: FakeMailUp, http: aiohttp.ClientSession
+) -> None:
+    remote = "mailup/demo/drop/job-1.csv"
+    sftp = cast(SftpPool, FakeSftp({remote: LIST_FILE}))
+    mailup = make(fake, http, sftp)
+    assert mailup.list_path(job()) == remote
+    status = await mailup.start_import(remote, job())
+    assert status.import_id == "17/5/9001"
+    assert len(fake.posted[0][1]) == 5
+    fake.history[42] = [{"IdSending": 555, "IdMessage": 42, "IdList": 1, "EndDate": None, "Recipients": 5}]
+    with pytest.raises(MessageTakenError, match="42:555"):
+        await mailup.start_import(remote, job())
+    with pytest.raises(ListRejectedError, match="not a MailUp message id"):
+        await mailup.start_import(remote, job(message="msg-42"))
+    with pytest.raises(ListRejectedError, match="no message 901"):
+        await mailup.start_import(remote, job(message="901"))
+
+
+def _detail(code: int, valid: int = 0, repeated: int = 0, invalid: int = 0, bad: int = 0) -> dict[str, Any]:
+    return {
+        "IdImport": 0,
+        "StatusCode": code,
+        "Rows": {
+            "Total": valid + invalid,
+            "Valid": {"Total": valid, "EmailNew": valid, "RepeatedEmail": repeated},
+            "Invalid": {"Total": invalid, "InvalidEmail": bad, "WithoutEmail": invalid - bad},
+        },
+    }
+
+
+async def test_import_status_folds_every_chunk(fake: FakeMailUp, http: aiohttp.ClientSession) -> None:
+    mailup = make(fake, http)
+    fake.imports = {9001: _detail(1), 9002: _detail(1)}
+    assert (await mailup.import_status("17/2/9001,9002")).state is ImportState.QUEUED
+    fake.imports = {9001: _detail(3, valid=4998, repeated=1, invalid=2, bad=1), 9002: _detail(2)}
+    status = await mailup.import_status("17/2/9001,9002")
+    assert status.state is ImportState.RUNNING
+    assert (status.rows_valid, status.rows_invalid) == (4997, 2 + 2 + 1)
+    assert "import 9001: 1 invalid email, 1 without email, 1 repeated email" in status.errors
+    assert any("2 rows" in e for e in status.errors)  # the local reasons are not known to this instance
+    fake.imports[9002] = _detail(7, valid=10)  # an unknown code reads as running
+    assert (await mailup.import_status("17/2/9001,9002")).state is ImportState.RUNNING
+    fake.imports[9002] = _detail(3, valid=10)
+    status = await mailup.import_status("17/2/9001,9002")
+    assert (status.state, status.rows_valid) == (ImportState.DONE, 5007)
+    assert len(fake.api_calls("/Imports/9001")) == 2  # a final answer is kept
+    fake.imports[9003] = _detail(4)
+    failed = await mailup.import_status("17/0/9001,9003")
+    assert failed.state is ImportState.FAILED
+    assert "import 9003 failed (StatusCode 4)" in failed.errors
+    assert (await mailup.import_status("17/0/9999")).state is ImportState.FAILED  # unknown import
+    assert (await mailup.import_status("17/3/")).state is ImportState.FAILED  # nothing was posted
+    with pytest.raises(ListRejectedError):
+        await mailup.import_status("nonsense")
+
+
+async def test_import_status_reports_the_local_reasons(fake: FakeMailUp, http: aiohttp.ClientSession) -> None:
+    mailup = make(fake, http)
+    started = await mailup.import_list(chunked(LIST_FILE, 64), job())
+    fake.imports[9001] = _detail(3, valid=5)
+    status = await mailup.import_status(started.import_id)
+    assert (status.state, status.rows_valid, status.rows_invalid) == (ImportState.DONE, 5, 5)
+    assert status.errors[0] == "line 4: email 'ANNA@example.com' already in the file"
+
+
+# --- send ----------------------------------------------------------------------------------------------
+
+
+async def test_send_posts_and_confirms(fake: FakeMailUp, http: aiohttp.ClientSession) -> None:
+    mailup = make(fake, http)
+    status = await mailup.send("17/0/9001", job())
+    assert (status.send_id, status.state, status.recipients) == ("42:555", SendState.SCHEDULED, 3)
+    assert fake.sends == [(f"{CONSOLE}/Console/Group/17/Email/42/Send", {})]
+    assert fake.confirmed == [555]
+    assert (await mailup.send_status("42:555")).state is SendState.SENDING  # in the Immediate queue
+    fake.queues["Immediate"] = []
+    fake.history[42] = [{"IdSending": 555, "IdMessage": 42, "IdList": 1, "EndDate": None, "Recipients": 3}]
+    assert (await mailup.send_status("42:555")).state is SendState.SENDING
+    fake.history[42][0]["EndDate"] = "2026-11-22 10:00:31Z"
+    sent = await mailup.send_status("42:555")
+    assert (sent.state, sent.recipients) == (SendState.SENT, 3)
+    missing = await mailup.send_status("42:556")
+    assert (missing.state, missing.detail) == (SendState.FAILED, "sending 556 not found")
+    with pytest.raises(MessageTakenError, match="message 42 already sent"):
+        await mailup.send("17/0/9001", job())
+
+
+async def test_a_deferred_send_is_not_confirmed(fake: FakeMailUp, http: aiohttp.ClientSession) -> None:
+    mailup = make(fake, http)
+    when = datetime(2026, 11, 22, 11, 0, tzinfo=UTC)
+    status = await mailup.send("17/0/9001", job(send_at=when.isoformat()))
+    assert status.state is SendState.SCHEDULED
+    assert fake.sends == [(f"{CONSOLE}/Console/Group/17/Email/42/Send", {"datetime": "2026-11-22 11:00:00Z"})]
+    assert fake.confirmed == []
+    assert (await mailup.send_status(status.send_id)).state is SendState.SCHEDULED
+    unconfirmed = make(fake, http, confirm_sending=False, send_to="list")
+    await unconfirmed.send("0/0/9001", job(message="43"))
+    assert fake.sends[-1] == (f"{CONSOLE}/Console/List/1/Email/43/Send", {})
+    assert fake.confirmed == []
+
+
+async def test_find_send_reads_every_queue_page(fake: FakeMailUp, http: aiohttp.ClientSession) -> None:
+    mailup = make(fake, http, page_size=2)
+    fake.queues["Deferred"] = [{"Id": n, "IdMessage": 100 + n} for n in range(5)]
+    assert await mailup.find_send(job()) is None
+    fake.queues["Deferred"].append({"Id": 600, "IdMessage": 42})
+    found = await mailup.find_send(job())
+    assert found is not None
+    assert (found.send_id, found.state) == ("42:600", SendState.SCHEDULED)
+    fake.queues["Deferred"].pop()
+    fake.queues["Immediate"] = [{"Id": 601, "IdMessage": 42}]
+    found = await mailup.find_send(job())
+    assert found is not None
+    assert (found.send_id, found.state) == ("42:601", SendState.SENDING)
+    fake.queues["Immediate"] = []
+    fake.history[42] = [{"IdSending": 602, "EndDate": "2026-11-22 10:00:31Z", "Recipients": 9}]
+    found = await mailup.find_send(job())
+    assert found is not None
+    assert (found.send_id, found.state, found.recipients) == ("42:602", SendState.SENT, 9)
+    # a sending left unconfirmed (the confirmation failed) is confirmed when it is found
+    fake.history[42] = []
+    fake.queues["Undefined"] = [{"Id": 603, "IdMessage": 42}]
+    found = await mailup.find_send(job())
+    assert found is not None
+    assert (found.send_id, found.state) == ("42:603", SendState.SCHEDULED)
+    assert fake.confirmed == [603]
+
+
+# --- statistics API ------------------------------------------------------------------------------------
+
+BROADCAST = SentBroadcast(
+    job_id="job-1", message="42", import_id="17/0/9001", send_id="42:555", requested_at=None
+)
+
+
+def _stats(fake: FakeMailUp) -> None:
+    person = [{"Email": f"p{n}@example.com", "IdMessage": 42, "IdRecipient": 1000 + n} for n in range(3)]
+    fake.stats = {
+        (42, "Recipients"): person,
+        (42, "Bounces"): [
+            {**person[0], "Code": "5.1.1"},
+            {**person[1], "Code": "452"},
+            {**person[2], "Code": "999"},
+        ],
+        (42, "Views"): [{**person[0], "Count": 2}],
+        (42, "UrlClickDetails"): [{**person[0], "Count": 2, "Url": "https://x.com/a;b,c"}],
+        (42, "Unsubscriptions"): [
+            {**person[0], "Email": "P0@Example.com", "Reason": 1},
+            {**person[1], "Reason": 2},
+            {**person[2], "Reason": 3},
+        ],
+    }
+
+
+async def _round(mailup: MailUpConnector, cursor: str | None) -> tuple[list[Any], list[str | None], bool]:
+    items: list[Any] = []
+    cursors: list[str | None] = []
+    while True:
+        page = await mailup.pull_responses(BROADCAST, cursor)
+        items.extend(page.items)
+        cursor = page.cursor
+        cursors.append(cursor)
+        if not page.more:
+            return items, cursors, page.more
+
+
+async def test_statistics_are_pulled_page_by_page(fake: FakeMailUp, http: aiohttp.ClientSession) -> None:
+    _stats(fake)
+    mailup = make(fake, http, page_size=2)
+    items, cursors, _ = await _round(mailup, None)
+    assert [orjson.loads(c or "") for c in cursors] == [
+        {"v": 1, "ep": "Recipients", "page": 1},
+        {"v": 1, "ep": "Bounces", "page": 0},
+        {"v": 1, "ep": "Bounces", "page": 1},
+        {"v": 1, "ep": "Views", "page": 0},
+        {"v": 1, "ep": "UrlClickDetails", "page": 0},
+        {"v": 1, "ep": "Unsubscriptions", "page": 0},
+        {"v": 1, "ep": "Unsubscriptions", "page": 1},
+        {"v": 1, "ep": "Recipients", "page": 0},  # more=false: the next call starts a new round
+    ]
+    events = [i for i in items if isinstance(i, ResponseEvent)]
+    bad = [i for i in items if isinstance(i, BadRow)]
+    counts = {t: sum(1 for e in events if e.type is t) for t in EventType}
+    assert {t.value: n for t, n in counts.items() if n} == {
+        "sent": 3,
+        "bounce_hard": 1,
+        "bounce_soft": 1,
+        "open": 2,
+        "click": 2,
+        "unsubscribe": 1,
+        "complaint": 1,
+    }
+    assert len(bad) == 1
+    assert "999" in bad[0].error
+    assert {e.broadcast_id for e in events} == {"job-1"}
+    assert all(e.extra["time_source"] == "pull" and e.extra["send_id"] == "555" for e in events)
+    opens = [e for e in events if e.type is EventType.OPEN]
+    assert [e.event_id for e in opens] == [
+        event_id_for("mailup", esp_event_id="demo:opn:42:1000:1"),
+        event_id_for("mailup", esp_event_id="demo:opn:42:1000:2"),
+    ]
+    clicks = [e for e in events if e.type is EventType.CLICK]
+    assert clicks[1].event_id == event_id_for("mailup", esp_event_id="demo:clk:42:1000:2:https://x.com/a;b,c")
+    unsubscribe = next(e for e in events if e.type is EventType.UNSUBSCRIBE)
+    assert unsubscribe.event_id == event_id_for("mailup", esp_event_id="demo:uns:42:p0@example.com")
+    # every round reads everything again, with the same event ids
+    again, _, _ = await _round(mailup, cursors[-1])
+    assert [i.event_id for i in again if isinstance(i, ResponseEvent)] == [e.event_id for e in events]
+
+
+async def test_a_pull_resumes_from_a_stored_cursor(fake: FakeMailUp, http: aiohttp.ClientSession) -> None:
+    _stats(fake)
+    stored = '{"v":1,"ep":"UrlClickDetails","page":0}'
+    mailup = make(fake, http, page_size=2)  # a new process: only the cursor survives
+    first = await mailup.pull_responses(BROADCAST, stored)
+    assert [i.type for i in first.items if isinstance(i, ResponseEvent)] == [EventType.CLICK] * 2
+    assert first.more
+    assert [c.path.rsplit("/", 1)[1] for c in fake.calls] == ["UrlClickDetails"]
+    restart = await mailup.pull_responses(BROADCAST, '{"v":0,"ep":"Nope"}')  # unusable: a new round
+    assert fake.calls[-1].path.endswith("/Recipients")
+    assert orjson.loads(restart.cursor or "") == {"v": 1, "ep": "Recipients", "page": 1}
+
+
+async def test_the_servers_page_size_is_used(fake: FakeMailUp, http: aiohttp.ClientSession) -> None:
+    _stats(fake)
+    fake.page_cap = 2
+    mailup = make(fake, http)  # asks 500, gets 2
+    page = await mailup.pull_responses(BROADCAST, None)
+    assert (len(page.items), orjson.loads(page.cursor or "")) == (2, {"v": 1, "ep": "Recipients", "page": 1})
+    assert fake.calls[0].query["pageSize"] == "500"
+
+
+async def test_with_the_export_only_unsubscriptions_are_pulled(
+    fake: FakeMailUp, http: aiohttp.ClientSession
+) -> None:
+    _stats(fake)
+    mailup = make(fake, http, statistics_source="export")
+    assert mailup.response_sources == (ResponseSource("statistics", "*.csv"),)
+    assert make(fake, http).response_sources == ()
+    items, cursors, more = await _round(mailup, None)
+    assert not more
+    assert len(cursors) == 1
+    assert {i.type for i in items if isinstance(i, ResponseEvent)} == {
+        EventType.UNSUBSCRIBE,
+        EventType.COMPLAINT,
+    }
+
+
+# --- statistics export ---------------------------------------------------------------------------------
+
+EXPORT_HEADER = (
+    "idList;idInvio;idNl;e-mail address;subject;statusType;details;statusChange;sentDate;"
+    "CommunicationKey;EspbridgeJob"
+)
+EXPORT_ROWS = [
+    "1;555;42;anna@example.com;November;SNT;;20261122T110003;20261122T110003;K-1;42:job-1",  # 2
+    '1;555;42;anna@example.com;"Nov; ""x""";CLK;"https://x.com/?a=1;b=2";20260715T120000;;K-1;42:job-1',  # 3
+    "1;555;42;bob@example.com;November;NCO;5.1.1;20261025T023000;;K-2;42:job-1",  # 4: repeated hour
+    "1;555;42;carl@example.com;November;NCO;452;20261122T110004;;K-3;42:job-1",  # 5
+    "1;555;42;dora@example.com;November;XXX;;20261122T110005;;K-4;42:job-1",  # 6
+    "1;555;42;dora@example.com;November;OPN;;2026-13-45;;K-4;42:job-1",  # 7
+    "1;555;42;dora@example.com;November;OPN;;20261122T110005;;K-4",  # 8: a column short
+    "1;555;42;dora@example.com;November;NCO;999;20261122T110005;;K-4;42:job-1",  # 9
+    "1;555;42;dora@example.com;November;CLK;;20261122T110005;;K-4;42:job-1",  # 10
+    "1;555;42;;November;OPN;;20261122T110005;;K-4;42:job-1",  # 11
+    "1;555;42;eve@example.com;November;OPN;;20261122T110005;;K-5;43:job-2",  # 12: re-imported
+    "1;555;42;fay@example.com;November;OPN;;20261122T110005;;K-6;",  # 13: not espbridge's
+    "2;555;42;gus@example.com;November;OPN;;20261122T110005;;K-7;42:job-1",  # 14: another list
+    "1;556;44;hal@example.com;November;OPN;;20261122T110006;;K-8;44:job:with:colons",  # 15
+]
+
+
+def _export(tmp_path: Path, rows: list[str], **options: Any) -> list[ResponseEvent | BadRow]:
+    path = tmp_path / "statistics_20261122T120000_1.csv"
+    path.write_bytes("\r\n".join([EXPORT_HEADER, *rows, ""]).encode("utf-8"))
+    return list(offline(**options).parse_response_file(path, "mailup/demo/statistics/" + path.name))
+
+
+def test_export_rows_become_events_in_italian_time(tmp_path: Path) -> None:
+    items = _export(tmp_path, EXPORT_ROWS)
+    events = {i.source.line or 0: i for i in items if isinstance(i, ResponseEvent)}
+    bad = {i.line: i.error for i in items if isinstance(i, BadRow)}
+    assert sorted(events) == [2, 3, 4, 5, 15]
+    assert [events[n].type for n in (2, 3, 4, 5)] == [
+        EventType.SENT,
+        EventType.CLICK,
+        EventType.BOUNCE_HARD,
+        EventType.BOUNCE_SOFT,
+    ]
+    assert events[2].occurred_at == datetime(2026, 11, 22, 10, 0, 3, tzinfo=UTC)  # CET
+    assert events[3].occurred_at == datetime(2026, 7, 15, 10, 0, tzinfo=UTC)  # CEST
+    assert events[4].occurred_at == datetime(2026, 10, 25, 0, 30, tzinfo=UTC)  # first 02:30 (CEST)
+    assert events[3].url == "https://x.com/?a=1;b=2"
+    assert (events[2].broadcast_id, events[2].esp_message_id, events[2].communication_key) == (
+        "job-1",
+        "42",
+        "K-1",
+    )
+    assert events[4].extra == {"send_id": "555", "bounce_code": "5.1.1"}
+    assert events[15].broadcast_id == "job:with:colons"
+    assert events[2].event_id == event_id_for(
+        "mailup",
+        broadcast_id="job-1",
+        recipient="anna@example.com",
+        event_type="sent",
+        occurred_at=events[2].occurred_at,
+    )
+    assert sorted(bad) == [6, 7, 8, 9, 10, 11, 12]
+    assert "unknown statusType 'XXX'" in bad[6]
+    assert "2026-13-45" in bad[7]
+    assert "10 fields, want 11" in bad[8]
+    assert "'999'" in bad[9]
+    assert "CLK without a URL" in bad[10]
+    assert "empty email" in bad[11]
+    assert "later job" in bad[12]
+    again = _export(tmp_path, EXPORT_ROWS[:1])
+    assert isinstance(again[0], ResponseEvent)
+    assert again[0].event_id == events[2].event_id
+
+
+def test_export_columns_are_found_by_header_and_are_configurable(tmp_path: Path) -> None:
+    header = "statusType;EspbridgeJob;idNl;idList;email;details;statusChange"
+    path = tmp_path / "s.csv"
+    path.write_text(f"{header}\nOPN;42:job-1;42;1;a@x.com;;2026-11-22 11:00:00\n", encoding="utf-8")
+    mailup = offline(export_columns={"email": "email"}, export_date_format="%Y-%m-%d %H:%M:%S")
+    (event,) = mailup.parse_response_file(path, "mailup/demo/statistics/s.csv")
+    assert isinstance(event, ResponseEvent)
+    assert (event.email, event.communication_key, event.occurred_at) == (
+        "a@x.com",
+        None,
+        datetime(2026, 11, 22, 10, tzinfo=UTC),
+    )
+    (rejected,) = offline().parse_response_file(path, "mailup/demo/statistics/s.csv")
+    assert isinstance(rejected, BadRow)
+    assert (rejected.line, rejected.error) == (1, "header lacks e-mail address")
+
+
+# --- webhook ---------------------------------------------------------------------------------------------
+
+WEBHOOK = {
+    "Secret": "s3cr3t",
+    "EventType": "Unsubscribe",
+    "EventSource": "Recipient",
+    "EventDate": "2026-11-22T12:00:03.695+01",
+    "IdList": "1",
+    "IdNL": "42",
+    "Email": "anna@example.com",
+    "Reason": "1",
+    "Job": "42:job-1",
+    "Key": "K-1",
+}
+
+
+def _hook(mailup: MailUpConnector, **changes: str | None) -> list[ResponseEvent | BadRow]:
+    form = {k: v for k, v in {**WEBHOOK, **changes}.items() if v is not None}
+    return mailup.parse_webhook(
+        {"Content-Type": "application/x-www-form-urlencoded"}, urlencode(form).encode()
+    )
+
+
+def test_the_unsubscribe_webhook_yields_the_apis_event() -> None:
+    mailup = offline()
+    body = (
+        b"Secret=s3cr3t&EventType=Unsubscribe&EventSource=Recipient&EventDate=2026-11-22T12%3A00%3A03.695%2B01"
+        b"&IdList=1&IdNL=42&Email=anna%40example.com&Reason=1&Job=42%3Ajob-1&Key=K-1"
+    )
+    (event,) = mailup.parse_webhook({}, body)
+    assert isinstance(event, ResponseEvent)
+    assert (event.type, event.broadcast_id, event.email, event.communication_key) == (
+        EventType.UNSUBSCRIBE,
+        "job-1",
+        "anna@example.com",
+        "K-1",
+    )
+    assert event.occurred_at == datetime(2026, 11, 22, 11, 0, 3, 695000, tzinfo=UTC)
+    assert event.event_id == event_id_for("mailup", esp_event_id="demo:uns:42:anna@example.com")
+    (complaint,) = _hook(mailup, Reason="2", EventDate="2026-11-22T12:00:03+0100")
+    assert isinstance(complaint, ResponseEvent)
+    assert complaint.type is EventType.COMPLAINT
+    assert complaint.occurred_at == datetime(2026, 11, 22, 11, 0, 3, tzinfo=UTC)
+    assert _hook(mailup, Reason="3") == []  # automatic, after a hard bounce
+    assert _hook(mailup, EventType="Subscribe") == []
+    assert _hook(mailup, IdNL="0") == []
+    assert _hook(mailup, IdNL="") == []
+
+
+def test_webhook_secret_is_required() -> None:
+    mailup = offline()
+    with pytest.raises(WebhookAuthError, match="wrong"):
+        _hook(mailup, Secret="guess")
+    with pytest.raises(WebhookAuthError, match="no Secret"):
+        _hook(mailup, Secret=None)
+    with pytest.raises(WebhookAuthError, match="no webhook secret configured"):
+        _hook(offline(secret=None))
+
+
+def test_webhook_items_that_do_not_fit_are_bad_rows() -> None:
+    mailup = offline()
+    (mismatch,) = _hook(mailup, Job="43:job-2")
+    assert isinstance(mismatch, BadRow)
+    assert "later job" in mismatch.error
+    assert b"s3cr3t" not in mismatch.raw
+    (bad_date,) = _hook(mailup, EventDate="22/11/2026")
+    assert isinstance(bad_date, BadRow)
+    (no_offset,) = _hook(mailup, EventDate="2026-11-22T12:00:03")
+    assert isinstance(no_offset, BadRow)
+    assert "offset" in no_offset.error
+
+
+def _ids(items: Iterator[ResponseEvent | BadRow] | list[ResponseEvent | BadRow]) -> list[Any]:
+    return [i.event_id for i in items if isinstance(i, ResponseEvent)]
+
+
+async def test_api_and_webhook_unsubscribes_share_an_event_id(
+    fake: FakeMailUp, http: aiohttp.ClientSession
+) -> None:
+    _stats(fake)
+    mailup = make(fake, http, statistics_source="export")
+    page = await mailup.pull_responses(BROADCAST, None)
+    hook = _hook(mailup, Email="p0@example.com", Job="42:job-1")
+    assert _ids(hook)[0] in _ids(list(page.items))
