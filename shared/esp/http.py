@@ -140,7 +140,7 @@ class OAuth2Token:
         self._session = session
         self._url = token_url
         self._grant = grant
-        self._basic = aiohttp.BasicAuth(*basic) if basic else None
+        self._headers = {"Authorization": aiohttp.encode_basic_auth(*basic)} if basic else {}
         self._margin_s = margin_s
         self._timeout_s = timeout_s
         self._token: str | None = None
@@ -170,7 +170,10 @@ class OAuth2Token:
             }
         try:
             async with self._session.post(
-                self._url, data=form, auth=self._basic, timeout=aiohttp.ClientTimeout(total=self._timeout_s)
+                self._url,
+                data=form,
+                headers=self._headers,
+                timeout=aiohttp.ClientTimeout(total=self._timeout_s),
             ) as resp:
                 body = await resp.read()
                 status = resp.status

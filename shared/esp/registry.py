@@ -5,16 +5,20 @@ from __future__ import annotations
 from shared.errors import ConfigurationError
 from shared.esp.accounts import AccountConfig, Accounts
 from shared.esp.base import Connector, ConnectorContext
+from shared.esp.deployteq import DeployteqConnector
 from shared.esp.generic import GenericConnector
 from shared.esp.generic_sftp import GenericSftpConnector
 from shared.esp.instiller import InstillerConnector
 from shared.esp.mailup import MailUpConnector
+from shared.esp.optimizely import OptimizelyConnector
 
 CONNECTORS: dict[str, type[Connector]] = {
+    "deployteq": DeployteqConnector,
     "generic": GenericConnector,
     "generic_sftp": GenericSftpConnector,
     "instiller": InstillerConnector,
     "mailup": MailUpConnector,
+    "optimizely": OptimizelyConnector,
 }
 
 

@@ -1,0 +1,1089 @@
+"""The Deployteq (formerly Clang) connector (``connector: deployteq``), from docs/connectors/deployteq.md.
+
+* Lists and sends: the CSV trigger. The uploader writes ``<trigger>+<job_id>.csv`` (``;``, UTF-8,
+  CRLF, columns ``emailAddress`` and ``externalId``) into the account's staging folder; the
+  connector *releases* it by renaming it into ``<trigger_root>/<brand>/Upload/``, which is the
+  send: Deployteq starts the campaign the name before the ``+`` selects. Import and send states
+  are read from the folder the file is in (``Upload`` → ``Active`` → ``Done`` | ``Failed``, with
+  ``Failed/<name>.reason.txt`` when present). A file still in ``Upload`` after ``pickup_timeout_s``
+  matched no campaign and is withdrawn to staging. A job with ``send_at`` stays in staging until
+  the first status poll at or after that time. ``upload_only`` jobs are refused: at Deployteq a
+  file in ``Upload`` *is* a send. The SFTP folder moves go through :class:`TriggerSite`, whose
+  real implementation (:class:`SftpTriggerSite`) uses the process's :class:`~shared.sftp.SftpPool`.
+* Responses: ``sent``, ``open``, ``click``, bounces and ``unsubscribe`` from the Analytics Events
+  API (``GET <api_url>/events``, one metric and one page per :meth:`DeployteqConnector.pull_responses`
+  call, cursor ``{"v":1,"from","to","i","offsets"}``); ``complaint`` from the daily activities
+  export files (``event-export/activities_*.csv``). Every event type comes from exactly one
+  source. Responses are mapped back to the job through the manual option ``espbridge_file`` (the
+  trigger file's name). No SOAP, no webhooks (``parse_webhook`` always refuses).
+
+Credentials: the Events API's OAuth2 client-credentials grant. The account's ``client_id`` and
+``client_secret`` (prefer ``client_secret_file``) are the OAuth 2.0 app's client id and secret,
+sent as HTTP Basic to ``options.token_url`` with ``scope`` (``analytics.events:read``); the bearer
+token is renewed when less than min(60 s, 10 % of its lifetime) remains and once after a 401.
+``api_url`` is the Events API base (``https://api.canopydeploy.net/analytics-events``). The SFTP
+login is the process's (``ESPBRIDGE_SFTP_*``); ``sftp_root`` is the account's folder on it.
+
+One connector instance per account per process holds the token, the rate limiter
+(``api_rate_per_s``) and the hold after a 429's ``Retry-After``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import contextlib
+import csv
+import logging
+import posixpath
+import re
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta, tzinfo
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Protocol, Self, cast
+from urllib.parse import parse_qs, urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import asyncssh
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from shared.errors import ConfigurationError, PermanentError, TransientError, UnavailableError
+from shared.esp.accounts import AccountConfig
+from shared.esp.base import (
+    BadRow,
+    Connector,
+    ConnectorContext,
+    ImportState,
+    ImportStatus,
+    ListFormat,
+    PullPage,
+    ResponseSource,
+    SendState,
+    SendStatus,
+    SentBroadcast,
+    WebhookAuthError,
+)
+from shared.esp.http import (
+    EspRequestError,
+    EspUnavailableError,
+    OAuth2Token,
+    RateLimiter,
+    request_with_token,
+)
+from shared.messages import BroadcastJob, EventSource, EventType, ResponseEvent, SendMode, event_id_for
+from shared.sftp import SftpPool
+
+log = logging.getLogger(__name__)
+
+CURSOR_VERSION = 1
+LIST_SUFFIX = ".csv"
+STAGED_PREFIX = "staged:"
+SEND_AT_FORMAT = "%Y%m%dT%H%M%SZ"
+REASON_LINES = 20
+REASON_MAX_BYTES = 64 * 1024
+RETRY_ATTEMPTS = 3
+"""Calls of one Events API page: the first and up to two more after a 429/5xx with Retry-After."""
+
+TRIGGER_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+"""A trigger name (the job's ``message``): the part of the file name before the ``+``."""
+JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
+"""espbridge's job id pattern (shared.messages.JobId): no ``+``, no ``@``."""
+
+BOUNCE = "bounce"
+"""The type of a source that carries both bounce kinds; split by ``bounce_types``."""
+
+DEFAULT_API_METRICS = {
+    "sends": "sent",
+    "opens": "open",
+    "clicks": "click",
+    "bounces": BOUNCE,
+    "unsubscribes": "unsubscribe",
+}
+DEFAULT_BOUNCE_TYPES = {"hard": EventType.BOUNCE_HARD, "soft": EventType.BOUNCE_SOFT}
+DEFAULT_EXPORT_COLUMNS = {
+    "broadcast_id": "Broadcast ID",
+    "customer_id": "Customer ID",
+    "key": "External customer number",
+    "email": "Email address",
+    "event_type": "Event type",
+    "event_date": "Event date",
+    "url": "URL",
+    "bounce_type": "Bounce type",
+    "bounce_code": "Bounce code",
+    "file": "espbridge_file",
+}
+DEFAULT_EXPORT_TYPES: dict[str, str | None] = {
+    "SEND": None,
+    "OPEN": None,
+    "CLICK": None,
+    "BOUNCE": None,
+    "COMPLAINT": "complaint",
+}
+REQUIRED_EXPORT_ROLES = ("broadcast_id", "event_type", "event_date", "file")
+API_EXTRAS = ("customer_id", "campaign_id", "link_id", "bounce_code", "bounce_category", "machine_generated")
+
+_EVENT_TYPES = frozenset(t.value for t in EventType)
+
+
+def _folder(value: str, what: str, *, single: bool = False) -> str:
+    """A folder relative to the account's ``sftp_root`` (one level when ``single``)."""
+    parts = value.split("/")
+    if (
+        not value
+        or value.startswith("/")
+        or any(p in ("", ".", "..") for p in parts)
+        or (single and len(parts) != 1)
+    ):
+        raise ValueError(
+            f"{what} {value!r} must be a {'folder name' if single else 'relative folder path'} "
+            "inside the account folder"
+        )
+    return value
+
+
+class Options(BaseModel):
+    """The account ``options`` this connector reads (docs/connectors/deployteq.md#configuration).
+
+    ``export_columns`` and ``export_types`` are laid over their defaults (``null`` in
+    ``export_types`` = a known code whose rows are skipped); ``api_metrics`` and ``bounce_types``
+    replace theirs, so a metric is dropped by leaving it out. ``export_columns.file`` defaults to
+    ``file_option``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    token_url: str = Field(default="https://auth.clang.cloud/oauth2/token", pattern=r"^https?://")
+    scope: str = Field(default="analytics.events:read", min_length=1)
+    trigger_root: str = "csv upload"
+    brand: str = "espbridge"
+    staging_folder: str = "espbridge/staging"
+    pickup_timeout_s: float = Field(default=600.0, gt=0)
+    reason_suffix: str = Field(default=".reason.txt", min_length=1, pattern=r"^[^/]+$")
+    list_delimiter: str = Field(default=";", min_length=1, max_length=1)
+    list_encoding: str = "utf-8"
+    list_line_terminator: str = Field(default="\r\n", min_length=1)
+    email_column: str = Field(default="emailAddress", min_length=1)
+    key_column: str = Field(default="externalId", min_length=1)
+    file_option: str = Field(default="espbridge_file", min_length=1)
+    api_metrics: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_API_METRICS))
+    bounce_types: dict[str, EventType] = Field(default_factory=lambda: dict(DEFAULT_BOUNCE_TYPES))
+    api_timezone: str = "Europe/Amsterdam"
+    page_limit: int = Field(default=1000, ge=1, le=1000)
+    api_rate_per_s: float = Field(default=5.0, gt=0)
+    pull_window_days: int = Field(default=31, ge=0)
+    export_folder: str = "event-export"
+    archive_folder: str = "event-export/archive"
+    export_pattern: str = Field(default="activities_*.csv", min_length=1)
+    export_delimiter: str = Field(default=";", min_length=1, max_length=1)
+    export_encoding: str = "utf-8"
+    export_columns: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_EXPORT_COLUMNS))
+    export_types: dict[str, str | None] = Field(default_factory=lambda: dict(DEFAULT_EXPORT_TYPES))
+    export_timestamp_format: str = Field(default="%Y-%m-%d %H:%M:%S", min_length=1)
+    export_timezone: str = "Europe/Amsterdam"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        merged = dict(data)
+        file_column = data.get("file_option", DEFAULT_EXPORT_COLUMNS["file"])
+        columns = data.get("export_columns", {})
+        if isinstance(columns, dict):
+            merged["export_columns"] = {**DEFAULT_EXPORT_COLUMNS, "file": file_column, **columns}
+        types = data.get("export_types", {})
+        if isinstance(types, dict):
+            merged["export_types"] = {**DEFAULT_EXPORT_TYPES, **types}
+        return merged
+
+    @model_validator(mode="after")
+    def _coherent(self) -> Self:
+        _folder(self.trigger_root, "trigger_root")
+        _folder(self.brand, "brand", single=True)
+        for name in ("staging_folder", "export_folder", "archive_folder"):
+            _folder(getattr(self, name), name)
+        for name in ("list_encoding", "export_encoding"):
+            try:
+                codecs.lookup(getattr(self, name))
+            except LookupError:
+                raise ValueError(f"{name} {getattr(self, name)!r} is not a known encoding") from None
+        for name in ("api_timezone", "export_timezone"):
+            try:
+                ZoneInfo(getattr(self, name))
+            except (ZoneInfoNotFoundError, ValueError):
+                raise ValueError(f"{name} {getattr(self, name)!r} is not a known time zone") from None
+        if self.email_column == self.key_column:
+            raise ValueError("email_column and key_column must differ")
+        unknown_roles = set(self.export_columns) - set(DEFAULT_EXPORT_COLUMNS)
+        if unknown_roles:
+            raise ValueError(
+                f"export_columns has unknown roles {sorted(unknown_roles)} "
+                f"(known: {sorted(DEFAULT_EXPORT_COLUMNS)})"
+            )
+        if any(not c for c in self.export_columns.values()):
+            raise ValueError("export_columns names an empty column")
+        if any(not m for m in self.api_metrics):
+            raise ValueError("api_metrics has an empty metric name")
+        lowered = [k.lower() for k in self.bounce_types]
+        if len(set(lowered)) != len(lowered) or "" in lowered:
+            raise ValueError("bounce_types must name distinct, non-empty bounce types (case-insensitive)")
+        allowed = _EVENT_TYPES | {BOUNCE}
+        for name, mapping in (("api_metrics", self.api_metrics), ("export_types", self.export_types)):
+            bad = sorted({str(v) for v in mapping.values() if v is not None and v not in allowed})
+            if bad:
+                raise ValueError(f"{name} maps to unknown event types {bad} (known: {sorted(allowed)})")
+        both = sorted(self.api_types() & self.export_event_types())
+        if both:
+            raise ValueError(
+                f"event types {both} would come from both the Events API (api_metrics) and the "
+                "activities export (export_types); take each type from exactly one source"
+            )
+        sample = datetime(2026, 11, 22, 10, 0, 3)
+        try:
+            datetime.strptime(sample.strftime(self.export_timestamp_format), self.export_timestamp_format)
+        except ValueError as exc:
+            raise ValueError(
+                f"export_timestamp_format {self.export_timestamp_format!r} cannot be read back: {exc}"
+            ) from None
+        return self
+
+    def _expand(self, mapped: str | None) -> set[str]:
+        if mapped is None:
+            return set()
+        return {t.value for t in self.bounce_types.values()} if mapped == BOUNCE else {mapped}
+
+    def api_types(self) -> set[str]:
+        """The event types the Events API carries under these options."""
+        return {t for m in self.api_metrics.values() for t in self._expand(m)}
+
+    def export_event_types(self) -> set[str]:
+        """The event types the activities export carries under these options."""
+        return {t for m in self.export_types.values() for t in self._expand(m)}
+
+
+# --- file names -----------------------------------------------------------------------------------
+
+
+def list_file_name(job: BroadcastJob) -> str:
+    """``<trigger>+<job_id>.csv``; a ``message`` that is not a trigger name is refused."""
+    if not TRIGGER_PATTERN.fullmatch(job.message):
+        raise PermanentError(
+            f"message {job.message!r} is not a Deployteq trigger name "
+            "(letters, digits, '_', '.', '-'; up to 100, starting with a letter or digit)"
+        )
+    return f"{job.message}+{job.job_id}{LIST_SUFFIX}"
+
+
+def job_id_of(file_name: str) -> str | None:
+    """The job id in a trigger file's name (the text after the first ``+``, without ``.csv``)."""
+    if not file_name.endswith(LIST_SUFFIX):
+        return None
+    trigger, plus, job_id = file_name[: -len(LIST_SUFFIX)].partition("+")
+    if not plus or not TRIGGER_PATTERN.fullmatch(trigger) or not JOB_ID_PATTERN.fullmatch(job_id):
+        return None
+    return job_id
+
+
+def _checked_name(name: str, what: str) -> str:
+    if job_id_of(name) is None:
+        raise PermanentError(f"{what} {name!r} does not name a trigger file <trigger>+<job_id>.csv")
+    return name
+
+
+def send_id_for(name: str, send_at: datetime | None) -> str:
+    """``<name>``, plus ``@<send_at>`` (UTC, ``%Y%m%dT%H%M%SZ``) when the job has a send time."""
+    return f"{name}@{send_at.astimezone(UTC).strftime(SEND_AT_FORMAT)}" if send_at else name
+
+
+def _parse_send_id(send_id: str) -> tuple[str, datetime | None]:
+    name, at, stamp = send_id.partition("@")
+    _checked_name(name, "send id")
+    if not at:
+        return name, None
+    try:
+        return name, datetime.strptime(stamp, SEND_AT_FORMAT).replace(tzinfo=UTC)
+    except ValueError:
+        raise PermanentError(f"send id {send_id!r} has no send time in {SEND_AT_FORMAT}") from None
+
+
+# --- the trigger folders ----------------------------------------------------------------------------
+
+
+class SiteFiles(Protocol):
+    """The few file operations the CSV trigger needs, on paths relative to the SFTP login directory.
+
+    Transport failures raise :class:`EspUnavailableError`; what is documented returns a value.
+    """
+
+    async def stat(self, path: str) -> float | None:
+        """The file's mtime (Unix seconds), or None when there is no such file."""
+        ...
+
+    async def rename(self, source: str, target: str, *, overwrite: bool = False) -> bool:
+        """Move a file; False when the source is gone or (without ``overwrite``) the target exists."""
+        ...
+
+    async def touch(self, path: str, mtime: float) -> bool:
+        """Set the file's mtime (SFTP setstat); False when the server refuses."""
+        ...
+
+    async def remove(self, path: str) -> bool:
+        """Delete a file; False when there was none."""
+        ...
+
+    async def head(self, path: str, limit: int) -> bytes | None:
+        """Up to ``limit`` first bytes of a file, or None when there is no such file."""
+        ...
+
+
+class TriggerSite(Protocol):
+    """Where the trigger folders are: one session of :class:`SiteFiles` per unit of work."""
+
+    def session(self) -> AbstractAsyncContextManager[SiteFiles]:
+        """A session for one status question or release."""
+        ...
+
+
+@contextlib.contextmanager
+def _sftp_errors(what: str) -> Iterator[None]:
+    try:
+        yield
+    except asyncssh.SFTPPermissionDenied as exc:
+        raise ConfigurationError(f"the SFTP server refused to {what}: {exc.reason}") from None
+    except (asyncssh.Error, OSError) as exc:
+        raise EspUnavailableError(f"SFTP could not {what}: {exc}") from exc
+
+
+class _SftpFiles:
+    """:class:`SiteFiles` on an asyncssh SFTP client."""
+
+    def __init__(self, client: asyncssh.SFTPClient) -> None:
+        self._client = client
+
+    async def stat(self, path: str) -> float | None:
+        with _sftp_errors(f"stat {path}"):
+            try:
+                attrs = await self._client.stat(path)
+            except asyncssh.SFTPNoSuchFile:
+                return None
+        return float(attrs.mtime) if attrs.mtime is not None else time.time()
+
+    async def rename(self, source: str, target: str, *, overwrite: bool = False) -> bool:
+        with _sftp_errors(f"rename {source} to {target}"):
+            try:
+                if not overwrite:
+                    await self._client.rename(source, target)  # refuses an existing target
+                    return True
+                try:
+                    await self._client.posix_rename(source, target)
+                except asyncssh.SFTPOpUnsupported:
+                    with contextlib.suppress(asyncssh.SFTPNoSuchFile):
+                        await self._client.remove(target)
+                    await self._client.rename(source, target)
+            except (asyncssh.SFTPNoSuchFile, asyncssh.SFTPFailure):
+                return False
+        return True
+
+    async def touch(self, path: str, mtime: float) -> bool:
+        with _sftp_errors(f"set the mtime of {path}"):
+            try:
+                await self._client.utime(path, (mtime, mtime))
+            except asyncssh.SFTPError as exc:
+                log.warning("the SFTP server refused setstat", extra={"path": path, "error": str(exc)})
+                return False
+        return True
+
+    async def remove(self, path: str) -> bool:
+        with _sftp_errors(f"remove {path}"):
+            try:
+                await self._client.remove(path)
+            except asyncssh.SFTPNoSuchFile:
+                return False
+        return True
+
+    async def head(self, path: str, limit: int) -> bytes | None:
+        with _sftp_errors(f"read {path}"):
+            try:
+                async with self._client.open(path, "rb") as f:
+                    data = await f.read(limit)
+            except asyncssh.SFTPNoSuchFile:
+                return None
+        return cast(bytes, data)  # binary mode reads bytes
+
+
+class SftpTriggerSite:
+    """:class:`TriggerSite` on the process's SFTP pool."""
+
+    def __init__(self, pool: SftpPool) -> None:
+        self._pool = pool
+
+    @contextlib.asynccontextmanager
+    async def session(self) -> AsyncIterator[SiteFiles]:
+        """An SFTP session from the pool; an unreachable server is a transient ESP error."""
+        try:
+            async with self._pool.session() as client:
+                yield _SftpFiles(client)
+        except UnavailableError as exc:
+            raise EspUnavailableError(f"the SFTP site is unavailable: {exc}") from exc
+
+
+class Where(StrEnum):
+    """Where a list file is (or what the connector just did with it)."""
+
+    UPLOAD = "Upload"
+    ACTIVE = "Active"
+    DONE = "Done"
+    FAILED = "Failed"
+    STAGING = "staging"
+    NOWHERE = "nowhere"
+    WITHDRAWN = "withdrawn"
+    """Was in Upload past the pickup timeout; the connector moved it back to staging just now."""
+
+
+TRIGGER_FOLDERS = (Where.UPLOAD, Where.ACTIVE, Where.DONE, Where.FAILED)
+"""Deployteq's folders in the order a file moves through them (and the order they are looked in)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Seen:
+    """What a status question found."""
+
+    where: Where
+    reasons: tuple[str, ...] = ()
+
+
+_IMPORT_STATES = {
+    Where.UPLOAD: ImportState.QUEUED,
+    Where.ACTIVE: ImportState.RUNNING,
+    Where.DONE: ImportState.DONE,
+}
+_SEND_STATES = {
+    Where.UPLOAD: SendState.SCHEDULED,
+    Where.ACTIVE: SendState.SENDING,
+    Where.DONE: SendState.SENT,
+    Where.STAGING: SendState.SCHEDULED,
+}
+
+_DETAILS = {
+    Where.UPLOAD: "in Upload: waiting for Deployteq to pick it up",
+    Where.ACTIVE: "in Active: Deployteq is reading it",
+    Where.DONE: "in Done: Deployteq started the campaign",
+    Where.STAGING: "held in staging until send_at",
+}
+
+
+class UploadOnlyRefusedError(PermanentError):
+    """An ``upload_only`` job for Deployteq, where a file in ``Upload`` is already a send."""
+
+
+class _ClientCredentialsToken(OAuth2Token):
+    """:class:`OAuth2Token` renewed when less than min(60 s, 10 % of the lifetime it got) remains."""
+
+    async def _fetch(self) -> None:
+        before = time.monotonic()
+        await super()._fetch()
+        self._margin_s = min(60.0, 0.1 * max(0.0, self._expires_at - before))
+
+
+class DeployteqConnector(Connector):
+    """Connector for Deployteq: CSV trigger over SFTP, Analytics Events API, activities export."""
+
+    can_send = True
+    pulls_api = True
+
+    def __init__(
+        self,
+        account: AccountConfig,
+        context: ConnectorContext,
+        *,
+        site: TriggerSite | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        super().__init__(account, context)
+        name = f"{account.esp}/{account.account}"
+        try:
+            opts = Options.model_validate(account.options)
+        except ValidationError as exc:
+            raise ConfigurationError(f"account {name} options: {exc}") from None
+        if not account.api_url:
+            raise ConfigurationError(
+                f"account {name} needs an api_url (the Events API base, "
+                "e.g. https://api.canopydeploy.net/analytics-events)"
+            )
+        if not account.client_id or account.client_secret is None:
+            raise ConfigurationError(
+                f"account {name} needs client_id and client_secret[_file] (the OAuth 2.0 app's client)"
+            )
+        self.options = opts
+        self._name = name
+        self._site: TriggerSite | None = site or (SftpTriggerSite(context.sftp) if context.sftp else None)
+        self._clock = clock
+        self._api_zone: tzinfo = ZoneInfo(opts.api_timezone)
+        self._export_zone: tzinfo = ZoneInfo(opts.export_timezone)
+        self._events_url = account.api_url.rstrip("/") + "/events"
+        self._token = _ClientCredentialsToken(
+            context.http,
+            opts.token_url,
+            {"grant_type": "client_credentials", "scope": opts.scope},
+            basic=(account.client_id, account.client_secret.get_secret_value()),
+            timeout_s=account.request_timeout_s,
+        )
+        self._limiter = RateLimiter(1, 1.0 / opts.api_rate_per_s)  # evenly spaced: no bursts
+        self._hold_until = 0.0  # monotonic time before which a 429's Retry-After asks us not to call
+        self._released_at: dict[str, float] = {}  # this process's releases, in case setstat failed
+        root = account.sftp_root.rstrip("/")
+        self._staging = posixpath.join(root, opts.staging_folder)
+        self._trigger = posixpath.join(root, opts.trigger_root, opts.brand)
+        self._columns = dict(opts.export_columns)
+        self._bounces = {k.lower(): v for k, v in opts.bounce_types.items()}
+        self.list_format = ListFormat(
+            delimiter=opts.list_delimiter,
+            encoding=opts.list_encoding,
+            line_terminator=opts.list_line_terminator,
+            email_field=opts.email_column,
+            key_field=opts.key_column,
+            drop_folder=opts.staging_folder,
+            suffix=LIST_SUFFIX,
+        )
+        self.response_sources = (ResponseSource(opts.export_folder, opts.export_pattern),)
+        self.archive_folder = opts.archive_folder
+
+    # --- lists, imports and sends: the CSV trigger ---------------------------------------------------
+
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(self._clock(), UTC)
+
+    def _name_of(self, job: BroadcastJob) -> str:
+        if job.mode is SendMode.UPLOAD_ONLY:
+            raise UploadOnlyRefusedError(
+                f"{self._name}: Deployteq has no import without a send (a file in Upload is a send); "
+                "publish the job as upload_and_send"
+            )
+        return list_file_name(job)
+
+    def _path(self, where: Where, name: str) -> str:
+        if where is Where.STAGING:
+            return posixpath.join(self._staging, name)
+        return posixpath.join(self._trigger, where.value, name)
+
+    def list_path(self, job: BroadcastJob) -> str:
+        """``<sftp_root>/<staging_folder>/<trigger>+<job_id>.csv``; ``upload_only`` is refused."""
+        return self._path(Where.STAGING, self._name_of(job))
+
+    def _files(self) -> AbstractAsyncContextManager[SiteFiles]:
+        if self._site is None:
+            raise ConfigurationError(f"{self._name}: the deployteq connector needs the process's SFTP pool")
+        return self._site.session()
+
+    async def _locate(self, files: SiteFiles, name: str) -> tuple[Where, float | None]:
+        """Upload, Active, Done, Failed, then staging: a file only moves forward, so this finds it."""
+        for where in (*TRIGGER_FOLDERS, Where.STAGING):
+            mtime = await files.stat(self._path(where, name))
+            if mtime is not None:
+                return where, mtime
+        return Where.NOWHERE, None
+
+    async def _release(self, files: SiteFiles, name: str) -> tuple[Where, float | None]:
+        """Rename the staged file into Upload (the send), then set its mtime to now."""
+        upload = self._path(Where.UPLOAD, name)
+        if not await files.rename(self._path(Where.STAGING, name), upload):
+            where, mtime = await self._locate(files, name)  # released or removed meanwhile?
+            if where is Where.STAGING:
+                raise EspUnavailableError(f"could not move {name} from staging into Upload")
+            return where, mtime
+        now = self._clock()
+        self._released_at[name] = now
+        log.info("list file released into Upload", extra={"account": self._name, "file": name})
+        try:
+            touched = await files.touch(upload, now)
+        except TransientError as exc:
+            touched = False
+            log.warning("could not set the mtime", extra={"file": name, "error": str(exc)})
+        if not touched:
+            log.warning(
+                "released list file keeps its upload mtime; the pickup timeout counts from the release "
+                "in this process only",
+                extra={"account": self._name, "file": name},
+            )
+        return Where.UPLOAD, now
+
+    def _overdue(self, name: str, mtime: float | None) -> bool:
+        since = max(mtime or 0.0, self._released_at.get(name, 0.0))
+        return self._clock() - since >= self.options.pickup_timeout_s
+
+    async def _reasons(self, files: SiteFiles, name: str) -> tuple[str, ...]:
+        data = await files.head(self._path(Where.FAILED, name) + self.options.reason_suffix, REASON_MAX_BYTES)
+        lines = [] if data is None else data.decode("utf-8", "replace").splitlines()[:REASON_LINES]
+        reasons = tuple(line.strip() for line in lines if line.strip())
+        return reasons or ("rejected; see Deployteq's notification email",)
+
+    async def _observe(self, name: str, *, release: bool, tidy: bool = False) -> Seen:
+        """Where the file is, after releasing it if asked (and it is staged) and withdrawing it if overdue.
+
+        ``tidy``: a staging copy of a file already in a trigger folder is a re-delivered upload,
+        deleted instead of released.
+        """
+        async with self._files() as files:
+            where, mtime = await self._locate(files, name)
+            if tidy and where in TRIGGER_FOLDERS and await files.remove(self._path(Where.STAGING, name)):
+                log.info(
+                    "re-delivered list file deleted from staging (already released)",
+                    extra={"account": self._name, "file": name, "folder": where.value},
+                )
+            if release and where is Where.STAGING:
+                where, mtime = await self._release(files, name)
+            if where is Where.UPLOAD and self._overdue(name, mtime):
+                if await files.rename(
+                    self._path(Where.UPLOAD, name), self._path(Where.STAGING, name), overwrite=True
+                ):
+                    self._released_at.pop(name, None)
+                    trigger = name.partition("+")[0]
+                    reason = (
+                        f"{name} stayed in Upload for {self.options.pickup_timeout_s:.0f}s: no Deployteq "
+                        f"campaign took trigger {trigger!r}; withdrawn to staging"
+                    )
+                    log.warning(reason, extra={"account": self._name, "file": name})
+                    return Seen(Where.WITHDRAWN, (reason,))
+                where, mtime = await self._locate(files, name)  # Deployteq took it meanwhile
+                if where is Where.UPLOAD:
+                    raise EspUnavailableError(f"could not withdraw {name} from Upload")
+            if where is not Where.UPLOAD:
+                self._released_at.pop(name, None)  # Deployteq took it (or it is gone): no timeout left
+            if where is Where.FAILED:
+                return Seen(where, await self._reasons(files, name))
+            return Seen(where)
+
+    @staticmethod
+    def _import_status(import_id: str, seen: Seen) -> ImportStatus:
+        state = _IMPORT_STATES.get(seen.where)
+        if state is not None:
+            return ImportStatus(import_id, state)
+        if seen.where is Where.STAGING:
+            reasons: tuple[str, ...] = ("withdrawn: the list file is back in staging, not in Upload",)
+        elif seen.where is Where.NOWHERE:
+            reasons = ("list file vanished: it is in neither staging nor Deployteq's folders",)
+        else:
+            reasons = seen.reasons
+        return ImportStatus(import_id, ImportState.FAILED, errors=reasons)
+
+    @staticmethod
+    def _send_status(send_id: str, seen: Seen) -> SendStatus:
+        state = _SEND_STATES.get(seen.where)
+        if state is not None:
+            return SendStatus(send_id, state, detail=_DETAILS[seen.where])
+        if seen.where is Where.NOWHERE:
+            return SendStatus(send_id, SendState.FAILED, detail="list file vanished")
+        return SendStatus(send_id, SendState.FAILED, detail="; ".join(seen.reasons))
+
+    async def start_import(self, remote_path: str, job: BroadcastJob) -> ImportStatus:
+        """Release the staged file (idempotent), unless ``send_at`` holds it in staging."""
+        name = self._name_of(job)
+        staged = self._path(Where.STAGING, name)
+        if posixpath.normpath(remote_path) != posixpath.normpath(staged):
+            raise PermanentError(f"{remote_path} is not the staged list file {staged} of job {job.job_id}")
+        if job.send_at is not None and job.send_at > self._now():
+            return ImportStatus(f"{STAGED_PREFIX}{name}", ImportState.DONE)
+        return self._import_status(name, await self._observe(name, release=True, tidy=True))
+
+    async def import_status(self, import_id: str) -> ImportStatus:
+        """``staged:…`` is done; otherwise the folder the file is in."""
+        if import_id.startswith(STAGED_PREFIX):
+            _checked_name(import_id.removeprefix(STAGED_PREFIX), "import id")
+            return ImportStatus(import_id, ImportState.DONE)
+        name = _checked_name(import_id, "import id")
+        return self._import_status(import_id, await self._observe(name, release=False))
+
+    async def find_send(self, job: BroadcastJob) -> SendStatus | None:
+        """The send if the file is in Upload, Active, Done or Failed; None while staged or gone."""
+        name = list_file_name(job)
+        seen = await self._observe(name, release=False)
+        if seen.where in (Where.STAGING, Where.NOWHERE):
+            return None
+        return self._send_status(send_id_for(name, job.send_at), seen)
+
+    async def send(self, import_id: str, job: BroadcastJob) -> SendStatus:
+        """Release the file if still staged (the send), or hold it until ``send_at``."""
+        name = self._name_of(job)
+        if import_id.removeprefix(STAGED_PREFIX) != name:
+            raise PermanentError(f"import {import_id!r} is not the list file {name} of job {job.job_id}")
+        send_id = send_id_for(name, job.send_at)
+        if job.send_at is not None and job.send_at > self._now():
+            return SendStatus(send_id, SendState.SCHEDULED, detail=_DETAILS[Where.STAGING])
+        return self._send_status(send_id, await self._observe(name, release=True, tidy=True))
+
+    async def send_status(self, send_id: str) -> SendStatus:
+        """The folder the file is in; a staged file is released once ``send_at`` has passed."""
+        name, send_at = _parse_send_id(send_id)
+        due = send_at is None or self._now() >= send_at
+        return self._send_status(send_id, await self._observe(name, release=due))
+
+    # --- responses: the Events API ------------------------------------------------------------------
+
+    async def _wait_for_turn(self) -> None:
+        hold = self._hold_until - time.monotonic()
+        if hold > self.account.request_timeout_s:
+            raise EspUnavailableError(f"{self._name}: rate limited by Deployteq for {hold:.0f}s more", hold)
+        if hold > 0:
+            await asyncio.sleep(hold)  # the Retry-After Deployteq asked for
+
+    async def _get_events(self, params: dict[str, str]) -> Any:
+        where = f"GET /events?filter[metric]={params['filter[metric]']}"
+        for attempt in range(1, RETRY_ATTEMPTS + 1):
+            await self._wait_for_turn()
+            try:
+                status, body = await request_with_token(
+                    self.context.http,
+                    self._token,
+                    "GET",
+                    self._events_url,
+                    limiter=self._limiter,
+                    params=params,
+                    timeout_s=self.account.request_timeout_s,
+                    expect=(200,),
+                )
+            except EspUnavailableError as exc:
+                wait = exc.retry_after_s
+                if wait is None:
+                    raise
+                self._hold_until = max(self._hold_until, time.monotonic() + wait)
+                if attempt == RETRY_ATTEMPTS or wait > self.account.request_timeout_s:
+                    raise
+                log.info(
+                    "Events API busy, retrying after Retry-After",
+                    extra={"account": self._name, "retry_after_s": wait, "error": str(exc)},
+                )
+                continue
+            if status == 404:
+                raise ConfigurationError(f"{where} answered 404: is api_url of {self._name} the Events API?")
+            if status != 200:
+                raise EspRequestError(f"{where} answered {status}: {_short(body)}")
+            return body
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+    def _first_window(self, broadcast: SentBroadcast) -> tuple[date, date]:
+        sent = broadcast.requested_at or self._now()
+        start = sent.astimezone(self._api_zone).date() - timedelta(days=1)
+        return start, start + timedelta(days=self.options.pull_window_days)
+
+    def _read_cursor(
+        self, broadcast: SentBroadcast, cursor: str | None
+    ) -> tuple[date, date, int, dict[str, int]]:
+        metrics = list(self.options.api_metrics)
+        if cursor is not None:
+            try:
+                data = orjson.loads(cursor)
+                if not isinstance(data, dict) or data.get("v") != CURSOR_VERSION:
+                    raise ValueError("not a version 1 cursor")
+                start, end = date.fromisoformat(data["from"]), date.fromisoformat(data["to"])
+                index, offsets = data["i"], data["offsets"]
+                if (
+                    not isinstance(index, int)
+                    or isinstance(index, bool)
+                    or index < 0
+                    or not isinstance(offsets, dict)
+                ):
+                    raise ValueError("no metric index or offsets")
+                if not all(
+                    isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in offsets.values()
+                ):
+                    raise ValueError("offsets are not counts")
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+                log.warning(
+                    "unreadable pull cursor, reading the broadcast's events from the start",
+                    extra={"account": self._name, "job_id": broadcast.job_id, "error": str(exc)},
+                )
+            else:
+                return start, end, index % len(metrics), {m: offsets.get(m, 0) for m in metrics}
+        start, end = self._first_window(broadcast)
+        return start, end, 0, dict.fromkeys(metrics, 0)
+
+    @staticmethod
+    def _write_cursor(start: date, end: date, index: int, offsets: dict[str, int]) -> str:
+        cursor = {"v": CURSOR_VERSION, "from": start.isoformat(), "to": end.isoformat(), "i": index}
+        return orjson.dumps({**cursor, "offsets": offsets}).decode()
+
+    async def pull_responses(self, broadcast: SentBroadcast, cursor: str | None) -> PullPage:
+        """One Events API page of metric ``api_metrics[i]`` from its offset (see the cursor rules).
+
+        A page with ``_links.next`` keeps the metric (``more``); the last page of a metric moves to
+        the next one, and the round ends (``more`` = False) when it wraps to the first.
+        """
+        metrics = list(self.options.api_metrics)
+        if not metrics:
+            return PullPage((), cursor, more=False)
+        start, end, index, offsets = self._read_cursor(broadcast, cursor)
+        metric = metrics[index]
+        offset = offsets[metric]
+        body = await self._get_events(
+            {
+                "filter[date_from]": start.isoformat(),
+                "filter[date_to]": end.isoformat(),
+                "filter[metric]": metric,
+                "limit": str(self.options.page_limit),
+                "offset": str(offset),
+            }
+        )
+        data, next_offset = self._envelope(body, metric, offset)
+        items = tuple(
+            item
+            for position, raw in enumerate(data, start=1)
+            if (item := self._api_item(broadcast, metric, offset, position, raw)) is not None
+        )
+        if next_offset is not None:
+            offsets[metric] = next_offset
+            more = True
+        else:
+            offsets[metric] = offset + len(data)
+            index = (index + 1) % len(metrics)
+            more = index != 0
+        return PullPage(items, self._write_cursor(start, end, index, offsets), more=more)
+
+    def _envelope(self, body: Any, metric: str, offset: int) -> tuple[list[Any], int | None]:
+        """The page's items and the offset of ``_links.next`` (None on the last page)."""
+        if not isinstance(body, dict) or not isinstance(body.get("data"), list):
+            raise EspUnavailableError(
+                f"GET /events ({metric}) answered a body without a data list: {_short(body)}"
+            )
+        data: list[Any] = body["data"]
+        links = body.get("_links")
+        following = links.get("next") if isinstance(links, dict) else None
+        if isinstance(following, dict):  # HAL's {"href": …} form
+            following = following.get("href")
+        if following is None:
+            return data, None
+        try:
+            values = parse_qs(urlsplit(str(following)).query).get("offset") or []
+            next_offset = int(values[0]) if len(values) == 1 else -1
+        except ValueError:
+            next_offset = -1
+        if next_offset <= offset:
+            log.warning(
+                "_links.next has no offset past this page's; reading on from this page's end",
+                extra={"account": self._name, "metric": metric, "next": str(following)[:300]},
+            )
+            return data, None
+        return data, next_offset
+
+    def _api_item(
+        self, broadcast: SentBroadcast, metric: str, offset: int, position: int, item: Any
+    ) -> ResponseEvent | BadRow | None:
+        """The event of an item of this broadcast; None for other mail; BadRow when unusable."""
+        if not isinstance(item, dict):
+            log.warning("Events API item is not an object", extra={"account": self._name, "metric": metric})
+            return None
+        manual = item.get("broadcast_manual_options")
+        file_name = manual.get(self.options.file_option) if isinstance(manual, dict) else None
+        if not isinstance(file_name, str) or job_id_of(file_name) != broadcast.job_id:
+            return None  # another job's mail, or not espbridge's at all
+        if item.get("test_mailing") == 1:
+            return None
+        try:
+            return self._api_event(broadcast, metric, offset, item)
+        except ValueError as exc:
+            return BadRow(line=position, raw=orjson.dumps(item), error=f"{metric} event: {exc}")
+
+    def _api_event(
+        self, broadcast: SentBroadcast, metric: str, offset: int, item: dict[str, Any]
+    ) -> ResponseEvent:
+        esp_id = item.get("uuid")
+        if not isinstance(esp_id, str) or not esp_id:
+            raise ValueError("no uuid")
+        occurred = self._api_time(item.get("metric_timestamp"))
+        key = _text(item.get("external_id"))
+        email = _text(item.get("email_address")) or _text(item.get("customer_email_address"))
+        if not key and not email:
+            raise ValueError("neither external_id nor an email address")
+        event_type = self._typed(self.options.api_metrics[metric], item.get("bounce_type"), "bounce_type")
+        url = None
+        if event_type is EventType.CLICK:
+            url = _text(item.get("url")) or _text(item.get("url_unrendered"))
+            if not url:
+                raise ValueError("a click without url or url_unrendered")
+        broadcast_id = item.get("broadcast_id")
+        return ResponseEvent(
+            event_id=event_id_for(self.account.esp, esp_event_id=esp_id),
+            esp=self.account.esp,
+            account=self.account.account,
+            broadcast_id=broadcast.job_id,
+            esp_message_id=str(broadcast_id) if broadcast_id is not None else None,
+            communication_key=key or None,
+            email=email or None,
+            type=event_type,
+            url=url,
+            occurred_at=occurred,
+            source=EventSource(
+                kind="api",
+                name=f"GET /events?filter[metric]={metric}",
+                page=offset // self.options.page_limit,
+            ),
+            extra={k: _extra_text(item[k]) for k in API_EXTRAS if item.get(k) is not None},
+        )
+
+    def _typed(self, mapped: str, bounce_type: Any, what: str) -> EventType:
+        """The event type of a source mapped to ``mapped`` (``bounce`` splits by the bounce type)."""
+        if mapped != BOUNCE:
+            return EventType(mapped)
+        kind = self._bounces.get(bounce_type.strip().lower()) if isinstance(bounce_type, str) else None
+        if kind is None:
+            raise ValueError(f"unknown {what} {bounce_type!r} (known: {sorted(self._bounces)})")
+        return kind
+
+    def _api_time(self, value: Any) -> datetime:
+        if not isinstance(value, str) or not value:
+            raise ValueError("no metric_timestamp")
+        try:
+            when = datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError(f"metric_timestamp {value!r} is not ISO 8601") from None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=self._api_zone, fold=0)
+        return when.astimezone(UTC)
+
+    # --- responses: the activities export -------------------------------------------------------------
+
+    def parse_response_file(self, local_path: Path, remote_path: str) -> Iterator[ResponseEvent | BadRow]:
+        """Rows of an activities file: events of the mapped types, BadRows with their line."""
+        opts, cols = self.options, self._columns
+        is_utf8 = codecs.lookup(opts.export_encoding).name == "utf-8"
+        delimiter = opts.export_delimiter
+        with local_path.open(
+            encoding="utf-8-sig" if is_utf8 else opts.export_encoding, errors="surrogateescape", newline=""
+        ) as f:
+            reader = csv.reader(f, delimiter=delimiter)
+            try:
+                header = next(reader, None)
+            except csv.Error as exc:
+                yield BadRow(1, b"", f"unreadable header: {exc}")
+                return
+            if header is None:
+                return
+            index = {name: i for i, name in enumerate(header)}
+            missing = [cols[r] for r in REQUIRED_EXPORT_ROLES if cols[r] not in index]
+            if cols["key"] not in index and cols["email"] not in index:
+                missing.append(f"{cols['key']} or {cols['email']}")
+            if missing:
+                yield BadRow(1, _raw(header, delimiter), f"header lacks {', '.join(missing)}")
+                return
+            last = reader.line_num
+            while True:
+                line = last + 1
+                try:
+                    row = next(reader)
+                except StopIteration:
+                    return
+                except csv.Error as exc:
+                    last = reader.line_num
+                    yield BadRow(line, b"", f"unreadable row: {exc}")
+                    continue
+                last = reader.line_num
+                if not row:
+                    continue
+                try:
+                    event = self._export_event(remote_path, line, row, header, index)
+                except ValueError as exc:
+                    yield BadRow(line, _raw(row, delimiter), str(exc))
+                    continue
+                if event is not None:
+                    yield event
+
+    def _export_event(
+        self, remote_path: str, line: int, row: list[str], header: list[str], index: Mapping[str, int]
+    ) -> ResponseEvent | None:
+        opts, cols = self.options, self._columns
+        if len(row) != len(header):
+            raise ValueError(f"{len(row)} fields, want {len(header)}")
+        if any("\udc80" <= ch <= "\udcff" for field in row for ch in field):
+            raise ValueError(f"not valid {opts.export_encoding}")
+
+        def get(role: str) -> str:
+            column = cols[role]
+            return row[index[column]].strip() if column in index else ""
+
+        code = get("event_type")
+        if code not in opts.export_types:
+            raise ValueError(f"unknown {cols['event_type']} {code!r} (known: {sorted(opts.export_types)})")
+        mapped = opts.export_types[code]
+        file_name = get("file")
+        if mapped is None or not file_name:
+            return None  # a type the API carries, or mail that is not espbridge's
+        job_id = job_id_of(file_name)
+        if job_id is None:
+            raise ValueError(
+                f"{cols['file']} {file_name!r} is not a trigger file name <trigger>+<job_id>.csv"
+            )
+        occurred = self._export_time(get("event_date"))
+        key, email = get("key"), get("email")
+        if not key and not email:
+            raise ValueError(f"neither {cols['key']} nor {cols['email']}")
+        event_type = self._typed(mapped, get("bounce_type"), cols["bounce_type"])
+        url = get("url") or None
+        if event_type is EventType.CLICK and not url:
+            raise ValueError(f"a click without {cols['url']}")
+        extra = {role: get(role) for role in ("customer_id", "bounce_code") if get(role)}
+        return ResponseEvent(
+            event_id=event_id_for(
+                self.account.esp,
+                broadcast_id=job_id,
+                recipient=key or email,
+                event_type=event_type.value,
+                occurred_at=occurred,
+                url=url,
+            ),
+            esp=self.account.esp,
+            account=self.account.account,
+            broadcast_id=job_id,
+            esp_message_id=get("broadcast_id") or None,
+            communication_key=key or None,
+            email=email or None,
+            type=event_type,
+            url=url,
+            occurred_at=occurred,
+            source=EventSource(kind="file", name=posixpath.normpath(remote_path), line=line),
+            extra=extra,
+        )
+
+    def _export_time(self, value: str) -> datetime:
+        """A local export time (first occurrence when repeated) as UTC."""
+        column, fmt = self._columns["event_date"], self.options.export_timestamp_format
+        if not value:
+            raise ValueError(f"empty {column}")
+        try:
+            parsed = datetime.strptime(value, fmt)
+        except ValueError:
+            raise ValueError(f"{column} {value!r} does not match {fmt!r}") from None
+        local = parsed if parsed.tzinfo else parsed.replace(tzinfo=self._export_zone, fold=0)
+        return local.astimezone(UTC)
+
+    # --- webhooks -------------------------------------------------------------------------------------
+
+    def parse_webhook(self, headers: Mapping[str, str], body: bytes) -> list[ResponseEvent | BadRow]:
+        """Always refused: Deployteq sends no outbound event webhooks."""
+        raise WebhookAuthError(f"{self._name}: Deployteq sends no webhooks; espbridge accepts none from it")
+
+
+def _text(value: Any) -> str:
+    """A string field (an int is accepted as its digits); anything else is absent."""
+    if isinstance(value, str):
+        return value.strip()
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return ""
+
+
+def _extra_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _raw(row: list[str], delimiter: str) -> bytes:
+    return delimiter.join(row).encode("utf-8", "surrogateescape")
+
+
+def _short(body: Any) -> str:
+    return orjson.dumps(body).decode("utf-8", "replace")[:300]

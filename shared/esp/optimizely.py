@@ -1,0 +1,1376 @@
+"""The Optimizely Campaign connector (``connector: optimizely``), written from docs/connectors/optimizely.md.
+
+* Lists: the uploader puts a ``;``-delimited UTF-8 file on SFTP (``<sftp_root>/drop/<job_id>.csv``,
+  columns ``email``, ``CommunicationKey`` and the job's field-map targets). :meth:`start_import`
+  reads that file back and stages its rows through the REST *batch sending* API: it finds the
+  job's batch by its ``tag`` (the encoded job id) or creates one (``POST /sending/batches``), then
+  ``PUT``s the rows in chunks ``c000001``, ``c000002``, … (``chunk_concurrency`` in flight). The
+  import id is ``<batchId>:<rows_valid>:<rows_invalid>`` so the counts survive a restart;
+  ``upload_only`` jobs make no API call at all (``file:<name>``).
+* Sends: ``POST /sending/batches/{id}`` (``202``; a ``409`` on a batch already ``sent`` is
+  followed), then the batch state, the campaign status (``GET /smartcampaigns/{id}``) and its
+  report (recipient total). A ``send_at`` more than ``send_at_tolerance_s`` ahead is refused
+  before anything is staged: batch sending cannot be scheduled.
+* Responses: ``Response*`` files (``;``, dates in ``Europe/Berlin``); API pulls of bounces
+  (``GET /responses``) and unsubscribes (``GET /unsubscribes``), one page per call with the
+  connector's own JSON cursor; webhooks (``basicAuth`` or ``keyAuth`` against the account's token).
+  Event ids are always derived from the facts (job id, recipient id, type, time to the second,
+  URL), so one event read from a file, the API and a webhook is loaded once.
+
+Credentials: every REST call carries HTTP Basic ``Authorization`` of the account's ``username``
+(the Optimizely API user) and ``password``/``password_file``; ``client_id`` is the clientId path
+segment after ``api_url`` (``{api_url}/{client_id}/…``). ``token``/``token_file`` is the webhook
+secret. Calls keep to ``max_concurrency`` in flight and ``requests_per_second`` per account (one
+connector instance per account per process). ``429`` and ``5xx`` are retried after their
+``Retry-After`` (else 1 s, doubling, at most 60 s) while the total wait of one call stays within
+the account's ``request_timeout_s``; beyond that the call raises :class:`EspUnavailableError`
+with the server's ``retry_after_s``, and further calls wait for (or fail fast before) that time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import codecs
+import csv
+import hmac
+import logging
+import posixpath
+import re
+import time
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterator,
+    Mapping,
+)
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, tzinfo
+from pathlib import Path
+from typing import Any, Literal, Self, TypeVar, cast
+from urllib.parse import quote
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import aiohttp
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from shared.errors import ConfigurationError, PermanentError
+from shared.esp.accounts import AccountConfig
+from shared.esp.base import (
+    BadRow,
+    Connector,
+    ConnectorContext,
+    ImportState,
+    ImportStatus,
+    ListFormat,
+    PullPage,
+    ResponseSource,
+    SendState,
+    SendStatus,
+    SentBroadcast,
+    WebhookAuthError,
+)
+from shared.esp.generic import ListRejectedError
+from shared.esp.http import EspAuthError, EspRequestError, EspUnavailableError, RateLimiter, request_json
+from shared.messages import BroadcastJob, EventSource, EventType, ResponseEvent, SendMode, event_id_for
+from shared.sftp import download_stream
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+CURSOR_VERSION = 1
+MAX_LIMIT = 9999
+"""The largest ``limit`` the API takes (``limit`` must be ``< 10000``)."""
+MAX_ERRORS = 100
+"""At most this many entries in an import's ``errors``."""
+BACKOFF_INITIAL_S = 1.0
+BACKOFF_MAX_S = 60.0
+
+DEFAULT_RESPONSE_COLUMNS = {
+    "email": "Email",
+    "recipient": "Urn",
+    "communication_key": "CommunicationKey",
+    "message_type": "MessageType",
+    "delivery_date": "DeliveryDate",
+    "click_url": "ClickUrl",
+    "click_date": "ClickDate",
+    "event_date": "EventTriggeredDate",
+    "bounce_type": "BounceType",
+    "broadcast": "BroadcastId",
+}
+DEFAULT_MESSAGE_TYPES = {
+    "Send": "sent",
+    "Open": "open",
+    "Click": "click",
+    "Bounce:hardbounce": "bounce_hard",
+    "Bounce:softbounce": "bounce_soft",
+    "Unsubscription": "unsubscribe",
+}
+REQUIRED_RESPONSE_ROLES = ("message_type", "recipient", "event_date", "broadcast")
+"""Columns a response file's header must have; without one the whole file is one BadRow."""
+
+BATCH_STATES = ("initiated", "has_recipients", "sent", "invalid")
+CAMPAIGN_SEND_STATES = {
+    "activationRequired": SendState.SCHEDULED,
+    "activated": SendState.SCHEDULED,
+    "running": SendState.SENDING,
+    "paused": SendState.SENDING,
+    "finished": SendState.SENT,
+    "canceled": SendState.FAILED,
+    "invalid": SendState.FAILED,
+}
+PULLABLE_CAMPAIGN_STATES = frozenset({"running", "paused", "finished", "canceled"})
+"""Campaign statuses from which on a broadcast's mailings may have responses to pull."""
+BOUNCE_CATEGORIES = {"hardbounce": EventType.BOUNCE_HARD, "softbounce": EventType.BOUNCE_SOFT}
+WEBHOOK_TYPES = {
+    "sent": EventType.SENT,
+    "open": EventType.OPEN,
+    "click": EventType.CLICK,
+    "unsubscribe": EventType.UNSUBSCRIBE,
+    "spamcomplaint": EventType.COMPLAINT,
+}
+IGNORED_WEBHOOK_TYPES = frozenset(
+    {"singleoptin", "confirmedoptin", "doubleoptin", "blocklist", "archive", "filteredbyblocklist"}
+)
+UNSUBSCRIBES = "unsubscribes"
+
+_TAG_ESCAPES = {"_": "_5F", ".": "_2E", ":": "_3A"}
+_TAG_UNESCAPES = {v: k for k, v in _TAG_ESCAPES.items()}
+_TAG_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,250}$")
+
+
+def encode_tag(job_id: str) -> str:
+    """The batch ``tag`` of a job id: ``_`` → ``_5F``, ``.`` → ``_2E``, ``:`` → ``_3A`` (A5)."""
+    tag = "".join(_TAG_ESCAPES.get(ch, ch) for ch in job_id)
+    if not _TAG_PATTERN.match(tag):
+        raise PermanentError(f"job id {job_id!r} does not fit a batch tag ([A-Za-z0-9_-]{{1,250}}): {tag!r}")
+    return tag
+
+
+def decode_tag(tag: str) -> str:
+    """The job id a batch ``tag`` carries (the reverse of :func:`encode_tag`)."""
+    return re.sub(r"_(5F|2E|3A)", lambda m: _TAG_UNESCAPES[m.group(0)], tag)
+
+
+class Options(BaseModel):
+    """The account ``options`` this connector reads (see docs/connectors/optimizely.md#configuration).
+
+    ``response_columns`` and ``message_types`` are laid over their defaults, so an account names
+    only what differs.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    campaign_action: Literal["copy", "use"] = "copy"
+    chunk_size: int = Field(default=1000, ge=1)
+    chunk_concurrency: int = Field(default=4, ge=1)
+    page_size: int = Field(default=1000, ge=1, le=MAX_LIMIT)
+    max_concurrency: int = Field(default=8, ge=1)
+    requests_per_second: float = Field(default=10.0, gt=0)
+    send_at_tolerance_s: float = Field(default=300.0, ge=0)
+    recipient_id_column: str = Field(default="CommunicationKey", min_length=1)
+    job_attribute: str = Field(default="BroadcastId", min_length=1)
+    list_folder: str = Field(default="drop", min_length=1)
+    list_delimiter: str = Field(default=";", min_length=1, max_length=1)
+    list_suffix: str = ".csv"
+    email_column: str = Field(default="email", min_length=1)
+    response_folder: str = Field(default="responses", min_length=1)
+    response_pattern: str = Field(default="Response*", min_length=1)
+    archive_folder: str = Field(default="archive", min_length=1)
+    response_delimiter: str = Field(default=";", min_length=1, max_length=1)
+    response_encoding: str = Field(default="utf-8", min_length=1)
+    response_columns: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_RESPONSE_COLUMNS))
+    message_types: dict[str, EventType] = Field(
+        default_factory=lambda: {k: EventType(v) for k, v in DEFAULT_MESSAGE_TYPES.items()},
+        description="MessageType (or 'MessageType:BounceType') → espbridge event type",
+    )
+    date_format: str = Field(default="%d.%m.%Y %H:%M:%S", min_length=1)
+    timezone: str = "Europe/Berlin"
+    api_pulls: bool = True
+    responses_offset_paging: bool = True
+    webhook_auth: Literal["basicAuth", "keyAuth", "none"] = "basicAuth"
+    webhook_user: str = Field(default="espbridge", min_length=1)
+    webhook_key_header: str = Field(default="Authorization", min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        merged = dict(data)
+        for name, defaults in (
+            ("response_columns", DEFAULT_RESPONSE_COLUMNS),
+            ("message_types", DEFAULT_MESSAGE_TYPES),
+        ):
+            given = merged.get(name)
+            if isinstance(given, dict):
+                merged[name] = {**defaults, **given}
+        return merged
+
+    @model_validator(mode="after")
+    def _coherent(self) -> Self:
+        unknown = set(self.response_columns) - set(DEFAULT_RESPONSE_COLUMNS)
+        if unknown:
+            raise ValueError(
+                f"response_columns has unknown roles {sorted(unknown)} "
+                f"(known: {sorted(DEFAULT_RESPONSE_COLUMNS)})"
+            )
+        if any(not name for name in self.response_columns.values()):
+            raise ValueError("response_columns names an empty column")
+        try:
+            codecs.lookup(self.response_encoding)
+        except LookupError:
+            raise ValueError(f"unknown response_encoding {self.response_encoding!r}") from None
+        sample = datetime(2026, 11, 22, 10, 0, 3)
+        try:
+            datetime.strptime(sample.strftime(self.date_format), self.date_format)
+        except ValueError as exc:
+            raise ValueError(f"date_format {self.date_format!r} cannot be read back: {exc}") from None
+        return self
+
+
+# --- values -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """A ``RestSendingBatch`` as far as espbridge reads it."""
+
+    id: int
+    state: str
+    tag: str
+    campaign_id: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """Recipients of consecutive list-file rows, staged with one ``PUT``."""
+
+    chunk_id: str
+    first_line: int
+    last_line: int
+    recipients: tuple[dict[str, Any], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Staged:
+    chunk: Chunk
+    count: int
+
+
+class ListFileError(PermanentError):
+    """The list file on the SFTP site cannot be read as the documented list format."""
+
+
+class SendAtNotSupportedError(PermanentError):
+    """A ``send_at`` further ahead than batch sending can honour (it starts after the import)."""
+
+
+class _BatchSentError(Exception):
+    """A chunk ``PUT`` answered 409: the batch was sent meanwhile."""
+
+
+@dataclass
+class _Cursor:
+    """The pull position of one broadcast (stored by the gatherer as JSON)."""
+
+    batch: int
+    mailings: list[int] | None = None
+    pos: int = 0
+    offsets: dict[str, int] = field(default_factory=dict)
+    high_water: str | None = None  # newest unsubscribe `created` seen by the last finished scan
+    scan_offset: int = 0
+    scan_top: str | None = None  # newest `created` of the scan in progress
+
+    def dump(self) -> str:
+        return orjson.dumps(
+            {
+                "v": CURSOR_VERSION,
+                "batch": self.batch,
+                "mailings": self.mailings,
+                "pos": self.pos,
+                "offsets": self.offsets,
+                "unsubscribes": {
+                    "high_water": self.high_water,
+                    "offset": self.scan_offset,
+                    "top": self.scan_top,
+                },
+            }
+        ).decode()
+
+    @classmethod
+    def load(cls, text: str) -> _Cursor:
+        data = orjson.loads(text)
+        if not isinstance(data, dict) or data.get("v") != CURSOR_VERSION:
+            raise ValueError("not a version 1 cursor")
+        mailings = data.get("mailings")
+        offsets = data.get("offsets")
+        unsub = data.get("unsubscribes")
+        if (
+            not _is_count(data.get("batch"))
+            or not _is_count(data.get("pos"))
+            or not (mailings is None or (isinstance(mailings, list) and all(_is_count(m) for m in mailings)))
+            or not isinstance(offsets, dict)
+            or not all(isinstance(k, str) and _is_count(v) for k, v in offsets.items())
+            or not isinstance(unsub, dict)
+            or not _is_count(unsub.get("offset"))
+        ):
+            raise ValueError("malformed cursor")
+        high_water, top = unsub.get("high_water"), unsub.get("top")
+        for value in (high_water, top):
+            if value is not None:
+                _rfc3339(value)  # raises ValueError when it is not a time
+        return cls(
+            batch=data["batch"],
+            mailings=mailings,
+            pos=data["pos"],
+            offsets=dict(offsets),
+            high_water=high_water,
+            scan_offset=unsub["offset"],
+            scan_top=top,
+        )
+
+
+# --- the list file ------------------------------------------------------------------------------------
+
+
+async def _records(data: AsyncIterable[bytes]) -> AsyncGenerator[tuple[int, str], None]:
+    """Complete CSV records of a UTF-8 byte stream with the line each starts on.
+
+    A record ends at an LF outside quotes: with the documented quoting (``"`` around a field, ``""``
+    inside it) that is an LF after an even number of ``"`` in the record.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8-sig")()
+    buffer, pending, quotes, line, start = "", "", 0, 0, 1
+    try:
+        async for block in data:
+            buffer += decoder.decode(block)
+            *lines, buffer = buffer.split("\n")
+            for text in lines:
+                line += 1
+                if not pending:
+                    start = line
+                pending += text + "\n"
+                quotes += text.count('"')
+                if quotes % 2 == 0:
+                    yield start, pending
+                    pending, quotes = "", 0
+        buffer += decoder.decode(b"", final=True)
+    except UnicodeDecodeError as exc:
+        raise ListFileError(f"the list file is not UTF-8 near line {line + 1}: {exc.reason}") from None
+    if buffer:
+        line += 1
+        if not pending:
+            start = line
+        pending += buffer
+    if pending:
+        yield start, pending
+
+
+async def list_chunks(
+    data: AsyncIterable[bytes],
+    job_id: str,
+    *,
+    chunk_size: int = 1000,
+    delimiter: str = ";",
+    email_column: str = "email",
+    recipient_id_column: str = "CommunicationKey",
+    job_attribute: str = "BroadcastId",
+) -> AsyncGenerator[Chunk | BadRow, None]:
+    """The batch chunks of a list file's bytes, in file order, and the rows that cannot be read.
+
+    Each data row becomes ``{"id": <recipient_id_column>, "data": {<non-empty fields>,
+    <job_attribute>: <job_id>}}``; a row with the wrong number of fields is a :class:`BadRow`
+    with its line. A header without the email or recipient id column raises :class:`ListFileError`.
+    """
+    header: list[str] | None = None
+    id_index = 0
+    recipients: list[dict[str, Any]] = []
+    first = last = 0
+    number = 0
+    async for start, text in _records(data):
+        row = next(csv.reader([text], delimiter=delimiter), [])
+        if header is None:
+            header = row
+            missing = [c for c in (email_column, recipient_id_column) if c not in header]
+            if missing:
+                raise ListFileError(f"the list file's header lacks {', '.join(missing)}")
+            if len(set(header)) != len(header):
+                raise ListFileError("the list file's header names a column twice")
+            id_index = header.index(recipient_id_column)
+            continue
+        if not row:
+            continue  # an empty line
+        if len(row) != len(header):
+            yield BadRow(start, text.rstrip("\r\n").encode(), f"{len(row)} fields, want {len(header)}")
+            continue
+        fields = {name: value for name, value in zip(header, row, strict=True) if value != ""}
+        fields[job_attribute] = job_id
+        if not recipients:
+            first = start
+        last = start
+        recipients.append({"id": row[id_index], "data": fields})
+        if len(recipients) >= chunk_size:
+            number += 1
+            yield Chunk(f"c{number:06d}", first, last, tuple(recipients))
+            recipients = []
+    if header is None:
+        raise ListFileError("the list file is empty (no header row)")
+    if recipients:
+        number += 1
+        yield Chunk(f"c{number:06d}", first, last, tuple(recipients))
+
+
+# --- the connector ------------------------------------------------------------------------------------
+
+
+class OptimizelyConnector(Connector):
+    """Connector for Optimizely Campaign (REST batch sending, SFTP files, webhooks)."""
+
+    can_send = True
+
+    def __init__(self, account: AccountConfig, context: ConnectorContext) -> None:
+        super().__init__(account, context)
+        name = f"{account.esp}/{account.account}"
+        try:
+            self.options = Options.model_validate(account.options)
+        except ValidationError as exc:
+            raise ConfigurationError(f"account {name} options: {exc}") from None
+        opts = self.options
+        if not account.api_url:
+            raise ConfigurationError(
+                f"account {name} needs an api_url (e.g. https://api.campaign.episerver.net/rest)"
+            )
+        if not account.client_id:
+            raise ConfigurationError(f"account {name} needs client_id (the Optimizely clientId)")
+        if not account.username or account.password is None:
+            raise ConfigurationError(
+                f"account {name} needs username (the Optimizely API user) and password[_file]"
+            )
+        if ":" in account.username:
+            raise ConfigurationError(f"account {name}: an HTTP Basic user name cannot contain ':'")
+        try:
+            self._zone: tzinfo = ZoneInfo(opts.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ConfigurationError(f"account {name} options: unknown time zone {opts.timezone!r}") from None
+        self._name = name
+        self._session = context.http
+        self._base = f"{account.api_url.rstrip('/')}/{quote(account.client_id, safe='')}"
+        credentials = f"{account.username}:{account.password.get_secret_value()}".encode()
+        self._auth = {"Authorization": "Basic " + base64.b64encode(credentials).decode("ascii")}
+        self._columns = dict(opts.response_columns)
+        self._semaphore = asyncio.Semaphore(opts.max_concurrency)
+        calls = max(1, int(opts.requests_per_second))
+        self._limiter = RateLimiter(calls, calls / opts.requests_per_second)
+        self._hold_until = 0.0  # monotonic time before which a Retry-After asks us not to call
+        self.pulls_api = opts.api_pulls
+        self.archive_folder = opts.archive_folder
+        self.response_sources: tuple[ResponseSource, ...] = (
+            ResponseSource(opts.response_folder, opts.response_pattern),
+        )
+        self.list_format = ListFormat(
+            delimiter=opts.list_delimiter,
+            encoding="utf-8",
+            line_terminator="\n",
+            email_field=opts.email_column,
+            key_field="CommunicationKey",
+            drop_folder=opts.list_folder,
+            suffix=opts.list_suffix,
+        )
+
+    # --- HTTP -----------------------------------------------------------------------------------------
+
+    async def _retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        """``attempt()`` again after an EspUnavailableError while the waits fit ``request_timeout_s``."""
+        budget = self.account.request_timeout_s
+        waited, backoff = 0.0, BACKOFF_INITIAL_S
+        while True:
+            try:
+                return await attempt()
+            except EspUnavailableError as exc:
+                wait = exc.retry_after_s if exc.retry_after_s is not None else backoff
+                if exc.retry_after_s is not None:
+                    self._hold_until = max(self._hold_until, time.monotonic() + exc.retry_after_s)
+                if waited + wait > budget:
+                    raise
+                log.info(
+                    "Optimizely unavailable, retrying",
+                    extra={"account": self._name, "error": str(exc), "retry_in_s": wait},
+                )
+                await asyncio.sleep(wait)  # the server's Retry-After, else the documented backoff
+                waited += wait
+                backoff = min(BACKOFF_MAX_S, backoff * 2)
+
+    async def _wait_for_hold(self, where: str) -> None:
+        """Wait out an earlier answer's Retry-After (or fail at once when it is too far away)."""
+        hold = self._hold_until - time.monotonic()
+        if hold > self.account.request_timeout_s:
+            raise EspUnavailableError(f"{where}: Optimizely asked to wait {hold:.0f}s more", hold)
+        if hold > 0:
+            await asyncio.sleep(hold)  # an earlier answer's Retry-After
+
+    async def _once(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, str] | None = None,
+        json: Any = None,
+        form: dict[str, str] | None = None,
+        expect: tuple[int, ...] = (200,),
+    ) -> tuple[int, Any]:
+        """One request with Basic auth under the account's concurrency cap and rate limit."""
+        url = self._base + path
+        await self._wait_for_hold(f"{method} {path}")
+        async with self._semaphore:
+            await self._limiter.acquire()  # inside the slot: the rate holds for requests actually sent
+            if form is None:
+                return await request_json(
+                    self._session,
+                    method,
+                    url,
+                    headers=self._auth,
+                    json=json,
+                    params=params,
+                    timeout_s=self.account.request_timeout_s,
+                    expect=expect,
+                )
+            return await self._request_multipart(url, form, expect)
+
+    async def _request_multipart(
+        self, url: str, fields: dict[str, str], expect: tuple[int, ...]
+    ) -> tuple[int, Any]:
+        """A ``multipart/form-data`` POST with request_json's error mapping."""
+        form = aiohttp.FormData(default_to_multipart=True)
+        for key, value in fields.items():
+            form.add_field(key, value)
+        where = f"POST {url}"
+        try:
+            async with self._session.post(
+                url,
+                data=form,
+                headers={"Accept": "application/json", **self._auth},
+                timeout=aiohttp.ClientTimeout(total=self.account.request_timeout_s),
+            ) as resp:
+                body = await resp.read()
+                status = resp.status
+                retry_after = _retry_after(resp.headers.get("Retry-After"))
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise EspUnavailableError(f"{where}: {type(exc).__name__}: {exc}") from exc
+        where = f"{where} answered {status}"
+        if status == 429 or status >= 500:
+            raise EspUnavailableError(f"{where}: {body[:300]!r}", retry_after)
+        if status in (401, 403):
+            raise EspAuthError(f"{where}: the ESP refused the credentials: {body[:300]!r}")
+        try:
+            parsed = orjson.loads(body) if body else None
+        except orjson.JSONDecodeError:
+            raise EspUnavailableError(f"{where} with a body that is not JSON: {body[:200]!r}") from None
+        if status in expect or status in (404, 409):
+            return status, parsed
+        raise EspRequestError(f"{where}: {body[:500]!r}")
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, str] | None = None,
+        json: Any = None,
+        expect: tuple[int, ...] = (200,),
+    ) -> tuple[int, Any]:
+        """:meth:`_once`, retried on 429/5xx/timeouts (every call but batch creation is idempotent)."""
+        return await self._retrying(lambda: self._once(method, path, params=params, json=json, expect=expect))
+
+    # --- batches --------------------------------------------------------------------------------------
+
+    async def _batches(self) -> AsyncIterator[Batch]:
+        """Every batch of the client, paging ``GET /sending/batches`` to the short page."""
+        limit, offset = self.options.page_size, 0
+        while True:
+            _, body = await self._call(
+                "GET", "/sending/batches", params={"offset": str(offset), "limit": str(limit)}
+            )
+            elements = _elements(body, "GET /sending/batches")
+            for element in elements:
+                yield _batch(element)
+            if len(elements) < limit:
+                return
+            offset += len(elements)
+
+    async def _find_batch(self, tag: str) -> Batch | None:
+        """The job's batch: one ``sent`` with the tag, else the newest that is not ``invalid``."""
+        sent: Batch | None = None
+        newest: Batch | None = None
+        async for batch in self._batches():
+            if batch.tag != tag:
+                continue
+            if batch.state == "sent" and sent is None:
+                sent = batch
+            elif batch.state != "invalid" and (newest is None or batch.id > newest.id):
+                newest = batch
+        return sent or newest
+
+    async def _find_or_create_batch(self, job: BroadcastJob, tag: str) -> Batch:
+        async def attempt() -> Batch:
+            found = await self._find_batch(tag)
+            if found is not None:
+                return found
+            fields = {"campaign": job.message, "campaignAction": self.options.campaign_action, "tag": tag}
+            # not retried by itself: a lost answer may have created the batch, so it is looked up first
+            status, body = await self._once("POST", "/sending/batches", form=fields, expect=(201,))
+            if status in (404, 409):
+                raise ListRejectedError(
+                    f"Optimizely refused a batch for campaign {job.message!r} ({status}): {_message(body)}"
+                )
+            return _batch(body)
+
+        return await self._retrying(attempt)
+
+    async def _get_batch(self, batch_id: int) -> Batch:
+        status, body = await self._call("GET", f"/sending/batches/{batch_id}")
+        if status == 404:
+            raise ListRejectedError(f"Optimizely does not know batch {batch_id}")
+        if status != 200:
+            raise EspUnavailableError(f"GET /sending/batches/{batch_id} answered {status}: {_message(body)}")
+        return _batch(body)
+
+    async def _put_chunk(self, batch_id: int, chunk: Chunk) -> _Staged:
+        path = f"/sending/batches/{batch_id}"
+        status, body = await self._call(
+            "PUT", path, json={"chunk": chunk.chunk_id, "recipients": list(chunk.recipients)}
+        )
+        if status == 409:
+            raise _BatchSentError
+        if status == 404:
+            raise ListRejectedError(f"Optimizely does not know batch {batch_id}")
+        if not isinstance(body, dict) or not _is_count(body.get("count")):
+            raise EspUnavailableError(
+                f"PUT {path} ({chunk.chunk_id}) answered without a count: {_short(body)}"
+            )
+        return _Staged(chunk, body["count"])
+
+    # --- imports and sends ----------------------------------------------------------------------------
+
+    async def start_import(self, remote_path: str, job: BroadcastJob) -> ImportStatus:
+        """Find or create the job's batch and stage the list file's rows in it (see the doc's Mapping)."""
+        if job.mode is SendMode.UPLOAD_ONLY:
+            return ImportStatus(import_id=f"file:{posixpath.basename(remote_path)}", state=ImportState.DONE)
+        if job.send_at is not None:
+            ahead = (job.send_at - datetime.now(UTC)).total_seconds()
+            if ahead > self.options.send_at_tolerance_s:
+                raise SendAtNotSupportedError(
+                    f"Optimizely batch sending cannot be scheduled: send_at {job.send_at.isoformat()} is "
+                    f"{ahead:.0f}s ahead (at most {self.options.send_at_tolerance_s:.0f}s); "
+                    "publish the job at its send time"
+                )
+        if self.context.sftp is None:
+            raise ConfigurationError(f"the {self._name} connector needs the SFTP pool to read the list back")
+        tag = encode_tag(job.job_id)
+        batch = await self._find_or_create_batch(job, tag)
+        if batch.state == "sent":
+            return ImportStatus(import_id=f"{batch.id}:0:0", state=ImportState.DONE)
+        async with (
+            self.context.sftp.session() as sftp,
+            aclosing(cast(AsyncGenerator[bytes, None], download_stream(sftp, remote_path))) as data,
+        ):
+            try:
+                return await self.stage(batch.id, data, job.job_id)
+            except _BatchSentError:
+                pass
+        if (await self._get_batch(batch.id)).state == "sent":
+            return ImportStatus(import_id=f"{batch.id}:0:0", state=ImportState.DONE)
+        raise ListRejectedError(f"Optimizely refused the chunks of batch {batch.id} (409) but it is not sent")
+
+    async def stage(self, batch_id: int, data: AsyncIterable[bytes], job_id: str) -> ImportStatus:
+        """``PUT`` the chunks of a list file's bytes into a batch, ``chunk_concurrency`` at a time."""
+        opts = self.options
+        staged: list[_Staged] = []
+        bad: list[BadRow] = []
+        pending: set[asyncio.Task[_Staged]] = set()
+
+        async def collect(return_when: str) -> None:
+            nonlocal pending
+            done, pending = await asyncio.wait(pending, return_when=return_when)
+            staged.extend(task.result() for task in done)  # a failed PUT raises here
+
+        chunks = list_chunks(
+            data,
+            job_id,
+            chunk_size=opts.chunk_size,
+            delimiter=opts.list_delimiter,
+            email_column=opts.email_column,
+            recipient_id_column=opts.recipient_id_column,
+            job_attribute=opts.job_attribute,
+        )
+        try:
+            async for item in chunks:
+                if isinstance(item, BadRow):
+                    bad.append(item)
+                    continue
+                while len(pending) >= opts.chunk_concurrency:
+                    await collect(asyncio.FIRST_COMPLETED)
+                pending.add(asyncio.create_task(self._put_chunk(batch_id, item)))
+            while pending:
+                await collect(asyncio.FIRST_EXCEPTION)
+        except ListFileError as exc:
+            return ImportStatus(
+                import_id=f"{batch_id}:0:0", state=ImportState.FAILED, errors=(f"batch {batch_id}: {exc}",)
+            )
+        finally:
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            await chunks.aclose()
+        staged.sort(key=lambda s: s.chunk.chunk_id)
+        sent = sum(len(s.chunk.recipients) for s in staged)
+        valid = sum(s.count for s in staged)
+        invalid = max(0, sent - valid) + len(bad)
+        errors = [f"line {b.line}: {b.error}" for b in bad]
+        errors += [
+            f"chunk {s.chunk.chunk_id} (lines {s.chunk.first_line}-{s.chunk.last_line}): "
+            f"{len(s.chunk.recipients) - s.count} of {len(s.chunk.recipients)} recipients failed "
+            "Optimizely's pre-validation"
+            for s in staged
+            if s.count < len(s.chunk.recipients)
+        ]
+        if not staged:
+            errors.append("the list file has no recipients")
+        return ImportStatus(
+            import_id=f"{batch_id}:{valid}:{invalid}",
+            state=ImportState.DONE if valid > 0 else ImportState.FAILED,
+            rows_valid=valid,
+            rows_invalid=invalid,
+            errors=tuple(errors[:MAX_ERRORS]),
+        )
+
+    async def import_status(self, import_id: str) -> ImportStatus:
+        """``file:`` → done; else the batch's state with the counts kept in the import id."""
+        if import_id.startswith("file:"):
+            return ImportStatus(import_id=import_id, state=ImportState.DONE)
+        batch_id, valid, invalid = _parse_import_id(import_id)
+        batch = await self._get_batch(batch_id)
+        if batch.state == "sent" or (batch.state == "has_recipients" and valid > 0):
+            return ImportStatus(import_id, ImportState.DONE, rows_valid=valid, rows_invalid=invalid)
+        reason = "no recipient passed pre-validation" if batch.state == "has_recipients" else batch.state
+        return ImportStatus(
+            import_id,
+            ImportState.FAILED,
+            rows_valid=valid,
+            rows_invalid=invalid,
+            errors=(f"batch {batch_id} is {batch.state}: {reason}",),
+        )
+
+    async def find_send(self, job: BroadcastJob) -> SendStatus | None:
+        """The job's batch if it is ``sent`` (followed with :meth:`send_status`), else None."""
+        batch = await self._find_batch(encode_tag(job.job_id))
+        if batch is None or batch.state != "sent":
+            return None
+        return await self.send_status(str(batch.id))
+
+    async def send(self, import_id: str, job: BroadcastJob) -> SendStatus:
+        """``POST /sending/batches/{id}``: 202 → scheduled; 409 on a sent batch → followed."""
+        if import_id.startswith("file:"):
+            raise ListRejectedError(f"job {job.job_id} was uploaded only: there is no batch to send")
+        batch_id = _parse_import_id(import_id)[0]
+        status, body = await self._call("POST", f"/sending/batches/{batch_id}", expect=(202,))
+        if status == 202:
+            return SendStatus(send_id=str(batch_id), state=SendState.SCHEDULED)
+        if status == 404:
+            raise ListRejectedError(f"Optimizely does not know batch {batch_id}: {_message(body)}")
+        batch = await self._get_batch(batch_id)
+        if batch.state == "sent":
+            log.info("batch already sent, following it", extra={"account": self._name, "batch": batch_id})
+            return await self.send_status(str(batch_id))
+        raise ListRejectedError(f"Optimizely refused to send batch {batch_id} (409): {_message(body)}")
+
+    async def send_status(self, send_id: str) -> SendStatus:
+        """The batch's state, then its campaign's status and, when finished, its report's total."""
+        try:
+            batch_id = int(send_id)
+        except ValueError:
+            raise PermanentError(f"{send_id!r} is not an Optimizely batch id") from None
+        batch = await self._get_batch(batch_id)
+        if batch.state == "invalid":
+            return SendStatus(send_id, SendState.FAILED, detail=f"batch {batch_id} is invalid")
+        if batch.state != "sent":
+            return SendStatus(send_id, SendState.SCHEDULED, detail=f"batch {batch_id} is {batch.state}")
+        if batch.campaign_id is None:
+            raise EspUnavailableError(f"batch {batch_id} is sent but names no campaignId")
+        campaign = batch.campaign_id
+        status, body = await self._call("GET", f"/smartcampaigns/{campaign}")
+        if status != 200 or not isinstance(body, dict) or not isinstance(body.get("status"), str):
+            raise EspUnavailableError(f"GET /smartcampaigns/{campaign} answered {status}: {_short(body)}")
+        state = CAMPAIGN_SEND_STATES.get(body["status"])
+        if state is None:
+            raise EspUnavailableError(f"campaign {campaign} has an unknown status {body['status']!r}")
+        detail = f"campaign {campaign} {body['status']}"
+        if state is not SendState.SENT:
+            return SendStatus(send_id, state, detail=detail)
+        status, report = await self._call("GET", f"/smartcampaigns/{campaign}/report")
+        recipients = report.get("recipients") if isinstance(report, dict) else None
+        total = recipients.get("total") if isinstance(recipients, dict) else None
+        if status != 200 or not _is_count(total):
+            raise EspUnavailableError(
+                f"GET /smartcampaigns/{campaign}/report answered {status} without recipients.total: "
+                f"{_short(report)}"
+            )
+        return SendStatus(send_id, SendState.SENT, recipients=int(total or 0), detail=detail)
+
+    # --- API pulls ------------------------------------------------------------------------------------
+
+    def _streams(self, mailings: list[int]) -> list[tuple[int, str] | str]:
+        out: list[tuple[int, str] | str] = []
+        for mailing in mailings:
+            out += [(mailing, "hardbounce"), (mailing, "softbounce")]
+        out.append(UNSUBSCRIBES)
+        return out
+
+    async def pull_responses(self, broadcast: SentBroadcast, cursor: str | None) -> PullPage:
+        """One page: bounces per mailing and category, then a scan of the newest unsubscribes.
+
+        The first call resolves batch → campaign → mailings (nothing before the campaign runs).
+        ``more`` stays true until one round has visited every stream to its last (short) page.
+        """
+        batch_id = _batch_of(broadcast)
+        if batch_id is None:
+            return PullPage((), cursor, more=False)
+        state = self._read_cursor(cursor, batch_id)
+        if state.mailings is None:
+            return await self._resolve(state, cursor)
+        streams = self._streams(state.mailings)
+        if state.pos >= len(streams):
+            state.pos = 0
+        stream = streams[state.pos]
+        if isinstance(stream, tuple):
+            items, finished = await self._bounce_page(broadcast, state, *stream)
+        else:
+            items, finished = await self._unsubscribe_page(broadcast, state)
+        more = True
+        if finished:
+            state.pos += 1
+            if state.pos >= len(streams):
+                state.pos, more = 0, False
+        return PullPage(tuple(items), state.dump(), more=more)
+
+    def _read_cursor(self, cursor: str | None, batch_id: int) -> _Cursor:
+        if cursor is not None:
+            try:
+                state = _Cursor.load(cursor)
+            except (orjson.JSONDecodeError, ValueError) as exc:
+                log.warning(
+                    "unreadable pull cursor, pulling the broadcast from the start",
+                    extra={"account": self._name, "error": str(exc)},
+                )
+            else:
+                if state.batch == batch_id:
+                    return state
+        return _Cursor(batch=batch_id)
+
+    async def _resolve(self, state: _Cursor, cursor: str | None) -> PullPage:
+        """Batch → campaignId → ``messages[].mailingId``, kept in the cursor once the campaign runs."""
+        try:
+            batch = await self._get_batch(state.batch)
+        except ListRejectedError as exc:
+            log.warning("cannot pull responses", extra={"account": self._name, "error": str(exc)})
+            return PullPage((), cursor, more=False)
+        if batch.state != "sent" or batch.campaign_id is None:
+            return PullPage((), cursor, more=False)
+        status, body = await self._call("GET", f"/smartcampaigns/{batch.campaign_id}")
+        if status != 200 or not isinstance(body, dict):
+            return PullPage((), cursor, more=False)  # not visible yet: next round
+        messages = body.get("messages")
+        mailings = (
+            [m["mailingId"] for m in messages if isinstance(m, dict) and _is_count(m.get("mailingId"))]
+            if isinstance(messages, list)
+            else []
+        )
+        if body.get("status") not in PULLABLE_CAMPAIGN_STATES or not mailings:
+            return PullPage((), cursor, more=False)
+        state.mailings = mailings
+        return PullPage((), state.dump(), more=True)
+
+    async def _bounce_page(
+        self, broadcast: SentBroadcast, state: _Cursor, mailing: int, category: str
+    ) -> tuple[list[ResponseEvent | BadRow], bool]:
+        """One page of ``GET /responses``; finished when it is short (or without offset paging)."""
+        opts = self.options
+        key = f"{mailing}:{category}"
+        offset = state.offsets.get(key, 0)
+        paging = opts.responses_offset_paging
+        limit = opts.page_size if paging else MAX_LIMIT
+        params = {"category": category, "mailingId": str(mailing), "limit": str(limit)}
+        if paging:
+            params["offset"] = str(offset)
+        else:
+            offset = 0
+        status, body = await self._call("GET", "/responses", params=params)
+        if status == 404:
+            log.warning(
+                "Optimizely does not know the mailing, no bounces to pull",
+                extra={"account": self._name, "mailing": mailing},
+            )
+            return [], True
+        elements = _elements(body, "GET /responses")
+        name = f"/responses?category={category}&mailingId={mailing}"
+        page = offset // limit
+        items = [
+            self._api_item(
+                broadcast, element, offset + i + 1, name, page, mailing, BOUNCE_CATEGORIES[category]
+            )
+            for i, element in enumerate(elements)
+        ]
+        if not paging:
+            if len(elements) >= limit:
+                log.warning(
+                    "GET /responses came back full without offset paging: bounces may be missing",
+                    extra={"account": self._name, "mailing": mailing, "category": category},
+                )
+            return items, True
+        state.offsets[key] = offset + len(elements)
+        return items, len(elements) < limit
+
+    async def _unsubscribe_page(
+        self, broadcast: SentBroadcast, state: _Cursor
+    ) -> tuple[list[ResponseEvent | BadRow], bool]:
+        """One page of ``GET /unsubscribes`` newest first, down to the last scan's newest entry."""
+        limit = self.options.page_size
+        offset = state.scan_offset
+        floor = _rfc3339(state.high_water) if state.high_water else broadcast.requested_at
+        _, body = await self._call(
+            "GET",
+            "/unsubscribes",
+            params={"sort": "created", "direction": "DESC", "offset": str(offset), "limit": str(limit)},
+        )
+        elements = _elements(body, "GET /unsubscribes")
+        mailings = set(state.mailings or ())
+        top = _rfc3339(state.scan_top) if state.scan_top else None
+        items: list[ResponseEvent | BadRow] = []
+        reached_floor = False
+        for i, element in enumerate(elements):
+            created = _element_time(element)
+            if created is not None:
+                if floor is not None and created < floor:
+                    reached_floor = True
+                    break
+                top = created if top is None or created > top else top
+            if not isinstance(element, dict) or element.get("mailingId") is None:
+                continue  # not attributable to a broadcast
+            if element.get("mailingId") not in mailings:
+                continue
+            items.append(
+                self._api_item(
+                    broadcast,
+                    element,
+                    offset + i + 1,
+                    "/unsubscribes",
+                    offset // limit,
+                    None,
+                    EventType.UNSUBSCRIBE,
+                )
+            )
+        if reached_floor or len(elements) < limit:
+            if top is not None:
+                state.high_water = top.isoformat()
+            state.scan_offset, state.scan_top = 0, None
+            return items, True
+        state.scan_offset = offset + len(elements)
+        state.scan_top = top.isoformat() if top is not None else None
+        return items, False
+
+    def _api_item(
+        self,
+        broadcast: SentBroadcast,
+        element: Any,
+        line: int,
+        name: str,
+        page: int,
+        mailing: int | None,
+        event_type: EventType,
+    ) -> ResponseEvent | BadRow:
+        try:
+            if not isinstance(element, dict):
+                raise ValueError(f"not an object but {type(element).__name__}")
+            if event_type is not EventType.UNSUBSCRIBE:
+                category = element.get("category")
+                if category is not None:
+                    if category not in BOUNCE_CATEGORIES:
+                        raise ValueError(f"unknown category {category!r}")
+                    event_type = BOUNCE_CATEGORIES[category]
+            recipient = element.get("recipientId")
+            if not isinstance(recipient, str | int) or isinstance(recipient, bool) or recipient == "":
+                raise ValueError("no recipientId")
+            created = _element_time(element)
+            if created is None:
+                raise ValueError(f"created {element.get('created')!r} is not an RFC 3339 time")
+            mailing_id = element.get("mailingId", mailing)
+            extra = {k: str(element[k]) for k in ("mailId", "ruleName", "reason") if element.get(k)}
+            return self._make_event(
+                broadcast_id=broadcast.job_id,
+                recipient=str(recipient),
+                event_type=event_type,
+                occurred=created,
+                url=None,
+                email=None,
+                message_id=str(mailing_id) if mailing_id is not None else None,
+                source=EventSource(kind="api", name=name, page=page),
+                extra=extra,
+            )
+        except ValueError as exc:
+            return BadRow(line=line, raw=orjson.dumps(element), error=f"{name}: {exc}")
+
+    def _make_event(
+        self,
+        *,
+        broadcast_id: str,
+        recipient: str,
+        event_type: EventType,
+        occurred: datetime,
+        url: str | None,
+        email: str | None,
+        message_id: str | None,
+        source: EventSource,
+        extra: dict[str, str],
+    ) -> ResponseEvent:
+        """The event with the id of its facts (same for a file, the API and a webhook)."""
+        when = occurred.astimezone(UTC).replace(microsecond=0)
+        url = url if event_type is EventType.CLICK else None
+        return ResponseEvent(
+            event_id=event_id_for(
+                self.account.esp,
+                broadcast_id=broadcast_id,
+                recipient=recipient,
+                event_type=event_type.value,
+                occurred_at=when,
+                url=url,
+            ),
+            esp=self.account.esp,
+            account=self.account.account,
+            broadcast_id=broadcast_id,
+            esp_message_id=message_id,
+            communication_key=recipient,
+            email=email or None,
+            type=event_type,
+            url=url,
+            occurred_at=when,
+            source=source,
+            extra=extra,
+        )
+
+    # --- response files -------------------------------------------------------------------------------
+
+    def parse_response_file(self, local_path: Path, remote_path: str) -> Iterator[ResponseEvent | BadRow]:
+        """Rows of a ``Response*`` file as events; rows that do not fit are BadRows with their line."""
+        opts = self.options
+        encoding = (
+            "utf-8-sig" if codecs.lookup(opts.response_encoding).name == "utf-8" else opts.response_encoding
+        )
+        skipped = 0
+        with local_path.open(encoding=encoding, errors="surrogateescape", newline="") as f:
+            reader = csv.reader(f, delimiter=opts.response_delimiter)
+            header = next(reader, None)
+            if header is None:
+                return
+            index = {name: i for i, name in enumerate(header)}
+            missing = [self._columns[r] for r in REQUIRED_RESPONSE_ROLES if self._columns[r] not in index]
+            if missing:
+                yield BadRow(1, _raw(header, opts.response_delimiter), f"header lacks {', '.join(missing)}")
+                return
+            source_name = posixpath.normpath(remote_path)
+            last = reader.line_num
+            for row in reader:
+                line = last + 1
+                last = reader.line_num
+                if not row:
+                    continue
+                try:
+                    event = self._file_event(source_name, line, row, header, index)
+                except ValueError as exc:
+                    yield BadRow(line, _raw(row, opts.response_delimiter), str(exc))
+                    continue
+                if event is None:
+                    skipped += 1
+                else:
+                    yield event
+        if skipped:
+            log.info(
+                "response rows without a BroadcastId skipped (mailings espbridge did not send)",
+                extra={"account": self._name, "file": remote_path, "rows": skipped},
+            )
+
+    def _file_event(
+        self, source_name: str, line: int, row: list[str], header: list[str], index: Mapping[str, int]
+    ) -> ResponseEvent | None:
+        if len(row) != len(header):
+            raise ValueError(f"{len(row)} fields, want {len(header)}")
+        if any("\udc80" <= ch <= "\udcff" for value in row for ch in value):
+            raise ValueError(f"not valid {self.options.response_encoding}")
+
+        def get(role: str) -> str:
+            column = self._columns[role]
+            return row[index[column]].strip() if column in index else ""
+
+        broadcast = get("broadcast")
+        if not broadcast:
+            return None
+        kind, bounce = get("message_type"), get("bounce_type")
+        types = self.options.message_types
+        event_type = types.get(f"{kind}:{bounce}") or types.get(kind)
+        if event_type is None:
+            raise ValueError(
+                f"unknown MessageType {kind!r}" + (f" with BounceType {bounce!r}" if bounce else "")
+            )
+        recipient = get("recipient")
+        if not recipient:
+            raise ValueError(f"empty {self._columns['recipient']}")
+        occurred = self._local_time(self._columns["event_date"], get("event_date"))
+        url = get("click_url")
+        if event_type is EventType.CLICK and not url:
+            raise ValueError(f"a click without {self._columns['click_url']}")
+        delivery = get("delivery_date")
+        return self._make_event(
+            broadcast_id=broadcast,
+            recipient=recipient,
+            event_type=event_type,
+            occurred=occurred,
+            url=url or None,
+            email=get("email") or None,
+            message_id=None,
+            source=EventSource(kind="file", name=source_name, line=line),
+            extra={"DeliveryDate": delivery} if delivery else {},
+        )
+
+    def _local_time(self, column: str, value: str) -> datetime:
+        """A local response-file time (first occurrence when repeated) as UTC."""
+        if not value:
+            raise ValueError(f"empty {column}")
+        try:
+            parsed = datetime.strptime(value, self.options.date_format)
+        except ValueError:
+            raise ValueError(f"{column} {value!r} does not match {self.options.date_format!r}") from None
+        local = parsed if parsed.tzinfo else parsed.replace(tzinfo=self._zone, fold=0)
+        return local.astimezone(UTC)
+
+    # --- webhooks -------------------------------------------------------------------------------------
+
+    def _verify_webhook(self, headers: Mapping[str, str]) -> None:
+        mode = self.options.webhook_auth
+        if mode == "none":
+            return
+        secret = self.account.token.get_secret_value() if self.account.token else ""
+        if not secret:
+            raise WebhookAuthError(f"account {self._name} has no token (the webhook secret) configured")
+        if mode == "basicAuth":
+            value = _header(headers, "Authorization")
+            scheme, _, encoded = (value or "").partition(" ")
+            if value is None or scheme.lower() != "basic":
+                raise WebhookAuthError("the webhook call carries no Basic authorization")
+            try:
+                user, sep, password = base64.b64decode(encoded.strip(), validate=True).partition(b":")
+            except (binascii.Error, ValueError):
+                raise WebhookAuthError("the webhook call's Basic authorization is not base64") from None
+            user_ok = hmac.compare_digest(user, self.options.webhook_user.encode())
+            password_ok = hmac.compare_digest(password, secret.encode())
+            if not (sep and user_ok and password_ok):
+                raise WebhookAuthError("the webhook call's Basic authorization is wrong")
+            return
+        header = self.options.webhook_key_header
+        value = _header(headers, header)
+        if value is None:
+            raise WebhookAuthError(f"the webhook call carries no {header} header")
+        given = value.encode("utf-8", "surrogateescape")
+        plain_ok = hmac.compare_digest(given, secret.encode())
+        bearer_ok = hmac.compare_digest(given, f"Bearer {secret}".encode())
+        if not (plain_ok or bearer_ok):
+            raise WebhookAuthError(f"the webhook call's {header} header is wrong")
+
+    def parse_webhook(self, headers: Mapping[str, str], body: bytes) -> list[ResponseEvent | BadRow]:
+        """Verify the call (basicAuth/keyAuth against the account's token), then its events."""
+        self._verify_webhook(headers)
+        try:
+            parsed = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise PermanentError("the webhook body is not JSON") from None
+        items = parsed if isinstance(parsed, list) else [parsed] if isinstance(parsed, dict) else None
+        if items is None:
+            raise PermanentError(f"the webhook body is neither an event nor an array: {_short(parsed)}")
+        name = f"webhook:{self.account.esp}/{self.account.account}"
+        out: list[ResponseEvent | BadRow] = []
+        for number, item in enumerate(items, start=1):
+            try:
+                event = self._webhook_event(item, name, number)
+            except ValueError as exc:
+                out.append(BadRow(number, orjson.dumps(item), str(exc)))
+                continue
+            if event is not None:
+                out.append(event)
+        return out
+
+    def _webhook_event(self, item: Any, name: str, number: int) -> ResponseEvent | None:
+        if not isinstance(item, dict):
+            raise ValueError(f"not an object but {type(item).__name__}")
+        kind = item.get("type")
+        if kind in IGNORED_WEBHOOK_TYPES:
+            return None
+        if kind == "bounce":
+            category = item.get("category")
+            if category not in BOUNCE_CATEGORIES:
+                raise ValueError(f"a bounce with category {category!r}")
+            event_type = BOUNCE_CATEGORIES[category]
+        elif isinstance(kind, str) and kind in WEBHOOK_TYPES:
+            event_type = WEBHOOK_TYPES[kind]
+        else:
+            raise ValueError(f"unknown type {kind!r}")
+        recipient = item.get("recipientId")
+        if not isinstance(recipient, str | int) or isinstance(recipient, bool) or recipient == "":
+            raise ValueError("no recipientId")
+        data = item.get("data")
+        data = data if isinstance(data, dict) else {}
+        broadcast = data.get(self.options.job_attribute)
+        if not isinstance(broadcast, str) or not broadcast:
+            raise ValueError(f"no data.{self.options.job_attribute}")
+        created = _element_time(item)
+        if created is None:
+            raise ValueError(f"created {item.get('created')!r} is not an RFC 3339 time")
+        url = item.get("url")
+        if event_type is EventType.CLICK and (not isinstance(url, str) or not url):
+            raise ValueError("a click without url")
+        email = data.get("email")
+        mailing = item.get("mailingId")
+        return self._make_event(
+            broadcast_id=broadcast,
+            recipient=str(recipient),
+            event_type=event_type,
+            occurred=created,
+            url=url if isinstance(url, str) else None,
+            email=email if isinstance(email, str) else None,
+            message_id=str(mailing) if mailing is not None else None,
+            source=EventSource(kind="webhook", name=name, line=number),
+            extra={k: str(item[k]) for k in ("mailId", "ruleName", "reason") if item.get(k)},
+        )
+
+
+# --- helpers ------------------------------------------------------------------------------------------
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _retry_after(value: str | None) -> float | None:
+    try:
+        return max(0.0, float(value)) if value else None
+    except ValueError:
+        return None
+
+
+def _short(body: Any) -> str:
+    try:
+        return orjson.dumps(body).decode("utf-8", "replace")[:300]
+    except TypeError:
+        return repr(body)[:300]
+
+
+def _message(body: Any) -> str:
+    return str(body.get("message")) if isinstance(body, dict) and body.get("message") else _short(body)
+
+
+def _raw(row: list[str], delimiter: str) -> bytes:
+    return delimiter.join(row).encode("utf-8", "surrogateescape")
+
+
+def _header(headers: Mapping[str, str], name: str) -> str | None:
+    """A header by case-insensitive name (aiohttp's headers are already case-insensitive)."""
+    value = headers.get(name)
+    if value is not None:
+        return value
+    wanted = name.lower()
+    return next((v for k, v in headers.items() if k.lower() == wanted), None)
+
+
+def _rfc3339(value: Any) -> datetime:
+    """An RFC 3339 date-time with ``Z`` or an offset, with or without fractions."""
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not a date-time")
+    text = value.strip()
+    if len(text) > 10 and text[10] in "tT ":
+        text = f"{text[:10]}T{text[11:]}"
+    if text.endswith(("z", "Z")):
+        text = text[:-1] + "+00:00"
+    when = datetime.fromisoformat(text)
+    if when.tzinfo is None or when.utcoffset() is None:
+        raise ValueError(f"{value!r} has no offset")
+    return when.astimezone(UTC)
+
+
+def _element_time(element: Any) -> datetime | None:
+    if not isinstance(element, dict):
+        return None
+    try:
+        return _rfc3339(element.get("created"))
+    except ValueError:
+        return None
+
+
+def _elements(body: Any, where: str) -> list[Any]:
+    """The ``elements`` of a collection; anything else fails the call (the cursor is kept)."""
+    elements = body.get("elements") if isinstance(body, dict) else None
+    if not isinstance(elements, list):
+        raise EspUnavailableError(f"{where} answered a body that is not a collection: {_short(body)}")
+    return elements
+
+
+def _batch(body: Any) -> Batch:
+    if (
+        not isinstance(body, dict)
+        or not _is_count(body.get("id"))
+        or body.get("state") not in BATCH_STATES
+        or not isinstance(body.get("tag", ""), str)
+    ):
+        raise EspUnavailableError(f"an answer that is not a sending batch: {_short(body)}")
+    campaign = body.get("campaignId")
+    return Batch(
+        id=body["id"],
+        state=body["state"],
+        tag=body.get("tag") or "",
+        campaign_id=campaign if _is_count(campaign) else None,
+    )
+
+
+def _parse_import_id(import_id: str) -> tuple[int, int, int]:
+    parts = import_id.split(":")
+    try:
+        if len(parts) != 3:
+            raise ValueError
+        batch_id, valid, invalid = (int(p) for p in parts)
+    except ValueError:
+        raise PermanentError(f"{import_id!r} is not an import id <batchId>:<valid>:<invalid>") from None
+    return batch_id, valid, invalid
+
+
+def _batch_of(broadcast: SentBroadcast) -> int | None:
+    """The broadcast's batch: its send id, else the import id's batch."""
+    for candidate in (broadcast.send_id, (broadcast.import_id or "").split(":")[0]):
+        if candidate and candidate.isdigit():
+            return int(candidate)
+    return None
+
+
+__all__ = [
+    "Batch",
+    "Chunk",
+    "ListFileError",
+    "OptimizelyConnector",
+    "Options",
+    "SendAtNotSupportedError",
+    "decode_tag",
+    "encode_tag",
+    "list_chunks",
+]
