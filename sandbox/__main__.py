@@ -17,8 +17,8 @@ from sandbox.settings import Settings
 
 EPILOG = """\
 environment variables (prefix ESPBRIDGE_SANDBOX_):
-  FLAVOR             the ESP played: generic (default; docs/generic-esp.md) or generic_sftp
-                     (docs/connectors/generic_sftp.md)
+  FLAVOR             the ESP played: generic (default; docs/generic-esp.md), generic_sftp
+                     (docs/connectors/generic_sftp.md) or instiller (docs/connectors/instiller.md)
   ROOT               the SFTP login directory (required); accounts are ROOT/ESP/ACCOUNT
   ESP                ESP folder name (default sandbox)
   ACCOUNTS           comma-separated account names (default demo)
@@ -30,8 +30,14 @@ environment variables (prefix ESPBRIDGE_SANDBOX_):
   IMPORT_DELAY_S     time an import stays queued, and running (default 0.2)
   ROWS_PER_FILE      events per response file at most (default 5000)
   WATCH_INTERVAL_S   how often a flavor that watches SFTP folders reads them (default 0.2)
-  RATE_HARD_BOUNCE, RATE_SOFT_BOUNCE, RATE_OPEN, RATE_CLICK, RATE_UNSUBSCRIBE, RATE_COMPLAINT
-                     response probabilities (defaults 0.02, 0.03, 0.35, 0.3, 0.02, 0.003)
+  RATE_HARD_BOUNCE, RATE_SOFT_BOUNCE, RATE_OPEN, RATE_CLICK, RATE_UNSUBSCRIBE, RATE_COMPLAINT,
+  RATE_RETURNED      response probabilities (defaults 0.02, 0.03, 0.35, 0.3, 0.02, 0.003, 0.01)
+  API_LIMIT_PER_S, API_LIMIT_BURST
+                     token bucket per account on a flavor's API (default 0 = off, burst 1)
+  TOKEN_TTL_S        lifetime of access tokens a flavor issues (default 3600)
+  MALFORMED_EVERY    a malformed response row after every n-th good one (default 0 = off)
+  FIELD_MAPS, TIMEZONE
+                     instiller: known field maps (default espbridge), local zone (Europe/London)
   LOG_LEVEL          DEBUG, INFO, WARNING or ERROR (default INFO)
 
 SIGTERM or SIGINT stops it (exit 0); unfinished imports and sends resume at the next start.
@@ -67,6 +73,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"(known: {', '.join(sorted(FLAVORS))})\n"
         )
         return 2
+    check_flavor_settings = FLAVORS[settings.flavor].check_settings
+    if check_flavor_settings is not None:
+        try:
+            check_flavor_settings()
+        except ValidationError as exc:
+            problems = "\n".join(
+                f"  ESPBRIDGE_SANDBOX_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
+                for e in exc.errors(include_input=False)
+            )
+            sys.stderr.write(f"sandbox: invalid settings:\n{problems}\n")
+            return 2
     if args.print_settings:
         sys.stdout.write(orjson.dumps(settings.masked(), option=orjson.OPT_INDENT_2).decode() + "\n")
         return 0

@@ -17,6 +17,7 @@ from aiohttp.typedefs import Handler
 from pydantic import BaseModel, ValidationError
 
 from sandbox.engine import Account, EspError
+from sandbox.limits import TokenIssuer
 from sandbox.protocol import API_PREFIX
 
 log = logging.getLogger(__name__)
@@ -25,11 +26,18 @@ M = TypeVar("M", bound=BaseModel)
 
 
 class ApiContext:
-    """What the handlers need: the accounts by name and the expected bearer token."""
+    """What the handlers need: the accounts by name, the expected bearer token (the sandbox's
+    ``TOKEN``), and the issuer of OAuth-style access tokens (``TOKEN_TTL_S``) for flavors that
+    hand them out."""
 
-    def __init__(self, accounts: dict[str, Account], token: bytes) -> None:
+    def __init__(self, accounts: dict[str, Account], token: bytes, tokens: TokenIssuer | None = None) -> None:
         self.accounts = accounts
         self.token = token
+        self.tokens = tokens if tokens is not None else TokenIssuer(3600.0)
+
+    def token_matches(self, given: str) -> bool:
+        """Whether ``given`` is the sandbox's ``TOKEN`` (compared in constant time)."""
+        return hmac.compare_digest(given.encode(), self.token)
 
 
 CONTEXT = web.AppKey("context", ApiContext)
@@ -53,7 +61,7 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     try:
         return await handler(request)
     except EspError as exc:
-        return _error(exc.status, exc.code, exc.message)
+        return _error(exc.status, exc.code, exc.message, exc.headers)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -16,6 +16,7 @@ from sandbox.engine import Account
 from sandbox.files import atomic_write_bytes
 from sandbox.flavors import FLAVORS
 from sandbox.flavors.base import Flavor
+from sandbox.limits import TokenIssuer
 from sandbox.protocol import API_PREFIX
 from sandbox.settings import Settings
 
@@ -56,7 +57,8 @@ async def run(settings: Settings) -> None:
     stop_flag = threading.Event()
     accounts = open_accounts(settings, flavor, stop_flag)
     token = settings.bearer_token.get_secret_value().encode()
-    runner = web.AppRunner(create_app(ApiContext(accounts, token), flavor.routes), access_log=None)
+    context = ApiContext(accounts, token, TokenIssuer(settings.token_ttl_s))
+    runner = web.AppRunner(create_app(context, flavor.routes), access_log=None)
     await runner.setup()
     url_file: Path | None = None
     try:

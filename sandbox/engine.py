@@ -1,7 +1,8 @@
 """The ESP's behaviour per account: create imports and sends, and carry them out in the background.
 
 This is what every flavor shares; the account's flavor reads the list files and writes the
-response files, and its routes or its watcher call :meth:`Account.create_import` and
+response files (or serves an event log), and its routes or its watcher call
+:meth:`Account.create_import` (or :meth:`Account.create_import_from_rows`) and
 :meth:`Account.create_send`.
 """
 
@@ -11,25 +12,40 @@ import asyncio
 import logging
 import secrets
 import threading
-from collections.abc import Coroutine
+from collections import Counter
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from sandbox.listfile import ImportInterruptedError, ImportResult
+from sandbox.errors import EspError
+from sandbox.eventlog import EVENTS_FOLDER, EventLog
+from sandbox.files import atomic_writer, csv_line
+from sandbox.limits import RateLimiter, TokenBucket, rate_limited
+from sandbox.listfile import ImportInterruptedError, ImportResult, import_list
 from sandbox.protocol import (
     LISTS_FOLDER,
     MANIFEST,
     RESPONSES,
     STATE_FILE,
+    UPLOADS_FOLDER,
     EventType,
     ImportState,
     SendState,
     parse_utc,
     utc_text,
 )
-from sandbox.responses import Broadcast, ResponsePhase, ResponseWriter, SendInterruptedError
+from sandbox.responses import (
+    Broadcast,
+    EventLogFormat,
+    EventLogWriter,
+    PhaseWriter,
+    ResponseFormat,
+    ResponsePhase,
+    ResponseWriter,
+    SendInterruptedError,
+)
 from sandbox.settings import Settings
 from sandbox.state import AccountState, ImportRecord, SendRecord
 
@@ -39,14 +55,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class EspError(Exception):
-    """An error the API answers with ``{"error": code, "message": message}`` and ``status``."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
+__all__ = ["Account", "EspError"]
 
 
 def _new_id(prefix: str) -> str:
@@ -71,6 +80,16 @@ class Account:
         self._stop = stop
         self._tasks: set[asyncio.Task[None]] = set()
         self._running_imports: dict[str, asyncio.Task[None]] = {}
+        self._logs: dict[str, EventLog] = {}
+        self._staging = asyncio.Lock()
+        self.limiter: RateLimiter | None = (
+            TokenBucket(settings.api_limit_per_s, settings.api_limit_burst)
+            if settings.api_limit_per_s
+            else None
+        )
+        """The account's API rate limit (``API_LIMIT_PER_S``/``API_LIMIT_BURST``; None when off)."""
+        self.counters: Counter[str] = Counter()
+        """In-memory counts for a flavor's ``_sandbox/stats`` (``rate_limited`` is kept here)."""
 
     def open(self) -> None:
         """Create the account's missing folders, load its state, remove its own stale temporary files."""
@@ -80,14 +99,39 @@ class Account:
         # A killed sandbox may leave half-written files under hidden temporary names; only the
         # sandbox writes in these folders (the client's list folders are left alone).
         written = {str(PurePosixPath(f).parent) for snd in self.state.sends.values() for f in snd.files}
-        for sub in {".", RESPONSES, MANIFEST, LISTS_FOLDER, *written}:
+        staged = {
+            f"{UPLOADS_FOLDER}/{i.import_id}" for i in self.state.imports.values() if i.source == "rows"
+        }
+        for sub in {".", RESPONSES, MANIFEST, LISTS_FOLDER, UPLOADS_FOLDER, *written, *staged}:
             for stale in (self.folder / sub).glob(".*.tmp"):
                 stale.unlink(missing_ok=True)
+
+    def check_rate_limit(self) -> None:
+        """Raise the 429 ``rate_limited`` (with ``Retry-After``) if the account's API is over its limit.
+
+        A flavor calls it in its handlers after authentication; refused calls are counted in
+        ``counters["rate_limited"]``.
+        """
+        if self.limiter is None:
+            return
+        wait_s = self.limiter.acquire()
+        if wait_s > 0:
+            self.counters["rate_limited"] += 1
+            raise rate_limited(wait_s)
+
+    def event_log(self, send_id: str) -> EventLog:
+        """The send's event log (for a flavor with an :class:`EventLogFormat`), loaded from disk once."""
+        found = self._logs.get(send_id)
+        if found is None:
+            found = EventLog(self.folder / EVENTS_FOLDER / send_id)
+            found.load()
+            self._logs[send_id] = found
+        return found
 
     def start(self) -> None:
         """Continue the imports and sends an earlier run left unfinished; start the flavor's watcher."""
         for imp in self.state.imports.values():
-            if imp.state in (ImportState.QUEUED, ImportState.RUNNING):
+            if imp.state in (ImportState.QUEUED, ImportState.RUNNING) and not imp.receiving:
                 log.info("resuming import", extra={"account": self.name, "import_id": imp.import_id})
                 self._start_import(imp)
         for snd in self.state.sends.values():
@@ -116,11 +160,16 @@ class Account:
     # Imports
 
     async def create_import(
-        self, file: str, list_name: str | None, external_id: str
+        self,
+        file: str,
+        list_name: str | None,
+        external_id: str,
+        attrs: Mapping[str, str] | None = None,
     ) -> tuple[ImportRecord, bool]:
         """A new import (and True), or the existing one with this ``external_id`` (and False).
 
         ``file`` is relative to the account folder; the flavor has checked that it may be imported.
+        ``attrs`` are the flavor's own attributes, saved with the import.
         """
         existing = self.state.import_by_external_id(external_id)
         if existing is not None:
@@ -133,6 +182,7 @@ class Account:
             file=file,
             list_name=list_name,
             created_at=utc_text(_now()),
+            attrs=dict(attrs or {}),
         )
         self.state.imports[record.import_id] = record
         await self.state.save()
@@ -147,6 +197,102 @@ class Account:
         )
         self._start_import(record)
         return record, True
+
+    # Imports of recipients received in API requests
+
+    def _chunk_path(self, import_id: str, chunk: int) -> Path:
+        return self.folder / UPLOADS_FOLDER / import_id / f"{chunk:06d}.csv"
+
+    def _write_chunk(self, path: Path, rows: Sequence[Sequence[str]]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_writer(path) as out:
+            for row in rows:
+                out.write(csv_line(row))
+
+    async def create_import_from_rows(
+        self,
+        external_id: str,
+        header: Sequence[str],
+        rows: Iterable[Sequence[str]] = (),
+        *,
+        list_name: str | None = None,
+        attrs: Mapping[str, str] | None = None,
+        complete: bool = True,
+    ) -> tuple[ImportRecord, bool]:
+        """A new import of recipients the flavor received in a request (and True), or the existing
+        one with this ``external_id`` (and False).
+
+        ``header`` and ``rows`` are the list's columns and records (``Email`` and
+        ``CommunicationKey`` among them); they are validated like a list file's, whose line numbers
+        the errors give (header = line 1). With ``complete=False`` the import takes more chunks
+        with :meth:`add_rows` and starts at :meth:`submit_import`.
+        """
+        existing = self.state.import_by_external_id(external_id)
+        if existing is not None:
+            return existing, False
+        import_id = _new_id("imp")
+        record = ImportRecord(
+            import_id=import_id,
+            external_id=external_id,
+            file=f"{UPLOADS_FOLDER}/{import_id}.csv",
+            list_name=list_name,
+            created_at=utc_text(_now()),
+            source="rows",
+            receiving=True,
+            attrs=dict(attrs or {}),
+        )
+        async with self._staging:
+            await asyncio.to_thread(self._write_chunk, self._chunk_path(import_id, 0), [header])
+            self.state.imports[import_id] = record
+            await self.state.save()
+        log.info(
+            "import created from rows",
+            extra={"account": self.name, "import_id": import_id, "external_id": external_id},
+        )
+        await self.add_rows(import_id, rows, complete=complete)
+        return record, True
+
+    async def add_rows(
+        self, import_id: str, rows: Iterable[Sequence[str]], *, complete: bool = False
+    ) -> ImportRecord:
+        """Stage one more chunk of rows of a receiving import (saved before this returns); with
+        ``complete`` the import starts. 404 ``import_not_found``, 409 ``import_not_receiving``."""
+        chunk = list(rows)
+        async with self._staging:
+            record = self.state.imports.get(import_id)
+            if record is None:
+                raise EspError(404, "import_not_found", f"no import {import_id}")
+            if not record.receiving:
+                raise EspError(409, "import_not_receiving", f"import {import_id} takes no more rows")
+            if chunk:
+                path = self._chunk_path(import_id, record.chunks + 1)
+                await asyncio.to_thread(self._write_chunk, path, chunk)
+                record.chunks += 1
+                await self.state.save()
+        if complete:
+            await self.submit_import(import_id)
+        return record
+
+    async def submit_import(self, import_id: str) -> ImportRecord:
+        """Start a receiving import with the rows staged so far (again: nothing happens)."""
+        async with self._staging:
+            record = self.state.imports[import_id]
+            if not record.receiving:
+                return record
+            record.receiving = False
+            await self.state.save()
+        self._start_import(record)
+        return record
+
+    def _combine_chunks(self, record: ImportRecord) -> None:
+        """Concatenate the staged chunks (header first) into the import's ``file``."""
+        with atomic_writer(self.folder / record.file) as out:
+            for n in range(record.chunks + 1):
+                out.write(self._chunk_path(record.import_id, n).read_text(encoding="utf-8"))
+
+    def _read_rows_import(self, record: ImportRecord, store: Path, stop: threading.Event) -> ImportResult:
+        self._combine_chunks(record)
+        return import_list(self.folder / record.file, store, stop)
 
     def _start_import(self, record: ImportRecord) -> None:
         task = self.spawn(self._run_import(record), f"import {record.import_id}")
@@ -168,12 +314,13 @@ class Account:
                 record.state = ImportState.RUNNING
                 await self.state.save()
             try:
-                result = await asyncio.to_thread(
-                    self.flavor.read_list,
-                    self.folder / record.file,
-                    self._list_store(record.import_id),
-                    self._stop,
-                )
+                store = self._list_store(record.import_id)
+                if record.source == "rows":
+                    result = await asyncio.to_thread(self._read_rows_import, record, store, self._stop)
+                else:
+                    result = await asyncio.to_thread(
+                        self.flavor.read_list, self.folder / record.file, store, self._stop
+                    )
             except OSError as exc:
                 log.exception("import could not be read", extra={"import_id": record.import_id})
                 result = ImportResult(failed=True)
@@ -207,9 +354,18 @@ class Account:
     # Sends
 
     async def create_send(
-        self, import_id: str, message: str, external_id: str, send_at: datetime | None
+        self,
+        import_id: str,
+        message: str,
+        external_id: str,
+        send_at: datetime | None,
+        attrs: Mapping[str, str] | None = None,
     ) -> tuple[SendRecord, bool]:
-        """A new send (and True), or the existing one with this ``external_id`` (and False)."""
+        """A new send (and True), or the existing one with this ``external_id`` (and False).
+
+        ``attrs`` are the flavor's own attributes, saved with the send and given to its response
+        format as ``Broadcast.attrs``.
+        """
         existing = self.state.sends_by_external_id(external_id)
         if existing:
             return existing[0], False
@@ -229,6 +385,8 @@ class Account:
             seed=self.settings.seed,
             rows_per_file=self.settings.rows_per_file,
             rates=self.settings.rate,
+            malformed_every=self.settings.malformed_every,
+            attrs=dict(attrs or {}),
         )
         self.state.sends[record.send_id] = record
         await self.state.save()
@@ -250,11 +408,12 @@ class Account:
             await self._send(record)
         except SendInterruptedError:
             log.info("send interrupted; resumed at the next start", extra={"send_id": record.send_id})
-        except Exception:
+        except Exception as exc:
             log.exception("send failed", extra={"account": self.name, "send_id": record.send_id})
             if record.state in (SendState.SCHEDULED, SendState.SENDING):
                 record.state = SendState.FAILED
                 record.finished_at = utc_text(_now())
+                record.error = f"the send could not be carried out: {exc}"
             await self.state.save()
 
     async def _send(self, record: SendRecord) -> None:
@@ -282,9 +441,17 @@ class Account:
             seed=record.seed,
             rates=record.rates,
             rows_per_file=record.rows_per_file,
+            malformed_every=record.malformed_every,
+            attrs=dict(record.attrs),
         )
         responses = self.flavor.responses
-        writer = ResponseWriter(broadcast, responses, partial(self._file_name, record, broadcast), self._stop)
+        writer: PhaseWriter
+        if isinstance(responses, EventLogFormat):
+            writer = EventLogWriter(broadcast, responses, self.event_log(record.send_id), self._stop)
+        else:
+            writer = ResponseWriter(
+                broadcast, responses, partial(self._file_name, record, broadcast), self._stop
+            )
         await asyncio.to_thread(writer.start)
         for index, phase in enumerate(responses.phases):
             # Responses trickle in: a pause before each later phase, once this run has written a file.
@@ -310,14 +477,18 @@ class Account:
         """The path of the send's ``seq``-th response file: the saved one, or a new one saved now."""
         if seq <= len(record.files):
             return record.files[seq - 1]
-        path = self.flavor.responses.file_name(broadcast, phase, seq, _now(), self._path_taken)
+        responses = self.flavor.responses
+        assert isinstance(responses, ResponseFormat)
+        path = responses.file_name(broadcast, phase, seq, _now(), self._path_taken)
         record.files.append(path)
         await self.state.save()
         return path
 
     def _path_taken(self, path: str) -> bool:
         """Whether a response file path is in use: on disk, archived, or chosen by a send of this account."""
-        archive = self.folder / self.flavor.responses.archive_folder
+        responses = self.flavor.responses
+        assert isinstance(responses, ResponseFormat)
+        archive = self.folder / responses.archive_folder
         return (
             (self.folder / path).exists()
             or (archive / PurePosixPath(path).name).exists()

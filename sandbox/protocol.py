@@ -26,6 +26,8 @@ ACCOUNT_FOLDERS = (DROP, RESPONSES, ARCHIVE, MANIFEST)
 
 STATE_FILE = ".sandbox-state.json"
 LISTS_FOLDER = ".sandbox-lists"
+UPLOADS_FOLDER = ".sandbox-uploads"
+"""Recipients received in API requests, staged per import until it runs."""
 
 EMAIL = "Email"
 COMMUNICATION_KEY = "CommunicationKey"
@@ -52,6 +54,17 @@ class EventType(StrEnum):
     """The recipient unsubscribed through the message."""
     COMPLAINT = "complaint"
     """The recipient marked the message as spam."""
+    RETURNED = "returned"
+    """ESP-only (no espbridge type): an auto-reply or a late bounce of a delivered message. Simulated
+    only for a flavor whose phases carry it (``RATE_RETURNED``); counted in the manifest's
+    ``esp_only``, never in ``counts``."""
+
+
+ESP_ONLY_TYPES = frozenset({EventType.RETURNED})
+"""Event types espbridge has no type for: never in a manifest's ``counts``."""
+
+COUNTED_TYPES = tuple(t for t in EventType if t not in ESP_ONLY_TYPES)
+"""The manifest's ``counts`` keys, in this order."""
 
 
 class ImportState(StrEnum):

@@ -1,10 +1,11 @@
-"""Write a broadcast's response files phase by phase, and its manifest after every file.
+"""Release a broadcast's responses phase by phase, and its manifest after every step.
 
-What the files look like is the flavor's :class:`ResponseFormat`: its phases (which event types
-each carries, in writing order), the file names, the rows. The rest is shared: the events come
-from the seeded simulation; each phase regenerates them and keeps its own types, so memory stays
-at one file's worth of events whatever the list size; the blocking work runs in worker threads;
-and a resumed broadcast skips the files it had already written.
+A flavor's responses are either **files** (a :class:`ResponseFormat`: the response files on its
+SFTP site) or an **event log** its API serves (an :class:`EventLogFormat`: items per stream in a
+:class:`sandbox.eventlog.EventLog`). The rest is shared: the events come from the seeded
+simulation; each phase regenerates them and keeps its own types, cut into steps (files) of at most
+``ROWS_PER_FILE`` events in time order, so memory stays at one step's worth whatever the list size;
+the blocking work runs in worker threads; and a resumed broadcast skips the steps it had released.
 """
 
 from __future__ import annotations
@@ -13,17 +14,19 @@ import asyncio
 import logging
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 import orjson
 
+from sandbox.eventlog import EventLog, Record
 from sandbox.files import atomic_write_bytes, atomic_writer
+from sandbox.limits import MalformedRows
 from sandbox.listfile import recipients
-from sandbox.protocol import ARCHIVE, MANIFEST, EventType
+from sandbox.protocol import ARCHIVE, COUNTED_TYPES, ESP_ONLY_TYPES, MANIFEST, EventType
 from sandbox.settings import Rates
 from sandbox.simulate import Event, distinct_seconds, phase_files, simulate
 
@@ -50,25 +53,46 @@ class Broadcast:
     seed: int
     rates: Rates
     rows_per_file: int
+    malformed_every: int = 0
+    attrs: Mapping[str, str] = field(default_factory=dict)
+    """The flavor's own attributes of the send (``SendRecord.attrs``)."""
 
 
 @dataclass(frozen=True)
 class ResponsePhase:
-    """A group of response files written together: its name and the event types its files carry."""
+    """A group of response steps released together: its name and the event types it carries."""
 
     name: str
     types: frozenset[EventType]
 
 
-class ResponseFormat(ABC):
-    """How one flavor writes response files. Event types in none of its phases are never written."""
+class PhasedFormat(ABC):
+    """What both kinds of response formats share. Event types in none of the phases are not released."""
 
     phases: tuple[ResponsePhase, ...]
-    """In writing order, ``PHASE_DELAY_S`` apart; the send counts as sent after the phase with ``sent``."""
+    """In release order, ``PHASE_DELAY_S`` apart; the send counts as sent after the phase with ``sent``."""
 
     distinct_seconds: bool = False
     """True for formats without an event id: no two events of one recipient with the same type and
     URL fall in the same second (the later ones move on a second)."""
+
+    time_ordered_phases: bool = False
+    """True: a phase's events are sorted by time as a whole before they are cut into steps, so its
+    steps follow each other in time order (the phase's events are held in memory); False: each step
+    is in time order on its own, and memory stays at one step's worth."""
+
+    def manifest_fields(self, broadcast: Broadcast) -> dict[str, Any]:
+        """The flavor's own manifest fields (after ``send_id``); none by default."""
+        return {}
+
+    @property
+    def esp_only(self) -> frozenset[EventType]:
+        """The ESP-only event types the phases carry (simulated only then; ``esp_only`` in the manifest)."""
+        return frozenset(t for p in self.phases for t in p.types if t in ESP_ONLY_TYPES)
+
+
+class ResponseFormat(PhasedFormat):
+    """How one flavor writes response files."""
 
     archive_folder: str = ARCHIVE
     """Where the client moves the files it has processed: a file found there counts as written."""
@@ -94,26 +118,138 @@ class ResponseFormat(ABC):
         """Write one whole file (header and rows) of ``events``, which are in time order."""
 
 
+class EventLogFormat(PhasedFormat):
+    """How one flavor serves responses over its API: each event becomes an item of a stream.
+
+    The engine appends each step to the send's :class:`sandbox.eventlog.EventLog`
+    (``Account.event_log(send_id)``), which the flavor's routes page through.
+    """
+
+    malformed_kinds: int = 0
+    """How many kinds of malformed items :meth:`malformed_item` makes (0: the flavor makes none)."""
+
+    @abstractmethod
+    def stream(self, event: Event) -> str:
+        """The stream an event's item goes to (e.g. its export type)."""
+
+    @abstractmethod
+    def item(self, broadcast: Broadcast, event: Event) -> Any:
+        """The event's item as the API serves it (JSON-serialisable)."""
+
+    def malformed_item(self, broadcast: Broadcast, stream: str, k: int, after: Any) -> Any:
+        """The send's ``k``-th malformed item (kind ``MalformedRows.kind(k, malformed_kinds)``),
+        following the well-formed item ``after`` of ``stream`` (with ``MALFORMED_EVERY``)."""
+        raise NotImplementedError
+
+
 FileNamer = Callable[[ResponsePhase, int], Awaitable[str]]
 """``(phase, seq) -> path``: the engine's, which asks the format once and saves the path."""
 
 
-class ResponseWriter:
-    """Writes the response files of one broadcast; await :meth:`write_phase` for each phase in order."""
+class PhaseWriter(ABC):
+    """Releases one broadcast's responses; await :meth:`write_phase` for each phase in order.
+
+    Every step is regenerated and counted, also when an earlier run released it already (then it
+    is only skipped), so the counts and the manifest are those of the whole broadcast so far.
+    """
+
+    def __init__(self, broadcast: Broadcast, fmt: PhasedFormat, stop: threading.Event) -> None:
+        self.broadcast = broadcast
+        self.format = fmt
+        self._stop = stop
+        self.manifest_path = broadcast.account_dir / MANIFEST / f"{broadcast.external_id}.json"
+        self.counts: dict[str, int] = {t.value: 0 for t in COUNTED_TYPES}
+        self.esp_only: dict[str, int] = {t.value: 0 for t in EventType if t in fmt.esp_only}
+        self.files_written = 0
+        """Steps this run released (not those skipped)."""
+        self._seq = 0
+
+    def manifest(self, complete: bool) -> dict[str, Any]:
+        """The manifest body: counts so far, and the format's and the writer's own fields."""
+        b = self.broadcast
+        body: dict[str, Any] = {"broadcast_id": b.external_id, "send_id": b.send_id}
+        body.update(self.format.manifest_fields(b))
+        body["recipients"] = b.recipients
+        body["counts"] = dict(self.counts)
+        if self.esp_only:
+            body["esp_only"] = dict(self.esp_only)
+        body.update(self._manifest_extra())
+        body["complete"] = complete
+        return body
+
+    def _manifest_extra(self) -> dict[str, Any]:
+        return {}
+
+    def _write_manifest(self, complete: bool) -> None:
+        data = orjson.dumps(self.manifest(complete), option=orjson.OPT_INDENT_2)
+        atomic_write_bytes(self.manifest_path, data)
+
+    def start(self) -> None:
+        """Write the first (empty) manifest of a broadcast that has none yet."""
+        if not self.manifest_path.exists():
+            self._write_manifest(complete=False)
+
+    def _count(self, events: list[Event]) -> None:
+        for e in events:
+            if e.event_type in ESP_ONLY_TYPES:
+                self.esp_only[e.event_type.value] += 1
+            else:
+                self.counts[e.event_type.value] += 1
+
+    def _unless_stopped(self, events: Iterator[Event]) -> Iterator[Event]:
+        # A phase may scan many recipients before its next step is full; stop promptly anyway.
+        for n, event in enumerate(events):
+            if n % _STOP_CHECK_EVENTS == 0 and self._stop.is_set():
+                raise SendInterruptedError
+            yield event
+
+    def _chunks(self, phase: ResponsePhase) -> Iterator[list[Event]]:
+        b = self.broadcast
+        events: Iterator[Event] = simulate(
+            recipients(b.list_store), b.seed, b.external_id, b.t0, b.rates, self.format.esp_only
+        )
+        if self.format.distinct_seconds:
+            events = distinct_seconds(events)
+        events = self._unless_stopped(events)
+        return phase_files(events, phase.types, b.rows_per_file, self.format.time_ordered_phases)
+
+    @abstractmethod
+    async def _release(self, phase: ResponsePhase, seq: int, events: list[Event]) -> bool:
+        """Release step ``seq`` unless an earlier run did, count it; True if it was released now."""
+
+    async def write_phase(self, phase: ResponsePhase) -> int:
+        """Release this phase's steps that are not released yet; returns how many it released."""
+        chunks = self._chunks(phase)
+        wrote = 0
+        while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
+            self._seq += 1
+            if self._stop.is_set():
+                raise SendInterruptedError
+            if await self._release(phase, self._seq, chunk):
+                wrote += 1
+        self.files_written += wrote
+        return wrote
+
+    def finish(self) -> None:
+        """Mark the manifest complete: every response of the broadcast is released."""
+        self._write_manifest(complete=True)
+
+
+class ResponseWriter(PhaseWriter):
+    """Writes the response files of one broadcast; ``files`` in the manifest lists them in order."""
+
+    format: ResponseFormat
 
     def __init__(
         self, broadcast: Broadcast, fmt: ResponseFormat, name_file: FileNamer, stop: threading.Event
     ) -> None:
-        self.broadcast = broadcast
-        self.format = fmt
+        super().__init__(broadcast, fmt, stop)
         self._name_file = name_file
-        self._stop = stop
-        self.manifest_path = broadcast.account_dir / MANIFEST / f"{broadcast.external_id}.json"
         self._written_before = self._previous_files()
-        self.counts: dict[str, int] = {t.value: 0 for t in EventType}
         self.files: list[str] = []
-        self.files_written = 0
-        self._seq = 0
+
+    def _manifest_extra(self) -> dict[str, Any]:
+        return {"files": list(self.files)}
 
     def _previous_files(self) -> set[str]:
         """Files an earlier run of this broadcast listed in the manifest."""
@@ -135,40 +271,6 @@ class ResponseWriter:
             or (folder / self.format.archive_folder / PurePosixPath(path).name).exists()
         )
 
-    def manifest(self, complete: bool) -> dict[str, Any]:
-        """The manifest body: counts and files so far."""
-        return {
-            "broadcast_id": self.broadcast.external_id,
-            "send_id": self.broadcast.send_id,
-            "recipients": self.broadcast.recipients,
-            "counts": dict(self.counts),
-            "files": list(self.files),
-            "complete": complete,
-        }
-
-    def _write_manifest(self, complete: bool) -> None:
-        data = orjson.dumps(self.manifest(complete), option=orjson.OPT_INDENT_2)
-        atomic_write_bytes(self.manifest_path, data)
-
-    def start(self) -> None:
-        """Write the first (empty) manifest of a broadcast that has none yet."""
-        if not self.manifest_path.exists():
-            self._write_manifest(complete=False)
-
-    def _unless_stopped(self, events: Iterator[Event]) -> Iterator[Event]:
-        # A phase may scan many recipients before its next file is full; stop promptly anyway.
-        for n, event in enumerate(events):
-            if n % _STOP_CHECK_EVENTS == 0 and self._stop.is_set():
-                raise SendInterruptedError
-            yield event
-
-    def _chunks(self, phase: ResponsePhase) -> Iterator[list[Event]]:
-        b = self.broadcast
-        events: Iterator[Event] = simulate(recipients(b.list_store), b.seed, b.external_id, b.t0, b.rates)
-        if self.format.distinct_seconds:
-            events = distinct_seconds(events)
-        return phase_files(self._unless_stopped(events), phase.types, b.rows_per_file)
-
     def _write_file(self, phase: ResponsePhase, path: str, events: list[Event]) -> bool:
         """Write the file unless an earlier run did; then count it and list it in the manifest."""
         if self._stop.is_set():
@@ -179,8 +281,7 @@ class ResponseWriter:
             target.parent.mkdir(parents=True, exist_ok=True)
             with atomic_writer(target) as out:
                 self.format.write(out, self.broadcast, phase, events)
-        for e in events:
-            self.counts[e.event_type.value] += 1
+        self._count(events)
         self.files.append(path)
         if fresh:
             # Only after a new file, so a resumed broadcast's manifest never shrinks while the
@@ -188,22 +289,69 @@ class ResponseWriter:
             self._write_manifest(complete=False)
         return fresh
 
-    async def write_phase(self, phase: ResponsePhase) -> int:
-        """Write this phase's files that are not written yet; returns how many it wrote."""
-        chunks = self._chunks(phase)
-        wrote = 0
-        while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
-            self._seq += 1
-            path = await self._name_file(phase, self._seq)
-            if await asyncio.to_thread(self._write_file, phase, path, chunk):
-                wrote += 1
-                log.info(
-                    "response file written",
-                    extra={"send_id": self.broadcast.send_id, "file": path, "events": len(chunk)},
-                )
-        self.files_written += wrote
-        return wrote
+    async def _release(self, phase: ResponsePhase, seq: int, events: list[Event]) -> bool:
+        path = await self._name_file(phase, seq)
+        fresh = await asyncio.to_thread(self._write_file, phase, path, events)
+        if fresh:
+            log.info(
+                "response file written",
+                extra={"send_id": self.broadcast.send_id, "file": path, "events": len(events)},
+            )
+        return fresh
 
-    def finish(self) -> None:
-        """Mark the manifest complete: every response file of the broadcast is written."""
-        self._write_manifest(complete=True)
+
+class EventLogWriter(PhaseWriter):
+    """Appends one broadcast's steps to its event log; ``malformed`` in the manifest counts the bad items.
+
+    With ``MALFORMED_EVERY`` = n (saved with the send) and a format that makes malformed items, a
+    malformed item follows every n-th well-formed item of each stream. It is in the log (and in
+    ``malformed``, per stream), never in ``counts``.
+    """
+
+    format: EventLogFormat
+
+    def __init__(
+        self, broadcast: Broadcast, fmt: EventLogFormat, event_log: EventLog, stop: threading.Event
+    ) -> None:
+        super().__init__(broadcast, fmt, stop)
+        self.log = event_log
+        every = broadcast.malformed_every if fmt.malformed_kinds else 0
+        self.malformed = MalformedRows(every)
+
+    def _manifest_extra(self) -> dict[str, Any]:
+        return {"malformed": dict(sorted(self.malformed.counts.items()))}
+
+    def _records(self, events: list[Event]) -> list[Record]:
+        b, fmt = self.broadcast, self.format
+        records: list[Record] = []
+        for e in events:
+            stream, item = fmt.stream(e), fmt.item(b, e)
+            records.append((stream, item))
+            k = self.malformed.after_good(stream)
+            if k is not None:
+                records.append((stream, fmt.malformed_item(b, stream, k, item)))
+        return records
+
+    def _write_step(self, seq: int, records: list[Record]) -> None:
+        if self._stop.is_set():
+            raise SendInterruptedError
+        self.log.write_step(seq, records)
+
+    async def _release(self, phase: ResponsePhase, seq: int, events: list[Event]) -> bool:
+        records = await asyncio.to_thread(self._records, events)
+        self._count(events)
+        if seq <= self.log.steps:
+            return False
+        await asyncio.to_thread(self._write_step, seq, records)
+        self.log.publish(records)
+        await asyncio.to_thread(self._write_manifest, False)
+        log.info(
+            "responses released",
+            extra={
+                "send_id": self.broadcast.send_id,
+                "step": seq,
+                "phase": phase.name,
+                "items": len(records),
+            },
+        )
+        return True

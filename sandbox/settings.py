@@ -36,6 +36,9 @@ class Rates(BaseSettings):
     click: Probability = Field(default=0.30, description="of openers; a clicker clicks 1-2 times")
     unsubscribe: Probability = Field(default=0.02, description="of openers")
     complaint: Probability = Field(default=0.003, description="of delivered messages")
+    returned: Probability = Field(
+        default=0.01, description="of delivered messages; only flavors with `returned` rows (instiller)"
+    )
 
     @model_validator(mode="after")
     def _bounces_fit(self) -> Self:
@@ -66,6 +69,14 @@ class Settings(BaseSettings):
         default=0.2, gt=0.0, description="how often watched SFTP folders are read"
     )
     rate: Rates = Field(default_factory=Rates)
+    api_limit_per_s: float = Field(
+        default=0.0, ge=0.0, description="token bucket rate per account of a flavor's API (0 = off)"
+    )
+    api_limit_burst: int = Field(default=1, ge=1, description="token bucket size")
+    token_ttl_s: float = Field(default=3600.0, gt=0.0, description="lifetime of issued access tokens")
+    malformed_every: int = Field(
+        default=0, ge=0, description="a malformed response row after every n-th good one (0 = off)"
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     _bearer: SecretStr = PrivateAttr(default=SecretStr(""))

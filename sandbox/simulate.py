@@ -69,14 +69,35 @@ def _recipient(rng: random.Random, index: int, t0: int, rates: Rates) -> list[tu
     return out
 
 
+def _returned(rng: random.Random, events: list[tuple[EventType, int, str]], rates: Rates) -> None:
+    """Maybe add a ``returned`` event (auto-reply or late bounce) after a delivered message."""
+    delivered = next((at for t, at, _ in events if t is EventType.DELIVERED), None)
+    if delivered is not None and rng.random() < rates.returned:
+        events.append((EventType.RETURNED, delivered + rng.randint(_MINUTE, 2 * _HOUR), ""))
+
+
 def simulate(
-    recipients: Iterable[tuple[str, str]], seed: int, external_id: str, t0: int, rates: Rates
+    recipients: Iterable[tuple[str, str]],
+    seed: int,
+    external_id: str,
+    t0: int,
+    rates: Rates,
+    esp_only: Collection[EventType] = (),
 ) -> Iterator[Event]:
-    """All events of a broadcast sent at ``t0`` (epoch seconds), recipient by recipient."""
+    """All events of a broadcast sent at ``t0`` (epoch seconds), recipient by recipient.
+
+    ESP-only event types (``EventType.RETURNED``) are simulated only when named in ``esp_only``,
+    with their own generator (``random.Random(f"{seed}:{external_id}:returned")``), so the other
+    events are the same with or without them.
+    """
     rng = random.Random(f"{seed}:{external_id}")
+    returned_rng = random.Random(f"{seed}:{external_id}:returned") if EventType.RETURNED in esp_only else None
     number = 0
     for index, (email, key) in enumerate(recipients):
-        for event_type, at, url in _recipient(rng, index, t0, rates):
+        events = _recipient(rng, index, t0, rates)
+        if returned_rng is not None:
+            _returned(returned_rng, events, rates)
+        for event_type, at, url in events:
             number += 1
             yield Event(number, event_type, email, key, url, at)
 
@@ -100,9 +121,18 @@ def distinct_seconds(events: Iterable[Event]) -> Iterator[Event]:
 
 
 def phase_files(
-    events: Iterable[Event], types: Collection[EventType], rows_per_file: int
+    events: Iterable[Event], types: Collection[EventType], rows_per_file: int, whole_phase: bool = False
 ) -> Iterator[list[Event]]:
-    """The events of the given types cut into files of at most ``rows_per_file``, each in time order."""
+    """The events of the given types cut into files of at most ``rows_per_file``, each in time order.
+
+    With ``whole_phase`` the phase's events are sorted by time as a whole before they are cut, so
+    the files follow each other in time order too (the phase is held in memory).
+    """
+    if whole_phase:
+        ordered = sorted((e for e in events if e.event_type in types), key=lambda e: (e.at, e.number))
+        for start in range(0, len(ordered), rows_per_file):
+            yield ordered[start : start + rows_per_file]
+        return
     chunk: list[Event] = []
     for event in events:
         if event.event_type not in types:

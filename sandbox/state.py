@@ -10,7 +10,7 @@ import asyncio
 import logging
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
@@ -40,6 +40,14 @@ class ImportRecord(BaseModel):
     errors: list[dict[str, int | str]] = Field(default_factory=list)
     list_id: str | None = None
     created_at: str
+    source: Literal["file", "rows"] = "file"
+    """``rows``: the recipients came in API requests and were staged in ``file`` (comma CSV)."""
+    receiving: bool = False
+    """A ``rows`` import still taking chunks: not started until the flavor submits it."""
+    chunks: int = 0
+    """A ``rows`` import's chunks of rows staged so far."""
+    attrs: dict[str, str] = Field(default_factory=dict)
+    """The flavor's own attributes (e.g. the list it imports into)."""
 
     def public(self) -> dict[str, Any]:
         """The body of ``GET /imports/<import_id>``."""
@@ -79,9 +87,14 @@ class SendRecord(BaseModel):
     seed: int
     rows_per_file: int
     rates: Rates
+    malformed_every: int = 0
     # The response file names chosen so far, in writing order: saved before each file is written,
     # so a resumed send writes a missing file under the name it had, and skips a written one.
     files: list[str] = Field(default_factory=list)
+    error: str | None = None
+    """Why a ``failed`` send failed."""
+    attrs: dict[str, str] = Field(default_factory=dict)
+    """The flavor's own attributes (e.g. the list it was sent to); also ``Broadcast.attrs``."""
 
     def public(self) -> dict[str, Any]:
         """The body of ``GET /sends/<send_id>``."""

@@ -18,7 +18,7 @@ from aiohttp import web
 
 from sandbox.listfile import ListReader
 from sandbox.protocol import ACCOUNT_FOLDERS
-from sandbox.responses import ResponseFormat
+from sandbox.responses import EventLogFormat, ResponseFormat
 
 if TYPE_CHECKING:
     from sandbox.engine import Account
@@ -32,8 +32,9 @@ class Flavor:
     read_list: ListReader
     """Reads a dropped list file in a worker thread: validates it and stores the valid recipients
     (usually :func:`sandbox.listfile.import_list` with the flavor's delimiter)."""
-    responses: ResponseFormat
-    """Its response files: the phases, the file names, the rows."""
+    responses: ResponseFormat | EventLogFormat
+    """Its responses: files (the phases, the file names, the rows) or an event log its routes serve
+    (the phases, the stream and item of each event)."""
     folders: Sequence[str] = ACCOUNT_FOLDERS
     """The account's folders (relative to it), created at the start if missing; ``manifest/`` is
     always created."""
@@ -44,3 +45,6 @@ class Flavor:
     watch: Callable[[Account], Coroutine[Any, Any, None]] | None = None
     """Background work per account, started once the server listens and cancelled at the stop,
     e.g. watching an SFTP folder and calling ``account.create_import``/``create_send``."""
+    check_settings: Callable[[], object] | None = None
+    """Reads the flavor's own ``ESPBRIDGE_SANDBOX_*`` settings (a pydantic settings class) at the
+    start, so invalid ones stop ``python -m sandbox`` with exit code 2 like the shared ones."""
