@@ -96,10 +96,18 @@ class Flavor:
                 }
         return entry
 
+    def stats_request(self, url: str, account: str, token: str) -> tuple[str, dict[str, str], dict[str, str]]:
+        """(url, query, headers) of the sandbox flavor's ``_sandbox/stats`` for an account."""
+        base = url.rstrip("/")
+        if self.connector == "instiller":
+            return f"{base}/rest/_sandbox/stats", {"api_id": account, "api_key": token}, {}
+        return f"{base}/api/v1/accounts/{account}/_sandbox/stats", {}, {"Authorization": f"Bearer {token}"}
+
 
 FLAVORS = {
     "sandbox": Flavor("generic", "generic"),
     "generic_sftp": Flavor("generic_sftp", "generic_sftp", "upload_only"),
+    "instiller": Flavor("instiller", "instiller"),
 }
 """``make demo ESP=<name>``: the ESP names the demo knows."""
 

@@ -17,7 +17,7 @@ from tests.fixtures.processes import stop
 from tests.fixtures.servers import Servers
 from tools.demo import FLAVORS, demo_job, seed_customers
 
-ESPS = ["generic_sftp"]
+ESPS = ["generic_sftp", "instiller"]
 """ESP flavors besides the default one (which tests/integration/test_end_to_end.py covers in depth)."""
 
 
