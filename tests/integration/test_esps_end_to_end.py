@@ -10,8 +10,10 @@ import pytest
 from shared import jobs_cli
 from shared.db import connect
 from shared.kafka import ensure_topics
-from shared.messages import Stage, State
+from shared.messages import DeadLetter, Stage, State
 from shared.settings import KafkaSettings, PostgresSettings
+from shared.topics import Topic
+from tests.fixtures.kafka import read_until, wait_for
 from tests.fixtures.pipeline import loaded_counts, start_pipeline, wait_all_loaded
 from tests.fixtures.processes import stop
 from tests.fixtures.servers import Servers
@@ -93,3 +95,76 @@ async def test_two_esps_of_different_kinds_at_the_same_time(
         assert by_esp == {(esp, job.job_id) for esp, job in jobs.items()}
         for name, proc in pipeline.procs.items():
             assert stop(proc) == 0, f"{name} did not stop cleanly"
+
+
+API_ESPS = ["instiller"]
+"""ESP flavors with an API: credentials, rate limits and malformed API items apply to them."""
+
+
+@pytest.mark.parametrize("esp", API_ESPS)
+async def test_refused_credentials_fail_the_job_clearly(
+    esp: str, servers: Servers, kafka: KafkaSettings, database: PostgresSettings, unique: str, tmp_path: Path
+) -> None:
+    await seed(database, 200)
+    await ensure_topics(kafka)
+    with ExitStack() as stack:
+        pipeline = start_pipeline(
+            stack,
+            servers,
+            kafka.topic_prefix,
+            database,
+            tmp_path,
+            [(esp, f"t{unique}")],
+            wrong_credentials=True,
+        )
+        job = jobs_cli.build_job(demo_job(f"auth-{unique}", esp, f"t{unique}", FLAVORS[esp].mode))
+        await jobs_cli.publish_job(kafka, job)
+
+        async def failed() -> str | None:
+            for s in await jobs_cli.read_statuses(kafka, job.job_id):
+                if s.state is State.FAILED:
+                    return s.detail
+            return None
+
+        detail = await wait_for(failed, timeout_s=60, what="the job failed")
+        assert "refused" in detail
+        assert "401" in detail
+        assert await pipeline.sends_created(esp) == {}
+        for proc in pipeline.procs.values():
+            assert stop(proc) == 0
+
+
+@pytest.mark.parametrize("esp", API_ESPS)
+async def test_rate_limits_are_honoured_and_malformed_items_dead_lettered(
+    esp: str, servers: Servers, kafka: KafkaSettings, database: PostgresSettings, unique: str, tmp_path: Path
+) -> None:
+    await seed(database, 1000)
+    await ensure_topics(kafka)
+    account = f"t{unique}"
+    with ExitStack() as stack:
+        pipeline = start_pipeline(
+            stack,
+            servers,
+            kafka.topic_prefix,
+            database,
+            tmp_path,
+            [(esp, account)],
+            sandbox_settings={"api_limit_per_s": "3", "api_limit_burst": "2", "malformed_every": "40"},
+        )
+        job = jobs_cli.build_job(demo_job(f"limits-{unique}", esp, account, FLAVORS[esp].mode))
+        await jobs_cli.publish_job(kafka, job)
+        manifest = await wait_all_loaded(pipeline, esp, job.job_id, database)
+        assert await loaded_counts(database, job.job_id) == {t: n for t, n in manifest["counts"].items() if n}
+        bad = sum(manifest["malformed"].values())
+        assert bad > 0
+        letters = await read_until(kafka, Topic.DEADLETTER, lambda rs: len(rs) >= bad)
+        dead = [DeadLetter.from_json(r.value or b"") for r in letters]
+        assert len(dead) == bad
+        assert all(d.source.kind == "api" for d in dead)
+        stats = await pipeline.stats(esp)
+        assert stats["sends_created"] == {job.job_id: 1}
+        assert stats.get("rate_limited", 0) > 0, (
+            "the ESP answered 429s, and the pipeline still loaded everything"
+        )
+        for proc in pipeline.procs.values():
+            assert stop(proc) == 0
