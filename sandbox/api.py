@@ -23,6 +23,7 @@ from sandbox.protocol import API_PREFIX
 log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=BaseModel)
+H = TypeVar("H", bound=Handler)
 
 
 class ApiContext:
@@ -72,10 +73,20 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return _error(500, "internal_error", "the sandbox failed on this request; see its log")
 
 
+_OWN_AUTH: set[object] = set()
+
+
+def own_auth(handler: H) -> H:
+    """Mark a flavor's route handler under ``API_PREFIX`` that checks its own authentication (e.g.
+    OAuth2 access tokens, or none for a token endpoint): the shared bearer check lets it through."""
+    _OWN_AUTH.add(handler)
+    return handler
+
+
 @web.middleware
 async def bearer_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     """The API answers only a request with the right bearer token; the token is never logged."""
-    if not request.path.startswith(API_PREFIX + "/"):
+    if not request.path.startswith(API_PREFIX + "/") or request.match_info.handler in _OWN_AUTH:
         return await handler(request)
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not given.strip():

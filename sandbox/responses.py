@@ -85,6 +85,12 @@ class PhasedFormat(ABC):
         """The flavor's own manifest fields (after ``send_id``); none by default."""
         return {}
 
+    def adjust(self, events: Iterator[Event]) -> Iterator[Event]:
+        """The simulated events as the flavor's ESP reports them (e.g. some left out, or its own
+        links); unchanged by default. Applied before ``distinct_seconds`` and counting; it must be
+        deterministic (a recipient's events come together)."""
+        return events
+
     @property
     def esp_only(self) -> frozenset[EventType]:
         """The ESP-only event types the phases carry (simulated only then; ``esp_only`` in the manifest)."""
@@ -205,8 +211,8 @@ class PhaseWriter(ABC):
 
     def _chunks(self, phase: ResponsePhase) -> Iterator[list[Event]]:
         b = self.broadcast
-        events: Iterator[Event] = simulate(
-            recipients(b.list_store), b.seed, b.external_id, b.t0, b.rates, self.format.esp_only
+        events: Iterator[Event] = self.format.adjust(
+            simulate(recipients(b.list_store), b.seed, b.external_id, b.t0, b.rates, self.format.esp_only)
         )
         if self.format.distinct_seconds:
             events = distinct_seconds(events)

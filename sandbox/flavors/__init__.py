@@ -5,7 +5,15 @@ A flavor module defines ``FLAVOR``, a :class:`sandbox.flavors.base.Flavor`, and 
 
 from __future__ import annotations
 
-from sandbox.flavors import generic, generic_sftp, instiller
+from sandbox.flavors import generic, generic_sftp, instiller, mailup
 from sandbox.flavors.base import Flavor
 
-FLAVORS: dict[str, Flavor] = {f.name: f for f in (generic.FLAVOR, generic_sftp.FLAVOR, instiller.FLAVOR)}
+FLAVORS: dict[str, Flavor] = {
+    f.name: f
+    for f in (
+        generic.FLAVOR,
+        generic_sftp.FLAVOR,
+        instiller.FLAVOR,
+        mailup.FLAVOR,
+    )
+}

@@ -1,0 +1,1501 @@
+"""The ``mailup`` flavor: MailUp as docs/connectors/mailup.md (and its "Sandbox flavor" section) describes it.
+
+The account base ``/api/v1/accounts/<account>`` is the services root (``api_url``). Under it: the
+OAuth2 token endpoint (password and refresh grants; access tokens live ``TOKEN_TTL_S``), the
+console service (personal data fields, groups, recipient imports from JSON bodies, sendings with
+their queues and history) and the mail statistics service (paged per message), and
+``_sandbox/stats`` (the sandbox bearer ``TOKEN``). Errors have MailUp's
+``{"ErrorCode", "ErrorDescription", "ErrorName", "ErrorStack"}`` body; console and statistics calls
+are limited per account to ``RATE_LIMIT_PER_S`` in a sliding second (a real 429, ``Retry-After: 1``).
+
+The flavor keeps MailUp's list (one list, id 1: recipients with their personal data fields,
+subscription state and groups), groups, imports and sendings in ``<account>/.sandbox-mailup.json``,
+saved before an answer. A sending snapshots the subscribed members it addresses into an engine
+import; once confirmed (or at its ``datetime``), plus ``PHASE_DELAY_S``, it becomes an engine send
+with ``external_id`` = the job named by its recipients' ``EspbridgeJob``, whose event log holds the
+released events. The statistics API aggregates the logs of a message's sendings; each released
+step is also written as an export file to ``statistics/`` (``MAILUP_EXPORT``) and its
+unsubscribes and complaints POSTed to ``MAILUP_WEBHOOK_URL`` (if set).
+
+Choices where the page leaves room (see also the README):
+
+- Ids: recipients from 1, groups from 11, imports from 9001, sendings from 501, per account.
+- A refused token request (wrong or missing ``client_id``, ``client_secret``, ``username``,
+  ``password`` or refresh token) is ``400 invalid_grant``; another ``grant_type`` is
+  ``400 unsupported_grant_type``. A bearer token of another account is an invalid token.
+- An unknown personal data field ``Id``, a value over 200 characters or a body that is not an
+  array of recipients is ``400``; an empty array is an import of no rows.
+- ``imports_created`` and the sending's job: the job part of the first ``EspbridgeJob`` value in
+  the request (else the group's name, else ``list``); a sending's job is the most common job among
+  its members whose ``EspbridgeJob`` names the sending's message (else ``sending-<id>``).
+- Several sendings attributed to one job share that job's (first) engine send and events.
+- Import ``Rows`` are counted when the import completes (before: only ``Total``). A group may
+  share its name with another; names are at most 138 characters.
+- Queues: *Undefined* until confirmed; *Deferred* until its ``datetime``; then *Immediate* until
+  the first phase is released; then SendHistory. Confirming a deferred or delivered sending
+  changes nothing. ``StartDate`` of an Undefined item is null.
+- No ``Reason`` 3 items: hard bounces only unsubscribe the recipient from the list.
+- Export files: name time in Italian time, ``<n>`` numbers the account's export files from 1;
+  ``sentDate`` is the sending's start; bad rows come after the good ones, each a good row of the
+  file spoiled; unsubscribes and complaints have no export rows (their phase writes no file).
+  ``export_unattributable`` also counts rows whose recipient's ``EspbridgeJob`` is empty.
+- Unknown query parameters are ignored, except ``filterby`` outside ``Groups`` (400).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import functools
+import logging
+import re
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Annotated, Any
+from zoneinfo import ZoneInfo
+
+import aiohttp
+import orjson
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from sandbox.api import CONTEXT, own_auth
+from sandbox.engine import Account, EspError
+from sandbox.eventlog import EVENTS_FOLDER
+from sandbox.files import atomic_write_bytes, atomic_writer, csv_field, csv_line
+from sandbox.flavors.base import Flavor
+from sandbox.limits import SlidingWindow
+from sandbox.listfile import import_list
+from sandbox.protocol import (
+    API_PREFIX,
+    ARCHIVE,
+    COMMUNICATION_KEY,
+    DROP,
+    EMAIL,
+    EXTERNAL_ID_RE,
+    LISTS_FOLDER,
+    MANIFEST,
+    UPLOADS_FOLDER,
+    EventType,
+    ImportState,
+    SendState,
+    utc_text,
+)
+from sandbox.responses import Broadcast, EventLogFormat, ResponsePhase
+from sandbox.simulate import URLS, Event
+from sandbox.state import ImportRecord
+
+log = logging.getLogger(__name__)
+
+BASE = API_PREFIX + "/{account}"
+OAUTH_PATH = "/Authorization/OAuth/Token"
+CONSOLE = "/API/v1.1/Rest/ConsoleService.svc"
+STATS = "/API/v1.1/Rest/MailStatisticsService.svc"
+
+LIST_ID = 1
+STATISTICS = "statistics"
+STORE_FILE = ".sandbox-mailup.json"
+ROME = ZoneInfo("Europe/Rome")
+KEY_FIELD = "CommunicationKey"
+JOB_FIELD = "EspbridgeJob"
+MAX_VALUE = 200
+MAX_GROUP_NAME = 138
+DEFAULT_PAGE_SIZE = 20
+MAX_PAGE_SIZE = 1000
+API_TIME = "%Y-%m-%d %H:%M:%SZ"
+EXPORT_TIME = "%Y%m%dT%H%M%S"
+WEBHOOK_RETRIES = 3
+
+FIRST_IDS = {"recipient": 1, "group": 11, "import": 9001, "sending": 501}
+
+# Statistics endpoints (under /Message/{m}/List/) and the event types they carry.
+RECIPIENTS, BOUNCES, VIEWS, CLICKS, UNSUBSCRIPTIONS = (
+    "Recipients",
+    "Bounces",
+    "Views",
+    "UrlClickDetails",
+    "Unsubscriptions",
+)
+STREAMS = {
+    EventType.SENT: RECIPIENTS,
+    EventType.BOUNCE_HARD: BOUNCES,
+    EventType.BOUNCE_SOFT: BOUNCES,
+    EventType.OPEN: VIEWS,
+    EventType.CLICK: CLICKS,
+    EventType.UNSUBSCRIBE: UNSUBSCRIPTIONS,
+    EventType.COMPLAINT: UNSUBSCRIPTIONS,
+}
+REASONS = {EventType.UNSUBSCRIBE: 1, EventType.COMPLAINT: 2}
+BOUNCE_CODES = {EventType.BOUNCE_HARD: ("5.1.1", "550"), EventType.BOUNCE_SOFT: ("4.2.2", "452")}
+# The simulation's links as MailUp shows them: one with ";" (the export's separator), one with ",".
+LINKS = dict(
+    zip(
+        URLS,
+        (
+            "https://example.com/offer?id=1001",
+            "https://example.com/offer?id=1002;ref=newsletter",
+            "https://example.com/offer?id=1003&utm_source=newsletter&utm_medium=email",
+            "https://example.com/catalog?tags=shoes,bags",
+        ),
+        strict=True,
+    )
+)
+
+EXPORT_HEADER = (
+    "idList",
+    "idInvio",
+    "idNl",
+    "e-mail address",
+    "subject",
+    "statusType",
+    "details",
+    "statusChange",
+    "sentDate",
+    KEY_FIELD,
+    JOB_FIELD,
+)
+STATUS_TYPES = {
+    EventType.SENT: "SNT",
+    EventType.BOUNCE_HARD: "NCO",
+    EventType.BOUNCE_SOFT: "NCO",
+    EventType.OPEN: "OPN",
+    EventType.CLICK: "CLK",
+}
+BAD_ROW_KINDS = ("statusType XXX", "statusChange 2026-13-45", "a missing column", "NCO with code 999")
+UNSUBSCRIBING = {EventType.BOUNCE_HARD.value, EventType.UNSUBSCRIBE.value, EventType.COMPLAINT.value}
+
+
+# Settings
+
+
+class MailUpSettings(BaseSettings):
+    """The flavor's own settings (prefix ``ESPBRIDGE_SANDBOX_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="ESPBRIDGE_SANDBOX_", frozen=True, extra="ignore")
+
+    mailup_fields: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=("FirstName", "LastName", "Company", "City", KEY_FIELD, JOB_FIELD),
+        description="comma list of the personal data fields, numbered 1…n",
+    )
+    mailup_export: bool = Field(default=True, description="write the statistics export files")
+    mailup_webhook_url: str | None = Field(
+        default=None, description="where unsubscribes are POSTed ({account} replaced); unset: none"
+    )
+    rate_limit_per_s: int = Field(
+        default=5, ge=0, description="console+statistics calls per second (0 = off)"
+    )
+    bad_rows: int = Field(default=0, ge=0, description="malformed rows added to every export file")
+
+    @field_validator("mailup_fields", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("mailup_fields")
+    @classmethod
+    def _check_fields(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not 1 <= len(value) <= 39:
+            raise ValueError("between 1 and 39 fields are needed")
+        if len(set(value)) != len(value):
+            raise ValueError("field names must be unique")
+        return value
+
+    @field_validator("mailup_webhook_url")
+    @classmethod
+    def _empty_is_none(cls, value: str | None) -> str | None:
+        return value or None
+
+    def field_id(self, name: str) -> int | None:
+        """The id of a personal data field (1-based), or None if there is none of that name."""
+        return self.mailup_fields.index(name) + 1 if name in self.mailup_fields else None
+
+
+@functools.cache
+def mailup_settings() -> MailUpSettings:
+    """The flavor's settings, read from the environment once."""
+    return MailUpSettings()
+
+
+# Times
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def api_time(moment: datetime | str | None) -> str | None:
+    """A time as API bodies show it: ``yyyy-MM-dd HH:mm:ssZ`` in UTC."""
+    if moment is None:
+        return None
+    if isinstance(moment, str):
+        moment = datetime.fromisoformat(moment)
+    return moment.astimezone(UTC).strftime(API_TIME)
+
+
+def rome_time(at: float) -> str:
+    """A time as the export shows it: ``yyyymmddThhmmss`` in Italian time."""
+    return datetime.fromtimestamp(at, ROME).strftime(EXPORT_TIME)
+
+
+# Errors
+
+
+ERROR_NAMES = {
+    400: "BadRequest",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "NotFound",
+    409: "Conflict",
+    500: "InternalServerError",
+}
+
+
+class MailUpError(Exception):
+    """An error MailUp answers with ``{"ErrorCode", "ErrorDescription", "ErrorName", "ErrorStack"}``."""
+
+    def __init__(
+        self, status: int, description: str, headers: dict[str, str] | None = None, *, named: bool = True
+    ) -> None:
+        super().__init__(description)
+        self.status = status
+        self.description = description
+        self.headers = headers or {}
+        self.name = ERROR_NAMES.get(status) if named else None
+
+    def response(self) -> web.Response:
+        """The answer."""
+        body = {
+            "ErrorCode": str(self.status),
+            "ErrorDescription": self.description,
+            "ErrorName": self.name,
+            "ErrorStack": None,
+        }
+        return _json(body, self.status, self.headers)
+
+
+def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(body),
+        status=status,
+        headers=headers,
+        content_type="application/json",
+        charset="utf-8",
+    )
+
+
+def bad_request(description: str) -> MailUpError:
+    """A 400 ``BadRequest``."""
+    return MailUpError(400, description)
+
+
+def not_found(description: str) -> MailUpError:
+    """A 404 ``NotFound``."""
+    return MailUpError(404, description)
+
+
+# The flavor's state: MailUp's list, groups, imports and sendings of one account
+
+
+class Recipient(BaseModel):
+    """A member of the list: its personal data field values by field id, subscription, groups."""
+
+    id: int
+    email: str
+    fields: dict[str, str] = Field(default_factory=dict)
+    subscribed: bool = True
+    groups: list[int] = Field(default_factory=list)
+
+
+class Group(BaseModel):
+    """A group of the list."""
+
+    id: int
+    name: str
+    notes: str = ""
+    deletable: bool = True
+
+    def body(self) -> dict[str, Any]:
+        """As the API shows it."""
+        return {
+            "Deletable": self.deletable,
+            "Name": self.name,
+            "Notes": self.notes,
+            "idGroup": self.id,
+            "idList": LIST_ID,
+        }
+
+
+class MailUpImport(BaseModel):
+    """One import request (its recipients are in ``.sandbox-uploads/mailup-import-<id>.json``)."""
+
+    id: int
+    group: int | None
+    job: str
+    total: int
+    created: str
+    status: int = 1
+    start: str | None = None
+    end: str | None = None
+    rows: dict[str, Any] | None = None
+
+
+class Sending(BaseModel):
+    """One sending of a message to a group (or the list), and the engine send it became."""
+
+    id: int
+    message: int
+    group: int | None
+    job: str
+    recipients: int
+    import_id: str
+    created: str
+    deferred: str | None = None
+    confirmed: str | None = None
+    send_id: str | None = None
+    bad_rows: int = 0
+
+
+class Export(BaseModel):
+    """What one engine send's released steps led to: export files, bad rows, webhooks queued."""
+
+    synced: int = 0
+    files: list[str] = Field(default_factory=list)
+    bad_rows: int = 0
+    unattributable: int = 0
+    pending: str | None = None
+
+
+class StoreData(BaseModel):
+    """The saved state of the flavor in one account."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    next_ids: dict[str, int] = Field(default_factory=lambda: dict(FIRST_IDS))
+    recipients: list[Recipient] = Field(default_factory=list)
+    groups: list[Group] = Field(default_factory=list)
+    imports: list[MailUpImport] = Field(default_factory=list)
+    sendings: list[Sending] = Field(default_factory=list)
+    exports: dict[str, Export] = Field(default_factory=dict)
+    export_seq: int = 0
+
+
+class Store:
+    """``StoreData`` with indexes, one lock (mutations happen in the event loop and in the worker
+    threads that release responses) and an atomic save."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lock = threading.RLock()
+        self.data = StoreData()
+        self.by_email: dict[str, Recipient] = {}
+        self.by_id: dict[int, Recipient] = {}
+
+    def load(self) -> None:
+        """Read the saved state, if any."""
+        if self.path.is_file():
+            self.data = StoreData.model_validate_json(self.path.read_bytes())
+        self.by_email = {r.email.lower(): r for r in self.data.recipients}
+        self.by_id = {r.id: r for r in self.data.recipients}
+
+    def save(self) -> None:
+        """Write the state atomically (blocking: from the event loop, call it in a thread)."""
+        with self.lock:
+            atomic_write_bytes(self.path, orjson.dumps(self.data.model_dump(mode="json")))
+
+    def new_id(self, kind: str) -> int:
+        """The next id of a kind (``recipient``, ``group``, ``import``, ``sending``)."""
+        with self.lock:
+            value = self.data.next_ids.get(kind, FIRST_IDS[kind])
+            self.data.next_ids[kind] = value + 1
+            return value
+
+    def group(self, group_id: int) -> Group:
+        """A group; 404 if there is none."""
+        found = next((g for g in self.data.groups if g.id == group_id), None)
+        if found is None:
+            raise not_found(f"Group {group_id} not found")
+        return found
+
+    def add_recipient(self, email: str) -> Recipient:
+        """A new subscribed recipient (call with the lock held)."""
+        recipient = Recipient(id=self.new_id("recipient"), email=email)
+        self.data.recipients.append(recipient)
+        self.by_email[email.lower()] = recipient
+        self.by_id[recipient.id] = recipient
+        return recipient
+
+    def members(self, group_id: int | None) -> list[Recipient]:
+        """The subscribed members of a group (None: of the list), by ``IdRecipient``."""
+        with self.lock:
+            return [
+                r for r in self.data.recipients if r.subscribed and (group_id is None or group_id in r.groups)
+            ]
+
+
+# The import's request body
+
+
+class FieldIn(BaseModel):
+    """One personal data field value of a recipient in an import body."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    Id: StrictInt
+    Value: StrictStr | None = None
+
+
+class RecipientIn(BaseModel):
+    """One recipient in an import body."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    Email: StrictStr | None = None
+    Name: StrictStr | None = None
+    Fields: list[FieldIn] = Field(default_factory=list)
+
+
+IMPORT_BODY = TypeAdapter(list[RecipientIn])
+
+
+def _rows_body(
+    total: int,
+    new: int = 0,
+    update: int = 0,
+    repeated: int = 0,
+    invalid: int = 0,
+    without: int = 0,
+) -> dict[str, Any]:
+    return {
+        "Total": total,
+        "Valid": {
+            "Total": new + update + repeated,
+            "EmailNew": new,
+            "EmailUpdate": update,
+            "RepeatedEmail": repeated,
+            "NumberNew": 0,
+            "NumberUpdate": 0,
+            "RepeatedNumber": 0,
+        },
+        "Invalid": {
+            "Total": invalid + without,
+            "InvalidEmail": invalid,
+            "WithoutEmail": without,
+            "InvalidNumber": 0,
+            "WithoutNumber": 0,
+            "WithoutPrefix": 0,
+        },
+    }
+
+
+def valid_email(email: str) -> bool:
+    """A single ``@`` with text on both sides."""
+    local, _, domain = email.partition("@")
+    return email.count("@") == 1 and bool(local) and bool(domain)
+
+
+def _job_of(value: str, message: int | None = None) -> str | None:
+    """The job part of an ``EspbridgeJob`` value ``<message>:<job>`` (of that message, if given)."""
+    part, sep, job = value.partition(":")
+    if not sep or not job or not EXTERNAL_ID_RE.fullmatch(job):
+        return None
+    if message is not None and part != str(message):
+        return None
+    return job
+
+
+# The per-account runtime
+
+
+class MailUp:
+    """The flavor's side of one account: its saved state, rate limit, webhook queue and caches."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.store = Store(folder / STORE_FILE)
+        self.store.load()
+        # Export files half-written by a killed sandbox (it writes them only through this object).
+        for stale in (folder / STATISTICS).glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
+        settings = mailup_settings()
+        self.window = SlidingWindow(settings.rate_limit_per_s) if settings.rate_limit_per_s else None
+        self.webhooks: collections.deque[dict[str, str]] = collections.deque()
+        self._wakeup: asyncio.Event | None = None
+        self._stats: dict[tuple[int, str], tuple[tuple[tuple[str, int], ...], list[dict[str, Any]]]] = {}
+
+    @property
+    def wakeup(self) -> asyncio.Event:
+        """Set when an import arrives (created in the event loop)."""
+        if self._wakeup is None:
+            self._wakeup = asyncio.Event()
+        return self._wakeup
+
+    def check_limit(self, account: Account) -> None:
+        """The 429 over ``RATE_LIMIT_PER_S`` calls in a sliding second; refused calls do not count."""
+        if self.window is None or self.window.acquire() == 0:
+            return
+        account.counters["rate_limited"] += 1
+        limit = self.window.limit
+        raise MailUpError(
+            429,
+            "Authorization error (too_many_requests): Too many requests. "
+            f"Max:{limit} calls per second , actual:{limit + 1}.",
+            {"Retry-After": "1"},
+            named=False,
+        )
+
+    def stats(self, account: Account) -> dict[str, Any]:
+        """``_sandbox/stats``."""
+        with self.store.lock:
+            sends = collections.Counter(s.job for s in self.store.data.sendings)
+            imports = collections.Counter(i.job for i in self.store.data.imports)
+        return {
+            "sends_created": dict(sends),
+            "imports_created": dict(imports),
+            "rate_limited": account.counters["rate_limited"],
+        }
+
+    # Imports
+
+    async def create_import(self, group: int | None, rows: list[RecipientIn]) -> int:
+        """Save an import request (its rows first) and queue it; its id."""
+        store = self.store
+        job_id = mailup_settings().field_id(JOB_FIELD)
+        job = next(
+            (
+                j
+                for row in rows
+                for f in row.Fields
+                if f.Id == job_id and (j := _job_of(f.Value or "")) is not None
+            ),
+            None,
+        )
+        if job is None:
+            job = store.group(group).name if group is not None else "list"
+        import_id = store.new_id("import")
+        data = [
+            {"Email": r.Email or "", "Fields": {str(f.Id): f.Value or "" for f in r.Fields}} for r in rows
+        ]
+        path = self.folder / UPLOADS_FOLDER / f"mailup-import-{import_id}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(atomic_write_bytes, path, orjson.dumps(data))
+        record = MailUpImport(id=import_id, group=group, job=job, total=len(rows), created=_now().isoformat())
+        with store.lock:
+            store.data.imports.append(record)
+        await asyncio.to_thread(store.save)
+        self.wakeup.set()
+        log.info(
+            "import received",
+            extra={"account": self.folder.name, "import": import_id, "rows": len(rows), "job": job},
+        )
+        return import_id
+
+    def _apply(self, record: MailUpImport) -> None:
+        """Import the rows into the list (and group) and complete the import (in a worker thread)."""
+        store = self.store
+        path = self.folder / UPLOADS_FOLDER / f"mailup-import-{record.id}.json"
+        rows: list[dict[str, Any]] = orjson.loads(path.read_bytes())
+        new = update = repeated = invalid = without = 0
+        seen: set[str] = set()
+        with store.lock:
+            for row in rows:
+                email = str(row["Email"]).strip()
+                if not email:
+                    without += 1
+                    continue
+                if not valid_email(email):
+                    invalid += 1
+                    continue
+                key = email.lower()
+                if key in seen:
+                    repeated += 1
+                    continue
+                seen.add(key)
+                recipient = store.by_email.get(key)
+                if recipient is None:
+                    recipient = store.add_recipient(email)
+                    new += 1
+                else:
+                    update += 1
+                recipient.fields.update(row["Fields"])
+                if record.group is not None and record.group not in recipient.groups:
+                    recipient.groups.append(record.group)
+            record.rows = _rows_body(len(rows), new, update, repeated, invalid, without)
+            record.status = 3
+            record.end = _now().isoformat()
+            store.save()
+        path.unlink(missing_ok=True)
+
+    async def run_imports(self, delay_s: float) -> None:
+        """Carry out the imports one at a time, in arrival order: 1 for ``delay_s``, 2 as long, 3."""
+        store = self.store
+        while True:
+            self.wakeup.clear()
+            with store.lock:
+                record = next((i for i in store.data.imports if i.status in (1, 2)), None)
+            if record is None:
+                await self.wakeup.wait()
+                continue
+            if record.status == 1:
+                await asyncio.sleep(delay_s)
+                with store.lock:
+                    record.status = 2
+                    record.start = _now().isoformat()
+                await asyncio.to_thread(store.save)
+            await asyncio.sleep(delay_s)
+            await asyncio.to_thread(self._apply, record)
+            log.info("import done", extra={"account": self.folder.name, "import": record.id})
+
+    # Sendings
+
+    def queue(self, account: Account, sending: Sending) -> str | None:
+        """The sending's queue (``Undefined``, ``Deferred``, ``Immediate``), or None once delivery
+        started (or if it failed)."""
+        record = account.state.sends.get(sending.send_id) if sending.send_id else None
+        if record is not None:
+            return None if record.state in (SendState.SENT, SendState.FAILED) else "Immediate"
+        if sending.deferred is not None:
+            return "Deferred" if _now() < datetime.fromisoformat(sending.deferred) else "Immediate"
+        return "Immediate" if sending.confirmed is not None else "Undefined"
+
+    async def create_sending(
+        self, account: Account, message: int, group: int | None, deferred: datetime | None
+    ) -> Sending:
+        """A new sending of ``message`` to the subscribed members of ``group`` (None: the list)."""
+        store = self.store
+        members = store.members(group)
+        if not members:
+            raise bad_request("No subscribed recipients to send to")
+        job_field = mailup_settings().field_id(JOB_FIELD)
+        jobs = collections.Counter(
+            job
+            for r in members
+            if job_field is not None
+            and (job := _job_of(r.fields.get(str(job_field), ""), message)) is not None
+        )
+        sending_id = store.new_id("sending")
+        job = jobs.most_common(1)[0][0] if jobs else f"sending-{sending_id}"
+        # The recipients addressed, as an engine import: (email, IdRecipient) in IdRecipient order.
+        import_id = f"mailup-sending-{sending_id}"
+        store_path = account.folder / LISTS_FOLDER / f"{import_id}.csv"
+        rows = [(r.email, str(r.id)) for r in members]
+        await asyncio.to_thread(_write_members, store_path, rows)
+        account.state.imports[import_id] = ImportRecord(
+            import_id=import_id,
+            external_id=import_id,
+            file=f"{LISTS_FOLDER}/{import_id}.csv",
+            state=ImportState.DONE,
+            rows_total=len(rows),
+            rows_valid=len(rows),
+            list_id=f"list-{LIST_ID}",
+            created_at=utc_text(_now()),
+        )
+        await account.state.save()
+        sending = Sending(
+            id=sending_id,
+            message=message,
+            group=group,
+            job=job,
+            recipients=len(rows),
+            import_id=import_id,
+            created=_now().isoformat(),
+            deferred=deferred.isoformat() if deferred is not None else None,
+            bad_rows=mailup_settings().bad_rows,
+        )
+        with store.lock:
+            store.data.sendings.append(sending)
+        await asyncio.to_thread(store.save)
+        log.info(
+            "sending created",
+            extra={
+                "account": account.name,
+                "sending": sending_id,
+                "message_id": message,
+                "job": job,
+                "recipients": len(rows),
+                "deferred": sending.deferred,
+            },
+        )
+        if deferred is not None:
+            account.spawn(self.start_sending(account, sending), f"sending {sending_id}")
+        return sending
+
+    async def confirm(self, account: Account, sending: Sending) -> None:
+        """Confirm an Undefined sending (again, or a deferred one: nothing happens)."""
+        if sending.confirmed is not None or sending.deferred is not None:
+            return
+        with self.store.lock:
+            sending.confirmed = _now().isoformat()
+        await asyncio.to_thread(self.store.save)
+        account.spawn(self.start_sending(account, sending), f"sending {sending.id}")
+
+    async def start_sending(self, account: Account, sending: Sending) -> None:
+        """Start delivery ``PHASE_DELAY_S`` after the confirmation (or the ``datetime``)."""
+        since = sending.deferred or sending.confirmed
+        assert since is not None
+        start = datetime.fromisoformat(since) + timedelta(seconds=account.settings.phase_delay_s)
+        wait_s = (start - _now()).total_seconds()
+        if wait_s > 0:
+            await asyncio.sleep(wait_s)
+        attrs = {
+            "message": str(sending.message),
+            "sending": str(sending.id),
+            "bad_rows": str(sending.bad_rows),
+        }
+        record, _ = await account.create_send(
+            sending.import_id, str(sending.message), sending.job, None, attrs
+        )
+        with self.store.lock:
+            sending.send_id = record.send_id
+        await asyncio.to_thread(self.store.save)
+
+    def sending_item(self, account: Account, sending: Sending, state: str | None = None) -> dict[str, Any]:
+        """An ``EmailSendingItem``."""
+        state = state or self.queue(account, sending) or "Immediate"
+        start = None if state == "Undefined" else api_time(sending.deferred or sending.confirmed)
+        return {
+            "Id": sending.id,
+            "IdList": LIST_ID,
+            "IdMessage": sending.message,
+            "Notes": "",
+            "StartDate": start,
+            "State": state,
+            "Subject": f"Message {sending.message}",
+            "Type": "Newsletter",
+        }
+
+    def history_item(self, account: Account, sending: Sending) -> dict[str, Any] | None:
+        """The sending's SendHistory item, once delivery started."""
+        record = account.state.sends.get(sending.send_id) if sending.send_id else None
+        if record is None or record.state is not SendState.SENT:
+            return None
+        end = None
+        if record.responses_complete:
+            manifest = account.folder / MANIFEST / f"{record.external_id}.json"
+            try:
+                end = api_time(datetime.fromtimestamp(manifest.stat().st_mtime, UTC))
+            except FileNotFoundError:
+                end = api_time(record.finished_at)
+        return {
+            "IdSending": sending.id,
+            "IdMessage": sending.message,
+            "IdList": LIST_ID,
+            "StartDate": api_time(record.started_at),
+            "EndDate": end,
+            "Recipients": sending.recipients,
+        }
+
+    # Statistics
+
+    def statistics(self, account: Account, message: int, kind: str) -> list[dict[str, Any]]:
+        """A statistics endpoint's items for a message: its sendings' released events, aggregated."""
+        with self.store.lock:
+            send_ids = list(
+                dict.fromkeys(
+                    s.send_id for s in self.store.data.sendings if s.message == message and s.send_id
+                )
+            )
+        logs = [(send_id, account.event_log(send_id)) for send_id in send_ids]
+        signature = tuple((send_id, log.total(kind)) for send_id, log in logs)
+        cached = self._stats.get((message, kind))
+        if cached is not None and cached[0] == signature:
+            return cached[1]
+        items: dict[tuple[int, str], dict[str, Any]] = {}
+        for _send_id, event_log in logs:
+            for event in event_log.page(kind, 0, event_log.total(kind)):
+                url = event.get("Url", "")
+                key = (event["IdRecipient"], url)
+                item = items.get(key)
+                if item is None:
+                    item = {
+                        "Email": event["Email"],
+                        "IdMessage": message,
+                        "IdRecipient": event["IdRecipient"],
+                    }
+                    items[key] = item
+                if kind in (VIEWS, CLICKS):
+                    item["Count"] = item.get("Count", 0) + 1
+                if kind == CLICKS:
+                    item["Url"] = url
+                elif kind == BOUNCES:
+                    item["Code"] = event["Code"]
+                elif kind == UNSUBSCRIPTIONS:
+                    item["Reason"] = event["Reason"]
+        result = [dict(sorted(items[key].items())) for key in sorted(items)]
+        self._stats[message, kind] = (signature, result)
+        return result
+
+    # Released steps: recipients' states, export files, webhooks (in the writer's worker thread)
+
+    def sync(self, broadcast: Broadcast) -> Export:
+        """Handle the send's event-log steps on disk not handled yet; the send's export record."""
+        store = self.store
+        with store.lock:
+            export = store.data.exports.setdefault(broadcast.send_id, Export())
+        folder = broadcast.account_dir / EVENTS_FOLDER / broadcast.send_id
+        while (path := folder / f"{export.synced + 1:06d}.jsonl").is_file():
+            records = [orjson.loads(line) for line in path.read_bytes().splitlines() if line]
+            self._sync_step(broadcast, export, [item for _stream, item in records])
+        return export
+
+    def _sync_step(self, broadcast: Broadcast, export: Export, items: list[dict[str, Any]]) -> None:
+        store, settings = self.store, mailup_settings()
+        message = int(broadcast.attrs["message"])
+        sending = broadcast.attrs["sending"]
+        key_field, job_field = settings.field_id(KEY_FIELD), settings.field_id(JOB_FIELD)
+        rows: list[list[str]] = []
+        hooks: list[dict[str, str]] = []
+        unattributable = 0
+        with store.lock:
+            for item in items:
+                recipient = store.by_id.get(item["IdRecipient"])
+                fields = recipient.fields if recipient is not None else {}
+                key = fields.get(str(key_field), "")
+                job = fields.get(str(job_field), "")
+                event_type = EventType(item["Type"])
+                if event_type in STATUS_TYPES:
+                    details = item.get("Url") or item.get("Code") or ""
+                    rows.append(
+                        [
+                            str(LIST_ID),
+                            sending,
+                            str(message),
+                            item["Email"],
+                            f"Message {message}",
+                            STATUS_TYPES[event_type],
+                            details,
+                            rome_time(item["At"]),
+                            rome_time(broadcast.t0),
+                            key,
+                            job,
+                        ]
+                    )
+                    if job.partition(":")[0] != str(message) or not job.partition(":")[2]:
+                        unattributable += 1
+                if event_type in REASONS:
+                    hooks.append(
+                        {
+                            "EventType": "Unsubscribe",
+                            "EventSource": "Recipient",
+                            "EventDate": datetime.fromtimestamp(item["At"], ROME).isoformat(
+                                timespec="seconds"
+                            ),
+                            "IdList": str(LIST_ID),
+                            "IdNL": str(message),
+                            "Email": item["Email"],
+                            "Reason": str(item["Reason"]),
+                            "Job": job,
+                            "Key": key,
+                        }
+                    )
+                if item["Type"] in UNSUBSCRIBING and recipient is not None:
+                    recipient.subscribed = False
+        written = bool(rows) and settings.mailup_export
+        bad: list[list[str]] = []
+        if written:
+            count = int(broadcast.attrs.get("bad_rows", "0"))
+            bad = [_bad_row(rows[i % len(rows)], export.bad_rows + i + 1) for i in range(count)]
+            if export.pending is None:
+                with store.lock:
+                    store.data.export_seq += 1
+                    stamp = _now().astimezone(ROME).strftime(EXPORT_TIME)
+                    export.pending = f"{STATISTICS}/statistics_{stamp}_{store.data.export_seq}.csv"
+                    store.save()
+            name = export.pending
+            assert name is not None
+            target = broadcast.account_dir / name
+            if not target.exists() and not (broadcast.account_dir / ARCHIVE / target.name).exists():
+                with atomic_writer(target) as out:
+                    for row in (list(EXPORT_HEADER), *rows, *bad):
+                        out.write(";".join(csv_field(v, ";") for v in row) + "\r\n")
+                log.info(
+                    "export file written",
+                    extra={
+                        "send_id": broadcast.send_id,
+                        "file": name,
+                        "rows": len(rows),
+                        "bad_rows": len(bad),
+                    },
+                )
+        with store.lock:
+            if written and export.pending is not None:
+                export.files.append(export.pending)
+                export.bad_rows += len(bad)
+                export.unattributable += unattributable
+            export.pending = None
+            export.synced += 1
+            store.save()
+        if settings.mailup_webhook_url:
+            self.webhooks.extend(hooks)
+
+
+def _write_members(path: Path, rows: list[tuple[str, str]]) -> None:
+    with atomic_writer(path) as out:
+        out.write(csv_line((EMAIL, COMMUNICATION_KEY)))
+        for row in rows:
+            out.write(csv_line(row))
+
+
+def _bad_row(template: list[str], k: int) -> list[str]:
+    """The send's ``k``-th bad export row: a good row spoiled by kind (:data:`BAD_ROW_KINDS`)."""
+    row = list(template)
+    kind = (k - 1) % len(BAD_ROW_KINDS)
+    if kind == 0:
+        row[5] = "XXX"
+    elif kind == 1:
+        row[7] = "2026-13-45"
+    elif kind == 2:
+        row.pop()
+    else:
+        row[5], row[6] = "NCO", "999"
+    return row
+
+
+_RUNTIMES: dict[Path, MailUp] = {}
+_RUNTIMES_LOCK = threading.Lock()
+
+
+def mailup(folder: Path) -> MailUp:
+    """The runtime of the account in ``folder`` (created, with its saved state, on first use)."""
+    with _RUNTIMES_LOCK:
+        found = _RUNTIMES.get(folder)
+        if found is None:
+            found = _RUNTIMES[folder] = MailUp(folder)
+        return found
+
+
+# Authentication
+
+_ISSUED: dict[str, str] = {}
+"""Access tokens ever issued in this process, with their account: tells an expired one from an
+unknown one."""
+
+
+def _oauth_error(code: str, description: str) -> web.Response:
+    return _json({"error": code, "error_description": description}, 400)
+
+
+async def token(request: web.Request) -> web.Response:
+    """``POST {token_path}``: the password and refresh_token grants (form fields)."""
+    context = request.app[CONTEXT]
+    account = context.accounts.get(request.match_info["account"])
+    form = await request.post()
+    fields = {k: v for k, v in form.items() if isinstance(v, str)}
+    grant = fields.get("grant_type", "")
+    if grant not in ("password", "refresh_token"):
+        return _oauth_error("unsupported_grant_type", f"grant_type {grant!r} is not supported")
+    client_ok = bool(fields.get("client_id")) and context.token_matches(fields.get("client_secret", ""))
+    if account is None or not client_ok:
+        return _oauth_error("invalid_grant", "The client credentials are invalid")
+    if grant == "password":
+        if fields.get("username") != account.name or not context.token_matches(fields.get("password", "")):
+            return _oauth_error("invalid_grant", "The user credentials are incorrect")
+        issued = context.tokens.issue(account.name)
+    else:
+        refreshed = context.tokens.refresh(fields.get("refresh_token", ""))
+        if refreshed is None or refreshed.account != account.name:
+            return _oauth_error("invalid_grant", "The refresh token is invalid or expired")
+        issued = refreshed
+    _ISSUED[issued.access_token] = account.name
+    return _json(
+        {
+            "access_token": issued.access_token,
+            "expires_in": issued.expires_in,
+            "refresh_token": issued.refresh_token,
+            "token_type": "bearer",
+        }
+    )
+
+
+def _authorise(request: web.Request, account: str) -> None:
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    access = given.strip() if scheme.lower() == "bearer" else ""
+    owner = request.app[CONTEXT].tokens.account_of(access) if access else None
+    if owner == account:
+        return
+    if owner is None and _ISSUED.get(access) == account:
+        raise MailUpError(401, "Authorization error: Access token is expired")
+    raise MailUpError(401, "Authorization error: Invalid access token")
+
+
+# Requests
+
+
+@dataclass(frozen=True)
+class Call:
+    """One authorised API call: the account, its runtime and the query (names in lower case)."""
+
+    request: web.Request
+    account: Account
+    mailup: MailUp
+    query: dict[str, str]
+
+    def path_int(self, name: str) -> int:
+        """An id in the path; 400 unless it is an integer."""
+        text = self.request.match_info[name]
+        if not text.isascii() or not text.isdigit():
+            raise bad_request(f"{name} must be an integer, not {text!r}")
+        return int(text)
+
+    def list_id(self) -> int:
+        """The list in the path; 404 unless it is list 1."""
+        value = self.path_int("list")
+        if value != LIST_ID:
+            raise not_found(f"List {value} not found")
+        return value
+
+    def message_id(self) -> int:
+        """The message in the path; every positive id exists in list 1."""
+        value = self.path_int("message")
+        if value < 1:
+            raise not_found(f"Message {value} not found")
+        return value
+
+    def int_query(self, name: str, default: int, low: int) -> int:
+        """An integer query parameter (case-insensitive name)."""
+        text = self.query.get(name.lower())
+        if text is None or text == "":
+            return default
+        if not text.isascii() or not text.isdigit() or int(text) < low:
+            raise bad_request(f"{name} must be an integer of at least {low}")
+        return int(text)
+
+    def no_filter(self) -> None:
+        """Refuse ``filterby`` where the sandbox does not filter."""
+        if "filterby" in self.query:
+            raise bad_request("filterby is not supported here")
+
+    async def json_body(self) -> Any:
+        """The request body as JSON; 400 if it is not."""
+        try:
+            return orjson.loads(await self.request.read())
+        except orjson.JSONDecodeError:
+            raise bad_request("The request body is not valid JSON") from None
+
+
+def page(call: Call, items: list[dict[str, Any]]) -> dict[str, Any]:
+    """The paging envelope for ``pageSize`` (capped at 1000) and ``pageNumber`` (0-based)."""
+    size = min(call.int_query("pageSize", DEFAULT_PAGE_SIZE, 1), MAX_PAGE_SIZE)
+    number = call.int_query("pageNumber", 0, 0)
+    skipped = number * size
+    return {
+        "IsPaginated": True,
+        "Items": items[skipped : skipped + size],
+        "PageNumber": number,
+        "PageSize": size,
+        "Skipped": skipped,
+        "TotalElementsCount": len(items),
+    }
+
+
+def _query(request: web.Request) -> dict[str, str]:
+    query: dict[str, str] = {}
+    for name, value in request.query.items():
+        lower = name.lower()
+        if lower in query:
+            raise bad_request(f"query parameter {name} is given more than once")
+        query[lower] = value
+    return query
+
+
+Endpoint = Callable[[Call], Awaitable[Any]]
+
+
+def api(endpoint: Endpoint) -> Handler:
+    """A console or statistics route: the access token (401), the rate limit (429), then the call."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        try:
+            account = request.app[CONTEXT].accounts.get(request.match_info["account"])
+            if account is None:
+                raise not_found(f"Account {request.match_info['account']} not found")
+            _authorise(request, account.name)
+            runtime = mailup(account.folder)
+            runtime.check_limit(account)
+            return _json(await endpoint(Call(request, account, runtime, _query(request))))
+        except MailUpError as exc:
+            return exc.response()
+        except EspError as exc:
+            return MailUpError(exc.status, exc.message).response()
+        except Exception:
+            log.exception("request failed", extra={"method": request.method, "path": request.path})
+            return MailUpError(500, "The sandbox failed on this request; see its log").response()
+
+    return own_auth(handle)
+
+
+# Console endpoints
+
+
+async def dynamic_fields(call: Call) -> dict[str, Any]:
+    """``GET /Console/Recipient/DynamicFields``."""
+    call.no_filter()
+    names = mailup_settings().mailup_fields
+    return page(call, [{"Description": name, "Id": n} for n, name in enumerate(names, 1)])
+
+
+_FILTER_RE = re.compile(r"^Name=='(.*)'$", re.DOTALL)
+
+
+async def groups(call: Call) -> dict[str, Any]:
+    """``GET /Console/List/{list}/Groups`` (``filterby=Name=='…'`` only)."""
+    call.list_id()
+    wanted: str | None = None
+    if "filterby" in call.query:
+        expression = call.query["filterby"].strip()
+        if len(expression) >= 2 and expression[0] == expression[-1] == '"':
+            expression = expression[1:-1]
+        match = _FILTER_RE.fullmatch(expression)
+        if match is None:
+            raise bad_request(f"Unsupported filter {call.query['filterby']!r}")
+        wanted = match.group(1)
+    with call.mailup.store.lock:
+        found = [g.body() for g in call.mailup.store.data.groups if wanted is None or g.name == wanted]
+    return page(call, found)
+
+
+class GroupIn(BaseModel):
+    """The body of ``POST /Console/List/{list}/Group``."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    Name: StrictStr
+    Notes: StrictStr | None = None
+    Deletable: bool = True
+
+
+async def create_group(call: Call) -> dict[str, Any]:
+    """``POST /Console/List/{list}/Group``."""
+    call.list_id()
+    try:
+        body = GroupIn.model_validate(await call.json_body())
+    except ValidationError as exc:
+        raise bad_request(_problems(exc)) from None
+    if not body.Name.strip() or len(body.Name) > MAX_GROUP_NAME:
+        raise bad_request(f"Name must have 1 to {MAX_GROUP_NAME} characters")
+    store = call.mailup.store
+    group = Group(id=store.new_id("group"), name=body.Name, notes=body.Notes or "", deletable=body.Deletable)
+    with store.lock:
+        store.data.groups.append(group)
+    await asyncio.to_thread(store.save)
+    return group.body()
+
+
+def _problems(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors(include_input=False)
+    )
+
+
+async def _import(call: Call, group: int | None) -> int:
+    try:
+        rows = IMPORT_BODY.validate_python(await call.json_body())
+    except ValidationError as exc:
+        raise bad_request(_problems(exc)) from None
+    known = len(mailup_settings().mailup_fields)
+    for line, row in enumerate(rows):
+        for value in row.Fields:
+            if not 1 <= value.Id <= known:
+                raise bad_request(f"[{line}]: unknown field Id {value.Id}")
+            if len(value.Value or "") > MAX_VALUE:
+                raise bad_request(f"[{line}]: the value of field {value.Id} is over {MAX_VALUE} characters")
+    return await call.mailup.create_import(group, rows)
+
+
+async def import_to_group(call: Call) -> int:
+    """``POST /Console/Group/{group}/Recipients``: the bare import id."""
+    call.no_filter()
+    group = call.mailup.store.group(call.path_int("group")).id
+    return await _import(call, group)
+
+
+async def import_to_list(call: Call) -> int:
+    """``POST /Console/List/{list}/Recipients``: the bare import id."""
+    call.no_filter()
+    call.list_id()
+    return await _import(call, None)
+
+
+async def import_status(call: Call) -> dict[str, Any]:
+    """``GET /Console/Imports/{import}``."""
+    import_id = call.path_int("import")
+    store = call.mailup.store
+    with store.lock:
+        record = next((i for i in store.data.imports if i.id == import_id), None)
+        if record is None:
+            raise not_found(f"Import {import_id} not found")
+        return {
+            "IdImport": record.id,
+            "IdList": LIST_ID,
+            "IdGroups": [record.group] if record.group is not None else [],
+            "StartDate": api_time(record.start),
+            "EndDate": api_time(record.end),
+            "Filename": "",
+            "FieldSeparator": "",
+            "ImportAsUnsubscribed": False,
+            "IncludePendingRecipients": False,
+            "OverwriteEmptyFields": True,
+            "ReplaceExistingGroup": False,
+            "SendConfirmationEmail": False,
+            "StatusCode": record.status,
+            "Rows": record.rows if record.rows is not None else _rows_body(record.total),
+        }
+
+
+def _datetime(call: Call) -> datetime | None:
+    text = call.query.get("datetime")
+    if text is None:
+        return None
+    try:
+        return datetime.strptime(text.strip(), API_TIME).replace(tzinfo=UTC)
+    except ValueError:
+        raise bad_request(f"datetime must look like 2026-11-22 10:00:00Z, not {text!r}") from None
+
+
+async def _send(call: Call, group: int | None) -> dict[str, Any]:
+    message = call.message_id()
+    deferred = _datetime(call)
+    sending = await call.mailup.create_sending(call.account, message, group, deferred)
+    return {
+        "Id": sending.id,
+        "Sent": sending.recipients,
+        "InvalidRecipients": [],
+        "UnprocessedRecipients": [],
+        "idMessage": message,
+    }
+
+
+async def send_to_group(call: Call) -> dict[str, Any]:
+    """``POST /Console/Group/{group}/Email/{message}/Send[?datetime=…]``."""
+    call.no_filter()
+    group = call.mailup.store.group(call.path_int("group")).id
+    return await _send(call, group)
+
+
+async def send_to_list(call: Call) -> dict[str, Any]:
+    """``POST /Console/List/{list}/Email/{message}/Send[?datetime=…]``."""
+    call.no_filter()
+    call.list_id()
+    return await _send(call, None)
+
+
+def _sending(call: Call) -> Sending:
+    sending_id = call.path_int("sending")
+    found = next((s for s in call.mailup.store.data.sendings if s.id == sending_id), None)
+    if found is None:
+        raise not_found(f"Sending {sending_id} not found")
+    return found
+
+
+async def confirm(call: Call) -> dict[str, Any]:
+    """``POST /Console/Email/Sendings/{sending}/Immediate``."""
+    call.no_filter()
+    sending = _sending(call)
+    await call.mailup.confirm(call.account, sending)
+    return call.mailup.sending_item(call.account, sending)
+
+
+def queue(name: str) -> Endpoint:
+    """``GET /Console/Email/Sendings/{name}``: the sendings in that queue, by id."""
+
+    async def listing(call: Call) -> dict[str, Any]:
+        call.no_filter()
+        runtime = call.mailup
+        with runtime.store.lock:
+            sendings = list(runtime.store.data.sendings)
+        items = [
+            runtime.sending_item(call.account, s, name)
+            for s in sendings
+            if runtime.queue(call.account, s) == name
+        ]
+        return page(call, items)
+
+    return listing
+
+
+async def send_history(call: Call) -> dict[str, Any]:
+    """``GET /Console/List/{list}/Email/{message}/SendHistory``."""
+    call.no_filter()
+    call.list_id()
+    message = call.message_id()
+    runtime = call.mailup
+    with runtime.store.lock:
+        sendings = [s for s in runtime.store.data.sendings if s.message == message]
+    items = [item for s in sendings if (item := runtime.history_item(call.account, s)) is not None]
+    return page(call, items)
+
+
+async def statistics(call: Call) -> dict[str, Any]:
+    """``GET /Message/{message}/List/{kind}`` of the statistics service."""
+    call.no_filter()
+    message = call.message_id()
+    kind = call.request.match_info["kind"]
+    if kind not in (RECIPIENTS, BOUNCES, VIEWS, CLICKS, UNSUBSCRIPTIONS):
+        raise not_found(f"Unknown statistics {kind}")
+    return page(call, call.mailup.statistics(call.account, message, kind))
+
+
+async def sandbox_stats(request: web.Request) -> web.Response:
+    """``GET <base>/_sandbox/stats`` (the sandbox bearer token; not rate-limited)."""
+    account = request.app[CONTEXT].accounts.get(request.match_info["account"])
+    if account is None:
+        raise EspError(404, "account_not_found", f"no account {request.match_info['account']}")
+    return _json(mailup(account.folder).stats(account))
+
+
+# The stats route comes first: it replaces the shared one at the same path.
+ROUTES = (
+    web.get(f"{BASE}/_sandbox/stats", sandbox_stats),
+    web.post(f"{BASE}{OAUTH_PATH}", own_auth(token)),
+    web.get(f"{BASE}{CONSOLE}/Console/Recipient/DynamicFields", api(dynamic_fields)),
+    web.get(f"{BASE}{CONSOLE}/Console/List/{{list}}/Groups", api(groups)),
+    web.post(f"{BASE}{CONSOLE}/Console/List/{{list}}/Group", api(create_group)),
+    web.post(f"{BASE}{CONSOLE}/Console/Group/{{group}}/Recipients", api(import_to_group)),
+    web.post(f"{BASE}{CONSOLE}/Console/List/{{list}}/Recipients", api(import_to_list)),
+    web.get(f"{BASE}{CONSOLE}/Console/Imports/{{import}}", api(import_status)),
+    web.post(f"{BASE}{CONSOLE}/Console/Group/{{group}}/Email/{{message}}/Send", api(send_to_group)),
+    web.post(f"{BASE}{CONSOLE}/Console/List/{{list}}/Email/{{message}}/Send", api(send_to_list)),
+    web.post(f"{BASE}{CONSOLE}/Console/Email/Sendings/{{sending}}/Immediate", api(confirm)),
+    *(
+        web.get(f"{BASE}{CONSOLE}/Console/Email/Sendings/{name}", api(queue(name)))
+        for name in ("Deferred", "Undefined", "Immediate")
+    ),
+    web.get(f"{BASE}{CONSOLE}/Console/List/{{list}}/Email/{{message}}/SendHistory", api(send_history)),
+    web.get(f"{BASE}{STATS}/Message/{{message}}/List/{{kind}}", api(statistics)),
+)
+
+
+# Responses: the event log behind the statistics API, export files and webhooks
+
+
+class MailUpResponses(EventLogFormat):
+    """One stream per statistics endpoint; an item per released event (the API aggregates them)."""
+
+    phases = (
+        ResponsePhase("sent", frozenset({EventType.SENT})),
+        ResponsePhase("bounces", frozenset({EventType.BOUNCE_HARD, EventType.BOUNCE_SOFT})),
+        ResponsePhase("opens", frozenset({EventType.OPEN})),
+        ResponsePhase("clicks", frozenset({EventType.CLICK})),
+        ResponsePhase("unsubscribes", frozenset({EventType.UNSUBSCRIBE, EventType.COMPLAINT})),
+    )
+    # Export rows have no event id: never two of one recipient with the same type, link and second.
+    distinct_seconds = True
+
+    def adjust(self, events: Iterator[Event]) -> Iterator[Event]:
+        """MailUp's links; a complaining recipient's unsubscribe is left out (a complaint wins)."""
+        batch: list[Event] = []
+        for event in events:
+            if batch and event.key != batch[0].key:
+                yield from _recipient_events(batch)
+                batch = []
+            batch.append(event)
+        yield from _recipient_events(batch)
+
+    def stream(self, event: Event) -> str:
+        """The statistics endpoint of the event."""
+        return STREAMS[event.event_type]
+
+    def item(self, broadcast: Broadcast, event: Event) -> dict[str, Any]:
+        """The event: type, ``IdRecipient`` (the list store's key column), email, time, details."""
+        item: dict[str, Any] = {
+            "Type": event.event_type.value,
+            "IdRecipient": int(event.key),
+            "Email": event.email,
+            "At": event.at,
+        }
+        if event.event_type in BOUNCE_CODES:
+            item["Code"] = BOUNCE_CODES[event.event_type][event.number % 2]
+        elif event.event_type is EventType.CLICK:
+            item["Url"] = event.url
+        elif event.event_type in REASONS:
+            item["Reason"] = REASONS[event.event_type]
+        return item
+
+    def manifest_fields(self, broadcast: Broadcast) -> dict[str, Any]:
+        """Called after every released step: handles it (export file, webhooks, unsubscriptions)
+        first, then gives ``send_id`` as ``<message>:<idSending>``, the export files and counts."""
+        if "message" not in broadcast.attrs:
+            return {}
+        export = mailup(broadcast.account_dir).sync(broadcast)
+        return {
+            "send_id": f"{broadcast.attrs['message']}:{broadcast.attrs['sending']}",
+            "files": list(export.files),
+            "export_unattributable": export.unattributable,
+            "bad_rows": export.bad_rows,
+        }
+
+
+def _recipient_events(batch: list[Event]) -> Iterator[Event]:
+    complained = any(e.event_type is EventType.COMPLAINT for e in batch)
+    for event in batch:
+        if complained and event.event_type is EventType.UNSUBSCRIBE:
+            continue
+        yield replace(event, url=LINKS.get(event.url, event.url)) if event.url else event
+
+
+# Background work per account: imports one at a time, delayed sendings, webhooks
+
+
+async def _post_webhook(http: aiohttp.ClientSession, url: str, form: dict[str, str]) -> None:
+    for attempt in range(WEBHOOK_RETRIES + 1):
+        status: int | str
+        try:
+            async with http.post(url, data=form) as resp:
+                status = resp.status
+                if 200 <= resp.status < 300:
+                    return
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            status = type(exc).__name__
+        log.warning("webhook call failed", extra={"status": status, "attempt": attempt + 1})
+        if attempt < WEBHOOK_RETRIES:
+            await asyncio.sleep(1.0)
+    log.warning("webhook call dropped", extra={"email": form.get("Email")})
+
+
+async def watch(account: Account) -> None:
+    """Run the imports, start the sendings an earlier run left waiting, and call the webhook."""
+    runtime = mailup(account.folder)
+    with runtime.store.lock:
+        waiting = [
+            s
+            for s in runtime.store.data.sendings
+            if s.send_id is None and (s.deferred is not None or s.confirmed is not None)
+        ]
+    for sending in waiting:
+        account.spawn(runtime.start_sending(account, sending), f"sending {sending.id}")
+    account.spawn(runtime.run_imports(account.settings.import_delay_s), "mailup imports")
+    url = mailup_settings().mailup_webhook_url
+    secret = account.settings.bearer_token.get_secret_value()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+        while True:
+            while url and runtime.webhooks:
+                form = {"Secret": secret, **runtime.webhooks.popleft()}
+                target = url.replace("{account}", account.name)
+                account.spawn(_post_webhook(http, target, form), "mailup webhook")
+            await asyncio.sleep(account.settings.watch_interval_s)
+
+
+FLAVOR = Flavor(
+    name="mailup",
+    read_list=import_list,
+    responses=MailUpResponses(),
+    folders=(DROP, STATISTICS, ARCHIVE, MANIFEST),
+    routes=ROUTES,
+    watch=watch,
+    check_settings=mailup_settings,
+)
