@@ -80,6 +80,8 @@ class Flavor:
     sandbox_flavor: str
     connector: str
     mode: str = "upload_and_send"
+    message: str = "demo-newsletter"
+    """The ESP's id of the pre-created message the demo sends."""
 
     def account_entry(self, esp: str, account: str, url: str, token_file: Path) -> dict[str, Any]:
         """The ESP account's entry in the accounts file (credentials as the sandbox flavor expects)."""
@@ -93,6 +95,16 @@ class Flavor:
                     "api_url": f"{base}/rest",
                     "client_id": account,
                     "client_secret_file": str(token_file),
+                }
+            case "mailup":
+                entry |= {
+                    "api_url": f"{base}/api/v1/accounts/{account}",
+                    "username": account,
+                    "password_file": str(token_file),
+                    "client_id": "espbridge",
+                    "client_secret_file": str(token_file),
+                    "token_file": str(token_file),  # the unsubscribe webhook's shared secret
+                    "options": {"list_id": 1},
                 }
         return entry
 
@@ -108,11 +120,14 @@ FLAVORS = {
     "sandbox": Flavor("generic", "generic"),
     "generic_sftp": Flavor("generic_sftp", "generic_sftp", "upload_only"),
     "instiller": Flavor("instiller", "instiller"),
+    "mailup": Flavor("mailup", "mailup", message="42"),
 }
 """``make demo ESP=<name>``: the ESP names the demo knows."""
 
 
-def demo_job(job_id: str, esp: str, account: str, mode: str = "upload_and_send") -> dict[str, Any]:
+def demo_job(
+    job_id: str, esp: str, account: str, mode: str = "upload_and_send", message: str = "demo-newsletter"
+) -> dict[str, Any]:
     """The demo broadcast: every customer not opted out, five fields."""
     return {
         "mode": mode,
@@ -120,7 +135,7 @@ def demo_job(job_id: str, esp: str, account: str, mode: str = "upload_and_send")
         "esp": esp,
         "account": account,
         "list_name": "espbridge demo",
-        "message": "demo-newsletter",
+        "message": message,
         "selection": {
             "kind": "table",
             "table": "crm.customers",
@@ -299,7 +314,9 @@ async def run(recipients: int, esp: str, account: str) -> int:
     assert counts is not None
     say(f"crm.customers: {counts['n']} customers ({added} added now), {counts['o']} opted out")
 
-    job = jobs_cli.build_job(demo_job(f"demo-{datetime.now(UTC):%Y%m%d-%H%M%S}", esp, account, flavor.mode))
+    job = jobs_cli.build_job(
+        demo_job(f"demo-{datetime.now(UTC):%Y%m%d-%H%M%S}", esp, account, flavor.mode, flavor.message)
+    )
     t0 = time.monotonic()
     await jobs_cli.publish_job(kafka, job)
     say(f"published job {job.job_id} to {kafka.topic_prefix}broadcast.jobs.v1")

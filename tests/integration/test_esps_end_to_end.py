@@ -19,7 +19,7 @@ from tests.fixtures.processes import stop
 from tests.fixtures.servers import Servers
 from tools.demo import FLAVORS, demo_job, seed_customers
 
-ESPS = ["generic_sftp", "instiller"]
+ESPS = ["generic_sftp", "instiller", "mailup"]
 """ESP flavors besides the default one (which tests/integration/test_end_to_end.py covers in depth)."""
 
 
@@ -40,9 +40,11 @@ async def test_each_esp_end_to_end(
     account = f"t{unique}"
     with ExitStack() as stack:
         pipeline = start_pipeline(stack, servers, kafka.topic_prefix, database, tmp_path, [(esp, account)])
-        job = jobs_cli.build_job(demo_job(f"e2e-{esp}-{unique}", esp, account, FLAVORS[esp].mode))
+        job = jobs_cli.build_job(
+            demo_job(f"e2e-{esp}-{unique}", esp, account, FLAVORS[esp].mode, FLAVORS[esp].message)
+        )
         await jobs_cli.publish_job(kafka, job)
-        manifest = await wait_all_loaded(pipeline, esp, job.job_id, database)
+        manifest = await wait_all_loaded(pipeline, esp, job.job_id, database, kafka)
         assert manifest["recipients"] == 3000 - 3000 // 33
         assert await loaded_counts(database, job.job_id) == {t: n for t, n in manifest["counts"].items() if n}
         assert await pipeline.sends_created(esp) == {job.job_id: 1}
@@ -62,13 +64,15 @@ async def test_two_esps_of_different_kinds_at_the_same_time(
     with ExitStack() as stack:
         pipeline = start_pipeline(stack, servers, kafka.topic_prefix, database, tmp_path, esps)
         jobs = {
-            esp: jobs_cli.build_job(demo_job(f"two-{esp}-{unique}", esp, account, FLAVORS[esp].mode))
+            esp: jobs_cli.build_job(
+                demo_job(f"two-{esp}-{unique}", esp, account, FLAVORS[esp].mode, FLAVORS[esp].message)
+            )
             for esp, account in esps
         }
         for job in jobs.values():
             await jobs_cli.publish_job(kafka, job)
         for esp, job in jobs.items():
-            manifest = await wait_all_loaded(pipeline, esp, job.job_id, database)
+            manifest = await wait_all_loaded(pipeline, esp, job.job_id, database, kafka)
             assert await loaded_counts(database, job.job_id) == {
                 t: n for t, n in manifest["counts"].items() if n
             }
@@ -117,7 +121,9 @@ async def test_refused_credentials_fail_the_job_clearly(
             [(esp, f"t{unique}")],
             wrong_credentials=True,
         )
-        job = jobs_cli.build_job(demo_job(f"auth-{unique}", esp, f"t{unique}", FLAVORS[esp].mode))
+        job = jobs_cli.build_job(
+            demo_job(f"auth-{unique}", esp, f"t{unique}", FLAVORS[esp].mode, FLAVORS[esp].message)
+        )
         await jobs_cli.publish_job(kafka, job)
 
         async def failed() -> str | None:
@@ -151,9 +157,11 @@ async def test_rate_limits_are_honoured_and_malformed_items_dead_lettered(
             [(esp, account)],
             sandbox_settings={"api_limit_per_s": "3", "api_limit_burst": "2", "malformed_every": "40"},
         )
-        job = jobs_cli.build_job(demo_job(f"limits-{unique}", esp, account, FLAVORS[esp].mode))
+        job = jobs_cli.build_job(
+            demo_job(f"limits-{unique}", esp, account, FLAVORS[esp].mode, FLAVORS[esp].message)
+        )
         await jobs_cli.publish_job(kafka, job)
-        manifest = await wait_all_loaded(pipeline, esp, job.job_id, database)
+        manifest = await wait_all_loaded(pipeline, esp, job.job_id, database, kafka)
         assert await loaded_counts(database, job.job_id) == {t: n for t, n in manifest["counts"].items() if n}
         bad = sum(manifest["malformed"].values())
         assert bad > 0
