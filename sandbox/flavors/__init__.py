@@ -5,7 +5,7 @@ A flavor module defines ``FLAVOR``, a :class:`sandbox.flavors.base.Flavor`, and 
 
 from __future__ import annotations
 
-from sandbox.flavors import generic, generic_sftp, instiller, mailup
+from sandbox.flavors import generic, generic_sftp, instiller, mailup, optimizely
 from sandbox.flavors.base import Flavor
 
 FLAVORS: dict[str, Flavor] = {
@@ -15,5 +15,6 @@ FLAVORS: dict[str, Flavor] = {
         generic_sftp.FLAVOR,
         instiller.FLAVOR,
         mailup.FLAVOR,
+        optimizely.FLAVOR,
     )
 }

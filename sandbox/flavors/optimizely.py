@@ -1,0 +1,1665 @@
+"""The ``optimizely`` flavor: Optimizely Campaign as docs/connectors/optimizely.md describes it.
+
+REST under ``/rest/{clientId}/…`` with HTTP Basic on every call (user ``OPT_API_USER``, password
+the sandbox ``TOKEN``); ``OPT_CLIENT_IDS`` maps accounts to client ids. Recipients arrive through
+**batch sending**: ``POST /sending/batches`` (multipart, with a ``tag`` = the encoded job id),
+``PUT`` chunks, ``POST`` to start. The started batch's campaign is ``activated`` for
+``IMPORT_DELAY_S``, then ``running``, and ``finished`` once the sends phase is released.
+
+Responses are simulated over the batch's valid recipients (chunk order) with
+``random.Random(f"{seed}:{job_id}")`` and released phase by phase (sends, bounces, opens, clicks,
+optouts). Each event has one owner source, drawn from ``random.Random(f"{seed}:{job_id}:src")``
+among the sources that can carry it: ``Response_*.csv`` files on the SFTP site, the REST
+``/responses`` (bounces) and ``/unsubscribes`` elements, or a webhook call (only for types with an
+activated webhook when the batch was started). ``OPT_DUPLICATE_RATE`` sends some events through
+other capable sources too. The manifest counts what at least one source delivered.
+
+Everything the flavor keeps is in ``<account>/.sandbox-optimizely.json`` (ids, batches, campaigns,
+webhooks, each send's parameters, file names and webhook outcomes) and
+``.sandbox-optimizely/batches/<id>/`` (staged chunks, the merged recipients); the API elements are
+the engine's event log ``.sandbox-events/opt-<batchId>/``. A restarted sandbox resumes unfinished
+sends: it regenerates the events and releases only the files, log steps and webhook calls it had
+not released.
+
+Choices where the page leaves room are listed in sandbox/README.md (flavor ``optimizely``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import functools
+import hmac
+import logging
+import math
+import random
+import re
+import threading
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from pathlib import Path, PurePosixPath
+from typing import IO, Annotated, Any, Literal
+from zoneinfo import ZoneInfo
+
+import aiohttp
+import orjson
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from sandbox.api import CONTEXT, json_response
+from sandbox.engine import Account, EspError
+from sandbox.eventlog import EventLog
+from sandbox.files import atomic_write_bytes, atomic_writer, csv_line
+from sandbox.flavors.base import Flavor
+from sandbox.limits import TokenBucket, retry_after_s
+from sandbox.listfile import ImportResult, import_list, recipients
+from sandbox.protocol import ARCHIVE, COUNTED_TYPES, EXTERNAL_ID_RE, MANIFEST, RESPONSES, EventType
+from sandbox.responses import Broadcast, ResponseFormat, ResponsePhase
+from sandbox.settings import Probability, Rates
+from sandbox.simulate import Event, distinct_seconds, phase_files, simulate
+
+log = logging.getLogger(__name__)
+
+BERLIN = ZoneInfo("Europe/Berlin")
+DELIMITER = ";"
+FILE_DATE = "%d.%m.%Y %H:%M:%S"
+STATE_FILE = ".sandbox-optimizely.json"
+DATA_FOLDER = ".sandbox-optimizely"
+MAX_LIMIT = 9999
+DEFAULT_LIMIT = 100
+MAX_BODY = 64 * 1024 * 1024
+WEBHOOK_TIMEOUT_S = 10.0
+WEBHOOK_RETRIES_S = (1, 2, 4, 8, 16)
+_STOP_CHECK_EVENTS = 10_000
+
+TAG_RE = re.compile(r"^[A-Za-z0-9_-]{1,250}$")
+CHUNK_RE = TAG_RE
+TAG_CODES = {"_5F": "_", "_2E": ".", "_3A": ":"}
+_TAG_CODE_RE = re.compile("|".join(TAG_CODES))
+
+SOURCES = ("file", "api", "webhook")
+FILE, API, WEBHOOK = 1, 2, 4
+SOURCE_BIT = {"file": FILE, "api": API, "webhook": WEBHOOK}
+WEBHOOK_TYPES = ("sent", "open", "click", "bounce", "unsubscribe", "spamcomplaint")
+
+# Per event type: the sources that can carry it (the doc's ✓ table) and its webhook type.
+CAPABLE: dict[EventType, tuple[str, ...]] = {
+    EventType.SENT: ("file", "webhook"),
+    EventType.BOUNCE_HARD: ("file", "api", "webhook"),
+    EventType.BOUNCE_SOFT: ("file", "api", "webhook"),
+    EventType.OPEN: ("file", "webhook"),
+    EventType.CLICK: ("file", "webhook"),
+    EventType.UNSUBSCRIBE: ("file", "api", "webhook"),
+    EventType.COMPLAINT: ("webhook",),
+}
+WEBHOOK_TYPE = {
+    EventType.SENT: "sent",
+    EventType.BOUNCE_HARD: "bounce",
+    EventType.BOUNCE_SOFT: "bounce",
+    EventType.OPEN: "open",
+    EventType.CLICK: "click",
+    EventType.UNSUBSCRIBE: "unsubscribe",
+    EventType.COMPLAINT: "spamcomplaint",
+}
+CATEGORY = {EventType.BOUNCE_HARD: "hardbounce", EventType.BOUNCE_SOFT: "softbounce"}
+RULE_NAME = {EventType.BOUNCE_HARD: "mailbox unknown", EventType.BOUNCE_SOFT: "mailbox full"}
+UNSUBSCRIBE_STREAM = "unsubscribe"
+UNSUBSCRIBE_REASON = "unsubscribe link"
+
+HEADER = (
+    "Email",
+    "Urn",
+    "CommunicationKey",
+    "MessageType",
+    "DeliveryDate",
+    "ClickUrl",
+    "ClickDate",
+    "EventTriggeredDate",
+    "BounceType",
+    "BroadcastId",
+)
+MESSAGE_TYPES = {
+    EventType.SENT: "Send",
+    EventType.BOUNCE_HARD: "Bounce",
+    EventType.BOUNCE_SOFT: "Bounce",
+    EventType.OPEN: "Open",
+    EventType.CLICK: "Click",
+    EventType.UNSUBSCRIBE: "Unsubscription",
+}
+MALFORMED_KINDS = (
+    "unknown MessageType",
+    "bad EventTriggeredDate",
+    "wrong field count",
+    "Bounce without type",
+)
+"""The bad file rows, in rotation by the send's bad-row number."""
+
+UNAUTHORIZED = {"WWW-Authenticate": 'Basic realm="Optimizely Campaign"'}
+
+
+# Settings
+
+
+def _pairs(value: str) -> list[tuple[str, str]]:
+    pairs = []
+    for part in value.split(","):
+        if not part.strip():
+            continue
+        key, sep, item = part.partition("=")
+        if not sep or not key.strip() or not item.strip():
+            raise ValueError(f"expected name=value, got {part.strip()!r}")
+        pairs.append((key.strip(), item.strip()))
+    return pairs
+
+
+def _parse_auth(text: str) -> dict[str, str]:
+    """A webhook's ``authentication`` JSON: basicAuth (userName, password) or keyAuth (key, passphrase)."""
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        raise ValueError("authentication must be JSON") from None
+    fields = {"basicAuth": ("userName", "password"), "keyAuth": ("key", "passphrase")}
+    if not isinstance(value, dict) or value.get("type") not in fields:
+        raise ValueError('authentication needs "type": "basicAuth" or "keyAuth"')
+    auth_type = str(value["type"])
+    needed = fields[auth_type]
+    if not all(isinstance(value.get(k), str) and value[k] for k in needed):
+        raise ValueError(f"{auth_type} needs {' and '.join(needed)}")
+    return {"type": auth_type, **{k: str(value[k]) for k in needed}}
+
+
+class OptimizelySettings(BaseSettings):
+    """The flavor's own settings (``ESPBRIDGE_SANDBOX_OPT_*``)."""
+
+    model_config = SettingsConfigDict(env_prefix="ESPBRIDGE_SANDBOX_", frozen=True, extra="ignore")
+
+    opt_api_user: str = Field(default="api-user@example.com", min_length=1, description="the API user")
+    opt_client_ids: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict, description="account=clientId,… (default: the account name)"
+    )
+    opt_webhook_url: str | None = Field(
+        default=None, description="target of webhooks registered at start ({account}, {esp} replaced)"
+    )
+    opt_webhook_auth: str | None = Field(default=None, description="their `authentication` JSON")
+    opt_webhook_batch: int = Field(default=100, ge=1, description="events per webhook call at most")
+    opt_source_weights: Annotated[dict[str, float], NoDecode] = Field(
+        default_factory=lambda: {"file": 0.6, "api": 0.2, "webhook": 0.2}
+    )
+    opt_duplicate_rate: Probability = 0.0
+    opt_max_concurrent: int = Field(default=10, ge=1, description="in-flight requests per client")
+    opt_rate_per_s: float = Field(default=0.0, ge=0.0, description="token bucket per client (0 = off)")
+    opt_error_rate: Probability = 0.0
+    opt_malformed_every: int = Field(default=0, ge=0, description="a bad row in every n-th file / call")
+
+    @field_validator("opt_client_ids", mode="before")
+    @classmethod
+    def _client_ids(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            pairs = _pairs(value)
+            for _, client in pairs:
+                if "/" in client:
+                    raise ValueError(f"client id {client!r} contains '/'")
+            return dict(pairs)
+        return value
+
+    @field_validator("opt_source_weights", mode="before")
+    @classmethod
+    def _weights(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        weights = {}
+        for source, text in _pairs(value):
+            if source not in SOURCES:
+                raise ValueError(f"unknown source {source!r} (known: {', '.join(SOURCES)})")
+            try:
+                weights[source] = float(text)
+            except ValueError:
+                raise ValueError(f"weight of {source} is not a number") from None
+        return weights
+
+    @field_validator("opt_source_weights")
+    @classmethod
+    def _weights_sum(cls, value: dict[str, float]) -> dict[str, float]:
+        if any(w < 0 or not math.isfinite(w) for w in value.values()) or sum(value.values()) <= 0:
+            raise ValueError("weights must be >= 0 with a positive sum")
+        return value
+
+    @field_validator("opt_webhook_url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            return None
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @field_validator("opt_webhook_auth")
+    @classmethod
+    def _auth(cls, value: str | None) -> str | None:
+        if value is not None and value.strip():
+            _parse_auth(value)
+            return value
+        return None
+
+    @property
+    def webhook_auth(self) -> dict[str, str] | None:
+        """The parsed ``OPT_WEBHOOK_AUTH`` (None: the calls carry no authentication)."""
+        return _parse_auth(self.opt_webhook_auth) if self.opt_webhook_auth else None
+
+    def client_id(self, account: str) -> str:
+        """The account's ``clientId``."""
+        return self.opt_client_ids.get(account, account)
+
+
+@functools.cache
+def opt_settings() -> OptimizelySettings:
+    """The flavor's settings, read from the environment once."""
+    return OptimizelySettings()
+
+
+# Times
+
+
+def rest_time(at: float) -> str:
+    """An RFC 3339 date-time with milliseconds and the Europe/Berlin offset."""
+    return datetime.fromtimestamp(at, BERLIN).isoformat(timespec="milliseconds")
+
+
+def file_time(at: float) -> str:
+    """``dd.MM.yyyy HH:mm:ss`` in Europe/Berlin."""
+    return datetime.fromtimestamp(at, BERLIN).strftime(FILE_DATE)
+
+
+def in_repeated_hour(at: float) -> bool:
+    """Whether the local time falls in the hour that occurs twice at the autumn clock change."""
+    local = datetime.fromtimestamp(at, BERLIN)
+    return local.replace(fold=1 - local.fold).utcoffset() != local.utcoffset()
+
+
+def decode_tag(tag: str) -> str:
+    """The job id a batch ``tag`` carries (``_5F`` → ``_``, ``_2E`` → ``.``, ``_3A`` → ``:``)."""
+    return _TAG_CODE_RE.sub(lambda m: TAG_CODES[m.group(0)], tag)
+
+
+# Saved state
+
+
+BatchState = Literal["initiated", "has_recipients", "sent", "invalid"]
+
+
+class SendRun(BaseModel):
+    """A started batch: the parameters its responses are simulated with, and what was released."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    recipients: int
+    seed: int
+    rates: Rates
+    rows_per_file: int
+    malformed_every: int
+    weights: dict[str, float]
+    duplicate_rate: float
+    webhook_batch: int
+    webhook_types: list[str]
+    sent_at: float
+    duplicate_of: int | None = None
+    """Another batch with this tag was started before: this one is counted but not simulated."""
+    started_at: float | None = None
+    finished_at: float | None = None
+    complete: bool = False
+    files: list[str] = Field(default_factory=list)
+    """Response file names in writing order, each saved before the file is written."""
+    calls: dict[int, bool] = Field(default_factory=dict)
+    """Webhook call number → acknowledged with 2xx (False: finally failed)."""
+    report: dict[str, int] = Field(default_factory=dict)
+
+
+class Batch(BaseModel):
+    """A sending batch."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: int
+    campaign_id: int
+    recipient_list_id: int
+    tag: str
+    job_id: str
+    created: float
+    state: BatchState = "initiated"
+    chunks: dict[str, int] = Field(default_factory=dict)
+    """Staged chunk id → recipients that passed pre-validation."""
+    run: SendRun | None = None
+
+    def public(self) -> dict[str, Any]:
+        """``RestSendingBatch``."""
+        return {
+            "id": self.id,
+            "campaignId": self.campaign_id,
+            "recipientListId": self.recipient_list_id,
+            "tag": self.tag,
+            "chunks": sorted(self.chunks),
+            "state": self.state,
+        }
+
+
+class Campaign(BaseModel):
+    """A smart campaign: a copy made for a batch, or a master used directly; one mailing each."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: int
+    name: str
+    mailing_id: int
+    created: float
+    copy_of: int | None = None
+    batch_ids: list[int] = Field(default_factory=list)
+    started_by: int | None = None
+
+
+class Webhook(BaseModel):
+    """A registered webhook."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: int
+    type: str
+    target_url: str
+    authentication: dict[str, str] | None = None
+    status: str = "created"
+    origin: Literal["api", "settings"] = "api"
+    created: float
+
+    def public(self) -> dict[str, Any]:
+        """``RestWebhook`` (the authentication's secret is not shown)."""
+        return {
+            "id": self.id,
+            "type": self.type,
+            "format": "json",
+            "targetUrl": self.target_url,
+            "authenticationType": self.authentication["type"] if self.authentication else None,
+            "status": self.status,
+            "created": rest_time(self.created),
+        }
+
+
+class OptData(BaseModel):
+    """Everything the flavor saves per account."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    version: int = 1
+    next_batch: int = 5001
+    next_campaign: int = 7001
+    next_mailing: int = 8001
+    next_list: int = 3001
+    next_webhook: int = 1
+    batches: dict[int, Batch] = Field(default_factory=dict)
+    campaigns: dict[int, Campaign] = Field(default_factory=dict)
+    webhooks: dict[int, Webhook] = Field(default_factory=dict)
+
+
+class Store:
+    """One account's flavor state, its request limits and its webhook HTTP client."""
+
+    def __init__(self, account: Account) -> None:
+        self.account = account
+        self.settings = opt_settings()
+        self.client_id = self.settings.client_id(account.name)
+        self.path = account.folder / STATE_FILE
+        self.data = OptData()
+        self.lock = asyncio.Lock()
+        self._save_lock = asyncio.Lock()
+        self.stop = threading.Event()
+        self.in_flight = 0
+        rate = self.settings.opt_rate_per_s
+        self.bucket = TokenBucket(rate, max(1, math.ceil(rate))) if rate else None
+        self.faults = random.Random(f"{account.settings.seed}:{account.name}:faults")
+        self._http: aiohttp.ClientSession | None = None
+
+    def batch_dir(self, batch_id: int) -> Path:
+        return self.account.folder / DATA_FOLDER / "batches" / str(batch_id)
+
+    def load(self) -> None:
+        """Read the saved state, remove stale temporary files, register the settings' webhooks."""
+        if self.path.is_file():
+            self.data = OptData.model_validate_json(self.path.read_bytes())
+        for stale in (self.account.folder / DATA_FOLDER).glob("batches/*/.*.tmp"):
+            stale.unlink(missing_ok=True)
+        if self._register_settings_webhooks():
+            atomic_write_bytes(self.path, self._dump())
+
+    def _dump(self) -> bytes:
+        return orjson.dumps(self.data.model_dump(mode="json"), option=orjson.OPT_INDENT_2)
+
+    async def save(self) -> None:
+        """Write the state atomically (the snapshot is taken in the lock, so the last save wins)."""
+        async with self._save_lock:
+            data = self._dump()
+            await asyncio.to_thread(atomic_write_bytes, self.path, data)
+
+    def _register_settings_webhooks(self) -> bool:
+        """Webhooks for all six types to ``OPT_WEBHOOK_URL``, activated; earlier settings' ones deleted."""
+        url = self.settings.opt_webhook_url
+        if url is not None:
+            url = url.replace("{account}", self.account.name).replace("{esp}", self.account.settings.esp)
+        auth = self.settings.webhook_auth
+        changed = False
+        for hook in self.data.webhooks.values():
+            stale = url is None or (hook.target_url, hook.authentication) != (url, auth)
+            if hook.origin == "settings" and hook.status != "deleted" and stale:
+                hook.status = "deleted"
+                changed = True
+        if url is None:
+            return changed
+        for hook_type in WEBHOOK_TYPES:
+            if any(
+                h.origin == "settings" and h.type == hook_type and h.status == "activated"
+                for h in self.data.webhooks.values()
+            ):
+                continue
+            hook = Webhook(
+                id=self.data.next_webhook,
+                type=hook_type,
+                target_url=url,
+                authentication=auth,
+                status="activated",
+                origin="settings",
+                created=time.time(),
+            )
+            self.data.next_webhook += 1
+            self.data.webhooks[hook.id] = hook
+            changed = True
+        return changed
+
+    def webhook_for(self, hook_type: str) -> Webhook | None:
+        """The newest activated webhook of a type (it receives that type's events)."""
+        found = [h for h in self.data.webhooks.values() if h.type == hook_type and h.status == "activated"]
+        return max(found, key=lambda h: h.id) if found else None
+
+    def http(self) -> aiohttp.ClientSession:
+        if self._http is None or self._http.closed:
+            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WEBHOOK_TIMEOUT_S))
+        return self._http
+
+    async def close(self) -> None:
+        self.stop.set()
+        if self._http is not None:
+            await self._http.close()
+
+    @contextlib.asynccontextmanager
+    async def admitted(self) -> AsyncIterator[None]:
+        """One request inside the limits: in flight (429), the token bucket (429), faults (503)."""
+        if self.in_flight >= self.settings.opt_max_concurrent:
+            raise EspError(
+                429, "too_many_requests", "Too many requests are used at the same time", {"Retry-After": "1"}
+            )
+        self.in_flight += 1
+        try:
+            if self.bucket is not None:
+                wait_s = self.bucket.acquire()
+                if wait_s > 0:
+                    raise EspError(
+                        429,
+                        "too_many_requests",
+                        "Too many requests; the request rate is limited",
+                        {"Retry-After": str(retry_after_s(wait_s))},
+                    )
+            if self.settings.opt_error_rate and self.faults.random() < self.settings.opt_error_rate:
+                raise EspError(503, "unavailable", "Service temporarily unavailable", {"Retry-After": "1"})
+            yield
+        finally:
+            self.in_flight -= 1
+
+    def campaign_of_mailing(self, mailing_id: int) -> Campaign | None:
+        return next((c for c in self.data.campaigns.values() if c.mailing_id == mailing_id), None)
+
+    def started_batch(self, campaign: Campaign) -> Batch | None:
+        return self.data.batches.get(campaign.started_by) if campaign.started_by is not None else None
+
+    def event_log(self, batch: Batch) -> EventLog:
+        return self.account.event_log(f"opt-{batch.id}")
+
+
+_STORES: dict[Path, Store] = {}
+
+
+def store_of(account: Account) -> Store:
+    """The account's flavor state, loaded at the first use."""
+    found = _STORES.get(account.folder)
+    if found is None:
+        found = Store(account)
+        found.load()
+        _STORES[account.folder] = found
+    return found
+
+
+# Requests
+
+
+def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> web.Response:
+    response = json_response({"status": status, "message": message}, status)
+    if headers:
+        response.headers.update(headers)
+    return response
+
+
+def _basic_ok(request: web.Request) -> bool:
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "basic":
+        return False
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return False
+    user, sep, password = decoded.partition(":")
+    user_ok = hmac.compare_digest(user.encode(), opt_settings().opt_api_user.encode())
+    password_ok = request.app[CONTEXT].token_matches(password)
+    return bool(sep) and user_ok and password_ok
+
+
+def _account(request: web.Request) -> Account:
+    """The account of the path's ``clientId`` once the Basic credentials are right (401, then 403)."""
+    if not _basic_ok(request):
+        raise EspError(401, "unauthorized", "Unauthorized", UNAUTHORIZED)
+    client = request.match_info.get("clientId", "")
+    settings = opt_settings()
+    for name, account in request.app[CONTEXT].accounts.items():
+        if settings.client_id(name) == client:
+            return account
+    raise EspError(403, "forbidden", f"Access to client {client} is not allowed")
+
+
+Handler = Callable[[web.Request, Store], Awaitable[web.StreamResponse]]
+
+
+def endpoint(
+    handler: Handler, limited: bool = True
+) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """A route: Basic auth (401), the client (403), the limits and faults (429, 503), then the call.
+
+    Errors answer ``{"status", "message"}``.
+    """
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        try:
+            store = store_of(_account(request))
+            if not limited:
+                return await handler(request, store)
+            async with store.admitted():
+                return await handler(request, store)
+        except EspError as exc:
+            return _error(exc.status, exc.message, exc.headers)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return _error(exc.status, exc.reason)
+
+    return handle
+
+
+def bad_request(message: str) -> EspError:
+    return EspError(400, "bad_request", message)
+
+
+def not_found(message: str) -> EspError:
+    return EspError(404, "not_found", message)
+
+
+def conflict(message: str) -> EspError:
+    return EspError(409, "conflict", message)
+
+
+def _int(text: str | None, name: str, default: int) -> int:
+    if text is None or text == "":
+        return default
+    if not text.isascii() or not text.isdigit():
+        raise bad_request(f"{name} must be a non-negative integer")
+    return int(text)
+
+
+def _paging(request: web.Request) -> tuple[int, int]:
+    offset = _int(request.query.get("offset"), "offset", 0)
+    limit = _int(request.query.get("limit"), "limit", DEFAULT_LIMIT)
+    if not 1 <= limit <= MAX_LIMIT:
+        raise bad_request(f"limit must be from 1 to {MAX_LIMIT} (less than 10000)")
+    return offset, limit
+
+
+def _collection(request: web.Request, page: list[Any], offset: int, limit: int) -> web.Response:
+    return json_response(
+        {
+            "elements": page,
+            "count": len(page),
+            "offset": offset,
+            "limit": limit,
+            "links": [{"rel": "self", "href": str(request.rel_url)}],
+        }
+    )
+
+
+def _path_int(request: web.Request, name: str, what: str) -> int:
+    text = request.match_info[name]
+    if not text.isascii() or not text.isdigit():
+        raise not_found(f"no {what} {text}")
+    return int(text)
+
+
+def _batch(request: web.Request, store: Store) -> Batch:
+    batch_id = _path_int(request, "batchId", "batch")
+    batch = store.data.batches.get(batch_id)
+    if batch is None:
+        raise not_found(f"no batch {batch_id}")
+    return batch
+
+
+async def _json_body(request: web.Request) -> Any:
+    """The JSON body, or None when there is none (a body over 64 MiB is 413)."""
+    parts: list[bytes] = []
+    size = 0
+    while part := await request.content.readany():
+        size += len(part)
+        if size > MAX_BODY:
+            raise EspError(413, "too_large", "the body is too large")
+        parts.append(part)
+    raw = b"".join(parts)
+    if not raw.strip():
+        return None
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise bad_request("the body is not JSON") from None
+
+
+# Batches
+
+Recipient = dict[str, Any]
+
+
+def _valid_email(value: Any) -> bool:
+    if not isinstance(value, str):
+        return False
+    local, at, domain = value.partition("@")
+    return bool(at) and bool(local.strip()) and bool(domain.strip())
+
+
+def prevalidate(items: Iterable[Any]) -> list[Recipient]:
+    """The recipients of a chunk that pass: a non-empty ``id`` not earlier in the chunk and a
+    ``data.email`` with text on both sides of an ``@``. Attribute values become text (null: left out)."""
+    seen: set[str] = set()
+    passed: list[Recipient] = []
+    for item in items:
+        if not isinstance(item, dict):
+            continue
+        rid = item.get("id")
+        if not isinstance(rid, str) or not rid:
+            continue
+        earlier = rid in seen
+        seen.add(rid)
+        data = item.get("data")
+        if earlier or not isinstance(data, dict) or not _valid_email(data.get("email")):
+            continue
+        attrs = {
+            str(k): v if isinstance(v, str) else orjson.dumps(v).decode()
+            for k, v in data.items()
+            if v is not None
+        }
+        passed.append({"id": rid, "data": attrs})
+    return passed
+
+
+def _chunk_of(body: Any) -> tuple[str, list[Recipient]]:
+    """A PUT body's chunk id and its passing recipients; 400 if there is no usable body."""
+    if not isinstance(body, dict):
+        raise bad_request("the body must be a JSON object with chunk and recipients")
+    chunk = body.get("chunk")
+    if not isinstance(chunk, str) or not CHUNK_RE.fullmatch(chunk):
+        raise bad_request("chunk must match [A-Za-z0-9_-]{1,250}")
+    items = body.get("recipients", [])
+    if not isinstance(items, list):
+        raise bad_request("recipients must be a list")
+    return chunk, prevalidate(items)
+
+
+async def _stage(store: Store, batch: Batch, chunk: str, passed: list[Recipient]) -> None:
+    """Save a chunk (replacing one with the same id); the caller holds the store's lock."""
+    if batch.state in ("sent", "invalid"):
+        raise conflict(f"batch {batch.id} is {batch.state}")
+    path = store.batch_dir(batch.id) / f"chunk-{chunk}.json"
+
+    def write() -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, orjson.dumps(passed))
+
+    await asyncio.to_thread(write)
+    batch.chunks[chunk] = len(passed)
+    if batch.state == "initiated":
+        batch.state = "has_recipients"
+    await store.save()
+
+
+def _form_value(form: Mapping[str, Any], name: str) -> str | None:
+    value = form.get(name)
+    return value.strip() if isinstance(value, str) and value.strip() else None
+
+
+async def create_batch(request: web.Request, store: Store) -> web.Response:
+    """``POST /sending/batches`` (multipart: ``campaign``, ``campaignAction``, ``tag``) → 201."""
+    if request.content_type != "multipart/form-data":
+        raise EspError(415, "unsupported_media_type", "batch creation takes multipart/form-data")
+    form = await request.post()
+    campaign_text, tag = _form_value(form, "campaign"), _form_value(form, "tag")
+    action = _form_value(form, "campaignAction") or "copy"
+    if campaign_text is None or tag is None:
+        raise bad_request("campaign and tag are required")
+    if not campaign_text.isascii() or not campaign_text.isdigit():
+        raise bad_request("campaign must be the id of a master campaign")
+    if action not in ("use", "copy"):
+        raise bad_request("campaignAction must be use or copy")
+    job_id = decode_tag(tag)
+    if not TAG_RE.fullmatch(tag) or not EXTERNAL_ID_RE.fullmatch(job_id):
+        raise bad_request("tag must match [A-Za-z0-9_-]{1,250}")
+    master = int(campaign_text)
+    async with store.lock:
+        data = store.data
+        known = data.campaigns.get(master)
+        if known is not None and known.copy_of is not None:
+            raise bad_request(f"campaign {master} is not a master campaign")
+        now = time.time()
+        if action == "use":
+            if known is not None and known.started_by is not None:
+                raise conflict(f"campaign {master} is already finished")
+            campaign = known or Campaign(
+                id=master, name=f"Campaign {master}", mailing_id=data.next_mailing, created=now
+            )
+            if known is None:
+                data.next_mailing += 1
+        else:
+            while data.next_campaign in data.campaigns:
+                data.next_campaign += 1
+            campaign = Campaign(
+                id=data.next_campaign,
+                name=f"Campaign {master} ({tag})",
+                mailing_id=data.next_mailing,
+                created=now,
+                copy_of=master,
+            )
+            data.next_campaign += 1
+            data.next_mailing += 1
+        data.campaigns[campaign.id] = campaign
+        batch = Batch(
+            id=data.next_batch,
+            campaign_id=campaign.id,
+            recipient_list_id=data.next_list,
+            tag=tag,
+            job_id=job_id,
+            created=now,
+        )
+        data.next_batch += 1
+        data.next_list += 1
+        data.batches[batch.id] = batch
+        campaign.batch_ids.append(batch.id)
+        await store.save()
+    log.info("batch created", extra={"account": store.account.name, "batch_id": batch.id, "job_id": job_id})
+    return json_response(batch.public(), 201)
+
+
+async def list_batches(request: web.Request, store: Store) -> web.Response:
+    """``GET /sending/batches``: ascending ``id``, paged."""
+    offset, limit = _paging(request)
+    batches = [store.data.batches[i].public() for i in sorted(store.data.batches)]
+    return _collection(request, batches[offset : offset + limit], offset, limit)
+
+
+async def get_batch(request: web.Request, store: Store) -> web.Response:
+    """``GET /sending/batches/{id}``."""
+    return json_response(_batch(request, store).public())
+
+
+async def put_chunk(request: web.Request, store: Store) -> web.Response:
+    """``PUT /sending/batches/{id}``: stage (or replace) a chunk; ``count`` = recipients that passed."""
+    batch = _batch(request, store)
+    body = await _json_body(request)
+    if body is None:
+        raise bad_request("a chunk body is required")
+    chunk, passed = _chunk_of(body)
+    async with store.lock:
+        await _stage(store, batch, chunk, passed)
+    return json_response({"chunk": chunk, "count": len(passed)})
+
+
+def _merge(store: Store, batch: Batch) -> int:
+    """Write the batch's recipients in chunk order (an id kept from its lowest chunk); how many."""
+    folder = store.batch_dir(batch.id)
+    seen: set[str] = set()
+    with atomic_writer(folder / "recipients.jsonl") as people, atomic_writer(folder / "list.csv") as lst:
+        lst.write(csv_line(("Email", "CommunicationKey")))
+        for chunk in sorted(batch.chunks):
+            for person in orjson.loads((folder / f"chunk-{chunk}.json").read_bytes()):
+                if person["id"] in seen:
+                    continue
+                seen.add(person["id"])
+                people.write(orjson.dumps(person).decode() + "\n")
+                lst.write(csv_line((person["data"]["email"], person["id"])))
+    return len(seen)
+
+
+async def start_batch(request: web.Request, store: Store) -> web.Response:
+    """``POST /sending/batches/{id}``: 202, the batch is ``sent``; the campaign starts in the background."""
+    batch = _batch(request, store)
+    body = await _json_body(request)
+    final = _chunk_of(body) if body is not None else None
+    account = store.account
+    async with store.lock:
+        if batch.state == "sent":
+            raise conflict(f"batch {batch.id} was already sent")
+        if final is not None:
+            await _stage(store, batch, *final)
+        if batch.state == "invalid":
+            raise conflict(f"batch {batch.id} is invalid")
+        if not batch.chunks:
+            raise conflict(f"batch {batch.id} has no chunks")
+        campaign = store.data.campaigns[batch.campaign_id]
+        if campaign.started_by is not None:
+            raise conflict(f"campaign {campaign.id} is invalid: it was started already")
+        count = await asyncio.to_thread(_merge, store, batch)
+        if count == 0:
+            batch.state = "invalid"
+            await store.save()
+            raise conflict(f"batch {batch.id} has no valid recipients")
+        earlier = next(
+            (
+                b.id
+                for b in store.data.batches.values()
+                if b.job_id == batch.job_id and b.state == "sent" and b.id != batch.id
+            ),
+            None,
+        )
+        settings = store.settings
+        hook_types = sorted(t for t in WEBHOOK_TYPES if store.webhook_for(t) is not None)
+        batch.run = SendRun(
+            recipients=count,
+            seed=account.settings.seed,
+            rates=account.settings.rate,
+            rows_per_file=account.settings.rows_per_file,
+            malformed_every=settings.opt_malformed_every,
+            weights=dict(settings.opt_source_weights),
+            duplicate_rate=settings.opt_duplicate_rate,
+            webhook_batch=settings.opt_webhook_batch,
+            webhook_types=hook_types,
+            sent_at=time.time(),
+            duplicate_of=earlier,
+        )
+        batch.state = "sent"
+        campaign.started_by = batch.id
+        await store.save()
+    log.info(
+        "batch sent",
+        extra={"account": account.name, "batch_id": batch.id, "job_id": batch.job_id, "recipients": count},
+    )
+    if earlier is None:
+        account.spawn(run_send(store, batch), f"batch {batch.id}")
+    else:
+        log.warning(
+            "a second batch of a job was started; not simulated again",
+            extra={"account": account.name, "batch_id": batch.id, "first_batch_id": earlier},
+        )
+    return web.Response(status=202)
+
+
+# Campaigns
+
+
+def campaign_status(store: Store, campaign: Campaign) -> str:
+    """``activationRequired`` until a batch starts it, then ``activated`` → ``running`` → ``finished``."""
+    batch = store.started_batch(campaign)
+    if batch is None or batch.run is None:
+        batches = [store.data.batches[i] for i in campaign.batch_ids]
+        if batches and all(b.state == "invalid" for b in batches):
+            return "invalid"
+        return "activationRequired"
+    run = batch.run
+    if run.duplicate_of is not None:
+        return "canceled"
+    if run.started_at is None:
+        return "activated"
+    if run.finished_at is None:
+        return "running"
+    return "finished"
+
+
+def _campaign(request: web.Request, store: Store) -> Campaign:
+    campaign_id = _path_int(request, "campaignId", "campaign")
+    campaign = store.data.campaigns.get(campaign_id)
+    if campaign is None:
+        raise not_found(f"no campaign {campaign_id}")
+    return campaign
+
+
+async def get_campaign(request: web.Request, store: Store) -> web.Response:
+    """``GET /smartcampaigns/{id}``."""
+    campaign = _campaign(request, store)
+    status = campaign_status(store, campaign)
+    batch = store.started_batch(campaign)
+    run = batch.run if batch is not None else None
+    started = run.started_at if run is not None and run.duplicate_of is None else None
+    finished = run.finished_at if run is not None and run.duplicate_of is None else None
+    return json_response(
+        {
+            "id": campaign.id,
+            "name": campaign.name,
+            "status": status,
+            "type": "regular",
+            "created": rest_time(campaign.created),
+            "started": rest_time(started) if started is not None else None,
+            "finished": rest_time(finished) if finished is not None else None,
+            "messages": [{"mailingId": campaign.mailing_id, "status": status, "mediaType": "EMAIL"}],
+        }
+    )
+
+
+async def campaign_report(request: web.Request, store: Store) -> web.Response:
+    """``GET /smartcampaigns/{id}/report``: aggregates of the responses released so far."""
+    campaign = _campaign(request, store)
+    batch = store.started_batch(campaign)
+    run = batch.run if batch is not None else None
+    total = run.recipients if run is not None else 0
+    report: dict[str, int] = dict(run.report) if run is not None else {}
+    return json_response(
+        {
+            "campaignId": campaign.id,
+            "campaignName": campaign.name,
+            "recipients": {
+                "net": total,
+                "total": total,
+                "skipped": 0,
+                "inQueue": max(0, total - report.get("sent", 0)),
+            },
+            "bounces": {"hard": report.get("hard", 0), "soft": report.get("soft", 0)},
+            "unsubscribes": report.get("unsubscribes", 0),
+            "opens": {"total": report.get("opens", 0), "unique": report.get("opens_unique", 0)},
+            "clicks": {"total": report.get("clicks", 0), "unique": report.get("clicks_unique", 0)},
+        }
+    )
+
+
+# Bounces and unsubscribes
+
+
+def _created_key(item: dict[str, Any]) -> tuple[datetime, str]:
+    return datetime.fromisoformat(item["created"]), str(item["recipientId"])
+
+
+def _released(store: Store, stream: str, mailing_id: int | None) -> list[dict[str, Any]]:
+    """A stream's released elements of one mailing (in release order) or of all, by ``created``."""
+    out: list[dict[str, Any]] = []
+    for campaign in store.data.campaigns.values():
+        if mailing_id is not None and campaign.mailing_id != mailing_id:
+            continue
+        batch = store.started_batch(campaign)
+        if batch is None or batch.run is None or batch.run.duplicate_of is not None:
+            continue
+        event_log = store.event_log(batch)
+        out.extend(event_log.page(stream, 0, event_log.total(stream)))
+    if mailing_id is None:
+        out.sort(key=_created_key)
+    return out
+
+
+async def get_responses(request: web.Request, store: Store) -> web.Response:
+    """``GET /responses?category=hardbounce|softbounce&mailingId=``: ascending ``created``, paged."""
+    category = request.query.get("category")
+    if category not in ("hardbounce", "softbounce"):
+        raise bad_request("category must be hardbounce or softbounce")
+    mailing_text = request.query.get("mailingId")
+    mailing_id: int | None = None
+    if mailing_text:
+        mailing_id = _int(mailing_text, "mailingId", 0)
+        if store.campaign_of_mailing(mailing_id) is None:
+            raise not_found(f"no mailing {mailing_id}")
+    offset, limit = _paging(request)
+    elements = _released(store, category, mailing_id)
+    return _collection(request, elements[offset : offset + limit], offset, limit)
+
+
+async def get_unsubscribes(request: web.Request, store: Store) -> web.Response:
+    """``GET /unsubscribes?sort=created&direction=ASC|DESC`` (default ASC): every mailing's, paged."""
+    if request.query.get("sort", "created") != "created":
+        raise bad_request("sort must be created")
+    direction = request.query.get("direction", "ASC").upper()
+    if direction not in ("ASC", "DESC"):
+        raise bad_request("direction must be ASC or DESC")
+    offset, limit = _paging(request)
+    elements = _released(store, UNSUBSCRIBE_STREAM, None)
+    if direction == "DESC":
+        elements.reverse()
+    return _collection(request, elements[offset : offset + limit], offset, limit)
+
+
+# Webhooks (registration)
+
+
+async def create_webhook(request: web.Request, store: Store) -> web.Response:
+    """``POST /webhooks`` (form: ``type``, ``format=json``, ``targetUrl``, ``authentication``) → 201."""
+    form = await request.post()
+    hook_type = _form_value(form, "type")
+    target = _form_value(form, "targetUrl")
+    fmt = _form_value(form, "format") or "json"
+    auth_text = _form_value(form, "authentication")
+    if hook_type not in WEBHOOK_TYPES:
+        raise bad_request(f"type must be one of {', '.join(WEBHOOK_TYPES)}")
+    if fmt != "json":
+        raise bad_request("format must be json")
+    if target is None or not target.startswith(("http://", "https://")):
+        raise bad_request("targetUrl must be an http(s) URL")
+    try:
+        auth = _parse_auth(auth_text) if auth_text is not None else None
+    except ValueError as exc:
+        raise bad_request(str(exc)) from None
+    async with store.lock:
+        hook = Webhook(
+            id=store.data.next_webhook,
+            type=hook_type,
+            target_url=target,
+            authentication=auth,
+            created=time.time(),
+        )
+        store.data.next_webhook += 1
+        store.data.webhooks[hook.id] = hook
+        await store.save()
+    return json_response(hook.public(), 201)
+
+
+async def list_webhooks(request: web.Request, store: Store) -> web.Response:
+    """``GET /webhooks``: ascending ``id``, paged."""
+    offset, limit = _paging(request)
+    hooks = [store.data.webhooks[i].public() for i in sorted(store.data.webhooks)]
+    return _collection(request, hooks[offset : offset + limit], offset, limit)
+
+
+async def activate_webhook(request: web.Request, store: Store) -> web.Response:
+    """``POST /webhooks/{id}/activate`` → 200 with the webhook ``activated``."""
+    hook_id = _path_int(request, "webhookId", "webhook")
+    async with store.lock:
+        hook = store.data.webhooks.get(hook_id)
+        if hook is None or hook.status == "deleted":
+            raise not_found(f"no webhook {hook_id}")
+        hook.status = "activated"
+        await store.save()
+    return json_response(hook.public())
+
+
+async def stats(request: web.Request, store: Store) -> web.Response:
+    """``GET _sandbox/stats`` (tests): batches created (201) and started (202) per decoded tag."""
+    batches = store.data.batches.values()
+    return json_response(
+        {
+            "sends_created": dict(Counter(b.job_id for b in batches if b.state == "sent")),
+            "batches_created": dict(Counter(b.job_id for b in batches)),
+        }
+    )
+
+
+async def unknown(request: web.Request, store: Store) -> web.Response:
+    raise not_found(f"no resource {request.method} {request.path}")
+
+
+BASE = "/rest/{clientId}"
+
+ROUTES = (
+    web.post(f"{BASE}/sending/batches", endpoint(create_batch)),
+    web.get(f"{BASE}/sending/batches", endpoint(list_batches)),
+    web.get(f"{BASE}/sending/batches/{{batchId}}", endpoint(get_batch)),
+    web.put(f"{BASE}/sending/batches/{{batchId}}", endpoint(put_chunk)),
+    web.post(f"{BASE}/sending/batches/{{batchId}}", endpoint(start_batch)),
+    web.get(f"{BASE}/smartcampaigns/{{campaignId}}", endpoint(get_campaign)),
+    web.get(f"{BASE}/smartcampaigns/{{campaignId}}/report", endpoint(campaign_report)),
+    web.get(f"{BASE}/responses", endpoint(get_responses)),
+    web.get(f"{BASE}/unsubscribes", endpoint(get_unsubscribes)),
+    web.get(f"{BASE}/webhooks", endpoint(list_webhooks)),
+    web.post(f"{BASE}/webhooks", endpoint(create_webhook)),
+    web.post(f"{BASE}/webhooks/{{webhookId}}/activate", endpoint(activate_webhook)),
+    web.get(f"{BASE}/_sandbox/stats", endpoint(stats, limited=False)),
+    web.route("*", f"{BASE}/{{tail:.*}}", endpoint(unknown, limited=False)),
+)
+
+
+# Response files
+
+
+@dataclass(frozen=True)
+class OptBroadcast(Broadcast):
+    """A started batch as the response format sees it: its recipients' attributes and send times."""
+
+    batch_id: int = 0
+    recipient_data: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    delivery: Mapping[str, int] = field(default_factory=dict)
+    """Recipient id → when the message was sent to them (``DeliveryDate``)."""
+
+
+SENDS = ResponsePhase("sends", frozenset({EventType.SENT}))
+
+
+class OptimizelyResponses(ResponseFormat):
+    """``responses/Response_<batchId>_<yyyyMMddHHmmss>_<seq>.csv``: ``;``, Europe/Berlin dates."""
+
+    phases = (
+        SENDS,
+        ResponsePhase("bounces", frozenset({EventType.BOUNCE_HARD, EventType.BOUNCE_SOFT})),
+        ResponsePhase("opens", frozenset({EventType.OPEN})),
+        ResponsePhase("clicks", frozenset({EventType.CLICK})),
+        ResponsePhase("optouts", frozenset({EventType.UNSUBSCRIBE, EventType.COMPLAINT})),
+    )
+    # Events are identified by their facts: never two of a recipient with one type, URL and second.
+    distinct_seconds = True
+    # /responses is in ascending `created`: a phase's steps follow each other in time.
+    time_ordered_phases = True
+
+    def file_name(
+        self,
+        broadcast: Broadcast,
+        phase: ResponsePhase,
+        seq: int,
+        now: datetime,
+        taken: Callable[[str], bool],
+    ) -> str:
+        """The batch id, the local time of writing and the send's file number."""
+        batch_id = broadcast.batch_id if isinstance(broadcast, OptBroadcast) else broadcast.send_id
+        stamp = now.astimezone(BERLIN).strftime("%Y%m%d%H%M%S")
+        return f"{RESPONSES}/Response_{batch_id}_{stamp}_{seq:03d}.csv"
+
+    @staticmethod
+    def row(broadcast: Broadcast, event: Event) -> list[str]:
+        """One event's row in the columns of :data:`HEADER`."""
+        data: Mapping[str, str] = {"CommunicationKey": event.key, "BroadcastId": broadcast.external_id}
+        delivery = event.at
+        if isinstance(broadcast, OptBroadcast):
+            data = broadcast.recipient_data.get(event.key, {})
+            delivery = broadcast.delivery.get(event.key, event.at)
+        click = event.event_type is EventType.CLICK
+        return [
+            event.email,
+            event.key,
+            data.get("CommunicationKey", ""),
+            MESSAGE_TYPES[event.event_type],
+            file_time(delivery),
+            event.url if click else "",
+            file_time(event.at) if click else "",
+            file_time(event.at),
+            CATEGORY.get(event.event_type, ""),
+            data.get("BroadcastId", ""),
+        ]
+
+    def write(self, out: IO[str], broadcast: Broadcast, phase: ResponsePhase, events: list[Event]) -> None:
+        """The header and one row per event."""
+        out.write(csv_line(HEADER, DELIMITER))
+        for event in events:
+            out.write(csv_line(self.row(broadcast, event), DELIMITER))
+
+
+FORMAT = OptimizelyResponses()
+
+
+def bad_row(good: list[str], kind: int) -> list[str]:
+    """A malformed copy of a good row (kinds: :data:`MALFORMED_KINDS`)."""
+    row = list(good)
+    if kind == 0:
+        row[3] = "Forward"
+    elif kind == 1:
+        row[7] = "31.02.2026 25:61:00"
+    elif kind == 2:
+        row = row[:-1]
+    else:
+        row[3], row[5], row[6], row[8] = "Bounce", "", "", ""
+    return row
+
+
+# Releasing a started batch's responses
+
+
+class SendInterruptedError(Exception):
+    """The sandbox is stopping; the send resumes at the next start."""
+
+
+class Release:
+    """Releases one started batch's responses phase by phase, through files, the API and webhooks.
+
+    Every step is regenerated and counted, also when an earlier run released it (then only the
+    parts not released yet are), so the manifest counts the whole send so far.
+    """
+
+    def __init__(self, store: Store, batch: Batch, run: SendRun, started_at: float) -> None:
+        self.store = store
+        self.batch = batch
+        self.run = run
+        self.campaign = store.data.campaigns[batch.campaign_id]
+        self.account_dir = store.account.folder
+        self.folder = store.batch_dir(batch.id)
+        self.event_log = store.event_log(batch)
+        self.manifest_path = self.account_dir / MANIFEST / f"{batch.job_id}.json"
+        self.t0 = int(started_at)
+        self.plan = bytearray()
+        self.broadcast = OptBroadcast(
+            account_dir=self.account_dir,
+            send_id=f"opt-{batch.id}",
+            external_id=batch.job_id,
+            message=str(self.campaign.mailing_id),
+            recipients=self.run.recipients,
+            list_store=self.folder / "list.csv",
+            t0=self.t0,
+            seed=self.run.seed,
+            rates=self.run.rates,
+            rows_per_file=self.run.rows_per_file,
+            batch_id=batch.id,
+        )
+        self.counts = {t.value: 0 for t in COUNTED_TYPES}
+        self.by_source = {s: {t.value: 0 for t in COUNTED_TYPES} for s in SOURCES}
+        self.undelivered = 0
+        self.malformed = 0
+        self.files: list[str] = []
+        self.report: Counter[str] = Counter()
+        self._openers: set[str] = set()
+        self._clickers: set[str] = set()
+        self._written_before: set[str] = set()
+        self._step = 0
+        self._file_seq = 0
+        self._call_seq = 0
+        self.released = 0
+
+    # The events
+
+    def _adjust(self, events: Iterator[Event]) -> Iterator[Event]:
+        """No ``delivered`` events (only the draw gates opens); complaints only with their webhook;
+        the link with a comma gets a ``;`` instead, so files prove their quoting."""
+        complaints = "spamcomplaint" in self.run.webhook_types
+        for n, event in enumerate(events):
+            if n % _STOP_CHECK_EVENTS == 0 and self.store.stop.is_set():
+                raise SendInterruptedError
+            if event.event_type is EventType.DELIVERED:
+                continue
+            if event.event_type is EventType.COMPLAINT and not complaints:
+                continue
+            yield replace(event, url=event.url.replace(",", ";")) if "," in event.url else event
+
+    def events(self) -> Iterator[Event]:
+        """The send's events, recipient by recipient (deterministic from the seed)."""
+        r = self.run
+        simulated = simulate(
+            recipients(self.broadcast.list_store), r.seed, self.batch.job_id, self.t0, r.rates
+        )
+        return distinct_seconds(self._adjust(simulated))
+
+    def _draw(self, rng: random.Random, event: Event) -> int:
+        """The sources that deliver an event (bits): its owner, then maybe duplicates."""
+        r = self.run
+        sources = [
+            s
+            for s in CAPABLE[event.event_type]
+            if s != "webhook" or WEBHOOK_TYPE[event.event_type] in r.webhook_types
+        ]
+        if not sources:
+            return 0
+        weights = [r.weights.get(s, 0.0) for s in sources]
+        total = sum(weights)
+        x = rng.random()
+        if total <= 0:
+            owner = sources[min(int(x * len(sources)), len(sources) - 1)]
+        else:
+            owner, acc = sources[-1], 0.0
+            for source, weight in zip(sources, weights, strict=True):
+                acc += weight
+                if x * total < acc:
+                    owner = source
+                    break
+        mask = SOURCE_BIT[owner]
+        repeated = in_repeated_hour(event.at)
+        for source in sources:
+            if source != owner and rng.random() < r.duplicate_rate and not repeated:
+                mask |= SOURCE_BIT[source]
+        return mask
+
+    def start(self) -> None:
+        """Draw every event's sources, read the recipients, write a first manifest (worker thread)."""
+        data: dict[str, Mapping[str, str]] = {}
+        with (self.folder / "recipients.jsonl").open("rb") as people:
+            for line in people:
+                person = orjson.loads(line)
+                data[person["id"]] = person["data"]
+        delivery: dict[str, int] = {}
+        rng = random.Random(f"{self.run.seed}:{self.batch.job_id}:src")
+        for event in self.events():
+            if event.event_type is EventType.SENT:
+                delivery[event.key] = event.at
+            if event.number >= len(self.plan):
+                self.plan.extend(bytes(event.number + 1 - len(self.plan)))
+            self.plan[event.number] = self._draw(rng, event)
+        self.broadcast = replace(self.broadcast, recipient_data=data, delivery=delivery)
+        try:
+            previous = orjson.loads(self.manifest_path.read_bytes())
+        except FileNotFoundError:
+            self.write_manifest(complete=False)
+        else:
+            if previous.get("batch_id") == self.batch.id:
+                self._written_before = set(previous.get("files", []))
+
+    def _phase_steps(self, phase: ResponsePhase) -> Iterator[list[Event]]:
+        return phase_files(self.events(), phase.types, self.run.rows_per_file, FORMAT.time_ordered_phases)
+
+    async def write_phase(self, phase: ResponsePhase) -> None:
+        """Release the phase's steps that are not released yet."""
+        steps = self._phase_steps(phase)
+        while (events := await asyncio.to_thread(next, steps, None)) is not None:
+            self._step += 1
+            if self.store.stop.is_set():
+                raise SendInterruptedError
+            if await self._release(self._step, events):
+                self.released += 1
+
+    # One step
+
+    async def _release(self, seq: int, events: list[Event]) -> bool:
+        fresh = False
+        file_events = [e for e in events if self.plan[e.number] & FILE]
+        if file_events:
+            fresh |= await self._file(file_events)
+        if seq > self.event_log.steps:
+            api_events = sorted((e for e in events if self.plan[e.number] & API), key=lambda e: (e.at, e.key))
+            records = [self._api_record(e) for e in api_events]
+            await asyncio.to_thread(self.event_log.write_step, seq, records)
+            self.event_log.publish(records)
+            fresh = True
+        acked: set[int] = set()
+        hook_events = [e for e in events if self.plan[e.number] & WEBHOOK]
+        for hook_type in WEBHOOK_TYPES:
+            of_type = [e for e in hook_events if WEBHOOK_TYPE[e.event_type] == hook_type]
+            for start in range(0, len(of_type), self.run.webhook_batch):
+                call = of_type[start : start + self.run.webhook_batch]
+                self._call_seq += 1
+                ok = self.run.calls.get(self._call_seq)
+                if ok is None:
+                    ok = await self._deliver(self._call_seq, hook_type, call)
+                    self.run.calls[self._call_seq] = ok
+                    await self.store.save()
+                    fresh = True
+                if ok:
+                    acked.update(e.number for e in call)
+                    if self._bad_call(self._call_seq):
+                        self.malformed += 1
+        self._count(events, acked)
+        if fresh:
+            self.run.report = self.report_now()
+            await self.store.save()
+            await asyncio.to_thread(self.write_manifest, False)
+            log.info(
+                "responses released",
+                extra={"batch_id": self.batch.id, "step": seq, "events": len(events), "counts": self.counts},
+            )
+        return fresh
+
+    def _count(self, events: list[Event], acked: set[int]) -> None:
+        for e in events:
+            mask, t = self.plan[e.number], e.event_type.value
+            delivered = [s for s in SOURCES if mask & SOURCE_BIT[s] and (s != "webhook" or e.number in acked)]
+            for source in delivered:
+                self.by_source[source][t] += 1
+            if delivered:
+                self.counts[t] += 1
+            else:
+                self.undelivered += 1
+            self._count_report(e)
+
+    def _count_report(self, e: Event) -> None:
+        kind = {
+            EventType.SENT: "sent",
+            EventType.BOUNCE_HARD: "hard",
+            EventType.BOUNCE_SOFT: "soft",
+            EventType.UNSUBSCRIBE: "unsubscribes",
+            EventType.OPEN: "opens",
+            EventType.CLICK: "clicks",
+        }.get(e.event_type)
+        if kind is not None:
+            self.report[kind] += 1
+        if e.event_type is EventType.OPEN:
+            self._openers.add(e.key)
+        if e.event_type is EventType.CLICK:
+            self._clickers.add(e.key)
+
+    def report_now(self) -> dict[str, int]:
+        return {**self.report, "opens_unique": len(self._openers), "clicks_unique": len(self._clickers)}
+
+    # Files
+
+    def _bad_file(self, file_seq: int) -> int | None:
+        every = self.run.malformed_every
+        if every <= 0 or file_seq % every:
+            return None
+        return (file_seq // every - 1) % len(MALFORMED_KINDS)
+
+    def _bad_call(self, call_seq: int) -> bool:
+        every = self.run.malformed_every
+        return every > 0 and call_seq % every == 0
+
+    async def _file_name(self, file_seq: int) -> str:
+        if file_seq <= len(self.run.files):
+            return self.run.files[file_seq - 1]
+        name = FORMAT.file_name(self.broadcast, SENDS, file_seq, datetime.now(BERLIN), lambda _: False)
+        self.run.files.append(name)
+        await self.store.save()
+        return name
+
+    def _already_written(self, path: str) -> bool:
+        return (
+            path in self._written_before
+            or (self.account_dir / path).exists()
+            or (self.account_dir / ARCHIVE / PurePosixPath(path).name).exists()
+        )
+
+    def _write_file(self, path: str, events: list[Event], bad: int | None) -> None:
+        if self.store.stop.is_set():
+            raise SendInterruptedError
+        target = self.account_dir / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_writer(target) as out:
+            FORMAT.write(out, self.broadcast, SENDS, events)
+            if bad is not None:
+                out.write(csv_line(bad_row(FORMAT.row(self.broadcast, events[-1]), bad), DELIMITER))
+
+    async def _file(self, events: list[Event]) -> bool:
+        self._file_seq += 1
+        path = await self._file_name(self._file_seq)
+        bad = self._bad_file(self._file_seq)
+        fresh = not self._already_written(path)
+        if fresh:
+            await asyncio.to_thread(self._write_file, path, events, bad)
+            log.info("response file written", extra={"batch_id": self.batch.id, "file": path})
+        self.files.append(path)
+        if bad is not None:
+            self.malformed += 1
+        return fresh
+
+    # API elements
+
+    def _api_record(self, e: Event) -> tuple[str, dict[str, Any]]:
+        mailing, list_id = self.campaign.mailing_id, self.batch.recipient_list_id
+        if e.event_type is EventType.UNSUBSCRIBE:
+            return UNSUBSCRIBE_STREAM, {
+                "recipientListId": list_id,
+                "recipientId": e.key,
+                "mailingId": mailing,
+                "reason": UNSUBSCRIBE_REASON,
+                "created": rest_time(e.at),
+                "mediaType": "EMAIL",
+            }
+        category = CATEGORY[e.event_type]
+        return category, {
+            "mailId": f"{mailing}-{e.key}",
+            "mailingId": mailing,
+            "recipientListId": list_id,
+            "recipientId": e.key,
+            "category": category,
+            "subject": "Undelivered Mail",
+            "ruleName": RULE_NAME[e.event_type],
+            "mediaType": "EMAIL",
+            "created": rest_time(e.at),
+        }
+
+    # Webhooks
+
+    def _hook_item(self, hook: Webhook, hook_type: str, e: Event) -> dict[str, Any]:
+        mailing = self.campaign.mailing_id
+        item: dict[str, Any] = {
+            "webhookId": hook.id,
+            "type": hook_type,
+            "clientId": self.store.client_id,
+            "mailingId": mailing,
+            "recipientListId": self.batch.recipient_list_id,
+            "recipientId": e.key,
+            "mailId": f"{mailing}-{e.key}",
+            "created": rest_time(e.at),
+        }
+        if e.event_type is EventType.CLICK:
+            item["url"] = e.url
+        if e.event_type in CATEGORY:
+            item["category"] = CATEGORY[e.event_type]
+        if e.event_type is EventType.UNSUBSCRIBE:
+            item["reason"] = UNSUBSCRIBE_REASON
+        item["data"] = dict(self.broadcast.recipient_data.get(e.key, {}))
+        return item
+
+    async def _deliver(self, call_seq: int, hook_type: str, events: list[Event]) -> bool:
+        """POST one call to the type's webhook, retried after a timeout, a connection error or a 5xx
+        1, 2, 4, 8 and 16 s later; True once answered 2xx."""
+        hook = self.store.webhook_for(hook_type)
+        if hook is None:
+            log.warning("no activated webhook; events undelivered", extra={"type": hook_type})
+            return False
+        items = [self._hook_item(hook, hook_type, e) for e in events]
+        if self._bad_call(call_seq):
+            items.append({k: v for k, v in items[0].items() if k != "recipientId"})
+        body = orjson.dumps(items)
+        headers = {"Content-Type": "application/json", **_auth_headers(hook.authentication)}
+        for attempt, pause in enumerate((0, *WEBHOOK_RETRIES_S)):
+            if pause:
+                await asyncio.sleep(pause)
+            try:
+                async with self.store.http().post(hook.target_url, data=body, headers=headers) as resp:
+                    await resp.read()
+                    if 200 <= resp.status < 300:
+                        return True
+                    problem = f"HTTP {resp.status}"
+                    if resp.status < 500:
+                        log.warning(
+                            "webhook call refused; not retried",
+                            extra={"batch_id": self.batch.id, "call": call_seq, "status": resp.status},
+                        )
+                        return False
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+            log.warning(
+                "webhook call failed",
+                extra={"batch_id": self.batch.id, "call": call_seq, "attempt": attempt + 1, "error": problem},
+            )
+        return False
+
+    # The manifest
+
+    def manifest(self, complete: bool) -> dict[str, Any]:
+        """The manifest body (docs/connectors/optimizely.md, "Sandbox flavor")."""
+        return {
+            "broadcast_id": self.batch.job_id,
+            "batch_id": self.batch.id,
+            "campaign_id": self.campaign.id,
+            "mailing_id": self.campaign.mailing_id,
+            "recipients": self.run.recipients,
+            "counts": dict(self.counts),
+            "by_source": {s: dict(c) for s, c in self.by_source.items()},
+            "duplicates": sum(sum(c.values()) for c in self.by_source.values()) - sum(self.counts.values()),
+            "undelivered": self.undelivered,
+            "malformed_rows": self.malformed,
+            "files": list(self.files),
+            "complete": complete,
+        }
+
+    def write_manifest(self, complete: bool) -> None:
+        self.manifest_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(
+            self.manifest_path, orjson.dumps(self.manifest(complete), option=orjson.OPT_INDENT_2)
+        )
+
+
+def _auth_headers(auth: Mapping[str, str] | None) -> dict[str, str]:
+    """The headers a webhook's ``authentication`` puts on each call."""
+    if auth is None:
+        return {}
+    if auth["type"] == "basicAuth":
+        pair = f"{auth['userName']}:{auth['password']}".encode()
+        return {"Authorization": "Basic " + base64.b64encode(pair).decode("ascii")}
+    return {auth["key"]: auth["passphrase"]}
+
+
+async def run_send(store: Store, batch: Batch) -> None:
+    """Carry out a started batch: ``activated`` for ``IMPORT_DELAY_S``, then the phases."""
+    run = batch.run
+    assert run is not None
+    settings = store.account.settings
+    try:
+        started_at = run.started_at
+        if started_at is None:
+            await asyncio.sleep(max(0.0, run.sent_at + settings.import_delay_s - time.time()))
+            run.started_at = started_at = time.time()
+            await store.save()
+        release = Release(store, batch, run, started_at)
+        await asyncio.to_thread(release.start)
+        for index, phase in enumerate(FORMAT.phases):
+            if index and release.released:
+                await asyncio.sleep(settings.phase_delay_s)
+            await release.write_phase(phase)
+            if phase is SENDS and run.finished_at is None:
+                run.finished_at = time.time()
+                await store.save()
+        run.report = release.report_now()
+        run.complete = True
+        await store.save()
+        await asyncio.to_thread(release.write_manifest, True)
+        log.info("responses complete", extra={"batch_id": batch.id, "counts": release.counts})
+    except SendInterruptedError:
+        log.info("send interrupted; resumed at the next start", extra={"batch_id": batch.id})
+    except asyncio.CancelledError:
+        store.stop.set()
+        raise
+    except Exception:
+        log.exception("releasing the responses failed", extra={"batch_id": batch.id})
+
+
+async def watch(account: Account) -> None:
+    """Resume the started batches an earlier run left unfinished; close the webhook client at the stop."""
+    store = store_of(account)
+    try:
+        for batch in store.data.batches.values():
+            run = batch.run
+            if run is not None and not run.complete and run.duplicate_of is None:
+                log.info("resuming batch", extra={"account": account.name, "batch_id": batch.id})
+                account.spawn(run_send(store, batch), f"batch {batch.id}")
+        await asyncio.Event().wait()
+    finally:
+        await store.close()
+
+
+def read_list(source: Path, store: Path, stop: threading.Event) -> ImportResult:
+    """A ``;``-delimited list file (the connector's upload format; batches carry the recipients)."""
+    return import_list(source, store, stop, delimiter=DELIMITER)
+
+
+FLAVOR = Flavor(
+    name="optimizely",
+    read_list=read_list,
+    responses=FORMAT,
+    routes=ROUTES,
+    watch=watch,
+    check_settings=opt_settings,
+)

@@ -1,0 +1,728 @@
+"""The sandbox ESP's ``optimizely`` flavor as a client sees it (docs/connectors/optimizely.md).
+
+REST under ``/rest/{clientId}`` with HTTP Basic, batch sending, campaign status and report, bounces
+and unsubscribes paged by ``offset``/``limit``, ``Response_*.csv`` files on the SFTP site and
+webhook calls to a receiver running in the test. The sandbox runs as a real process; the tests
+speak HTTP to it and read its files, and use no espbridge code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import csv
+import io
+import re
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TypeVar
+from zoneinfo import ZoneInfo
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+
+from tests.fixtures.sandbox import SandboxEsp, running_sandbox
+
+T = TypeVar("T")
+
+FLAVOR = {"flavor": "optimizely", "esp": "optimizely"}
+USER = "api-user@example.com"
+BERLIN = ZoneInfo("Europe/Berlin")
+HEADER = [
+    "Email",
+    "Urn",
+    "CommunicationKey",
+    "MessageType",
+    "DeliveryDate",
+    "ClickUrl",
+    "ClickDate",
+    "EventTriggeredDate",
+    "BounceType",
+    "BroadcastId",
+]
+FILE_TYPES = {
+    ("Send", ""): "sent",
+    ("Bounce", "hardbounce"): "bounce_hard",
+    ("Bounce", "softbounce"): "bounce_soft",
+    ("Open", ""): "open",
+    ("Click", ""): "click",
+    ("Unsubscription", ""): "unsubscribe",
+}
+HOOK_TYPES = {
+    "sent": "sent",
+    "open": "open",
+    "click": "click",
+    "unsubscribe": "unsubscribe",
+    "spamcomplaint": "complaint",
+}
+EVENT_TYPES = ("sent", "delivered", "bounce_hard", "bounce_soft", "open", "click", "unsubscribe", "complaint")
+FILE_NAME_RE = re.compile(r"^Response_(\d+)_\d{14}_(\d{3})\.csv$")
+REST_TIME_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+0[12]:00$")
+BUSY_RATES = {
+    "rate_hard_bounce": "0.1",
+    "rate_soft_bounce": "0.1",
+    "rate_open": "0.8",
+    "rate_click": "0.6",
+    "rate_unsubscribe": "0.4",
+    "rate_complaint": "0.2",
+}
+HOOK_SECRET = "hook-secret"
+HOOK_AUTH = orjson.dumps({"type": "basicAuth", "userName": "espbridge", "password": HOOK_SECRET}).decode()
+
+Fact = tuple[str, str, int, str]
+"""(recipient id, espbridge type, UTC second, url): what identifies an event across sources."""
+
+
+# Helpers
+
+
+async def wait_for(check: Callable[[], Awaitable[T | None]], what: str, timeout_s: float = 15.0) -> T:
+    """Poll ``check`` until it returns something other than None, or fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = await check()
+        if result is not None:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+class Client:
+    """Calls ``/rest/{clientId}/…`` with HTTP Basic, as the doc says."""
+
+    def __init__(
+        self, http: aiohttp.ClientSession, esp: SandboxEsp, client_id: str = "demo", **auth: str
+    ) -> None:
+        self.http = http
+        self.base = f"{esp.url}/rest/{client_id}"
+        self.headers = basic(auth.get("user", USER), auth.get("password", esp.token))
+
+    async def call(
+        self, method: str, path: str, headers: dict[str, str] | None = None, **kwargs: Any
+    ) -> tuple[int, Any, dict[str, str]]:
+        all_headers = {"Accept": "application/json", **self.headers, **(headers or {})}
+        async with self.http.request(method, f"{self.base}/{path}", headers=all_headers, **kwargs) as resp:
+            raw = await resp.read()
+            return resp.status, orjson.loads(raw) if raw else None, dict(resp.headers)
+
+    async def ok(self, method: str, path: str, status: int = 200, **kwargs: Any) -> Any:
+        got, body, _ = await self.call(method, path, **kwargs)
+        assert got == status, (method, path, got, body)
+        return body
+
+    async def create_batch(
+        self, tag: str, campaign: str = "7000", action: str | None = "copy"
+    ) -> tuple[int, Any, dict[str, str]]:
+        form = aiohttp.FormData(default_to_multipart=True)
+        form.add_field("campaign", campaign)
+        if action is not None:
+            form.add_field("campaignAction", action)
+        form.add_field("tag", tag)
+        return await self.call("POST", "sending/batches", data=form())
+
+    async def put(self, batch_id: int, chunk: str, people: list[Any]) -> Any:
+        return await self.ok(
+            "PUT", f"sending/batches/{batch_id}", json={"chunk": chunk, "recipients": people}
+        )
+
+    async def collect(self, path: str, page_size: int, **params: str) -> list[dict[str, Any]]:
+        """Every element of a collection, page by page; the last page has fewer than ``limit``."""
+        elements: list[dict[str, Any]] = []
+        while True:
+            query = {**params, "offset": str(len(elements)), "limit": str(page_size)}
+            page = await self.ok("GET", path, params=query)
+            assert (page["offset"], page["limit"], page["count"]) == (
+                len(elements),
+                page_size,
+                len(page["elements"]),
+            )
+            assert page["count"] <= page_size
+            elements.extend(page["elements"])
+            if page["count"] < page_size:
+                return elements
+
+    async def stats(self) -> Any:
+        return await self.ok("GET", "_sandbox/stats")
+
+
+def person(i: int, job: str) -> dict[str, Any]:
+    key = f"K{i}"
+    data = {"email": f"user{i}@example.com", "CommunicationKey": key, "firstname": f'Anna "{i}"; Jr.'}
+    return {"id": key, "data": {**data, "BroadcastId": job}}
+
+
+def people(keys: Iterable[int], job: str) -> list[dict[str, Any]]:
+    return [person(i, job) for i in keys]
+
+
+def read_manifest(esp: SandboxEsp, job: str) -> dict[str, Any] | None:
+    path = esp.account_dir() / "manifest" / f"{job}.json"
+    return orjson.loads(path.read_bytes()) if path.exists() else None
+
+
+async def manifest_complete(esp: SandboxEsp, job: str, timeout_s: float = 15.0) -> dict[str, Any]:
+    async def complete() -> dict[str, Any] | None:
+        manifest = read_manifest(esp, job)
+        return manifest if manifest is not None and manifest["complete"] else None
+
+    return await wait_for(complete, f"the manifest of {job} to be complete", timeout_s)
+
+
+def file_seconds(text: str) -> int:
+    return int(datetime.strptime(text, "%d.%m.%Y %H:%M:%S").replace(tzinfo=BERLIN).timestamp())
+
+
+def rest_seconds(text: str) -> int:
+    assert REST_TIME_RE.fullmatch(text), text
+    return int(datetime.fromisoformat(text).timestamp())
+
+
+@dataclass
+class FileRows:
+    """The events of the response files, and their malformed rows."""
+
+    facts: list[Fact] = field(default_factory=list)
+    bad: list[list[str]] = field(default_factory=list)
+    rows: list[dict[str, str]] = field(default_factory=list)
+
+
+def read_files(esp: SandboxEsp, names: Iterable[str], job: str) -> FileRows:
+    out = FileRows()
+    for name in names:
+        text = (esp.account_dir() / name).read_text(encoding="utf-8")
+        assert "\r" not in text
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter=";")
+        assert next(reader) == HEADER
+        for row in reader:
+            if len(row) != len(HEADER):
+                out.bad.append(row)
+                continue
+            values = dict(zip(HEADER, row, strict=True))
+            event_type = FILE_TYPES.get((values["MessageType"], values["BounceType"]))
+            try:
+                at = file_seconds(values["EventTriggeredDate"])
+            except ValueError:
+                event_type = None
+            if event_type is None:
+                out.bad.append(row)
+                continue
+            assert values["Urn"] == values["CommunicationKey"]
+            assert values["BroadcastId"] == job
+            assert values["Email"] == f"user{values['Urn'][1:]}@example.com"
+            assert file_seconds(values["DeliveryDate"]) <= at
+            if event_type == "click":
+                assert values["ClickUrl"].startswith("https://example.com/")
+                assert values["ClickDate"] == values["EventTriggeredDate"]
+            else:
+                assert values["ClickUrl"] == values["ClickDate"] == ""
+            out.rows.append(values)
+            out.facts.append((values["Urn"], event_type, at, values["ClickUrl"]))
+    return out
+
+
+def api_facts(bounces: list[dict[str, Any]], unsubscribes: list[dict[str, Any]]) -> list[Fact]:
+    facts: list[Fact] = []
+    for item in bounces:
+        event_type = {"hardbounce": "bounce_hard", "softbounce": "bounce_soft"}[item["category"]]
+        facts.append((item["recipientId"], event_type, rest_seconds(item["created"]), ""))
+    facts += [(i["recipientId"], "unsubscribe", rest_seconds(i["created"]), "") for i in unsubscribes]
+    return facts
+
+
+def hook_fact(item: dict[str, Any]) -> Fact:
+    if item["type"] == "bounce":
+        event_type = {"hardbounce": "bounce_hard", "softbounce": "bounce_soft"}[item["category"]]
+    else:
+        event_type = HOOK_TYPES[item["type"]]
+    return item["recipientId"], event_type, rest_seconds(item["created"]), item.get("url", "")
+
+
+def by_type(facts: Iterable[Fact]) -> dict[str, int]:
+    counts = dict.fromkeys(EVENT_TYPES, 0)
+    for fact in facts:
+        counts[fact[1]] += 1
+    return counts
+
+
+class Hooks:
+    """A webhook target: checks the Basic authentication and keeps the calls it acknowledged.
+
+    ``fail_first`` answers the very first call 503 (the sandbox retries it 1 s later); calls of the
+    ``refuse`` types get 422, which is not retried.
+    """
+
+    def __init__(self, refuse: frozenset[str] = frozenset(), fail_first: bool = False) -> None:
+        self.refuse = refuse
+        self.fail_first = fail_first
+        self.attempts = 0
+        self.refused = 0
+        self.acked: list[list[dict[str, Any]]] = []
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+
+    async def handle(self, request: web.Request) -> web.Response:
+        if request.headers.get("Authorization") != basic("espbridge", HOOK_SECRET)["Authorization"]:
+            return web.json_response({"error": "unauthorized"}, status=401)
+        assert request.content_type == "application/json"
+        assert request.match_info["account"] == "demo"
+        items = orjson.loads(await request.read())
+        assert isinstance(items, list)
+        assert items
+        self.attempts += 1
+        if self.fail_first and self.attempts == 1:
+            return web.json_response({"error": "busy"}, status=503)
+        if {i["type"] for i in items} & self.refuse:
+            self.refused += 1
+            return web.json_response({"error": "refused"}, status=422)
+        self.acked.append(items)
+        return web.json_response({"accepted": len(items), "rejected": 0})
+
+    async def __aenter__(self) -> Hooks:
+        app = web.Application()
+        app.router.add_post("/webhooks/optimizely/{account}", self.handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        self.url = f"http://127.0.0.1:{port}/webhooks/optimizely/{{account}}"
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self._runner is not None
+        await self._runner.cleanup()
+
+    def items(self) -> list[dict[str, Any]]:
+        return [item for call in self.acked for item in call]
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+async def start_job(client: Client, job: str, count: int, chunk_size: int = 40) -> dict[str, Any]:
+    """Create a batch for ``job``, stage ``count`` recipients in chunks and start it."""
+    status, batch, _ = await client.create_batch(job)
+    assert status == 201, batch
+    for n, start in enumerate(range(0, count, chunk_size), 1):
+        keys = range(start, min(start + chunk_size, count))
+        assert (await client.put(batch["id"], f"c{n:06d}", people(keys, job)))["count"] == len(keys)
+    assert await client.ok("POST", f"sending/batches/{batch['id']}", 202) is None
+    body: dict[str, Any] = batch
+    return body
+
+
+@dataclass
+class Gathered:
+    files: FileRows
+    api: list[Fact]
+    hooks: list[Fact]
+    bad_hook_items: int
+
+
+async def gather(client: Client, esp: SandboxEsp, hooks: Hooks | None, job: str, mailing: int) -> Gathered:
+    """Every source's events of a completed send, as the connector would read them."""
+    manifest = read_manifest(esp, job)
+    assert manifest is not None
+    on_disk = sorted(p.name for p in (esp.account_dir() / "responses").iterdir())
+    assert sorted(manifest["files"]) == [f"responses/{n}" for n in on_disk]
+    files = read_files(esp, manifest["files"], job)
+    bounces = []
+    for category in ("hardbounce", "softbounce"):
+        elements = await client.collect("responses", 7, category=category, mailingId=str(mailing))
+        created = [datetime.fromisoformat(e["created"]) for e in elements]
+        assert created == sorted(created), "bounces not in ascending created order"
+        assert all(e["category"] == category and e["mailingId"] == mailing for e in elements)
+        bounces += elements
+    unsubscribes = await client.collect("unsubscribes", 5, sort="created", direction="DESC")
+    created = [datetime.fromisoformat(e["created"]) for e in unsubscribes]
+    assert created == sorted(created, reverse=True), "unsubscribes not newest first"
+    mine = [u for u in unsubscribes if u["mailingId"] == mailing]
+    hook_items = hooks.items() if hooks is not None else []
+    good = [i for i in hook_items if "recipientId" in i]
+    for item in good:
+        assert item["data"]["BroadcastId"] == job
+        assert item["data"]["CommunicationKey"] == item["recipientId"]
+        assert item["mailingId"] == mailing
+    return Gathered(
+        files, api_facts(bounces, mine), [hook_fact(i) for i in good], len(hook_items) - len(good)
+    )
+
+
+# Tests
+
+
+async def test_basic_auth_client_ids_and_webhook_registration(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    settings = {**FLAVOR, "accounts": "demo,other", "opt_client_ids": "demo=1000001,other=1000002"}
+    with running_sandbox(tmp_path / "sftp", **settings) as esp:
+        bad_auth: list[dict[str, str]] = [
+            {},
+            basic(USER, "wrong"),
+            basic("someone@example.com", esp.token),
+            {"Authorization": f"Bearer {esp.token}"},
+            {"Authorization": "Basic not-base64!"},
+            {"Authorization": "Basic " + base64.b64encode(USER.encode()).decode()},
+        ]
+        for headers in bad_auth:
+            for method, path in [("GET", "sending/batches"), ("GET", "_sandbox/stats"), ("PUT", "nope")]:
+                async with http.request(method, f"{esp.url}/rest/1000001/{path}", headers=headers) as resp:
+                    assert resp.status == 401, (headers, path)
+                    assert resp.headers["WWW-Authenticate"] == 'Basic realm="Optimizely Campaign"'
+                    assert await resp.json() == {"status": 401, "message": "Unauthorized"}
+        # The account name is no client id once mapped; an unknown client id is 403.
+        for client_id in ("demo", "1000003"):
+            status, body, _ = await Client(http, esp, client_id).call("GET", "sending/batches")
+            assert status == 403
+            assert body["status"] == 403
+            assert set(body) == {"status", "message"}
+        demo, other = Client(http, esp, "1000001"), Client(http, esp, "1000002")
+        page = await demo.ok("GET", "sending/batches")
+        assert (page["elements"], page["count"], page["offset"], page["limit"]) == ([], 0, 0, 100)
+        assert await other.stats() == {"sends_created": {}, "batches_created": {}}
+        status, body, _ = await demo.call("GET", "no/such/thing")
+        assert (status, body["status"]) == (404, 404)
+
+        # Webhook registration: created, then activated; per client.
+        auth = orjson.dumps({"type": "keyAuth", "key": "Authorization", "passphrase": "Bearer s"}).decode()
+        form = {"type": "open", "format": "json", "targetUrl": "https://gatherer/webhooks/x/demo"}
+        created = await demo.ok("POST", "webhooks", 201, data={**form, "authentication": auth})
+        assert {k: created[k] for k in ("type", "format", "targetUrl", "status")} == {
+            "type": "open",
+            "format": "json",
+            "targetUrl": "https://gatherer/webhooks/x/demo",
+            "status": "created",
+        }
+        for bad in ({"type": "opens"}, {"format": "xml"}, {"targetUrl": "gatherer"}, {"authentication": "{"}):
+            status, body, _ = await demo.call("POST", "webhooks", data={**form, **bad})
+            assert (status, body["status"]) == (400, 400), bad
+        activated = await demo.ok("POST", f"webhooks/{created['id']}/activate")
+        assert activated == {**created, "status": "activated"}
+        assert (await demo.ok("GET", "webhooks"))["elements"] == [activated]
+        assert (await other.ok("GET", "webhooks"))["elements"] == []
+        status, _, _ = await demo.call("POST", "webhooks/999/activate")
+        assert status == 404
+
+
+async def test_batch_sending_and_every_response_source(tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    async with Hooks(refuse=frozenset({"open"}), fail_first=True) as hooks:
+        settings = {
+            **FLAVOR,
+            **BUSY_RATES,
+            "rows_per_file": "40",
+            "import_delay_s": "0.3",
+            "phase_delay_s": "0.1",
+            "opt_webhook_url": hooks.url,
+            "opt_webhook_auth": HOOK_AUTH,
+            "opt_webhook_batch": "10",
+            "opt_duplicate_rate": "0.2",
+            "opt_malformed_every": "3",
+        }
+        with running_sandbox(tmp_path / "sftp", **settings) as esp:
+            client = Client(http, esp)
+            # Batch creation: multipart only, the fields checked.
+            async with http.post(
+                f"{client.base}/sending/batches",
+                data={"campaign": "7000", "campaignAction": "copy", "tag": "job-1"},
+                headers=client.headers,
+            ) as resp:
+                assert resp.status == 415
+                assert (await resp.json())["status"] == 415
+            for master, action, tag in [
+                ("7000", "copy", ""),
+                ("abc", "copy", "job-1"),
+                ("7000", "move", "job-1"),
+                ("7000", "copy", "job.1"),
+                ("7000", "copy", "_2Ejob"),
+            ]:
+                status, body, _ = await client.create_batch(tag, master, action)
+                assert (status, body["status"]) == (400, 400), (master, action, tag)
+            status, batch, _ = await client.create_batch("job-1")
+            assert status == 201
+            assert batch == {
+                "id": 5001,
+                "campaignId": 7001,
+                "recipientListId": 3001,
+                "tag": "job-1",
+                "chunks": [],
+                "state": "initiated",
+            }
+            # A master used as is, and a tag that decodes to a job id with a dot.
+            status, used, _ = await client.create_batch("job_2E2", "9000", "use")
+            assert status == 201
+            assert (used["id"], used["campaignId"]) == (5002, 9000)
+            status, body, _ = await client.create_batch("job-3", "7001")
+            assert status == 400, "a copy is no master campaign"
+
+            assert await client.ok("GET", "sending/batches/5001") == batch
+            for missing in ("5999", "abc"):
+                assert (await client.call("GET", f"sending/batches/{missing}"))[0] == 404
+            assert (await client.call("POST", "sending/batches/5001"))[0] == 409, "no chunks yet"
+            assert (await client.call("PUT", "sending/batches/5001"))[0] == 400, "no body"
+            status, _, _ = await client.call(
+                "PUT", "sending/batches/5001", json={"chunk": "c 1", "recipients": []}
+            )
+            assert status == 400
+
+            # Chunks in any order; pre-validation counts; a re-PUT replaces its chunk.
+            second = [*people(range(60, 120), "job-1"), person(5, "job-1")]
+            assert await client.put(5001, "c000002", second) == {"chunk": "c000002", "count": 61}
+            first = [
+                *people(range(60), "job-1"),
+                {"id": "", "data": {"email": "x@example.com"}},
+                {"id": "B1", "data": {"email": "no-at-sign"}},
+                {"id": "B2", "data": {"email": "@example.com"}},
+                {"id": "B3", "data": {"email": "b3@"}},
+                {"id": "B4"},
+                person(3, "job-1"),
+                "not an object",
+            ]
+            assert await client.put(5001, "c000001", first) == {"chunk": "c000001", "count": 60}
+            assert await client.put(5001, "c000002", second) == {"chunk": "c000002", "count": 61}
+            got = await client.ok("GET", "sending/batches/5001")
+            assert (got["state"], got["chunks"]) == ("has_recipients", ["c000001", "c000002"])
+            campaign = await client.ok("GET", "smartcampaigns/7001")
+            assert campaign["status"] == "activationRequired"
+            mailing = campaign["messages"][0]["mailingId"]
+            assert mailing == 8001
+
+            # The send: 202 once, then 409; the batch takes no more chunks.
+            assert await client.ok("POST", "sending/batches/5001", 202) is None
+            assert (await client.call("POST", "sending/batches/5001"))[0] == 409
+            assert (await client.call("PUT", "sending/batches/5001", json={"chunk": "c3"}))[0] == 409
+            assert (await client.ok("GET", "sending/batches/5001"))["state"] == "sent"
+
+            statuses: list[str] = []
+
+            async def finished() -> dict[str, Any] | None:
+                body: dict[str, Any] = await client.ok("GET", "smartcampaigns/7001")
+                if not statuses or statuses[-1] != body["status"]:
+                    statuses.append(body["status"])
+                return body if body["status"] == "finished" else None
+
+            campaign = await wait_for(finished, "the campaign to finish")
+            assert statuses == ["activated", "running", "finished"]
+            assert REST_TIME_RE.fullmatch(campaign["started"])
+            assert REST_TIME_RE.fullmatch(campaign["finished"])
+            report = await client.ok("GET", "smartcampaigns/7001/report")
+            assert report["recipients"]["total"] == 120
+            assert (await client.call("GET", "smartcampaigns/7999"))[0] == 404
+
+            manifest = await manifest_complete(esp, "job-1")
+            found = await gather(client, esp, hooks, "job-1", mailing)
+
+            # Paging rules.
+            for path, params in [
+                ("sending/batches", {}),
+                ("responses", {"category": "hardbounce"}),
+                ("unsubscribes", {}),
+                ("webhooks", {}),
+            ]:
+                status, body, _ = await client.call("GET", path, params={**params, "limit": "10000"})
+                assert (status, body["status"]) == (400, 400), path
+                assert (await client.call("GET", path, params={**params, "limit": "9999"}))[0] == 200
+            assert (await client.call("GET", "responses", params={"mailingId": str(mailing)}))[0] == 400
+            status, _, _ = await client.call(
+                "GET", "responses", params={"category": "softbounce", "mailingId": "8999"}
+            )
+            assert status == 404
+            listed = await client.collect("sending/batches", 1)
+            assert [b["id"] for b in listed] == [5001, 5002]
+            assert await client.stats() == {
+                "sends_created": {"job-1": 1},
+                "batches_created": {"job-1": 1, "job.2": 1},
+            }
+
+    assert (manifest["broadcast_id"], manifest["batch_id"]) == ("job-1", 5001)
+    assert (manifest["campaign_id"], manifest["mailing_id"], manifest["recipients"]) == (7001, 8001, 120)
+    names = [FILE_NAME_RE.fullmatch(Path(f).name) for f in manifest["files"]]
+    assert [(m[1], int(m[2])) if m else None for m in names] == [
+        ("5001", n) for n in range(1, len(names) + 1)
+    ]
+
+    # Each source delivered what the manifest says it did; counts are the distinct events.
+    files, api, hook_facts = found.files.facts, found.api, found.hooks
+    assert len(set(files)) == len(files)
+    assert len(set(api)) == len(api)
+    assert len(set(hook_facts)) == len(hook_facts)
+    assert manifest["by_source"] == {
+        "file": by_type(files),
+        "api": by_type(api),
+        "webhook": by_type(hook_facts),
+    }
+    distinct = set(files) | set(api) | set(hook_facts)
+    assert manifest["counts"] == by_type(distinct)
+    assert manifest["duplicates"] == len(files) + len(api) + len(hook_facts) - len(distinct) > 0
+    assert manifest["counts"]["sent"] == 120
+    assert manifest["counts"]["delivered"] == 0
+    assert all(manifest["counts"][t] > 0 for t in EVENT_TYPES if t != "delivered"), manifest["counts"]
+    assert manifest["by_source"]["webhook"]["open"] == 0, "open calls were refused"
+    assert manifest["undelivered"] > 0
+    assert hooks.refused > 0
+    assert hooks.attempts == len(hooks.acked) + hooks.refused + 1, "the first call was retried"
+    # Malformed rows: one in every third file, one item in every third webhook call.
+    assert found.bad_hook_items > 0
+    assert len(found.files.bad) == len(manifest["files"]) // 3
+    assert manifest["malformed_rows"] == len(found.files.bad) + found.bad_hook_items
+    kinds = [
+        "field count"
+        if len(row) != len(HEADER)
+        else row[3]
+        if row[3] not in ("Send", "Open", "Click", "Bounce", "Unsubscription")
+        else "date-or-type"
+        for row in found.files.bad
+    ]
+    assert kinds[:3] == ["Forward", "date-or-type", "field count"]
+    # The URL with a ";" came through the quoting.
+    assert any(";" in row["ClickUrl"] for row in found.files.rows)
+
+
+async def test_over_the_limits_answers_429(tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    settings = {**FLAVOR, "opt_max_concurrent": "2", "opt_rate_per_s": "20"}
+    with running_sandbox(tmp_path / "sftp", **settings) as esp:
+        client = Client(http, esp)
+        status, batch, _ = await client.create_batch("job-l")
+        assert status == 201
+        # Two PUTs whose bodies are held back stay in flight; one more request is refused.
+        release = asyncio.Event()
+
+        def held_put(chunk: str) -> asyncio.Task[tuple[int, Any, dict[str, str]]]:
+            async def body() -> AsyncIterator[bytes]:
+                yield b'{"chunk": "' + chunk.encode() + b'", '
+                await release.wait()
+                yield orjson.dumps({"recipients": people(range(3), "job-l")})[1:]
+
+            return asyncio.create_task(client.call("PUT", f"sending/batches/{batch['id']}", data=body()))
+
+        puts = [held_put("c000001"), held_put("c000002")]
+
+        async def refused() -> tuple[Any, dict[str, str]] | None:
+            # Until both are in flight, the bucket may refuse too (it is checked after the count).
+            status, body, headers = await client.call("GET", "sending/batches")
+            return (body, headers) if status == 429 and "same time" in body["message"] else None
+
+        try:
+            body, headers = await wait_for(refused, "a 429 while two requests are in flight", 5.0)
+        finally:
+            release.set()
+        assert body == {"status": 429, "message": "Too many requests are used at the same time"}
+        assert headers["Retry-After"] == "1"
+        for put in puts:
+            status, answer, _ = await put
+            assert (status, answer["count"]) == (200, 3)
+
+        # The token bucket: 20 a second; a burst is refused with Retry-After, and passes later.
+        answers = [await client.call("GET", "sending/batches") for _ in range(40)]
+        limited = [(body, headers) for status, body, headers in answers if status == 429]
+        assert limited, [a[0] for a in answers]
+        assert all(s in (200, 429) for s, _, _ in answers)
+        for body, headers in limited:
+            assert body["status"] == 429
+            assert int(headers["Retry-After"]) >= 1
+
+        async def passes() -> bool | None:
+            return True if (await client.call("GET", "sending/batches"))[0] == 200 else None
+
+        await wait_for(passes, "the bucket to refill", 5.0)
+        # Test support is not limited.
+        assert all([(await client.call("GET", "_sandbox/stats"))[0] == 200 for _ in range(10)])
+
+
+async def test_injected_503s_come_before_any_side_effect(tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    with running_sandbox(tmp_path / "sftp", **FLAVOR, opt_error_rate="0.4") as esp:
+        client = Client(http, esp)
+        created: set[str] = set()
+        unavailable = 0
+        for n in range(30):
+            status, body, headers = await client.create_batch(f"job-{n}")
+            if status == 201:
+                created.add(f"job-{n}")
+                continue
+            assert status == 503, body
+            assert body["status"] == 503
+            assert headers["Retry-After"] == "1"
+            unavailable += 1
+        assert 0 < unavailable < 30
+        stats = await client.stats()
+        assert stats["batches_created"] == dict.fromkeys(created, 1)
+
+
+async def test_a_restart_resumes_the_send_without_sending_twice(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    settings = {
+        **FLAVOR,
+        **BUSY_RATES,
+        "seed": "7",
+        "rows_per_file": "15",
+        "opt_malformed_every": "4",
+        "opt_webhook_batch": "5",
+    }
+    token = "restart-token"
+    compared = ("counts", "by_source", "duplicates", "undelivered", "malformed_rows", "recipients")
+
+    # The reference: the same job and recipients, uninterrupted, on another root.
+    async with Hooks() as hooks:
+        with running_sandbox(
+            tmp_path / "ref" / "sftp",
+            token,
+            **settings,
+            opt_webhook_url=hooks.url,
+            opt_webhook_auth=HOOK_AUTH,
+        ) as ref:
+            await start_job(Client(http, ref), "job-r", 60)
+            expected = await manifest_complete(ref, "job-r")
+
+    async with Hooks() as hooks:
+        hook_settings = {**settings, "opt_webhook_url": hooks.url, "opt_webhook_auth": HOOK_AUTH}
+        root = tmp_path / "run" / "sftp"
+        with running_sandbox(root, token, **hook_settings, phase_delay_s="1.5") as first:
+            client = Client(http, first)
+            batch = await start_job(client, "job-r", 60)
+
+            async def first_file() -> list[Path] | None:
+                found = list((first.account_dir() / "responses").glob("Response_*.csv"))
+                return found or None
+
+            await wait_for(first_file, "the first response file")
+            assert first.stop(signal.SIGKILL) == -signal.SIGKILL
+        interrupted = read_manifest(first, "job-r")
+        assert interrupted is not None
+        assert not interrupted["complete"], "the send finished before the kill; nothing was resumed"
+        before = {p.name: p.read_bytes() for p in (root / "optimizely" / "demo" / "responses").iterdir()}
+
+        with running_sandbox(root, token, **hook_settings) as second:
+            client = Client(http, second)
+            assert (await client.call("POST", f"sending/batches/{batch['id']}"))[0] == 409
+            manifest = await manifest_complete(second, "job-r")
+            found = await gather(client, second, hooks, "job-r", 8001)
+            assert await client.stats() == {"sends_created": {"job-r": 1}, "batches_created": {"job-r": 1}}
+            assert (await client.ok("GET", "smartcampaigns/7001"))["status"] == "finished"
+
+    responses = root / "optimizely" / "demo" / "responses"
+    assert {n: (responses / n).read_bytes() for n in before} == before, "a written file changed"
+    assert {k: manifest[k] for k in compared} == {k: expected[k] for k in compared}
+    assert len(manifest["files"]) == len(set(manifest["files"])) == len(expected["files"])
+    files, api, hook_facts = found.files.facts, found.api, found.hooks
+    assert len(files) == len(set(files)), "a file row was written twice"
+    assert manifest["by_source"] == {
+        "file": by_type(files),
+        "api": by_type(api),
+        "webhook": by_type(set(hook_facts)),
+    }
+    assert manifest["counts"] == by_type(set(files) | set(api) | set(hook_facts))
+    assert manifest["counts"]["sent"] == 60
