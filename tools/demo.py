@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 
 from shared import jobs_cli
@@ -82,6 +83,8 @@ class Flavor:
     mode: str = "upload_and_send"
     message: str = "demo-newsletter"
     """The ESP's id of the pre-created message the demo sends."""
+    email_field: str = "Email"
+    """The ESP's name for the email column of the list file."""
 
     def account_entry(self, esp: str, account: str, url: str, token_file: Path) -> dict[str, Any]:
         """The ESP account's entry in the accounts file (credentials as the sandbox flavor expects)."""
@@ -106,6 +109,14 @@ class Flavor:
                     "token_file": str(token_file),  # the unsubscribe webhook's shared secret
                     "options": {"list_id": 1},
                 }
+            case "optimizely":
+                entry |= {
+                    "api_url": f"{base}/rest",
+                    "client_id": account,
+                    "username": "api-user@example.com",
+                    "password_file": str(token_file),
+                    "token_file": str(token_file),  # the webhooks' credential
+                }
         return entry
 
     def stats_request(self, url: str, account: str, token: str) -> tuple[str, dict[str, str], dict[str, str]]:
@@ -113,6 +124,9 @@ class Flavor:
         base = url.rstrip("/")
         if self.connector == "instiller":
             return f"{base}/rest/_sandbox/stats", {"api_id": account, "api_key": token}, {}
+        if self.connector == "optimizely":
+            basic = {"Authorization": aiohttp.encode_basic_auth("api-user@example.com", token)}
+            return f"{base}/rest/{account}/_sandbox/stats", {}, basic
         return f"{base}/api/v1/accounts/{account}/_sandbox/stats", {}, {"Authorization": f"Bearer {token}"}
 
 
@@ -121,12 +135,18 @@ FLAVORS = {
     "generic_sftp": Flavor("generic_sftp", "generic_sftp", "upload_only"),
     "instiller": Flavor("instiller", "instiller"),
     "mailup": Flavor("mailup", "mailup", message="42"),
+    "optimizely": Flavor("optimizely", "optimizely", message="1001", email_field="email"),
 }
 """``make demo ESP=<name>``: the ESP names the demo knows."""
 
 
 def demo_job(
-    job_id: str, esp: str, account: str, mode: str = "upload_and_send", message: str = "demo-newsletter"
+    job_id: str,
+    esp: str,
+    account: str,
+    mode: str = "upload_and_send",
+    message: str = "demo-newsletter",
+    email_field: str = "Email",
 ) -> dict[str, Any]:
     """The demo broadcast: every customer not opted out, five fields."""
     return {
@@ -141,7 +161,12 @@ def demo_job(
             "table": "crm.customers",
             "columns": ["email", "first_name", "last_name", "city", "communication_key"],
         },
-        "field_map": {"email": "Email", "first_name": "FirstName", "last_name": "LastName", "city": "City"},
+        "field_map": {
+            "email": email_field,
+            "first_name": "FirstName",
+            "last_name": "LastName",
+            "city": "City",
+        },
         "communication_key": "communication_key",
         "requested_by": "make demo",
     }
@@ -315,7 +340,14 @@ async def run(recipients: int, esp: str, account: str) -> int:
     say(f"crm.customers: {counts['n']} customers ({added} added now), {counts['o']} opted out")
 
     job = jobs_cli.build_job(
-        demo_job(f"demo-{datetime.now(UTC):%Y%m%d-%H%M%S}", esp, account, flavor.mode, flavor.message)
+        demo_job(
+            f"demo-{datetime.now(UTC):%Y%m%d-%H%M%S}",
+            esp,
+            account,
+            flavor.mode,
+            flavor.message,
+            flavor.email_field,
+        )
     )
     t0 = time.monotonic()
     await jobs_cli.publish_job(kafka, job)

@@ -19,7 +19,7 @@ from tests.fixtures.processes import stop
 from tests.fixtures.servers import Servers
 from tools.demo import FLAVORS, demo_job, seed_customers
 
-ESPS = ["generic_sftp", "instiller", "mailup"]
+ESPS = ["generic_sftp", "instiller", "mailup", "optimizely"]
 """ESP flavors besides the default one (which tests/integration/test_end_to_end.py covers in depth)."""
 
 
@@ -41,7 +41,14 @@ async def test_each_esp_end_to_end(
     with ExitStack() as stack:
         pipeline = start_pipeline(stack, servers, kafka.topic_prefix, database, tmp_path, [(esp, account)])
         job = jobs_cli.build_job(
-            demo_job(f"e2e-{esp}-{unique}", esp, account, FLAVORS[esp].mode, FLAVORS[esp].message)
+            demo_job(
+                f"e2e-{esp}-{unique}",
+                esp,
+                account,
+                FLAVORS[esp].mode,
+                FLAVORS[esp].message,
+                FLAVORS[esp].email_field,
+            )
         )
         await jobs_cli.publish_job(kafka, job)
         manifest = await wait_all_loaded(pipeline, esp, job.job_id, database, kafka)
@@ -65,7 +72,14 @@ async def test_two_esps_of_different_kinds_at_the_same_time(
         pipeline = start_pipeline(stack, servers, kafka.topic_prefix, database, tmp_path, esps)
         jobs = {
             esp: jobs_cli.build_job(
-                demo_job(f"two-{esp}-{unique}", esp, account, FLAVORS[esp].mode, FLAVORS[esp].message)
+                demo_job(
+                    f"two-{esp}-{unique}",
+                    esp,
+                    account,
+                    FLAVORS[esp].mode,
+                    FLAVORS[esp].message,
+                    FLAVORS[esp].email_field,
+                )
             )
             for esp, account in esps
         }
@@ -122,7 +136,14 @@ async def test_refused_credentials_fail_the_job_clearly(
             wrong_credentials=True,
         )
         job = jobs_cli.build_job(
-            demo_job(f"auth-{unique}", esp, f"t{unique}", FLAVORS[esp].mode, FLAVORS[esp].message)
+            demo_job(
+                f"auth-{unique}",
+                esp,
+                f"t{unique}",
+                FLAVORS[esp].mode,
+                FLAVORS[esp].message,
+                FLAVORS[esp].email_field,
+            )
         )
         await jobs_cli.publish_job(kafka, job)
 
@@ -158,7 +179,14 @@ async def test_rate_limits_are_honoured_and_malformed_items_dead_lettered(
             sandbox_settings={"api_limit_per_s": "3", "api_limit_burst": "2", "malformed_every": "40"},
         )
         job = jobs_cli.build_job(
-            demo_job(f"limits-{unique}", esp, account, FLAVORS[esp].mode, FLAVORS[esp].message)
+            demo_job(
+                f"limits-{unique}",
+                esp,
+                account,
+                FLAVORS[esp].mode,
+                FLAVORS[esp].message,
+                FLAVORS[esp].email_field,
+            )
         )
         await jobs_cli.publish_job(kafka, job)
         manifest = await wait_all_loaded(pipeline, esp, job.job_id, database, kafka)
