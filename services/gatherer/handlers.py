@@ -211,6 +211,7 @@ async def handle_webhook(request: web.Request, g: Gatherer) -> web.Response:
     ]
     await g.runtime.publish_many([*events, *letters])  # acknowledged by Kafka before we answer 200
     g.runtime.metrics.inc("webhook_events_total", len(events), esp=esp)
+    log.info("webhook received", extra={"webhook": where, "accepted": len(events), "rejected": len(letters)})
     return web.json_response({"accepted": len(events), "rejected": len(letters)})
 
 

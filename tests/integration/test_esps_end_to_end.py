@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from shared.messages import DeadLetter, Stage, State
 from shared.settings import KafkaSettings, PostgresSettings
 from shared.topics import Topic
 from tests.fixtures.kafka import read_until, wait_for
-from tests.fixtures.pipeline import loaded_counts, start_pipeline, wait_all_loaded
+from tests.fixtures.pipeline import free_port, loaded_counts, start_pipeline, wait_all_loaded
 from tests.fixtures.processes import stop
 from tests.fixtures.servers import Servers
 from tools.demo import FLAVORS, demo_job, seed_customers
@@ -202,5 +203,56 @@ async def test_rate_limits_are_honoured_and_malformed_items_dead_lettered(
         assert stats.get("rate_limited", 0) > 0, (
             "the ESP answered 429s, and the pipeline still loaded everything"
         )
+        for proc in pipeline.procs.values():
+            assert stop(proc) == 0
+
+
+WEBHOOKS = {
+    # esp: sandbox settings that make the ESP call espbridge's webhook endpoint ({url} filled in)
+    "optimizely": lambda url, token: {
+        "opt_webhook_url": url,
+        "opt_webhook_auth": json.dumps({"type": "basicAuth", "userName": "espbridge", "password": token}),
+        "opt_source_weights": "webhook=1",
+    },
+    "mailup": lambda url, token: {"mailup_webhook_url": url},
+}
+
+
+@pytest.mark.parametrize("esp", sorted(WEBHOOKS))
+async def test_webhooks_reach_the_gatherer_and_load_once(
+    esp: str, servers: Servers, kafka: KafkaSettings, database: PostgresSettings, unique: str, tmp_path: Path
+) -> None:
+    await seed(database, 1000)
+    await ensure_topics(kafka)
+    account = f"t{unique}"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/webhooks/{esp}/{account}"
+    token = "webhook-" + unique
+    with ExitStack() as stack:
+        pipeline = start_pipeline(
+            stack,
+            servers,
+            kafka.topic_prefix,
+            database,
+            tmp_path,
+            [(esp, account)],
+            sandbox_settings=WEBHOOKS[esp](url, token),
+            gatherer_port=port,
+            token=token,
+        )
+        flavor = FLAVORS[esp]
+        job = jobs_cli.build_job(
+            demo_job(f"hook-{unique}", esp, account, flavor.mode, flavor.message, flavor.email_field)
+        )
+        await jobs_cli.publish_job(kafka, job)
+        manifest = await wait_all_loaded(pipeline, esp, job.job_id, database, kafka)
+        assert await loaded_counts(database, job.job_id) == {t: n for t, n in manifest["counts"].items() if n}
+        calls = [
+            json.loads(line)
+            for line in (tmp_path / "gatherer.log").read_text().splitlines()
+            if '"msg":"webhook received"' in line
+        ]
+        assert calls, "the ESP's webhook calls reached the gatherer"
+        assert sum(c["accepted"] for c in calls) > 0
         for proc in pipeline.procs.values():
             assert stop(proc) == 0
