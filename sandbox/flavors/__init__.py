@@ -5,7 +5,7 @@ A flavor module defines ``FLAVOR``, a :class:`sandbox.flavors.base.Flavor`, and 
 
 from __future__ import annotations
 
-from sandbox.flavors import generic, generic_sftp, instiller, mailup, optimizely
+from sandbox.flavors import deployteq, generic, generic_sftp, instiller, mailup, optimizely
 from sandbox.flavors.base import Flavor
 
 FLAVORS: dict[str, Flavor] = {
@@ -15,6 +15,7 @@ FLAVORS: dict[str, Flavor] = {
         generic_sftp.FLAVOR,
         instiller.FLAVOR,
         mailup.FLAVOR,
+        deployteq.FLAVOR,
         optimizely.FLAVOR,
     )
 }
