@@ -117,6 +117,13 @@ class Flavor:
                     "password_file": str(token_file),
                     "token_file": str(token_file),  # the webhooks' credential
                 }
+            case "deployteq":
+                entry |= {
+                    "api_url": f"{base}/deployteq/{account}/analytics-events",
+                    "client_id": account,
+                    "client_secret_file": str(token_file),
+                    "options": {"token_url": f"{base}/deployteq/{account}/oauth2/token"},
+                }
         return entry
 
     def stats_request(self, url: str, account: str, token: str) -> tuple[str, dict[str, str], dict[str, str]]:
@@ -124,6 +131,9 @@ class Flavor:
         base = url.rstrip("/")
         if self.connector == "instiller":
             return f"{base}/rest/_sandbox/stats", {"api_id": account, "api_key": token}, {}
+        if self.connector == "deployteq":
+            bearer = {"Authorization": f"Bearer {token}"}
+            return f"{base}/deployteq/{account}/analytics-events/_sandbox/stats", {}, bearer
         if self.connector == "optimizely":
             basic = {"Authorization": aiohttp.encode_basic_auth("api-user@example.com", token)}
             return f"{base}/rest/{account}/_sandbox/stats", {}, basic
@@ -136,6 +146,7 @@ FLAVORS = {
     "instiller": Flavor("instiller", "instiller"),
     "mailup": Flavor("mailup", "mailup", message="42"),
     "optimizely": Flavor("optimizely", "optimizely", message="1001", email_field="email"),
+    "deployteq": Flavor("deployteq", "deployteq", email_field="emailAddress"),
 }
 """``make demo ESP=<name>``: the ESP names the demo knows."""
 

@@ -20,7 +20,7 @@ from tests.fixtures.processes import stop
 from tests.fixtures.servers import Servers
 from tools.demo import FLAVORS, demo_job, seed_customers
 
-ESPS = ["generic_sftp", "instiller", "mailup", "optimizely"]
+ESPS = ["generic_sftp", "instiller", "mailup", "optimizely", "deployteq"]
 """ESP flavors besides the default one (which tests/integration/test_end_to_end.py covers in depth)."""
 
 
@@ -116,7 +116,7 @@ async def test_two_esps_of_different_kinds_at_the_same_time(
             assert stop(proc) == 0, f"{name} did not stop cleanly"
 
 
-API_ESPS = ["instiller", "mailup", "optimizely"]
+API_ESPS = ["instiller", "mailup", "optimizely", "deployteq"]
 """ESP flavors with an API: credentials, rate limits and malformed API items apply to them."""
 
 
