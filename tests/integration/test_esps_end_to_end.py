@@ -116,8 +116,10 @@ async def test_two_esps_of_different_kinds_at_the_same_time(
             assert stop(proc) == 0, f"{name} did not stop cleanly"
 
 
-API_ESPS = ["instiller", "mailup", "optimizely", "deployteq"]
-"""ESP flavors with an API: credentials, rate limits and malformed API items apply to them."""
+API_ESPS = ["instiller", "mailup", "optimizely"]
+"""ESP flavors whose import or send goes through an API, so refused credentials fail the job.
+(Deployteq's import and send are SFTP folder moves; its credentials matter only to the gatherer's
+API pulls — see its unit tests.)"""
 
 
 @pytest.mark.parametrize("esp", API_ESPS)
