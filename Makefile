@@ -54,7 +54,7 @@ check: test ## everything CI runs
 RECIPIENTS ?= 100000
 ESP ?= sandbox
 
-demo: up ## run one broadcast through the pipeline against the sandbox ESP (ESP=sandbox|generic_sftp) and print its funnel
+demo: up ## one broadcast through the pipeline against the sandbox ESP and its funnel (ESP=sandbox|generic_sftp|instiller|optimizely|mailup|deployteq)
 	set -a; source $(ENVF); set +a; $(PY) -m tools.demo run --recipients $(RECIPIENTS) --esp $(ESP)
 
 demo-stop: ## stop the sandbox ESP and the services `make demo` started
