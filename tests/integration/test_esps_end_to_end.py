@@ -257,3 +257,42 @@ async def test_webhooks_reach_the_gatherer_and_load_once(
         assert sum(c["accepted"] for c in calls) > 0
         for proc in pipeline.procs.values():
             assert stop(proc) == 0
+
+
+TOKEN_ESPS = ["mailup", "deployteq"]
+"""ESPs whose API takes OAuth2 access tokens that expire."""
+
+
+@pytest.mark.parametrize("esp", TOKEN_ESPS)
+async def test_expiring_tokens_are_renewed_through_a_broadcast(
+    esp: str, servers: Servers, kafka: KafkaSettings, database: PostgresSettings, unique: str, tmp_path: Path
+) -> None:
+    await seed(database, 1000)
+    await ensure_topics(kafka)
+    account = f"t{unique}"
+    with ExitStack() as stack:
+        pipeline = start_pipeline(
+            stack,
+            servers,
+            kafka.topic_prefix,
+            database,
+            tmp_path,
+            [(esp, account)],
+            sandbox_settings={"token_ttl_s": "2", "phase_delay_s": "1.0"},
+        )
+        flavor = FLAVORS[esp]
+        job = jobs_cli.build_job(
+            demo_job(f"ttl-{unique}", esp, account, flavor.mode, flavor.message, flavor.email_field)
+        )
+        await jobs_cli.publish_job(kafka, job)
+        manifest = await wait_all_loaded(pipeline, esp, job.job_id, database, kafka)
+        assert await loaded_counts(database, job.job_id) == {t: n for t, n in manifest["counts"].items() if n}
+        statuses = await jobs_cli.read_statuses(kafka, job.job_id)
+        lasted = (statuses[-1].at - statuses[0].at).total_seconds()
+        assert lasted > 3 * 2, f"the broadcast outlived several 2 s tokens (it took {lasted:.1f} s)"
+        stats = await pipeline.stats(esp)
+        if "tokens_issued" in stats:  # where the flavor counts them, renewals are visible directly
+            issued = stats["tokens_issued"]
+            assert (sum(issued.values()) if isinstance(issued, dict) else int(issued)) >= 2
+        for proc in pipeline.procs.values():
+            assert stop(proc) == 0
