@@ -296,3 +296,43 @@ async def test_expiring_tokens_are_renewed_through_a_broadcast(
             assert (sum(issued.values()) if isinstance(issued, dict) else int(issued)) >= 2
         for proc in pipeline.procs.values():
             assert stop(proc) == 0
+
+
+RATE_LIMITS = {
+    # esp: the sandbox flavor's settings for a limit below what the connector would send unchecked
+    "mailup": {"rate_limit_per_s": "2"},
+    "optimizely": {"opt_rate_per_s": "2"},
+    "deployteq": {"api_limit_per_s": "1", "api_limit_burst": "1"},
+}
+
+
+@pytest.mark.parametrize("esp", sorted(RATE_LIMITS))
+async def test_429s_are_honoured_and_nothing_is_lost(
+    esp: str, servers: Servers, kafka: KafkaSettings, database: PostgresSettings, unique: str, tmp_path: Path
+) -> None:
+    await seed(database, 500)
+    await ensure_topics(kafka)
+    account = f"t{unique}"
+    with ExitStack() as stack:
+        pipeline = start_pipeline(
+            stack,
+            servers,
+            kafka.topic_prefix,
+            database,
+            tmp_path,
+            [(esp, account)],
+            sandbox_settings=RATE_LIMITS[esp],
+        )
+        flavor = FLAVORS[esp]
+        job = jobs_cli.build_job(
+            demo_job(f"rate-{unique}", esp, account, flavor.mode, flavor.message, flavor.email_field)
+        )
+        await jobs_cli.publish_job(kafka, job)
+        manifest = await wait_all_loaded(pipeline, esp, job.job_id, database, kafka)
+        assert await loaded_counts(database, job.job_id) == {t: n for t, n in manifest["counts"].items() if n}
+        stats = await pipeline.stats(esp)
+        assert stats["sends_created"] == {job.job_id: 1}
+        if "rate_limited" in stats:
+            assert stats["rate_limited"] > 0, "the ESP answered 429s during the broadcast"
+        for proc in pipeline.procs.values():
+            assert stop(proc) == 0
