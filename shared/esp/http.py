@@ -50,12 +50,23 @@ async def request_json(
     params: dict[str, str] | None = None,
     timeout_s: float = 30.0,
     expect: tuple[int, ...] = (200, 201, 202),
+    form: dict[str, str] | None = None,
+    multipart: bool = False,
 ) -> tuple[int, Any]:
-    """One call; returns (status, parsed body) for expected statuses and 404/409, raises otherwise."""
-    data = orjson.dumps(json) if json is not None else None
+    """One call; returns (status, parsed body) for expected statuses and 404/409, raises otherwise.
+
+    The body is ``json``, or ``form`` fields (url-encoded, or ``multipart/form-data`` with
+    ``multipart``): one error mapping whatever the ESP wants its bodies in.
+    """
     all_headers = {"Accept": "application/json", **(headers or {})}
-    if data is not None:
+    data: Any = None
+    if json is not None:
+        data = orjson.dumps(json)
         all_headers["Content-Type"] = "application/json"
+    elif form is not None:
+        data = aiohttp.FormData(default_to_multipart=multipart)
+        for key, value in form.items():
+            data.add_field(key, value)
     try:
         async with session.request(
             method,

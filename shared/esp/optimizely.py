@@ -56,7 +56,6 @@ from typing import Any, Literal, Self, TypeVar, cast
 from urllib.parse import quote
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import aiohttp
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -77,7 +76,7 @@ from shared.esp.base import (
     WebhookAuthError,
 )
 from shared.esp.generic import ListRejectedError
-from shared.esp.http import EspAuthError, EspRequestError, EspUnavailableError, RateLimiter, request_json
+from shared.esp.http import EspUnavailableError, RateLimiter, request_json
 from shared.messages import BroadcastJob, EventSource, EventType, ResponseEvent, SendMode, event_id_for
 from shared.sftp import download_stream
 
@@ -547,35 +546,17 @@ class OptimizelyConnector(Connector):
     async def _request_multipart(
         self, url: str, fields: dict[str, str], expect: tuple[int, ...]
     ) -> tuple[int, Any]:
-        """A ``multipart/form-data`` POST with request_json's error mapping."""
-        form = aiohttp.FormData(default_to_multipart=True)
-        for key, value in fields.items():
-            form.add_field(key, value)
-        where = f"POST {url}"
-        try:
-            async with self._session.post(
-                url,
-                data=form,
-                headers={"Accept": "application/json", **self._auth},
-                timeout=aiohttp.ClientTimeout(total=self.account.request_timeout_s),
-            ) as resp:
-                body = await resp.read()
-                status = resp.status
-                retry_after = _retry_after(resp.headers.get("Retry-After"))
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise EspUnavailableError(f"{where}: {type(exc).__name__}: {exc}") from exc
-        where = f"{where} answered {status}"
-        if status == 429 or status >= 500:
-            raise EspUnavailableError(f"{where}: {body[:300]!r}", retry_after)
-        if status in (401, 403):
-            raise EspAuthError(f"{where}: the ESP refused the credentials: {body[:300]!r}")
-        try:
-            parsed = orjson.loads(body) if body else None
-        except orjson.JSONDecodeError:
-            raise EspUnavailableError(f"{where} with a body that is not JSON: {body[:200]!r}") from None
-        if status in expect or status in (404, 409):
-            return status, parsed
-        raise EspRequestError(f"{where}: {body[:500]!r}")
+        """A ``multipart/form-data`` POST (batch creation)."""
+        return await request_json(
+            self._session,
+            "POST",
+            url,
+            headers=self._auth,
+            form=fields,
+            multipart=True,
+            timeout_s=self.account.request_timeout_s,
+            expect=expect,
+        )
 
     async def _call(
         self,
