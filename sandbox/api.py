@@ -132,9 +132,14 @@ async def healthz(_request: web.Request) -> web.Response:
     return json_response({"status": "ok"})
 
 
-def create_app(context: ApiContext, routes: Iterable[web.RouteDef]) -> web.Application:
-    """The aiohttp application for ``context``'s accounts: the flavor's ``routes`` and the shared ones."""
-    app = web.Application(middlewares=[json_errors, bearer_auth])
+def create_app(
+    context: ApiContext, routes: Iterable[web.RouteDef], max_body_bytes: int = 64 * 1024 * 1024
+) -> web.Application:
+    """The aiohttp application for ``context``'s accounts: the flavor's ``routes`` and the shared ones.
+
+    Request bodies above ``max_body_bytes`` are answered 413.
+    """
+    app = web.Application(middlewares=[json_errors, bearer_auth], client_max_size=max_body_bytes)
     app[CONTEXT] = context
     app.add_routes(routes)
     app.router.add_get(API_PREFIX + "/{account}/_sandbox/stats", stats)

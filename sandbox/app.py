@@ -58,7 +58,9 @@ async def run(settings: Settings) -> None:
     accounts = open_accounts(settings, flavor, stop_flag)
     token = settings.bearer_token.get_secret_value().encode()
     context = ApiContext(accounts, token, TokenIssuer(settings.token_ttl_s))
-    runner = web.AppRunner(create_app(context, flavor.routes), access_log=None)
+    runner = web.AppRunner(
+        create_app(context, flavor.routes, int(settings.max_body_mb * 1024 * 1024)), access_log=None
+    )
     await runner.setup()
     url_file: Path | None = None
     try:

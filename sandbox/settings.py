@@ -77,6 +77,9 @@ class Settings(BaseSettings):
     malformed_every: int = Field(
         default=0, ge=0, description="a malformed response row after every n-th good one (0 = off)"
     )
+    max_body_mb: float = Field(
+        default=64.0, gt=0.0, description="largest request body accepted; larger ones are answered 413"
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     _bearer: SecretStr = PrivateAttr(default=SecretStr(""))

@@ -7,6 +7,9 @@
 * :func:`pull_api` asks each API-capable account for the responses of its recently sent
   broadcasts, page by page from a stored cursor (control.api_cursors), publishing the events
   before it stores the next cursor; an advisory lock keeps two gatherers off the same broadcast.
+  Each pull that brought responses is reported on the broadcast's status; so is a pull that
+  failed (once per distinct error, until it works again): ``failed`` when only the operator can
+  fix the cause (refused credentials, a bad configuration), ``running`` with the error otherwise.
 
 Used by every gatherer process on its interval and by ``espbridge gather now``.
 """
@@ -23,10 +26,19 @@ import asyncpg
 from faststream.kafka import KafkaBroker
 
 from shared.db import Conn
-from shared.errors import EspbridgeError
+from shared.errors import EspbridgeError, PermanentError
 from shared.esp import BadRow, Connector, Connectors, SentBroadcast
 from shared.kafka import publish_many
-from shared.messages import DeadLetter, EventSource, Message, ResponseEvent, ResponseFile
+from shared.messages import (
+    BroadcastStatus,
+    DeadLetter,
+    EventSource,
+    Message,
+    ResponseEvent,
+    ResponseFile,
+    Stage,
+    State,
+)
 from shared.settings import KafkaSettings
 from shared.sftp import SftpPool, list_files
 
@@ -107,9 +119,15 @@ async def pull_api(
     kafka: KafkaSettings,
     window_days: float = 30.0,
     service: str = "gatherer",
+    reported: dict[str, str] | None = None,
 ) -> list[PullResult]:
-    """Pull new responses of every recently sent broadcast of every API-capable account."""
+    """Pull new responses of every recently sent broadcast of every API-capable account.
+
+    ``reported`` maps a job id to the last pull error published for it; a process that pulls on
+    an interval keeps it between calls so that a lasting error is reported once, not every pass.
+    """
     results: list[PullResult] = []
+    reported = {} if reported is None else reported
     for connector in connectors.all():
         if not connector.pulls_api:
             continue
@@ -141,23 +159,62 @@ async def pull_api(
                 ):
                     continue  # another gatherer is pulling this broadcast right now
                 try:
-                    results.append(await _pull_one(connector, broadcast, conn, broker, kafka, service))
+                    result = await _pull_one(connector, broadcast, conn, broker, kafka, service)
                 except EspbridgeError as exc:
                     # One broadcast's trouble must not stop the others; the next pass tries again
                     # from the stored cursor.
+                    error = f"{type(exc).__name__}: {exc}"
                     log.warning(
                         "API pull failed",
                         extra={
                             "job_id": broadcast.job_id,
+                            "esp": account.esp,
+                            "account": account.account,
                             "error_class": type(exc).__name__,
                             "error": str(exc),
                         },
                     )
+                    if reported.get(broadcast.job_id) != error:
+                        reported[broadcast.job_id] = error
+                        await publish_many(
+                            broker, kafka, [pull_failed_status(broadcast.job_id, exc, service)]
+                        )
+                else:
+                    results.append(result)
+                    recovered = reported.pop(broadcast.job_id, None) is not None
+                    if result.events or result.bad_items or recovered:
+                        await publish_many(broker, kafka, [pulled_status(result, recovered, service)])
                 finally:
                     await conn.execute(
                         "SELECT pg_advisory_unlock(hashtextextended($1, 42))", broadcast.job_id
                     )
     return results
+
+
+def pull_failed_status(job_id: str, exc: EspbridgeError, service: str) -> BroadcastStatus:
+    """The status of a broadcast whose API pull failed: ``failed`` if the cause needs the operator."""
+    lasting = isinstance(exc, PermanentError)
+    return BroadcastStatus(
+        job_id=job_id,
+        stage=Stage.GATHER,
+        state=State.FAILED if lasting else State.RUNNING,
+        detail=f"API pull failed ({type(exc).__name__}): {exc}; retried every scan"
+        + ("; fix the account's configuration" if lasting else ""),
+        service=service,
+    )
+
+
+def pulled_status(result: PullResult, recovered: bool, service: str) -> BroadcastStatus:
+    """The status of a broadcast after an API pull that worked."""
+    detail = f"{result.events} events from the ESP's API"
+    return BroadcastStatus(
+        job_id=result.job_id,
+        stage=Stage.GATHER,
+        state=State.RUNNING,
+        counts={"events": result.events, "bad_items": result.bad_items},
+        detail=("API pull works again; " if recovered else "") + detail,
+        service=service,
+    )
 
 
 async def _pull_one(

@@ -1132,6 +1132,8 @@ def api(endpoint: Endpoint) -> Handler:
             return exc.response()
         except EspError as exc:
             return MailUpError(exc.status, exc.message).response()
+        except web.HTTPRequestEntityTooLarge as exc:
+            return MailUpError(413, exc.text or "Request Entity Too Large").response()
         except Exception:
             log.exception("request failed", extra={"method": request.method, "path": request.path})
             return MailUpError(500, "The sandbox failed on this request; see its log").response()

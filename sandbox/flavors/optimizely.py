@@ -496,6 +496,7 @@ class Store:
     async def admitted(self) -> AsyncIterator[None]:
         """One request inside the limits: in flight (429), the token bucket (429), faults (503)."""
         if self.in_flight >= self.settings.opt_max_concurrent:
+            self.account.counters["rate_limited"] += 1
             raise EspError(
                 429, "too_many_requests", "Too many requests are used at the same time", {"Retry-After": "1"}
             )
@@ -504,6 +505,7 @@ class Store:
             if self.bucket is not None:
                 wait_s = self.bucket.acquire()
                 if wait_s > 0:
+                    self.account.counters["rate_limited"] += 1
                     raise EspError(
                         429,
                         "too_many_requests",
@@ -1095,12 +1097,14 @@ async def activate_webhook(request: web.Request, store: Store) -> web.Response:
 
 
 async def stats(request: web.Request, store: Store) -> web.Response:
-    """``GET _sandbox/stats`` (tests): batches created (201) and started (202) per decoded tag."""
+    """``GET _sandbox/stats`` (tests): batches created (201) and started (202) per decoded tag, and
+    the 429s answered."""
     batches = store.data.batches.values()
     return json_response(
         {
             "sends_created": dict(Counter(b.job_id for b in batches if b.state == "sent")),
             "batches_created": dict(Counter(b.job_id for b in batches)),
+            "rate_limited": store.account.counters["rate_limited"],
         }
     )
 

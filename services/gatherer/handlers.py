@@ -14,7 +14,7 @@ import logging
 import tempfile
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import asyncpg
@@ -45,6 +45,8 @@ class Gatherer:
     sftp: SftpPool
     connectors: Connectors
     work_dir: Path
+    pull_errors: dict[str, str] = field(default_factory=dict)
+    """The last API pull error reported per job (see :func:`shared.gathering.pull_api`)."""
 
     async def scan_once(self) -> int:
         """Scan every account's folders and pull its API once; returns files announced + events pulled."""
@@ -53,7 +55,12 @@ class Gatherer:
             self.connectors, self.sftp, self.pool, self.runtime.broker, kafka, self.settings.republish_after_s
         )
         pulled = await pull_api(
-            self.connectors, self.pool, self.runtime.broker, kafka, self.settings.api_window_days
+            self.connectors,
+            self.pool,
+            self.runtime.broker,
+            kafka,
+            self.settings.api_window_days,
+            reported=self.pull_errors,
         )
         return len(files) + sum(p.events for p in pulled)
 

@@ -6,6 +6,7 @@ import json
 from contextlib import ExitStack
 from pathlib import Path
 
+import orjson
 import pytest
 
 from shared import jobs_cli
@@ -92,7 +93,7 @@ async def test_two_esps_of_different_kinds_at_the_same_time(
 API_ESPS = ["instiller", "mailup", "optimizely"]
 """ESP flavors whose import or send goes through an API, so refused credentials fail the job.
 (Deployteq's import and send are SFTP folder moves; its credentials matter only to the gatherer's
-API pulls — see its unit tests.)"""
+API pulls — see the test after this one.)"""
 
 
 @pytest.mark.parametrize("esp", API_ESPS)
@@ -122,6 +123,102 @@ async def test_refused_credentials_fail_the_job_clearly(
         detail = await wait_for(failed, timeout_s=60, what="the job failed")
         assert "refused" in detail  # the ESP's word, e.g. "answered 401" or "refused the credentials (400)"
         assert await pipeline.sends_created(esp) == {}
+        pipeline.stop()
+
+
+async def test_refused_api_credentials_show_on_the_broadcast_status_and_files_still_load(
+    servers: Servers, kafka: KafkaSettings, database: PostgresSettings, unique: str, tmp_path: Path
+) -> None:
+    """Deployteq sends through its SFTP trigger, so a wrong client secret first shows when the
+    gatherer pulls the event API: the broadcast's gather stage says so (once, not every scan),
+    while the activities export files are still gathered."""
+    esp = "deployteq"
+    await seed(database, 300)
+    await ensure_topics(kafka)
+    with ExitStack() as stack:
+        pipeline = start_pipeline(
+            stack,
+            servers,
+            kafka.topic_prefix,
+            database,
+            tmp_path,
+            [(esp, f"t{unique}")],
+            wrong_credentials=True,
+        )
+        job = await pipeline.publish(kafka, esp, f"auth-{unique}")
+
+        async def gather_failed() -> list[str] | None:
+            statuses = await jobs_cli.read_statuses(kafka, job.job_id)
+            found = [s.detail for s in statuses if s.stage is Stage.GATHER and s.state is State.FAILED]
+            return found or None
+
+        details = await wait_for(gather_failed, timeout_s=90, what="the gather stage reported the refusal")
+        assert "refused" in details[0]
+        assert "EspAuthError" in details[0]
+        assert await pipeline.sends_created(esp) == {job.job_id: 1}
+        manifest = orjson.loads(pipeline.manifest(esp, job.job_id).read_bytes())
+        # The export files (complaints) need no API credentials: they load once the export runs.
+        exported = manifest["counts"].get("complaint", 0)
+
+        async def complaints_loaded() -> bool:
+            done = orjson.loads(pipeline.manifest(esp, job.job_id).read_bytes())
+            have = (await loaded_counts(database, job.job_id)).get("complaint", 0)
+            return bool(done["complete"]) and have == done["counts"].get("complaint", 0)
+
+        await wait_for(complaints_loaded, timeout_s=90, what="the export files loaded")
+        loaded = await loaded_counts(database, job.job_id)
+        assert set(loaded) <= {"complaint"}, f"nothing came from the refused API: {loaded}"
+        assert exported <= loaded.get("complaint", 0)
+        statuses = await jobs_cli.read_statuses(kafka, job.job_id)
+        failures = [s for s in statuses if s.stage is Stage.GATHER and s.state is State.FAILED]
+        assert len(failures) == 1, "a lasting error is reported once, not on every scan"
+        pipeline.stop()
+
+
+MALFORMED = {
+    # esp: (sandbox settings that add malformed rows, account options, malformed rows in the manifest)
+    "mailup": ({"bad_rows": "2"}, {"statistics_source": "export"}, lambda m: m["bad_rows"]),
+    "optimizely": ({"opt_malformed_every": "2"}, {}, lambda m: m["malformed_rows"]),
+    "deployteq": ({"malformed_every": "15"}, {}, lambda m: m["malformed"]),
+}
+
+
+@pytest.mark.parametrize("esp", sorted(MALFORMED))
+async def test_malformed_response_rows_are_dead_lettered_and_good_rows_load(
+    esp: str, servers: Servers, kafka: KafkaSettings, database: PostgresSettings, unique: str, tmp_path: Path
+) -> None:
+    sandbox_settings, options, malformed = MALFORMED[esp]
+    await seed(database, 1000)
+    await ensure_topics(kafka)
+    account = f"t{unique}"
+    with ExitStack() as stack:
+        pipeline = start_pipeline(
+            stack,
+            servers,
+            kafka.topic_prefix,
+            database,
+            tmp_path,
+            [(esp, account)],
+            sandbox_settings=sandbox_settings,
+            account_options=options,
+        )
+        job = await pipeline.publish(kafka, esp, f"bad-{esp}-{unique}")
+        manifest = await wait_all_loaded(pipeline, esp, job.job_id, database, kafka)
+        assert await loaded_counts(database, job.job_id) == {t: n for t, n in manifest["counts"].items() if n}
+        bad = malformed(manifest)
+        assert bad > 0
+        letters = await read_until(kafka, Topic.DEADLETTER, lambda rs: len(rs) >= bad)
+        dead = [DeadLetter.from_json(r.value or b"") for r in letters]
+        assert len(dead) == bad
+        for d in dead:
+            assert d.payload
+            assert d.message
+            assert d.service == "gatherer"
+            if d.source.kind == "file":
+                assert (d.source.name or "").startswith(f"{esp}/{account}/")
+                assert (d.source.line or 0) > 1, "the line of the bad row, after the header"
+        if esp != "optimizely":  # Optimizely's bad rows come from files and API pages alike
+            assert {d.source.kind for d in dead} == {"file"}
         pipeline.stop()
 
 
@@ -269,6 +366,5 @@ async def test_429s_are_honoured_and_nothing_is_lost(
         assert await loaded_counts(database, job.job_id) == {t: n for t, n in manifest["counts"].items() if n}
         stats = await pipeline.stats(esp)
         assert stats["sends_created"] == {job.job_id: 1}
-        if "rate_limited" in stats:
-            assert stats["rate_limited"] > 0, "the ESP answered 429s during the broadcast"
+        assert stats["rate_limited"] > 0, "the ESP answered 429s during the broadcast"
         pipeline.stop()
