@@ -1,4 +1,5 @@
-"""Integration fixtures: real servers once per run; unique topics, databases and folders per test."""
+"""Fixtures of the integration and fault tests: real servers once per run (requested only by tests
+that need them); unique topics, databases and folders per test."""
 
 from __future__ import annotations
 
@@ -24,8 +25,11 @@ from tests.fixtures.servers import (
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if "tests/integration" in str(item.path):
+        path = str(item.path)
+        if "tests/integration" in path or "tests/faults" in path:
             item.add_marker(pytest.mark.integration)
+        if "tests/faults" in path:
+            item.add_marker(pytest.mark.faults)
 
 
 @pytest.fixture(scope="session")
