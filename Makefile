@@ -8,6 +8,7 @@ PY     := $(VENV)/bin/python
 STATE  := $(or $(ESPBRIDGE_STATE_DIR),$(CURDIR)/.run)
 ENVF   := $(STATE)/espbridge.env
 PYTEST_ARGS ?=
+TEST_WORKERS ?= 3
 
 .PHONY: help setup up down status migrate lint typecheck test test-unit check demo demo-stop clean
 
@@ -46,8 +47,8 @@ typecheck: $(VENV)/.synced ## mypy --strict over shared, services and tests
 test-unit: $(VENV)/.synced ## unit tests only (no servers)
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
-test: lint typecheck ## linters, type checks, then the whole suite against real servers
-	$(PY) -m pytest $(PYTEST_ARGS)
+test: lint typecheck ## linters, type checks, then the whole suite against real servers (TEST_WORKERS=3 processes)
+	tests/with-servers.sh $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 check: test ## everything CI runs
 

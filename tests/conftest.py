@@ -37,6 +37,11 @@ def servers() -> Iterator[Servers]:
     if all(os.environ.get(k) for k in REQUIRED):
         yield servers_from_env(os.environ)
         return
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        pytest.fail(
+            "parallel test workers share servers started before them: run `make test` "
+            "(tests/with-servers.sh) or set the ESPBRIDGE_* server variables"
+        )
     found = start_local_servers()
     try:
         yield found
