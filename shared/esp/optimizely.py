@@ -285,8 +285,10 @@ class _Cursor:
     pos: int = 0
     offsets: dict[str, int] = field(default_factory=dict)
     high_water: str | None = None  # newest unsubscribe `created` seen by the last finished scan
+    high_seen: list[str] = field(default_factory=list)  # the entries at `high_water` already pulled
     scan_offset: int = 0
     scan_top: str | None = None  # newest `created` of the scan in progress
+    scan_top_seen: list[str] = field(default_factory=list)  # its entries at `scan_top`
 
     def dump(self) -> str:
         return orjson.dumps(
@@ -298,8 +300,10 @@ class _Cursor:
                 "offsets": self.offsets,
                 "unsubscribes": {
                     "high_water": self.high_water,
+                    "high_seen": self.high_seen,
                     "offset": self.scan_offset,
                     "top": self.scan_top,
+                    "top_seen": self.scan_top_seen,
                 },
             }
         ).decode()
@@ -326,15 +330,27 @@ class _Cursor:
         for value in (high_water, top):
             if value is not None:
                 _rfc3339(value)  # raises ValueError when it is not a time
+        seen = {k: unsub.get(k, []) for k in ("high_seen", "top_seen")}  # absent in older cursors
+        if not all(isinstance(v, list) and all(isinstance(x, str) for x in v) for v in seen.values()):
+            raise ValueError("malformed cursor")
         return cls(
             batch=data["batch"],
             mailings=mailings,
             pos=data["pos"],
             offsets=dict(offsets),
             high_water=high_water,
+            high_seen=list(seen["high_seen"]),
             scan_offset=unsub["offset"],
             scan_top=top,
+            scan_top_seen=list(seen["top_seen"]),
         )
+
+
+def _unsubscribe_key(element: Any) -> str:
+    """An ``/unsubscribes`` entry's identity among entries of the same ``created`` time."""
+    if not isinstance(element, dict):
+        return orjson.dumps(element, option=orjson.OPT_SORT_KEYS).decode()
+    return f"{element.get('recipientId')}|{element.get('mailingId')}|{element.get('created')}"
 
 
 # --- the list file ------------------------------------------------------------------------------------
@@ -921,7 +937,11 @@ class OptimizelyConnector(Connector):
     async def _unsubscribe_page(
         self, broadcast: SentBroadcast, state: _Cursor
     ) -> tuple[list[ResponseEvent | BadRow], bool]:
-        """One page of ``GET /unsubscribes`` newest first, down to the last scan's newest entry."""
+        """One page of ``GET /unsubscribes`` newest first, down to the last scan's newest entry.
+
+        Entries created at the last scan's newest time are read again (one may have arrived in the
+        same second after that scan) but pulled only if that scan did not see them.
+        """
         limit = self.options.page_size
         offset = state.scan_offset
         floor = _rfc3339(state.high_water) if state.high_water else broadcast.requested_at
@@ -933,15 +953,24 @@ class OptimizelyConnector(Connector):
         elements = _elements(body, "GET /unsubscribes")
         mailings = set(state.mailings or ())
         top = _rfc3339(state.scan_top) if state.scan_top else None
+        top_seen = set(state.scan_top_seen)
+        high = _rfc3339(state.high_water) if state.high_water else None
+        high_seen = set(state.high_seen)
         items: list[ResponseEvent | BadRow] = []
         reached_floor = False
         for i, element in enumerate(elements):
             created = _element_time(element)
+            key = _unsubscribe_key(element)
             if created is not None:
                 if floor is not None and created < floor:
                     reached_floor = True
                     break
-                top = created if top is None or created > top else top
+                if top is None or created > top:
+                    top, top_seen = created, {key}
+                elif created == top:
+                    top_seen.add(key)
+                if created == high and key in high_seen:
+                    continue  # pulled by the last scan
             if not isinstance(element, dict) or element.get("mailingId") is None:
                 continue  # not attributable to a broadcast
             if element.get("mailingId") not in mailings:
@@ -959,11 +988,13 @@ class OptimizelyConnector(Connector):
             )
         if reached_floor or len(elements) < limit:
             if top is not None:
+                state.high_seen = sorted(top_seen | high_seen if top == high else top_seen)
                 state.high_water = top.isoformat()
-            state.scan_offset, state.scan_top = 0, None
+            state.scan_offset, state.scan_top, state.scan_top_seen = 0, None, []
             return items, True
         state.scan_offset = offset + len(elements)
         state.scan_top = top.isoformat() if top is not None else None
+        state.scan_top_seen = sorted(top_seen)
         return items, False
 
     def _api_item(

@@ -778,7 +778,7 @@ async def test_bounces_and_unsubscribes_are_pulled_and_resumed_from_the_cursor(
     esp.bounces.append(bounce("K6", "hardbounce", "2026-11-22T11:05:00+01:00"))
     esp.unsubscribes.append(unsubscribe("K7", "2026-11-22T11:06:00+01:00"))
     seen_before = len(esp.seen)
-    more, _, _ = await pull_round(c, b, cursor)
+    more, cursor2, _ = await pull_round(c, b, cursor)
     old_ids = {e.event_id for e in events}
     new = {(e.type, e.communication_key) for e in more if isinstance(e, ResponseEvent)}
     new_ids = {e.event_id for e in more if isinstance(e, ResponseEvent)} - old_ids
@@ -790,6 +790,18 @@ async def test_bounces_and_unsubscribes_are_pulled_and_resumed_from_the_cursor(
         if s.path == "responses" and s.query["category"] == "hardbounce"
     ]
     assert offsets[0] == "4"  # resumed where the first round stopped, not from 0
+
+    # Nothing new: the newest unsubscribe (read again, since its second may not be over) is not
+    # pulled again; one arriving later in that same second is pulled, once.
+    again, cursor3, _ = await pull_round(c, b, cursor2)
+    assert [e for e in again if isinstance(e, ResponseEvent) and e.type is EventType.UNSUBSCRIBE] == []
+    esp.unsubscribes.append(unsubscribe("K8", "2026-11-22T11:06:00+01:00"))
+    late, cursor4, _ = await pull_round(c, b, cursor3)
+    assert [(e.type, e.communication_key) for e in late if isinstance(e, ResponseEvent)] == [
+        (EventType.UNSUBSCRIBE, "K8")
+    ]
+    final, _, _ = await pull_round(c, b, cursor4)
+    assert [e for e in final if isinstance(e, ResponseEvent)] == []
 
 
 async def test_bounces_without_offset_paging_use_one_large_request(
