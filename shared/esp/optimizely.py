@@ -937,7 +937,8 @@ class OptimizelyConnector(Connector):
     async def _unsubscribe_page(
         self, broadcast: SentBroadcast, state: _Cursor
     ) -> tuple[list[ResponseEvent | BadRow], bool]:
-        """One page of ``GET /unsubscribes`` newest first, down to the last scan's newest entry.
+        """One page of ``GET /unsubscribes`` newest first, down to the newest entry of this
+        broadcast's mailings that the last scan saw (other mailings' entries do not count).
 
         Entries created at the last scan's newest time are read again (one may have arrived in the
         same second after that scan) but pulled only if that scan did not see them.
@@ -960,21 +961,21 @@ class OptimizelyConnector(Connector):
         reached_floor = False
         for i, element in enumerate(elements):
             created = _element_time(element)
+            if created is not None and floor is not None and created < floor:
+                reached_floor = True
+                break
+            if not isinstance(element, dict) or element.get("mailingId") is None:
+                continue  # not attributable to a broadcast
+            if element.get("mailingId") not in mailings:
+                continue  # another broadcast's: it must not move this one's high water
             key = _unsubscribe_key(element)
             if created is not None:
-                if floor is not None and created < floor:
-                    reached_floor = True
-                    break
                 if top is None or created > top:
                     top, top_seen = created, {key}
                 elif created == top:
                     top_seen.add(key)
                 if created == high and key in high_seen:
                     continue  # pulled by the last scan
-            if not isinstance(element, dict) or element.get("mailingId") is None:
-                continue  # not attributable to a broadcast
-            if element.get("mailingId") not in mailings:
-                continue
             items.append(
                 self._api_item(
                     broadcast,

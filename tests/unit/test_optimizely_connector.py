@@ -804,6 +804,24 @@ async def test_bounces_and_unsubscribes_are_pulled_and_resumed_from_the_cursor(
     assert [e for e in final if isinstance(e, ResponseEvent)] == []
 
 
+async def test_another_mailings_newer_unsubscribes_do_not_hide_this_broadcasts_later_ones(
+    http: aiohttp.ClientSession, esp: FakeOptimizely
+) -> None:
+    esp.batch("job-1", state="sent", campaign=7002)
+    esp.campaigns[7002]["status"] = "running"
+    esp.unsubscribes = [unsubscribe("X9", "2026-11-22T20:00:00+01:00", mailing=9999)]
+    c = connector(http, esp, page_size=2)
+    b = broadcast()
+    first, cursor, _ = await pull_round(c, b, None)
+    assert [i for i in first if isinstance(i, ResponseEvent)] == []
+    # This broadcast's unsubscribe arrives later but is older than the other mailing's newest.
+    esp.unsubscribes.append(unsubscribe("K1", "2026-11-22T11:00:10+01:00"))
+    second, _, _ = await pull_round(c, b, cursor)
+    assert [(e.type, e.communication_key) for e in second if isinstance(e, ResponseEvent)] == [
+        (EventType.UNSUBSCRIBE, "K1")
+    ]
+
+
 async def test_bounces_without_offset_paging_use_one_large_request(
     http: aiohttp.ClientSession, esp: FakeOptimizely
 ) -> None:
