@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
+import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
@@ -25,7 +26,7 @@ from pydantic import ValidationError
 from shared import dlq
 from shared.db import Conn, connect
 from shared.dlq import Filters, Letter, Replay
-from shared.errors import PermanentError, UnavailableError
+from shared.errors import ConfigurationError, PermanentError, UnavailableError
 from shared.esp import Accounts, AccountsSettings, BadRow, ConnectorContext, Connectors
 from shared.kafka import decode
 from shared.messages import DeadLetter, Message, ResponseEvent
@@ -60,25 +61,37 @@ class Outcome:
         return self.action in ("replayed", "would replay", "skipped")
 
 
+async def _start(consumer: AIOKafkaConsumer, kafka: KafkaSettings) -> None:
+    try:
+        await consumer.start()
+    except KafkaError as exc:
+        await consumer.stop()
+        raise UnavailableError(f"Kafka at {kafka.bootstrap_servers} is unreachable: {exc}") from exc
+
+
 async def read_letters(kafka: KafkaSettings) -> tuple[list[Letter], int]:
     """Every dead letter on the topic up to now, oldest first; and how many records were unreadable."""
+    name = kafka.topic(Topic.DEADLETTER)
+    probe = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap_servers, group_id=None)
+    await _start(probe, kafka)
+    try:
+        # A consumer of a topic that does not exist waits for it; nothing was ever dead-lettered.
+        if name not in await probe.topics():
+            return [], 0
+    finally:
+        await probe.stop()
     consumer = AIOKafkaConsumer(
-        kafka.topic(Topic.DEADLETTER),
+        name,
         bootstrap_servers=kafka.bootstrap_servers,
         group_id=None,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
     )
-    try:
-        await consumer.start()
-    except KafkaError as exc:
-        raise UnavailableError(f"Kafka at {kafka.bootstrap_servers} is unreachable: {exc}") from exc
+    await _start(consumer, kafka)
     letters: list[Letter] = []
     unreadable = 0
     try:
         parts = list(consumer.assignment())  # without a group, every partition of the topic
-        if not parts:
-            return [], 0
         ends = await consumer.end_offsets(parts)
         pending = {tp for tp in parts if ends[tp] > 0}
         deadline = time.monotonic() + READ_TIMEOUT_S
@@ -111,14 +124,21 @@ async def read_letters(kafka: KafkaSettings) -> tuple[list[Letter], int]:
 async def load_ledger(conn: Conn, topic: str, letters: Sequence[Letter]) -> dict[str, Replay]:
     """The ledger's entries for these dead letters (an entry of another letter at a reused offset
     does not count)."""
-    rows = await conn.fetch(
-        """
-        SELECT dl_partition, dl_offset, fingerprint, state, detail, events, replayed_to, attempts,
-               last_at, replayed_at
-        FROM control.dead_letter_replays WHERE topic = $1
-        """,
-        topic,
-    )
+    if not letters:
+        return {}
+    try:
+        rows = await conn.fetch(
+            """
+            SELECT dl_partition, dl_offset, fingerprint, state, detail, events, replayed_to, attempts,
+                   last_at, replayed_at
+            FROM control.dead_letter_replays WHERE topic = $1
+            """,
+            topic,
+        )
+    except asyncpg.UndefinedTableError:
+        raise ConfigurationError(
+            "the database has no replay ledger (control.dead_letter_replays): run `espbridge db migrate`"
+        ) from None
     prints = {item.id: item.fingerprint for item in letters}
     out: dict[str, Replay] = {}
     for r in rows:
@@ -304,6 +324,8 @@ async def replay(
     """Replay the dead letters that pass the filters (see the module's docstring)."""
     letters, _ = await read_letters(kafka)
     topic = kafka.topic(Topic.DEADLETTER)
+    if not letters:
+        return [Outcome(i, "not found", f"no dead letter {i} on {topic}") for i in filters.ids]
     prefix = kafka.topic_prefix
     conn = await connect(pg)
     try:
