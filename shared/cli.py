@@ -4,12 +4,15 @@ espbridge db migrate        apply pending migrations (ESPBRIDGE_PG_*)
 espbridge db status         list applied and pending migrations
 espbridge topics create     create the registry topics (ESPBRIDGE_KAFKA_*)
 espbridge topics list       the registry: topic, model, partitions
+espbridge dlq list          dead letters with their reason and replay state
+espbridge dlq replay        send dead letters back once their cause is fixed (once each)
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,13 +21,14 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
-from shared import jobs_cli
+from shared import dlq, dlq_cli, jobs_cli
 from shared.db.core import connect
 from shared.db.migrate import applied_migrations, load_migrations, migrate
 from shared.errors import EspbridgeError, InvalidMessageError
 from shared.esp import AccountsSettings
 from shared.kafka import ensure_topics
 from shared.logs import configure
+from shared.messages import utcnow
 from shared.settings import KafkaSettings, PostgresSettings, SftpSettings
 from shared.topics import REGISTRY, Topic
 
@@ -137,6 +141,85 @@ async def _gather_now() -> int:
     return 0
 
 
+def _dlq_filters(args: argparse.Namespace) -> dlq.Filters:
+    return dlq.Filters(
+        service=args.service,
+        kind=args.kind,
+        broadcast=args.broadcast,
+        since=dlq.parse_since(args.since, utcnow()) if args.since else None,
+        state=args.state,
+        ids=tuple(dlq.parse_id(i) for i in getattr(args, "id", None) or ()),
+    )
+
+
+async def _dlq_list(args: argparse.Namespace) -> int:
+    kafka = KafkaSettings()
+    listed, total, unreadable = await dlq_cli.list_letters(
+        kafka, PostgresSettings(), _dlq_filters(args), args.limit
+    )
+    if unreadable:
+        print(
+            f"espbridge: {unreadable} record(s) on the topic are not dead letters this build reads",
+            file=sys.stderr,
+        )
+    if args.json:
+        out = [dlq.as_json(x.letter, x.state, x.state_text, x.replay, kafka.topic_prefix) for x in listed]
+        print(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode())
+        return 0
+    topic = kafka.topic(Topic.DEADLETTER)
+    if not listed:
+        print(f"no dead letters on {topic}" if not total else f"no dead letters match ({total} on {topic})")
+        return 0
+    print(dlq.table(dlq.list_rows((x.letter, x.state_text) for x in listed)))
+    return 0
+
+
+async def _dlq_replay(args: argparse.Namespace) -> int:
+    filters = _dlq_filters(args)
+    if not filters.any and not args.all:
+        raise InvalidMessageError("say which dead letters to replay: --id, a filter, or --all for every one")
+    if filters.ids and (args.all or args.limit or dataclasses.replace(filters, ids=()).any):
+        raise InvalidMessageError("--id names the dead letters itself: no filters, --limit or --all with it")
+    outcomes = await dlq_cli.replay(
+        KafkaSettings(),
+        PostgresSettings(),
+        AccountsSettings(),
+        filters,
+        args.limit,
+        force=args.force,
+        dry_run=args.dry_run,
+    )
+    if not outcomes:
+        print("no dead letters match")
+        return 0
+    print(dlq.table([[o.id, o.action, dlq.reason(o.detail, 300)] for o in outcomes]))
+    counts: dict[str, int] = {}
+    for o in outcomes:
+        counts[o.action] = counts.get(o.action, 0) + 1
+    print(("dry run: " if args.dry_run else "") + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    return 0 if all(o.ok for o in outcomes) else 1
+
+
+def _dlq_parser(groups: Any) -> None:
+    cmds = groups.add_parser("dlq", help="dead letters: what was rejected, and replaying it").add_subparsers(
+        dest="cmd", required=True
+    )
+    ls = cmds.add_parser("list", help="dead letters with their reason and replay state, oldest first")
+    rp = cmds.add_parser("replay", help="send dead letters back once their cause is fixed")
+    rp.add_argument("--id", action="append", help="a dead letter's id, PARTITION:OFFSET (repeatable)")
+    for p in (ls, rp):
+        p.add_argument("--service", help="only those rejected by this service")
+        p.add_argument("--kind", choices=dlq.KINDS, help="only those of this kind of source")
+        p.add_argument("--broadcast", help="only those of this broadcast (job id), where known")
+        p.add_argument("--since", help="only those since a time (ISO 8601) or for a duration (30m, 2h, 7d)")
+        p.add_argument("--state", choices=dlq.STATES, help="only those in this replay state")
+        p.add_argument("--limit", type=int, help="at most this many (the oldest)")
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    rp.add_argument("--all", action="store_true", help="replay every dead letter that passes the filters")
+    rp.add_argument("--force", action="store_true", help="replay again those replayed before")
+    rp.add_argument("--dry-run", action="store_true", help="say what would be replayed; change nothing")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one CLI command; returns the exit code."""
     parser = argparse.ArgumentParser(prog="espbridge", description="espbridge operator commands")
@@ -169,6 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     topics = groups.add_parser("topics", help="the Kafka topics").add_subparsers(dest="cmd", required=True)
     topics.add_parser("create", help="create the registry topics that are missing")
     topics.add_parser("list", help="list the registry topics")
+    _dlq_parser(groups)
     args = parser.parse_args(argv)
     configure("cli", "WARNING")
     try:
@@ -185,6 +269,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return asyncio.run(_job_status(args))
             case ("gather", "now"):
                 return asyncio.run(_gather_now())
+            case ("dlq", "list"):
+                return asyncio.run(_dlq_list(args))
+            case ("dlq", "replay"):
+                return asyncio.run(_dlq_replay(args))
             case _:
                 return _topics_list()
     except EspbridgeError as exc:

@@ -251,6 +251,11 @@ async def _pull_one(
                         error_class="BadResponseItem",
                         message=item.error,
                         service=service,
+                        context={
+                            "esp": account.esp,
+                            "account": account.account,
+                            "broadcast": broadcast.job_id,
+                        },
                     )
                 )
         await publish_many(broker, kafka, messages)  # acknowledged before the cursor moves on

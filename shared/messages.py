@@ -353,6 +353,11 @@ class DeadLetter(Message):
     message: str
     service: str = ""
     at: UtcDatetime = Field(default_factory=utcnow)
+    context: dict[str, str] = Field(
+        default_factory=dict,
+        description="what a replay needs to read the payload again: esp and account, and for a "
+        "response file's rows its header line (see shared/dlq.py); empty when nothing is needed",
+    )
 
 
 def json_schema_bundle() -> dict[str, Any]:

@@ -22,6 +22,7 @@ import asyncssh
 from aiohttp import web
 
 from services.gatherer import core
+from services.gatherer.records import RecordReader, row_letter, with_originals
 from services.gatherer.settings import Settings
 from shared.errors import EspbridgeError, PermanentError
 from shared.esp import BadRow, Connectors, NotSupportedError, WebhookAuthError
@@ -111,7 +112,10 @@ async def handle_file(body: bytes, g: Gatherer) -> None:
                         log.info("file was archived by an earlier attempt")
                         return
                     raise PermanentError(f"response file {file.path} is gone from the ESP's site")
-            events, bad = await _publish_file(g, file, connector.parse_response_file(local, file.path))
+            with RecordReader(local) as records:
+                events, bad = await _publish_file(
+                    g, file, connector.parse_response_file(local, file.path), records
+                )
             async with g.sftp.session() as sftp:
                 await sftp.posix_rename(file.path, archive)
             await _ledger_done(g, file, archive, events, bad)
@@ -132,28 +136,24 @@ async def _download(sftp: asyncssh.SFTPClient, remote: str, local: Path) -> bool
 
 
 async def _publish_file(
-    g: Gatherer, file: ResponseFile, rows: Iterable[ResponseEvent | BadRow]
+    g: Gatherer, file: ResponseFile, rows: Iterable[ResponseEvent | BadRow], records: RecordReader
 ) -> tuple[int, int]:
-    """Publish a parsed file's events and dead letters in batches; returns (events, bad rows)."""
+    """Publish a parsed file's events and dead letters in batches; returns (events, bad rows).
+
+    A bad row's dead letter waits for the next item, whose line ends the row's original bytes.
+    """
     batch: list[Message] = []
     per_broadcast: Counter[str] = Counter()
     events = bad = 0
-    for item in rows:  # parsed from local disk, a batch at a time
+    header = records.header_text()
+    for item in with_originals(rows, records):  # parsed from local disk, a batch at a time
         if isinstance(item, ResponseEvent):
             events += 1
             per_broadcast[item.broadcast_id] += 1
             batch.append(item)
-        elif isinstance(item, BadRow):
+        else:
             bad += 1
-            batch.append(
-                DeadLetter(
-                    source=EventSource(kind="file", name=file.path, line=item.line),
-                    payload=item.raw,
-                    error_class="BadResponseRow",
-                    message=item.error,
-                    service="gatherer",
-                )
-            )
+            batch.append(row_letter(file, *item, header))
         if len(batch) >= g.settings.publish_batch:
             await g.runtime.publish_many(batch)
             batch = []
@@ -196,7 +196,9 @@ async def handle_webhook(request: web.Request, g: Gatherer) -> web.Response:
         connector = g.connectors.get(esp, account)
         items = connector.parse_webhook(request.headers, body)
     except WebhookAuthError as exc:
-        await g.runtime.dead_letter(_webhook_letter(where, body, exc))
+        # The body of an unauthenticated call is not kept: it may carry a credential (a wrong or
+        # outdated secret), and nothing unauthenticated is ever replayed into the pipeline.
+        await g.runtime.dead_letter(_webhook_letter(where, b"", exc, body_bytes=str(len(body))))
         return web.json_response({"error": "unauthorized", "message": str(exc)}, status=401)
     except (NotSupportedError, PermanentError) as exc:
         await g.runtime.dead_letter(_webhook_letter(where, body, exc))
@@ -222,13 +224,14 @@ async def handle_webhook(request: web.Request, g: Gatherer) -> web.Response:
     return web.json_response({"accepted": len(events), "rejected": len(letters)})
 
 
-def _webhook_letter(where: str, body: bytes, exc: Exception) -> DeadLetter:
+def _webhook_letter(where: str, body: bytes, exc: Exception, **context: str) -> DeadLetter:
     return DeadLetter(
         source=EventSource(kind="webhook", name=where),
         payload=body,
         error_class=type(exc).__name__,
         message=str(exc),
         service="gatherer",
+        context=context,
     )
 
 

@@ -1,0 +1,293 @@
+"""`espbridge dlq list` and `espbridge dlq replay`, run as an operator runs them, against the real
+services: a job fixed and replayed once, response rows loaded after a connector's configuration is
+fixed (and not twice), and an unauthenticated webhook call that is never replayed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+from aiokafka import AIOKafkaConsumer
+from aiokafka.admin import AIOKafkaAdminClient
+
+from shared import jobs_cli
+from shared.db import connect
+from shared.kafka import ensure_topics
+from shared.messages import DeadLetter, ListUploaded, Stage, State
+from shared.settings import KafkaSettings, PostgresSettings
+from shared.topics import Topic
+from tests.fixtures.kafka import read_until, wait_for
+from tests.fixtures.pipeline import free_port, loaded_counts, start_pipeline, wait_all_loaded
+from tests.fixtures.processes import running, service_env, stop
+from tests.fixtures.servers import ROOT, Servers
+from tools.demo import FLAVORS, demo_job, seed_customers, write_accounts_file
+
+
+@dataclass
+class Cli:
+    """``python -m shared.cli`` with a deployment's environment, as an operator runs it."""
+
+    env: dict[str, str]
+
+    def __call__(self, *args: str) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(
+            [sys.executable, "-m", "shared.cli", *args],
+            env=self.env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert not done.stderr or done.returncode != 0, done.stderr
+        return done
+
+
+def cli_for(servers: Servers, kafka: KafkaSettings, database: PostgresSettings, accounts: Path) -> Cli:
+    return Cli(
+        service_env(
+            servers.env,
+            ESPBRIDGE_KAFKA_TOPIC_PREFIX=kafka.topic_prefix,
+            ESPBRIDGE_PG_DATABASE=database.database,
+            ESPBRIDGE_ACCOUNTS_FILE=str(accounts),
+        )
+    )
+
+
+async def count(kafka: KafkaSettings, topic: Topic) -> int:
+    """How many records a topic holds."""
+    consumer = AIOKafkaConsumer(kafka.topic(topic), bootstrap_servers=kafka.bootstrap_servers, group_id=None)
+    await consumer.start()
+    try:
+        ends = await consumer.end_offsets(list(consumer.assignment()))
+        return sum(ends.values())
+    finally:
+        await consumer.stop()
+
+
+async def caught_up(kafka: KafkaSettings, topic: Topic, service: str) -> bool:
+    """Whether a service's consumer group has committed every record of a topic."""
+    consumer = AIOKafkaConsumer(kafka.topic(topic), bootstrap_servers=kafka.bootstrap_servers, group_id=None)
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap_servers)
+    await consumer.start()
+    await admin.start()
+    try:
+        ends = await consumer.end_offsets(list(consumer.assignment()))
+        committed = await admin.list_consumer_group_offsets(f"{kafka.topic_prefix}espbridge-{service}")
+        return all(end == 0 or (tp in committed and committed[tp].offset >= end) for tp, end in ends.items())
+    finally:
+        await admin.close()
+        await consumer.stop()
+
+
+async def test_a_job_replayed_after_its_table_exists_runs_once(
+    servers: Servers, kafka: KafkaSettings, database: PostgresSettings, unique: str, tmp_path: Path
+) -> None:
+    table = f"crm.dlq_{unique}"
+    conn = await connect(database)
+    try:
+        await seed_customers(conn, 50)
+    finally:
+        await conn.close()
+    await ensure_topics(kafka)
+    account = f"t{unique}"
+    with ExitStack() as stack:
+        pipeline = start_pipeline(
+            stack, servers, kafka.topic_prefix, database, tmp_path, [("sandbox", account)]
+        )
+        cli = cli_for(servers, kafka, database, pipeline.accounts_file)
+        doc = demo_job(f"dlq-{unique}", "sandbox", account)
+        doc["selection"]["table"] = table
+        job = jobs_cli.build_job(doc)
+        await jobs_cli.publish_job(kafka, job)
+
+        (record,) = await read_until(kafka, Topic.DEADLETTER, lambda rs: len(rs) >= 1)
+        letter_id = f"{record.partition}:{record.offset}"
+        listed = cli("dlq", "list")
+        assert listed.returncode == 0
+        (line,) = [x for x in listed.stdout.splitlines() if x.startswith(letter_id)]
+        assert "uploader" in line
+        assert f"topic {kafka.topic(Topic.BROADCAST_JOBS)}" in line
+        assert "SelectionError" in line
+        assert f"table or view {table} does not exist" in line
+        assert "  new  " in line
+        assert cli("dlq", "list", "--broadcast", job.job_id).stdout.count(letter_id) == 1
+        assert "no dead letters match (1 on" in cli("dlq", "list", "--service", "gatherer").stdout
+
+        conn = await connect(database)
+        try:
+            await conn.execute(f"CREATE VIEW {table} AS SELECT * FROM crm.customers")
+        finally:
+            await conn.close()
+        dry = cli("dlq", "replay", "--id", letter_id, "--dry-run")
+        assert (dry.returncode, "would replay" in dry.stdout) == (0, True), dry.stdout
+        replayed = cli("dlq", "replay", "--id", letter_id)
+        assert replayed.returncode == 0, replayed.stdout
+        assert f"{letter_id}  replayed  to {kafka.topic(Topic.BROADCAST_JOBS)}" in replayed.stdout
+
+        await wait_all_loaded(pipeline, "sandbox", job.job_id, database, timeout_s=120)
+        assert (pipeline.esps["sandbox"].account_dir(account) / "drop" / f"{job.job_id}.csv").exists()
+        statuses = await jobs_cli.read_statuses(kafka, job.job_id)
+        assert (Stage.SEND, State.DONE) in {(s.stage, s.state) for s in statuses}
+
+        again = cli("dlq", "replay", "--id", letter_id)
+        assert again.returncode == 0
+        assert f"{letter_id}  skipped  replayed " in again.stdout
+        assert "replayed " in cli("dlq", "list", "--state", "replayed").stdout
+        assert await count(kafka, Topic.BROADCAST_JOBS) == 2  # the job, and its one replay
+        lists = await read_until(kafka, Topic.BROADCAST_LISTS, lambda rs: len(rs) >= 1)
+        assert [ListUploaded.from_json(r.value or b"").job_id for r in lists] == [job.job_id]
+        assert await pipeline.sends_created("sandbox") == {job.job_id: 1}
+        assert await count(kafka, Topic.DEADLETTER) == 1
+        pipeline.stop()
+
+
+HEADER = "MessageType\turn\temail\tmailingId\tmailingName\ttimestamp\tlink\tbouncetype\tbouncereason\n"
+ROWS = (
+    "Send\tk1\ta@x.com\tjob-r\tNov\t22.11.2026 10:00\t\t\t\n"
+    "Open\tk1\ta@x.com\tjob-r\tNov\t22.11.2026 10:05\t\t\t\n"
+    "Teleport\tk2\tb@x.com\tjob-r\tNov\t22.11.2026 10:06\t\t\t\n"
+    "Click\tk1\ta@x.com\tjob-r\tNov\t22.11.2026 10:07\thttps://x.com/\t\t\n"
+)
+
+
+async def test_response_rows_load_once_after_the_connector_configuration_is_fixed(
+    servers: Servers, kafka: KafkaSettings, database: PostgresSettings, unique: str, tmp_path: Path
+) -> None:
+    account = f"t{unique}"
+    token = tmp_path / "token"
+    token.write_text("unused")
+    accounts = tmp_path / "accounts.json"
+    entry: dict[str, Any] = FLAVORS["generic_sftp"].account_entry(
+        "generic_sftp", account, "http://127.0.0.1:9", token
+    )
+    write_accounts_file(accounts, [entry])  # timestamps are expected as Unix seconds: every row is bad
+    folder = servers.sftp_local_root / "generic_sftp" / account
+    for sub in ("responses", "archive"):
+        (folder / sub).mkdir(parents=True)
+    name = "20261122100000_FERGE_dates.txt"
+    (folder / "responses" / f".{name}.tmp").write_text(HEADER + ROWS, encoding="utf-8")
+    (folder / "responses" / f".{name}.tmp").rename(folder / "responses" / name)
+    await ensure_topics(kafka)
+    env = service_env(
+        servers.env,
+        ESPBRIDGE_KAFKA_TOPIC_PREFIX=kafka.topic_prefix,
+        ESPBRIDGE_PG_DATABASE=database.database,
+        ESPBRIDGE_ACCOUNTS_FILE=str(accounts),
+        ESPBRIDGE_GATHERER_SCAN_INTERVAL_S="0.5",
+    )
+    cli = cli_for(servers, kafka, database, accounts)
+    with ExitStack() as stack:
+        procs = [
+            stack.enter_context(running(f"services.{s}", env, tmp_path / f"{s}.log"))
+            for s in ("gatherer", "loader")
+        ]
+        letters = await read_until(kafka, Topic.DEADLETTER, lambda rs: len(rs) >= 4)
+        await wait_for(lambda: (folder / "archive" / name).exists(), timeout_s=30, what="the file archived")
+        assert await loaded_counts(database, "job-r") == {}
+        ids = {DeadLetter.from_json(r.value or b"").source.line: f"{r.partition}:{r.offset}" for r in letters}
+        listed = cli("dlq", "list", "--kind", "file")
+        assert listed.returncode == 0
+        rows = [x for x in listed.stdout.splitlines() if "BadResponseRow" in x]
+        assert len(rows) == 4
+        assert all("  new  " in x for x in rows)
+        assert f"file generic_sftp/{account}/responses/{name} line 2" in listed.stdout
+        assert "timestamp '22.11.2026 10:00' is not Unix seconds" in listed.stdout
+
+        entry["options"] = {"timestamp_format": "%d.%m.%Y %H:%M"}
+        write_accounts_file(accounts, [entry])
+        first = cli("dlq", "replay", "--kind", "file")
+        assert first.returncode == 1, first.stdout  # one row is still bad
+        assert "replayed 3, still failing 1" in first.stdout
+        assert f"{ids[4]}  still failing  line 4: unknown MessageType 'Teleport'" in first.stdout
+        want = {"sent": 1, "open": 1, "click": 1}
+        await wait_for(lambda: _loaded_equals(database, want), timeout_s=60, what="the replayed rows loaded")
+        listed = cli("dlq", "list", "--json")
+        states = {x["id"]: x["state"] for x in orjson.loads(listed.stdout)}
+        assert states == {ids[2]: "replayed", ids[3]: "replayed", ids[4]: "failing", ids[5]: "replayed"}
+
+        second = cli("dlq", "replay", "--kind", "file")
+        assert second.returncode == 1
+        assert "skipped 3, still failing 1" in second.stdout
+        forced = cli("dlq", "replay", "--kind", "file", "--state", "replayed", "--force")
+        assert forced.returncode == 0, forced.stdout
+        assert "replayed 3" in forced.stdout
+        await wait_for(
+            lambda: caught_up(kafka, Topic.RESPONSE_EVENTS, "loader"),
+            timeout_s=60,
+            what="the loader caught up",
+        )
+        assert await loaded_counts(database, "job-r") == want
+        assert await count(kafka, Topic.RESPONSE_EVENTS) == 6  # three rows, published twice
+        assert await count(kafka, Topic.DEADLETTER) == 4  # a row still bad is not dead-lettered again
+        for proc in procs:
+            assert stop(proc) == 0
+
+
+async def _loaded_equals(database: PostgresSettings, want: dict[str, int]) -> bool:
+    return await loaded_counts(database, "job-r") == want
+
+
+async def test_an_unauthenticated_webhook_call_is_never_replayed(
+    servers: Servers, kafka: KafkaSettings, database: PostgresSettings, unique: str, tmp_path: Path
+) -> None:
+    account = f"t{unique}"
+    secret = f"secret-{unique}"
+    token = tmp_path / "token"
+    token.write_text(f"right-{unique}")
+    accounts = tmp_path / "accounts.json"
+    write_accounts_file(
+        accounts, [FLAVORS["mailup"].account_entry("mailup", account, "http://127.0.0.1:9", token)]
+    )
+    await ensure_topics(kafka)
+    port = free_port()
+    env = service_env(
+        servers.env,
+        ESPBRIDGE_KAFKA_TOPIC_PREFIX=kafka.topic_prefix,
+        ESPBRIDGE_PG_DATABASE=database.database,
+        ESPBRIDGE_ACCOUNTS_FILE=str(accounts),
+        ESPBRIDGE_GATHERER_SCAN_INTERVAL_S="0",
+        ESPBRIDGE_HTTP_PORT=str(port),
+    )
+    cli = cli_for(servers, kafka, database, accounts)
+    body = f"Secret={secret}&EventType=unsubscribe&IdNL=42&Job=hook-1&Email=a%40x.com"
+    url = f"http://127.0.0.1:{port}/webhooks/mailup/{account}"
+
+    async def ready() -> bool:
+        try:
+            async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/healthz") as resp:
+                return resp.status == 200
+        except aiohttp.ClientConnectionError:
+            return False  # not listening yet
+
+    with running("services.gatherer", env, tmp_path / "gatherer.log") as proc:
+        await wait_for(ready, timeout_s=60, what="the gatherer ready")
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(url, data=body, headers={"Content-Type": "application/x-www-form-urlencoded"}) as resp,
+        ):
+            assert resp.status == 401
+        (record,) = await read_until(kafka, Topic.DEADLETTER, lambda rs: len(rs) >= 1)
+        assert stop(proc) == 0
+    letter_id = f"{record.partition}:{record.offset}"
+    assert secret.encode() not in (record.value or b"")
+
+    listed = cli("dlq", "list", "--kind", "webhook")
+    assert listed.returncode == 0
+    (line,) = [x for x in listed.stdout.splitlines() if x.startswith(letter_id)]
+    assert f"webhook webhook:mailup/{account}" in line
+    assert "WebhookAuthError" in line
+    assert "not-replayable" in line
+    as_json = cli("dlq", "list", "--json")
+    assert secret not in listed.stdout + as_json.stdout
+    for args in (["--id", letter_id], ["--id", letter_id, "--force"], ["--all"]):
+        refused = cli("dlq", "replay", *args)
+        assert refused.returncode == 1
+        assert f"{letter_id}  refused  the webhook call failed authentication" in refused.stdout
+    assert await count(kafka, Topic.RESPONSE_EVENTS) == 0
