@@ -47,12 +47,20 @@ class Gatherer:
     work_dir: Path
     pull_errors: dict[str, str] = field(default_factory=dict)
     """The last API pull error reported per job (see :func:`shared.gathering.pull_api`)."""
+    unreadable: set[str] = field(default_factory=set)
+    """Response files with names that are not UTF-8, reported once (see :func:`shared.gathering.scan`)."""
 
     async def scan_once(self) -> int:
         """Scan every account's folders and pull its API once; returns files announced + events pulled."""
         kafka = self.settings.kafka
         files = await scan(
-            self.connectors, self.sftp, self.pool, self.runtime.broker, kafka, self.settings.republish_after_s
+            self.connectors,
+            self.sftp,
+            self.pool,
+            self.runtime.broker,
+            kafka,
+            self.settings.republish_after_s,
+            self.unreadable,
         )
         pulled = await pull_api(
             self.connectors,
