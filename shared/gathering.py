@@ -70,7 +70,12 @@ async def scan(
         async with sftp.session() as session:
             for source in connector.response_sources:
                 folder = posixpath.join(account.sftp_root, source.folder)
-                listing = await list_folder(session, folder)
+                try:
+                    listing = await list_folder(session, folder)
+                except PermanentError as exc:
+                    # One account's missing folder must not stop the scan of the others.
+                    log.warning("response folder not scanned", extra={"folder": folder, "error": str(exc)})
+                    continue
                 for raw in listing.unreadable:
                     where = posixpath.join(folder, raw.decode("utf-8", "backslashreplace"))
                     if where not in unreadable:

@@ -241,7 +241,11 @@ async def list_folder(sftp: asyncssh.SFTPClient, folder: str) -> Listing:
     """
     files: list[RemoteFile] = []
     unreadable: list[bytes] = []
-    for entry in await sftp.readdir(folder.encode("utf-8")):
+    try:
+        entries = await sftp.readdir(folder.encode("utf-8"))
+    except asyncssh.SFTPNoSuchFile:
+        raise PermanentError(f"remote folder {folder} does not exist") from None
+    for entry in entries:
         raw = entry.filename if isinstance(entry.filename, bytes) else entry.filename.encode("utf-8")
         if raw.startswith(b".") or raw.endswith(PARTIAL_SUFFIX.encode()) or b"/" in raw:
             continue

@@ -25,6 +25,7 @@ from services.gatherer import core
 from services.gatherer.settings import Settings
 from shared.errors import EspbridgeError, PermanentError
 from shared.esp import BadRow, Connectors, NotSupportedError, WebhookAuthError
+from shared.esp.accounts import UnknownAccountError
 from shared.gathering import pull_api, scan
 from shared.kafka import decode
 from shared.logs import log_context
@@ -200,18 +201,33 @@ async def handle_webhook(request: web.Request, g: Gatherer) -> web.Response:
     esp, account = request.match_info["esp"], request.match_info["account"]
     body = await request.read()
     where = f"webhook:{esp}/{account}"
+    # Calls that are not from a configured, authenticated ESP are answered and logged but not
+    # dead-lettered: anyone can send them, and their bodies are no ESP's data.
     try:
         connector = g.connectors.get(esp, account)
         items = connector.parse_webhook(request.headers, body)
-    except WebhookAuthError as exc:
-        await g.runtime.dead_letter(_webhook_letter(where, body, exc))
-        return web.json_response({"error": "unauthorized", "message": str(exc)}, status=401)
-    except (NotSupportedError, PermanentError) as exc:
-        await g.runtime.dead_letter(_webhook_letter(where, body, exc))
-        return web.json_response(
-            {"error": "rejected", "message": str(exc)},
-            status=404 if isinstance(exc, NotSupportedError) else 400,
+    except (UnknownAccountError, NotSupportedError):
+        log.warning(
+            "webhook call to an account without webhooks refused",
+            extra={"webhook": where, "peer": request.remote},
         )
+        return web.json_response(
+            {"error": "not_found", "message": f"no webhook at {esp}/{account}"}, status=404
+        )
+    except WebhookAuthError as exc:
+        log.warning(
+            "webhook refused: not authenticated",
+            extra={"webhook": where, "error": str(exc), "peer": request.remote},
+        )
+        g.runtime.metrics.inc("webhook_unauthorized_total", esp=esp)
+        return web.json_response({"error": "unauthorized", "message": str(exc)}, status=401)
+    except PermanentError as exc:
+        await g.runtime.dead_letter(_webhook_letter(where, body, exc))
+        log.warning(
+            "webhook body rejected to the dead-letter topic",
+            extra={"webhook": where, "error_class": type(exc).__name__, "error": str(exc)[:2000]},
+        )
+        return web.json_response({"error": "rejected", "message": str(exc)}, status=400)
     events = [i for i in items if isinstance(i, ResponseEvent)]
     letters = [
         DeadLetter(
