@@ -40,7 +40,7 @@ from shared.messages import (
     State,
 )
 from shared.settings import KafkaSettings
-from shared.sftp import SftpPool, list_files
+from shared.sftp import SftpPool, list_folder
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +52,17 @@ async def scan(
     broker: KafkaBroker,
     kafka: KafkaSettings,
     republish_after_s: float = 300.0,
+    unreadable: set[str] | None = None,
 ) -> list[ResponseFile]:
-    """One scan of every configured account's response folders; returns the files it published."""
+    """One scan of every configured account's response folders; returns the files it published.
+
+    A file whose name is not UTF-8 is left on the site and reported as a dead letter (payload:
+    the name's bytes); ``unreadable`` remembers those reported, so a process scanning on an
+    interval reports each once.
+    """
     found: list[ResponseFile] = []
+    letters: list[DeadLetter] = []
+    unreadable = set() if unreadable is None else unreadable
     for connector in connectors.all():
         if not connector.response_sources:
             continue
@@ -62,7 +70,21 @@ async def scan(
         async with sftp.session() as session:
             for source in connector.response_sources:
                 folder = posixpath.join(account.sftp_root, source.folder)
-                for remote in await list_files(session, folder):
+                try:
+                    listing = await list_folder(session, folder)
+                except PermanentError as exc:
+                    # One account's missing folder must not stop the scan of the others.
+                    log.warning("response folder not scanned", extra={"folder": folder, "error": str(exc)})
+                    continue
+                for raw in listing.unreadable:
+                    where = posixpath.join(folder, raw.decode("utf-8", "backslashreplace"))
+                    if where not in unreadable:
+                        unreadable.add(where)
+                        letters.append(unreadable_name(where, raw))
+                        log.warning(
+                            "response file name is not UTF-8, file left in place", extra={"file": where}
+                        )
+                for remote in listing.files:
                     if not fnmatch.fnmatch(posixpath.basename(remote.path), source.pattern):
                         continue
                     found.append(
@@ -96,10 +118,24 @@ async def scan(
             )
             if is_new:
                 to_publish.append(file)
-    await publish_many(broker, kafka, to_publish)
+    await publish_many(broker, kafka, [*letters, *to_publish])
     if to_publish:
         log.info("response files found", extra={"files": len(to_publish)})
     return to_publish
+
+
+def unreadable_name(where: str, raw: bytes) -> DeadLetter:
+    """The dead letter of a response file whose name is not UTF-8 (``where`` shows it escaped)."""
+    return DeadLetter(
+        source=EventSource(kind="file", name=where),
+        payload=raw,
+        error_class="UnreadableFileName",
+        message=(
+            "the response file's name is not UTF-8, so espbridge cannot record or gather it; "
+            "it is left in place: rename it on the ESP's site and it is gathered at the next scan"
+        ),
+        service="gatherer",
+    )
 
 
 @dataclass

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import os
 import posixpath
 import re
 import uuid
@@ -224,16 +223,45 @@ async def download_stream(
             yield chunk
 
 
-async def list_files(sftp: asyncssh.SFTPClient, folder: str) -> list[RemoteFile]:
-    """Regular, complete files in a remote folder (hidden and partial uploads left out)."""
-    out: list[RemoteFile] = []
-    for entry in await sftp.readdir(folder):
-        name = entry.filename if isinstance(entry.filename, str) else os.fsdecode(entry.filename)
-        if name.startswith(".") or name.endswith(PARTIAL_SUFFIX):
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """A remote folder's regular, complete files, and the names that cannot be handled."""
+
+    files: list[RemoteFile]
+    unreadable: list[bytes]
+    """Names that are not UTF-8: they cannot travel in messages or the ledger, so they are left alone."""
+
+
+async def list_folder(sftp: asyncssh.SFTPClient, folder: str) -> Listing:
+    """Regular, complete files in a remote folder (hidden and partial uploads left out).
+
+    Names are read as bytes, so one name that is not UTF-8 cannot break the listing of the rest.
+    Any other name is taken as it is (a backslash, a space, a newline): it is only ever used as a
+    remote path, never as a local one (see :func:`safe_local_name`).
+    """
+    files: list[RemoteFile] = []
+    unreadable: list[bytes] = []
+    try:
+        entries = await sftp.readdir(folder.encode("utf-8"))
+    except asyncssh.SFTPNoSuchFile:
+        raise PermanentError(f"remote folder {folder} does not exist") from None
+    for entry in entries:
+        raw = entry.filename if isinstance(entry.filename, bytes) else entry.filename.encode("utf-8")
+        if raw.startswith(b".") or raw.endswith(PARTIAL_SUFFIX.encode()) or b"/" in raw:
             continue
         attrs = entry.attrs
         if attrs.type != asyncssh.FILEXFER_TYPE_REGULAR:
             continue
-        out.append(RemoteFile(remote_join(folder, name), attrs.size or 0, float(attrs.mtime or 0)))
-    out.sort(key=lambda f: (f.mtime, f.path))
-    return out
+        try:
+            name = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            unreadable.append(raw)
+            continue
+        files.append(RemoteFile(posixpath.join(folder, name), attrs.size or 0, float(attrs.mtime or 0)))
+    files.sort(key=lambda f: (f.mtime, f.path))
+    return Listing(files, sorted(unreadable))
+
+
+async def list_files(sftp: asyncssh.SFTPClient, folder: str) -> list[RemoteFile]:
+    """The regular, complete files of :func:`list_folder`."""
+    return (await list_folder(sftp, folder)).files

@@ -26,6 +26,7 @@ from services.gatherer.records import RecordReader, row_letter, with_originals
 from services.gatherer.settings import Settings
 from shared.errors import EspbridgeError, PermanentError
 from shared.esp import BadRow, Connectors, NotSupportedError, WebhookAuthError
+from shared.esp.accounts import UnknownAccountError
 from shared.gathering import pull_api, scan
 from shared.kafka import decode
 from shared.logs import log_context
@@ -48,12 +49,20 @@ class Gatherer:
     work_dir: Path
     pull_errors: dict[str, str] = field(default_factory=dict)
     """The last API pull error reported per job (see :func:`shared.gathering.pull_api`)."""
+    unreadable: set[str] = field(default_factory=set)
+    """Response files with names that are not UTF-8, reported once (see :func:`shared.gathering.scan`)."""
 
     async def scan_once(self) -> int:
         """Scan every account's folders and pull its API once; returns files announced + events pulled."""
         kafka = self.settings.kafka
         files = await scan(
-            self.connectors, self.sftp, self.pool, self.runtime.broker, kafka, self.settings.republish_after_s
+            self.connectors,
+            self.sftp,
+            self.pool,
+            self.runtime.broker,
+            kafka,
+            self.settings.republish_after_s,
+            self.unreadable,
         )
         pulled = await pull_api(
             self.connectors,
@@ -192,20 +201,36 @@ async def handle_webhook(request: web.Request, g: Gatherer) -> web.Response:
     esp, account = request.match_info["esp"], request.match_info["account"]
     body = await request.read()
     where = f"webhook:{esp}/{account}"
+    # Calls to accounts that have no webhooks are answered 404 and logged, naming no account.
     try:
         connector = g.connectors.get(esp, account)
         items = connector.parse_webhook(request.headers, body)
+    except (UnknownAccountError, NotSupportedError):
+        log.warning(
+            "webhook call to an account without webhooks refused",
+            extra={"webhook": where, "peer": request.remote},
+        )
+        return web.json_response(
+            {"error": "not_found", "message": f"no webhook at {esp}/{account}"}, status=404
+        )
     except WebhookAuthError as exc:
-        # The body of an unauthenticated call is not kept: it may carry a credential (a wrong or
-        # outdated secret), and nothing unauthenticated is ever replayed into the pipeline.
+        log.warning(
+            "webhook refused: not authenticated",
+            extra={"webhook": where, "error": str(exc), "peer": request.remote},
+        )
+        g.runtime.metrics.inc("webhook_unauthorized_total", esp=esp)
+        # Recorded for the operator (an ESP with an outdated secret shows in `espbridge dlq list`),
+        # but without the body: it may carry a credential, and nothing unauthenticated is ever
+        # replayed into the pipeline.
         await g.runtime.dead_letter(_webhook_letter(where, b"", exc, body_bytes=str(len(body))))
         return web.json_response({"error": "unauthorized", "message": str(exc)}, status=401)
-    except (NotSupportedError, PermanentError) as exc:
+    except PermanentError as exc:
         await g.runtime.dead_letter(_webhook_letter(where, body, exc))
-        return web.json_response(
-            {"error": "rejected", "message": str(exc)},
-            status=404 if isinstance(exc, NotSupportedError) else 400,
+        log.warning(
+            "webhook body rejected to the dead-letter topic",
+            extra={"webhook": where, "error_class": type(exc).__name__, "error": str(exc)[:2000]},
         )
+        return web.json_response({"error": "rejected", "message": str(exc)}, status=400)
     events = [i for i in items if isinstance(i, ResponseEvent)]
     letters = [
         DeadLetter(

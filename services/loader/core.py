@@ -7,6 +7,7 @@ from typing import Any
 
 import orjson
 
+from shared.errors import PermanentError
 from shared.messages import (
     BroadcastStatus,
     EventType,
@@ -31,6 +32,20 @@ COLUMNS = (
     "source",
     "extra",
 )
+
+
+class UnknownBroadcastError(PermanentError):
+    """An event of a broadcast that is not a job espbridge knows (not in control.jobs)."""
+
+
+def unknown_broadcast(event: ResponseEvent) -> str:
+    """Why an event of an unknown broadcast is not loaded, and what to do about it."""
+    return (
+        f"broadcast {event.broadcast_id!r} is not a job espbridge knows (no row in control.jobs); "
+        f"the {event.type.value} event from {source_text(event)} is kept here: "
+        "replay it once the job is recorded"
+    )
+
 
 OPT_OUTS = {
     EventType.UNSUBSCRIBE: SubscriptionAction.UNSUBSCRIBE,

@@ -30,26 +30,34 @@ class Loader:
 
 async def handle_batch(records: Sequence[ConsumerRecord[bytes, bytes]], ld: Loader) -> None:
     """Load one batch; database trouble is transient (the batch is retried, nothing is lost)."""
-    events: list[ResponseEvent] = []
+    decoded: list[tuple[ConsumerRecord[bytes, bytes], ResponseEvent]] = []
     letters: list[DeadLetter] = []
     for record in records:
-        body = record.value or b""
         try:
-            events.append(decode(ResponseEvent, body))
+            decoded.append((record, decode(ResponseEvent, record.value or b"")))
         except InvalidMessageError as exc:
-            letters.append(
-                DeadLetter(
-                    source=EventSource(
-                        kind="topic", name=record.topic, partition=record.partition, offset=record.offset
-                    ),
-                    payload=body,
-                    error_class=type(exc).__name__,
-                    message=str(exc),
-                    service="loader",
-                )
-            )
+            letters.append(_letter(record, exc))
+    try:
+        async with ld.pool.acquire() as conn:
+            known = await store.known_broadcasts(conn, sorted({e.broadcast_id for _, e in decoded}))
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise UnavailableError(f"looking up the broadcasts of {len(decoded)} events failed: {exc}") from exc
+    events: list[ResponseEvent] = []
+    for record, event in decoded:
+        if event.broadcast_id in known:
+            events.append(event)
+        else:
+            letters.append(_letter(record, core.UnknownBroadcastError(core.unknown_broadcast(event))))
     for letter in letters:
         await ld.runtime.dead_letter(letter)
+    if letters:
+        log.warning(
+            "events rejected to the dead-letter topic",
+            extra={
+                "dead_letters": len(letters),
+                "unknown_broadcasts": sorted({e.broadcast_id for _, e in decoded} - known),
+            },
+        )
     if not events:
         return
     try:
@@ -66,3 +74,14 @@ async def handle_batch(records: Sequence[ConsumerRecord[bytes, bytes]], ld: Load
         [core.load_status(b, t, added.get(b, 0)) for b, t in totals.items() if added.get(b, 0)]
     )
     log.info("batch loaded", extra={"events": len(events), "new": new, "dead_letters": len(letters)})
+
+
+def _letter(record: ConsumerRecord[bytes, bytes], exc: Exception) -> DeadLetter:
+    """A dead letter for one consumed record, with its original bytes and where it was."""
+    return DeadLetter(
+        source=EventSource(kind="topic", name=record.topic, partition=record.partition, offset=record.offset),
+        payload=record.value or b"",
+        error_class=type(exc).__name__,
+        message=str(exc),
+        service="loader",
+    )

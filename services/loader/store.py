@@ -64,3 +64,9 @@ async def totals(conn: Conn, broadcast_ids: Sequence[str]) -> dict[str, dict[str
     ):
         out[r["broadcast_id"]][r["type"]] = r["events"]
     return out
+
+
+async def known_broadcasts(conn: Conn, broadcast_ids: Sequence[str]) -> set[str]:
+    """Those of ``broadcast_ids`` that are jobs in control.jobs."""
+    rows = await conn.fetch("SELECT job_id FROM control.jobs WHERE job_id = ANY($1)", list(broadcast_ids))
+    return {r["job_id"] for r in rows}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from shared.esp.base import ImportStatus, SendStatus
+from shared.esp.base import ImportState, ImportStatus, SendStatus
 from shared.messages import BroadcastStatus, Stage, State
 
 
@@ -28,10 +28,25 @@ def import_counts(imp: ImportStatus) -> dict[str, int]:
     return {"rows_valid": imp.rows_valid, "rows_invalid": imp.rows_invalid}
 
 
-def import_failure(imp: ImportStatus) -> str:
-    """Why the ESP rejected a list, in one line."""
+def import_failure(imp: ImportStatus) -> str | None:
+    """Why the ESP rejected a list, in one line; None when it imported recipients to send to.
+
+    An import the ESP calls done that kept none of the list's rows is a rejection too: sending it
+    would send nothing.
+    """
     reasons = "; ".join(imp.errors[:5]) or "no reason given"
-    return f"the ESP rejected the list (import {imp.import_id}): {reasons}"
+    if imp.state is ImportState.FAILED:
+        return f"the ESP rejected the list (import {imp.import_id}): {reasons}"
+    if imp.rows_valid == 0 and imp.rows_invalid > 0:
+        return f"the ESP refused all {imp.rows_invalid} rows of the list (import {imp.import_id}): {reasons}"
+    return None
+
+
+def import_detail(imp: ImportStatus) -> str:
+    """The detail of a done import: the rows the ESP refused, with its first reasons."""
+    if not imp.rows_invalid:
+        return f"import {imp.import_id}"
+    return f"import {imp.import_id}: the ESP refused {imp.rows_invalid} rows: " + "; ".join(imp.errors[:5])
 
 
 def send_counts(send: SendStatus) -> dict[str, int]:

@@ -112,12 +112,11 @@ async def run_import(upload: ListUploaded, job: BroadcastJob, connector: Connect
             retry_after = exc.retry_after_s
             log.warning("import status unavailable, polling again", extra={"error": str(exc)})
             await mon.wait(0, retry_after)
-    if imp.state is ImportState.FAILED:
-        raise ImportRejectedError(core.import_failure(imp))
+    rejected = core.import_failure(imp)
+    if rejected is not None:
+        raise ImportRejectedError(rejected)
     await mon.report(
-        core.status(
-            job.job_id, Stage.IMPORT, State.DONE, f"import {imp.import_id}", **core.import_counts(imp)
-        )
+        core.status(job.job_id, Stage.IMPORT, State.DONE, core.import_detail(imp), **core.import_counts(imp))
     )
     return imp.import_id
 

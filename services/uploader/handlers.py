@@ -62,6 +62,7 @@ async def handle_job(body: bytes, up: Uploader) -> None:
         status = core.rejected(body, str(exc))
         if status is not None:
             await up.runtime.publish(status)
+        log.error("job rejected", extra={"job_id": core.job_id_of(body), "error": str(exc)[:2000]})
         raise
     with log_context(job_id=job.job_id):
         async with up.pool.acquire() as conn:
@@ -70,6 +71,7 @@ async def handle_job(body: bytes, up: Uploader) -> None:
             upload = await upload_list(job, up)
         except PermanentError as exc:
             await up.status(job.job_id, State.FAILED, str(exc))
+            log.error("job failed", extra={"error_class": type(exc).__name__, "error": str(exc)[:2000]})
             raise
         await up.runtime.publish(upload)
         await up.report(core.uploaded_status(upload))

@@ -6,7 +6,6 @@ and ``CommunicationKey``; response files in ``responses/`` with one event per ro
 
 from __future__ import annotations
 
-import csv
 import posixpath
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -27,6 +26,7 @@ from shared.esp.base import (
     SendStatus,
 )
 from shared.esp.http import EspUnavailableError, request_json
+from shared.esp.records import read_records, undecodable
 from shared.messages import BroadcastJob, EventSource, EventType, ResponseEvent, event_id_for
 
 RESPONSE_HEADER = (
@@ -131,22 +131,22 @@ class GenericConnector(Connector):
     def parse_response_file(self, local_path: Path, remote_path: str) -> Iterator[ResponseEvent | BadRow]:
         """Rows of a response file as events; a row that does not fit becomes a BadRow."""
         esp, account = self.account.esp, self.account.account
-        with local_path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
-            reader = csv.reader(f)
-            header = next(reader, None)
-            if header is None:
-                return
-            if tuple(header) != RESPONSE_HEADER:
-                yield BadRow(1, _raw(header), f"unexpected header, want {','.join(RESPONSE_HEADER)}")
-                return
-            last = reader.line_num
-            for row in reader:
-                line = last + 1
-                last = reader.line_num
-                try:
-                    yield _event(esp, account, remote_path, line, row)
-                except ValueError as exc:
-                    yield BadRow(line, _raw(row), str(exc))
+        records = read_records(local_path, encoding="utf-8")
+        header = next(records, None)
+        if header is None:
+            return
+        if header.fields is None or tuple(header.fields) != RESPONSE_HEADER:
+            yield BadRow(1, header.raw, f"unexpected header, want {','.join(RESPONSE_HEADER)}")
+            return
+        for record in records:
+            if record.fields == []:
+                continue  # a blank line is no record
+            try:
+                if record.fields is None:
+                    raise ValueError(record.error)
+                yield _event(esp, account, remote_path, record.line, record.fields)
+            except ValueError as exc:
+                yield BadRow(record.line, record.raw, str(exc))
 
 
 def _message(body: Any) -> str:
@@ -172,14 +172,13 @@ def _send_status(body: Any) -> SendStatus:
     )
 
 
-def _raw(row: list[str]) -> bytes:
-    return ",".join(row).encode("utf-8", "surrogateescape")
-
-
 def _parse_time(value: str) -> datetime:
-    when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    try:
+        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"OccurredAt {value!r} is not an ISO 8601 time") from None
     if when.tzinfo is None:
-        raise ValueError(f"OccurredAt {value!r} has no time zone")
+        raise ValueError(f"OccurredAt {value!r} has no time zone (the format asks for UTC with Z)")
     return when.astimezone(UTC)
 
 
@@ -189,8 +188,9 @@ _TYPES = {t.value: t for t in EventType}
 def _event(esp: str, account: str, remote_path: str, line: int, row: list[str]) -> ResponseEvent:
     if len(row) != len(RESPONSE_HEADER):
         raise ValueError(f"{len(row)} fields, want {len(RESPONSE_HEADER)}")
-    if any("\udc80" <= ch <= "\udcff" for field in row for ch in field):
-        raise ValueError("not valid UTF-8")
+    bad_bytes = undecodable(row, "UTF-8")
+    if bad_bytes:
+        raise ValueError(bad_bytes)
     event_id, broadcast_id, message_id, key, email, kind, url, occurred = row
     if kind not in _TYPES:
         raise ValueError(f"unknown EventType {kind!r}")

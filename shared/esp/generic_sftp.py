@@ -7,7 +7,6 @@ import counts as done once the file is on the site; responses come as delimited 
 
 from __future__ import annotations
 
-import csv
 import posixpath
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime, tzinfo
@@ -29,6 +28,7 @@ from shared.esp.base import (
     ResponseSource,
     SendStatus,
 )
+from shared.esp.records import check_line_encoding, read_records, undecodable
 from shared.messages import BroadcastJob, EventSource, EventType, ResponseEvent, event_id_for
 
 DEFAULT_COLUMNS = {
@@ -94,6 +94,10 @@ class GenericSftpConnector(Connector):
         if bad_types:
             raise ConfigurationError(f"message_types map to unknown event types {sorted(bad_types)}")
         try:
+            check_line_encoding(self.options.encoding)
+        except ValueError as exc:
+            raise ConfigurationError(f"account {account.esp}/{account.account} options: {exc}") from None
+        try:
             self._zone: tzinfo = ZoneInfo(self.options.timezone)
         except (ZoneInfoNotFoundError, ValueError):
             raise ConfigurationError(f"unknown time zone {self.options.timezone!r}") from None
@@ -124,43 +128,37 @@ class GenericSftpConnector(Connector):
     def parse_response_file(self, local_path: Path, remote_path: str) -> Iterator[ResponseEvent | BadRow]:
         """Rows of a response file as events; rows that do not fit become BadRows with their line."""
         opts = self.options
-        with local_path.open(
-            encoding=f"{opts.encoding}-sig" if opts.encoding == "utf-8" else opts.encoding,
-            errors="surrogateescape",
-            newline="",
-        ) as f:
-            reader = csv.reader(f, delimiter=opts.delimiter)
-            header = next(reader, None)
-            if header is None:
-                return
-            index = {name: i for i, name in enumerate(header)}
-            required = [self._columns[r] for r in ("message_type", "broadcast_id", "timestamp")]
-            missing = [c for c in required if c not in index]
-            if missing or (
-                self._columns["communication_key"] not in index and self._columns["email"] not in index
-            ):
-                yield BadRow(
-                    1, _raw(header, opts.delimiter), f"header lacks {', '.join(missing) or 'urn/email'}"
-                )
-                return
-            last = reader.line_num
-            for row in reader:
-                line = last + 1
-                last = reader.line_num
-                if not row:
-                    continue
-                try:
-                    yield self._event(remote_path, line, row, header, index)
-                except ValueError as exc:
-                    yield BadRow(line, _raw(row, opts.delimiter), str(exc))
+        records = read_records(local_path, delimiter=opts.delimiter, encoding=opts.encoding)
+        first = next(records, None)
+        if first is None:
+            return
+        header = first.fields or []
+        index = {name: i for i, name in enumerate(header)}
+        required = [self._columns[r] for r in ("message_type", "broadcast_id", "timestamp")]
+        missing = [c for c in required if c not in index]
+        if missing or (
+            self._columns["communication_key"] not in index and self._columns["email"] not in index
+        ):
+            yield BadRow(1, first.raw, f"header lacks {', '.join(missing) or 'urn/email'}")
+            return
+        for record in records:
+            if record.fields == []:
+                continue  # a blank line is no record
+            try:
+                if record.fields is None:
+                    raise ValueError(record.error)
+                yield self._event(remote_path, record.line, record.fields, header, index)
+            except ValueError as exc:
+                yield BadRow(record.line, record.raw, str(exc))
 
     def _event(
         self, remote_path: str, line: int, row: list[str], header: list[str], index: Mapping[str, int]
     ) -> ResponseEvent:
         if len(row) != len(header):
             raise ValueError(f"{len(row)} fields, want {len(header)}")
-        if any("\udc80" <= ch <= "\udcff" for field in row for ch in field):
-            raise ValueError(f"not valid {self.options.encoding}")
+        bad_bytes = undecodable(row, self.options.encoding)
+        if bad_bytes:
+            raise ValueError(bad_bytes)
 
         def get(role: str) -> str:
             column = self._columns[role]
@@ -217,10 +215,6 @@ class GenericSftpConnector(Connector):
                 f"timestamp {value!r} does not match {self.options.timestamp_format!r}"
             ) from None
         return (parsed if parsed.tzinfo else parsed.replace(tzinfo=self._zone)).astimezone(UTC)
-
-
-def _raw(row: list[str], delimiter: str) -> bytes:
-    return delimiter.join(row).encode("utf-8", "surrogateescape")
 
 
 def _extra(row: list[str], header: list[str], mapped: set[str]) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from shared.kafka import ensure_topics
 from shared.messages import DeadLetter
 from shared.settings import KafkaSettings, PostgresSettings
 from shared.topics import Topic
+from tests.fixtures.jobs import record_jobs
 from tests.fixtures.kafka import read_until, wait_for
 from tests.fixtures.pipeline import loaded_counts
 from tests.fixtures.processes import running, service_env, stop
@@ -70,6 +71,7 @@ async def test_good_rows_load_and_bad_rows_are_dead_lettered_with_file_and_line(
         (folder / sub).mkdir(parents=True)
     (folder / "responses" / f".{name}.tmp").write_text(content, encoding="utf-8")
     (folder / "responses" / f".{name}.tmp").rename(folder / "responses" / name)
+    await record_jobs(database, esp, account, "job-x")
     await ensure_topics(kafka)
     env = service_env(
         servers.env,
