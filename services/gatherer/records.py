@@ -75,7 +75,15 @@ class RecordReader:
             if size > MAX_RECORD_BYTES:
                 return None
             parts.append(line)
-        return "".join(parts).encode("latin-1") or None
+        return _without_line_end("".join(parts).encode("latin-1")) or None
+
+
+def _without_line_end(record: bytes) -> bytes:
+    """The record without the line break that ends it (a record is its rows, not their separator)."""
+    for end in (b"\r\n", b"\n", b"\r"):
+        if record.endswith(end):
+            return record[: -len(end)]
+    return record
 
 
 def with_originals(

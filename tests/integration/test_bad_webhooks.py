@@ -2,8 +2,9 @@
 JSON with Basic authentication; MailUp: a form with a shared Secret).
 
 Unauthenticated calls get 401, a log line and a dead letter without their body (it may carry a
-credential), never an event; a call for an account without webhooks gets 404 without naming any account; a malformed
-body from an authenticated ESP gets 400 and a dead letter with the original bytes; a bad item
+credential), never an event; a call for an account without webhooks gets 404 without naming any
+account; a malformed body from an authenticated ESP gets 400 and a dead letter with the original
+bytes; a bad item
 among good ones is a dead letter while the good ones load; a good signed call right after loads."""
 
 from __future__ import annotations

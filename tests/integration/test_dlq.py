@@ -22,6 +22,7 @@ from shared.kafka import ensure_topics
 from shared.messages import DeadLetter, ListUploaded, Stage, State
 from shared.settings import KafkaSettings, PostgresSettings
 from shared.topics import Topic
+from tests.fixtures.jobs import record_jobs
 from tests.fixtures.kafka import read_until, wait_for
 from tests.fixtures.pipeline import free_port, loaded_counts, start_pipeline, wait_all_loaded
 from tests.fixtures.processes import running, service_env, stop
@@ -168,6 +169,7 @@ async def test_response_rows_load_once_after_the_connector_configuration_is_fixe
         "generic_sftp", account, "http://127.0.0.1:9", token
     )
     write_accounts_file(accounts, [entry])  # timestamps are expected as Unix seconds: every row is bad
+    await record_jobs(database, "generic_sftp", account, "job-r")
     folder = servers.sftp_local_root / "generic_sftp" / account
     for sub in ("responses", "archive"):
         (folder / sub).mkdir(parents=True)

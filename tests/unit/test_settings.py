@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
 from shared.settings import KafkaSettings, PostgresSettings, SftpSettings
+
+
+@pytest.fixture(autouse=True)
+def no_espbridge_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test sets what it reads; the servers' variables of a test run must not leak in."""
+    for key in [k for k in os.environ if k.startswith("ESPBRIDGE_")]:
+        monkeypatch.delenv(key)
 
 
 def test_pieces_read_their_prefixed_environment(monkeypatch: pytest.MonkeyPatch) -> None:
