@@ -36,6 +36,11 @@ class HostKeyError(PermanentError):
     """An SSH server presented a host key that is not pinned; the connection was refused."""
 
 
+class StoppingError(TransientError):
+    """The service is stopping: the message in hand goes back to Kafka uncommitted, and the next
+    process of the service resumes it."""
+
+
 class UnavailableError(TransientError):
     """A server espbridge depends on (Kafka, PostgreSQL, SFTP, an ESP) cannot be reached now."""
 

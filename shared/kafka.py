@@ -19,7 +19,7 @@ from faststream import BaseMiddleware, StreamMessage
 from faststream.kafka import KafkaBroker
 from pydantic import ValidationError
 
-from shared.errors import InvalidMessageError, UnavailableError, is_transient
+from shared.errors import InvalidMessageError, StoppingError, UnavailableError, is_transient
 from shared.logs import log_context
 from shared.messages import DeadLetter, EventSource, Message
 from shared.settings import KafkaSettings
@@ -227,6 +227,7 @@ def error_policy(
 
     * success: commit the offset;
     * transient failure: wait with bounded backoff, then rewind to the message (it is retried);
+    * the service stopping (:class:`StoppingError`): leave the offset uncommitted for the next process;
     * permanent failure: publish a DeadLetter with the original bytes, partition and offset, then
       commit, so one bad message never blocks its partition.
 
@@ -249,6 +250,9 @@ def error_policy(
                     try:
                         result = await call_next(msg)
                     except Exception as exc:
+                        if isinstance(exc, StoppingError):
+                            log.info("handed back unfinished at shutdown (offset not committed)")
+                            return None
                         if is_transient(exc):
                             n = failures.get(where, 0) + 1
                             failures[where] = n

@@ -2,7 +2,8 @@
 
 A service's ``__main__`` calls :func:`service_main` with its settings class and ``create_app``.
 All resources (broker, HTTP server, pools) are opened in one ``AsyncExitStack`` and closed in
-reverse; SIGTERM and SIGINT stop the consumers, let in-flight messages finish, and exit 0.
+reverse; SIGTERM and SIGINT stop the consumers, let in-flight messages finish (long work that
+polls, like the monitor following a send, hands its message back instead), and exit 0.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from faststream.kafka import KafkaBroker
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from shared.errors import EspbridgeError, UnavailableError
+from shared.errors import EspbridgeError, StoppingError, UnavailableError
+from shared.failpoints import Failpoints, FailpointSettings
 from shared.http import HealthServer, Metrics
 from shared.kafka import (
     DrainOnRevoke,
@@ -51,6 +53,7 @@ class ServiceSettings(BaseSettings):
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     log: LogSettings = Field(default_factory=LogSettings)
+    failpoints: FailpointSettings = Field(default_factory=FailpointSettings)
     startup_timeout_s: float = Field(default=120.0, gt=0, description="how long to wait for Kafka at start")
     shutdown_timeout_s: float = Field(default=30.0, gt=0, description="grace for in-flight work on SIGTERM")
 
@@ -71,7 +74,9 @@ class Runtime:
         self.settings = settings
         self.metrics = Metrics(name)
         self.ready = False
+        self.stopping = asyncio.Event()
         self.inflight = InFlight()
+        self.failpoints = Failpoints(settings.failpoints)
         self.stack = contextlib.AsyncExitStack()
         self.http = HealthServer(settings.http, self.metrics, lambda: self.ready)
         self.broker: KafkaBroker = make_broker(
@@ -94,9 +99,20 @@ class Runtime:
             ack_policy=AckPolicy.MANUAL,
             listener=DrainOnRevoke(self.inflight, self.settings.shutdown_timeout_s),
             auto_offset_reset="earliest",
+            session_timeout_ms=self.settings.kafka.session_timeout_ms,
+            heartbeat_interval_ms=self.settings.kafka.session_timeout_ms // 3,
             **options,
         )
         return subscriber
+
+    async def sleep(self, seconds: float) -> None:
+        """Wait between polls of long work; raises :class:`StoppingError` once the service begins
+        to stop, so the work hands its message back instead of holding shutdown past its grace."""
+        try:
+            await asyncio.wait_for(self.stopping.wait(), seconds)
+        except TimeoutError:
+            return
+        raise StoppingError("the service is stopping; the message goes back to Kafka for the next process")
 
     async def publish(self, message: Message) -> None:
         """Publish a message to its registry topic."""
@@ -161,6 +177,7 @@ async def run_service(
 
         async def mark_stopping() -> None:
             runtime.ready = False
+            runtime.stopping.set()
             log.info("stopping: finishing in-flight messages")
 
         app.after_startup(mark_ready)

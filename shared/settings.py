@@ -51,6 +51,11 @@ class KafkaSettings(_Piece):
     partitions_default: int = Field(default=3, ge=1, le=1000)
     replication_factor: int = Field(default=1, ge=1, le=10)
     client_id: str = "espbridge"
+    session_timeout_ms: int = Field(
+        default=10_000,
+        ge=1000,
+        description="how long a consumer may go silent before the group gives its partitions to the others",
+    )
 
     def topic(self, topic: Topic) -> str:
         """The full name of a registry topic under this cluster's prefix."""

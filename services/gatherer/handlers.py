@@ -27,6 +27,7 @@ from services.gatherer.settings import Settings
 from shared.errors import EspbridgeError, PermanentError
 from shared.esp import BadRow, Connectors, NotSupportedError, WebhookAuthError
 from shared.esp.accounts import UnknownAccountError
+from shared.failpoints import Point
 from shared.gathering import pull_api, scan
 from shared.kafka import decode
 from shared.logs import log_context
@@ -166,6 +167,7 @@ async def _publish_file(
         if len(batch) >= g.settings.publish_batch:
             await g.runtime.publish_many(batch)
             batch = []
+            await g.runtime.failpoints.reach(Point.GATHERER_MID_FILE)  # part of the file is published
     await g.runtime.publish_many(batch)
     await g.runtime.publish_many(core.gather_statuses(file, per_broadcast, bad))
     g.runtime.metrics.inc("events_gathered_total", events, esp=file.esp)

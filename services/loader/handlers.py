@@ -12,6 +12,7 @@ from aiokafka.structs import ConsumerRecord
 from services.loader import core, store
 from services.loader.settings import Settings
 from shared.errors import InvalidMessageError, UnavailableError
+from shared.failpoints import Point
 from shared.kafka import decode
 from shared.messages import DeadLetter, EventSource, ResponseEvent
 from shared.service import Runtime
@@ -66,6 +67,7 @@ async def handle_batch(records: Sequence[ConsumerRecord[bytes, bytes]], ld: Load
             totals = await store.totals(conn, sorted({e.broadcast_id for e in events}))
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise UnavailableError(f"loading {len(events)} events failed: {exc}") from exc
+    await ld.runtime.failpoints.reach(Point.LOADER_AFTER_DB_COMMIT)  # offsets are committed after return
     new = sum(added.values())
     ld.runtime.metrics.inc("events_loaded_total", new)
     ld.runtime.metrics.inc("events_duplicate_total", len(events) - new)

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from shared.esp import (
     SendStatus,
 )
 from shared.esp.http import EspUnavailableError
+from shared.failpoints import Point
 from shared.kafka import decode
 from shared.logs import log_context
 from shared.messages import BroadcastJob, BroadcastStatus, ListUploaded, SendMode, Stage, State
@@ -58,7 +58,7 @@ class Monitor:
 
     async def wait(self, delay: float, retry_after: float | None = None) -> None:
         """Wait before the next poll (or as long as the ESP asked with Retry-After)."""
-        await asyncio.sleep(max(delay, retry_after or 0.0))  # polling interval, bounded by settings
+        await self.runtime.sleep(max(delay, retry_after or 0.0))  # raises StoppingError at SIGTERM
 
 
 async def handle_list(body: bytes, mon: Monitor) -> None:
@@ -171,7 +171,10 @@ async def _send_with_retries(
     deadline = time.monotonic() + mon.settings.import_timeout_s
     while True:
         try:
-            return await connector.send(import_id, job)
+            await mon.runtime.failpoints.reach(Point.MONITOR_BEFORE_SEND)
+            send = await connector.send(import_id, job)
+            await mon.runtime.failpoints.reach(Point.MONITOR_AFTER_SEND)
+            return send
         except TransientError as exc:
             if time.monotonic() > deadline:
                 raise

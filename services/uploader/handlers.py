@@ -14,6 +14,7 @@ from services.uploader.settings import Settings
 from shared.db import jobs
 from shared.errors import InvalidMessageError, PermanentError
 from shared.esp import Connectors
+from shared.failpoints import Point
 from shared.kafka import decode
 from shared.logs import log_context
 from shared.messages import (
@@ -66,7 +67,11 @@ async def handle_job(body: bytes, up: Uploader) -> None:
         raise
     with log_context(job_id=job.job_id):
         async with up.pool.acquire() as conn:
-            await jobs.upsert_job(conn, job)
+            new = await jobs.upsert_job(conn, job)
+            if not new and await jobs.upload_done(conn, job.job_id):
+                # The same job published again: its list is on the ESP's site and announced already.
+                log.info("job already uploaded, the duplicate is ignored")
+                return
         try:
             upload = await upload_list(job, up)
         except PermanentError as exc:
@@ -100,6 +105,7 @@ async def upload_list(job: BroadcastJob, up: Uploader) -> ListUploaded:
             raise core.EmptySelectionError(f"the selection has no recipients ({tally.excluded} opted out)")
         yield core.encode_rows([header, first], fmt.delimiter, fmt.line_terminator, fmt.encoding)
         rows = 1
+        await up.runtime.failpoints.reach(Point.UPLOADER_MID_UPLOAD)  # the first chunk is written
         batch: list[tuple[Any, ...]] = []
         async for row in source:
             batch.append(row)

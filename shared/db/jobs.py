@@ -42,6 +42,19 @@ async def upsert_job(conn: Conn, job: BroadcastJob) -> bool:
     return bool(inserted)
 
 
+async def upload_done(conn: Conn, job_id: str) -> bool:
+    """Whether the job's list was uploaded and announced before (its upload reached ``done``)."""
+    done = await conn.fetchval(
+        """
+        SELECT EXISTS (
+            SELECT 1 FROM control.job_history WHERE job_id = $1 AND stage = 'upload' AND state = 'done'
+        )
+        """,
+        job_id,
+    )
+    return bool(done)
+
+
 async def record_status(conn: Conn, status: BroadcastStatus) -> None:
     """Keep a job's latest state and its history (unknown jobs are ignored)."""
     counts = orjson.dumps(status.counts).decode()

@@ -1,0 +1,227 @@
+"""SIGTERM each service in the middle of its work: it exits 0 within its grace period, with its
+in-flight work either finished or handed back untouched, and a restart completes the broadcast
+exactly once."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import orjson
+from aiokafka.admin import AIOKafkaAdminClient
+
+from shared.db import connect
+from shared.failpoints import Point
+from shared.kafka import ensure_topics
+from shared.settings import KafkaSettings, PostgresSettings
+from shared.topics import Topic
+from tests.fixtures.faults import (
+    assert_exactly_once,
+    fault_pipeline,
+    markers,
+    reached,
+    read_topic,
+    release,
+    seed_list,
+    start_another,
+    stopped_within,
+)
+from tests.fixtures.kafka import wait_for
+from tests.fixtures.servers import Servers
+
+CUSTOMERS = 2000
+GRACE_S = 20
+
+
+def logged(log: Path, msg: str) -> bool:
+    """Whether a service log has a record with this message."""
+    return any(
+        orjson.loads(line).get("msg") == msg
+        for line in log.read_bytes().splitlines()
+        if line.startswith(b"{")
+    )
+
+
+async def terminate_while_held(proc: subprocess.Popen[bytes], log: Path) -> float:
+    """SIGTERM a process that holds at a failpoint; once its shutdown has begun, let the held work
+    go on. Returns how long the process took to exit (it must exit 0)."""
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    await wait_for(lambda: logged(log, "stopping: finishing in-flight messages"), what="shutdown begun")
+    assert proc.poll() is None, "the process waits for its in-flight work"
+    release(proc)
+    assert stopped_within(proc, GRACE_S + 10) == 0
+    return time.monotonic() - started
+
+
+async def test_sigterm_uploader_mid_upload_finishes_the_list(
+    servers: Servers, kafka: KafkaSettings, database: PostgresSettings, unique: str, tmp_path: Path
+) -> None:
+    expected_rows = await seed_list(database, CUSTOMERS)
+    await ensure_topics(kafka)
+    point = Point.UPLOADER_MID_UPLOAD
+    with ExitStack() as stack:
+        pipeline = fault_pipeline(
+            stack,
+            servers,
+            kafka,
+            database,
+            tmp_path,
+            f"t{unique}",
+            (point,),
+            ESPBRIDGE_UPLOADER_SHUTDOWN_TIMEOUT_S=str(GRACE_S),
+        )
+        job = await pipeline.publish(kafka, "sandbox", f"term-{unique}")
+        proc = pipeline.procs["uploader"]
+        await reached(markers(tmp_path), point, proc)
+        assert await terminate_while_held(proc, tmp_path / "uploader.log") < GRACE_S
+        # The process that was told to stop finished the list and announced it.
+        drop = pipeline.esps["sandbox"].account_dir(pipeline.accounts["sandbox"]) / "drop"
+        assert (drop / f"{job.job_id}.csv").exists()
+        assert len(await read_topic(kafka, Topic.BROADCAST_LISTS)) == 1
+
+        await start_another(pipeline, stack, "uploader")
+        await assert_exactly_once(pipeline, kafka, database, [job.job_id], expected_rows)
+        pipeline.stop()
+
+
+async def test_sigterm_monitor_while_polling_an_import_hands_it_back(
+    servers: Servers, kafka: KafkaSettings, database: PostgresSettings, unique: str, tmp_path: Path
+) -> None:
+    expected_rows = await seed_list(database, CUSTOMERS)
+    await ensure_topics(kafka)
+    with ExitStack() as stack:
+        pipeline = fault_pipeline(
+            stack,
+            servers,
+            kafka,
+            database,
+            tmp_path,
+            f"t{unique}",
+            sandbox={"import_delay_s": "2"},
+            ESPBRIDGE_MONITOR_SHUTDOWN_TIMEOUT_S=str(GRACE_S),
+        )
+        job = await pipeline.publish(kafka, "sandbox", f"term-{unique}")
+        conn = await connect(database)
+        try:
+
+            async def importing() -> bool:
+                row = await conn.fetchrow(
+                    "SELECT stage, state, esp_import_id FROM control.jobs WHERE job_id = $1", job.job_id
+                )
+                return row is not None and row["esp_import_id"] is not None and row["stage"] == "import"
+
+            await wait_for(importing, timeout_s=60, what="the monitor polling the import")
+            proc = pipeline.procs["monitor"]
+            started = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            assert stopped_within(proc, GRACE_S + 10) == 0
+            # It stops polling at once rather than holding shutdown for its whole grace.
+            assert time.monotonic() - started < GRACE_S / 2
+            # Handed back untouched: the import still running at the ESP, no send requested.
+            row = await conn.fetchrow(
+                "SELECT stage, state, send_requested_at FROM control.jobs WHERE job_id = $1", job.job_id
+            )
+            assert row is not None
+            assert (row["stage"], row["state"], row["send_requested_at"]) == ("import", "running", None)
+            assert await pipeline.sends_created("sandbox") == {}
+        finally:
+            await conn.close()
+
+        await start_another(pipeline, stack, "monitor")
+        await assert_exactly_once(pipeline, kafka, database, [job.job_id], expected_rows)
+        pipeline.stop()
+    assert "Traceback" not in (tmp_path / "monitor.log").read_text()
+
+
+async def test_sigterm_gatherer_mid_file_finishes_the_file(
+    servers: Servers, kafka: KafkaSettings, database: PostgresSettings, unique: str, tmp_path: Path
+) -> None:
+    expected_rows = await seed_list(database, CUSTOMERS)
+    await ensure_topics(kafka)
+    point = Point.GATHERER_MID_FILE
+    with ExitStack() as stack:
+        pipeline = fault_pipeline(
+            stack,
+            servers,
+            kafka,
+            database,
+            tmp_path,
+            f"t{unique}",
+            (point,),
+            ESPBRIDGE_GATHERER_SHUTDOWN_TIMEOUT_S=str(GRACE_S),
+        )
+        job = await pipeline.publish(kafka, "sandbox", f"term-{unique}")
+        proc = pipeline.procs["gatherer"]
+        await reached(markers(tmp_path), point, proc)
+        assert await terminate_while_held(proc, tmp_path / "gatherer.log") < GRACE_S
+        # The file in hand was finished: published to the end and archived, none left half done.
+        conn = await connect(database)
+        try:
+            states = {
+                r["state"]: r["n"]
+                for r in await conn.fetch(
+                    "SELECT state, count(*) AS n FROM control.gathered_files GROUP BY state"
+                )
+            }
+        finally:
+            await conn.close()
+        assert "processing" not in states
+        assert states["archived"] >= 1
+
+        await start_another(pipeline, stack, "gatherer")
+        await assert_exactly_once(pipeline, kafka, database, [job.job_id], expected_rows)
+        pipeline.stop()
+
+
+async def test_sigterm_loader_mid_batch_commits_what_it_loaded(
+    servers: Servers, kafka: KafkaSettings, database: PostgresSettings, unique: str, tmp_path: Path
+) -> None:
+    expected_rows = await seed_list(database, CUSTOMERS)
+    await ensure_topics(kafka)
+    point = Point.LOADER_AFTER_DB_COMMIT
+    with ExitStack() as stack:
+        pipeline = fault_pipeline(
+            stack,
+            servers,
+            kafka,
+            database,
+            tmp_path,
+            f"t{unique}",
+            (point,),
+            ESPBRIDGE_LOADER_SHUTDOWN_TIMEOUT_S=str(GRACE_S),
+        )
+        job = await pipeline.publish(kafka, "sandbox", f"term-{unique}")
+        proc = pipeline.procs["loader"]
+        await reached(markers(tmp_path), point, proc)
+        assert await terminate_while_held(proc, tmp_path / "loader.log") < GRACE_S
+        # Nothing half done: the offsets the loader committed cover exactly the rows it loaded.
+        committed = await committed_offsets(
+            kafka, f"{kafka.topic_prefix}espbridge-loader", Topic.RESPONSE_EVENTS
+        )
+        conn = await connect(database)
+        try:
+            loaded = await conn.fetchval("SELECT count(*) FROM responses.events")
+        finally:
+            await conn.close()
+        assert committed == loaded > 0
+
+        await start_another(pipeline, stack, "loader")
+        await assert_exactly_once(pipeline, kafka, database, [job.job_id], expected_rows)
+        pipeline.stop()
+
+
+async def committed_offsets(kafka: KafkaSettings, group: str, topic: Topic) -> int:
+    """The sum of a group's committed offsets over a topic's partitions."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap_servers)
+    await admin.start()
+    try:
+        offsets = await admin.list_consumer_group_offsets(group)
+    finally:
+        await admin.close()
+    return sum(
+        meta.offset for tp, meta in offsets.items() if tp.topic == kafka.topic(topic) and meta.offset > 0
+    )

@@ -1,0 +1,125 @@
+"""The same job published twice, and two uploaders and two loaders sharing work while one of each
+is stopped and another started mid-run (rebalances): still one list, one import and one send per
+broadcast, and every response event loaded once."""
+
+from __future__ import annotations
+
+import signal
+from contextlib import ExitStack
+from pathlib import Path
+
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.partitioner import DefaultPartitioner
+
+from shared import jobs_cli
+from shared.db import connect
+from shared.kafka import ensure_topics
+from shared.settings import KafkaSettings, PostgresSettings
+from shared.topics import Topic
+from tests.fixtures.faults import (
+    assert_exactly_once,
+    fault_pipeline,
+    seed_list,
+    start_another,
+    stopped_within,
+)
+from tests.fixtures.kafka import wait_for
+from tests.fixtures.servers import Servers
+
+
+async def committed(kafka: KafkaSettings, service: str, topic: Topic) -> int:
+    """The sum of a service group's committed offsets on a topic: the messages it finished."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap_servers)
+    await admin.start()
+    try:
+        offsets = await admin.list_consumer_group_offsets(f"{kafka.topic_prefix}espbridge-{service}")
+    finally:
+        await admin.close()
+    return sum(m.offset for tp, m in offsets.items() if tp.topic == kafka.topic(topic) and m.offset > 0)
+
+
+async def test_a_job_published_twice_is_uploaded_sent_and_loaded_once(
+    servers: Servers, kafka: KafkaSettings, database: PostgresSettings, unique: str, tmp_path: Path
+) -> None:
+    expected_rows = await seed_list(database, 1500)
+    await ensure_topics(kafka)
+    with ExitStack() as stack:
+        pipeline = fault_pipeline(stack, servers, kafka, database, tmp_path, f"t{unique}")
+        job = await pipeline.publish(kafka, "sandbox", f"twice-{unique}")
+        await jobs_cli.publish_job(kafka, job)  # again at once, while the first is in progress
+        await assert_exactly_once(pipeline, kafka, database, [job.job_id], expected_rows)
+
+        # Once more after the broadcast is done: handled, and nothing happens again.
+        await jobs_cli.publish_job(kafka, job)
+
+        async def all_three_handled() -> bool:
+            return await committed(kafka, "uploader", Topic.BROADCAST_JOBS) == 3
+
+        await wait_for(all_three_handled, timeout_s=60, what="the uploader through all three copies")
+        await assert_exactly_once(pipeline, kafka, database, [job.job_id], expected_rows)
+        pipeline.stop()
+    log = (tmp_path / "uploader.log").read_text()
+    assert log.count('"msg":"job already uploaded, the duplicate is ignored"') == 2
+
+
+def spread_job_ids(prefix: str, partitions: int, per_partition: int) -> list[str]:
+    """Job ids whose messages land ``per_partition`` on each partition of broadcast.jobs.v1, so
+    that every uploader of the group gets some."""
+    partitioner = DefaultPartitioner()
+    everywhere = list(range(partitions))
+    ids: list[str] = []
+    filled = dict.fromkeys(everywhere, 0)
+    n = 0
+    while min(filled.values()) < per_partition:
+        job_id = f"{prefix}-{n}"
+        n += 1
+        part = partitioner(job_id.encode(), everywhere, everywhere)
+        if filled[part] < per_partition:
+            filled[part] += 1
+            ids.append(job_id)
+    return ids
+
+
+async def test_two_uploaders_and_two_loaders_through_rebalances(
+    servers: Servers, kafka: KafkaSettings, database: PostgresSettings, unique: str, tmp_path: Path
+) -> None:
+    expected_rows = await seed_list(database, 800)
+    await ensure_topics(kafka)
+    first, second = (spread_job_ids(f"reb-{unique}-{wave}", kafka.partitions_default, 1) for wave in "ab")
+    with ExitStack() as stack:
+        pipeline = fault_pipeline(stack, servers, kafka, database, tmp_path, f"t{unique}")
+        uploader_1, loader_1 = pipeline.procs["uploader"], pipeline.procs["loader"]
+        uploader_2 = await start_another(pipeline, stack, "uploader", "uploader-2")
+        loader_2 = await start_another(pipeline, stack, "loader", "loader-2")
+        for job_id in first:
+            await pipeline.publish(kafka, "sandbox", job_id)
+        conn = await connect(database)
+        try:
+
+            async def loading() -> bool:
+                return bool(await conn.fetchval("SELECT count(*) FROM responses.events") > 0)
+
+            await wait_for(loading, timeout_s=120, what="responses loading")
+        finally:
+            await conn.close()
+
+        # Mid-run: the second wave arrives while one uploader and one loader leave and new ones join.
+        for job_id in second:
+            await pipeline.publish(kafka, "sandbox", job_id)
+        for proc in (uploader_1, loader_1):
+            proc.send_signal(signal.SIGTERM)
+        assert stopped_within(uploader_1, 60) == 0
+        assert stopped_within(loader_1, 60) == 0
+        await start_another(pipeline, stack, "uploader")
+        await start_another(pipeline, stack, "loader")
+
+        await assert_exactly_once(pipeline, kafka, database, first + second, expected_rows)
+        for proc in (uploader_2, loader_2):
+            proc.send_signal(signal.SIGTERM)
+            assert stopped_within(proc, 60) == 0
+        pipeline.stop()
+    # Both members of each group did part of the work.
+    for name in ("uploader", "uploader-2"):
+        assert '"msg":"list uploaded"' in (tmp_path / f"{name}.log").read_text(), name
+    for name in ("loader", "loader-2"):
+        assert '"msg":"batch loaded"' in (tmp_path / f"{name}.log").read_text(), name
