@@ -36,6 +36,8 @@ environment variables (prefix ESPBRIDGE_SANDBOX_):
                      token bucket per account on a flavor's API (default 0 = off, burst 1)
   TOKEN_TTL_S        lifetime of access tokens a flavor issues (default 3600)
   MALFORMED_EVERY    a malformed response row after every n-th good one (default 0 = off)
+  SEND_DELAY_S       time a send stays `sending` before its first responses (default 0)
+  FAULTS             JSON list of fault rules for API calls (sandbox/README.md, "Faults on request")
   FIELD_MAPS, TIMEZONE
                      instiller: known field maps (default espbridge), local zone (Europe/London)
   LOG_LEVEL          DEBUG, INFO, WARNING or ERROR (default INFO)

@@ -17,6 +17,7 @@ from aiohttp.typedefs import Handler
 from pydantic import BaseModel, ValidationError
 
 from sandbox.engine import Account, EspError
+from sandbox.faults import Faults, fault_middleware, install
 from sandbox.limits import TokenIssuer
 from sandbox.protocol import API_PREFIX
 
@@ -133,14 +134,22 @@ async def healthz(_request: web.Request) -> web.Response:
 
 
 def create_app(
-    context: ApiContext, routes: Iterable[web.RouteDef], max_body_bytes: int = 64 * 1024 * 1024
+    context: ApiContext,
+    routes: Iterable[web.RouteDef],
+    max_body_bytes: int = 64 * 1024 * 1024,
+    faults: Faults | None = None,
 ) -> web.Application:
     """The aiohttp application for ``context``'s accounts: the flavor's ``routes`` and the shared ones.
 
-    Request bodies above ``max_body_bytes`` are answered 413.
+    Request bodies above ``max_body_bytes`` are answered 413. ``faults`` break the requests their
+    rules pick, before anything else looks at them (sandbox.faults).
     """
-    app = web.Application(middlewares=[json_errors, bearer_auth], client_max_size=max_body_bytes)
+    faults = faults if faults is not None else Faults()
+    app = web.Application(
+        middlewares=[fault_middleware(faults), json_errors, bearer_auth], client_max_size=max_body_bytes
+    )
     app[CONTEXT] = context
+    install(app, faults, context.token)
     app.add_routes(routes)
     app.router.add_get(API_PREFIX + "/{account}/_sandbox/stats", stats)
     app.router.add_get("/healthz", healthz)

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from sandbox.api import ApiContext, create_app
 from sandbox.engine import Account
+from sandbox.faults import Faults
 from sandbox.files import atomic_write_bytes
 from sandbox.flavors import FLAVORS
 from sandbox.flavors.base import Flavor
@@ -59,7 +60,8 @@ async def run(settings: Settings) -> None:
     token = settings.bearer_token.get_secret_value().encode()
     context = ApiContext(accounts, token, TokenIssuer(settings.token_ttl_s))
     runner = web.AppRunner(
-        create_app(context, flavor.routes, int(settings.max_body_mb * 1024 * 1024)), access_log=None
+        create_app(context, flavor.routes, int(settings.max_body_mb * 1024 * 1024), Faults(settings.faults)),
+        access_log=None,
     )
     await runner.setup()
     url_file: Path | None = None

@@ -426,6 +426,8 @@ class Account:
             record.started_at = utc_text(_now())
             await self.state.save()
             log.info("sending", extra={"account": self.name, "send_id": record.send_id})
+            if self.settings.send_delay_s:
+                await asyncio.sleep(self.settings.send_delay_s)  # a real send takes a while
         store = self._list_store(record.import_id)
         if not store.is_file():
             raise FileNotFoundError(f"the imported list of {record.import_id} is gone: {store}")

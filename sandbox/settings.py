@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal, Self
 from pydantic import DirectoryPath, Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from sandbox.faults import FaultRule, parse_rules
 from sandbox.protocol import NAME_RE
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -80,6 +81,12 @@ class Settings(BaseSettings):
     max_body_mb: float = Field(
         default=64.0, gt=0.0, description="largest request body accepted; larger ones are answered 413"
     )
+    send_delay_s: float = Field(
+        default=0.0, ge=0.0, description="time a send stays `sending` before its first responses"
+    )
+    faults: Annotated[tuple[FaultRule, ...], NoDecode] = Field(
+        default=(), description="JSON list of fault rules (sandbox.faults); none by default"
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     _bearer: SecretStr = PrivateAttr(default=SecretStr(""))
@@ -90,6 +97,11 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
+
+    @field_validator("faults", mode="before")
+    @classmethod
+    def _parse_faults(cls, value: Any) -> Any:
+        return parse_rules(value)
 
     @field_validator("accounts")
     @classmethod

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import asyncpg
 
@@ -31,6 +33,8 @@ from shared.messages import BroadcastJob, BroadcastStatus, ListUploaded, SendMod
 from shared.service import Runtime
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class ImportRejectedError(PermanentError):
@@ -90,14 +94,18 @@ async def run_import(upload: ListUploaded, job: BroadcastJob, connector: Connect
     """Start (or resume) the ESP's import of the list and wait for it; returns the import id."""
     async with mon.pool.acquire() as conn:
         known = await jobs.get_job(conn, job.job_id)
+    deadline = time.monotonic() + mon.settings.import_timeout_s
     if known is not None and known.esp_import_id:
-        imp = await connector.import_status(known.esp_import_id)
+        import_id = known.esp_import_id
+        imp = await ask(mon, "import status", lambda: connector.import_status(import_id), deadline)
     else:
-        imp = await connector.start_import(upload.remote_path, job)
+        # Starting is idempotent for the same job, so a lost answer is asked for again in place.
+        imp = await ask(
+            mon, "import start", lambda: connector.start_import(upload.remote_path, job), deadline
+        )
         async with mon.pool.acquire() as conn:
             await jobs.set_import_id(conn, job.job_id, imp.import_id)
     await mon.report(core.status(job.job_id, Stage.IMPORT, State.RUNNING, f"import {imp.import_id}"))
-    deadline = time.monotonic() + mon.settings.import_timeout_s
     delays = core.backoff(mon.settings.poll_initial_s, mon.settings.poll_max_s)
     while imp.state not in (ImportState.DONE, ImportState.FAILED):
         if time.monotonic() > deadline:
@@ -125,7 +133,10 @@ async def run_send(job: BroadcastJob, import_id: str, connector: Connector, mon:
     """Send once, then follow the send to its end."""
     async with mon.pool.acquire() as conn:
         first_request = await jobs.claim_send(conn, job.job_id)
-    existing = None if first_request else await connector.find_send(job)
+    deadline = time.monotonic() + mon.settings.import_timeout_s
+    existing = (
+        None if first_request else await ask(mon, "find send", lambda: connector.find_send(job), deadline)
+    )
     if existing is not None:
         send = existing
         log.info("send already exists at the ESP, following it", extra={"send_id": send.send_id})
@@ -181,6 +192,27 @@ async def _send_with_retries(
             log.warning("send call failed, checking the ESP before retrying", extra={"error": str(exc)})
             retry_after = exc.retry_after_s if isinstance(exc, EspUnavailableError) else None
             await mon.wait(next(delays), retry_after)
-            found = await connector.find_send(job)
+            found = await ask(mon, "find send", lambda: connector.find_send(job), deadline)
             if found is not None:
                 return found
+
+
+async def ask(mon: Monitor, what: str, call: Callable[[], Awaitable[T]], deadline: float) -> T:
+    """A call that is safe to repeat (a read, an idempotent start), made until the ESP answers.
+
+    A transient failure is logged and the call made again after a growing wait, at least as long
+    as the ESP's Retry-After; after ``deadline`` the failure is raised (the message is retried).
+    """
+    delays = core.backoff(mon.settings.poll_initial_s, mon.settings.poll_max_s)
+    while True:
+        try:
+            return await call()
+        except TransientError as exc:
+            if time.monotonic() > deadline:
+                raise
+            retry_after = exc.retry_after_s if isinstance(exc, EspUnavailableError) else None
+            log.warning(
+                f"{what} failed, asking the ESP again",
+                extra={"error": str(exc), "error_class": type(exc).__name__, "retry_after_s": retry_after},
+            )
+            await mon.wait(next(delays), retry_after)

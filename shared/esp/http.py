@@ -79,7 +79,9 @@ async def request_json(
             body = await resp.read()
             status = resp.status
             retry_after = _retry_after(resp.headers.get("Retry-After"))
-    except (aiohttp.ClientError, TimeoutError) as exc:
+    except TimeoutError as exc:  # aiohttp's timeouts are TimeoutErrors, some ClientErrors too
+        raise EspUnavailableError(f"{method} {url}: no complete answer within {timeout_s:g}s") from exc
+    except aiohttp.ClientError as exc:
         raise EspUnavailableError(f"{method} {url}: {type(exc).__name__}: {exc}") from exc
     where = f"{method} {url} answered {status}"
     if status == 429 or status >= 500:
@@ -188,8 +190,12 @@ class OAuth2Token:
             ) as resp:
                 body = await resp.read()
                 status = resp.status
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise EspUnavailableError(f"token endpoint {self._url}: {exc}") from exc
+        except TimeoutError as exc:
+            raise EspUnavailableError(
+                f"token endpoint {self._url}: no complete answer within {self._timeout_s:g}s"
+            ) from exc
+        except aiohttp.ClientError as exc:
+            raise EspUnavailableError(f"token endpoint {self._url}: {type(exc).__name__}: {exc}") from exc
         if status in (400, 401, 403) and form.get("grant_type") == "refresh_token":
             self._refresh = None  # the refresh token is spent or revoked: use the grant itself
             await self._fetch()

@@ -337,7 +337,10 @@ class InstillerConnector(Connector):
                 body = await resp.read()
                 status = resp.status
                 retry_after = _retry_after(resp.headers.get("Retry-After"))
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except TimeoutError:  # aiohttp's timeouts are TimeoutErrors, some ClientErrors too
+            timeout_s = self.account.request_timeout_s
+            raise EspUnavailableError(f"{where}: no complete answer within {timeout_s:g}s") from None
+        except aiohttp.ClientError as exc:
             # from None: the original exception's text may hold the URL with its query string
             raise EspUnavailableError(f"{where}: {type(exc).__name__}: {self._redact(str(exc))}") from None
         snippet = self._redact(body[:300].decode("utf-8", "replace"))
