@@ -3,6 +3,7 @@ that need them); unique topics, databases and folders per test."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -93,9 +94,23 @@ async def database(servers: Servers, unique: str) -> AsyncIterator[PostgresSetti
     finally:
         admin = await connect(servers.pg)
         try:
-            await admin.execute(f"DROP DATABASE IF EXISTS {quote_ident(name)} WITH (FORCE)")
+            await drop_database(admin, name)
         finally:
             await admin.close()
+
+
+async def drop_database(admin: asyncpg.Connection, name: str, timeout_s: float = 30.0) -> None:
+    """Drop a test database, its sessions ended. A background process of the server (autovacuum)
+    cannot be ended by a non-superuser, so the drop is tried again until it has left."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        try:
+            await admin.execute(f"DROP DATABASE IF EXISTS {quote_ident(name)} WITH (FORCE)")
+            return
+        except (asyncpg.InsufficientPrivilegeError, asyncpg.ObjectInUseError):
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.2)  # the server's own worker leaves by itself; nothing to wait on
 
 
 @pytest.fixture

@@ -393,7 +393,7 @@ async def test_basic_auth_client_ids_and_webhook_registration(
         demo, other = Client(http, esp, "1000001"), Client(http, esp, "1000002")
         page = await demo.ok("GET", "sending/batches")
         assert (page["elements"], page["count"], page["offset"], page["limit"]) == ([], 0, 0, 100)
-        assert await other.stats() == {"sends_created": {}, "batches_created": {}}
+        assert await other.stats() == {"sends_created": {}, "batches_created": {}, "rate_limited": 0}
         status, body, _ = await demo.call("GET", "no/such/thing")
         assert (status, body["status"]) == (404, 404)
 
@@ -545,6 +545,7 @@ async def test_batch_sending_and_every_response_source(tmp_path: Path, http: aio
             assert await client.stats() == {
                 "sends_created": {"job-1": 1},
                 "batches_created": {"job-1": 1, "job.2": 1},
+                "rate_limited": 0,
             }
 
     assert (manifest["broadcast_id"], manifest["batch_id"]) == ("job-1", 5001)
@@ -710,7 +711,11 @@ async def test_a_restart_resumes_the_send_without_sending_twice(
             assert (await client.call("POST", f"sending/batches/{batch['id']}"))[0] == 409
             manifest = await manifest_complete(second, "job-r")
             found = await gather(client, second, hooks, "job-r", 8001)
-            assert await client.stats() == {"sends_created": {"job-r": 1}, "batches_created": {"job-r": 1}}
+            assert await client.stats() == {
+                "sends_created": {"job-r": 1},
+                "batches_created": {"job-r": 1},
+                "rate_limited": 0,
+            }
             assert (await client.ok("GET", "smartcampaigns/7001"))["status"] == "finished"
 
     responses = root / "optimizely" / "demo" / "responses"
