@@ -49,7 +49,10 @@ def make_broker(
         graceful_timeout=graceful_timeout_s,
         middlewares=tuple(middlewares),
         acks="all",
-        enable_idempotence=True,
+        # Not idempotent: aiokafka's idempotent producer stops for good on OutOfOrderSequenceNumber,
+        # which a broker restart can cause. A retried send may duplicate a record; every consumer
+        # absorbs duplicates (event ids, the file ledger, the recorded send).
+        enable_idempotence=False,
         linger_ms=5,  # lets the client batch records published in a burst
         logger=logging.getLogger(f"espbridge.kafka.{client_id}"),
     )
