@@ -140,7 +140,14 @@ async def test_a_broadcast_survives_a_30_second_outage(
         private.up(component)
         outage = time.monotonic() - stopped_at
 
-        manifest = await wait_all_loaded(pipeline, "sandbox", job_id, database, kafka, timeout_s=180)
+        try:
+            manifest = await wait_all_loaded(pipeline, "sandbox", job_id, database, kafka, timeout_s=180)
+        except TimeoutError:
+            made = orjson.loads(manifest_file.read_bytes()) if manifest_file.exists() else None
+            loaded = await loaded_counts(database, job_id)
+            raise AssertionError(
+                f"after the {component} outage: the ESP made {made}, loaded {loaded}"
+            ) from None
 
         # Every response exactly once, and one send.
         assert await loaded_counts(database, job_id) == {t: n for t, n in manifest["counts"].items() if n}
