@@ -1,7 +1,8 @@
 """Finding response data: files in the accounts' response folders, and pages of their APIs.
 
 * :func:`scan` lists each account's response folders, records new files in the ledger
-  (control.gathered_files) and publishes one ResponseFile per new file for the gatherer workers.
+  (control.gathered_files) and publishes one ResponseFile per new file for the gatherer workers,
+  in one transaction that commits after Kafka acknowledged the messages.
   The ledger's unique key makes concurrent scans publish each file once; a file recorded but not
   taken after ``republish_after_s`` is published again (its first message may have been lost).
 * :func:`pull_api` asks each API-capable account for the responses of its recently sent
@@ -97,7 +98,9 @@ async def scan(
                         )
                     )
     to_publish: list[ResponseFile] = []
-    async with pool.acquire() as conn:
+    # The new rows commit only once Kafka has the files' messages: if publishing fails (Kafka
+    # down), the next scan finds the files new again instead of waiting for republish_after_s.
+    async with pool.acquire() as conn, conn.transaction():
         for file in found:
             is_new = await conn.fetchval(
                 """
@@ -118,7 +121,7 @@ async def scan(
             )
             if is_new:
                 to_publish.append(file)
-    await publish_many(broker, kafka, [*letters, *to_publish])
+        await publish_many(broker, kafka, [*letters, *to_publish])
     if to_publish:
         log.info("response files found", extra={"files": len(to_publish)})
     return to_publish

@@ -7,6 +7,7 @@ dead letter with the original bytes (permanent); handlers never catch to decide 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -22,6 +23,7 @@ from pydantic import ValidationError
 from shared.errors import InvalidMessageError, StoppingError, UnavailableError, is_transient
 from shared.logs import log_context
 from shared.messages import DeadLetter, EventSource, Message
+from shared.outages import Outages, backoff_s, unreachable_server
 from shared.settings import KafkaSettings
 from shared.topics import Topic, spec_for_model
 
@@ -47,7 +49,10 @@ def make_broker(
         graceful_timeout=graceful_timeout_s,
         middlewares=tuple(middlewares),
         acks="all",
-        enable_idempotence=True,
+        # Not idempotent: aiokafka's idempotent producer stops for good on OutOfOrderSequenceNumber,
+        # which a broker restart can cause. A retried send may duplicate a record; every consumer
+        # absorbs duplicates (event ids, the file ledger, the recorded send).
+        enable_idempotence=False,
         linger_ms=5,  # lets the client batch records published in a burst
         logger=logging.getLogger(f"espbridge.kafka.{client_id}"),
     )
@@ -97,6 +102,23 @@ async def ensure_topics(settings: KafkaSettings, topics: Iterable[Topic] = tuple
         return created
     finally:
         await admin.close()
+
+
+async def kafka_answers(settings: KafkaSettings, timeout_s: float = 5.0) -> bool:
+    """Whether the bootstrap servers answer a metadata request now."""
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=settings.bootstrap_servers,
+        client_id=f"{settings.client_id}-probe",
+        request_timeout_ms=int(timeout_s * 1000),
+    )
+    try:
+        await admin.start()
+    except (KafkaError, OSError):
+        return False
+    finally:
+        with contextlib.suppress(Exception):
+            await admin.close()
+    return True
 
 
 async def _wait_until_visible(
@@ -221,12 +243,17 @@ class DrainOnRevoke(ConsumerRebalanceListener):
 
 
 def error_policy(
-    service: str, dead_letter: Callable[[DeadLetter], Awaitable[None]], inflight: InFlight
+    service: str,
+    dead_letter: Callable[[DeadLetter], Awaitable[None]],
+    inflight: InFlight,
+    outages: Outages | None = None,
 ) -> type[BaseMiddleware]:
     """A faststream middleware that owns the outcome of every message, in one place:
 
     * success: commit the offset;
     * transient failure: wait with bounded backoff, then rewind to the message (it is retried);
+      a server that cannot be reached (Kafka, PostgreSQL, SFTP) is named in the retry's log line,
+      and its recovery is logged when a message of the partition goes through again;
     * the service stopping (:class:`StoppingError`): leave the offset uncommitted for the next process;
     * permanent failure: publish a DeadLetter with the original bytes, partition and offset, then
       commit, so one bad message never blocks its partition.
@@ -234,7 +261,8 @@ def error_policy(
     Subscribers use ``AckPolicy.MANUAL`` so that the commit happens here, inside the in-flight
     window that :class:`DrainOnRevoke` and graceful shutdown wait for.
     """
-    failures: dict[tuple[str, int], int] = {}
+    failures: dict[tuple[str, int], tuple[int, str | None]] = {}
+    tracker = outages if outages is not None else Outages()
 
     class ErrorPolicy(BaseMiddleware):
         async def consume_scope(
@@ -253,14 +281,18 @@ def error_policy(
                         if isinstance(exc, StoppingError):
                             log.info("handed back unfinished at shutdown (offset not committed)")
                             return None
-                        if is_transient(exc):
-                            n = failures.get(where, 0) + 1
-                            failures[where] = n
-                            delay = min(RETRY_BACKOFF_MAX_S, RETRY_BACKOFF_MIN_S * 2 ** (n - 1))
-                            log.warning(
-                                "transient failure, retrying the message",
-                                extra={"error": repr(exc), "attempt": n, "retry_in_s": delay},
-                            )
+                        server = unreachable_server(exc)
+                        if server is not None or is_transient(exc):
+                            n = failures.get(where, (0, None))[0] + 1
+                            failures[where] = (n, server)
+                            delay = backoff_s(n, RETRY_BACKOFF_MIN_S, RETRY_BACKOFF_MAX_S)
+                            if server is not None:
+                                tracker.failed(server, exc, delay, "the message")
+                            else:
+                                log.warning(
+                                    "transient failure, retrying the message",
+                                    extra={"error": repr(exc), "attempt": n, "retry_in_s": delay},
+                                )
                             await asyncio.sleep(delay)  # bounded backoff before the redelivery
                             await msg.nack()
                             return None
@@ -290,8 +322,10 @@ def error_policy(
                             )
                         await msg.ack()
                         return None
-                    failures.pop(where, None)
+                    _, was_down = failures.pop(where, (0, None))
                     await msg.ack()
+                    if was_down is not None:
+                        tracker.reachable(was_down)
                     return result
             finally:
                 inflight.leave()

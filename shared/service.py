@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import logging
 import sys
 import time
@@ -31,12 +32,14 @@ from shared.kafka import (
     InFlight,
     ensure_topics,
     error_policy,
+    kafka_answers,
     make_broker,
     publish,
     publish_many,
 )
 from shared.logs import configure
 from shared.messages import DeadLetter, Message
+from shared.outages import KafkaWatch, Outages, PoolReconnectLines
 from shared.settings import HttpSettings, KafkaSettings, LogSettings
 from shared.topics import Topic
 
@@ -77,13 +80,14 @@ class Runtime:
         self.stopping = asyncio.Event()
         self.inflight = InFlight()
         self.failpoints = Failpoints(settings.failpoints)
+        self.outages = Outages()
         self.stack = contextlib.AsyncExitStack()
         self.http = HealthServer(settings.http, self.metrics, lambda: self.ready)
         self.broker: KafkaBroker = make_broker(
             settings.kafka,
             client_id=name,
             graceful_timeout_s=settings.shutdown_timeout_s,
-            middlewares=[error_policy(name, self.dead_letter, self.inflight)],
+            middlewares=[error_policy(name, self.dead_letter, self.inflight, self.outages)],
         )
 
     def subscriber(self, topic: Topic, **options: Any) -> Callable[[Handler], Any]:
@@ -154,6 +158,27 @@ async def wait_for_kafka(settings: KafkaSettings, timeout_s: float) -> None:
             delay = min(delay * 2, 10.0)
 
 
+def watch_outages(runtime: Runtime) -> None:
+    """Clear log lines for outages of Kafka and PostgreSQL, for as long as the runtime's stack is open."""
+    watch = KafkaWatch(functools.partial(kafka_answers, runtime.settings.kafka), runtime.outages)
+    pool_lines = PoolReconnectLines()
+    handlers = list(logging.getLogger().handlers)
+    for handler in handlers:
+        handler.addFilter(watch)
+        handler.addFilter(pool_lines)
+    task = asyncio.create_task(watch.run(), name="kafka-watch")
+
+    async def stop() -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        for handler in handlers:
+            handler.removeFilter(watch)
+            handler.removeFilter(pool_lines)
+
+    runtime.stack.push_async_callback(stop)
+
+
 async def run_service(
     name: str,
     settings: ServiceSettings,
@@ -163,6 +188,7 @@ async def run_service(
     """Run a service until SIGTERM/SIGINT."""
     runtime = Runtime(name, settings)
     async with runtime.stack as stack:
+        watch_outages(runtime)
         await wait_for_kafka(settings.kafka, settings.startup_timeout_s)
         app = await create_app(settings, runtime)
         if settings.http.enabled:  # after create_app: a service may have added routes (webhooks)

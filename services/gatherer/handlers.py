@@ -24,7 +24,7 @@ from aiohttp import web
 from services.gatherer import core
 from services.gatherer.records import RecordReader, row_letter, with_originals
 from services.gatherer.settings import Settings
-from shared.errors import EspbridgeError, PermanentError
+from shared.errors import PermanentError, is_transient
 from shared.esp import BadRow, Connectors, NotSupportedError, WebhookAuthError
 from shared.esp.accounts import UnknownAccountError
 from shared.failpoints import Point
@@ -32,6 +32,7 @@ from shared.gathering import pull_api, scan
 from shared.kafka import decode
 from shared.logs import log_context
 from shared.messages import DeadLetter, EventSource, Message, ResponseEvent, ResponseFile
+from shared.outages import backoff_s, unreachable_server
 from shared.service import Runtime
 from shared.sftp import SftpPool, download_stream, safe_local_name
 
@@ -76,13 +77,36 @@ class Gatherer:
         return len(files) + sum(p.events for p in pulled)
 
     async def scan_forever(self) -> None:
-        """Scan on the configured interval until cancelled; a failed scan is logged and retried."""
+        """Scan on the configured interval until cancelled; no failure ends the loop.
+
+        While a server is unreachable (or another transient failure lasts) the scan is retried
+        with capped backoff, never more often than the interval; any other failure is logged with
+        its traceback and the next scan comes at the interval.
+        """
+        failures = 0
+        down: str | None = None
         while True:
+            delay = self.settings.scan_interval_s
             try:
                 await self.scan_once()
-            except EspbridgeError as exc:
-                log.warning("scan failed, trying again next interval", extra={"error": str(exc)})
-            await asyncio.sleep(self.settings.scan_interval_s)  # the scan interval itself
+            except Exception as exc:
+                server = unreachable_server(exc)
+                if server is None and not is_transient(exc):
+                    log.exception("scan failed, trying again next interval")
+                else:
+                    failures += 1
+                    delay = max(delay, backoff_s(failures))
+                    if server is not None:
+                        down = server
+                        self.runtime.outages.failed(server, exc, delay, "the scan")
+                    else:
+                        log.warning("scan failed, retrying", extra={"error": str(exc), "retry_in_s": delay})
+            else:
+                failures = 0
+                if down is not None:
+                    self.runtime.outages.reachable(down)
+                    down = None
+            await asyncio.sleep(delay)  # the scan interval, or the backoff after a failure
 
 
 async def handle_file(body: bytes, g: Gatherer) -> None:

@@ -1,0 +1,181 @@
+"""Outages of the servers a service depends on: Kafka, PostgreSQL and the ESP's SFTP server.
+
+* :func:`unreachable_server` tells from an exception which of them could not be reached (the
+  client library that raised it decides), so the error policy retries instead of dead-lettering.
+* :class:`Outages` writes the lines an operator reads: one warning per retry naming the server
+  and the delay ("PostgreSQL unreachable, retrying in 4 s"), one when it answers again.
+* :class:`KafkaWatch` does the same for the Kafka client's own reconnecting, whose per-attempt
+  error lines (ten a second per client) it holds back while Kafka is known to be down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+import asyncssh
+from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError, NodeNotReadyError
+
+log = logging.getLogger(__name__)
+
+KAFKA = "Kafka"
+POSTGRES = "PostgreSQL"
+SFTP = "SFTP server"
+
+BACKOFF_MIN_S = 0.5
+BACKOFF_MAX_S = 30.0
+PROBE_MAX_S = 10.0
+"""A probe costs one request: Kafka's return is noticed within this many seconds."""
+
+# the client library whose code raised an error names the server it could not reach
+_LIBRARIES = {"asyncpg": POSTGRES, "aiokafka": KAFKA, "asyncssh": SFTP}
+
+_UNREACHABLE = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,  # class 08, also a connection lost mid-query
+    asyncpg.OperatorInterventionError,  # 57P01-03: the server shuts down, or is starting up
+    KafkaConnectionError,
+    NodeNotReadyError,
+    KafkaTimeoutError,
+    asyncssh.DisconnectError,
+    asyncssh.ChannelOpenError,
+    asyncssh.SFTPConnectionLost,
+)
+
+
+def backoff_s(attempt: int, low: float = BACKOFF_MIN_S, high: float = BACKOFF_MAX_S) -> float:
+    """The delay before retry number ``attempt`` (1, 2, …): doubling from ``low``, capped at ``high``."""
+    return float(min(high, low * 2 ** max(0, attempt - 1)))
+
+
+def _says_unreachable(exc: BaseException) -> bool:
+    if isinstance(exc, asyncpg.QueryCanceledError):  # 57014 is a timeout of ours, not an outage
+        return False
+    return isinstance(exc, _UNREACHABLE) or (isinstance(exc, KafkaError) and exc.retriable)
+
+
+def _raised_in(exc: BaseException) -> str | None:
+    owner = _LIBRARIES.get(type(exc).__module__.partition(".")[0])
+    tb = exc.__traceback__
+    while tb is not None:  # the innermost frame of a known client library decides
+        owner = _LIBRARIES.get(str(tb.tb_frame.f_globals.get("__name__", "")).partition(".")[0], owner)
+        tb = tb.tb_next
+    return owner
+
+
+def unreachable_server(exc: BaseException) -> str | None:
+    """The server (``Kafka``, ``PostgreSQL``, ``SFTP server``) that ``exc`` says cannot be reached
+    now — the exception itself or one it was raised from — or None for any other error."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if _says_unreachable(current):
+            server = _raised_in(current)
+            if server is not None:
+                return server
+        current = current.__cause__ or current.__context__
+    return None
+
+
+class Outages:
+    """The servers this process cannot reach now, and the log lines about them."""
+
+    def __init__(self) -> None:
+        self._since: dict[str, float] = {}
+
+    def is_down(self, server: str) -> bool:
+        """Whether a retry against ``server`` failed and nothing has reached it since."""
+        return server in self._since
+
+    def failed(self, server: str, error: BaseException | str, retry_in_s: float, what: str) -> None:
+        """An attempt to reach ``server`` failed; ``what`` is retried in ``retry_in_s`` seconds."""
+        since = self._since.setdefault(server, time.monotonic())
+        log.warning(
+            "%s unreachable, retrying in %s s",
+            server,
+            f"{retry_in_s:g}",
+            extra={
+                "server": server,
+                "retrying": what,
+                "retry_in_s": retry_in_s,
+                "down_for_s": round(time.monotonic() - since, 1),
+                "error": str(error)[:500] or type(error).__name__,
+            },
+        )
+
+    def reachable(self, server: str, **extra: Any) -> None:
+        """``server`` answered; logs the end of its outage if one was logged."""
+        since = self._since.pop(server, None)
+        if since is not None:
+            # a warning like the outage lines, so a log filtered to warnings shows the end too
+            log.warning(
+                "%s reachable again after %.0f s",
+                server,
+                time.monotonic() - since,
+                extra={"server": server, "down_for_s": round(time.monotonic() - since, 1), **extra},
+            )
+
+
+_KAFKA_DOWN_SIGNS = ("Unable connect to node", "KafkaConnectionError", "Connect call failed")
+
+
+class KafkaWatch(logging.Filter):
+    """Kafka's outage as a few clear lines instead of the client's ten error lines a second.
+
+    Added to the log handlers: the Kafka client's first connection error marks Kafka down (and is
+    shown); while it is down the client's warnings and errors are held back, and :meth:`run`
+    asks Kafka (``answers``: a metadata request) with capped backoff, logging each failed
+    attempt, until it answers. The client reconnects by itself; this only watches and reports.
+    """
+
+    def __init__(self, answers: Callable[[], Awaitable[bool]], outages: Outages) -> None:
+        super().__init__()
+        self._answers = answers
+        self._outages = outages
+        self._down = asyncio.Event()
+        self._held_back = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("aiokafka") or record.levelno < logging.WARNING:
+            return True
+        if self._down.is_set():
+            self._held_back += 1
+            return False
+        if any(sign in record.getMessage() for sign in _KAFKA_DOWN_SIGNS):
+            self._down.set()
+        return True
+
+    async def run(self) -> None:
+        """Watch until cancelled."""
+        while True:
+            await self._down.wait()
+            attempt = 0
+            while not await self._answers():
+                attempt += 1
+                delay = backoff_s(attempt, high=PROBE_MAX_S)
+                self._outages.failed(KAFKA, "no answer to a metadata request", delay, "the connection")
+                await asyncio.sleep(delay)  # capped backoff between two probes
+            self._outages.reachable(KAFKA, client_lines_held_back=self._held_back)
+            self._held_back = 0
+            self._down.clear()
+
+
+class PoolReconnectLines(logging.Filter):
+    """The connection pool's background reconnect warnings as one line each, without a traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "asyncpg.pool" and record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            if unreachable_server(exc) == POSTGRES:
+                record.msg = "PostgreSQL unreachable, the connection pool reconnects in the background"
+                record.args = None
+                record.exc_info = None
+                record.exc_text = None
+                record.error = str(exc)[:500] or type(exc).__name__
+        return True

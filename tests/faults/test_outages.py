@@ -1,0 +1,193 @@
+"""A broadcast survives each server it depends on being stopped for 30 seconds mid-run.
+
+For each of Kafka, PostgreSQL and sshd (the ESP's SFTP site): the four services and the sandbox ESP
+run against a private set of servers; once the broadcast's responses are being gathered and
+loaded, the server is stopped with ``infra/local.sh down``, left down for 30 seconds and started
+again with ``infra/local.sh up``. The broadcast must then complete with every response loaded
+exactly once, one send at the ESP, every service process still the one that was started, and a
+clear line in the services' logs about the outage and about the recovery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from shared import jobs_cli
+from shared.db import connect, migrate, quote_ident
+from shared.kafka import ensure_topics
+from shared.messages import Stage, State
+from shared.settings import KafkaSettings, PostgresSettings
+from tests.faults.private_servers import PrivateServers, private_servers
+from tests.fixtures.kafka import wait_for
+from tests.fixtures.pipeline import SERVICES, loaded_counts, start_pipeline, wait_all_loaded
+from tools.demo import seed_customers
+
+# One set of private servers serves the module: its tests stay on one parallel worker.
+pytestmark = pytest.mark.xdist_group("outages")
+
+OUTAGE_S = 30.0
+"""How long a server stays down: the scenario itself, not a wait for a condition."""
+
+RECIPIENTS = 3000
+
+# The server's name in the services' log lines, and the services that must report its outage
+# (the others may not have needed it while it was down).
+NAMES = {"kafka": "Kafka", "postgres": "PostgreSQL", "sftp": "SFTP server"}
+REPORTED_BY = {
+    "kafka": SERVICES,
+    "postgres": ("gatherer", "loader"),
+    "sftp": ("gatherer",),
+}
+MAX_OUTAGE_LINES = 80
+"""Per service and outage: one line per retry with capped backoff, not one per client attempt."""
+
+
+@pytest.fixture(scope="module")
+def private() -> Iterator[PrivateServers]:
+    """Kafka, PostgreSQL and sshd of this module alone (free ports, own state directory)."""
+    with private_servers() as servers:
+        yield servers
+
+
+@pytest.fixture
+async def private_database(private: PrivateServers, unique: str) -> PostgresSettings:
+    """A fresh database on the private PostgreSQL with all migrations applied."""
+    name = f"test_{unique}"
+    admin = await connect(private.servers.pg)
+    try:
+        await admin.execute(f"CREATE DATABASE {quote_ident(name)}")
+    finally:
+        await admin.close()
+    settings = private.servers.pg.with_database(name)
+    conn = await connect(settings)
+    try:
+        await migrate(conn)
+        await seed_customers(conn, RECIPIENTS)
+    finally:
+        await conn.close()
+    return settings
+
+
+def outage_lines(path: Path, server: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """A service's log lines about an outage of ``server``: (unreachable…, reachable again…)."""
+    records = log_records(path)
+    down = [r for r in records if str(r.get("msg", "")).startswith(f"{server} unreachable")]
+    again = [r for r in records if str(r.get("msg", "")).startswith(f"{server} reachable again")]
+    return down, again
+
+
+def log_records(path: Path) -> list[dict[str, Any]]:
+    """A service's JSON log lines (anything else it printed is kept as a message)."""
+    records: list[dict[str, Any]] = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            record = {"message": line}
+        records.append(record if isinstance(record, dict) else {"message": line})
+    return records
+
+
+@pytest.mark.timeout(420)
+@pytest.mark.parametrize("component", ["kafka", "postgres", "sftp"])
+async def test_a_broadcast_survives_a_30_second_outage(
+    component: str,
+    private: PrivateServers,
+    private_database: PostgresSettings,
+    unique: str,
+    tmp_path: Path,
+) -> None:
+    database = private_database
+    kafka: KafkaSettings = private.servers.kafka.model_copy(
+        update={"topic_prefix": f"t{unique}.", "partitions_responses": 6, "partitions_default": 3}
+    )
+    await ensure_topics(kafka)
+    account = f"t{unique}"
+    job_id = f"outage-{component}-{unique}"
+    with ExitStack() as stack:
+        pipeline = start_pipeline(
+            stack,
+            private.servers,
+            kafka.topic_prefix,
+            database,
+            tmp_path,
+            [("sandbox", account)],
+            # responses trickle in over several seconds, in many small files
+            sandbox_settings={"phase_delay_s": "2.0", "rows_per_file": "200"},
+            ESPBRIDGE_LOADER_BATCH_MAX="500",
+            ESPBRIDGE_LOADER_BATCH_WAIT_MS="100",
+        )
+        await pipeline.publish(kafka, "sandbox", job_id)
+
+        # The moment the server is in use: responses are being gathered and loaded.
+        async def loading() -> bool:
+            return bool(await loaded_counts(database, job_id))
+
+        await wait_for(loading, timeout_s=120, interval_s=0.2, what="the first responses loaded")
+        manifest_file = pipeline.manifest("sandbox", job_id)
+        assert not (manifest_file.exists() and orjson.loads(manifest_file.read_bytes())["complete"]), (
+            "the ESP finished its responses before the outage; it would not hit work in progress"
+        )
+
+        private.down(component)
+        stopped_at = time.monotonic()
+        await asyncio.sleep(OUTAGE_S)  # the outage: the server stays down this long
+        private.up(component)
+        outage = time.monotonic() - stopped_at
+
+        try:
+            manifest = await wait_all_loaded(pipeline, "sandbox", job_id, database, kafka, timeout_s=180)
+        except TimeoutError:
+            made = orjson.loads(manifest_file.read_bytes()) if manifest_file.exists() else None
+            loaded = await loaded_counts(database, job_id)
+            raise AssertionError(
+                f"after the {component} outage: the ESP made {made}, loaded {loaded}"
+            ) from None
+
+        # Every response exactly once, and one send.
+        assert await loaded_counts(database, job_id) == {t: n for t, n in manifest["counts"].items() if n}
+        assert await pipeline.sends_created("sandbox") == {job_id: 1}
+        statuses = await jobs_cli.read_statuses(kafka, job_id)
+        assert [(s.stage, s.state) for s in statuses if s.stage is Stage.SEND][-1] == (Stage.SEND, State.DONE)
+        assert not [s for s in statuses if s.state is State.FAILED], "a stage failed during the outage"
+
+        # Each service that needed the server says when it is back (a Kafka probe may be up to
+        # 10 s behind the broker's return, a retried message up to its 30 s backoff).
+        server = NAMES[component]
+
+        def recovery_logged() -> bool:
+            return all(outage_lines(tmp_path / f"{n}.log", server)[1] for n in REPORTED_BY[component])
+
+        await wait_for(recovery_logged, timeout_s=60, what=f"the services' '{server} reachable again' lines")
+
+        # No service process exited (and none was started twice) during the outage.
+        for name, proc in pipeline.procs.items():
+            assert proc.poll() is None, (
+                f"{name} exited ({proc.returncode}) after a {outage:.0f}s {component} outage"
+            )
+        pipeline.stop()
+
+    for name in SERVICES:
+        records = log_records(tmp_path / f"{name}.log")
+        starts = [r for r in records if r.get("msg") == "starting"]
+        assert len(starts) == 1, f"{name} started {len(starts)} times"
+        assert not [r for r in records if "exc" in r], f"{name} logged a traceback"
+        rejected = [r for r in records if "dead-letter" in str(r.get("msg", ""))]
+        assert not rejected, f"{name} dead-lettered good input during the outage: {rejected[0]}"
+        down, again = outage_lines(tmp_path / f"{name}.log", server)
+        if name in REPORTED_BY[component]:
+            assert down, f"{name} logged nothing about the {server} outage"
+            assert again, f"{name} did not log that {server} was reachable again"
+        assert len(down) <= MAX_OUTAGE_LINES, f"{name} logged {len(down)} lines about the outage"
+        client = [
+            r for r in records if str(r.get("logger", "")).startswith(("aiokafka", "asyncpg", "asyncssh"))
+        ]
+        assert len(client) <= MAX_OUTAGE_LINES, f"{name}: {len(client)} lines from client libraries"
