@@ -106,7 +106,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         results = {
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "git_commit": _git("rev-parse", "HEAD"),
-            "git_dirty": bool(_git("status", "--porcelain", "--", "shared", "services", "bench")),
+            "git_dirty": bool(
+                _git("status", "--porcelain", "--untracked-files=no", "--", "shared", "services", "bench")
+            ),
             "quick": args.quick,
             "parts": sorted(parts),
             "machine": await machine(env),
