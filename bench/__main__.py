@@ -259,7 +259,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--keep-work", action="store_true", help="keep the local work folder (logs, profiles)"
     )
+    parser.add_argument(
+        "--render", action="store_true", help="measure nothing: rebuild the --docs page from the --out file"
+    )
     args = parser.parse_args(argv)
+    if args.render:
+        args.docs.write_text(report.render_markdown(orjson.loads(args.out.read_bytes())))
+        say(f"wrote {args.docs} from {args.out}")
+        return 0
     if args.only and not set(args.only.split(",")) <= set(PARTS):
         parser.error(f"--only takes {','.join(PARTS)}")
     results = asyncio.run(run(args))
