@@ -138,7 +138,9 @@ def _fmt(value: Any) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float):
-        return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.2f}"
+        if abs(value) >= 100:
+            return f"{value:,.0f}"
+        return f"{value:.2f}" if abs(value) >= 1 else f"{value:.3f}"
     if isinstance(value, int):
         return f"{value:,}"
     return str(value)
@@ -217,7 +219,7 @@ def render_markdown(results: dict[str, Any]) -> str:
             "## Scale: processes of a stage",
             "",
             f"End-to-end events per second with more loader and gatherer processes on the same partitions "
-            f"({details.get('scale', {}).get('events', '?')} events per run, "
+            f"({_fmt(details.get('scale', {}).get('events'))} events per run, "
             f"{details.get('scale', {}).get('partitions', '?')} partitions; the machine has "
             f"{machine.get('cpu_count', '?')} cores shared by Kafka, PostgreSQL and every process):",
             "",
