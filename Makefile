@@ -10,7 +10,7 @@ ENVF   := $(STATE)/espbridge.env
 PYTEST_ARGS ?=
 TEST_WORKERS ?= 3
 
-.PHONY: help setup up down status migrate lint typecheck test test-unit check demo demo-stop clean
+.PHONY: help setup up down status migrate lint typecheck test test-unit check demo demo-stop bench clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -60,6 +60,12 @@ demo: up ## one broadcast through the pipeline against the sandbox ESP and its f
 
 demo-stop: ## stop the sandbox ESP and the services `make demo` started
 	@if [ -x $(PY) ]; then $(PY) -m tools.demo stop; fi
+
+QUICK ?=
+BENCH_TIMEOUT ?= 7200
+
+bench: up ## measure espbridge against this machine's limits (QUICK=1: a few minutes) → bench/results/latest.json, docs/performance.md
+	set -a; source $(ENVF); set +a; timeout --signal=INT --kill-after=120 $(BENCH_TIMEOUT) $(PY) -m bench $(if $(QUICK),--quick)
 
 clean: ## remove the virtualenv and caches (not the servers' data: see `make down`)
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
