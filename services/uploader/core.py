@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import re
 from collections.abc import Iterable, Mapping
 from datetime import date, datetime
-from typing import Any
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from shared.errors import PermanentError
 from shared.messages import BroadcastJob, BroadcastStatus, ListUploaded, SendMode, Stage, State
+
+if TYPE_CHECKING:
+    from shared.esp import ListFormat
 
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 TRUTHY = frozenset({"true", "t", "1", "yes", "y"})
@@ -65,6 +70,8 @@ def text(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, datetime | date):
         return value.isoformat()
+    if isinstance(value, Decimal):
+        return format(value, "f")  # digits, as PostgreSQL writes numeric (never 1E+20)
     return str(value)
 
 
@@ -74,6 +81,17 @@ def is_suppressed(row: Mapping[str, Any], column: str) -> bool:
     if isinstance(value, bool):
         return value
     return value is not None and str(value).strip().lower() in TRUTHY
+
+
+def copy_can_write(fmt: ListFormat) -> bool:
+    """Whether PostgreSQL's CSV COPY writes this list format exactly as :func:`encode_rows` does:
+    UTF-8, lines ending in a bare LF, a one-character delimiter that is not a quote or line break."""
+    return (
+        codecs.lookup(fmt.encoding).name == "utf-8"
+        and fmt.line_terminator == "\n"
+        and len(fmt.delimiter) == 1
+        and fmt.delimiter not in '"\r\n'
+    )
 
 
 def encode_rows(rows: Iterable[Iterable[Any]], delimiter: str, terminator: str, encoding: str) -> bytes:

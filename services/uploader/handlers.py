@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -11,7 +13,7 @@ import asyncpg
 
 from services.uploader import core, selection
 from services.uploader.settings import Settings
-from shared.db import jobs
+from shared.db import Conn, jobs
 from shared.errors import InvalidMessageError, PermanentError
 from shared.esp import Connectors
 from shared.failpoints import Point
@@ -32,6 +34,19 @@ from shared.sftp import SftpPool, upload_stream_atomic
 log = logging.getLogger(__name__)
 
 CHUNK_ROWS = 2000
+COPY_CHUNK_BYTES = 256 * 1024
+"""The server's COPY output is passed on to SFTP in pieces of about this size."""
+
+
+async def _next_chunk(queue: asyncio.Queue[bytes | None], task: asyncio.Task[int]) -> bytes | None:
+    """The next piece of COPY output, or None at its end; the COPY's own error if it failed."""
+    getter = asyncio.ensure_future(queue.get())
+    await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+    if getter.done():
+        return getter.result()
+    getter.cancel()
+    task.result()  # raises the COPY's error
+    return await queue.get()  # the COPY finished: its last pieces are queued
 
 
 @dataclass
@@ -117,10 +132,49 @@ async def upload_list(job: BroadcastJob, up: Uploader) -> ListUploaded:
             rows += len(batch)
             yield core.encode_rows(batch, fmt.delimiter, fmt.line_terminator, fmt.encoding)
 
+    async def copied(conn: Conn, sel: TableSelection) -> AsyncIterator[bytes]:
+        """The list file from the server's COPY: the header, then its CSV as it arrives."""
+        nonlocal rows
+        queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=4)  # bounded: memory stays flat
+        pending = bytearray()
+
+        async def output(data: bytes) -> None:
+            pending.extend(data)
+            if len(pending) >= COPY_CHUNK_BYTES:
+                await queue.put(bytes(pending))
+                pending.clear()
+
+        async def run() -> int:
+            n = await selection.copy_table_csv(conn, sel, wanted, column, tally, fmt.delimiter, output)
+            await queue.put(bytes(pending))
+            await queue.put(None)
+            return n
+
+        task = asyncio.create_task(run())
+        try:
+            yield core.encode_rows([header], fmt.delimiter, fmt.line_terminator, fmt.encoding)
+            first = True
+            while (chunk := await _next_chunk(queue, task)) is not None:
+                yield chunk
+                if first and chunk:
+                    first = False
+                    await up.runtime.failpoints.reach(Point.UPLOADER_MID_UPLOAD)  # header + rows written
+            rows = await task
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if rows == 0:
+            raise core.EmptySelectionError(f"the selection has no recipients ({tally.excluded} opted out)")
+
     sel = job.selection
     column = up.settings.suppression_column
     async with up.sftp.session() as sftp:
-        if isinstance(sel, TableSelection):
+        if isinstance(sel, TableSelection) and core.copy_can_write(fmt):
+            async with up.pool.acquire() as conn, conn.transaction(readonly=True):
+                uploaded = await upload_stream_atomic(sftp, copied(conn, sel), remote)
+        elif isinstance(sel, TableSelection):
             async with up.pool.acquire() as conn, conn.transaction(readonly=True):
                 source = selection.from_table(conn, sel, wanted, column, tally, up.settings.fetch_rows)
                 uploaded = await upload_stream_atomic(sftp, chunks(source), remote)

@@ -7,7 +7,7 @@ the suppression column are counted, not yielded.
 from __future__ import annotations
 
 import csv
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,15 +43,16 @@ async def table_columns(conn: Conn, table: str) -> set[str]:
     return {r["attname"] for r in rows}
 
 
-async def from_table(
+async def _table_query(
     conn: Conn,
     selection: TableSelection,
     wanted: Sequence[str],
     suppression_column: str,
     tally: Tally,
-    prefetch: int,
-) -> AsyncIterator[tuple[Any, ...]]:
-    """Rows of a table or view, in a server-side cursor (call inside a transaction)."""
+    expressions: Sequence[str],
+) -> tuple[str, list[Any]]:
+    """The SELECT of a table selection's ``expressions`` (one per wanted column), and its
+    arguments; counts the opted-out rows into ``tally``."""
     available = await table_columns(conn, selection.table)
     missing = sorted({*wanted, *selection.filters} - available)
     if missing:
@@ -71,12 +72,71 @@ async def from_table(
             f"SELECT count(*) FROM {source} WHERE {' AND '.join([*where, suppressed])}", *args
         )
         where.append(f"NOT {suppressed}")
-    cols = ", ".join(quote_ident(c) for c in wanted)
-    query = f"SELECT {cols} FROM {source}"
+    query = f"SELECT {', '.join(expressions)} FROM {source}"
     if where:
         query += f" WHERE {' AND '.join(where)}"
+    return query, args
+
+
+async def from_table(
+    conn: Conn,
+    selection: TableSelection,
+    wanted: Sequence[str],
+    suppression_column: str,
+    tally: Tally,
+    prefetch: int,
+) -> AsyncIterator[tuple[Any, ...]]:
+    """Rows of a table or view, in a server-side cursor (call inside a transaction)."""
+    columns = [quote_ident(c) for c in wanted]
+    query, args = await _table_query(conn, selection, wanted, suppression_column, tally, columns)
     async for record in conn.cursor(query, *args, prefetch=prefetch):
         yield tuple(record.values())
+
+
+def list_text(column: str, pg_type: str) -> str:
+    """SQL for a column's list-file text as :func:`services.uploader.core.text` renders a value:
+    JSON's scalar forms (``true``/``false``), times as Python's ``isoformat`` writes them (all six
+    digits of a fraction, none when it is zero; UTC as ``+00:00``), and nothing for NULL or ''."""
+    col = quote_ident(column)
+    if pg_type.startswith("timestamp"):
+        zone = " || '+00:00'" if "with time zone" in pg_type else ""
+        whole = f"date_part('microseconds', {col})::bigint % 1000000 = 0"
+        fraction = f"CASE WHEN {whole} THEN '' ELSE to_char({col}, '.US') END"
+        return f"to_char({col}, 'YYYY-MM-DD\"T\"HH24:MI:SS') || {fraction}{zone}"
+    if pg_type in ("json", "jsonb"):
+        return f"NULLIF({col}::text, '')"  # the JSON text itself, as asyncpg returns it
+    return f"NULLIF(to_json({col}) #>> '{{}}', '')"
+
+
+async def column_types(conn: Conn, table: str) -> dict[str, str]:
+    """The type of each column of a table or view, as ``format_type`` names it."""
+    rows = await conn.fetch(
+        """
+        SELECT attname, format_type(atttypid, atttypmod) AS type FROM pg_attribute
+        WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped
+        """,
+        quote_qualified(table),
+    )
+    return {r["attname"]: r["type"] for r in rows}
+
+
+async def copy_table_csv(
+    conn: Conn,
+    selection: TableSelection,
+    wanted: Sequence[str],
+    suppression_column: str,
+    tally: Tally,
+    delimiter: str,
+    output: Callable[[bytes], Coroutine[Any, Any, None]],
+) -> int:
+    """The selection's rows as CSV (no header) from the server's COPY, streamed to ``output``;
+    the number of rows. Call inside a transaction: times are rendered in UTC, as asyncpg's are."""
+    types = await column_types(conn, selection.table)
+    columns = [list_text(c, types.get(c, "")) for c in wanted]
+    query, args = await _table_query(conn, selection, wanted, suppression_column, tally, columns)
+    await conn.execute("SET LOCAL TIME ZONE 'UTC'")
+    done = await conn.copy_from_query(query, *args, output=output, format="csv", delimiter=delimiter)
+    return int(done.split()[-1])
 
 
 def resolve_csv(csv_dir: Path | None, path: str) -> Path:

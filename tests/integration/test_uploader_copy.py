@@ -1,0 +1,46 @@
+"""The uploader's two ways of writing a table selection agree byte for byte: the server's CSV COPY
+(used where the list format allows) and the row-by-row writer (other formats, CSV files, inline)."""
+
+from __future__ import annotations
+
+import asyncpg
+
+from services.uploader import core, selection
+from shared.messages import TableSelection
+
+ROWS = """
+INSERT INTO crm.mixed VALUES
+  ('a@x.com', 'plain', true, '2026-11-22 10:00:00+01', '2026-11-22', 12.50, 7, '{"tier": "gold"}', false),
+  ('b@x.com', 'comma, "quote"
+and a line break', false, '2026-11-22 10:00:00.120000+00', '1999-01-01', 0.1, -3, '[1, 2]', null),
+  ('c@x.com', '', null, null, null, null, null, null, false),
+  ('d@x.com', 'Zoë ünïcode', true, '2026-06-01 23:59:59.999999-07', '2026-06-01', 1e20, 0, 'null', false),
+  ('e@x.com', 'opted out', true, now(), current_date, 1, 1, '{}', true)
+"""
+COLUMNS = ["email", "note", "flag", "seen_at", "born", "amount", "n", "attrs"]
+
+
+async def test_copy_and_the_row_writer_write_the_same_list(db: asyncpg.Connection) -> None:
+    await db.execute(
+        """
+        CREATE TABLE crm.mixed (email text, note text, flag boolean, seen_at timestamptz, born date,
+                                amount numeric, n integer, attrs jsonb, opted_out boolean)
+        """
+    )
+    await db.execute(ROWS)
+    sel = TableSelection(kind="table", table="crm.mixed", columns=tuple(COLUMNS))
+    by_rows = selection.Tally()
+    async with db.transaction(readonly=True):
+        rows = [r async for r in selection.from_table(db, sel, COLUMNS, "opted_out", by_rows, 100)]
+    written = core.encode_rows(rows, ";", "\n", "utf-8")
+
+    pieces: list[bytes] = []
+
+    async def output(data: bytes) -> None:
+        pieces.append(bytes(data))
+
+    by_copy = selection.Tally()
+    async with db.transaction(readonly=True):
+        n = await selection.copy_table_csv(db, sel, COLUMNS, "opted_out", by_copy, ";", output)
+    assert (n, by_copy.excluded) == (len(rows), by_rows.excluded) == (4, 1)
+    assert b"".join(pieces) == written
