@@ -166,7 +166,7 @@ async def test_a_broadcast_survives_a_30_second_outage(
         def recovery_logged() -> bool:
             return all(outage_lines(tmp_path / f"{n}.log", server)[1] for n in REPORTED_BY[component])
 
-        await wait_for(recovery_logged, timeout_s=60, what=f"the services' '{server} reachable again' lines")
+        await wait_for(recovery_logged, timeout_s=120, what=f"the services' '{server} reachable again' lines")
 
         # No service process exited (and none was started twice) during the outage.
         for name, proc in pipeline.procs.items():

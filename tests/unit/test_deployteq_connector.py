@@ -800,7 +800,9 @@ async def test_the_client_keeps_to_its_rate_limit(http: aiohttp.ClientSession, e
     times = [t for _, _, t in esp.calls]
     gaps = [b - a for a, b in itertools.pairwise(times)]
     assert len(times) == 8
-    assert min(gaps) >= 0.09  # 10 per second, evenly spaced
+    # 10 per second, evenly spaced: never a burst (arrival times jitter on a busy machine, so a
+    # single gap may come out a little short; the whole run cannot)
+    assert min(gaps) >= 0.05
     assert times[-1] - times[0] >= 0.65
 
 
