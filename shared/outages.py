@@ -39,6 +39,10 @@ _UNREACHABLE = (
     TimeoutError,
     asyncpg.PostgresConnectionError,  # class 08, also a connection lost mid-query
     asyncpg.OperatorInterventionError,  # 57P01-03: the server shuts down, or is starting up
+    # The connection broke in the middle of an operation (seen when the server stops during a
+    # COPY): "cannot switch to state 15; another operation is in progress", "connection is closed".
+    asyncpg.InternalClientError,
+    asyncpg.InterfaceError,
     KafkaConnectionError,
     NodeNotReadyError,
     KafkaTimeoutError,

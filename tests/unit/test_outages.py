@@ -22,6 +22,11 @@ def test_backoff_doubles_and_is_capped() -> None:
         (asyncpg.CannotConnectNowError("the database system is shutting down"), "PostgreSQL"),
         (asyncpg.AdminShutdownError("terminating connection"), "PostgreSQL"),
         (asyncpg.ConnectionDoesNotExistError("connection was closed"), "PostgreSQL"),
+        (
+            asyncpg.InternalClientError("cannot switch to state 15; another operation (2) is in progress"),
+            "PostgreSQL",
+        ),
+        (asyncpg.InterfaceError("connection is closed"), "PostgreSQL"),
         (KafkaTimeoutError(), "Kafka"),
         (asyncssh.ConnectionLost("lost"), "SFTP server"),
     ],
