@@ -39,7 +39,7 @@ from shared.kafka import (
 )
 from shared.logs import configure
 from shared.messages import DeadLetter, Message
-from shared.outages import KafkaWatch, Outages, PoolReconnectLines
+from shared.outages import KafkaWatch, Outages, PoolReconnectLines, unreachable_server
 from shared.settings import HttpSettings, KafkaSettings, LogSettings
 from shared.topics import Topic
 
@@ -167,8 +167,25 @@ def watch_outages(runtime: Runtime) -> None:
         handler.addFilter(watch)
         handler.addFilter(pool_lines)
     task = asyncio.create_task(watch.run(), name="kafka-watch")
+    loop = asyncio.get_running_loop()
+    previous = loop.get_exception_handler()
+
+    def lost_in_outage(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        # A client library's helper task that failed with its connection (asyncssh's parallel
+        # reads) is never awaited once the caller has the error: the outage lines say it already.
+        exc = context.get("exception")
+        if isinstance(exc, BaseException) and unreachable_server(exc) is not None:
+            log.debug("a client task ended with its connection", extra={"error": repr(exc)})
+            return
+        if previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(lost_in_outage)
 
     async def stop() -> None:
+        loop.set_exception_handler(previous)
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
