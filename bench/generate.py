@@ -24,6 +24,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO
 
+from services.loader.core import COLUMNS as LOADED_COLUMNS
 from shared.messages import event_id_for
 
 HEADER = (
@@ -37,19 +38,7 @@ HEADER = (
     "OccurredAt",
 )
 PHASES = ("sent", "delivery", "opens", "clicks", "optouts")
-LIMIT_COLUMNS = (
-    "event_id",
-    "esp",
-    "account",
-    "broadcast_id",
-    "esp_message_id",
-    "communication_key",
-    "email",
-    "type",
-    "url",
-    "occurred_at",
-    "source",
-)
+LIMIT_COLUMNS = tuple(c for c in LOADED_COLUMNS if c != "extra")
 """The columns of responses.events the limit CSV fills (extra stays NULL, loaded_at its default)."""
 
 # The funnel, per recipient (delivered ones for opens and clicks).

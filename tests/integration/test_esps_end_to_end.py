@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -12,11 +13,11 @@ import pytest
 from shared import jobs_cli
 from shared.db import connect
 from shared.kafka import ensure_topics
-from shared.messages import DeadLetter, Stage, State
+from shared.messages import BroadcastJob, DeadLetter, Stage, State
 from shared.settings import KafkaSettings, PostgresSettings
 from shared.topics import Topic
 from tests.fixtures.kafka import read_until, wait_for
-from tests.fixtures.pipeline import free_port, loaded_counts, start_pipeline, wait_all_loaded
+from tests.fixtures.pipeline import Pipeline, free_port, loaded_counts, start_pipeline, wait_all_loaded
 from tests.fixtures.servers import Servers
 from tools.demo import seed_customers
 
@@ -30,6 +31,31 @@ async def seed(database: PostgresSettings, n: int) -> None:
         await seed_customers(conn, n)
     finally:
         await conn.close()
+
+
+async def run_broadcast(
+    stack: ExitStack,
+    servers: Servers,
+    kafka: KafkaSettings,
+    database: PostgresSettings,
+    tmp_path: Path,
+    esp_account: tuple[str, str],
+    job_id: str,
+    recipients: int,
+    **pipeline_args: Any,
+) -> tuple[Pipeline, BroadcastJob, dict[str, Any]]:
+    """Seed the CRM, start the pipeline against one ESP account, publish one broadcast and wait
+    until every response the ESP made is loaded — exactly: the loaded counts equal its manifest."""
+    await seed(database, recipients)
+    await ensure_topics(kafka)
+    esp = esp_account[0]
+    pipeline = start_pipeline(
+        stack, servers, kafka.topic_prefix, database, tmp_path, [esp_account], **pipeline_args
+    )
+    job = await pipeline.publish(kafka, esp, job_id)
+    manifest = await wait_all_loaded(pipeline, esp, job.job_id, database, kafka)
+    assert await loaded_counts(database, job.job_id) == {t: n for t, n in manifest["counts"].items() if n}
+    return pipeline, job, manifest
 
 
 @pytest.mark.parametrize("esp", ESPS)
@@ -188,23 +214,20 @@ async def test_malformed_response_rows_are_dead_lettered_and_good_rows_load(
     esp: str, servers: Servers, kafka: KafkaSettings, database: PostgresSettings, unique: str, tmp_path: Path
 ) -> None:
     sandbox_settings, options, malformed = MALFORMED[esp]
-    await seed(database, 1000)
-    await ensure_topics(kafka)
     account = f"t{unique}"
     with ExitStack() as stack:
-        pipeline = start_pipeline(
+        pipeline, _job, manifest = await run_broadcast(
             stack,
             servers,
-            kafka.topic_prefix,
+            kafka,
             database,
             tmp_path,
-            [(esp, account)],
+            (esp, account),
+            f"bad-{esp}-{unique}",
+            recipients=1000,
             sandbox_settings=sandbox_settings,
             account_options=options,
         )
-        job = await pipeline.publish(kafka, esp, f"bad-{esp}-{unique}")
-        manifest = await wait_all_loaded(pipeline, esp, job.job_id, database, kafka)
-        assert await loaded_counts(database, job.job_id) == {t: n for t, n in manifest["counts"].items() if n}
         bad = malformed(manifest)
         assert bad > 0
         letters = await read_until(kafka, Topic.DEADLETTER, lambda rs: len(rs) >= bad)
@@ -226,22 +249,19 @@ async def test_malformed_response_rows_are_dead_lettered_and_good_rows_load(
 async def test_rate_limits_are_honoured_and_malformed_items_dead_lettered(
     esp: str, servers: Servers, kafka: KafkaSettings, database: PostgresSettings, unique: str, tmp_path: Path
 ) -> None:
-    await seed(database, 1000)
-    await ensure_topics(kafka)
     account = f"t{unique}"
     with ExitStack() as stack:
-        pipeline = start_pipeline(
+        pipeline, job, manifest = await run_broadcast(
             stack,
             servers,
-            kafka.topic_prefix,
+            kafka,
             database,
             tmp_path,
-            [(esp, account)],
+            (esp, account),
+            f"limits-{unique}",
+            recipients=1000,
             sandbox_settings={"api_limit_per_s": "3", "api_limit_burst": "2", "malformed_every": "40"},
         )
-        job = await pipeline.publish(kafka, esp, f"limits-{unique}")
-        manifest = await wait_all_loaded(pipeline, esp, job.job_id, database, kafka)
-        assert await loaded_counts(database, job.job_id) == {t: n for t, n in manifest["counts"].items() if n}
         bad = sum(manifest["malformed"].values())
         assert bad > 0
         letters = await read_until(kafka, Topic.DEADLETTER, lambda rs: len(rs) >= bad)
@@ -271,27 +291,24 @@ WEBHOOKS = {
 async def test_webhooks_reach_the_gatherer_and_load_once(
     esp: str, servers: Servers, kafka: KafkaSettings, database: PostgresSettings, unique: str, tmp_path: Path
 ) -> None:
-    await seed(database, 1000)
-    await ensure_topics(kafka)
     account = f"t{unique}"
     port = free_port()
     url = f"http://127.0.0.1:{port}/webhooks/{esp}/{account}"
     token = "webhook-" + unique
     with ExitStack() as stack:
-        pipeline = start_pipeline(
+        pipeline, _job, _manifest = await run_broadcast(
             stack,
             servers,
-            kafka.topic_prefix,
+            kafka,
             database,
             tmp_path,
-            [(esp, account)],
+            (esp, account),
+            f"hook-{unique}",
+            recipients=1000,
             sandbox_settings=WEBHOOKS[esp](url, token),
             gatherer_port=port,
             token=token,
         )
-        job = await pipeline.publish(kafka, esp, f"hook-{unique}")
-        manifest = await wait_all_loaded(pipeline, esp, job.job_id, database, kafka)
-        assert await loaded_counts(database, job.job_id) == {t: n for t, n in manifest["counts"].items() if n}
         calls = [
             json.loads(line)
             for line in (tmp_path / "gatherer.log").read_text().splitlines()
@@ -310,22 +327,19 @@ TOKEN_ESPS = ["mailup", "deployteq"]
 async def test_expiring_tokens_are_renewed_through_a_broadcast(
     esp: str, servers: Servers, kafka: KafkaSettings, database: PostgresSettings, unique: str, tmp_path: Path
 ) -> None:
-    await seed(database, 1000)
-    await ensure_topics(kafka)
     account = f"t{unique}"
     with ExitStack() as stack:
-        pipeline = start_pipeline(
+        pipeline, job, _manifest = await run_broadcast(
             stack,
             servers,
-            kafka.topic_prefix,
+            kafka,
             database,
             tmp_path,
-            [(esp, account)],
+            (esp, account),
+            f"ttl-{unique}",
+            recipients=1000,
             sandbox_settings={"token_ttl_s": "1", "phase_delay_s": "1.0"},
         )
-        job = await pipeline.publish(kafka, esp, f"ttl-{unique}")
-        manifest = await wait_all_loaded(pipeline, esp, job.job_id, database, kafka)
-        assert await loaded_counts(database, job.job_id) == {t: n for t, n in manifest["counts"].items() if n}
         statuses = await jobs_cli.read_statuses(kafka, job.job_id)
         lasted = (statuses[-1].at - statuses[0].at).total_seconds()
         assert lasted > 3, f"the broadcast outlived several 1 s tokens (it took {lasted:.1f} s)"
@@ -348,22 +362,19 @@ RATE_LIMITS = {
 async def test_429s_are_honoured_and_nothing_is_lost(
     esp: str, servers: Servers, kafka: KafkaSettings, database: PostgresSettings, unique: str, tmp_path: Path
 ) -> None:
-    await seed(database, 500)
-    await ensure_topics(kafka)
     account = f"t{unique}"
     with ExitStack() as stack:
-        pipeline = start_pipeline(
+        pipeline, job, _manifest = await run_broadcast(
             stack,
             servers,
-            kafka.topic_prefix,
+            kafka,
             database,
             tmp_path,
-            [(esp, account)],
+            (esp, account),
+            f"rate-{unique}",
+            recipients=500,
             sandbox_settings=RATE_LIMITS[esp],
         )
-        job = await pipeline.publish(kafka, esp, f"rate-{unique}")
-        manifest = await wait_all_loaded(pipeline, esp, job.job_id, database, kafka)
-        assert await loaded_counts(database, job.job_id) == {t: n for t, n in manifest["counts"].items() if n}
         stats = await pipeline.stats(esp)
         assert stats["sends_created"] == {job.job_id: 1}
         assert stats["rate_limited"] > 0, "the ESP answered 429s during the broadcast"
