@@ -62,6 +62,16 @@ def check_line_encoding(encoding: str) -> None:
 
 def undecodable(fields: list[str], encoding: str) -> str | None:
     """Why a record's fields are not valid ``encoding`` text (the first bad byte), or None."""
+    # Fast path (nearly every record): escaped bytes are lone surrogates, which UTF-8 cannot encode.
+    joined = "".join(fields)
+    if joined.isascii():
+        return None
+    try:
+        joined.encode("utf-8")
+    except UnicodeEncodeError:
+        pass
+    else:
+        return None
     for number, value in enumerate(fields, start=1):
         for at, ch in enumerate(value):
             if "\udc80" <= ch <= "\udcff":
