@@ -47,6 +47,8 @@ EVENT_NAMESPACE = uuid.UUID("6f1c1d2e-8a0b-5c3e-9f47-2b1d0e6a9c55")
 """The uuid5 namespace of espbridge's deterministic event ids; never change it."""
 
 MAX_INLINE_ROWS = 10_000
+MAX_BROADCAST_ID = 200
+"""The longest broadcast id a response event carries."""
 
 
 def _utc(value: datetime) -> datetime:
@@ -305,7 +307,7 @@ class ResponseEvent(Message):
     event_id: uuid.UUID
     esp: Name
     account: Name
-    broadcast_id: str = Field(min_length=1, max_length=200)
+    broadcast_id: str = Field(min_length=1, max_length=MAX_BROADCAST_ID)
     esp_message_id: str | None = None
     communication_key: str | None = None
     email: str | None = None

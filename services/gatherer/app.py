@@ -15,6 +15,7 @@ from services.gatherer import handlers
 from services.gatherer.settings import Settings
 from shared.db import create_pool
 from shared.esp import Accounts, ConnectorContext, Connectors
+from shared.kafka import HEADERS_JSON_V1, BatchPublisher
 from shared.service import Runtime
 from shared.sftp import SftpPool
 from shared.topics import Topic
@@ -41,7 +42,11 @@ async def create_app(settings: Settings, runtime: Runtime) -> FastStream:
         work_dir = handlers.default_work_dir()
         runtime.stack.callback(shutil.rmtree, work_dir, True)
     connectors = Connectors(accounts, ConnectorContext(http, sftp))
-    gatherer = handlers.Gatherer(settings, runtime, pool, sftp, connectors, work_dir)
+    events = await BatchPublisher.open(
+        settings.kafka, Topic.RESPONSE_EVENTS, client_id=runtime.name, headers=HEADERS_JSON_V1
+    )
+    runtime.stack.push_async_callback(events.close)
+    gatherer = handlers.Gatherer(settings, runtime, pool, sftp, connectors, work_dir, events)
 
     async def on_webhook(request: web.Request) -> web.Response:
         return await handlers.handle_webhook(request, gatherer)

@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import asyncssh
@@ -27,9 +28,10 @@ from services.gatherer.settings import Settings
 from shared.errors import PermanentError, is_transient
 from shared.esp import BadRow, Connectors, NotSupportedError, WebhookAuthError
 from shared.esp.accounts import UnknownAccountError
+from shared.events import EncodedEvent
 from shared.failpoints import Point
 from shared.gathering import pull_api, scan
-from shared.kafka import decode
+from shared.kafka import BatchPublisher, decode
 from shared.logs import log_context
 from shared.messages import DeadLetter, EventSource, Message, ResponseEvent, ResponseFile
 from shared.outages import backoff_s, unreachable_server
@@ -49,6 +51,8 @@ class Gatherer:
     sftp: SftpPool
     connectors: Connectors
     work_dir: Path
+    events: BatchPublisher
+    """Publishes the events of response files (whole record batches)."""
     pull_errors: dict[str, str] = field(default_factory=dict)
     """The last API pull error reported per job (see :func:`shared.gathering.pull_api`)."""
     unreadable: set[str] = field(default_factory=set)
@@ -148,7 +152,7 @@ async def handle_file(body: bytes, g: Gatherer) -> None:
                     raise PermanentError(f"response file {file.path} is gone from the ESP's site")
             with RecordReader(local) as records:
                 events, bad = await _publish_file(
-                    g, file, connector.parse_response_file(local, file.path), records
+                    g, file, connector.encode_response_file(local, file.path), records
                 )
             async with g.sftp.session() as sftp:
                 await sftp.posix_rename(file.path, archive)
@@ -169,31 +173,51 @@ async def _download(sftp: asyncssh.SFTPClient, remote: str, local: Path) -> bool
     return True
 
 
-async def _publish_file(
-    g: Gatherer, file: ResponseFile, rows: Iterable[ResponseEvent | BadRow], records: RecordReader
-) -> tuple[int, int]:
-    """Publish a parsed file's events and dead letters in batches; returns (events, bad rows).
+LETTER_BYTES = 4 * 1024 * 1024
+"""Dead letters of bad rows are published once their payloads reach this size (or at the end)."""
 
-    A bad row's dead letter waits for the next item, whose line ends the row's original bytes.
+
+async def _publish_file(
+    g: Gatherer, file: ResponseFile, rows: Iterable[EncodedEvent | BadRow], records: RecordReader
+) -> tuple[int, int]:
+    """Publish a parsed file's events and dead letters; returns (events, bad rows).
+
+    Events go out in windows of ``publish_batch``: a window is sent, then the one before it must be
+    acknowledged, so parsing overlaps Kafka's work and at most two windows are held. A bad row's
+    dead letter waits for the next item, whose line ends the row's original bytes.
     """
-    batch: list[Message] = []
+    window: list[tuple[bytes, bytes]] = []
+    in_flight: list[asyncio.Future[Any]] = []
+    letters: list[Message] = []
+    letter_bytes = 0
     per_broadcast: Counter[str] = Counter()
     events = bad = 0
     header = records.header_text()
-    for item in with_originals(rows, records):  # parsed from local disk, a batch at a time
-        if isinstance(item, ResponseEvent):
+    size = g.settings.publish_batch
+    for item in with_originals(rows, records):  # parsed from local disk, a window at a time
+        if isinstance(item, EncodedEvent):
             events += 1
             per_broadcast[item.broadcast_id] += 1
-            batch.append(item)
+            window.append((item.key, item.body))
+            if len(window) >= size:
+                sent = await g.events.send(window)
+                window = []
+                await g.events.acknowledged(in_flight)
+                in_flight = sent
+                await g.runtime.failpoints.reach(Point.GATHERER_MID_FILE)  # part of the file is published
         else:
             bad += 1
-            batch.append(row_letter(file, *item, header))
-        if len(batch) >= g.settings.publish_batch:
-            await g.runtime.publish_many(batch)
-            batch = []
-            await g.runtime.failpoints.reach(Point.GATHERER_MID_FILE)  # part of the file is published
-    await g.runtime.publish_many(batch)
+            letter = row_letter(file, *item, header)
+            letters.append(letter)
+            letter_bytes += len(letter.payload)
+            if letter_bytes >= LETTER_BYTES or len(letters) >= size:
+                await g.runtime.publish_many(letters)
+                letters, letter_bytes = [], 0
+    sent = await g.events.send(window)
+    await g.events.acknowledged([*in_flight, *sent])
+    await g.runtime.publish_many(letters)
     await g.runtime.publish_many(core.gather_statuses(file, per_broadcast, bad))
+    g.runtime.metrics.inc("messages_published_total", events, type="ResponseEvent")
     g.runtime.metrics.inc("events_gathered_total", events, esp=file.esp)
     g.runtime.metrics.inc("bad_rows_total", bad, esp=file.esp)
     log.info("file gathered", extra={"events": events, "bad_rows": bad})

@@ -11,10 +11,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Self, TypeVar
 
 from shared.esp import BadRow
+from shared.events import EncodedEvent
 from shared.messages import DeadLetter, EventSource, ResponseEvent, ResponseFile
+
+E = TypeVar("E", ResponseEvent, EncodedEvent)
 
 MAX_RECORD_BYTES = 512 * 1024
 """A larger record keeps the connector's rendering of the row instead (Kafka's default message
@@ -87,14 +90,14 @@ def _without_line_end(record: bytes) -> bytes:
 
 
 def with_originals(
-    items: Iterable[ResponseEvent | BadRow], records: RecordReader
-) -> Iterator[ResponseEvent | tuple[BadRow, bytes | None]]:
+    items: Iterable[E | BadRow], records: RecordReader
+) -> Iterator[E | tuple[BadRow, bytes | None]]:
     """The connector's items in order, each bad row paired with its original bytes (a bad row is
     yielded once the next item shows where it ends)."""
     pending: BadRow | None = None
     for item in items:
         if pending is not None:
-            end = item.line if isinstance(item, BadRow) else (item.source.line or 0)
+            end = _line(item)
             yield pending, records.record(pending.line, end)
             pending = None
         if isinstance(item, BadRow):
@@ -103,6 +106,12 @@ def with_originals(
             yield item
     if pending is not None:
         yield pending, records.record(pending.line, TO_END)
+
+
+def _line(item: ResponseEvent | EncodedEvent | BadRow) -> int:
+    if isinstance(item, ResponseEvent):
+        return item.source.line or 0
+    return item.line or 0
 
 
 def row_letter(file: ResponseFile, row: BadRow, original: bytes | None, header: str | None) -> DeadLetter:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from shared.errors import PermanentError
 from shared.esp.accounts import AccountConfig
+from shared.events import EncodedEvent, encode
 from shared.messages import BroadcastJob, ResponseEvent
 
 if TYPE_CHECKING:  # the values module stays free of I/O libraries (services' core modules import it)
@@ -181,6 +182,12 @@ class Connector:
     def parse_response_file(self, local_path: Path, remote_path: str) -> Iterator[ResponseEvent | BadRow]:
         """Events (and rejected rows) of a downloaded response file, streamed from disk."""
         raise NotSupportedError(f"{self.account.connector} has no response files")
+
+    def encode_response_file(self, local_path: Path, remote_path: str) -> Iterator[EncodedEvent | BadRow]:
+        """:meth:`parse_response_file` with the events in their wire form (the gatherer's path);
+        a connector with a fast parser writes the JSON without a model per event."""
+        for item in self.parse_response_file(local_path, remote_path):
+            yield item if isinstance(item, BadRow) else encode(item)
 
     async def pull_responses(self, broadcast: SentBroadcast, cursor: str | None) -> PullPage:
         """One page of the broadcast's responses from the ESP's API, from ``cursor`` on."""

@@ -27,7 +27,8 @@ from shared.esp.base import (
 )
 from shared.esp.http import EspUnavailableError, request_json
 from shared.esp.records import read_records, undecodable
-from shared.messages import BroadcastJob, EventSource, EventType, ResponseEvent, event_id_for
+from shared.events import EncodedEvent, event_id_text, event_json, event_key
+from shared.messages import MAX_BROADCAST_ID, BroadcastJob, EventType, ResponseEvent
 
 RESPONSE_HEADER = (
     "EventId",
@@ -130,7 +131,13 @@ class GenericConnector(Connector):
 
     def parse_response_file(self, local_path: Path, remote_path: str) -> Iterator[ResponseEvent | BadRow]:
         """Rows of a response file as events; a row that does not fit becomes a BadRow."""
+        for item in self.encode_response_file(local_path, remote_path):
+            yield item if isinstance(item, BadRow) else ResponseEvent.from_json(item.body)
+
+    def encode_response_file(self, local_path: Path, remote_path: str) -> Iterator[EncodedEvent | BadRow]:
+        """Rows of a response file as event JSON, checked by the model's rules without a model each."""
         esp, account = self.account.esp, self.account.account
+        name = posixpath.normpath(remote_path)
         records = read_records(local_path, encoding="utf-8")
         header = next(records, None)
         if header is None:
@@ -144,7 +151,7 @@ class GenericConnector(Connector):
             try:
                 if record.fields is None:
                     raise ValueError(record.error)
-                yield _event(esp, account, remote_path, record.line, record.fields)
+                yield _event(esp, account, name, record.line, record.fields)
             except ValueError as exc:
                 yield BadRow(record.line, record.raw, str(exc))
 
@@ -182,10 +189,11 @@ def _parse_time(value: str) -> datetime:
     return when.astimezone(UTC)
 
 
-_TYPES = {t.value: t for t in EventType}
+_TYPES = frozenset(t.value for t in EventType)
 
 
-def _event(esp: str, account: str, remote_path: str, line: int, row: list[str]) -> ResponseEvent:
+def _event(esp: str, account: str, name: str, line: int, row: list[str]) -> EncodedEvent:
+    """One row as event JSON; every rule of ResponseEvent is checked here (a ValueError says which)."""
     if len(row) != len(RESPONSE_HEADER):
         raise ValueError(f"{len(row)} fields, want {len(RESPONSE_HEADER)}")
     bad_bytes = undecodable(row, "UTF-8")
@@ -196,16 +204,23 @@ def _event(esp: str, account: str, remote_path: str, line: int, row: list[str]) 
         raise ValueError(f"unknown EventType {kind!r}")
     if not event_id:
         raise ValueError("empty EventId")
-    return ResponseEvent(
-        event_id=event_id_for(esp, esp_event_id=f"{account}:{event_id}"),
+    if not 1 <= len(broadcast_id) <= MAX_BROADCAST_ID:
+        raise ValueError(f"BroadcastId must have 1 to {MAX_BROADCAST_ID} characters")
+    if not (key or email):
+        raise ValueError("a response event needs a CommunicationKey or an Email")
+    body = event_json(
+        event_id=event_id_text(esp, f"{account}:{event_id}"),
         esp=esp,
         account=account,
         broadcast_id=broadcast_id,
         esp_message_id=message_id or None,
         communication_key=key or None,
         email=email or None,
-        type=_TYPES[kind],
+        event_type=kind,
         url=url or None,
         occurred_at=_parse_time(occurred),
-        source=EventSource(kind="file", name=posixpath.normpath(remote_path), line=line),
+        source_kind="file",
+        source_name=name,
+        line=line,
     )
+    return EncodedEvent(body, event_key(broadcast_id, key, email).encode(), broadcast_id, line)
