@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
-from typing import Any
-
-import orjson
+from datetime import datetime
 
 from shared.errors import PermanentError
+from shared.events import EventFields
 from shared.messages import (
     BroadcastStatus,
     EventType,
-    ResponseEvent,
     Stage,
     State,
     SubscriptionAction,
@@ -38,60 +37,76 @@ class UnknownBroadcastError(PermanentError):
     """An event of a broadcast that is not a job espbridge knows (not in control.jobs)."""
 
 
-def unknown_broadcast(event: ResponseEvent) -> str:
+class UnstorableEventError(PermanentError):
+    """A valid event with text PostgreSQL cannot store (a NUL character, a lone surrogate)."""
+
+
+def unknown_broadcast(event: EventFields) -> str:
     """Why an event of an unknown broadcast is not loaded, and what to do about it."""
     return (
         f"broadcast {event.broadcast_id!r} is not a job espbridge knows (no row in control.jobs); "
-        f"the {event.type.value} event from {source_text(event)} is kept here: "
+        f"the {event.type} event from {event.source} is kept here: "
         "replay it once the job is recorded"
     )
 
 
 OPT_OUTS = {
-    EventType.UNSUBSCRIBE: SubscriptionAction.UNSUBSCRIBE,
-    EventType.COMPLAINT: SubscriptionAction.SUPPRESS,
-    EventType.BOUNCE_HARD: SubscriptionAction.SUPPRESS,
+    EventType.UNSUBSCRIBE.value: SubscriptionAction.UNSUBSCRIBE,
+    EventType.COMPLAINT.value: SubscriptionAction.SUPPRESS,
+    EventType.BOUNCE_HARD.value: SubscriptionAction.SUPPRESS,
 }
 
-
-def source_text(event: ResponseEvent) -> str:
-    """The event's origin as one readable string, e.g. ``file:sandbox/demo/responses/x.csv:12``."""
-    src = event.source
-    where = src.name
-    if src.line is not None:
-        where += f":{src.line}"
-    elif src.page is not None:
-        where += f"#page={src.page}"
-    return f"{src.kind}:{where}"
+_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+_SPECIAL = re.compile(r"[\\\t\n\r\x00]")
 
 
-def row(event: ResponseEvent) -> tuple[Any, ...]:
-    """The event as a responses.events row, in :data:`COLUMNS` order."""
-    return (
-        event.event_id,
-        event.esp,
-        event.account,
-        event.broadcast_id,
-        event.esp_message_id,
-        event.communication_key,
-        event.email,
-        event.type.value,
-        event.url,
-        event.occurred_at,
-        source_text(event),
-        orjson.dumps(event.extra).decode() if event.extra else None,
+def _text(value: str | None) -> str:
+    """A value in COPY's text format."""
+    if value is None:
+        return "\\N"
+    return value.translate(_ESCAPES) if _SPECIAL.search(value) else value
+
+
+def copy_line(event: EventFields) -> bytes:
+    """The event as one line of COPY text, in :data:`COLUMNS` order.
+
+    Raises :class:`UnstorableEventError` for text PostgreSQL refuses, which would fail the batch.
+    """
+    # event_id, esp, account, type and occurred_at are checked patterns: nothing to escape.
+    line = "\t".join(
+        (
+            event.event_id,
+            event.esp,
+            event.account,
+            _text(event.broadcast_id),
+            _text(event.esp_message_id),
+            _text(event.communication_key),
+            _text(event.email),
+            event.type,
+            _text(event.url),
+            event.occurred_at,
+            _text(event.source),
+            _text(event.extra),
+        )
     )
+    # jsonb refuses an escaped NUL too (a literal backslash-u0000 in a value is refused with it).
+    if "\x00" in line or (event.extra and "\\u0000" in event.extra):
+        raise UnstorableEventError("the event has text with a NUL character, which PostgreSQL cannot store")
+    try:
+        return f"{line}\n".encode()
+    except UnicodeEncodeError as exc:
+        raise UnstorableEventError(f"the event has text that is not UTF-8: {exc.reason}") from None
 
 
-def subscription_changes(events: Iterable[ResponseEvent]) -> list[SubscriptionChange]:
+def subscription_changes(events: Iterable[EventFields]) -> list[SubscriptionChange]:
     """Opt-outs to carry back to the CRM: unsubscribes, complaints and hard bounces with an email."""
     return [
         SubscriptionChange(
             email=e.email,
             action=OPT_OUTS[e.type],
-            reason=e.type.value,
+            reason=e.type,
             source=e.esp,
-            occurred_at=e.occurred_at,
+            occurred_at=datetime.fromisoformat(e.occurred_at),
         )
         for e in events
         if e.type in OPT_OUTS and e.email

@@ -15,5 +15,10 @@ class Settings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="ESPBRIDGE_LOADER_", frozen=True, extra="ignore")
 
     pg: PostgresSettings = Field(default_factory=PostgresSettings)
-    batch_max: int = Field(default=5000, ge=1, le=100_000, description="events per database transaction")
+    batch_max: int = Field(default=20_000, ge=1, le=100_000, description="events per database transaction")
     batch_wait_ms: int = Field(default=500, ge=0, description="how long to wait to fill a batch")
+    fetch_partition_bytes: int = Field(
+        default=1024 * 1024,
+        ge=64 * 1024,
+        description="bytes fetched per partition at a time (bounds the memory of a lagging loader)",
+    )

@@ -6,8 +6,8 @@ and a redelivered event finds its event_id present and adds nothing.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
-from typing import Any
 
 from services.loader.core import COLUMNS
 from shared.db import Conn
@@ -44,12 +44,15 @@ SELECT broadcast_id, sum(events)::bigint AS added FROM per_type GROUP BY broadca
 assert ", ".join(COLUMNS) in " ".join(_MERGE.split()), "the merge must list core.COLUMNS in order"
 
 
-async def load(conn: Conn, rows: Sequence[tuple[Any, ...]]) -> dict[str, int]:
-    """Insert the new events among ``rows``; returns new events per broadcast."""
+async def load(conn: Conn, copy_text: bytes) -> dict[str, int]:
+    """Insert the new events among the lines of ``copy_text`` (COPY text format, :data:`COLUMNS`);
+    returns new events per broadcast."""
     added: dict[str, int] = {}
     async with conn.transaction():
         await conn.execute(_STAGE)
-        await conn.copy_records_to_table("loader_stage", records=rows, columns=list(COLUMNS))
+        await conn.copy_to_table(
+            "loader_stage", source=io.BytesIO(copy_text), columns=list(COLUMNS), format="text"
+        )
         for record in await conn.fetch(_MERGE):
             added[record["broadcast_id"]] = added.get(record["broadcast_id"], 0) + record["added"]
     return added

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, TypeAlias
+import asyncio
+import contextvars
+from collections.abc import Coroutine
+from typing import Any, TypeAlias, TypeVar
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
@@ -12,6 +15,19 @@ from shared.settings import PostgresSettings
 
 Conn: TypeAlias = asyncpg.Connection | PoolConnectionProxy
 """A connection, or one borrowed from a pool: what query helpers accept."""
+
+
+T = TypeVar("T")
+
+
+async def outside_message_context(work: Coroutine[Any, Any, T]) -> T:
+    """Run database work in an empty context, so that the pool keeps no message alive.
+
+    asyncpg schedules timers (an idle timer of 300 s on each connection release) that keep the
+    context they were created in; inside a handler that context holds the message being handled,
+    which for a batch subscriber is thousands of records, kept for minutes.
+    """
+    return await asyncio.create_task(work, context=contextvars.Context())
 
 
 def dsn_kwargs(settings: PostgresSettings) -> dict[str, Any]:

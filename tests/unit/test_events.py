@@ -1,0 +1,179 @@
+"""The wire form of response events without models: the same bytes, the same verdicts."""
+
+from __future__ import annotations
+
+import random
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+import pytest
+from aiokafka.partitioner import DefaultPartitioner
+from pydantic import ValidationError
+
+from services.loader import core
+from shared.events import event_id_text, event_json, fields_of, read_fast
+from shared.kafka import murmur2_partition
+from shared.messages import EventSource, EventType, ResponseEvent, event_id_for
+
+
+def model(**changes: Any) -> ResponseEvent:
+    values: dict[str, Any] = {
+        "event_id": event_id_for("sandbox", esp_event_id="demo:e1"),
+        "esp": "sandbox",
+        "account": "demo",
+        "broadcast_id": "job-1",
+        "esp_message_id": "m-1",
+        "communication_key": "ck1",
+        "email": "a@x.com",
+        "type": EventType.CLICK,
+        "url": "https://x.com/?a=1,2",
+        "occurred_at": datetime(2026, 11, 22, 10, 0, 3, tzinfo=UTC),
+        "source": EventSource(kind="file", name="sandbox/demo/responses/r.csv", line=2),
+    }
+    values.update(changes)
+    return ResponseEvent(**values)
+
+
+def fast_json(event: ResponseEvent) -> bytes:
+    src = event.source
+    return event_json(
+        event_id=str(event.event_id),
+        esp=event.esp,
+        account=event.account,
+        broadcast_id=event.broadcast_id,
+        esp_message_id=event.esp_message_id,
+        communication_key=event.communication_key,
+        email=event.email,
+        event_type=event.type.value,
+        url=event.url,
+        occurred_at=event.occurred_at,
+        source_kind=src.kind,
+        source_name=src.name,
+        line=src.line,
+        page=src.page,
+    )
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        model(),
+        model(esp_message_id=None, communication_key=None, url=None),
+        model(email=None, occurred_at=datetime(2026, 11, 22, 10, 0, 3, 120000, tzinfo=UTC)),
+        model(broadcast_id="jöb-ü/✓", email='a"b\\c\td\ne@x.com', url="https://x.com/\u2028"),
+        model(source=EventSource(kind="api", name="instiller/demo", page=3)),
+        model(occurred_at=datetime(2026, 11, 22, 11, 0, 3, tzinfo=UTC) + timedelta(hours=5)),
+    ],
+)
+def test_fast_json_is_the_models_json_and_reads_back_to_the_same_values(event: ResponseEvent) -> None:
+    body = fast_json(event)
+    assert body == event.to_json()
+    fields = read_fast(body)
+    assert fields is not None
+    expected = fields_of(event)
+    assert datetime.fromisoformat(fields.occurred_at) == datetime.fromisoformat(expected.occurred_at)
+    assert fields.__class__(**{**_as_dict(fields), "occurred_at": expected.occurred_at}) == expected
+
+
+def _as_dict(fields: Any) -> dict[str, Any]:
+    return {name: getattr(fields, name) for name in fields.__slots__}
+
+
+@pytest.mark.parametrize("esp_event_id", ["demo:e1", "demo:ünïcode", "a:" + "x" * 500])
+def test_event_ids_are_the_uuid5_of_event_id_for(esp_event_id: str) -> None:
+    assert event_id_text("sandbox", esp_event_id) == str(event_id_for("sandbox", esp_event_id=esp_event_id))
+
+
+MUTATIONS: list[tuple[str, Any]] = [
+    ("schema_version", 2),
+    ("schema_version", True),
+    ("schema_version", "1"),
+    ("event_id", str(uuid.uuid4()).upper()),
+    ("event_id", "not-a-uuid"),
+    ("event_id", 5),
+    ("esp", "Sandbox"),
+    ("esp", ["sandbox"]),
+    ("account", "-demo"),
+    ("broadcast_id", ""),
+    ("broadcast_id", "b" * 201),
+    ("broadcast_id", "b" * 200),
+    ("broadcast_id", None),
+    ("communication_key", None),
+    ("email", 7),
+    ("type", "teleport"),
+    ("type", "OPEN"),
+    ("url", ["x"]),
+    ("occurred_at", "2026-11-22T10:00:03+01:00"),
+    ("occurred_at", "2026-02-30T10:00:03Z"),
+    ("occurred_at", "2026-11-22T24:00:00Z"),
+    ("occurred_at", "2026-11-22T10:00:03"),
+    ("occurred_at", "2026-11-22 10:00:03Z"),
+    ("occurred_at", 1795330000),
+    ("occurred_at", "2026-11-22T10:00:03.1234567Z"),
+    ("source", {"kind": "file", "name": "x", "line": 0}),
+    ("source", {"kind": "file", "name": "x", "line": True}),
+    ("source", {"kind": "ftp", "name": "x"}),
+    ("source", {"kind": "file"}),
+    ("source", {"kind": "file", "name": "x", "line": 1, "page": None, "partition": None, "offset": -1}),
+    ("source", {"kind": "file", "name": "x", "line": 1, "page": None, "partition": None, "x": 1}),
+    ("source", "file:x"),
+    ("extra", {"a": 1}),
+    ("extra", {"a": "b"}),
+    ("extra", []),
+    ("unknown", "field"),
+]
+
+
+@pytest.mark.parametrize(("field", "value"), MUTATIONS)
+def test_the_fast_reader_never_accepts_what_the_model_refuses(field: str, value: Any) -> None:
+    data = orjson.loads(model(email=None).to_json())
+    if field == "unknown":
+        data[field] = value
+        data.pop("url")  # as many keys as the model has fields, but not the model's fields
+    else:
+        data[field] = value
+    body = orjson.dumps(data)
+    try:
+        accepted: ResponseEvent | None = ResponseEvent.from_json(body)
+    except ValidationError:
+        accepted = None
+    fields = read_fast(body)
+    if accepted is None:
+        assert fields is None
+    elif fields is not None:
+        assert fields.broadcast_id == accepted.broadcast_id
+        assert fields.source == fields_of(accepted).source
+
+
+def test_the_fast_reader_leaves_other_spellings_to_the_model() -> None:
+    assert read_fast(b"not json") is None
+    assert read_fast(b"[1, 2]") is None
+    data = orjson.loads(model().to_json())
+    del data["extra"]  # a default the model fills in: valid, but not espbridge's own shape
+    assert read_fast(orjson.dumps(data)) is None
+    assert ResponseEvent.from_json(orjson.dumps(data)).extra == {}
+
+
+def test_the_partition_of_a_key_is_kafkas_default_partitioners() -> None:
+    rng = random.Random(7)
+    partitioner = DefaultPartitioner()
+    for length in range(40):
+        for _ in range(50):
+            key = bytes(rng.getrandbits(8) for _ in range(length))
+            for count in (1, 6, 12):
+                assert murmur2_partition(key, count) == partitioner(key, list(range(count)), [])
+
+
+def test_copy_lines_escape_text_and_refuse_what_postgresql_cannot_store() -> None:
+    event = fields_of(model(email="a\tb\\c\nd\re@x.com", url=None))
+    line = core.copy_line(event)
+    columns = line.rstrip(b"\n").split(b"\t")
+    assert len(columns) == len(core.COLUMNS)
+    assert columns[core.COLUMNS.index("email")] == b"a\\tb\\\\c\\nd\\re@x.com"
+    assert columns[core.COLUMNS.index("url")] == b"\\N"
+    with pytest.raises(core.UnstorableEventError):
+        core.copy_line(fields_of(model(email="a\x00b@x.com")))
+    with pytest.raises(core.UnstorableEventError):
+        core.copy_line(fields_of(model(extra={"k": "a\x00b"})))
