@@ -35,34 +35,41 @@ class Loader:
 async def handle_batch(records: Sequence[ConsumerRecord[bytes, bytes]], ld: Loader) -> None:
     """Load one batch; database trouble is transient (the batch is retried, nothing is lost)."""
     started = time.perf_counter()
-    decoded: list[tuple[ConsumerRecord[bytes, bytes], EventFields]] = []
+    # (record, broadcast, COPY line when known, values when read): most records have espbridge's
+    # own shape and become COPY text directly; the rest are read with the model's rules.
+    decoded: list[tuple[ConsumerRecord[bytes, bytes], str, bytes | None, EventFields | None]] = []
     letters: list[DeadLetter] = []
     for record in records:
         value = record.value or b""
-        event = read_fast(value)  # espbridge's own shape, checked without a model
+        fast = core.fast_copy_line(value)
+        if fast is not None:
+            decoded.append((record, fast[0].decode(), fast[1], None))
+            continue
+        event = read_fast(value)
         if event is None:
             try:
                 event = fields_of(decode(ResponseEvent, value))
             except InvalidMessageError as exc:
                 letters.append(_letter(record, exc))
                 continue
-        decoded.append((record, event))
-    broadcasts = {e.broadcast_id for _, e in decoded}
+        decoded.append((record, event.broadcast_id, None, event))
+    broadcasts = {b for _, b, _, _ in decoded}
     try:
         known = await outside_message_context(_known(ld.pool, sorted(broadcasts)))
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise UnavailableError(f"looking up the broadcasts of {len(decoded)} events failed: {exc}") from exc
     events: list[EventFields] = []
+    loaded: set[str] = set()
     lines: list[bytes] = []
-    for record, event in decoded:
+    for record, broadcast, fast_line, event in decoded:
         try:
-            if event.broadcast_id not in known:
-                raise core.UnknownBroadcastError(core.unknown_broadcast(event))
-            lines.append(core.copy_line(event))
+            lines.append(_copy_line(record, broadcast, fast_line, event, known))
         except PermanentError as exc:
             letters.append(_letter(record, exc))
             continue
-        events.append(event)
+        if event is not None:
+            events.append(event)
+        loaded.add(broadcast)
     for letter in letters:
         await ld.runtime.dead_letter(letter)
     if letters:
@@ -70,22 +77,21 @@ async def handle_batch(records: Sequence[ConsumerRecord[bytes, bytes]], ld: Load
             "events rejected to the dead-letter topic",
             extra={"dead_letters": len(letters), "unknown_broadcasts": sorted(broadcasts - known)},
         )
-    if not events:
+    if not lines:
         return
+    count = len(lines)
     data = b"".join(lines)
     del lines
     decoded_at = time.perf_counter()
     try:
-        added, totals = await outside_message_context(
-            _load(ld.pool, data, sorted({e.broadcast_id for e in events}))
-        )
+        added, totals = await outside_message_context(_load(ld.pool, data, sorted(loaded)))
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        raise UnavailableError(f"loading {len(events)} events failed: {exc}") from exc
+        raise UnavailableError(f"loading {count} events failed: {exc}") from exc
     loaded_at = time.perf_counter()
     await ld.runtime.failpoints.reach(Point.LOADER_AFTER_DB_COMMIT)  # offsets are committed after return
     new = sum(added.values())
     ld.runtime.metrics.inc("events_loaded_total", new)
-    ld.runtime.metrics.inc("events_duplicate_total", len(events) - new)
+    ld.runtime.metrics.inc("events_duplicate_total", count - new)
     await ld.runtime.publish_many(core.subscription_changes(events))
     await ld.runtime.publish_many(
         [core.load_status(b, t, added.get(b, 0)) for b, t in totals.items() if added.get(b, 0)]
@@ -93,13 +99,31 @@ async def handle_batch(records: Sequence[ConsumerRecord[bytes, bytes]], ld: Load
     log.info(
         "batch loaded",
         extra={
-            "events": len(events),
+            "events": count,
             "new": new,
             "dead_letters": len(letters),
             "decode_ms": round((decoded_at - started) * 1000),
             "db_ms": round((loaded_at - decoded_at) * 1000),
         },
     )
+
+
+def _copy_line(
+    record: ConsumerRecord[bytes, bytes],
+    broadcast: str,
+    fast_line: bytes | None,
+    event: EventFields | None,
+    known: set[str],
+) -> bytes:
+    """A decoded record's COPY line; raises a PermanentError if it cannot be loaded."""
+    if broadcast not in known:
+        values = event or read_fast(record.value or b"")
+        assert values is not None  # a record of espbridge's own shape reads fast
+        raise core.UnknownBroadcastError(core.unknown_broadcast(values))
+    if fast_line is not None:
+        return fast_line
+    assert event is not None  # each decoded record has a line or its values
+    return core.copy_line(event)
 
 
 async def _known(pool: asyncpg.Pool, broadcasts: list[str]) -> set[str]:

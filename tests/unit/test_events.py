@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -90,7 +89,7 @@ MUTATIONS: list[tuple[str, Any]] = [
     ("schema_version", 2),
     ("schema_version", True),
     ("schema_version", "1"),
-    ("event_id", str(uuid.uuid4()).upper()),
+    ("event_id", "6F1C1D2E-8A0B-5C3E-9F47-2B1D0E6A9C55"),
     ("event_id", "not-a-uuid"),
     ("event_id", 5),
     ("esp", "Sandbox"),
@@ -177,3 +176,55 @@ def test_copy_lines_escape_text_and_refuse_what_postgresql_cannot_store() -> Non
         core.copy_line(fields_of(model(email="a\x00b@x.com")))
     with pytest.raises(core.UnstorableEventError):
         core.copy_line(fields_of(model(extra={"k": "a\x00b"})))
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        model(type=EventType.OPEN),
+        model(type=EventType.OPEN, esp_message_id=None, communication_key=None, url=None),
+        model(type=EventType.SENT, email=None, occurred_at=datetime(2026, 11, 22, 10, 0, 3, 5, tzinfo=UTC)),
+        model(type=EventType.DELIVERED, broadcast_id="jöb-ü/✓", email="", url=""),
+        model(type=EventType.CLICK, source=EventSource(kind="api", name="instiller/demo", page=3)),
+        model(type=EventType.CLICK, source=EventSource(kind="webhook", name="webhook:x/y")),
+    ],
+)
+def test_the_loaders_direct_copy_line_is_the_line_of_the_events_values(event: ResponseEvent) -> None:
+    fast = core.fast_copy_line(event.to_json())
+    assert fast is not None
+    assert fast[0] == event.broadcast_id.encode()
+    expected = core.copy_line(fields_of(event)).split(b"\t")
+    got = fast[1].split(b"\t")
+    occurred = core.COLUMNS.index("occurred_at")
+    assert datetime.fromisoformat(got[occurred].decode()) == event.occurred_at
+    assert got[:occurred] + got[occurred + 1 :] == expected[:occurred] + expected[occurred + 1 :]
+
+
+@pytest.mark.parametrize(("field", "value"), MUTATIONS)
+def test_the_loaders_direct_path_never_accepts_what_the_model_refuses(field: str, value: Any) -> None:
+    data = orjson.loads(model(email=None, type=EventType.OPEN).to_json())
+    if field == "unknown":
+        data.pop("url")
+    data[field] = value
+    body = orjson.dumps(data)
+    try:
+        ResponseEvent.from_json(body)
+    except ValidationError:
+        assert core.fast_copy_line(body) is None
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        model(type=EventType.UNSUBSCRIBE).to_json(),  # opt-outs need their values
+        model(type=EventType.OPEN, extra={"a": "b"}).to_json(),
+        model(type=EventType.OPEN, email='a"b@x.com').to_json(),  # an escape in a string
+        model(type=EventType.OPEN).to_json().replace(b"a@x.com", b"a\xff@x.com"),  # not UTF-8
+        model(type=EventType.OPEN).to_json().replace(b'"line":2', b'"line":0'),
+        model(type=EventType.OPEN).to_json().replace(b"2026-11-22", b"2026-02-30"),
+        model(type=EventType.OPEN).to_json().replace(b'"ck1"', b'""').replace(b'"a@x.com"', b"null"),
+        model(type=EventType.OPEN).to_json() + b" ",
+    ],
+)
+def test_the_loaders_direct_path_leaves_the_rest_to_the_reader(body: bytes) -> None:
+    assert core.fast_copy_line(body) is None
