@@ -225,12 +225,16 @@ class BatchPublisher:
     async def open(
         cls, settings: KafkaSettings, topic: Topic, *, client_id: str, headers: Sequence[tuple[str, bytes]]
     ) -> BatchPublisher:
-        """A publisher with its own idempotent producer (acks from all replicas), started."""
+        """A publisher with its own producer (acks from all replicas), started.
+
+        Not idempotent, like every espbridge producer (see :func:`make_broker`): a batch sent again
+        after a lost acknowledgement duplicates its events, which the loader merges away by event id.
+        """
         producer = AIOKafkaProducer(
             bootstrap_servers=settings.bootstrap_servers,
             client_id=f"{settings.client_id}-{client_id}-batches",
             acks="all",
-            enable_idempotence=True,
+            enable_idempotence=False,
             max_batch_size=BATCH_BYTES,
             max_request_size=2 * BATCH_BYTES,
         )
