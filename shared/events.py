@@ -28,15 +28,21 @@ from shared.messages import EVENT_NAMESPACE, MAX_BROADCAST_ID, EventSource, Even
 _NAMESPACE_SHA1 = hashlib.sha1(EVENT_NAMESPACE.bytes, usedforsecurity=False)
 
 
+# The RFC 4122 variant's hex digit for each hex digit of the hash at its place (10xx in binary).
+_VARIANT: Final = {f"{n:x}": f"{(n & 0x3) | 0x8:x}" for n in range(16)}
+
+
 def event_id_text(esp: str, esp_event_id: str) -> str:
     """``str(event_id_for(esp, esp_event_id=…))`` without the uuid module's objects (a uuid5)."""
+    return _uuid5(f"{esp}\x1f{esp_event_id}")
+
+
+def _uuid5(name: str) -> str:
     digest = _NAMESPACE_SHA1.copy()
-    digest.update(f"{esp}\x1f{esp_event_id}".encode())
-    raw = bytearray(digest.digest()[:16])
-    raw[6] = (raw[6] & 0x0F) | 0x50  # version 5
-    raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
-    h = raw.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    digest.update(name.encode())
+    h = digest.hexdigest()
+    # Version 5 in the 13th digit, the variant in the 17th.
+    return f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:32]}"
 
 
 def event_key(broadcast_id: str, communication_key: str | None, email: str | None) -> str:
@@ -98,6 +104,99 @@ def event_json(
         },
         option=orjson.OPT_UTC_Z,
     )
+
+
+_JSON_SPECIAL: Final = re.compile(r'["\\\x00-\x1f]')
+"""Characters a JSON string must escape (orjson escapes nothing else)."""
+
+
+def json_plain(text: str) -> bool:
+    """Whether ``text`` (valid Unicode) is written into a JSON string as it is."""
+    return _JSON_SPECIAL.search(text) is None
+
+
+def _quoted(value: str | None) -> str:
+    return "null" if value is None else f'"{value}"'
+
+
+class FileEventWriter:
+    """:func:`event_json` for the rows of one response file, faster: the parts that are the same
+    for every row (ESP, account, file name) are written once, and a row's values are put in as they
+    are. Only for values :func:`json_plain` accepts; others go through :func:`event_json`.
+
+    Writes the same bytes as :func:`event_json` (a unit test holds them equal).
+    """
+
+    __slots__ = ("_esp", "_account", "_name", "_head", "_tail", "_esp_id_prefix")
+
+    def __init__(self, esp: str, account: str, name: str) -> None:
+        def text(value: str) -> str:
+            return orjson.dumps(value).decode()
+
+        self._esp, self._account, self._name = esp, account, name
+        self._head = f'","esp":{text(esp)},"account":{text(account)},"broadcast_id":"'
+        self._tail = f'","source":{{"kind":"file","name":{text(name)},"line":'
+        self._esp_id_prefix = f"{esp}\x1f{account}:"
+
+    def event_id(self, esp_event_id: str) -> str:
+        """The event id of the ESP's event id in this file's account (see :func:`event_id_text`)."""
+        return _uuid5(f"{self._esp_id_prefix}{esp_event_id}")
+
+    def json(
+        self,
+        event_id: str,
+        broadcast_id: str,
+        esp_message_id: str | None,
+        communication_key: str | None,
+        email: str | None,
+        event_type: str,
+        url: str | None,
+        occurred_at: str,
+        line: int,
+    ) -> bytes:
+        """The event's JSON; ``occurred_at`` as orjson writes a UTC time (see :func:`utc_text`)."""
+        return (
+            f'{{"schema_version":1,"event_id":"{event_id}{self._head}{broadcast_id}",'
+            f'"esp_message_id":{_quoted(esp_message_id)},"communication_key":{_quoted(communication_key)},'
+            f'"email":{_quoted(email)},"type":"{event_type}","url":{_quoted(url)},'
+            f'"occurred_at":"{occurred_at}{self._tail}{line},"page":null,"partition":null,"offset":null}},'
+            '"extra":{}}'
+        ).encode()
+
+
+    def escaped_json(
+        self,
+        event_id: str,
+        broadcast_id: str,
+        esp_message_id: str | None,
+        communication_key: str | None,
+        email: str | None,
+        event_type: str,
+        url: str | None,
+        occurred_at: datetime,
+        line: int,
+    ) -> bytes:
+        """The event's JSON for any values (:func:`event_json` with this file's parts)."""
+        return event_json(
+            event_id=event_id,
+            esp=self._esp,
+            account=self._account,
+            broadcast_id=broadcast_id,
+            esp_message_id=esp_message_id,
+            communication_key=communication_key,
+            email=email,
+            event_type=event_type,
+            url=url,
+            occurred_at=occurred_at,
+            source_kind="file",
+            source_name=self._name,
+            line=line,
+        )
+
+
+def utc_text(when: datetime) -> str:
+    """A UTC time as :func:`event_json` writes it (``2026-11-22T09:00:00Z``, microseconds if any)."""
+    return orjson.dumps(when, option=orjson.OPT_UTC_Z)[1:-1].decode()
 
 
 def encode(event: ResponseEvent) -> EncodedEvent:

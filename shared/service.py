@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import contextlib
 import functools
 import logging
@@ -229,6 +230,20 @@ async def run_service(
         log.info("stopped")
 
 
+GC_THRESHOLDS = (50_000, 20, 100)
+"""The cyclic collector's thresholds in a service process (Python's are 700, 10, 10)."""
+
+
+def tune_gc() -> None:
+    """Collect cycles less often: a service allocates millions of short-lived, acyclic objects per
+    file or batch (freed by reference counting), and Python's default thresholds then run full
+    collections over everything alive every few batches. The objects of start-up (modules,
+    models) are moved out of the collector's way for good."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 def service_main(
     name: str,
     description: str,
@@ -263,6 +278,7 @@ def service_main(
         return 0
     configure(name, settings.log.level, settings.log.format)
     log.info("starting", extra={"settings": settings.masked()})
+    tune_gc()
     try:
         if args.check:
             asyncio.run(ensure_topics(settings.kafka))

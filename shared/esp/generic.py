@@ -27,7 +27,7 @@ from shared.esp.base import (
 )
 from shared.esp.http import EspUnavailableError, request_json
 from shared.esp.records import read_records, undecodable
-from shared.events import EncodedEvent, event_id_text, event_json, event_key
+from shared.events import EncodedEvent, FileEventWriter, event_key, json_plain, utc_text
 from shared.messages import MAX_BROADCAST_ID, BroadcastJob, EventType, ResponseEvent
 
 RESPONSE_HEADER = (
@@ -136,8 +136,7 @@ class GenericConnector(Connector):
 
     def encode_response_file(self, local_path: Path, remote_path: str) -> Iterator[EncodedEvent | BadRow]:
         """Rows of a response file as event JSON, checked by the model's rules without a model each."""
-        esp, account = self.account.esp, self.account.account
-        name = posixpath.normpath(remote_path)
+        writer = FileEventWriter(self.account.esp, self.account.account, posixpath.normpath(remote_path))
         records = read_records(local_path, encoding="utf-8")
         header = next(records, None)
         if header is None:
@@ -151,7 +150,7 @@ class GenericConnector(Connector):
             try:
                 if record.fields is None:
                     raise ValueError(record.error)
-                yield _event(esp, account, name, record.line, record.fields)
+                yield _event(writer, record.line, record.fields)
             except ValueError as exc:
                 yield BadRow(record.line, record.raw, str(exc))
 
@@ -191,14 +190,31 @@ def _parse_time(value: str) -> datetime:
 
 _TYPES = frozenset(t.value for t in EventType)
 
+_times: dict[str, str] = {}
+"""OccurredAt values seen, as written in the event JSON (response files repeat their times)."""
+_MAX_TIMES = 100_000
 
-def _event(esp: str, account: str, name: str, line: int, row: list[str]) -> EncodedEvent:
+
+def _utc_time(value: str) -> str:
+    """An OccurredAt value as the event JSON's UTC time; raises ValueError as :func:`_parse_time`."""
+    text = _times.get(value)
+    if text is None:
+        text = utc_text(_parse_time(value))
+        if len(_times) >= _MAX_TIMES:
+            _times.clear()
+        _times[value] = text
+    return text
+
+
+def _event(writer: FileEventWriter, line: int, row: list[str]) -> EncodedEvent:
     """One row as event JSON; every rule of ResponseEvent is checked here (a ValueError says which)."""
     if len(row) != len(RESPONSE_HEADER):
         raise ValueError(f"{len(row)} fields, want {len(RESPONSE_HEADER)}")
-    bad_bytes = undecodable(row, "UTF-8")
-    if bad_bytes:
-        raise ValueError(bad_bytes)
+    joined = "".join(row)
+    if not joined.isascii():
+        bad_bytes = undecodable(row, "UTF-8")
+        if bad_bytes:
+            raise ValueError(bad_bytes)
     event_id, broadcast_id, message_id, key, email, kind, url, occurred = row
     if kind not in _TYPES:
         raise ValueError(f"unknown EventType {kind!r}")
@@ -208,19 +224,29 @@ def _event(esp: str, account: str, name: str, line: int, row: list[str]) -> Enco
         raise ValueError(f"BroadcastId must have 1 to {MAX_BROADCAST_ID} characters")
     if not (key or email):
         raise ValueError("a response event needs a CommunicationKey or an Email")
-    body = event_json(
-        event_id=event_id_text(esp, f"{account}:{event_id}"),
-        esp=esp,
-        account=account,
-        broadcast_id=broadcast_id,
-        esp_message_id=message_id or None,
-        communication_key=key or None,
-        email=email or None,
-        event_type=kind,
-        url=url or None,
-        occurred_at=_parse_time(occurred),
-        source_kind="file",
-        source_name=name,
-        line=line,
-    )
+    when = _utc_time(occurred)
+    if json_plain(joined):
+        body = writer.json(
+            writer.event_id(event_id),
+            broadcast_id,
+            message_id or None,
+            key or None,
+            email or None,
+            kind,
+            url or None,
+            when,
+            line,
+        )
+    else:  # values with quotes, backslashes or control characters: escaped by orjson
+        body = writer.escaped_json(
+            writer.event_id(event_id),
+            broadcast_id,
+            message_id or None,
+            key or None,
+            email or None,
+            kind,
+            url or None,
+            _parse_time(occurred),
+            line,
+        )
     return EncodedEvent(body, event_key(broadcast_id, key, email).encode(), broadcast_id, line)

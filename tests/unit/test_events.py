@@ -12,7 +12,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from pydantic import ValidationError
 
 from services.loader import core
-from shared.events import event_id_text, event_json, fields_of, read_fast
+from shared.events import FileEventWriter, event_id_text, event_json, fields_of, json_plain, read_fast, utc_text
 from shared.kafka import murmur2_partition
 from shared.messages import EventSource, EventType, ResponseEvent, event_id_for
 
@@ -228,3 +228,52 @@ def test_the_loaders_direct_path_never_accepts_what_the_model_refuses(field: str
 )
 def test_the_loaders_direct_path_leaves_the_rest_to_the_reader(body: bytes) -> None:
     assert core.fast_copy_line(body) is None
+
+
+@pytest.mark.parametrize(
+    ("esp", "account", "name"),
+    [("sandbox", "demo", "sandbox/demo/responses/r.csv"), ("generic_sftp", "a-1", 'x/"odd"\\ñame✓.csv')],
+)
+def test_a_files_writer_writes_event_json_byte_for_byte(esp: str, account: str, name: str) -> None:
+    writer = FileEventWriter(esp, account, name)
+    rng = random.Random(11)
+    alphabet = "abcXYZ09-_./@:?=&,+ äöü✓€\u2028\x7f"
+    for line in range(2, 400):
+        values = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12))) for _ in range(5)]
+        broadcast = values[0] or "b"
+        message_id, key, email, url = (v or None for v in values[1:])
+        if not (key or email):
+            key = "k"
+        when = datetime(2026, 11, 22, 9, 0, tzinfo=UTC) + timedelta(microseconds=rng.choice([0, 1, 120000]))
+        kind = rng.choice([t.value for t in EventType])
+        assert all(json_plain(v) for v in values)
+        esp_event_id = f"e{line}"
+        body = writer.json(
+            writer.event_id(esp_event_id), broadcast, message_id, key, email, kind, url, utc_text(when), line
+        )
+        assert writer.event_id(esp_event_id) == event_id_text(esp, f"{account}:{esp_event_id}")
+        expected = event_json(
+            event_id=event_id_text(esp, f"{account}:{esp_event_id}"),
+            esp=esp,
+            account=account,
+            broadcast_id=broadcast,
+            esp_message_id=message_id,
+            communication_key=key,
+            email=email,
+            event_type=kind,
+            url=url,
+            occurred_at=when,
+            source_kind="file",
+            source_name=name,
+            line=line,
+        )
+        assert body == expected
+        assert body == writer.escaped_json(
+            writer.event_id(esp_event_id), broadcast, message_id, key, email, kind, url, when, line
+        )
+
+
+def test_only_text_without_quotes_backslashes_or_control_characters_is_json_plain() -> None:
+    assert json_plain("a b,ü✓\u2028\x7f")
+    for bad in ('a"b', "a\\b", "a\tb", "a\nb", "\x00", "\x1f"):
+        assert not json_plain(bad)

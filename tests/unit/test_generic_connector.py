@@ -48,6 +48,13 @@ async def test_rows_become_events_with_deterministic_ids(tmp_path: Path) -> None
     assert event.event_id == again.event_id
 
 
+async def test_values_with_quotes_backslashes_and_tabs_are_kept_as_they_are(tmp_path: Path) -> None:
+    text = f'{HEADER}\ne1,job-1,m\\1,ck1,"a\tb@x.com",click,"https://x.com/?q=""ü✓""",2026-11-22T10:00:03Z\n'
+    (event,) = await parse(tmp_path, text)
+    assert isinstance(event, ResponseEvent)
+    assert (event.esp_message_id, event.email, event.url) == ("m\\1", "a\tb@x.com", 'https://x.com/?q="ü✓"')
+
+
 async def test_bad_rows_are_kept_with_their_line_and_good_rows_still_parse(tmp_path: Path) -> None:
     text = (
         f"{HEADER}\n"
