@@ -311,6 +311,8 @@ class InFlight:
         self._count = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self.draining = False
+        """A rebalance waits for the messages in flight: work that can stop early should."""
 
     def enter(self) -> None:
         """A message is being handled."""
@@ -349,10 +351,16 @@ class DrainOnRevoke(ConsumerRebalanceListener):
         self._timeout_s = timeout_s
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
-        if revoked and not await self._inflight.drained(self._timeout_s):
-            log.warning(
-                "rebalance proceeds with a message still in flight", extra={"timeout_s": self._timeout_s}
-            )
+        if not revoked:
+            return
+        self._inflight.draining = True
+        try:
+            if not await self._inflight.drained(self._timeout_s):
+                log.warning(
+                    "rebalance proceeds with a message still in flight", extra={"timeout_s": self._timeout_s}
+                )
+        finally:
+            self._inflight.draining = False
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
         log.info(

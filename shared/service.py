@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import contextlib
 import functools
+import gc
 import logging
 import sys
 import time

@@ -42,6 +42,8 @@ async def create_app(settings: Settings, runtime: Runtime) -> FastStream:
     )
     async def on_batch(message: KafkaMessage) -> None:
         raw = message.raw_message
-        await handlers.handle_batch(raw if isinstance(raw, tuple) else (raw,), loader)
+        # The consumer the batch came from: batches it has fetched since are loaded in the same go.
+        consumer = getattr(message, "consumer", None)
+        await handlers.handle_batches(raw if isinstance(raw, tuple) else (raw,), consumer, loader)
 
     return FastStream(runtime.broker)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from datetime import date, datetime
+from typing import Any
 
 from shared.errors import PermanentError
 from shared.events import EventFields
@@ -127,10 +128,15 @@ _dates: dict[bytes, bool] = {}
 _MAX_DATES = 100_000
 
 
-def fast_copy_line(body: bytes) -> tuple[bytes, bytes] | None:
-    """(broadcast_id, COPY text line) of a ResponseEvent JSON exactly as espbridge writes it, checked
-    by the model's rules without parsing it; None for any other spelling (then :func:`read_fast` and
-    the model decide) and for opt-outs (they need their values for a SubscriptionChange)."""
+FastLine = tuple[bytes, bytes, bytes, bytes]
+"""(broadcast_id, type, occurred_at, COPY text line) of an event read by :func:`fast_copy_line`."""
+
+
+def fast_copy_line(body: bytes) -> FastLine | None:
+    """(broadcast_id, type, occurred_at, COPY text line) of a ResponseEvent JSON exactly as
+    espbridge writes it, checked by the model's rules without parsing it; None for any other
+    spelling (then :func:`read_fast` and the model decide) and for opt-outs (they need their values
+    for a SubscriptionChange)."""
     m = _OWN_SHAPE.fullmatch(body)
     if m is None:
         return None
@@ -151,18 +157,24 @@ def fast_copy_line(body: bytes) -> tuple[bytes, bytes] | None:
         source = b"%s:%s#page=%s" % (src_kind, name, page)
     else:
         source = b"%s:%s" % (src_kind, name)
-    return broadcast_id, b"%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t\\N\n" % (
-        event_id,
-        esp,
-        account,
+    return (
         broadcast_id,
-        b"\\N" if message_id is None else message_id,
-        b"\\N" if key is None else key,
-        b"\\N" if email is None else email,
         kind,
-        b"\\N" if url is None else url,
         occurred,
-        source,
+        b"%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t\\N\n"
+        % (
+            event_id,
+            esp,
+            account,
+            broadcast_id,
+            b"\\N" if message_id is None else message_id,
+            b"\\N" if key is None else key,
+            b"\\N" if email is None else email,
+            kind,
+            b"\\N" if url is None else url,
+            occurred,
+            source,
+        ),
     )
 
 
@@ -178,6 +190,61 @@ def _valid_day(day: bytes) -> bool:
         if len(_dates) < _MAX_DATES:
             _dates[day] = valid
     return valid
+
+
+def _sortable(occurred: bytes) -> bytes:
+    """An ISO 8601 UTC time (``…SS[.ffffff]`` then ``Z`` or ``+00:00``) as bytes that sort as the
+    times do (the fraction padded to microseconds, the zone dropped)."""
+    if len(occurred) == 20:  # …SSZ, the usual spelling
+        return occurred[:19]
+    fraction = occurred[19:].rstrip(b"Z").partition(b"+")[0]
+    return occurred[:19] + fraction.ljust(7, b"0") if fraction else occurred[:19]
+
+
+class Tally:
+    """Events per broadcast and type of a batch, with their first and last times: what the batch
+    adds to ``responses.broadcast_type_counts`` when all of its events are new."""
+
+    __slots__ = ("_groups",)
+
+    def __init__(self) -> None:
+        # (broadcast, type) -> [events, first (sortable), first, last (sortable), last]
+        self._groups: dict[tuple[bytes, bytes], list[Any]] = {}
+
+    def add(self, broadcast_id: bytes, kind: bytes, occurred: bytes) -> None:
+        """Count one event (``occurred`` as :func:`_sortable` takes it)."""
+        key = _sortable(occurred)
+        group = self._groups.get((broadcast_id, kind))
+        if group is None:
+            self._groups[(broadcast_id, kind)] = [1, key, occurred, key, occurred]
+            return
+        group[0] += 1
+        if key < group[1]:
+            group[1], group[2] = key, occurred
+        elif key > group[3]:
+            group[3], group[4] = key, occurred
+
+    def rows(self) -> list[tuple[str, str, int, datetime, datetime]]:
+        """(broadcast_id, type, events, first_at, last_at) per group, in key order (the order the
+        counts rows are locked in, the same in every loader)."""
+        return [
+            (
+                b.decode(),
+                k.decode(),
+                g[0],
+                datetime.fromisoformat(g[2].decode()),
+                datetime.fromisoformat(g[4].decode()),
+            )
+            for (b, k), g in sorted(self._groups.items())
+        ]
+
+    def per_broadcast(self) -> dict[str, int]:
+        """Events per broadcast."""
+        out: dict[str, int] = {}
+        for (b, _), g in self._groups.items():
+            name = b.decode()
+            out[name] = out.get(name, 0) + g[0]
+        return out
 
 
 def subscription_changes(events: Iterable[EventFields]) -> list[SubscriptionChange]:

@@ -1,14 +1,19 @@
-"""The loader's handler: a batch of events → dead letters for bad ones, one transaction for the rest."""
+"""The loader's handler: a batch of events → dead letters for bad ones, one transaction for the rest;
+batches already fetched are loaded one after another, each one's database work overlapping the
+reading of the next."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import asyncpg
-from aiokafka.structs import ConsumerRecord
+from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from services.loader import core, store
 from services.loader.settings import Settings
@@ -32,18 +37,43 @@ class Loader:
     pool: asyncpg.Pool
 
 
-async def handle_batch(records: Sequence[ConsumerRecord[bytes, bytes]], ld: Loader) -> None:
-    """Load one batch; database trouble is transient (the batch is retried, nothing is lost)."""
+@dataclass
+class Prepared:
+    """A batch read and checked, ready for the database."""
+
+    data: bytes
+    """The COPY text of its loadable events."""
+    count: int
+    tally: core.Tally
+    broadcasts: list[str]
+    """The broadcasts it loads into (sorted)."""
+    opt_outs: list[EventFields]
+    """Events read with their values (opt-outs among them become subscription changes)."""
+    dead_letters: int
+    started: float
+    decoded: float
+
+
+YIELD_EVERY = 2_000
+"""Records read between two chances for the event loop to run other work (a pending COPY)."""
+
+
+async def prepare(records: Sequence[ConsumerRecord[bytes, bytes]], ld: Loader) -> Prepared | None:
+    """Read a batch: dead letters for bad records (published here), COPY text for the rest; None
+    when nothing in it is loadable."""
     started = time.perf_counter()
-    # (record, broadcast, COPY line when known, values when read): most records have espbridge's
-    # own shape and become COPY text directly; the rest are read with the model's rules.
-    decoded: list[tuple[ConsumerRecord[bytes, bytes], str, bytes | None, EventFields | None]] = []
+    # (record, broadcast, (broadcast, type, time, COPY line) when read fast, values otherwise): most
+    # records have espbridge's own shape and become COPY text directly; the rest are read with the
+    # model's rules.
+    decoded: list[tuple[ConsumerRecord[bytes, bytes], str, core.FastLine | None, EventFields | None]] = []
     letters: list[DeadLetter] = []
-    for record in records:
+    for n, record in enumerate(records, start=1):
+        if n % YIELD_EVERY == 0:
+            await asyncio.sleep(0)  # lets the previous batch's COPY go on meanwhile
         value = record.value or b""
         fast = core.fast_copy_line(value)
         if fast is not None:
-            decoded.append((record, fast[0].decode(), fast[1], None))
+            decoded.append((record, fast[0].decode(), fast, None))
             continue
         event = read_fast(value)
         if event is None:
@@ -61,14 +91,19 @@ async def handle_batch(records: Sequence[ConsumerRecord[bytes, bytes]], ld: Load
     events: list[EventFields] = []
     loaded: set[str] = set()
     lines: list[bytes] = []
-    for record, broadcast, fast_line, event in decoded:
+    tally = core.Tally()  # what the counts gain if every event of the batch is new
+    for record, broadcast, fast, event in decoded:
         try:
-            lines.append(_copy_line(record, broadcast, fast_line, event, known))
+            lines.append(_copy_line(record, broadcast, fast[3] if fast else None, event, known))
         except PermanentError as exc:
             letters.append(_letter(record, exc))
             continue
-        if event is not None:
+        if fast is not None:
+            tally.add(fast[0], fast[1], fast[2])
+        else:
+            assert event is not None  # each decoded record was read fast or has its values
             events.append(event)
+            tally.add(event.broadcast_id.encode(), event.type.encode(), event.occurred_at.encode())
         loaded.add(broadcast)
     for letter in letters:
         await ld.runtime.dead_letter(letter)
@@ -78,34 +113,154 @@ async def handle_batch(records: Sequence[ConsumerRecord[bytes, bytes]], ld: Load
             extra={"dead_letters": len(letters), "unknown_broadcasts": sorted(broadcasts - known)},
         )
     if not lines:
-        return
-    count = len(lines)
-    data = b"".join(lines)
-    del lines
-    decoded_at = time.perf_counter()
+        return None
+    return Prepared(
+        b"".join(lines), len(lines), tally, sorted(loaded), events, len(letters), started, time.perf_counter()
+    )
+
+
+@dataclass
+class Stored:
+    """What the database step of a batch did."""
+
+    added: dict[str, int]
+    totals: dict[str, dict[str, int]]
+    done: float
+
+
+async def store_batch(batch: Prepared, ld: Loader) -> Stored:
+    """The batch's one transaction; database trouble is transient (the batch is retried)."""
     try:
-        added, totals = await outside_message_context(_load(ld.pool, data, sorted(loaded)))
+        added, totals = await outside_message_context(
+            _load(ld.pool, batch.data, batch.tally, batch.broadcasts)
+        )
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        raise UnavailableError(f"loading {count} events failed: {exc}") from exc
-    loaded_at = time.perf_counter()
-    await ld.runtime.failpoints.reach(Point.LOADER_AFTER_DB_COMMIT)  # offsets are committed after return
+        raise UnavailableError(f"loading {batch.count} events failed: {exc}") from exc
+    return Stored(added, totals, time.perf_counter())
+
+
+async def finish(batch: Prepared, stored: Stored, ld: Loader) -> None:
+    """After a batch's commit: metrics, subscription changes, load statuses, the log line."""
+    await ld.runtime.failpoints.reach(Point.LOADER_AFTER_DB_COMMIT)  # offsets are committed later
+    added = stored.added
     new = sum(added.values())
     ld.runtime.metrics.inc("events_loaded_total", new)
-    ld.runtime.metrics.inc("events_duplicate_total", count - new)
-    await ld.runtime.publish_many(core.subscription_changes(events))
+    ld.runtime.metrics.inc("events_duplicate_total", batch.count - new)
+    await ld.runtime.publish_many(core.subscription_changes(batch.opt_outs))
     await ld.runtime.publish_many(
-        [core.load_status(b, t, added.get(b, 0)) for b, t in totals.items() if added.get(b, 0)]
+        [core.load_status(b, t, added.get(b, 0)) for b, t in stored.totals.items() if added.get(b, 0)]
     )
     log.info(
         "batch loaded",
         extra={
-            "events": count,
+            "events": batch.count,
             "new": new,
-            "dead_letters": len(letters),
-            "decode_ms": round((decoded_at - started) * 1000),
-            "db_ms": round((loaded_at - decoded_at) * 1000),
+            "dead_letters": batch.dead_letters,
+            "decode_ms": round((batch.decoded - batch.started) * 1000),
+            "db_ms": round((stored.done - batch.decoded) * 1000),
         },
     )
+
+
+async def handle_batch(records: Sequence[ConsumerRecord[bytes, bytes]], ld: Loader) -> None:
+    """Load one batch: read it, one transaction, then statuses."""
+    batch = await prepare(records, ld)
+    if batch is not None:
+        await finish(batch, await store_batch(batch, ld), ld)
+
+
+class Fetcher(Protocol):
+    """What :func:`handle_batches` needs of the Kafka consumer the batch came from."""
+
+    async def getmany(self, *, timeout_ms: int, max_records: int | None) -> dict[Any, list[Any]]: ...
+
+    def seek(self, partition: Any, offset: int) -> None: ...
+
+
+async def handle_batches(
+    first: Sequence[ConsumerRecord[bytes, bytes]], consumer: Fetcher | None, ld: Loader
+) -> None:
+    """Load a batch and the batches already fetched after it, each one's database work overlapping
+    the reading of the next, up to ``pipeline_batches``; returns once every one is committed (the
+    caller then commits the offsets).
+
+    If a later batch fails, the earlier ones stay loaded, the consumer is rewound to the failed
+    batch's records (and everything fetched after them), and this returns normally: offsets are
+    committed up to the failed batch, which comes again as a batch of its own under the error
+    policy. If the first batch fails, the batches after it are rewound and the error goes to the
+    error policy as for a single batch.
+    """
+    chain: list[dict[tuple[str, int], int]] = []  # per batch: earliest offset per partition
+    pending: tuple[int, Prepared, asyncio.Task[Stored]] | None = None
+    records: Sequence[ConsumerRecord[bytes, bytes]] = first
+    try:
+        while True:
+            chain.append(_earliest(records))
+            batch = await prepare(records, ld)
+            if pending is not None:
+                await finish(pending[1], await pending[2], ld)
+                pending = None
+            if batch is not None:
+                pending = (len(chain) - 1, batch, asyncio.ensure_future(store_batch(batch, ld)))
+                await asyncio.sleep(0)  # the transaction starts before the next batch is read
+            if (
+                consumer is None
+                or len(chain) >= ld.settings.pipeline_batches
+                or ld.runtime.stopping.is_set()  # shutting down: commit what is loaded
+                or ld.runtime.inflight.draining  # a rebalance waits: commit before partitions move
+            ):
+                break
+            # Waiting for the next fetch costs nothing while the database works on this batch.
+            wait_ms = ld.settings.batch_wait_ms if pending is not None else 0
+            fetched = await consumer.getmany(timeout_ms=wait_ms, max_records=ld.settings.batch_max)
+            records = [r for rs in fetched.values() for r in rs]
+            if not records:
+                break
+        if pending is not None:
+            await finish(pending[1], await pending[2], ld)
+            pending = None
+    except BaseException as exc:
+        # The earliest batch not committed: the one being read, or the one in the database if that
+        # one does not commit (it is let finish, unless this is a cancellation).
+        first_uncommitted = len(chain) - 1
+        if pending is not None:
+            first_uncommitted = pending[0]
+            if isinstance(exc, Exception):
+                with contextlib.suppress(Exception):
+                    await finish(pending[1], await pending[2], ld)
+                    first_uncommitted = pending[0] + 1
+            else:
+                pending[2].cancel()
+                with contextlib.suppress(BaseException):
+                    await pending[2]
+        if consumer is not None and len(chain) > 1:
+            _rewind(consumer, chain[max(first_uncommitted, 1) :])
+        if first_uncommitted == 0 or not isinstance(exc, Exception):
+            raise
+        log.warning(
+            "a batch failed after earlier ones were loaded: it comes again on its own",
+            extra={"error": repr(exc), "batches_loaded": first_uncommitted},
+        )
+
+
+def _earliest(records: Sequence[ConsumerRecord[bytes, bytes]]) -> dict[tuple[str, int], int]:
+    earliest: dict[tuple[str, int], int] = {}
+    for r in records:
+        where = (r.topic, r.partition)
+        if where not in earliest or r.offset < earliest[where]:
+            earliest[where] = r.offset
+    return earliest
+
+
+def _rewind(consumer: Fetcher, batches: Sequence[dict[tuple[str, int], int]]) -> None:
+    """Seek each partition back to its earliest record among ``batches``."""
+    earliest: dict[tuple[str, int], int] = {}
+    for batch in batches:
+        for where, offset in batch.items():
+            if where not in earliest or offset < earliest[where]:
+                earliest[where] = offset
+    for (topic, partition), offset in earliest.items():
+        consumer.seek(TopicPartition(topic, partition), offset)
 
 
 def _copy_line(
@@ -132,10 +287,10 @@ async def _known(pool: asyncpg.Pool, broadcasts: list[str]) -> set[str]:
 
 
 async def _load(
-    pool: asyncpg.Pool, copy_text: bytes, broadcasts: list[str]
+    pool: asyncpg.Pool, copy_text: bytes, tally: core.Tally, broadcasts: list[str]
 ) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
     async with pool.acquire() as conn:
-        added = await store.load(conn, copy_text)
+        added = await store.load(conn, copy_text, tally)
         return added, await store.totals(conn, broadcasts)
 
 

@@ -22,3 +22,12 @@ class Settings(ServiceSettings):
         ge=64 * 1024,
         description="bytes fetched per partition at a time (bounds the memory of a lagging loader)",
     )
+    pipeline_batches: int = Field(
+        default=8,
+        ge=1,
+        le=100,
+        description=(
+            "batches already fetched that are loaded before offsets are committed, each one's database "
+            "work overlapping the reading of the next (1: one batch at a time)"
+        ),
+    )

@@ -12,7 +12,15 @@ from aiokafka.partitioner import DefaultPartitioner
 from pydantic import ValidationError
 
 from services.loader import core
-from shared.events import FileEventWriter, event_id_text, event_json, fields_of, json_plain, read_fast, utc_text
+from shared.events import (
+    FileEventWriter,
+    event_id_text,
+    event_json,
+    fields_of,
+    json_plain,
+    read_fast,
+    utc_text,
+)
 from shared.kafka import murmur2_partition
 from shared.messages import EventSource, EventType, ResponseEvent, event_id_for
 
@@ -192,9 +200,10 @@ def test_copy_lines_escape_text_and_refuse_what_postgresql_cannot_store() -> Non
 def test_the_loaders_direct_copy_line_is_the_line_of_the_events_values(event: ResponseEvent) -> None:
     fast = core.fast_copy_line(event.to_json())
     assert fast is not None
-    assert fast[0] == event.broadcast_id.encode()
+    assert fast[:2] == (event.broadcast_id.encode(), event.type.value.encode())
+    assert datetime.fromisoformat(fast[2].decode()) == event.occurred_at
     expected = core.copy_line(fields_of(event)).split(b"\t")
-    got = fast[1].split(b"\t")
+    got = fast[3].split(b"\t")
     occurred = core.COLUMNS.index("occurred_at")
     assert datetime.fromisoformat(got[occurred].decode()) == event.occurred_at
     assert got[:occurred] + got[occurred + 1 :] == expected[:occurred] + expected[occurred + 1 :]
@@ -277,3 +286,23 @@ def test_only_text_without_quotes_backslashes_or_control_characters_is_json_plai
     assert json_plain("a b,ü✓\u2028\x7f")
     for bad in ('a"b', "a\\b", "a\tb", "a\nb", "\x00", "\x1f"):
         assert not json_plain(bad)
+
+
+def test_a_tally_counts_per_broadcast_and_type_with_first_and_last_times() -> None:
+    tally = core.Tally()
+    for broadcast, kind, when in [
+        (b"b1", b"open", b"2026-11-22T10:00:03Z"),
+        (b"b1", b"open", b"2026-11-22T10:00:03.5Z"),
+        (b"b1", b"open", b"2026-11-22T10:00:02.999999+00:00"),
+        (b"b1", b"open", b"2026-11-22T10:00:03.25Z"),
+        (b"b1", b"click", b"2026-11-22T10:00:04+00:00"),
+        (b"b2", b"open", b"2026-11-21T23:59:59Z"),
+    ]:
+        tally.add(broadcast, kind, when)
+    at = datetime(2026, 11, 22, 10, 0, 3, tzinfo=UTC)
+    assert tally.rows() == [
+        ("b1", "click", 1, at + timedelta(seconds=1), at + timedelta(seconds=1)),
+        ("b1", "open", 4, at - timedelta(microseconds=1), at + timedelta(microseconds=500000)),
+        ("b2", "open", 1, at - timedelta(hours=10, seconds=4), at - timedelta(hours=10, seconds=4)),
+    ]
+    assert tally.per_broadcast() == {"b1": 5, "b2": 1}
