@@ -380,7 +380,7 @@ def error_policy(
     * success: commit the offset;
     * transient failure: wait with bounded backoff, then rewind to the message (it is retried);
       a server that cannot be reached (Kafka, PostgreSQL, SFTP) is named in the retry's log line,
-      and its recovery is logged when a message of the partition goes through again;
+      and its recovery is logged when a message of the subscriber goes through again;
     * the service stopping (:class:`StoppingError`): leave the offset uncommitted for the next process;
     * permanent failure: publish a DeadLetter with the original bytes, partition and offset, then
       commit, so one bad message never blocks its partition.
@@ -388,7 +388,8 @@ def error_policy(
     Subscribers use ``AckPolicy.MANUAL`` so that the commit happens here, inside the in-flight
     window that :class:`DrainOnRevoke` and graceful shutdown wait for.
     """
-    failures: dict[tuple[str, int], tuple[int, str | None]] = {}
+    failures: dict[tuple[str, int], int] = {}  # per partition: attempts that failed in a row
+    down: set[str] = set()  # servers a failed message could not reach, until a message goes through
     tracker = outages if outages is not None else Outages()
 
     class ErrorPolicy(BaseMiddleware):
@@ -398,7 +399,8 @@ def error_policy(
             raw = msg.raw_message
             records = raw if isinstance(raw, tuple) else (raw,)  # batch subscribers get a tuple
             first = records[0]
-            where = (first.topic, first.partition)
+            # a batch's records may span partitions, and come back starting on another one
+            partitions = {(r.topic, r.partition) for r in records}
             inflight.enter()
             try:
                 with log_context(topic=first.topic, partition=first.partition, offset=first.offset):
@@ -410,10 +412,11 @@ def error_policy(
                             return None
                         server = unreachable_server(exc)
                         if server is not None or is_transient(exc):
-                            n = failures.get(where, (0, None))[0] + 1
-                            failures[where] = (n, server)
+                            n = max(failures.get(p, 0) for p in partitions) + 1
+                            failures.update(dict.fromkeys(partitions, n))
                             delay = backoff_s(n, RETRY_BACKOFF_MIN_S, RETRY_BACKOFF_MAX_S)
                             if server is not None:
+                                down.add(server)
                                 tracker.failed(server, exc, delay, "the message")
                             else:
                                 log.warning(
@@ -423,7 +426,8 @@ def error_policy(
                             await asyncio.sleep(delay)  # bounded backoff before the redelivery
                             await msg.nack()
                             return None
-                        failures.pop(where, None)
+                        for p in partitions:
+                            failures.pop(p, None)
                         log.error(
                             "message rejected to the dead-letter topic",
                             extra={
@@ -449,10 +453,13 @@ def error_policy(
                             )
                         await msg.ack()
                         return None
-                    _, was_down = failures.pop(where, (0, None))
+                    for p in partitions:
+                        failures.pop(p, None)
                     await msg.ack()
-                    if was_down is not None:
-                        tracker.reachable(was_down)
+                    # Any message of this subscriber going through (its records may start on another
+                    # partition than the failed one's) used the servers it could not reach before.
+                    while down:
+                        tracker.reachable(down.pop())
                     return result
             finally:
                 inflight.leave()

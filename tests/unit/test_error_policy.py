@@ -1,0 +1,77 @@
+"""The error policy's log lines about an unreachable server and its recovery."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+import pytest
+
+from shared import kafka
+from shared.outages import Outages
+
+
+@dataclass
+class Record:
+    topic: str
+    partition: int
+    offset: int
+    value: bytes = b"{}"
+
+
+@dataclass
+class Message:
+    """What the policy reads from faststream's message: the raw records, ack and nack."""
+
+    raw_message: tuple[Record, ...]
+    outcome: list[str] = field(default_factory=list)
+
+    async def ack(self) -> None:
+        self.outcome.append("ack")
+
+    async def nack(self) -> None:
+        self.outcome.append("nack")
+
+
+async def _dead_letter(_: Any) -> None:
+    raise AssertionError("nothing is dead-lettered here")
+
+
+async def test_recovery_is_logged_when_a_message_of_another_partition_goes_through(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(kafka, "RETRY_BACKOFF_MIN_S", 0.001)
+    policy_class = kafka.error_policy("loader", _dead_letter, kafka.InFlight(), Outages())
+    policy: Any = policy_class(None, context=None)  # type: ignore[arg-type]  # faststream gives both
+
+    async def database_down(_: Any) -> None:
+        raise asyncpg.CannotConnectNowError("the database system is starting up")
+
+    async def loaded(_: Any) -> str:
+        return "loaded"
+
+    caplog.set_level(logging.WARNING, logger="shared.outages")
+    failed = Message((Record("responses.events", 0, 10), Record("responses.events", 1, 7)))
+    await policy.consume_scope(database_down, failed)
+    assert failed.outcome == ["nack"]
+    assert [r.getMessage() for r in caplog.records] == ["PostgreSQL unreachable, retrying in 0.001 s"]
+
+    # Redelivered starting on partition 1, they fail again: the backoff grows all the same.
+    failed_again = Message((Record("responses.events", 1, 7), Record("responses.events", 0, 10)))
+    await policy.consume_scope(database_down, failed_again)
+    assert caplog.records[-1].getMessage() == "PostgreSQL unreachable, retrying in 0.002 s"
+    caplog.clear()
+
+    # A message of another partition goes through first: the server answered.
+    again = Message((Record("responses.events", 2, 3),))
+    assert await policy.consume_scope(loaded, again) == "loaded"
+    assert again.outcome == ["ack"]
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1
+    assert lines[0].startswith("PostgreSQL reachable again after")
+
+    # Once only: the next message says nothing more.
+    await policy.consume_scope(loaded, Message((Record("responses.events", 0, 20),)))
+    assert len(caplog.records) == 1
