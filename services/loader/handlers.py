@@ -191,18 +191,24 @@ async def handle_batches(
     error policy as for a single batch.
     """
     chain: list[dict[tuple[str, int], int]] = []  # per batch: earliest offset per partition
-    pending: tuple[int, Prepared, asyncio.Task[Stored]] | None = None
+    done = 0  # batches before this index are committed and finished
+    pending: tuple[int, Prepared, asyncio.Task[Stored]] | None = None  # the batch in the database
     records: Sequence[ConsumerRecord[bytes, bytes]] = first
     try:
         while True:
+            index = len(chain)
             chain.append(_earliest(records))
             batch = await prepare(records, ld)
-            if pending is not None:
-                await finish(pending[1], await pending[2], ld)
-                pending = None
-            if batch is not None:
-                pending = (len(chain) - 1, batch, asyncio.ensure_future(store_batch(batch, ld)))
-                await asyncio.sleep(0)  # the transaction starts before the next batch is read
+            previous, pending = pending, None
+            committed = (previous[0], previous[1], await previous[2]) if previous is not None else None
+            if batch is not None:  # into the database while the previous one's statuses go out
+                pending = (index, batch, asyncio.ensure_future(store_batch(batch, ld)))
+                await asyncio.sleep(0)
+            if committed is not None:
+                await finish(committed[1], committed[2], ld)
+                done = committed[0] + 1
+            if batch is None:
+                done = index + 1
             if (
                 consumer is None
                 or len(chain) >= ld.settings.pipeline_batches
@@ -218,28 +224,28 @@ async def handle_batches(
                 break
         if pending is not None:
             await finish(pending[1], await pending[2], ld)
+            done = pending[0] + 1
             pending = None
     except BaseException as exc:
-        # The earliest batch not committed: the one being read, or the one in the database if that
-        # one does not commit (it is let finish, unless this is a cancellation).
-        first_uncommitted = len(chain) - 1
         if pending is not None:
-            first_uncommitted = pending[0]
-            if isinstance(exc, Exception):
+            if isinstance(exc, Exception):  # the batch in the database may still commit
                 with contextlib.suppress(Exception):
-                    await finish(pending[1], await pending[2], ld)
-                    first_uncommitted = pending[0] + 1
+                    stored = await pending[2]
+                    if done == pending[0]:
+                        await finish(pending[1], stored, ld)
+                        done = pending[0] + 1
             else:
                 pending[2].cancel()
                 with contextlib.suppress(BaseException):
                     await pending[2]
-        if consumer is not None and len(chain) > 1:
-            _rewind(consumer, chain[max(first_uncommitted, 1) :])
-        if first_uncommitted == 0 or not isinstance(exc, Exception):
+        # The first batch is the error policy's to rewind (or dead-letter); the rest not done are ours.
+        if consumer is not None and len(chain) > max(done, 1):
+            _rewind(consumer, chain[max(done, 1) :])
+        if done == 0 or not isinstance(exc, Exception):
             raise
         log.warning(
             "a batch failed after earlier ones were loaded: it comes again on its own",
-            extra={"error": repr(exc), "batches_loaded": first_uncommitted},
+            extra={"error": repr(exc), "batches_loaded": done},
         )
 
 
