@@ -49,6 +49,7 @@ _UNREACHABLE = (
     asyncssh.DisconnectError,
     asyncssh.ChannelOpenError,
     asyncssh.SFTPConnectionLost,
+    asyncssh.SFTPNoConnection,  # "Connection not open": a session of a connection that went away
 )
 
 

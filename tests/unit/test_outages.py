@@ -29,6 +29,7 @@ def test_backoff_doubles_and_is_capped() -> None:
         (asyncpg.InterfaceError("connection is closed"), "PostgreSQL"),
         (KafkaTimeoutError(), "Kafka"),
         (asyncssh.ConnectionLost("lost"), "SFTP server"),
+        (asyncssh.SFTPNoConnection("Connection not open"), "SFTP server"),
     ],
 )
 def test_client_errors_name_their_server(exc: BaseException, server: str) -> None:
