@@ -224,6 +224,22 @@ class Tally:
         elif key > group[3]:
             group[3], group[4] = key, occurred
 
+    def add_times(self, broadcast_id: bytes, kind: bytes, times: list[bytes]) -> None:
+        """Count events of one broadcast and type at once (``times`` not empty)."""
+        if set(map(len, times)) == {20}:  # all …SSZ: the bytes sort as the times do
+            first, last = min(times), max(times)
+        else:
+            first, last = min(times, key=_sortable), max(times, key=_sortable)
+        group = self._groups.get((broadcast_id, kind))
+        if group is None:
+            self._groups[(broadcast_id, kind)] = [len(times), _sortable(first), first, _sortable(last), last]
+            return
+        group[0] += len(times)
+        if _sortable(first) < group[1]:
+            group[1], group[2] = _sortable(first), first
+        if _sortable(last) > group[3]:
+            group[3], group[4] = _sortable(last), last
+
     def rows(self) -> list[tuple[str, str, int, datetime, datetime]]:
         """(broadcast_id, type, events, first_at, last_at) per group, in key order (the order the
         counts rows are locked in, the same in every loader)."""

@@ -10,7 +10,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import asyncpg
 from aiokafka.structs import ConsumerRecord, TopicPartition
@@ -62,19 +62,62 @@ async def prepare(records: Sequence[ConsumerRecord[bytes, bytes]], ld: Loader) -
     """Read a batch: dead letters for bad records (published here), COPY text for the rest; None
     when nothing in it is loadable."""
     started = time.perf_counter()
-    # (record, broadcast, (broadcast, type, time, COPY line) when read fast, values otherwise): most
-    # records have espbridge's own shape and become COPY text directly; the rest are read with the
-    # model's rules.
+    # Most records have espbridge's own shape and become COPY text directly (see fast_copy_line).
+    fast_copy = core.fast_copy_line
+    fasts: list[core.FastLine | None] = []
+    for start in range(0, len(records), YIELD_EVERY):
+        if start:
+            await asyncio.sleep(0)  # lets the previous batch's COPY go on meanwhile
+        fasts += [fast_copy(r.value or b"") for r in records[start : start + YIELD_EVERY]]
+    if None not in fasts:
+        prepared = await _prepare_all_fast(cast("list[core.FastLine]", fasts), ld, started)
+        if prepared is not None:
+            return prepared
+    return await _prepare_each(records, fasts, ld, started)
+
+
+async def _prepare_all_fast(fasts: list[core.FastLine], ld: Loader, started: float) -> Prepared | None:
+    """A batch whose every record was read fast: grouped per broadcast and type; None if one of its
+    broadcasts is unknown (then :func:`_prepare_each` dead-letters its records)."""
+    groups: dict[tuple[bytes, bytes], list[bytes]] = {}
+    for broadcast, kind, occurred, _ in fasts:
+        times = groups.get((broadcast, kind))
+        if times is None:
+            groups[(broadcast, kind)] = [occurred]
+        else:
+            times.append(occurred)
+    broadcasts = sorted({b.decode() for b, _ in groups})
+    if len(await _known_broadcasts(ld, broadcasts, len(fasts))) < len(broadcasts):
+        return None
+    tally = core.Tally()
+    for (broadcast, kind), times in groups.items():
+        tally.add_times(broadcast, kind, times)
+    data = b"".join([f[3] for f in fasts])
+    return Prepared(data, len(fasts), tally, broadcasts, [], 0, started, time.perf_counter())
+
+
+async def _known_broadcasts(ld: Loader, broadcasts: list[str], events: int) -> set[str]:
+    try:
+        return await outside_message_context(_known(ld.pool, broadcasts))
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise UnavailableError(f"looking up the broadcasts of {events} events failed: {exc}") from exc
+
+
+async def _prepare_each(
+    records: Sequence[ConsumerRecord[bytes, bytes]],
+    fasts: list[core.FastLine | None],
+    ld: Loader,
+    started: float,
+) -> Prepared | None:
+    """A batch record by record: those not read fast are read with the model's rules."""
+    # (record, broadcast, (broadcast, type, time, COPY line) when read fast, values otherwise)
     decoded: list[tuple[ConsumerRecord[bytes, bytes], str, core.FastLine | None, EventFields | None]] = []
     letters: list[DeadLetter] = []
-    for n, record in enumerate(records, start=1):
-        if n % YIELD_EVERY == 0:
-            await asyncio.sleep(0)  # lets the previous batch's COPY go on meanwhile
-        value = record.value or b""
-        fast = core.fast_copy_line(value)
+    for record, fast in zip(records, fasts, strict=True):
         if fast is not None:
             decoded.append((record, fast[0].decode(), fast, None))
             continue
+        value = record.value or b""
         event = read_fast(value)
         if event is None:
             try:
@@ -84,10 +127,7 @@ async def prepare(records: Sequence[ConsumerRecord[bytes, bytes]], ld: Loader) -
                 continue
         decoded.append((record, event.broadcast_id, None, event))
     broadcasts = {b for _, b, _, _ in decoded}
-    try:
-        known = await outside_message_context(_known(ld.pool, sorted(broadcasts)))
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        raise UnavailableError(f"looking up the broadcasts of {len(decoded)} events failed: {exc}") from exc
+    known = await _known_broadcasts(ld, sorted(broadcasts), len(decoded))
     events: list[EventFields] = []
     loaded: set[str] = set()
     lines: list[bytes] = []

@@ -21,7 +21,7 @@ from shared.events import (
     read_fast,
     utc_text,
 )
-from shared.kafka import murmur2_partition
+from shared.kafka import murmur2, murmur2_partition, murmur2_python
 from shared.messages import EventSource, EventType, ResponseEvent, event_id_for
 
 
@@ -171,6 +171,7 @@ def test_the_partition_of_a_key_is_kafkas_default_partitioners() -> None:
             key = bytes(rng.getrandbits(8) for _ in range(length))
             for count in (1, 6, 12):
                 assert murmur2_partition(key, count) == partitioner(key, list(range(count)), [])
+            assert murmur2(key) == murmur2_python(key)  # the C extension and the fallback agree
 
 
 def test_copy_lines_escape_text_and_refuse_what_postgresql_cannot_store() -> None:
@@ -306,3 +307,30 @@ def test_a_tally_counts_per_broadcast_and_type_with_first_and_last_times() -> No
         ("b2", "open", 1, at - timedelta(hours=10, seconds=4), at - timedelta(hours=10, seconds=4)),
     ]
     assert tally.per_broadcast() == {"b1": 5, "b2": 1}
+
+
+def test_a_tally_of_groups_of_times_equals_the_tally_of_single_events() -> None:
+    rng = random.Random(3)
+    events = []
+    for _ in range(2000):
+        kind = rng.choice([b"open", b"click", b"sent"])
+        minute, second = rng.randrange(2), rng.randrange(3)  # few seconds: spellings of one time meet
+        spellings = [b"2026-11-22T10:%02d:%02dZ" % (minute, second)]
+        if kind != b"sent":  # "sent" keeps the usual spelling: its groups take the plain min and max
+            spellings += [
+                b"2026-11-22T10:%02d:%02d.%dZ" % (minute, second, rng.randrange(1, 999999)),
+                b"2026-11-22T10:%02d:%02d+00:00" % (minute, second),
+            ]
+        events.append((rng.choice([b"b1", b"b2"]), kind, rng.choice(spellings)))
+    one_by_one = core.Tally()
+    for broadcast, kind, when in events:
+        one_by_one.add(broadcast, kind, when)
+    grouped = core.Tally()
+    for start in range(0, len(events), 300):  # the batches of a loader, each one grouped
+        groups: dict[tuple[bytes, bytes], list[bytes]] = {}
+        for broadcast, kind, when in events[start : start + 300]:
+            groups.setdefault((broadcast, kind), []).append(when)
+        for (broadcast, kind), times in groups.items():
+            grouped.add_times(broadcast, kind, times)
+    assert grouped.rows() == one_by_one.rows()
+    assert grouped.per_broadcast() == one_by_one.per_broadcast()
