@@ -105,6 +105,8 @@ def list_text(column: str, pg_type: str) -> str:
         return f"to_char({col}, 'YYYY-MM-DD\"T\"HH24:MI:SS') || {fraction}{zone}"
     if pg_type in ("json", "jsonb"):
         return f"NULLIF({col}::text, '')"  # the JSON text itself, as asyncpg returns it
+    if pg_type == "text" or pg_type.startswith("character varying"):
+        return f"NULLIF({col}, '')"  # text is its own rendering (to_json and back would cost 3x)
     return f"NULLIF(to_json({col}) #>> '{{}}', '')"
 
 

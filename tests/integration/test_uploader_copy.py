@@ -10,21 +10,24 @@ from shared.messages import TableSelection
 
 ROWS = """
 INSERT INTO crm.mixed VALUES
-  ('a@x.com', 'plain', true, '2026-11-22 10:00:00+01', '2026-11-22', 12.50, 7, '{"tier": "gold"}', false),
+  ('a@x.com', 'plain', true, '2026-11-22 10:00:00+01', '2026-11-22', 12.50, 7, '{"tier": "gold"}', false,
+   'K-1'),
   ('b@x.com', 'comma, "quote"
-and a line break', false, '2026-11-22 10:00:00.120000+00', '1999-01-01', 0.1, -3, '[1, 2]', null),
-  ('c@x.com', '', null, null, null, null, null, null, false),
-  ('d@x.com', 'Zoë ünïcode', true, '2026-06-01 23:59:59.999999-07', '2026-06-01', 1e20, 0, 'null', false),
-  ('e@x.com', 'opted out', true, now(), current_date, 1, 1, '{}', true)
+and a line break', false, '2026-11-22 10:00:00.120000+00', '1999-01-01', 0.1, -3, '[1, 2]', null, ''),
+  ('c@x.com', '', null, null, null, null, null, null, false, null),
+  ('d@x.com', 'Zoë ünïcode', true, '2026-06-01 23:59:59.999999-07', '2026-06-01', 1e20, 0, 'null', false,
+   'Ünï "q"'),
+  ('e@x.com', 'opted out', true, now(), current_date, 1, 1, '{}', true, 'x')
 """
-COLUMNS = ["email", "note", "flag", "seen_at", "born", "amount", "n", "attrs"]
+COLUMNS = ["email", "note", "flag", "seen_at", "born", "amount", "n", "attrs", "code"]
 
 
 async def test_copy_and_the_row_writer_write_the_same_list(db: asyncpg.Connection) -> None:
     await db.execute(
         """
         CREATE TABLE crm.mixed (email text, note text, flag boolean, seen_at timestamptz, born date,
-                                amount numeric, n integer, attrs jsonb, opted_out boolean)
+                                amount numeric, n integer, attrs jsonb, opted_out boolean,
+                                code varchar(12))
         """
     )
     await db.execute(ROWS)
