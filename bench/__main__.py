@@ -238,6 +238,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "rows": u.rows,
                 "bytes": u.bytes,
                 "seconds": round(u.seconds, 2),
+                "runs_s": [round(s, 2) for s in u.runs_s],
+                "limit_runs_s": [round(s, 2) for s in u.limit_runs_s],
                 "limit_copy_s": round(u.limit_copy_s, 2),
                 "limit_put_s": round(u.limit_put_s, 2),
                 "limit_bytes": u.limit_bytes,

@@ -208,6 +208,8 @@ class UploadRun:
     seed_s: float
     uploader_cpu_s: float
     uploader_peak_rss_mb: float
+    runs_s: list[float] = field(default_factory=list)
+    limit_runs_s: list[float] = field(default_factory=list)
 
     @property
     def limit_s(self) -> float:
@@ -218,10 +220,10 @@ class UploadRun:
 LIST_COLUMNS = ("email", "first_name", "last_name", "city", "communication_key")
 
 
-async def upload(env: BenchEnv, rows: int, customers: int) -> UploadRun:
+async def upload(env: BenchEnv, rows: int, customers: int, runs: int = 2) -> UploadRun:
     """A ``rows``-recipient selection from crm.customers → the list file on the ESP's SFTP site,
-    timed from the job's publication to its ListUploaded; then psql ``\\copy (select …) to`` a
-    file plus OpenSSH ``sftp put`` of it."""
+    timed from the job's publication to its ListUploaded; and psql ``\\copy (select …) to`` a file
+    plus OpenSSH ``sftp put`` of it. Each ``runs`` times, in turns; the best of each is kept."""
     conn = await connect(env.pg)
     try:
         t = time.monotonic()
@@ -239,9 +241,6 @@ async def upload(env: BenchEnv, rows: int, customers: int) -> UploadRun:
     await create_topics(kafka)
     uploader = env.start("uploader", env.service_env(prefix))
     await env.wait_ready([uploader])
-    job = jobs_cli.build_job(
-        {**demo_job(f"bench-{env.token}-list", ESP, env.account, "upload_only"), "requested_by": "bench"}
-    )
     consumer = AIOKafkaConsumer(
         kafka.topic(Topic.BROADCAST_LISTS),
         bootstrap_servers=kafka.bootstrap_servers,
@@ -252,40 +251,34 @@ async def upload(env: BenchEnv, rows: int, customers: int) -> UploadRun:
     broker = KafkaBroker(kafka.bootstrap_servers, client_id="espbridge-bench")
     await consumer.start()
     await broker.start()
+    limit_runs: list[tuple[float, float, int]] = []
+    upload_runs: list[tuple[float, ListUploaded]] = []
     try:
-        t0 = time.monotonic()
-        await publish(broker, kafka, job)
-        uploaded: ListUploaded | None = None
-        deadline = t0 + 1800
-        while uploaded is None:
-            if not uploader.alive():
-                raise RuntimeError(f"the uploader exited:\n{uploader.tail()}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no ListUploaded after 1800 s; log: {uploader.log}")
-            batch = await consumer.getmany(timeout_ms=200)
-            for records in batch.values():
-                for record in records:
-                    if record.key == job.job_id.encode() and record.value:
-                        uploaded = ListUploaded.from_json(record.value)
-        seconds = time.monotonic() - t0
+        for n in range(1, runs + 1):
+            limit_runs.append(await _list_limit(env))
+            job = jobs_cli.build_job(
+                {
+                    **demo_job(f"bench-{env.token}-list-{n}", ESP, env.account, "upload_only"),
+                    "requested_by": "bench",
+                }
+            )
+            t0 = time.monotonic()
+            await publish(broker, kafka, job)
+            uploaded = await _list_uploaded(consumer, uploader, job.job_id, t0 + 1800)
+            seconds = time.monotonic() - t0
+            local = env.sftp_local_root / uploaded.remote_path
+            if local.stat().st_size != uploaded.bytes or uploaded.rows != selected:
+                raise RuntimeError(f"the list file {local} does not match its ListUploaded ({uploaded})")
+            local.unlink()
+            say(f"  uploader: {uploaded.rows} rows, {uploaded.bytes / 1e6:.0f} MB in {seconds:.1f} s")
+            upload_runs.append((seconds, uploaded))
     finally:
         await broker.stop()
         await consumer.stop()
     u = usage(uploader.pid)
     env.stop_all()
-    local = env.sftp_local_root / uploaded.remote_path
-    if local.stat().st_size != uploaded.bytes or uploaded.rows != selected:
-        raise RuntimeError(f"the list file {local} does not match its ListUploaded ({uploaded})")
-    say(f"  uploader: {uploaded.rows} rows, {uploaded.bytes / 1e6:.0f} MB in {seconds:.1f} s")
-    limit_csv = env.work / "limit-list.csv"
-    select = f"SELECT {', '.join(LIST_COLUMNS)} FROM crm.customers WHERE NOT coalesce(opted_out, false)"
-    copy_s = await limits.copy_out_limit(env.pg, select, limit_csv)
-    put_s = await limits.sftp_put(env.sftp, limit_csv, f"{env.remote_root}/drop/.limit-list.csv")
-    limit_bytes = limit_csv.stat().st_size
-    (env.account_dir / "drop" / ".limit-list.csv").unlink()
-    limit_csv.unlink()
-    local.unlink()
-    say(f"  limit: psql \\copy out {copy_s:.1f} s + sftp put {put_s:.1f} s ({limit_bytes / 1e6:.0f} MB)")
+    seconds, uploaded = min(upload_runs, key=lambda r: r[0])
+    copy_s, put_s, limit_bytes = min(limit_runs, key=lambda r: r[0] + r[1])
     return UploadRun(
         rows=uploaded.rows,
         bytes=uploaded.bytes,
@@ -296,4 +289,35 @@ async def upload(env: BenchEnv, rows: int, customers: int) -> UploadRun:
         seed_s=seed_s,
         uploader_cpu_s=u.cpu_s,
         uploader_peak_rss_mb=u.peak_rss_mb,
+        runs_s=[r[0] for r in upload_runs],
+        limit_runs_s=[c + p for c, p, _ in limit_runs],
     )
+
+
+async def _list_limit(env: BenchEnv) -> tuple[float, float, int]:
+    """psql ``\\copy (select …) to`` a local file, then OpenSSH ``sftp put`` of it: (copy s, put s, bytes)."""
+    limit_csv = env.work / "limit-list.csv"
+    select = f"SELECT {', '.join(LIST_COLUMNS)} FROM crm.customers WHERE NOT coalesce(opted_out, false)"
+    copy_s = await limits.copy_out_limit(env.pg, select, limit_csv)
+    put_s = await limits.sftp_put(env.sftp, limit_csv, f"{env.remote_root}/drop/.limit-list.csv")
+    limit_bytes = limit_csv.stat().st_size
+    (env.account_dir / "drop" / ".limit-list.csv").unlink()
+    limit_csv.unlink()
+    say(f"  limit: psql \\copy out {copy_s:.1f} s + sftp put {put_s:.1f} s ({limit_bytes / 1e6:.0f} MB)")
+    return copy_s, put_s, limit_bytes
+
+
+async def _list_uploaded(
+    consumer: AIOKafkaConsumer, uploader: Service, job_id: str, deadline: float
+) -> ListUploaded:
+    """The job's ListUploaded, read from the lists topic as soon as it is there."""
+    while True:
+        if not uploader.alive():
+            raise RuntimeError(f"the uploader exited:\n{uploader.tail()}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no ListUploaded for {job_id}; log: {uploader.log}")
+        batch = await consumer.getmany(timeout_ms=200)
+        for records in batch.values():
+            for record in records:
+                if record.key == job_id.encode() and record.value:
+                    return ListUploaded.from_json(record.value)
