@@ -19,12 +19,14 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
+import asyncpg
 import orjson
 from faststream import AckPolicy, FastStream
 from faststream.kafka import KafkaBroker
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.db import create_pool, postgres_answers
 from shared.errors import EspbridgeError, StoppingError, UnavailableError
 from shared.failpoints import Failpoints, FailpointSettings
 from shared.http import HealthServer, Metrics
@@ -40,8 +42,8 @@ from shared.kafka import (
 )
 from shared.logs import configure
 from shared.messages import DeadLetter, Message
-from shared.outages import KafkaWatch, Outages, PoolReconnectLines, unreachable_server
-from shared.settings import HttpSettings, KafkaSettings, LogSettings
+from shared.outages import KafkaWatch, Outages, PostgresWatch, ServerWatch, unreachable_server
+from shared.settings import HttpSettings, KafkaSettings, LogSettings, PostgresSettings
 from shared.topics import Topic
 
 log = logging.getLogger(__name__)
@@ -82,6 +84,7 @@ class Runtime:
         self.inflight = InFlight()
         self.failpoints = Failpoints(settings.failpoints)
         self.outages = Outages()
+        self._postgres_watched = False
         self.stack = contextlib.AsyncExitStack()
         self.http = HealthServer(settings.http, self.metrics, lambda: self.ready)
         self.broker: KafkaBroker = make_broker(
@@ -130,6 +133,35 @@ class Runtime:
         if messages:
             self.metrics.inc("messages_published_total", len(messages), type=type(messages[0]).__name__)
 
+    def watch(self, watch: ServerWatch) -> None:
+        """Add ``watch`` to the log handlers and run it, until the runtime's stack closes."""
+        handlers = list(logging.getLogger().handlers)
+        for handler in handlers:
+            handler.addFilter(watch)
+        task = asyncio.create_task(watch.run(), name=f"{watch.server} watch")
+
+        async def stop() -> None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            for handler in handlers:
+                handler.removeFilter(watch)
+
+        self.stack.push_async_callback(stop)
+
+    async def open_pool(self, settings: PostgresSettings) -> asyncpg.Pool:
+        """The process's PostgreSQL connection pool, closed with the runtime's stack.
+
+        The pool reconnects by itself after an outage; a :class:`PostgresWatch` turns its warnings
+        into a line about the outage and one when PostgreSQL answers again.
+        """
+        pool = await create_pool(settings)
+        self.stack.push_async_callback(pool.close)
+        if not self._postgres_watched:
+            self._postgres_watched = True
+            self.watch(PostgresWatch(functools.partial(postgres_answers, settings), self.outages))
+        return pool
+
     async def dead_letter(self, letter: DeadLetter) -> None:
         """Publish a dead letter and count it."""
         await self.publish(letter)
@@ -160,14 +192,9 @@ async def wait_for_kafka(settings: KafkaSettings, timeout_s: float) -> None:
 
 
 def watch_outages(runtime: Runtime) -> None:
-    """Clear log lines for outages of Kafka and PostgreSQL, for as long as the runtime's stack is open."""
-    watch = KafkaWatch(functools.partial(kafka_answers, runtime.settings.kafka), runtime.outages)
-    pool_lines = PoolReconnectLines()
-    handlers = list(logging.getLogger().handlers)
-    for handler in handlers:
-        handler.addFilter(watch)
-        handler.addFilter(pool_lines)
-    task = asyncio.create_task(watch.run(), name="kafka-watch")
+    """Clear log lines for outages of Kafka (and of PostgreSQL, see :meth:`Runtime.open_pool`), for
+    as long as the runtime's stack is open."""
+    runtime.watch(KafkaWatch(functools.partial(kafka_answers, runtime.settings.kafka), runtime.outages))
     loop = asyncio.get_running_loop()
     previous = loop.get_exception_handler()
 
@@ -185,16 +212,10 @@ def watch_outages(runtime: Runtime) -> None:
 
     loop.set_exception_handler(lost_in_outage)
 
-    async def stop() -> None:
+    async def restore() -> None:
         loop.set_exception_handler(previous)
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        for handler in handlers:
-            handler.removeFilter(watch)
-            handler.removeFilter(pool_lines)
 
-    runtime.stack.push_async_callback(stop)
+    runtime.stack.push_async_callback(restore)
 
 
 async def run_service(

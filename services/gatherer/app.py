@@ -13,7 +13,6 @@ from faststream.kafka.annotations import KafkaMessage
 
 from services.gatherer import handlers
 from services.gatherer.settings import Settings
-from shared.db import create_pool
 from shared.esp import Accounts, ConnectorContext, Connectors
 from shared.kafka import HEADERS_JSON_V1, BatchPublisher
 from shared.service import Runtime
@@ -30,8 +29,7 @@ DESCRIPTION = (
 async def create_app(settings: Settings, runtime: Runtime) -> FastStream:
     """The gatherer's app: consumes responses.files.v1 in the espbridge-gatherer consumer group."""
     accounts = Accounts.load(settings.accounts)
-    pool = await create_pool(settings.pg)
-    runtime.stack.push_async_callback(pool.close)
+    pool = await runtime.open_pool(settings.pg)
     sftp = SftpPool(settings.sftp)
     runtime.stack.push_async_callback(sftp.close)
     http = await runtime.stack.enter_async_context(aiohttp.ClientSession())

@@ -9,7 +9,6 @@ from faststream.kafka.annotations import KafkaMessage
 
 from services.loader import handlers
 from services.loader.settings import Settings
-from shared.db import create_pool
 from shared.service import Runtime
 from shared.topics import Topic
 
@@ -28,8 +27,7 @@ async def undecoded(message: StreamMessage[Any]) -> None:
 
 async def create_app(settings: Settings, runtime: Runtime) -> FastStream:
     """The loader's app: consumes responses.events.v1 in the espbridge-loader consumer group."""
-    pool = await create_pool(settings.pg)
-    runtime.stack.push_async_callback(pool.close)
+    pool = await runtime.open_pool(settings.pg)
     loader = handlers.Loader(settings, runtime, pool)
 
     @runtime.subscriber(

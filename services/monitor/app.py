@@ -8,7 +8,6 @@ from faststream.kafka.annotations import KafkaMessage
 
 from services.monitor import handlers
 from services.monitor.settings import Settings
-from shared.db import create_pool
 from shared.esp import Accounts, ConnectorContext, Connectors
 from shared.service import Runtime
 from shared.sftp import SftpPool
@@ -23,8 +22,7 @@ DESCRIPTION = (
 async def create_app(settings: Settings, runtime: Runtime) -> FastStream:
     """The monitor's app: consumes broadcast.lists.v1 in the espbridge-monitor consumer group."""
     accounts = Accounts.load(settings.accounts)
-    pool = await create_pool(settings.pg)
-    runtime.stack.push_async_callback(pool.close)
+    pool = await runtime.open_pool(settings.pg)
     http = await runtime.stack.enter_async_context(aiohttp.ClientSession())
     sftp = SftpPool(settings.sftp)
     runtime.stack.push_async_callback(sftp.close)

@@ -8,7 +8,6 @@ from faststream.kafka.annotations import KafkaMessage
 
 from services.uploader import handlers
 from services.uploader.settings import Settings
-from shared.db import create_pool
 from shared.esp import Accounts, ConnectorContext, Connectors
 from shared.service import Runtime
 from shared.sftp import SftpPool
@@ -24,8 +23,7 @@ DESCRIPTION = (
 async def create_app(settings: Settings, runtime: Runtime) -> FastStream:
     """The uploader's app: consumes broadcast.jobs.v1 in the espbridge-uploader consumer group."""
     accounts = Accounts.load(settings.accounts)
-    pool = await create_pool(settings.pg)
-    runtime.stack.push_async_callback(pool.close)
+    pool = await runtime.open_pool(settings.pg)
     sftp = SftpPool(settings.sftp)
     runtime.stack.push_async_callback(sftp.close)
     http = await runtime.stack.enter_async_context(aiohttp.ClientSession())

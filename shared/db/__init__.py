@@ -1,6 +1,6 @@
 """PostgreSQL access: one asyncpg pool per process, and the migration runner."""
 
-from shared.db.core import Conn, connect, create_pool, dsn_kwargs, outside_message_context
+from shared.db.core import Conn, connect, create_pool, dsn_kwargs, outside_message_context, postgres_answers
 from shared.db.migrate import MIGRATIONS_DIR, Migration, applied_migrations, load_migrations, migrate
 from shared.db.sql import InvalidIdentifierError, copy_merge, quote_ident, quote_qualified
 
@@ -17,6 +17,7 @@ __all__ = [
     "load_migrations",
     "migrate",
     "outside_message_context",
+    "postgres_answers",
     "quote_ident",
     "quote_qualified",
 ]

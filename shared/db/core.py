@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 from collections.abc import Coroutine
 from typing import Any, TypeAlias, TypeVar
@@ -11,6 +12,7 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from shared.errors import ConfigurationError, UnavailableError
+from shared.outages import POSTGRES, unreachable_server
 from shared.settings import PostgresSettings
 
 Conn: TypeAlias = asyncpg.Connection | PoolConnectionProxy
@@ -73,3 +75,15 @@ async def create_pool(settings: PostgresSettings) -> asyncpg.Pool:
         raise _map_connect_error(settings, exc) from exc
     assert pool is not None  # create_pool returns the pool once awaited
     return pool
+
+
+async def postgres_answers(settings: PostgresSettings, timeout_s: float = 5.0) -> bool:
+    """Whether PostgreSQL accepts a connection now (a refused login is an answer too: the server
+    is there, and the work that needs it says what is wrong)."""
+    try:
+        conn = await asyncpg.connect(**{**dsn_kwargs(settings), "timeout": timeout_s})
+    except Exception as exc:
+        return unreachable_server(exc) != POSTGRES
+    with contextlib.suppress(Exception):
+        await conn.close(timeout=timeout_s)
+    return True
