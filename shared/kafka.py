@@ -16,6 +16,7 @@ from typing import Any, TypeVar, cast
 
 from aiokafka import AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.client import AIOKafkaClient
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from faststream import BaseMiddleware, StreamMessage
 from faststream.kafka import KafkaBroker
@@ -34,6 +35,32 @@ M = TypeVar("M", bound=Message)
 
 RETRY_BACKOFF_MIN_S = 0.5
 RETRY_BACKOFF_MAX_S = 30.0
+
+
+def back_off_failed_metadata_updates() -> None:
+    """Make every Kafka client wait its ``retry_backoff_ms`` after a metadata update that failed.
+
+    aiokafka's producer asks for metadata again as soon as an update ends while a batch waits
+    for a partition leader it does not know. With the broker down every update fails at once
+    (connection refused), so a producer with records in hand spun through updates for as long as
+    Kafka was down: a whole core and thousands of client log lines a second. With the wait it
+    asks ten times a second, as the Java client does (``retry.backoff.ms``). Applied once, at import.
+    """
+    update = AIOKafkaClient._metadata_update
+    if getattr(update, "backs_off", False):
+        return
+
+    async def _metadata_update(self: AIOKafkaClient, cluster_metadata: Any, topics: Any) -> bool:
+        updated = bool(await update(self, cluster_metadata, topics))
+        if not updated:
+            await asyncio.sleep(self._retry_backoff)  # the client's retry backoff after a failure
+        return updated
+
+    _metadata_update.backs_off = True  # type: ignore[attr-defined]
+    AIOKafkaClient._metadata_update = _metadata_update  # type: ignore[method-assign]
+
+
+back_off_failed_metadata_updates()
 
 
 def make_broker(

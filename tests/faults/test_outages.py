@@ -4,13 +4,15 @@ For each of Kafka, PostgreSQL and sshd (the ESP's SFTP site): the four services 
 run against a private set of servers; once the broadcast's responses are being gathered and
 loaded, the server is stopped with ``infra/local.sh down``, left down for 30 seconds and started
 again with ``infra/local.sh up``. The broadcast must then complete with every response loaded
-exactly once, one send at the ESP, every service process still the one that was started, and a
-clear line in the services' logs about the outage and about the recovery.
+exactly once, one send at the ESP, every service process still the one that was started (and
+none busy while it waited), and a clear line in the services' logs about the outage and about
+the recovery.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -48,6 +50,8 @@ REPORTED_BY = {
     "postgres": SERVICES,
     "sftp": ("gatherer",),
 }
+CPU_SHARE_WHILE_DOWN = 0.25
+"""The most CPU time a service may use while a server is down, as a share of the outage."""
 MAX_OUTAGE_LINES = 80
 """Per service and outage: one line per retry with capped backoff, not one per client attempt."""
 
@@ -84,6 +88,12 @@ def outage_lines(path: Path, server: str) -> tuple[list[dict[str, Any]], list[di
     down = [r for r in records if str(r.get("msg", "")).startswith(f"{server} unreachable")]
     again = [r for r in records if str(r.get("msg", "")).startswith(f"{server} reachable again")]
     return down, again
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user and system) a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def log_records(path: Path) -> list[dict[str, Any]]:
@@ -141,7 +151,9 @@ async def test_a_broadcast_survives_a_30_second_outage(
 
         private.down(component)
         stopped_at = time.monotonic()
+        cpu_before = {name: cpu_s(proc.pid) for name, proc in pipeline.procs.items()}
         await asyncio.sleep(OUTAGE_S)  # the outage: the server stays down this long
+        cpu_down = {name: cpu_s(proc.pid) - cpu_before[name] for name, proc in pipeline.procs.items()}
         private.up(component)
         outage = time.monotonic() - stopped_at
 
@@ -172,6 +184,12 @@ async def test_a_broadcast_survives_a_30_second_outage(
             await wait_for(lambda: not not_yet_back(), timeout_s=120, what="the 'reachable again' lines")
         except TimeoutError:
             raise AssertionError(f"no '{server} reachable again' line from {not_yet_back()}") from None
+
+        # Waiting for a server costs next to nothing: no client spins through reconnects (a spinning
+        # one uses a whole core; a waiting one well under a second in these 30 s).
+        limit = CPU_SHARE_WHILE_DOWN * OUTAGE_S
+        busy = {name: round(used, 1) for name, used in cpu_down.items() if used > limit}
+        assert not busy, f"CPU seconds used in {OUTAGE_S:.0f} s of the {component} outage: {busy}"
 
         # No service process exited (and none was started twice) during the outage.
         for name, proc in pipeline.procs.items():

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
 import pytest
+from aiokafka.client import AIOKafkaClient
 
 from shared import kafka
 from shared.outages import Outages
@@ -75,3 +77,23 @@ async def test_recovery_is_logged_when_a_message_of_another_partition_goes_throu
     # Once only: the next message says nothing more.
     await policy.consume_scope(loaded, Message((Record("responses.events", 0, 20),)))
     assert len(caplog.records) == 1
+
+
+async def test_a_failed_metadata_update_waits_the_retry_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With Kafka down, a producer holding records asks for metadata again at once after each failed
+    update; the wait after a failure is what keeps it from spinning a core through the outage."""
+    waits: list[float] = []
+    sleep = asyncio.sleep
+
+    async def recorded(delay: float, result: Any = None) -> Any:
+        waits.append(delay)
+        return await sleep(0, result)
+
+    client = AIOKafkaClient(bootstrap_servers="127.0.0.1:9", retry_backoff_ms=250)  # nothing listens
+    monkeypatch.setattr(asyncio, "sleep", recorded)
+    try:
+        assert await client._metadata_update(client.cluster, []) is False
+    finally:
+        monkeypatch.undo()
+        await client.close()
+    assert waits == [0.25]
