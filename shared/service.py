@@ -14,6 +14,7 @@ import contextlib
 import functools
 import gc
 import logging
+import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -224,31 +225,53 @@ async def run_service(
     create_app: AppFactory,
     on_ready: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
-    """Run a service until SIGTERM/SIGINT."""
+    """Run a service until SIGTERM/SIGINT.
+
+    A SIGTERM before the app runs (while it waits for Kafka or opens its pools) cancels the
+    start-up: what was opened is closed and the service returns, as there is no message in hand.
+    Once the app runs, SIGTERM is its graceful stop (faststream's handler replaces this one).
+    """
     runtime = Runtime(name, settings)
-    async with runtime.stack as stack:
-        watch_outages(runtime)
-        await wait_for_kafka(settings.kafka, settings.startup_timeout_s)
-        app = await create_app(settings, runtime)
-        if settings.http.enabled:  # after create_app: a service may have added routes (webhooks)
-            await runtime.http.start()
-            stack.push_async_callback(runtime.http.stop)
+    loop = asyncio.get_running_loop()
+    starting = asyncio.current_task()
+    assert starting is not None  # run_service runs as a task (asyncio.run)
+    stopped_while_starting = False
 
-        async def mark_ready() -> None:
-            runtime.ready = True
-            log.info("service ready", extra={"group_id": settings.group_id(name)})
-            if on_ready is not None:
-                await on_ready()
+    def stop_starting() -> None:
+        nonlocal stopped_while_starting
+        stopped_while_starting = True
+        starting.cancel()
 
-        async def mark_stopping() -> None:
-            runtime.ready = False
-            runtime.stopping.set()
-            log.info("stopping: finishing in-flight messages")
+    loop.add_signal_handler(signal.SIGTERM, stop_starting)
+    try:
+        async with runtime.stack as stack:
+            watch_outages(runtime)
+            await wait_for_kafka(settings.kafka, settings.startup_timeout_s)
+            app = await create_app(settings, runtime)
+            if settings.http.enabled:  # after create_app: a service may have added routes (webhooks)
+                await runtime.http.start()
+                stack.push_async_callback(runtime.http.stop)
 
-        app.after_startup(mark_ready)
-        app.on_shutdown(mark_stopping)
-        await app.run(log_level=logging.DEBUG)
-        log.info("stopped")
+            async def mark_ready() -> None:
+                runtime.ready = True
+                log.info("service ready", extra={"group_id": settings.group_id(name)})
+                if on_ready is not None:
+                    await on_ready()
+
+            async def mark_stopping() -> None:
+                runtime.ready = False
+                runtime.stopping.set()
+                log.info("stopping: finishing in-flight messages")
+
+            app.after_startup(mark_ready)
+            app.on_shutdown(mark_stopping)
+            await app.run(log_level=logging.DEBUG)  # its SIGTERM handler replaces stop_starting
+    except asyncio.CancelledError:
+        if not stopped_while_starting:
+            raise
+        log.info("stopped while starting (SIGTERM before the service was ready)")
+        return
+    log.info("stopped")
 
 
 GC_THRESHOLDS = (50_000, 20, 100)

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import sys
 
-from services.uploader.app import DESCRIPTION, create_app
-from services.uploader.settings import Settings
-from shared.service import service_main
+from shared.starting import exit_on_sigterm
+
+exit_on_sigterm()  # a stop during the imports below (a second or more) exits 0 at once
+
+from services.uploader.app import DESCRIPTION, create_app  # noqa: E402
+from services.uploader.settings import Settings  # noqa: E402
+from shared.service import service_main  # noqa: E402
 
 
 def main() -> int:

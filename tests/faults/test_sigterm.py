@@ -1,16 +1,18 @@
 """SIGTERM each service in the middle of its work: it exits 0 within its grace period, with its
 in-flight work either finished or handed back untouched, and a restart completes the broadcast
-exactly once."""
+exactly once. A SIGTERM while a service still starts ends it at once, also with exit code 0."""
 
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import time
 from contextlib import ExitStack
 from pathlib import Path
 
 import orjson
+import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
 from shared.db import connect
@@ -30,6 +32,7 @@ from tests.fixtures.faults import (
     stopped_within,
 )
 from tests.fixtures.kafka import wait_for
+from tests.fixtures.processes import running, service_env
 from tests.fixtures.servers import Servers
 
 CUSTOMERS = 2000
@@ -225,3 +228,47 @@ async def committed_offsets(kafka: KafkaSettings, group: str, topic: Topic) -> i
     return sum(
         meta.offset for tp, meta in offsets.items() if tp.topic == kafka.topic(topic) and meta.offset > 0
     )
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def catches_sigterm(pid: int) -> bool:
+    """Whether the process has its own SIGTERM handler (SigCgt in /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+    return False
+
+
+@pytest.mark.parametrize("service", ["uploader", "monitor", "gatherer", "loader"])
+async def test_sigterm_while_the_service_starts_exits_0(service: str, tmp_path: Path) -> None:
+    """A stop that comes while the process still imports its modules (a second or more) ends it
+    with exit code 0, not killed by the signal."""
+    log = tmp_path / f"{service}.log"
+    env = service_env({"ESPBRIDGE_KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{closed_port()}"})
+    with running(f"services.{service}", env, log) as proc:
+
+        def handler_installed() -> bool:
+            return proc.poll() is not None or catches_sigterm(proc.pid)
+
+        await wait_for(handler_installed, interval_s=0.01, what="a SIGTERM handler")
+        before_any_line = log.read_bytes() == b""  # not even "starting": it is still importing
+        proc.send_signal(signal.SIGTERM)
+        assert stopped_within(proc, GRACE_S) == 0, log.read_text(errors="replace")[-2000:]
+    assert before_any_line, "the process caught SIGTERM only after it had started up"
+
+
+async def test_sigterm_while_waiting_for_kafka_closes_what_it_opened_and_exits_0(tmp_path: Path) -> None:
+    log = tmp_path / "loader.log"
+    env = service_env({"ESPBRIDGE_KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{closed_port()}"})
+    with running("services.loader", env, log) as proc:
+        await wait_for(lambda: logged(log, "Kafka not available yet, retrying"), what="the wait for Kafka")
+        proc.send_signal(signal.SIGTERM)
+        assert stopped_within(proc, GRACE_S) == 0
+    assert logged(log, "stopped while starting (SIGTERM before the service was ready)")
+    assert not [line for line in log.read_bytes().splitlines() if b"Traceback" in line or b'"exc"' in line]
