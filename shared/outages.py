@@ -215,14 +215,6 @@ class KafkaWatch(ServerWatch):
         return any(sign in record.getMessage() for sign in _KAFKA_DOWN_SIGNS)
 
 
-def _lost_postgres(record: logging.LogRecord) -> BaseException | None:
-    if record.name == "asyncpg.pool" and record.exc_info and record.exc_info[1] is not None:
-        exc = record.exc_info[1]
-        if unreachable_server(exc) == POSTGRES:
-            return exc
-    return None
-
-
 class PostgresWatch(ServerWatch):
     """PostgreSQL's outage as seen by a connection pool that reconnects in the background
     (``answers``: opening a connection).
@@ -236,11 +228,12 @@ class PostgresWatch(ServerWatch):
     probe = "a new connection"
 
     def concerns(self, record: logging.LogRecord) -> bool:
-        return _lost_postgres(record) is not None
+        exc = record.exc_info[1] if record.name == "asyncpg.pool" and record.exc_info else None
+        return exc is not None and unreachable_server(exc) == POSTGRES
 
     def says_down(self, record: logging.LogRecord) -> bool:
-        exc = _lost_postgres(record)
-        assert exc is not None  # concerns() held
+        assert record.exc_info is not None  # concerns() held
+        exc = record.exc_info[1]
         record.msg = "PostgreSQL unreachable, the connection pool reconnects in the background"
         record.args = None
         record.exc_info = None

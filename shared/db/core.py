@@ -12,7 +12,6 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from shared.errors import ConfigurationError, UnavailableError
-from shared.outages import POSTGRES, unreachable_server
 from shared.settings import PostgresSettings
 
 Conn: TypeAlias = asyncpg.Connection | PoolConnectionProxy
@@ -77,13 +76,15 @@ async def create_pool(settings: PostgresSettings) -> asyncpg.Pool:
     return pool
 
 
-async def postgres_answers(settings: PostgresSettings, timeout_s: float = 5.0) -> bool:
+async def postgres_answers(settings: PostgresSettings) -> bool:
     """Whether PostgreSQL accepts a connection now (a refused login is an answer too: the server
     is there, and the work that needs it says what is wrong)."""
     try:
-        conn = await asyncpg.connect(**{**dsn_kwargs(settings), "timeout": timeout_s})
-    except Exception as exc:
-        return unreachable_server(exc) != POSTGRES
+        conn = await connect(settings)
+    except ConfigurationError:
+        return True
+    except UnavailableError:
+        return False
     with contextlib.suppress(Exception):
-        await conn.close(timeout=timeout_s)
+        await conn.close(timeout=settings.connect_timeout_s)
     return True

@@ -12,7 +12,6 @@ the recovery.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -22,6 +21,7 @@ from typing import Any
 import orjson
 import pytest
 
+from bench.harness import usage
 from shared import jobs_cli
 from shared.db import connect, migrate, quote_ident
 from shared.kafka import ensure_topics
@@ -90,12 +90,6 @@ def outage_lines(path: Path, server: str) -> tuple[list[dict[str, Any]], list[di
     return down, again
 
 
-def cpu_s(pid: int) -> float:
-    """CPU seconds (user and system) a process has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def log_records(path: Path) -> list[dict[str, Any]]:
     """A service's JSON log lines (anything else it printed is kept as a message)."""
     records: list[dict[str, Any]] = []
@@ -151,9 +145,9 @@ async def test_a_broadcast_survives_a_30_second_outage(
 
         private.down(component)
         stopped_at = time.monotonic()
-        cpu_before = {name: cpu_s(proc.pid) for name, proc in pipeline.procs.items()}
+        cpu_before = {name: usage(proc.pid).cpu_s for name, proc in pipeline.procs.items()}
         await asyncio.sleep(OUTAGE_S)  # the outage: the server stays down this long
-        cpu_down = {name: cpu_s(proc.pid) - cpu_before[name] for name, proc in pipeline.procs.items()}
+        cpu_down = {name: usage(proc.pid).cpu_s - cpu_before[name] for name, proc in pipeline.procs.items()}
         private.up(component)
         outage = time.monotonic() - stopped_at
 

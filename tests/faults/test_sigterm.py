@@ -5,7 +5,6 @@ exactly once. A SIGTERM while a service still starts ends it at once, also with 
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import time
 from contextlib import ExitStack
@@ -32,6 +31,7 @@ from tests.fixtures.faults import (
     stopped_within,
 )
 from tests.fixtures.kafka import wait_for
+from tests.fixtures.pipeline import free_port
 from tests.fixtures.processes import running, service_env
 from tests.fixtures.servers import Servers
 
@@ -230,13 +230,6 @@ async def committed_offsets(kafka: KafkaSettings, group: str, topic: Topic) -> i
     )
 
 
-def closed_port() -> int:
-    """A loopback port nothing listens on (bound, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def catches_sigterm(pid: int) -> bool:
     """Whether the process has its own SIGTERM handler (SigCgt in /proc/PID/status)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -250,7 +243,7 @@ async def test_sigterm_while_the_service_starts_exits_0(service: str, tmp_path: 
     """A stop that comes while the process still imports its modules (a second or more) ends it
     with exit code 0, not killed by the signal."""
     log = tmp_path / f"{service}.log"
-    env = service_env({"ESPBRIDGE_KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{closed_port()}"})
+    env = service_env({"ESPBRIDGE_KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}"})
     with running(f"services.{service}", env, log) as proc:
 
         def handler_installed() -> bool:
@@ -263,9 +256,9 @@ async def test_sigterm_while_the_service_starts_exits_0(service: str, tmp_path: 
     assert before_any_line, "the process caught SIGTERM only after it had started up"
 
 
-async def test_sigterm_while_waiting_for_kafka_closes_what_it_opened_and_exits_0(tmp_path: Path) -> None:
+async def test_sigterm_while_waiting_for_kafka_cancels_the_start_up_and_exits_0(tmp_path: Path) -> None:
     log = tmp_path / "loader.log"
-    env = service_env({"ESPBRIDGE_KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{closed_port()}"})
+    env = service_env({"ESPBRIDGE_KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}"})
     with running("services.loader", env, log) as proc:
         await wait_for(lambda: logged(log, "Kafka not available yet, retrying"), what="the wait for Kafka")
         proc.send_signal(signal.SIGTERM)
