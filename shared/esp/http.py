@@ -7,8 +7,10 @@ timeouts and dropped connections are transient and carry the server's Retry-Afte
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
+from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 import aiohttp
@@ -100,26 +102,43 @@ async def request_json(
 class RateLimiter:
     """At most ``calls`` calls in any ``per_s`` seconds, across all tasks of the process.
 
-    Waiting here keeps the client under an ESP's documented limit, so 429s stay the exception.
+    A call holds its slot from the moment it starts until ``per_s`` after it ended (its answer
+    came, or it failed): the ESP saw it somewhere in between, so however long a request spent on
+    the way, the next call in that slot reaches the ESP at least ``per_s`` after it. Counting from
+    the start instead lets a call that was slow to arrive (a new connection, a busy network) and
+    one sent on time land in the same second at the ESP. Waiting here keeps the client under an
+    ESP's documented limit, so 429s stay the exception.
     """
 
     def __init__(self, calls: int, per_s: float = 1.0) -> None:
         self._calls = calls
         self._per_s = per_s
-        self._sent: deque[float] = deque()
-        self._lock = asyncio.Lock()
+        self._ended: deque[float] = deque()  # when the calls of the last per_s seconds ended
+        self._open = 0  # calls started and not yet ended
+        self._freed = asyncio.Event()  # replaced each time a call ends
 
-    async def acquire(self) -> None:
-        """Wait for a free slot and take it."""
-        async with self._lock:
-            while True:
-                now = time.monotonic()
-                while self._sent and now - self._sent[0] >= self._per_s:
-                    self._sent.popleft()
-                if len(self._sent) < self._calls:
-                    self._sent.append(now)
-                    return
-                await asyncio.sleep(self._per_s - (now - self._sent[0]))  # until the oldest call ages out
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """Wait for a free slot, hold it while the block runs, and for ``per_s`` after it."""
+        while True:
+            now = time.monotonic()
+            while self._ended and now - self._ended[0] >= self._per_s:
+                self._ended.popleft()
+            if self._open + len(self._ended) < self._calls:
+                break
+            freed = self._freed
+            # until the oldest ended call ages out, or (all slots open) until one ends
+            wait = self._per_s - (now - self._ended[0]) if self._ended else None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(freed.wait(), wait)
+        self._open += 1
+        try:
+            yield
+        finally:
+            self._open -= 1
+            self._ended.append(time.monotonic())
+            self._freed.set()
+            self._freed = asyncio.Event()
 
 
 class TokenSource(Protocol):
@@ -226,11 +245,10 @@ async def request_with_token(
 ) -> tuple[int, Any]:
     """:func:`request_json` with a bearer token; a 401 refreshes the token and retries once."""
     for attempt in (1, 2):
-        if limiter is not None:
-            await limiter.acquire()
         auth = {"Authorization": await token.authorization()}
         try:
-            return await request_json(session, method, url, headers={**(headers or {}), **auth}, **kwargs)
+            async with limiter.slot() if limiter is not None else contextlib.nullcontext():
+                return await request_json(session, method, url, headers={**(headers or {}), **auth}, **kwargs)
         except EspAuthError:
             if attempt == 2:
                 raise

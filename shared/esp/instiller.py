@@ -315,7 +315,6 @@ class InstillerConnector(Connector):
             raise EspUnavailableError(f"{where}: rate limited by the ESP for {hold:.0f}s more", hold)
         if hold > 0:
             await asyncio.sleep(hold)  # the ESP's Retry-After of an earlier call
-        await self._limiter.acquire()
 
     async def _call(self, method: str, role: str, params: dict[str, str]) -> Any:
         """One authenticated call; the parsed body of a 200, else the documented error mapping."""
@@ -325,15 +324,18 @@ class InstillerConnector(Connector):
         fields = {**params, "api_id": self._api_id, "api_key": self._api_key}
         get = method == "GET"
         try:
-            async with self._session.request(
-                method,
-                self._base + path,
-                params=fields if get else None,
-                data=None if get else fields,  # application/x-www-form-urlencoded
-                headers={"Accept": "application/json"},
-                timeout=aiohttp.ClientTimeout(total=self.account.request_timeout_s),
-                allow_redirects=False,
-            ) as resp:
+            async with (
+                self._limiter.slot(),
+                self._session.request(
+                    method,
+                    self._base + path,
+                    params=fields if get else None,
+                    data=None if get else fields,  # application/x-www-form-urlencoded
+                    headers={"Accept": "application/json"},
+                    timeout=aiohttp.ClientTimeout(total=self.account.request_timeout_s),
+                    allow_redirects=False,
+                ) as resp,
+            ):
                 body = await resp.read()
                 status = resp.status
                 retry_after = _retry_after(resp.headers.get("Retry-After"))

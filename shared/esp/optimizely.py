@@ -544,8 +544,7 @@ class OptimizelyConnector(Connector):
         """One request with Basic auth under the account's concurrency cap and rate limit."""
         url = self._base + path
         await self._wait_for_hold(f"{method} {path}")
-        async with self._semaphore:
-            await self._limiter.acquire()  # inside the slot: the rate holds for requests actually sent
+        async with self._semaphore, self._limiter.slot():  # the rate holds for requests actually sent
             if form is None:
                 return await request_json(
                     self._session,

@@ -3,6 +3,7 @@ OAuth2 token fetch/refresh/retry on 401, and the client-side rate limiter."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -127,9 +128,41 @@ async def test_rate_limiter_keeps_calls_under_the_limit(esp: Esp) -> None:
         token = OAuth2Token(http, f"{esp.url}/token", {"grant_type": "client_credentials"})
         for _ in range(12):
             await request_with_token(http, token, "GET", f"{esp.url}/data", limiter=limiter)
-    # The server sees the calls a little later than the limiter let them go, with some jitter; a
-    # window 0.1 s shorter than the limiter's keeps that jitter from counting as a sixth call.
-    windows = [sum(1 for t in esp.calls if start <= t < start + 0.4) for start in esp.calls]
+    # a call holds its slot until 0.5 s after its answer came, so the server never sees a sixth
+    # call within 0.5 s, whatever the calls' time on the way
+    windows = [sum(1 for t in esp.calls if start <= t < start + 0.5) for start in esp.calls]
     assert max(windows) <= 5
     # 12 calls at 5 per 0.5 s need two waits (the first call also waits for the token fetch)
     assert esp.calls[-1] - esp.calls[0] >= 0.9
+
+
+async def test_a_call_slow_to_arrive_still_counts_against_the_next_one() -> None:
+    """The server sees a call somewhere between its start and its end: the slot stays taken until
+    ``per_s`` after the end, so a slow call and the next ones never meet in one window there."""
+    limiter = RateLimiter(2, per_s=0.4)
+    arrived: list[float] = []
+
+    async def call(on_the_way_s: float) -> None:
+        async with limiter.slot():
+            await asyncio.sleep(on_the_way_s)  # a new connection, a busy network
+            arrived.append(time.monotonic())
+
+    first = asyncio.create_task(call(0.3))
+    await asyncio.sleep(0)  # the slow call starts first
+    await asyncio.gather(first, call(0.0), call(0.0), call(0.0))
+    arrived.sort()
+    assert len(arrived) == 4
+    # at most 2 arrivals in any 0.4 s: counted from the start, the third call would have gone at
+    # 0.4 s, 0.1 s after the slow call arrived and with the second call in the same window
+    assert all(later - earlier >= 0.4 for earlier, later in zip(arrived, arrived[2:], strict=False))
+
+
+async def test_a_waiting_call_gets_the_slot_a_failed_call_frees() -> None:
+    limiter = RateLimiter(1, per_s=0.2)
+    with pytest.raises(RuntimeError):
+        async with limiter.slot():
+            raise RuntimeError("refused")
+    started = time.monotonic()
+    async with limiter.slot():
+        waited = time.monotonic() - started
+    assert 0.15 <= waited < 5.0  # the failed call counted, and its slot came free after per_s
