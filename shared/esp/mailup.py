@@ -20,8 +20,8 @@ are the MailUp console user, ``client_id`` and ``client_secret``/``client_secret
 application's API keys. ``token``/``token_file`` is *not* an API credential: it is the webhook's
 shared secret, sent by MailUp as the form field ``Secret``. The token is refreshed
 ``token_margin_s`` before it expires and once after a 401; every console and statistics call of the
-account waits for the connector's ``RateLimiter`` (``rate_limit_per_s``, 5, per 1.1 s so that
-network jitter stays under MailUp's count), and a 429 is waited out
+account waits for the connector's ``RateLimiter`` (``rate_limit_per_s``, 5, per 1.1 s after each
+call's answer), and a 429 is waited out
 (``Retry-After``, else 1 s) and repeated. Every option is described on the documentation page.
 """
 
@@ -75,8 +75,9 @@ FIELD_MAX_CHARS = 200
 MAX_ERRORS = 100
 """Local row reasons kept per import (the rest are counted)."""
 RATE_WINDOW_S = 1.1
-"""The limiter's window: ``rate_limit_per_s`` calls per 1.1 s, so that a call delayed on its way
-(behind a token fetch, by the network) does not make MailUp count one call too many in its second."""
+"""The limiter's window: ``rate_limit_per_s`` calls per 1.1 s after each call's answer. The limiter
+already keeps calls delayed on the way apart; the extra 0.1 s covers MailUp counting a call when it
+finished, not when it arrived."""
 MAX_ATTEMPTS = 10
 """Calls of one request when MailUp answers 429 (or, where repeating is safe, 5xx)."""
 
