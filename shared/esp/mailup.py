@@ -76,8 +76,8 @@ MAX_ERRORS = 100
 """Local row reasons kept per import (the rest are counted)."""
 RATE_WINDOW_S = 1.1
 """The limiter's window: ``rate_limit_per_s`` calls per 1.1 s after each call's answer. The limiter
-already keeps calls delayed on the way apart; the extra 0.1 s covers MailUp counting a call when it
-finished, not when it arrived."""
+already keeps calls delayed on the way apart; the extra 0.1 s is a margin for how MailUp's own
+clock cuts its seconds, which its documentation does not say."""
 MAX_ATTEMPTS = 10
 """Calls of one request when MailUp answers 429 (or, where repeating is safe, 5xx)."""
 
