@@ -35,13 +35,15 @@ class Sizes:
     upload_rows: int
     memory_bytes: int
     scale_events: int
+    rounds: int
+    """How often the end-to-end run, the upload and their limits are each measured (best kept)."""
 
     @classmethod
     def for_run(cls, quick: bool) -> Sizes:
         """The issue's sizes, or QUICK ones for a run of a few minutes."""
         if quick:
-            return cls(200_000, 8, 200_000, 100 * 10**6, 200_000)
-        return cls(1_000_000, 8, 1_000_000, 2**30, 200_000)
+            return cls(200_000, 8, 200_000, 100 * 10**6, 200_000, 2)
+        return cls(1_000_000, 8, 1_000_000, 2**30, 200_000, 3)
 
 
 def _git(*args: str) -> str:
@@ -97,6 +99,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         args.upload_rows or sizes.upload_rows,
         args.memory_mb * 10**6 if args.memory_mb else sizes.memory_bytes,
         args.scale_events or sizes.scale_events,
+        args.rounds or sizes.rounds,
     )
     parts = set(args.only.split(",")) if args.only else set(PARTS)
     results: dict[str, Any] = {k: None for k in report.KEYS}
@@ -133,12 +136,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             say(f"  {events:,} events in {len(files)} files ({time.monotonic() - t:.0f} s)")
             paths = [folder / f.name for f in files]
             if "e2e" in parts:
-                say("end-to-end ingestion (loaders=1, gatherers=1) and psql \\copy of the same rows, twice")
-                # Each measured twice, in turns, and the best of each taken: neither side profits
-                # from warm caches (or suffers a neighbour's burst) more than the other.
+                say(
+                    "end-to-end ingestion (loaders=1, gatherers=1) and psql \\copy of the same rows, "
+                    f"{sizes.rounds} times each"
+                )
+                # Each measured in turns, and the best of each taken: neither side profits from warm
+                # caches (or suffers a neighbour's burst) more than the other.
                 limit_runs: list[float] = []
                 ingest_runs: list[scenarios.IngestRun] = []
-                for _ in range(2):
+                for _ in range(sizes.rounds):
                     limit_runs.append(await scenarios.copy_limit(env, limit_csv))
                     ingest_runs.append(await scenarios.ingest(env, paths, events))
                 first = min(ingest_runs, key=lambda r: r.seconds)
@@ -229,7 +235,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             }
         if "upload" in parts:
             say(f"list upload: {sizes.upload_rows:,} recipients")
-            u = await scenarios.upload(env, sizes.upload_rows, generate.customers_for(sizes.upload_rows))
+            u = await scenarios.upload(
+                env, sizes.upload_rows, generate.customers_for(sizes.upload_rows), sizes.rounds
+            )
             results["upload_rows"] = u.rows
             results["upload_s"] = round(u.seconds, 2)
             results["upload_limit_s"] = round(u.limit_s, 2)
@@ -261,6 +269,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--upload-rows", type=int, help="recipients of the list upload")
     parser.add_argument("--memory-mb", type=int, help="size of the memory bench's response file (MB)")
     parser.add_argument("--scale-events", type=int, help="events per scale and profile run")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        help="times the end-to-end run, the upload and their limits are measured (best kept)",
+    )
     parser.add_argument("--seed", type=int, default=20261122, help="seed of the generated data")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "latest.json")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "performance.md")

@@ -148,7 +148,7 @@ async def ingest(
             return bool(n >= expected)
 
         try:
-            t1 = await wait_for(loaded, f"{expected} events loaded", timeout_s, 0.2)
+            t1 = await wait_for(loaded, f"{expected} events loaded", timeout_s, 0.05)
         except TimeoutError:
             n = await conn.fetchval("SELECT coalesce(sum(events), 0) FROM responses.broadcast_type_counts")
             states = await conn.fetch("SELECT state, count(*) FROM control.gathered_files GROUP BY state")
