@@ -11,13 +11,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import functools
 import gc
 import logging
+import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import asyncpg
@@ -288,6 +290,39 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
+MALLOC_MMAP_THRESHOLD = 16 * 2**20
+"""Buffers up to this size come from the heap, not a mapping of their own (glibc's mallopt)."""
+MALLOC_TRIM_THRESHOLD = 32 * 2**20
+"""Freed heap up to this size stays in the process for the next batch (glibc's mallopt)."""
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (glibc's malloc.h)
+
+
+def tune_malloc(environ: Mapping[str, str] = os.environ) -> bool:
+    """Let glibc reuse the memory of one batch for the next instead of faulting it in again.
+
+    A service holds several buffers of a few MiB at once (Kafka requests and fetches, a window of
+    events, a COPY's text) and frees them together. With glibc's defaults such a buffer gets a
+    mapping of its own, or the freed heap is given back to the system, and the next batch touches
+    every page anew: in the end-to-end bench, 410,000 page faults per million events in the
+    gatherer and 295,000 in the loader, about 2 CPU seconds of system time between them. These
+    thresholds keep up to :data:`MALLOC_TRIM_THRESHOLD` of freed memory in each process.
+
+    Returns False, changing nothing, without glibc (musl, macOS) or when the operator set
+    ``MALLOC_MMAP_THRESHOLD_`` or ``MALLOC_TRIM_THRESHOLD_`` (their values stand).
+    """
+    if "MALLOC_MMAP_THRESHOLD_" in environ or "MALLOC_TRIM_THRESHOLD_" in environ:
+        return False
+    try:
+        if not os.confstr("CS_GNU_LIBC_VERSION"):
+            return False
+        mallopt = ctypes.CDLL(None).mallopt
+    except (ValueError, OSError, AttributeError):  # no such confstr name, no libc symbols
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD)
+    )
+
+
 def service_main(
     name: str,
     description: str,
@@ -323,6 +358,7 @@ def service_main(
     configure(name, settings.log.level, settings.log.format)
     log.info("starting", extra={"settings": settings.masked()})
     tune_gc()
+    tune_malloc()
     try:
         if args.check:
             asyncio.run(ensure_topics(settings.kafka))
