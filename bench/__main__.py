@@ -46,6 +46,16 @@ class Sizes:
         return cls(1_000_000, 8, 1_000_000, 2**30, 200_000, 3)
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is less than 1")
+    return value
+
+
 def _git(*args: str) -> str:
     result = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False)
     return result.stdout.strip()
@@ -271,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale-events", type=int, help="events per scale and profile run")
     parser.add_argument(
         "--rounds",
-        type=int,
+        type=_at_least_one,
         help="times the end-to-end run, the upload and their limits are measured (best kept)",
     )
     parser.add_argument("--seed", type=int, default=20261122, help="seed of the generated data")

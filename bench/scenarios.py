@@ -220,7 +220,7 @@ class UploadRun:
 LIST_COLUMNS = ("email", "first_name", "last_name", "city", "communication_key")
 
 
-async def upload(env: BenchEnv, rows: int, customers: int, runs: int = 2) -> UploadRun:
+async def upload(env: BenchEnv, rows: int, customers: int, runs: int) -> UploadRun:
     """A ``rows``-recipient selection from crm.customers → the list file on the ESP's SFTP site,
     timed from the job's publication to its ListUploaded; and psql ``\\copy (select …) to`` a file
     plus OpenSSH ``sftp put`` of it. Each ``runs`` times, in turns; the best of each is kept."""

@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from pydantic import SecretStr
 
 from bench import generate, report
+from bench.__main__ import main
 from services.loader.core import copy_line
 from shared.esp import AccountConfig, BadRow, ConnectorContext
 from shared.esp.generic import GenericConnector
@@ -151,3 +153,13 @@ def test_profile_summary_counts_own_and_inclusive_samples() -> None:
     }
     areas = {a["area"]: a["pct"] for a in summary["areas"]}
     assert areas == {"selectors": 60.0, "pydantic": 30.0, "services/loader": 10.0}
+
+
+@pytest.mark.parametrize("rounds", ["0", "-2", "three"])
+def test_rounds_below_one_are_refused_with_a_clear_error(
+    rounds: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["--rounds", rounds])
+    assert exited.value.code == 2  # argparse's usage error, before anything is measured
+    assert "--rounds" in capsys.readouterr().err

@@ -6,13 +6,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from shared.service import tune_malloc
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.fixtures.processes import service_env
 
 # A batch as a service has it: six 4 MiB buffers alive at once, then all freed; ten batches.
 BATCHES = """
@@ -37,7 +35,7 @@ glibc_only = pytest.mark.skipif(
 
 
 def page_faults(mode: str) -> int:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = service_env({})
     env.pop("MALLOC_MMAP_THRESHOLD_", None)
     env.pop("MALLOC_TRIM_THRESHOLD_", None)
     done = subprocess.run(
