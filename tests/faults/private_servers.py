@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -17,21 +16,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.fixtures.servers import LOCAL, Servers, parse_env_file, servers_from_env
+from tests.fixtures.servers import LOCAL, Servers, free_ports, parse_env_file, servers_from_env
 
 COMPONENTS = ("kafka", "postgres", "sftp")
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct TCP ports on loopback that are free now."""
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [int(sock.getsockname()[1]) for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 @dataclass

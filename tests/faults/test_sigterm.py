@@ -31,9 +31,8 @@ from tests.fixtures.faults import (
     stopped_within,
 )
 from tests.fixtures.kafka import wait_for
-from tests.fixtures.pipeline import free_port
 from tests.fixtures.processes import running, service_env
-from tests.fixtures.servers import Servers
+from tests.fixtures.servers import Servers, free_port
 
 CUSTOMERS = 2000
 GRACE_S = 20

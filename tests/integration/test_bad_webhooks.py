@@ -25,9 +25,8 @@ from shared.settings import KafkaSettings, PostgresSettings
 from shared.topics import Topic
 from tests.fixtures.jobs import record_jobs
 from tests.fixtures.kafka import read_until, wait_for
-from tests.fixtures.pipeline import free_port
 from tests.fixtures.processes import running, service_env, stop
-from tests.fixtures.servers import Servers
+from tests.fixtures.servers import Servers, free_port
 from tools.demo import FLAVORS, write_accounts_file
 
 JOB = "job-hooks"

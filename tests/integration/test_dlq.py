@@ -24,9 +24,9 @@ from shared.settings import KafkaSettings, PostgresSettings
 from shared.topics import Topic
 from tests.fixtures.jobs import record_jobs
 from tests.fixtures.kafka import read_until, wait_for
-from tests.fixtures.pipeline import free_port, loaded_counts, start_pipeline, wait_all_loaded
+from tests.fixtures.pipeline import loaded_counts, start_pipeline, wait_all_loaded
 from tests.fixtures.processes import running, service_env, stop
-from tests.fixtures.servers import ROOT, Servers
+from tests.fixtures.servers import ROOT, Servers, free_port
 from tools.demo import FLAVORS, demo_job, seed_customers, write_accounts_file
 
 

@@ -17,8 +17,8 @@ from shared.messages import BroadcastJob, DeadLetter, Stage, State
 from shared.settings import KafkaSettings, PostgresSettings
 from shared.topics import Topic
 from tests.fixtures.kafka import read_until, wait_for
-from tests.fixtures.pipeline import Pipeline, free_port, loaded_counts, start_pipeline, wait_all_loaded
-from tests.fixtures.servers import Servers
+from tests.fixtures.pipeline import Pipeline, loaded_counts, start_pipeline, wait_all_loaded
+from tests.fixtures.servers import Servers, free_port
 from tools.demo import seed_customers
 
 ESPS = ["generic_sftp", "instiller", "mailup", "optimizely", "deployteq"]
