@@ -21,7 +21,7 @@ import orjson
 
 from bench import generate, report, scenarios
 from bench.harness import PARTITIONS_RESPONSES, ROOT, BenchEnv, bench_env, kafka_version, say
-from shared.db import connect
+from shared.infra.db import connect
 
 PARTS = ("e2e", "scale", "profile", "memory", "upload")
 

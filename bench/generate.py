@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import IO
 
 from services.loader.core import COLUMNS as LOADED_COLUMNS
-from shared.messages import event_id_for
+from shared.model.messages import event_id_for
 
 HEADER = (
     "EventId",

@@ -25,9 +25,9 @@ from pathlib import Path
 import asyncpg
 from aiokafka.admin import AIOKafkaAdminClient
 
-from shared.db import connect, migrate, quote_ident
-from shared.kafka import ensure_topics
-from shared.settings import KafkaSettings, PostgresSettings, SftpSettings
+from shared.infra.db import connect, migrate, quote_ident
+from shared.infra.kafka import ensure_topics
+from shared.infra.settings import KafkaSettings, PostgresSettings, SftpSettings
 from tools.demo import write_accounts_file
 
 ROOT = Path(__file__).resolve().parents[1]

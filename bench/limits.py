@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from bench.generate import LIMIT_COLUMNS
-from shared.settings import PostgresSettings, SftpSettings
+from shared.infra.settings import PostgresSettings, SftpSettings
 
 
 async def _run(argv: list[str], env: dict[str, str] | None = None, stdin: bytes | None = None) -> float:

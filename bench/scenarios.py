@@ -18,12 +18,12 @@ from faststream.kafka import KafkaBroker
 from bench import limits
 from bench.generate import Broadcast
 from bench.harness import ESP, BenchEnv, Service, create_topics, say, usage, wait_for
-from shared import jobs_cli
-from shared.db import connect
-from shared.db.jobs import upsert_job
-from shared.kafka import publish
-from shared.messages import ListUploaded
-from shared.topics import Topic
+from shared.infra.db import connect
+from shared.infra.db.jobs import upsert_job
+from shared.infra.kafka import publish
+from shared.model.messages import ListUploaded
+from shared.model.topics import Topic
+from shared.operations.jobs import build_job
 from tools.demo import demo_job, seed_customers
 
 LIMIT_TABLE = "bench_limit.events"
@@ -67,7 +67,7 @@ async def record_jobs(env: BenchEnv, broadcasts: list[Broadcast]) -> None:
                 **demo_job(b.job_id, ESP, env.account, "upload_only", b.message),
                 "requested_by": "bench",
             }
-            await upsert_job(conn, jobs_cli.build_job(document))
+            await upsert_job(conn, build_job(document))
     finally:
         await conn.close()
 
@@ -256,7 +256,7 @@ async def upload(env: BenchEnv, rows: int, customers: int, runs: int) -> UploadR
     try:
         for n in range(1, runs + 1):
             limit_runs.append(await _list_limit(env))
-            job = jobs_cli.build_job(
+            job = build_job(
                 {
                     **demo_job(f"bench-{env.token}-list-{n}", ESP, env.account, "upload_only"),
                     "requested_by": "bench",

@@ -13,8 +13,8 @@ import asyncpg
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
-from shared.db import connect, migrate, quote_ident
-from shared.settings import KafkaSettings, PostgresSettings
+from shared.infra.db import connect, migrate, quote_ident
+from shared.infra.settings import KafkaSettings, PostgresSettings
 from tests.fixtures.servers import (
     REQUIRED,
     Servers,

@@ -25,11 +25,12 @@ from typing import Any
 import aiohttp
 import orjson
 
-from shared import jobs_cli
-from shared.db import Conn, connect
-from shared.kafka import ensure_topics
-from shared.messages import BroadcastStatus, Stage, State
-from shared.settings import KafkaSettings, PostgresSettings
+from shared.infra.db import Conn, connect
+from shared.infra.db.responses import FUNNEL
+from shared.infra.kafka import ensure_topics
+from shared.infra.settings import KafkaSettings, PostgresSettings
+from shared.model.messages import BroadcastStatus, Stage, State
+from shared.operations.jobs import build_job, funnel, publish_job, read_statuses
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVICES = ("uploader", "monitor", "gatherer", "loader")
@@ -350,7 +351,7 @@ async def run(recipients: int, esp: str, account: str) -> int:
     assert counts is not None
     say(f"crm.customers: {counts['n']} customers ({added} added now), {counts['o']} opted out")
 
-    job = jobs_cli.build_job(
+    job = build_job(
         demo_job(
             f"demo-{datetime.now(UTC):%Y%m%d-%H%M%S}",
             esp,
@@ -361,13 +362,13 @@ async def run(recipients: int, esp: str, account: str) -> int:
         )
     )
     t0 = time.monotonic()
-    await jobs_cli.publish_job(kafka, job)
+    await publish_job(kafka, job)
     say(f"published job {job.job_id} to {kafka.topic_prefix}broadcast.jobs.v1")
 
     seen: set[tuple[str, str]] = set()
 
     async def sent() -> bool:
-        for s in await jobs_cli.read_statuses(kafka, job.job_id):
+        for s in await read_statuses(kafka, job.job_id):
             if (s.stage, s.state) not in seen and s.stage in (Stage.UPLOAD, Stage.IMPORT, Stage.SEND):
                 seen.add((s.stage, s.state))
                 counts = " ".join(f"{k}={v}" for k, v in s.counts.items())
@@ -390,14 +391,14 @@ async def run(recipients: int, esp: str, account: str) -> int:
 
     manifest = await wait_until("all responses loaded", all_loaded, 900, 1.0)
     loaded_at = datetime.now(UTC)
-    statuses = await jobs_cli.read_statuses(kafka, job.job_id)
-    funnel = await jobs_cli.funnel(pg, job.job_id) or {}
+    statuses = await read_statuses(kafka, job.job_id)
+    loaded_funnel = await funnel(pg, job.job_id) or {}
     upload = next((s for s in statuses if s.stage is Stage.UPLOAD and s.state is State.DONE), None)
     print()
     print(f"broadcast {job.job_id} — response funnel (responses.broadcast_funnel)")
     rows = [("recipients", upload.counts.get("rows", 0) if upload else 0, manifest["recipients"])]
-    names = dict(zip(jobs_cli.FUNNEL, FUNNEL_TYPES, strict=True))
-    rows += [(label, funnel.get(label, 0), manifest["counts"][names[label]]) for label in jobs_cli.FUNNEL]
+    names = dict(zip(FUNNEL, FUNNEL_TYPES, strict=True))
+    rows += [(label, loaded_funnel.get(label, 0), manifest["counts"][names[label]]) for label in FUNNEL]
     print(f"  {'':<14}{'loaded':>10}{'ESP manifest':>14}")
     for label, value, expected in rows:
         print(f"  {label:<14}{value:>10}{expected:>14}{'' if value == expected else '  MISMATCH'}")

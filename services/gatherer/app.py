@@ -14,10 +14,10 @@ from faststream.kafka.annotations import KafkaMessage
 from services.gatherer import handlers
 from services.gatherer.settings import Settings
 from shared.esp import Accounts, ConnectorContext, Connectors
-from shared.kafka import HEADERS_JSON_V1, BatchPublisher
-from shared.service import Runtime
-from shared.sftp import SftpPool
-from shared.topics import Topic
+from shared.infra.kafka import HEADERS_JSON_V1, BatchPublisher
+from shared.infra.sftp import SftpPool
+from shared.model.topics import Topic
+from shared.runtime.runtime import Runtime, ServiceSpec
 
 DESCRIPTION = (
     "Scans the ESP accounts' response folders on an interval (announcing new files on responses.files.v1), "
@@ -71,3 +71,7 @@ async def create_app(settings: Settings, runtime: Runtime) -> FastStream:
         app.after_startup(start_scanning)
         app.on_shutdown(stop_scanning)
     return app
+
+
+SERVICE = ServiceSpec("gatherer", DESCRIPTION, Settings, create_app)
+"""What ``python -m services.gatherer`` runs."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import posixpath
 from collections import Counter
 
-from shared.messages import BroadcastStatus, ResponseFile, Stage, State
+from shared.model.messages import BroadcastStatus, ResponseFile, Stage, State
 
 
 def file_key(file: ResponseFile) -> str:

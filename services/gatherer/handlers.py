@@ -23,20 +23,21 @@ import asyncssh
 from aiohttp import web
 
 from services.gatherer import core
-from services.gatherer.records import RecordReader, row_letter, with_originals
+from services.gatherer.originals import RecordReader, row_letter, with_originals
 from services.gatherer.settings import Settings
-from shared.errors import PermanentError, is_transient
 from shared.esp import BadRow, Connectors, NotSupportedError, WebhookAuthError
 from shared.esp.accounts import UnknownAccountError
-from shared.events import EncodedEvent
-from shared.failpoints import Point
-from shared.gathering import pull_api, scan
-from shared.kafka import BatchPublisher, decode
-from shared.logs import log_context
-from shared.messages import DeadLetter, EventSource, Message, ResponseEvent, ResponseFile
-from shared.outages import backoff_s, unreachable_server
-from shared.service import Runtime
-from shared.sftp import SftpPool, download_stream, safe_local_name
+from shared.infra.db import files
+from shared.infra.kafka import BatchPublisher
+from shared.infra.logs import log_context
+from shared.infra.outages import backoff_s, unreachable_server
+from shared.infra.sftp import SftpPool, download_stream, safe_local_name
+from shared.model.errors import PermanentError, is_transient
+from shared.model.events import EncodedEvent
+from shared.model.messages import DeadLetter, EventSource, Message, ResponseEvent, ResponseFile, decode
+from shared.operations.gathering import pull_api, scan
+from shared.runtime.failpoints import Point
+from shared.runtime.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +55,10 @@ class Gatherer:
     events: BatchPublisher
     """Publishes the events of response files (whole record batches)."""
     pull_errors: dict[str, str] = field(default_factory=dict)
-    """The last API pull error reported per job (see :func:`shared.gathering.pull_api`)."""
+    """The last API pull error reported per job (see :func:`shared.operations.gathering.pull_api`)."""
     unreadable: set[str] = field(default_factory=set)
-    """Response files with names that are not UTF-8, reported once (see :func:`shared.gathering.scan`)."""
+    """Response files with names that are not UTF-8, reported once
+    (see :func:`shared.operations.gathering.scan`)."""
 
     async def scan_once(self) -> int:
         """Scan every account's folders and pull its API once; returns files announced + events pulled."""
@@ -120,24 +122,8 @@ async def handle_file(body: bytes, g: Gatherer) -> None:
         connector = g.connectors.get(file.esp, file.account)
         account = connector.account
         async with g.pool.acquire() as conn:
-            state = await conn.fetchval(
-                """
-                INSERT INTO control.gathered_files
-                    (esp, account, path, size, mtime, state, attempts, started_at)
-                VALUES ($1, $2, $3, $4, $5, 'processing', 1, now())
-                ON CONFLICT (esp, account, path, size, mtime) DO UPDATE
-                SET state = CASE WHEN gathered_files.state = 'archived' THEN 'archived' ELSE 'processing' END,
-                    attempts = gathered_files.attempts + 1,
-                    started_at = now()
-                RETURNING state
-                """,
-                file.esp,
-                file.account,
-                file.path,
-                file.size,
-                file.mtime,
-            )
-        if state == "archived":
+            taken = await files.take(conn, file)
+        if not taken:
             log.info("file already gathered")
             return
         archive = core.archive_path(file.path, account.sftp_root, connector.archive_folder)
@@ -228,22 +214,7 @@ async def _ledger_done(
     g: Gatherer, file: ResponseFile, archive: str, events: int | None, bad: int | None
 ) -> None:
     async with g.pool.acquire() as conn:
-        await conn.execute(
-            """
-            UPDATE control.gathered_files
-            SET state = 'archived', archived_to = $6, finished_at = now(),
-                events = coalesce($7, events), bad_rows = coalesce($8, bad_rows), error = NULL
-            WHERE esp = $1 AND account = $2 AND path = $3 AND size = $4 AND mtime = $5
-            """,
-            file.esp,
-            file.account,
-            file.path,
-            file.size,
-            file.mtime,
-            archive,
-            events,
-            bad,
-        )
+        await files.archived(conn, file, archive, events, bad)
 
 
 async def handle_webhook(request: web.Request, g: Gatherer) -> web.Response:

@@ -1,22 +1,10 @@
-"""`python -m services.loader`: configure logging, build settings, create the app, run."""
+"""`python -m services.loader`: SIGTERM exits 0 from the first instant; then the service runs."""
 
 from __future__ import annotations
 
 import sys
 
-from shared.starting import exit_on_sigterm
-
-exit_on_sigterm()  # a stop during the imports below (a second or more) exits 0 at once
-
-from services.loader.app import DESCRIPTION, create_app  # noqa: E402
-from services.loader.settings import Settings  # noqa: E402
-from shared.service import service_main  # noqa: E402
-
-
-def main() -> int:
-    """Run the loader until SIGTERM."""
-    return service_main("loader", DESCRIPTION, Settings, create_app)
-
+from shared.runtime.starting import start
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(start("services.loader.app"))

@@ -9,8 +9,8 @@ from faststream.kafka.annotations import KafkaMessage
 
 from services.loader import handlers
 from services.loader.settings import Settings
-from shared.service import Runtime
-from shared.topics import Topic
+from shared.model.topics import Topic
+from shared.runtime.runtime import Runtime, ServiceSpec
 
 DESCRIPTION = (
     "Consumes response events (responses.events.v1) in batches, loads them into the response database "
@@ -45,3 +45,7 @@ async def create_app(settings: Settings, runtime: Runtime) -> FastStream:
         await handlers.handle_batches(raw if isinstance(raw, tuple) else (raw,), consumer, loader)
 
     return FastStream(runtime.broker)
+
+
+SERVICE = ServiceSpec("loader", DESCRIPTION, Settings, create_app)
+"""What ``python -m services.loader`` runs."""

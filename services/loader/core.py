@@ -7,9 +7,9 @@ from collections.abc import Iterable
 from datetime import date, datetime
 from typing import Any
 
-from shared.errors import PermanentError
-from shared.events import EventFields
-from shared.messages import (
+from shared.model.errors import PermanentError
+from shared.model.events import EventFields
+from shared.model.messages import (
     BroadcastStatus,
     EventType,
     Stage,

@@ -17,13 +17,12 @@ from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from services.loader import core, store
 from services.loader.settings import Settings
-from shared.db import outside_message_context
-from shared.errors import InvalidMessageError, PermanentError, UnavailableError
-from shared.events import EventFields, fields_of, read_fast
-from shared.failpoints import Point
-from shared.kafka import decode
-from shared.messages import DeadLetter, EventSource, ResponseEvent
-from shared.service import Runtime
+from shared.infra.db import jobs, outside_message_context
+from shared.model.errors import InvalidMessageError, PermanentError, UnavailableError
+from shared.model.events import EventFields, fields_of, read_fast
+from shared.model.messages import DeadLetter, EventSource, ResponseEvent, decode
+from shared.runtime.failpoints import Point
+from shared.runtime.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -329,7 +328,7 @@ def _copy_line(
 
 async def _known(pool: asyncpg.Pool, broadcasts: list[str]) -> set[str]:
     async with pool.acquire() as conn:
-        return await store.known_broadcasts(conn, broadcasts)
+        return await jobs.known_job_ids(conn, broadcasts)
 
 
 async def _load(

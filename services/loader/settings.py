@@ -5,8 +5,8 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from shared.service import ServiceSettings
-from shared.settings import PostgresSettings
+from shared.infra.settings import PostgresSettings
+from shared.runtime.settings import ServiceSettings
 
 
 class Settings(ServiceSettings):

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Sequence
 import asyncpg
 
 from services.loader.core import COLUMNS, Tally
-from shared.db import Conn
+from shared.infra.db import Conn
 
 log = logging.getLogger(__name__)
 
@@ -115,9 +115,3 @@ async def totals(conn: Conn, broadcast_ids: Sequence[str]) -> dict[str, dict[str
     ):
         out[r["broadcast_id"]][r["type"]] = r["events"]
     return out
-
-
-async def known_broadcasts(conn: Conn, broadcast_ids: Sequence[str]) -> set[str]:
-    """Those of ``broadcast_ids`` that are jobs in control.jobs."""
-    rows = await conn.fetch("SELECT job_id FROM control.jobs WHERE job_id = ANY($1)", list(broadcast_ids))
-    return {r["job_id"] for r in rows}

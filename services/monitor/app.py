@@ -9,9 +9,9 @@ from faststream.kafka.annotations import KafkaMessage
 from services.monitor import handlers
 from services.monitor.settings import Settings
 from shared.esp import Accounts, ConnectorContext, Connectors
-from shared.service import Runtime
-from shared.sftp import SftpPool
-from shared.topics import Topic
+from shared.infra.sftp import SftpPool
+from shared.model.topics import Topic
+from shared.runtime.runtime import Runtime, ServiceSpec
 
 DESCRIPTION = (
     "Consumes uploaded lists (broadcast.lists.v1), drives the ESP's import and send through its REST "
@@ -35,3 +35,7 @@ async def create_app(settings: Settings, runtime: Runtime) -> FastStream:
         await handlers.handle_list(message.body, monitor)
 
     return FastStream(runtime.broker)
+
+
+SERVICE = ServiceSpec("monitor", DESCRIPTION, Settings, create_app)
+"""What ``python -m services.monitor`` runs."""

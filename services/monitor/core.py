@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from shared.esp.base import ImportState, ImportStatus, SendStatus
-from shared.messages import BroadcastStatus, Stage, State
+from shared.model.messages import BroadcastStatus, Stage, State
 
 
 def backoff(initial_s: float, max_s: float, factor: float = 1.6) -> Iterator[float]:

@@ -16,8 +16,6 @@ import asyncpg
 
 from services.monitor import core
 from services.monitor.settings import Settings
-from shared.db import jobs
-from shared.errors import PermanentError, TransientError
 from shared.esp import (
     Connector,
     Connectors,
@@ -25,12 +23,13 @@ from shared.esp import (
     SendState,
     SendStatus,
 )
-from shared.esp.http import EspUnavailableError
-from shared.failpoints import Point
-from shared.kafka import decode
-from shared.logs import log_context
-from shared.messages import BroadcastJob, BroadcastStatus, ListUploaded, SendMode, Stage, State
-from shared.service import Runtime
+from shared.esp.rest import EspUnavailableError
+from shared.infra.db import jobs
+from shared.infra.logs import log_context
+from shared.model.errors import PermanentError, TransientError
+from shared.model.messages import BroadcastJob, BroadcastStatus, ListUploaded, SendMode, Stage, State, decode
+from shared.runtime.failpoints import Point
+from shared.runtime.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +69,9 @@ async def handle_list(body: bytes, mon: Monitor) -> None:
     upload = decode(ListUploaded, body)
     with log_context(job_id=upload.job_id):
         async with mon.pool.acquire() as conn:
-            row = await conn.fetchrow("SELECT job FROM control.jobs WHERE job_id = $1", upload.job_id)
-        if row is None:
+            job = await jobs.job_of(conn, upload.job_id)
+        if job is None:
             raise PermanentError(f"job {upload.job_id} is not recorded in control.jobs")
-        job = BroadcastJob.from_json(row["job"])
         connector = mon.connectors.get(upload.esp, upload.account)
         stage = Stage.IMPORT
         try:

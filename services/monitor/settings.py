@@ -6,8 +6,8 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from shared.esp import AccountsSettings
-from shared.service import ServiceSettings
-from shared.settings import PostgresSettings, SftpSettings
+from shared.infra.settings import PostgresSettings, SftpSettings
+from shared.runtime.settings import ServiceSettings
 
 
 class Settings(ServiceSettings):

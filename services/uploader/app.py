@@ -9,9 +9,9 @@ from faststream.kafka.annotations import KafkaMessage
 from services.uploader import handlers
 from services.uploader.settings import Settings
 from shared.esp import Accounts, ConnectorContext, Connectors
-from shared.service import Runtime
-from shared.sftp import SftpPool
-from shared.topics import Topic
+from shared.infra.sftp import SftpPool
+from shared.model.topics import Topic
+from shared.runtime.runtime import Runtime, ServiceSpec
 
 DESCRIPTION = (
     "Consumes broadcast jobs (broadcast.jobs.v1), streams each job's recipients into the ESP's list "
@@ -35,3 +35,7 @@ async def create_app(settings: Settings, runtime: Runtime) -> FastStream:
         await handlers.handle_job(message.body, uploader)
 
     return FastStream(runtime.broker)
+
+
+SERVICE = ServiceSpec("uploader", DESCRIPTION, Settings, create_app)
+"""What ``python -m services.uploader`` runs."""

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from shared.errors import PermanentError
-from shared.messages import BroadcastJob, BroadcastStatus, ListUploaded, SendMode, Stage, State
+from shared.model.errors import PermanentError
+from shared.model.messages import BroadcastJob, BroadcastStatus, ListUploaded, SendMode, Stage, State
 
 if TYPE_CHECKING:
     from shared.esp import ListFormat

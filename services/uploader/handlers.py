@@ -13,23 +13,23 @@ import asyncpg
 
 from services.uploader import core, selection
 from services.uploader.settings import Settings
-from shared.db import Conn, jobs
-from shared.errors import InvalidMessageError, PermanentError
 from shared.esp import Connectors
-from shared.failpoints import Point
-from shared.kafka import decode
-from shared.logs import log_context
-from shared.messages import (
+from shared.infra.db import Conn, jobs
+from shared.infra.logs import log_context
+from shared.infra.sftp import SftpPool, upload_stream_atomic
+from shared.model.errors import InvalidMessageError, PermanentError
+from shared.model.messages import (
     BroadcastJob,
     CsvSelection,
     InlineSelection,
     ListUploaded,
     State,
     TableSelection,
+    decode,
     utcnow,
 )
-from shared.service import Runtime
-from shared.sftp import SftpPool, upload_stream_atomic
+from shared.runtime.failpoints import Point
+from shared.runtime.runtime import Runtime
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from services.uploader.core import is_suppressed
-from shared.db import Conn, quote_ident, quote_qualified
-from shared.errors import PermanentError
-from shared.messages import CsvSelection, InlineSelection, TableSelection
+from shared.infra.db import Conn, quote_ident, quote_qualified
+from shared.model.errors import PermanentError
+from shared.model.messages import CsvSelection, InlineSelection, TableSelection
 
 
 class SelectionError(PermanentError):

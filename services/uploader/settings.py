@@ -8,9 +8,9 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from shared.esp import AccountsSettings
-from shared.messages import Identifier
-from shared.service import ServiceSettings
-from shared.settings import PostgresSettings, SftpSettings
+from shared.infra.settings import PostgresSettings, SftpSettings
+from shared.model.messages import Identifier
+from shared.runtime.settings import ServiceSettings
 
 
 class Settings(ServiceSettings):

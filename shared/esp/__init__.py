@@ -17,10 +17,10 @@ from shared.esp.base import (
     PullPage,
     SendState,
     SendStatus,
-    SentBroadcast,
     WebhookAuthError,
 )
 from shared.esp.registry import Connectors, connector_for
+from shared.infra.db.jobs import SentBroadcast
 
 __all__ = [
     "AccountConfig",

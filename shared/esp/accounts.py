@@ -23,9 +23,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from shared.errors import ConfigurationError, PermanentError
-from shared.messages import Name
-from shared.settings import read_secret_file
+from shared.infra.settings import read_secret_file
+from shared.model.errors import ConfigurationError, PermanentError
+from shared.model.messages import Name
 
 
 class AccountConfig(BaseModel):

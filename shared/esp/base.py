@@ -4,20 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from shared.errors import PermanentError
 from shared.esp.accounts import AccountConfig
-from shared.events import EncodedEvent, encode
-from shared.messages import BroadcastJob, ResponseEvent
+from shared.infra.db.jobs import SentBroadcast
+from shared.model.errors import PermanentError
+from shared.model.events import EncodedEvent, encode
+from shared.model.messages import BroadcastJob, ResponseEvent
 
 if TYPE_CHECKING:  # the values module stays free of I/O libraries (services' core modules import it)
     import aiohttp
 
-    from shared.sftp import SftpPool
+    from shared.infra.sftp import SftpPool
 
 
 class ImportState(StrEnum):
@@ -100,17 +100,6 @@ class ResponseSource:
     folder: str
     pattern: str = "*.csv"
     extra: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class SentBroadcast:
-    """A broadcast the ESP has sent, as the gatherer knows it from control.jobs."""
-
-    job_id: str
-    message: str
-    import_id: str | None
-    send_id: str | None
-    requested_at: datetime | None
 
 
 @dataclass(frozen=True, slots=True)

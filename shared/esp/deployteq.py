@@ -9,7 +9,7 @@
   matched no campaign and is withdrawn to staging. A job with ``send_at`` stays in staging until
   the first status poll at or after that time. ``upload_only`` jobs are refused: at Deployteq a
   file in ``Upload`` *is* a send. The SFTP folder moves go through :class:`TriggerSite`, whose
-  real implementation (:class:`SftpTriggerSite`) uses the process's :class:`~shared.sftp.SftpPool`.
+  real implementation (:class:`SftpTriggerSite`) uses the process's :class:`~shared.infra.sftp.SftpPool`.
 * Responses: ``sent``, ``open``, ``click``, bounces and ``unsubscribe`` from the Analytics Events
   API (``GET <api_url>/events``, one metric and one page per :meth:`DeployteqConnector.pull_responses`
   call, cursor ``{"v":1,"from","to","i","offsets"}``); ``complaint`` from the daily activities
@@ -52,7 +52,6 @@ import asyncssh
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from shared.errors import ConfigurationError, PermanentError, TransientError, UnavailableError
 from shared.esp.accounts import AccountConfig
 from shared.esp.base import (
     BadRow,
@@ -65,18 +64,13 @@ from shared.esp.base import (
     ResponseSource,
     SendState,
     SendStatus,
-    SentBroadcast,
     WebhookAuthError,
 )
-from shared.esp.http import (
-    EspRequestError,
-    EspUnavailableError,
-    OAuth2Token,
-    RateLimiter,
-    request_with_token,
-)
-from shared.messages import BroadcastJob, EventSource, EventType, ResponseEvent, SendMode, event_id_for
-from shared.sftp import SftpPool
+from shared.esp.rest import EspRequestError, EspUnavailableError, OAuth2Token, RateLimiter, request_with_token
+from shared.infra.db.jobs import SentBroadcast
+from shared.infra.sftp import SftpPool
+from shared.model.errors import ConfigurationError, PermanentError, TransientError, UnavailableError
+from shared.model.messages import BroadcastJob, EventSource, EventType, ResponseEvent, SendMode, event_id_for
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +86,7 @@ RETRY_ATTEMPTS = 3
 TRIGGER_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 """A trigger name (the job's ``message``): the part of the file name before the ``+``."""
 JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
-"""espbridge's job id pattern (shared.messages.JobId): no ``+``, no ``@``."""
+"""espbridge's job id pattern (shared.model.messages.JobId): no ``+``, no ``@``."""
 
 BOUNCE = "bounce"
 """The type of a source that carries both bounce kinds; split by ``bounce_types``."""

@@ -12,7 +12,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from shared.errors import ConfigurationError, PermanentError
 from shared.esp.accounts import AccountConfig
 from shared.esp.base import (
     BadRow,
@@ -25,10 +24,11 @@ from shared.esp.base import (
     SendState,
     SendStatus,
 )
-from shared.esp.http import EspUnavailableError, request_json
-from shared.esp.records import read_records, undecodable
-from shared.events import EncodedEvent, FileEventWriter, event_key, json_plain, utc_text
-from shared.messages import MAX_BROADCAST_ID, BroadcastJob, EventType, ResponseEvent
+from shared.esp.delimited import read_records, undecodable
+from shared.esp.rest import EspUnavailableError, request_json
+from shared.model.errors import ConfigurationError, PermanentError
+from shared.model.events import EncodedEvent, FileEventWriter, event_key, json_plain, utc_text
+from shared.model.messages import MAX_BROADCAST_ID, BroadcastJob, EventType, ResponseEvent
 
 RESPONSE_HEADER = (
     "EventId",

@@ -16,7 +16,6 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from shared.errors import ConfigurationError, PermanentError
 from shared.esp.accounts import AccountConfig
 from shared.esp.base import (
     BadRow,
@@ -28,8 +27,9 @@ from shared.esp.base import (
     ResponseSource,
     SendStatus,
 )
-from shared.esp.records import check_line_encoding, read_records, undecodable
-from shared.messages import BroadcastJob, EventSource, EventType, ResponseEvent, event_id_for
+from shared.esp.delimited import check_line_encoding, read_records, undecodable
+from shared.model.errors import ConfigurationError, PermanentError
+from shared.model.messages import BroadcastJob, EventSource, EventType, ResponseEvent, event_id_for
 
 DEFAULT_COLUMNS = {
     "message_type": "MessageType",

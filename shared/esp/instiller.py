@@ -37,7 +37,6 @@ import aiohttp
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from shared.errors import ConfigurationError, PermanentError
 from shared.esp.accounts import AccountConfig
 from shared.esp.base import (
     BadRow,
@@ -50,11 +49,12 @@ from shared.esp.base import (
     ResponseSource,
     SendState,
     SendStatus,
-    SentBroadcast,
 )
 from shared.esp.generic import ListRejectedError
-from shared.esp.http import EspAuthError, EspRequestError, EspUnavailableError, RateLimiter
-from shared.messages import BroadcastJob, EventSource, EventType, ResponseEvent, event_id_for
+from shared.esp.rest import EspAuthError, EspRequestError, EspUnavailableError, RateLimiter
+from shared.infra.db.jobs import SentBroadcast
+from shared.model.errors import ConfigurationError, PermanentError
+from shared.model.messages import BroadcastJob, EventSource, EventType, ResponseEvent, event_id_for
 
 log = logging.getLogger(__name__)
 

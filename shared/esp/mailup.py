@@ -46,7 +46,6 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from shared.errors import ConfigurationError, PermanentError
 from shared.esp.accounts import AccountConfig
 from shared.esp.base import (
     BadRow,
@@ -59,13 +58,14 @@ from shared.esp.base import (
     ResponseSource,
     SendState,
     SendStatus,
-    SentBroadcast,
     WebhookAuthError,
 )
 from shared.esp.generic import ListRejectedError
-from shared.esp.http import EspUnavailableError, OAuth2Token, RateLimiter, request_with_token
-from shared.messages import BroadcastJob, EventSource, EventType, ResponseEvent, event_id_for
-from shared.sftp import download_stream
+from shared.esp.rest import EspUnavailableError, OAuth2Token, RateLimiter, request_with_token
+from shared.infra.db.jobs import SentBroadcast
+from shared.infra.sftp import download_stream
+from shared.model.errors import ConfigurationError, PermanentError
+from shared.model.messages import BroadcastJob, EventSource, EventType, ResponseEvent, event_id_for
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from shared.errors import ConfigurationError
 from shared.esp.accounts import AccountConfig, Accounts
 from shared.esp.base import Connector, ConnectorContext
 from shared.esp.deployteq import DeployteqConnector
@@ -11,6 +10,7 @@ from shared.esp.generic_sftp import GenericSftpConnector
 from shared.esp.instiller import InstillerConnector
 from shared.esp.mailup import MailUpConnector
 from shared.esp.optimizely import OptimizelyConnector
+from shared.model.errors import ConfigurationError
 
 CONNECTORS: dict[str, type[Connector]] = {
     "deployteq": DeployteqConnector,

@@ -21,12 +21,12 @@ import aiohttp
 import pytest
 from aiokafka import AIOKafkaConsumer
 
-from shared import jobs_cli
-from shared.db import connect
-from shared.kafka import ensure_topics
-from shared.messages import Stage, State
-from shared.settings import KafkaSettings, PostgresSettings
-from shared.topics import Topic
+from shared.infra.db import connect
+from shared.infra.kafka import ensure_topics
+from shared.infra.settings import KafkaSettings, PostgresSettings
+from shared.model.messages import Stage, State
+from shared.model.topics import Topic
+from shared.operations.jobs import read_statuses
 from tests.fixtures.pipeline import Pipeline, loaded_counts, start_pipeline, wait_all_loaded
 from tests.fixtures.servers import Servers
 from tools.demo import seed_customers
@@ -157,7 +157,7 @@ async def test_every_esp_call_survives_the_fault(
                 if c.get("once") and report[f"{esp}: {c['name']}"]["matched"] != 1
             }
             assert not repeated, f"send calls made more than once: {repeated}"
-            statuses = await jobs_cli.read_statuses(kafka, job.job_id)
+            statuses = await read_statuses(kafka, job.job_id)
             reached = {(s.stage, s.state) for s in statuses}
             for stage in (Stage.UPLOAD, Stage.IMPORT, Stage.SEND):
                 assert (stage, State.DONE) in reached, f"{esp}: {stage} not done: {sorted(reached)}"

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from shared.db import connect
-from shared.failpoints import Point
-from shared.kafka import ensure_topics
-from shared.settings import KafkaSettings, PostgresSettings
+from shared.infra.db import connect
+from shared.infra.kafka import ensure_topics
+from shared.infra.settings import KafkaSettings, PostgresSettings
+from shared.runtime.failpoints import Point
 from tests.fixtures.faults import (
     assert_exactly_once,
     fault_pipeline,

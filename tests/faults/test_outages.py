@@ -22,14 +22,14 @@ import orjson
 import pytest
 
 from bench.harness import usage
-from shared import jobs_cli
-from shared.db import connect, migrate, quote_ident
-from shared.kafka import ensure_topics
-from shared.messages import Stage, State
-from shared.settings import KafkaSettings, PostgresSettings
+from shared.infra.db import connect, migrate, quote_ident
+from shared.infra.kafka import ensure_topics
+from shared.infra.settings import KafkaSettings, PostgresSettings
+from shared.model.messages import Stage, State
+from shared.operations.jobs import read_statuses
 from tests.faults.private_servers import PrivateServers, private_servers
-from tests.fixtures.kafka import wait_for
 from tests.fixtures.pipeline import SERVICES, loaded_counts, start_pipeline, wait_all_loaded
+from tests.fixtures.waits import wait_for
 from tools.demo import seed_customers
 
 # One set of private servers serves the module: its tests stay on one parallel worker.
@@ -163,7 +163,7 @@ async def test_a_broadcast_survives_a_30_second_outage(
         # Every response exactly once, and one send.
         assert await loaded_counts(database, job_id) == {t: n for t, n in manifest["counts"].items() if n}
         assert await pipeline.sends_created("sandbox") == {job_id: 1}
-        statuses = await jobs_cli.read_statuses(kafka, job_id)
+        statuses = await read_statuses(kafka, job_id)
         assert [(s.stage, s.state) for s in statuses if s.stage is Stage.SEND][-1] == (Stage.SEND, State.DONE)
         assert not [s for s in statuses if s.state is State.FAILED], "a stage failed during the outage"
 

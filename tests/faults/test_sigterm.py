@@ -14,11 +14,11 @@ import orjson
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
-from shared.db import connect
-from shared.failpoints import Point
-from shared.kafka import ensure_topics
-from shared.settings import KafkaSettings, PostgresSettings
-from shared.topics import Topic
+from shared.infra.db import connect
+from shared.infra.kafka import ensure_topics
+from shared.infra.settings import KafkaSettings, PostgresSettings
+from shared.model.topics import Topic
+from shared.runtime.failpoints import Point
 from tests.fixtures.faults import (
     assert_exactly_once,
     fault_pipeline,
@@ -30,9 +30,9 @@ from tests.fixtures.faults import (
     start_another,
     stopped_within,
 )
-from tests.fixtures.kafka import wait_for
 from tests.fixtures.processes import running, service_env
 from tests.fixtures.servers import Servers, free_port
+from tests.fixtures.waits import wait_for
 
 CUSTOMERS = 2000
 GRACE_S = 20

@@ -11,11 +11,11 @@ from pathlib import Path
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.partitioner import DefaultPartitioner
 
-from shared import jobs_cli
-from shared.db import connect
-from shared.kafka import ensure_topics
-from shared.settings import KafkaSettings, PostgresSettings
-from shared.topics import Topic
+from shared.infra.db import connect
+from shared.infra.kafka import ensure_topics
+from shared.infra.settings import KafkaSettings, PostgresSettings
+from shared.model.topics import Topic
+from shared.operations.jobs import publish_job
 from tests.fixtures.faults import (
     assert_exactly_once,
     fault_pipeline,
@@ -23,8 +23,8 @@ from tests.fixtures.faults import (
     start_another,
     stopped_within,
 )
-from tests.fixtures.kafka import wait_for
 from tests.fixtures.servers import Servers
+from tests.fixtures.waits import wait_for
 
 
 async def committed(kafka: KafkaSettings, service: str, topic: Topic) -> int:
@@ -46,11 +46,11 @@ async def test_a_job_published_twice_is_uploaded_sent_and_loaded_once(
     with ExitStack() as stack:
         pipeline = fault_pipeline(stack, servers, kafka, database, tmp_path, f"t{unique}")
         job = await pipeline.publish(kafka, "sandbox", f"twice-{unique}")
-        await jobs_cli.publish_job(kafka, job)  # again at once, while the first is in progress
+        await publish_job(kafka, job)  # again at once, while the first is in progress
         await assert_exactly_once(pipeline, kafka, database, [job.job_id], expected_rows)
 
         # Once more after the broadcast is done: handled, and nothing happens again.
-        await jobs_cli.publish_job(kafka, job)
+        await publish_job(kafka, job)
 
         async def all_three_handled() -> bool:
             return await committed(kafka, "uploader", Topic.BROADCAST_JOBS) == 3

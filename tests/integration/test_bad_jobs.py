@@ -17,11 +17,11 @@ from typing import Any
 import orjson
 import pytest
 
-from shared.db import connect
-from shared.kafka import ensure_topics
-from shared.messages import BroadcastStatus, DeadLetter, ListUploaded, Stage, State
-from shared.settings import KafkaSettings, PostgresSettings
-from shared.topics import Topic
+from shared.infra.db import connect
+from shared.infra.kafka import ensure_topics
+from shared.infra.settings import KafkaSettings, PostgresSettings
+from shared.model.messages import BroadcastStatus, DeadLetter, ListUploaded, Stage, State
+from shared.model.topics import Topic
 from tests.fixtures.kafka import produce, read_until
 from tests.fixtures.pipeline import start_pipeline
 from tests.fixtures.servers import Servers

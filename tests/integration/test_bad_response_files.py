@@ -19,16 +19,17 @@ import orjson
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
-from shared.db import connect, migrate, quote_ident
-from shared.esp.records import KEEP_BYTES
-from shared.kafka import ensure_topics
-from shared.messages import DeadLetter, ResponseEvent
-from shared.settings import KafkaSettings
-from shared.topics import Topic
+from shared.esp.delimited import KEEP_BYTES
+from shared.infra.db import connect, migrate, quote_ident
+from shared.infra.kafka import ensure_topics
+from shared.infra.settings import KafkaSettings
+from shared.model.messages import DeadLetter, ResponseEvent
+from shared.model.topics import Topic
 from tests.fixtures.jobs import record_jobs
-from tests.fixtures.kafka import produce, read_until, wait_for
+from tests.fixtures.kafka import produce, read_until
 from tests.fixtures.processes import running, service_env, stop
 from tests.fixtures.servers import Servers
+from tests.fixtures.waits import wait_for
 from tools.demo import FLAVORS, write_accounts_file
 
 JOB = "job-files"

@@ -16,29 +16,30 @@ import orjson
 from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 
-from shared import jobs_cli
-from shared.db import connect
-from shared.kafka import ensure_topics
-from shared.messages import DeadLetter, ListUploaded, Stage, State
-from shared.settings import KafkaSettings, PostgresSettings
-from shared.topics import Topic
+from shared.infra.db import connect
+from shared.infra.kafka import ensure_topics
+from shared.infra.settings import KafkaSettings, PostgresSettings
+from shared.model.messages import DeadLetter, ListUploaded, Stage, State
+from shared.model.topics import Topic
+from shared.operations.jobs import build_job, publish_job, read_statuses
 from tests.fixtures.jobs import record_jobs
-from tests.fixtures.kafka import read_until, wait_for
+from tests.fixtures.kafka import read_until
 from tests.fixtures.pipeline import loaded_counts, start_pipeline, wait_all_loaded
 from tests.fixtures.processes import running, service_env, stop
 from tests.fixtures.servers import ROOT, Servers, free_port
+from tests.fixtures.waits import wait_for
 from tools.demo import FLAVORS, demo_job, seed_customers, write_accounts_file
 
 
 @dataclass
 class Cli:
-    """``python -m shared.cli`` with a deployment's environment, as an operator runs it."""
+    """``python -m cli`` with a deployment's environment, as an operator runs it."""
 
     env: dict[str, str]
 
     def __call__(self, *args: str) -> subprocess.CompletedProcess[str]:
         done = subprocess.run(
-            [sys.executable, "-m", "shared.cli", *args],
+            [sys.executable, "-m", "cli", *args],
             env=self.env,
             cwd=ROOT,
             capture_output=True,
@@ -110,8 +111,8 @@ async def test_a_job_replayed_after_its_table_exists_runs_once(
         cli = cli_for(servers, kafka, database, pipeline.accounts_file)
         doc = demo_job(f"dlq-{unique}", "sandbox", account)
         doc["selection"]["table"] = table
-        job = jobs_cli.build_job(doc)
-        await jobs_cli.publish_job(kafka, job)
+        job = build_job(doc)
+        await publish_job(kafka, job)
 
         (record,) = await read_until(kafka, Topic.DEADLETTER, lambda rs: len(rs) >= 1)
         letter_id = f"{record.partition}:{record.offset}"
@@ -139,7 +140,7 @@ async def test_a_job_replayed_after_its_table_exists_runs_once(
 
         await wait_all_loaded(pipeline, "sandbox", job.job_id, database, timeout_s=120)
         assert (pipeline.esps["sandbox"].account_dir(account) / "drop" / f"{job.job_id}.csv").exists()
-        statuses = await jobs_cli.read_statuses(kafka, job.job_id)
+        statuses = await read_statuses(kafka, job.job_id)
         assert (Stage.SEND, State.DONE) in {(s.stage, s.state) for s in statuses}
 
         again = cli("dlq", "replay", "--id", letter_id)

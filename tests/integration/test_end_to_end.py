@@ -15,17 +15,19 @@ from typing import Any
 import aiohttp
 import orjson
 
-from shared import jobs_cli
-from shared.db import connect
 from shared.esp import AccountsSettings
-from shared.kafka import ensure_topics
-from shared.messages import Stage, State
-from shared.settings import KafkaSettings, PostgresSettings
-from shared.topics import Topic
-from tests.fixtures.kafka import produce, read_until, wait_for
+from shared.infra.db import connect
+from shared.infra.kafka import ensure_topics
+from shared.infra.settings import KafkaSettings, PostgresSettings
+from shared.model.messages import Stage, State
+from shared.model.topics import Topic
+from shared.operations.gathering import gather_now
+from shared.operations.jobs import build_job, funnel, publish_job, read_statuses
+from tests.fixtures.kafka import produce, read_until
 from tests.fixtures.processes import running, service_env, stop
 from tests.fixtures.sandbox import running_sandbox
 from tests.fixtures.servers import Servers
+from tests.fixtures.waits import wait_for
 from tools.demo import FLAVORS, demo_job, seed_customers, write_accounts_file
 
 TYPES = ("sent", "delivered", "bounce_hard", "bounce_soft", "open", "click", "unsubscribe", "complaint")
@@ -90,8 +92,8 @@ async def test_a_broadcast_end_to_end(
             for name in SERVICES
         }
 
-        job = jobs_cli.build_job(demo_job(f"e2e-{unique}", "sandbox", account))
-        await jobs_cli.publish_job(kafka, job)
+        job = build_job(demo_job(f"e2e-{unique}", "sandbox", account))
+        await publish_job(kafka, job)
         manifest_file = esp.account_dir(account) / "manifest" / f"{job.job_id}.json"
 
         async def all_loaded() -> dict[str, Any] | None:
@@ -112,7 +114,7 @@ async def test_a_broadcast_end_to_end(
         assert sorted(tuple(r) for r in rows) == expected_rows
 
         # The status sequence a dashboard sees on broadcast.status.v1.
-        statuses = await jobs_cli.read_statuses(kafka, job.job_id)
+        statuses = await read_statuses(kafka, job.job_id)
         lifecycle = [
             (s.stage, s.state) for s in statuses if s.stage in (Stage.UPLOAD, Stage.IMPORT, Stage.SEND)
         ]
@@ -132,10 +134,10 @@ async def test_a_broadcast_end_to_end(
         # Response counts per type equal the ESP's manifest exactly, in the events and the aggregates.
         assert manifest["recipients"] == len(expected_rows)
         assert await loaded_counts(database, job.job_id) == {t: n for t, n in manifest["counts"].items() if n}
-        funnel = await jobs_cli.funnel(database, job.job_id)
-        assert funnel is not None
-        assert funnel["opens"] == manifest["counts"]["open"]
-        assert funnel["bounce_hard"] == manifest["counts"]["bounce_hard"]
+        loaded = await funnel(database, job.job_id)
+        assert loaded is not None
+        assert loaded["opens"] == manifest["counts"]["open"]
+        assert loaded["bounce_hard"] == manifest["counts"]["bounce_hard"]
 
         # Sent exactly once.
         async with (
@@ -152,7 +154,7 @@ async def test_a_broadcast_end_to_end(
         async def second_send_done() -> bool:
             done = [
                 s
-                for s in await jobs_cli.read_statuses(kafka, job.job_id)
+                for s in await read_statuses(kafka, job.job_id)
                 if (s.stage, s.state) == (Stage.SEND, State.DONE)
             ]
             return len(done) == 2
@@ -167,9 +169,7 @@ async def test_a_broadcast_end_to_end(
         # Gathering again adds no rows: a scan finds nothing new, and a file the ESP delivers again
         # (same content, new file) is gathered but its events are already there.
         assert (
-            await jobs_cli.gather_now(
-                kafka, database, servers.sftp, AccountsSettings(accounts_file=accounts_file)
-            )
+            await gather_now(kafka, database, servers.sftp, AccountsSettings(accounts_file=accounts_file))
             == []
         )
         archived = sorted((esp.account_dir(account) / "archive").glob("*_opens.csv"))

@@ -12,8 +12,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from shared.errors import ConfigurationError
-from shared.esp.http import (
+from shared.esp.rest import (
     EspAuthError,
     EspRequestError,
     EspUnavailableError,
@@ -22,6 +21,7 @@ from shared.esp.http import (
     request_json,
     request_with_token,
 )
+from shared.model.errors import ConfigurationError
 
 
 @dataclass

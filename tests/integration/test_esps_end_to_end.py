@@ -10,15 +10,16 @@ from typing import Any
 import orjson
 import pytest
 
-from shared import jobs_cli
-from shared.db import connect
-from shared.kafka import ensure_topics
-from shared.messages import BroadcastJob, DeadLetter, Stage, State
-from shared.settings import KafkaSettings, PostgresSettings
-from shared.topics import Topic
-from tests.fixtures.kafka import read_until, wait_for
+from shared.infra.db import connect
+from shared.infra.kafka import ensure_topics
+from shared.infra.settings import KafkaSettings, PostgresSettings
+from shared.model.messages import BroadcastJob, DeadLetter, Stage, State
+from shared.model.topics import Topic
+from shared.operations.jobs import read_statuses
+from tests.fixtures.kafka import read_until
 from tests.fixtures.pipeline import Pipeline, loaded_counts, start_pipeline, wait_all_loaded
 from tests.fixtures.servers import Servers, free_port
+from tests.fixtures.waits import wait_for
 from tools.demo import seed_customers
 
 ESPS = ["generic_sftp", "instiller", "mailup", "optimizely", "deployteq"]
@@ -72,7 +73,7 @@ async def test_each_esp_end_to_end(
         assert manifest["recipients"] == 3000 - 3000 // 33
         assert await loaded_counts(database, job.job_id) == {t: n for t, n in manifest["counts"].items() if n}
         assert await pipeline.sends_created(esp) == {job.job_id: 1}
-        statuses = {(s.stage, s.state) for s in await jobs_cli.read_statuses(kafka, job.job_id)}
+        statuses = {(s.stage, s.state) for s in await read_statuses(kafka, job.job_id)}
         assert (Stage.UPLOAD, State.DONE) in statuses
         assert (Stage.IMPORT, State.DONE) in statuses
         pipeline.stop()
@@ -141,7 +142,7 @@ async def test_refused_credentials_fail_the_job_clearly(
         job = await pipeline.publish(kafka, esp, f"auth-{unique}")
 
         async def failed() -> str | None:
-            for s in await jobs_cli.read_statuses(kafka, job.job_id):
+            for s in await read_statuses(kafka, job.job_id):
                 if s.state is State.FAILED:
                     return s.detail
             return None
@@ -174,7 +175,7 @@ async def test_refused_api_credentials_show_on_the_broadcast_status_and_files_st
         job = await pipeline.publish(kafka, esp, f"auth-{unique}")
 
         async def gather_failed() -> list[str] | None:
-            statuses = await jobs_cli.read_statuses(kafka, job.job_id)
+            statuses = await read_statuses(kafka, job.job_id)
             found = [s.detail for s in statuses if s.stage is Stage.GATHER and s.state is State.FAILED]
             return found or None
 
@@ -195,7 +196,7 @@ async def test_refused_api_credentials_show_on_the_broadcast_status_and_files_st
         loaded = await loaded_counts(database, job.job_id)
         assert set(loaded) <= {"complaint"}, f"nothing came from the refused API: {loaded}"
         assert exported <= loaded.get("complaint", 0)
-        statuses = await jobs_cli.read_statuses(kafka, job.job_id)
+        statuses = await read_statuses(kafka, job.job_id)
         failures = [s for s in statuses if s.stage is Stage.GATHER and s.state is State.FAILED]
         assert len(failures) == 1, "a lasting error is reported once, not on every scan"
         pipeline.stop()
@@ -340,7 +341,7 @@ async def test_expiring_tokens_are_renewed_through_a_broadcast(
             recipients=1000,
             sandbox_settings={"token_ttl_s": "1", "phase_delay_s": "1.0"},
         )
-        statuses = await jobs_cli.read_statuses(kafka, job.job_id)
+        statuses = await read_statuses(kafka, job.job_id)
         lasted = (statuses[-1].at - statuses[0].at).total_seconds()
         assert lasted > 3, f"the broadcast outlived several 1 s tokens (it took {lasted:.1f} s)"
         stats = await pipeline.stats(esp)

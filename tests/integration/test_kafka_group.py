@@ -8,13 +8,14 @@ from pathlib import Path
 from aiokafka.admin import AIOKafkaAdminClient
 from faststream.kafka import KafkaBroker
 
-from shared.kafka import ensure_topics, publish
-from shared.messages import BroadcastStatus, Stage, State
-from shared.settings import KafkaSettings
-from shared.topics import Topic
-from tests.fixtures.kafka import group_members, wait_for
+from shared.infra.kafka import ensure_topics, publish
+from shared.infra.settings import KafkaSettings
+from shared.model.messages import BroadcastStatus, Stage, State
+from shared.model.topics import Topic
+from tests.fixtures.kafka import group_members
 from tests.fixtures.processes import running, service_env, stop
 from tests.fixtures.servers import Servers
+from tests.fixtures.waits import wait_for
 
 
 async def publish_statuses(kafka: KafkaSettings, start: int, count: int) -> None:

@@ -9,8 +9,8 @@ import asyncpg
 import pytest
 
 from services.loader import core, store
-from shared.events import fields_of
-from shared.messages import EventSource, EventType, ResponseEvent, event_id_for
+from shared.model.events import fields_of
+from shared.model.messages import EventSource, EventType, ResponseEvent, event_id_for
 
 pytestmark = pytest.mark.integration
 

@@ -8,15 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from shared.kafka import ensure_topics
-from shared.messages import DeadLetter
-from shared.settings import KafkaSettings, PostgresSettings
-from shared.topics import Topic
+from shared.infra.kafka import ensure_topics
+from shared.infra.settings import KafkaSettings, PostgresSettings
+from shared.model.messages import DeadLetter
+from shared.model.topics import Topic
 from tests.fixtures.jobs import record_jobs
-from tests.fixtures.kafka import read_until, wait_for
+from tests.fixtures.kafka import read_until
 from tests.fixtures.pipeline import loaded_counts
 from tests.fixtures.processes import running, service_env, stop
 from tests.fixtures.servers import Servers
+from tests.fixtures.waits import wait_for
 from tools.demo import FLAVORS, write_accounts_file
 
 GENERIC = (

@@ -10,9 +10,9 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from shared.db import MIGRATIONS_DIR, copy_merge, load_migrations, migrate
-from shared.errors import ConfigurationError
-from shared.messages import event_id_for
+from shared.infra.db import MIGRATIONS_DIR, copy_merge, load_migrations, migrate
+from shared.model.errors import ConfigurationError
+from shared.model.messages import event_id_for
 
 COLUMNS = ("event_id", "esp", "account", "broadcast_id", "communication_key", "type", "occurred_at", "source")
 T0 = datetime(2026, 11, 22, 8, 0, tzinfo=UTC)
@@ -95,7 +95,7 @@ async def test_copy_merge_rolls_back_with_the_callers_transaction(db: asyncpg.Co
 
 
 async def test_copy_merge_refuses_names_that_are_not_identifiers(db: asyncpg.Connection) -> None:
-    from shared.db import InvalidIdentifierError
+    from shared.infra.db import InvalidIdentifierError
 
     with pytest.raises(InvalidIdentifierError):
         await copy_merge(db, "responses.events; DROP TABLE crm.customers", COLUMNS, [], key=("event_id",))

@@ -11,14 +11,15 @@ import orjson
 import pytest
 from aiohttp import ClientSession
 
-from shared.db import connect
-from shared.kafka import ensure_topics
-from shared.messages import BroadcastStatus, DeadLetter, ListUploaded, State
-from shared.settings import KafkaSettings, PostgresSettings
-from shared.topics import Topic
-from tests.fixtures.kafka import Record, group_members, produce, read_until, wait_for
+from shared.infra.db import connect
+from shared.infra.kafka import check_topics, ensure_topics
+from shared.infra.settings import KafkaSettings, PostgresSettings
+from shared.model.messages import BroadcastStatus, DeadLetter, ListUploaded, State
+from shared.model.topics import Topic
+from tests.fixtures.kafka import Record, group_members, produce, read_until
 from tests.fixtures.processes import running, service_env, stop
 from tests.fixtures.servers import ROOT, Servers
+from tests.fixtures.waits import wait_for
 from tools.demo import FLAVORS, demo_job, write_accounts_file
 
 SERVICES = ["uploader", "monitor", "gatherer", "loader"]
@@ -36,6 +37,50 @@ def test_help_describes_the_service(name: str) -> None:
     assert result.returncode == 0
     assert f"python -m services.{name}" in result.stdout
     assert "SIGTERM" in result.stdout
+
+
+def _check(name: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", f"services.{name}", "--check"],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
+        timeout=120,
+    )
+
+
+async def test_check_reports_what_the_service_needs_and_creates_nothing(
+    servers: Servers, kafka: KafkaSettings, database: PostgresSettings
+) -> None:
+    env = service_env(
+        servers.env, ESPBRIDGE_KAFKA_TOPIC_PREFIX=kafka.topic_prefix, ESPBRIDGE_PG_DATABASE=database.database
+    )
+    result = _check("loader", env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert f"ok   Kafka at {kafka.bootstrap_servers}: answers" in lines
+    events = kafka.topic(Topic.RESPONSE_EVENTS)
+    assert f"ok   topic {events}: missing (a service creates it when it starts)" in lines
+    assert any(line.startswith(f"ok   PostgreSQL at {database.host}:{database.port}/") for line in lines)
+    assert [r.partitions for r in await check_topics(kafka)] == [None] * len(Topic)  # still none
+
+    await ensure_topics(kafka)  # 6 partitions of responses.*, where the service's settings ask for 12
+    again = _check("loader", env)
+    assert again.returncode == 1
+    lines = again.stdout.splitlines()
+    assert f"FAIL topic {events}: 6 partitions, fewer than the 12 configured" in lines
+    assert f"ok   topic {kafka.topic(Topic.BROADCAST_JOBS)}: 3 partitions" in lines
+
+
+async def test_check_fails_when_kafka_does_not_answer(servers: Servers, database: PostgresSettings) -> None:
+    env = service_env(
+        servers.env, ESPBRIDGE_KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:9", ESPBRIDGE_PG_DATABASE=database.database
+    )
+    result = _check("monitor", env)
+    assert result.returncode == 1
+    assert result.stdout.startswith("FAIL Kafka at 127.0.0.1:9: "), result.stdout
 
 
 @pytest.mark.parametrize("name", SERVICES)

@@ -11,8 +11,8 @@ from pathlib import Path
 import asyncssh
 import pytest
 
-from shared.errors import ConfigurationError, HostKeyError
-from shared.sftp import SftpPool, download_stream, list_files, upload_file_atomic, upload_stream_atomic
+from shared.infra.sftp import SftpPool, download_stream, list_files, upload_file_atomic, upload_stream_atomic
+from shared.model.errors import ConfigurationError, HostKeyError
 from tests.fixtures.servers import Servers
 
 CHUNK = 256 * 1024

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncpg
 
 from services.uploader import core, selection
-from shared.messages import TableSelection
+from shared.model.messages import TableSelection
 
 ROWS = """
 INSERT INTO crm.mixed VALUES

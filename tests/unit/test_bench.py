@@ -19,8 +19,8 @@ from bench.__main__ import main
 from services.loader.core import copy_line
 from shared.esp import AccountConfig, BadRow, ConnectorContext
 from shared.esp.generic import GenericConnector
-from shared.events import fields_of
-from shared.messages import ResponseEvent
+from shared.model.events import fields_of
+from shared.model.messages import ResponseEvent
 
 START = datetime(2026, 11, 22, 9, 0, tzinfo=UTC)
 

@@ -31,7 +31,6 @@ import pytest
 from aiohttp import web
 from pydantic import SecretStr
 
-from shared.errors import ConfigurationError, PermanentError
 from shared.esp import (
     AccountConfig,
     BadRow,
@@ -43,11 +42,12 @@ from shared.esp import (
     WebhookAuthError,
 )
 from shared.esp.deployteq import DeployteqConnector, SiteFiles, job_id_of
-from shared.esp.http import EspAuthError, EspRequestError
 from shared.esp.registry import CONNECTORS
-from shared.messages import BroadcastJob, EventType, ResponseEvent, event_id_for
-from shared.settings import SftpSettings
-from shared.sftp import SftpPool
+from shared.esp.rest import EspAuthError, EspRequestError
+from shared.infra.settings import SftpSettings
+from shared.infra.sftp import SftpPool
+from shared.model.errors import ConfigurationError, PermanentError
+from shared.model.messages import BroadcastJob, EventType, ResponseEvent, event_id_for
 from tests.unit.test_messages import job
 
 CLIENT_ID = "acme"

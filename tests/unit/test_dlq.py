@@ -10,12 +10,14 @@ from typing import Any, cast
 import aiohttp
 import pytest
 
-from services.gatherer.records import MAX_RECORD_BYTES, RecordReader, row_letter, with_originals
-from shared import dlq
-from shared.errors import InvalidMessageError
+from cli.dlq import list_rows
+from cli.output import one_line
+from services.gatherer.originals import MAX_RECORD_BYTES, RecordReader, row_letter, with_originals
 from shared.esp import AccountConfig, BadRow, ConnectorContext
 from shared.esp.generic_sftp import GenericSftpConnector
-from shared.messages import DeadLetter, EventSource, ResponseEvent, ResponseFile
+from shared.model import deadletters as dlq
+from shared.model.errors import InvalidMessageError
+from shared.model.messages import DeadLetter, EventSource, ResponseEvent, ResponseFile
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 HEADER = "MessageType\turn\temail\tmailingId\tmailingName\ttimestamp\tlink\tbouncetype\tbouncereason"
@@ -176,7 +178,7 @@ def test_broadcast_filter_and_states() -> None:
     done = dlq.Replay("replayed", "", 0, "p.broadcast.jobs.v1:2:9", 1, NOW, NOW)
     assert dlq.state_text(item, done, "p.") == "replayed 2026-11-22 12:00:00 to p.broadcast.jobs.v1:2:9"
     assert dlq.state_text(item, None, "p.", replay_of="0:3") == "new (replay of 0:3 failed again)"
-    rows = dlq.list_rows([(item, "new")])
+    rows = list_rows([(item, "new")])
     assert rows[1] == [
         "0:12",
         "2026-11-22 12:00:00",
@@ -186,4 +188,4 @@ def test_broadcast_filter_and_states() -> None:
         "new",
         "table or view crm.nope does not exist second line",
     ]
-    assert dlq.reason("x" * 200, 10) == "x" * 9 + "…"
+    assert one_line("x" * 200, 10) == "x" * 9 + "…"

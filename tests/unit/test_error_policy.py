@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,8 +13,10 @@ import asyncpg
 import pytest
 from aiokafka.client import AIOKafkaClient
 
-from shared import kafka
-from shared.outages import Outages
+from shared.infra.kafka import back_off_failed_metadata_updates
+from shared.infra.kafka import policy as policies
+from shared.infra.outages import Outages
+from tests.fixtures.servers import ROOT
 
 
 @dataclass
@@ -44,8 +48,8 @@ async def _dead_letter(_: Any) -> None:
 async def test_recovery_is_logged_when_a_message_of_another_partition_goes_through(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(kafka, "RETRY_BACKOFF_MIN_S", 0.001)
-    policy_class = kafka.error_policy("loader", _dead_letter, kafka.InFlight(), Outages())
+    monkeypatch.setattr(policies, "RETRY_BACKOFF_MIN_S", 0.001)
+    policy_class = policies.error_policy("loader", _dead_letter, policies.InFlight(), Outages())
     policy: Any = policy_class(None, context=None)  # type: ignore[arg-type]  # faststream gives both
 
     async def database_down(_: Any) -> None:
@@ -54,7 +58,7 @@ async def test_recovery_is_logged_when_a_message_of_another_partition_goes_throu
     async def loaded(_: Any) -> str:
         return "loaded"
 
-    caplog.set_level(logging.WARNING, logger="shared.outages")
+    caplog.set_level(logging.WARNING, logger="shared.infra.outages")
     failed = Message((Record("responses.events", 0, 10), Record("responses.events", 1, 7)))
     await policy.consume_scope(database_down, failed)
     assert failed.outcome == ["nack"]
@@ -89,6 +93,7 @@ async def test_a_failed_metadata_update_waits_the_retry_backoff(monkeypatch: pyt
         waits.append(delay)
         return await sleep(0, result)
 
+    back_off_failed_metadata_updates()  # as the runtime and the CLI do when they start
     client = AIOKafkaClient(bootstrap_servers="127.0.0.1:9", retry_backoff_ms=250)  # nothing listens
     monkeypatch.setattr(asyncio, "sleep", recorded)
     try:
@@ -97,3 +102,15 @@ async def test_a_failed_metadata_update_waits_the_retry_backoff(monkeypatch: pyt
         monkeypatch.undo()
         await client.close()
     assert waits == [0.25]
+
+
+def test_importing_the_library_changes_no_client_class() -> None:
+    """The metadata back-off is applied by whoever starts (the runtime, the CLI), never by an import."""
+    probe = (
+        "import aiokafka.client, shared.infra.kafka, shared.runtime.main, cli.main; "
+        "print(getattr(aiokafka.client.AIOKafkaClient._metadata_update, 'backs_off', False))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    assert result.stdout.strip() == "False"

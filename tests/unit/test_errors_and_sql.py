@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from shared.db.sql import InvalidIdentifierError, quote_ident, quote_qualified
-from shared.errors import (
+from shared.infra.db.sql import InvalidIdentifierError, quote_ident, quote_qualified
+from shared.model.errors import (
     ConfigurationError,
     HostKeyError,
     InvalidMessageError,

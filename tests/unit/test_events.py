@@ -12,7 +12,8 @@ from aiokafka.partitioner import DefaultPartitioner
 from pydantic import ValidationError
 
 from services.loader import core
-from shared.events import (
+from shared.infra.kafka import murmur2, murmur2_partition, murmur2_python
+from shared.model.events import (
     FileEventWriter,
     event_id_text,
     event_json,
@@ -21,8 +22,7 @@ from shared.events import (
     read_fast,
     utc_text,
 )
-from shared.kafka import murmur2, murmur2_partition, murmur2_python
-from shared.messages import EventSource, EventType, ResponseEvent, event_id_for
+from shared.model.messages import EventSource, EventType, ResponseEvent, event_id_for
 
 
 def model(**changes: Any) -> ResponseEvent:

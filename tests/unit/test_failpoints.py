@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from shared.failpoints import Failpoints, FailpointSettings, Point
+from shared.runtime.failpoints import Failpoints, FailpointSettings, Point
 
 
 def test_settings_read_a_comma_list_of_known_points(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

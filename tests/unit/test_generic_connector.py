@@ -11,11 +11,11 @@ import aiohttp
 import pytest
 from pydantic import SecretStr
 
+from cli.jobs import summarize
 from services.uploader import core as uploader
 from shared.esp import AccountConfig, BadRow, ConnectorContext
 from shared.esp.generic import RESPONSE_HEADER, GenericConnector
-from shared.jobs_cli import summarize
-from shared.messages import BroadcastStatus, EventType, ResponseEvent, Stage, State
+from shared.model.messages import BroadcastStatus, EventType, ResponseEvent, Stage, State
 from tests.unit.test_messages import job
 
 HEADER = ",".join(RESPONSE_HEADER)

@@ -9,10 +9,10 @@ from typing import Any, cast
 import aiohttp
 import pytest
 
-from shared.errors import ConfigurationError
 from shared.esp import AccountConfig, BadRow, ConnectorContext
 from shared.esp.generic_sftp import GenericSftpConnector, UploadOnlyError
-from shared.messages import EventType, ResponseEvent
+from shared.model.errors import ConfigurationError
+from shared.model.messages import EventType, ResponseEvent
 
 HEADER = "MessageType\turn\temail\tmailingId\tmailingName\ttimestamp\tlink\tbouncetype\tbouncereason"
 

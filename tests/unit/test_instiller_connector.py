@@ -20,13 +20,13 @@ import pytest
 from aiohttp import web
 from pydantic import SecretStr
 
-from shared.errors import ConfigurationError, PermanentError
 from shared.esp import AccountConfig, BadRow, ConnectorContext, ImportState, SendState, SentBroadcast
 from shared.esp.generic import ListRejectedError
-from shared.esp.http import EspAuthError, EspRequestError, EspUnavailableError
 from shared.esp.instiller import InstillerConnector
 from shared.esp.registry import CONNECTORS
-from shared.messages import EventType, ResponseEvent, event_id_for
+from shared.esp.rest import EspAuthError, EspRequestError, EspUnavailableError
+from shared.model.errors import ConfigurationError, PermanentError
+from shared.model.messages import EventType, ResponseEvent, event_id_for
 from tests.unit.test_messages import job
 
 API_ID = "acc-id"

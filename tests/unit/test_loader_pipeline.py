@@ -12,7 +12,7 @@ import pytest
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from services.loader import handlers
-from shared.errors import UnavailableError
+from shared.model.errors import UnavailableError
 
 
 def records(partition: int, first: int, count: int) -> list[ConsumerRecord[bytes, bytes]]:

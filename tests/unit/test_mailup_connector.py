@@ -20,7 +20,6 @@ import pytest
 from aiohttp import web
 from pydantic import SecretStr
 
-from shared.errors import ConfigurationError
 from shared.esp import (
     AccountConfig,
     BadRow,
@@ -33,10 +32,11 @@ from shared.esp import (
 )
 from shared.esp.base import ResponseSource
 from shared.esp.generic import ListRejectedError
-from shared.esp.http import EspAuthError, EspUnavailableError
 from shared.esp.mailup import MailUpConnector, MessageTakenError, read_list_rows
-from shared.messages import BroadcastJob, EventType, ResponseEvent, event_id_for
-from shared.sftp import SftpPool
+from shared.esp.rest import EspAuthError, EspUnavailableError
+from shared.infra.sftp import SftpPool
+from shared.model.errors import ConfigurationError
+from shared.model.messages import BroadcastJob, EventType, ResponseEvent, event_id_for
 from tests.unit.test_messages import job as base_job
 
 CONSOLE = "/API/v1.1/Rest/ConsoleService.svc"

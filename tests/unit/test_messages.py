@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 from pydantic import ValidationError
 
-from shared.messages import (
+from shared.model.messages import (
     BroadcastJob,
     BroadcastStatus,
     DeadLetter,
@@ -25,7 +25,7 @@ from shared.messages import (
     event_id_for,
     json_schema_bundle,
 )
-from shared.topics import REGISTRY
+from shared.model.topics import REGISTRY
 
 NOW = datetime(2026, 11, 22, 9, 30, tzinfo=UTC)
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import orjson
 import pytest
 
-from shared.db.migrate import load_migrations
-from shared.errors import ConfigurationError
-from shared.logs import JsonFormatter, _ContextFilter, log_context
+from shared.infra.db.migrate import load_migrations
+from shared.infra.logs import JsonFormatter, _ContextFilter, log_context
+from shared.model.errors import ConfigurationError
 
 
 def test_shipped_migrations_are_ordered_and_named() -> None:

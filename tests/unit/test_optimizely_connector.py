@@ -23,11 +23,9 @@ import pytest
 from aiohttp import web
 from pydantic import SecretStr
 
-from shared.errors import ConfigurationError, PermanentError
 from shared.esp import AccountConfig, BadRow, ConnectorContext, ImportState, SendState, SentBroadcast
 from shared.esp.base import WebhookAuthError
 from shared.esp.generic import ListRejectedError
-from shared.esp.http import EspAuthError, EspUnavailableError
 from shared.esp.optimizely import (
     Chunk,
     OptimizelyConnector,
@@ -37,8 +35,10 @@ from shared.esp.optimizely import (
     list_chunks,
 )
 from shared.esp.registry import CONNECTORS
-from shared.messages import EventType, ResponseEvent, SendMode
-from shared.sftp import SftpPool
+from shared.esp.rest import EspAuthError, EspUnavailableError
+from shared.infra.sftp import SftpPool
+from shared.model.errors import ConfigurationError, PermanentError
+from shared.model.messages import EventType, ResponseEvent, SendMode
 from tests.unit.test_messages import job
 
 CLIENT = "1000001"

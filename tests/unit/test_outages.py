@@ -14,8 +14,9 @@ import asyncssh
 import pytest
 from aiokafka.errors import KafkaTimeoutError, OutOfOrderSequenceNumber
 
-from shared.errors import UnavailableError
-from shared.outages import KafkaWatch, Outages, PostgresWatch, backoff_s, unreachable_server
+from shared.infra.outages import Outages, backoff_s, unreachable_server
+from shared.model.errors import UnavailableError
+from shared.runtime.watches import KafkaWatch, PostgresWatch
 
 
 def test_backoff_doubles_and_is_capped() -> None:
@@ -92,7 +93,7 @@ async def test_postgres_lost_by_an_idle_pool_is_reported_back_when_it_answers(
 
     outages = _Recorded()
     watch = PostgresWatch(answer, outages, probe_min_s=0.001, probe_max_s=0.002)
-    caplog.set_level(logging.WARNING, logger="shared.outages")
+    caplog.set_level(logging.WARNING, logger="shared.infra.outages")
 
     first = _pool_line()
     assert watch.filter(first)
@@ -136,4 +137,6 @@ def test_kafka_client_lines_are_held_back_while_kafka_is_down() -> None:
 
     assert watch.filter(client_line("Unable connect to node with id 1: Connect call failed"))
     assert not watch.filter(client_line("Unable connect to node with id 1: Connect call failed"))
-    assert watch.filter(logging.LogRecord("shared.kafka", logging.ERROR, __file__, 1, "ours", None, None))
+    assert watch.filter(
+        logging.LogRecord("shared.infra.kafka", logging.ERROR, __file__, 1, "ours", None, None)
+    )

@@ -9,13 +9,13 @@ import sys
 
 import pytest
 
-from shared.service import tune_malloc
+from shared.runtime.tuning import tune_malloc
 from tests.fixtures.processes import service_env
 
 # A batch as a service has it: six 4 MiB buffers alive at once, then all freed; ten batches.
 BATCHES = """
 import resource, sys
-from shared.service import tune_malloc
+from shared.runtime.tuning import tune_malloc
 if sys.argv[1] == "tuned":
     assert tune_malloc({}) is True
 def batch():

@@ -12,12 +12,12 @@ import aiohttp
 import pytest
 from pydantic import SecretStr
 
-from shared.errors import ConfigurationError
 from shared.esp import AccountConfig, BadRow, ConnectorContext
+from shared.esp.delimited import KEEP_BYTES, check_line_encoding, read_records, undecodable
 from shared.esp.generic import RESPONSE_HEADER, GenericConnector
 from shared.esp.generic_sftp import GenericSftpConnector
-from shared.esp.records import KEEP_BYTES, check_line_encoding, read_records, undecodable
-from shared.messages import ResponseEvent
+from shared.model.errors import ConfigurationError
+from shared.model.messages import ResponseEvent
 
 
 def records(tmp_path: Path, data: bytes, **kwargs: Any) -> list[tuple[int, bytes, list[str] | None]]:

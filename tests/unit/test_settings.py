@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from shared.settings import KafkaSettings, PostgresSettings, SftpSettings
+from shared.infra.settings import KafkaSettings, PostgresSettings, SftpSettings
 
 
 @pytest.fixture(autouse=True)

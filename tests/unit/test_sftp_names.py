@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from shared.errors import PermanentError
-from shared.sftp import remote_join, safe_local_name
+from shared.infra.sftp import remote_join, safe_local_name
+from shared.model.errors import PermanentError
 
 
 @pytest.mark.parametrize(

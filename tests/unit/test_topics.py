@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from shared.settings import KafkaSettings
-from shared.topics import REGISTRY, Topic, spec_for_model, topic_name
+from shared.infra.settings import KafkaSettings
+from shared.model.topics import REGISTRY, Topic, spec_for_model, topic_name
 from tests.unit.test_messages import examples
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,0 +1,1 @@
+"""``espbridge``: the operator's commands, thin over the library (argument parsing and printing)."""

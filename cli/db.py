@@ -1,0 +1,34 @@
+"""``espbridge db``: the database's migrations."""
+
+from __future__ import annotations
+
+from shared.infra.db import applied_migrations, connect, load_migrations, migrate
+from shared.infra.settings import PostgresSettings
+
+
+async def db_migrate() -> int:
+    """``db migrate``: apply the pending migrations."""
+    conn = await connect(PostgresSettings())
+    try:
+        applied = await migrate(conn)
+    finally:
+        await conn.close()
+    if applied:
+        for m in applied:
+            print(f"applied {m.version:04d}_{m.name}")
+    else:
+        print("database is up to date")
+    return 0
+
+
+async def db_status() -> int:
+    """``db status``: each migration, applied or pending."""
+    conn = await connect(PostgresSettings())
+    try:
+        done = await applied_migrations(conn)
+    finally:
+        await conn.close()
+    for m in load_migrations():
+        state = "applied" if m.version in done else "pending"
+        print(f"{m.version:04d}_{m.name}\t{state}")
+    return 0

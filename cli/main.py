@@ -1,0 +1,85 @@
+"""The ``espbridge`` command line: operator tasks on the database, the topics, jobs and dead letters.
+
+espbridge db migrate        apply pending migrations (ESPBRIDGE_PG_*)
+espbridge db status         list applied and pending migrations
+espbridge topics create     create the registry topics (ESPBRIDGE_KAFKA_*)
+espbridge topics list       the registry: topic, model, partitions
+espbridge job publish       publish a broadcast job from a file and/or flags
+espbridge job status        a job's stages and response funnel
+espbridge gather now        scan the ESP accounts for response files now
+espbridge dlq list          dead letters with their reason and replay state
+espbridge dlq replay        send dead letters back once their cause is fixed (once each)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+
+from pydantic import ValidationError
+
+from cli import dlq, jobs
+from cli.db import db_migrate, db_status
+from cli.gather import gather_now_command
+from cli.topics import topics_create, topics_list
+from shared.infra.kafka import back_off_failed_metadata_updates
+from shared.infra.logs import configure
+from shared.model.errors import EspbridgeError, InvalidMessageError
+
+
+def parser() -> argparse.ArgumentParser:
+    """Every command and its arguments."""
+    top = argparse.ArgumentParser(prog="espbridge", description="espbridge operator commands")
+    groups = top.add_subparsers(dest="group", required=True)
+    db = groups.add_parser("db", help="the response and control database").add_subparsers(
+        dest="cmd", required=True
+    )
+    db.add_parser("migrate", help="apply pending migrations")
+    db.add_parser("status", help="list applied and pending migrations")
+    jobs.add_parser(groups)
+    gather = groups.add_parser("gather", help="response gathering").add_subparsers(dest="cmd", required=True)
+    gather.add_parser("now", help="scan the ESP accounts for new response files now")
+    topics = groups.add_parser("topics", help="the Kafka topics").add_subparsers(dest="cmd", required=True)
+    topics.add_parser("create", help="create the registry topics that are missing")
+    topics.add_parser("list", help="list the registry topics")
+    dlq.add_parser(groups)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one CLI command; returns the exit code."""
+    args = parser().parse_args(argv)
+    configure("cli", "WARNING")
+    back_off_failed_metadata_updates()
+    try:
+        match (args.group, args.cmd):
+            case ("db", "migrate"):
+                return asyncio.run(db_migrate())
+            case ("db", "status"):
+                return asyncio.run(db_status())
+            case ("topics", "create"):
+                return asyncio.run(topics_create())
+            case ("job", "publish"):
+                return asyncio.run(jobs.job_publish(args))
+            case ("job", "status"):
+                return asyncio.run(jobs.job_status(args))
+            case ("gather", "now"):
+                return asyncio.run(gather_now_command())
+            case ("dlq", "list"):
+                return asyncio.run(dlq.dlq_list(args))
+            case ("dlq", "replay"):
+                return asyncio.run(dlq.dlq_replay(args))
+            case _:
+                return topics_list()
+    except EspbridgeError as exc:
+        print(f"espbridge: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, InvalidMessageError) else 1
+    except ValidationError as exc:
+        print(f"espbridge: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""control.gathered_files: the ledger of remote response files, each gathered once.
+
+A file is identified by its account, path, size and modification time, so a file written again
+under the same name is gathered again. States: ``found`` (announced by a scan), ``processing`` (a
+gatherer took it), ``archived`` (its events are published and it is in the ESP's archive folder).
+"""
+
+from __future__ import annotations
+
+from shared.infra.db.core import Conn
+from shared.model.messages import ResponseFile
+
+
+async def record_found(conn: Conn, file: ResponseFile, republish_after_s: float) -> bool:
+    """Record a file a scan found; True if it is to be announced: new, or found before and not
+    taken by a gatherer within ``republish_after_s`` (its announcement may have been lost)."""
+    announce = await conn.fetchval(
+        """
+        INSERT INTO control.gathered_files (esp, account, path, size, mtime)
+        VALUES ($1, $2, $3, $4, $5)
+        ON CONFLICT (esp, account, path, size, mtime) DO UPDATE
+            SET found_at = now()
+            WHERE gathered_files.state = 'found'
+              AND gathered_files.found_at < now() - make_interval(secs => $6)
+        RETURNING true
+        """,
+        file.esp,
+        file.account,
+        file.path,
+        file.size,
+        file.mtime,
+        republish_after_s,
+    )
+    return bool(announce)
+
+
+async def take(conn: Conn, file: ResponseFile) -> bool:
+    """A gatherer takes a file (counting the attempt); False if it was archived before."""
+    state = await conn.fetchval(
+        """
+        INSERT INTO control.gathered_files
+            (esp, account, path, size, mtime, state, attempts, started_at)
+        VALUES ($1, $2, $3, $4, $5, 'processing', 1, now())
+        ON CONFLICT (esp, account, path, size, mtime) DO UPDATE
+        SET state = CASE WHEN gathered_files.state = 'archived' THEN 'archived' ELSE 'processing' END,
+            attempts = gathered_files.attempts + 1,
+            started_at = now()
+        RETURNING state
+        """,
+        file.esp,
+        file.account,
+        file.path,
+        file.size,
+        file.mtime,
+    )
+    return str(state) != "archived"
+
+
+async def archived(
+    conn: Conn, file: ResponseFile, archive: str, events: int | None, bad_rows: int | None
+) -> None:
+    """The file's events are published and it is archived at ``archive`` (counts None: unknown,
+    an earlier attempt archived it)."""
+    await conn.execute(
+        """
+        UPDATE control.gathered_files
+        SET state = 'archived', archived_to = $6, finished_at = now(),
+            events = coalesce($7, events), bad_rows = coalesce($8, bad_rows), error = NULL
+        WHERE esp = $1 AND account = $2 AND path = $3 AND size = $4 AND mtime = $5
+        """,
+        file.esp,
+        file.account,
+        file.path,
+        file.size,
+        file.mtime,
+        archive,
+        events,
+        bad_rows,
+    )

@@ -1,0 +1,185 @@
+"""control.jobs and control.job_history: each broadcast job, its latest state, its history, and the
+ESP ids the monitor needs to resume and the gatherer to pull responses."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+import orjson
+
+from shared.model.messages import BroadcastJob, BroadcastStatus
+
+if TYPE_CHECKING:  # SentBroadcast crosses the connector interface, which imports no I/O library
+    from shared.infra.db.core import Conn
+
+
+@dataclass(frozen=True, slots=True)
+class JobRow:
+    """What control.jobs knows about a job."""
+
+    job_id: str
+    stage: str
+    state: str
+    remote_path: str | None
+    esp_import_id: str | None
+    send_requested_at: datetime | None
+    esp_send_id: str | None
+
+
+async def upsert_job(conn: Conn, job: BroadcastJob) -> bool:
+    """Record a job (once); True if it was new."""
+    inserted = await conn.fetchval(
+        """
+        INSERT INTO control.jobs (job_id, esp, account, job, stage, state, created_at)
+        VALUES ($1, $2, $3, $4::jsonb, 'upload', 'queued', $5)
+        ON CONFLICT (job_id) DO NOTHING
+        RETURNING true
+        """,
+        job.job_id,
+        job.esp,
+        job.account,
+        job.to_json().decode(),
+        job.created_at,
+    )
+    return bool(inserted)
+
+
+async def upload_done(conn: Conn, job_id: str) -> bool:
+    """Whether the job's list was uploaded and announced before (its upload reached ``done``)."""
+    done = await conn.fetchval(
+        """
+        SELECT EXISTS (
+            SELECT 1 FROM control.job_history WHERE job_id = $1 AND stage = 'upload' AND state = 'done'
+        )
+        """,
+        job_id,
+    )
+    return bool(done)
+
+
+async def record_status(conn: Conn, status: BroadcastStatus) -> None:
+    """Keep a job's latest state and its history (unknown jobs are ignored)."""
+    counts = orjson.dumps(status.counts).decode()
+    async with conn.transaction():
+        updated = await conn.fetchval(
+            """
+            UPDATE control.jobs SET stage = $2, state = $3, detail = $4, counts = $5::jsonb, updated_at = $6
+            WHERE job_id = $1 RETURNING true
+            """,
+            status.job_id,
+            status.stage.value,
+            status.state.value,
+            status.detail,
+            counts,
+            status.at,
+        )
+        if updated:
+            await conn.execute(
+                """
+                INSERT INTO control.job_history (job_id, stage, state, detail, counts, service, at)
+                VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7)
+                """,
+                status.job_id,
+                status.stage.value,
+                status.state.value,
+                status.detail,
+                counts,
+                status.service,
+                status.at,
+            )
+
+
+async def get_job(conn: Conn, job_id: str) -> JobRow | None:
+    """The job's row, if recorded."""
+    row = await conn.fetchrow(
+        """
+        SELECT job_id, stage, state, remote_path, esp_import_id, send_requested_at, esp_send_id
+        FROM control.jobs WHERE job_id = $1
+        """,
+        job_id,
+    )
+    return JobRow(**dict(row)) if row else None
+
+
+async def set_remote_path(conn: Conn, job_id: str, remote_path: str) -> None:
+    """Where the job's list file is on the ESP's SFTP site."""
+    await conn.execute("UPDATE control.jobs SET remote_path = $2 WHERE job_id = $1", job_id, remote_path)
+
+
+async def set_import_id(conn: Conn, job_id: str, import_id: str) -> None:
+    """The ESP's id for the job's list import."""
+    await conn.execute("UPDATE control.jobs SET esp_import_id = $2 WHERE job_id = $1", job_id, import_id)
+
+
+async def claim_send(conn: Conn, job_id: str) -> bool:
+    """Record "send requested" before the send call; False if it was recorded before.
+
+    A False answer means an earlier attempt may have reached the ESP: the caller must ask the ESP
+    whether the send exists before calling send again.
+    """
+    claimed = await conn.fetchval(
+        """
+        UPDATE control.jobs SET send_requested_at = now()
+        WHERE job_id = $1 AND send_requested_at IS NULL RETURNING true
+        """,
+        job_id,
+    )
+    return bool(claimed)
+
+
+async def set_send_id(conn: Conn, job_id: str, send_id: str) -> None:
+    """The ESP's id for the job's send."""
+    await conn.execute("UPDATE control.jobs SET esp_send_id = $2 WHERE job_id = $1", job_id, send_id)
+
+
+async def job_of(conn: Conn, job_id: str) -> BroadcastJob | None:
+    """The job as it was received, if recorded."""
+    document = await conn.fetchval("SELECT job FROM control.jobs WHERE job_id = $1", job_id)
+    return None if document is None else BroadcastJob.from_json(document)
+
+
+async def known_job_ids(conn: Conn, job_ids: Sequence[str]) -> set[str]:
+    """Those of ``job_ids`` that are recorded jobs."""
+    rows = await conn.fetch("SELECT job_id FROM control.jobs WHERE job_id = ANY($1)", list(job_ids))
+    return {r["job_id"] for r in rows}
+
+
+@dataclass(frozen=True, slots=True)
+class SentBroadcast:
+    """A broadcast the ESP has sent, as control.jobs knows it (what an API pull asks the ESP about)."""
+
+    job_id: str
+    message: str
+    import_id: str | None
+    send_id: str | None
+    requested_at: datetime | None
+
+
+async def sent_broadcasts(conn: Conn, esp: str, account: str, window_days: float) -> list[SentBroadcast]:
+    """The account's broadcasts with a send at the ESP, requested within the last ``window_days``,
+    oldest first."""
+    rows = await conn.fetch(
+        """
+        SELECT job_id, job->>'message' AS message, esp_import_id, esp_send_id, send_requested_at
+        FROM control.jobs
+        WHERE esp = $1 AND account = $2 AND esp_send_id IS NOT NULL
+          AND send_requested_at > now() - make_interval(days => $3::int)
+        ORDER BY send_requested_at
+        """,
+        esp,
+        account,
+        int(window_days),
+    )
+    return [
+        SentBroadcast(
+            job_id=row["job_id"],
+            message=row["message"],
+            import_id=row["esp_import_id"],
+            send_id=row["esp_send_id"],
+            requested_at=row["send_requested_at"],
+        )
+        for row in rows
+    ]

@@ -1,0 +1,400 @@
+"""Message models for every topic: frozen pydantic models with JSON-only types and a schema_version.
+
+The JSON Schema of each model (``Model.model_json_schema()``) is the published contract for
+producers outside espbridge, e.g. a CRM that writes broadcast jobs.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any, ClassVar, Literal, Self, TypeVar
+
+import orjson
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
+
+from shared.model.errors import InvalidMessageError
+
+IDENTIFIER_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,62}$"
+"""A SQL identifier espbridge accepts: letters, digits and underscores, not starting with a digit."""
+
+Identifier = Annotated[str, StringConstraints(pattern=IDENTIFIER_PATTERN)]
+"""A column name (validated, never interpolated into SQL)."""
+
+QualifiedName = Annotated[
+    str,
+    StringConstraints(pattern=r"^([A-Za-z_][A-Za-z0-9_]{0,62}\.)?[A-Za-z_][A-Za-z0-9_]{0,62}$"),
+]
+"""A table or view name, optionally schema-qualified: ``customers`` or ``crm.customers``."""
+
+Name = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
+"""A connector or account name: lower-case letters, digits, ``_`` and ``-``."""
+
+JobId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")]
+"""A broadcast job id: safe in a file name and a Kafka key."""
+
+Scalar = str | int | float | bool | None
+"""A JSON scalar, the only value type allowed in filters and inline rows."""
+
+EVENT_NAMESPACE = uuid.UUID("6f1c1d2e-8a0b-5c3e-9f47-2b1d0e6a9c55")
+"""The uuid5 namespace of espbridge's deterministic event ids; never change it."""
+
+MAX_INLINE_ROWS = 10_000
+MAX_BROADCAST_ID = 200
+"""The longest broadcast id a response event carries."""
+
+
+def _utc(value: datetime) -> datetime:
+    return value.astimezone(UTC)
+
+
+UtcDatetime = Annotated[AwareDatetime, AfterValidator(_utc)]
+"""A timezone-aware datetime, normalized to UTC; naive datetimes are refused."""
+
+
+def utcnow() -> datetime:
+    """The current time in UTC."""
+    return datetime.now(UTC)
+
+
+class Message(BaseModel):
+    """Base of every message: frozen, strict about unknown fields, versioned."""
+
+    model_config = ConfigDict(
+        frozen=True,
+        extra="forbid",
+        ser_json_bytes="base64",
+        val_json_bytes="base64",
+        use_enum_values=False,
+    )
+    SCHEMA_VERSION: ClassVar[int] = 1
+
+    schema_version: int = 1
+
+    @model_validator(mode="after")
+    def _known_version(self) -> Self:
+        if self.schema_version != self.SCHEMA_VERSION:
+            raise ValueError(
+                f"{type(self).__name__} schema_version {self.schema_version} is not supported "
+                f"(this build reads version {self.SCHEMA_VERSION})"
+            )
+        return self
+
+    def to_json(self) -> bytes:
+        """The message as compact JSON bytes, the form it has on Kafka."""
+        return self.__pydantic_serializer__.to_json(self)
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> Self:
+        """Parse and validate a message from its JSON form."""
+        return cls.model_validate_json(data)
+
+
+M = TypeVar("M", bound=Message)
+
+
+def decode(model: type[M], body: bytes) -> M:
+    """Validate a raw message body against a model; bad bytes raise :class:`InvalidMessageError`."""
+    try:
+        return model.from_json(body)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(message)'}: {err['msg']}"
+            for err in exc.errors()[:20]
+        )
+        raise InvalidMessageError(f"not a valid {model.__name__}: {problems}") from None
+
+
+# --- broadcast jobs -----------------------------------------------------------------------------
+
+
+class TableSelection(BaseModel):
+    """Recipients read from a table or view of the CRM database."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["table"] = "table"
+    table: QualifiedName
+    columns: tuple[Identifier, ...] = Field(min_length=1)
+    filters: dict[Identifier, Scalar] = Field(default_factory=dict)
+
+
+class CsvSelection(BaseModel):
+    """Recipients read from a CSV file (UTF-8, header row) that the uploader can open."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["csv"] = "csv"
+    path: str = Field(min_length=1)
+    delimiter: str = Field(default=",", min_length=1, max_length=1)
+
+
+class InlineSelection(BaseModel):
+    """A short list of recipients carried in the job itself."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["inline"] = "inline"
+    rows: tuple[dict[Identifier, Scalar], ...] = Field(min_length=1, max_length=MAX_INLINE_ROWS)
+
+
+Selection = Annotated[TableSelection | CsvSelection | InlineSelection, Field(discriminator="kind")]
+
+
+class SendMode(StrEnum):
+    """Whether the monitor triggers the send after the import."""
+
+    UPLOAD_AND_SEND = "upload_and_send"
+    """Upload the list, wait for the import, then send (now or at ``send_at``)."""
+    UPLOAD_ONLY = "upload_only"
+    """Upload the list and wait for the import; the send is started on the ESP side."""
+
+
+class BroadcastJob(Message):
+    """One broadcast: which recipients, to which ESP account, with which pre-created message."""
+
+    job_id: JobId
+    esp: Name
+    account: Name
+    list_name: str = Field(min_length=1, max_length=200)
+    message: str = Field(min_length=1, max_length=200)
+    selection: Selection
+    field_map: dict[Identifier, str] = Field(min_length=1)
+    communication_key: Identifier
+    mode: SendMode = SendMode.UPLOAD_AND_SEND
+    send_at: UtcDatetime | None = None
+    requested_by: str = Field(min_length=1, max_length=200)
+    created_at: UtcDatetime
+
+    @model_validator(mode="after")
+    def _coherent(self) -> Self:
+        if self.mode is SendMode.UPLOAD_ONLY and self.send_at is not None:
+            raise ValueError("send_at makes no sense for an upload_only job")
+        if isinstance(self.selection, TableSelection):
+            cols = set(self.selection.columns)
+            missing = [c for c in (*self.field_map, self.communication_key) if c not in cols]
+            if missing:
+                raise ValueError(f"columns used but not selected: {', '.join(sorted(set(missing)))}")
+        targets = list(self.field_map.values())
+        if len(set(targets)) != len(targets):
+            raise ValueError("field_map maps two columns to the same ESP field")
+        return self
+
+
+class ListUploaded(Message):
+    """A recipient list is complete on the ESP's SFTP site."""
+
+    job_id: JobId
+    esp: Name
+    account: Name
+    remote_path: str
+    rows: int = Field(ge=0)
+    bytes: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    excluded: int = Field(ge=0, description="rows left out as opted out or suppressed")
+    uploaded_at: UtcDatetime
+
+
+class Stage(StrEnum):
+    """The stages of a broadcast's life."""
+
+    UPLOAD = "upload"
+    """Selecting recipients and putting the list file on the ESP's SFTP site."""
+    IMPORT = "import"
+    """The ESP importing the list."""
+    SEND = "send"
+    """The ESP sending the message to the list."""
+    GATHER = "gather"
+    """Fetching response data from the ESP."""
+    LOAD = "load"
+    """Loading response events into the response database."""
+
+
+class State(StrEnum):
+    """The state of one stage."""
+
+    QUEUED = "queued"
+    """Accepted, not started."""
+    RUNNING = "running"
+    """In progress."""
+    DONE = "done"
+    """Finished successfully."""
+    FAILED = "failed"
+    """Stopped with an error (see ``detail``)."""
+    CANCELLED = "cancelled"
+    """Stopped on request."""
+
+
+class BroadcastStatus(Message):
+    """What one service did with one broadcast, for dashboards and the CLI."""
+
+    job_id: JobId
+    stage: Stage
+    state: State
+    counts: dict[str, int] = Field(default_factory=dict)
+    detail: str = ""
+    service: str = ""
+    at: UtcDatetime = Field(default_factory=utcnow)
+
+
+# --- responses ----------------------------------------------------------------------------------
+
+
+class ResponseFile(Message):
+    """One remote response file that a gatherer worker should fetch and parse."""
+
+    esp: Name
+    account: Name
+    path: str = Field(min_length=1, max_length=1024)
+    size: int = Field(ge=0)
+    mtime: UtcDatetime
+    found_at: UtcDatetime = Field(default_factory=utcnow)
+
+
+class EventType(StrEnum):
+    """Normalized response event types."""
+
+    SENT = "sent"
+    """The ESP sent the message to the recipient."""
+    DELIVERED = "delivered"
+    """The receiving server accepted the message."""
+    BOUNCE_HARD = "bounce_hard"
+    """Permanent delivery failure."""
+    BOUNCE_SOFT = "bounce_soft"
+    """Temporary delivery failure."""
+    OPEN = "open"
+    """The recipient opened the message."""
+    CLICK = "click"
+    """The recipient clicked a link (``url``)."""
+    UNSUBSCRIBE = "unsubscribe"
+    """The recipient unsubscribed."""
+    COMPLAINT = "complaint"
+    """The recipient reported the message as spam."""
+    SUBSCRIBE = "subscribe"
+    """The recipient subscribed or re-subscribed."""
+
+
+class EventSource(BaseModel):
+    """Where an event or a rejected payload came from."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["file", "api", "webhook", "topic"]
+    name: str = Field(description="file path, API endpoint, webhook route or topic name")
+    line: int | None = Field(default=None, ge=1, description="line in the file")
+    page: int | None = Field(default=None, ge=0, description="page of the API pull")
+    partition: int | None = Field(default=None, ge=0)
+    offset: int | None = Field(default=None, ge=0)
+
+
+def event_id_for(
+    esp: str,
+    *,
+    esp_event_id: str | None = None,
+    broadcast_id: str = "",
+    recipient: str = "",
+    event_type: str = "",
+    occurred_at: datetime | None = None,
+    url: str | None = None,
+) -> uuid.UUID:
+    """The deterministic event id: uuid5 over the ESP's own event id, else over the event's facts.
+
+    The same event read twice (from a re-processed file or an overlapping API window) gets the
+    same id, so the loader's ``ON CONFLICT (event_id) DO NOTHING`` absorbs the duplicate.
+    """
+    if esp_event_id:
+        return uuid.uuid5(EVENT_NAMESPACE, f"{esp}\x1f{esp_event_id}")
+    when = occurred_at.astimezone(UTC).isoformat() if occurred_at else ""
+    facts = "\x1f".join((esp, broadcast_id, recipient, event_type, when, url or ""))
+    return uuid.uuid5(EVENT_NAMESPACE, facts)
+
+
+class ResponseEvent(Message):
+    """One normalized response of one recipient to one broadcast."""
+
+    event_id: uuid.UUID
+    esp: Name
+    account: Name
+    broadcast_id: str = Field(min_length=1, max_length=MAX_BROADCAST_ID)
+    esp_message_id: str | None = None
+    communication_key: str | None = None
+    email: str | None = None
+    type: EventType
+    url: str | None = None
+    occurred_at: UtcDatetime
+    source: EventSource
+    extra: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _has_recipient(self) -> Self:
+        if not self.communication_key and not self.email:
+            raise ValueError("a response event needs a communication_key or an email")
+        return self
+
+
+class SubscriptionAction(StrEnum):
+    """What a subscription change does."""
+
+    UNSUBSCRIBE = "unsubscribe"
+    """The person opted out of the list."""
+    RESUBSCRIBE = "resubscribe"
+    """The person opted back in."""
+    SUPPRESS = "suppress"
+    """Never mail the address again (hard bounce, complaint)."""
+
+
+class SubscriptionChange(Message):
+    """An opt-out or opt-in to carry between the ESPs and the CRM."""
+
+    email: str = Field(min_length=3, max_length=320)
+    list: str = ""
+    action: SubscriptionAction
+    reason: str = ""
+    source: str = Field(min_length=1, description="the ESP connector name, or 'crm'")
+    occurred_at: UtcDatetime
+
+
+class DeadLetter(Message):
+    """Input espbridge could not accept: the original bytes, where they came from, and why."""
+
+    source: EventSource
+    payload: bytes
+    error_class: str
+    message: str
+    service: str = ""
+    at: UtcDatetime = Field(default_factory=utcnow)
+    context: dict[str, str] = Field(
+        default_factory=dict,
+        description="what a replay needs to read the payload again: esp and account, and for a "
+        "response file's rows its header line (see shared/model/deadletters.py); empty when "
+        "nothing is needed",
+    )
+
+
+def json_schema_bundle() -> dict[str, Any]:
+    """The JSON Schemas of all messages, keyed by model name (published for external producers)."""
+    models: list[type[Message]] = [
+        BroadcastJob,
+        ListUploaded,
+        BroadcastStatus,
+        ResponseFile,
+        ResponseEvent,
+        SubscriptionChange,
+        DeadLetter,
+    ]
+    return {m.__name__: m.model_json_schema() for m in models}
+
+
+def dumps(obj: Any) -> bytes:
+    """Compact JSON for non-model payloads (orjson: datetimes and UUIDs included)."""
+    return orjson.dumps(obj)

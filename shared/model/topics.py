@@ -1,0 +1,74 @@
+"""The one registry of Kafka topics: versioned names, their message models and their keys.
+
+No other module spells a topic name; everything goes through :class:`Topic` and :data:`REGISTRY`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from shared.model import messages as m
+from shared.model.messages import Message
+
+
+class Topic(StrEnum):
+    """Every topic espbridge reads or writes (without the per-deployment prefix)."""
+
+    BROADCAST_JOBS = "broadcast.jobs.v1"
+    """Broadcast jobs to run, from a CRM, the CLI or any producer (BroadcastJob)."""
+    BROADCAST_LISTS = "broadcast.lists.v1"
+    """Recipient lists uploaded to an ESP, ready for import and send (ListUploaded)."""
+    BROADCAST_STATUS = "broadcast.status.v1"
+    """Every stage of every broadcast, from every service (BroadcastStatus)."""
+    RESPONSE_FILES = "responses.files.v1"
+    """Remote response files found by a gatherer scan, one message per file (ResponseFile)."""
+    RESPONSE_EVENTS = "responses.events.v1"
+    """Normalized response events from files, APIs and webhooks (ResponseEvent)."""
+    SUBSCRIPTION_CHANGES = "subscriptions.changes.v1"
+    """Opt-outs and opt-ins flowing between the ESPs and the CRM (SubscriptionChange)."""
+    DEADLETTER = "deadletter.v1"
+    """Anything rejected, with the original bytes and the reason (DeadLetter)."""
+
+
+def topic_name(topic: Topic, prefix: str = "") -> str:
+    """The full topic name for a deployment prefix such as ``"staging."``."""
+    return f"{prefix}{topic.value}"
+
+
+@dataclass(frozen=True, slots=True)
+class TopicSpec:
+    """A topic's message model and how a message's Kafka key is derived."""
+
+    topic: Topic
+    model: type[Message]
+    key: Callable[[Any], str]
+
+
+REGISTRY: dict[Topic, TopicSpec] = {
+    spec.topic: spec
+    for spec in (
+        TopicSpec(Topic.BROADCAST_JOBS, m.BroadcastJob, lambda msg: msg.job_id),
+        TopicSpec(Topic.BROADCAST_LISTS, m.ListUploaded, lambda msg: msg.job_id),
+        TopicSpec(Topic.BROADCAST_STATUS, m.BroadcastStatus, lambda msg: msg.job_id),
+        TopicSpec(Topic.RESPONSE_FILES, m.ResponseFile, lambda msg: f"{msg.esp}/{msg.account}/{msg.path}"),
+        TopicSpec(
+            Topic.RESPONSE_EVENTS,
+            m.ResponseEvent,
+            lambda msg: f"{msg.broadcast_id}/{msg.communication_key or msg.email}",
+        ),
+        TopicSpec(Topic.SUBSCRIPTION_CHANGES, m.SubscriptionChange, lambda msg: msg.email),
+        TopicSpec(Topic.DEADLETTER, m.DeadLetter, lambda msg: msg.source.kind),
+    )
+}
+"""Topic → its message model and key; a unit test checks every Topic is here."""
+
+
+def spec_for_model(model: type[Message]) -> TopicSpec:
+    """The topic a message model is published to."""
+    for spec in REGISTRY.values():
+        if spec.model is model:
+            return spec
+    raise KeyError(f"no topic carries {model.__name__}")

@@ -1,0 +1,300 @@
+"""Finding response data: files in the accounts' response folders, and pages of their APIs.
+
+* :func:`scan` lists each account's response folders, records new files in the ledger
+  (control.gathered_files) and publishes one ResponseFile per new file for the gatherer workers,
+  in one transaction that commits after Kafka acknowledged the messages.
+  The ledger's unique key makes concurrent scans publish each file once; a file recorded but not
+  taken after ``republish_after_s`` is published again (its first message may have been lost).
+* :func:`pull_api` asks each API-capable account for the responses of its recently sent
+  broadcasts, page by page from a stored cursor (control.api_cursors), publishing the events
+  before it stores the next cursor; an advisory lock keeps two gatherers off the same broadcast.
+  Each pull that brought responses is reported on the broadcast's status; so is a pull that
+  failed (once per distinct error, until it works again): ``failed`` when only the operator can
+  fix the cause (refused credentials, a bad configuration), ``running`` with the error otherwise.
+
+Used by every gatherer process on its interval and by ``espbridge gather now`` (:func:`gather_now`).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import posixpath
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import aiohttp
+import asyncpg
+from faststream.kafka import KafkaBroker
+
+from shared.esp import Accounts, AccountsSettings, BadRow, Connector, ConnectorContext, Connectors
+from shared.infra.db import Conn, create_pool, cursors, files, jobs
+from shared.infra.db.jobs import SentBroadcast
+from shared.infra.kafka import ensure_topics, publish_many
+from shared.infra.settings import KafkaSettings, PostgresSettings, SftpSettings
+from shared.infra.sftp import SftpPool, list_folder
+from shared.model.errors import EspbridgeError, PermanentError
+from shared.model.messages import (
+    BroadcastStatus,
+    DeadLetter,
+    EventSource,
+    Message,
+    ResponseEvent,
+    ResponseFile,
+    Stage,
+    State,
+)
+
+log = logging.getLogger(__name__)
+
+
+async def scan(
+    connectors: Connectors,
+    sftp: SftpPool,
+    pool: asyncpg.Pool,
+    broker: KafkaBroker,
+    kafka: KafkaSettings,
+    republish_after_s: float = 300.0,
+    unreadable: set[str] | None = None,
+) -> list[ResponseFile]:
+    """One scan of every configured account's response folders; returns the files it published.
+
+    A file whose name is not UTF-8 is left on the site and reported as a dead letter (payload:
+    the name's bytes); ``unreadable`` remembers those reported, so a process scanning on an
+    interval reports each once.
+    """
+    found: list[ResponseFile] = []
+    letters: list[DeadLetter] = []
+    unreadable = set() if unreadable is None else unreadable
+    for connector in connectors.all():
+        if not connector.response_sources:
+            continue
+        account = connector.account
+        async with sftp.session() as session:
+            for source in connector.response_sources:
+                folder = posixpath.join(account.sftp_root, source.folder)
+                try:
+                    listing = await list_folder(session, folder)
+                except PermanentError as exc:
+                    # One account's missing folder must not stop the scan of the others.
+                    log.warning("response folder not scanned", extra={"folder": folder, "error": str(exc)})
+                    continue
+                for raw in listing.unreadable:
+                    where = posixpath.join(folder, raw.decode("utf-8", "backslashreplace"))
+                    if where not in unreadable:
+                        unreadable.add(where)
+                        letters.append(unreadable_name(where, raw))
+                        log.warning(
+                            "response file name is not UTF-8, file left in place", extra={"file": where}
+                        )
+                for remote in listing.files:
+                    if not fnmatch.fnmatch(posixpath.basename(remote.path), source.pattern):
+                        continue
+                    found.append(
+                        ResponseFile(
+                            esp=account.esp,
+                            account=account.account,
+                            path=remote.path,
+                            size=remote.size,
+                            mtime=datetime.fromtimestamp(remote.mtime, UTC),
+                        )
+                    )
+    to_publish: list[ResponseFile] = []
+    # The new rows commit only once Kafka has the files' messages: if publishing fails (Kafka
+    # down), the next scan finds the files new again instead of waiting for republish_after_s.
+    async with pool.acquire() as conn, conn.transaction():
+        for file in found:
+            if await files.record_found(conn, file, republish_after_s):
+                to_publish.append(file)
+        await publish_many(broker, kafka, [*letters, *to_publish])
+    if to_publish:
+        log.info("response files found", extra={"files": len(to_publish)})
+    return to_publish
+
+
+def unreadable_name(where: str, raw: bytes) -> DeadLetter:
+    """The dead letter of a response file whose name is not UTF-8 (``where`` shows it escaped)."""
+    return DeadLetter(
+        source=EventSource(kind="file", name=where),
+        payload=raw,
+        error_class="UnreadableFileName",
+        message=(
+            "the response file's name is not UTF-8, so espbridge cannot record or gather it; "
+            "it is left in place: rename it on the ESP's site and it is gathered at the next scan"
+        ),
+        service="gatherer",
+    )
+
+
+@dataclass
+class PullResult:
+    """What one API pull of one broadcast published."""
+
+    job_id: str
+    pages: int = 0
+    events: int = 0
+    bad_items: int = 0
+
+
+async def pull_api(
+    connectors: Connectors,
+    pool: asyncpg.Pool,
+    broker: KafkaBroker,
+    kafka: KafkaSettings,
+    window_days: float = 30.0,
+    service: str = "gatherer",
+    reported: dict[str, str] | None = None,
+) -> list[PullResult]:
+    """Pull new responses of every recently sent broadcast of every API-capable account.
+
+    ``reported`` maps a job id to the last pull error published for it; a process that pulls on
+    an interval keeps it between calls so that a lasting error is reported once, not every pass.
+    """
+    results: list[PullResult] = []
+    reported = {} if reported is None else reported
+    for connector in connectors.all():
+        if not connector.pulls_api:
+            continue
+        account = connector.account
+        async with pool.acquire() as conn:
+            broadcasts = await jobs.sent_broadcasts(conn, account.esp, account.account, window_days)
+        for broadcast in broadcasts:
+            async with pool.acquire() as conn:
+                if not await cursors.try_lock_pull(conn, broadcast.job_id):
+                    continue  # another gatherer is pulling this broadcast right now
+                try:
+                    result = await _pull_one(connector, broadcast, conn, broker, kafka, service)
+                except EspbridgeError as exc:
+                    # One broadcast's trouble must not stop the others; the next pass tries again
+                    # from the stored cursor.
+                    error = f"{type(exc).__name__}: {exc}"
+                    log.warning(
+                        "API pull failed",
+                        extra={
+                            "job_id": broadcast.job_id,
+                            "esp": account.esp,
+                            "account": account.account,
+                            "error_class": type(exc).__name__,
+                            "error": str(exc),
+                        },
+                    )
+                    if reported.get(broadcast.job_id) != error:
+                        reported[broadcast.job_id] = error
+                        await publish_many(
+                            broker, kafka, [pull_failed_status(broadcast.job_id, exc, service)]
+                        )
+                else:
+                    results.append(result)
+                    recovered = reported.pop(broadcast.job_id, None) is not None
+                    if result.events or result.bad_items or recovered:
+                        await publish_many(broker, kafka, [pulled_status(result, recovered, service)])
+                finally:
+                    await cursors.unlock_pull(conn, broadcast.job_id)
+    return results
+
+
+def pull_failed_status(job_id: str, exc: EspbridgeError, service: str) -> BroadcastStatus:
+    """The status of a broadcast whose API pull failed: ``failed`` if the cause needs the operator."""
+    lasting = isinstance(exc, PermanentError)
+    return BroadcastStatus(
+        job_id=job_id,
+        stage=Stage.GATHER,
+        state=State.FAILED if lasting else State.RUNNING,
+        detail=f"API pull failed ({type(exc).__name__}): {exc}; retried every scan"
+        + ("; fix the account's configuration" if lasting else ""),
+        service=service,
+    )
+
+
+def pulled_status(result: PullResult, recovered: bool, service: str) -> BroadcastStatus:
+    """The status of a broadcast after an API pull that worked."""
+    detail = f"{result.events} events from the ESP's API"
+    return BroadcastStatus(
+        job_id=result.job_id,
+        stage=Stage.GATHER,
+        state=State.RUNNING,
+        counts={"events": result.events, "bad_items": result.bad_items},
+        detail=("API pull works again; " if recovered else "") + detail,
+        service=service,
+    )
+
+
+async def _pull_one(
+    connector: Connector,
+    broadcast: SentBroadcast,
+    conn: Conn,
+    broker: KafkaBroker,
+    kafka: KafkaSettings,
+    service: str,
+) -> PullResult:
+    account = connector.account
+    cursor = await cursors.api_cursor(conn, account.esp, account.account, broadcast.job_id)
+    result = PullResult(broadcast.job_id)
+    while True:
+        page = await connector.pull_responses(broadcast, cursor)
+        messages: list[Message] = []
+        for item in page.items:
+            if isinstance(item, ResponseEvent):
+                messages.append(item)
+                result.events += 1
+            elif isinstance(item, BadRow):
+                result.bad_items += 1
+                messages.append(
+                    DeadLetter(
+                        source=EventSource(
+                            kind="api", name=f"{account.esp}/{account.account}", page=result.pages
+                        ),
+                        payload=item.raw,
+                        error_class="BadResponseItem",
+                        message=item.error,
+                        service=service,
+                        context={
+                            "esp": account.esp,
+                            "account": account.account,
+                            "broadcast": broadcast.job_id,
+                        },
+                    )
+                )
+        await publish_many(broker, kafka, messages)  # acknowledged before the cursor moves on
+        result.pages += 1
+        cursor = page.cursor
+        await cursors.store_api_cursor(
+            conn,
+            account.esp,
+            account.account,
+            broadcast.job_id,
+            cursor,
+            sum(1 for m in messages if isinstance(m, ResponseEvent)),
+            sum(1 for m in messages if isinstance(m, DeadLetter)),
+        )
+        if not page.more:
+            break
+    if result.events or result.bad_items:
+        log.info(
+            "API responses pulled",
+            extra={"job_id": broadcast.job_id, "pages": result.pages, "events": result.events},
+        )
+    return result
+
+
+async def gather_now(
+    kafka: KafkaSettings, pg: PostgresSettings, sftp: SftpSettings, accounts: AccountsSettings
+) -> list[ResponseFile]:
+    """One scan of every configured account, announcing new response files to the gatherers, and
+    one API pull of every account that has one (``espbridge gather now``)."""
+    configured = Accounts.load(accounts)
+    await ensure_topics(kafka)
+    pool = await create_pool(pg)
+    sftp_pool = SftpPool(sftp)
+    broker = KafkaBroker(kafka.bootstrap_servers, client_id=f"{kafka.client_id}-cli")
+    await broker.start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            connectors = Connectors(configured, ConnectorContext(http, sftp_pool))
+            found = await scan(connectors, sftp_pool, pool, broker, kafka, republish_after_s=0.0)
+            await pull_api(connectors, pool, broker, kafka, service="cli")
+            return found
+    finally:
+        await broker.stop()
+        await sftp_pool.close()
+        await pool.close()
