@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shared.infra.db import applied_migrations, connect, load_migrations, migrate
+from shared.infra.db import Migration, applied_migrations, connect, load_migrations, migrate
 from shared.infra.settings import PostgresSettings
 
 
@@ -10,13 +10,12 @@ async def db_migrate() -> int:
     """``db migrate``: apply the pending migrations."""
     conn = await connect(PostgresSettings())
     try:
-        applied = await migrate(conn)
+        applied: list[Migration] = await migrate(conn)
     finally:
         await conn.close()
-    if applied:
-        for m in applied:
-            print(f"applied {m.version:04d}_{m.name}")
-    else:
+    for m in applied:
+        print(f"applied {m.version:04d}_{m.name}")
+    if not applied:
         print("database is up to date")
     return 0
 
@@ -29,6 +28,5 @@ async def db_status() -> int:
     finally:
         await conn.close()
     for m in load_migrations():
-        state = "applied" if m.version in done else "pending"
-        print(f"{m.version:04d}_{m.name}\t{state}")
+        print(f"{m.version:04d}_{m.name}\t{'applied' if m.version in done else 'pending'}")
     return 0

@@ -16,7 +16,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -48,31 +49,29 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+COMMANDS: dict[tuple[str, str], Callable[[argparse.Namespace], int | Coroutine[Any, Any, int]]] = {
+    ("db", "migrate"): lambda _: db_migrate(),
+    ("db", "status"): lambda _: db_status(),
+    ("topics", "create"): lambda _: topics_create(),
+    ("topics", "list"): lambda _: topics_list(),
+    ("job", "publish"): jobs.job_publish,
+    ("job", "status"): jobs.job_status,
+    ("gather", "now"): lambda _: gather_now_command(),
+    ("dlq", "list"): dlq.dlq_list,
+    ("dlq", "replay"): dlq.dlq_replay,
+}
+"""Each command's function: a coroutine function for those that talk to a server."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one CLI command; returns the exit code."""
     args = parser().parse_args(argv)
     configure("cli", "WARNING")
     back_off_failed_metadata_updates()
+    command = COMMANDS[(args.group, args.cmd)]
     try:
-        match (args.group, args.cmd):
-            case ("db", "migrate"):
-                return asyncio.run(db_migrate())
-            case ("db", "status"):
-                return asyncio.run(db_status())
-            case ("topics", "create"):
-                return asyncio.run(topics_create())
-            case ("job", "publish"):
-                return asyncio.run(jobs.job_publish(args))
-            case ("job", "status"):
-                return asyncio.run(jobs.job_status(args))
-            case ("gather", "now"):
-                return asyncio.run(gather_now_command())
-            case ("dlq", "list"):
-                return asyncio.run(dlq.dlq_list(args))
-            case ("dlq", "replay"):
-                return asyncio.run(dlq.dlq_replay(args))
-            case _:
-                return topics_list()
+        outcome = command(args)
+        return asyncio.run(outcome) if isinstance(outcome, Coroutine) else outcome
     except EspbridgeError as exc:
         print(f"espbridge: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, InvalidMessageError) else 1

@@ -163,7 +163,8 @@ async def sent_broadcasts(conn: Conn, esp: str, account: str, window_days: float
     oldest first."""
     rows = await conn.fetch(
         """
-        SELECT job_id, job->>'message' AS message, esp_import_id, esp_send_id, send_requested_at
+        SELECT job_id, job->>'message' AS message, esp_import_id AS import_id, esp_send_id AS send_id,
+               send_requested_at AS requested_at
         FROM control.jobs
         WHERE esp = $1 AND account = $2 AND esp_send_id IS NOT NULL
           AND send_requested_at > now() - make_interval(days => $3::int)
@@ -173,13 +174,4 @@ async def sent_broadcasts(conn: Conn, esp: str, account: str, window_days: float
         account,
         int(window_days),
     )
-    return [
-        SentBroadcast(
-            job_id=row["job_id"],
-            message=row["message"],
-            import_id=row["esp_import_id"],
-            send_id=row["esp_send_id"],
-            requested_at=row["send_requested_at"],
-        )
-        for row in rows
-    ]
+    return [SentBroadcast(**dict(row)) for row in rows]
