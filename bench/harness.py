@@ -28,7 +28,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from shared.infra.db import connect, migrate, quote_ident
 from shared.infra.kafka import ensure_topics
 from shared.infra.settings import KafkaSettings, PostgresSettings, SftpSettings
-from tools.demo import write_accounts_file
+from tools.demo import wait_until, write_accounts_file
 
 ROOT = Path(__file__).resolve().parents[1]
 ESP = "sandbox"
@@ -198,14 +198,10 @@ async def _all_ready(services: list[Service]) -> bool:
 async def wait_for(
     check: Callable[[], Awaitable[bool]], what: str, timeout_s: float, every_s: float = 0.25
 ) -> float:
-    """Poll an async check until it is true; returns time.monotonic() when it was seen true."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if await check():
-            return time.monotonic()
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"gave up after {timeout_s:.0f}s waiting for {what}")
-        await asyncio.sleep(every_s)  # polling interval of a condition with a deadline
+    """Poll an async check until it is true (the demo's :func:`wait_until`); returns
+    time.monotonic() when it was seen true: the end of what a scenario measures."""
+    await wait_until(what, check, timeout_s, every_s)
+    return time.monotonic()
 
 
 @contextlib.asynccontextmanager

@@ -264,7 +264,7 @@ async def upload(env: BenchEnv, rows: int, customers: int, runs: int) -> UploadR
             )
             t0 = time.monotonic()
             await publish(broker, kafka, job)
-            uploaded = await _list_uploaded(consumer, uploader, job.job_id, t0 + 1800)
+            uploaded = await _list_uploaded(consumer, uploader, job.job_id, 1800)
             seconds = time.monotonic() - t0
             local = env.sftp_local_root / uploaded.remote_path
             if local.stat().st_size != uploaded.bytes or uploaded.rows != selected:
@@ -308,16 +308,20 @@ async def _list_limit(env: BenchEnv) -> tuple[float, float, int]:
 
 
 async def _list_uploaded(
-    consumer: AIOKafkaConsumer, uploader: Service, job_id: str, deadline: float
+    consumer: AIOKafkaConsumer, uploader: Service, job_id: str, timeout_s: float
 ) -> ListUploaded:
     """The job's ListUploaded, read from the lists topic as soon as it is there."""
-    while True:
+    found: list[ListUploaded] = []
+
+    async def arrived() -> bool:
         if not uploader.alive():
             raise RuntimeError(f"the uploader exited:\n{uploader.tail()}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no ListUploaded for {job_id}; log: {uploader.log}")
-        batch = await consumer.getmany(timeout_ms=200)
-        for records in batch.values():
-            for record in records:
-                if record.key == job_id.encode() and record.value:
-                    return ListUploaded.from_json(record.value)
+        for records in (await consumer.getmany(timeout_ms=200)).values():
+            found.extend(
+                ListUploaded.from_json(r.value) for r in records if r.key == job_id.encode() and r.value
+            )
+        return bool(found)
+
+    # getmany waits for records itself: no pause between the reads
+    await wait_for(arrived, f"the ListUploaded of {job_id} (log: {uploader.log})", timeout_s, every_s=0)
+    return found[0]

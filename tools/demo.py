@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -219,7 +219,8 @@ class Processes:
             return None
         return pid
 
-    def stop_all(self) -> list[str]:
+    async def stop_all(self) -> list[str]:
+        """SIGTERM each process still running, SIGKILL one that has not exited after 45 s; their names."""
         stopped = []
         for name in (*SERVICES, "sandbox"):
             pid = self.running(name)
@@ -227,10 +228,13 @@ class Processes:
                 self.pid_file(name).unlink(missing_ok=True)
                 continue
             os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 45
-            while time.monotonic() < deadline and self.running(name) is not None and not _zombie(pid):
-                time.sleep(0.1)  # waiting for a process to exit after SIGTERM
-            if self.running(name) is not None and not _zombie(pid):
+
+            async def exited(name: str = name, pid: int = pid) -> bool:
+                return self.running(name) is None or _zombie(pid)
+
+            try:
+                await wait_until(f"{name} to exit", exited, 45, every_s=0.1)
+            except TimeoutError:
                 os.kill(pid, signal.SIGKILL)
             self.pid_file(name).unlink(missing_ok=True)
             stopped.append(name)
@@ -250,8 +254,11 @@ def say(text: str) -> None:
     sys.stdout.flush()
 
 
-async def wait_until(what: str, check: Any, timeout_s: float, every_s: float = 0.5) -> Any:
-    """Poll an async check until it returns something truthy."""
+async def wait_until(
+    what: str, check: Callable[[], Awaitable[Any]], timeout_s: float, every_s: float = 0.5
+) -> Any:
+    """Poll an async check until it returns something truthy; that value (TimeoutError after
+    ``timeout_s``)."""
     deadline = time.monotonic() + timeout_s
     while True:
         value = await check()
@@ -290,7 +297,7 @@ async def run(recipients: int, esp: str, account: str) -> int:
     state = ROOT / ".run" / "demo"
     state.mkdir(parents=True, exist_ok=True)
     procs = Processes(state)
-    stopped = procs.stop_all()
+    stopped = await procs.stop_all()
     if stopped:
         say(f"stopped the previous demo's {', '.join(stopped)}")
     sftp_root = Path(os.environ["ESPBRIDGE_SFTP_LOCAL_ROOT"])
@@ -435,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("stop", help="stop the demo's sandbox and services")
     args = parser.parse_args(argv)
     if args.cmd == "stop":
-        stopped = Processes(ROOT / ".run" / "demo").stop_all()
+        stopped = asyncio.run(Processes(ROOT / ".run" / "demo").stop_all())
         say(f"stopped: {', '.join(stopped) or 'nothing was running'}")
         return 0
     return asyncio.run(run(args.recipients, args.esp, args.account))
