@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import secrets
 import signal
@@ -219,6 +220,10 @@ class Processes:
             return None
         return pid
 
+    async def exited(self, name: str, pid: int) -> bool:
+        """Whether the process ``pid`` started as ``name`` has exited (a zombie has)."""
+        return self.running(name) is None or _zombie(pid)
+
     async def stop_all(self) -> list[str]:
         """SIGTERM each process still running, SIGKILL one that has not exited after 45 s; their names."""
         stopped = []
@@ -228,12 +233,8 @@ class Processes:
                 self.pid_file(name).unlink(missing_ok=True)
                 continue
             os.kill(pid, signal.SIGTERM)
-
-            async def exited(name: str = name, pid: int = pid) -> bool:
-                return self.running(name) is None or _zombie(pid)
-
             try:
-                await wait_until(f"{name} to exit", exited, 45, every_s=0.1)
+                await wait_until(f"{name} to exit", functools.partial(self.exited, name, pid), 45, 0.1)
             except TimeoutError:
                 os.kill(pid, signal.SIGKILL)
             self.pid_file(name).unlink(missing_ok=True)
