@@ -7,7 +7,6 @@ processes are stopped (SIGTERM, then SIGKILL), topics under the run's prefix del
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import re
@@ -22,13 +21,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import asyncpg
-from aiokafka.admin import AIOKafkaAdminClient
-
-from shared.infra.db import connect, migrate, quote_ident
 from shared.infra.kafka import ensure_topics
 from shared.infra.settings import KafkaSettings, PostgresSettings, SftpSettings
 from tools.demo import wait_until, write_accounts_file
+from tools.scratch import create_database, delete_topics, drop_database
 
 ROOT = Path(__file__).resolve().parents[1]
 ESP = "sandbox"
@@ -254,56 +250,18 @@ async def bench_env(base_env: Mapping[str, str], keep_work: bool = False) -> Asy
     for folder in ("drop", "responses", "archive"):
         (env.account_dir / folder).mkdir(parents=True, exist_ok=True)
     try:
-        admin = await connect(pg_admin)
-        try:
-            await admin.execute(f"CREATE DATABASE {quote_ident(env.pg.database)}")
-        finally:
-            await admin.close()
-        conn = await connect(env.pg)
-        try:
-            await migrate(conn)
-        finally:
-            await conn.close()
+        await create_database(pg_admin, env.pg.database)
         say(f"bench {token}: database {env.pg.database}, topics bench{token}r*, folder {env.remote_root}")
         yield env
     finally:
         env.stop_all()
-        await _delete_topics(kafka, f"bench{token}")
-        await _drop_database(pg_admin, env.pg.database)
+        await delete_topics(kafka, f"bench{token}")
+        await drop_database(pg_admin, env.pg.database)
         shutil.rmtree(env.account_dir, ignore_errors=True)
         if not keep_work:
             shutil.rmtree(work, ignore_errors=True)
         kept = f", work folder {work} kept" if keep_work else ", local files"
         say(f"bench {token}: cleaned up (processes, topics, database, SFTP folder{kept})")
-
-
-async def _delete_topics(kafka: KafkaSettings, prefix: str) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap_servers, client_id="espbridge-bench")
-    await admin.start()
-    try:
-        mine = [t for t in await admin.list_topics() if t.startswith(prefix)]
-        if mine:
-            await admin.delete_topics(mine)
-    finally:
-        await admin.close()
-
-
-async def _drop_database(admin_settings: PostgresSettings, name: str, timeout_s: float = 60.0) -> None:
-    """Drop the bench database; the server's own workers (autovacuum) cannot be ended by a
-    non-superuser, so the drop is tried again until they have left."""
-    admin = await connect(admin_settings)
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                await admin.execute(f"DROP DATABASE IF EXISTS {quote_ident(name)} WITH (FORCE)")
-                return
-            except (asyncpg.InsufficientPrivilegeError, asyncpg.ObjectInUseError):
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.2)  # the server's worker leaves by itself; nothing to wait on
-    finally:
-        await admin.close()
 
 
 async def create_topics(kafka: KafkaSettings) -> None:

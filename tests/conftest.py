@@ -3,7 +3,6 @@ that need them); unique topics, databases and folders per test."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -11,9 +10,8 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient
 
-from shared.infra.db import connect, migrate, quote_ident
+from shared.infra.db import connect
 from shared.infra.settings import KafkaSettings, PostgresSettings
 from tests.fixtures.servers import (
     REQUIRED,
@@ -22,6 +20,7 @@ from tests.fixtures.servers import (
     start_local_servers,
     stop_local_servers,
 )
+from tools.scratch import create_database, delete_topics, drop_database
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -64,53 +63,17 @@ async def kafka(servers: Servers, unique: str) -> AsyncIterator[KafkaSettings]:
         update={"topic_prefix": f"t{unique}.", "partitions_responses": 6, "partitions_default": 3}
     )
     yield settings
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
-    await admin.start()
-    try:
-        mine = [t for t in await admin.list_topics() if t.startswith(settings.topic_prefix)]
-        if mine:
-            await admin.delete_topics(mine)
-    finally:
-        await admin.close()
+    await delete_topics(settings, settings.topic_prefix)
 
 
 @pytest.fixture
 async def database(servers: Servers, unique: str) -> AsyncIterator[PostgresSettings]:
     """A fresh database for this test with all migrations applied; dropped afterwards."""
-    name = f"test_{unique}"
-    admin = await connect(servers.pg)
-    try:
-        await admin.execute(f"CREATE DATABASE {quote_ident(name)}")
-    finally:
-        await admin.close()
-    settings = servers.pg.with_database(name)
-    conn = await connect(settings)
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
+    settings = await create_database(servers.pg, f"test_{unique}")
     try:
         yield settings
     finally:
-        admin = await connect(servers.pg)
-        try:
-            await drop_database(admin, name)
-        finally:
-            await admin.close()
-
-
-async def drop_database(admin: asyncpg.Connection, name: str, timeout_s: float = 30.0) -> None:
-    """Drop a test database, its sessions ended. A background process of the server (autovacuum)
-    cannot be ended by a non-superuser, so the drop is tried again until it has left."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while True:
-        try:
-            await admin.execute(f"DROP DATABASE IF EXISTS {quote_ident(name)} WITH (FORCE)")
-            return
-        except (asyncpg.InsufficientPrivilegeError, asyncpg.ObjectInUseError):
-            if asyncio.get_running_loop().time() > deadline:
-                raise
-            await asyncio.sleep(0.2)  # the server's own worker leaves by itself; nothing to wait on
+        await drop_database(servers.pg, settings.database, timeout_s=30)
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ import orjson
 import pytest
 
 from bench.harness import usage
-from shared.infra.db import connect, migrate, quote_ident
+from shared.infra.db import connect
 from shared.infra.kafka import ensure_topics
 from shared.infra.settings import KafkaSettings, PostgresSettings
 from shared.model.messages import Stage, State
@@ -31,6 +31,7 @@ from tests.faults.private_servers import PrivateServers, private_servers
 from tests.fixtures.pipeline import SERVICES, loaded_counts, start_pipeline, wait_all_loaded
 from tests.fixtures.waits import wait_for
 from tools.demo import seed_customers
+from tools.scratch import create_database
 
 # One set of private servers serves the module: its tests stay on one parallel worker.
 pytestmark = pytest.mark.xdist_group("outages")
@@ -66,16 +67,9 @@ def private() -> Iterator[PrivateServers]:
 @pytest.fixture
 async def private_database(private: PrivateServers, unique: str) -> PostgresSettings:
     """A fresh database on the private PostgreSQL with all migrations applied."""
-    name = f"test_{unique}"
-    admin = await connect(private.servers.pg)
-    try:
-        await admin.execute(f"CREATE DATABASE {quote_ident(name)}")
-    finally:
-        await admin.close()
-    settings = private.servers.pg.with_database(name)
+    settings = await create_database(private.servers.pg, f"test_{unique}")
     conn = await connect(settings)
     try:
-        await migrate(conn)
         await seed_customers(conn, RECIPIENTS)
     finally:
         await conn.close()

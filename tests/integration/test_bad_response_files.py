@@ -17,12 +17,10 @@ from typing import Any
 
 import orjson
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient
 
 from shared.esp.delimited import KEEP_BYTES
-from shared.infra.db import connect, migrate, quote_ident
+from shared.infra.db import connect
 from shared.infra.kafka import ensure_topics
-from shared.infra.settings import KafkaSettings
 from shared.model.messages import DeadLetter, ResponseEvent
 from shared.model.topics import Topic
 from tests.fixtures.jobs import record_jobs
@@ -31,6 +29,7 @@ from tests.fixtures.processes import running, service_env, stop
 from tests.fixtures.servers import Servers
 from tests.fixtures.waits import wait_for
 from tools.demo import FLAVORS, write_accounts_file
+from tools.scratch import create_database, delete_topics, drop_database
 
 JOB = "job-files"
 NOBODY = "job-nobody"
@@ -274,17 +273,10 @@ async def outcome(servers: Servers, tmp_path_factory: pytest.TempPathFactory) ->
     kafka = servers.kafka.model_copy(
         update={"topic_prefix": f"t{unique}.", "partitions_responses": 6, "partitions_default": 3}
     )
-    database = f"test_{unique}"
     async with AsyncExitStack() as cleanup:
-        admin = await connect(servers.pg)
-        await admin.execute(f"CREATE DATABASE {quote_ident(database)}")
-        cleanup.push_async_callback(_drop_database, servers, database)
-        await admin.close()
-        pg = servers.pg.with_database(database)
-        conn = await connect(pg)
-        await migrate(conn)
-        await conn.close()
-        cleanup.push_async_callback(_delete_topics, kafka)
+        pg = await create_database(servers.pg, f"test_{unique}")
+        cleanup.push_async_callback(drop_database, servers.pg, pg.database)
+        cleanup.push_async_callback(delete_topics, kafka, kafka.topic_prefix)
         await ensure_topics(kafka)
 
         token = tmp / "token"
@@ -311,7 +303,7 @@ async def outcome(servers: Servers, tmp_path_factory: pytest.TempPathFactory) ->
             servers.env,
             ESPBRIDGE_KAFKA_TOPIC_PREFIX=kafka.topic_prefix,
             ESPBRIDGE_KAFKA_PARTITIONS_RESPONSES="6",  # as created above
-            ESPBRIDGE_PG_DATABASE=database,
+            ESPBRIDGE_PG_DATABASE=pg.database,
             ESPBRIDGE_ACCOUNTS_FILE=str(tmp / "accounts.json"),
             ESPBRIDGE_GATHERER_SCAN_INTERVAL_S="0.5",
         )
@@ -377,25 +369,6 @@ async def _rows(pg: Any) -> dict[str, dict[str, Any]]:
         return {r["source"]: dict(r) for r in await conn.fetch("SELECT * FROM responses.events")}
     finally:
         await conn.close()
-
-
-async def _drop_database(servers: Servers, name: str) -> None:
-    admin = await connect(servers.pg)
-    try:
-        await admin.execute(f"DROP DATABASE IF EXISTS {quote_ident(name)} WITH (FORCE)")
-    finally:
-        await admin.close()
-
-
-async def _delete_topics(kafka: KafkaSettings) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap_servers)
-    await admin.start()
-    try:
-        mine = [t for t in await admin.list_topics() if t.startswith(kafka.topic_prefix)]
-        if mine:
-            await admin.delete_topics(mine)
-    finally:
-        await admin.close()
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
