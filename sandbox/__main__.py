@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import orjson
 from pydantic import ValidationError
@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from sandbox.app import run
 from sandbox.flavors import FLAVORS
 from sandbox.logs import configure
-from sandbox.settings import Settings
+from sandbox.settings import PREFIX, Settings
 
 EPILOG = """\
 environment variables (prefix ESPBRIDGE_SANDBOX_):
@@ -61,37 +61,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = Settings()
+        flavor = FLAVORS.get(settings.flavor)
+        if flavor is not None and flavor.check_settings is not None:
+            flavor.check_settings()
     except ValidationError as exc:
-        prefix = "ESPBRIDGE_SANDBOX_RATE_" if exc.title == "Rates" else "ESPBRIDGE_SANDBOX_"
-        problems = "\n".join(
-            f"  {prefix + '_'.join(str(p) for p in e['loc']).upper() if e['loc'] else 'settings'}: {e['msg']}"
+        prefix = f"{PREFIX}RATE_" if exc.title == "Rates" else PREFIX
+        return _invalid(
+            f"{prefix + '_'.join(str(p) for p in e['loc']).upper() if e['loc'] else 'settings'}: {e['msg']}"
             for e in exc.errors(include_input=False)
         )
-        sys.stderr.write(f"sandbox: invalid settings:\n{problems}\n")
-        return 2
-    if settings.flavor not in FLAVORS:
-        sys.stderr.write(
-            f"sandbox: invalid settings:\n  ESPBRIDGE_SANDBOX_FLAVOR: unknown flavor {settings.flavor!r} "
-            f"(known: {', '.join(sorted(FLAVORS))})\n"
-        )
-        return 2
-    check_flavor_settings = FLAVORS[settings.flavor].check_settings
-    if check_flavor_settings is not None:
-        try:
-            check_flavor_settings()
-        except ValidationError as exc:
-            problems = "\n".join(
-                f"  ESPBRIDGE_SANDBOX_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
-                for e in exc.errors(include_input=False)
-            )
-            sys.stderr.write(f"sandbox: invalid settings:\n{problems}\n")
-            return 2
+    if flavor is None:
+        known = ", ".join(sorted(FLAVORS))
+        return _invalid([f"{PREFIX}FLAVOR: unknown flavor {settings.flavor!r} (known: {known})"])
     if args.print_settings:
         sys.stdout.write(orjson.dumps(settings.masked(), option=orjson.OPT_INDENT_2).decode() + "\n")
         return 0
     configure(settings.log_level)
     asyncio.run(run(settings))
     return 0
+
+
+def _invalid(problems: Iterable[str]) -> int:
+    """Name each invalid setting on stderr; the exit code of invalid settings."""
+    sys.stderr.write("sandbox: invalid settings:\n" + "".join(f"  {p}\n" for p in problems))
+    return 2
 
 
 if __name__ == "__main__":

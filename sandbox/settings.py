@@ -10,20 +10,15 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from sandbox.faults import FaultRule, parse_rules
 from sandbox.protocol import NAME_RE
+from sandbox.validators import CommaList, Probability, Seconds, names_matching
 
-Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+PREFIX = "ESPBRIDGE_SANDBOX_"
 
 
-def read_secret_file(path: Path) -> SecretStr:
-    """A secret from a file, one trailing newline stripped; errors name the file, never the value."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ValueError(f"cannot read token file {path}: {exc.strerror}") from None
-    value = text.rstrip("\r\n")
-    if not value:
-        raise ValueError(f"token file {path} is empty")
-    return SecretStr(value)
+class SandboxSettings(BaseSettings):
+    """Settings read from ``ESPBRIDGE_SANDBOX_*`` variables: the shared ones below and each flavor's own."""
+
+    model_config = SettingsConfigDict(env_prefix=PREFIX, frozen=True, extra="ignore")
 
 
 class Rates(BaseSettings):
@@ -48,23 +43,23 @@ class Rates(BaseSettings):
         return self
 
 
-class Settings(BaseSettings):
+class Settings(SandboxSettings):
     """Everything the sandbox ESP is configured with (environment prefix ``ESPBRIDGE_SANDBOX_``)."""
-
-    model_config = SettingsConfigDict(env_prefix="ESPBRIDGE_SANDBOX_", frozen=True, extra="ignore")
 
     flavor: str = Field(default="generic", description="the ESP the sandbox plays (sandbox.flavors.FLAVORS)")
     root: DirectoryPath = Field(description="the SFTP login directory; accounts are <root>/<esp>/<account>")
     esp: str = Field(default="sandbox", pattern=NAME_RE.pattern)
-    accounts: Annotated[tuple[str, ...], NoDecode] = Field(default=("demo",), description="comma list")
+    accounts: Annotated[CommaList, names_matching(NAME_RE, "account name")] = Field(
+        default=("demo",), description="comma list"
+    )
     host: str = "127.0.0.1"
     port: int = Field(default=8787, ge=0, le=65535, description="0 picks a free port")
     url_file: Path | None = Field(default=None, description="where to write the server URL once listening")
     token: SecretStr | None = Field(default=None, description="the bearer token (or token_file)")
     token_file: Path | None = None
     seed: int = 42
-    phase_delay_s: float = Field(default=1.0, ge=0.0, description="pause between two response phases")
-    import_delay_s: float = Field(default=0.2, ge=0.0, description="time an import stays queued, and running")
+    phase_delay_s: Seconds = Field(default=1.0, description="pause between two response phases")
+    import_delay_s: Seconds = Field(default=0.2, description="time an import stays queued, and running")
     rows_per_file: int = Field(default=5000, ge=1, description="events per response file at most")
     watch_interval_s: float = Field(
         default=0.2, gt=0.0, description="how often watched SFTP folders are read"
@@ -81,8 +76,8 @@ class Settings(BaseSettings):
     max_body_mb: float = Field(
         default=64.0, gt=0.0, description="largest request body accepted; larger ones are answered 413"
     )
-    send_delay_s: float = Field(
-        default=0.0, ge=0.0, description="time a send stays `sending` before its first responses"
+    send_delay_s: Seconds = Field(
+        default=0.0, description="time a send stays `sending` before its first responses"
     )
     faults: Annotated[tuple[FaultRule, ...], NoDecode] = Field(
         default=(), description="JSON list of fault rules (sandbox.faults); none by default"
@@ -91,34 +86,17 @@ class Settings(BaseSettings):
 
     _bearer: SecretStr = PrivateAttr(default=SecretStr(""))
 
-    @field_validator("accounts", mode="before")
-    @classmethod
-    def _split_accounts(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return tuple(part.strip() for part in value.split(",") if part.strip())
-        return value
-
     @field_validator("faults", mode="before")
     @classmethod
     def _parse_faults(cls, value: Any) -> Any:
         return parse_rules(value)
-
-    @field_validator("accounts")
-    @classmethod
-    def _check_accounts(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        if not value:
-            raise ValueError("at least one account is needed")
-        for name in value:
-            if not NAME_RE.fullmatch(name):
-                raise ValueError(f"invalid account name {name!r} (must match {NAME_RE.pattern})")
-        return tuple(dict.fromkeys(value))
 
     @model_validator(mode="after")
     def _resolve_token(self) -> Self:
         if self.token is not None and self.token_file is not None:
             raise ValueError("set ESPBRIDGE_SANDBOX_TOKEN or ESPBRIDGE_SANDBOX_TOKEN_FILE, not both")
         if self.token_file is not None:
-            self._bearer = read_secret_file(self.token_file)
+            self._bearer = _token_from(self.token_file)
         elif self.token is not None and self.token.get_secret_value():
             self._bearer = self.token
         else:
@@ -133,3 +111,14 @@ class Settings(BaseSettings):
     def masked(self) -> dict[str, Any]:
         """The settings for the start-up log line; the token shows as asterisks."""
         return self.model_dump(mode="json")
+
+
+def _token_from(path: Path) -> SecretStr:
+    """The token in a file, one trailing newline stripped; errors name the file, never the value."""
+    try:
+        token = path.read_text(encoding="utf-8").rstrip("\r\n")
+    except OSError as exc:
+        raise ValueError(f"cannot read token file {path}: {exc.strerror}") from None
+    if token:
+        return SecretStr(token)
+    raise ValueError(f"token file {path} is empty")

@@ -64,12 +64,11 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import IO, Annotated, Any, Literal, overload
 from urllib.parse import quote, unquote_plus
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 import orjson
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from sandbox.api import CONTEXT
 from sandbox.engine import Account, EspError
@@ -87,8 +86,9 @@ from sandbox.protocol import (
     utc_text,
 )
 from sandbox.responses import Broadcast, EventLogFormat, ResponsePhase
-from sandbox.settings import Rates
+from sandbox.settings import Rates, SandboxSettings
 from sandbox.simulate import URLS, Event, distinct_seconds, phase_files, simulate
+from sandbox.validators import CommaList, TimeZone, name_matching, names_matching
 
 log = logging.getLogger(__name__)
 
@@ -196,68 +196,30 @@ MALFORMED_KINDS = ("missing field", "unknown event type", "complaint not-a-date"
 # Settings
 
 
-class DeployteqSettings(BaseSettings):
+class DeployteqSettings(SandboxSettings):
     """The flavor's own settings (prefix ``ESPBRIDGE_SANDBOX_``)."""
 
-    model_config = SettingsConfigDict(env_prefix="ESPBRIDGE_SANDBOX_", frozen=True, extra="ignore")
-
-    brand: str = Field(default="espbridge", description="the brand folder created: csv upload/<brand>/")
-    campaigns: Annotated[tuple[str, ...], NoDecode] = Field(
+    brand: Annotated[str, name_matching(BRAND_RE, "brand")] = Field(
+        default="espbridge", description="the brand folder created: csv upload/<brand>/"
+    )
+    campaigns: Annotated[CommaList, names_matching(TRIGGER_RE, "trigger", wildcard={"*"})] = Field(
         default=("*",), description="comma list of the triggers that select a campaign; * = any"
     )
-    timezone: str = Field(default="Europe/Amsterdam", description="the local zone of times and dates")
+    timezone: TimeZone = Field(
+        default=ZoneInfo("Europe/Amsterdam"), description="the local zone of times and dates"
+    )
     export_interval_s: float = Field(default=2.0, ge=1.0, description="time between two export runs")
     foreign_every: int = Field(
         default=0, ge=0, description="a foreign complaint row / API event after every n-th (0 = off)"
     )
-
-    @field_validator("brand")
-    @classmethod
-    def _brand(cls, value: str) -> str:
-        if not BRAND_RE.fullmatch(value):
-            raise ValueError(f"invalid brand {value!r} (must match {BRAND_RE.pattern})")
-        return value
-
-    @field_validator("campaigns", mode="before")
-    @classmethod
-    def _split(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return tuple(part.strip() for part in value.split(",") if part.strip())
-        return value
-
-    @field_validator("campaigns")
-    @classmethod
-    def _triggers(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        if not value:
-            raise ValueError("at least one campaign (or *) is needed")
-        for name in value:
-            if name != "*" and not TRIGGER_RE.fullmatch(name):
-                raise ValueError(f"invalid trigger {name!r} (must match {TRIGGER_RE.pattern})")
-        return value
-
-    @field_validator("timezone")
-    @classmethod
-    def _zone(cls, value: str) -> str:
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown time zone {value!r}") from None
-        return value
-
-    @property
-    def zone(self) -> ZoneInfo:
-        """The zone of ``metric_timestamp``, the date filters and the export."""
-        return ZoneInfo(self.timezone)
 
     def campaign_known(self, trigger: str) -> bool:
         """Whether a trigger selects a campaign."""
         return "*" in self.campaigns or trigger in self.campaigns
 
 
-@functools.cache
-def deployteq_settings() -> DeployteqSettings:
-    """The flavor's settings, read from the environment once."""
-    return DeployteqSettings()
+deployteq_settings = functools.cache(DeployteqSettings)
+"""The flavor's settings, read from the environment once."""
 
 
 def trigger_folder(brand: str, state: str) -> str:
@@ -291,17 +253,17 @@ class _Folders(Sequence[str]):
 
 def local_iso(at: int) -> str:
     """``metric_timestamp``: whole seconds in ``TIMEZONE`` with their offset."""
-    return datetime.fromtimestamp(at, deployteq_settings().zone).isoformat()
+    return datetime.fromtimestamp(at, deployteq_settings().timezone).isoformat()
 
 
 def local_date(at: int) -> str:
     """The local date of a time, as the date filters compare it."""
-    return datetime.fromtimestamp(at, deployteq_settings().zone).date().isoformat()
+    return datetime.fromtimestamp(at, deployteq_settings().timezone).date().isoformat()
 
 
 def local_text(at: int) -> str:
     """An export time: ``%Y-%m-%d %H:%M:%S`` in ``TIMEZONE``, no offset."""
-    return datetime.fromtimestamp(at, deployteq_settings().zone).strftime(EXPORT_TIME)
+    return datetime.fromtimestamp(at, deployteq_settings().timezone).strftime(EXPORT_TIME)
 
 
 def customer_id(key: str) -> int:
@@ -1100,7 +1062,7 @@ class Deployteq:
         )
 
     def _new_stamp(self) -> str:
-        moment = datetime.now(self.settings.zone)
+        moment = datetime.now(self.settings.timezone)
         while self._taken(stamp := moment.strftime("%Y%m%d_%H%M%S")):
             moment += timedelta(seconds=1)
         return stamp

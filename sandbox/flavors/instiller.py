@@ -28,12 +28,11 @@ import re
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import PurePosixPath
-from typing import Annotated, Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from typing import Any
+from zoneinfo import ZoneInfo
 
 from aiohttp import web
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic import Field
 
 from sandbox.api import CONTEXT, json_response
 from sandbox.engine import Account, EspError
@@ -42,8 +41,10 @@ from sandbox.limits import MalformedRows
 from sandbox.listfile import import_list
 from sandbox.protocol import EXTERNAL_ID_RE, MANIFEST, EventType, ImportState, parse_utc
 from sandbox.responses import Broadcast, EventLogFormat, ResponsePhase
+from sandbox.settings import SandboxSettings
 from sandbox.simulate import Event
 from sandbox.state import ImportRecord, SendRecord
+from sandbox.validators import CommaList, TimeZone
 
 BASE = "/rest"
 UPLOAD = "upload"
@@ -56,55 +57,30 @@ LIST = "list"
 EMAIL_PROFILE = "email_profile"
 
 
-class InstillerSettings(BaseSettings):
+class InstillerSettings(SandboxSettings):
     """The flavor's own settings (``ESPBRIDGE_SANDBOX_FIELD_MAPS``, ``ESPBRIDGE_SANDBOX_TIMEZONE``)."""
 
-    model_config = SettingsConfigDict(env_prefix="ESPBRIDGE_SANDBOX_", frozen=True, extra="ignore")
-
-    field_maps: Annotated[tuple[str, ...], NoDecode] = Field(
+    field_maps: CommaList = Field(
         default=("espbridge",), description="comma list of the field maps that exist"
     )
-    timezone: str = Field(default="Europe/London", description="the account's local time zone")
-
-    @field_validator("field_maps", mode="before")
-    @classmethod
-    def _split(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return tuple(part.strip() for part in value.split(",") if part.strip())
-        return value
-
-    @field_validator("timezone")
-    @classmethod
-    def _zone(cls, value: str) -> str:
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown time zone {value!r}") from None
-        return value
-
-    @property
-    def zone(self) -> ZoneInfo:
-        """The local zone of times in requests and answers."""
-        return ZoneInfo(self.timezone)
+    timezone: TimeZone = Field(default=ZoneInfo("Europe/London"), description="the account's local time zone")
 
 
-@functools.cache
-def instiller_settings() -> InstillerSettings:
-    """The flavor's settings, read from the environment once."""
-    return InstillerSettings()
+instiller_settings = functools.cache(InstillerSettings)
+"""The flavor's settings, read from the environment once."""
 
 
 def local_text(moment: datetime | float) -> str:
     """A time as the API shows it: ``date_format`` in ``TIMEZONE``, no offset."""
     if not isinstance(moment, datetime):
         moment = datetime.fromtimestamp(moment, UTC)
-    return moment.astimezone(instiller_settings().zone).strftime(DATE_FORMAT)
+    return moment.astimezone(instiller_settings().timezone).strftime(DATE_FORMAT)
 
 
 def parse_local(text: str) -> datetime:
     """A ``date_format`` time in ``TIMEZONE`` (the first occurrence of a repeated hour), in UTC."""
     naive = datetime.strptime(text, DATE_FORMAT)
-    return naive.replace(tzinfo=instiller_settings().zone, fold=0).astimezone(UTC)
+    return naive.replace(tzinfo=instiller_settings().timezone, fold=0).astimezone(UTC)
 
 
 # Requests

@@ -62,6 +62,7 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -69,9 +70,7 @@ from pydantic import (
     StrictStr,
     TypeAdapter,
     ValidationError,
-    field_validator,
 )
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from sandbox.api import CONTEXT, own_auth
 from sandbox.engine import Account, EspError
@@ -96,8 +95,10 @@ from sandbox.protocol import (
     utc_text,
 )
 from sandbox.responses import Broadcast, EventLogFormat, ResponsePhase
+from sandbox.settings import SandboxSettings
 from sandbox.simulate import URLS, Event
 from sandbox.state import ImportRecord
+from sandbox.validators import CommaList, HttpUrl
 
 log = logging.getLogger(__name__)
 
@@ -182,17 +183,23 @@ UNSUBSCRIBING = {EventType.BOUNCE_HARD.value, EventType.UNSUBSCRIBE.value, Event
 # Settings
 
 
-class MailUpSettings(BaseSettings):
+def _field_names(value: tuple[str, ...]) -> tuple[str, ...]:
+    if not 1 <= len(value) <= 39:
+        raise ValueError("between 1 and 39 fields are needed")
+    if len(set(value)) != len(value):
+        raise ValueError("field names must be unique")
+    return value
+
+
+class MailUpSettings(SandboxSettings):
     """The flavor's own settings (prefix ``ESPBRIDGE_SANDBOX_``)."""
 
-    model_config = SettingsConfigDict(env_prefix="ESPBRIDGE_SANDBOX_", frozen=True, extra="ignore")
-
-    mailup_fields: Annotated[tuple[str, ...], NoDecode] = Field(
+    mailup_fields: Annotated[CommaList, AfterValidator(_field_names)] = Field(
         default=("FirstName", "LastName", "Company", "City", KEY_FIELD, JOB_FIELD),
         description="comma list of the personal data fields, numbered 1…n",
     )
     mailup_export: bool = Field(default=True, description="write the statistics export files")
-    mailup_webhook_url: str | None = Field(
+    mailup_webhook_url: HttpUrl = Field(
         default=None, description="where unsubscribes are POSTed ({account} replaced); unset: none"
     )
     rate_limit_per_s: int = Field(
@@ -200,36 +207,13 @@ class MailUpSettings(BaseSettings):
     )
     bad_rows: int = Field(default=0, ge=0, description="malformed rows added to every export file")
 
-    @field_validator("mailup_fields", mode="before")
-    @classmethod
-    def _split(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return tuple(part.strip() for part in value.split(",") if part.strip())
-        return value
-
-    @field_validator("mailup_fields")
-    @classmethod
-    def _check_fields(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        if not 1 <= len(value) <= 39:
-            raise ValueError("between 1 and 39 fields are needed")
-        if len(set(value)) != len(value):
-            raise ValueError("field names must be unique")
-        return value
-
-    @field_validator("mailup_webhook_url")
-    @classmethod
-    def _empty_is_none(cls, value: str | None) -> str | None:
-        return value or None
-
     def field_id(self, name: str) -> int | None:
         """The id of a personal data field (1-based), or None if there is none of that name."""
         return self.mailup_fields.index(name) + 1 if name in self.mailup_fields else None
 
 
-@functools.cache
-def mailup_settings() -> MailUpSettings:
-    """The flavor's settings, read from the environment once."""
-    return MailUpSettings()
+mailup_settings = functools.cache(MailUpSettings)
+"""The flavor's settings, read from the environment once."""
 
 
 # Times

@@ -49,8 +49,8 @@ from zoneinfo import ZoneInfo
 import aiohttp
 import orjson
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic_settings import NoDecode
 
 from sandbox.api import CONTEXT, json_response
 from sandbox.engine import Account, EspError
@@ -61,8 +61,9 @@ from sandbox.limits import TokenBucket, retry_after_s
 from sandbox.listfile import ImportResult, import_list, recipients
 from sandbox.protocol import ARCHIVE, COUNTED_TYPES, EXTERNAL_ID_RE, MANIFEST, RESPONSES, EventType
 from sandbox.responses import Broadcast, ResponseFormat, ResponsePhase
-from sandbox.settings import Probability, Rates
+from sandbox.settings import Rates, SandboxSettings
 from sandbox.simulate import Event, distinct_seconds, phase_files, simulate
+from sandbox.validators import HttpUrl, Pairs, Probability, optional, split_pairs
 
 log = logging.getLogger(__name__)
 
@@ -146,18 +147,6 @@ UNAUTHORIZED = {"WWW-Authenticate": 'Basic realm="Optimizely Campaign"'}
 # Settings
 
 
-def _pairs(value: str) -> list[tuple[str, str]]:
-    pairs = []
-    for part in value.split(","):
-        if not part.strip():
-            continue
-        key, sep, item = part.partition("=")
-        if not sep or not key.strip() or not item.strip():
-            raise ValueError(f"expected name=value, got {part.strip()!r}")
-        pairs.append((key.strip(), item.strip()))
-    return pairs
-
-
 def _parse_auth(text: str) -> dict[str, str]:
     """A webhook's ``authentication`` JSON: basicAuth (userName, password) or keyAuth (key, passphrase)."""
     try:
@@ -174,78 +163,44 @@ def _parse_auth(text: str) -> dict[str, str]:
     return {"type": auth_type, **{k: str(value[k]) for k in needed}}
 
 
-class OptimizelySettings(BaseSettings):
+def _client_ids(value: dict[str, str]) -> dict[str, str]:
+    for client in value.values():
+        if "/" in client:
+            raise ValueError(f"client id {client!r} contains '/'")
+    return value
+
+
+def _weights(value: dict[str, float]) -> dict[str, float]:
+    for source in value:
+        if source not in SOURCES:
+            raise ValueError(f"unknown source {source!r} (known: {', '.join(SOURCES)})")
+    if any(w < 0 or not math.isfinite(w) for w in value.values()) or sum(value.values()) <= 0:
+        raise ValueError("weights must be >= 0 with a positive sum")
+    return value
+
+
+class OptimizelySettings(SandboxSettings):
     """The flavor's own settings (``ESPBRIDGE_SANDBOX_OPT_*``)."""
 
-    model_config = SettingsConfigDict(env_prefix="ESPBRIDGE_SANDBOX_", frozen=True, extra="ignore")
-
     opt_api_user: str = Field(default="api-user@example.com", min_length=1, description="the API user")
-    opt_client_ids: Annotated[dict[str, str], NoDecode] = Field(
+    opt_client_ids: Annotated[Pairs, AfterValidator(_client_ids)] = Field(
         default_factory=dict, description="account=clientId,… (default: the account name)"
     )
-    opt_webhook_url: str | None = Field(
+    opt_webhook_url: HttpUrl = Field(
         default=None, description="target of webhooks registered at start ({account}, {esp} replaced)"
     )
-    opt_webhook_auth: str | None = Field(default=None, description="their `authentication` JSON")
-    opt_webhook_batch: int = Field(default=100, ge=1, description="events per webhook call at most")
-    opt_source_weights: Annotated[dict[str, float], NoDecode] = Field(
-        default_factory=lambda: {"file": 0.6, "api": 0.2, "webhook": 0.2}
+    opt_webhook_auth: Annotated[str | None, optional(_parse_auth)] = Field(
+        default=None, description="their `authentication` JSON"
     )
+    opt_webhook_batch: int = Field(default=100, ge=1, description="events per webhook call at most")
+    opt_source_weights: Annotated[
+        dict[str, float], NoDecode, BeforeValidator(split_pairs), AfterValidator(_weights)
+    ] = Field(default_factory=lambda: {"file": 0.6, "api": 0.2, "webhook": 0.2})
     opt_duplicate_rate: Probability = 0.0
     opt_max_concurrent: int = Field(default=10, ge=1, description="in-flight requests per client")
     opt_rate_per_s: float = Field(default=0.0, ge=0.0, description="token bucket per client (0 = off)")
     opt_error_rate: Probability = 0.0
     opt_malformed_every: int = Field(default=0, ge=0, description="a bad row in every n-th file / call")
-
-    @field_validator("opt_client_ids", mode="before")
-    @classmethod
-    def _client_ids(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            pairs = _pairs(value)
-            for _, client in pairs:
-                if "/" in client:
-                    raise ValueError(f"client id {client!r} contains '/'")
-            return dict(pairs)
-        return value
-
-    @field_validator("opt_source_weights", mode="before")
-    @classmethod
-    def _weights(cls, value: Any) -> Any:
-        if not isinstance(value, str):
-            return value
-        weights = {}
-        for source, text in _pairs(value):
-            if source not in SOURCES:
-                raise ValueError(f"unknown source {source!r} (known: {', '.join(SOURCES)})")
-            try:
-                weights[source] = float(text)
-            except ValueError:
-                raise ValueError(f"weight of {source} is not a number") from None
-        return weights
-
-    @field_validator("opt_source_weights")
-    @classmethod
-    def _weights_sum(cls, value: dict[str, float]) -> dict[str, float]:
-        if any(w < 0 or not math.isfinite(w) for w in value.values()) or sum(value.values()) <= 0:
-            raise ValueError("weights must be >= 0 with a positive sum")
-        return value
-
-    @field_validator("opt_webhook_url")
-    @classmethod
-    def _url(cls, value: str | None) -> str | None:
-        if value is not None and not value.strip():
-            return None
-        if value is not None and not value.startswith(("http://", "https://")):
-            raise ValueError("must be an http:// or https:// URL")
-        return value
-
-    @field_validator("opt_webhook_auth")
-    @classmethod
-    def _auth(cls, value: str | None) -> str | None:
-        if value is not None and value.strip():
-            _parse_auth(value)
-            return value
-        return None
 
     @property
     def webhook_auth(self) -> dict[str, str] | None:
@@ -257,10 +212,8 @@ class OptimizelySettings(BaseSettings):
         return self.opt_client_ids.get(account, account)
 
 
-@functools.cache
-def opt_settings() -> OptimizelySettings:
-    """The flavor's settings, read from the environment once."""
-    return OptimizelySettings()
+opt_settings = functools.cache(OptimizelySettings)
+"""The flavor's settings, read from the environment once."""
 
 
 # Times
