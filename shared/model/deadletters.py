@@ -1,4 +1,5 @@
-"""Dead letters as an operator sees them: ids, filters, replay states, what can be replayed and how.
+"""Dead letters: built by one constructor per source kind, and as an operator sees them (ids,
+filters, replay states, what can be replayed and how).
 
 The rules only; reading the topic, the replay ledger and replaying are in
 :mod:`shared.operations.replay`, the commands and their output in :mod:`cli.dlq`.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Protocol
 
 import orjson
 
@@ -27,6 +29,116 @@ from shared.model.topics import Topic
 KINDS = ("file", "api", "webhook", "topic")
 STATES = ("new", "replayed", "failing", "not-replayable")
 AUTH_ERRORS = frozenset({"WebhookAuthError"})
+
+
+class ConsumedRecord(Protocol):
+    """A record read from a Kafka topic, as the dead letter of a ``topic`` source needs it."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def value(self) -> bytes | None: ...
+
+
+def record_letter(
+    record: ConsumedRecord, error: Exception, service: str, *, max_message: int | None = None
+) -> DeadLetter:
+    """The dead letter of a consumed Kafka record: its original bytes and its place on its topic,
+    what a replay publishes again; the error's text cut to ``max_message`` characters if given."""
+    text = str(error)
+    return DeadLetter(
+        source=EventSource(kind="topic", name=record.topic, partition=record.partition, offset=record.offset),
+        payload=bytes(record.value or b""),
+        error_class=type(error).__name__,
+        message=text if max_message is None else text[:max_message],
+        service=service,
+    )
+
+
+def file_row_letter(
+    esp: str,
+    account: str,
+    path: str,
+    line: int,
+    payload: bytes,
+    reason: str,
+    service: str,
+    *,
+    header: str | None,
+) -> DeadLetter:
+    """The dead letter of a bad row of a response file. A replay parses ``payload`` again under the
+    file's ``header`` line with the account's connector; without a header it is not replayable."""
+    context = {"esp": esp, "account": account}
+    if header is not None:
+        context["header"] = header
+    return DeadLetter(
+        source=EventSource(kind="file", name=path, line=line),
+        payload=payload,
+        error_class="BadResponseRow",
+        message=reason,
+        service=service,
+        context=context,
+    )
+
+
+def file_name_letter(where: str, raw_name: bytes, service: str) -> DeadLetter:
+    """The dead letter of a response file whose name is not UTF-8 (``where`` shows it escaped;
+    the payload is the name's bytes): the file is left on the ESP's site."""
+    return DeadLetter(
+        source=EventSource(kind="file", name=where),
+        payload=raw_name,
+        error_class="UnreadableFileName",
+        message=(
+            "the response file's name is not UTF-8, so espbridge cannot record or gather it; "
+            "it is left in place: rename it on the ESP's site and it is gathered at the next scan"
+        ),
+        service=service,
+    )
+
+
+def webhook_letter(
+    esp: str,
+    account: str,
+    payload: bytes,
+    error_class: str,
+    reason: str,
+    service: str,
+    *,
+    line: int | None = None,
+    authenticated: bool = True,
+) -> DeadLetter:
+    """The dead letter of a webhook call to ``esp``/``account`` (or of its item at ``line``).
+
+    A call that failed authentication keeps only its body's size: the body may carry a
+    credential, and such a letter is never replayed.
+    """
+    context = {} if authenticated else {"body_bytes": str(len(payload))}
+    return DeadLetter(
+        source=EventSource(kind="webhook", name=f"webhook:{esp}/{account}", line=line),
+        payload=payload if authenticated else b"",
+        error_class=error_class,
+        message=reason,
+        service=service,
+        context=context,
+    )
+
+
+def api_item_letter(
+    esp: str, account: str, broadcast: str, page: int, payload: bytes, reason: str, service: str
+) -> DeadLetter:
+    """The dead letter of an item of a response API's page that could not become an event."""
+    return DeadLetter(
+        source=EventSource(kind="api", name=f"{esp}/{account}", page=page),
+        payload=payload,
+        error_class="BadResponseItem",
+        message=reason,
+        service=service,
+        context={"esp": esp, "account": account, "broadcast": broadcast},
+    )
 
 
 @dataclass(frozen=True, slots=True)

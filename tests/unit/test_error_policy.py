@@ -1,4 +1,5 @@
-"""The error policy's log lines about an unreachable server and its recovery."""
+"""The error policy: a permanent failure's dead letters, and the log lines about an unreachable
+server and its recovery."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from aiokafka.client import AIOKafkaClient
 from shared.infra.kafka import back_off_failed_metadata_updates
 from shared.infra.kafka import policy as policies
 from shared.infra.outages import Outages
+from shared.model.errors import InvalidMessageError
+from shared.model.messages import DeadLetter
 from tests.fixtures.servers import ROOT
 
 
@@ -43,6 +46,30 @@ class Message:
 
 async def _dead_letter(_: Any) -> None:
     raise AssertionError("nothing is dead-lettered here")
+
+
+async def test_a_permanent_failure_dead_letters_every_record_with_its_bytes_then_commits() -> None:
+    letters: list[DeadLetter] = []
+
+    async def dead_letter(letter: DeadLetter) -> None:
+        letters.append(letter)
+
+    policy: Any = policies.error_policy("loader", dead_letter, policies.InFlight())(None, context=None)  # type: ignore[arg-type]
+
+    async def refused(_: Any) -> None:
+        raise InvalidMessageError("not a valid ResponseEvent: " + "x" * 20_000)
+
+    batch = Message((Record("responses.events", 0, 10, b"{bad"), Record("responses.events", 1, 7, b"[]")))
+    assert await policy.consume_scope(refused, batch) is None
+    assert batch.outcome == ["ack"]  # committed: one bad message never blocks its partition
+    assert [(d.source.partition, d.source.offset, d.payload) for d in letters] == [
+        (0, 10, b"{bad"),
+        (1, 7, b"[]"),
+    ]
+    assert {(d.source.kind, d.source.name, d.error_class, d.service) for d in letters} == {
+        ("topic", "responses.events", "InvalidMessageError", "loader")
+    }
+    assert all(len(d.message) == policies.MAX_ERROR_CHARS for d in letters)
 
 
 async def test_recovery_is_logged_when_a_message_of_another_partition_goes_through(

@@ -17,13 +17,16 @@ from faststream import BaseMiddleware, StreamMessage
 
 from shared.infra.logs import log_context
 from shared.infra.outages import Outages, backoff_s, unreachable_server
+from shared.model.deadletters import record_letter
 from shared.model.errors import StoppingError, is_transient
-from shared.model.messages import DeadLetter, EventSource
+from shared.model.messages import DeadLetter
 
 log = logging.getLogger(__name__)
 
 RETRY_BACKOFF_MIN_S = 0.5
 RETRY_BACKOFF_MAX_S = 30.0
+MAX_ERROR_CHARS = 10_000
+"""A dead letter keeps this much of the error's text: any handler's exception may end up here."""
 
 
 class InFlight:
@@ -160,18 +163,7 @@ def error_policy(
                         )
                         for record in records:
                             await dead_letter(
-                                DeadLetter(
-                                    source=EventSource(
-                                        kind="topic",
-                                        name=record.topic,
-                                        partition=record.partition,
-                                        offset=record.offset,
-                                    ),
-                                    payload=bytes(record.value or b""),
-                                    error_class=type(exc).__name__,
-                                    message=str(exc)[:10_000],
-                                    service=service,
-                                )
+                                record_letter(record, exc, service, max_message=MAX_ERROR_CHARS)
                             )
                         await msg.ack()
                         return None
