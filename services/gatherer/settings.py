@@ -7,19 +7,14 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from shared.esp import AccountsSettings
-from shared.infra.settings import PostgresSettings, SftpSettings
-from shared.runtime.settings import ServiceSettings
+from shared.esp.resources import EspServiceSettings
 
 
-class Settings(ServiceSettings):
+class Settings(EspServiceSettings):
     """The gatherer's settings: Kafka, HTTP and logging, the ledger database, SFTP, the ESP accounts."""
 
     model_config = SettingsConfigDict(env_prefix="ESPBRIDGE_GATHERER_", frozen=True, extra="ignore")
 
-    pg: PostgresSettings = Field(default_factory=PostgresSettings)
-    sftp: SftpSettings = Field(default_factory=SftpSettings)
-    accounts: AccountsSettings = Field(default_factory=AccountsSettings)
     scan_interval_s: float = Field(
         default=60.0, ge=0, description="seconds between scans; 0 = only on demand"
     )

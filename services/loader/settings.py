@@ -5,16 +5,14 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from shared.infra.settings import PostgresSettings
-from shared.runtime.settings import ServiceSettings
+from shared.runtime.settings import DatabaseServiceSettings
 
 
-class Settings(ServiceSettings):
+class Settings(DatabaseServiceSettings):
     """The loader's settings: Kafka, HTTP and logging, the response database, batching."""
 
     model_config = SettingsConfigDict(env_prefix="ESPBRIDGE_LOADER_", frozen=True, extra="ignore")
 
-    pg: PostgresSettings = Field(default_factory=PostgresSettings)
     batch_max: int = Field(default=20_000, ge=1, le=100_000, description="events per database transaction")
     batch_wait_ms: int = Field(default=500, ge=0, description="how long to wait to fill a batch")
     fetch_partition_bytes: int = Field(

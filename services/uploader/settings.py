@@ -7,20 +7,15 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from shared.esp import AccountsSettings
-from shared.infra.settings import PostgresSettings, SftpSettings
+from shared.esp.resources import EspServiceSettings
 from shared.model.messages import Identifier
-from shared.runtime.settings import ServiceSettings
 
 
-class Settings(ServiceSettings):
+class Settings(EspServiceSettings):
     """The uploader's settings: Kafka, HTTP and logging, the database, SFTP, the ESP accounts."""
 
     model_config = SettingsConfigDict(env_prefix="ESPBRIDGE_UPLOADER_", frozen=True, extra="ignore")
 
-    pg: PostgresSettings = Field(default_factory=PostgresSettings)
-    sftp: SftpSettings = Field(default_factory=SftpSettings)
-    accounts: AccountsSettings = Field(default_factory=AccountsSettings)
     suppression_column: Identifier = Field(
         default="opted_out", description="a boolean column; rows where it is true are left out"
     )

@@ -8,7 +8,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.infra.logs import LogSettings
-from shared.infra.settings import HttpSettings, KafkaSettings
+from shared.infra.settings import HttpSettings, KafkaSettings, PostgresSettings
 from shared.runtime.failpoints import FailpointSettings
 
 
@@ -31,3 +31,9 @@ class ServiceSettings(BaseSettings):
     def masked(self) -> dict[str, Any]:
         """The settings for the start-up log line, secrets masked."""
         return self.model_dump(mode="json")
+
+
+class DatabaseServiceSettings(ServiceSettings):
+    """Settings of a service with a PostgreSQL database (the control and response tables)."""
+
+    pg: PostgresSettings = Field(default_factory=PostgresSettings)
