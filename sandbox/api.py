@@ -6,22 +6,22 @@ their handlers use :func:`account_of`, :func:`read_body` and :func:`json_respons
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
-import logging
 from collections.abc import Iterable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from pydantic import BaseModel, ValidationError
 
-from sandbox.engine import Account, EspError
-from sandbox.faults import Faults, fault_middleware, install
+from sandbox.engine import Account
+from sandbox.errors import PLAIN, EspError, found, json_response
+from sandbox.faults import FAULTS_REPORT, Faults, fault_middleware, install
 from sandbox.limits import TokenIssuer
 from sandbox.protocol import API_PREFIX
-
-log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=BaseModel)
 H = TypeVar("H", bound=Handler)
@@ -45,33 +45,29 @@ class ApiContext:
 CONTEXT = web.AppKey("context", ApiContext)
 
 
-def json_response(body: Any, status: int = 200) -> web.Response:
-    """A JSON answer."""
-    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
-
-
-def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
-    response = json_response({"error": code, "message": message}, status)
-    if headers:
-        response.headers.update(headers)
-    return response
-
-
 @web.middleware
 async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every error answers the protocol's ``{"error", "message"}`` body, aiohttp's own ones too."""
+    return await PLAIN.answer(request, handler)
+
+
+def bearer_token(request: web.Request) -> str:
+    """The request's bearer token ("" when it has none)."""
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    return given.strip() if scheme.lower() == "bearer" else ""
+
+
+def basic_credentials(request: web.Request) -> tuple[str, str] | None:
+    """The request's HTTP Basic (user, password), or None when it has none or they do not decode."""
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "basic":
+        return None
     try:
-        return await handler(request)
-    except EspError as exc:
-        return _error(exc.status, exc.code, exc.message, exc.headers)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "http_error")
-        return _error(exc.status, code, exc.reason)
-    except Exception:
-        log.exception("request failed", extra={"method": request.method, "path": request.path})
-        return _error(500, "internal_error", "the sandbox failed on this request; see its log")
+        decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    user, colon, password = decoded.partition(":")
+    return (user, password) if colon else None
 
 
 _OWN_AUTH: set[object] = set()
@@ -86,25 +82,24 @@ def own_auth(handler: H) -> H:
 
 @web.middleware
 async def bearer_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """The API answers only a request with the right bearer token; the token is never logged."""
-    if not request.path.startswith(API_PREFIX + "/") or request.match_info.handler in _OWN_AUTH:
+    """The API (and the faults report) answers only a request with the right bearer token; the
+    token is never logged."""
+    shared = request.path.startswith(API_PREFIX + "/") or request.path == FAULTS_REPORT
+    if not shared or request.match_info.handler in _OWN_AUTH:
         return await handler(request)
-    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not given.strip():
-        return _error(401, "unauthorized", "a bearer token is required", {"WWW-Authenticate": "Bearer"})
-    expected = request.app[CONTEXT].token
-    if not hmac.compare_digest(given.strip().encode(), expected):
-        return _error(401, "unauthorized", "the bearer token is not valid", {"WWW-Authenticate": "Bearer"})
+    given = bearer_token(request)
+    problem = "" if given else "a bearer token is required"
+    if given and not request.app[CONTEXT].token_matches(given):
+        problem = "the bearer token is not valid"
+    if problem:
+        raise EspError(401, "unauthorized", problem, {"WWW-Authenticate": "Bearer"})
     return await handler(request)
 
 
-def account_of(request: web.Request) -> Account:
-    """The account named in the path (``{account}``); 404 if there is none."""
+def account_of(request: web.Request, code: str = "account_not_found") -> Account:
+    """The account named in the path (``{account}``); 404 ``code`` if there is none."""
     name = request.match_info["account"]
-    account = request.app[CONTEXT].accounts.get(name)
-    if account is None:
-        raise EspError(404, "account_not_found", f"no account {name}")
-    return account
+    return found(request.app[CONTEXT].accounts.get(name), f"no account {name}", code)
 
 
 async def read_body(request: web.Request, model: type[M]) -> M:
@@ -149,7 +144,7 @@ def create_app(
         middlewares=[fault_middleware(faults), json_errors, bearer_auth], client_max_size=max_body_bytes
     )
     app[CONTEXT] = context
-    install(app, faults, context.token)
+    install(app, faults)
     app.add_routes(routes)
     app.router.add_get(API_PREFIX + "/{account}/_sandbox/stats", stats)
     app.router.add_get("/healthz", healthz)

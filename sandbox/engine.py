@@ -55,7 +55,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-__all__ = ["Account", "EspError"]
+__all__ = ["Account"]
 
 
 def _new_id(prefix: str) -> str:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import re
 from collections.abc import Sequence
@@ -30,6 +29,8 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from sandbox.errors import PLAIN, EspError, json_response
 
 log = logging.getLogger(__name__)
 
@@ -153,11 +154,7 @@ FAULTS = web.AppKey("faults", Faults)
 
 
 def _error(status: int, code: str, message: str) -> web.Response:
-    return web.Response(
-        body=orjson.dumps({"error": code, "message": message}),
-        status=status,
-        content_type="application/json",
-    )
+    return PLAIN.response(EspError(status, code, message))
 
 
 def _connected(request: web.Request) -> bool:
@@ -242,30 +239,22 @@ def fault_middleware(faults: Faults) -> Middleware:
     return inject_faults
 
 
+FAULTS_REPORT = "/_sandbox/faults"
+"""Where the rules and their counts are served (the shared bearer check guards it)."""
+
+
 async def faults_report(request: web.Request) -> web.Response:
     """``GET /_sandbox/faults`` (the sandbox's bearer token): the rules with their counts."""
-    expected: bytes = request.app[FAULTS_TOKEN]
-    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
-        response = _error(401, "unauthorized", "the sandbox's bearer token is required")
-        response.headers["WWW-Authenticate"] = "Bearer"
-        return response
-    return web.Response(
-        body=orjson.dumps({"rules": request.app[FAULTS].report()}), content_type="application/json"
-    )
+    return json_response({"rules": request.app[FAULTS].report()})
 
 
-FAULTS_TOKEN = web.AppKey("faults_token", bytes)
-
-
-def install(app: web.Application, faults: Faults, token: bytes) -> None:
+def install(app: web.Application, faults: Faults) -> None:
     """Serve ``GET /_sandbox/faults`` and release held requests when the server stops.
 
     The middleware itself is passed to ``web.Application`` (it must be the outermost one).
     """
     app[FAULTS] = faults
-    app[FAULTS_TOKEN] = token
-    app.router.add_get("/_sandbox/faults", faults_report)
+    app.router.add_get(FAULTS_REPORT, faults_report)
 
     async def release(_app: web.Application) -> None:
         faults.closing.set()

@@ -46,8 +46,6 @@ Choices where the page leaves room:
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import csv
 import functools
 import logging
@@ -58,7 +56,7 @@ import uuid
 import zlib
 from collections import Counter
 from collections.abc import Coroutine, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from http import HTTPStatus
 from pathlib import Path
@@ -70,8 +68,9 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from sandbox.api import CONTEXT
-from sandbox.engine import Account, EspError
+from sandbox.api import CONTEXT, account_of, basic_credentials, bearer_token
+from sandbox.engine import Account
+from sandbox.errors import OAUTH, ErrorStyle, EspError, json_response
 from sandbox.files import atomic_write_bytes, atomic_writer, csv_field, csv_line
 from sandbox.flavors.base import Flavor
 from sandbox.listfile import ImportResult, recipients
@@ -569,25 +568,19 @@ class Progress:
     counts: Counter[str] = field(default_factory=Counter)
 
 
-# Problems (the Events API's error bodies)
+# Errors: the Events API's problem+json, the token endpoint's RFC 6749 bodies
 
-
-def problem(status: int, detail: str, headers: dict[str, str] | None = None) -> web.Response:
-    """An ``application/problem+json`` answer."""
-    body = {"type": "about:blank", "title": HTTPStatus(status).phrase, "status": status, "detail": detail}
-    response = web.Response(body=orjson.dumps(body), status=status, content_type="application/problem+json")
-    response.headers.update(headers or {})
-    return response
-
-
-def oauth_error(
-    status: int, error: str, description: str, headers: dict[str, str] | None = None
-) -> web.Response:
-    """An RFC 6749 §5.2 error answer."""
-    body = {"error": error, "error_description": description}
-    response = web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
-    response.headers.update({"Cache-Control": "no-store", **(headers or {})})
-    return response
+PROBLEMS = ErrorStyle(
+    lambda e: {
+        "type": "about:blank",
+        "title": HTTPStatus(e.status).phrase,
+        "status": e.status,
+        "detail": e.message,
+    },
+    content_type="application/problem+json",
+)
+TOKEN_ERRORS = replace(OAUTH, headers={"Cache-Control": "no-store"})
+"""The token endpoint's RFC 6749 bodies, never cached."""
 
 
 # One account
@@ -1203,36 +1196,19 @@ async def watch(account: Account) -> None:
 # Routes
 
 
-def _account(request: web.Request) -> Account | None:
-    return request.app[CONTEXT].accounts.get(request.match_info["account"])
-
-
-def _basic(request: web.Request) -> tuple[str, str] | None:
-    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "basic":
-        return None
-    try:
-        decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
-        return None
-    client_id, colon, secret = decoded.partition(":")
-    return (client_id, secret) if colon else None
-
-
+@TOKEN_ERRORS.guard
 async def token(request: web.Request) -> web.Response:
     """``POST oauth2/token``: client credentials (Basic) for a bearer token that lives ``TOKEN_TTL_S``."""
-    account = _account(request)
-    if account is None:
-        return oauth_error(404, "invalid_request", f"no account {request.match_info['account']}")
+    account = account_of(request, code="invalid_request")
     context = request.app[CONTEXT]
     form = await request.post()
-    creds = _basic(request)
+    creds = basic_credentials(request)
     good = creds is not None and any(
         client_id == account.name and context.token_matches(secret)
         for client_id, secret in {creds, (unquote_plus(creds[0]), unquote_plus(creds[1]))}
     )
     if not good:
-        return oauth_error(
+        raise EspError(
             401,
             "invalid_client",
             "client authentication failed",
@@ -1240,12 +1216,12 @@ async def token(request: web.Request) -> web.Response:
         )
     grant = form.get("grant_type")
     if not isinstance(grant, str) or not grant:
-        return oauth_error(400, "invalid_request", "grant_type is required")
+        raise EspError(400, "invalid_request", "grant_type is required")
     if grant != "client_credentials":
-        return oauth_error(400, "unsupported_grant_type", f"grant_type {grant} is not supported")
+        raise EspError(400, "unsupported_grant_type", f"grant_type {grant} is not supported")
     scope = form.get("scope", SCOPE)
     if not isinstance(scope, str) or any(s != SCOPE for s in scope.split()):
-        return oauth_error(400, "invalid_scope", f"only {SCOPE} can be granted")
+        raise EspError(400, "invalid_scope", f"only {SCOPE} can be granted")
     issued = context.tokens.issue(account.name)
     body = {
         "access_token": issued.access_token,
@@ -1253,25 +1229,16 @@ async def token(request: web.Request) -> web.Response:
         "expires_in": issued.expires_in,
         "scope": SCOPE,
     }
-    response = web.Response(body=orjson.dumps(body), content_type="application/json")
-    response.headers["Cache-Control"] = "no-store"
-    return response
+    return json_response(body, headers={"Cache-Control": "no-store"})
 
 
 _INVALID_TOKEN = {"WWW-Authenticate": 'Bearer error="invalid_token"'}
 
 
-def _bearer(request: web.Request) -> str:
-    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    return given.strip() if scheme.lower() == "bearer" else ""
-
-
 def _api_account(request: web.Request, accept_sandbox_token: bool = False) -> Account:
-    account = _account(request)
-    if account is None:
-        raise EspError(404, "not_found", f"no account {request.match_info['account']}")
+    account = account_of(request, code="not_found")
     context = request.app[CONTEXT]
-    given = _bearer(request)
+    given = bearer_token(request)
     if not given or not (
         context.tokens.account_of(given) == account.name
         or (accept_sandbox_token and context.token_matches(given))
@@ -1316,21 +1283,19 @@ def _link(base: str, query: list[tuple[str, str]]) -> str:
     return base + "?" + "&".join(f"{k}={quote(v, safe='-_.:')}" for k, v in query)
 
 
+@PROBLEMS.guard
 async def events(request: web.Request) -> web.Response:
     """``GET analytics-events/events``: one metric's events of the account, paged."""
-    try:
-        account = _api_account(request)
-        account.check_rate_limit()
-        metric = _single(request, "filter[metric]")
-        lo, hi = _date(request, "filter[date_from]"), _date(request, "filter[date_to]")
-        limit = _count(request, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
-        offset = _count(request, "offset", 0, 0, None)
-        if not metric:
-            raise EspError(400, "invalid_parameter", "filter[metric] is required")
-        if metric not in METRIC_NAMES:
-            raise EspError(400, "invalid_parameter", f"invalid metric {metric}")
-    except EspError as exc:
-        return problem(exc.status, exc.message, exc.headers)
+    account = _api_account(request)
+    account.check_rate_limit()
+    metric = _single(request, "filter[metric]")
+    lo, hi = _date(request, "filter[date_from]"), _date(request, "filter[date_to]")
+    limit = _count(request, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
+    offset = _count(request, "offset", 0, 0, None)
+    if not metric:
+        raise EspError(400, "invalid_parameter", "filter[metric] is required")
+    if metric not in METRIC_NAMES:
+        raise EspError(400, "invalid_parameter", f"invalid metric {metric}")
     total, data = deployteq_of(account).events_page(metric, lo, hi, offset, limit)
     query = [(k, v) for k, v in (("filter[date_from]", lo), ("filter[date_to]", hi)) if v is not None]
     query.append(("filter[metric]", metric))
@@ -1338,18 +1303,14 @@ async def events(request: web.Request) -> web.Response:
     links: dict[str, str] = {"current": _link(base, [*query, ("limit", str(limit)), ("offset", str(offset))])}
     if offset + len(data) < total:
         links["next"] = _link(base, [*query, ("limit", str(limit)), ("offset", str(offset + len(data)))])
-    body = {"total_count": total, "_links": links, "data": data}
-    return web.Response(body=orjson.dumps(body), content_type="application/json")
+    return json_response({"total_count": total, "_links": links, "data": data})
 
 
+@PROBLEMS.guard
 async def stats(request: web.Request) -> web.Response:
     """``GET analytics-events/_sandbox/stats`` (tests; not rate-limited)."""
-    try:
-        account = _api_account(request, accept_sandbox_token=True)
-    except EspError as exc:
-        return problem(exc.status, exc.message, exc.headers)
-    body = deployteq_of(account).stats(request.app[CONTEXT].tokens.issued[account.name])
-    return web.Response(body=orjson.dumps(body), content_type="application/json")
+    account = _api_account(request, accept_sandbox_token=True)
+    return json_response(deployteq_of(account).stats(request.app[CONTEXT].tokens.issued[account.name]))
 
 
 ROUTES = (

@@ -15,8 +15,8 @@ from typing import IO
 from aiohttp import web
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-from sandbox.api import account_of, json_response, read_body
-from sandbox.engine import EspError
+from sandbox.api import account_of, read_body
+from sandbox.errors import EspError, found, json_response
 from sandbox.files import csv_line
 from sandbox.flavors.base import Flavor
 from sandbox.listfile import import_list
@@ -77,12 +77,9 @@ async def create_import(request: web.Request) -> web.Response:
 
 async def get_import(request: web.Request) -> web.Response:
     """``GET /imports/<import_id>``."""
-    account = account_of(request)
     import_id = request.match_info["import_id"]
-    record = account.state.imports.get(import_id)
-    if record is None:
-        raise EspError(404, "import_not_found", f"no import {import_id}")
-    return json_response(record.public())
+    imports = account_of(request).state.imports
+    return json_response(found(imports.get(import_id), f"no import {import_id}", "import_not_found").public())
 
 
 async def create_send(request: web.Request) -> web.Response:
@@ -97,12 +94,9 @@ async def create_send(request: web.Request) -> web.Response:
 
 async def get_send(request: web.Request) -> web.Response:
     """``GET /sends/<send_id>``."""
-    account = account_of(request)
     send_id = request.match_info["send_id"]
-    record = account.state.sends.get(send_id)
-    if record is None:
-        raise EspError(404, "send_not_found", f"no send {send_id}")
-    return json_response(record.public())
+    sends = account_of(request).state.sends
+    return json_response(found(sends.get(send_id), f"no send {send_id}", "send_not_found").public())
 
 
 async def list_sends(request: web.Request) -> web.Response:

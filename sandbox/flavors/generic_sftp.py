@@ -20,7 +20,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
 
-from sandbox.engine import Account, EspError
+from sandbox.engine import Account
+from sandbox.errors import EspError
 from sandbox.files import csv_line
 from sandbox.flavors.base import Flavor
 from sandbox.listfile import ImportResult, import_list

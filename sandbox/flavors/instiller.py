@@ -34,8 +34,9 @@ from zoneinfo import ZoneInfo
 from aiohttp import web
 from pydantic import Field
 
-from sandbox.api import CONTEXT, json_response
-from sandbox.engine import Account, EspError
+from sandbox.api import CONTEXT
+from sandbox.engine import Account
+from sandbox.errors import EspError, found, json_response
 from sandbox.flavors.base import Flavor
 from sandbox.limits import MalformedRows
 from sandbox.listfile import import_list
@@ -265,10 +266,8 @@ async def import_file(account: Account, params: Params) -> dict[str, Any]:
 async def import_status(account: Account, params: Params) -> dict[str, Any]:
     """``GET lists/import_status``."""
     import_id = params.required("import_id")
-    record = account.state.imports.get(import_id)
-    if record is None:
-        raise EspError(404, "import_not_found", f"no import {import_id}")
-    return _import_body(record)
+    imports = account.state.imports
+    return _import_body(found(imports.get(import_id), f"no import {import_id}", "import_not_found"))
 
 
 async def send(account: Account, params: Params) -> dict[str, Any]:
@@ -303,10 +302,7 @@ async def send(account: Account, params: Params) -> dict[str, Any]:
 async def send_status(account: Account, params: Params) -> dict[str, Any]:
     """``GET emails/send_status``."""
     send_id = params.required("send_id")
-    record = account.state.sends.get(send_id)
-    if record is None:
-        raise EspError(404, "send_not_found", f"no send {send_id}")
-    return _send_body(record)
+    return _send_body(found(account.state.sends.get(send_id), f"no send {send_id}", "send_not_found"))
 
 
 async def list_sends(account: Account, params: Params) -> dict[str, Any]:

@@ -72,8 +72,9 @@ from pydantic import (
     ValidationError,
 )
 
-from sandbox.api import CONTEXT, own_auth
-from sandbox.engine import Account, EspError
+from sandbox.api import CONTEXT, account_of, own_auth
+from sandbox.engine import Account
+from sandbox.errors import OAUTH, ErrorStyle, EspError, bad_request, found, json_response, not_found
 from sandbox.eventlog import EVENTS_FOLDER
 from sandbox.files import atomic_write_bytes, atomic_writer, csv_field, csv_line
 from sandbox.flavors.base import Flavor
@@ -250,47 +251,23 @@ ERROR_NAMES = {
 }
 
 
-class MailUpError(Exception):
-    """An error MailUp answers with ``{"ErrorCode", "ErrorDescription", "ErrorName", "ErrorStack"}``."""
+ERRORS = ErrorStyle(
+    lambda e: {
+        "ErrorCode": str(e.status),
+        "ErrorDescription": e.message,
+        "ErrorName": ERROR_NAMES.get(e.status),
+        "ErrorStack": None,
+    },
+    charset="utf-8",
+)
+"""MailUp's error body: ``{"ErrorCode", "ErrorDescription", "ErrorName", "ErrorStack"}``."""
 
-    def __init__(
-        self, status: int, description: str, headers: dict[str, str] | None = None, *, named: bool = True
-    ) -> None:
-        super().__init__(description)
-        self.status = status
-        self.description = description
-        self.headers = headers or {}
-        self.name = ERROR_NAMES.get(status) if named else None
-
-    def response(self) -> web.Response:
-        """The answer."""
-        body = {
-            "ErrorCode": str(self.status),
-            "ErrorDescription": self.description,
-            "ErrorName": self.name,
-            "ErrorStack": None,
-        }
-        return _json(body, self.status, self.headers)
+TOKEN_ERRORS = replace(OAUTH, charset="utf-8")
+"""The token endpoint's: RFC 6749's, in MailUp's charset."""
 
 
-def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(
-        body=orjson.dumps(body),
-        status=status,
-        headers=headers,
-        content_type="application/json",
-        charset="utf-8",
-    )
-
-
-def bad_request(description: str) -> MailUpError:
-    """A 400 ``BadRequest``."""
-    return MailUpError(400, description)
-
-
-def not_found(description: str) -> MailUpError:
-    """A 404 ``NotFound``."""
-    return MailUpError(404, description)
+def _json(body: Any) -> web.Response:
+    return json_response(body, charset="utf-8")
 
 
 # The flavor's state: MailUp's list, groups, imports and sendings of one account
@@ -535,12 +512,12 @@ class MailUp:
             return
         account.counters["rate_limited"] += 1
         limit = self.window.limit
-        raise MailUpError(
+        raise EspError(
             429,
+            "too_many_requests",
             "Authorization error (too_many_requests): Too many requests. "
             f"Max:{limit} calls per second , actual:{limit + 1}.",
             {"Retry-After": "1"},
-            named=False,
         )
 
     def stats(self, account: Account) -> dict[str, Any]:
@@ -970,10 +947,7 @@ _ISSUED: dict[str, str] = {}
 unknown one."""
 
 
-def _oauth_error(code: str, description: str) -> web.Response:
-    return _json({"error": code, "error_description": description}, 400)
-
-
+@TOKEN_ERRORS.guard
 async def token(request: web.Request) -> web.Response:
     """``POST {token_path}``: the password and refresh_token grants (form fields)."""
     context = request.app[CONTEXT]
@@ -982,18 +956,18 @@ async def token(request: web.Request) -> web.Response:
     fields = {k: v for k, v in form.items() if isinstance(v, str)}
     grant = fields.get("grant_type", "")
     if grant not in ("password", "refresh_token"):
-        return _oauth_error("unsupported_grant_type", f"grant_type {grant!r} is not supported")
+        raise EspError(400, "unsupported_grant_type", f"grant_type {grant!r} is not supported")
     client_ok = bool(fields.get("client_id")) and context.token_matches(fields.get("client_secret", ""))
     if account is None or not client_ok:
-        return _oauth_error("invalid_grant", "The client credentials are invalid")
+        raise EspError(400, "invalid_grant", "The client credentials are invalid")
     if grant == "password":
         if fields.get("username") != account.name or not context.token_matches(fields.get("password", "")):
-            return _oauth_error("invalid_grant", "The user credentials are incorrect")
+            raise EspError(400, "invalid_grant", "The user credentials are incorrect")
         issued = context.tokens.issue(account.name)
     else:
         refreshed = context.tokens.refresh(fields.get("refresh_token", ""))
         if refreshed is None or refreshed.account != account.name:
-            return _oauth_error("invalid_grant", "The refresh token is invalid or expired")
+            raise EspError(400, "invalid_grant", "The refresh token is invalid or expired")
         issued = refreshed
     _ISSUED[issued.access_token] = account.name
     return _json(
@@ -1013,8 +987,8 @@ def _authorise(request: web.Request, account: str) -> None:
     if owner == account:
         return
     if owner is None and _ISSUED.get(access) == account:
-        raise MailUpError(401, "Authorization error: Access token is expired")
-    raise MailUpError(401, "Authorization error: Invalid access token")
+        raise EspError(401, "unauthorized", "Authorization error: Access token is expired")
+    raise EspError(401, "unauthorized", "Authorization error: Invalid access token")
 
 
 # Requests
@@ -1104,25 +1078,14 @@ def api(endpoint: Endpoint) -> Handler:
     """A console or statistics route: the access token (401), the rate limit (429), then the call."""
 
     async def handle(request: web.Request) -> web.StreamResponse:
-        try:
-            account = request.app[CONTEXT].accounts.get(request.match_info["account"])
-            if account is None:
-                raise not_found(f"Account {request.match_info['account']} not found")
-            _authorise(request, account.name)
-            runtime = mailup(account.folder)
-            runtime.check_limit(account)
-            return _json(await endpoint(Call(request, account, runtime, _query(request))))
-        except MailUpError as exc:
-            return exc.response()
-        except EspError as exc:
-            return MailUpError(exc.status, exc.message).response()
-        except web.HTTPRequestEntityTooLarge as exc:
-            return MailUpError(413, exc.text or "Request Entity Too Large").response()
-        except Exception:
-            log.exception("request failed", extra={"method": request.method, "path": request.path})
-            return MailUpError(500, "The sandbox failed on this request; see its log").response()
+        name = request.match_info["account"]
+        account = found(request.app[CONTEXT].accounts.get(name), f"Account {name} not found")
+        _authorise(request, account.name)
+        runtime = mailup(account.folder)
+        runtime.check_limit(account)
+        return _json(await endpoint(Call(request, account, runtime, _query(request))))
 
-    return own_auth(handle)
+    return own_auth(ERRORS.guard(handle))
 
 
 # Console endpoints
@@ -1338,9 +1301,7 @@ async def statistics(call: Call) -> dict[str, Any]:
 
 async def sandbox_stats(request: web.Request) -> web.Response:
     """``GET <base>/_sandbox/stats`` (the sandbox bearer token; not rate-limited)."""
-    account = request.app[CONTEXT].accounts.get(request.match_info["account"])
-    if account is None:
-        raise EspError(404, "account_not_found", f"no account {request.match_info['account']}")
+    account = account_of(request)
     return _json(mailup(account.folder).stats(account))
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import contextlib
 import functools
 import hmac
@@ -52,8 +51,9 @@ from aiohttp import web
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic_settings import NoDecode
 
-from sandbox.api import CONTEXT, json_response
-from sandbox.engine import Account, EspError
+from sandbox.api import CONTEXT, basic_credentials
+from sandbox.engine import Account
+from sandbox.errors import ErrorStyle, EspError, bad_request, conflict, found, json_response, not_found
 from sandbox.eventlog import EventLog
 from sandbox.files import atomic_write_bytes, atomic_writer, csv_line
 from sandbox.flavors.base import Flavor
@@ -497,25 +497,17 @@ def store_of(account: Account) -> Store:
 # Requests
 
 
-def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> web.Response:
-    response = json_response({"status": status, "message": message}, status)
-    if headers:
-        response.headers.update(headers)
-    return response
+ERRORS = ErrorStyle(lambda e: {"status": e.status, "message": e.message})
+"""Optimizely Campaign's error body: ``{"status", "message"}``."""
 
 
 def _basic_ok(request: web.Request) -> bool:
-    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "basic":
+    credentials = basic_credentials(request)
+    if credentials is None:
         return False
-    try:
-        decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
-        return False
-    user, sep, password = decoded.partition(":")
+    user, password = credentials
     user_ok = hmac.compare_digest(user.encode(), opt_settings().opt_api_user.encode())
-    password_ok = request.app[CONTEXT].token_matches(password)
-    return bool(sep) and user_ok and password_ok
+    return user_ok and request.app[CONTEXT].token_matches(password)
 
 
 def _account(request: web.Request) -> Account:
@@ -542,32 +534,13 @@ def endpoint(
     """
 
     async def handle(request: web.Request) -> web.StreamResponse:
-        try:
-            store = store_of(_account(request))
-            if not limited:
-                return await handler(request, store)
-            async with store.admitted():
-                return await handler(request, store)
-        except EspError as exc:
-            return _error(exc.status, exc.message, exc.headers)
-        except web.HTTPException as exc:
-            if exc.status < 400:
-                raise
-            return _error(exc.status, exc.reason)
+        store = store_of(_account(request))
+        if not limited:
+            return await handler(request, store)
+        async with store.admitted():
+            return await handler(request, store)
 
-    return handle
-
-
-def bad_request(message: str) -> EspError:
-    return EspError(400, "bad_request", message)
-
-
-def not_found(message: str) -> EspError:
-    return EspError(404, "not_found", message)
-
-
-def conflict(message: str) -> EspError:
-    return EspError(409, "conflict", message)
+    return ERRORS.guard(handle)
 
 
 def _int(text: str | None, name: str, default: int) -> int:
@@ -607,10 +580,7 @@ def _path_int(request: web.Request, name: str, what: str) -> int:
 
 def _batch(request: web.Request, store: Store) -> Batch:
     batch_id = _path_int(request, "batchId", "batch")
-    batch = store.data.batches.get(batch_id)
-    if batch is None:
-        raise not_found(f"no batch {batch_id}")
-    return batch
+    return found(store.data.batches.get(batch_id), f"no batch {batch_id}")
 
 
 async def _json_body(request: web.Request) -> Any:
@@ -890,10 +860,7 @@ def campaign_status(store: Store, campaign: Campaign) -> str:
 
 def _campaign(request: web.Request, store: Store) -> Campaign:
     campaign_id = _path_int(request, "campaignId", "campaign")
-    campaign = store.data.campaigns.get(campaign_id)
-    if campaign is None:
-        raise not_found(f"no campaign {campaign_id}")
-    return campaign
+    return found(store.data.campaigns.get(campaign_id), f"no campaign {campaign_id}")
 
 
 async def get_campaign(request: web.Request, store: Store) -> web.Response:
