@@ -1,10 +1,7 @@
-"""Error classification and identifier quoting."""
+"""Error classification: what is worth retrying and what is not."""
 
 from __future__ import annotations
 
-import pytest
-
-from shared.infra.db.sql import InvalidIdentifierError, quote_ident, quote_qualified
 from shared.model.errors import (
     ConfigurationError,
     HostKeyError,
@@ -15,7 +12,7 @@ from shared.model.errors import (
 )
 
 
-def test_transient_and_permanent() -> None:
+def test_outages_and_timeouts_are_transient_and_the_rest_permanent() -> None:
     assert is_transient(UnavailableError("down"))
     assert is_transient(TransientError("429"))
     assert is_transient(ConnectionResetError())
@@ -24,13 +21,3 @@ def test_transient_and_permanent() -> None:
     assert not is_transient(HostKeyError("changed"))
     assert not is_transient(ConfigurationError("no key"))
     assert not is_transient(ValueError("a bug"))
-
-
-def test_identifiers_are_quoted_after_validation() -> None:
-    assert quote_ident("email") == '"email"'
-    assert quote_qualified("crm.customers") == '"crm"."customers"'
-    for bad in ['x"; DROP TABLE y; --', "a b", "1a", "", "a.b"]:
-        with pytest.raises(InvalidIdentifierError):
-            quote_ident(bad)
-    with pytest.raises(InvalidIdentifierError):
-        quote_qualified("a.b.c")
