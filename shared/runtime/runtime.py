@@ -12,15 +12,26 @@ import functools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import asyncpg
 from faststream import AckPolicy, FastStream
 from faststream.kafka import KafkaBroker
+from faststream.kafka.annotations import KafkaMessage
 
 from shared.infra.db import create_pool, postgres_answers
 from shared.infra.health import HealthServer, Metrics
-from shared.infra.kafka import DrainOnRevoke, InFlight, error_policy, make_broker, publish, publish_many
+from shared.infra.kafka import (
+    BatchPipeline,
+    BatchStages,
+    DrainOnRevoke,
+    InFlight,
+    error_policy,
+    make_broker,
+    publish,
+    publish_many,
+    undecoded,
+)
 from shared.infra.outages import Outages
 from shared.infra.settings import PostgresSettings
 from shared.model.errors import StoppingError
@@ -33,6 +44,8 @@ from shared.runtime.watches import PostgresWatch, ServerWatch
 log = logging.getLogger(__name__)
 
 Handler = Callable[..., Awaitable[None]]
+P = TypeVar("P")
+S = TypeVar("S")
 
 
 class Runtime:
@@ -75,6 +88,33 @@ class Runtime:
             **options,
         )
         return subscriber
+
+    def batch_subscriber(
+        self,
+        topic: Topic,
+        stages: BatchStages[P, S],
+        *,
+        depth: int,
+        max_records: int,
+        wait_ms: int,
+        **options: Any,
+    ) -> None:
+        """A subscriber on a registry topic that hands its batches to ``stages`` in pipelined goes
+        of up to ``depth`` batches (:mod:`shared.infra.kafka.batches`): offsets are committed after
+        every batch of a go is stored; a go ends early when the service stops or a rebalance waits.
+        """
+        pipeline = BatchPipeline(stages, depth, max_records, wait_ms, self.stop_early)
+
+        @self.subscriber(
+            topic, batch=True, max_records=max_records, batch_timeout_ms=wait_ms, decoder=undecoded, **options
+        )
+        async def on_batch(message: KafkaMessage) -> None:
+            await pipeline.consume(message)
+
+    def stop_early(self) -> bool:
+        """Whether work of many steps should end after the one in hand: the service stops, or a
+        rebalance waits for the messages in flight."""
+        return self.stopping.is_set() or self.inflight.draining
 
     async def sleep(self, seconds: float) -> None:
         """Wait between polls of long work; raises :class:`StoppingError` once the service begins

@@ -1,18 +1,21 @@
-"""The loader's pipelined batches: every batch is committed before offsets are, and a failure
-rewinds the consumer exactly to what was not committed (nothing skipped, nothing lost)."""
+"""Pipelined batches (the loader's consumption): every batch is stored before offsets are
+committed, and a failure rewinds the consumer exactly to what was not stored (nothing skipped,
+nothing lost)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
-from types import SimpleNamespace
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
-from services.loader import handlers
+from shared.infra.kafka import BatchPipeline, BatchStages, Records
 from shared.model.errors import UnavailableError
+from shared.runtime.runtime import Runtime
+from shared.runtime.settings import ServiceSettings
 
 
 def records(partition: int, first: int, count: int) -> list[ConsumerRecord[bytes, bytes]]:
@@ -36,6 +39,13 @@ class FakeConsumer:
         self.seeks[(partition.topic, partition.partition)] = offset
 
 
+@dataclass
+class Batch:
+    """A prepared batch: the offset of its first record names it."""
+
+    first: int
+
+
 class Steps:
     """prepare/store/finish that record what happened; ``fail`` names a step and a batch's first offset."""
 
@@ -44,37 +54,32 @@ class Steps:
         self.committed: list[int] = []
         self.finished: list[int] = []
 
-    async def prepare(self, batch: Sequence[ConsumerRecord[bytes, bytes]], ld: Any) -> Any:
+    async def prepare(self, batch: Records) -> Batch:
         first = batch[0].offset
         if self.fail == ("prepare", first):
             raise UnavailableError("prepare failed")
-        return SimpleNamespace(first=first)
+        return Batch(first)
 
-    async def store(self, prepared: Any, ld: Any) -> Any:
+    async def store(self, prepared: Batch) -> None:
         await asyncio.sleep(0)
         if self.fail == ("store", prepared.first):
             raise UnavailableError("PostgreSQL went away")
         self.committed.append(prepared.first)
-        return None
 
-    async def finish(self, prepared: Any, stored: Any, ld: Any) -> None:
+    async def finish(self, prepared: Batch, stored: None) -> None:
         assert prepared.first in self.committed, "a batch is finished only after its commit"
         self.finished.append(prepared.first)
 
-
-def loader(pipeline: int = 8) -> Any:
-    settings = SimpleNamespace(pipeline_batches=pipeline, batch_max=100, batch_wait_ms=0)
-    runtime = SimpleNamespace(stopping=asyncio.Event(), inflight=SimpleNamespace(draining=False))
-    return SimpleNamespace(settings=settings, runtime=runtime)
-
-
-@pytest.fixture
-def steps(monkeypatch: pytest.MonkeyPatch) -> Steps:
-    s = Steps()
-    monkeypatch.setattr(handlers, "prepare", s.prepare)
-    monkeypatch.setattr(handlers, "store_batch", s.store)
-    monkeypatch.setattr(handlers, "finish", s.finish)
-    return s
+    def pipeline(
+        self, depth: int = 8, stop_early: Callable[[], bool] = lambda: False
+    ) -> BatchPipeline[Batch, None]:
+        return BatchPipeline(
+            BatchStages(self.prepare, self.store, self.finish),
+            depth,
+            max_records=100,
+            wait_ms=0,
+            stop_early=stop_early,
+        )
 
 
 def chain() -> tuple[list[ConsumerRecord[bytes, bytes]], FakeConsumer]:
@@ -83,79 +88,85 @@ def chain() -> tuple[list[ConsumerRecord[bytes, bytes]], FakeConsumer]:
     return records(0, 0, 5), FakeConsumer(later)
 
 
-async def test_batches_fetched_after_the_first_are_loaded_before_returning(steps: Steps) -> None:
+async def test_batches_fetched_after_the_first_are_stored_before_returning() -> None:
+    steps = Steps()
     first, consumer = chain()
-    await handlers.handle_batches(first, consumer, loader())
+    await steps.pipeline().run(first, consumer)
     assert steps.committed == steps.finished == [0, 10, 20]
     assert consumer.seeks == {}
 
 
-async def test_the_chain_stops_at_its_length(steps: Steps) -> None:
+async def test_the_chain_stops_at_its_length() -> None:
+    steps = Steps()
     first, consumer = chain()
-    await handlers.handle_batches(first, consumer, loader(pipeline=2))
+    await steps.pipeline(depth=2).run(first, consumer)
     assert steps.committed == [0, 10]
     assert len(consumer.batches) == 1  # the third batch was not fetched
 
 
+async def test_without_a_consumer_the_first_batch_is_handled_alone() -> None:
+    steps = Steps()
+    await steps.pipeline().run(records(0, 0, 5), None)
+    assert steps.committed == steps.finished == [0]
+
+
 @pytest.mark.parametrize("why", ["stopping", "rebalance"])
-async def test_the_chain_stops_when_the_service_stops_or_a_rebalance_waits(steps: Steps, why: str) -> None:
-    first, consumer = chain()
-    ld = loader()
+async def test_the_chain_stops_when_the_service_stops_or_a_rebalance_waits(why: str) -> None:
+    steps = Steps()
+    runtime = Runtime("loader", ServiceSettings())
     if why == "stopping":
-        ld.runtime.stopping.set()
+        runtime.stopping.set()
     else:
-        ld.runtime.inflight.draining = True
-    await handlers.handle_batches(first, consumer, ld)
+        runtime.inflight.draining = True
+    first, consumer = chain()
+    await steps.pipeline(stop_early=runtime.stop_early).run(first, consumer)
     assert steps.committed == [0]
     assert len(consumer.batches) == 2
 
 
 @pytest.mark.parametrize("step", ["prepare", "store"])
-async def test_a_later_batch_failing_rewinds_to_it_and_keeps_the_earlier_ones(
-    steps: Steps, step: str
-) -> None:
-    steps.fail = (step, 10)
+async def test_a_later_batch_failing_rewinds_to_it_and_keeps_the_earlier_ones(step: str) -> None:
+    steps = Steps(fail=(step, 10))
     first, consumer = chain()
-    await handlers.handle_batches(first, consumer, loader())  # returns: offsets up to batch 10 commit
+    await steps.pipeline().run(first, consumer)  # returns: offsets up to batch 10 commit
     assert steps.finished == [0]
     # Batch 10 and everything fetched after it come again; batch 0 is not rewound.
     assert consumer.seeks == {("t", 0): 10, ("t", 1): 10}
 
 
-async def test_the_first_batch_failing_goes_to_the_error_policy_with_the_rest_rewound(steps: Steps) -> None:
-    steps.fail = ("store", 0)
+async def test_the_first_batch_failing_goes_to_the_error_policy_with_the_rest_rewound() -> None:
+    steps = Steps(fail=("store", 0))
     first, consumer = chain()
     with pytest.raises(UnavailableError):
-        await handlers.handle_batches(first, consumer, loader())
+        await steps.pipeline().run(first, consumer)
     assert steps.finished == []
     # The first batch is rewound by the error policy (nack) or dead-lettered; those fetched after it here.
     assert consumer.seeks == {("t", 0): 10, ("t", 1): 10}
 
 
-async def test_a_failure_while_the_previous_batch_is_in_the_database_lets_that_batch_commit(
-    steps: Steps,
-) -> None:
-    steps.fail = ("prepare", 20)  # batch 10 is being stored when batch 20 fails to read
+async def test_a_failure_while_the_previous_batch_is_in_the_database_lets_that_batch_commit() -> None:
+    steps = Steps(fail=("prepare", 20))  # batch 10 is being stored when batch 20 fails to read
     first, consumer = chain()
-    await handlers.handle_batches(first, consumer, loader())
+    await steps.pipeline().run(first, consumer)
     assert steps.finished == [0, 10]
     assert consumer.seeks == {("t", 1): 20}
 
 
 async def test_cancelled_while_a_batch_is_in_the_database_rewinds_from_that_batch(
-    steps: Steps, monkeypatch: pytest.MonkeyPatch
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    steps = Steps()
     first, consumer = chain()
     in_database = asyncio.Event()
 
-    async def store(prepared: Any, ld: Any) -> None:
+    async def store(prepared: Batch) -> None:
         if prepared.first == 10:
             in_database.set()
             await asyncio.Event().wait()  # held in the database until cancelled
         steps.committed.append(prepared.first)
 
-    monkeypatch.setattr(handlers, "store_batch", store)
-    task = asyncio.ensure_future(handlers.handle_batches(first, consumer, loader()))
+    monkeypatch.setattr(steps, "store", store)
+    task = asyncio.ensure_future(steps.pipeline().run(first, consumer))
     await in_database.wait()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):

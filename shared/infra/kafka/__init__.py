@@ -1,10 +1,12 @@
-"""Kafka: the service broker, the admin side (topics), publishing, the error policy, reading a topic.
+"""Kafka: the service broker, the admin side (topics), publishing, the error policy, pipelined
+batches, reading a topic.
 
 The names services and tools use are importable from here; each lives in the module that says
 what it is about.
 """
 
 from shared.infra.kafka.admin import TopicReport, check_topics, ensure_topics, kafka_answers
+from shared.infra.kafka.batches import BatchPipeline, BatchStages, Records, undecoded
 from shared.infra.kafka.broker import back_off_failed_metadata_updates, make_broker
 from shared.infra.kafka.policy import DrainOnRevoke, InFlight, error_policy
 from shared.infra.kafka.publishing import (
@@ -22,9 +24,12 @@ from shared.infra.kafka.reading import read_topic
 __all__ = [
     "BATCH_BYTES",
     "HEADERS_JSON_V1",
+    "BatchPipeline",
     "BatchPublisher",
+    "BatchStages",
     "DrainOnRevoke",
     "InFlight",
+    "Records",
     "TopicReport",
     "back_off_failed_metadata_updates",
     "check_topics",
@@ -38,4 +43,5 @@ __all__ = [
     "publish",
     "publish_many",
     "read_topic",
+    "undecoded",
 ]
