@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import aiohttp
 from faststream import FastStream
 from faststream.kafka.annotations import KafkaMessage
 
 from services.uploader import handlers
 from services.uploader.settings import Settings
-from shared.esp import Accounts, ConnectorContext, Connectors
-from shared.infra.sftp import SftpPool
+from shared.esp.resources import EspResources
 from shared.model.topics import Topic
 from shared.runtime.runtime import Runtime, ServiceSpec
+from shared.runtime.status import StatusReporter
 
 DESCRIPTION = (
     "Consumes broadcast jobs (broadcast.jobs.v1), streams each job's recipients into the ESP's list "
@@ -22,13 +21,9 @@ DESCRIPTION = (
 
 async def create_app(settings: Settings, runtime: Runtime) -> FastStream:
     """The uploader's app: consumes broadcast.jobs.v1 in the espbridge-uploader consumer group."""
-    accounts = Accounts.load(settings.accounts)
+    esp = await EspResources.open(runtime.stack, settings.accounts, settings.sftp)
     pool = await runtime.open_pool(settings.pg)
-    sftp = SftpPool(settings.sftp)
-    runtime.stack.push_async_callback(sftp.close)
-    http = await runtime.stack.enter_async_context(aiohttp.ClientSession())
-    connectors = Connectors(accounts, ConnectorContext(http, sftp))
-    uploader = handlers.Uploader(settings, runtime, pool, sftp, connectors)
+    uploader = handlers.Uploader(settings, runtime, pool, esp, StatusReporter(runtime, pool))
 
     @runtime.subscriber(Topic.BROADCAST_JOBS)
     async def on_message(message: KafkaMessage) -> None:
