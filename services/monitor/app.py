@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import aiohttp
 from faststream import FastStream
 from faststream.kafka.annotations import KafkaMessage
 
 from services.monitor import handlers
 from services.monitor.settings import Settings
-from shared.esp import Accounts, ConnectorContext, Connectors
-from shared.infra.sftp import SftpPool
+from shared.esp.resources import EspResources
 from shared.model.topics import Topic
 from shared.runtime.runtime import Runtime, ServiceSpec
+from shared.runtime.status import StatusReporter
 
 DESCRIPTION = (
     "Consumes uploaded lists (broadcast.lists.v1), drives the ESP's import and send through its REST "
@@ -21,12 +20,9 @@ DESCRIPTION = (
 
 async def create_app(settings: Settings, runtime: Runtime) -> FastStream:
     """The monitor's app: consumes broadcast.lists.v1 in the espbridge-monitor consumer group."""
-    accounts = Accounts.load(settings.accounts)
+    esp = await EspResources.open(runtime.stack, settings.accounts, settings.sftp)
     pool = await runtime.open_pool(settings.pg)
-    http = await runtime.stack.enter_async_context(aiohttp.ClientSession())
-    sftp = SftpPool(settings.sftp)
-    runtime.stack.push_async_callback(sftp.close)
-    monitor = handlers.Monitor(settings, runtime, pool, Connectors(accounts, ConnectorContext(http, sftp)))
+    monitor = handlers.Monitor(settings, runtime, pool, esp.connectors, StatusReporter(runtime, pool))
     # A list is followed inside its handler until the send ends: allow that long between polls.
     max_poll_ms = int((settings.import_timeout_s + settings.send_timeout_s + 600) * 1000)
 

@@ -27,9 +27,10 @@ from shared.esp.rest import EspUnavailableError
 from shared.infra.db import jobs
 from shared.infra.logs import log_context
 from shared.model.errors import PermanentError, TransientError
-from shared.model.messages import BroadcastJob, BroadcastStatus, ListUploaded, SendMode, Stage, State, decode
+from shared.model.messages import BroadcastJob, ListUploaded, SendMode, Stage, State, decode
 from shared.runtime.failpoints import Point
 from shared.runtime.runtime import Runtime
+from shared.runtime.status import StatusReporter
 
 log = logging.getLogger(__name__)
 
@@ -52,97 +53,95 @@ class Monitor:
     runtime: Runtime
     pool: asyncpg.Pool
     connectors: Connectors
-
-    async def report(self, status: BroadcastStatus) -> None:
-        """Publish a status and keep it in control.jobs."""
-        await self.runtime.publish(status)
-        async with self.pool.acquire() as conn:
-            await jobs.record_status(conn, status)
+    statuses: StatusReporter
+    """Publishes the import and send statuses and records them in control.jobs."""
 
     async def wait(self, delay: float, retry_after: float | None = None) -> None:
         """Wait before the next poll (or as long as the ESP asked with Retry-After)."""
         await self.runtime.sleep(max(delay, retry_after or 0.0))  # raises StoppingError at SIGTERM
 
 
-async def handle_list(body: bytes, mon: Monitor) -> None:
+async def handle_list(body: bytes, monitor: Monitor) -> None:
     """One uploaded list: drive its import and send to the end."""
     upload = decode(ListUploaded, body)
     with log_context(job_id=upload.job_id):
-        async with mon.pool.acquire() as conn:
+        async with monitor.pool.acquire() as conn:
             job = await jobs.job_of(conn, upload.job_id)
         if job is None:
             raise PermanentError(f"job {upload.job_id} is not recorded in control.jobs")
-        connector = mon.connectors.get(upload.esp, upload.account)
+        connector = monitor.connectors.get(upload.esp, upload.account)
         stage = Stage.IMPORT
         try:
-            import_id = await run_import(upload, job, connector, mon)
+            import_id = await run_import(upload, job, connector, monitor)
             stage = Stage.SEND
             if job.mode is SendMode.UPLOAD_ONLY:
-                await mon.report(
+                await monitor.statuses.report(
                     core.status(job.job_id, stage, State.CANCELLED, "upload_only job: no send requested")
                 )
                 return
-            await run_send(job, import_id, connector, mon)
+            await run_send(job, import_id, connector, monitor)
         except PermanentError as exc:
-            await mon.report(core.status(job.job_id, stage, State.FAILED, str(exc)))
+            await monitor.statuses.report(core.status(job.job_id, stage, State.FAILED, str(exc)))
             raise
 
 
-async def run_import(upload: ListUploaded, job: BroadcastJob, connector: Connector, mon: Monitor) -> str:
+async def run_import(upload: ListUploaded, job: BroadcastJob, connector: Connector, monitor: Monitor) -> str:
     """Start (or resume) the ESP's import of the list and wait for it; returns the import id."""
-    async with mon.pool.acquire() as conn:
+    async with monitor.pool.acquire() as conn:
         known = await jobs.get_job(conn, job.job_id)
-    deadline = time.monotonic() + mon.settings.import_timeout_s
+    deadline = time.monotonic() + monitor.settings.import_timeout_s
     if known is not None and known.esp_import_id:
         import_id = known.esp_import_id
-        imp = await ask(mon, "import status", lambda: connector.import_status(import_id), deadline)
+        imp = await ask(monitor, "import status", lambda: connector.import_status(import_id), deadline)
     else:
         # Starting is idempotent for the same job, so a lost answer is asked for again in place.
         imp = await ask(
-            mon, "import start", lambda: connector.start_import(upload.remote_path, job), deadline
+            monitor, "import start", lambda: connector.start_import(upload.remote_path, job), deadline
         )
-        async with mon.pool.acquire() as conn:
+        async with monitor.pool.acquire() as conn:
             await jobs.set_import_id(conn, job.job_id, imp.import_id)
-    await mon.report(core.status(job.job_id, Stage.IMPORT, State.RUNNING, f"import {imp.import_id}"))
-    delays = core.backoff(mon.settings.poll_initial_s, mon.settings.poll_max_s)
+    await monitor.statuses.report(
+        core.status(job.job_id, Stage.IMPORT, State.RUNNING, f"import {imp.import_id}")
+    )
+    delays = core.backoff(monitor.settings.poll_initial_s, monitor.settings.poll_max_s)
     while imp.state not in (ImportState.DONE, ImportState.FAILED):
         if time.monotonic() > deadline:
             raise StageTimeoutError(
-                f"import {imp.import_id} not done after {mon.settings.import_timeout_s:.0f}s"
+                f"import {imp.import_id} not done after {monitor.settings.import_timeout_s:.0f}s"
             )
         retry_after = None
         try:
-            await mon.wait(next(delays))
+            await monitor.wait(next(delays))
             imp = await connector.import_status(imp.import_id)
         except EspUnavailableError as exc:
             retry_after = exc.retry_after_s
             log.warning("import status unavailable, polling again", extra={"error": str(exc)})
-            await mon.wait(0, retry_after)
+            await monitor.wait(0, retry_after)
     rejected = core.import_failure(imp)
     if rejected is not None:
         raise ImportRejectedError(rejected)
-    await mon.report(
+    await monitor.statuses.report(
         core.status(job.job_id, Stage.IMPORT, State.DONE, core.import_detail(imp), **core.import_counts(imp))
     )
     return imp.import_id
 
 
-async def run_send(job: BroadcastJob, import_id: str, connector: Connector, mon: Monitor) -> None:
+async def run_send(job: BroadcastJob, import_id: str, connector: Connector, monitor: Monitor) -> None:
     """Send once, then follow the send to its end."""
-    async with mon.pool.acquire() as conn:
+    async with monitor.pool.acquire() as conn:
         first_request = await jobs.claim_send(conn, job.job_id)
-    deadline = time.monotonic() + mon.settings.import_timeout_s
+    deadline = time.monotonic() + monitor.settings.import_timeout_s
     existing = (
-        None if first_request else await ask(mon, "find send", lambda: connector.find_send(job), deadline)
+        None if first_request else await ask(monitor, "find send", lambda: connector.find_send(job), deadline)
     )
     if existing is not None:
         send = existing
         log.info("send already exists at the ESP, following it", extra={"send_id": send.send_id})
     else:
-        send = await _send_with_retries(job, import_id, connector, mon)
-    async with mon.pool.acquire() as conn:
+        send = await _send_with_retries(job, import_id, connector, monitor)
+    async with monitor.pool.acquire() as conn:
         await jobs.set_send_id(conn, job.job_id, send.send_id)
-    await mon.report(
+    await monitor.statuses.report(
         core.status(
             job.job_id,
             Stage.SEND,
@@ -151,21 +150,21 @@ async def run_send(job: BroadcastJob, import_id: str, connector: Connector, mon:
             **core.send_counts(send),
         )
     )
-    deadline = time.monotonic() + mon.settings.send_timeout_s
-    delays = core.backoff(mon.settings.poll_initial_s, mon.settings.poll_max_s)
+    deadline = time.monotonic() + monitor.settings.send_timeout_s
+    delays = core.backoff(monitor.settings.poll_initial_s, monitor.settings.poll_max_s)
     while send.state not in (SendState.SENT, SendState.FAILED):
         if time.monotonic() > deadline:
             raise StageTimeoutError(
-                f"send {send.send_id} not finished after {mon.settings.send_timeout_s:.0f}s"
+                f"send {send.send_id} not finished after {monitor.settings.send_timeout_s:.0f}s"
             )
         try:
-            await mon.wait(next(delays))
+            await monitor.wait(next(delays))
             send = await connector.send_status(send.send_id)
         except EspUnavailableError as exc:
             log.warning("send status unavailable, polling again", extra={"error": str(exc)})
-            await mon.wait(0, exc.retry_after_s)
+            await monitor.wait(0, exc.retry_after_s)
     state = State.DONE if send.state is SendState.SENT else State.FAILED
-    await mon.report(
+    await monitor.statuses.report(
         core.status(
             job.job_id, Stage.SEND, state, f"send {send.send_id} {send.state}", **core.send_counts(send)
         )
@@ -173,35 +172,35 @@ async def run_send(job: BroadcastJob, import_id: str, connector: Connector, mon:
 
 
 async def _send_with_retries(
-    job: BroadcastJob, import_id: str, connector: Connector, mon: Monitor
+    job: BroadcastJob, import_id: str, connector: Connector, monitor: Monitor
 ) -> SendStatus:
     """POST the send; when its answer is lost, ask the ESP before trying again."""
-    delays = core.backoff(mon.settings.poll_initial_s, mon.settings.poll_max_s)
-    deadline = time.monotonic() + mon.settings.import_timeout_s
+    delays = core.backoff(monitor.settings.poll_initial_s, monitor.settings.poll_max_s)
+    deadline = time.monotonic() + monitor.settings.import_timeout_s
     while True:
         try:
-            await mon.runtime.failpoints.reach(Point.MONITOR_BEFORE_SEND)
+            await monitor.runtime.failpoints.reach(Point.MONITOR_BEFORE_SEND)
             send = await connector.send(import_id, job)
-            await mon.runtime.failpoints.reach(Point.MONITOR_AFTER_SEND)
+            await monitor.runtime.failpoints.reach(Point.MONITOR_AFTER_SEND)
             return send
         except TransientError as exc:
             if time.monotonic() > deadline:
                 raise
             log.warning("send call failed, checking the ESP before retrying", extra={"error": str(exc)})
             retry_after = exc.retry_after_s if isinstance(exc, EspUnavailableError) else None
-            await mon.wait(next(delays), retry_after)
-            found = await ask(mon, "find send", lambda: connector.find_send(job), deadline)
+            await monitor.wait(next(delays), retry_after)
+            found = await ask(monitor, "find send", lambda: connector.find_send(job), deadline)
             if found is not None:
                 return found
 
 
-async def ask(mon: Monitor, what: str, call: Callable[[], Awaitable[T]], deadline: float) -> T:
+async def ask(monitor: Monitor, what: str, call: Callable[[], Awaitable[T]], deadline: float) -> T:
     """A call that is safe to repeat (a read, an idempotent start), made until the ESP answers.
 
     A transient failure is logged and the call made again after a growing wait, at least as long
     as the ESP's Retry-After; after ``deadline`` the failure is raised (the message is retried).
     """
-    delays = core.backoff(mon.settings.poll_initial_s, mon.settings.poll_max_s)
+    delays = core.backoff(monitor.settings.poll_initial_s, monitor.settings.poll_max_s)
     while True:
         try:
             return await call()
@@ -213,4 +212,4 @@ async def ask(mon: Monitor, what: str, call: Callable[[], Awaitable[T]], deadlin
                 f"{what} failed, asking the ESP again",
                 extra={"error": str(exc), "error_class": type(exc).__name__, "retry_after_s": retry_after},
             )
-            await mon.wait(next(delays), retry_after)
+            await monitor.wait(next(delays), retry_after)
