@@ -6,18 +6,17 @@ import asyncio
 import contextlib
 import shutil
 
-import aiohttp
 from aiohttp import web
 from faststream import FastStream
 from faststream.kafka.annotations import KafkaMessage
 
 from services.gatherer import handlers
 from services.gatherer.settings import Settings
-from shared.esp import Accounts, ConnectorContext, Connectors
+from shared.esp.resources import EspResources
 from shared.infra.kafka import HEADERS_JSON_V1, BatchPublisher
-from shared.infra.sftp import SftpPool
 from shared.model.topics import Topic
 from shared.runtime.runtime import Runtime, ServiceSpec
+from shared.runtime.status import StatusReporter
 
 DESCRIPTION = (
     "Scans the ESP accounts' response folders on an interval (announcing new files on responses.files.v1), "
@@ -28,23 +27,19 @@ DESCRIPTION = (
 
 async def create_app(settings: Settings, runtime: Runtime) -> FastStream:
     """The gatherer's app: consumes responses.files.v1 in the espbridge-gatherer consumer group."""
-    accounts = Accounts.load(settings.accounts)
+    esp = await EspResources.open(runtime.stack, settings.accounts, settings.sftp)
     pool = await runtime.open_pool(settings.pg)
-    sftp = SftpPool(settings.sftp)
-    runtime.stack.push_async_callback(sftp.close)
-    http = await runtime.stack.enter_async_context(aiohttp.ClientSession())
     if settings.work_dir is not None:
         settings.work_dir.mkdir(parents=True, exist_ok=True)
         work_dir = settings.work_dir
     else:
         work_dir = handlers.default_work_dir()
         runtime.stack.callback(shutil.rmtree, work_dir, True)
-    connectors = Connectors(accounts, ConnectorContext(http, sftp))
     events = await BatchPublisher.open(
         settings.kafka, Topic.RESPONSE_EVENTS, client_id=runtime.name, headers=HEADERS_JSON_V1
     )
     runtime.stack.push_async_callback(events.close)
-    gatherer = handlers.Gatherer(settings, runtime, pool, sftp, connectors, work_dir, events)
+    gatherer = handlers.Gatherer(settings, runtime, pool, esp, work_dir, events, StatusReporter(runtime))
 
     async def on_webhook(request: web.Request) -> web.Response:
         return await handlers.handle_webhook(request, gatherer)

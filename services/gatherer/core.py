@@ -7,6 +7,9 @@ from collections import Counter
 
 from shared.model.messages import BroadcastStatus, ResponseFile, Stage, State
 
+SERVICE_NAME = "gatherer"
+"""The service named in the gatherer's statuses and dead letters."""
+
 
 def file_key(file: ResponseFile) -> str:
     """A remote file's identity for logs: its path, size and modification time (as in the ledger)."""
@@ -27,7 +30,7 @@ def gather_statuses(file: ResponseFile, per_broadcast: Counter[str], bad_rows: i
             state=State.RUNNING,
             counts={"events": n, "bad_rows": bad_rows},
             detail=f"{n} events from {file.path}",
-            service="gatherer",
+            service=SERVICE_NAME,
         )
         for broadcast, n in sorted(per_broadcast.items())
     ]

@@ -25,19 +25,22 @@ from aiohttp import web
 from services.gatherer import core
 from services.gatherer.originals import RecordReader, row_letter, with_originals
 from services.gatherer.settings import Settings
-from shared.esp import BadRow, Connectors, NotSupportedError, WebhookAuthError
+from shared.esp import BadRow, NotSupportedError, WebhookAuthError
 from shared.esp.accounts import UnknownAccountError
+from shared.esp.resources import EspResources
 from shared.infra.db import files
 from shared.infra.kafka import BatchPublisher
 from shared.infra.logs import log_context
 from shared.infra.outages import backoff_s, unreachable_server
-from shared.infra.sftp import SftpPool, download_stream, safe_local_name
+from shared.infra.sftp import download_stream, safe_local_name
+from shared.model.deadletters import webhook_letter
 from shared.model.errors import PermanentError, is_transient
 from shared.model.events import EncodedEvent
-from shared.model.messages import DeadLetter, EventSource, Message, ResponseEvent, ResponseFile, decode
+from shared.model.messages import Message, ResponseEvent, ResponseFile, decode
 from shared.operations.gathering import pull_api, scan
 from shared.runtime.failpoints import Point
 from shared.runtime.runtime import Runtime
+from shared.runtime.status import StatusReporter
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +52,12 @@ class Gatherer:
     settings: Settings
     runtime: Runtime
     pool: asyncpg.Pool
-    sftp: SftpPool
-    connectors: Connectors
+    esp: EspResources
     work_dir: Path
     events: BatchPublisher
     """Publishes the events of response files (whole record batches)."""
+    statuses: StatusReporter
+    """Publishes the gather statuses of files (not recorded in control.jobs)."""
     pull_errors: dict[str, str] = field(default_factory=dict)
     """The last API pull error reported per job (see :func:`shared.operations.gathering.pull_api`)."""
     unreadable: set[str] = field(default_factory=set)
@@ -64,8 +68,8 @@ class Gatherer:
         """Scan every account's folders and pull its API once; returns files announced + events pulled."""
         kafka = self.settings.kafka
         files = await scan(
-            self.connectors,
-            self.sftp,
+            self.esp.connectors,
+            self.esp.sftp,
             self.pool,
             self.runtime.broker,
             kafka,
@@ -73,7 +77,7 @@ class Gatherer:
             self.unreadable,
         )
         pulled = await pull_api(
-            self.connectors,
+            self.esp.connectors,
             self.pool,
             self.runtime.broker,
             kafka,
@@ -115,34 +119,34 @@ class Gatherer:
             await asyncio.sleep(delay)  # the scan interval, or the backoff after a failure
 
 
-async def handle_file(body: bytes, g: Gatherer) -> None:
+async def handle_file(body: bytes, gatherer: Gatherer) -> None:
     """Gather one remote response file."""
     file = decode(ResponseFile, body)
     with log_context(file=core.file_key(file)):
-        connector = g.connectors.get(file.esp, file.account)
+        connector = gatherer.esp.connectors.get(file.esp, file.account)
         account = connector.account
-        async with g.pool.acquire() as conn:
+        async with gatherer.pool.acquire() as conn:
             taken = await files.take(conn, file)
         if not taken:
             log.info("file already gathered")
             return
         archive = core.archive_path(file.path, account.sftp_root, connector.archive_folder)
-        local = g.work_dir / safe_local_name(file.path)
+        local = gatherer.work_dir / safe_local_name(file.path)
         try:
-            async with g.sftp.session() as sftp:
+            async with gatherer.esp.sftp.session() as sftp:
                 if not await _download(sftp, file.path, local):
                     if await sftp.exists(archive):
-                        await _ledger_done(g, file, archive, None, None)
+                        await _archived(gatherer, file, archive, None, None)
                         log.info("file was archived by an earlier attempt")
                         return
                     raise PermanentError(f"response file {file.path} is gone from the ESP's site")
             with RecordReader(local) as records:
                 events, bad = await _publish_file(
-                    g, file, connector.encode_response_file(local, file.path), records
+                    gatherer, file, connector.encode_response_file(local, file.path), records
                 )
-            async with g.sftp.session() as sftp:
+            async with gatherer.esp.sftp.session() as sftp:
                 await sftp.posix_rename(file.path, archive)
-            await _ledger_done(g, file, archive, events, bad)
+            await _archived(gatherer, file, archive, events, bad)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 local.unlink()
@@ -164,7 +168,7 @@ LETTER_BYTES = 4 * 1024 * 1024
 
 
 async def _publish_file(
-    g: Gatherer, file: ResponseFile, rows: Iterable[EncodedEvent | BadRow], records: RecordReader
+    gatherer: Gatherer, file: ResponseFile, rows: Iterable[EncodedEvent | BadRow], records: RecordReader
 ) -> tuple[int, int]:
     """Publish a parsed file's events and dead letters; returns (events, bad rows).
 
@@ -179,52 +183,54 @@ async def _publish_file(
     per_broadcast: Counter[str] = Counter()
     events = bad = 0
     header = records.header_text()
-    size = g.settings.publish_batch
+    size = gatherer.settings.publish_batch
     for item in with_originals(rows, records):  # parsed from local disk, a window at a time
         if isinstance(item, EncodedEvent):
             events += 1
             per_broadcast[item.broadcast_id] += 1
             window.append((item.key, item.body))
             if len(window) >= size:
-                sent = await g.events.send(window)
+                sent = await gatherer.events.send(window)
                 window = []
-                await g.events.acknowledged(in_flight)
+                await gatherer.events.acknowledged(in_flight)
                 in_flight = sent
-                await g.runtime.failpoints.reach(Point.GATHERER_MID_FILE)  # part of the file is published
+                # part of the file is published
+                await gatherer.runtime.failpoints.reach(Point.GATHERER_MID_FILE)
         else:
             bad += 1
             letter = row_letter(file, *item, header)
             letters.append(letter)
             letter_bytes += len(letter.payload)
             if letter_bytes >= LETTER_BYTES or len(letters) >= size:
-                await g.runtime.publish_many(letters)
+                await gatherer.runtime.publish_many(letters)
                 letters, letter_bytes = [], 0
-    sent = await g.events.send(window)
-    await g.events.acknowledged([*in_flight, *sent])
-    await g.runtime.publish_many(letters)
-    await g.runtime.publish_many(core.gather_statuses(file, per_broadcast, bad))
-    g.runtime.metrics.inc("messages_published_total", events, type="ResponseEvent")
-    g.runtime.metrics.inc("events_gathered_total", events, esp=file.esp)
-    g.runtime.metrics.inc("bad_rows_total", bad, esp=file.esp)
+    sent = await gatherer.events.send(window)
+    await gatherer.events.acknowledged([*in_flight, *sent])
+    await gatherer.runtime.publish_many(letters)
+    await gatherer.statuses.report_all(core.gather_statuses(file, per_broadcast, bad))
+    gatherer.runtime.metrics.inc("messages_published_total", events, type="ResponseEvent")
+    gatherer.runtime.metrics.inc("events_gathered_total", events, esp=file.esp)
+    gatherer.runtime.metrics.inc("bad_rows_total", bad, esp=file.esp)
     log.info("file gathered", extra={"events": events, "bad_rows": bad})
     return events, bad
 
 
-async def _ledger_done(
-    g: Gatherer, file: ResponseFile, archive: str, events: int | None, bad: int | None
+async def _archived(
+    gatherer: Gatherer, file: ResponseFile, archive: str, events: int | None, bad: int | None
 ) -> None:
-    async with g.pool.acquire() as conn:
+    """Mark the file archived in the ledger, with its counts when this attempt gathered it."""
+    async with gatherer.pool.acquire() as conn:
         await files.archived(conn, file, archive, events, bad)
 
 
-async def handle_webhook(request: web.Request, g: Gatherer) -> web.Response:
+async def handle_webhook(request: web.Request, gatherer: Gatherer) -> web.Response:
     """``POST /webhooks/{esp}/{account}``: authenticate, parse, publish; bad items are dead-lettered."""
     esp, account = request.match_info["esp"], request.match_info["account"]
     body = await request.read()
     where = f"webhook:{esp}/{account}"
     # Calls to accounts that have no webhooks are answered 404 and logged, naming no account.
     try:
-        connector = g.connectors.get(esp, account)
+        connector = gatherer.esp.connectors.get(esp, account)
         items = connector.parse_webhook(request.headers, body)
     except (UnknownAccountError, NotSupportedError):
         log.warning(
@@ -239,14 +245,19 @@ async def handle_webhook(request: web.Request, g: Gatherer) -> web.Response:
             "webhook refused: not authenticated",
             extra={"webhook": where, "error": str(exc), "peer": request.remote},
         )
-        g.runtime.metrics.inc("webhook_unauthorized_total", esp=esp)
-        # Recorded for the operator (an ESP with an outdated secret shows in `espbridge dlq list`),
-        # but without the body: it may carry a credential, and nothing unauthenticated is ever
-        # replayed into the pipeline.
-        await g.runtime.dead_letter(_webhook_letter(where, b"", exc, body_bytes=str(len(body))))
+        gatherer.runtime.metrics.inc("webhook_unauthorized_total", esp=esp)
+        # Recorded for the operator (an ESP with an outdated secret shows in `espbridge dlq list`);
+        # the letter keeps the body's size only, as it may carry a credential.
+        await gatherer.runtime.dead_letter(
+            webhook_letter(
+                esp, account, body, type(exc).__name__, str(exc), core.SERVICE_NAME, authenticated=False
+            )
+        )
         return web.json_response({"error": "unauthorized", "message": str(exc)}, status=401)
     except PermanentError as exc:
-        await g.runtime.dead_letter(_webhook_letter(where, body, exc))
+        await gatherer.runtime.dead_letter(
+            webhook_letter(esp, account, body, type(exc).__name__, str(exc), core.SERVICE_NAME)
+        )
         log.warning(
             "webhook body rejected to the dead-letter topic",
             extra={"webhook": where, "error_class": type(exc).__name__, "error": str(exc)[:2000]},
@@ -254,31 +265,14 @@ async def handle_webhook(request: web.Request, g: Gatherer) -> web.Response:
         return web.json_response({"error": "rejected", "message": str(exc)}, status=400)
     events = [i for i in items if isinstance(i, ResponseEvent)]
     letters = [
-        DeadLetter(
-            source=EventSource(kind="webhook", name=where, line=i.line),
-            payload=i.raw,
-            error_class="BadWebhookItem",
-            message=i.error,
-            service="gatherer",
-        )
+        webhook_letter(esp, account, i.raw, "BadWebhookItem", i.error, core.SERVICE_NAME, line=i.line)
         for i in items
         if isinstance(i, BadRow)
     ]
-    await g.runtime.publish_many([*events, *letters])  # acknowledged by Kafka before we answer 200
-    g.runtime.metrics.inc("webhook_events_total", len(events), esp=esp)
+    await gatherer.runtime.publish_many([*events, *letters])  # acknowledged by Kafka before we answer 200
+    gatherer.runtime.metrics.inc("webhook_events_total", len(events), esp=esp)
     log.info("webhook received", extra={"webhook": where, "accepted": len(events), "rejected": len(letters)})
     return web.json_response({"accepted": len(events), "rejected": len(letters)})
-
-
-def _webhook_letter(where: str, body: bytes, exc: Exception, **context: str) -> DeadLetter:
-    return DeadLetter(
-        source=EventSource(kind="webhook", name=where),
-        payload=body,
-        error_class=type(exc).__name__,
-        message=str(exc),
-        service="gatherer",
-        context=context,
-    )
 
 
 def default_work_dir() -> Path:

@@ -13,9 +13,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self, TypeVar
 
+from services.gatherer.core import SERVICE_NAME
 from shared.esp import BadRow
+from shared.model.deadletters import file_row_letter
 from shared.model.events import EncodedEvent
-from shared.model.messages import DeadLetter, EventSource, ResponseEvent, ResponseFile
+from shared.model.messages import DeadLetter, ResponseEvent, ResponseFile
 
 E = TypeVar("E", ResponseEvent, EncodedEvent)
 
@@ -117,14 +119,13 @@ def _line(item: ResponseEvent | EncodedEvent | BadRow) -> int:
 def row_letter(file: ResponseFile, row: BadRow, original: bytes | None, header: str | None) -> DeadLetter:
     """A bad row's dead letter: its original bytes and the file's header line when both were kept
     (what ``espbridge dlq replay`` parses again), else the connector's rendering of the row."""
-    context = {"esp": file.esp, "account": file.account}
-    if original is not None and header is not None:
-        context["header"] = header
-    return DeadLetter(
-        source=EventSource(kind="file", name=file.path, line=row.line),
-        payload=row.raw if original is None else original,
-        error_class="BadResponseRow",
-        message=row.error,
-        service="gatherer",
-        context=context,
+    return file_row_letter(
+        file.esp,
+        file.account,
+        file.path,
+        row.line,
+        row.raw if original is None else original,
+        row.error,
+        SERVICE_NAME,
+        header=None if original is None else header,
     )

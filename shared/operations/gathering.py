@@ -17,27 +17,28 @@ Used by every gatherer process on its interval and by ``espbridge gather now`` (
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import logging
 import posixpath
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-import aiohttp
 import asyncpg
 from faststream.kafka import KafkaBroker
 
-from shared.esp import Accounts, AccountsSettings, BadRow, Connector, ConnectorContext, Connectors
+from shared.esp import AccountsSettings, BadRow, Connector, Connectors
+from shared.esp.resources import EspResources
 from shared.infra.db import Conn, create_pool, cursors, files, jobs
 from shared.infra.db.jobs import SentBroadcast
 from shared.infra.kafka import ensure_topics, publish_many
 from shared.infra.settings import KafkaSettings, PostgresSettings, SftpSettings
 from shared.infra.sftp import SftpPool, list_folder
+from shared.model.deadletters import api_item_letter, file_name_letter
 from shared.model.errors import EspbridgeError, PermanentError
 from shared.model.messages import (
     BroadcastStatus,
     DeadLetter,
-    EventSource,
     Message,
     ResponseEvent,
     ResponseFile,
@@ -83,7 +84,7 @@ async def scan(
                     where = posixpath.join(folder, raw.decode("utf-8", "backslashreplace"))
                     if where not in unreadable:
                         unreadable.add(where)
-                        letters.append(unreadable_name(where, raw))
+                        letters.append(file_name_letter(where, raw, "gatherer"))
                         log.warning(
                             "response file name is not UTF-8, file left in place", extra={"file": where}
                         )
@@ -110,20 +111,6 @@ async def scan(
     if to_publish:
         log.info("response files found", extra={"files": len(to_publish)})
     return to_publish
-
-
-def unreadable_name(where: str, raw: bytes) -> DeadLetter:
-    """The dead letter of a response file whose name is not UTF-8 (``where`` shows it escaped)."""
-    return DeadLetter(
-        source=EventSource(kind="file", name=where),
-        payload=raw,
-        error_class="UnreadableFileName",
-        message=(
-            "the response file's name is not UTF-8, so espbridge cannot record or gather it; "
-            "it is left in place: rename it on the ESP's site and it is gathered at the next scan"
-        ),
-        service="gatherer",
-    )
 
 
 @dataclass
@@ -240,19 +227,14 @@ async def _pull_one(
             elif isinstance(item, BadRow):
                 result.bad_items += 1
                 messages.append(
-                    DeadLetter(
-                        source=EventSource(
-                            kind="api", name=f"{account.esp}/{account.account}", page=result.pages
-                        ),
-                        payload=item.raw,
-                        error_class="BadResponseItem",
-                        message=item.error,
-                        service=service,
-                        context={
-                            "esp": account.esp,
-                            "account": account.account,
-                            "broadcast": broadcast.job_id,
-                        },
+                    api_item_letter(
+                        account.esp,
+                        account.account,
+                        broadcast.job_id,
+                        result.pages,
+                        item.raw,
+                        item.error,
+                        service,
                     )
                 )
         await publish_many(broker, kafka, messages)  # acknowledged before the cursor moves on
@@ -282,19 +264,14 @@ async def gather_now(
 ) -> list[ResponseFile]:
     """One scan of every configured account, announcing new response files to the gatherers, and
     one API pull of every account that has one (``espbridge gather now``)."""
-    configured = Accounts.load(accounts)
-    await ensure_topics(kafka)
-    pool = await create_pool(pg)
-    sftp_pool = SftpPool(sftp)
-    broker = KafkaBroker(kafka.bootstrap_servers, client_id=f"{kafka.client_id}-cli")
-    await broker.start()
-    try:
-        async with aiohttp.ClientSession() as http:
-            connectors = Connectors(configured, ConnectorContext(http, sftp_pool))
-            found = await scan(connectors, sftp_pool, pool, broker, kafka, republish_after_s=0.0)
-            await pull_api(connectors, pool, broker, kafka, service="cli")
-            return found
-    finally:
-        await broker.stop()
-        await sftp_pool.close()
-        await pool.close()
+    async with contextlib.AsyncExitStack() as stack:
+        esp = await EspResources.open(stack, accounts, sftp)
+        await ensure_topics(kafka)
+        pool = await create_pool(pg)
+        stack.push_async_callback(pool.close)
+        broker = KafkaBroker(kafka.bootstrap_servers, client_id=f"{kafka.client_id}-cli")
+        await broker.start()
+        stack.push_async_callback(broker.stop)
+        found = await scan(esp.connectors, esp.sftp, pool, broker, kafka, republish_after_s=0.0)
+        await pull_api(esp.connectors, pool, broker, kafka, service="cli")
+        return found
