@@ -66,6 +66,11 @@ class AccountConfig(BaseModel):
         """(esp, account)."""
         return (self.esp, self.account)
 
+    @property
+    def name(self) -> str:
+        """``esp/account``, as messages name the account."""
+        return f"{self.esp}/{self.account}"
+
 
 class AccountsFile(BaseModel):
     """The accounts file's shape."""

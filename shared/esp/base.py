@@ -148,6 +148,13 @@ class Connector:
         fmt = self.list_format
         return f"{self.account.sftp_root}/{fmt.drop_folder}/{fmt.file_name(job.job_id)}"
 
+    def in_account_folder(self, remote_path: str) -> str:
+        """A path on the SFTP site relative to the account's folder (an ESP names files so)."""
+        root = self.account.sftp_root.rstrip("/") + "/"
+        if not remote_path.startswith(root):
+            raise PermanentError(f"{remote_path} is not inside the account folder {root}")
+        return remote_path[len(root) :]
+
     async def start_import(self, remote_path: str, job: BroadcastJob) -> ImportStatus:
         """Start (or find, for the same job) the import of an uploaded list file."""
         raise NotSupportedError(f"{self.account.connector} cannot import lists")

@@ -1,0 +1,272 @@
+"""Turning an ESP's response rows and items into events, the same way in every connector.
+
+* :func:`table_events` reads a delimited response file (records from :mod:`shared.esp.delimited`)
+  under its header: a header without a required column is one BadRow, then each record becomes a
+  :class:`Row` whose values are looked up by role (:class:`Columns`: role → column name).
+* :func:`item_events` does the same for the JSON items of an API page or a webhook call.
+* A connector's function from a row or an item to its event raises ValueError to reject it: the
+  rejection becomes a :class:`~shared.esp.base.BadRow` with its line and its bytes, and the next
+  row is read.
+* :class:`LocalTimes` reads times written in an account's format and zone, :func:`aware_time`
+  ISO 8601 times with an offset; :class:`Events` builds the events with their deterministic ids.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+from zoneinfo import ZoneInfo
+
+import orjson
+
+from shared.esp.accounts import AccountConfig
+from shared.esp.base import BadRow
+from shared.esp.delimited import Record, undecodable
+from shared.model.messages import EventSource, EventType, ResponseEvent, event_id_for
+
+T = TypeVar("T")
+
+UNIX = "unix"
+"""The time format of Unix seconds (a number, in UTC)."""
+ISO = "iso"
+"""The time format of ISO 8601 (a time without an offset is in the account's zone)."""
+
+
+class Columns:
+    """Where each role's column is in a response file, found by the file's header."""
+
+    def __init__(self, roles: Mapping[str, str], header: Sequence[str]) -> None:
+        self.roles = roles
+        self.header = list(header)
+        self._index = {name: i for i, name in enumerate(header)}
+
+    def missing(self, required: Iterable[str | tuple[str, ...]]) -> list[str]:
+        """The columns of ``required`` roles the header lacks; of a tuple of roles one is enough."""
+        lacking = []
+        for roles in required:
+            names = [self.roles[role] for role in ((roles,) if isinstance(roles, str) else roles)]
+            if not any(name in self._index for name in names):
+                lacking.append(" or ".join(names))
+        return lacking
+
+    def row(self, record: Record, encoding: str) -> Row:
+        """A record's fields as a row; ValueError when they do not fit the header or the encoding."""
+        fields = record.fields or []
+        if len(fields) != len(self.header):
+            raise ValueError(f"{len(fields)} fields, want {len(self.header)}")
+        bad_bytes = undecodable(fields, encoding)
+        if bad_bytes:
+            raise ValueError(bad_bytes)
+        return Row(self, fields, record.line)
+
+    def position(self, role: str) -> int | None:
+        """The index of the role's column in the header, None when it has none."""
+        return self._index.get(self.roles[role])
+
+
+class Row:
+    """One record of a response file, its values looked up by role."""
+
+    __slots__ = ("columns", "fields", "line")
+
+    def __init__(self, columns: Columns, fields: list[str], line: int) -> None:
+        self.columns = columns
+        self.fields = fields
+        self.line = line
+
+    def get(self, role: str) -> str:
+        """The role's value, stripped; "" when the file has no such column."""
+        at = self.columns.position(role)
+        return self.fields[at].strip() if at is not None else ""
+
+    def column(self, role: str) -> str:
+        """The name of the role's column (for messages)."""
+        return self.columns.roles[role]
+
+    def unmapped(self) -> dict[str, str]:
+        """The non-empty values of the columns no role names, by column."""
+        mapped = set(self.columns.roles.values())
+        pairs = zip(self.columns.header, self.fields, strict=True)
+        return {name: value for name, value in pairs if name not in mapped and value}
+
+
+def records_events(records: Iterable[Record], event: Callable[[Record], T | None]) -> Iterator[T | BadRow]:
+    """Each record's event (None: none), or the BadRow of a record it rejects; blank lines are skipped."""
+    for record in records:
+        if record.fields == []:
+            continue  # a blank line is no record
+        try:
+            if record.fields is None:
+                raise ValueError(record.error)
+            made = event(record)
+        except ValueError as exc:
+            yield BadRow(record.line, record.raw, str(exc))
+            continue
+        if made is not None:
+            yield made
+
+
+def table_events(
+    records: Iterator[Record],
+    roles: Mapping[str, str],
+    required: Iterable[str | tuple[str, ...]],
+    encoding: str,
+    event: Callable[[Row], T | None],
+) -> Iterator[T | BadRow]:
+    """The events of a delimited file whose first record is its header (see the module)."""
+    first = next(records, None)
+    if first is None:
+        return
+    if first.fields is None:
+        yield BadRow(first.line, first.raw, f"unreadable header: {first.error}")
+        return
+    columns = Columns(roles, first.fields)
+    missing = columns.missing(required)
+    if missing:
+        yield BadRow(first.line, first.raw, f"header lacks {', '.join(missing)}")
+        return
+    yield from records_events(records, lambda record: event(columns.row(record, encoding)))
+
+
+def raw_json(item: Any) -> bytes:
+    """An item's bytes for its BadRow: its JSON, or its repr when it is no JSON value."""
+    try:
+        return orjson.dumps(item)
+    except TypeError:
+        return repr(item).encode("utf-8", "replace")
+
+
+def item_events(
+    items: Iterable[Any],
+    event: Callable[[int, Any], ResponseEvent | Sequence[ResponseEvent] | None],
+    *,
+    what: str = "",
+    first_line: int = 1,
+) -> list[ResponseEvent | BadRow]:
+    """The events ``event(line, item)`` makes of JSON items numbered from ``first_line`` (None:
+    none); an item it rejects is a BadRow whose error starts with ``what``."""
+    out: list[ResponseEvent | BadRow] = []
+    for line, item in enumerate(items, start=first_line):
+        try:
+            made = event(line, item)
+        except ValueError as exc:
+            out.append(BadRow(line, raw_json(item), f"{what}: {exc}" if what else str(exc)))
+            continue
+        if isinstance(made, ResponseEvent):
+            out.append(made)
+        elif made is not None:
+            out.extend(made)
+    return out
+
+
+class LocalTimes:
+    """Times an account writes in its format and zone, read as UTC.
+
+    A time in the hour repeated when summer time ends is read as its first occurrence; a format
+    with ``%z`` keeps the offset it reads. The formats :data:`UNIX` and :data:`ISO` read Unix
+    seconds and ISO 8601.
+    """
+
+    def __init__(self, fmt: str, zone: str) -> None:
+        self.format = fmt
+        self.zone = ZoneInfo(zone)
+
+    def utc(self, label: str, value: str) -> datetime:
+        """``value`` (of the field ``label``, for messages) as UTC; ValueError when it is none."""
+        if not value:
+            raise ValueError(f"empty {label}")
+        if self.format == UNIX:
+            try:
+                return datetime.fromtimestamp(float(value), UTC)
+            except (ValueError, OverflowError, OSError):
+                raise ValueError(f"{label} {value!r} is not Unix seconds") from None
+        if self.format == ISO:
+            try:
+                parsed = datetime.fromisoformat(value)
+            except ValueError:
+                raise ValueError(f"{label} {value!r} is not an ISO 8601 time") from None
+        else:
+            try:
+                parsed = datetime.strptime(value, self.format)
+            except ValueError:
+                raise ValueError(f"{label} {value!r} does not match {self.format!r}") from None
+        local = parsed if parsed.tzinfo else parsed.replace(tzinfo=self.zone, fold=0)
+        return local.astimezone(UTC)
+
+
+def aware_time(label: str, value: Any) -> datetime:
+    """An ISO 8601 time with ``Z`` or an offset (RFC 3339's ``t``, ``z`` or a space too) as UTC."""
+    if not value:
+        raise ValueError(f"empty {label}")
+    if not isinstance(value, str):
+        raise ValueError(f"{label} {value!r} is not an ISO 8601 time")
+    text = value.strip()
+    if len(text) > 10 and text[10] in "tT ":
+        text = f"{text[:10]}T{text[11:]}"
+    if text.endswith(("z", "Z")):
+        text = text[:-1] + "+00:00"
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"{label} {value!r} is not an ISO 8601 time") from None
+    if when.utcoffset() is None:
+        raise ValueError(f"{label} {value!r} has no time zone offset")
+    return when.astimezone(UTC)
+
+
+def file_source(remote_path: str, line: int) -> EventSource:
+    """Where an event of a response file came from: the file and the line."""
+    return EventSource(kind="file", name=posixpath.normpath(remote_path), line=line)
+
+
+class Events:
+    """The events of one account, with their deterministic ids.
+
+    The id is derived from ``esp_event_id`` when the ESP gives its own, else from the facts:
+    broadcast, ``recipient``, type, time and URL (see :func:`event_id_for`).
+    """
+
+    def __init__(self, account: AccountConfig) -> None:
+        self.esp = account.esp
+        self.account = account.account
+
+    def make(
+        self,
+        broadcast_id: str,
+        kind: EventType,
+        occurred_at: datetime,
+        source: EventSource,
+        *,
+        recipient: str = "",
+        esp_event_id: str | None = None,
+        url: str | None = None,
+        communication_key: str | None = None,
+        email: str | None = None,
+        esp_message_id: str | None = None,
+        extra: dict[str, str] | None = None,
+    ) -> ResponseEvent:
+        """One event (ResponseEvent's own checks apply: a key or an email, a broadcast id)."""
+        return ResponseEvent(
+            event_id=event_id_for(
+                self.esp,
+                esp_event_id=esp_event_id,
+                broadcast_id=broadcast_id,
+                recipient=recipient,
+                event_type=kind.value,
+                occurred_at=occurred_at,
+                url=url,
+            ),
+            esp=self.esp,
+            account=self.account,
+            broadcast_id=broadcast_id,
+            esp_message_id=esp_message_id,
+            communication_key=communication_key,
+            email=email,
+            type=kind,
+            url=url,
+            occurred_at=occurred_at,
+            source=source,
+            extra=extra or {},
+        )
