@@ -10,19 +10,13 @@ from aiohttp import web
 from faststream import FastStream
 from faststream.kafka.annotations import KafkaMessage
 
-from services.gatherer import handlers
+from services.gatherer import DESCRIPTION, handlers
 from services.gatherer.settings import Settings
 from shared.esp.resources import EspResources
 from shared.infra.kafka import HEADERS_JSON_V1, BatchPublisher
 from shared.model.topics import Topic
 from shared.runtime.runtime import Runtime, ServiceSpec
 from shared.runtime.status import StatusReporter
-
-DESCRIPTION = (
-    "Scans the ESP accounts' response folders on an interval (announcing new files on responses.files.v1), "
-    "and for each announced file downloads, parses and publishes its events (responses.events.v1), "
-    "dead-letters bad rows with file and line, then archives the file on the ESP's site."
-)
 
 
 async def create_app(settings: Settings, runtime: Runtime) -> FastStream:

@@ -4,17 +4,11 @@ from __future__ import annotations
 
 from faststream import FastStream
 
-from services.loader import handlers
+from services.loader import DESCRIPTION, handlers
 from services.loader.settings import Settings
 from shared.model.topics import Topic
 from shared.runtime.runtime import Runtime, ServiceSpec
 from shared.runtime.status import StatusReporter
-
-DESCRIPTION = (
-    "Consumes response events (responses.events.v1) in batches, loads them into the response database "
-    "idempotently (COPY, merge on event_id, per-broadcast counts, then offsets), and publishes opt-outs "
-    "on subscriptions.changes.v1."
-)
 
 
 async def create_app(settings: Settings, runtime: Runtime) -> FastStream:

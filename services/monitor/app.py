@@ -5,17 +5,12 @@ from __future__ import annotations
 from faststream import FastStream
 from faststream.kafka.annotations import KafkaMessage
 
-from services.monitor import handlers
+from services.monitor import DESCRIPTION, handlers
 from services.monitor.settings import Settings
 from shared.esp.resources import EspResources
 from shared.model.topics import Topic
 from shared.runtime.runtime import Runtime, ServiceSpec
 from shared.runtime.status import StatusReporter
-
-DESCRIPTION = (
-    "Consumes uploaded lists (broadcast.lists.v1), drives the ESP's import and send through its REST "
-    "API (never sending a broadcast twice) and reports the import and send stages on broadcast.status.v1."
-)
 
 
 async def create_app(settings: Settings, runtime: Runtime) -> FastStream:

@@ -5,18 +5,12 @@ from __future__ import annotations
 from faststream import FastStream
 from faststream.kafka.annotations import KafkaMessage
 
-from services.uploader import handlers
+from services.uploader import DESCRIPTION, handlers
 from services.uploader.settings import Settings
 from shared.esp.resources import EspResources
 from shared.model.topics import Topic
 from shared.runtime.runtime import Runtime, ServiceSpec
 from shared.runtime.status import StatusReporter
-
-DESCRIPTION = (
-    "Consumes broadcast jobs (broadcast.jobs.v1), streams each job's recipients into the ESP's list "
-    "format, uploads the file to the ESP's SFTP drop (temporary name, then rename) and publishes "
-    "ListUploaded (broadcast.lists.v1) and the upload stage on broadcast.status.v1."
-)
 
 
 async def create_app(settings: Settings, runtime: Runtime) -> FastStream:
