@@ -11,7 +11,7 @@ import pytest
 from services.uploader import core
 from shared.esp import ListFormat
 from shared.model.messages import ListUploaded, Stage, State
-from tests.unit.test_messages import job
+from tests.unit.test_messages import examples, job
 
 
 def test_the_header_follows_the_field_map_and_keeps_a_mapped_key_field_once() -> None:
@@ -75,21 +75,11 @@ def test_an_upload_in_progress_reports_the_upload_stage_running() -> None:
 
 
 def test_a_finished_upload_reports_its_rows_exclusions_and_bytes() -> None:
-    upload = ListUploaded(
-        job_id="job-1",
-        esp="sandbox",
-        account="demo",
-        remote_path="sandbox/demo/drop/job-1.csv",
-        rows=96970,
-        bytes=4_200_000,
-        sha256="0" * 64,
-        excluded=3030,
-        uploaded_at=datetime(2026, 11, 22, tzinfo=UTC),
-    )
+    upload = next(m for m in examples() if isinstance(m, ListUploaded))
     status = core.uploaded_status(upload)
-    assert status.state is State.DONE
-    assert status.detail == "96970 recipients in sandbox/demo/drop/job-1.csv"
-    assert status.counts == {"rows": 96970, "excluded": 3030, "bytes": 4_200_000}
+    assert (status.stage, status.state) == (Stage.UPLOAD, State.DONE)
+    assert status.detail == "10 recipients in sandbox/demo/drop/job-1.csv"
+    assert status.counts == {"rows": 10, "excluded": 2, "bytes": 1234}
 
 
 def test_an_invalid_job_with_a_usable_id_gets_a_failed_status_with_the_reason() -> None:
