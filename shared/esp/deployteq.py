@@ -30,10 +30,7 @@ One connector instance per account per process holds the token, the rate limiter
 
 from __future__ import annotations
 
-import asyncio
-import codecs
 import contextlib
-import csv
 import logging
 import posixpath
 import re
@@ -41,16 +38,14 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta, tzinfo
+from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Protocol, Self, cast
+from typing import Any, ClassVar, Protocol, Self, cast
 from urllib.parse import parse_qs, urlsplit
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import asyncssh
-import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
 from shared.esp.accounts import AccountConfig
 from shared.esp.base import (
@@ -66,15 +61,26 @@ from shared.esp.base import (
     SendStatus,
     WebhookAuthError,
 )
-from shared.esp.rest import EspRequestError, EspUnavailableError, OAuth2Token, RateLimiter, request_with_token
+from shared.esp.cursor import Count, StoredCursor
+from shared.esp.delimited import read_csv_records
+from shared.esp.options import ConnectorOptions, DateFormat, Encoding, TimeZone
+from shared.esp.rest import (
+    EspClient,
+    EspRequestError,
+    EspUnavailableError,
+    OAuth2Token,
+    RateLimiter,
+    Retries,
+    short_json,
+)
+from shared.esp.rows import ISO, Events, LocalTimes, Row, file_source, item_events, table_events
 from shared.infra.db.jobs import SentBroadcast
 from shared.infra.sftp import SftpPool
 from shared.model.errors import ConfigurationError, PermanentError, TransientError, UnavailableError
-from shared.model.messages import BroadcastJob, EventSource, EventType, ResponseEvent, SendMode, event_id_for
+from shared.model.messages import BroadcastJob, EventSource, EventType, ResponseEvent, SendMode
 
 log = logging.getLogger(__name__)
 
-CURSOR_VERSION = 1
 LIST_SUFFIX = ".csv"
 STAGED_PREFIX = "staged:"
 SEND_AT_FORMAT = "%Y%m%dT%H%M%SZ"
@@ -140,7 +146,7 @@ def _folder(value: str, what: str, *, single: bool = False) -> str:
     return value
 
 
-class Options(BaseModel):
+class Options(ConnectorOptions):
     """The account ``options`` this connector reads (docs/connectors/deployteq.md#configuration).
 
     ``export_columns`` and ``export_types`` are laid over their defaults (``null`` in
@@ -149,7 +155,11 @@ class Options(BaseModel):
     ``file_option``.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    MERGED: ClassVar[Mapping[str, Mapping[str, Any]]] = {
+        "export_columns": DEFAULT_EXPORT_COLUMNS,
+        "export_types": DEFAULT_EXPORT_TYPES,
+    }
+    ROLE_KEYED: ClassVar = ("export_columns",)
 
     token_url: str = Field(default="https://auth.clang.cloud/oauth2/token", pattern=r"^https?://")
     scope: str = Field(default="analytics.events:read", min_length=1)
@@ -159,14 +169,14 @@ class Options(BaseModel):
     pickup_timeout_s: float = Field(default=600.0, gt=0)
     reason_suffix: str = Field(default=".reason.txt", min_length=1, pattern=r"^[^/]+$")
     list_delimiter: str = Field(default=";", min_length=1, max_length=1)
-    list_encoding: str = "utf-8"
+    list_encoding: Encoding = "utf-8"
     list_line_terminator: str = Field(default="\r\n", min_length=1)
     email_column: str = Field(default="emailAddress", min_length=1)
     key_column: str = Field(default="externalId", min_length=1)
     file_option: str = Field(default="espbridge_file", min_length=1)
     api_metrics: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_API_METRICS))
     bounce_types: dict[str, EventType] = Field(default_factory=lambda: dict(DEFAULT_BOUNCE_TYPES))
-    api_timezone: str = "Europe/Amsterdam"
+    api_timezone: TimeZone = "Europe/Amsterdam"
     page_limit: int = Field(default=1000, ge=1, le=1000)
     api_rate_per_s: float = Field(default=5.0, gt=0)
     pull_window_days: int = Field(default=31, ge=0)
@@ -174,26 +184,17 @@ class Options(BaseModel):
     archive_folder: str = "event-export/archive"
     export_pattern: str = Field(default="activities_*.csv", min_length=1)
     export_delimiter: str = Field(default=";", min_length=1, max_length=1)
-    export_encoding: str = "utf-8"
+    export_encoding: Encoding = "utf-8"
     export_columns: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_EXPORT_COLUMNS))
     export_types: dict[str, str | None] = Field(default_factory=lambda: dict(DEFAULT_EXPORT_TYPES))
-    export_timestamp_format: str = Field(default="%Y-%m-%d %H:%M:%S", min_length=1)
-    export_timezone: str = "Europe/Amsterdam"
+    export_timestamp_format: DateFormat = "%Y-%m-%d %H:%M:%S"
+    export_timezone: TimeZone = "Europe/Amsterdam"
 
-    @model_validator(mode="before")
     @classmethod
-    def _merge_defaults(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
-        merged = dict(data)
-        file_column = data.get("file_option", DEFAULT_EXPORT_COLUMNS["file"])
-        columns = data.get("export_columns", {})
-        if isinstance(columns, dict):
-            merged["export_columns"] = {**DEFAULT_EXPORT_COLUMNS, "file": file_column, **columns}
-        types = data.get("export_types", {})
-        if isinstance(types, dict):
-            merged["export_types"] = {**DEFAULT_EXPORT_TYPES, **types}
-        return merged
+    def merged_defaults(cls, given: Mapping[str, Any]) -> Mapping[str, Mapping[str, Any]]:
+        """``export_columns.file`` defaults to ``file_option``."""
+        file_column = given.get("file_option", DEFAULT_EXPORT_COLUMNS["file"])
+        return {**cls.MERGED, "export_columns": {**DEFAULT_EXPORT_COLUMNS, "file": file_column}}
 
     @model_validator(mode="after")
     def _coherent(self) -> Self:
@@ -201,24 +202,8 @@ class Options(BaseModel):
         _folder(self.brand, "brand", single=True)
         for name in ("staging_folder", "export_folder", "archive_folder"):
             _folder(getattr(self, name), name)
-        for name in ("list_encoding", "export_encoding"):
-            try:
-                codecs.lookup(getattr(self, name))
-            except LookupError:
-                raise ValueError(f"{name} {getattr(self, name)!r} is not a known encoding") from None
-        for name in ("api_timezone", "export_timezone"):
-            try:
-                ZoneInfo(getattr(self, name))
-            except (ZoneInfoNotFoundError, ValueError):
-                raise ValueError(f"{name} {getattr(self, name)!r} is not a known time zone") from None
         if self.email_column == self.key_column:
             raise ValueError("email_column and key_column must differ")
-        unknown_roles = set(self.export_columns) - set(DEFAULT_EXPORT_COLUMNS)
-        if unknown_roles:
-            raise ValueError(
-                f"export_columns has unknown roles {sorted(unknown_roles)} "
-                f"(known: {sorted(DEFAULT_EXPORT_COLUMNS)})"
-            )
         if any(not c for c in self.export_columns.values()):
             raise ValueError("export_columns names an empty column")
         if any(not m for m in self.api_metrics):
@@ -237,13 +222,6 @@ class Options(BaseModel):
                 f"event types {both} would come from both the Events API (api_metrics) and the "
                 "activities export (export_types); take each type from exactly one source"
             )
-        sample = datetime(2026, 11, 22, 10, 0, 3)
-        try:
-            datetime.strptime(sample.strftime(self.export_timestamp_format), self.export_timestamp_format)
-        except ValueError as exc:
-            raise ValueError(
-                f"export_timestamp_format {self.export_timestamp_format!r} cannot be read back: {exc}"
-            ) from None
         return self
 
     def _expand(self, mapped: str | None) -> set[str]:
@@ -471,6 +449,15 @@ _DETAILS = {
 }
 
 
+class Cursor(StoredCursor):
+    """The pull position: the window of local dates pulled, the metric read next, the offsets."""
+
+    start: date = Field(alias="from")
+    end: date = Field(alias="to")
+    i: Count
+    offsets: dict[str, Count]
+
+
 class UploadOnlyRefusedError(PermanentError):
     """An ``upload_only`` job for Deployteq, where a file in ``Upload`` is already a send."""
 
@@ -499,11 +486,8 @@ class DeployteqConnector(Connector):
         clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__(account, context)
-        name = f"{account.esp}/{account.account}"
-        try:
-            opts = Options.model_validate(account.options)
-        except ValidationError as exc:
-            raise ConfigurationError(f"account {name} options: {exc}") from None
+        name = account.name
+        opts = Options.of(account)
         if not account.api_url:
             raise ConfigurationError(
                 f"account {name} needs an api_url (the Events API base, "
@@ -517,18 +501,27 @@ class DeployteqConnector(Connector):
         self._name = name
         self._site: TriggerSite | None = site or (SftpTriggerSite(context.sftp) if context.sftp else None)
         self._clock = clock
-        self._api_zone: tzinfo = ZoneInfo(opts.api_timezone)
-        self._export_zone: tzinfo = ZoneInfo(opts.export_timezone)
-        self._events_url = account.api_url.rstrip("/") + "/events"
-        self._token = _ClientCredentialsToken(
+        self._api_times = LocalTimes(ISO, opts.api_timezone)
+        self._export_times = LocalTimes(opts.export_timestamp_format, opts.export_timezone)
+        self._events = Events(account)
+        token = _ClientCredentialsToken(
             context.http,
             opts.token_url,
             {"grant_type": "client_credentials", "scope": opts.scope},
             basic=(account.client_id, account.client_secret.get_secret_value()),
             timeout_s=account.request_timeout_s,
         )
-        self._limiter = RateLimiter(1, 1.0 / opts.api_rate_per_s)  # evenly spaced: no bursts
-        self._hold_until = 0.0  # monotonic time before which a 429's Retry-After asks us not to call
+        self._api = EspClient(
+            context.http,
+            account.api_url,
+            account=name,
+            timeout_s=account.request_timeout_s,
+            token=token,
+            secrets=(account.client_secret.get_secret_value(),),
+            limiter=RateLimiter(1, 1.0 / opts.api_rate_per_s),  # evenly spaced: no bursts
+            retries=Retries(attempts=RETRY_ATTEMPTS, max_wait_s=account.request_timeout_s),
+            holds=True,
+        )
         self._released_at: dict[str, float] = {}  # this process's releases, in case setstat failed
         root = account.sftp_root.rstrip("/")
         self._staging = posixpath.join(root, opts.staging_folder)
@@ -718,88 +711,30 @@ class DeployteqConnector(Connector):
 
     # --- responses: the Events API ------------------------------------------------------------------
 
-    async def _wait_for_turn(self) -> None:
-        hold = self._hold_until - time.monotonic()
-        if hold > self.account.request_timeout_s:
-            raise EspUnavailableError(f"{self._name}: rate limited by Deployteq for {hold:.0f}s more", hold)
-        if hold > 0:
-            await asyncio.sleep(hold)  # the Retry-After Deployteq asked for
-
     async def _get_events(self, params: dict[str, str]) -> Any:
+        """One page of ``GET /events``, repeated after a 429 or 5xx with Retry-After."""
         where = f"GET /events?filter[metric]={params['filter[metric]']}"
-        for attempt in range(1, RETRY_ATTEMPTS + 1):
-            await self._wait_for_turn()
-            try:
-                status, body = await request_with_token(
-                    self.context.http,
-                    self._token,
-                    "GET",
-                    self._events_url,
-                    limiter=self._limiter,
-                    params=params,
-                    timeout_s=self.account.request_timeout_s,
-                    expect=(200,),
-                )
-            except EspUnavailableError as exc:
-                wait = exc.retry_after_s
-                if wait is None:
-                    raise
-                self._hold_until = max(self._hold_until, time.monotonic() + wait)
-                if attempt == RETRY_ATTEMPTS or wait > self.account.request_timeout_s:
-                    raise
-                log.info(
-                    "Events API busy, retrying after Retry-After",
-                    extra={"account": self._name, "retry_after_s": wait, "error": str(exc)},
-                )
-                continue
-            if status == 404:
-                raise ConfigurationError(f"{where} answered 404: is api_url of {self._name} the Events API?")
-            if status != 200:
-                raise EspRequestError(f"{where} answered {status}: {_short(body)}")
-            return body
-        raise AssertionError("unreachable")  # the loop returns or raises
+        status, body = await self._api.call("GET", "/events", params=params, answered=(200, 404, 409))
+        if status == 404:
+            raise ConfigurationError(f"{where} answered 404: is api_url of {self._name} the Events API?")
+        if status != 200:
+            raise EspRequestError(f"{where} answered {status}: {short_json(body)}")
+        return body
 
     def _first_window(self, broadcast: SentBroadcast) -> tuple[date, date]:
         sent = broadcast.requested_at or self._now()
-        start = sent.astimezone(self._api_zone).date() - timedelta(days=1)
+        start = sent.astimezone(self._api_times.zone).date() - timedelta(days=1)
         return start, start + timedelta(days=self.options.pull_window_days)
 
-    def _read_cursor(
-        self, broadcast: SentBroadcast, cursor: str | None
-    ) -> tuple[date, date, int, dict[str, int]]:
+    def _read_cursor(self, broadcast: SentBroadcast, cursor: str | None) -> Cursor:
+        """The stored window, metric and offsets; none (or an unreadable one): the first window."""
         metrics = list(self.options.api_metrics)
-        if cursor is not None:
-            try:
-                data = orjson.loads(cursor)
-                if not isinstance(data, dict) or data.get("v") != CURSOR_VERSION:
-                    raise ValueError("not a version 1 cursor")
-                start, end = date.fromisoformat(data["from"]), date.fromisoformat(data["to"])
-                index, offsets = data["i"], data["offsets"]
-                if (
-                    not isinstance(index, int)
-                    or isinstance(index, bool)
-                    or index < 0
-                    or not isinstance(offsets, dict)
-                ):
-                    raise ValueError("no metric index or offsets")
-                if not all(
-                    isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in offsets.values()
-                ):
-                    raise ValueError("offsets are not counts")
-            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-                log.warning(
-                    "unreadable pull cursor, reading the broadcast's events from the start",
-                    extra={"account": self._name, "job_id": broadcast.job_id, "error": str(exc)},
-                )
-            else:
-                return start, end, index % len(metrics), {m: offsets.get(m, 0) for m in metrics}
-        start, end = self._first_window(broadcast)
-        return start, end, 0, dict.fromkeys(metrics, 0)
-
-    @staticmethod
-    def _write_cursor(start: date, end: date, index: int, offsets: dict[str, int]) -> str:
-        cursor = {"v": CURSOR_VERSION, "from": start.isoformat(), "to": end.isoformat(), "i": index}
-        return orjson.dumps({**cursor, "offsets": offsets}).decode()
+        stored = Cursor.read(cursor, self._name, job_id=broadcast.job_id)
+        if stored is None:
+            start, end = self._first_window(broadcast)
+            return Cursor(start=start, end=end, i=0, offsets=dict.fromkeys(metrics, 0))
+        offsets = {m: stored.offsets.get(m, 0) for m in metrics}
+        return Cursor(start=stored.start, end=stored.end, i=stored.i % len(metrics), offsets=offsets)
 
     async def pull_responses(self, broadcast: SentBroadcast, cursor: str | None) -> PullPage:
         """One Events API page of metric ``api_metrics[i]`` from its offset (see the cursor rules).
@@ -810,38 +745,36 @@ class DeployteqConnector(Connector):
         metrics = list(self.options.api_metrics)
         if not metrics:
             return PullPage((), cursor, more=False)
-        start, end, index, offsets = self._read_cursor(broadcast, cursor)
-        metric = metrics[index]
-        offset = offsets[metric]
+        position = self._read_cursor(broadcast, cursor)
+        metric = metrics[position.i]
+        offset = position.offsets[metric]
         body = await self._get_events(
             {
-                "filter[date_from]": start.isoformat(),
-                "filter[date_to]": end.isoformat(),
+                "filter[date_from]": position.start.isoformat(),
+                "filter[date_to]": position.end.isoformat(),
                 "filter[metric]": metric,
                 "limit": str(self.options.page_limit),
                 "offset": str(offset),
             }
         )
         data, next_offset = self._envelope(body, metric, offset)
-        items = tuple(
-            item
-            for position, raw in enumerate(data, start=1)
-            if (item := self._api_item(broadcast, metric, offset, position, raw)) is not None
+        items = item_events(
+            data, lambda _, item: self._api_item(broadcast, metric, offset, item), what=f"{metric} event"
         )
         if next_offset is not None:
-            offsets[metric] = next_offset
+            position.offsets[metric] = next_offset
             more = True
         else:
-            offsets[metric] = offset + len(data)
-            index = (index + 1) % len(metrics)
-            more = index != 0
-        return PullPage(items, self._write_cursor(start, end, index, offsets), more=more)
+            position.offsets[metric] = offset + len(data)
+            position.i = (position.i + 1) % len(metrics)
+            more = position.i != 0
+        return PullPage(tuple(items), position.dump(), more=more)
 
     def _envelope(self, body: Any, metric: str, offset: int) -> tuple[list[Any], int | None]:
         """The page's items and the offset of ``_links.next`` (None on the last page)."""
         if not isinstance(body, dict) or not isinstance(body.get("data"), list):
             raise EspUnavailableError(
-                f"GET /events ({metric}) answered a body without a data list: {_short(body)}"
+                f"GET /events ({metric}) answered a body without a data list: {short_json(body)}"
             )
         data: list[Any] = body["data"]
         links = body.get("_links")
@@ -864,9 +797,9 @@ class DeployteqConnector(Connector):
         return data, next_offset
 
     def _api_item(
-        self, broadcast: SentBroadcast, metric: str, offset: int, position: int, item: Any
-    ) -> ResponseEvent | BadRow | None:
-        """The event of an item of this broadcast; None for other mail; BadRow when unusable."""
+        self, broadcast: SentBroadcast, metric: str, offset: int, item: Any
+    ) -> ResponseEvent | None:
+        """The event of an item of this broadcast; None for other mail; ValueError when unusable."""
         if not isinstance(item, dict):
             log.warning("Events API item is not an object", extra={"account": self._name, "metric": metric})
             return None
@@ -876,10 +809,7 @@ class DeployteqConnector(Connector):
             return None  # another job's mail, or not espbridge's at all
         if item.get("test_mailing") == 1:
             return None
-        try:
-            return self._api_event(broadcast, metric, offset, item)
-        except ValueError as exc:
-            return BadRow(line=position, raw=orjson.dumps(item), error=f"{metric} event: {exc}")
+        return self._api_event(broadcast, metric, offset, item)
 
     def _api_event(
         self, broadcast: SentBroadcast, metric: str, offset: int, item: dict[str, Any]
@@ -887,7 +817,8 @@ class DeployteqConnector(Connector):
         esp_id = item.get("uuid")
         if not isinstance(esp_id, str) or not esp_id:
             raise ValueError("no uuid")
-        occurred = self._api_time(item.get("metric_timestamp"))
+        timestamp = item.get("metric_timestamp")
+        occurred = self._api_times.utc("metric_timestamp", timestamp if isinstance(timestamp, str) else "")
         key = _text(item.get("external_id"))
         email = _text(item.get("email_address")) or _text(item.get("customer_email_address"))
         if not key and not email:
@@ -899,22 +830,20 @@ class DeployteqConnector(Connector):
             if not url:
                 raise ValueError("a click without url or url_unrendered")
         broadcast_id = item.get("broadcast_id")
-        return ResponseEvent(
-            event_id=event_id_for(self.account.esp, esp_event_id=esp_id),
-            esp=self.account.esp,
-            account=self.account.account,
-            broadcast_id=broadcast.job_id,
-            esp_message_id=str(broadcast_id) if broadcast_id is not None else None,
-            communication_key=key or None,
-            email=email or None,
-            type=event_type,
-            url=url,
-            occurred_at=occurred,
-            source=EventSource(
+        return self._events.make(
+            broadcast.job_id,
+            event_type,
+            occurred,
+            EventSource(
                 kind="api",
                 name=f"GET /events?filter[metric]={metric}",
                 page=offset // self.options.page_limit,
             ),
+            esp_event_id=esp_id,
+            url=url,
+            communication_key=key or None,
+            email=email or None,
+            esp_message_id=str(broadcast_id) if broadcast_id is not None else None,
             extra={k: _extra_text(item[k]) for k in API_EXTRAS if item.get(k) is not None},
         )
 
@@ -927,77 +856,22 @@ class DeployteqConnector(Connector):
             raise ValueError(f"unknown {what} {bounce_type!r} (known: {sorted(self._bounces)})")
         return kind
 
-    def _api_time(self, value: Any) -> datetime:
-        if not isinstance(value, str) or not value:
-            raise ValueError("no metric_timestamp")
-        try:
-            when = datetime.fromisoformat(value)
-        except ValueError:
-            raise ValueError(f"metric_timestamp {value!r} is not ISO 8601") from None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=self._api_zone, fold=0)
-        return when.astimezone(UTC)
-
     # --- responses: the activities export -------------------------------------------------------------
 
     def parse_response_file(self, local_path: Path, remote_path: str) -> Iterator[ResponseEvent | BadRow]:
         """Rows of an activities file: events of the mapped types, BadRows with their line."""
-        opts, cols = self.options, self._columns
-        is_utf8 = codecs.lookup(opts.export_encoding).name == "utf-8"
-        delimiter = opts.export_delimiter
-        with local_path.open(
-            encoding="utf-8-sig" if is_utf8 else opts.export_encoding, errors="surrogateescape", newline=""
-        ) as f:
-            reader = csv.reader(f, delimiter=delimiter)
-            try:
-                header = next(reader, None)
-            except csv.Error as exc:
-                yield BadRow(1, b"", f"unreadable header: {exc}")
-                return
-            if header is None:
-                return
-            index = {name: i for i, name in enumerate(header)}
-            missing = [cols[r] for r in REQUIRED_EXPORT_ROLES if cols[r] not in index]
-            if cols["key"] not in index and cols["email"] not in index:
-                missing.append(f"{cols['key']} or {cols['email']}")
-            if missing:
-                yield BadRow(1, _raw(header, delimiter), f"header lacks {', '.join(missing)}")
-                return
-            last = reader.line_num
-            while True:
-                line = last + 1
-                try:
-                    row = next(reader)
-                except StopIteration:
-                    return
-                except csv.Error as exc:
-                    last = reader.line_num
-                    yield BadRow(line, b"", f"unreadable row: {exc}")
-                    continue
-                last = reader.line_num
-                if not row:
-                    continue
-                try:
-                    event = self._export_event(remote_path, line, row, header, index)
-                except ValueError as exc:
-                    yield BadRow(line, _raw(row, delimiter), str(exc))
-                    continue
-                if event is not None:
-                    yield event
+        opts = self.options
+        records = read_csv_records(local_path, delimiter=opts.export_delimiter, encoding=opts.export_encoding)
+        yield from table_events(
+            records,
+            self._columns,
+            (*REQUIRED_EXPORT_ROLES, ("key", "email")),
+            opts.export_encoding,
+            lambda row: self._export_event(remote_path, row),
+        )
 
-    def _export_event(
-        self, remote_path: str, line: int, row: list[str], header: list[str], index: Mapping[str, int]
-    ) -> ResponseEvent | None:
-        opts, cols = self.options, self._columns
-        if len(row) != len(header):
-            raise ValueError(f"{len(row)} fields, want {len(header)}")
-        if any("\udc80" <= ch <= "\udcff" for field in row for ch in field):
-            raise ValueError(f"not valid {opts.export_encoding}")
-
-        def get(role: str) -> str:
-            column = cols[role]
-            return row[index[column]].strip() if column in index else ""
-
+    def _export_event(self, remote_path: str, row: Row) -> ResponseEvent | None:
+        opts, cols, get = self.options, self._columns, row.get
         code = get("event_type")
         if code not in opts.export_types:
             raise ValueError(f"unknown {cols['event_type']} {code!r} (known: {sorted(opts.export_types)})")
@@ -1010,7 +884,7 @@ class DeployteqConnector(Connector):
             raise ValueError(
                 f"{cols['file']} {file_name!r} is not a trigger file name <trigger>+<job_id>.csv"
             )
-        occurred = self._export_time(get("event_date"))
+        occurred = self._export_times.utc(cols["event_date"], get("event_date"))
         key, email = get("key"), get("email")
         if not key and not email:
             raise ValueError(f"neither {cols['key']} nor {cols['email']}")
@@ -1019,39 +893,18 @@ class DeployteqConnector(Connector):
         if event_type is EventType.CLICK and not url:
             raise ValueError(f"a click without {cols['url']}")
         extra = {role: get(role) for role in ("customer_id", "bounce_code") if get(role)}
-        return ResponseEvent(
-            event_id=event_id_for(
-                self.account.esp,
-                broadcast_id=job_id,
-                recipient=key or email,
-                event_type=event_type.value,
-                occurred_at=occurred,
-                url=url,
-            ),
-            esp=self.account.esp,
-            account=self.account.account,
-            broadcast_id=job_id,
-            esp_message_id=get("broadcast_id") or None,
+        return self._events.make(
+            job_id,
+            event_type,
+            occurred,
+            file_source(remote_path, row.line),
+            recipient=key or email,
+            url=url,
             communication_key=key or None,
             email=email or None,
-            type=event_type,
-            url=url,
-            occurred_at=occurred,
-            source=EventSource(kind="file", name=posixpath.normpath(remote_path), line=line),
+            esp_message_id=get("broadcast_id") or None,
             extra=extra,
         )
-
-    def _export_time(self, value: str) -> datetime:
-        """A local export time (first occurrence when repeated) as UTC."""
-        column, fmt = self._columns["event_date"], self.options.export_timestamp_format
-        if not value:
-            raise ValueError(f"empty {column}")
-        try:
-            parsed = datetime.strptime(value, fmt)
-        except ValueError:
-            raise ValueError(f"{column} {value!r} does not match {fmt!r}") from None
-        local = parsed if parsed.tzinfo else parsed.replace(tzinfo=self._export_zone, fold=0)
-        return local.astimezone(UTC)
 
     # --- webhooks -------------------------------------------------------------------------------------
 
@@ -1073,11 +926,3 @@ def _extra_text(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
-
-
-def _raw(row: list[str], delimiter: str) -> bytes:
-    return delimiter.join(row).encode("utf-8", "surrogateescape")
-
-
-def _short(body: Any) -> str:
-    return orjson.dumps(body).decode("utf-8", "replace")[:300]

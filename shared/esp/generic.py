@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import posixpath
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,8 @@ from shared.esp.base import (
     SendStatus,
 )
 from shared.esp.delimited import read_records, undecodable
-from shared.esp.rest import EspUnavailableError, request_json
+from shared.esp.rest import EspClient, EspUnavailableError
+from shared.esp.rows import aware_time, records_events
 from shared.model.errors import ConfigurationError, PermanentError
 from shared.model.events import EncodedEvent, FileEventWriter, event_key, json_plain, utc_text
 from shared.model.messages import MAX_BROADCAST_ID, BroadcastJob, EventType, ResponseEvent
@@ -55,38 +56,26 @@ class GenericConnector(Connector):
     def __init__(self, account: AccountConfig, context: ConnectorContext) -> None:
         super().__init__(account, context)
         if not account.api_url:
-            raise ConfigurationError(f"account {account.esp}/{account.account} needs an api_url")
-        self._session = context.http
-        self._base = account.api_url.rstrip("/")
+            raise ConfigurationError(f"account {account.name} needs an api_url")
+        token = account.token.get_secret_value() if account.token else ""
+        self._api = EspClient(
+            context.http,
+            account.api_url,
+            account=account.name,
+            timeout_s=account.request_timeout_s,
+            headers={"Authorization": f"Bearer {token}"},
+        )
 
     # --- REST ---------------------------------------------------------------------------------
-
-    def _headers(self) -> dict[str, str]:
-        token = self.account.token.get_secret_value() if self.account.token else ""
-        return {"Authorization": f"Bearer {token}"}
 
     async def _call(
         self, method: str, path: str, *, json: Any = None, params: dict[str, str] | None = None
     ) -> tuple[int, Any]:
-        return await request_json(
-            self._session,
-            method,
-            self._base + path,
-            headers=self._headers(),
-            json=json,
-            params=params,
-            timeout_s=self.account.request_timeout_s,
-        )
-
-    def _relative(self, remote_path: str) -> str:
-        root = self.account.sftp_root.rstrip("/") + "/"
-        if not remote_path.startswith(root):
-            raise PermanentError(f"{remote_path} is not inside the account folder {root}")
-        return remote_path[len(root) :]
+        return await self._api.call(method, path, json=json, params=params)
 
     async def start_import(self, remote_path: str, job: BroadcastJob) -> ImportStatus:
         """POST /imports (idempotent by the job id as external id)."""
-        rel = self._relative(remote_path)
+        rel = self.in_account_folder(remote_path)
         status, body = await self._call(
             "POST", "/imports", json={"file": rel, "list_name": job.list_name, "external_id": job.job_id}
         )
@@ -144,15 +133,7 @@ class GenericConnector(Connector):
         if header.fields is None or tuple(header.fields) != RESPONSE_HEADER:
             yield BadRow(1, header.raw, f"unexpected header, want {','.join(RESPONSE_HEADER)}")
             return
-        for record in records:
-            if record.fields == []:
-                continue  # a blank line is no record
-            try:
-                if record.fields is None:
-                    raise ValueError(record.error)
-                yield _event(writer, record.line, record.fields)
-            except ValueError as exc:
-                yield BadRow(record.line, record.raw, str(exc))
+        yield from records_events(records, lambda record: _event(writer, record.line, record.fields or []))
 
 
 def _message(body: Any) -> str:
@@ -178,16 +159,6 @@ def _send_status(body: Any) -> SendStatus:
     )
 
 
-def _parse_time(value: str) -> datetime:
-    try:
-        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise ValueError(f"OccurredAt {value!r} is not an ISO 8601 time") from None
-    if when.tzinfo is None:
-        raise ValueError(f"OccurredAt {value!r} has no time zone (the format asks for UTC with Z)")
-    return when.astimezone(UTC)
-
-
 _TYPES = frozenset(t.value for t in EventType)
 
 _times: dict[str, str] = {}
@@ -196,10 +167,10 @@ _MAX_TIMES = 100_000
 
 
 def _utc_time(value: str) -> str:
-    """An OccurredAt value as the event JSON's UTC time; raises ValueError as :func:`_parse_time`."""
+    """An OccurredAt value as the event JSON's UTC time; raises ValueError as :func:`aware_time`."""
     text = _times.get(value)
     if text is None:
-        text = utc_text(_parse_time(value))
+        text = utc_text(aware_time("OccurredAt", value))
         if len(_times) >= _MAX_TIMES:
             _times.clear()
         _times[value] = text
@@ -246,7 +217,7 @@ def _event(writer: FileEventWriter, line: int, row: list[str]) -> EncodedEvent:
             email or None,
             kind,
             url or None,
-            _parse_time(occurred),
+            aware_time("OccurredAt", occurred),
             line,
         )
     return EncodedEvent(body, event_key(broadcast_id, key, email).encode(), broadcast_id, line)

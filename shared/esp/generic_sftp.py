@@ -8,13 +8,11 @@ import counts as done once the file is on the site; responses come as delimited 
 from __future__ import annotations
 
 import posixpath
-from collections.abc import Iterator, Mapping
-from datetime import UTC, datetime, tzinfo
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from typing import Annotated, ClassVar, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, Field, model_validator
 
 from shared.esp.accounts import AccountConfig
 from shared.esp.base import (
@@ -27,9 +25,11 @@ from shared.esp.base import (
     ResponseSource,
     SendStatus,
 )
-from shared.esp.delimited import check_line_encoding, read_records, undecodable
-from shared.model.errors import ConfigurationError, PermanentError
-from shared.model.messages import BroadcastJob, EventSource, EventType, ResponseEvent, event_id_for
+from shared.esp.delimited import check_line_encoding, read_records
+from shared.esp.options import ConnectorOptions, TimeZone
+from shared.esp.rows import UNIX, Events, LocalTimes, Row, file_source, table_events
+from shared.model.errors import PermanentError
+from shared.model.messages import BroadcastJob, EventType, ResponseEvent
 
 DEFAULT_COLUMNS = {
     "message_type": "MessageType",
@@ -48,25 +48,43 @@ DEFAULT_TYPES = {
     "Bounce:hardbounce": "bounce_hard",
     "Bounce:softbounce": "bounce_soft",
 }
+REQUIRED_ROLES = ("message_type", "broadcast_id", "timestamp", ("communication_key", "email"))
+"""Columns a response file's header must have (a key or an email column at least)."""
 
 
-class Options(BaseModel):
-    """The account ``options`` this connector reads (see its documentation page)."""
+def _line_encoding(name: str) -> str:
+    check_line_encoding(name)
+    return name
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+
+class Options(ConnectorOptions):
+    """The account ``options`` this connector reads (see its documentation page).
+
+    ``columns`` is laid over its defaults; ``message_types`` replaces them as a whole.
+    """
+
+    MERGED: ClassVar = {"columns": DEFAULT_COLUMNS}
+    ROLE_KEYED: ClassVar = ("columns",)
 
     delimiter: str = Field(default="\t", min_length=1, max_length=1)
-    encoding: str = "utf-8"
+    encoding: Annotated[str, AfterValidator(_line_encoding)] = "utf-8"
     file_pattern: str = "*_FERGE_*.txt"
     columns: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_COLUMNS))
     message_types: dict[str, str] = Field(
         default_factory=lambda: dict(DEFAULT_TYPES),
         description="MessageType (or 'MessageType:bouncetype' for bounces) → espbridge event type",
     )
-    timestamp_format: str = Field(default="unix", description="'unix' or a strptime pattern")
-    timezone: str = "UTC"
+    timestamp_format: str = Field(default=UNIX, description="'unix' or a strptime pattern")
+    timezone: TimeZone = "UTC"
     list_delimiter: str = Field(default="\t", min_length=1, max_length=1)
     list_suffix: str = ".txt"
+
+    @model_validator(mode="after")
+    def _known_types(self) -> Self:
+        bad_types = {v for v in self.message_types.values() if v not in {t.value for t in EventType}}
+        if bad_types:
+            raise ValueError(f"message_types map to unknown event types {sorted(bad_types)}")
+        return self
 
 
 class UploadOnlyError(PermanentError):
@@ -80,28 +98,9 @@ class GenericSftpConnector(Connector):
 
     def __init__(self, account: AccountConfig, context: ConnectorContext) -> None:
         super().__init__(account, context)
-        try:
-            self.options = Options.model_validate(account.options)
-        except ValidationError as exc:
-            raise ConfigurationError(f"account {account.esp}/{account.account} options: {exc}") from None
-        columns = {**DEFAULT_COLUMNS, **self.options.columns}
-        unknown_roles = set(columns) - set(DEFAULT_COLUMNS)
-        if unknown_roles:
-            raise ConfigurationError(
-                f"unknown column roles {sorted(unknown_roles)} (known: {sorted(DEFAULT_COLUMNS)})"
-            )
-        bad_types = {v for v in self.options.message_types.values() if v not in {t.value for t in EventType}}
-        if bad_types:
-            raise ConfigurationError(f"message_types map to unknown event types {sorted(bad_types)}")
-        try:
-            check_line_encoding(self.options.encoding)
-        except ValueError as exc:
-            raise ConfigurationError(f"account {account.esp}/{account.account} options: {exc}") from None
-        try:
-            self._zone: tzinfo = ZoneInfo(self.options.timezone)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ConfigurationError(f"unknown time zone {self.options.timezone!r}") from None
-        self._columns = columns
+        self.options = Options.of(account)
+        self._times = LocalTimes(self.options.timestamp_format, self.options.timezone)
+        self._events = Events(account)
         self.list_format = ListFormat(delimiter=self.options.list_delimiter, suffix=self.options.list_suffix)
         self.response_sources: tuple[ResponseSource, ...] = (
             ResponseSource("responses", self.options.file_pattern),
@@ -129,93 +128,32 @@ class GenericSftpConnector(Connector):
         """Rows of a response file as events; rows that do not fit become BadRows with their line."""
         opts = self.options
         records = read_records(local_path, delimiter=opts.delimiter, encoding=opts.encoding)
-        first = next(records, None)
-        if first is None:
-            return
-        header = first.fields or []
-        index = {name: i for i, name in enumerate(header)}
-        required = [self._columns[r] for r in ("message_type", "broadcast_id", "timestamp")]
-        missing = [c for c in required if c not in index]
-        if missing or (
-            self._columns["communication_key"] not in index and self._columns["email"] not in index
-        ):
-            yield BadRow(1, first.raw, f"header lacks {', '.join(missing) or 'urn/email'}")
-            return
-        for record in records:
-            if record.fields == []:
-                continue  # a blank line is no record
-            try:
-                if record.fields is None:
-                    raise ValueError(record.error)
-                yield self._event(remote_path, record.line, record.fields, header, index)
-            except ValueError as exc:
-                yield BadRow(record.line, record.raw, str(exc))
+        yield from table_events(
+            records, opts.columns, REQUIRED_ROLES, opts.encoding, lambda row: self._event(remote_path, row)
+        )
 
-    def _event(
-        self, remote_path: str, line: int, row: list[str], header: list[str], index: Mapping[str, int]
-    ) -> ResponseEvent:
-        if len(row) != len(header):
-            raise ValueError(f"{len(row)} fields, want {len(header)}")
-        bad_bytes = undecodable(row, self.options.encoding)
-        if bad_bytes:
-            raise ValueError(bad_bytes)
-
-        def get(role: str) -> str:
-            column = self._columns[role]
-            return row[index[column]].strip() if column in index else ""
-
-        kind = get("message_type")
-        bounce = get("bounce_type")
+    def _event(self, remote_path: str, row: Row) -> ResponseEvent:
+        kind = row.get("message_type")
+        bounce = row.get("bounce_type")
         mapped = self.options.message_types.get(f"{kind}:{bounce}") or self.options.message_types.get(kind)
         if mapped is None:
             raise ValueError(
                 f"unknown MessageType {kind!r}" + (f" with bounce type {bounce!r}" if bounce else "")
             )
-        broadcast = get("broadcast_id")
+        broadcast = row.get("broadcast_id")
         if not broadcast:
             raise ValueError("empty broadcast id")
-        key, email, url = get("communication_key"), get("email"), get("url") or None
+        key, email, url = row.get("communication_key"), row.get("email"), row.get("url") or None
         if not key and not email:
             raise ValueError("neither a communication key nor an email")
-        occurred = self._time(get("timestamp"))
-        event_type = EventType(mapped)
-        return ResponseEvent(
-            event_id=event_id_for(
-                self.account.esp,
-                broadcast_id=broadcast,
-                recipient=key or email,
-                event_type=event_type.value,
-                occurred_at=occurred,
-                url=url,
-            ),
-            esp=self.account.esp,
-            account=self.account.account,
-            broadcast_id=broadcast,
+        return self._events.make(
+            broadcast,
+            EventType(mapped),
+            self._times.utc("timestamp", row.get("timestamp")),
+            file_source(remote_path, row.line),
+            recipient=key or email,
+            url=url,
             communication_key=key or None,
             email=email or None,
-            type=event_type,
-            url=url,
-            occurred_at=occurred,
-            source=EventSource(kind="file", name=posixpath.normpath(remote_path), line=line),
-            extra=_extra(row, header, set(self._columns.values())),
+            extra=row.unmapped(),
         )
-
-    def _time(self, value: str) -> datetime:
-        if not value:
-            raise ValueError("empty timestamp")
-        if self.options.timestamp_format == "unix":
-            try:
-                return datetime.fromtimestamp(float(value), UTC)
-            except (ValueError, OverflowError, OSError):
-                raise ValueError(f"timestamp {value!r} is not Unix seconds") from None
-        try:
-            parsed = datetime.strptime(value, self.options.timestamp_format)
-        except ValueError:
-            raise ValueError(
-                f"timestamp {value!r} does not match {self.options.timestamp_format!r}"
-            ) from None
-        return (parsed if parsed.tzinfo else parsed.replace(tzinfo=self._zone)).astimezone(UTC)
-
-
-def _extra(row: list[str], header: list[str], mapped: set[str]) -> dict[str, Any]:
-    return {name: value for name, value in zip(header, row, strict=False) if name not in mapped and value}

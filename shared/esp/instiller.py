@@ -24,22 +24,14 @@ and time format is an account option; see the documentation page for each of the
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import re
-import time
 from collections.abc import Mapping
-from datetime import UTC, datetime, tzinfo
-from typing import Any, Self
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from typing import Any, ClassVar, Self
 
-import aiohttp
-import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
 from shared.esp.accounts import AccountConfig
 from shared.esp.base import (
-    BadRow,
     Connector,
     ConnectorContext,
     ImportState,
@@ -50,15 +42,16 @@ from shared.esp.base import (
     SendState,
     SendStatus,
 )
+from shared.esp.cursor import Count, StoredCursor
 from shared.esp.generic import ListRejectedError
-from shared.esp.rest import EspAuthError, EspRequestError, EspUnavailableError, RateLimiter
+from shared.esp.options import ConnectorOptions, DateFormat, TimeZone
+from shared.esp.rest import EspClient, EspRequestError, EspUnavailableError, RateLimiter, is_count, short_json
+from shared.esp.rows import Events, LocalTimes, item_events
 from shared.infra.db.jobs import SentBroadcast
-from shared.model.errors import ConfigurationError, PermanentError
-from shared.model.messages import BroadcastJob, EventSource, EventType, ResponseEvent, event_id_for
+from shared.model.errors import ConfigurationError
+from shared.model.messages import BroadcastJob, EventSource, EventType, ResponseEvent
 
 log = logging.getLogger(__name__)
-
-CURSOR_VERSION = 1
 
 DEFAULT_PATHS = {
     "import_file": "/lists/import_file",
@@ -127,29 +120,24 @@ DEFAULT_DATE_COLUMNS = {
 }
 AUTH_PARAMS = ("api_id", "api_key")
 
-_MERGED_WITH_DEFAULTS: dict[str, Mapping[str, str]] = {
-    "paths": DEFAULT_PATHS,
-    "params": DEFAULT_PARAMS,
-    "import_states": DEFAULT_IMPORT_STATES,
-    "send_states": DEFAULT_SEND_STATES,
-    "export_type_map": DEFAULT_EXPORT_TYPE_MAP,
-    "columns": DEFAULT_COLUMNS,
-    "date_columns": DEFAULT_DATE_COLUMNS,
-}
-"""Dict options an account gives in part: its entries are laid over these defaults."""
 
-_ROLE_KEYED = ("paths", "params", "columns")
-"""Dict options keyed by a fixed set of roles: an unknown role is refused."""
-
-
-class Options(BaseModel):
+class Options(ConnectorOptions):
     """The account ``options`` this connector reads (see docs/connectors/instiller.md#configuration).
 
     ``paths``, ``params``, ``columns``, ``date_columns``, ``export_type_map``, ``import_states`` and
     ``send_states`` are merged over their defaults, so an account names only what differs.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    MERGED: ClassVar[Mapping[str, Mapping[str, Any]]] = {
+        "paths": DEFAULT_PATHS,
+        "params": DEFAULT_PARAMS,
+        "import_states": DEFAULT_IMPORT_STATES,
+        "send_states": DEFAULT_SEND_STATES,
+        "export_type_map": DEFAULT_EXPORT_TYPE_MAP,
+        "columns": DEFAULT_COLUMNS,
+        "date_columns": DEFAULT_DATE_COLUMNS,
+    }
+    ROLE_KEYED: ClassVar = ("paths", "params", "columns")
 
     paths: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_PATHS))
     params: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_PARAMS))
@@ -178,43 +166,26 @@ class Options(BaseModel):
     date_columns: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_DATE_COLUMNS))
     id_column: str = Field(default="Id", description='the row key of the ESP\'s event id; "" = none')
     page_size: int = Field(default=1000, ge=1, le=5000)
-    date_format: str = Field(default="%Y-%m-%d %H:%M:%S", min_length=1)
-    timezone: str = "Europe/London"
+    date_format: DateFormat = "%Y-%m-%d %H:%M:%S"
+    timezone: TimeZone = "Europe/London"
     requests_per_second: float = Field(default=5.0, gt=0)
 
-    @model_validator(mode="before")
     @classmethod
-    def _merge_defaults(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
-        merged = dict(data)
-        for name, defaults in _MERGED_WITH_DEFAULTS.items():
-            given = merged.get(name)
-            if isinstance(given, dict):
-                merged[name] = {**defaults, **given}
-        given_columns = data.get("columns")
+    def laid_over_defaults(cls, given: dict[str, Any]) -> dict[str, Any]:
+        """The defaults merged; ``columns.id`` and ``id_column`` name the same key: either may be
+        given, but not two different ones."""
+        merged = super().laid_over_defaults(given)
+        given_columns = given.get("columns")
         given_id = given_columns.get("id") if isinstance(given_columns, dict) else None
         if given_id is not None:
-            # columns.id and id_column name the same key: either may be given, but not two different ones
-            if "id_column" not in data:
+            if "id_column" not in given:
                 merged["id_column"] = given_id
-            elif data["id_column"] and data["id_column"] != given_id:
-                raise ValueError(f"id_column {data['id_column']!r} and columns.id {given_id!r} disagree")
+            elif given["id_column"] and given["id_column"] != given_id:
+                raise ValueError(f"id_column {given['id_column']!r} and columns.id {given_id!r} disagree")
         return merged
 
     @model_validator(mode="after")
     def _coherent(self) -> Self:
-        defaults: dict[str, Mapping[str, str]] = {
-            "paths": DEFAULT_PATHS,
-            "params": DEFAULT_PARAMS,
-            "columns": DEFAULT_COLUMNS,
-        }
-        for name in _ROLE_KEYED:
-            unknown = set(getattr(self, name)) - set(defaults[name])
-            if unknown:
-                raise ValueError(
-                    f"{name} has unknown roles {sorted(unknown)} (known: {sorted(defaults[name])})"
-                )
         bad_paths = [p for p in self.paths.values() if not p.startswith("/")]
         if bad_paths:
             raise ValueError(f"paths must start with '/': {bad_paths}")
@@ -235,12 +206,14 @@ class Options(BaseModel):
         undated = [t for t in self.export_types if not self.date_columns.get(t)]
         if undated:
             raise ValueError(f"export_types {undated} have no date column in date_columns")
-        sample = datetime(2026, 11, 22, 10, 0, 3)
-        try:
-            datetime.strptime(sample.strftime(self.date_format), self.date_format)
-        except ValueError as exc:
-            raise ValueError(f"date_format {self.date_format!r} cannot be read back: {exc}") from None
         return self
+
+
+class Cursor(StoredCursor):
+    """The pull position: the export type read next and the rows read of each type."""
+
+    next: str
+    offsets: dict[str, Count]
 
 
 class InstillerRefusedError(EspRequestError):
@@ -250,6 +223,13 @@ class InstillerRefusedError(EspRequestError):
         super().__init__(f"{where} answered {status} {error}: {message}")
         self.status = status
         self.error = error
+
+    @classmethod
+    def of(cls, where: str, status: int, body: Any, text: str) -> InstillerRefusedError:
+        """The refusal of an answer (the :class:`EspClient` refusal of this ESP)."""
+        if isinstance(body, dict):
+            return cls(where, status, str(body.get("error") or ""), str(body.get("message") or ""))
+        return cls(where, status, "", text)
 
 
 class InstillerConnector(Connector):
@@ -261,36 +241,34 @@ class InstillerConnector(Connector):
 
     def __init__(self, account: AccountConfig, context: ConnectorContext) -> None:
         super().__init__(account, context)
-        name = f"{account.esp}/{account.account}"
-        try:
-            self.options = Options.model_validate(account.options)
-        except ValidationError as exc:
-            raise ConfigurationError(f"account {name} options: {exc}") from None
+        self.options = opts = Options.of(account)
         if not account.api_url:
             raise ConfigurationError(
-                f"account {name} needs an api_url (e.g. https://control.instiller.co.uk/rest)"
+                f"account {account.name} needs an api_url (e.g. https://control.instiller.co.uk/rest)"
             )
         if not account.client_id or not account.client_secret or not account.client_secret.get_secret_value():
             raise ConfigurationError(
-                f"account {name} needs client_id (the Instiller API ID) "
+                f"account {account.name} needs client_id (the Instiller API ID) "
                 "and client_secret[_file] (the API key)"
             )
-        try:
-            self._zone: tzinfo = ZoneInfo(self.options.timezone)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ConfigurationError(
-                f"account {name} options: unknown time zone {self.options.timezone!r}"
-            ) from None
-        opts = self.options
-        self._name = name
-        self._session = context.http
-        self._base = account.api_url.rstrip("/")
-        self._api_id = account.client_id
-        self._api_key = account.client_secret.get_secret_value()
+        self._name = account.name
+        # the key travels as a request parameter: never redirected, never in a message (EspClient)
+        self._api = EspClient(
+            context.http,
+            account.api_url,
+            account=account.name,
+            timeout_s=account.request_timeout_s,
+            auth_params={"api_id": account.client_id, "api_key": account.client_secret.get_secret_value()},
+            limiter=RateLimiter(1, 1.0 / opts.requests_per_second),
+            holds=True,
+            answered=(200,),
+            refusal=InstillerRefusedError.of,
+            follow_redirects=False,
+        )
+        self._times = LocalTimes(opts.date_format, opts.timezone)
+        self._events = Events(account)
         self._id_key = opts.id_column
         self._columns = dict(opts.columns)
-        self._limiter = RateLimiter(1, 1.0 / opts.requests_per_second)
-        self._hold_until = 0.0  # monotonic time before which a 429's Retry-After asks us not to call
         self._missing_types: set[str] = set()  # optional export types the ESP does not know
         self.list_format = ListFormat(
             delimiter=opts.list_delimiter,
@@ -302,91 +280,24 @@ class InstillerConnector(Connector):
             suffix=opts.list_suffix,
         )
 
-    # --- HTTP ---------------------------------------------------------------------------------------
-
-    def _redact(self, text: str) -> str:
-        """Text for a log or an error: no query strings, no API key."""
-        text = re.sub(r"\?[^\s'\">]*", "?…", text)
-        return text.replace(self._api_key, "***") if self._api_key else text
-
-    async def _wait_for_turn(self, where: str) -> None:
-        hold = self._hold_until - time.monotonic()
-        if hold > self.account.request_timeout_s:
-            raise EspUnavailableError(f"{where}: rate limited by the ESP for {hold:.0f}s more", hold)
-        if hold > 0:
-            await asyncio.sleep(hold)  # the ESP's Retry-After of an earlier call
-
     async def _call(self, method: str, role: str, params: dict[str, str]) -> Any:
-        """One authenticated call; the parsed body of a 200, else the documented error mapping."""
+        """One call of an endpoint role (a GET's parameters in the query, a POST's in the form):
+        the parsed body of a 200, else the mapped error."""
         path = self.options.paths[role]
-        where = f"{method} {path}"
-        await self._wait_for_turn(where)
-        fields = {**params, "api_id": self._api_id, "api_key": self._api_key}
         get = method == "GET"
-        try:
-            async with (
-                self._limiter.slot(),
-                self._session.request(
-                    method,
-                    self._base + path,
-                    params=fields if get else None,
-                    data=None if get else fields,  # application/x-www-form-urlencoded
-                    headers={"Accept": "application/json"},
-                    timeout=aiohttp.ClientTimeout(total=self.account.request_timeout_s),
-                    allow_redirects=False,
-                ) as resp,
-            ):
-                body = await resp.read()
-                status = resp.status
-                retry_after = _retry_after(resp.headers.get("Retry-After"))
-        except TimeoutError:  # aiohttp's timeouts are TimeoutErrors, some ClientErrors too
-            timeout_s = self.account.request_timeout_s
-            raise EspUnavailableError(f"{where}: no complete answer within {timeout_s:g}s") from None
-        except aiohttp.ClientError as exc:
-            # from None: the original exception's text may hold the URL with its query string
-            raise EspUnavailableError(f"{where}: {type(exc).__name__}: {self._redact(str(exc))}") from None
-        snippet = self._redact(body[:300].decode("utf-8", "replace"))
-        if status == 429:
-            if retry_after is not None:
-                self._hold_until = max(self._hold_until, time.monotonic() + retry_after)
-            raise EspUnavailableError(f"{where} answered 429 (rate limited): {snippet}", retry_after)
-        if status >= 500:
-            raise EspUnavailableError(f"{where} answered {status}: {snippet}", retry_after)
-        if status in (401, 403):
-            raise EspAuthError(
-                f"{where} answered {status}: Instiller refused the API ID or key of {self._name}"
-            )
-        try:
-            parsed = orjson.loads(body) if body else None
-        except orjson.JSONDecodeError:
-            parsed = None
-            if status == 200:
-                raise EspUnavailableError(
-                    f"{where} answered 200 with a body that is not JSON: {snippet}"
-                ) from None
-        if status == 200:
-            return parsed
-        error, message = (
-            (str(parsed.get("error") or ""), str(parsed.get("message") or ""))
-            if isinstance(parsed, dict)
-            else ("", snippet)
+        _, body = await self._api.call(
+            method, path, params=params if get else None, form=None if get else params
         )
-        raise InstillerRefusedError(where, status, error, self._redact(message))
+        return body
 
     # --- imports and sends ----------------------------------------------------------------------------
 
     def _list_id(self, job_id: str) -> str:
         return self.options.list_identifier_template.format(job_id=job_id)
 
-    def _relative(self, remote_path: str) -> str:
-        root = self.account.sftp_root.rstrip("/") + "/"
-        if not remote_path.startswith(root):
-            raise PermanentError(f"{remote_path} is not inside the account folder {root}")
-        return remote_path[len(root) :]
-
     async def start_import(self, remote_path: str, job: BroadcastJob) -> ImportStatus:
         """POST lists/import_file (idempotent by the job id as external_id)."""
-        p, rel = self.options.params, self._relative(remote_path)
+        p, rel = self.options.params, self.in_account_folder(remote_path)
         form = {
             p["list"]: self._list_id(job.job_id),
             p["list_name"]: job.list_name,
@@ -417,7 +328,7 @@ class InstillerConnector(Connector):
         body = await self._call("GET", "list_sends", {self.options.params["external_id"]: job.job_id})
         sends = body.get("sends") if isinstance(body, dict) else None
         if not isinstance(sends, list):
-            raise EspUnavailableError(f"list_sends answered without a sends list: {_short(body)}")
+            raise EspUnavailableError(f"list_sends answered without a sends list: {short_json(body)}")
         return self._send_status(sends[0]) if sends else None
 
     async def send(self, import_id: str, job: BroadcastJob) -> SendStatus:
@@ -429,7 +340,7 @@ class InstillerConnector(Connector):
             p["external_id"]: job.job_id,
         }
         if job.send_at is not None:
-            form[p["send_at"]] = job.send_at.astimezone(self._zone).strftime(opts.date_format)
+            form[p["send_at"]] = job.send_at.astimezone(self._times.zone).strftime(opts.date_format)
         if opts.email_profile_api_identifier:
             form[p["email_profile"]] = opts.email_profile_api_identifier
         try:
@@ -447,7 +358,7 @@ class InstillerConnector(Connector):
 
     def _import_status(self, body: Any) -> ImportStatus:
         if not isinstance(body, dict) or not body.get("import_id") or not isinstance(body.get("state"), str):
-            raise EspUnavailableError(f"an import answer without import_id and state: {_short(body)}")
+            raise EspUnavailableError(f"an import answer without import_id and state: {short_json(body)}")
         state = self.options.import_states.get(body["state"])
         if state is None:
             raise ConfigurationError(
@@ -456,7 +367,7 @@ class InstillerConnector(Connector):
             )
         errors = body.get("errors") or []
         if not isinstance(errors, list):
-            raise EspUnavailableError(f"an import answer whose errors are not a list: {_short(body)}")
+            raise EspUnavailableError(f"an import answer whose errors are not a list: {short_json(body)}")
         return ImportStatus(
             import_id=str(body["import_id"]),
             state=state,
@@ -469,7 +380,7 @@ class InstillerConnector(Connector):
 
     def _send_status(self, body: Any) -> SendStatus:
         if not isinstance(body, dict) or not body.get("send_id") or not isinstance(body.get("state"), str):
-            raise EspUnavailableError(f"a send answer without send_id and state: {_short(body)}")
+            raise EspUnavailableError(f"a send answer without send_id and state: {short_json(body)}")
         state = self.options.send_states.get(body["state"])
         if state is None:
             raise ConfigurationError(
@@ -485,31 +396,13 @@ class InstillerConnector(Connector):
 
     # --- responses --------------------------------------------------------------------------------------
 
-    def _read_cursor(self, cursor: str | None) -> tuple[str, dict[str, int]]:
+    def _read_cursor(self, cursor: str | None) -> Cursor:
+        """The stored position; none (or an unreadable one) starts at the first type."""
         types = self.options.export_types
-        if cursor is None:
-            return types[0], {}
-        try:
-            data = orjson.loads(cursor)
-            if not isinstance(data, dict) or data.get("v") != CURSOR_VERSION:
-                raise ValueError("not a version 1 cursor")
-            offsets = data["offsets"]
-            if not isinstance(offsets, dict) or not all(
-                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in offsets.values()
-            ):
-                raise ValueError("offsets are not counts")
-            following = data["next"]
-        except (orjson.JSONDecodeError, KeyError, ValueError) as exc:
-            log.warning(
-                "unreadable pull cursor, reading the broadcast's exports from the start",
-                extra={"account": self._name, "error": str(exc)},
-            )
-            return types[0], {}
-        return (following if following in types else types[0]), {str(k): v for k, v in offsets.items()}
-
-    @staticmethod
-    def _write_cursor(following: str, offsets: dict[str, int]) -> str:
-        return orjson.dumps({"v": CURSOR_VERSION, "next": following, "offsets": offsets}).decode()
+        stored = Cursor.read(cursor, self._name)
+        if stored is None or stored.next not in types:
+            return Cursor(next=types[0], offsets=stored.offsets if stored else {})
+        return stored
 
     async def pull_responses(self, broadcast: SentBroadcast, cursor: str | None) -> PullPage:
         """One GET emails/export_responses page: export type ``next`` from its stored offset.
@@ -519,7 +412,8 @@ class InstillerConnector(Connector):
         """
         opts, p = self.options, self.options.params
         types = opts.export_types
-        current, offsets = self._read_cursor(cursor)
+        stored = self._read_cursor(cursor)
+        current, offsets = stored.next, stored.offsets
         index = types.index(current)
 
         def advance() -> tuple[str, bool]:
@@ -529,7 +423,7 @@ class InstillerConnector(Connector):
 
         while current in self._missing_types:  # optional types the ESP does not know: treated as empty
             if index + 1 >= len(types):
-                return PullPage((), self._write_cursor(types[0], offsets), more=False)
+                return PullPage((), Cursor(next=types[0], offsets=offsets).dump(), more=False)
             index += 1
             current = types[index]
         offset = offsets.get(current, 0)
@@ -555,24 +449,24 @@ class InstillerConnector(Connector):
                         extra={"account": self._name, "export_type": current},
                     )
                 following, more = advance()
-                return PullPage((), self._write_cursor(following, offsets), more=more)
+                return PullPage((), Cursor(next=following, offsets=offsets).dump(), more=more)
             raise
         rows, total = self._envelope(body, current, list_id, offset)
-        items = tuple(
-            self._item(broadcast, current, offset, offset + i + 1, row) for i, row in enumerate(rows)
+        events = item_events(
+            rows,
+            lambda _, row: self._event(broadcast, current, offset, row),
+            what=f"{current} row",
+            first_line=offset + 1,
         )
+        items = tuple(events)
         offsets = {**offsets, current: offset + len(rows)}
         if rows and offset + len(rows) < total:
-            return PullPage(items, self._write_cursor(current, offsets), more=True)
+            return PullPage(items, Cursor(next=current, offsets=offsets).dump(), more=True)
         following, more = advance()
-        return PullPage(items, self._write_cursor(following, offsets), more=more)
+        return PullPage(items, Cursor(next=following, offsets=offsets).dump(), more=more)
 
     def _envelope(self, body: Any, export_type: str, list_id: str, offset: int) -> tuple[list[Any], int]:
         """The rows and total of an export answer; anything else fails the call (cursor kept)."""
-
-        def is_count(value: Any) -> bool:
-            return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
         problem = None
         if not isinstance(body, dict):
             problem = "not an object"
@@ -591,17 +485,9 @@ class InstillerConnector(Connector):
         if problem is not None:
             raise EspUnavailableError(
                 f"GET {self.options.paths['export']} ({export_type}) answered a body that is not the "
-                f"export envelope ({problem}): {_short(body)}"
+                f"export envelope ({problem}): {short_json(body)}"
             )
         return body["rows"], body["total"]
-
-    def _item(
-        self, broadcast: SentBroadcast, export_type: str, offset: int, line: int, row: Any
-    ) -> ResponseEvent | BadRow:
-        try:
-            return self._event(broadcast, export_type, offset, row)
-        except ValueError as exc:
-            return BadRow(line=line, raw=orjson.dumps(row), error=f"{export_type} row: {exc}")
 
     def _event(self, broadcast: SentBroadcast, export_type: str, offset: int, row: Any) -> ResponseEvent:
         opts, cols = self.options, self._columns
@@ -623,74 +509,38 @@ class InstillerConnector(Connector):
         date_column = opts.date_columns[export_type]
         if date_column not in row:
             raise ValueError(f"no {date_column}")
-        occurred = self._time(date_column, row[date_column])
+        occurred = self._times.utc(date_column, row[date_column])
         event_type = opts.export_type_map[export_type]
         url = get("url") if event_type is EventType.CLICK else ""
         if event_type is EventType.CLICK and not url:
             raise ValueError(f"a click without {cols['url']}")
-        esp = self.account.esp
-        event_id = (
-            event_id_for(esp, esp_event_id=f"{self.account.account}:{export_type}:{esp_id}")
-            if esp_id
-            else event_id_for(
-                esp,
-                broadcast_id=broadcast.job_id,
-                recipient=key or email,
-                event_type=event_type.value,
-                occurred_at=occurred,
-                url=url or None,
-            )
-        )
         extra = {"export_type": export_type}
         for role, name in (("send_id", "SendId"), ("reason", "Reason")):
             if get(role):
                 extra[name] = get(role)
-        return ResponseEvent(
-            event_id=event_id,
-            esp=esp,
-            account=self.account.account,
-            broadcast_id=broadcast.job_id,
-            esp_message_id=get("message") or broadcast.message,
-            communication_key=key or None,
-            email=email or None,
-            type=event_type,
-            url=url or None,
-            occurred_at=occurred,
-            source=EventSource(
+        return self._events.make(
+            broadcast.job_id,
+            event_type,
+            occurred,
+            EventSource(
                 kind="api",
                 name=f"{opts.paths['export']}?export_type={export_type}",
                 page=offset // opts.page_size,
             ),
+            recipient=key or email,
+            esp_event_id=f"{self.account.account}:{export_type}:{esp_id}" if esp_id else None,
+            url=url or None,
+            communication_key=key or None,
+            email=email or None,
+            esp_message_id=get("message") or broadcast.message,
             extra=extra,
         )
-
-    def _time(self, column: str, value: str) -> datetime:
-        """A local time in ``date_format``/``timezone`` (first occurrence when repeated) as UTC."""
-        if not value:
-            raise ValueError(f"empty {column}")
-        try:
-            parsed = datetime.strptime(value, self.options.date_format)
-        except ValueError:
-            raise ValueError(f"{column} {value!r} does not match {self.options.date_format!r}") from None
-        local = parsed if parsed.tzinfo else parsed.replace(tzinfo=self._zone, fold=0)
-        return local.astimezone(UTC)
-
-
-def _retry_after(value: str | None) -> float | None:
-    try:
-        return max(0.0, float(value)) if value else None
-    except ValueError:
-        return None
 
 
 def _count(body: dict[str, Any], name: str) -> int:
     value = body.get(name)
     if value is None:
         return 0
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise EspUnavailableError(f"{name} is not a count: {_short(body)}")
+    if not is_count(value):
+        raise EspUnavailableError(f"{name} is not a count: {short_json(body)}")
     return value
-
-
-def _short(body: Any) -> str:
-    return orjson.dumps(body).decode("utf-8", "replace")[:300]

@@ -27,24 +27,20 @@ call's answer), and a 429 is waited out
 
 from __future__ import annotations
 
-import asyncio
 import codecs
 import csv
 import hmac
 import logging
-import posixpath
 import re
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass
-from datetime import UTC, datetime, tzinfo
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Any, ClassVar, Literal, Self
 from urllib.parse import parse_qsl, quote, urlencode
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
 from shared.esp.accounts import AccountConfig
 from shared.esp.base import (
@@ -60,16 +56,19 @@ from shared.esp.base import (
     SendStatus,
     WebhookAuthError,
 )
+from shared.esp.cursor import Count, StoredCursor
+from shared.esp.delimited import read_csv_records
 from shared.esp.generic import ListRejectedError
-from shared.esp.rest import EspUnavailableError, OAuth2Token, RateLimiter, request_with_token
+from shared.esp.options import ConnectorOptions, DateFormat, Encoding, TimeZone
+from shared.esp.rest import EspClient, EspUnavailableError, OAuth2Token, RateLimiter, Retries
+from shared.esp.rows import Events, LocalTimes, Row, aware_time, file_source, item_events, table_events
 from shared.infra.db.jobs import SentBroadcast
 from shared.infra.sftp import download_stream
 from shared.model.errors import ConfigurationError, PermanentError
-from shared.model.messages import BroadcastJob, EventSource, EventType, ResponseEvent, event_id_for
+from shared.model.messages import BroadcastJob, EventSource, EventType, ResponseEvent
 
 log = logging.getLogger(__name__)
 
-CURSOR_VERSION = 1
 FIELD_MAX_CHARS = 200
 """MailUp's personal data fields hold at most 200 characters."""
 MAX_ERRORS = 100
@@ -124,7 +123,7 @@ _INVALID_KINDS = (
 )
 
 
-class Options(BaseModel):
+class Options(ConnectorOptions):
     """The account ``options`` this connector reads (docs/connectors/mailup.md#configuration).
 
     ``export_columns`` is laid over its defaults (the ``key`` and ``job`` columns default to
@@ -132,7 +131,8 @@ class Options(BaseModel):
     theirs as a whole.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    MERGED: ClassVar[Mapping[str, Mapping[str, Any]]] = {"export_columns": DEFAULT_EXPORT_COLUMNS}
+    ROLE_KEYED: ClassVar = ("export_columns",)
 
     list_id: int = Field(gt=0, description="the MailUp list (required)")
     send_to: Literal["group", "list"] = "group"
@@ -163,10 +163,17 @@ class Options(BaseModel):
     export_pattern: str = Field(default="*.csv", min_length=1)
     export_delimiter: str = Field(default=";", min_length=1, max_length=1)
     export_quote: str = Field(default='"', min_length=1, max_length=1)
-    export_encoding: str = "utf-8"
-    export_timezone: str = "Europe/Rome"
-    export_date_format: str = Field(default="%Y%m%dT%H%M%S", min_length=1)
-    export_columns: dict[str, str] = Field(default_factory=dict)
+    export_encoding: Encoding = "utf-8"
+    export_timezone: TimeZone = "Europe/Rome"
+    export_date_format: DateFormat = "%Y%m%dT%H%M%S"
+    export_columns: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_EXPORT_COLUMNS))
+
+    @classmethod
+    def merged_defaults(cls, given: Mapping[str, Any]) -> Mapping[str, Mapping[str, Any]]:
+        """The ``key`` and ``job`` columns default to ``key_field`` and ``job_field``."""
+        key = given.get("key_field", DEFAULT_EXPORT_COLUMNS["key"])
+        job = given.get("job_field", DEFAULT_EXPORT_COLUMNS["job"])
+        return {"export_columns": {**DEFAULT_EXPORT_COLUMNS, "key": key, "job": job}}
 
     @model_validator(mode="after")
     def _coherent(self) -> Self:
@@ -192,26 +199,16 @@ class Options(BaseModel):
                 re.compile(getattr(self, name))
             except re.error as exc:
                 raise ValueError(f"{name} is not a regular expression: {exc}") from None
-        unknown = set(self.export_columns) - set(DEFAULT_EXPORT_COLUMNS)
-        if unknown:
-            raise ValueError(
-                f"export_columns has unknown roles {sorted(unknown)} "
-                f"(known: {sorted(DEFAULT_EXPORT_COLUMNS)})"
-            )
-        try:
-            codecs.lookup(self.export_encoding)
-        except LookupError:
-            raise ValueError(f"unknown export_encoding {self.export_encoding!r}") from None
-        sample = datetime(2026, 11, 22, 10, 0, 3)
-        try:
-            datetime.strptime(sample.strftime(self.export_date_format), self.export_date_format)
-        except ValueError as exc:
-            raise ValueError(
-                f"export_date_format {self.export_date_format!r} cannot be read back: {exc}"
-            ) from None
         if "'" in self.group_prefix:
             raise ValueError("group_prefix cannot contain ' (it is quoted in the group filter)")
         return self
+
+
+class Cursor(StoredCursor):
+    """The pull position: the statistics endpoint and its page read next."""
+
+    ep: str
+    page: Count
 
 
 class MessageTakenError(PermanentError):
@@ -310,11 +307,6 @@ def _dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _is_rate_limited(exc: EspUnavailableError) -> bool:
-    """Whether request_json raised for a 429 (its message names the status)."""
-    return " answered 429" in str(exc)
-
-
 def _split_job_value(value: str) -> tuple[str, str] | None:
     """``<message>:<job_id>`` from the job field, or None when it is not of that shape."""
     message, sep, job_id = value.partition(":")
@@ -323,11 +315,9 @@ def _split_job_value(value: str) -> tuple[str, str] | None:
     return message, job_id
 
 
-def _raw_item(item: Any) -> bytes:
-    try:
-        return orjson.dumps(item)
-    except TypeError:
-        return repr(item).encode("utf-8", "replace")
+def _backoff_s(attempt: int, error: EspUnavailableError) -> float:
+    """Without a Retry-After: 1 s after a 429, else one second more each time."""
+    return 1.0 if error.status == 429 else float(attempt)
 
 
 class MailUpConnector(Connector):
@@ -339,12 +329,8 @@ class MailUpConnector(Connector):
 
     def __init__(self, account: AccountConfig, context: ConnectorContext) -> None:
         super().__init__(account, context)
-        name = f"{account.esp}/{account.account}"
-        try:
-            self.options = Options.model_validate(account.options)
-        except ValidationError as exc:
-            raise ConfigurationError(f"account {name} options: {exc}") from None
-        opts = self.options
+        name = account.name
+        self.options = opts = Options.of(account)
         if not account.api_url:
             raise ConfigurationError(f"account {name} needs an api_url (e.g. https://services.mailup.com)")
         missing = [
@@ -364,41 +350,43 @@ class MailUpConnector(Connector):
             raise ConfigurationError(
                 f"account {name} needs {', '.join(missing)} (the MailUp console user and the API keys)"
             )
-        try:
-            self._zone: tzinfo = ZoneInfo(opts.export_timezone)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ConfigurationError(
-                f"account {name} options: unknown time zone {opts.export_timezone!r}"
-            ) from None
         assert account.password is not None  # checked above
         assert account.client_secret is not None
         base = account.api_url.rstrip("/")
-        self._name = name
-        self._http = context.http
-        self._console = base + opts.console_path.rstrip("/")
-        self._stats = base + opts.stats_path.rstrip("/")
-        self._token = OAuth2Token(
+        grant = {
+            "grant_type": "password",
+            "client_id": account.client_id or "",
+            "client_secret": account.client_secret.get_secret_value(),
+            "username": account.username or "",
+            "password": account.password.get_secret_value(),
+        }
+        token = OAuth2Token(
             context.http,
             base + opts.token_path,
-            {
-                "grant_type": "password",
-                "client_id": account.client_id or "",
-                "client_secret": account.client_secret.get_secret_value(),
-                "username": account.username or "",
-                "password": account.password.get_secret_value(),
-            },
+            grant,
             margin_s=opts.token_margin_s,
             timeout_s=account.request_timeout_s,
         )
-        self._limiter = RateLimiter(opts.rate_limit_per_s, RATE_WINDOW_S)
+        retries = Retries(attempts=MAX_ATTEMPTS, backoff_s=_backoff_s, max_wait_s=account.request_timeout_s)
+        self._api = EspClient(
+            context.http,
+            base,
+            account=name,
+            timeout_s=account.request_timeout_s,
+            token=token,
+            secrets=(grant["client_secret"], grant["password"]),
+            limiter=RateLimiter(opts.rate_limit_per_s, RATE_WINDOW_S),
+            retries=replace(retries, rate_limits_only=True),
+        )
+        self._repeatable = retries
+        self._name = name
+        self._console = opts.console_path.rstrip("/")
+        self._stats = opts.stats_path.rstrip("/")
+        self._times = LocalTimes(opts.export_date_format, opts.export_timezone)
+        self._events = Events(account)
         self._hard = re.compile(opts.hard_bounce_pattern)
         self._soft = re.compile(opts.soft_bounce_pattern)
-        self._columns = {
-            **DEFAULT_EXPORT_COLUMNS,
-            "key": opts.key_field,
-            "job": opts.job_field,
-            **opts.export_columns,
-        }
+        self._columns = dict(opts.export_columns)
         self._endpoints = API_ENDPOINTS if opts.statistics_source == "api" else EXPORT_API_ENDPOINTS
         self._final_imports: dict[int, _Chunk] = {}
         self._local_errors: dict[str, tuple[str, ...]] = {}
@@ -413,7 +401,7 @@ class MailUpConnector(Connector):
     async def _call(
         self,
         method: str,
-        url: str,
+        path: str,
         *,
         json: Any = None,
         query: Mapping[str, str | int] | None = None,
@@ -425,37 +413,8 @@ class MailUpConnector(Connector):
         after a 5xx, a timeout or a dropped connection; other calls raise those as transient.
         """
         if query:
-            url = f"{url}?{urlencode(query, quote_via=quote, safe='')}"
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                return await request_with_token(
-                    self._http,
-                    self._token,
-                    method,
-                    url,
-                    limiter=self._limiter,
-                    json=json,
-                    timeout_s=self.account.request_timeout_s,
-                )
-            except EspUnavailableError as exc:
-                limited = _is_rate_limited(exc)
-                if attempt >= MAX_ATTEMPTS or not (limited or repeatable):
-                    raise
-                wait = exc.retry_after_s if exc.retry_after_s is not None else (1.0 if limited else attempt)
-                if wait > self.account.request_timeout_s:
-                    raise  # the caller waits that long itself (the error carries Retry-After)
-                log.warning(
-                    "MailUp call repeated",
-                    extra={
-                        "account": self._name,
-                        "call": f"{method} {url}",
-                        "wait_s": wait,
-                        "error": str(exc),
-                    },
-                )
-                await asyncio.sleep(wait)  # MailUp's Retry-After (or 1 s) before the same call again
+            path = f"{path}?{urlencode(query, quote_via=quote, safe='')}"
+        return await self._api.call(method, path, json=json, retries=self._repeatable if repeatable else None)
 
     async def _pages(self, url: str, query: Mapping[str, str] | None = None) -> list[dict[str, Any]] | None:
         """Every item of a paged list (None when MailUp answers 404)."""
@@ -891,7 +850,8 @@ class MailUpConnector(Connector):
 
     async def pull_responses(self, broadcast: SentBroadcast, cursor: str | None) -> PullPage:
         """One page of one statistics endpoint of the broadcast's message (see the module docstring)."""
-        endpoint, page = self._read_cursor(cursor)
+        stored = self._read_cursor(cursor)
+        endpoint, page = stored.ep, stored.page
         message = broadcast.message
         if not _DIGITS.fullmatch(message):
             return PullPage(
@@ -921,40 +881,24 @@ class MailUpConnector(Connector):
             pulled_at=pulled_at,
             sending=send_id.group(2) if send_id else None,
         )
-        out: list[ResponseEvent | BadRow] = []
-        for position, item in enumerate(items, start=1):
-            try:
-                out.extend(self._api_events(context, item))
-            except ValueError as exc:
-                out.append(BadRow(position, _raw_item(item), f"{endpoint} item: {exc}"))
+        out = tuple(
+            item_events(items, lambda _, item: self._api_events(context, item), what=f"{endpoint} item")
+        )
         if not last:
-            return PullPage(tuple(out), self._cursor(endpoint, page + 1), True)
+            return PullPage(out, Cursor(ep=endpoint, page=page + 1).dump(), True)
         following = self._endpoints.index(endpoint) + 1
         if following < len(self._endpoints):
-            return PullPage(tuple(out), self._cursor(self._endpoints[following], 0), True)
-        return PullPage(tuple(out), self._cursor(self._endpoints[0], 0), False)  # the next round
+            return PullPage(out, Cursor(ep=self._endpoints[following], page=0).dump(), True)
+        return PullPage(out, Cursor(ep=self._endpoints[0], page=0).dump(), False)  # the next round
 
-    def _cursor(self, endpoint: str, page: int) -> str:
-        return orjson.dumps({"v": CURSOR_VERSION, "ep": endpoint, "page": page}).decode()
-
-    def _read_cursor(self, cursor: str | None) -> tuple[str, int]:
-        """(endpoint, page) of a stored cursor; anything unusable starts a new round."""
-        if cursor:
-            try:
-                data = orjson.loads(cursor)
-            except orjson.JSONDecodeError:
-                data = None
-            if (
-                isinstance(data, dict)
-                and data.get("v") == CURSOR_VERSION
-                and data.get("ep") in self._endpoints
-                and isinstance(data.get("page"), int)
-                and not isinstance(data.get("page"), bool)
-                and data["page"] >= 0
-            ):
-                return str(data["ep"]), int(data["page"])
-            log.warning("unusable MailUp pull cursor, starting a new round", extra={"cursor": cursor[:200]})
-        return self._endpoints[0], 0
+    def _read_cursor(self, cursor: str | None) -> Cursor:
+        """The stored position; none, an unreadable one or another endpoint's starts a new round."""
+        stored = Cursor.read(cursor, self._name)
+        return (
+            stored
+            if stored is not None and stored.ep in self._endpoints
+            else Cursor(ep=self._endpoints[0], page=0)
+        )
 
     def _api_events(self, ctx: _PullContext, item: Mapping[str, Any]) -> list[ResponseEvent]:
         """The events of one statistics item (ValueError: a BadRow)."""
@@ -1010,19 +954,17 @@ class MailUpConnector(Connector):
         url: str | None,
         extra: dict[str, str],
     ) -> ResponseEvent:
-        return ResponseEvent(
-            event_id=event_id_for(self.account.esp, esp_event_id=f"{self.account.account}:{esp_event_id}"),
-            esp=self.account.esp,
-            account=self.account.account,
-            broadcast_id=ctx.broadcast.job_id,
-            esp_message_id=ctx.message,
-            email=email.strip(),
-            type=kind,
-            url=url,
-            occurred_at=ctx.pulled_at,
-            source=EventSource(
+        return self._events.make(
+            ctx.broadcast.job_id,
+            kind,
+            ctx.pulled_at,
+            EventSource(
                 kind="api", name=f"{self._name}:Message/{ctx.message}/List/{ctx.endpoint}", page=ctx.page
             ),
+            esp_event_id=f"{self.account.account}:{esp_event_id}",
+            url=url,
+            email=email.strip(),
+            esp_message_id=ctx.message,
             extra=extra,
         )
 
@@ -1053,51 +995,23 @@ class MailUpConnector(Connector):
     def parse_response_file(self, local_path: Path, remote_path: str) -> Iterator[ResponseEvent | BadRow]:
         """Rows of a statistics export file: one event each; bad rows with their line."""
         opts = self.options
-        encoding = (
-            "utf-8-sig" if codecs.lookup(opts.export_encoding).name == "utf-8" else opts.export_encoding
+        records = read_csv_records(
+            local_path,
+            delimiter=opts.export_delimiter,
+            encoding=opts.export_encoding,
+            quotechar=opts.export_quote,
         )
-        with local_path.open(encoding=encoding, errors="surrogateescape", newline="") as f:
-            reader = csv.reader(
-                f, delimiter=opts.export_delimiter, quotechar=opts.export_quote, doublequote=True
-            )
-            header = next(reader, None)
-            if header is None:
-                return
-            index = {name: i for i, name in enumerate(header)}
-            missing = [self._columns[r] for r in REQUIRED_EXPORT_ROLES if self._columns[r] not in index]
-            if missing:
-                yield BadRow(1, self._raw_row(header), f"header lacks {', '.join(missing)}")
-                return
-            last = reader.line_num
-            for row in reader:
-                line = last + 1
-                last = reader.line_num
-                if not row:
-                    continue
-                try:
-                    event = self._export_event(remote_path, line, row, header, index)
-                except ValueError as exc:
-                    yield BadRow(line, self._raw_row(row), str(exc))
-                    continue
-                if event is not None:
-                    yield event
+        yield from table_events(
+            records,
+            self._columns,
+            REQUIRED_EXPORT_ROLES,
+            opts.export_encoding,
+            lambda row: self._export_event(remote_path, row),
+        )
 
-    def _raw_row(self, row: list[str]) -> bytes:
-        return self.options.export_delimiter.join(row).encode("utf-8", "surrogateescape")
-
-    def _export_event(
-        self, remote_path: str, line: int, row: list[str], header: list[str], index: Mapping[str, int]
-    ) -> ResponseEvent | None:
+    def _export_event(self, remote_path: str, row: Row) -> ResponseEvent | None:
         """One export row as an event; None for a row espbridge did not send (ValueError: a BadRow)."""
-        if len(row) != len(header):
-            raise ValueError(f"{len(row)} fields, want {len(header)}")
-        if any("\udc80" <= ch <= "\udcff" for value in row for ch in value):
-            raise ValueError(f"not valid {self.options.export_encoding}")
-
-        def get(role: str) -> str:
-            column = self._columns[role]
-            return row[index[column]].strip() if column in index else ""
-
+        get = row.get
         if get("list_id") != str(self.options.list_id):
             return None  # another list: not espbridge's
         job_value = get("job")
@@ -1105,11 +1019,11 @@ class MailUpConnector(Connector):
             return None  # not imported by espbridge
         parts = _split_job_value(job_value)
         if parts is None:
-            raise ValueError(f"{self._columns['job']} {job_value!r} is not <message>:<job_id>")
+            raise ValueError(f"{row.column('job')} {job_value!r} is not <message>:<job_id>")
         message, job_id = parts
         if message != get("message_id"):
             raise ValueError(
-                f"{self._columns['job']} {job_value!r} names message {message}, the row is of message "
+                f"{row.column('job')} {job_value!r} names message {message}, the row is of message "
                 f"{get('message_id')!r} (the recipient was imported for a later job)"
             )
         status = get("status")
@@ -1126,45 +1040,25 @@ class MailUpConnector(Connector):
             kind = self._bounce_type(details)
             extra["bounce_code"] = details
         else:
-            raise ValueError(f"unknown {self._columns['status']} {status!r}")
+            raise ValueError(f"unknown {row.column('status')} {status!r}")
         email = get("email")
         if not email:
             raise ValueError("empty email")
-        occurred = self._export_time(get("time"))
+        occurred = self._times.utc(row.column("time"), get("time"))
         if get("send_id"):
             extra["send_id"] = get("send_id")
-        return ResponseEvent(
-            event_id=event_id_for(
-                self.account.esp,
-                broadcast_id=job_id,
-                recipient=email.lower(),
-                event_type=kind.value,
-                occurred_at=occurred,
-                url=url,
-            ),
-            esp=self.account.esp,
-            account=self.account.account,
-            broadcast_id=job_id,
-            esp_message_id=message,
+        return self._events.make(
+            job_id,
+            kind,
+            occurred,
+            file_source(remote_path, row.line),
+            recipient=email.lower(),
+            url=url,
             communication_key=get("key") or None,
             email=email,
-            type=kind,
-            url=url,
-            occurred_at=occurred,
-            source=EventSource(kind="file", name=posixpath.normpath(remote_path), line=line),
+            esp_message_id=message,
             extra=extra,
         )
-
-    def _export_time(self, value: str) -> datetime:
-        """An export time in Italian local time (the first occurrence in the repeated hour) as UTC."""
-        fmt = self.options.export_date_format
-        try:
-            parsed = datetime.strptime(value, fmt)
-        except ValueError:
-            raise ValueError(f"{self._columns['time']} {value!r} does not match {fmt!r}") from None
-        if parsed.tzinfo is None:
-            parsed = parsed.replace(tzinfo=self._zone, fold=0)
-        return parsed.astimezone(UTC)
 
     # --- webhook --------------------------------------------------------------------------------------
 
@@ -1217,22 +1111,18 @@ class MailUpConnector(Connector):
         email = form.get("Email", "").strip()
         if not email:
             raise ValueError("no Email")
-        occurred = _webhook_time(form.get("EventDate", "").strip())
+        occurred = aware_time("EventDate", form.get("EventDate", "").strip())
         m = str(int(message))
         extra = {"reason": form.get("Reason", ""), "event_source": form.get("EventSource", "")}
-        return ResponseEvent(
-            event_id=event_id_for(
-                self.account.esp, esp_event_id=f"{self.account.account}:uns:{m}:{email.lower()}"
-            ),
-            esp=self.account.esp,
-            account=self.account.account,
-            broadcast_id=parts[1],
-            esp_message_id=m,
+        return self._events.make(
+            parts[1],
+            kind,
+            occurred,
+            EventSource(kind="webhook", name=f"webhook:{self._name}"),
+            esp_event_id=f"{self.account.account}:uns:{m}:{email.lower()}",
             communication_key=form.get("Key", "").strip() or None,
             email=email,
-            type=kind,
-            occurred_at=occurred,
-            source=EventSource(kind="webhook", name=f"webhook:{self.account.esp}/{self.account.account}"),
+            esp_message_id=m,
             extra={k: v for k, v in extra.items() if v},
         )
 
@@ -1247,19 +1137,6 @@ class _PullContext:
     page: int
     pulled_at: datetime
     sending: str | None
-
-
-def _webhook_time(value: str) -> datetime:
-    """ISO 8601 with an offset (``+01``, ``+01:00``, ``+0100``, ``Z``), fractions optional."""
-    if not value:
-        raise ValueError("no EventDate")
-    try:
-        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise ValueError(f"EventDate {value!r} is not an ISO 8601 time") from None
-    if when.tzinfo is None:
-        raise ValueError(f"EventDate {value!r} has no offset")
-    return when.astimezone(UTC)
 
 
 def _error_text(body: Any) -> str:

@@ -38,26 +38,16 @@ import hmac
 import logging
 import posixpath
 import re
-import time
-from collections.abc import (
-    AsyncGenerator,
-    AsyncIterable,
-    AsyncIterator,
-    Awaitable,
-    Callable,
-    Iterator,
-    Mapping,
-)
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterator, Mapping
 from contextlib import aclosing
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, tzinfo
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, Self, TypeVar, cast
+from typing import Annotated, Any, ClassVar, Literal, Self, cast
 from urllib.parse import quote
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from shared.esp.accounts import AccountConfig
 from shared.esp.base import (
@@ -73,18 +63,19 @@ from shared.esp.base import (
     SendStatus,
     WebhookAuthError,
 )
+from shared.esp.cursor import Count, StoredCursor
+from shared.esp.delimited import read_csv_records
 from shared.esp.generic import ListRejectedError
-from shared.esp.rest import EspUnavailableError, RateLimiter, request_json
+from shared.esp.options import ConnectorOptions, DateFormat, Encoding, TimeZone
+from shared.esp.rest import EspClient, EspUnavailableError, RateLimiter, Retries, is_count, short_json
+from shared.esp.rows import Events, LocalTimes, Row, aware_time, file_source, item_events, table_events
 from shared.infra.db.jobs import SentBroadcast
 from shared.infra.sftp import download_stream
 from shared.model.errors import ConfigurationError, PermanentError
-from shared.model.messages import BroadcastJob, EventSource, EventType, ResponseEvent, SendMode, event_id_for
+from shared.model.messages import BroadcastJob, EventSource, EventType, ResponseEvent, SendMode
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
-CURSOR_VERSION = 1
 MAX_LIMIT = 9999
 """The largest ``limit`` the API takes (``limit`` must be ``< 10000``)."""
 MAX_ERRORS = 100
@@ -139,10 +130,17 @@ IGNORED_WEBHOOK_TYPES = frozenset(
     {"singleoptin", "confirmedoptin", "doubleoptin", "blocklist", "archive", "filteredbyblocklist"}
 )
 UNSUBSCRIBES = "unsubscribes"
+_NOT_PULLED = object()
+"""An element of a page that is not this broadcast's, or was pulled before."""
 
 _TAG_ESCAPES = {"_": "_5F", ".": "_2E", ":": "_3A"}
 _TAG_UNESCAPES = {v: k for k, v in _TAG_ESCAPES.items()}
 _TAG_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,250}$")
+
+
+def _backoff_s(attempt: int, error: EspUnavailableError) -> float:
+    """Without a Retry-After, a repeated call waits 1 s, doubling each time, 60 s at most."""
+    return min(BACKOFF_MAX_S, BACKOFF_INITIAL_S * 2.0 ** (attempt - 1))
 
 
 def encode_tag(job_id: str) -> str:
@@ -158,14 +156,18 @@ def decode_tag(tag: str) -> str:
     return re.sub(r"_(5F|2E|3A)", lambda m: _TAG_UNESCAPES[m.group(0)], tag)
 
 
-class Options(BaseModel):
+class Options(ConnectorOptions):
     """The account ``options`` this connector reads (see docs/connectors/optimizely.md#configuration).
 
     ``response_columns`` and ``message_types`` are laid over their defaults, so an account names
     only what differs.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    MERGED: ClassVar[Mapping[str, Mapping[str, Any]]] = {
+        "response_columns": DEFAULT_RESPONSE_COLUMNS,
+        "message_types": DEFAULT_MESSAGE_TYPES,
+    }
+    ROLE_KEYED: ClassVar = ("response_columns",)
 
     campaign_action: Literal["copy", "use"] = "copy"
     chunk_size: int = Field(default=1000, ge=1)
@@ -184,54 +186,24 @@ class Options(BaseModel):
     response_pattern: str = Field(default="Response*", min_length=1)
     archive_folder: str = Field(default="archive", min_length=1)
     response_delimiter: str = Field(default=";", min_length=1, max_length=1)
-    response_encoding: str = Field(default="utf-8", min_length=1)
+    response_encoding: Encoding = "utf-8"
     response_columns: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_RESPONSE_COLUMNS))
     message_types: dict[str, EventType] = Field(
         default_factory=lambda: {k: EventType(v) for k, v in DEFAULT_MESSAGE_TYPES.items()},
         description="MessageType (or 'MessageType:BounceType') → espbridge event type",
     )
-    date_format: str = Field(default="%d.%m.%Y %H:%M:%S", min_length=1)
-    timezone: str = "Europe/Berlin"
+    date_format: DateFormat = "%d.%m.%Y %H:%M:%S"
+    timezone: TimeZone = "Europe/Berlin"
     api_pulls: bool = True
     responses_offset_paging: bool = True
     webhook_auth: Literal["basicAuth", "keyAuth", "none"] = "basicAuth"
     webhook_user: str = Field(default="espbridge", min_length=1)
     webhook_key_header: str = Field(default="Authorization", min_length=1)
 
-    @model_validator(mode="before")
-    @classmethod
-    def _merge_defaults(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
-        merged = dict(data)
-        for name, defaults in (
-            ("response_columns", DEFAULT_RESPONSE_COLUMNS),
-            ("message_types", DEFAULT_MESSAGE_TYPES),
-        ):
-            given = merged.get(name)
-            if isinstance(given, dict):
-                merged[name] = {**defaults, **given}
-        return merged
-
     @model_validator(mode="after")
-    def _coherent(self) -> Self:
-        unknown = set(self.response_columns) - set(DEFAULT_RESPONSE_COLUMNS)
-        if unknown:
-            raise ValueError(
-                f"response_columns has unknown roles {sorted(unknown)} "
-                f"(known: {sorted(DEFAULT_RESPONSE_COLUMNS)})"
-            )
+    def _named_columns(self) -> Self:
         if any(not name for name in self.response_columns.values()):
             raise ValueError("response_columns names an empty column")
-        try:
-            codecs.lookup(self.response_encoding)
-        except LookupError:
-            raise ValueError(f"unknown response_encoding {self.response_encoding!r}") from None
-        sample = datetime(2026, 11, 22, 10, 0, 3)
-        try:
-            datetime.strptime(sample.strftime(self.date_format), self.date_format)
-        except ValueError as exc:
-            raise ValueError(f"date_format {self.date_format!r} cannot be read back: {exc}") from None
         return self
 
 
@@ -276,74 +248,46 @@ class _BatchSentError(Exception):
     """A chunk ``PUT`` answered 409: the batch was sent meanwhile."""
 
 
-@dataclass
-class _Cursor:
-    """The pull position of one broadcast (stored by the gatherer as JSON)."""
+def _time_text(value: str | None) -> str | None:
+    if value is not None:
+        aware_time("a cursor time", value)  # raises ValueError when it is not a time
+    return value
 
-    batch: int
-    mailings: list[int] | None = None
-    pos: int = 0
-    offsets: dict[str, int] = field(default_factory=dict)
-    high_water: str | None = None  # newest unsubscribe `created` seen by the last finished scan
-    high_seen: list[str] = field(default_factory=list)  # the entries at `high_water` already pulled
-    scan_offset: int = 0
-    scan_top: str | None = None  # newest `created` of the scan in progress
-    scan_top_seen: list[str] = field(default_factory=list)  # its entries at `scan_top`
 
-    def dump(self) -> str:
-        return orjson.dumps(
-            {
-                "v": CURSOR_VERSION,
-                "batch": self.batch,
-                "mailings": self.mailings,
-                "pos": self.pos,
-                "offsets": self.offsets,
-                "unsubscribes": {
-                    "high_water": self.high_water,
-                    "high_seen": self.high_seen,
-                    "offset": self.scan_offset,
-                    "top": self.scan_top,
-                    "top_seen": self.scan_top_seen,
-                },
-            }
-        ).decode()
+CursorTime = Annotated[str | None, AfterValidator(_time_text)]
+"""A ``created`` time as an unsubscribe scan stores it (RFC 3339), or None."""
+
+
+class UnsubscribeScan(BaseModel):
+    """Where the scan of ``GET /unsubscribes`` (newest first) is, and what the last one saw."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    high_water: CursorTime = None
+    """The newest ``created`` of this broadcast's entries the last finished scan saw."""
+    high_seen: list[str] = Field(default_factory=list)
+    """The entries at ``high_water`` already pulled (absent in older cursors)."""
+    offset: Count
+    """Where the scan in progress goes on."""
+    top: CursorTime = None
+    """The newest ``created`` of the scan in progress."""
+    top_seen: list[str] = Field(default_factory=list)
+    """Its entries at ``top``."""
+
+
+class Cursor(StoredCursor):
+    """The pull position of one broadcast: its mailings, the stream being read, the bounce offsets."""
+
+    batch: Count
+    mailings: list[Count] | None = None
+    pos: Count
+    offsets: dict[str, Count]
+    unsubscribes: UnsubscribeScan
 
     @classmethod
-    def load(cls, text: str) -> _Cursor:
-        data = orjson.loads(text)
-        if not isinstance(data, dict) or data.get("v") != CURSOR_VERSION:
-            raise ValueError("not a version 1 cursor")
-        mailings = data.get("mailings")
-        offsets = data.get("offsets")
-        unsub = data.get("unsubscribes")
-        if (
-            not _is_count(data.get("batch"))
-            or not _is_count(data.get("pos"))
-            or not (mailings is None or (isinstance(mailings, list) and all(_is_count(m) for m in mailings)))
-            or not isinstance(offsets, dict)
-            or not all(isinstance(k, str) and _is_count(v) for k, v in offsets.items())
-            or not isinstance(unsub, dict)
-            or not _is_count(unsub.get("offset"))
-        ):
-            raise ValueError("malformed cursor")
-        high_water, top = unsub.get("high_water"), unsub.get("top")
-        for value in (high_water, top):
-            if value is not None:
-                _rfc3339(value)  # raises ValueError when it is not a time
-        seen = {k: unsub.get(k, []) for k in ("high_seen", "top_seen")}  # absent in older cursors
-        if not all(isinstance(v, list) and all(isinstance(x, str) for x in v) for v in seen.values()):
-            raise ValueError("malformed cursor")
-        return cls(
-            batch=data["batch"],
-            mailings=mailings,
-            pos=data["pos"],
-            offsets=dict(offsets),
-            high_water=high_water,
-            high_seen=list(seen["high_seen"]),
-            scan_offset=unsub["offset"],
-            scan_top=top,
-            scan_top_seen=list(seen["top_seen"]),
-        )
+    def start(cls, batch: int) -> Cursor:
+        """The position before the first page of a batch's broadcast."""
+        return cls(batch=batch, pos=0, offsets={}, unsubscribes=UnsubscribeScan(offset=0))
 
 
 def _unsubscribe_key(element: Any) -> str:
@@ -453,12 +397,8 @@ class OptimizelyConnector(Connector):
 
     def __init__(self, account: AccountConfig, context: ConnectorContext) -> None:
         super().__init__(account, context)
-        name = f"{account.esp}/{account.account}"
-        try:
-            self.options = Options.model_validate(account.options)
-        except ValidationError as exc:
-            raise ConfigurationError(f"account {name} options: {exc}") from None
-        opts = self.options
+        name = account.name
+        self.options = opts = Options.of(account)
         if not account.api_url:
             raise ConfigurationError(
                 f"account {name} needs an api_url (e.g. https://api.campaign.episerver.net/rest)"
@@ -471,20 +411,25 @@ class OptimizelyConnector(Connector):
             )
         if ":" in account.username:
             raise ConfigurationError(f"account {name}: an HTTP Basic user name cannot contain ':'")
-        try:
-            self._zone: tzinfo = ZoneInfo(opts.timezone)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ConfigurationError(f"account {name} options: unknown time zone {opts.timezone!r}") from None
         self._name = name
-        self._session = context.http
-        self._base = f"{account.api_url.rstrip('/')}/{quote(account.client_id, safe='')}"
-        credentials = f"{account.username}:{account.password.get_secret_value()}".encode()
-        self._auth = {"Authorization": "Basic " + base64.b64encode(credentials).decode("ascii")}
-        self._columns = dict(opts.response_columns)
-        self._semaphore = asyncio.Semaphore(opts.max_concurrency)
+        password = account.password.get_secret_value()
+        credentials = f"{account.username}:{password}".encode()
         calls = max(1, int(opts.requests_per_second))
-        self._limiter = RateLimiter(calls, calls / opts.requests_per_second)
-        self._hold_until = 0.0  # monotonic time before which a Retry-After asks us not to call
+        self._api = EspClient(
+            context.http,
+            f"{account.api_url.rstrip('/')}/{quote(account.client_id, safe='')}",
+            account=name,
+            timeout_s=account.request_timeout_s,
+            headers={"Authorization": "Basic " + base64.b64encode(credentials).decode("ascii")},
+            secrets=(password,),
+            limiter=RateLimiter(calls, calls / opts.requests_per_second),
+            concurrency=opts.max_concurrency,
+            retries=Retries(attempts=None, backoff_s=_backoff_s, total_wait_s=account.request_timeout_s),
+            holds=True,
+        )
+        self._times = LocalTimes(opts.date_format, opts.timezone)
+        self._events = Events(account)
+        self._columns = dict(opts.response_columns)
         self.pulls_api = opts.api_pulls
         self.archive_folder = opts.archive_folder
         self.response_sources: tuple[ResponseSource, ...] = (
@@ -500,79 +445,6 @@ class OptimizelyConnector(Connector):
             suffix=opts.list_suffix,
         )
 
-    # --- HTTP -----------------------------------------------------------------------------------------
-
-    async def _retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
-        """``attempt()`` again after an EspUnavailableError while the waits fit ``request_timeout_s``."""
-        budget = self.account.request_timeout_s
-        waited, backoff = 0.0, BACKOFF_INITIAL_S
-        while True:
-            try:
-                return await attempt()
-            except EspUnavailableError as exc:
-                wait = exc.retry_after_s if exc.retry_after_s is not None else backoff
-                if exc.retry_after_s is not None:
-                    self._hold_until = max(self._hold_until, time.monotonic() + exc.retry_after_s)
-                if waited + wait > budget:
-                    raise
-                log.info(
-                    "Optimizely unavailable, retrying",
-                    extra={"account": self._name, "error": str(exc), "retry_in_s": wait},
-                )
-                await asyncio.sleep(wait)  # the server's Retry-After, else the documented backoff
-                waited += wait
-                backoff = min(BACKOFF_MAX_S, backoff * 2)
-
-    async def _wait_for_hold(self, where: str) -> None:
-        """Wait out an earlier answer's Retry-After (or fail at once when it is too far away)."""
-        hold = self._hold_until - time.monotonic()
-        if hold > self.account.request_timeout_s:
-            raise EspUnavailableError(f"{where}: Optimizely asked to wait {hold:.0f}s more", hold)
-        if hold > 0:
-            await asyncio.sleep(hold)  # an earlier answer's Retry-After
-
-    async def _once(
-        self,
-        method: str,
-        path: str,
-        *,
-        params: dict[str, str] | None = None,
-        json: Any = None,
-        form: dict[str, str] | None = None,
-        expect: tuple[int, ...] = (200,),
-    ) -> tuple[int, Any]:
-        """One request with Basic auth under the account's concurrency cap and rate limit."""
-        url = self._base + path
-        await self._wait_for_hold(f"{method} {path}")
-        async with self._semaphore, self._limiter.slot():  # the rate holds for requests actually sent
-            if form is None:
-                return await request_json(
-                    self._session,
-                    method,
-                    url,
-                    headers=self._auth,
-                    json=json,
-                    params=params,
-                    timeout_s=self.account.request_timeout_s,
-                    expect=expect,
-                )
-            return await self._request_multipart(url, form, expect)
-
-    async def _request_multipart(
-        self, url: str, fields: dict[str, str], expect: tuple[int, ...]
-    ) -> tuple[int, Any]:
-        """A ``multipart/form-data`` POST (batch creation)."""
-        return await request_json(
-            self._session,
-            "POST",
-            url,
-            headers=self._auth,
-            form=fields,
-            multipart=True,
-            timeout_s=self.account.request_timeout_s,
-            expect=expect,
-        )
-
     async def _call(
         self,
         method: str,
@@ -582,8 +454,9 @@ class OptimizelyConnector(Connector):
         json: Any = None,
         expect: tuple[int, ...] = (200,),
     ) -> tuple[int, Any]:
-        """:meth:`_once`, retried on 429/5xx/timeouts (every call but batch creation is idempotent)."""
-        return await self._retrying(lambda: self._once(method, path, params=params, json=json, expect=expect))
+        """One call with Basic auth under the account's concurrency cap and rate limit, retried on
+        429/5xx/timeouts (every call but batch creation is idempotent); 404 and 409 are answered."""
+        return await self._api.call(method, path, params=params, json=json, answered=(*expect, 404, 409))
 
     # --- batches --------------------------------------------------------------------------------------
 
@@ -621,14 +494,16 @@ class OptimizelyConnector(Connector):
                 return found
             fields = {"campaign": job.message, "campaignAction": self.options.campaign_action, "tag": tag}
             # not retried by itself: a lost answer may have created the batch, so it is looked up first
-            status, body = await self._once("POST", "/sending/batches", form=fields, expect=(201,))
+            status, body = await self._api.once(
+                "POST", "/sending/batches", form=fields, multipart=True, answered=(201, 404, 409)
+            )
             if status in (404, 409):
                 raise ListRejectedError(
                     f"Optimizely refused a batch for campaign {job.message!r} ({status}): {_message(body)}"
                 )
             return _batch(body)
 
-        return await self._retrying(attempt)
+        return await self._api.retrying(attempt)
 
     async def _get_batch(self, batch_id: int) -> Batch:
         status, body = await self._call("GET", f"/sending/batches/{batch_id}")
@@ -647,9 +522,9 @@ class OptimizelyConnector(Connector):
             raise _BatchSentError
         if status == 404:
             raise ListRejectedError(f"Optimizely does not know batch {batch_id}")
-        if not isinstance(body, dict) or not _is_count(body.get("count")):
+        if not isinstance(body, dict) or not is_count(body.get("count")):
             raise EspUnavailableError(
-                f"PUT {path} ({chunk.chunk_id}) answered without a count: {_short(body)}"
+                f"PUT {path} ({chunk.chunk_id}) answered without a count: {short_json(body)}"
             )
         return _Staged(chunk, body["count"])
 
@@ -803,7 +678,7 @@ class OptimizelyConnector(Connector):
         campaign = batch.campaign_id
         status, body = await self._call("GET", f"/smartcampaigns/{campaign}")
         if status != 200 or not isinstance(body, dict) or not isinstance(body.get("status"), str):
-            raise EspUnavailableError(f"GET /smartcampaigns/{campaign} answered {status}: {_short(body)}")
+            raise EspUnavailableError(f"GET /smartcampaigns/{campaign} answered {status}: {short_json(body)}")
         state = CAMPAIGN_SEND_STATES.get(body["status"])
         if state is None:
             raise EspUnavailableError(f"campaign {campaign} has an unknown status {body['status']!r}")
@@ -813,10 +688,10 @@ class OptimizelyConnector(Connector):
         status, report = await self._call("GET", f"/smartcampaigns/{campaign}/report")
         recipients = report.get("recipients") if isinstance(report, dict) else None
         total = recipients.get("total") if isinstance(recipients, dict) else None
-        if status != 200 or not _is_count(total):
+        if status != 200 or not is_count(total):
             raise EspUnavailableError(
                 f"GET /smartcampaigns/{campaign}/report answered {status} without recipients.total: "
-                f"{_short(report)}"
+                f"{short_json(report)}"
             )
         return SendStatus(send_id, SendState.SENT, recipients=int(total or 0), detail=detail)
 
@@ -856,21 +731,12 @@ class OptimizelyConnector(Connector):
                 state.pos, more = 0, False
         return PullPage(tuple(items), state.dump(), more=more)
 
-    def _read_cursor(self, cursor: str | None, batch_id: int) -> _Cursor:
-        if cursor is not None:
-            try:
-                state = _Cursor.load(cursor)
-            except (orjson.JSONDecodeError, ValueError) as exc:
-                log.warning(
-                    "unreadable pull cursor, pulling the broadcast from the start",
-                    extra={"account": self._name, "error": str(exc)},
-                )
-            else:
-                if state.batch == batch_id:
-                    return state
-        return _Cursor(batch=batch_id)
+    def _read_cursor(self, cursor: str | None, batch_id: int) -> Cursor:
+        """The stored position for the broadcast's batch; else (or when unreadable) the start."""
+        state = Cursor.read(cursor, self._name)
+        return state if state is not None and state.batch == batch_id else Cursor.start(batch_id)
 
-    async def _resolve(self, state: _Cursor, cursor: str | None) -> PullPage:
+    async def _resolve(self, state: Cursor, cursor: str | None) -> PullPage:
         """Batch → campaignId → ``messages[].mailingId``, kept in the cursor once the campaign runs."""
         try:
             batch = await self._get_batch(state.batch)
@@ -884,7 +750,7 @@ class OptimizelyConnector(Connector):
             return PullPage((), cursor, more=False)  # not visible yet: next round
         messages = body.get("messages")
         mailings = (
-            [m["mailingId"] for m in messages if isinstance(m, dict) and _is_count(m.get("mailingId"))]
+            [m["mailingId"] for m in messages if isinstance(m, dict) and is_count(m.get("mailingId"))]
             if isinstance(messages, list)
             else []
         )
@@ -894,7 +760,7 @@ class OptimizelyConnector(Connector):
         return PullPage((), state.dump(), more=True)
 
     async def _bounce_page(
-        self, broadcast: SentBroadcast, state: _Cursor, mailing: int, category: str
+        self, broadcast: SentBroadcast, state: Cursor, mailing: int, category: str
     ) -> tuple[list[ResponseEvent | BadRow], bool]:
         """One page of ``GET /responses``; finished when it is short (or without offset paging)."""
         opts = self.options
@@ -917,12 +783,7 @@ class OptimizelyConnector(Connector):
         elements = _elements(body, "GET /responses")
         name = f"/responses?category={category}&mailingId={mailing}"
         page = offset // limit
-        items = [
-            self._api_item(
-                broadcast, element, offset + i + 1, name, page, mailing, BOUNCE_CATEGORIES[category]
-            )
-            for i, element in enumerate(elements)
-        ]
+        items = self._api_items(broadcast, elements, offset, name, page, mailing, BOUNCE_CATEGORIES[category])
         if not paging:
             if len(elements) >= limit:
                 log.warning(
@@ -934,7 +795,7 @@ class OptimizelyConnector(Connector):
         return items, len(elements) < limit
 
     async def _unsubscribe_page(
-        self, broadcast: SentBroadcast, state: _Cursor
+        self, broadcast: SentBroadcast, state: Cursor
     ) -> tuple[list[ResponseEvent | BadRow], bool]:
         """One page of ``GET /unsubscribes`` newest first, down to the newest entry of this
         broadcast's mailings that the last scan saw (other mailings' entries do not count).
@@ -943,8 +804,10 @@ class OptimizelyConnector(Connector):
         same second after that scan) but pulled only if that scan did not see them.
         """
         limit = self.options.page_size
-        offset = state.scan_offset
-        floor = _rfc3339(state.high_water) if state.high_water else broadcast.requested_at
+        scan = state.unsubscribes
+        offset = scan.offset
+        high = aware_time("high_water", scan.high_water) if scan.high_water else None
+        floor = high or broadcast.requested_at
         _, body = await self._call(
             "GET",
             "/unsubscribes",
@@ -952,20 +815,21 @@ class OptimizelyConnector(Connector):
         )
         elements = _elements(body, "GET /unsubscribes")
         mailings = set(state.mailings or ())
-        top = _rfc3339(state.scan_top) if state.scan_top else None
-        top_seen = set(state.scan_top_seen)
-        high = _rfc3339(state.high_water) if state.high_water else None
-        high_seen = set(state.high_seen)
-        items: list[ResponseEvent | BadRow] = []
+        top = aware_time("top", scan.top) if scan.top else None
+        top_seen = set(scan.top_seen)
+        high_seen = set(scan.high_seen)
+        pulled: list[Any] = []
         reached_floor = False
-        for i, element in enumerate(elements):
-            created = _element_time(element)
+        for element in elements:
+            created = _created(element)
             if created is not None and floor is not None and created < floor:
                 reached_floor = True
                 break
             if not isinstance(element, dict) or element.get("mailingId") is None:
+                pulled.append(_NOT_PULLED)
                 continue  # not attributable to a broadcast
             if element.get("mailingId") not in mailings:
+                pulled.append(_NOT_PULLED)
                 continue  # another broadcast's: it must not move this one's high water
             key = _unsubscribe_key(element)
             if created is not None:
@@ -974,105 +838,97 @@ class OptimizelyConnector(Connector):
                 elif created == top:
                     top_seen.add(key)
                 if created == high and key in high_seen:
+                    pulled.append(_NOT_PULLED)
                     continue  # pulled by the last scan
-            items.append(
-                self._api_item(
-                    broadcast,
-                    element,
-                    offset + i + 1,
-                    "/unsubscribes",
-                    offset // limit,
-                    None,
-                    EventType.UNSUBSCRIBE,
-                )
-            )
+            pulled.append(element)
+        items = self._api_items(
+            broadcast, pulled, offset, "/unsubscribes", offset // limit, None, EventType.UNSUBSCRIBE
+        )
         if reached_floor or len(elements) < limit:
             if top is not None:
-                state.high_seen = sorted(top_seen | high_seen if top == high else top_seen)
-                state.high_water = top.isoformat()
-            state.scan_offset, state.scan_top, state.scan_top_seen = 0, None, []
+                scan.high_seen = sorted(top_seen | high_seen if top == high else top_seen)
+                scan.high_water = top.isoformat()
+            scan.offset, scan.top, scan.top_seen = 0, None, []
             return items, True
-        state.scan_offset = offset + len(elements)
-        state.scan_top = top.isoformat() if top is not None else None
-        state.scan_top_seen = sorted(top_seen)
+        scan.offset = offset + len(elements)
+        scan.top = top.isoformat() if top is not None else None
+        scan.top_seen = sorted(top_seen)
         return items, False
 
-    def _api_item(
+    def _api_items(
         self,
         broadcast: SentBroadcast,
-        element: Any,
-        line: int,
+        elements: list[Any],
+        offset: int,
         name: str,
         page: int,
         mailing: int | None,
         event_type: EventType,
-    ) -> ResponseEvent | BadRow:
-        try:
-            if not isinstance(element, dict):
-                raise ValueError(f"not an object but {type(element).__name__}")
-            if event_type is not EventType.UNSUBSCRIBE:
-                category = element.get("category")
-                if category is not None:
-                    if category not in BOUNCE_CATEGORIES:
-                        raise ValueError(f"unknown category {category!r}")
-                    event_type = BOUNCE_CATEGORIES[category]
-            recipient = element.get("recipientId")
-            if not isinstance(recipient, str | int) or isinstance(recipient, bool) or recipient == "":
-                raise ValueError("no recipientId")
-            created = _element_time(element)
-            if created is None:
-                raise ValueError(f"created {element.get('created')!r} is not an RFC 3339 time")
-            mailing_id = element.get("mailingId", mailing)
-            extra = {k: str(element[k]) for k in ("mailId", "ruleName", "reason") if element.get(k)}
-            return self._make_event(
-                broadcast_id=broadcast.job_id,
-                recipient=str(recipient),
-                event_type=event_type,
-                occurred=created,
-                url=None,
-                email=None,
-                message_id=str(mailing_id) if mailing_id is not None else None,
-                source=EventSource(kind="api", name=name, page=page),
-                extra=extra,
-            )
-        except ValueError as exc:
-            return BadRow(line=line, raw=orjson.dumps(element), error=f"{name}: {exc}")
+    ) -> list[ResponseEvent | BadRow]:
+        """The events of a page's elements (but those :data:`_NOT_PULLED`), numbered after ``offset``."""
+        return item_events(
+            elements,
+            lambda _, element: self._api_event(broadcast, element, name, page, mailing, event_type),
+            what=name,
+            first_line=offset + 1,
+        )
+
+    def _api_event(
+        self,
+        broadcast: SentBroadcast,
+        element: Any,
+        name: str,
+        page: int,
+        mailing: int | None,
+        event_type: EventType,
+    ) -> ResponseEvent | None:
+        if element is _NOT_PULLED:
+            return None
+        if not isinstance(element, dict):
+            raise ValueError(f"not an object but {type(element).__name__}")
+        if event_type is not EventType.UNSUBSCRIBE:
+            category = element.get("category")
+            if category is not None:
+                if category not in BOUNCE_CATEGORIES:
+                    raise ValueError(f"unknown category {category!r}")
+                event_type = BOUNCE_CATEGORIES[category]
+        mailing_id = element.get("mailingId", mailing)
+        return self._make_event(
+            broadcast.job_id,
+            _recipient(element),
+            event_type,
+            aware_time("created", element.get("created")),
+            EventSource(kind="api", name=name, page=page),
+            message_id=str(mailing_id) if mailing_id is not None else None,
+            extra=_element_extra(element),
+        )
 
     def _make_event(
         self,
-        *,
         broadcast_id: str,
         recipient: str,
         event_type: EventType,
         occurred: datetime,
-        url: str | None,
-        email: str | None,
-        message_id: str | None,
         source: EventSource,
+        *,
+        message_id: str | None,
         extra: dict[str, str],
+        url: str | None = None,
+        email: str | None = None,
     ) -> ResponseEvent:
-        """The event with the id of its facts (same for a file, the API and a webhook)."""
+        """The event with the id of its facts (same for a file, the API and a webhook): the time to
+        the second, the URL of a click only, the recipient id as the communication key."""
         when = occurred.astimezone(UTC).replace(microsecond=0)
-        url = url if event_type is EventType.CLICK else None
-        return ResponseEvent(
-            event_id=event_id_for(
-                self.account.esp,
-                broadcast_id=broadcast_id,
-                recipient=recipient,
-                event_type=event_type.value,
-                occurred_at=when,
-                url=url,
-            ),
-            esp=self.account.esp,
-            account=self.account.account,
-            broadcast_id=broadcast_id,
-            esp_message_id=message_id,
+        return self._events.make(
+            broadcast_id,
+            event_type,
+            when,
+            source,
+            recipient=recipient,
+            url=url if event_type is EventType.CLICK else None,
             communication_key=recipient,
             email=email or None,
-            type=event_type,
-            url=url,
-            occurred_at=when,
-            source=source,
+            esp_message_id=message_id,
             extra=extra,
         )
 
@@ -1081,94 +937,56 @@ class OptimizelyConnector(Connector):
     def parse_response_file(self, local_path: Path, remote_path: str) -> Iterator[ResponseEvent | BadRow]:
         """Rows of a ``Response*`` file as events; rows that do not fit are BadRows with their line."""
         opts = self.options
-        encoding = (
-            "utf-8-sig" if codecs.lookup(opts.response_encoding).name == "utf-8" else opts.response_encoding
-        )
         skipped = 0
-        with local_path.open(encoding=encoding, errors="surrogateescape", newline="") as f:
-            reader = csv.reader(f, delimiter=opts.response_delimiter)
-            header = next(reader, None)
-            if header is None:
-                return
-            index = {name: i for i, name in enumerate(header)}
-            missing = [self._columns[r] for r in REQUIRED_RESPONSE_ROLES if self._columns[r] not in index]
-            if missing:
-                yield BadRow(1, _raw(header, opts.response_delimiter), f"header lacks {', '.join(missing)}")
-                return
-            source_name = posixpath.normpath(remote_path)
-            last = reader.line_num
-            for row in reader:
-                line = last + 1
-                last = reader.line_num
-                if not row:
-                    continue
-                try:
-                    event = self._file_event(source_name, line, row, header, index)
-                except ValueError as exc:
-                    yield BadRow(line, _raw(row, opts.response_delimiter), str(exc))
-                    continue
-                if event is None:
-                    skipped += 1
-                else:
-                    yield event
+
+        def event(row: Row) -> ResponseEvent | None:
+            nonlocal skipped
+            made = self._file_event(remote_path, row)
+            skipped += made is None
+            return made
+
+        records = read_csv_records(
+            local_path, delimiter=opts.response_delimiter, encoding=opts.response_encoding
+        )
+        yield from table_events(
+            records, self._columns, REQUIRED_RESPONSE_ROLES, opts.response_encoding, event
+        )
         if skipped:
             log.info(
                 "response rows without a BroadcastId skipped (mailings espbridge did not send)",
                 extra={"account": self._name, "file": remote_path, "rows": skipped},
             )
 
-    def _file_event(
-        self, source_name: str, line: int, row: list[str], header: list[str], index: Mapping[str, int]
-    ) -> ResponseEvent | None:
-        if len(row) != len(header):
-            raise ValueError(f"{len(row)} fields, want {len(header)}")
-        if any("\udc80" <= ch <= "\udcff" for value in row for ch in value):
-            raise ValueError(f"not valid {self.options.response_encoding}")
-
-        def get(role: str) -> str:
-            column = self._columns[role]
-            return row[index[column]].strip() if column in index else ""
-
-        broadcast = get("broadcast")
+    def _file_event(self, remote_path: str, row: Row) -> ResponseEvent | None:
+        broadcast = row.get("broadcast")
         if not broadcast:
             return None
-        kind, bounce = get("message_type"), get("bounce_type")
+        kind, bounce = row.get("message_type"), row.get("bounce_type")
         types = self.options.message_types
         event_type = types.get(f"{kind}:{bounce}") or types.get(kind)
         if event_type is None:
             raise ValueError(
                 f"unknown MessageType {kind!r}" + (f" with BounceType {bounce!r}" if bounce else "")
             )
-        recipient = get("recipient")
+        recipient = row.get("recipient")
         if not recipient:
-            raise ValueError(f"empty {self._columns['recipient']}")
-        occurred = self._local_time(self._columns["event_date"], get("event_date"))
-        url = get("click_url")
+            raise ValueError(f"empty {row.column('recipient')}")
+        occurred = self._times.utc(row.column("event_date"), row.get("event_date"))
+        url = row.get("click_url")
         if event_type is EventType.CLICK and not url:
-            raise ValueError(f"a click without {self._columns['click_url']}")
-        delivery = get("delivery_date")
+            raise ValueError(f"a click without {row.column('click_url')}")
+        delivery = row.get("delivery_date")
         return self._make_event(
-            broadcast_id=broadcast,
-            recipient=recipient,
-            event_type=event_type,
-            occurred=occurred,
-            url=url or None,
-            email=get("email") or None,
+            broadcast,
+            recipient,
+            event_type,
+            occurred,
+            file_source(remote_path, row.line),
             message_id=None,
-            source=EventSource(kind="file", name=source_name, line=line),
             extra={"DeliveryDate": delivery} if delivery else {},
+            url=url or None,
+            email=row.get("email"),
         )
-
-    def _local_time(self, column: str, value: str) -> datetime:
-        """A local response-file time (first occurrence when repeated) as UTC."""
-        if not value:
-            raise ValueError(f"empty {column}")
-        try:
-            parsed = datetime.strptime(value, self.options.date_format)
-        except ValueError:
-            raise ValueError(f"{column} {value!r} does not match {self.options.date_format!r}") from None
-        local = parsed if parsed.tzinfo else parsed.replace(tzinfo=self._zone, fold=0)
-        return local.astimezone(UTC)
 
     # --- webhooks -------------------------------------------------------------------------------------
 
@@ -1212,18 +1030,9 @@ class OptimizelyConnector(Connector):
             raise PermanentError("the webhook body is not JSON") from None
         items = parsed if isinstance(parsed, list) else [parsed] if isinstance(parsed, dict) else None
         if items is None:
-            raise PermanentError(f"the webhook body is neither an event nor an array: {_short(parsed)}")
-        name = f"webhook:{self.account.esp}/{self.account.account}"
-        out: list[ResponseEvent | BadRow] = []
-        for number, item in enumerate(items, start=1):
-            try:
-                event = self._webhook_event(item, name, number)
-            except ValueError as exc:
-                out.append(BadRow(number, orjson.dumps(item), str(exc)))
-                continue
-            if event is not None:
-                out.append(event)
-        return out
+            raise PermanentError(f"the webhook body is neither an event nor an array: {short_json(parsed)}")
+        name = f"webhook:{self._name}"
+        return item_events(items, lambda number, item: self._webhook_event(item, name, number))
 
     def _webhook_event(self, item: Any, name: str, number: int) -> ResponseEvent | None:
         if not isinstance(item, dict):
@@ -1240,62 +1049,36 @@ class OptimizelyConnector(Connector):
             event_type = WEBHOOK_TYPES[kind]
         else:
             raise ValueError(f"unknown type {kind!r}")
-        recipient = item.get("recipientId")
-        if not isinstance(recipient, str | int) or isinstance(recipient, bool) or recipient == "":
-            raise ValueError("no recipientId")
+        recipient = _recipient(item)
         data = item.get("data")
         data = data if isinstance(data, dict) else {}
         broadcast = data.get(self.options.job_attribute)
         if not isinstance(broadcast, str) or not broadcast:
             raise ValueError(f"no data.{self.options.job_attribute}")
-        created = _element_time(item)
-        if created is None:
-            raise ValueError(f"created {item.get('created')!r} is not an RFC 3339 time")
+        created = aware_time("created", item.get("created"))
         url = item.get("url")
         if event_type is EventType.CLICK and (not isinstance(url, str) or not url):
             raise ValueError("a click without url")
         email = data.get("email")
         mailing = item.get("mailingId")
         return self._make_event(
-            broadcast_id=broadcast,
-            recipient=str(recipient),
-            event_type=event_type,
-            occurred=created,
+            broadcast,
+            recipient,
+            event_type,
+            created,
+            EventSource(kind="webhook", name=name, line=number),
+            message_id=str(mailing) if mailing is not None else None,
+            extra=_element_extra(item),
             url=url if isinstance(url, str) else None,
             email=email if isinstance(email, str) else None,
-            message_id=str(mailing) if mailing is not None else None,
-            source=EventSource(kind="webhook", name=name, line=number),
-            extra={k: str(item[k]) for k in ("mailId", "ruleName", "reason") if item.get(k)},
         )
 
 
 # --- helpers ------------------------------------------------------------------------------------------
 
 
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _retry_after(value: str | None) -> float | None:
-    try:
-        return max(0.0, float(value)) if value else None
-    except ValueError:
-        return None
-
-
-def _short(body: Any) -> str:
-    try:
-        return orjson.dumps(body).decode("utf-8", "replace")[:300]
-    except TypeError:
-        return repr(body)[:300]
-
-
 def _message(body: Any) -> str:
-    return str(body.get("message")) if isinstance(body, dict) and body.get("message") else _short(body)
-
-
-def _raw(row: list[str], delimiter: str) -> bytes:
-    return delimiter.join(row).encode("utf-8", "surrogateescape")
+    return str(body.get("message")) if isinstance(body, dict) and body.get("message") else short_json(body)
 
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:
@@ -1307,52 +1090,47 @@ def _header(headers: Mapping[str, str], name: str) -> str | None:
     return next((v for k, v in headers.items() if k.lower() == wanted), None)
 
 
-def _rfc3339(value: Any) -> datetime:
-    """An RFC 3339 date-time with ``Z`` or an offset, with or without fractions."""
-    if not isinstance(value, str):
-        raise ValueError(f"{value!r} is not a date-time")
-    text = value.strip()
-    if len(text) > 10 and text[10] in "tT ":
-        text = f"{text[:10]}T{text[11:]}"
-    if text.endswith(("z", "Z")):
-        text = text[:-1] + "+00:00"
-    when = datetime.fromisoformat(text)
-    if when.tzinfo is None or when.utcoffset() is None:
-        raise ValueError(f"{value!r} has no offset")
-    return when.astimezone(UTC)
-
-
-def _element_time(element: Any) -> datetime | None:
-    if not isinstance(element, dict):
-        return None
+def _created(element: Any) -> datetime | None:
+    """An element's ``created`` time, None when it has none."""
     try:
-        return _rfc3339(element.get("created"))
+        return aware_time("created", element.get("created")) if isinstance(element, dict) else None
     except ValueError:
         return None
+
+
+def _recipient(element: dict[str, Any]) -> str:
+    recipient = element.get("recipientId")
+    if not isinstance(recipient, str | int) or isinstance(recipient, bool) or recipient == "":
+        raise ValueError("no recipientId")
+    return str(recipient)
+
+
+def _element_extra(element: dict[str, Any]) -> dict[str, str]:
+    return {k: str(element[k]) for k in ("mailId", "ruleName", "reason") if element.get(k)}
 
 
 def _elements(body: Any, where: str) -> list[Any]:
     """The ``elements`` of a collection; anything else fails the call (the cursor is kept)."""
     elements = body.get("elements") if isinstance(body, dict) else None
     if not isinstance(elements, list):
-        raise EspUnavailableError(f"{where} answered a body that is not a collection: {_short(body)}")
+        raise EspUnavailableError(f"{where} answered a body that is not a collection: {short_json(body)}")
     return elements
 
 
 def _batch(body: Any) -> Batch:
     if (
         not isinstance(body, dict)
-        or not _is_count(body.get("id"))
+        or not is_count(body.get("id"))
         or body.get("state") not in BATCH_STATES
         or not isinstance(body.get("tag", ""), str)
     ):
-        raise EspUnavailableError(f"an answer that is not a sending batch: {_short(body)}")
+        raise EspUnavailableError(f"an answer that is not a sending batch: {short_json(body)}")
     campaign = body.get("campaignId")
     return Batch(
         id=body["id"],
         state=body["state"],
         tag=body.get("tag") or "",
-        campaign_id=campaign if _is_count(campaign) else None,
+        campaign_id=campaign if is_count(campaign) else None,
     )
 
 

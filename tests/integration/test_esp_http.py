@@ -1,5 +1,5 @@
-"""The connectors' HTTP helpers against a real aiohttp server on loopback: error mapping,
-OAuth2 token fetch/refresh/retry on 401, and the client-side rate limiter."""
+"""The connectors' HTTP kit against a real aiohttp server on loopback: error mapping and
+redaction, OAuth2 token fetch/refresh/retry on 401, and the client-side rate limiter."""
 
 from __future__ import annotations
 
@@ -8,132 +8,210 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-import aiohttp
 import pytest
 from aiohttp import web
 
 from shared.esp.rest import (
     EspAuthError,
+    EspClient,
     EspRequestError,
     EspUnavailableError,
     OAuth2Token,
     RateLimiter,
+    Retries,
     request_json,
-    request_with_token,
 )
 from shared.model.errors import ConfigurationError
+from tests.fixtures.fake_esp import FakeEsp, serve
 
 
 @dataclass
-class Esp:
-    url: str
+class Esp(FakeEsp):
+    """A token endpoint, a resource that wants a valid bearer token, and any status on demand."""
+
+    failures: list[tuple[int, str]] = field(default_factory=list)  # the next answers of /flaky
     tokens_issued: list[str] = field(default_factory=list)
     grants: list[dict[str, str]] = field(default_factory=list)
     valid: set[str] = field(default_factory=set)
-    calls: list[float] = field(default_factory=list)
     refuse_all: bool = False
+
+    def application(self) -> web.Application:
+        async def token(request: web.Request) -> web.Response:
+            form = dict(await request.post())
+            self.grants.append({k: str(v) for k, v in form.items()})
+            if form.get("grant_type") == "password" and form.get("password") != "right":
+                return web.json_response({"error": "invalid_grant"}, status=400)
+            issued = f"t{len(self.tokens_issued)}"
+            self.tokens_issued.append(issued)
+            self.valid = {issued}
+            return web.json_response(
+                {"access_token": issued, "refresh_token": f"r{issued}", "expires_in": 3600}
+            )
+
+        async def data(request: web.Request) -> web.Response:
+            presented = request.headers.get("Authorization", "").removeprefix("Bearer ")
+            if self.refuse_all or presented not in self.valid:
+                return web.json_response({"ErrorCode": "401", "ErrorDescription": "expired"}, status=401)
+            return web.json_response({"ok": True})
+
+        async def status(request: web.Request) -> web.Response:
+            code = int(request.match_info["code"])
+            headers = {"Retry-After": "7"} if code == 429 else {}
+            return web.json_response(
+                {"ErrorCode": str(code), "ErrorDescription": "x"}, status=code, headers=headers
+            )
+
+        async def echo(request: web.Request) -> web.Response:
+            """A careless ESP: its error body repeats the query string it was sent."""
+            message = f"cannot serve {request.path_qs}"
+            return web.json_response({"message": message}, status=int(request.match_info["code"]))
+
+        async def flaky(request: web.Request) -> web.Response:
+            if self.failures:
+                code, retry_after = self.failures.pop(0)
+                return web.json_response({}, status=code, headers={"Retry-After": retry_after})
+            return web.json_response({"ok": True})
+
+        app = web.Application()
+        app.router.add_route("*", "/echo/{code}", echo)
+        app.router.add_get("/flaky", flaky)
+        app.router.add_post("/token", token)
+        app.router.add_get("/data", data)
+        app.router.add_get("/status/{code}", status)
+        return app
 
 
 @pytest.fixture
 async def esp() -> AsyncIterator[Esp]:
-    state = Esp(url="")
+    async with serve(Esp()) as fake:
+        yield fake
 
-    async def token(request: web.Request) -> web.Response:
-        form = dict(await request.post())
-        state.grants.append({k: str(v) for k, v in form.items()})
-        if form.get("grant_type") == "password" and form.get("password") != "right":
-            return web.json_response({"error": "invalid_grant"}, status=400)
-        issued = f"t{len(state.tokens_issued)}"
-        state.tokens_issued.append(issued)
-        state.valid = {issued}
-        return web.json_response({"access_token": issued, "refresh_token": f"r{issued}", "expires_in": 3600})
 
-    async def data(request: web.Request) -> web.Response:
-        state.calls.append(time.monotonic())
-        presented = request.headers.get("Authorization", "").removeprefix("Bearer ")
-        if state.refuse_all or presented not in state.valid:
-            return web.json_response({"ErrorCode": "401", "ErrorDescription": "expired"}, status=401)
-        return web.json_response({"ok": True})
-
-    async def status(request: web.Request) -> web.Response:
-        code = int(request.match_info["code"])
-        headers = {"Retry-After": "7"} if code == 429 else {}
-        return web.json_response(
-            {"ErrorCode": str(code), "ErrorDescription": "x"}, status=code, headers=headers
-        )
-
-    app = web.Application()
-    app.router.add_post("/token", token)
-    app.router.add_get("/data", data)
-    app.router.add_get("/status/{code}", status)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    state.url = f"http://127.0.0.1:{port}"
-    yield state
-    await runner.cleanup()
+def client(esp: Esp, token: OAuth2Token, limiter: RateLimiter | None = None) -> EspClient:
+    return EspClient(esp.http, esp.url, account="esp/acme", timeout_s=30, token=token, limiter=limiter)
 
 
 async def test_statuses_map_to_transient_and_permanent_errors(esp: Esp) -> None:
-    async with aiohttp.ClientSession() as http:
-        with pytest.raises(EspUnavailableError) as info:
-            await request_json(http, "GET", f"{esp.url}/status/429")
-        assert info.value.retry_after_s == 7.0
+    with pytest.raises(EspUnavailableError) as info:
+        await request_json(esp.http, "GET", f"{esp.url}/status/429")
+    assert (info.value.retry_after_s, info.value.status) == (7.0, 429)
+    with pytest.raises(EspUnavailableError):
+        await request_json(esp.http, "GET", f"{esp.url}/status/503")
+    with pytest.raises(ConfigurationError):
+        await request_json(esp.http, "GET", f"{esp.url}/status/401")
+    with pytest.raises(EspRequestError):
+        await request_json(esp.http, "GET", f"{esp.url}/status/422")
+    assert (await request_json(esp.http, "GET", f"{esp.url}/status/404"))[0] == 404
+    with pytest.raises(EspUnavailableError):
+        await request_json(esp.http, "GET", "http://127.0.0.1:9/closed", timeout_s=2)
+
+
+@pytest.mark.parametrize(("method", "code"), [("GET", 400), ("POST", 404), ("GET", 401), ("GET", 503)])
+async def test_no_error_text_carries_a_query_string_or_a_secret(esp: Esp, method: str, code: int) -> None:
+    api = EspClient(
+        esp.http,
+        esp.url,
+        account="esp/acme",
+        timeout_s=5,
+        auth_params={"api_id": "acme", "api_key": "k3y-s3cret"},
+        answered=(200,),
+    )
+    with pytest.raises((EspRequestError, EspAuthError, EspUnavailableError)) as info:
+        await api.call(method, f"/echo/{code}", params={"list": "l1"}, form={"list": "l1"})
+    text = str(info.value)
+    assert f"answered {code}" in text
+    assert "k3y-s3cret" not in text
+    assert "api_key" not in text
+    assert "?…" in text or method == "POST"  # the echoed query string is cut
+    unreachable = EspClient(
+        esp.http, "http://127.0.0.1:9", account="esp/acme", timeout_s=2, auth_params={"api_key": "k3y-s3cret"}
+    )
+    with pytest.raises(EspUnavailableError) as down:
+        await unreachable.call("GET", "/closed")
+    assert "k3y-s3cret" not in str(down.value)
+
+
+@pytest.mark.parametrize(
+    ("retries", "failures", "calls", "succeeds"),
+    [
+        (Retries(), [(503, "0")], 1, False),  # the default repeats nothing
+        (Retries(attempts=3), [(503, "0"), (429, "0")], 3, True),
+        (Retries(attempts=2), [(503, "0"), (503, "0")], 2, False),
+        (Retries(attempts=3, rate_limits_only=True), [(429, "0"), (503, "0")], 2, False),
+        (Retries(attempts=3, max_wait_s=1), [(429, "5")], 1, False),  # the caller waits that long
+        (Retries(attempts=None, total_wait_s=0.25), [(503, "0.1")] * 5, 3, False),
+        (Retries(attempts=None, backoff_s=lambda n, e: 0.0), [(503, "")] * 3, 4, True),
+    ],
+)
+async def test_a_call_is_repeated_as_the_esps_retries_say(
+    esp: Esp, retries: Retries, failures: list[tuple[int, str]], calls: int, succeeds: bool
+) -> None:
+    esp.failures = list(failures)
+    api = EspClient(esp.http, esp.url, account="esp/acme", timeout_s=5, retries=retries)
+    if succeeds:
+        assert await api.call("GET", "/flaky") == (200, {"ok": True})
+    else:
         with pytest.raises(EspUnavailableError):
-            await request_json(http, "GET", f"{esp.url}/status/503")
-        with pytest.raises(ConfigurationError):
-            await request_json(http, "GET", f"{esp.url}/status/401")
-        with pytest.raises(EspRequestError):
-            await request_json(http, "GET", f"{esp.url}/status/422")
-        assert (await request_json(http, "GET", f"{esp.url}/status/404"))[0] == 404
-        with pytest.raises(EspUnavailableError):
-            await request_json(http, "GET", "http://127.0.0.1:9/closed", timeout_s=2)
+            await api.call("GET", "/flaky")
+    assert len(esp.calls("/flaky")) == calls
+
+
+async def test_a_retry_after_holds_the_accounts_later_calls(esp: Esp) -> None:
+    esp.failures = [(429, "30")]
+    api = EspClient(esp.http, esp.url, account="esp/acme", timeout_s=5, holds=True)
+    with pytest.raises(EspUnavailableError) as first:
+        await api.call("GET", "/flaky")
+    assert first.value.retry_after_s == 30
+    with pytest.raises(EspUnavailableError, match="rate limited by the ESP") as held:
+        await api.call("GET", "/flaky")  # fails at once: the wait is longer than the timeout
+    assert held.value.retry_after_s is not None
+    assert 25 < held.value.retry_after_s <= 30
+    assert len(esp.calls("/flaky")) == 1  # the held call never reached the ESP
 
 
 async def test_a_refused_token_is_refreshed_once(esp: Esp) -> None:
-    async with aiohttp.ClientSession() as http:
-        token = OAuth2Token(
-            http,
-            f"{esp.url}/token",
-            {"grant_type": "password", "username": "u", "password": "right", "client_id": "c"},
-        )
-        assert await request_with_token(http, token, "GET", f"{esp.url}/data") == (200, {"ok": True})
-        assert await request_with_token(http, token, "GET", f"{esp.url}/data") == (200, {"ok": True})
-        assert token.fetches == 1
-        esp.valid = set()  # the ESP expires the token early: the call gets a 401
-        assert await request_with_token(http, token, "GET", f"{esp.url}/data") == (200, {"ok": True})
-        assert token.fetches == 2
-        # first fetched by password, then renewed with the refresh token after the 401
-        assert [g["grant_type"] for g in esp.grants] == ["password", "refresh_token"]
-        assert esp.grants[1]["refresh_token"] == "rt0"
-        esp.refuse_all = True
-        calls = len(esp.calls)
-        with pytest.raises(EspAuthError):
-            await request_with_token(http, token, "GET", f"{esp.url}/data")
-        assert len(esp.calls) - calls == 2  # one retry, never a loop
+    token = OAuth2Token(
+        esp.http,
+        f"{esp.url}/token",
+        {"grant_type": "password", "username": "u", "password": "right", "client_id": "c"},
+    )
+    api = client(esp, token)
+    assert await api.call("GET", "/data") == (200, {"ok": True})
+    assert await api.call("GET", "/data") == (200, {"ok": True})
+    assert token.fetches == 1
+    esp.valid = set()  # the ESP expires the token early: the call gets a 401
+    assert await api.call("GET", "/data") == (200, {"ok": True})
+    assert token.fetches == 2
+    # first fetched by password, then renewed with the refresh token after the 401
+    assert [g["grant_type"] for g in esp.grants] == ["password", "refresh_token"]
+    assert esp.grants[1]["refresh_token"] == "rt0"
+    esp.refuse_all = True
+    calls = len(esp.calls("/data"))
+    with pytest.raises(EspAuthError) as refused:
+        await api.call("GET", "/data")
+    assert len(esp.calls("/data")) - calls == 2  # one retry, never a loop
+    assert "t3" not in str(refused.value)  # the refused token itself is not in the message
 
 
 async def test_wrong_credentials_are_a_configuration_error(esp: Esp) -> None:
-    async with aiohttp.ClientSession() as http:
-        token = OAuth2Token(http, f"{esp.url}/token", {"grant_type": "password", "password": "wrong"})
-        with pytest.raises(EspAuthError, match="refused the credentials"):
-            await request_with_token(http, token, "GET", f"{esp.url}/data")
+    token = OAuth2Token(esp.http, f"{esp.url}/token", {"grant_type": "password", "password": "wrong"})
+    with pytest.raises(EspAuthError, match="refused the credentials"):
+        await client(esp, token).call("GET", "/data")
 
 
 async def test_rate_limiter_keeps_calls_under_the_limit(esp: Esp) -> None:
     limiter = RateLimiter(5, per_s=0.5)
-    async with aiohttp.ClientSession() as http:
-        token = OAuth2Token(http, f"{esp.url}/token", {"grant_type": "client_credentials"})
-        for _ in range(12):
-            await request_with_token(http, token, "GET", f"{esp.url}/data", limiter=limiter)
+    token = OAuth2Token(esp.http, f"{esp.url}/token", {"grant_type": "client_credentials"})
+    api = client(esp, token, limiter)
+    for _ in range(12):
+        await api.call("GET", "/data")
     # a call holds its slot until 0.5 s after its answer came, so the server never sees a sixth
     # call within 0.5 s, whatever the calls' time on the way
-    windows = [sum(1 for t in esp.calls if start <= t < start + 0.5) for start in esp.calls]
-    assert max(windows) <= 5
-    # 12 calls at 5 per 0.5 s need two waits (the first call also waits for the token fetch)
-    assert esp.calls[-1] - esp.calls[0] >= 0.9
+    assert len(esp.calls("/data")) == 12
+    assert esp.most_within(0.5, "/data") <= 5
+    # 12 calls at 5 per 0.5 s reach the server in three windows: the 6th and the 11th wait
+    arrivals = esp.arrivals("/data")
+    assert all(later - earlier >= 0.5 for earlier, later in zip(arrivals, arrivals[5:], strict=False))
 
 
 async def test_a_call_slow_to_arrive_still_counts_against_the_next_one() -> None:
@@ -162,7 +240,13 @@ async def test_a_waiting_call_gets_the_slot_a_failed_call_frees() -> None:
     with pytest.raises(RuntimeError):
         async with limiter.slot():
             raise RuntimeError("refused")
-    started = time.monotonic()
-    async with limiter.slot():
-        waited = time.monotonic() - started
-    assert 0.15 <= waited < 5.0  # the failed call counted, and its slot came free after per_s
+    assert limiter.taken == 1  # the failed call counted
+    taken_inside: list[int] = []
+
+    async def waiting() -> None:
+        async with limiter.slot():
+            taken_inside.append(limiter.taken)
+
+    await asyncio.wait_for(waiting(), 5)
+    # it got in once the failed call's slot had aged out: only its own slot was taken then
+    assert taken_inside == [1]

@@ -100,7 +100,7 @@ def test_bad_options_are_configuration_errors() -> None:
         connector(message_types={"OPN": "looked"})
     with pytest.raises(ConfigurationError, match="time zone"):
         connector(timezone="Mars/Olympus")
-    with pytest.raises(ConfigurationError, match="column roles"):
+    with pytest.raises(ConfigurationError, match="columns has unknown roles"):
         connector(columns={"colour": "x"})
 
 
