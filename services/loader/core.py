@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from datetime import date, datetime
-from typing import Any
 
 from shared.model.errors import PermanentError
 from shared.model.events import EventFields
@@ -201,6 +200,18 @@ def _sortable(occurred: bytes) -> bytes:
     return occurred[:19] + fraction.ljust(7, b"0") if fraction else occurred[:19]
 
 
+class _Times:
+    """The events of one broadcast and type in a batch, with their first and last times (each
+    also as :func:`_sortable` bytes, which compare as the times do)."""
+
+    __slots__ = ("events", "first", "first_key", "last", "last_key")
+
+    def __init__(self, events: int, first: bytes, last: bytes) -> None:
+        self.events = events
+        self.first_key, self.first = _sortable(first), first
+        self.last_key, self.last = _sortable(last), last
+
+
 class Tally:
     """Events per broadcast and type of a batch, with their first and last times: what the batch
     adds to ``responses.broadcast_type_counts`` when all of its events are new."""
@@ -208,21 +219,20 @@ class Tally:
     __slots__ = ("_groups",)
 
     def __init__(self) -> None:
-        # (broadcast, type) -> [events, first (sortable), first, last (sortable), last]
-        self._groups: dict[tuple[bytes, bytes], list[Any]] = {}
+        self._groups: dict[tuple[bytes, bytes], _Times] = {}
 
     def add(self, broadcast_id: bytes, kind: bytes, occurred: bytes) -> None:
         """Count one event (``occurred`` as :func:`_sortable` takes it)."""
-        key = _sortable(occurred)
         group = self._groups.get((broadcast_id, kind))
         if group is None:
-            self._groups[(broadcast_id, kind)] = [1, key, occurred, key, occurred]
+            self._groups[(broadcast_id, kind)] = _Times(1, occurred, occurred)
             return
-        group[0] += 1
-        if key < group[1]:
-            group[1], group[2] = key, occurred
-        elif key > group[3]:
-            group[3], group[4] = key, occurred
+        key = _sortable(occurred)
+        group.events += 1
+        if key < group.first_key:
+            group.first_key, group.first = key, occurred
+        elif key > group.last_key:
+            group.last_key, group.last = key, occurred
 
     def add_times(self, broadcast_id: bytes, kind: bytes, times: list[bytes]) -> None:
         """Count events of one broadcast and type at once (``times`` not empty)."""
@@ -232,13 +242,13 @@ class Tally:
             first, last = min(times, key=_sortable), max(times, key=_sortable)
         group = self._groups.get((broadcast_id, kind))
         if group is None:
-            self._groups[(broadcast_id, kind)] = [len(times), _sortable(first), first, _sortable(last), last]
+            self._groups[(broadcast_id, kind)] = _Times(len(times), first, last)
             return
-        group[0] += len(times)
-        if _sortable(first) < group[1]:
-            group[1], group[2] = _sortable(first), first
-        if _sortable(last) > group[3]:
-            group[3], group[4] = _sortable(last), last
+        group.events += len(times)
+        if _sortable(first) < group.first_key:
+            group.first_key, group.first = _sortable(first), first
+        if _sortable(last) > group.last_key:
+            group.last_key, group.last = _sortable(last), last
 
     def rows(self) -> list[tuple[str, str, int, datetime, datetime]]:
         """(broadcast_id, type, events, first_at, last_at) per group, in key order (the order the
@@ -247,9 +257,9 @@ class Tally:
             (
                 b.decode(),
                 k.decode(),
-                g[0],
-                datetime.fromisoformat(g[2].decode()),
-                datetime.fromisoformat(g[4].decode()),
+                g.events,
+                datetime.fromisoformat(g.first.decode()),
+                datetime.fromisoformat(g.last.decode()),
             )
             for (b, k), g in sorted(self._groups.items())
         ]
@@ -259,7 +269,7 @@ class Tally:
         out: dict[str, int] = {}
         for (b, _), g in self._groups.items():
             name = b.decode()
-            out[name] = out.get(name, 0) + g[0]
+            out[name] = out.get(name, 0) + g.events
         return out
 
 
