@@ -31,24 +31,19 @@
 set -euo pipefail
 
 COMPONENT=kafka
-SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source-path=SCRIPTDIR/.. source=lib/common.sh
-. "$SCRIPT_DIR/../lib/common.sh"
+. "$(dirname "${BASH_SOURCE[0]}")/../lib/common.sh"
 
-KAFKA_VERSION="$ESPBRIDGE_KAFKA_VERSION"
-KAFKA_HOST="$ESPBRIDGE_BIND_HOST"
-KAFKA_PORT="${ESPBRIDGE_KAFKA_PORT:-9092}"
+server_settings KAFKA 9092 120 30
 KAFKA_CONTROLLER_PORT="${ESPBRIDGE_KAFKA_CONTROLLER_PORT:-9093}"
+require_port ESPBRIDGE_KAFKA_CONTROLLER_PORT "$KAFKA_CONTROLLER_PORT"
+[[ "$PORT" != "$KAFKA_CONTROLLER_PORT" ]] || die "client and controller port must differ"
+KAFKA_VERSION="$ESPBRIDGE_KAFKA_VERSION"
 HEAP_OPTS="${ESPBRIDGE_KAFKA_HEAP_OPTS:--Xms256m -Xmx768m}"
 JVM_OPTS="${ESPBRIDGE_KAFKA_JVM_OPTS:--XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:InitiatingHeapOccupancyPercent=35 -XX:+ExplicitGCInvokesConcurrent -XX:+ExitOnOutOfMemoryError -Djava.awt.headless=true}"
 TOOL_OPTS="${ESPBRIDGE_KAFKA_TOOL_OPTS:--Xmx256m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 -Djava.awt.headless=true}"
-START_TIMEOUT="${ESPBRIDGE_KAFKA_START_TIMEOUT:-120}"
-STOP_TIMEOUT="${ESPBRIDGE_KAFKA_STOP_TIMEOUT:-30}"
-require_port ESPBRIDGE_KAFKA_PORT "$KAFKA_PORT"
-require_port ESPBRIDGE_KAFKA_CONTROLLER_PORT "$KAFKA_CONTROLLER_PORT"
-[[ "$KAFKA_PORT" != "$KAFKA_CONTROLLER_PORT" ]] || die "client and controller port must differ"
 
-POM="$SCRIPT_DIR/pom.xml"
+POM="$ESPBRIDGE_INFRA_DIR/kafka/pom.xml"
 LIB_DIR="$(kafka_lib_dir)"
 MARKER="$LIB_DIR/.complete"
 KSTATE="$ESPBRIDGE_STATE_DIR/kafka"
@@ -58,7 +53,6 @@ LOG_DIR="$KSTATE/logs"
 PID_FILE="$KSTATE/kafka.pid"
 RSS_FILE="$KSTATE/rss-after-start-kb"
 SERVER_PROPS="$CONF_DIR/server.properties"
-ADDRESS="$KAFKA_HOST:$KAFKA_PORT"
 
 if [[ -n "${JAVA_HOME:-}" ]]; then JAVA="$JAVA_HOME/bin/java"; else JAVA="java"; fi
 
@@ -145,9 +139,9 @@ write_configs() {
 process.roles=broker,controller
 node.id=1
 # static quorum: the voter comes from this file, so changing the controller port needs no re-format
-controller.quorum.voters=1@$KAFKA_HOST:$KAFKA_CONTROLLER_PORT
-listeners=PLAINTEXT://$KAFKA_HOST:$KAFKA_PORT,CONTROLLER://$KAFKA_HOST:$KAFKA_CONTROLLER_PORT
-advertised.listeners=PLAINTEXT://$KAFKA_HOST:$KAFKA_PORT
+controller.quorum.voters=1@$HOST:$KAFKA_CONTROLLER_PORT
+listeners=PLAINTEXT://$HOST:$PORT,CONTROLLER://$HOST:$KAFKA_CONTROLLER_PORT
+advertised.listeners=PLAINTEXT://$HOST:$PORT
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
 listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
@@ -268,23 +262,20 @@ dump_logs() {
   tail -n 30 "$LOG_DIR/server.log" >&2 2>/dev/null || true
 }
 
-# wait_ready PID T0_US: poll (deadline) until the client port accepts. The PLAINTEXT acceptor is opened
-# only after the broker has caught up with the metadata log and is unfenced, so "accepts" == "ready".
-# Returns 2 if the process is gone (the caller decides), dies on timeout.
+accepting() { port_open "$HOST" "$PORT"; }
+
+# wait_ready PID T0_US: until the client port accepts (the PLAINTEXT acceptor opens only once the
+# broker has caught up with the metadata log and is unfenced, so "accepts" == "ready"). Returns 2 if
+# the process is gone (the caller decides), dies on timeout.
 wait_ready() {
-  local pid="$1" t0="$2" deadline=$((SECONDS + START_TIMEOUT))
-  until port_open "$KAFKA_HOST" "$KAFKA_PORT"; do
-    if ! pid_alive "$pid"; then
-      rm -f "$PID_FILE"
-      return 2
-    fi
-    if ((SECONDS >= deadline)); then
-      dump_logs
-      cmd_stop || true
-      die "broker not accepting on $ADDRESS after ${START_TIMEOUT}s"
-    fi
-    sleep 0.2
-  done
+  local pid="$1" t0="$2" rc=0
+  wait_server_ready "$pid" accepting "$START_TIMEOUT" || rc=$?
+  if ((rc == 1)); then
+    dump_logs
+    cmd_stop || true
+    die "broker not accepting on $ADDRESS after ${START_TIMEOUT}s"
+  fi
+  ((rc == 0)) || return "$rc"
   local rss
   rss="$(rss_kb "$pid")"
   printf '%s\n' "$rss" >"$RSS_FILE"
@@ -294,7 +285,7 @@ wait_ready() {
 cmd_start() {
   mkdir -p "$KSTATE"
   if is_running; then
-    if port_open "$KAFKA_HOST" "$KAFKA_PORT"; then
+    if accepting; then
       log "already running (pid $(current_pid)) on $ADDRESS"
       return 0
     fi
@@ -303,11 +294,11 @@ cmd_start() {
     wait_ready "$(current_pid)" "$(now_us)" || rc=$?
     ((rc == 2)) || return "$rc"
     log "that process exited; starting a new broker"
-    wait_port_closed "$KAFKA_HOST" "$KAFKA_PORT" 10 || true
+    wait_port_closed "$HOST" "$PORT" 10 || true
   fi
   rm -f "$PID_FILE" "$RSS_FILE"
-  if port_open "$KAFKA_HOST" "$KAFKA_PORT" || port_open "$KAFKA_HOST" "$KAFKA_CONTROLLER_PORT"; then
-    die "port $KAFKA_PORT or $KAFKA_CONTROLLER_PORT on $KAFKA_HOST is in use by another process"
+  if port_open "$HOST" "$PORT" || port_open "$HOST" "$KAFKA_CONTROLLER_PORT"; then
+    die "port $PORT or $KAFKA_CONTROLLER_PORT on $HOST is in use by another process"
   fi
   local t_total
   t_total="$(now_us)"
@@ -319,7 +310,7 @@ cmd_start() {
   local heap=() jvm=() t0 pid
   read -r -a heap <<<"$HEAP_OPTS"
   read -r -a jvm <<<"$JVM_OPTS"
-  log "starting Kafka $KAFKA_VERSION on $ADDRESS (controller $KAFKA_HOST:$KAFKA_CONTROLLER_PORT, logs $LOG_DIR)"
+  log "starting Kafka $KAFKA_VERSION on $ADDRESS (controller $HOST:$KAFKA_CONTROLLER_PORT, logs $LOG_DIR)"
   t0="$(now_us)"
   # setsid: own session, so a Ctrl-C / process-group kill aimed at the caller does not hit the broker
   setsid nohup "$JAVA" "${heap[@]}" "${jvm[@]}" -Dkafka.logs.dir="$LOG_DIR" "$(log_opts server)" \
@@ -333,37 +324,9 @@ cmd_start() {
   log "start took $(elapsed_s "$t_total")s in total (including fetch/format when needed)"
 }
 
-cmd_stop() {
-  local pid
-  pid="$(current_pid)"
-  if ! is_running; then
-    rm -f "$PID_FILE"
-    log "not running"
-    return 0
-  fi
-  log "stopping pid $pid (SIGTERM = controlled shutdown)"
-  local t0
-  t0="$(now_us)"
-  stop_pid "$pid" "$STOP_TIMEOUT" || die "pid $pid did not exit"
-  rm -f "$PID_FILE"
-  wait_port_closed "$KAFKA_HOST" "$KAFKA_PORT" 10 || log "WARNING: $ADDRESS still accepts after stop"
-  log "stopped in $(elapsed_s "$t0")s"
-}
+cmd_stop() { stop_server " (SIGTERM = controlled shutdown)" "$STOP_TIMEOUT" "$HOST" "$PORT"; }
 
-cmd_status() {
-  local pid
-  pid="$(current_pid)"
-  if is_running; then
-    if port_open "$KAFKA_HOST" "$KAFKA_PORT"; then
-      print_status kafka "$ADDRESS" running "$pid" "$(rss_kb "$pid")"
-      return 0
-    fi
-    print_status kafka "$ADDRESS" starting "$pid" "$(rss_kb "$pid")"
-    return 1
-  fi
-  print_status kafka "$ADDRESS" stopped "" ""
-  return 3
-}
+cmd_status() { server_status kafka "$ADDRESS" "$(current_pid)" accepting; }
 
 cmd_env() {
   printf 'export ESPBRIDGE_KAFKA_BOOTSTRAP_SERVERS=%s\n' "$ADDRESS"
@@ -374,44 +337,43 @@ usage() {
   exit 2
 }
 
-case "${1:-}" in
-  start) cmd_start ;;
-  stop) cmd_stop ;;
-  restart) cmd_stop && cmd_start ;;
-  status) cmd_status ;;
-  fetch)
-    ensure_java
-    ensure_libs
-    log "$(tr '\n' ' ' <"$MARKER")-> $LIB_DIR"
-    ;;
-  logs)
-    tail -n "${2:-100}" "$LOG_DIR/server.log" "$LOG_DIR/kafka.out"
-    ;;
-  topics)
-    shift
-    port_open "$KAFKA_HOST" "$KAFKA_PORT" || die "no broker on $ADDRESS (start it with: $0 start)"
-    ensure_java
-    ensure_libs
-    write_configs
-    run_tool org.apache.kafka.tools.TopicCommand --bootstrap-server "$ADDRESS" "$@"
-    ;;
-  tool)
-    shift
-    [[ $# -ge 1 ]] || usage
-    ensure_java
-    ensure_libs
-    write_configs
-    run_tool "$@"
-    ;;
-  classpath)
-    ensure_libs
-    echo "$LIB_DIR/*"
-    ;;
-  env) cmd_env ;;
-  reset)
-    cmd_stop
-    rm -rf "$DATA_DIR" "$LOG_DIR" "$RSS_FILE"
-    log "data and logs removed"
-    ;;
-  *) usage ;;
-esac
+other_command() {
+  case "${1:-}" in
+    fetch)
+      ensure_java
+      ensure_libs
+      log "$(tr '\n' ' ' <"$MARKER")-> $LIB_DIR"
+      ;;
+    logs)
+      tail -n "${2:-100}" "$LOG_DIR/server.log" "$LOG_DIR/kafka.out"
+      ;;
+    topics)
+      shift
+      accepting || die "no broker on $ADDRESS (start it with: $0 start)"
+      ensure_java
+      ensure_libs
+      write_configs
+      run_tool org.apache.kafka.tools.TopicCommand --bootstrap-server "$ADDRESS" "$@"
+      ;;
+    tool)
+      shift
+      [[ $# -ge 1 ]] || usage
+      ensure_java
+      ensure_libs
+      write_configs
+      run_tool "$@"
+      ;;
+    classpath)
+      ensure_libs
+      echo "$LIB_DIR/*"
+      ;;
+    reset)
+      cmd_stop
+      rm -rf "$DATA_DIR" "$LOG_DIR" "$RSS_FILE"
+      log "data and logs removed"
+      ;;
+    *) usage ;;
+  esac
+}
+
+run_server_command "$@"

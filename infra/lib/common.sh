@@ -41,6 +41,19 @@ require_port() {  # require_port NAME VALUE
   fi
 }
 
+# server_settings NAME PORT START_S STOP_S: the settings of a server script, from
+# ESPBRIDGE_<NAME>_PORT, _START_TIMEOUT and _STOP_TIMEOUT (these defaults when unset): HOST (the
+# loopback address), PORT (validated), ADDRESS, START_TIMEOUT and STOP_TIMEOUT.
+server_settings() {
+  local port="ESPBRIDGE_$1_PORT" start="ESPBRIDGE_$1_START_TIMEOUT" stop="ESPBRIDGE_$1_STOP_TIMEOUT"
+  HOST="$ESPBRIDGE_BIND_HOST"
+  PORT="${!port:-$2}"
+  require_port "$port" "$PORT"
+  ADDRESS="$HOST:$PORT"
+  START_TIMEOUT="${!start:-$3}"
+  STOP_TIMEOUT="${!stop:-$4}"
+}
+
 # ---- processes -----------------------------------------------------------------------------
 port_open() {  # port_open HOST PORT -> 0 when something accepts TCP connections there
   (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null
@@ -128,9 +141,81 @@ wait_port_closed() {
   done
 }
 
+# ---- the commands every server script has ----------------------------------------------------
+# The sourcing script defines is_running (its own server's process runs) and, for a server it runs
+# from a pid file, PID_FILE.
+
+# wait_server_ready PID READY TIMEOUT_S: poll READY (a function of the script) until it succeeds.
+# Returns 0 then, 2 when process PID is gone first (its pid file removed), 1 after TIMEOUT_S.
+wait_server_ready() {
+  local pid="$1" ready="$2" deadline=$((SECONDS + $3))
+  until "$ready"; do
+    if ! pid_alive "$pid"; then
+      rm -f "${PID_FILE:-}"
+      return 2
+    fi
+    ((SECONDS < deadline)) || return 1
+    sleep 0.2
+  done
+}
+
+# stop_server WHAT TIMEOUT_S HOST PORT [BEFORE]: `stop` of a server run from $PID_FILE: SIGTERM,
+# SIGKILL after TIMEOUT_S, the pid file removed, then (bounded) until the port is closed. WHAT ends
+# the "stopping pid N" line; BEFORE, a function of the script, runs first with the pid.
+stop_server() {
+  local what="$1" timeout="$2" host="$3" port="$4" before="${5:-}" pid t0
+  if ! is_running; then
+    rm -f "$PID_FILE"
+    log "not running"
+    return 0
+  fi
+  pid="$(read_pid_file "$PID_FILE")"
+  t0="$(now_us)"
+  log "stopping pid $pid$what"
+  [[ -z "$before" ]] || "$before" "$pid"
+  stop_pid "$pid" "$timeout" || die "pid $pid did not exit"
+  rm -f "$PID_FILE"
+  report_stopped "$host" "$port" "$t0"
+}
+
+# report_stopped HOST PORT T0_US: after a stop, wait (bounded) until the port is closed; log how long
+report_stopped() {
+  wait_port_closed "$1" "$2" 10 || log "WARNING: $1:$2 still accepts after stop"
+  log "stopped in $(elapsed_s "$3")s"
+}
+
+# run_server_command CMD [ARGS...]: start | stop | restart | status | env through the script's
+# cmd_* functions; any other command is the script's own other_command (a usage error there).
+run_server_command() {
+  case "${1:-}" in
+    start) cmd_start ;;
+    stop) cmd_stop ;;
+    restart) cmd_stop && cmd_start ;;
+    status) cmd_status ;;
+    env) cmd_env ;;
+    *) other_command "$@" ;;
+  esac
+}
+
 # print_status NAME ADDRESS STATE PID RSS_KB  — the one-line format shared by every `status`
 print_status() {
   printf '%-9s %-16s %-8s pid=%-8s rss=%s\n' "$1" "$2" "$3" "${4:--}" "$(kb_to_mb "${5:-}")"
+}
+
+# server_status NAME ADDRESS PID ACCEPTING: `status`, the one line and its exit code: 0 running,
+# 1 started but not accepting yet (ACCEPTING, a function of the script, fails), 3 stopped.
+server_status() {
+  local name="$1" address="$2" pid="$3" accepting="$4"
+  if ! is_running; then
+    print_status "$name" "$address" stopped "" ""
+    return 3
+  fi
+  if "$accepting"; then
+    print_status "$name" "$address" running "$pid" "$(rss_kb "$pid")"
+    return 0
+  fi
+  print_status "$name" "$address" starting "$pid" "$(rss_kb "$pid")"
+  return 1
 }
 
 # ---- packages ------------------------------------------------------------------------------
