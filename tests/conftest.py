@@ -12,7 +12,9 @@ import asyncpg
 import pytest
 
 from shared.infra.db import connect
+from shared.infra.kafka import ensure_topics
 from shared.infra.settings import KafkaSettings, PostgresSettings
+from tests.fixtures.deployment import Deployment
 from tests.fixtures.servers import (
     REQUIRED,
     Servers,
@@ -59,9 +61,7 @@ def unique() -> str:
 @pytest.fixture
 async def kafka(servers: Servers, unique: str) -> AsyncIterator[KafkaSettings]:
     """Kafka settings whose topics and groups belong to this test alone (topics deleted after)."""
-    settings = servers.kafka.model_copy(
-        update={"topic_prefix": f"t{unique}.", "partitions_responses": 6, "partitions_default": 3}
-    )
+    settings = servers.kafka_for(unique)
     yield settings
     await delete_topics(settings, settings.topic_prefix)
 
@@ -74,6 +74,15 @@ async def database(servers: Servers, unique: str) -> AsyncIterator[PostgresSetti
         yield settings
     finally:
         await drop_database(servers.pg, settings.database, timeout_s=30)
+
+
+@pytest.fixture
+async def deployment(
+    servers: Servers, kafka: KafkaSettings, database: PostgresSettings, unique: str, tmp_path: Path
+) -> Deployment:
+    """This test's topics (created) and database on the servers, with its folder and token."""
+    await ensure_topics(kafka)
+    return Deployment(servers, kafka, database, tmp_path, unique)
 
 
 @pytest.fixture

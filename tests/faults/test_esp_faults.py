@@ -14,22 +14,17 @@ from __future__ import annotations
 
 import json
 from contextlib import ExitStack
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from aiokafka import AIOKafkaConsumer
 
-from shared.infra.db import connect
-from shared.infra.kafka import ensure_topics
-from shared.infra.settings import KafkaSettings, PostgresSettings
 from shared.model.messages import Stage, State
 from shared.model.topics import Topic
 from shared.operations.jobs import read_statuses
-from tests.fixtures.pipeline import Pipeline, loaded_counts, start_pipeline, wait_all_loaded
-from tests.fixtures.servers import Servers
-from tools.demo import seed_customers
+from tests.fixtures.deployment import Deployment
+from tests.fixtures.kafka import count_records
+from tests.fixtures.pipeline import Pipeline, loaded_as_made, loaded_counts, start_pipeline, wait_all_loaded
 
 GENERIC = r"^/api/v1/accounts/[^/]+"
 CALLS: dict[str, list[dict[str, Any]]] = {
@@ -94,54 +89,24 @@ async def fault_report(pipeline: Pipeline, esp: str) -> dict[str, dict[str, Any]
     return {r["name"]: r for r in body["rules"] if r["name"].startswith(f"{esp}: ")}
 
 
-async def dead_letters(kafka: KafkaSettings) -> int:
-    """How many messages the dead-letter topic holds."""
-    consumer = AIOKafkaConsumer(
-        kafka.topic(Topic.DEADLETTER), bootstrap_servers=kafka.bootstrap_servers, group_id=None
-    )
-    await consumer.start()
-    try:
-        parts = list(consumer.assignment())
-        return sum((await consumer.end_offsets(parts)).values()) if parts else 0
-    finally:
-        await consumer.stop()
-
-
 @pytest.mark.parametrize("fault", ["429", "500", "503", "timeout", "reset"])
-async def test_every_esp_call_survives_the_fault(
-    fault: str,
-    servers: Servers,
-    kafka: KafkaSettings,
-    database: PostgresSettings,
-    unique: str,
-    tmp_path: Path,
-) -> None:
-    conn = await connect(database)
-    try:
-        await seed_customers(conn, RECIPIENTS)
-    finally:
-        await conn.close()
-    await ensure_topics(kafka)
+async def test_every_esp_call_survives_the_fault(fault: str, deployment: Deployment) -> None:
+    await deployment.seed(RECIPIENTS)
     timing = TIMING.get(fault, TIMING["quick"])
     with ExitStack() as stack:
         pipeline = start_pipeline(
             stack,
-            servers,
-            kafka.topic_prefix,
-            database,
-            tmp_path,
-            [(esp, f"f{unique}") for esp in CALLS],
+            deployment,
+            [(esp, f"f{deployment.unique}") for esp in CALLS],
             sandbox_settings={"faults": json.dumps(rules(fault)), "phase_delay_s": "0.1", **timing},
             account_fields={"request_timeout_s": REQUEST_TIMEOUT_S},
         )
-        jobs = {esp: await pipeline.publish(kafka, esp, f"fault-{fault}-{esp}-{unique}") for esp in CALLS}
+        jobs = {esp: await pipeline.publish(esp, f"fault-{fault}-{esp}-{deployment.unique}") for esp in CALLS}
         for esp, job in jobs.items():
-            manifest = await wait_all_loaded(pipeline, esp, job.job_id, database, kafka, timeout_s=120)
+            manifest = await wait_all_loaded(pipeline, esp, job.job_id, timeout_s=120)
             assert manifest["recipients"] == RECIPIENTS - RECIPIENTS // 33
             # Every response exactly once, whatever broke on the way.
-            assert await loaded_counts(database, job.job_id) == {
-                t: n for t, n in manifest["counts"].items() if n
-            }
+            assert await loaded_counts(deployment.database, job.job_id) == loaded_as_made(manifest)
             stats = await pipeline.stats(esp)
             assert stats["sends_created"] == {job.job_id: 1}, "the broadcast was sent once"
             assert stats["imports_created"] == {job.job_id: 1}
@@ -157,13 +122,16 @@ async def test_every_esp_call_survives_the_fault(
                 if c.get("once") and report[f"{esp}: {c['name']}"]["matched"] != 1
             }
             assert not repeated, f"send calls made more than once: {repeated}"
-            statuses = await read_statuses(kafka, job.job_id)
+            statuses = await read_statuses(deployment.kafka, job.job_id)
             reached = {(s.stage, s.state) for s in statuses}
             for stage in (Stage.UPLOAD, Stage.IMPORT, Stage.SEND):
                 assert (stage, State.DONE) in reached, f"{esp}: {stage} not done: {sorted(reached)}"
             assert not [s for s in statuses if s.state is State.FAILED]
-        assert await dead_letters(kafka) == 0, "a broken answer is retried, never dead-lettered"
+        assert await count_records(deployment.kafka, Topic.DEADLETTER) == 0, (
+            "a broken answer is retried, never dead-lettered"
+        )
         if fault == "timeout":
-            logged = (tmp_path / "monitor.log").read_text() + (tmp_path / "gatherer.log").read_text()
+            logs = (deployment.folder / f"{name}.log" for name in ("monitor", "gatherer"))
+            logged = "".join(log.read_text() for log in logs)
             assert f"no complete answer within {REQUEST_TIMEOUT_S:g}s" in logged, "a timeout says how long"
         pipeline.stop()

@@ -6,29 +6,25 @@ from __future__ import annotations
 
 import signal
 from contextlib import ExitStack
-from pathlib import Path
 
 import pytest
 
 from shared.infra.db import connect
-from shared.infra.kafka import ensure_topics
-from shared.infra.settings import KafkaSettings, PostgresSettings
 from shared.runtime.failpoints import Point
+from tests.fixtures.deployment import Deployment
 from tests.fixtures.faults import (
     assert_exactly_once,
     fault_pipeline,
     markers,
     reached,
-    seed_list,
     start_another,
 )
-from tests.fixtures.pipeline import Pipeline
-from tests.fixtures.servers import Servers
+from tests.fixtures.pipeline import Pipeline, seed_list
 
 CUSTOMERS = 2000
 
 
-async def held_state(point: Point, pipeline: Pipeline, database: PostgresSettings, job_id: str) -> None:
+async def held_state(point: Point, pipeline: Pipeline, job_id: str) -> None:
     """What is true while the process holds at the point (so the kill hits work half done)."""
     account_dir = pipeline.esps["sandbox"].account_dir(pipeline.accounts["sandbox"])
     if point is Point.UPLOADER_MID_UPLOAD:
@@ -44,7 +40,7 @@ async def held_state(point: Point, pipeline: Pipeline, database: PostgresSetting
     if point is Point.MONITOR_AFTER_SEND:
         assert await pipeline.sends_created("sandbox") == {job_id: 1}, "the ESP accepted the send"
         return
-    conn = await connect(database)
+    conn = await connect(pipeline.deployment.database)
     try:
         if point is Point.GATHERER_MID_FILE:
             processing = await conn.fetchval(
@@ -67,26 +63,18 @@ async def held_state(point: Point, pipeline: Pipeline, database: PostgresSetting
         Point.LOADER_AFTER_DB_COMMIT,
     ],
 )
-async def test_kill_at_failpoint_then_restart(
-    point: Point,
-    servers: Servers,
-    kafka: KafkaSettings,
-    database: PostgresSettings,
-    unique: str,
-    tmp_path: Path,
-) -> None:
+async def test_kill_at_failpoint_then_restart(point: Point, deployment: Deployment) -> None:
     service = point.value.split(".")[0]
-    expected_rows = await seed_list(database, CUSTOMERS)
-    await ensure_topics(kafka)
+    expected_rows = await seed_list(deployment, CUSTOMERS)
     with ExitStack() as stack:
-        pipeline = fault_pipeline(stack, servers, kafka, database, tmp_path, f"t{unique}", (point,))
-        job = await pipeline.publish(kafka, "sandbox", f"kill-{unique}")
+        pipeline = fault_pipeline(stack, deployment, (point,))
+        job = await pipeline.publish("sandbox", f"kill-{deployment.unique}")
         victim = pipeline.procs[service]
-        await reached(markers(tmp_path), point, victim)
-        await held_state(point, pipeline, database, job.job_id)
+        await reached(markers(deployment), point, victim)
+        await held_state(point, pipeline, job.job_id)
         victim.send_signal(signal.SIGKILL)
         assert victim.wait(timeout=30) == -signal.SIGKILL
 
         await start_another(pipeline, stack, service)  # same settings: the point's marker lets it pass
-        await assert_exactly_once(pipeline, kafka, database, [job.job_id], expected_rows)
+        await assert_exactly_once(pipeline, [job.job_id], expected_rows)
         pipeline.stop()

@@ -24,13 +24,15 @@ import pytest
 from bench.harness import usage
 from shared.infra.db import connect
 from shared.infra.kafka import ensure_topics
-from shared.infra.settings import KafkaSettings, PostgresSettings
+from shared.infra.settings import PostgresSettings
 from shared.model.messages import Stage, State
 from shared.operations.jobs import read_statuses
 from tests.faults.private_servers import PrivateServers, private_servers
-from tests.fixtures.pipeline import SERVICES, loaded_counts, start_pipeline, wait_all_loaded
+from tests.fixtures.deployment import Deployment
+from tests.fixtures.pipeline import loaded_as_made, loaded_counts, start_pipeline, wait_all_loaded
+from tests.fixtures.processes import log_records
 from tests.fixtures.waits import wait_for
-from tools.demo import seed_customers
+from tools.demo import SERVICES, seed_customers
 from tools.scratch import create_database
 
 # One set of private servers serves the module: its tests stay on one parallel worker.
@@ -84,18 +86,6 @@ def outage_lines(path: Path, server: str) -> tuple[list[dict[str, Any]], list[di
     return down, again
 
 
-def log_records(path: Path) -> list[dict[str, Any]]:
-    """A service's JSON log lines (anything else it printed is kept as a message)."""
-    records: list[dict[str, Any]] = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            record = {"message": line}
-        records.append(record if isinstance(record, dict) else {"message": line})
-    return records
-
-
 @pytest.mark.timeout(420)
 @pytest.mark.parametrize("component", ["kafka", "postgres", "sftp"])
 async def test_a_broadcast_survives_a_30_second_outage(
@@ -106,26 +96,21 @@ async def test_a_broadcast_survives_a_30_second_outage(
     tmp_path: Path,
 ) -> None:
     database = private_database
-    kafka: KafkaSettings = private.servers.kafka.model_copy(
-        update={"topic_prefix": f"t{unique}.", "partitions_responses": 6, "partitions_default": 3}
-    )
+    kafka = private.servers.kafka_for(unique)
     await ensure_topics(kafka)
-    account = f"t{unique}"
+    deployment = Deployment(private.servers, kafka, database, tmp_path, unique)
     job_id = f"outage-{component}-{unique}"
     with ExitStack() as stack:
         pipeline = start_pipeline(
             stack,
-            private.servers,
-            kafka.topic_prefix,
-            database,
-            tmp_path,
-            [("sandbox", account)],
+            deployment,
+            [("sandbox", deployment.account)],
             # responses trickle in over several seconds, in many small files
             sandbox_settings={"phase_delay_s": "2.0", "rows_per_file": "200"},
             ESPBRIDGE_LOADER_BATCH_MAX="500",
             ESPBRIDGE_LOADER_BATCH_WAIT_MS="100",
         )
-        await pipeline.publish(kafka, "sandbox", job_id)
+        await pipeline.publish("sandbox", job_id)
 
         # The moment the server is in use: responses are being gathered and loaded.
         async def loading() -> bool:
@@ -146,7 +131,7 @@ async def test_a_broadcast_survives_a_30_second_outage(
         outage = time.monotonic() - stopped_at
 
         try:
-            manifest = await wait_all_loaded(pipeline, "sandbox", job_id, database, kafka, timeout_s=180)
+            manifest = await wait_all_loaded(pipeline, "sandbox", job_id, timeout_s=180)
         except TimeoutError:
             made = orjson.loads(manifest_file.read_bytes()) if manifest_file.exists() else None
             loaded = await loaded_counts(database, job_id)
@@ -155,7 +140,7 @@ async def test_a_broadcast_survives_a_30_second_outage(
             ) from None
 
         # Every response exactly once, and one send.
-        assert await loaded_counts(database, job_id) == {t: n for t, n in manifest["counts"].items() if n}
+        assert await loaded_counts(database, job_id) == loaded_as_made(manifest)
         assert await pipeline.sends_created("sandbox") == {job_id: 1}
         statuses = await read_statuses(kafka, job_id)
         assert [(s.stage, s.state) for s in statuses if s.stage is Stage.SEND][-1] == (Stage.SEND, State.DONE)

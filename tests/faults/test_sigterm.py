@@ -12,26 +12,24 @@ from pathlib import Path
 
 import orjson
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient
-
 from shared.infra.db import connect
-from shared.infra.kafka import ensure_topics
-from shared.infra.settings import KafkaSettings, PostgresSettings
+from shared.infra.kafka import read_topic
 from shared.model.topics import Topic
 from shared.runtime.failpoints import Point
+from tests.fixtures.deployment import Deployment
 from tests.fixtures.faults import (
     assert_exactly_once,
     fault_pipeline,
     markers,
     reached,
-    read_topic,
     release,
-    seed_list,
     start_another,
     stopped_within,
 )
+from tests.fixtures.kafka import committed
+from tests.fixtures.pipeline import seed_list
 from tests.fixtures.processes import running, service_env
-from tests.fixtures.servers import Servers, free_port
+from tests.fixtures.servers import free_port
 from tests.fixtures.waits import wait_for
 
 CUSTOMERS = 2000
@@ -60,25 +58,21 @@ async def terminate_while_held(proc: subprocess.Popen[bytes], log: Path) -> floa
 
 
 async def test_sigterm_uploader_mid_upload_finishes_the_list(
-    servers: Servers, kafka: KafkaSettings, database: PostgresSettings, unique: str, tmp_path: Path
+    deployment: Deployment,
 ) -> None:
-    expected_rows = await seed_list(database, CUSTOMERS)
-    await ensure_topics(kafka)
+    kafka, unique, tmp_path = deployment.kafka, deployment.unique, deployment.folder
+    expected_rows = await seed_list(deployment, CUSTOMERS)
     point = Point.UPLOADER_MID_UPLOAD
     with ExitStack() as stack:
         pipeline = fault_pipeline(
             stack,
-            servers,
-            kafka,
-            database,
-            tmp_path,
-            f"t{unique}",
+            deployment,
             (point,),
             ESPBRIDGE_UPLOADER_SHUTDOWN_TIMEOUT_S=str(GRACE_S),
         )
-        job = await pipeline.publish(kafka, "sandbox", f"term-{unique}")
+        job = await pipeline.publish("sandbox", f"term-{unique}")
         proc = pipeline.procs["uploader"]
-        await reached(markers(tmp_path), point, proc)
+        await reached(markers(deployment), point, proc)
         assert await terminate_while_held(proc, tmp_path / "uploader.log") < GRACE_S
         # The process that was told to stop finished the list and announced it.
         drop = pipeline.esps["sandbox"].account_dir(pipeline.accounts["sandbox"]) / "drop"
@@ -86,27 +80,23 @@ async def test_sigterm_uploader_mid_upload_finishes_the_list(
         assert len(await read_topic(kafka, Topic.BROADCAST_LISTS)) == 1
 
         await start_another(pipeline, stack, "uploader")
-        await assert_exactly_once(pipeline, kafka, database, [job.job_id], expected_rows)
+        await assert_exactly_once(pipeline, [job.job_id], expected_rows)
         pipeline.stop()
 
 
 async def test_sigterm_monitor_while_polling_an_import_hands_it_back(
-    servers: Servers, kafka: KafkaSettings, database: PostgresSettings, unique: str, tmp_path: Path
+    deployment: Deployment,
 ) -> None:
-    expected_rows = await seed_list(database, CUSTOMERS)
-    await ensure_topics(kafka)
+    database, unique, tmp_path = deployment.database, deployment.unique, deployment.folder
+    expected_rows = await seed_list(deployment, CUSTOMERS)
     with ExitStack() as stack:
         pipeline = fault_pipeline(
             stack,
-            servers,
-            kafka,
-            database,
-            tmp_path,
-            f"t{unique}",
+            deployment,
             sandbox={"import_delay_s": "2"},
             ESPBRIDGE_MONITOR_SHUTDOWN_TIMEOUT_S=str(GRACE_S),
         )
-        job = await pipeline.publish(kafka, "sandbox", f"term-{unique}")
+        job = await pipeline.publish("sandbox", f"term-{unique}")
         conn = await connect(database)
         try:
 
@@ -134,31 +124,27 @@ async def test_sigterm_monitor_while_polling_an_import_hands_it_back(
             await conn.close()
 
         await start_another(pipeline, stack, "monitor")
-        await assert_exactly_once(pipeline, kafka, database, [job.job_id], expected_rows)
+        await assert_exactly_once(pipeline, [job.job_id], expected_rows)
         pipeline.stop()
     assert "Traceback" not in (tmp_path / "monitor.log").read_text()
 
 
 async def test_sigterm_gatherer_mid_file_finishes_the_file(
-    servers: Servers, kafka: KafkaSettings, database: PostgresSettings, unique: str, tmp_path: Path
+    deployment: Deployment,
 ) -> None:
-    expected_rows = await seed_list(database, CUSTOMERS)
-    await ensure_topics(kafka)
+    database, unique, tmp_path = deployment.database, deployment.unique, deployment.folder
+    expected_rows = await seed_list(deployment, CUSTOMERS)
     point = Point.GATHERER_MID_FILE
     with ExitStack() as stack:
         pipeline = fault_pipeline(
             stack,
-            servers,
-            kafka,
-            database,
-            tmp_path,
-            f"t{unique}",
+            deployment,
             (point,),
             ESPBRIDGE_GATHERER_SHUTDOWN_TIMEOUT_S=str(GRACE_S),
         )
-        job = await pipeline.publish(kafka, "sandbox", f"term-{unique}")
+        job = await pipeline.publish("sandbox", f"term-{unique}")
         proc = pipeline.procs["gatherer"]
-        await reached(markers(tmp_path), point, proc)
+        await reached(markers(deployment), point, proc)
         assert await terminate_while_held(proc, tmp_path / "gatherer.log") < GRACE_S
         # The file in hand was finished: published to the end and archived, none left half done.
         conn = await connect(database)
@@ -175,58 +161,40 @@ async def test_sigterm_gatherer_mid_file_finishes_the_file(
         assert states["archived"] >= 1
 
         await start_another(pipeline, stack, "gatherer")
-        await assert_exactly_once(pipeline, kafka, database, [job.job_id], expected_rows)
+        await assert_exactly_once(pipeline, [job.job_id], expected_rows)
         pipeline.stop()
 
 
 async def test_sigterm_loader_mid_batch_commits_what_it_loaded(
-    servers: Servers, kafka: KafkaSettings, database: PostgresSettings, unique: str, tmp_path: Path
+    deployment: Deployment,
 ) -> None:
-    expected_rows = await seed_list(database, CUSTOMERS)
-    await ensure_topics(kafka)
+    kafka, database = deployment.kafka, deployment.database
+    unique, tmp_path = deployment.unique, deployment.folder
+    expected_rows = await seed_list(deployment, CUSTOMERS)
     point = Point.LOADER_AFTER_DB_COMMIT
     with ExitStack() as stack:
         pipeline = fault_pipeline(
             stack,
-            servers,
-            kafka,
-            database,
-            tmp_path,
-            f"t{unique}",
+            deployment,
             (point,),
             ESPBRIDGE_LOADER_SHUTDOWN_TIMEOUT_S=str(GRACE_S),
         )
-        job = await pipeline.publish(kafka, "sandbox", f"term-{unique}")
+        job = await pipeline.publish("sandbox", f"term-{unique}")
         proc = pipeline.procs["loader"]
-        await reached(markers(tmp_path), point, proc)
+        await reached(markers(deployment), point, proc)
         assert await terminate_while_held(proc, tmp_path / "loader.log") < GRACE_S
         # Nothing half done: the offsets the loader committed cover exactly the rows it loaded.
-        committed = await committed_offsets(
-            kafka, f"{kafka.topic_prefix}espbridge-loader", Topic.RESPONSE_EVENTS
-        )
+        offsets = await committed(kafka, "loader", Topic.RESPONSE_EVENTS)
         conn = await connect(database)
         try:
             loaded = await conn.fetchval("SELECT count(*) FROM responses.events")
         finally:
             await conn.close()
-        assert committed == loaded > 0
+        assert offsets == loaded > 0
 
         await start_another(pipeline, stack, "loader")
-        await assert_exactly_once(pipeline, kafka, database, [job.job_id], expected_rows)
+        await assert_exactly_once(pipeline, [job.job_id], expected_rows)
         pipeline.stop()
-
-
-async def committed_offsets(kafka: KafkaSettings, group: str, topic: Topic) -> int:
-    """The sum of a group's committed offsets over a topic's partitions."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap_servers)
-    await admin.start()
-    try:
-        offsets = await admin.list_consumer_group_offsets(group)
-    finally:
-        await admin.close()
-    return sum(
-        meta.offset for tp, meta in offsets.items() if tp.topic == kafka.topic(topic) and meta.offset > 0
-    )
 
 
 def catches_sigterm(pid: int) -> bool:

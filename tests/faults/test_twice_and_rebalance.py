@@ -6,48 +6,33 @@ from __future__ import annotations
 
 import signal
 from contextlib import ExitStack
-from pathlib import Path
 
-from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.partitioner import DefaultPartitioner
 
 from shared.infra.db import connect
-from shared.infra.kafka import ensure_topics
-from shared.infra.settings import KafkaSettings, PostgresSettings
 from shared.model.topics import Topic
 from shared.operations.jobs import publish_job
+from tests.fixtures.deployment import Deployment
 from tests.fixtures.faults import (
     assert_exactly_once,
     fault_pipeline,
-    seed_list,
     start_another,
     stopped_within,
 )
-from tests.fixtures.servers import Servers
+from tests.fixtures.kafka import committed
+from tests.fixtures.pipeline import seed_list
+from tests.fixtures.processes import log_messages
 from tests.fixtures.waits import wait_for
 
 
-async def committed(kafka: KafkaSettings, service: str, topic: Topic) -> int:
-    """The sum of a service group's committed offsets on a topic: the messages it finished."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap_servers)
-    await admin.start()
-    try:
-        offsets = await admin.list_consumer_group_offsets(f"{kafka.topic_prefix}espbridge-{service}")
-    finally:
-        await admin.close()
-    return sum(m.offset for tp, m in offsets.items() if tp.topic == kafka.topic(topic) and m.offset > 0)
-
-
-async def test_a_job_published_twice_is_uploaded_sent_and_loaded_once(
-    servers: Servers, kafka: KafkaSettings, database: PostgresSettings, unique: str, tmp_path: Path
-) -> None:
-    expected_rows = await seed_list(database, 1500)
-    await ensure_topics(kafka)
+async def test_a_job_published_twice_is_uploaded_sent_and_loaded_once(deployment: Deployment) -> None:
+    kafka = deployment.kafka
+    expected_rows = await seed_list(deployment, 1500)
     with ExitStack() as stack:
-        pipeline = fault_pipeline(stack, servers, kafka, database, tmp_path, f"t{unique}")
-        job = await pipeline.publish(kafka, "sandbox", f"twice-{unique}")
+        pipeline = fault_pipeline(stack, deployment)
+        job = await pipeline.publish("sandbox", f"twice-{deployment.unique}")
         await publish_job(kafka, job)  # again at once, while the first is in progress
-        await assert_exactly_once(pipeline, kafka, database, [job.job_id], expected_rows)
+        await assert_exactly_once(pipeline, [job.job_id], expected_rows)
 
         # Once more after the broadcast is done: handled, and nothing happens again.
         await publish_job(kafka, job)
@@ -56,10 +41,12 @@ async def test_a_job_published_twice_is_uploaded_sent_and_loaded_once(
             return await committed(kafka, "uploader", Topic.BROADCAST_JOBS) == 3
 
         await wait_for(all_three_handled, timeout_s=60, what="the uploader through all three copies")
-        await assert_exactly_once(pipeline, kafka, database, [job.job_id], expected_rows)
+        await assert_exactly_once(pipeline, [job.job_id], expected_rows)
         pipeline.stop()
-    log = (tmp_path / "uploader.log").read_text()
-    assert log.count('"msg":"job already uploaded, the duplicate is ignored"') == 2
+    duplicates = log_messages(deployment.folder / "uploader.log").count(
+        "job already uploaded, the duplicate is ignored"
+    )
+    assert duplicates == 2
 
 
 def spread_job_ids(prefix: str, partitions: int, per_partition: int) -> list[str]:
@@ -80,20 +67,18 @@ def spread_job_ids(prefix: str, partitions: int, per_partition: int) -> list[str
     return ids
 
 
-async def test_two_uploaders_and_two_loaders_through_rebalances(
-    servers: Servers, kafka: KafkaSettings, database: PostgresSettings, unique: str, tmp_path: Path
-) -> None:
-    expected_rows = await seed_list(database, 800)
-    await ensure_topics(kafka)
-    first, second = (spread_job_ids(f"reb-{unique}-{wave}", kafka.partitions_default, 1) for wave in "ab")
+async def test_two_uploaders_and_two_loaders_through_rebalances(deployment: Deployment) -> None:
+    expected_rows = await seed_list(deployment, 800)
+    partitions = deployment.kafka.partitions_default
+    first, second = (spread_job_ids(f"reb-{deployment.unique}-{wave}", partitions, 1) for wave in "ab")
     with ExitStack() as stack:
-        pipeline = fault_pipeline(stack, servers, kafka, database, tmp_path, f"t{unique}")
+        pipeline = fault_pipeline(stack, deployment)
         uploader_1, loader_1 = pipeline.procs["uploader"], pipeline.procs["loader"]
         uploader_2 = await start_another(pipeline, stack, "uploader", "uploader-2")
         loader_2 = await start_another(pipeline, stack, "loader", "loader-2")
         for job_id in first:
-            await pipeline.publish(kafka, "sandbox", job_id)
-        conn = await connect(database)
+            await pipeline.publish("sandbox", job_id)
+        conn = await connect(deployment.database)
         try:
 
             async def loading() -> bool:
@@ -105,7 +90,7 @@ async def test_two_uploaders_and_two_loaders_through_rebalances(
 
         # Mid-run: the second wave arrives while one uploader and one loader leave and new ones join.
         for job_id in second:
-            await pipeline.publish(kafka, "sandbox", job_id)
+            await pipeline.publish("sandbox", job_id)
         for proc in (uploader_1, loader_1):
             proc.send_signal(signal.SIGTERM)
         assert stopped_within(uploader_1, 60) == 0
@@ -113,13 +98,13 @@ async def test_two_uploaders_and_two_loaders_through_rebalances(
         await start_another(pipeline, stack, "uploader")
         await start_another(pipeline, stack, "loader")
 
-        await assert_exactly_once(pipeline, kafka, database, first + second, expected_rows)
+        await assert_exactly_once(pipeline, first + second, expected_rows)
         for proc in (uploader_2, loader_2):
             proc.send_signal(signal.SIGTERM)
             assert stopped_within(proc, 60) == 0
         pipeline.stop()
     # Both members of each group did part of the work.
     for name in ("uploader", "uploader-2"):
-        assert '"msg":"list uploaded"' in (tmp_path / f"{name}.log").read_text(), name
+        assert "list uploaded" in log_messages(deployment.folder / f"{name}.log"), name
     for name in ("loader", "loader-2"):
-        assert '"msg":"batch loaded"' in (tmp_path / f"{name}.log").read_text(), name
+        assert "batch loaded" in log_messages(deployment.folder / f"{name}.log"), name

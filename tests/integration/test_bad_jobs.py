@@ -11,21 +11,18 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import ExitStack
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 
-from shared.infra.db import connect
-from shared.infra.kafka import ensure_topics
-from shared.infra.settings import KafkaSettings, PostgresSettings
-from shared.model.messages import BroadcastStatus, DeadLetter, ListUploaded, Stage, State
+from shared.model.messages import DeadLetter, ListUploaded, Stage, State
 from shared.model.topics import Topic
-from tests.fixtures.kafka import produce, read_until
+from tests.fixtures.deployment import Deployment
+from tests.fixtures.kafka import Record, produce, read_until, status_of
 from tests.fixtures.pipeline import start_pipeline
-from tests.fixtures.servers import Servers
-from tools.demo import demo_job, seed_customers
+from tests.fixtures.processes import log_records
+from tools.demo import demo_job
 
 KEY = b"one-partition"  # every job on one partition, in order: the good job comes last
 COLUMNS = ["email", "first_name", "last_name", "city", "communication_key"]
@@ -42,6 +39,16 @@ def table(name: str = "crm.customers", columns: list[str] = COLUMNS, **filters: 
     return {"kind": "table", "table": name, "columns": columns, "filters": filters}
 
 
+def with_column(job_id: str, esp_account: str, column: str, header: str) -> dict[str, Any]:
+    """A job that selects one more column, ``column``, and maps it to ``header`` in the list."""
+    return job(
+        job_id,
+        esp_account,
+        selection=table(columns=[*COLUMNS, column]),
+        field_map={"email": "Email", column: header},
+    )
+
+
 def bad_jobs(account: str) -> dict[str, tuple[bytes, str]]:
     """job id → (the message as published, what its failed status must say)."""
     cases: dict[str, tuple[dict[str, Any] | bytes, str]] = {
@@ -56,12 +63,7 @@ def bad_jobs(account: str) -> dict[str, tuple[bytes, str]]:
             "selection.table.table",
         ),
         "column-injection": (
-            job(
-                "column-injection",
-                account,
-                selection=table(columns=[*COLUMNS, '"email"--']),
-                field_map={"email": "Email", '"email"--': "Extra"},
-            ),
+            with_column("column-injection", account, '"email"--', "Extra"),
             "selection.table.columns",
         ),
         "no-such-table": (
@@ -69,12 +71,7 @@ def bad_jobs(account: str) -> dict[str, tuple[bytes, str]]:
             "crm.missing does not exist",
         ),
         "no-such-column": (
-            job(
-                "no-such-column",
-                account,
-                selection=table(columns=[*COLUMNS, "shoe_size"]),
-                field_map={"email": "Email", "shoe_size": "ShoeSize"},
-            ),
+            with_column("no-such-column", account, "shoe_size", "ShoeSize"),
             "crm.customers has no column shoe_size",
         ),
         "no-rows": (
@@ -99,21 +96,11 @@ def stack() -> Iterator[ExitStack]:
 
 
 async def test_bad_jobs_fail_clearly_and_never_block_the_good_job_behind_them(
-    servers: Servers,
-    kafka: KafkaSettings,
-    database: PostgresSettings,
-    unique: str,
-    tmp_path: Path,
-    stack: ExitStack,
+    deployment: Deployment, stack: ExitStack
 ) -> None:
-    conn = await connect(database)
-    try:
-        await seed_customers(conn, 40)  # customer 33 is opted out
-    finally:
-        await conn.close()
-    await ensure_topics(kafka)
-    account = f"t{unique}"
-    pipeline = start_pipeline(stack, servers, kafka.topic_prefix, database, tmp_path, [("sandbox", account)])
+    kafka, account = deployment.kafka, deployment.account
+    await deployment.seed(40)  # customer 33 is opted out
+    pipeline = start_pipeline(stack, deployment, [("sandbox", account)])
     bad = bad_jobs(account)
     # The ESP refuses every row: the field map puts first names in the Email column.
     refused = orjson.dumps(job("refused", account, field_map={"first_name": "Email", "email": "FirstName"}))
@@ -124,11 +111,11 @@ async def test_bad_jobs_fail_clearly_and_never_block_the_good_job_behind_them(
         [(KEY, NOT_JSON), *((KEY, body) for body, _ in bad.values()), (KEY, refused), (KEY, good)],
     )
 
-    def finished(records: list[Any]) -> bool:
-        done = {(s.job_id, s.stage, s.state) for s in map(_status, records)}
+    def finished(records: list[Record]) -> bool:
+        done = {(s.job_id, s.stage, s.state) for s in map(status_of, records)}
         return ("good", Stage.SEND, State.DONE) in done and ("refused", Stage.IMPORT, State.FAILED) in done
 
-    statuses = [_status(r) for r in await read_until(kafka, Topic.BROADCAST_STATUS, finished, timeout_s=90)]
+    statuses = [status_of(r) for r in await read_until(kafka, Topic.BROADCAST_STATUS, finished, timeout_s=90)]
     letters = [
         DeadLetter.from_json(r.value or b"")
         for r in await read_until(kafka, Topic.DEADLETTER, lambda rs: len(rs) >= len(bad) + 2)
@@ -147,10 +134,10 @@ async def test_bad_jobs_fail_clearly_and_never_block_the_good_job_behind_them(
     assert payloads[NOT_JSON].error_class == "InvalidMessageError"
     assert payloads[bad["no-rows"][0]].error_class == "EmptySelectionError"
 
-    log = (tmp_path / "uploader.log").read_text()
-    logged = {orjson.loads(line).get("job_id") for line in log.splitlines() if '"msg":"job ' in line}
+    records = log_records(deployment.folder / "uploader.log")
+    logged = {r.get("job_id") for r in records if str(r.get("msg", "")).startswith("job ")}
     assert logged >= set(bad), f"no log line with the job id for {set(bad) - logged}"
-    assert '"msg":"job rejected"' in log
+    assert "job rejected" in [r.get("msg") for r in records]
 
     # The list the ESP refused: the import failed with the ESP's own reason, nothing was sent.
     assert "the ESP refused all" in failed["refused"].detail
@@ -164,7 +151,3 @@ async def test_bad_jobs_fail_clearly_and_never_block_the_good_job_behind_them(
     # Nothing of the bad jobs reached the ESP's site.
     drop = pipeline.esps["sandbox"].account_dir(account) / "drop"
     assert {p.name for p in drop.iterdir()} <= {"good.csv", "refused.csv"}
-
-
-def _status(record: Any) -> BroadcastStatus:
-    return BroadcastStatus.from_json(record.value)

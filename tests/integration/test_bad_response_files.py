@@ -21,14 +21,15 @@ import pytest
 from shared.esp.delimited import KEEP_BYTES
 from shared.infra.db import connect
 from shared.infra.kafka import ensure_topics
+from shared.infra.settings import PostgresSettings
 from shared.model.messages import DeadLetter, ResponseEvent
 from shared.model.topics import Topic
+from tests.fixtures.deployment import Deployment, place
 from tests.fixtures.jobs import record_jobs
 from tests.fixtures.kafka import produce, read_until
-from tests.fixtures.processes import running, service_env, stop
+from tests.fixtures.processes import stop
 from tests.fixtures.servers import Servers
 from tests.fixtures.waits import wait_for
-from tools.demo import FLAVORS, write_accounts_file
 from tools.scratch import create_database, delete_topics, drop_database
 
 JOB = "job-files"
@@ -38,12 +39,14 @@ GENERIC_HEADER = b"EventId,BroadcastId,MessageId,CommunicationKey,Email,EventTyp
 FERG_HEADER = b"MessageType\turn\temail\tmailingId\tmailingName\ttimestamp\tlink\tbouncetype\tbouncereason"
 
 
-def g(eid: str, kind: str = "open", when: str = "2026-11-22T10:00:00Z", broadcast: str = JOB) -> bytes:
+def generic_row(
+    eid: str, kind: str = "open", when: str = "2026-11-22T10:00:00Z", broadcast: str = JOB
+) -> bytes:
     """A row of the generic ESP's response format."""
     return f"{eid},{broadcast},m,k-{eid},{eid}@x.com,{kind},,{when}".encode()
 
 
-def f(kind: str, key: str, when: str = "1795330000", email: str = "") -> bytes:
+def ferg_row(kind: str, key: str, when: str = "1795330000", email: str = "") -> bytes:
     """A row of the generic_sftp (FERG) response format."""
     return f"{kind}\t{key}\t{email or key + '@x.com'}\t{JOB}\tNov\t{when}\t\t\t".encode()
 
@@ -73,15 +76,17 @@ CASES = {
     c.name: c
     for c in [
         # --- the sandbox ESP (docs/generic-esp.md: UTF-8, comma, ISO 8601 UTC times) -------------
-        Case("sandbox", "bom.csv", codecs.BOM_UTF8 + lines(GENERIC_HEADER, g("bom1")), frozenset({2})),
+        Case(
+            "sandbox", "bom.csv", codecs.BOM_UTF8 + lines(GENERIC_HEADER, generic_row("bom1")), frozenset({2})
+        ),
         Case(
             "sandbox",
             "latin1.csv",
             lines(
                 GENERIC_HEADER,
-                g("lat1"),
+                generic_row("lat1"),
                 "lat2,job-files,m,k,josé@x.com,open,,2026-11-22T10:00:00Z".encode("latin-1"),
-                g("lat3"),
+                generic_row("lat3"),
             ),
             frozenset({2, 4}),
             {3: "not valid UTF-8: byte 0xE9 in field 5"},
@@ -89,7 +94,13 @@ CASES = {
         Case(
             "sandbox",
             "crlf.csv",
-            lines(GENERIC_HEADER, g("crlf1"), g("crlf2"), g("crlf3", kind="teleport"), eol=b"\r\n"),
+            lines(
+                GENERIC_HEADER,
+                generic_row("crlf1"),
+                generic_row("crlf2"),
+                generic_row("crlf3", kind="teleport"),
+                eol=b"\r\n",
+            ),
             frozenset({2, 3}),
             {4: "unknown EventType 'teleport'"},
         ),
@@ -99,28 +110,39 @@ CASES = {
             lines(
                 GENERIC_HEADER,
                 b'q1,job-files,"two\nlines, one field",k-q1,q1@x.com,click,"https://x.com/?a=1,2",2026-11-22T10:00:00Z',
-                g("q2"),
+                generic_row("q2"),
             ),
             frozenset({2, 4}),
         ),
         Case(
             "sandbox",
             "ragged.csv",
-            lines(GENERIC_HEADER, g("rag1"), b"rag2,job-files,m", g("rag3") + b",surplus", g("rag4")),
+            lines(
+                GENERIC_HEADER,
+                generic_row("rag1"),
+                b"rag2,job-files,m",
+                generic_row("rag3") + b",surplus",
+                generic_row("rag4"),
+            ),
             frozenset({2, 5}),
             {3: "3 fields, want 8", 4: "9 fields, want 8"},
         ),
         Case(
             "sandbox",
             "truncated.csv",
-            lines(GENERIC_HEADER, g("cut1"), b'cut2,job-files,"m', final=False),
+            lines(GENERIC_HEADER, generic_row("cut1"), b'cut2,job-files,"m', final=False),
             frozenset({2}),
             {3: "3 fields, want 8"},
         ),
         Case(
             "sandbox",
             "types.csv",
-            lines(GENERIC_HEADER, g("typ1", kind="teleport"), g("typ2", kind="OPEN"), g("typ3")),
+            lines(
+                GENERIC_HEADER,
+                generic_row("typ1", kind="teleport"),
+                generic_row("typ2", kind="OPEN"),
+                generic_row("typ3"),
+            ),
             frozenset({4}),
             {2: "unknown EventType 'teleport'", 3: "unknown EventType 'OPEN'"},
         ),
@@ -129,9 +151,9 @@ CASES = {
             "dates.csv",
             lines(
                 GENERIC_HEADER,
-                g("dat1", when="2026-11-22T10:00:00"),
-                g("dat2", when="22/11/2026 10:00"),
-                g("dat3", when="2026-11-22T11:00:00+01:00"),
+                generic_row("dat1", when="2026-11-22T10:00:00"),
+                generic_row("dat2", when="22/11/2026 10:00"),
+                generic_row("dat3", when="2026-11-22T11:00:00+01:00"),
             ),
             frozenset({4}),
             {2: "has no time zone", 3: "is not an ISO 8601 time"},
@@ -139,24 +161,27 @@ CASES = {
         Case(
             "sandbox",
             "huge.csv",
-            lines(GENERIC_HEADER, g("big1"), HUGE, g("big3")),
+            lines(GENERIC_HEADER, generic_row("big1"), HUGE, generic_row("big3")),
             frozenset({2, 4}),
             {3: f"record of {len(HUGE) + 1} bytes is over the 131072-byte limit"},
         ),
         Case(
             "sandbox",
             "unknown.csv",
-            lines(GENERIC_HEADER, g("unk1", broadcast=NOBODY), g("unk2")),
+            lines(GENERIC_HEADER, generic_row("unk1", broadcast=NOBODY), generic_row("unk2")),
             frozenset({3}),
         ),
-        Case("sandbox", "back\\..\\..\\escape.csv", lines(GENERIC_HEADER, g("esc1")), frozenset({2})),
-        Case("sandbox", "odd name ü;$(x) €.csv", lines(GENERIC_HEADER, g("odd1")), frozenset({2})),
-        Case("sandbox", "new\nline.csv", lines(GENERIC_HEADER, g("nl1")), frozenset({2})),
+        Case(
+            "sandbox", "back\\..\\..\\escape.csv", lines(GENERIC_HEADER, generic_row("esc1")), frozenset({2})
+        ),
+        Case("sandbox", "odd name ü;$(x) €.csv", lines(GENERIC_HEADER, generic_row("odd1")), frozenset({2})),
+        Case("sandbox", "new\nline.csv", lines(GENERIC_HEADER, generic_row("nl1")), frozenset({2})),
         # --- generic_sftp with its defaults: UTF-8, tab, Unix seconds -----------------------------
         Case(
             "ferg",
             "x_FERGE_bom_crlf.txt",
-            codecs.BOM_UTF8 + lines(FERG_HEADER, f("Send", "fb1"), f("Open", "fb2"), eol=b"\r\n"),
+            codecs.BOM_UTF8
+            + lines(FERG_HEADER, ferg_row("Send", "fb1"), ferg_row("Open", "fb2"), eol=b"\r\n"),
             frozenset({2, 3}),
         ),
         Case(
@@ -164,7 +189,7 @@ CASES = {
             "x_FERGE_latin1.txt",
             lines(
                 FERG_HEADER,
-                f("Open", "fl1"),
+                ferg_row("Open", "fl1"),
                 "Open\tfl2\tjosé@x.com\tjob-files\tNov\t1795330000\t\t\t".encode("latin-1"),
             ),
             frozenset({2}),
@@ -176,7 +201,7 @@ CASES = {
             lines(
                 FERG_HEADER,
                 b'Open\tfq1\tfq1@x.com\tjob-files\t"two\nlines"\t1795330000\t\t\t',
-                f("Open", "fq2"),
+                ferg_row("Open", "fq2"),
             ),
             frozenset({2, 4}),
         ),
@@ -184,7 +209,11 @@ CASES = {
             "ferg",
             "x_FERGE_ragged.txt",
             lines(
-                FERG_HEADER, f("Open", "fr1"), b"Open\tfr2", f("Open", "fr3") + b"\tsurplus", f("Open", "fr4")
+                FERG_HEADER,
+                ferg_row("Open", "fr1"),
+                b"Open\tfr2",
+                ferg_row("Open", "fr3") + b"\tsurplus",
+                ferg_row("Open", "fr4"),
             ),
             frozenset({2, 5}),
             {3: "2 fields, want 9", 4: "10 fields, want 9"},
@@ -192,14 +221,14 @@ CASES = {
         Case(
             "ferg",
             "x_FERGE_truncated.txt",
-            lines(FERG_HEADER, f("Open", "ft1"), f("Open", "ft2")[:20], final=False),
+            lines(FERG_HEADER, ferg_row("Open", "ft1"), ferg_row("Open", "ft2")[:20], final=False),
             frozenset({2}),
             {3: "fields, want 9"},
         ),
         Case(
             "ferg",
             "x_FERGE_types.txt",
-            lines(FERG_HEADER, f("Teleport", "fy1"), f("Open", "fy2")),
+            lines(FERG_HEADER, ferg_row("Teleport", "fy1"), ferg_row("Open", "fy2")),
             frozenset({3}),
             {2: "unknown MessageType 'Teleport'"},
         ),
@@ -208,8 +237,8 @@ CASES = {
             "x_FERGE_dates.txt",
             lines(
                 FERG_HEADER,
-                f("Open", "fd1", when="2026-11-22T10:00:00Z"),
-                f("Open", "fd2", when="1795330000"),
+                ferg_row("Open", "fd1", when="2026-11-22T10:00:00Z"),
+                ferg_row("Open", "fd2", when="1795330000"),
             ),
             frozenset({3}),
             {2: "is not Unix seconds"},
@@ -217,7 +246,7 @@ CASES = {
         Case(
             "ferg",
             "x_FERGE_huge.txt",
-            lines(FERG_HEADER, f("Open", "fh1"), HUGE, f("Open", "fh3")),
+            lines(FERG_HEADER, ferg_row("Open", "fh1"), HUGE, ferg_row("Open", "fh3")),
             frozenset({2, 4}),
             {3: "over the 131072-byte limit"},
         ),
@@ -227,9 +256,11 @@ CASES = {
             "x_FERGE_local.txt",
             lines(
                 FERG_HEADER,
-                f("Open", "ll1", when="2026-11-22 11:00:00", email="josé@x.com").decode().encode("latin-1"),
-                f("Open", "ll2", when="2026-07-01 12:00:00"),
-                f("Open", "ll3", when="22.11.2026"),
+                ferg_row("Open", "ll1", when="2026-11-22 11:00:00", email="josé@x.com")
+                .decode()
+                .encode("latin-1"),
+                ferg_row("Open", "ll2", when="2026-07-01 12:00:00"),
+                ferg_row("Open", "ll3", when="22.11.2026"),
             ),
             frozenset({2, 3}),
             {4: "does not match '%Y-%m-%d %H:%M:%S'"},
@@ -268,55 +299,38 @@ class Outcome:
 
 @pytest.fixture(scope="module")
 async def outcome(servers: Servers, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Outcome]:
-    tmp = tmp_path_factory.mktemp("bad-files")
     unique = os.urandom(5).hex()
-    kafka = servers.kafka.model_copy(
-        update={"topic_prefix": f"t{unique}.", "partitions_responses": 6, "partitions_default": 3}
-    )
+    kafka = servers.kafka_for(unique)
     async with AsyncExitStack() as cleanup:
         pg = await create_database(servers.pg, f"test_{unique}")
         cleanup.push_async_callback(drop_database, servers.pg, pg.database)
         cleanup.push_async_callback(delete_topics, kafka, kafka.topic_prefix)
         await ensure_topics(kafka)
+        deployment = Deployment(servers, kafka, pg, tmp_path_factory.mktemp("bad-files"), unique)
 
-        token = tmp / "token"
-        token.write_text("unused")
         entries, roots = [], {}
         for key, (esp, options) in ACCOUNTS.items():
             account = f"{key.replace('_', '')}{unique}"
-            entry = FLAVORS[esp].account_entry(esp, account, "http://127.0.0.1:9", token)
+            entry = deployment.offline_account(esp, account)
             entry["options"] = {**entry.get("options", {}), **options}
             entries.append(entry)
             roots[key] = f"{esp}/{account}"
             await record_jobs(pg, esp, account, JOB)
-            for sub in ("responses", "archive"):
-                (servers.sftp_local_root / roots[key] / sub).mkdir(parents=True)
-        write_accounts_file(tmp / "accounts.json", entries)
+            deployment.response_folders(esp, account)
+        accounts = deployment.accounts_file(entries)
         for case in CASES.values():
-            _place(
-                servers.sftp_local_root / roots[case.account] / "responses", case.name.encode(), case.content
-            )
+            place(servers.sftp_local_root / roots[case.account] / "responses", case.name, case.content)
         sandbox_responses = servers.sftp_local_root / roots["sandbox"] / "responses"
-        _place(sandbox_responses, UNREADABLE, lines(GENERIC_HEADER, g("cafe1")))
+        place(sandbox_responses, UNREADABLE, lines(GENERIC_HEADER, generic_row("cafe1")))
 
-        env = service_env(
-            servers.env,
-            ESPBRIDGE_KAFKA_TOPIC_PREFIX=kafka.topic_prefix,
-            ESPBRIDGE_KAFKA_PARTITIONS_RESPONSES="6",  # as created above
-            ESPBRIDGE_PG_DATABASE=pg.database,
-            ESPBRIDGE_ACCOUNTS_FILE=str(tmp / "accounts.json"),
-            ESPBRIDGE_GATHERER_SCAN_INTERVAL_S="0.5",
-        )
+        env = deployment.env(accounts, ESPBRIDGE_GATHERER_SCAN_INTERVAL_S="0.5")
         good = sum(len(c.good) for c in CASES.values())
         bad = (
             sum(len(c.bad) for c in CASES.values()) + 2
         )  # + the unknown broadcast's event, the unreadable name
         with ExitStack() as stack:
-            procs = [
-                stack.enter_context(running(f"services.{s}", env, tmp / f"{s}.log"))
-                for s in ("gatherer", "loader")
-            ]
-            await wait_for(lambda: _count_is(pg, good), timeout_s=90, what=f"{good} good rows loaded")
+            procs = [deployment.start(stack, service, env) for service in ("gatherer", "loader")]
+            await wait_for(lambda: loaded_rows(pg, good), timeout_s=90, what=f"{good} good rows loaded")
             records = await read_until(kafka, Topic.DEADLETTER, lambda rs: len(rs) >= bad, timeout_s=60)
             letters = [DeadLetter.from_json(r.value or b"") for r in records]
             archive = {key: servers.sftp_local_root / root / "archive" for key, root in roots.items()}
@@ -325,16 +339,16 @@ async def outcome(servers: Servers, tmp_path_factory: pytest.TempPathFactory) ->
                 timeout_s=30,
                 what="every file archived",
             )
-            rows = await _rows(pg)
+            rows = await events_by_source(pg)
             # The unknown broadcast becomes known; replaying its dead letter (what `espbridge dlq
             # replay` does: the payload back to its topic) loads the event.
             unknown = [d for d in letters if d.error_class == "UnknownBroadcastError"]
             await record_jobs(pg, "sandbox", roots["sandbox"].split("/")[1], NOBODY)
             await produce(kafka, Topic.RESPONSE_EVENTS, [(None, d.payload) for d in unknown])
             await wait_for(
-                lambda: _count_is(pg, good + len(unknown)), timeout_s=60, what="the replayed event loaded"
+                lambda: loaded_rows(pg, good + len(unknown)), timeout_s=60, what="the replayed event loaded"
             )
-            replayed = {k: v for k, v in (await _rows(pg)).items() if v["broadcast_id"] == NOBODY}
+            replayed = {k: v for k, v in (await events_by_source(pg)).items() if v["broadcast_id"] == NOBODY}
             for proc in procs:
                 assert stop(proc) == 0
         yield Outcome(
@@ -343,19 +357,12 @@ async def outcome(servers: Servers, tmp_path_factory: pytest.TempPathFactory) ->
             letters,
             rows,
             next(iter(replayed.values()), None),
-            (tmp / "gatherer.log").read_text(),
+            (deployment.folder / "gatherer.log").read_text(),
         )
 
 
-def _place(folder: Path, name: bytes, content: bytes) -> None:
-    """Write a file the way an ESP does: a hidden temporary name, renamed when complete."""
-    tmp = os.path.join(os.fsencode(folder), b".upload.tmp")
-    with open(tmp, "wb") as out:
-        out.write(content)
-    os.rename(tmp, os.path.join(os.fsencode(folder), name))
-
-
-async def _count_is(pg: Any, n: int) -> bool:
+async def loaded_rows(pg: PostgresSettings, n: int) -> bool:
+    """Whether responses.events holds ``n`` rows."""
     conn = await connect(pg)
     try:
         return bool(await conn.fetchval("SELECT count(*) FROM responses.events") == n)
@@ -363,7 +370,8 @@ async def _count_is(pg: Any, n: int) -> bool:
         await conn.close()
 
 
-async def _rows(pg: Any) -> dict[str, dict[str, Any]]:
+async def events_by_source(pg: PostgresSettings) -> dict[str, dict[str, Any]]:
+    """The rows of responses.events by their source (``file:<remote path>:<line>``)."""
     conn = await connect(pg)
     try:
         return {r["source"]: dict(r) for r in await conn.fetch("SELECT * FROM responses.events")}

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 from contextlib import ExitStack
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
@@ -19,16 +18,15 @@ import aiohttp
 import orjson
 
 from shared.infra.db import connect
-from shared.infra.kafka import ensure_topics
-from shared.infra.settings import KafkaSettings, PostgresSettings
+from shared.infra.settings import PostgresSettings
 from shared.model.messages import DeadLetter
 from shared.model.topics import Topic
+from tests.fixtures.deployment import Deployment
 from tests.fixtures.jobs import record_jobs
 from tests.fixtures.kafka import read_until
-from tests.fixtures.processes import running, service_env, stop
-from tests.fixtures.servers import Servers, free_port
+from tests.fixtures.processes import healthy, stop
+from tests.fixtures.servers import free_port
 from tests.fixtures.waits import wait_for
-from tools.demo import FLAVORS, write_accounts_file
 
 JOB = "job-hooks"
 SECRET = "hook-secret"
@@ -64,40 +62,25 @@ def mailup_form(email: str, secret: str | None = SECRET, job: str = f"42:{JOB}")
     return urlencode({k: v for k, v in form.items() if v is not None}).encode()
 
 
-async def test_bad_webhook_calls_are_refused_and_good_ones_still_load(
-    servers: Servers, kafka: KafkaSettings, database: PostgresSettings, unique: str, tmp_path: Path
-) -> None:
-    token = tmp_path / "token"
-    token.write_text(SECRET)
+async def test_bad_webhook_calls_are_refused_and_good_ones_still_load(deployment: Deployment) -> None:
+    database, unique = deployment.database, deployment.unique
     opt, mup = f"o{unique}", f"m{unique}"
     entries = [
-        FLAVORS["optimizely"].account_entry("optimizely", opt, "http://127.0.0.1:9", token),
-        FLAVORS["mailup"].account_entry("mailup", mup, "http://127.0.0.1:9", token),
-        FLAVORS["sandbox"].account_entry("sandbox", "plain", "http://127.0.0.1:9", token),
+        deployment.offline_account("optimizely", opt, SECRET),
+        deployment.offline_account("mailup", mup, SECRET),
+        deployment.offline_account("sandbox", "plain", SECRET),
     ]
-    write_accounts_file(tmp_path / "accounts.json", entries)
+    accounts = deployment.accounts_file(entries)
     await record_jobs(database, "optimizely", opt, JOB)
-    await ensure_topics(kafka)
     port = free_port()
-    env = service_env(
-        servers.env,
-        ESPBRIDGE_KAFKA_TOPIC_PREFIX=kafka.topic_prefix,
-        ESPBRIDGE_KAFKA_PARTITIONS_RESPONSES="6",
-        ESPBRIDGE_PG_DATABASE=database.database,
-        ESPBRIDGE_ACCOUNTS_FILE=str(tmp_path / "accounts.json"),
-        ESPBRIDGE_GATHERER_SCAN_INTERVAL_S="30",
-    )
+    env = deployment.env(accounts, ESPBRIDGE_GATHERER_SCAN_INTERVAL_S="30")
     base = f"http://127.0.0.1:{port}/webhooks"
     answers: dict[str, tuple[int, Any]] = {}
     with ExitStack() as stack:
-        gatherer = stack.enter_context(
-            running("services.gatherer", {**env, "ESPBRIDGE_HTTP_PORT": str(port)}, tmp_path / "gatherer.log")
-        )
-        loader = stack.enter_context(running("services.loader", env, tmp_path / "loader.log"))
+        gatherer = deployment.start(stack, "gatherer", {**env, "ESPBRIDGE_HTTP_PORT": str(port)})
+        loader = deployment.start(stack, "loader", env)
+        await wait_for(lambda: healthy(port), timeout_s=60, what="gatherer up")
         async with aiohttp.ClientSession() as http:
-            await wait_for(
-                lambda: _up(http, f"http://127.0.0.1:{port}/healthz"), timeout_s=60, what="gatherer up"
-            )
 
             async def call(name: str, path: str, body: bytes, headers: dict[str, str]) -> None:
                 async with http.post(f"{base}/{path}", data=body, headers=headers) as resp:
@@ -146,9 +129,9 @@ async def test_bad_webhook_calls_are_refused_and_good_ones_still_load(
                 await call(name, path, body, headers)
 
         loaded = await wait_for(
-            lambda: _recipients(database, 3), timeout_s=60, what="the good webhook events loaded"
+            lambda: recipients(database, 3), timeout_s=60, what="the good webhook events loaded"
         )
-        records = await read_until(kafka, Topic.DEADLETTER, lambda rs: len(rs) >= 9)
+        records = await read_until(deployment.kafka, Topic.DEADLETTER, lambda rs: len(rs) >= 9)
         for proc in (gatherer, loader):
             assert stop(proc) == 0
 
@@ -193,22 +176,15 @@ async def test_bad_webhook_calls_are_refused_and_good_ones_still_load(
     assert b"Job=not-a-job" in form.payload
     assert b"Secret" not in form.payload, "the shared secret is not copied to the dead-letter topic"
 
-    log = (tmp_path / "gatherer.log").read_text()
+    log = (deployment.folder / "gatherer.log").read_text()
     assert log.count('"msg":"webhook refused: not authenticated"') == 5
     assert log.count('"msg":"webhook body rejected to the dead-letter topic"') == 2
     # These accounts have no response folders on the SFTP site: the scan says so and goes on.
     assert '"msg":"response folder not scanned"' in log
 
 
-async def _up(http: aiohttp.ClientSession, url: str) -> bool:
-    try:
-        async with http.get(url) as resp:
-            return resp.status == 200
-    except aiohttp.ClientError:
-        return False
-
-
-async def _recipients(pg: PostgresSettings, n: int) -> set[str] | None:
+async def recipients(pg: PostgresSettings, n: int) -> set[str] | None:
+    """The recipients of the loaded events once there are ``n`` or more; None until then."""
     conn = await connect(pg)
     try:
         rows = await conn.fetch("SELECT communication_key FROM responses.events")

@@ -8,27 +8,23 @@ import subprocess
 import sys
 from contextlib import ExitStack
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import aiohttp
 import orjson
-from aiokafka import AIOKafkaConsumer
-from aiokafka.admin import AIOKafkaAdminClient
 
 from shared.infra.db import connect
-from shared.infra.kafka import ensure_topics
-from shared.infra.settings import KafkaSettings, PostgresSettings
+from shared.infra.settings import KafkaSettings
 from shared.model.messages import DeadLetter, ListUploaded, Stage, State
 from shared.model.topics import Topic
 from shared.operations.jobs import build_job, publish_job, read_statuses
+from tests.fixtures.deployment import Deployment, place
 from tests.fixtures.jobs import record_jobs
-from tests.fixtures.kafka import read_until
-from tests.fixtures.pipeline import loaded_counts, start_pipeline, wait_all_loaded
-from tests.fixtures.processes import running, service_env, stop
-from tests.fixtures.servers import ROOT, Servers, free_port
+from tests.fixtures.kafka import committed, count_records, read_until
+from tests.fixtures.pipeline import loaded_counts, loaded_equal, start_pipeline, wait_all_loaded
+from tests.fixtures.processes import healthy, stop
+from tests.fixtures.servers import ROOT, free_port
 from tests.fixtures.waits import wait_for
-from tools.demo import FLAVORS, demo_job, seed_customers, write_accounts_file
+from tools.demo import demo_job
 
 
 @dataclass
@@ -51,65 +47,19 @@ class Cli:
         return done
 
 
-def cli_for(servers: Servers, kafka: KafkaSettings, database: PostgresSettings, accounts: Path) -> Cli:
-    return Cli(
-        service_env(
-            servers.env,
-            ESPBRIDGE_KAFKA_TOPIC_PREFIX=kafka.topic_prefix,
-            ESPBRIDGE_PG_DATABASE=database.database,
-            ESPBRIDGE_ACCOUNTS_FILE=str(accounts),
-        )
-    )
-
-
 def rows_of(listing: str, letter_id: str) -> list[str]:
     """The rows of a ``dlq list`` table whose ID column is ``letter_id`` (not a time that holds it)."""
     return [line for line in listing.splitlines() if line.split(maxsplit=1)[:1] == [letter_id]]
 
 
-async def count(kafka: KafkaSettings, topic: Topic) -> int:
-    """How many records a topic holds."""
-    consumer = AIOKafkaConsumer(kafka.topic(topic), bootstrap_servers=kafka.bootstrap_servers, group_id=None)
-    await consumer.start()
-    try:
-        ends = await consumer.end_offsets(list(consumer.assignment()))
-        return sum(ends.values())
-    finally:
-        await consumer.stop()
-
-
-async def caught_up(kafka: KafkaSettings, topic: Topic, service: str) -> bool:
-    """Whether a service's consumer group has committed every record of a topic."""
-    consumer = AIOKafkaConsumer(kafka.topic(topic), bootstrap_servers=kafka.bootstrap_servers, group_id=None)
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap_servers)
-    await consumer.start()
-    await admin.start()
-    try:
-        ends = await consumer.end_offsets(list(consumer.assignment()))
-        committed = await admin.list_consumer_group_offsets(f"{kafka.topic_prefix}espbridge-{service}")
-        return all(end == 0 or (tp in committed and committed[tp].offset >= end) for tp, end in ends.items())
-    finally:
-        await admin.close()
-        await consumer.stop()
-
-
-async def test_a_job_replayed_after_its_table_exists_runs_once(
-    servers: Servers, kafka: KafkaSettings, database: PostgresSettings, unique: str, tmp_path: Path
-) -> None:
-    table = f"crm.dlq_{unique}"
-    conn = await connect(database)
-    try:
-        await seed_customers(conn, 50)
-    finally:
-        await conn.close()
-    await ensure_topics(kafka)
-    account = f"t{unique}"
+async def test_a_job_replayed_after_its_table_exists_runs_once(deployment: Deployment) -> None:
+    kafka, account = deployment.kafka, deployment.account
+    table = f"crm.dlq_{deployment.unique}"
+    await deployment.seed(50)
     with ExitStack() as stack:
-        pipeline = start_pipeline(
-            stack, servers, kafka.topic_prefix, database, tmp_path, [("sandbox", account)]
-        )
-        cli = cli_for(servers, kafka, database, pipeline.accounts_file)
-        doc = demo_job(f"dlq-{unique}", "sandbox", account)
+        pipeline = start_pipeline(stack, deployment, [("sandbox", account)])
+        cli = Cli(deployment.env(pipeline.accounts_file))
+        doc = demo_job(f"dlq-{deployment.unique}", "sandbox", account)
         doc["selection"]["table"] = table
         job = build_job(doc)
         await publish_job(kafka, job)
@@ -127,7 +77,7 @@ async def test_a_job_replayed_after_its_table_exists_runs_once(
         assert len(rows_of(cli("dlq", "list", "--broadcast", job.job_id).stdout, letter_id)) == 1
         assert "no dead letters match (1 on" in cli("dlq", "list", "--service", "gatherer").stdout
 
-        conn = await connect(database)
+        conn = await connect(deployment.database)
         try:
             await conn.execute(f"CREATE VIEW {table} AS SELECT * FROM crm.customers")
         finally:
@@ -138,7 +88,8 @@ async def test_a_job_replayed_after_its_table_exists_runs_once(
         assert replayed.returncode == 0, replayed.stdout
         assert f"{letter_id}  replayed  to {kafka.topic(Topic.BROADCAST_JOBS)}" in replayed.stdout
 
-        await wait_all_loaded(pipeline, "sandbox", job.job_id, database, timeout_s=120)
+        # The job's first run failed: only its replay's responses are waited for.
+        await wait_all_loaded(pipeline, "sandbox", job.job_id, timeout_s=120, stop_at_failure=False)
         assert (pipeline.esps["sandbox"].account_dir(account) / "drop" / f"{job.job_id}.csv").exists()
         statuses = await read_statuses(kafka, job.job_id)
         assert (Stage.SEND, State.DONE) in {(s.stage, s.state) for s in statuses}
@@ -147,11 +98,11 @@ async def test_a_job_replayed_after_its_table_exists_runs_once(
         assert again.returncode == 0
         assert f"{letter_id}  skipped  replayed " in again.stdout
         assert "replayed " in cli("dlq", "list", "--state", "replayed").stdout
-        assert await count(kafka, Topic.BROADCAST_JOBS) == 2  # the job, and its one replay
+        assert await count_records(kafka, Topic.BROADCAST_JOBS) == 2  # the job, and its one replay
         lists = await read_until(kafka, Topic.BROADCAST_LISTS, lambda rs: len(rs) >= 1)
         assert [ListUploaded.from_json(r.value or b"").job_id for r in lists] == [job.job_id]
         assert await pipeline.sends_created("sandbox") == {job.job_id: 1}
-        assert await count(kafka, Topic.DEADLETTER) == 1
+        assert await count_records(kafka, Topic.DEADLETTER) == 1
         pipeline.stop()
 
 
@@ -165,37 +116,19 @@ ROWS = (
 
 
 async def test_response_rows_load_once_after_the_connector_configuration_is_fixed(
-    servers: Servers, kafka: KafkaSettings, database: PostgresSettings, unique: str, tmp_path: Path
+    deployment: Deployment,
 ) -> None:
-    account = f"t{unique}"
-    token = tmp_path / "token"
-    token.write_text("unused")
-    accounts = tmp_path / "accounts.json"
-    entry: dict[str, Any] = FLAVORS["generic_sftp"].account_entry(
-        "generic_sftp", account, "http://127.0.0.1:9", token
-    )
-    write_accounts_file(accounts, [entry])  # timestamps are expected as Unix seconds: every row is bad
+    kafka, database, account = deployment.kafka, deployment.database, deployment.account
+    entry = deployment.offline_account("generic_sftp", account)
+    accounts = deployment.accounts_file([entry])  # timestamps are expected as Unix seconds: every row is bad
     await record_jobs(database, "generic_sftp", account, "job-r")
-    folder = servers.sftp_local_root / "generic_sftp" / account
-    for sub in ("responses", "archive"):
-        (folder / sub).mkdir(parents=True)
+    folder = deployment.response_folders("generic_sftp", account)
     name = "20261122100000_FERGE_dates.txt"
-    (folder / "responses" / f".{name}.tmp").write_text(HEADER + ROWS, encoding="utf-8")
-    (folder / "responses" / f".{name}.tmp").rename(folder / "responses" / name)
-    await ensure_topics(kafka)
-    env = service_env(
-        servers.env,
-        ESPBRIDGE_KAFKA_TOPIC_PREFIX=kafka.topic_prefix,
-        ESPBRIDGE_PG_DATABASE=database.database,
-        ESPBRIDGE_ACCOUNTS_FILE=str(accounts),
-        ESPBRIDGE_GATHERER_SCAN_INTERVAL_S="0.5",
-    )
-    cli = cli_for(servers, kafka, database, accounts)
+    place(folder / "responses", name, HEADER + ROWS)
+    cli = Cli(deployment.env(accounts))
     with ExitStack() as stack:
-        procs = [
-            stack.enter_context(running(f"services.{s}", env, tmp_path / f"{s}.log"))
-            for s in ("gatherer", "loader")
-        ]
+        env = deployment.env(accounts, ESPBRIDGE_GATHERER_SCAN_INTERVAL_S="0.5")
+        procs = [deployment.start(stack, service, env) for service in ("gatherer", "loader")]
         letters = await read_until(kafka, Topic.DEADLETTER, lambda rs: len(rs) >= 4)
         await wait_for(lambda: (folder / "archive" / name).exists(), timeout_s=30, what="the file archived")
         assert await loaded_counts(database, "job-r") == {}
@@ -209,13 +142,15 @@ async def test_response_rows_load_once_after_the_connector_configuration_is_fixe
         assert "timestamp '22.11.2026 10:00' is not Unix seconds" in listed.stdout
 
         entry["options"] = {"timestamp_format": "%d.%m.%Y %H:%M"}
-        write_accounts_file(accounts, [entry])
+        deployment.accounts_file([entry])
         first = cli("dlq", "replay", "--kind", "file")
         assert first.returncode == 1, first.stdout  # one row is still bad
         assert "replayed 3, still failing 1" in first.stdout
         assert f"{ids[4]}  still failing  line 4: unknown MessageType 'Teleport'" in first.stdout
         want = {"sent": 1, "open": 1, "click": 1}
-        await wait_for(lambda: _loaded_equals(database, want), timeout_s=60, what="the replayed rows loaded")
+        await wait_for(
+            lambda: loaded_equal(database, "job-r", want), timeout_s=60, what="the replayed rows loaded"
+        )
         listed = cli("dlq", "list", "--json")
         states = {x["id"]: x["state"] for x in orjson.loads(listed.stdout)}
         assert states == {ids[2]: "replayed", ids[3]: "replayed", ids[4]: "failing", ids[5]: "replayed"}
@@ -226,56 +161,34 @@ async def test_response_rows_load_once_after_the_connector_configuration_is_fixe
         forced = cli("dlq", "replay", "--kind", "file", "--state", "replayed", "--force")
         assert forced.returncode == 0, forced.stdout
         assert "replayed 3" in forced.stdout
-        await wait_for(
-            lambda: caught_up(kafka, Topic.RESPONSE_EVENTS, "loader"),
-            timeout_s=60,
-            what="the loader caught up",
-        )
+        await wait_for(lambda: caught_up(kafka, "loader"), timeout_s=60, what="the loader caught up")
         assert await loaded_counts(database, "job-r") == want
-        assert await count(kafka, Topic.RESPONSE_EVENTS) == 6  # three rows, published twice
-        assert await count(kafka, Topic.DEADLETTER) == 4  # a row still bad is not dead-lettered again
+        assert await count_records(kafka, Topic.RESPONSE_EVENTS) == 6  # three rows, published twice
+        assert await count_records(kafka, Topic.DEADLETTER) == 4  # a row still bad is not dead-lettered again
         for proc in procs:
             assert stop(proc) == 0
 
 
-async def _loaded_equals(database: PostgresSettings, want: dict[str, int]) -> bool:
-    return await loaded_counts(database, "job-r") == want
+async def caught_up(kafka: KafkaSettings, service: str) -> bool:
+    """Whether a service's consumer group has committed every record of responses.events.v1."""
+    return await committed(kafka, service, Topic.RESPONSE_EVENTS) == await count_records(
+        kafka, Topic.RESPONSE_EVENTS
+    )
 
 
-async def test_an_unauthenticated_webhook_call_is_never_replayed(
-    servers: Servers, kafka: KafkaSettings, database: PostgresSettings, unique: str, tmp_path: Path
-) -> None:
-    account = f"t{unique}"
+async def test_an_unauthenticated_webhook_call_is_never_replayed(deployment: Deployment) -> None:
+    kafka, account, unique = deployment.kafka, deployment.account, deployment.unique
     secret = f"secret-{unique}"
-    token = tmp_path / "token"
-    token.write_text(f"right-{unique}")
-    accounts = tmp_path / "accounts.json"
-    write_accounts_file(
-        accounts, [FLAVORS["mailup"].account_entry("mailup", account, "http://127.0.0.1:9", token)]
-    )
-    await ensure_topics(kafka)
+    accounts = deployment.accounts_file([deployment.offline_account("mailup", account, f"right-{unique}")])
     port = free_port()
-    env = service_env(
-        servers.env,
-        ESPBRIDGE_KAFKA_TOPIC_PREFIX=kafka.topic_prefix,
-        ESPBRIDGE_PG_DATABASE=database.database,
-        ESPBRIDGE_ACCOUNTS_FILE=str(accounts),
-        ESPBRIDGE_GATHERER_SCAN_INTERVAL_S="0",
-        ESPBRIDGE_HTTP_PORT=str(port),
-    )
-    cli = cli_for(servers, kafka, database, accounts)
+    env = deployment.env(accounts, ESPBRIDGE_GATHERER_SCAN_INTERVAL_S="0", ESPBRIDGE_HTTP_PORT=str(port))
+    cli = Cli(deployment.env(accounts))
     body = f"Secret={secret}&EventType=unsubscribe&IdNL=42&Job=hook-1&Email=a%40x.com"
     url = f"http://127.0.0.1:{port}/webhooks/mailup/{account}"
 
-    async def ready() -> bool:
-        try:
-            async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/healthz") as resp:
-                return resp.status == 200
-        except aiohttp.ClientConnectionError:
-            return False  # not listening yet
-
-    with running("services.gatherer", env, tmp_path / "gatherer.log") as proc:
-        await wait_for(ready, timeout_s=60, what="the gatherer ready")
+    with ExitStack() as stack:
+        proc = deployment.start(stack, "gatherer", env)
+        await wait_for(lambda: healthy(port), timeout_s=60, what="the gatherer ready")
         async with (
             aiohttp.ClientSession() as http,
             http.post(url, data=body, headers={"Content-Type": "application/x-www-form-urlencoded"}) as resp,
@@ -298,4 +211,4 @@ async def test_an_unauthenticated_webhook_call_is_never_replayed(
         refused = cli("dlq", "replay", *args)
         assert refused.returncode == 1
         assert f"{letter_id}  refused  the webhook call failed authentication" in refused.stdout
-    assert await count(kafka, Topic.RESPONSE_EVENTS) == 0
+    assert await count_records(kafka, Topic.RESPONSE_EVENTS) == 0

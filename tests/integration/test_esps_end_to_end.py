@@ -3,118 +3,95 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from contextlib import ExitStack
-from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 
 from shared.infra.db import connect
-from shared.infra.kafka import ensure_topics
-from shared.infra.settings import KafkaSettings, PostgresSettings
 from shared.model.messages import BroadcastJob, DeadLetter, Stage, State
 from shared.model.topics import Topic
 from shared.operations.jobs import read_statuses
+from tests.fixtures.deployment import Deployment
 from tests.fixtures.kafka import read_until
-from tests.fixtures.pipeline import Pipeline, loaded_counts, start_pipeline, wait_all_loaded
-from tests.fixtures.servers import Servers, free_port
+from tests.fixtures.pipeline import Pipeline, loaded_as_made, loaded_counts, start_pipeline, wait_all_loaded
+from tests.fixtures.servers import free_port
 from tests.fixtures.waits import wait_for
-from tools.demo import seed_customers
 
 ESPS = ["generic_sftp", "instiller", "mailup", "optimizely", "deployteq"]
 """ESP flavors besides the default one (which tests/integration/test_end_to_end.py covers in depth)."""
 
 
-async def seed(database: PostgresSettings, n: int) -> None:
-    conn = await connect(database)
-    try:
-        await seed_customers(conn, n)
-    finally:
-        await conn.close()
+@pytest.fixture
+def stack() -> Iterator[ExitStack]:
+    with ExitStack() as processes:
+        yield processes
+
+
+async def started(
+    stack: ExitStack,
+    deployment: Deployment,
+    esps: list[tuple[str, str]],
+    recipients: int,
+    **pipeline_args: Any,
+) -> Pipeline:
+    """Seed the CRM with ``recipients`` customers and start the pipeline against these ESP accounts."""
+    await deployment.seed(recipients)
+    return start_pipeline(stack, deployment, esps, **pipeline_args)
 
 
 async def run_broadcast(
-    stack: ExitStack,
-    servers: Servers,
-    kafka: KafkaSettings,
-    database: PostgresSettings,
-    tmp_path: Path,
-    esp_account: tuple[str, str],
-    job_id: str,
-    recipients: int,
-    **pipeline_args: Any,
+    stack: ExitStack, deployment: Deployment, esp: str, job_id: str, recipients: int, **pipeline_args: Any
 ) -> tuple[Pipeline, BroadcastJob, dict[str, Any]]:
-    """Seed the CRM, start the pipeline against one ESP account, publish one broadcast and wait
-    until every response the ESP made is loaded — exactly: the loaded counts equal its manifest."""
-    await seed(database, recipients)
-    await ensure_topics(kafka)
-    esp = esp_account[0]
-    pipeline = start_pipeline(
-        stack, servers, kafka.topic_prefix, database, tmp_path, [esp_account], **pipeline_args
-    )
-    job = await pipeline.publish(kafka, esp, job_id)
-    manifest = await wait_all_loaded(pipeline, esp, job.job_id, database, kafka)
-    assert await loaded_counts(database, job.job_id) == {t: n for t, n in manifest["counts"].items() if n}
+    """Start the pipeline against one account of the ESP, publish one broadcast and wait until
+    every response the ESP made is loaded — exactly: the loaded counts equal its manifest."""
+    pipeline = await started(stack, deployment, [(esp, deployment.account)], recipients, **pipeline_args)
+    job = await pipeline.publish(esp, job_id)
+    manifest = await wait_all_loaded(pipeline, esp, job.job_id)
+    assert await loaded_counts(deployment.database, job.job_id) == loaded_as_made(manifest)
     return pipeline, job, manifest
 
 
 @pytest.mark.parametrize("esp", ESPS)
-async def test_each_esp_end_to_end(
-    esp: str, servers: Servers, kafka: KafkaSettings, database: PostgresSettings, unique: str, tmp_path: Path
-) -> None:
-    await seed(database, 3000)
-    await ensure_topics(kafka)
-    account = f"t{unique}"
-    with ExitStack() as stack:
-        pipeline = start_pipeline(stack, servers, kafka.topic_prefix, database, tmp_path, [(esp, account)])
-        job = await pipeline.publish(kafka, esp, f"e2e-{esp}-{unique}")
-        manifest = await wait_all_loaded(pipeline, esp, job.job_id, database, kafka)
-        assert manifest["recipients"] == 3000 - 3000 // 33
-        assert await loaded_counts(database, job.job_id) == {t: n for t, n in manifest["counts"].items() if n}
+async def test_each_esp_end_to_end(esp: str, deployment: Deployment, stack: ExitStack) -> None:
+    pipeline, job, manifest = await run_broadcast(
+        stack, deployment, esp, f"e2e-{esp}-{deployment.unique}", 3000
+    )
+    assert manifest["recipients"] == 3000 - 3000 // 33
+    assert await pipeline.sends_created(esp) == {job.job_id: 1}
+    statuses = {(s.stage, s.state) for s in await read_statuses(deployment.kafka, job.job_id)}
+    assert (Stage.UPLOAD, State.DONE) in statuses
+    assert (Stage.IMPORT, State.DONE) in statuses
+    pipeline.stop()
+
+
+async def test_two_esps_of_different_kinds_at_the_same_time(deployment: Deployment, stack: ExitStack) -> None:
+    esps = [("sandbox", f"a{deployment.unique}"), ("generic_sftp", f"b{deployment.unique}")]
+    pipeline = await started(stack, deployment, esps, 2000)
+    jobs = {esp: await pipeline.publish(esp, f"two-{esp}-{deployment.unique}") for esp, _ in esps}
+    for esp, job in jobs.items():
+        manifest = await wait_all_loaded(pipeline, esp, job.job_id)
+        assert await loaded_counts(deployment.database, job.job_id) == loaded_as_made(manifest)
         assert await pipeline.sends_created(esp) == {job.job_id: 1}
-        statuses = {(s.stage, s.state) for s in await read_statuses(kafka, job.job_id)}
-        assert (Stage.UPLOAD, State.DONE) in statuses
-        assert (Stage.IMPORT, State.DONE) in statuses
-        pipeline.stop()
-
-
-async def test_two_esps_of_different_kinds_at_the_same_time(
-    servers: Servers, kafka: KafkaSettings, database: PostgresSettings, unique: str, tmp_path: Path
-) -> None:
-    await seed(database, 2000)
-    await ensure_topics(kafka)
-    esps = [("sandbox", f"a{unique}"), ("generic_sftp", f"b{unique}")]
-    with ExitStack() as stack:
-        pipeline = start_pipeline(stack, servers, kafka.topic_prefix, database, tmp_path, esps)
-        jobs = {esp: await pipeline.publish(kafka, esp, f"two-{esp}-{unique}") for esp, _ in esps}
-        for esp, job in jobs.items():
-            manifest = await wait_all_loaded(pipeline, esp, job.job_id, database, kafka)
-            assert await loaded_counts(database, job.job_id) == {
-                t: n for t, n in manifest["counts"].items() if n
-            }
-            assert await pipeline.sends_created(esp) == {job.job_id: 1}
-        # Each list went to its own ESP's folder in its own format, and nothing crossed over.
-        generic_list = (
-            pipeline.esps["sandbox"].account_dir(esps[0][1]) / "drop" / f"{jobs['sandbox'].job_id}.csv"
-        )
-        sftp_list = (
-            pipeline.esps["generic_sftp"].account_dir(esps[1][1])
-            / "drop"
-            / f"{jobs['generic_sftp'].job_id}.txt"
-        )
-        assert generic_list.read_text().startswith("Email,FirstName,")
-        assert sftp_list.read_text().startswith("Email\tFirstName\t")
-        conn = await connect(database)
-        try:
-            by_esp = {
-                (r["esp"], r["broadcast_id"])
-                for r in await conn.fetch("SELECT DISTINCT esp, broadcast_id FROM responses.events")
-            }
-        finally:
-            await conn.close()
-        assert by_esp == {(esp, job.job_id) for esp, job in jobs.items()}
-        pipeline.stop()
+    # Each list went to its own ESP's folder in its own format, and nothing crossed over.
+    generic_list = pipeline.esps["sandbox"].account_dir(esps[0][1]) / "drop" / f"{jobs['sandbox'].job_id}.csv"
+    sftp_list = (
+        pipeline.esps["generic_sftp"].account_dir(esps[1][1]) / "drop" / f"{jobs['generic_sftp'].job_id}.txt"
+    )
+    assert generic_list.read_text().startswith("Email,FirstName,")
+    assert sftp_list.read_text().startswith("Email\tFirstName\t")
+    conn = await connect(deployment.database)
+    try:
+        by_esp = {
+            (r["esp"], r["broadcast_id"])
+            for r in await conn.fetch("SELECT DISTINCT esp, broadcast_id FROM responses.events")
+        }
+    finally:
+        await conn.close()
+    assert by_esp == {(esp, job.job_id) for esp, job in jobs.items()}
+    pipeline.stop()
 
 
 API_ESPS = ["instiller", "mailup", "optimizely"]
@@ -123,83 +100,59 @@ API_ESPS = ["instiller", "mailup", "optimizely"]
 API pulls — see the test after this one.)"""
 
 
+async def failures(deployment: Deployment, job_id: str, stage: Stage | None = None) -> list[str] | None:
+    """The details of the job's failed statuses (at ``stage`` if given); None while there are none."""
+    statuses = await read_statuses(deployment.kafka, job_id)
+    found = [s.detail for s in statuses if s.state is State.FAILED and stage in (None, s.stage)]
+    return found or None
+
+
 @pytest.mark.parametrize("esp", API_ESPS)
 async def test_refused_credentials_fail_the_job_clearly(
-    esp: str, servers: Servers, kafka: KafkaSettings, database: PostgresSettings, unique: str, tmp_path: Path
+    esp: str, deployment: Deployment, stack: ExitStack
 ) -> None:
-    await seed(database, 200)
-    await ensure_topics(kafka)
-    with ExitStack() as stack:
-        pipeline = start_pipeline(
-            stack,
-            servers,
-            kafka.topic_prefix,
-            database,
-            tmp_path,
-            [(esp, f"t{unique}")],
-            wrong_credentials=True,
-        )
-        job = await pipeline.publish(kafka, esp, f"auth-{unique}")
-
-        async def failed() -> str | None:
-            for s in await read_statuses(kafka, job.job_id):
-                if s.state is State.FAILED:
-                    return s.detail
-            return None
-
-        detail = await wait_for(failed, timeout_s=60, what="the job failed")
-        assert "refused" in detail  # the ESP's word, e.g. "answered 401" or "refused the credentials (400)"
-        assert await pipeline.sends_created(esp) == {}
-        pipeline.stop()
+    pipeline = await started(stack, deployment, [(esp, deployment.account)], 200, wrong_credentials=True)
+    job = await pipeline.publish(esp, f"auth-{deployment.unique}")
+    details = await wait_for(lambda: failures(deployment, job.job_id), timeout_s=60, what="the job failed")
+    assert "refused" in details[0]  # the ESP's word, e.g. "answered 401" or "refused the credentials (400)"
+    assert await pipeline.sends_created(esp) == {}
+    pipeline.stop()
 
 
 async def test_refused_api_credentials_show_on_the_broadcast_status_and_files_still_load(
-    servers: Servers, kafka: KafkaSettings, database: PostgresSettings, unique: str, tmp_path: Path
+    deployment: Deployment, stack: ExitStack
 ) -> None:
     """Deployteq sends through its SFTP trigger, so a wrong client secret first shows when the
     gatherer pulls the event API: the broadcast's gather stage says so (once, not every scan),
     while the activities export files are still gathered."""
     esp = "deployteq"
-    await seed(database, 300)
-    await ensure_topics(kafka)
-    with ExitStack() as stack:
-        pipeline = start_pipeline(
-            stack,
-            servers,
-            kafka.topic_prefix,
-            database,
-            tmp_path,
-            [(esp, f"t{unique}")],
-            wrong_credentials=True,
-        )
-        job = await pipeline.publish(kafka, esp, f"auth-{unique}")
+    pipeline = await started(stack, deployment, [(esp, deployment.account)], 300, wrong_credentials=True)
+    job = await pipeline.publish(esp, f"auth-{deployment.unique}")
+    details = await wait_for(
+        lambda: failures(deployment, job.job_id, Stage.GATHER),
+        timeout_s=90,
+        what="the gather stage reported the refusal",
+    )
+    assert "refused" in details[0]
+    assert "EspAuthError" in details[0]
+    assert await pipeline.sends_created(esp) == {job.job_id: 1}
+    manifest = orjson.loads(pipeline.manifest(esp, job.job_id).read_bytes())
+    # The export files (complaints) need no API credentials: they load once the export runs.
+    exported = manifest["counts"].get("complaint", 0)
 
-        async def gather_failed() -> list[str] | None:
-            statuses = await read_statuses(kafka, job.job_id)
-            found = [s.detail for s in statuses if s.stage is Stage.GATHER and s.state is State.FAILED]
-            return found or None
+    async def complaints_loaded() -> bool:
+        done = orjson.loads(pipeline.manifest(esp, job.job_id).read_bytes())
+        have = (await loaded_counts(deployment.database, job.job_id)).get("complaint", 0)
+        return bool(done["complete"]) and have == done["counts"].get("complaint", 0)
 
-        details = await wait_for(gather_failed, timeout_s=90, what="the gather stage reported the refusal")
-        assert "refused" in details[0]
-        assert "EspAuthError" in details[0]
-        assert await pipeline.sends_created(esp) == {job.job_id: 1}
-        manifest = orjson.loads(pipeline.manifest(esp, job.job_id).read_bytes())
-        # The export files (complaints) need no API credentials: they load once the export runs.
-        exported = manifest["counts"].get("complaint", 0)
-
-        async def complaints_loaded() -> bool:
-            done = orjson.loads(pipeline.manifest(esp, job.job_id).read_bytes())
-            have = (await loaded_counts(database, job.job_id)).get("complaint", 0)
-            return bool(done["complete"]) and have == done["counts"].get("complaint", 0)
-
-        await wait_for(complaints_loaded, timeout_s=90, what="the export files loaded")
-        loaded = await loaded_counts(database, job.job_id)
-        assert set(loaded) <= {"complaint"}, f"nothing came from the refused API: {loaded}"
-        assert exported <= loaded.get("complaint", 0)
-        statuses = await read_statuses(kafka, job.job_id)
-        failures = [s for s in statuses if s.stage is Stage.GATHER and s.state is State.FAILED]
-        assert len(failures) == 1, "a lasting error is reported once, not on every scan"
-        pipeline.stop()
+    await wait_for(complaints_loaded, timeout_s=90, what="the export files loaded")
+    loaded = await loaded_counts(deployment.database, job.job_id)
+    assert set(loaded) <= {"complaint"}, f"nothing came from the refused API: {loaded}"
+    assert exported <= loaded.get("complaint", 0)
+    refusals = await failures(deployment, job.job_id, Stage.GATHER)
+    assert refusals is not None
+    assert len(refusals) == 1, "a lasting error is reported once, not on every scan"
+    pipeline.stop()
 
 
 MALFORMED = {
@@ -210,71 +163,59 @@ MALFORMED = {
 }
 
 
+async def dead_letters(deployment: Deployment, count: int) -> list[DeadLetter]:
+    """The first ``count`` dead letters (waiting for them)."""
+    records = await read_until(deployment.kafka, Topic.DEADLETTER, lambda rs: len(rs) >= count)
+    return [DeadLetter.from_json(r.value or b"") for r in records]
+
+
 @pytest.mark.parametrize("esp", sorted(MALFORMED))
 async def test_malformed_response_rows_are_dead_lettered_and_good_rows_load(
-    esp: str, servers: Servers, kafka: KafkaSettings, database: PostgresSettings, unique: str, tmp_path: Path
+    esp: str, deployment: Deployment, stack: ExitStack
 ) -> None:
     sandbox_settings, options, malformed = MALFORMED[esp]
-    account = f"t{unique}"
-    with ExitStack() as stack:
-        pipeline, _job, manifest = await run_broadcast(
-            stack,
-            servers,
-            kafka,
-            database,
-            tmp_path,
-            (esp, account),
-            f"bad-{esp}-{unique}",
-            recipients=1000,
-            sandbox_settings=sandbox_settings,
-            account_options=options,
-        )
-        bad = malformed(manifest)
-        assert bad > 0
-        letters = await read_until(kafka, Topic.DEADLETTER, lambda rs: len(rs) >= bad)
-        dead = [DeadLetter.from_json(r.value or b"") for r in letters]
-        assert len(dead) == bad
-        for d in dead:
-            assert d.payload
-            assert d.message
-            assert d.service == "gatherer"
-            if d.source.kind == "file":
-                assert (d.source.name or "").startswith(f"{esp}/{account}/")
-                assert (d.source.line or 0) > 1, "the line of the bad row, after the header"
-        if esp != "optimizely":  # Optimizely's bad rows come from files and API pages alike
-            assert {d.source.kind for d in dead} == {"file"}
-        pipeline.stop()
+    pipeline, _job, manifest = await run_broadcast(
+        stack,
+        deployment,
+        esp,
+        f"bad-{esp}-{deployment.unique}",
+        1000,
+        sandbox_settings=sandbox_settings,
+        account_options=options,
+    )
+    bad = malformed(manifest)
+    assert bad > 0
+    dead = await dead_letters(deployment, bad)
+    assert len(dead) == bad
+    for d in dead:
+        assert d.payload
+        assert d.message
+        assert d.service == "gatherer"
+        if d.source.kind == "file":
+            assert (d.source.name or "").startswith(f"{esp}/{deployment.account}/")
+            assert (d.source.line or 0) > 1, "the line of the bad row, after the header"
+    if esp != "optimizely":  # Optimizely's bad rows come from files and API pages alike
+        assert {d.source.kind for d in dead} == {"file"}
+    pipeline.stop()
 
 
 @pytest.mark.parametrize("esp", ["instiller"])
 async def test_rate_limits_are_honoured_and_malformed_items_dead_lettered(
-    esp: str, servers: Servers, kafka: KafkaSettings, database: PostgresSettings, unique: str, tmp_path: Path
+    esp: str, deployment: Deployment, stack: ExitStack
 ) -> None:
-    account = f"t{unique}"
-    with ExitStack() as stack:
-        pipeline, job, manifest = await run_broadcast(
-            stack,
-            servers,
-            kafka,
-            database,
-            tmp_path,
-            (esp, account),
-            f"limits-{unique}",
-            recipients=1000,
-            sandbox_settings={"api_limit_per_s": "3", "api_limit_burst": "2", "malformed_every": "40"},
-        )
-        bad = sum(manifest["malformed"].values())
-        assert bad > 0
-        letters = await read_until(kafka, Topic.DEADLETTER, lambda rs: len(rs) >= bad)
-        dead = [DeadLetter.from_json(r.value or b"") for r in letters]
-        assert len(dead) == bad
-        assert all(d.source.kind == "api" for d in dead)
-        stats = await pipeline.stats(esp)
-        assert stats["sends_created"] == {job.job_id: 1}
-        assert stats.get("rate_limited", 0) > 0, (
-            "the ESP answered 429s, and the pipeline still loaded everything"
-        )
-        pipeline.stop()
+    limits = {"api_limit_per_s": "3", "api_limit_burst": "2", "malformed_every": "40"}
+    pipeline, job, manifest = await run_broadcast(
+        stack, deployment, esp, f"limits-{deployment.unique}", 1000, sandbox_settings=limits
+    )
+    bad = sum(manifest["malformed"].values())
+    assert bad > 0
+    dead = await dead_letters(deployment, bad)
+    assert len(dead) == bad
+    assert all(d.source.kind == "api" for d in dead)
+    stats = await pipeline.stats(esp)
+    assert stats["sends_created"] == {job.job_id: 1}
+    assert stats.get("rate_limited", 0) > 0, "the ESP answered 429s, and the pipeline still loaded everything"
+    pipeline.stop()
 
 
 WEBHOOKS = {
@@ -290,34 +231,29 @@ WEBHOOKS = {
 
 @pytest.mark.parametrize("esp", sorted(WEBHOOKS))
 async def test_webhooks_reach_the_gatherer_and_load_once(
-    esp: str, servers: Servers, kafka: KafkaSettings, database: PostgresSettings, unique: str, tmp_path: Path
+    esp: str, deployment: Deployment, stack: ExitStack
 ) -> None:
-    account = f"t{unique}"
     port = free_port()
-    url = f"http://127.0.0.1:{port}/webhooks/{esp}/{account}"
-    token = "webhook-" + unique
-    with ExitStack() as stack:
-        pipeline, _job, _manifest = await run_broadcast(
-            stack,
-            servers,
-            kafka,
-            database,
-            tmp_path,
-            (esp, account),
-            f"hook-{unique}",
-            recipients=1000,
-            sandbox_settings=WEBHOOKS[esp](url, token),
-            gatherer_port=port,
-            token=token,
-        )
-        calls = [
-            json.loads(line)
-            for line in (tmp_path / "gatherer.log").read_text().splitlines()
-            if '"msg":"webhook received"' in line
-        ]
-        assert calls, "the ESP's webhook calls reached the gatherer"
-        assert sum(c["accepted"] for c in calls) > 0
-        pipeline.stop()
+    url = f"http://127.0.0.1:{port}/webhooks/{esp}/{deployment.account}"
+    token = "webhook-" + deployment.unique
+    pipeline, _job, _manifest = await run_broadcast(
+        stack,
+        deployment,
+        esp,
+        f"hook-{deployment.unique}",
+        1000,
+        sandbox_settings=WEBHOOKS[esp](url, token),
+        gatherer_port=port,
+        token=token,
+    )
+    calls = [
+        json.loads(line)
+        for line in (deployment.folder / "gatherer.log").read_text().splitlines()
+        if '"msg":"webhook received"' in line
+    ]
+    assert calls, "the ESP's webhook calls reached the gatherer"
+    assert sum(c["accepted"] for c in calls) > 0
+    pipeline.stop()
 
 
 TOKEN_ESPS = ["mailup", "deployteq"]
@@ -326,29 +262,24 @@ TOKEN_ESPS = ["mailup", "deployteq"]
 
 @pytest.mark.parametrize("esp", TOKEN_ESPS)
 async def test_expiring_tokens_are_renewed_through_a_broadcast(
-    esp: str, servers: Servers, kafka: KafkaSettings, database: PostgresSettings, unique: str, tmp_path: Path
+    esp: str, deployment: Deployment, stack: ExitStack
 ) -> None:
-    account = f"t{unique}"
-    with ExitStack() as stack:
-        pipeline, job, _manifest = await run_broadcast(
-            stack,
-            servers,
-            kafka,
-            database,
-            tmp_path,
-            (esp, account),
-            f"ttl-{unique}",
-            recipients=1000,
-            sandbox_settings={"token_ttl_s": "1", "phase_delay_s": "1.0"},
-        )
-        statuses = await read_statuses(kafka, job.job_id)
-        lasted = (statuses[-1].at - statuses[0].at).total_seconds()
-        assert lasted > 3, f"the broadcast outlived several 1 s tokens (it took {lasted:.1f} s)"
-        stats = await pipeline.stats(esp)
-        if "tokens_issued" in stats:  # where the flavor counts them, renewals are visible directly
-            issued = stats["tokens_issued"]
-            assert (sum(issued.values()) if isinstance(issued, dict) else int(issued)) >= 2
-        pipeline.stop()
+    pipeline, job, _manifest = await run_broadcast(
+        stack,
+        deployment,
+        esp,
+        f"ttl-{deployment.unique}",
+        1000,
+        sandbox_settings={"token_ttl_s": "1", "phase_delay_s": "1.0"},
+    )
+    statuses = await read_statuses(deployment.kafka, job.job_id)
+    lasted = (statuses[-1].at - statuses[0].at).total_seconds()
+    assert lasted > 3, f"the broadcast outlived several 1 s tokens (it took {lasted:.1f} s)"
+    stats = await pipeline.stats(esp)
+    if "tokens_issued" in stats:  # where the flavor counts them, renewals are visible directly
+        issued = stats["tokens_issued"]
+        assert (sum(issued.values()) if isinstance(issued, dict) else int(issued)) >= 2
+    pipeline.stop()
 
 
 RATE_LIMITS = {
@@ -361,22 +292,12 @@ RATE_LIMITS = {
 
 @pytest.mark.parametrize("esp", sorted(RATE_LIMITS))
 async def test_429s_are_honoured_and_nothing_is_lost(
-    esp: str, servers: Servers, kafka: KafkaSettings, database: PostgresSettings, unique: str, tmp_path: Path
+    esp: str, deployment: Deployment, stack: ExitStack
 ) -> None:
-    account = f"t{unique}"
-    with ExitStack() as stack:
-        pipeline, job, _manifest = await run_broadcast(
-            stack,
-            servers,
-            kafka,
-            database,
-            tmp_path,
-            (esp, account),
-            f"rate-{unique}",
-            recipients=500,
-            sandbox_settings=RATE_LIMITS[esp],
-        )
-        stats = await pipeline.stats(esp)
-        assert stats["sends_created"] == {job.job_id: 1}
-        assert stats["rate_limited"] > 0, "the ESP answered 429s during the broadcast"
-        pipeline.stop()
+    pipeline, job, _manifest = await run_broadcast(
+        stack, deployment, esp, f"rate-{deployment.unique}", 500, sandbox_settings=RATE_LIMITS[esp]
+    )
+    stats = await pipeline.stats(esp)
+    assert stats["sends_created"] == {job.job_id: 1}
+    assert stats["rate_limited"] > 0, "the ESP answered 429s during the broadcast"
+    pipeline.stop()

@@ -4,21 +4,17 @@ naming the file and the line, and the file is archived — for every file-based 
 from __future__ import annotations
 
 from contextlib import ExitStack
-from pathlib import Path
 
 import pytest
 
-from shared.infra.kafka import ensure_topics
-from shared.infra.settings import KafkaSettings, PostgresSettings
 from shared.model.messages import DeadLetter
 from shared.model.topics import Topic
+from tests.fixtures.deployment import Deployment, place
 from tests.fixtures.jobs import record_jobs
 from tests.fixtures.kafka import read_until
-from tests.fixtures.pipeline import loaded_counts
-from tests.fixtures.processes import running, service_env, stop
-from tests.fixtures.servers import Servers
+from tests.fixtures.pipeline import loaded_equal
+from tests.fixtures.processes import stop
 from tests.fixtures.waits import wait_for
-from tools.demo import FLAVORS, write_accounts_file
 
 GENERIC = (
     "EventId,BroadcastId,MessageId,CommunicationKey,Email,EventType,Url,OccurredAt\n"
@@ -59,35 +55,21 @@ CASES = {
 
 @pytest.mark.parametrize("esp", sorted(CASES))
 async def test_good_rows_load_and_bad_rows_are_dead_lettered_with_file_and_line(
-    esp: str, servers: Servers, kafka: KafkaSettings, database: PostgresSettings, unique: str, tmp_path: Path
+    esp: str, deployment: Deployment
 ) -> None:
     name, content, good, bad_lines = CASES[esp]
-    account = f"t{unique}"
-    token = tmp_path / "token"
-    token.write_text("unused")
-    accounts = tmp_path / "accounts.json"
-    write_accounts_file(accounts, [FLAVORS[esp].account_entry(esp, account, "http://127.0.0.1:9", token)])
-    folder = servers.sftp_local_root / esp / account
-    for sub in ("responses", "archive"):
-        (folder / sub).mkdir(parents=True)
-    (folder / "responses" / f".{name}.tmp").write_text(content, encoding="utf-8")
-    (folder / "responses" / f".{name}.tmp").rename(folder / "responses" / name)
+    account, database = deployment.account, deployment.database
+    accounts = deployment.accounts_file([deployment.offline_account(esp, account)])
+    folder = deployment.response_folders(esp, account)
+    place(folder / "responses", name, content)
     await record_jobs(database, esp, account, "job-x")
-    await ensure_topics(kafka)
-    env = service_env(
-        servers.env,
-        ESPBRIDGE_KAFKA_TOPIC_PREFIX=kafka.topic_prefix,
-        ESPBRIDGE_PG_DATABASE=database.database,
-        ESPBRIDGE_ACCOUNTS_FILE=str(accounts),
-        ESPBRIDGE_GATHERER_SCAN_INTERVAL_S="0.5",
-    )
+    env = deployment.env(accounts, ESPBRIDGE_GATHERER_SCAN_INTERVAL_S="0.5")
     with ExitStack() as stack:
-        procs = [
-            stack.enter_context(running(f"services.{s}", env, tmp_path / f"{s}.log"))
-            for s in ("gatherer", "loader")
-        ]
-        await wait_for(lambda: _loaded_equals(database, good), timeout_s=60, what="the good rows loaded")
-        letters = await read_until(kafka, Topic.DEADLETTER, lambda rs: len(rs) >= len(bad_lines))
+        procs = [deployment.start(stack, service, env) for service in ("gatherer", "loader")]
+        await wait_for(
+            lambda: loaded_equal(database, "job-x", good), timeout_s=60, what="the good rows loaded"
+        )
+        letters = await read_until(deployment.kafka, Topic.DEADLETTER, lambda rs: len(rs) >= len(bad_lines))
         await wait_for(lambda: (folder / "archive" / name).exists(), timeout_s=30, what="the file archived")
         for proc in procs:
             assert stop(proc) == 0
@@ -98,7 +80,3 @@ async def test_good_rows_load_and_bad_rows_are_dead_lettered_with_file_and_line(
     ]
     assert all(d.payload and d.message for d in dead)
     assert not (folder / "responses" / name).exists()
-
-
-async def _loaded_equals(database: PostgresSettings, good: dict[str, int]) -> bool:
-    return await loaded_counts(database, "job-x") == good

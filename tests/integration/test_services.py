@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -14,13 +15,14 @@ from aiohttp import ClientSession
 from shared.infra.db import connect
 from shared.infra.kafka import check_topics, ensure_topics
 from shared.infra.settings import KafkaSettings, PostgresSettings
-from shared.model.messages import BroadcastStatus, DeadLetter, ListUploaded, State
+from shared.model.messages import DeadLetter, ListUploaded, State
 from shared.model.topics import Topic
-from tests.fixtures.kafka import Record, group_members, produce, read_until
+from tests.fixtures.deployment import Deployment
+from tests.fixtures.kafka import group_members, produce, read_until, status_of
 from tests.fixtures.processes import running, service_env, stop
 from tests.fixtures.servers import ROOT, Servers
 from tests.fixtures.waits import wait_for
-from tools.demo import FLAVORS, demo_job, write_accounts_file
+from tools.demo import demo_job
 
 SERVICES = ["uploader", "monitor", "gatherer", "loader"]
 
@@ -107,15 +109,9 @@ async def test_service_joins_its_group_and_stops_on_sigterm(
     assert "Traceback" not in text
 
 
-async def test_uploader_fails_bad_jobs_clearly_and_dead_letters_them(
-    servers: Servers, kafka: KafkaSettings, database: PostgresSettings, tmp_path: Path
-) -> None:
-    accounts = tmp_path / "accounts.json"
-    token = tmp_path / "token"
-    token.write_text("t0ken")
-    write_accounts_file(
-        accounts, [FLAVORS["sandbox"].account_entry("sandbox", "demo", "http://127.0.0.1:9/unused", token)]
-    )
+async def test_uploader_fails_bad_jobs_clearly_and_dead_letters_them(deployment: Deployment) -> None:
+    kafka = deployment.kafka
+    accounts = deployment.accounts_file([deployment.offline_account("sandbox", "demo", "t0ken")])
 
     def job(job_id: str, **changes: object) -> bytes:
         doc = demo_job(job_id, "sandbox", "demo")
@@ -133,26 +129,20 @@ async def test_uploader_fails_bad_jobs_clearly_and_dead_letters_them(
         ),
     }
     garbage = b"\xff\xfenot json at all"
-    env = service_env(
-        servers.env,
-        ESPBRIDGE_KAFKA_TOPIC_PREFIX=kafka.topic_prefix,
-        ESPBRIDGE_PG_DATABASE=database.database,
-        ESPBRIDGE_ACCOUNTS_FILE=str(accounts),
-    )
-    await ensure_topics(kafka)
-    with running("services.uploader", env, tmp_path / "uploader.log") as proc:
+    with ExitStack() as stack:
+        proc = deployment.start(stack, "uploader", deployment.env(accounts))
         await produce(
             kafka, Topic.BROADCAST_JOBS, [*((k.encode(), v) for k, v in bad.items()), (None, garbage)]
         )
         statuses = await read_until(
             kafka,
             Topic.BROADCAST_STATUS,
-            lambda rs: {s.job_id for s in map(_status, rs) if s.state is State.FAILED} >= set(bad),
+            lambda rs: {s.job_id for s in map(status_of, rs) if s.state is State.FAILED} >= set(bad),
         )
         letters = await read_until(kafka, Topic.DEADLETTER, lambda rs: len(rs) >= len(bad) + 1)
         assert stop(proc) == 0
 
-    failed = {s.job_id: s.detail for s in map(_status, statuses) if s.state is State.FAILED}
+    failed = {s.job_id: s.detail for s in map(status_of, statuses) if s.state is State.FAILED}
     assert "sandbox/nope is not configured" in failed["job-unknown-account"]
     assert "selection.table.table" in failed["job-injection"]
     assert "crm.missing does not exist" in failed["job-no-table"]
@@ -165,17 +155,12 @@ async def test_uploader_fails_bad_jobs_clearly_and_dead_letters_them(
     assert payloads[garbage].source.name == kafka.topic(Topic.BROADCAST_JOBS)
     assert payloads[garbage].source.offset is not None
     assert payloads[bad["job-no-table"]].error_class == "SelectionError"
-    conn = await connect(database)
+    conn = await connect(deployment.database)
     try:
         states = {r["job_id"]: r["state"] for r in await conn.fetch("SELECT job_id, state FROM control.jobs")}
     finally:
         await conn.close()
     assert states == {"job-unknown-account": "failed", "job-no-table": "failed", "job-empty": "failed"}
-
-
-def _status(record: Record) -> BroadcastStatus:
-    assert record.value is not None
-    return BroadcastStatus.from_json(record.value)
 
 
 async def _stable_members(kafka: KafkaSettings, group: str) -> list[dict[str, str]] | None:
@@ -192,33 +177,14 @@ def _health_port(log: Path) -> int:
 
 
 async def test_uploader_reads_inline_and_csv_selections(
-    servers: Servers,
-    kafka: KafkaSettings,
-    database: PostgresSettings,
-    tmp_path: Path,
-    sftp_folder: tuple[str, Path],
+    deployment: Deployment, sftp_folder: tuple[str, Path]
 ) -> None:
+    kafka = deployment.kafka
     remote, local = sftp_folder
-    accounts = tmp_path / "accounts.json"
-    token = tmp_path / "token"
-    token.write_text("t0ken")
-    accounts.write_bytes(
-        orjson.dumps(
-            {
-                "accounts": [
-                    {
-                        "esp": "sandbox",
-                        "account": "demo",
-                        "api_url": "http://127.0.0.1:9/unused",
-                        "token_file": str(token),
-                        "sftp_root": remote,
-                    }
-                ]
-            }
-        )
-    )
+    entry = deployment.offline_account("sandbox", "demo", "t0ken") | {"sftp_root": remote}
+    accounts = deployment.accounts_file([entry])
     (local / "drop").mkdir()
-    csv_dir = tmp_path / "lists"
+    csv_dir = deployment.folder / "lists"
     csv_dir.mkdir()
     (csv_dir / "people.csv").write_text(
         "mail;name;key;opted_out\n"
@@ -256,15 +222,10 @@ async def test_uploader_reads_inline_and_csv_selections(
         "communication_key": "key",
     }
     escape = {**from_csv, "job_id": "job-escape", "selection": {"kind": "csv", "path": "../../etc/passwd"}}
-    env = service_env(
-        servers.env,
-        ESPBRIDGE_KAFKA_TOPIC_PREFIX=kafka.topic_prefix,
-        ESPBRIDGE_PG_DATABASE=database.database,
-        ESPBRIDGE_ACCOUNTS_FILE=str(accounts),
-        ESPBRIDGE_UPLOADER_CSV_DIR=str(csv_dir),
-    )
-    await ensure_topics(kafka)
-    with running("services.uploader", env, tmp_path / "uploader.log") as proc:
+    with ExitStack() as stack:
+        proc = deployment.start(
+            stack, "uploader", deployment.env(accounts, ESPBRIDGE_UPLOADER_CSV_DIR=str(csv_dir))
+        )
         await produce(
             kafka, Topic.BROADCAST_JOBS, [(None, orjson.dumps(j)) for j in (inline, from_csv, escape)]
         )
@@ -273,7 +234,7 @@ async def test_uploader_reads_inline_and_csv_selections(
             kafka,
             Topic.BROADCAST_STATUS,
             lambda rs: any(
-                _status(r).job_id == "job-escape" and _status(r).state is State.FAILED for r in rs
+                status_of(r).job_id == "job-escape" and status_of(r).state is State.FAILED for r in rs
             ),
         )
         assert stop(proc) == 0
@@ -288,7 +249,9 @@ async def test_uploader_reads_inline_and_csv_selections(
         "Email,FirstName,CommunicationKey\nx@example.com,Xi,k1\nz@example.com,Zed,k3\n"
     )
     escaped = next(
-        _status(r) for r in statuses if _status(r).job_id == "job-escape" and _status(r).state is State.FAILED
+        status_of(r)
+        for r in statuses
+        if status_of(r).job_id == "job-escape" and status_of(r).state is State.FAILED
     )
     assert "outside" in escaped.detail
     assert not (local / "drop" / "job-escape.csv").exists()
