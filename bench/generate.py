@@ -8,8 +8,9 @@
   event ids, sources and NULLs the pipeline gives them.
 * One large clicks file with long tracking links, for the memory bench.
 
-The format is written from the ESP's documentation, not from the connector's code, so a
-disagreement shows up as a failed bench (and in the unit test) rather than being agreed on.
+The rows are written from the ESP's documentation, not from the connector's code, so a
+disagreement shows up as a failed bench (and in the unit test) rather than being agreed on; only
+the header's column names are the connector's own constant.
 """
 
 from __future__ import annotations
@@ -25,18 +26,10 @@ from pathlib import Path
 from typing import IO
 
 from services.loader.core import COLUMNS as LOADED_COLUMNS
+from shared.esp.generic import RESPONSE_HEADER
 from shared.model.messages import event_id_for
 
-HEADER = (
-    "EventId",
-    "BroadcastId",
-    "MessageId",
-    "CommunicationKey",
-    "Email",
-    "EventType",
-    "Url",
-    "OccurredAt",
-)
+HEADER = RESPONSE_HEADER
 PHASES = ("sent", "delivery", "opens", "clicks", "optouts")
 LIMIT_COLUMNS = tuple(c for c in LOADED_COLUMNS if c != "extra")
 """The columns of responses.events the limit CSV fills (extra stays NULL, loaded_at its default)."""
@@ -162,21 +155,11 @@ def file_name(b: Broadcast, seq: int, phase: str) -> str:
 
 
 def limit_row(esp: str, account: str, remote_path: str, line: int, row: Row) -> list[str]:
-    """The row of responses.events the pipeline makes of a response row (CSV: empty = NULL)."""
-    event_id, broadcast_id, message_id, key, email, kind, url, occurred = row
-    return [
-        str(event_id_for(esp, esp_event_id=f"{account}:{event_id}")),
-        esp,
-        account,
-        broadcast_id,
-        message_id,
-        key,
-        email,
-        kind,
-        url,
-        occurred,
-        f"file:{posixpath.normpath(remote_path)}:{line}",
-    ]
+    """The row of responses.events the pipeline makes of a response row (CSV: empty = NULL): the
+    event id made from the ESP's, the account, the row's other values, and where it came from."""
+    esp_event_id, *values = row
+    event_id = str(event_id_for(esp, esp_event_id=f"{account}:{esp_event_id}"))
+    return [event_id, esp, account, *values, f"file:{posixpath.normpath(remote_path)}:{line}"]
 
 
 def write_response_files(
