@@ -39,51 +39,31 @@ def table(name: str = "crm.customers", columns: list[str] = COLUMNS, **filters: 
     return {"kind": "table", "table": name, "columns": columns, "filters": filters}
 
 
-def with_column(job_id: str, esp_account: str, column: str, header: str) -> dict[str, Any]:
-    """A job that selects one more column, ``column``, and maps it to ``header`` in the list."""
-    return job(
-        job_id,
-        esp_account,
-        selection=table(columns=[*COLUMNS, column]),
-        field_map={"email": "Email", column: header},
-    )
+def extra_column(column: str, header: str) -> dict[str, Any]:
+    """The changes to the demo job that select one more column and map it to ``header``."""
+    return {"selection": table(columns=[*COLUMNS, column]), "field_map": {"email": "Email", column: header}}
+
+
+CHANGED = [
+    # job id, its changes to the demo job, what its failed status must say
+    ("unknown-esp", {"esp": "nosuchesp"}, "nosuchesp/"),
+    ("unknown-account", {"account": "nobody"}, "sandbox/nobody is not configured"),
+    ("table-injection", {"selection": table("crm.customers; drop table x")}, "selection.table.table"),
+    ("column-injection", extra_column('"email"--', "Extra"), "selection.table.columns"),
+    ("no-such-table", {"selection": table("crm.missing")}, "crm.missing does not exist"),
+    ("no-such-column", extra_column("shoe_size", "ShoeSize"), "crm.customers has no column shoe_size"),
+    ("no-rows", {"selection": table(city="Atlantis")}, "the selection has no recipients (0 opted out)"),
+    ("all-opted-out", {"selection": table(opted_out=True)}, "the selection has no recipients (1 opted out)"),
+]
 
 
 def bad_jobs(account: str) -> dict[str, tuple[bytes, str]]:
     """job id → (the message as published, what its failed status must say)."""
-    cases: dict[str, tuple[dict[str, Any] | bytes, str]] = {
-        "missing-fields": ({"job_id": "missing-fields", "esp": "sandbox"}, "account: Field required"),
-        "unknown-esp": (job("unknown-esp", account, esp="nosuchesp"), "nosuchesp/"),
-        "unknown-account": (
-            job("unknown-account", account, account="nobody"),
-            "sandbox/nobody is not configured",
-        ),
-        "table-injection": (
-            job("table-injection", account, selection=table("crm.customers; drop table x")),
-            "selection.table.table",
-        ),
-        "column-injection": (
-            with_column("column-injection", account, '"email"--', "Extra"),
-            "selection.table.columns",
-        ),
-        "no-such-table": (
-            job("no-such-table", account, selection=table("crm.missing")),
-            "crm.missing does not exist",
-        ),
-        "no-such-column": (
-            with_column("no-such-column", account, "shoe_size", "ShoeSize"),
-            "crm.customers has no column shoe_size",
-        ),
-        "no-rows": (
-            job("no-rows", account, selection=table(city="Atlantis")),
-            "the selection has no recipients (0 opted out)",
-        ),
-        "all-opted-out": (
-            job("all-opted-out", account, selection=table(opted_out=True)),
-            "the selection has no recipients (1 opted out)",
-        ),
+    missing = orjson.dumps({"job_id": "missing-fields", "esp": "sandbox"})
+    return {
+        "missing-fields": (missing, "account: Field required"),
+        **{job_id: (orjson.dumps(job(job_id, account, **changes)), why) for job_id, changes, why in CHANGED},
     }
-    return {k: (v if isinstance(v, bytes) else orjson.dumps(v), why) for k, (v, why) in cases.items()}
 
 
 NOT_JSON = b"\xff\xfe{not json"

@@ -39,9 +39,7 @@ GENERIC_HEADER = b"EventId,BroadcastId,MessageId,CommunicationKey,Email,EventTyp
 FERG_HEADER = b"MessageType\turn\temail\tmailingId\tmailingName\ttimestamp\tlink\tbouncetype\tbouncereason"
 
 
-def generic_row(
-    eid: str, kind: str = "open", when: str = "2026-11-22T10:00:00Z", broadcast: str = JOB
-) -> bytes:
+def row(eid: str, kind: str = "open", when: str = "2026-11-22T10:00:00Z", broadcast: str = JOB) -> bytes:
     """A row of the generic ESP's response format."""
     return f"{eid},{broadcast},m,k-{eid},{eid}@x.com,{kind},,{when}".encode()
 
@@ -76,17 +74,15 @@ CASES = {
     c.name: c
     for c in [
         # --- the sandbox ESP (docs/generic-esp.md: UTF-8, comma, ISO 8601 UTC times) -------------
-        Case(
-            "sandbox", "bom.csv", codecs.BOM_UTF8 + lines(GENERIC_HEADER, generic_row("bom1")), frozenset({2})
-        ),
+        Case("sandbox", "bom.csv", codecs.BOM_UTF8 + lines(GENERIC_HEADER, row("bom1")), frozenset({2})),
         Case(
             "sandbox",
             "latin1.csv",
             lines(
                 GENERIC_HEADER,
-                generic_row("lat1"),
+                row("lat1"),
                 "lat2,job-files,m,k,josé@x.com,open,,2026-11-22T10:00:00Z".encode("latin-1"),
-                generic_row("lat3"),
+                row("lat3"),
             ),
             frozenset({2, 4}),
             {3: "not valid UTF-8: byte 0xE9 in field 5"},
@@ -94,13 +90,7 @@ CASES = {
         Case(
             "sandbox",
             "crlf.csv",
-            lines(
-                GENERIC_HEADER,
-                generic_row("crlf1"),
-                generic_row("crlf2"),
-                generic_row("crlf3", kind="teleport"),
-                eol=b"\r\n",
-            ),
+            lines(GENERIC_HEADER, row("crlf1"), row("crlf2"), row("crlf3", kind="teleport"), eol=b"\r\n"),
             frozenset({2, 3}),
             {4: "unknown EventType 'teleport'"},
         ),
@@ -110,39 +100,28 @@ CASES = {
             lines(
                 GENERIC_HEADER,
                 b'q1,job-files,"two\nlines, one field",k-q1,q1@x.com,click,"https://x.com/?a=1,2",2026-11-22T10:00:00Z',
-                generic_row("q2"),
+                row("q2"),
             ),
             frozenset({2, 4}),
         ),
         Case(
             "sandbox",
             "ragged.csv",
-            lines(
-                GENERIC_HEADER,
-                generic_row("rag1"),
-                b"rag2,job-files,m",
-                generic_row("rag3") + b",surplus",
-                generic_row("rag4"),
-            ),
+            lines(GENERIC_HEADER, row("rag1"), b"rag2,job-files,m", row("rag3") + b",surplus", row("rag4")),
             frozenset({2, 5}),
             {3: "3 fields, want 8", 4: "9 fields, want 8"},
         ),
         Case(
             "sandbox",
             "truncated.csv",
-            lines(GENERIC_HEADER, generic_row("cut1"), b'cut2,job-files,"m', final=False),
+            lines(GENERIC_HEADER, row("cut1"), b'cut2,job-files,"m', final=False),
             frozenset({2}),
             {3: "3 fields, want 8"},
         ),
         Case(
             "sandbox",
             "types.csv",
-            lines(
-                GENERIC_HEADER,
-                generic_row("typ1", kind="teleport"),
-                generic_row("typ2", kind="OPEN"),
-                generic_row("typ3"),
-            ),
+            lines(GENERIC_HEADER, row("typ1", kind="teleport"), row("typ2", kind="OPEN"), row("typ3")),
             frozenset({4}),
             {2: "unknown EventType 'teleport'", 3: "unknown EventType 'OPEN'"},
         ),
@@ -151,9 +130,9 @@ CASES = {
             "dates.csv",
             lines(
                 GENERIC_HEADER,
-                generic_row("dat1", when="2026-11-22T10:00:00"),
-                generic_row("dat2", when="22/11/2026 10:00"),
-                generic_row("dat3", when="2026-11-22T11:00:00+01:00"),
+                row("dat1", when="2026-11-22T10:00:00"),
+                row("dat2", when="22/11/2026 10:00"),
+                row("dat3", when="2026-11-22T11:00:00+01:00"),
             ),
             frozenset({4}),
             {2: "has no time zone", 3: "is not an ISO 8601 time"},
@@ -161,21 +140,19 @@ CASES = {
         Case(
             "sandbox",
             "huge.csv",
-            lines(GENERIC_HEADER, generic_row("big1"), HUGE, generic_row("big3")),
+            lines(GENERIC_HEADER, row("big1"), HUGE, row("big3")),
             frozenset({2, 4}),
             {3: f"record of {len(HUGE) + 1} bytes is over the 131072-byte limit"},
         ),
         Case(
             "sandbox",
             "unknown.csv",
-            lines(GENERIC_HEADER, generic_row("unk1", broadcast=NOBODY), generic_row("unk2")),
+            lines(GENERIC_HEADER, row("unk1", broadcast=NOBODY), row("unk2")),
             frozenset({3}),
         ),
-        Case(
-            "sandbox", "back\\..\\..\\escape.csv", lines(GENERIC_HEADER, generic_row("esc1")), frozenset({2})
-        ),
-        Case("sandbox", "odd name ü;$(x) €.csv", lines(GENERIC_HEADER, generic_row("odd1")), frozenset({2})),
-        Case("sandbox", "new\nline.csv", lines(GENERIC_HEADER, generic_row("nl1")), frozenset({2})),
+        Case("sandbox", "back\\..\\..\\escape.csv", lines(GENERIC_HEADER, row("esc1")), frozenset({2})),
+        Case("sandbox", "odd name ü;$(x) €.csv", lines(GENERIC_HEADER, row("odd1")), frozenset({2})),
+        Case("sandbox", "new\nline.csv", lines(GENERIC_HEADER, row("nl1")), frozenset({2})),
         # --- generic_sftp with its defaults: UTF-8, tab, Unix seconds -----------------------------
         Case(
             "ferg",
@@ -321,7 +298,7 @@ async def outcome(servers: Servers, tmp_path_factory: pytest.TempPathFactory) ->
         for case in CASES.values():
             place(servers.sftp_local_root / roots[case.account] / "responses", case.name, case.content)
         sandbox_responses = servers.sftp_local_root / roots["sandbox"] / "responses"
-        place(sandbox_responses, UNREADABLE, lines(GENERIC_HEADER, generic_row("cafe1")))
+        place(sandbox_responses, UNREADABLE, lines(GENERIC_HEADER, row("cafe1")))
 
         env = deployment.env(accounts, ESPBRIDGE_GATHERER_SCAN_INTERVAL_S="0.5")
         good = sum(len(c.good) for c in CASES.values())
