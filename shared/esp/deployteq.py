@@ -47,22 +47,9 @@ from urllib.parse import parse_qs, urlsplit
 import asyncssh
 from pydantic import Field, model_validator
 
+from shared.esp import base, rows
 from shared.esp.accounts import AccountConfig
-from shared.esp.base import (
-    BadRow,
-    Connector,
-    ConnectorContext,
-    ImportState,
-    ImportStatus,
-    ListFormat,
-    PullPage,
-    ResponseSource,
-    SendState,
-    SendStatus,
-    WebhookAuthError,
-)
 from shared.esp.cursor import Count, StoredCursor
-from shared.esp.delimited import read_csv_records
 from shared.esp.options import ConnectorOptions, DateFormat, Encoding, TimeZone
 from shared.esp.rest import (
     EspClient,
@@ -73,11 +60,10 @@ from shared.esp.rest import (
     Retries,
     short_json,
 )
-from shared.esp.rows import ISO, Events, LocalTimes, Row, file_source, item_events, table_events
 from shared.infra.db.jobs import SentBroadcast
 from shared.infra.sftp import SftpPool
 from shared.model.errors import ConfigurationError, PermanentError, TransientError, UnavailableError
-from shared.model.messages import BroadcastJob, EventSource, EventType, ResponseEvent, SendMode
+from shared.model.messages import BroadcastJob, EventType, ResponseEvent, SendMode
 
 log = logging.getLogger(__name__)
 
@@ -430,15 +416,15 @@ class Seen:
 
 
 _IMPORT_STATES = {
-    Where.UPLOAD: ImportState.QUEUED,
-    Where.ACTIVE: ImportState.RUNNING,
-    Where.DONE: ImportState.DONE,
+    Where.UPLOAD: base.ImportState.QUEUED,
+    Where.ACTIVE: base.ImportState.RUNNING,
+    Where.DONE: base.ImportState.DONE,
 }
 _SEND_STATES = {
-    Where.UPLOAD: SendState.SCHEDULED,
-    Where.ACTIVE: SendState.SENDING,
-    Where.DONE: SendState.SENT,
-    Where.STAGING: SendState.SCHEDULED,
+    Where.UPLOAD: base.SendState.SCHEDULED,
+    Where.ACTIVE: base.SendState.SENDING,
+    Where.DONE: base.SendState.SENT,
+    Where.STAGING: base.SendState.SCHEDULED,
 }
 
 _DETAILS = {
@@ -471,7 +457,7 @@ class _ClientCredentialsToken(OAuth2Token):
         self._margin_s = min(60.0, 0.1 * max(0.0, self._expires_at - before))
 
 
-class DeployteqConnector(Connector):
+class DeployteqConnector(base.Connector):
     """Connector for Deployteq: CSV trigger over SFTP, Analytics Events API, activities export."""
 
     can_send = True
@@ -480,7 +466,7 @@ class DeployteqConnector(Connector):
     def __init__(
         self,
         account: AccountConfig,
-        context: ConnectorContext,
+        context: base.ConnectorContext,
         *,
         site: TriggerSite | None = None,
         clock: Callable[[], float] = time.time,
@@ -501,9 +487,9 @@ class DeployteqConnector(Connector):
         self._name = name
         self._site: TriggerSite | None = site or (SftpTriggerSite(context.sftp) if context.sftp else None)
         self._clock = clock
-        self._api_times = LocalTimes(ISO, opts.api_timezone)
-        self._export_times = LocalTimes(opts.export_timestamp_format, opts.export_timezone)
-        self._events = Events(account)
+        self._api_times = rows.LocalTimes(rows.ISO, opts.api_timezone)
+        self._export_times = rows.LocalTimes(opts.export_timestamp_format, opts.export_timezone)
+        self._events = rows.Events(account)
         token = _ClientCredentialsToken(
             context.http,
             opts.token_url,
@@ -527,17 +513,15 @@ class DeployteqConnector(Connector):
         self._staging = posixpath.join(root, opts.staging_folder)
         self._trigger = posixpath.join(root, opts.trigger_root, opts.brand)
         self._columns = dict(opts.export_columns)
-        self._bounces = {k.lower(): v for k, v in opts.bounce_types.items()}
-        self.list_format = ListFormat(
-            delimiter=opts.list_delimiter,
-            encoding=opts.list_encoding,
-            line_terminator=opts.list_line_terminator,
-            email_field=opts.email_column,
-            key_field=opts.key_column,
-            drop_folder=opts.staging_folder,
-            suffix=LIST_SUFFIX,
+        self._exports = rows.ResponseTable(
+            self._columns,
+            (*REQUIRED_EXPORT_ROLES, ("key", "email")),
+            delimiter=opts.export_delimiter,
+            encoding=opts.export_encoding,
         )
-        self.response_sources = (ResponseSource(opts.export_folder, opts.export_pattern),)
+        self._bounces = {k.lower(): v for k, v in opts.bounce_types.items()}
+        self.list_format = opts.list_format(drop_folder=opts.staging_folder, suffix=LIST_SUFFIX)
+        self.response_sources = (base.ResponseSource(opts.export_folder, opts.export_pattern),)
         self.archive_folder = opts.archive_folder
 
     # --- lists, imports and sends: the CSV trigger ---------------------------------------------------
@@ -646,46 +630,46 @@ class DeployteqConnector(Connector):
             return Seen(where)
 
     @staticmethod
-    def _import_status(import_id: str, seen: Seen) -> ImportStatus:
+    def _import_status(import_id: str, seen: Seen) -> base.ImportStatus:
         state = _IMPORT_STATES.get(seen.where)
         if state is not None:
-            return ImportStatus(import_id, state)
+            return base.ImportStatus(import_id, state)
         if seen.where is Where.STAGING:
             reasons: tuple[str, ...] = ("withdrawn: the list file is back in staging, not in Upload",)
         elif seen.where is Where.NOWHERE:
             reasons = ("list file vanished: it is in neither staging nor Deployteq's folders",)
         else:
             reasons = seen.reasons
-        return ImportStatus(import_id, ImportState.FAILED, errors=reasons)
+        return base.ImportStatus(import_id, base.ImportState.FAILED, errors=reasons)
 
     @staticmethod
-    def _send_status(send_id: str, seen: Seen) -> SendStatus:
+    def _send_status(send_id: str, seen: Seen) -> base.SendStatus:
         state = _SEND_STATES.get(seen.where)
         if state is not None:
-            return SendStatus(send_id, state, detail=_DETAILS[seen.where])
+            return base.SendStatus(send_id, state, detail=_DETAILS[seen.where])
         if seen.where is Where.NOWHERE:
-            return SendStatus(send_id, SendState.FAILED, detail="list file vanished")
-        return SendStatus(send_id, SendState.FAILED, detail="; ".join(seen.reasons))
+            return base.SendStatus(send_id, base.SendState.FAILED, detail="list file vanished")
+        return base.SendStatus(send_id, base.SendState.FAILED, detail="; ".join(seen.reasons))
 
-    async def start_import(self, remote_path: str, job: BroadcastJob) -> ImportStatus:
+    async def start_import(self, remote_path: str, job: BroadcastJob) -> base.ImportStatus:
         """Release the staged file (idempotent), unless ``send_at`` holds it in staging."""
         name = self._name_of(job)
         staged = self._path(Where.STAGING, name)
         if posixpath.normpath(remote_path) != posixpath.normpath(staged):
             raise PermanentError(f"{remote_path} is not the staged list file {staged} of job {job.job_id}")
         if job.send_at is not None and job.send_at > self._now():
-            return ImportStatus(f"{STAGED_PREFIX}{name}", ImportState.DONE)
+            return base.ImportStatus(f"{STAGED_PREFIX}{name}", base.ImportState.DONE)
         return self._import_status(name, await self._observe(name, release=True, tidy=True))
 
-    async def import_status(self, import_id: str) -> ImportStatus:
+    async def import_status(self, import_id: str) -> base.ImportStatus:
         """``staged:…`` is done; otherwise the folder the file is in."""
         if import_id.startswith(STAGED_PREFIX):
             _checked_name(import_id.removeprefix(STAGED_PREFIX), "import id")
-            return ImportStatus(import_id, ImportState.DONE)
+            return base.ImportStatus(import_id, base.ImportState.DONE)
         name = _checked_name(import_id, "import id")
         return self._import_status(import_id, await self._observe(name, release=False))
 
-    async def find_send(self, job: BroadcastJob) -> SendStatus | None:
+    async def find_send(self, job: BroadcastJob) -> base.SendStatus | None:
         """The send if the file is in Upload, Active, Done or Failed; None while staged or gone."""
         name = list_file_name(job)
         seen = await self._observe(name, release=False)
@@ -693,17 +677,17 @@ class DeployteqConnector(Connector):
             return None
         return self._send_status(send_id_for(name, job.send_at), seen)
 
-    async def send(self, import_id: str, job: BroadcastJob) -> SendStatus:
+    async def send(self, import_id: str, job: BroadcastJob) -> base.SendStatus:
         """Release the file if still staged (the send), or hold it until ``send_at``."""
         name = self._name_of(job)
         if import_id.removeprefix(STAGED_PREFIX) != name:
             raise PermanentError(f"import {import_id!r} is not the list file {name} of job {job.job_id}")
         send_id = send_id_for(name, job.send_at)
         if job.send_at is not None and job.send_at > self._now():
-            return SendStatus(send_id, SendState.SCHEDULED, detail=_DETAILS[Where.STAGING])
+            return base.SendStatus(send_id, base.SendState.SCHEDULED, detail=_DETAILS[Where.STAGING])
         return self._send_status(send_id, await self._observe(name, release=True, tidy=True))
 
-    async def send_status(self, send_id: str) -> SendStatus:
+    async def send_status(self, send_id: str) -> base.SendStatus:
         """The folder the file is in; a staged file is released once ``send_at`` has passed."""
         name, send_at = _parse_send_id(send_id)
         due = send_at is None or self._now() >= send_at
@@ -736,7 +720,7 @@ class DeployteqConnector(Connector):
         offsets = {m: stored.offsets.get(m, 0) for m in metrics}
         return Cursor(start=stored.start, end=stored.end, i=stored.i % len(metrics), offsets=offsets)
 
-    async def pull_responses(self, broadcast: SentBroadcast, cursor: str | None) -> PullPage:
+    async def pull_responses(self, broadcast: SentBroadcast, cursor: str | None) -> base.PullPage:
         """One Events API page of metric ``api_metrics[i]`` from its offset (see the cursor rules).
 
         A page with ``_links.next`` keeps the metric (``more``); the last page of a metric moves to
@@ -744,7 +728,7 @@ class DeployteqConnector(Connector):
         """
         metrics = list(self.options.api_metrics)
         if not metrics:
-            return PullPage((), cursor, more=False)
+            return base.PullPage((), cursor, more=False)
         position = self._read_cursor(broadcast, cursor)
         metric = metrics[position.i]
         offset = position.offsets[metric]
@@ -758,7 +742,7 @@ class DeployteqConnector(Connector):
             }
         )
         data, next_offset = self._envelope(body, metric, offset)
-        items = item_events(
+        items = rows.item_events(
             data, lambda _, item: self._api_item(broadcast, metric, offset, item), what=f"{metric} event"
         )
         if next_offset is not None:
@@ -768,7 +752,7 @@ class DeployteqConnector(Connector):
             position.offsets[metric] = offset + len(data)
             position.i = (position.i + 1) % len(metrics)
             more = position.i != 0
-        return PullPage(tuple(items), position.dump(), more=more)
+        return base.PullPage(tuple(items), position.dump(), more=more)
 
     def _envelope(self, body: Any, metric: str, offset: int) -> tuple[list[Any], int | None]:
         """The page's items and the offset of ``_links.next`` (None on the last page)."""
@@ -831,14 +815,10 @@ class DeployteqConnector(Connector):
                 raise ValueError("a click without url or url_unrendered")
         broadcast_id = item.get("broadcast_id")
         return self._events.make(
-            broadcast.job_id,
-            event_type,
-            occurred,
-            EventSource(
-                kind="api",
-                name=f"GET /events?filter[metric]={metric}",
-                page=offset // self.options.page_limit,
-            ),
+            broadcast_id=broadcast.job_id,
+            type=event_type,
+            occurred_at=occurred,
+            source=rows.api_source(f"GET /events?filter[metric]={metric}", offset // self.options.page_limit),
             esp_event_id=esp_id,
             url=url,
             communication_key=key or None,
@@ -858,19 +838,13 @@ class DeployteqConnector(Connector):
 
     # --- responses: the activities export -------------------------------------------------------------
 
-    def parse_response_file(self, local_path: Path, remote_path: str) -> Iterator[ResponseEvent | BadRow]:
+    def parse_response_file(
+        self, local_path: Path, remote_path: str
+    ) -> Iterator[ResponseEvent | base.BadRow]:
         """Rows of an activities file: events of the mapped types, BadRows with their line."""
-        opts = self.options
-        records = read_csv_records(local_path, delimiter=opts.export_delimiter, encoding=opts.export_encoding)
-        yield from table_events(
-            records,
-            self._columns,
-            (*REQUIRED_EXPORT_ROLES, ("key", "email")),
-            opts.export_encoding,
-            lambda row: self._export_event(remote_path, row),
-        )
+        return self._exports.events(local_path, lambda row: self._export_event(remote_path, row))
 
-    def _export_event(self, remote_path: str, row: Row) -> ResponseEvent | None:
+    def _export_event(self, remote_path: str, row: rows.Row) -> ResponseEvent | None:
         opts, cols, get = self.options, self._columns, row.get
         code = get("event_type")
         if code not in opts.export_types:
@@ -894,10 +868,10 @@ class DeployteqConnector(Connector):
             raise ValueError(f"a click without {cols['url']}")
         extra = {role: get(role) for role in ("customer_id", "bounce_code") if get(role)}
         return self._events.make(
-            job_id,
-            event_type,
-            occurred,
-            file_source(remote_path, row.line),
+            broadcast_id=job_id,
+            type=event_type,
+            occurred_at=occurred,
+            source=rows.file_source(remote_path, row.line),
             recipient=key or email,
             url=url,
             communication_key=key or None,
@@ -908,9 +882,11 @@ class DeployteqConnector(Connector):
 
     # --- webhooks -------------------------------------------------------------------------------------
 
-    def parse_webhook(self, headers: Mapping[str, str], body: bytes) -> list[ResponseEvent | BadRow]:
+    def parse_webhook(self, headers: Mapping[str, str], body: bytes) -> list[ResponseEvent | base.BadRow]:
         """Always refused: Deployteq sends no outbound event webhooks."""
-        raise WebhookAuthError(f"{self._name}: Deployteq sends no webhooks; espbridge accepts none from it")
+        raise base.WebhookAuthError(
+            f"{self._name}: Deployteq sends no webhooks; espbridge accepts none from it"
+        )
 
 
 def _text(value: Any) -> str:

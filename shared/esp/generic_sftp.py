@@ -14,20 +14,10 @@ from typing import Annotated, ClassVar, Self
 
 from pydantic import AfterValidator, Field, model_validator
 
+from shared.esp import base, rows
 from shared.esp.accounts import AccountConfig
-from shared.esp.base import (
-    BadRow,
-    Connector,
-    ConnectorContext,
-    ImportState,
-    ImportStatus,
-    ListFormat,
-    ResponseSource,
-    SendStatus,
-)
-from shared.esp.delimited import check_line_encoding, read_records
+from shared.esp.delimited import check_line_encoding
 from shared.esp.options import ConnectorOptions, TimeZone
-from shared.esp.rows import UNIX, Events, LocalTimes, Row, file_source, table_events
 from shared.model.errors import PermanentError
 from shared.model.messages import BroadcastJob, EventType, ResponseEvent
 
@@ -74,7 +64,7 @@ class Options(ConnectorOptions):
         default_factory=lambda: dict(DEFAULT_TYPES),
         description="MessageType (or 'MessageType:bouncetype' for bounces) → espbridge event type",
     )
-    timestamp_format: str = Field(default=UNIX, description="'unix' or a strptime pattern")
+    timestamp_format: str = Field(default=rows.UNIX, description="'unix' or a strptime pattern")
     timezone: TimeZone = "UTC"
     list_delimiter: str = Field(default="\t", min_length=1, max_length=1)
     list_suffix: str = ".txt"
@@ -91,32 +81,38 @@ class UploadOnlyError(PermanentError):
     """A send was asked of an ESP that has no send API."""
 
 
-class GenericSftpConnector(Connector):
+class GenericSftpConnector(base.Connector):
     """Connector for ESPs reached by files alone."""
 
     can_send = False
 
-    def __init__(self, account: AccountConfig, context: ConnectorContext) -> None:
+    def __init__(self, account: AccountConfig, context: base.ConnectorContext) -> None:
         super().__init__(account, context)
         self.options = Options.of(account)
-        self._times = LocalTimes(self.options.timestamp_format, self.options.timezone)
-        self._events = Events(account)
-        self.list_format = ListFormat(delimiter=self.options.list_delimiter, suffix=self.options.list_suffix)
-        self.response_sources: tuple[ResponseSource, ...] = (
-            ResponseSource("responses", self.options.file_pattern),
+        opts = self.options
+        self._times = rows.LocalTimes(opts.timestamp_format, opts.timezone)
+        self._table = rows.ResponseTable(
+            opts.columns, REQUIRED_ROLES, delimiter=opts.delimiter, encoding=opts.encoding, byte_exact=True
+        )
+        self._events = rows.Events(account)
+        self.list_format = self.options.list_format()
+        self.response_sources: tuple[base.ResponseSource, ...] = (
+            base.ResponseSource("responses", self.options.file_pattern),
         )
 
     # --- no API: the import is the upload, and there is no send --------------------------------------
 
-    async def start_import(self, remote_path: str, job: BroadcastJob) -> ImportStatus:
+    async def start_import(self, remote_path: str, job: BroadcastJob) -> base.ImportStatus:
         """The list is on the site: that is all this ESP needs."""
-        return ImportStatus(import_id=f"file:{posixpath.basename(remote_path)}", state=ImportState.DONE)
+        return base.ImportStatus(
+            import_id=f"file:{posixpath.basename(remote_path)}", state=base.ImportState.DONE
+        )
 
-    async def import_status(self, import_id: str) -> ImportStatus:
+    async def import_status(self, import_id: str) -> base.ImportStatus:
         """Always done (see :meth:`start_import`)."""
-        return ImportStatus(import_id=import_id, state=ImportState.DONE)
+        return base.ImportStatus(import_id=import_id, state=base.ImportState.DONE)
 
-    async def send(self, import_id: str, job: BroadcastJob) -> SendStatus:
+    async def send(self, import_id: str, job: BroadcastJob) -> base.SendStatus:
         """Refused: the message is sent at the ESP by a person or its own automation."""
         raise UploadOnlyError(
             f"{self.account.esp}/{self.account.account} has no send API: publish upload_only jobs"
@@ -124,15 +120,13 @@ class GenericSftpConnector(Connector):
 
     # --- response files --------------------------------------------------------------------------------
 
-    def parse_response_file(self, local_path: Path, remote_path: str) -> Iterator[ResponseEvent | BadRow]:
+    def parse_response_file(
+        self, local_path: Path, remote_path: str
+    ) -> Iterator[ResponseEvent | base.BadRow]:
         """Rows of a response file as events; rows that do not fit become BadRows with their line."""
-        opts = self.options
-        records = read_records(local_path, delimiter=opts.delimiter, encoding=opts.encoding)
-        yield from table_events(
-            records, opts.columns, REQUIRED_ROLES, opts.encoding, lambda row: self._event(remote_path, row)
-        )
+        return self._table.events(local_path, lambda row: self._event(remote_path, row))
 
-    def _event(self, remote_path: str, row: Row) -> ResponseEvent:
+    def _event(self, remote_path: str, row: rows.Row) -> ResponseEvent:
         kind = row.get("message_type")
         bounce = row.get("bounce_type")
         mapped = self.options.message_types.get(f"{kind}:{bounce}") or self.options.message_types.get(kind)
@@ -147,10 +141,10 @@ class GenericSftpConnector(Connector):
         if not key and not email:
             raise ValueError("neither a communication key nor an email")
         return self._events.make(
-            broadcast,
-            EventType(mapped),
-            self._times.utc("timestamp", row.get("timestamp")),
-            file_source(remote_path, row.line),
+            broadcast_id=broadcast,
+            type=EventType(mapped),
+            occurred_at=self._times.utc("timestamp", row.get("timestamp")),
+            source=rows.file_source(remote_path, row.line),
             recipient=key or email,
             url=url,
             communication_key=key or None,

@@ -26,32 +26,23 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Self, TypeVar
 
 from pydantic import Field, model_validator
 
+from shared.esp import base, rows
 from shared.esp.accounts import AccountConfig
-from shared.esp.base import (
-    Connector,
-    ConnectorContext,
-    ImportState,
-    ImportStatus,
-    ListFormat,
-    PullPage,
-    ResponseSource,
-    SendState,
-    SendStatus,
-)
 from shared.esp.cursor import Count, StoredCursor
 from shared.esp.generic import ListRejectedError
 from shared.esp.options import ConnectorOptions, DateFormat, TimeZone
 from shared.esp.rest import EspClient, EspRequestError, EspUnavailableError, RateLimiter, is_count, short_json
-from shared.esp.rows import Events, LocalTimes, item_events
 from shared.infra.db.jobs import SentBroadcast
 from shared.model.errors import ConfigurationError
-from shared.model.messages import BroadcastJob, EventSource, EventType, ResponseEvent
+from shared.model.messages import BroadcastJob, EventType, ResponseEvent
 
 log = logging.getLogger(__name__)
+
+S = TypeVar("S", base.ImportState, base.SendState)
 
 DEFAULT_PATHS = {
     "import_file": "/lists/import_file",
@@ -141,11 +132,11 @@ class Options(ConnectorOptions):
 
     paths: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_PATHS))
     params: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_PARAMS))
-    import_states: dict[str, ImportState] = Field(
-        default_factory=lambda: {k: ImportState(v) for k, v in DEFAULT_IMPORT_STATES.items()}
+    import_states: dict[str, base.ImportState] = Field(
+        default_factory=lambda: {k: base.ImportState(v) for k, v in DEFAULT_IMPORT_STATES.items()}
     )
-    send_states: dict[str, SendState] = Field(
-        default_factory=lambda: {k: SendState(v) for k, v in DEFAULT_SEND_STATES.items()}
+    send_states: dict[str, base.SendState] = Field(
+        default_factory=lambda: {k: base.SendState(v) for k, v in DEFAULT_SEND_STATES.items()}
     )
     list_identifier_template: str = "espbridge_{job_id}"
     field_map_api_identifier: str = Field(default="espbridge", min_length=1)
@@ -232,14 +223,14 @@ class InstillerRefusedError(EspRequestError):
         return cls(where, status, "", text)
 
 
-class InstillerConnector(Connector):
+class InstillerConnector(base.Connector):
     """Connector for Instiller (REST with ``api_id``/``api_key`` parameters, SFTP list files)."""
 
     can_send = True
     pulls_api = True
-    response_sources: tuple[ResponseSource, ...] = ()
+    response_sources: tuple[base.ResponseSource, ...] = ()
 
-    def __init__(self, account: AccountConfig, context: ConnectorContext) -> None:
+    def __init__(self, account: AccountConfig, context: base.ConnectorContext) -> None:
         super().__init__(account, context)
         self.options = opts = Options.of(account)
         if not account.api_url:
@@ -265,20 +256,12 @@ class InstillerConnector(Connector):
             refusal=InstillerRefusedError.of,
             follow_redirects=False,
         )
-        self._times = LocalTimes(opts.date_format, opts.timezone)
-        self._events = Events(account)
+        self._times = rows.LocalTimes(opts.date_format, opts.timezone)
+        self._events = rows.Events(account)
         self._id_key = opts.id_column
         self._columns = dict(opts.columns)
         self._missing_types: set[str] = set()  # optional export types the ESP does not know
-        self.list_format = ListFormat(
-            delimiter=opts.list_delimiter,
-            encoding=opts.list_encoding,
-            line_terminator=opts.list_line_terminator,
-            email_field=opts.email_column,
-            key_field=opts.key_column,
-            drop_folder=opts.upload_folder,
-            suffix=opts.list_suffix,
-        )
+        self.list_format = opts.list_format(drop_folder=opts.upload_folder)
 
     async def _call(self, method: str, role: str, params: dict[str, str]) -> Any:
         """One call of an endpoint role (a GET's parameters in the query, a POST's in the form):
@@ -295,7 +278,7 @@ class InstillerConnector(Connector):
     def _list_id(self, job_id: str) -> str:
         return self.options.list_identifier_template.format(job_id=job_id)
 
-    async def start_import(self, remote_path: str, job: BroadcastJob) -> ImportStatus:
+    async def start_import(self, remote_path: str, job: BroadcastJob) -> base.ImportStatus:
         """POST lists/import_file (idempotent by the job id as external_id)."""
         p, rel = self.options.params, self.in_account_folder(remote_path)
         form = {
@@ -313,7 +296,7 @@ class InstillerConnector(Connector):
             raise
         return self._import_status(body)
 
-    async def import_status(self, import_id: str) -> ImportStatus:
+    async def import_status(self, import_id: str) -> base.ImportStatus:
         """GET lists/import_status."""
         try:
             body = await self._call("GET", "import_status", {self.options.params["import_id"]: import_id})
@@ -323,7 +306,7 @@ class InstillerConnector(Connector):
             raise
         return self._import_status(body)
 
-    async def find_send(self, job: BroadcastJob) -> SendStatus | None:
+    async def find_send(self, job: BroadcastJob) -> base.SendStatus | None:
         """GET emails/list_sends?external_id=<job_id>: the first send, else None."""
         body = await self._call("GET", "list_sends", {self.options.params["external_id"]: job.job_id})
         sends = body.get("sends") if isinstance(body, dict) else None
@@ -331,7 +314,7 @@ class InstillerConnector(Connector):
             raise EspUnavailableError(f"list_sends answered without a sends list: {short_json(body)}")
         return self._send_status(sends[0]) if sends else None
 
-    async def send(self, import_id: str, job: BroadcastJob) -> SendStatus:
+    async def send(self, import_id: str, job: BroadcastJob) -> base.SendStatus:
         """POST emails/send of the job's message to the job's list (idempotent by external_id)."""
         p, opts = self.options.params, self.options
         form = {
@@ -351,24 +334,29 @@ class InstillerConnector(Connector):
             raise
         return self._send_status(body)
 
-    async def send_status(self, send_id: str) -> SendStatus:
+    async def send_status(self, send_id: str) -> base.SendStatus:
         """GET emails/send_status."""
         body = await self._call("GET", "send_status", {self.options.params["send_id"]: send_id})
         return self._send_status(body)
 
-    def _import_status(self, body: Any) -> ImportStatus:
-        if not isinstance(body, dict) or not body.get("import_id") or not isinstance(body.get("state"), str):
-            raise EspUnavailableError(f"an import answer without import_id and state: {short_json(body)}")
-        state = self.options.import_states.get(body["state"])
+    def _state(self, body: Any, what: str, states: Mapping[str, S]) -> S:
+        """The state of an import or send answer (``what``), mapped by the account's options."""
+        if not isinstance(body, dict) or not body.get(f"{what}_id") or not isinstance(body.get("state"), str):
+            raise EspUnavailableError(f"a {what} answer without {what}_id and state: {short_json(body)}")
+        state = states.get(body["state"])
         if state is None:
             raise ConfigurationError(
-                f"Instiller answered import state {body['state']!r}, which options.import_states of "
+                f"Instiller answered {what} state {body['state']!r}, which options.{what}_states of "
                 f"{self._name} does not map"
             )
+        return state
+
+    def _import_status(self, body: Any) -> base.ImportStatus:
+        state = self._state(body, "import", self.options.import_states)
         errors = body.get("errors") or []
         if not isinstance(errors, list):
             raise EspUnavailableError(f"an import answer whose errors are not a list: {short_json(body)}")
-        return ImportStatus(
+        return base.ImportStatus(
             import_id=str(body["import_id"]),
             state=state,
             rows_valid=_count(body, "rows_imported"),
@@ -378,16 +366,9 @@ class InstillerConnector(Connector):
             ),
         )
 
-    def _send_status(self, body: Any) -> SendStatus:
-        if not isinstance(body, dict) or not body.get("send_id") or not isinstance(body.get("state"), str):
-            raise EspUnavailableError(f"a send answer without send_id and state: {short_json(body)}")
-        state = self.options.send_states.get(body["state"])
-        if state is None:
-            raise ConfigurationError(
-                f"Instiller answered send state {body['state']!r}, which options.send_states of "
-                f"{self._name} does not map"
-            )
-        return SendStatus(
+    def _send_status(self, body: Any) -> base.SendStatus:
+        state = self._state(body, "send", self.options.send_states)
+        return base.SendStatus(
             send_id=str(body["send_id"]),
             state=state,
             recipients=_count(body, "recipients"),
@@ -404,7 +385,7 @@ class InstillerConnector(Connector):
             return Cursor(next=types[0], offsets=stored.offsets if stored else {})
         return stored
 
-    async def pull_responses(self, broadcast: SentBroadcast, cursor: str | None) -> PullPage:
+    async def pull_responses(self, broadcast: SentBroadcast, cursor: str | None) -> base.PullPage:
         """One GET emails/export_responses page: export type ``next`` from its stored offset.
 
         When a type is exhausted the cursor moves to the next type (``more``), and after the last
@@ -423,7 +404,7 @@ class InstillerConnector(Connector):
 
         while current in self._missing_types:  # optional types the ESP does not know: treated as empty
             if index + 1 >= len(types):
-                return PullPage((), Cursor(next=types[0], offsets=offsets).dump(), more=False)
+                return base.PullPage((), Cursor(next=types[0], offsets=offsets).dump(), more=False)
             index += 1
             current = types[index]
         offset = offsets.get(current, 0)
@@ -449,21 +430,21 @@ class InstillerConnector(Connector):
                         extra={"account": self._name, "export_type": current},
                     )
                 following, more = advance()
-                return PullPage((), Cursor(next=following, offsets=offsets).dump(), more=more)
+                return base.PullPage((), Cursor(next=following, offsets=offsets).dump(), more=more)
             raise
-        rows, total = self._envelope(body, current, list_id, offset)
-        events = item_events(
-            rows,
+        found, total = self._envelope(body, current, list_id, offset)
+        events = rows.item_events(
+            found,
             lambda _, row: self._event(broadcast, current, offset, row),
             what=f"{current} row",
             first_line=offset + 1,
         )
         items = tuple(events)
-        offsets = {**offsets, current: offset + len(rows)}
-        if rows and offset + len(rows) < total:
-            return PullPage(items, Cursor(next=current, offsets=offsets).dump(), more=True)
+        offsets = {**offsets, current: offset + len(found)}
+        if found and offset + len(found) < total:
+            return base.PullPage(items, Cursor(next=current, offsets=offsets).dump(), more=True)
         following, more = advance()
-        return PullPage(items, Cursor(next=following, offsets=offsets).dump(), more=more)
+        return base.PullPage(items, Cursor(next=following, offsets=offsets).dump(), more=more)
 
     def _envelope(self, body: Any, export_type: str, list_id: str, offset: int) -> tuple[list[Any], int]:
         """The rows and total of an export answer; anything else fails the call (cursor kept)."""
@@ -519,13 +500,11 @@ class InstillerConnector(Connector):
             if get(role):
                 extra[name] = get(role)
         return self._events.make(
-            broadcast.job_id,
-            event_type,
-            occurred,
-            EventSource(
-                kind="api",
-                name=f"{opts.paths['export']}?export_type={export_type}",
-                page=offset // opts.page_size,
+            broadcast_id=broadcast.job_id,
+            type=event_type,
+            occurred_at=occurred,
+            source=rows.api_source(
+                f"{opts.paths['export']}?export_type={export_type}", offset // opts.page_size
             ),
             recipient=key or email,
             esp_event_id=f"{self.account.account}:{export_type}:{esp_id}" if esp_id else None,

@@ -42,26 +42,12 @@ from urllib.parse import parse_qsl, quote, urlencode
 
 from pydantic import Field, model_validator
 
+from shared.esp import base, rows
 from shared.esp.accounts import AccountConfig
-from shared.esp.base import (
-    BadRow,
-    Connector,
-    ConnectorContext,
-    ImportState,
-    ImportStatus,
-    ListFormat,
-    PullPage,
-    ResponseSource,
-    SendState,
-    SendStatus,
-    WebhookAuthError,
-)
 from shared.esp.cursor import Count, StoredCursor
-from shared.esp.delimited import read_csv_records
 from shared.esp.generic import ListRejectedError
 from shared.esp.options import ConnectorOptions, DateFormat, Encoding, TimeZone
 from shared.esp.rest import EspClient, EspUnavailableError, OAuth2Token, RateLimiter, Retries
-from shared.esp.rows import Events, LocalTimes, Row, aware_time, file_source, item_events, table_events
 from shared.infra.db.jobs import SentBroadcast
 from shared.infra.sftp import download_stream
 from shared.model.errors import ConfigurationError, PermanentError
@@ -151,8 +137,8 @@ class Options(ConnectorOptions):
     import_status_path: str = "/Console/Imports/{id}"
     send_history_path: str = "/Console/List/{list}/Email/{message}/SendHistory"
     click_details_path: str = "/Message/{message}/List/UrlClickDetails"
-    import_status_codes: dict[str, ImportState] = Field(
-        default_factory=lambda: {k: ImportState(v) for k, v in DEFAULT_IMPORT_STATUS_CODES.items()}
+    import_status_codes: dict[str, base.ImportState] = Field(
+        default_factory=lambda: {k: base.ImportState(v) for k, v in DEFAULT_IMPORT_STATUS_CODES.items()}
     )
     unsubscribe_reasons: dict[str, ReasonType | None] = Field(
         default_factory=lambda: dict(DEFAULT_UNSUBSCRIBE_REASONS)
@@ -220,7 +206,7 @@ class _Chunk:
     """One MailUp import (one posted chunk) as ``GET /Console/Imports/{id}`` reports it."""
 
     import_id: int
-    state: ImportState
+    state: base.ImportState
     valid: int
     invalid: int
     error: str | None
@@ -270,10 +256,10 @@ async def read_list_rows(
         record.clear()
         quotes = 0
         try:
-            rows = list(csv.reader(lines))
+            parsed = list(csv.reader(lines))
         except csv.Error:
             return start, None
-        return start, (rows[0] if len(rows) == 1 else [] if not rows else None)
+        return start, (parsed[0] if len(parsed) == 1 else [] if not parsed else None)
 
     try:
         async for chunk in chunks:
@@ -307,6 +293,11 @@ def _dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def _with_query(path: str, query: Mapping[str, str | int] | None) -> str:
+    """The path with its query, every value percent-encoded (``%20``, never ``+``)."""
+    return f"{path}?{urlencode(query, quote_via=quote, safe='')}" if query else path
+
+
 def _split_job_value(value: str) -> tuple[str, str] | None:
     """``<message>:<job_id>`` from the job field, or None when it is not of that shape."""
     message, sep, job_id = value.partition(":")
@@ -320,14 +311,14 @@ def _backoff_s(attempt: int, error: EspUnavailableError) -> float:
     return 1.0 if error.status == 429 else float(attempt)
 
 
-class MailUpConnector(Connector):
+class MailUpConnector(base.Connector):
     """Connector for MailUp (REST API v1.1 behind OAuth2, SFTP list files and statistics export)."""
 
     can_send = True
     pulls_api = True
-    list_format = ListFormat()
+    list_format = base.ListFormat()
 
-    def __init__(self, account: AccountConfig, context: ConnectorContext) -> None:
+    def __init__(self, account: AccountConfig, context: base.ConnectorContext) -> None:
         super().__init__(account, context)
         name = account.name
         self.options = opts = Options.of(account)
@@ -352,7 +343,7 @@ class MailUpConnector(Connector):
             )
         assert account.password is not None  # checked above
         assert account.client_secret is not None
-        base = account.api_url.rstrip("/")
+        api_url = account.api_url.rstrip("/")
         grant = {
             "grant_type": "password",
             "client_id": account.client_id or "",
@@ -362,7 +353,7 @@ class MailUpConnector(Connector):
         }
         token = OAuth2Token(
             context.http,
-            base + opts.token_path,
+            api_url + opts.token_path,
             grant,
             margin_s=opts.token_margin_s,
             timeout_s=account.request_timeout_s,
@@ -370,7 +361,7 @@ class MailUpConnector(Connector):
         retries = Retries(attempts=MAX_ATTEMPTS, backoff_s=_backoff_s, max_wait_s=account.request_timeout_s)
         self._api = EspClient(
             context.http,
-            base,
+            api_url,
             account=name,
             timeout_s=account.request_timeout_s,
             token=token,
@@ -382,16 +373,23 @@ class MailUpConnector(Connector):
         self._name = name
         self._console = opts.console_path.rstrip("/")
         self._stats = opts.stats_path.rstrip("/")
-        self._times = LocalTimes(opts.export_date_format, opts.export_timezone)
-        self._events = Events(account)
+        self._times = rows.LocalTimes(opts.export_date_format, opts.export_timezone)
+        self._events = rows.Events(account)
         self._hard = re.compile(opts.hard_bounce_pattern)
         self._soft = re.compile(opts.soft_bounce_pattern)
         self._columns = dict(opts.export_columns)
+        self._exports = rows.ResponseTable(
+            self._columns,
+            REQUIRED_EXPORT_ROLES,
+            delimiter=opts.export_delimiter,
+            encoding=opts.export_encoding,
+            quotechar=opts.export_quote,
+        )
         self._endpoints = API_ENDPOINTS if opts.statistics_source == "api" else EXPORT_API_ENDPOINTS
         self._final_imports: dict[int, _Chunk] = {}
         self._local_errors: dict[str, tuple[str, ...]] = {}
-        self.response_sources: tuple[ResponseSource, ...] = (
-            (ResponseSource(opts.export_folder, opts.export_pattern),)
+        self.response_sources: tuple[base.ResponseSource, ...] = (
+            (base.ResponseSource(opts.export_folder, opts.export_pattern),)
             if opts.statistics_source == "export"
             else ()
         )
@@ -399,21 +397,13 @@ class MailUpConnector(Connector):
     # --- HTTP -----------------------------------------------------------------------------------------
 
     async def _call(
-        self,
-        method: str,
-        path: str,
-        *,
-        json: Any = None,
-        query: Mapping[str, str | int] | None = None,
-        repeatable: bool = False,
+        self, method: str, path: str, json: Any = None, repeatable: bool = False
     ) -> tuple[int, Any]:
         """One console or statistics call: bearer token, rate limiter, 429s waited out and repeated.
 
         ``repeatable`` calls (an import chunk, an Immediate confirmation) are also repeated in place
         after a 5xx, a timeout or a dropped connection; other calls raise those as transient.
         """
-        if query:
-            path = f"{path}?{urlencode(query, quote_via=quote, safe='')}"
         return await self._api.call(method, path, json=json, retries=self._repeatable if repeatable else None)
 
     async def _pages(self, url: str, query: Mapping[str, str] | None = None) -> list[dict[str, Any]] | None:
@@ -432,7 +422,7 @@ class MailUpConnector(Connector):
 
     async def _page(self, url: str, page: int, query: Mapping[str, str] | None = None) -> tuple[int, Any]:
         return await self._call(
-            "GET", url, query={**(query or {}), "pageSize": self.options.page_size, "pageNumber": page}
+            "GET", _with_query(url, {**(query or {}), "pageSize": self.options.page_size, "pageNumber": page})
         )
 
     def _envelope(self, url: str, body: Any, page: int) -> tuple[list[dict[str, Any]], bool]:
@@ -478,20 +468,20 @@ class MailUpConnector(Connector):
             return None
         return "History", max(found, key=lambda i: _int(i.get("IdSending")))
 
-    def _status_of(self, message: int, where: str, item: Mapping[str, Any]) -> SendStatus:
+    def _status_of(self, message: int, where: str, item: Mapping[str, Any]) -> base.SendStatus:
         if where == "History":
             sending = _int(item.get("IdSending"))
             done = item.get("EndDate") not in (None, "")
-            return SendStatus(
+            return base.SendStatus(
                 send_id=f"{message}:{sending}",
-                state=SendState.SENT if done else SendState.SENDING,
+                state=base.SendState.SENT if done else base.SendState.SENDING,
                 recipients=_int(item.get("Recipients")),
                 detail=f"sending {sending} " + ("finished" if done else "in delivery"),
             )
         sending = _int(item.get("Id"))
-        return SendStatus(
+        return base.SendStatus(
             send_id=f"{message}:{sending}",
-            state=SendState.SENDING if where == "Immediate" else SendState.SCHEDULED,
+            state=base.SendState.SENDING if where == "Immediate" else base.SendState.SCHEDULED,
             detail=f"sending {sending} in the {where} queue",
         )
 
@@ -504,7 +494,7 @@ class MailUpConnector(Connector):
 
     # --- import ---------------------------------------------------------------------------------------
 
-    async def start_import(self, remote_path: str, job: BroadcastJob) -> ImportStatus:
+    async def start_import(self, remote_path: str, job: BroadcastJob) -> base.ImportStatus:
         """Check the message is unused, read the list file back from SFTP and post it in chunks."""
         message = self._message_id(job)
         found = await self._find_sending(message)
@@ -523,21 +513,21 @@ class MailUpConnector(Connector):
                 if isinstance(data, AsyncGenerator):
                     await data.aclose()  # the remote file is closed even when the import stops early
 
-    async def import_list(self, chunks: AsyncIterable[bytes], job: BroadcastJob) -> ImportStatus:
+    async def import_list(self, chunks: AsyncIterable[bytes], job: BroadcastJob) -> base.ImportStatus:
         """Post a list file's rows (the bytes of ``drop/<job_id>.csv``) to MailUp, chunk by chunk.
 
         Rows that cannot be imported are left out and counted with their line. Returns ``queued``
         with the composite import id (see the module docstring).
         """
-        async with aclosing(read_list_rows(chunks)) as rows:
-            return await self._import_rows(rows, job)
+        async with aclosing(read_list_rows(chunks)) as records:
+            return await self._import_rows(records, job)
 
     async def _import_rows(
-        self, rows: AsyncIterator[tuple[int, list[str] | None]], job: BroadcastJob
-    ) -> ImportStatus:
+        self, records: AsyncIterator[tuple[int, list[str] | None]], job: BroadcastJob
+    ) -> base.ImportStatus:
         message = self._message_id(job)
         opts = self.options
-        first = await anext(rows, None)
+        first = await anext(records, None)
         if first is None or not first[1]:
             raise ListRejectedError(f"the list file of job {job.job_id} has no header row")
         header = first[1]
@@ -556,7 +546,7 @@ class MailUpConnector(Connector):
         invalid = 0
         batch: list[dict[str, Any]] = []
         imports: list[int] = []
-        async for line, row in rows:
+        async for line, row in records:
             if row == []:
                 continue  # an empty line is no row
             reason = self._row_problem(row, len(header), fields.email, key_index, seen_emails, seen_keys)
@@ -591,14 +581,14 @@ class MailUpConnector(Connector):
             extra={"job_id": job.job_id, "import_id": import_id, "chunks": len(imports), "left_out": invalid},
         )
         if not imports:
-            return ImportStatus(
+            return base.ImportStatus(
                 import_id=import_id,
-                state=ImportState.FAILED,
+                state=base.ImportState.FAILED,
                 rows_invalid=invalid,
                 errors=(*errors, "no row of the list file can be imported"),
             )
-        return ImportStatus(
-            import_id=import_id, state=ImportState.QUEUED, rows_invalid=invalid, errors=tuple(errors)
+        return base.ImportStatus(
+            import_id=import_id, state=base.ImportState.QUEUED, rows_invalid=invalid, errors=tuple(errors)
         )
 
     def _row_problem(
@@ -700,7 +690,7 @@ class MailUpConnector(Connector):
             raise EspUnavailableError(f"POST {url} answered without an import id: {str(body)[:200]}")
         return import_id
 
-    async def import_status(self, import_id: str) -> ImportStatus:
+    async def import_status(self, import_id: str) -> base.ImportStatus:
         """Every chunk's ``GET /Console/Imports/{id}``, folded into one status."""
         match = _IMPORT_ID.fullmatch(import_id)
         if match is None:
@@ -713,17 +703,17 @@ class MailUpConnector(Connector):
         chunks = [await self._chunk(i) for i in ids]
         errors += [c.error for c in chunks if c.error]
         states = [c.state for c in chunks]
-        if not states or ImportState.FAILED in states:
-            state = ImportState.FAILED
+        if not states or base.ImportState.FAILED in states:
+            state = base.ImportState.FAILED
             if not states:
                 errors.append("no row of the list file can be imported")
-        elif all(s is ImportState.DONE for s in states):
-            state = ImportState.DONE
-        elif all(s is ImportState.QUEUED for s in states):
-            state = ImportState.QUEUED
+        elif all(s is base.ImportState.DONE for s in states):
+            state = base.ImportState.DONE
+        elif all(s is base.ImportState.QUEUED for s in states):
+            state = base.ImportState.QUEUED
         else:
-            state = ImportState.RUNNING
-        return ImportStatus(
+            state = base.ImportState.RUNNING
+        return base.ImportStatus(
             import_id=import_id,
             state=state,
             rows_valid=sum(c.valid for c in chunks),
@@ -738,27 +728,27 @@ class MailUpConnector(Connector):
         status, body = await self._call("GET", self._console + path)
         if status == 404:
             chunk = _Chunk(
-                import_id, ImportState.FAILED, 0, 0, f"import {import_id}: MailUp does not know it"
+                import_id, base.ImportState.FAILED, 0, 0, f"import {import_id}: MailUp does not know it"
             )
         else:
             chunk = self._parse_chunk(import_id, _dict(body))
-        if chunk.state in (ImportState.DONE, ImportState.FAILED):
+        if chunk.state in (base.ImportState.DONE, base.ImportState.FAILED):
             self._final_imports[import_id] = chunk
         return chunk
 
     def _parse_chunk(self, import_id: int, body: Mapping[str, Any]) -> _Chunk:
         code = body.get("StatusCode")
-        state = self.options.import_status_codes.get(str(code), ImportState.RUNNING)
-        rows = _dict(body.get("Rows"))
-        valid, invalid = _dict(rows.get("Valid")), _dict(rows.get("Invalid"))
+        state = self.options.import_status_codes.get(str(code), base.ImportState.RUNNING)
+        counted = _dict(body.get("Rows"))
+        valid, invalid = _dict(counted.get("Valid")), _dict(counted.get("Invalid"))
         repeated = _int(valid.get("RepeatedEmail"))
         counts = [
             f"{n} {label}"
             for part, key, label in _INVALID_KINDS
-            if (n := _int(_dict(rows.get(part)).get(key)))
+            if (n := _int(_dict(counted.get(part)).get(key)))
         ]
         problem = f"import {import_id}: {', '.join(counts)}" if counts else None
-        if state is ImportState.FAILED:
+        if state is base.ImportState.FAILED:
             problem = f"import {import_id} failed (StatusCode {code})" + (
                 f": {', '.join(counts)}" if counts else ""
             )
@@ -772,7 +762,7 @@ class MailUpConnector(Connector):
 
     # --- send -----------------------------------------------------------------------------------------
 
-    async def find_send(self, job: BroadcastJob) -> SendStatus | None:
+    async def find_send(self, job: BroadcastJob) -> base.SendStatus | None:
         """The sending of the job's message, if any (each job has a message of its own).
 
         A sending still waiting in the Undefined queue for an immediate job is confirmed here:
@@ -788,14 +778,14 @@ class MailUpConnector(Connector):
         where, item = found
         if where == "Undefined" and job.send_at is None and self.options.confirm_sending:
             await self._confirm(_int(item.get("Id")))
-            return SendStatus(
+            return base.SendStatus(
                 send_id=f"{message}:{_int(item.get('Id'))}",
-                state=SendState.SCHEDULED,
+                state=base.SendState.SCHEDULED,
                 detail=f"sending {_int(item.get('Id'))} confirmed",
             )
         return self._status_of(message, where, item)
 
-    async def send(self, import_id: str, job: BroadcastJob) -> SendStatus:
+    async def send(self, import_id: str, job: BroadcastJob) -> base.SendStatus:
         """Send the job's message to its group (or list), confirmed now or deferred to ``send_at``."""
         message = self._message_id(job)
         match = _IMPORT_ID.fullmatch(import_id)
@@ -818,21 +808,21 @@ class MailUpConnector(Connector):
         query = (
             {"datetime": job.send_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")} if job.send_at else None
         )
-        status, body = await self._call("POST", url, query=query)
+        status, body = await self._call("POST", _with_query(url, query))
         sending = _int(_dict(body).get("Id"))
         if status == 404 or sending <= 0:
             raise ListRejectedError(f"MailUp refused the send of message {message}: {_error_text(body)}")
         if job.send_at is None and opts.confirm_sending:
             await self._confirm(sending)
         log.info("MailUp sending created", extra={"job_id": job.job_id, "sending": sending})
-        return SendStatus(
+        return base.SendStatus(
             send_id=f"{message}:{sending}",
-            state=SendState.SCHEDULED,
+            state=base.SendState.SCHEDULED,
             recipients=_int(_dict(body).get("Sent")),
             detail=f"sending {sending}" + (" deferred" if job.send_at else ""),
         )
 
-    async def send_status(self, send_id: str) -> SendStatus:
+    async def send_status(self, send_id: str) -> base.SendStatus:
         """Where the sending is: queues → scheduled/sending, SendHistory → sending/sent."""
         match = _SEND_ID.fullmatch(send_id)
         if match is None:
@@ -843,19 +833,23 @@ class MailUpConnector(Connector):
         except ListRejectedError:
             found = None
         if found is None:
-            return SendStatus(send_id=send_id, state=SendState.FAILED, detail=f"sending {sending} not found")
+            return base.SendStatus(
+                send_id=send_id, state=base.SendState.FAILED, detail=f"sending {sending} not found"
+            )
         return self._status_of(message, *found)
 
     # --- statistics API -------------------------------------------------------------------------------
 
-    async def pull_responses(self, broadcast: SentBroadcast, cursor: str | None) -> PullPage:
+    async def pull_responses(self, broadcast: SentBroadcast, cursor: str | None) -> base.PullPage:
         """One page of one statistics endpoint of the broadcast's message (see the module docstring)."""
         stored = self._read_cursor(cursor)
         endpoint, page = stored.ep, stored.page
         message = broadcast.message
         if not _DIGITS.fullmatch(message):
-            return PullPage(
-                (BadRow(1, message.encode(), f"message {message!r} is not a MailUp message id"),), None, False
+            return base.PullPage(
+                (base.BadRow(1, message.encode(), f"message {message!r} is not a MailUp message id"),),
+                None,
+                False,
             )
         url = (
             self._stats + self.options.click_details_path.format(message=int(message))
@@ -882,14 +876,14 @@ class MailUpConnector(Connector):
             sending=send_id.group(2) if send_id else None,
         )
         out = tuple(
-            item_events(items, lambda _, item: self._api_events(context, item), what=f"{endpoint} item")
+            rows.item_events(items, lambda _, item: self._api_events(context, item), what=f"{endpoint} item")
         )
         if not last:
-            return PullPage(out, Cursor(ep=endpoint, page=page + 1).dump(), True)
+            return base.PullPage(out, Cursor(ep=endpoint, page=page + 1).dump(), True)
         following = self._endpoints.index(endpoint) + 1
         if following < len(self._endpoints):
-            return PullPage(out, Cursor(ep=self._endpoints[following], page=0).dump(), True)
-        return PullPage(out, Cursor(ep=self._endpoints[0], page=0).dump(), False)  # the next round
+            return base.PullPage(out, Cursor(ep=self._endpoints[following], page=0).dump(), True)
+        return base.PullPage(out, Cursor(ep=self._endpoints[0], page=0).dump(), False)  # the next round
 
     def _read_cursor(self, cursor: str | None) -> Cursor:
         """The stored position; none, an unreadable one or another endpoint's starts a new round."""
@@ -955,12 +949,10 @@ class MailUpConnector(Connector):
         extra: dict[str, str],
     ) -> ResponseEvent:
         return self._events.make(
-            ctx.broadcast.job_id,
-            kind,
-            ctx.pulled_at,
-            EventSource(
-                kind="api", name=f"{self._name}:Message/{ctx.message}/List/{ctx.endpoint}", page=ctx.page
-            ),
+            broadcast_id=ctx.broadcast.job_id,
+            type=kind,
+            occurred_at=ctx.pulled_at,
+            source=rows.api_source(f"{self._name}:Message/{ctx.message}/List/{ctx.endpoint}", ctx.page),
             esp_event_id=f"{self.account.account}:{esp_event_id}",
             url=url,
             email=email.strip(),
@@ -992,24 +984,13 @@ class MailUpConnector(Connector):
 
     # --- statistics export ----------------------------------------------------------------------------
 
-    def parse_response_file(self, local_path: Path, remote_path: str) -> Iterator[ResponseEvent | BadRow]:
+    def parse_response_file(
+        self, local_path: Path, remote_path: str
+    ) -> Iterator[ResponseEvent | base.BadRow]:
         """Rows of a statistics export file: one event each; bad rows with their line."""
-        opts = self.options
-        records = read_csv_records(
-            local_path,
-            delimiter=opts.export_delimiter,
-            encoding=opts.export_encoding,
-            quotechar=opts.export_quote,
-        )
-        yield from table_events(
-            records,
-            self._columns,
-            REQUIRED_EXPORT_ROLES,
-            opts.export_encoding,
-            lambda row: self._export_event(remote_path, row),
-        )
+        return self._exports.events(local_path, lambda row: self._export_event(remote_path, row))
 
-    def _export_event(self, remote_path: str, row: Row) -> ResponseEvent | None:
+    def _export_event(self, remote_path: str, row: rows.Row) -> ResponseEvent | None:
         """One export row as an event; None for a row espbridge did not send (ValueError: a BadRow)."""
         get = row.get
         if get("list_id") != str(self.options.list_id):
@@ -1048,10 +1029,10 @@ class MailUpConnector(Connector):
         if get("send_id"):
             extra["send_id"] = get("send_id")
         return self._events.make(
-            job_id,
-            kind,
-            occurred,
-            file_source(remote_path, row.line),
+            broadcast_id=job_id,
+            type=kind,
+            occurred_at=occurred,
+            source=rows.file_source(remote_path, row.line),
             recipient=email.lower(),
             url=url,
             communication_key=get("key") or None,
@@ -1062,7 +1043,7 @@ class MailUpConnector(Connector):
 
     # --- webhook --------------------------------------------------------------------------------------
 
-    def parse_webhook(self, headers: Mapping[str, str], body: bytes) -> list[ResponseEvent | BadRow]:
+    def parse_webhook(self, headers: Mapping[str, str], body: bytes) -> list[ResponseEvent | base.BadRow]:
         """MailUp's Unsubscribe webhook (form fields, the shared secret as ``Secret``)."""
         form: dict[str, str] = {}
         for key, value in parse_qsl(
@@ -1072,11 +1053,11 @@ class MailUpConnector(Connector):
         expected = self.account.token.get_secret_value() if self.account.token else ""
         given = form.get("Secret")
         if not expected:
-            raise WebhookAuthError(f"{self._name} has no webhook secret configured (token/token_file)")
+            raise base.WebhookAuthError(f"{self._name} has no webhook secret configured (token/token_file)")
         if given is None:
-            raise WebhookAuthError("the webhook call has no Secret")
+            raise base.WebhookAuthError("the webhook call has no Secret")
         if not hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8")):
-            raise WebhookAuthError("the webhook call's Secret is wrong")
+            raise base.WebhookAuthError("the webhook call's Secret is wrong")
         if form.get("EventType", "").strip().lower() != "unsubscribe":
             return []
         message = form.get("IdNL", "").strip()
@@ -1091,7 +1072,7 @@ class MailUpConnector(Connector):
         try:
             event = self._webhook_event(form, message, job_value)
         except ValueError as exc:
-            return [BadRow(1, safe_body, str(exc))]
+            return [base.BadRow(1, safe_body, str(exc))]
         return [event] if event is not None else []
 
     def _webhook_event(self, form: Mapping[str, str], message: str, job_value: str) -> ResponseEvent | None:
@@ -1111,14 +1092,14 @@ class MailUpConnector(Connector):
         email = form.get("Email", "").strip()
         if not email:
             raise ValueError("no Email")
-        occurred = aware_time("EventDate", form.get("EventDate", "").strip())
+        occurred = rows.aware_time("EventDate", form.get("EventDate", "").strip())
         m = str(int(message))
         extra = {"reason": form.get("Reason", ""), "event_source": form.get("EventSource", "")}
         return self._events.make(
-            parts[1],
-            kind,
-            occurred,
-            EventSource(kind="webhook", name=f"webhook:{self._name}"),
+            broadcast_id=parts[1],
+            type=kind,
+            occurred_at=occurred,
+            source=EventSource(kind="webhook", name=f"webhook:{self._name}"),
             esp_event_id=f"{self.account.account}:uns:{m}:{email.lower()}",
             communication_key=form.get("Key", "").strip() or None,
             email=email,

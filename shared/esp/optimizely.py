@@ -49,26 +49,12 @@ from urllib.parse import quote
 import orjson
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from shared.esp import base, rows
 from shared.esp.accounts import AccountConfig
-from shared.esp.base import (
-    BadRow,
-    Connector,
-    ConnectorContext,
-    ImportState,
-    ImportStatus,
-    ListFormat,
-    PullPage,
-    ResponseSource,
-    SendState,
-    SendStatus,
-    WebhookAuthError,
-)
 from shared.esp.cursor import Count, StoredCursor
-from shared.esp.delimited import read_csv_records
 from shared.esp.generic import ListRejectedError
 from shared.esp.options import ConnectorOptions, DateFormat, Encoding, TimeZone
 from shared.esp.rest import EspClient, EspUnavailableError, RateLimiter, Retries, is_count, short_json
-from shared.esp.rows import Events, LocalTimes, Row, aware_time, file_source, item_events, table_events
 from shared.infra.db.jobs import SentBroadcast
 from shared.infra.sftp import download_stream
 from shared.model.errors import ConfigurationError, PermanentError
@@ -108,13 +94,13 @@ REQUIRED_RESPONSE_ROLES = ("message_type", "recipient", "event_date", "broadcast
 
 BATCH_STATES = ("initiated", "has_recipients", "sent", "invalid")
 CAMPAIGN_SEND_STATES = {
-    "activationRequired": SendState.SCHEDULED,
-    "activated": SendState.SCHEDULED,
-    "running": SendState.SENDING,
-    "paused": SendState.SENDING,
-    "finished": SendState.SENT,
-    "canceled": SendState.FAILED,
-    "invalid": SendState.FAILED,
+    "activationRequired": base.SendState.SCHEDULED,
+    "activated": base.SendState.SCHEDULED,
+    "running": base.SendState.SENDING,
+    "paused": base.SendState.SENDING,
+    "finished": base.SendState.SENT,
+    "canceled": base.SendState.FAILED,
+    "invalid": base.SendState.FAILED,
 }
 PULLABLE_CAMPAIGN_STATES = frozenset({"running", "paused", "finished", "canceled"})
 """Campaign statuses from which on a broadcast's mailings may have responses to pull."""
@@ -250,7 +236,7 @@ class _BatchSentError(Exception):
 
 def _time_text(value: str | None) -> str | None:
     if value is not None:
-        aware_time("a cursor time", value)  # raises ValueError when it is not a time
+        rows.aware_time("a cursor time", value)  # raises ValueError when it is not a time
     return value
 
 
@@ -342,7 +328,7 @@ async def list_chunks(
     email_column: str = "email",
     recipient_id_column: str = "CommunicationKey",
     job_attribute: str = "BroadcastId",
-) -> AsyncGenerator[Chunk | BadRow, None]:
+) -> AsyncGenerator[Chunk | base.BadRow, None]:
     """The batch chunks of a list file's bytes, in file order, and the rows that cannot be read.
 
     Each data row becomes ``{"id": <recipient_id_column>, "data": {<non-empty fields>,
@@ -368,7 +354,7 @@ async def list_chunks(
         if not row:
             continue  # an empty line
         if len(row) != len(header):
-            yield BadRow(start, text.rstrip("\r\n").encode(), f"{len(row)} fields, want {len(header)}")
+            yield base.BadRow(start, text.rstrip("\r\n").encode(), f"{len(row)} fields, want {len(header)}")
             continue
         fields = {name: value for name, value in zip(header, row, strict=True) if value != ""}
         fields[job_attribute] = job_id
@@ -390,12 +376,12 @@ async def list_chunks(
 # --- the connector ------------------------------------------------------------------------------------
 
 
-class OptimizelyConnector(Connector):
+class OptimizelyConnector(base.Connector):
     """Connector for Optimizely Campaign (REST batch sending, SFTP files, webhooks)."""
 
     can_send = True
 
-    def __init__(self, account: AccountConfig, context: ConnectorContext) -> None:
+    def __init__(self, account: AccountConfig, context: base.ConnectorContext) -> None:
         super().__init__(account, context)
         name = account.name
         self.options = opts = Options.of(account)
@@ -426,37 +412,25 @@ class OptimizelyConnector(Connector):
             concurrency=opts.max_concurrency,
             retries=Retries(attempts=None, backoff_s=_backoff_s, total_wait_s=account.request_timeout_s),
             holds=True,
+            answered=(200, 404, 409),
         )
-        self._times = LocalTimes(opts.date_format, opts.timezone)
-        self._events = Events(account)
+        self._times = rows.LocalTimes(opts.date_format, opts.timezone)
+        self._events = rows.Events(account)
         self._columns = dict(opts.response_columns)
+        self._responses = rows.ResponseTable(
+            self._columns,
+            REQUIRED_RESPONSE_ROLES,
+            delimiter=opts.response_delimiter,
+            encoding=opts.response_encoding,
+        )
         self.pulls_api = opts.api_pulls
         self.archive_folder = opts.archive_folder
-        self.response_sources: tuple[ResponseSource, ...] = (
-            ResponseSource(opts.response_folder, opts.response_pattern),
+        self.response_sources: tuple[base.ResponseSource, ...] = (
+            base.ResponseSource(opts.response_folder, opts.response_pattern),
         )
-        self.list_format = ListFormat(
-            delimiter=opts.list_delimiter,
-            encoding="utf-8",
-            line_terminator="\n",
-            email_field=opts.email_column,
-            key_field="CommunicationKey",
-            drop_folder=opts.list_folder,
-            suffix=opts.list_suffix,
-        )
-
-    async def _call(
-        self,
-        method: str,
-        path: str,
-        *,
-        params: dict[str, str] | None = None,
-        json: Any = None,
-        expect: tuple[int, ...] = (200,),
-    ) -> tuple[int, Any]:
-        """One call with Basic auth under the account's concurrency cap and rate limit, retried on
-        429/5xx/timeouts (every call but batch creation is idempotent); 404 and 409 are answered."""
-        return await self._api.call(method, path, params=params, json=json, answered=(*expect, 404, 409))
+        self.list_format = opts.list_format(
+            drop_folder=opts.list_folder
+        )  # ListFormat gives UTF-8, LF and CommunicationKey
 
     # --- batches --------------------------------------------------------------------------------------
 
@@ -464,7 +438,7 @@ class OptimizelyConnector(Connector):
         """Every batch of the client, paging ``GET /sending/batches`` to the short page."""
         limit, offset = self.options.page_size, 0
         while True:
-            _, body = await self._call(
+            _, body = await self._api.call(
                 "GET", "/sending/batches", params={"offset": str(offset), "limit": str(limit)}
             )
             elements = _elements(body, "GET /sending/batches")
@@ -506,7 +480,7 @@ class OptimizelyConnector(Connector):
         return await self._api.retrying(attempt)
 
     async def _get_batch(self, batch_id: int) -> Batch:
-        status, body = await self._call("GET", f"/sending/batches/{batch_id}")
+        status, body = await self._api.call("GET", f"/sending/batches/{batch_id}")
         if status == 404:
             raise ListRejectedError(f"Optimizely does not know batch {batch_id}")
         if status != 200:
@@ -515,7 +489,7 @@ class OptimizelyConnector(Connector):
 
     async def _put_chunk(self, batch_id: int, chunk: Chunk) -> _Staged:
         path = f"/sending/batches/{batch_id}"
-        status, body = await self._call(
+        status, body = await self._api.call(
             "PUT", path, json={"chunk": chunk.chunk_id, "recipients": list(chunk.recipients)}
         )
         if status == 409:
@@ -530,10 +504,12 @@ class OptimizelyConnector(Connector):
 
     # --- imports and sends ----------------------------------------------------------------------------
 
-    async def start_import(self, remote_path: str, job: BroadcastJob) -> ImportStatus:
+    async def start_import(self, remote_path: str, job: BroadcastJob) -> base.ImportStatus:
         """Find or create the job's batch and stage the list file's rows in it (see the doc's Mapping)."""
         if job.mode is SendMode.UPLOAD_ONLY:
-            return ImportStatus(import_id=f"file:{posixpath.basename(remote_path)}", state=ImportState.DONE)
+            return base.ImportStatus(
+                import_id=f"file:{posixpath.basename(remote_path)}", state=base.ImportState.DONE
+            )
         if job.send_at is not None:
             ahead = (job.send_at - datetime.now(UTC)).total_seconds()
             if ahead > self.options.send_at_tolerance_s:
@@ -547,7 +523,7 @@ class OptimizelyConnector(Connector):
         tag = encode_tag(job.job_id)
         batch = await self._find_or_create_batch(job, tag)
         if batch.state == "sent":
-            return ImportStatus(import_id=f"{batch.id}:0:0", state=ImportState.DONE)
+            return base.ImportStatus(import_id=f"{batch.id}:0:0", state=base.ImportState.DONE)
         async with (
             self.context.sftp.session() as sftp,
             aclosing(cast(AsyncGenerator[bytes, None], download_stream(sftp, remote_path))) as data,
@@ -557,14 +533,14 @@ class OptimizelyConnector(Connector):
             except _BatchSentError:
                 pass
         if (await self._get_batch(batch.id)).state == "sent":
-            return ImportStatus(import_id=f"{batch.id}:0:0", state=ImportState.DONE)
+            return base.ImportStatus(import_id=f"{batch.id}:0:0", state=base.ImportState.DONE)
         raise ListRejectedError(f"Optimizely refused the chunks of batch {batch.id} (409) but it is not sent")
 
-    async def stage(self, batch_id: int, data: AsyncIterable[bytes], job_id: str) -> ImportStatus:
+    async def stage(self, batch_id: int, data: AsyncIterable[bytes], job_id: str) -> base.ImportStatus:
         """``PUT`` the chunks of a list file's bytes into a batch, ``chunk_concurrency`` at a time."""
         opts = self.options
         staged: list[_Staged] = []
-        bad: list[BadRow] = []
+        bad: list[base.BadRow] = []
         pending: set[asyncio.Task[_Staged]] = set()
 
         async def collect(return_when: str) -> None:
@@ -583,7 +559,7 @@ class OptimizelyConnector(Connector):
         )
         try:
             async for item in chunks:
-                if isinstance(item, BadRow):
+                if isinstance(item, base.BadRow):
                     bad.append(item)
                     continue
                 while len(pending) >= opts.chunk_concurrency:
@@ -592,8 +568,10 @@ class OptimizelyConnector(Connector):
             while pending:
                 await collect(asyncio.FIRST_EXCEPTION)
         except ListFileError as exc:
-            return ImportStatus(
-                import_id=f"{batch_id}:0:0", state=ImportState.FAILED, errors=(f"batch {batch_id}: {exc}",)
+            return base.ImportStatus(
+                import_id=f"{batch_id}:0:0",
+                state=base.ImportState.FAILED,
+                errors=(f"batch {batch_id}: {exc}",),
             )
         finally:
             for task in pending:
@@ -614,46 +592,46 @@ class OptimizelyConnector(Connector):
         ]
         if not staged:
             errors.append("the list file has no recipients")
-        return ImportStatus(
+        return base.ImportStatus(
             import_id=f"{batch_id}:{valid}:{invalid}",
-            state=ImportState.DONE if valid > 0 else ImportState.FAILED,
+            state=base.ImportState.DONE if valid > 0 else base.ImportState.FAILED,
             rows_valid=valid,
             rows_invalid=invalid,
             errors=tuple(errors[:MAX_ERRORS]),
         )
 
-    async def import_status(self, import_id: str) -> ImportStatus:
+    async def import_status(self, import_id: str) -> base.ImportStatus:
         """``file:`` → done; else the batch's state with the counts kept in the import id."""
         if import_id.startswith("file:"):
-            return ImportStatus(import_id=import_id, state=ImportState.DONE)
+            return base.ImportStatus(import_id=import_id, state=base.ImportState.DONE)
         batch_id, valid, invalid = _parse_import_id(import_id)
         batch = await self._get_batch(batch_id)
         if batch.state == "sent" or (batch.state == "has_recipients" and valid > 0):
-            return ImportStatus(import_id, ImportState.DONE, rows_valid=valid, rows_invalid=invalid)
+            return base.ImportStatus(import_id, base.ImportState.DONE, rows_valid=valid, rows_invalid=invalid)
         reason = "no recipient passed pre-validation" if batch.state == "has_recipients" else batch.state
-        return ImportStatus(
+        return base.ImportStatus(
             import_id,
-            ImportState.FAILED,
+            base.ImportState.FAILED,
             rows_valid=valid,
             rows_invalid=invalid,
             errors=(f"batch {batch_id} is {batch.state}: {reason}",),
         )
 
-    async def find_send(self, job: BroadcastJob) -> SendStatus | None:
+    async def find_send(self, job: BroadcastJob) -> base.SendStatus | None:
         """The job's batch if it is ``sent`` (followed with :meth:`send_status`), else None."""
         batch = await self._find_batch(encode_tag(job.job_id))
         if batch is None or batch.state != "sent":
             return None
         return await self.send_status(str(batch.id))
 
-    async def send(self, import_id: str, job: BroadcastJob) -> SendStatus:
+    async def send(self, import_id: str, job: BroadcastJob) -> base.SendStatus:
         """``POST /sending/batches/{id}``: 202 → scheduled; 409 on a sent batch → followed."""
         if import_id.startswith("file:"):
             raise ListRejectedError(f"job {job.job_id} was uploaded only: there is no batch to send")
         batch_id = _parse_import_id(import_id)[0]
-        status, body = await self._call("POST", f"/sending/batches/{batch_id}", expect=(202,))
+        status, body = await self._api.call("POST", f"/sending/batches/{batch_id}", answered=(202, 404, 409))
         if status == 202:
-            return SendStatus(send_id=str(batch_id), state=SendState.SCHEDULED)
+            return base.SendStatus(send_id=str(batch_id), state=base.SendState.SCHEDULED)
         if status == 404:
             raise ListRejectedError(f"Optimizely does not know batch {batch_id}: {_message(body)}")
         batch = await self._get_batch(batch_id)
@@ -662,7 +640,7 @@ class OptimizelyConnector(Connector):
             return await self.send_status(str(batch_id))
         raise ListRejectedError(f"Optimizely refused to send batch {batch_id} (409): {_message(body)}")
 
-    async def send_status(self, send_id: str) -> SendStatus:
+    async def send_status(self, send_id: str) -> base.SendStatus:
         """The batch's state, then its campaign's status and, when finished, its report's total."""
         try:
             batch_id = int(send_id)
@@ -670,22 +648,24 @@ class OptimizelyConnector(Connector):
             raise PermanentError(f"{send_id!r} is not an Optimizely batch id") from None
         batch = await self._get_batch(batch_id)
         if batch.state == "invalid":
-            return SendStatus(send_id, SendState.FAILED, detail=f"batch {batch_id} is invalid")
+            return base.SendStatus(send_id, base.SendState.FAILED, detail=f"batch {batch_id} is invalid")
         if batch.state != "sent":
-            return SendStatus(send_id, SendState.SCHEDULED, detail=f"batch {batch_id} is {batch.state}")
+            return base.SendStatus(
+                send_id, base.SendState.SCHEDULED, detail=f"batch {batch_id} is {batch.state}"
+            )
         if batch.campaign_id is None:
             raise EspUnavailableError(f"batch {batch_id} is sent but names no campaignId")
         campaign = batch.campaign_id
-        status, body = await self._call("GET", f"/smartcampaigns/{campaign}")
+        status, body = await self._api.call("GET", f"/smartcampaigns/{campaign}")
         if status != 200 or not isinstance(body, dict) or not isinstance(body.get("status"), str):
             raise EspUnavailableError(f"GET /smartcampaigns/{campaign} answered {status}: {short_json(body)}")
         state = CAMPAIGN_SEND_STATES.get(body["status"])
         if state is None:
             raise EspUnavailableError(f"campaign {campaign} has an unknown status {body['status']!r}")
         detail = f"campaign {campaign} {body['status']}"
-        if state is not SendState.SENT:
-            return SendStatus(send_id, state, detail=detail)
-        status, report = await self._call("GET", f"/smartcampaigns/{campaign}/report")
+        if state is not base.SendState.SENT:
+            return base.SendStatus(send_id, state, detail=detail)
+        status, report = await self._api.call("GET", f"/smartcampaigns/{campaign}/report")
         recipients = report.get("recipients") if isinstance(report, dict) else None
         total = recipients.get("total") if isinstance(recipients, dict) else None
         if status != 200 or not is_count(total):
@@ -693,7 +673,7 @@ class OptimizelyConnector(Connector):
                 f"GET /smartcampaigns/{campaign}/report answered {status} without recipients.total: "
                 f"{short_json(report)}"
             )
-        return SendStatus(send_id, SendState.SENT, recipients=int(total or 0), detail=detail)
+        return base.SendStatus(send_id, base.SendState.SENT, recipients=int(total or 0), detail=detail)
 
     # --- API pulls ------------------------------------------------------------------------------------
 
@@ -704,7 +684,7 @@ class OptimizelyConnector(Connector):
         out.append(UNSUBSCRIBES)
         return out
 
-    async def pull_responses(self, broadcast: SentBroadcast, cursor: str | None) -> PullPage:
+    async def pull_responses(self, broadcast: SentBroadcast, cursor: str | None) -> base.PullPage:
         """One page: bounces per mailing and category, then a scan of the newest unsubscribes.
 
         The first call resolves batch → campaign → mailings (nothing before the campaign runs).
@@ -712,7 +692,7 @@ class OptimizelyConnector(Connector):
         """
         batch_id = _batch_of(broadcast)
         if batch_id is None:
-            return PullPage((), cursor, more=False)
+            return base.PullPage((), cursor, more=False)
         state = self._read_cursor(cursor, batch_id)
         if state.mailings is None:
             return await self._resolve(state, cursor)
@@ -729,25 +709,25 @@ class OptimizelyConnector(Connector):
             state.pos += 1
             if state.pos >= len(streams):
                 state.pos, more = 0, False
-        return PullPage(tuple(items), state.dump(), more=more)
+        return base.PullPage(tuple(items), state.dump(), more=more)
 
     def _read_cursor(self, cursor: str | None, batch_id: int) -> Cursor:
         """The stored position for the broadcast's batch; else (or when unreadable) the start."""
         state = Cursor.read(cursor, self._name)
         return state if state is not None and state.batch == batch_id else Cursor.start(batch_id)
 
-    async def _resolve(self, state: Cursor, cursor: str | None) -> PullPage:
+    async def _resolve(self, state: Cursor, cursor: str | None) -> base.PullPage:
         """Batch → campaignId → ``messages[].mailingId``, kept in the cursor once the campaign runs."""
         try:
             batch = await self._get_batch(state.batch)
         except ListRejectedError as exc:
             log.warning("cannot pull responses", extra={"account": self._name, "error": str(exc)})
-            return PullPage((), cursor, more=False)
+            return base.PullPage((), cursor, more=False)
         if batch.state != "sent" or batch.campaign_id is None:
-            return PullPage((), cursor, more=False)
-        status, body = await self._call("GET", f"/smartcampaigns/{batch.campaign_id}")
+            return base.PullPage((), cursor, more=False)
+        status, body = await self._api.call("GET", f"/smartcampaigns/{batch.campaign_id}")
         if status != 200 or not isinstance(body, dict):
-            return PullPage((), cursor, more=False)  # not visible yet: next round
+            return base.PullPage((), cursor, more=False)  # not visible yet: next round
         messages = body.get("messages")
         mailings = (
             [m["mailingId"] for m in messages if isinstance(m, dict) and is_count(m.get("mailingId"))]
@@ -755,13 +735,13 @@ class OptimizelyConnector(Connector):
             else []
         )
         if body.get("status") not in PULLABLE_CAMPAIGN_STATES or not mailings:
-            return PullPage((), cursor, more=False)
+            return base.PullPage((), cursor, more=False)
         state.mailings = mailings
-        return PullPage((), state.dump(), more=True)
+        return base.PullPage((), state.dump(), more=True)
 
     async def _bounce_page(
         self, broadcast: SentBroadcast, state: Cursor, mailing: int, category: str
-    ) -> tuple[list[ResponseEvent | BadRow], bool]:
+    ) -> tuple[list[ResponseEvent | base.BadRow], bool]:
         """One page of ``GET /responses``; finished when it is short (or without offset paging)."""
         opts = self.options
         key = f"{mailing}:{category}"
@@ -773,7 +753,7 @@ class OptimizelyConnector(Connector):
             params["offset"] = str(offset)
         else:
             offset = 0
-        status, body = await self._call("GET", "/responses", params=params)
+        status, body = await self._api.call("GET", "/responses", params=params)
         if status == 404:
             log.warning(
                 "Optimizely does not know the mailing, no bounces to pull",
@@ -796,7 +776,7 @@ class OptimizelyConnector(Connector):
 
     async def _unsubscribe_page(
         self, broadcast: SentBroadcast, state: Cursor
-    ) -> tuple[list[ResponseEvent | BadRow], bool]:
+    ) -> tuple[list[ResponseEvent | base.BadRow], bool]:
         """One page of ``GET /unsubscribes`` newest first, down to the newest entry of this
         broadcast's mailings that the last scan saw (other mailings' entries do not count).
 
@@ -806,16 +786,16 @@ class OptimizelyConnector(Connector):
         limit = self.options.page_size
         scan = state.unsubscribes
         offset = scan.offset
-        high = aware_time("high_water", scan.high_water) if scan.high_water else None
+        high = rows.aware_time("high_water", scan.high_water) if scan.high_water else None
         floor = high or broadcast.requested_at
-        _, body = await self._call(
+        _, body = await self._api.call(
             "GET",
             "/unsubscribes",
             params={"sort": "created", "direction": "DESC", "offset": str(offset), "limit": str(limit)},
         )
         elements = _elements(body, "GET /unsubscribes")
         mailings = set(state.mailings or ())
-        top = aware_time("top", scan.top) if scan.top else None
+        top = rows.aware_time("top", scan.top) if scan.top else None
         top_seen = set(scan.top_seen)
         high_seen = set(scan.high_seen)
         pulled: list[Any] = []
@@ -864,9 +844,9 @@ class OptimizelyConnector(Connector):
         page: int,
         mailing: int | None,
         event_type: EventType,
-    ) -> list[ResponseEvent | BadRow]:
+    ) -> list[ResponseEvent | base.BadRow]:
         """The events of a page's elements (but those :data:`_NOT_PULLED`), numbered after ``offset``."""
-        return item_events(
+        return rows.item_events(
             elements,
             lambda _, element: self._api_event(broadcast, element, name, page, mailing, event_type),
             what=name,
@@ -897,8 +877,8 @@ class OptimizelyConnector(Connector):
             broadcast.job_id,
             _recipient(element),
             event_type,
-            aware_time("created", element.get("created")),
-            EventSource(kind="api", name=name, page=page),
+            rows.aware_time("created", element.get("created")),
+            rows.api_source(name, page),
             message_id=str(mailing_id) if mailing_id is not None else None,
             extra=_element_extra(element),
         )
@@ -920,10 +900,10 @@ class OptimizelyConnector(Connector):
         the second, the URL of a click only, the recipient id as the communication key."""
         when = occurred.astimezone(UTC).replace(microsecond=0)
         return self._events.make(
-            broadcast_id,
-            event_type,
-            when,
-            source,
+            broadcast_id=broadcast_id,
+            type=event_type,
+            occurred_at=when,
+            source=source,
             recipient=recipient,
             url=url if event_type is EventType.CLICK else None,
             communication_key=recipient,
@@ -934,30 +914,26 @@ class OptimizelyConnector(Connector):
 
     # --- response files -------------------------------------------------------------------------------
 
-    def parse_response_file(self, local_path: Path, remote_path: str) -> Iterator[ResponseEvent | BadRow]:
+    def parse_response_file(
+        self, local_path: Path, remote_path: str
+    ) -> Iterator[ResponseEvent | base.BadRow]:
         """Rows of a ``Response*`` file as events; rows that do not fit are BadRows with their line."""
-        opts = self.options
         skipped = 0
 
-        def event(row: Row) -> ResponseEvent | None:
+        def event(row: rows.Row) -> ResponseEvent | None:
             nonlocal skipped
             made = self._file_event(remote_path, row)
             skipped += made is None
             return made
 
-        records = read_csv_records(
-            local_path, delimiter=opts.response_delimiter, encoding=opts.response_encoding
-        )
-        yield from table_events(
-            records, self._columns, REQUIRED_RESPONSE_ROLES, opts.response_encoding, event
-        )
+        yield from self._responses.events(local_path, event)
         if skipped:
             log.info(
                 "response rows without a BroadcastId skipped (mailings espbridge did not send)",
                 extra={"account": self._name, "file": remote_path, "rows": skipped},
             )
 
-    def _file_event(self, remote_path: str, row: Row) -> ResponseEvent | None:
+    def _file_event(self, remote_path: str, row: rows.Row) -> ResponseEvent | None:
         broadcast = row.get("broadcast")
         if not broadcast:
             return None
@@ -981,7 +957,7 @@ class OptimizelyConnector(Connector):
             recipient,
             event_type,
             occurred,
-            file_source(remote_path, row.line),
+            rows.file_source(remote_path, row.line),
             message_id=None,
             extra={"DeliveryDate": delivery} if delivery else {},
             url=url or None,
@@ -996,32 +972,32 @@ class OptimizelyConnector(Connector):
             return
         secret = self.account.token.get_secret_value() if self.account.token else ""
         if not secret:
-            raise WebhookAuthError(f"account {self._name} has no token (the webhook secret) configured")
+            raise base.WebhookAuthError(f"account {self._name} has no token (the webhook secret) configured")
         if mode == "basicAuth":
             value = _header(headers, "Authorization")
             scheme, _, encoded = (value or "").partition(" ")
             if value is None or scheme.lower() != "basic":
-                raise WebhookAuthError("the webhook call carries no Basic authorization")
+                raise base.WebhookAuthError("the webhook call carries no Basic authorization")
             try:
                 user, sep, password = base64.b64decode(encoded.strip(), validate=True).partition(b":")
             except (binascii.Error, ValueError):
-                raise WebhookAuthError("the webhook call's Basic authorization is not base64") from None
+                raise base.WebhookAuthError("the webhook call's Basic authorization is not base64") from None
             user_ok = hmac.compare_digest(user, self.options.webhook_user.encode())
             password_ok = hmac.compare_digest(password, secret.encode())
             if not (sep and user_ok and password_ok):
-                raise WebhookAuthError("the webhook call's Basic authorization is wrong")
+                raise base.WebhookAuthError("the webhook call's Basic authorization is wrong")
             return
         header = self.options.webhook_key_header
         value = _header(headers, header)
         if value is None:
-            raise WebhookAuthError(f"the webhook call carries no {header} header")
+            raise base.WebhookAuthError(f"the webhook call carries no {header} header")
         given = value.encode("utf-8", "surrogateescape")
         plain_ok = hmac.compare_digest(given, secret.encode())
         bearer_ok = hmac.compare_digest(given, f"Bearer {secret}".encode())
         if not (plain_ok or bearer_ok):
-            raise WebhookAuthError(f"the webhook call's {header} header is wrong")
+            raise base.WebhookAuthError(f"the webhook call's {header} header is wrong")
 
-    def parse_webhook(self, headers: Mapping[str, str], body: bytes) -> list[ResponseEvent | BadRow]:
+    def parse_webhook(self, headers: Mapping[str, str], body: bytes) -> list[ResponseEvent | base.BadRow]:
         """Verify the call (basicAuth/keyAuth against the account's token), then its events."""
         self._verify_webhook(headers)
         try:
@@ -1032,7 +1008,7 @@ class OptimizelyConnector(Connector):
         if items is None:
             raise PermanentError(f"the webhook body is neither an event nor an array: {short_json(parsed)}")
         name = f"webhook:{self._name}"
-        return item_events(items, lambda number, item: self._webhook_event(item, name, number))
+        return rows.item_events(items, lambda number, item: self._webhook_event(item, name, number))
 
     def _webhook_event(self, item: Any, name: str, number: int) -> ResponseEvent | None:
         if not isinstance(item, dict):
@@ -1055,7 +1031,7 @@ class OptimizelyConnector(Connector):
         broadcast = data.get(self.options.job_attribute)
         if not isinstance(broadcast, str) or not broadcast:
             raise ValueError(f"no data.{self.options.job_attribute}")
-        created = aware_time("created", item.get("created"))
+        created = rows.aware_time("created", item.get("created"))
         url = item.get("url")
         if event_type is EventType.CLICK and (not isinstance(url, str) or not url):
             raise ValueError("a click without url")
@@ -1093,7 +1069,7 @@ def _header(headers: Mapping[str, str], name: str) -> str | None:
 def _created(element: Any) -> datetime | None:
     """An element's ``created`` time, None when it has none."""
     try:
-        return aware_time("created", element.get("created")) if isinstance(element, dict) else None
+        return rows.aware_time("created", element.get("created")) if isinstance(element, dict) else None
     except ValueError:
         return None
 

@@ -6,6 +6,9 @@ A connector's ``Options`` subclasses :class:`ConnectorOptions` and declares, bes
 * ``ROLE_KEYED`` — of those, the ones keyed by a fixed set of roles (the defaults' keys): an
   unknown role is refused.
 
+The list file's format comes from the options named as every connector names them
+(:data:`LIST_FORMAT_OPTIONS`) and what else the connector gives (:meth:`ConnectorOptions.list_format`).
+
 Fields typed :data:`TimeZone`, :data:`DateFormat` or :data:`Encoding` are checked when the options
 are read, so a connector never meets an unknown zone, a format it cannot read back or an unknown
 codec later. :meth:`ConnectorOptions.of` turns every refusal into a ConfigurationError naming the
@@ -23,6 +26,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from shared.esp.accounts import AccountConfig
+from shared.esp.base import ListFormat
 from shared.model.errors import ConfigurationError
 
 
@@ -59,6 +63,17 @@ Encoding = Annotated[str, AfterValidator(_known_encoding)]
 """A codec Python knows."""
 
 
+LIST_FORMAT_OPTIONS = {
+    "delimiter": "list_delimiter",
+    "encoding": "list_encoding",
+    "line_terminator": "list_line_terminator",
+    "email_field": "email_column",
+    "key_field": "key_column",
+    "suffix": "list_suffix",
+}
+"""The options of a connector that has them, by the :class:`ListFormat` field they set."""
+
+
 class ConnectorOptions(BaseModel):
     """Base of every connector's ``Options``: frozen, unknown options refused (see the module)."""
 
@@ -74,6 +89,13 @@ class ConnectorOptions(BaseModel):
             return cls.model_validate(account.options)
         except ValidationError as exc:
             raise ConfigurationError(f"account {account.name} options: {exc}") from None
+
+    def list_format(self, **given: str) -> ListFormat:
+        """The list file's format: the :data:`LIST_FORMAT_OPTIONS` this model has, then ``given``."""
+        named = {
+            field: getattr(self, name) for field, name in LIST_FORMAT_OPTIONS.items() if hasattr(self, name)
+        }
+        return ListFormat(**{**named, **given})
 
     @classmethod
     def merged_defaults(cls, given: Mapping[str, Any]) -> Mapping[str, Mapping[str, Any]]:

@@ -25,7 +25,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeGuard, TypeVar
+from typing import Any, Protocol, TypedDict, TypeGuard, TypeVar, Unpack
 
 import aiohttp
 import orjson
@@ -102,6 +102,21 @@ def refused(where: str, status: int, body: Any, text: str) -> Exception:
     return EspRequestError(f"{where} answered {status}: {text}")
 
 
+class RequestParts(TypedDict, total=False):
+    """What a request sends besides its method and URL, and what it answers to its caller."""
+
+    params: Mapping[str, str] | None
+    """The query."""
+    json: Any
+    """A JSON body."""
+    form: Mapping[str, str] | None
+    """Form fields: the body when there is no ``json``."""
+    multipart: bool
+    """The form as ``multipart/form-data`` (else url-encoded)."""
+    answered: tuple[int, ...]
+    """The statuses answered to the caller (default :data:`ANSWERED`); others are refusals."""
+
+
 _NOT_JSON = object()
 
 
@@ -111,30 +126,27 @@ async def request_json(
     url: str,
     *,
     headers: Mapping[str, str] | None = None,
-    json: Any = None,
-    params: Mapping[str, str] | None = None,
-    form: Mapping[str, str] | None = None,
-    multipart: bool = False,
     timeout_s: float = 30.0,
-    answered: tuple[int, ...] = ANSWERED,
     refusal: Refusal = refused,
     secrets: Iterable[str] = (),
     follow_redirects: bool = True,
+    **parts: Unpack[RequestParts],
 ) -> tuple[int, Any]:
     """One call; (status, parsed body) for the ``answered`` statuses, else the error of the mapping.
 
-    The body is ``json``, or ``form`` fields (url-encoded, or ``multipart/form-data`` with
-    ``multipart``). Error texts name the method and the URL without its query, and ``secrets``
-    never appear in them.
+    The body is ``json``, or ``form`` fields: one error mapping whatever the ESP wants its bodies
+    in. Error texts name the method and the URL without its query, and ``secrets`` never appear
+    in them.
     """
     secrets = tuple(secrets)
     all_headers = {"Accept": "application/json", **(headers or {})}
     data: Any = None
-    if json is not None:
-        data = orjson.dumps(json)
+    form = parts.get("form")
+    if parts.get("json") is not None:
+        data = orjson.dumps(parts.get("json"))
         all_headers["Content-Type"] = "application/json"
     elif form is not None:
-        data = aiohttp.FormData(default_to_multipart=multipart)
+        data = aiohttp.FormData(default_to_multipart=parts.get("multipart", False))
         for key, value in form.items():
             data.add_field(key, value)
     where = f"{method} {redact(url, secrets)}"
@@ -143,7 +155,7 @@ async def request_json(
             method,
             url,
             data=data,
-            params=params,
+            params=parts.get("params"),
             headers=all_headers,
             timeout=aiohttp.ClientTimeout(total=timeout_s),
             allow_redirects=follow_redirects,
@@ -165,7 +177,7 @@ async def request_json(
         parsed = orjson.loads(body) if body else None
     except orjson.JSONDecodeError:
         parsed = _NOT_JSON
-    if status not in answered:
+    if status not in parts.get("answered", ANSWERED):
         raise refusal(where, status, None if parsed is _NOT_JSON else parsed, text)
     if parsed is _NOT_JSON:
         raise EspUnavailableError(
@@ -323,24 +335,10 @@ class EspClient:
         return redact(text, self._secrets)
 
     async def call(
-        self,
-        method: str,
-        path: str,
-        *,
-        params: Mapping[str, str] | None = None,
-        json: Any = None,
-        form: Mapping[str, str] | None = None,
-        multipart: bool = False,
-        answered: tuple[int, ...] | None = None,
-        retries: Retries | None = None,
+        self, method: str, path: str, *, retries: Retries | None = None, **parts: Unpack[RequestParts]
     ) -> tuple[int, Any]:
         """:meth:`once`, repeated as ``retries`` (else the client's) allow."""
-        return await self.retrying(
-            lambda: self.once(
-                method, path, params=params, json=json, form=form, multipart=multipart, answered=answered
-            ),
-            retries,
-        )
+        return await self.retrying(lambda: self.once(method, path, **parts), retries)
 
     async def retrying(self, attempt: Callable[[], Awaitable[T]], retries: Retries | None = None) -> T:
         """``attempt()``, made again after an EspUnavailableError as ``retries`` allow."""
@@ -363,25 +361,16 @@ class EspClient:
                 await asyncio.sleep(wait)  # the ESP's Retry-After, else its documented backoff
                 waited += wait
 
-    async def once(
-        self,
-        method: str,
-        path: str,
-        *,
-        params: Mapping[str, str] | None = None,
-        json: Any = None,
-        form: Mapping[str, str] | None = None,
-        multipart: bool = False,
-        answered: tuple[int, ...] | None = None,
-    ) -> tuple[int, Any]:
+    async def once(self, method: str, path: str, **parts: Unpack[RequestParts]) -> tuple[int, Any]:
         """One request: after the hold, with the credentials, within the concurrency cap and the rate."""
         url = self._base + path
         await self._wait_for_hold(f"{method} {self.redact(url)}")
-        if self._auth_params:
-            if method == "GET":
-                params = {**(params or {}), **self._auth_params}
-            else:
-                form = {**(form or {}), **self._auth_params}
+        if self._auth_params and method == "GET":
+            parts["params"] = {**(parts.get("params") or {}), **self._auth_params}
+        elif self._auth_params:
+            parts["form"] = {**(parts.get("form") or {}), **self._auth_params}
+        if "answered" not in parts:
+            parts["answered"] = self._answered
         for renewed in (False, True):
             headers = dict(self._headers)
             if self._token is not None:
@@ -396,15 +385,11 @@ class EspClient:
                         method,
                         url,
                         headers=headers,
-                        json=json,
-                        params=params,
-                        form=form,
-                        multipart=multipart,
                         timeout_s=self._timeout_s,
-                        answered=answered or self._answered,
                         refusal=self._refusal,
                         secrets=(*self._secrets, *_header_secrets(headers)),
                         follow_redirects=self._follow_redirects,
+                        **parts,
                     )
             except EspAuthError:
                 if self._token is None or renewed:

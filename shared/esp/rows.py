@@ -1,6 +1,6 @@
 """Turning an ESP's response rows and items into events, the same way in every connector.
 
-* :func:`table_events` reads a delimited response file (records from :mod:`shared.esp.delimited`)
+* :class:`ResponseTable` reads a delimited response file (records from :mod:`shared.esp.delimited`)
   under its header: a header without a required column is one BadRow, then each record becomes a
   :class:`Row` whose values are looked up by role (:class:`Columns`: role → column name).
 * :func:`item_events` does the same for the JSON items of an API page or a webhook call.
@@ -15,15 +15,17 @@ from __future__ import annotations
 
 import posixpath
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Any, Required, TypedDict, TypeVar, Unpack
 from zoneinfo import ZoneInfo
 
 import orjson
 
 from shared.esp.accounts import AccountConfig
 from shared.esp.base import BadRow
-from shared.esp.delimited import Record, undecodable
+from shared.esp.delimited import Record, read_csv_records, read_records, undecodable
 from shared.model.messages import EventSource, EventType, ResponseEvent, event_id_for
 
 T = TypeVar("T")
@@ -108,26 +110,41 @@ def records_events(records: Iterable[Record], event: Callable[[Record], T | None
             yield made
 
 
-def table_events(
-    records: Iterator[Record],
-    roles: Mapping[str, str],
-    required: Iterable[str | tuple[str, ...]],
-    encoding: str,
-    event: Callable[[Row], T | None],
-) -> Iterator[T | BadRow]:
-    """The events of a delimited file whose first record is its header (see the module)."""
-    first = next(records, None)
-    if first is None:
-        return
-    if first.fields is None:
-        yield BadRow(first.line, first.raw, f"unreadable header: {first.error}")
-        return
-    columns = Columns(roles, first.fields)
-    missing = columns.missing(required)
-    if missing:
-        yield BadRow(first.line, first.raw, f"header lacks {', '.join(missing)}")
-        return
-    yield from records_events(records, lambda record: event(columns.row(record, encoding)))
+@dataclass(frozen=True, slots=True)
+class ResponseTable:
+    """How an ESP writes its response files: the delimited format, the columns by role, the ones
+    a header must have (a tuple of roles: one of them)."""
+
+    roles: Mapping[str, str]
+    required: tuple[str | tuple[str, ...], ...]
+    delimiter: str = ","
+    encoding: str = "utf-8"
+    quotechar: str = '"'
+    byte_exact: bool = False
+    """Read by :func:`read_records` (each record's bytes as in the file, in bounded memory; an
+    ASCII-compatible encoding) instead of :func:`read_csv_records` (as Python's csv reads the text)."""
+
+    def events(self, path: Path, event: Callable[[Row], T | None]) -> Iterator[T | BadRow]:
+        """The events ``event`` makes of a file's rows under its header (None: none), and BadRows:
+        the header when it lacks a required column, and each row ``event`` or the header rejects."""
+        if self.byte_exact:
+            records = read_records(path, delimiter=self.delimiter, encoding=self.encoding)
+        else:
+            records = read_csv_records(
+                path, delimiter=self.delimiter, encoding=self.encoding, quotechar=self.quotechar
+            )
+        first = next(records, None)
+        if first is None:
+            return
+        if first.fields is None:
+            yield BadRow(first.line, first.raw, f"unreadable header: {first.error}")
+            return
+        columns = Columns(self.roles, first.fields)
+        missing = columns.missing(self.required)
+        if missing:
+            yield BadRow(first.line, first.raw, f"header lacks {', '.join(missing)}")
+            return
+        yield from records_events(records, lambda record: event(columns.row(record, self.encoding)))
 
 
 def raw_json(item: Any) -> bytes:
@@ -221,6 +238,25 @@ def file_source(remote_path: str, line: int) -> EventSource:
     return EventSource(kind="file", name=posixpath.normpath(remote_path), line=line)
 
 
+def api_source(name: str, page: int) -> EventSource:
+    """Where an event of an API pull came from: the endpoint (as the connector names it) and the page."""
+    return EventSource(kind="api", name=name, page=page)
+
+
+class EventFields(TypedDict, total=False):
+    """What a connector says of an event, by :class:`ResponseEvent`'s field names."""
+
+    broadcast_id: Required[str]
+    type: Required[EventType]
+    occurred_at: Required[datetime]
+    source: Required[EventSource]
+    url: str | None
+    communication_key: str | None
+    email: str | None
+    esp_message_id: str | None
+    extra: dict[str, str]
+
+
 class Events:
     """The events of one account, with their deterministic ids.
 
@@ -233,40 +269,16 @@ class Events:
         self.account = account.account
 
     def make(
-        self,
-        broadcast_id: str,
-        kind: EventType,
-        occurred_at: datetime,
-        source: EventSource,
-        *,
-        recipient: str = "",
-        esp_event_id: str | None = None,
-        url: str | None = None,
-        communication_key: str | None = None,
-        email: str | None = None,
-        esp_message_id: str | None = None,
-        extra: dict[str, str] | None = None,
+        self, *, recipient: str = "", esp_event_id: str | None = None, **fields: Unpack[EventFields]
     ) -> ResponseEvent:
         """One event (ResponseEvent's own checks apply: a key or an email, a broadcast id)."""
-        return ResponseEvent(
-            event_id=event_id_for(
-                self.esp,
-                esp_event_id=esp_event_id,
-                broadcast_id=broadcast_id,
-                recipient=recipient,
-                event_type=kind.value,
-                occurred_at=occurred_at,
-                url=url,
-            ),
-            esp=self.esp,
-            account=self.account,
-            broadcast_id=broadcast_id,
-            esp_message_id=esp_message_id,
-            communication_key=communication_key,
-            email=email,
-            type=kind,
-            url=url,
-            occurred_at=occurred_at,
-            source=source,
-            extra=extra or {},
+        event_id = event_id_for(
+            self.esp,
+            esp_event_id=esp_event_id,
+            broadcast_id=fields["broadcast_id"],
+            recipient=recipient,
+            event_type=fields["type"].value,
+            occurred_at=fields["occurred_at"],
+            url=fields.get("url"),
         )
+        return ResponseEvent(event_id=event_id, esp=self.esp, account=self.account, **fields)

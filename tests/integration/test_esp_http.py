@@ -11,16 +11,7 @@ from dataclasses import dataclass, field
 import pytest
 from aiohttp import web
 
-from shared.esp.rest import (
-    EspAuthError,
-    EspClient,
-    EspRequestError,
-    EspUnavailableError,
-    OAuth2Token,
-    RateLimiter,
-    Retries,
-    request_json,
-)
+from shared.esp import rest
 from shared.model.errors import ConfigurationError
 from tests.fixtures.fake_esp import FakeEsp, serve
 
@@ -87,28 +78,28 @@ async def esp() -> AsyncIterator[Esp]:
         yield fake
 
 
-def client(esp: Esp, token: OAuth2Token, limiter: RateLimiter | None = None) -> EspClient:
-    return EspClient(esp.http, esp.url, account="esp/acme", timeout_s=30, token=token, limiter=limiter)
+def client(esp: Esp, token: rest.OAuth2Token, limiter: rest.RateLimiter | None = None) -> rest.EspClient:
+    return rest.EspClient(esp.http, esp.url, account="esp/acme", timeout_s=30, token=token, limiter=limiter)
 
 
 async def test_statuses_map_to_transient_and_permanent_errors(esp: Esp) -> None:
-    with pytest.raises(EspUnavailableError) as info:
-        await request_json(esp.http, "GET", f"{esp.url}/status/429")
+    with pytest.raises(rest.EspUnavailableError) as info:
+        await rest.request_json(esp.http, "GET", f"{esp.url}/status/429")
     assert (info.value.retry_after_s, info.value.status) == (7.0, 429)
-    with pytest.raises(EspUnavailableError):
-        await request_json(esp.http, "GET", f"{esp.url}/status/503")
+    with pytest.raises(rest.EspUnavailableError):
+        await rest.request_json(esp.http, "GET", f"{esp.url}/status/503")
     with pytest.raises(ConfigurationError):
-        await request_json(esp.http, "GET", f"{esp.url}/status/401")
-    with pytest.raises(EspRequestError):
-        await request_json(esp.http, "GET", f"{esp.url}/status/422")
-    assert (await request_json(esp.http, "GET", f"{esp.url}/status/404"))[0] == 404
-    with pytest.raises(EspUnavailableError):
-        await request_json(esp.http, "GET", "http://127.0.0.1:9/closed", timeout_s=2)
+        await rest.request_json(esp.http, "GET", f"{esp.url}/status/401")
+    with pytest.raises(rest.EspRequestError):
+        await rest.request_json(esp.http, "GET", f"{esp.url}/status/422")
+    assert (await rest.request_json(esp.http, "GET", f"{esp.url}/status/404"))[0] == 404
+    with pytest.raises(rest.EspUnavailableError):
+        await rest.request_json(esp.http, "GET", "http://127.0.0.1:9/closed", timeout_s=2)
 
 
 @pytest.mark.parametrize(("method", "code"), [("GET", 400), ("POST", 404), ("GET", 401), ("GET", 503)])
 async def test_no_error_text_carries_a_query_string_or_a_secret(esp: Esp, method: str, code: int) -> None:
-    api = EspClient(
+    api = rest.EspClient(
         esp.http,
         esp.url,
         account="esp/acme",
@@ -116,17 +107,17 @@ async def test_no_error_text_carries_a_query_string_or_a_secret(esp: Esp, method
         auth_params={"api_id": "acme", "api_key": "k3y-s3cret"},
         answered=(200,),
     )
-    with pytest.raises((EspRequestError, EspAuthError, EspUnavailableError)) as info:
+    with pytest.raises((rest.EspRequestError, rest.EspAuthError, rest.EspUnavailableError)) as info:
         await api.call(method, f"/echo/{code}", params={"list": "l1"}, form={"list": "l1"})
     text = str(info.value)
     assert f"answered {code}" in text
     assert "k3y-s3cret" not in text
     assert "api_key" not in text
     assert "?…" in text or method == "POST"  # the echoed query string is cut
-    unreachable = EspClient(
+    unreachable = rest.EspClient(
         esp.http, "http://127.0.0.1:9", account="esp/acme", timeout_s=2, auth_params={"api_key": "k3y-s3cret"}
     )
-    with pytest.raises(EspUnavailableError) as down:
+    with pytest.raises(rest.EspUnavailableError) as down:
         await unreachable.call("GET", "/closed")
     assert "k3y-s3cret" not in str(down.value)
 
@@ -134,35 +125,35 @@ async def test_no_error_text_carries_a_query_string_or_a_secret(esp: Esp, method
 @pytest.mark.parametrize(
     ("retries", "failures", "calls", "succeeds"),
     [
-        (Retries(), [(503, "0")], 1, False),  # the default repeats nothing
-        (Retries(attempts=3), [(503, "0"), (429, "0")], 3, True),
-        (Retries(attempts=2), [(503, "0"), (503, "0")], 2, False),
-        (Retries(attempts=3, rate_limits_only=True), [(429, "0"), (503, "0")], 2, False),
-        (Retries(attempts=3, max_wait_s=1), [(429, "5")], 1, False),  # the caller waits that long
-        (Retries(attempts=None, total_wait_s=0.25), [(503, "0.1")] * 5, 3, False),
-        (Retries(attempts=None, backoff_s=lambda n, e: 0.0), [(503, "")] * 3, 4, True),
+        (rest.Retries(), [(503, "0")], 1, False),  # the default repeats nothing
+        (rest.Retries(attempts=3), [(503, "0"), (429, "0")], 3, True),
+        (rest.Retries(attempts=2), [(503, "0"), (503, "0")], 2, False),
+        (rest.Retries(attempts=3, rate_limits_only=True), [(429, "0"), (503, "0")], 2, False),
+        (rest.Retries(attempts=3, max_wait_s=1), [(429, "5")], 1, False),  # the caller waits that long
+        (rest.Retries(attempts=None, total_wait_s=0.25), [(503, "0.1")] * 5, 3, False),
+        (rest.Retries(attempts=None, backoff_s=lambda n, e: 0.0), [(503, "")] * 3, 4, True),
     ],
 )
 async def test_a_call_is_repeated_as_the_esps_retries_say(
-    esp: Esp, retries: Retries, failures: list[tuple[int, str]], calls: int, succeeds: bool
+    esp: Esp, retries: rest.Retries, failures: list[tuple[int, str]], calls: int, succeeds: bool
 ) -> None:
     esp.failures = list(failures)
-    api = EspClient(esp.http, esp.url, account="esp/acme", timeout_s=5, retries=retries)
+    api = rest.EspClient(esp.http, esp.url, account="esp/acme", timeout_s=5, retries=retries)
     if succeeds:
         assert await api.call("GET", "/flaky") == (200, {"ok": True})
     else:
-        with pytest.raises(EspUnavailableError):
+        with pytest.raises(rest.EspUnavailableError):
             await api.call("GET", "/flaky")
     assert len(esp.calls("/flaky")) == calls
 
 
 async def test_a_retry_after_holds_the_accounts_later_calls(esp: Esp) -> None:
     esp.failures = [(429, "30")]
-    api = EspClient(esp.http, esp.url, account="esp/acme", timeout_s=5, holds=True)
-    with pytest.raises(EspUnavailableError) as first:
+    api = rest.EspClient(esp.http, esp.url, account="esp/acme", timeout_s=5, holds=True)
+    with pytest.raises(rest.EspUnavailableError) as first:
         await api.call("GET", "/flaky")
     assert first.value.retry_after_s == 30
-    with pytest.raises(EspUnavailableError, match="rate limited by the ESP") as held:
+    with pytest.raises(rest.EspUnavailableError, match="rate limited by the ESP") as held:
         await api.call("GET", "/flaky")  # fails at once: the wait is longer than the timeout
     assert held.value.retry_after_s is not None
     assert 25 < held.value.retry_after_s <= 30
@@ -170,7 +161,7 @@ async def test_a_retry_after_holds_the_accounts_later_calls(esp: Esp) -> None:
 
 
 async def test_a_refused_token_is_refreshed_once(esp: Esp) -> None:
-    token = OAuth2Token(
+    token = rest.OAuth2Token(
         esp.http,
         f"{esp.url}/token",
         {"grant_type": "password", "username": "u", "password": "right", "client_id": "c"},
@@ -187,21 +178,21 @@ async def test_a_refused_token_is_refreshed_once(esp: Esp) -> None:
     assert esp.grants[1]["refresh_token"] == "rt0"
     esp.refuse_all = True
     calls = len(esp.calls("/data"))
-    with pytest.raises(EspAuthError) as refused:
+    with pytest.raises(rest.EspAuthError) as refused:
         await api.call("GET", "/data")
     assert len(esp.calls("/data")) - calls == 2  # one retry, never a loop
     assert "t3" not in str(refused.value)  # the refused token itself is not in the message
 
 
 async def test_wrong_credentials_are_a_configuration_error(esp: Esp) -> None:
-    token = OAuth2Token(esp.http, f"{esp.url}/token", {"grant_type": "password", "password": "wrong"})
-    with pytest.raises(EspAuthError, match="refused the credentials"):
+    token = rest.OAuth2Token(esp.http, f"{esp.url}/token", {"grant_type": "password", "password": "wrong"})
+    with pytest.raises(rest.EspAuthError, match="refused the credentials"):
         await client(esp, token).call("GET", "/data")
 
 
 async def test_rate_limiter_keeps_calls_under_the_limit(esp: Esp) -> None:
-    limiter = RateLimiter(5, per_s=0.5)
-    token = OAuth2Token(esp.http, f"{esp.url}/token", {"grant_type": "client_credentials"})
+    limiter = rest.RateLimiter(5, per_s=0.5)
+    token = rest.OAuth2Token(esp.http, f"{esp.url}/token", {"grant_type": "client_credentials"})
     api = client(esp, token, limiter)
     for _ in range(12):
         await api.call("GET", "/data")
@@ -217,7 +208,7 @@ async def test_rate_limiter_keeps_calls_under_the_limit(esp: Esp) -> None:
 async def test_a_call_slow_to_arrive_still_counts_against_the_next_one() -> None:
     """The server sees a call somewhere between its start and its end: the slot stays taken until
     ``per_s`` after the end, so a slow call and the next ones never meet in one window there."""
-    limiter = RateLimiter(2, per_s=0.4)
+    limiter = rest.RateLimiter(2, per_s=0.4)
     arrived: list[float] = []
 
     async def call(on_the_way_s: float) -> None:
@@ -236,7 +227,7 @@ async def test_a_call_slow_to_arrive_still_counts_against_the_next_one() -> None
 
 
 async def test_a_waiting_call_gets_the_slot_a_failed_call_frees() -> None:
-    limiter = RateLimiter(1, per_s=0.2)
+    limiter = rest.RateLimiter(1, per_s=0.2)
     with pytest.raises(RuntimeError):
         async with limiter.slot():
             raise RuntimeError("refused")
