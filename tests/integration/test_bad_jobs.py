@@ -44,7 +44,7 @@ def extra_column(column: str, header: str) -> dict[str, Any]:
     return {"selection": table(columns=[*COLUMNS, column]), "field_map": {"email": "Email", column: header}}
 
 
-CHANGED = [
+CHANGED: list[tuple[str, dict[str, Any], str]] = [
     # job id, its changes to the demo job, what its failed status must say
     ("unknown-esp", {"esp": "nosuchesp"}, "nosuchesp/"),
     ("unknown-account", {"account": "nobody"}, "sandbox/nobody is not configured"),
