@@ -1,6 +1,6 @@
-"""The same job published twice, and two uploaders and two loaders sharing work while one of each
-is stopped and another started mid-run (rebalances): still one list, one import and one send per
-broadcast, and every response event loaded once."""
+"""Two uploaders and two loaders sharing work while one of each is stopped and another started
+mid-run (rebalances): still one list, one import and one send per broadcast, and every response
+event loaded once."""
 
 from __future__ import annotations
 
@@ -10,43 +10,11 @@ from contextlib import ExitStack
 from aiokafka.partitioner import DefaultPartitioner
 
 from shared.infra.db import connect
-from shared.model.topics import Topic
-from shared.operations.jobs import publish_job
 from tests.fixtures.deployment import Deployment
-from tests.fixtures.faults import (
-    assert_exactly_once,
-    fault_pipeline,
-    start_another,
-    stopped_within,
-)
-from tests.fixtures.kafka import committed
+from tests.fixtures.faults import assert_exactly_once, fault_pipeline, start_another, stopped_within
 from tests.fixtures.pipeline import seed_list
 from tests.fixtures.processes import log_messages
 from tests.fixtures.waits import wait_for
-
-
-async def test_a_job_published_twice_is_uploaded_sent_and_loaded_once(deployment: Deployment) -> None:
-    kafka = deployment.kafka
-    expected_rows = await seed_list(deployment, 1500)
-    with ExitStack() as stack:
-        pipeline = fault_pipeline(stack, deployment)
-        job = await pipeline.publish("sandbox", f"twice-{deployment.unique}")
-        await publish_job(kafka, job)  # again at once, while the first is in progress
-        await assert_exactly_once(pipeline, [job.job_id], expected_rows)
-
-        # Once more after the broadcast is done: handled, and nothing happens again.
-        await publish_job(kafka, job)
-
-        async def all_three_handled() -> bool:
-            return await committed(kafka, "uploader", Topic.BROADCAST_JOBS) == 3
-
-        await wait_for(all_three_handled, timeout_s=60, what="the uploader through all three copies")
-        await assert_exactly_once(pipeline, [job.job_id], expected_rows)
-        pipeline.stop()
-    duplicates = log_messages(deployment.folder / "uploader.log").count(
-        "job already uploaded, the duplicate is ignored"
-    )
-    assert duplicates == 2
 
 
 def spread_job_ids(prefix: str, partitions: int, per_partition: int) -> list[str]:
