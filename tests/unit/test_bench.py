@@ -89,7 +89,7 @@ async def test_the_large_clicks_file_is_valid_and_as_large_as_asked(tmp_path: Pa
     assert made.bytes / made.rows > 600, "the memory bench's rows carry long tracking links"
 
 
-def test_customers_for_a_selection() -> None:
+def test_the_customers_seeded_for_a_selection_leave_it_after_the_opt_outs() -> None:
     for selected in (1, 32, 33, 1000, 200_000, 1_000_000):
         total = generate.customers_for(selected)
         assert total - total // 33 == selected  # seed_customers opts out every 33rd

@@ -51,7 +51,7 @@ def reparsed(letter: DeadLetter, conn: GenericSftpConnector, tmp_path: Path) -> 
     ]
 
 
-def test_ids_and_since() -> None:
+def test_letter_ids_and_since_times_are_read_or_refused() -> None:
     assert dlq.parse_id(" 2:017 ") == "2:17"
     with pytest.raises(InvalidMessageError):
         dlq.parse_id("17")
@@ -130,7 +130,7 @@ def test_a_record_too_large_to_keep_is_not_replayable(tmp_path: Path) -> None:
     )
 
 
-def test_what_is_replayable() -> None:
+def test_a_letter_is_replayable_only_where_a_replay_can_succeed() -> None:
     def letter(kind: Any, name: str, error_class: str = "E", **context: str) -> DeadLetter:
         return DeadLetter(
             source=EventSource(
@@ -158,7 +158,7 @@ def test_what_is_replayable() -> None:
     assert dlq.not_replayable(letter("api", "mailup/a", broadcast="job-1"), "p.") is not None
 
 
-def test_broadcast_filter_and_states() -> None:
+def test_letters_are_filtered_by_broadcast_and_listed_with_their_state() -> None:
     job = DeadLetter(
         source=EventSource(kind="topic", name="p.broadcast.jobs.v1", partition=1, offset=4),
         payload=b'{"job_id": "job-7", "esp": "x"}',
