@@ -488,7 +488,6 @@ class DeployteqConnector(base.Connector):
         self._site: TriggerSite | None = site or (SftpTriggerSite(context.sftp) if context.sftp else None)
         self._clock = clock
         self._api_times = rows.LocalTimes(rows.ISO, opts.api_timezone)
-        self._export_times = rows.LocalTimes(opts.export_timestamp_format, opts.export_timezone)
         self._events = rows.Events(account)
         token = _ClientCredentialsToken(
             context.http,
@@ -512,12 +511,12 @@ class DeployteqConnector(base.Connector):
         root = account.sftp_root.rstrip("/")
         self._staging = posixpath.join(root, opts.staging_folder)
         self._trigger = posixpath.join(root, opts.trigger_root, opts.brand)
-        self._columns = dict(opts.export_columns)
         self._exports = rows.ResponseTable(
-            self._columns,
+            opts.export_columns,
             (*REQUIRED_EXPORT_ROLES, ("key", "email")),
             delimiter=opts.export_delimiter,
             encoding=opts.export_encoding,
+            times=rows.LocalTimes(opts.export_timestamp_format, opts.export_timezone),
         )
         self._bounces = {k.lower(): v for k, v in opts.bounce_types.items()}
         self.list_format = opts.list_format(drop_folder=opts.staging_folder, suffix=LIST_SUFFIX)
@@ -845,10 +844,10 @@ class DeployteqConnector(base.Connector):
         return self._exports.events(local_path, lambda row: self._export_event(remote_path, row))
 
     def _export_event(self, remote_path: str, row: rows.Row) -> ResponseEvent | None:
-        opts, cols, get = self.options, self._columns, row.get
+        opts, cols, get = self.options, row.column, row.get
         code = get("event_type")
         if code not in opts.export_types:
-            raise ValueError(f"unknown {cols['event_type']} {code!r} (known: {sorted(opts.export_types)})")
+            raise ValueError(f"unknown {cols('event_type')} {code!r} (known: {sorted(opts.export_types)})")
         mapped = opts.export_types[code]
         file_name = get("file")
         if mapped is None or not file_name:
@@ -856,16 +855,16 @@ class DeployteqConnector(base.Connector):
         job_id = job_id_of(file_name)
         if job_id is None:
             raise ValueError(
-                f"{cols['file']} {file_name!r} is not a trigger file name <trigger>+<job_id>.csv"
+                f"{cols('file')} {file_name!r} is not a trigger file name <trigger>+<job_id>.csv"
             )
-        occurred = self._export_times.utc(cols["event_date"], get("event_date"))
+        occurred = row.time("event_date")
         key, email = get("key"), get("email")
         if not key and not email:
-            raise ValueError(f"neither {cols['key']} nor {cols['email']}")
-        event_type = self._typed(mapped, get("bounce_type"), cols["bounce_type"])
+            raise ValueError(f"neither {cols('key')} nor {cols('email')}")
+        event_type = self._typed(mapped, get("bounce_type"), cols("bounce_type"))
         url = get("url") or None
         if event_type is EventType.CLICK and not url:
-            raise ValueError(f"a click without {cols['url']}")
+            raise ValueError(f"a click without {cols('url')}")
         extra = {role: get(role) for role in ("customer_id", "bounce_code") if get(role)}
         return self._events.make(
             broadcast_id=job_id,

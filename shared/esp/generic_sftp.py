@@ -90,9 +90,13 @@ class GenericSftpConnector(base.Connector):
         super().__init__(account, context)
         self.options = Options.of(account)
         opts = self.options
-        self._times = rows.LocalTimes(opts.timestamp_format, opts.timezone)
         self._table = rows.ResponseTable(
-            opts.columns, REQUIRED_ROLES, delimiter=opts.delimiter, encoding=opts.encoding, byte_exact=True
+            opts.columns,
+            REQUIRED_ROLES,
+            delimiter=opts.delimiter,
+            encoding=opts.encoding,
+            byte_exact=True,
+            times=rows.LocalTimes(opts.timestamp_format, opts.timezone),
         )
         self._events = rows.Events(account)
         self.list_format = self.options.list_format()
@@ -143,7 +147,7 @@ class GenericSftpConnector(base.Connector):
         return self._events.make(
             broadcast_id=broadcast,
             type=EventType(mapped),
-            occurred_at=self._times.utc("timestamp", row.get("timestamp")),
+            occurred_at=row.time("timestamp"),
             source=rows.file_source(remote_path, row.line),
             recipient=key or email,
             url=url,

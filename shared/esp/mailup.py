@@ -373,17 +373,16 @@ class MailUpConnector(base.Connector):
         self._name = name
         self._console = opts.console_path.rstrip("/")
         self._stats = opts.stats_path.rstrip("/")
-        self._times = rows.LocalTimes(opts.export_date_format, opts.export_timezone)
         self._events = rows.Events(account)
         self._hard = re.compile(opts.hard_bounce_pattern)
         self._soft = re.compile(opts.soft_bounce_pattern)
-        self._columns = dict(opts.export_columns)
         self._exports = rows.ResponseTable(
-            self._columns,
+            opts.export_columns,
             REQUIRED_EXPORT_ROLES,
             delimiter=opts.export_delimiter,
             encoding=opts.export_encoding,
             quotechar=opts.export_quote,
+            times=rows.LocalTimes(opts.export_date_format, opts.export_timezone),
         )
         self._endpoints = API_ENDPOINTS if opts.statistics_source == "api" else EXPORT_API_ENDPOINTS
         self._final_imports: dict[int, _Chunk] = {}
@@ -1025,7 +1024,7 @@ class MailUpConnector(base.Connector):
         email = get("email")
         if not email:
             raise ValueError("empty email")
-        occurred = self._times.utc(row.column("time"), get("time"))
+        occurred = row.time("time")
         if get("send_id"):
             extra["send_id"] = get("send_id")
         return self._events.make(

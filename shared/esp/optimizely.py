@@ -414,14 +414,13 @@ class OptimizelyConnector(base.Connector):
             holds=True,
             answered=(200, 404, 409),
         )
-        self._times = rows.LocalTimes(opts.date_format, opts.timezone)
         self._events = rows.Events(account)
-        self._columns = dict(opts.response_columns)
         self._responses = rows.ResponseTable(
-            self._columns,
+            opts.response_columns,
             REQUIRED_RESPONSE_ROLES,
             delimiter=opts.response_delimiter,
             encoding=opts.response_encoding,
+            times=rows.LocalTimes(opts.date_format, opts.timezone),
         )
         self.pulls_api = opts.api_pulls
         self.archive_folder = opts.archive_folder
@@ -947,7 +946,7 @@ class OptimizelyConnector(base.Connector):
         recipient = row.get("recipient")
         if not recipient:
             raise ValueError(f"empty {row.column('recipient')}")
-        occurred = self._times.utc(row.column("event_date"), row.get("event_date"))
+        occurred = row.time("event_date")
         url = row.get("click_url")
         if event_type is EventType.CLICK and not url:
             raise ValueError(f"a click without {row.column('click_url')}")

@@ -53,7 +53,7 @@ class Columns:
                 lacking.append(" or ".join(names))
         return lacking
 
-    def row(self, record: Record, encoding: str) -> Row:
+    def row(self, record: Record, encoding: str, times: LocalTimes | None = None) -> Row:
         """A record's fields as a row; ValueError when they do not fit the header or the encoding."""
         fields = record.fields or []
         if len(fields) != len(self.header):
@@ -61,7 +61,7 @@ class Columns:
         bad_bytes = undecodable(fields, encoding)
         if bad_bytes:
             raise ValueError(bad_bytes)
-        return Row(self, fields, record.line)
+        return Row(self, fields, record.line, times)
 
     def position(self, role: str) -> int | None:
         """The index of the role's column in the header, None when it has none."""
@@ -71,12 +71,15 @@ class Columns:
 class Row:
     """One record of a response file, its values looked up by role."""
 
-    __slots__ = ("columns", "fields", "line")
+    __slots__ = ("columns", "fields", "line", "times")
 
-    def __init__(self, columns: Columns, fields: list[str], line: int) -> None:
+    def __init__(
+        self, columns: Columns, fields: list[str], line: int, times: LocalTimes | None = None
+    ) -> None:
         self.columns = columns
         self.fields = fields
         self.line = line
+        self.times = times
 
     def get(self, role: str) -> str:
         """The role's value, stripped; "" when the file has no such column."""
@@ -86,6 +89,12 @@ class Row:
     def column(self, role: str) -> str:
         """The name of the role's column (for messages)."""
         return self.columns.roles[role]
+
+    def time(self, role: str) -> datetime:
+        """The role's value as a time in the account's format and zone, as UTC (see :class:`LocalTimes`)."""
+        if self.times is None:
+            raise TypeError("the response table reads no times")
+        return self.times.utc(self.column(role), self.get(role))
 
     def unmapped(self) -> dict[str, str]:
         """The non-empty values of the columns no role names, by column."""
@@ -113,13 +122,14 @@ def records_events(records: Iterable[Record], event: Callable[[Record], T | None
 @dataclass(frozen=True, slots=True)
 class ResponseTable:
     """How an ESP writes its response files: the delimited format, the columns by role, the ones
-    a header must have (a tuple of roles: one of them)."""
+    a header must have (a tuple of roles: one of them), and its times."""
 
     roles: Mapping[str, str]
     required: tuple[str | tuple[str, ...], ...]
     delimiter: str = ","
     encoding: str = "utf-8"
     quotechar: str = '"'
+    times: LocalTimes | None = None
     byte_exact: bool = False
     """Read by :func:`read_records` (each record's bytes as in the file, in bounded memory; an
     ASCII-compatible encoding) instead of :func:`read_csv_records` (as Python's csv reads the text)."""
@@ -144,7 +154,9 @@ class ResponseTable:
         if missing:
             yield BadRow(first.line, first.raw, f"header lacks {', '.join(missing)}")
             return
-        yield from records_events(records, lambda record: event(columns.row(record, self.encoding)))
+        yield from records_events(
+            records, lambda record: event(columns.row(record, self.encoding, self.times))
+        )
 
 
 def raw_json(item: Any) -> bytes:
