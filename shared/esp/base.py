@@ -89,8 +89,11 @@ class BadRow:
     """A response row or webhook item that could not become an event, kept for the dead-letter topic."""
 
     line: int
+    """The line of the file it starts on, or the item's number in its page or call."""
     raw: bytes
+    """Its bytes as the connector read them (a row's fields, an item's JSON)."""
     error: str
+    """Why it is no event."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +101,9 @@ class ResponseSource:
     """A folder of response files on the ESP's SFTP site and the files in it to take."""
 
     folder: str
+    """Relative to the account's folder."""
     pattern: str = "*.csv"
+    """The names of the files to take (fnmatch)."""
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -108,7 +113,9 @@ class PullPage:
 
     items: tuple[ResponseEvent | BadRow, ...]
     cursor: str | None
+    """Stored by the gatherer and passed to the next pull (None: start over)."""
     more: bool
+    """Whether a next page is there now; False ends one round of pulls."""
 
 
 @dataclass(frozen=True, slots=True)
