@@ -110,11 +110,10 @@ class Accounts:
             return cls()
         try:
             raw = path.read_bytes()
-        except OSError as exc:
-            raise ConfigurationError(f"cannot read accounts file {path}: {exc.strerror}") from None
-        try:
             data = orjson.loads(raw) if path.suffix == ".json" else yaml.safe_load(raw)
             parsed = AccountsFile.model_validate(data or {})
+        except OSError as exc:
+            raise ConfigurationError(f"cannot read accounts file {path}: {exc.strerror}") from None
         except (orjson.JSONDecodeError, yaml.YAMLError, ValidationError) as exc:
             raise ConfigurationError(f"accounts file {path} is invalid: {exc}") from None
         return cls(parsed.accounts)
