@@ -57,7 +57,7 @@ class Gatherer:
     events: BatchPublisher
     """Publishes the events of response files (whole record batches)."""
     statuses: StatusReporter
-    """Publishes the gather statuses of files (not recorded in control.jobs)."""
+    """Publishes the gather statuses of files (published only, not recorded in control.jobs)."""
     pull_errors: dict[str, str] = field(default_factory=dict)
     """The last API pull error reported per job (see :func:`shared.operations.gathering.pull_api`)."""
     unreadable: set[str] = field(default_factory=set)

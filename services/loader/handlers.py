@@ -36,7 +36,7 @@ class Loader:
     runtime: Runtime
     pool: asyncpg.Pool
     statuses: StatusReporter
-    """Publishes the load statuses (not recorded in control.jobs: loading is no stage of a job's row)."""
+    """Publishes the load statuses (published only, not recorded in control.jobs)."""
 
 
 @dataclass
