@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -13,7 +12,7 @@ from aiohttp import web
 
 from shared.esp import rest
 from shared.model.errors import ConfigurationError
-from tests.fixtures.fake_esp import FakeEsp, serve
+from tests.fixtures.fake_esp import FakeEsp, served
 
 
 @dataclass
@@ -72,10 +71,7 @@ class Esp(FakeEsp):
         return app
 
 
-@pytest.fixture
-async def esp() -> AsyncIterator[Esp]:
-    async with serve(Esp()) as fake:
-        yield fake
+esp = served(Esp)
 
 
 def client(esp: Esp, token: rest.OAuth2Token, limiter: rest.RateLimiter | None = None) -> rest.EspClient:

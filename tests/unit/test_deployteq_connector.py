@@ -48,6 +48,8 @@ from shared.infra.settings import SftpSettings
 from shared.infra.sftp import SftpPool
 from shared.model.errors import ConfigurationError, PermanentError
 from shared.model.messages import BroadcastJob, EventType, ResponseEvent, event_id_for
+from tests.fixtures.fake_esp import OFFLINE, FakeEsp, Seen, pulled, served
+from tests.fixtures.waits import wait_for
 from tests.unit.test_messages import job
 
 CLIENT_ID = "acme"
@@ -146,9 +148,7 @@ def account(url: str = "http://127.0.0.1:1", secret: str = SECRET, **options: An
 
 
 def folders(site: FakeSite, clock: Clock, **options: Any) -> DeployteqConnector:
-    return DeployteqConnector(
-        account(**options), ConnectorContext(cast(aiohttp.ClientSession, None)), site=site, clock=clock
-    )
+    return DeployteqConnector(account(**options), OFFLINE, site=site, clock=clock)
 
 
 # --- configuration and the list file ----------------------------------------------------------------
@@ -234,7 +234,7 @@ def test_bounces_can_come_from_the_export_instead() -> None:
 def test_credentials_are_required() -> None:
     bare = AccountConfig(esp="deployteq", account="acme", connector="deployteq", api_url="http://x/a")
     with pytest.raises(ConfigurationError, match="client_id"):
-        DeployteqConnector(bare, ConnectorContext(cast(aiohttp.ClientSession, None)))
+        DeployteqConnector(bare, OFFLINE)
 
 
 # --- release and the folders -------------------------------------------------------------------------
@@ -399,20 +399,27 @@ class TokenRequest:
 
 
 @dataclass
-class FakeDeployteq:
-    url: str = ""
+class FakeDeployteq(FakeEsp):
+    """The token endpoint and the Analytics Events API, as the documentation describes them."""
+
     expires_in: int = 3600
     issued: list[tuple[str, float]] = field(default_factory=list)  # token, monotonic issue time
     valid: set[str] = field(default_factory=set)
     token_requests: list[TokenRequest] = field(default_factory=list)
     events: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-    calls: list[tuple[dict[str, str], str, float]] = field(default_factory=list)  # query, auth, time
     unauthorized: int = 0
     rate_limited: int = 0
     refuse_all: bool = False
 
+    def application(self) -> web.Application:
+        return _app(self)
+
+    def api_calls(self) -> list[Seen]:
+        """The calls of the Events API (not the token endpoint's)."""
+        return self.calls("/events")
+
     def offsets(self) -> list[tuple[str, int]]:
-        return [(q["filter[metric]"], int(q["offset"])) for q, _, _ in self.calls]
+        return [(c.query["filter[metric]"], int(c.query["offset"])) for c in self.api_calls()]
 
 
 def problem(status: int, title: str, detail: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -429,10 +436,7 @@ def local_date(event: dict[str, Any], default: date) -> date:
     return (when if when.tzinfo else when.replace(tzinfo=AMS)).astimezone(AMS).date()
 
 
-@pytest.fixture
-async def esp() -> AsyncIterator[FakeDeployteq]:
-    fake = FakeDeployteq()
-
+def _app(fake: FakeDeployteq) -> web.Application:
     async def token(request: web.Request) -> web.Response:
         body = await request.read()
         form = {k: str(v) for k, v in (await request.post()).items()}
@@ -459,7 +463,6 @@ async def esp() -> AsyncIterator[FakeDeployteq]:
     async def events(request: web.Request) -> web.Response:
         query = dict(request.query)
         auth = request.headers.get("Authorization", "")
-        fake.calls.append((query, auth, time.monotonic()))
         presented = auth.removeprefix("Bearer ")
         issued_at = dict(fake.issued).get(presented)
         expired = issued_at is None or time.monotonic() > issued_at + fake.expires_in
@@ -492,27 +495,18 @@ async def esp() -> AsyncIterator[FakeDeployteq]:
     app = web.Application()
     app.router.add_post("/oauth2/token", token)
     app.router.add_get("/analytics-events/events", events)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    fake.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    yield fake
-    await runner.cleanup()
+    return app
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
+esp = served(FakeDeployteq)
 
 
-def api(
-    http: aiohttp.ClientSession, esp: FakeDeployteq, secret: str = SECRET, **options: Any
-) -> DeployteqConnector:
+def api(esp: FakeDeployteq, secret: str = SECRET, **options: Any) -> DeployteqConnector:
     """A connector on the fake; fast unless the test is about the rate limit."""
     options.setdefault("api_rate_per_s", 1000)
-    return DeployteqConnector(account(esp.url, secret, **options), ConnectorContext(http), site=FakeSite())
+    return DeployteqConnector(
+        account(esp.url, secret, **options), ConnectorContext(esp.http), site=FakeSite()
+    )
 
 
 BROADCAST = SentBroadcast(
@@ -552,16 +546,10 @@ def ev(n: int, metric: str = "sends", file: str | None = NAME, **values: Any) ->
 async def pull_round(
     c: DeployteqConnector, cursor: str | None, broadcast: SentBroadcast = BROADCAST
 ) -> tuple[list[ResponseEvent | BadRow], str]:
-    """Pages until the connector says one round is over, as the gatherer does."""
-    items: list[ResponseEvent | BadRow] = []
-    for _ in range(100):
-        page = await c.pull_responses(broadcast, cursor)
-        items.extend(page.items)
-        assert page.cursor is not None
-        cursor = page.cursor
-        if not page.more:
-            return items, cursor
-    raise AssertionError("the pull never finished its round")
+    """One round of pulls: the items, and the cursor to store (every page leaves one)."""
+    pulls = await pulled(c, broadcast, cursor)
+    assert None not in pulls.cursors
+    return pulls.items, str(pulls.cursors[-1])
 
 
 def events_of(items: Sequence[ResponseEvent | BadRow]) -> list[ResponseEvent]:
@@ -571,11 +559,9 @@ def events_of(items: Sequence[ResponseEvent | BadRow]) -> list[ResponseEvent]:
 # --- token ----------------------------------------------------------------------------------------
 
 
-async def test_token_is_fetched_with_basic_auth_and_scope_and_sent_as_bearer(
-    http: aiohttp.ClientSession, esp: FakeDeployteq
-) -> None:
+async def test_token_is_fetched_with_basic_auth_and_scope_and_sent_as_bearer(esp: FakeDeployteq) -> None:
     esp.events = {m: [] for m in METRICS}
-    c = api(http, esp)
+    c = api(esp)
     await pull_round(c, None)
     assert len(esp.token_requests) == 1
     req = esp.token_requests[0]
@@ -583,28 +569,28 @@ async def test_token_is_fetched_with_basic_auth_and_scope_and_sent_as_bearer(
     assert req.content_type == "application/x-www-form-urlencoded"
     assert req.form == {"grant_type": "client_credentials", "scope": "analytics.events:read"}
     assert b"scope=analytics.events%3Aread" in req.body
-    assert {auth for _, auth, _ in esp.calls} == {"Bearer t0"}
-    assert len(esp.calls) == 5
+    assert {c.authorization for c in esp.api_calls()} == {"Bearer t0"}
+    assert len(esp.api_calls()) == 5
 
 
-async def test_token_is_renewed_before_it_expires(http: aiohttp.ClientSession, esp: FakeDeployteq) -> None:
+async def test_token_is_renewed_before_it_expires(esp: FakeDeployteq) -> None:
     esp.expires_in = 2  # renewal margin min(60 s, 10 %) = 0.2 s
     esp.events = {"sends": []}
-    c = api(http, esp, api_metrics={"sends": "sent"}, api_rate_per_s=50)
-    deadline = time.monotonic() + 10
-    while len(esp.issued) < 2:
-        assert time.monotonic() < deadline, "the token was never renewed"
-        await c.pull_responses(BROADCAST, None)
+    c = api(esp, api_metrics={"sends": "sent"}, api_rate_per_s=50)
+
+    async def renewed() -> bool:
+        await c.pull_responses(BROADCAST, None)  # a call every 20 ms (the rate) until a renewal
+        return len(esp.issued) >= 2
+
+    await wait_for(renewed, timeout_s=10, interval_s=0.0, what="the token's renewal")
     age = esp.issued[1][1] - esp.issued[0][1]
     assert 1.7 <= age < 2.0  # renewed in the last 10 % of its life, not earlier, not after
     assert esp.unauthorized == 0  # no call ever went out with an expired token
 
 
-async def test_a_401_renews_the_token_and_repeats_the_call_once(
-    http: aiohttp.ClientSession, esp: FakeDeployteq
-) -> None:
+async def test_a_401_renews_the_token_and_repeats_the_call_once(esp: FakeDeployteq) -> None:
     esp.events = {"sends": [ev(1)]}
-    c = api(http, esp, api_metrics={"sends": "sent"})
+    c = api(esp, api_metrics={"sends": "sent"})
     assert len(events_of((await c.pull_responses(BROADCAST, None)).items)) == 1
     esp.valid.clear()  # Deployteq forgets the token early
     page = await c.pull_responses(BROADCAST, None)
@@ -612,28 +598,24 @@ async def test_a_401_renews_the_token_and_repeats_the_call_once(
     assert esp.unauthorized == 1
     assert [t for t, _ in esp.issued] == ["t0", "t1"]
     esp.refuse_all = True
-    calls = len(esp.calls)
+    calls = len(esp.api_calls())
     with pytest.raises(EspAuthError):
         await c.pull_responses(BROADCAST, None)
-    assert len(esp.calls) - calls == 2  # one retry, never a loop
+    assert len(esp.api_calls()) - calls == 2  # one retry, never a loop
 
 
-async def test_wrong_client_secret_is_a_configuration_error(
-    http: aiohttp.ClientSession, esp: FakeDeployteq
-) -> None:
+async def test_wrong_client_secret_is_a_configuration_error(esp: FakeDeployteq) -> None:
     esp.events = {"sends": []}
-    c = api(http, esp, secret="wrong", api_metrics={"sends": "sent"})
+    c = api(esp, secret="wrong", api_metrics={"sends": "sent"})
     with pytest.raises(ConfigurationError, match="refused the credentials"):
         await c.pull_responses(BROADCAST, None)
-    assert esp.calls == []
+    assert esp.api_calls() == []
 
 
 # --- events ----------------------------------------------------------------------------------------
 
 
-async def test_events_are_paged_through_links_next_and_resume_from_the_cursor(
-    http: aiohttp.ClientSession, esp: FakeDeployteq
-) -> None:
+async def test_events_are_paged_through_links_next_and_resume_from_the_cursor(esp: FakeDeployteq) -> None:
     esp.events = {
         "sends": [ev(1), ev(2), ev(3, file="newsletter+job-2.csv"), ev(4), ev(5, file=None)],
         "opens": [ev(11, "opens")],
@@ -641,7 +623,7 @@ async def test_events_are_paged_through_links_next_and_resume_from_the_cursor(
         "bounces": [],
         "unsubscribes": [ev(31, "unsubscribes")],
     }
-    c = api(http, esp, page_limit=2)
+    c = api(esp, page_limit=2)
     first = await c.pull_responses(BROADCAST, None)
     assert first.more
     assert first.cursor is not None
@@ -652,14 +634,14 @@ async def test_events_are_paged_through_links_next_and_resume_from_the_cursor(
         "i": 0,
         "offsets": {"sends": 2, "opens": 0, "clicks": 0, "bounces": 0, "unsubscribes": 0},
     }
-    query = esp.calls[0][0]
+    query = esp.api_calls()[0].query
     assert (query["filter[date_from]"], query["filter[date_to]"], query["limit"]) == (
         "2026-11-21",
         "2026-12-22",
         "2",
     )
 
-    restarted = api(http, esp, page_limit=2)  # a new process resumes from the stored cursor
+    restarted = api(esp, page_limit=2)  # a new process resumes from the stored cursor
     rest, cursor = await pull_round(restarted, first.cursor)
     assert esp.offsets() == [
         ("sends", 0),
@@ -702,7 +684,7 @@ async def test_events_are_paged_through_links_next_and_resume_from_the_cursor(
     # later rounds read only what was appended since
     esp.events["sends"].append(ev(6))
     esp.events["opens"].append(ev(12, "opens"))
-    esp.calls.clear()
+    esp.seen.clear()
     again, _ = await pull_round(restarted, cursor)
     assert esp.offsets() == [("sends", 5), ("opens", 1), ("clicks", 1), ("bounces", 0), ("unsubscribes", 1)]
     assert [e.communication_key for e in events_of(again)] == ["C-000006", "C-000012"]
@@ -710,9 +692,7 @@ async def test_events_are_paged_through_links_next_and_resume_from_the_cursor(
     assert events[0].event_id == event_id_for("deployteq", esp_event_id=ev(1)["uuid"])
 
 
-async def test_items_map_to_types_and_bad_items_become_bad_rows(
-    http: aiohttp.ClientSession, esp: FakeDeployteq
-) -> None:
+async def test_items_map_to_types_and_bad_items_become_bad_rows(esp: FakeDeployteq) -> None:
     esp.events = {
         "sends": [
             ev(1, bounce_type="hard"),  # ignored outside bounces
@@ -737,7 +717,7 @@ async def test_items_map_to_types_and_bad_items_become_bad_rows(
             ev(23, "clicks"),
         ],
     }
-    c = api(http, esp, api_metrics={"sends": "sent", "bounces": "bounce", "clicks": "click"})
+    c = api(esp, api_metrics={"sends": "sent", "bounces": "bounce", "clicks": "click"})
     items, _ = await pull_round(c, None)
     bad = [(i.line, i.error) for i in items if isinstance(i, BadRow)]
     assert [line for line, _ in bad] == [4, 5, 6, 3, 4, 3]
@@ -773,31 +753,31 @@ async def test_items_map_to_types_and_bad_items_become_bad_rows(
     assert {"C-000002", "C-000003"}.isdisjoint(events)
 
 
-async def test_429_is_retried_after_retry_after(http: aiohttp.ClientSession, esp: FakeDeployteq) -> None:
+async def test_429_is_retried_after_retry_after(esp: FakeDeployteq) -> None:
     esp.events = {"sends": [ev(1)]}
     esp.rate_limited = 1
-    c = api(http, esp, api_metrics={"sends": "sent"})
+    c = api(esp, api_metrics={"sends": "sent"})
     page = await c.pull_responses(BROADCAST, None)
     assert len(events_of(page.items)) == 1
-    assert len(esp.calls) == 2
-    assert esp.calls[1][2] - esp.calls[0][2] >= 1.0
+    first, second = esp.arrivals("/events")
+    assert second - first >= 1.0  # the Retry-After, as the ESP saw it
 
 
-async def test_a_400_problem_is_permanent(http: aiohttp.ClientSession, esp: FakeDeployteq) -> None:
+async def test_a_400_problem_is_permanent(esp: FakeDeployteq) -> None:
     esp.events = {"sends": []}
-    c = api(http, esp, api_metrics={"sends": "sent", "complaints_maybe": "unsubscribe"})
+    c = api(esp, api_metrics={"sends": "sent", "complaints_maybe": "unsubscribe"})
     page = await c.pull_responses(BROADCAST, None)
     assert page.more
     with pytest.raises(EspRequestError, match="invalid metric"):
         await c.pull_responses(BROADCAST, page.cursor)
 
 
-async def test_the_client_keeps_to_its_rate_limit(http: aiohttp.ClientSession, esp: FakeDeployteq) -> None:
+async def test_the_client_keeps_to_its_rate_limit(esp: FakeDeployteq) -> None:
     esp.events = {"sends": []}
-    c = api(http, esp, api_metrics={"sends": "sent"}, api_rate_per_s=10)
+    c = api(esp, api_metrics={"sends": "sent"}, api_rate_per_s=10)
     for _ in range(8):
         await c.pull_responses(BROADCAST, None)
-    times = [t for _, _, t in esp.calls]
+    times = esp.arrivals("/events")
     gaps = [b - a for a, b in itertools.pairwise(times)]
     assert len(times) == 8
     # 10 per second, evenly spaced: never a burst (arrival times jitter on a busy machine, so a
@@ -882,14 +862,17 @@ def test_export_bad_rows_keep_their_line(tmp_path: Path) -> None:
         + f"5500321;1042;C-\xff;ann@example.com;COMPLAINT;2026-11-22 11:00:00;;;;{NAME}\r\n".encode("latin-1")
         + f"5500321;1042;C-2;ann@example.com;COMPLAINT;2026-11-22 11:00:00;;;;{NAME}\r\n".encode(),
     )
+    reasons = {
+        3: "9 fields, want 10",
+        4: "unknown Event type 'UNKNOWN'",
+        5: "Event date 'not-a-date'",
+        6: "'newsletter.csv' is not a trigger file name",
+        7: "neither External customer number nor Email address",
+        10: "not valid utf-8",
+    }
     bad = {i.line: i.error for i in items if isinstance(i, BadRow)}
-    assert sorted(bad) == [3, 4, 5, 6, 7, 10]
-    assert "9 fields, want 10" in bad[3]
-    assert "unknown Event type 'UNKNOWN'" in bad[4]
-    assert "Event date 'not-a-date'" in bad[5]
-    assert "'newsletter.csv' is not a trigger file name" in bad[6]
-    assert "neither External customer number nor Email address" in bad[7]
-    assert "not valid utf-8" in bad[10]
+    assert sorted(bad) == sorted(reasons)
+    assert all(reason in bad[line] for line, reason in reasons.items()), bad
     good = [(i.source.line, i.communication_key) for i in events_of(items)]
     assert good == [(2, "C-1"), (11, "C-2")]
 

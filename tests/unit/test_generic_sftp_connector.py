@@ -42,13 +42,7 @@ def test_ferg_rows_map_to_events(tmp_path: Path) -> None:
     )
     assert all(isinstance(i, ResponseEvent) for i in items)
     events = [i for i in items if isinstance(i, ResponseEvent)]
-    assert [e.type for e in events] == [
-        EventType.SENT,
-        EventType.CLICK,
-        EventType.BOUNCE_HARD,
-        EventType.BOUNCE_SOFT,
-        EventType.UNSUBSCRIBE,
-    ]
+    assert [e.type.value for e in events] == ["sent", "click", "bounce_hard", "bounce_soft", "unsubscribe"]
     assert events[1].url == "https://x.com/a"
     assert events[0].occurred_at == datetime.fromtimestamp(1795330000, UTC)
     assert events[2].extra == {"mailingName": "Nov", "bouncereason": "mailbox unknown"}

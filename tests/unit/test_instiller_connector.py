@@ -7,14 +7,11 @@ only as much of it as these tests need; the sandbox's instiller flavor is tested
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import pairwise
 from typing import Any
 
-import aiohttp
 import orjson
 import pytest
 from aiohttp import web
@@ -27,6 +24,7 @@ from shared.esp.registry import CONNECTORS
 from shared.esp.rest import EspAuthError, EspRequestError, EspUnavailableError
 from shared.model.errors import ConfigurationError, PermanentError
 from shared.model.messages import EventType, ResponseEvent, event_id_for
+from tests.fixtures.fake_esp import OFFLINE, FakeEsp, pulled, served
 from tests.unit.test_messages import job
 
 API_ID = "acc-id"
@@ -45,22 +43,10 @@ DATE_COLUMNS = {
 
 
 @dataclass
-class Seen:
-    method: str
-    path: str
-    query: dict[str, str]
-    form: dict[str, str]
-    content_type: str
-    authorization: str | None
-    at: float
-
-
-@dataclass
-class FakeInstiller:
+class FakeInstiller(FakeEsp):
     """Imports, sends and export rows as the documentation describes them."""
 
-    url: str = ""
-    seen: list[Seen] = field(default_factory=list)
+    base: str = "/rest"
     imports: dict[str, dict[str, Any]] = field(default_factory=dict)  # by external_id
     sends: dict[str, dict[str, Any]] = field(default_factory=dict)  # by external_id
     exports: dict[str, list[Any]] = field(default_factory=dict)  # export type → rows
@@ -68,127 +54,114 @@ class FakeInstiller:
     retry_after: str = "1"
     broken_envelope: Any = None
 
+    def application(self) -> web.Application:
+        app = web.Application()
+        app.router.add_route("*", "/rest/{tail:.*}", self.handle)
+        return app
+
+    async def handle(self, request: web.Request) -> web.Response:
+        return await handle(self, request)
+
 
 def error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
     return web.json_response({"error": code, "message": message}, status=status, headers=headers)
 
 
-@pytest.fixture
-async def esp() -> AsyncIterator[FakeInstiller]:
-    fake = FakeInstiller()
+async def handle(fake: FakeInstiller, request: web.Request) -> web.Response:
+    """Checks the credentials, then the documented endpoints."""
+    form = {k: str(v) for k, v in (await request.post()).items()} if request.method == "POST" else {}
+    query = dict(request.query)
+    p = query if request.method == "GET" else form
+    if p.get("api_id") != API_ID or p.get("api_key") != API_KEY:
+        return error(401, "invalid_credentials", "API ID or key not recognised")
+    if fake.rate_limited:
+        fake.rate_limited -= 1
+        return error(429, "rate_limited", "slow down", {"Retry-After": fake.retry_after})
+    try:
+        return route(fake, request.method, request.match_info["tail"], p)
+    except KeyError as exc:
+        return error(400, "invalid_parameter", f"{exc.args[0]} is required")
 
-    async def handle(request: web.Request) -> web.Response:
-        form = {k: str(v) for k, v in (await request.post()).items()} if request.method == "POST" else {}
-        query = dict(request.query)
-        fake.seen.append(
-            Seen(
-                request.method,
-                request.match_info["tail"],
-                query,
-                form,
-                request.content_type,
-                request.headers.get("Authorization"),
-                time.monotonic(),
-            )
+
+def found(records: dict[str, dict[str, Any]], key: str, value: str) -> web.Response:
+    """The import or send whose ``key`` (``import_id``, ``send_id``) is ``value``, else the 404."""
+    what = key.removesuffix("_id")
+    match = [r for r in records.values() if r[key] == value]
+    return web.json_response(match[0]) if match else error(404, f"{what}_not_found", f"no such {what}")
+
+
+def route(fake: FakeInstiller, method: str, tail: str, p: dict[str, str]) -> web.Response:
+    if (method, tail) == ("POST", "lists/import_file"):
+        ext = p["external_id"]
+        if ext in fake.imports:
+            return web.json_response({**fake.imports[ext], "created": False})
+        if p["file"] == "upload/missing.csv":
+            return error(404, "file_not_found", f"{p['file']} not found")
+        fake.imports[ext] = {
+            "import_id": f"imp-{len(fake.imports) + 1}",
+            "external_id": ext,
+            "list_api_identifier": p["list_api_identifier"],
+            "field_map": p["field_map_api_identifier"],
+            "list_name": p["list_name"],
+            "file": p["file"],
+            "state": "queued",
+            "rows_total": 0,
+            "rows_imported": 0,
+            "rows_rejected": 0,
+            "errors": [],
+        }
+        return web.json_response({**fake.imports[ext], "created": True})
+    if (method, tail) == ("GET", "lists/import_status"):
+        return found(fake.imports, "import_id", p["import_id"])
+    if (method, tail) == ("POST", "emails/send"):
+        ext = p["external_id"]
+        if ext in fake.sends:
+            return web.json_response({**fake.sends[ext], "created": False})
+        lists = {i["list_api_identifier"]: i for i in fake.imports.values()}
+        imported = lists.get(p["list_api_identifier"])
+        if imported is None:
+            return error(404, "list_not_found", "no such list")
+        if imported["state"] != "complete":
+            return error(409, "list_not_ready", "the list's import is not complete")
+        fake.sends[ext] = {
+            "send_id": f"snd-{len(fake.sends) + 1}",
+            "external_id": ext,
+            "email_api_identifier": p["email_api_identifier"],
+            "list_api_identifier": p["list_api_identifier"],
+            "state": "scheduled",
+            "recipients": 2,
+            "send_at": p.get("send_at"),
+            "started_at": None,
+            "finished_at": None,
+            "error": None,
+        }
+        return web.json_response({**fake.sends[ext], "created": True})
+    if (method, tail) == ("GET", "emails/send_status"):
+        return found(fake.sends, "send_id", p["send_id"])
+    if (method, tail) == ("GET", "emails/list_sends"):
+        ext = p["external_id"]
+        return web.json_response({"sends": [fake.sends[ext]] if ext in fake.sends else []})
+    if (method, tail) == ("GET", "emails/export_responses"):
+        kind, offset, limit = p["export_type"], int(p["offset"]), int(p["limit"])
+        if kind not in fake.exports:
+            return error(400, "invalid_export_type", f"unknown export_type {kind}")
+        if fake.broken_envelope is not None:
+            return web.json_response(fake.broken_envelope)
+        rows = fake.exports[kind]
+        return web.json_response(
+            {
+                "export_type": kind,
+                "list_api_identifier": p["list_api_identifier"],
+                "offset": offset,
+                "limit": limit,
+                "total": len(rows),
+                "rows": rows[offset : offset + limit],
+            }
         )
-        p = query if request.method == "GET" else form
-        if p.get("api_id") != API_ID or p.get("api_key") != API_KEY:
-            return error(401, "invalid_credentials", "API ID or key not recognised")
-        if fake.rate_limited:
-            fake.rate_limited -= 1
-            return error(429, "rate_limited", "slow down", {"Retry-After": fake.retry_after})
-        try:
-            return route(request.method, request.match_info["tail"], p)
-        except KeyError as exc:
-            return error(400, "invalid_parameter", f"{exc.args[0]} is required")
-
-    def route(method: str, tail: str, p: dict[str, str]) -> web.Response:
-        if (method, tail) == ("POST", "lists/import_file"):
-            ext = p["external_id"]
-            if ext in fake.imports:
-                return web.json_response({**fake.imports[ext], "created": False})
-            if p["file"] == "upload/missing.csv":
-                return error(404, "file_not_found", f"{p['file']} not found")
-            fake.imports[ext] = {
-                "import_id": f"imp-{len(fake.imports) + 1}",
-                "external_id": ext,
-                "list_api_identifier": p["list_api_identifier"],
-                "field_map": p["field_map_api_identifier"],
-                "list_name": p["list_name"],
-                "file": p["file"],
-                "state": "queued",
-                "rows_total": 0,
-                "rows_imported": 0,
-                "rows_rejected": 0,
-                "errors": [],
-            }
-            return web.json_response({**fake.imports[ext], "created": True})
-        if (method, tail) == ("GET", "lists/import_status"):
-            found = [i for i in fake.imports.values() if i["import_id"] == p["import_id"]]
-            return web.json_response(found[0]) if found else error(404, "import_not_found", "no such import")
-        if (method, tail) == ("POST", "emails/send"):
-            ext = p["external_id"]
-            if ext in fake.sends:
-                return web.json_response({**fake.sends[ext], "created": False})
-            lists = {i["list_api_identifier"]: i for i in fake.imports.values()}
-            imported = lists.get(p["list_api_identifier"])
-            if imported is None:
-                return error(404, "list_not_found", "no such list")
-            if imported["state"] != "complete":
-                return error(409, "list_not_ready", "the list's import is not complete")
-            fake.sends[ext] = {
-                "send_id": f"snd-{len(fake.sends) + 1}",
-                "external_id": ext,
-                "email_api_identifier": p["email_api_identifier"],
-                "list_api_identifier": p["list_api_identifier"],
-                "state": "scheduled",
-                "recipients": 2,
-                "send_at": p.get("send_at"),
-                "started_at": None,
-                "finished_at": None,
-                "error": None,
-            }
-            return web.json_response({**fake.sends[ext], "created": True})
-        if (method, tail) == ("GET", "emails/send_status"):
-            found = [s for s in fake.sends.values() if s["send_id"] == p["send_id"]]
-            return web.json_response(found[0]) if found else error(404, "send_not_found", "no such send")
-        if (method, tail) == ("GET", "emails/list_sends"):
-            ext = p["external_id"]
-            return web.json_response({"sends": [fake.sends[ext]] if ext in fake.sends else []})
-        if (method, tail) == ("GET", "emails/export_responses"):
-            kind, offset, limit = p["export_type"], int(p["offset"]), int(p["limit"])
-            if kind not in fake.exports:
-                return error(400, "invalid_export_type", f"unknown export_type {kind}")
-            if fake.broken_envelope is not None:
-                return web.json_response(fake.broken_envelope)
-            rows = fake.exports[kind]
-            return web.json_response(
-                {
-                    "export_type": kind,
-                    "list_api_identifier": p["list_api_identifier"],
-                    "offset": offset,
-                    "limit": limit,
-                    "total": len(rows),
-                    "rows": rows[offset : offset + limit],
-                }
-            )
-        return error(404, "not_found", f"{method} {tail}")
-
-    app = web.Application()
-    app.router.add_route("*", "/rest/{tail:.*}", handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    fake.url = f"http://127.0.0.1:{runner.addresses[0][1]}/rest"
-    yield fake
-    await runner.cleanup()
+    return error(404, "not_found", f"{method} {tail}")
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
+esp = served(FakeInstiller)
 
 
 def account(url: str = "http://127.0.0.1:1/rest", key: str = API_KEY, **options: Any) -> AccountConfig:
@@ -204,12 +177,10 @@ def account(url: str = "http://127.0.0.1:1/rest", key: str = API_KEY, **options:
     )
 
 
-def connector(
-    http: aiohttp.ClientSession, esp: FakeInstiller, key: str = API_KEY, **options: Any
-) -> InstillerConnector:
+def connector(esp: FakeInstiller, key: str = API_KEY, **options: Any) -> InstillerConnector:
     """A connector on the fake; fast unless the test is about the rate limit."""
     options.setdefault("requests_per_second", 1000)
-    return InstillerConnector(account(esp.url, key, **options), ConnectorContext(http))
+    return InstillerConnector(account(esp.url, key, **options), ConnectorContext(esp.http))
 
 
 def row(kind: str, n: int, date: str = "2026-11-22 10:00:00", **values: str) -> dict[str, str]:
@@ -230,16 +201,10 @@ BROADCAST = SentBroadcast(
 
 
 async def pull_round(c: InstillerConnector, cursor: str | None) -> tuple[list[ResponseEvent | BadRow], str]:
-    """Pages until the connector says one round is over; returns the items and the stored cursor."""
-    items: list[ResponseEvent | BadRow] = []
-    for _ in range(100):
-        page = await c.pull_responses(BROADCAST, cursor)
-        items.extend(page.items)
-        assert page.cursor is not None
-        cursor = page.cursor
-        if not page.more:
-            return items, cursor
-    raise AssertionError("the pull never finished its round")
+    """One round of pulls of BROADCAST: the items, and the cursor to store (every page leaves one)."""
+    pulls = await pulled(c, BROADCAST, cursor)
+    assert None not in pulls.cursors
+    return pulls.items, str(pulls.cursors[-1])
 
 
 # --- configuration ------------------------------------------------------------------------------
@@ -249,8 +214,8 @@ def test_registered_under_its_name() -> None:
     assert CONNECTORS["instiller"] is InstillerConnector
 
 
-async def test_list_format_and_path(http: aiohttp.ClientSession) -> None:
-    c = InstillerConnector(account(), ConnectorContext(http))
+async def test_list_format_and_path() -> None:
+    c = InstillerConnector(account(), OFFLINE)
     fmt = c.list_format
     assert (fmt.delimiter, fmt.encoding, fmt.line_terminator) == (",", "utf-8", "\n")
     assert (fmt.email_field, fmt.key_field, fmt.drop_folder, fmt.suffix) == (
@@ -263,7 +228,7 @@ async def test_list_format_and_path(http: aiohttp.ClientSession) -> None:
     assert (c.can_send, c.pulls_api, c.response_sources) == (True, True, ())
     other = InstillerConnector(
         account(upload_folder="in", list_suffix=".txt", list_delimiter=";", email_column="EmailAddress"),
-        ConnectorContext(http),
+        OFFLINE,
     )
     assert other.list_path(job()) == "instiller/acme/in/job-1.txt"
     assert (other.list_format.delimiter, other.list_format.email_field) == (";", "EmailAddress")
@@ -289,14 +254,14 @@ async def test_list_format_and_path(http: aiohttp.ClientSession) -> None:
     ],
 )
 async def test_invalid_options_are_a_configuration_error_naming_the_account(
-    http: aiohttp.ClientSession, options: dict[str, Any], complaint: str
+    options: dict[str, Any], complaint: str
 ) -> None:
     with pytest.raises(ConfigurationError, match="instiller/acme") as info:
-        InstillerConnector(account(**options), ConnectorContext(http))
+        InstillerConnector(account(**options), OFFLINE)
     assert complaint in str(info.value)
 
 
-async def test_options_given_in_part_are_merged_over_the_defaults(http: aiohttp.ClientSession) -> None:
+async def test_options_given_in_part_are_merged_over_the_defaults() -> None:
     c = InstillerConnector(
         account(
             export_types=["open", "returned"],
@@ -304,7 +269,7 @@ async def test_options_given_in_part_are_merged_over_the_defaults(http: aiohttp.
             columns={"id": "EventId"},
             paths={"export": "/v2/export"},
         ),
-        ConnectorContext(http),
+        OFFLINE,
     )
     o = c.options
     assert o.export_type_map["returned"] is EventType.BOUNCE_SOFT
@@ -316,22 +281,22 @@ async def test_options_given_in_part_are_merged_over_the_defaults(http: aiohttp.
     assert o.optional_export_types == ("output", "unsubscribes")
 
 
-async def test_credentials_are_required(http: aiohttp.ClientSession) -> None:
+async def test_credentials_are_required() -> None:
     bare = AccountConfig(esp="instiller", account="acme", connector="instiller", api_url="http://x/rest")
     with pytest.raises(ConfigurationError, match="client_id"):
-        InstillerConnector(bare, ConnectorContext(http))
+        InstillerConnector(bare, OFFLINE)
 
 
 # --- requests, imports, sends -----------------------------------------------------------------------
 
 
 async def test_requests_carry_api_id_and_key_as_parameters_under_the_documented_names(
-    http: aiohttp.ClientSession, esp: FakeInstiller
+    esp: FakeInstiller,
 ) -> None:
-    c = connector(http, esp)
+    c = connector(esp)
     await c.start_import("instiller/acme/upload/job-1.csv", job())
     post = esp.seen[-1]
-    assert (post.method, post.path, post.query) == ("POST", "lists/import_file", {})
+    assert (post.method, post.path, post.query) == ("POST", "/lists/import_file", {})
     assert post.content_type == "application/x-www-form-urlencoded"
     assert post.authorization is None
     assert post.form == {
@@ -345,10 +310,10 @@ async def test_requests_carry_api_id_and_key_as_parameters_under_the_documented_
     }
     await c.import_status("imp-1")
     get = esp.seen[-1]
-    assert (get.method, get.path, get.form, get.authorization) == ("GET", "lists/import_status", {}, None)
+    assert (get.method, get.path, get.form, get.authorization) == ("GET", "/lists/import_status", {}, None)
     assert get.query == {"import_id": "imp-1", "api_id": API_ID, "api_key": API_KEY}
 
-    renamed = connector(http, esp, params={"external_id": "reference"}, field_map_api_identifier="crm")
+    renamed = connector(esp, params={"external_id": "reference"}, field_map_api_identifier="crm")
     with pytest.raises(EspRequestError, match="invalid_parameter") as info:  # the fake wants the default
         await renamed.start_import("instiller/acme/upload/job-2.csv", job(job_id="job-2"))
     assert isinstance(info.value, PermanentError)
@@ -357,10 +322,8 @@ async def test_requests_carry_api_id_and_key_as_parameters_under_the_documented_
     assert API_KEY not in str(info.value)
 
 
-async def test_imports_are_idempotent_and_their_states_map(
-    http: aiohttp.ClientSession, esp: FakeInstiller
-) -> None:
-    c = connector(http, esp)
+async def test_imports_are_idempotent_and_their_states_map(esp: FakeInstiller) -> None:
+    c = connector(esp)
     first = await c.start_import("instiller/acme/upload/job-1.csv", job())
     again = await c.start_import("instiller/acme/upload/job-1.csv", job())
     assert (first.import_id, first.state) == ("imp-1", ImportState.QUEUED)
@@ -399,10 +362,8 @@ async def test_imports_are_idempotent_and_their_states_map(
         await c.import_status("imp-1")
 
 
-async def test_sends_are_found_once_and_their_states_map(
-    http: aiohttp.ClientSession, esp: FakeInstiller
-) -> None:
-    c = connector(http, esp, email_profile_api_identifier="marketing")
+async def test_sends_are_found_once_and_their_states_map(esp: FakeInstiller) -> None:
+    c = connector(esp, email_profile_api_identifier="marketing")
     summer = job(send_at="2026-07-01T09:00:00Z")
     assert await c.find_send(summer) is None
     assert esp.seen[-1].query == {"external_id": "job-1", "api_id": API_ID, "api_key": API_KEY}
@@ -429,7 +390,7 @@ async def test_sends_are_found_once_and_their_states_map(
     assert found is not None
     assert found.send_id == "snd-1"
 
-    plain = connector(http, esp)
+    plain = connector(esp)
     await plain.start_import("instiller/acme/upload/job-2.csv", job(job_id="job-2"))
     esp.imports["job-2"]["state"] = "complete"
     await plain.send("imp-2", job(job_id="job-2"))
@@ -466,10 +427,8 @@ async def test_sends_are_found_once_and_their_states_map(
 # --- errors and the rate limit ------------------------------------------------------------------------
 
 
-async def test_a_refused_key_is_a_configuration_error(
-    http: aiohttp.ClientSession, esp: FakeInstiller
-) -> None:
-    c = connector(http, esp, key="wrong-key")
+async def test_a_refused_key_is_a_configuration_error(esp: FakeInstiller) -> None:
+    c = connector(esp, key="wrong-key")
     with pytest.raises(EspAuthError) as info:
         await c.import_status("imp-1")
     assert isinstance(info.value, ConfigurationError)
@@ -477,10 +436,8 @@ async def test_a_refused_key_is_a_configuration_error(
     assert "?" not in str(info.value)
 
 
-async def test_429_carries_retry_after_and_holds_the_next_call(
-    http: aiohttp.ClientSession, esp: FakeInstiller
-) -> None:
-    c = connector(http, esp)
+async def test_429_carries_retry_after_and_holds_the_next_call(esp: FakeInstiller) -> None:
+    c = connector(esp)
     esp.rate_limited = 1
     with pytest.raises(EspUnavailableError) as info:
         await c.find_send(job())
@@ -492,7 +449,7 @@ async def test_429_carries_retry_after_and_holds_the_next_call(
     assert esp.seen[-1].at - refused_at >= 0.95
 
     patience = account(esp.url).model_copy(update={"request_timeout_s": 0.5})  # < the next Retry-After
-    impatient = InstillerConnector(patience, ConnectorContext(http))
+    impatient = InstillerConnector(patience, ConnectorContext(esp.http))
     esp.rate_limited, esp.retry_after = 1, "30"
     with pytest.raises(EspUnavailableError):
         await impatient.find_send(job())
@@ -504,10 +461,8 @@ async def test_429_carries_retry_after_and_holds_the_next_call(
     assert 25 < held.value.retry_after_s <= 30
 
 
-async def test_the_limiter_keeps_to_the_documented_five_requests_per_second(
-    http: aiohttp.ClientSession, esp: FakeInstiller
-) -> None:
-    c = InstillerConnector(account(esp.url), ConnectorContext(http))  # the default options
+async def test_the_limiter_keeps_to_the_documented_five_requests_per_second(esp: FakeInstiller) -> None:
+    c = InstillerConnector(account(esp.url), ConnectorContext(esp.http))  # the default options
     await asyncio.gather(*(c.find_send(job()) for _ in range(6)))
     arrivals = sorted(s.at for s in esp.seen)
     assert len(arrivals) == 6
@@ -518,9 +473,7 @@ async def test_the_limiter_keeps_to_the_documented_five_requests_per_second(
 # --- responses ------------------------------------------------------------------------------------------
 
 
-async def test_pulls_page_through_every_export_type_and_resume_from_the_cursor(
-    http: aiohttp.ClientSession, esp: FakeInstiller
-) -> None:
+async def test_pulls_page_through_every_export_type_and_resume_from_the_cursor(esp: FakeInstiller) -> None:
     esp.exports = {
         "output": [row("output", n) for n in (1, 2, 3)],
         "delivered": [row("delivered", n) for n in (1, 2)],
@@ -531,7 +484,7 @@ async def test_pulls_page_through_every_export_type_and_resume_from_the_cursor(
         "complaints": [],
         # no "unsubscribes": the fake answers invalid_export_type, and it is optional
     }
-    c = connector(http, esp, page_size=2)
+    c = connector(esp, page_size=2)
     items, cursor = await pull_round(c, None)
     assert [s.query["export_type"] for s in esp.seen] == ["output", *EXPORT_TYPES]  # output has two pages
     assert [s.query["offset"] for s in esp.seen] == ["0", "2"] + ["0"] * 7
@@ -586,7 +539,7 @@ async def test_pulls_page_through_every_export_type_and_resume_from_the_cursor(
     esp.exports["output"].append(row("output", 4))
     esp.exports["open"].append(row("open", 2))
     esp.seen.clear()
-    restarted = connector(http, esp, page_size=2)
+    restarted = connector(esp, page_size=2)
     more, cursor = await pull_round(restarted, cursor)
     assert [(s.query["export_type"], s.query["offset"]) for s in esp.seen] == [
         ("output", "3"),
@@ -606,13 +559,11 @@ async def test_pulls_page_through_every_export_type_and_resume_from_the_cursor(
     assert again == []
     assert esp.seen[-1].query["export_type"] == "complaints"
     # the same rows read again give the same events
-    replay, _ = await pull_round(connector(http, esp, page_size=2), None)
+    replay, _ = await pull_round(connector(esp, page_size=2), None)
     assert {e.event_id for e in events} <= {e.event_id for e in replay if isinstance(e, ResponseEvent)}
 
 
-async def test_bad_rows_become_bad_rows_with_their_line_and_reason(
-    http: aiohttp.ClientSession, esp: FakeInstiller
-) -> None:
+async def test_bad_rows_become_bad_rows_with_their_line_and_reason(esp: FakeInstiller) -> None:
     missing_date = row("open", 4)
     del missing_date["OpenDate"]
     esp.exports = {
@@ -628,7 +579,7 @@ async def test_bad_rows_become_bad_rows_with_their_line_and_reason(
         ],
         "clicks_info": [row("clicks_info", 1), row("clicks_info", 2, ClickUrl="https://e.com")],
     }
-    c = connector(http, esp, export_types=["open", "clicks_info"], page_size=3)
+    c = connector(esp, export_types=["open", "clicks_info"], page_size=3)
     items, _ = await pull_round(c, None)
     good = [i for i in items if isinstance(i, ResponseEvent)]
     bad = {(i.line, i.error) for i in items if isinstance(i, BadRow)}
@@ -651,9 +602,7 @@ async def test_bad_rows_become_bad_rows_with_their_line_and_reason(
     assert raws[7] == "not an object"
 
 
-async def test_local_times_are_read_in_the_accounts_zone(
-    http: aiohttp.ClientSession, esp: FakeInstiller
-) -> None:
+async def test_local_times_are_read_in_the_accounts_zone(esp: FakeInstiller) -> None:
     esp.exports = {
         "open": [
             row("open", 1, "2026-07-01 10:00:00"),  # BST
@@ -661,23 +610,21 @@ async def test_local_times_are_read_in_the_accounts_zone(
             row("open", 3, "2026-12-01 10:00:00"),  # GMT
         ]
     }
-    c = connector(http, esp, export_types=["open"])
+    c = connector(esp, export_types=["open"])
     items, _ = await pull_round(c, None)
     assert [i.occurred_at for i in items if isinstance(i, ResponseEvent)] == [
         datetime(2026, 7, 1, 9, 0, tzinfo=UTC),
         datetime(2026, 10, 25, 0, 30, tzinfo=UTC),
         datetime(2026, 12, 1, 10, 0, tzinfo=UTC),
     ]
-    utc = connector(http, esp, export_types=["open"], timezone="UTC", date_format="%d/%m/%Y %H:%M")
+    utc = connector(esp, export_types=["open"], timezone="UTC", date_format="%d/%m/%Y %H:%M")
     esp.exports["open"] = [row("open", 1, "01/07/2026 10:00")]
     (event,) = (await utc.pull_responses(BROADCAST, None)).items
     assert isinstance(event, ResponseEvent)
     assert event.occurred_at == datetime(2026, 7, 1, 10, 0, tzinfo=UTC)
 
 
-async def test_without_an_id_column_event_ids_come_from_the_facts(
-    http: aiohttp.ClientSession, esp: FakeInstiller
-) -> None:
+async def test_without_an_id_column_event_ids_come_from_the_facts(esp: FakeInstiller) -> None:
     esp.exports = {
         "clicks_info": [
             row("clicks_info", 1, Id="", ClickUrl="https://e.com"),
@@ -685,7 +632,7 @@ async def test_without_an_id_column_event_ids_come_from_the_facts(
             row("clicks_info", 1, "2026-11-22 10:00:01", Id="", ClickUrl="https://e.com"),
         ]
     }
-    c = connector(http, esp, export_types=["clicks_info"], id_column="")
+    c = connector(esp, export_types=["clicks_info"], id_column="")
     items, _ = await pull_round(c, None)
     ids = [i.event_id for i in items if isinstance(i, ResponseEvent)]
     assert len(ids) == 3
@@ -701,10 +648,10 @@ async def test_without_an_id_column_event_ids_come_from_the_facts(
 
 
 async def test_a_body_that_is_not_the_envelope_fails_the_call_and_keeps_the_cursor(
-    http: aiohttp.ClientSession, esp: FakeInstiller
+    esp: FakeInstiller,
 ) -> None:
     esp.exports = {"open": [row("open", n) for n in (1, 2, 3)], "clicks_info": []}
-    c = connector(http, esp, export_types=["open", "clicks_info"], page_size=2)
+    c = connector(esp, export_types=["open", "clicks_info"], page_size=2)
     first = await c.pull_responses(BROADCAST, None)
     assert first.more
     esp.broken_envelope = {"rows": [row("open", 3)]}
@@ -716,12 +663,9 @@ async def test_a_body_that_is_not_the_envelope_fails_the_call_and_keeps_the_curs
     assert [i.communication_key for i in second.items if isinstance(i, ResponseEvent)] == ["ck3"]
 
 
-async def test_an_unknown_export_type_that_is_not_optional_is_permanent(
-    http: aiohttp.ClientSession, esp: FakeInstiller
-) -> None:
+async def test_an_unknown_export_type_that_is_not_optional_is_permanent(esp: FakeInstiller) -> None:
     esp.exports = {"open": []}
     c = connector(
-        http,
         esp,
         export_types=["open", "returned"],
         export_type_map={"returned": "bounce_soft"},

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -14,7 +13,6 @@ from pathlib import Path
 from typing import Any, cast
 from urllib.parse import urlencode
 
-import aiohttp
 import orjson
 import pytest
 from aiohttp import web
@@ -37,6 +35,7 @@ from shared.esp.rest import EspAuthError, EspUnavailableError
 from shared.infra.sftp import SftpPool
 from shared.model.errors import ConfigurationError
 from shared.model.messages import BroadcastJob, EventType, ResponseEvent, event_id_for
+from tests.fixtures.fake_esp import OFFLINE, FakeEsp, Seen, pulled, served
 from tests.unit.test_messages import job as base_job
 
 CONSOLE = "/API/v1.1/Rest/ConsoleService.svc"
@@ -59,20 +58,9 @@ FIELDS = [
 
 
 @dataclass
-class Call:
-    at: float
-    method: str
-    path: str
-    query: dict[str, str]
-    authorization: str
-    accept: str
-
-
-@dataclass
-class FakeMailUp:
+class FakeMailUp(FakeEsp):
     """Just enough of MailUp for the connector: state the tests set and inspect."""
 
-    url: str = ""
     expires_in: int = 3600
     grants: list[dict[str, str]] = field(default_factory=list)
     issued: int = 0
@@ -84,7 +72,6 @@ class FakeMailUp:
     """Answer the next n API calls with the confirmed 429."""
     retry_after: str = "0"
     page_cap: int = 1000
-    calls: list[Call] = field(default_factory=list)
     groups: list[dict[str, Any]] = field(default_factory=list)
     group_posts: list[dict[str, Any]] = field(default_factory=list)
     posted: list[tuple[str, list[dict[str, Any]]]] = field(default_factory=list)
@@ -101,8 +88,12 @@ class FakeMailUp:
     next_sending: int = 555
     stats: dict[tuple[int, str], list[dict[str, Any]]] = field(default_factory=dict)
 
-    def api_calls(self, path_part: str = "") -> list[Call]:
-        return [c for c in self.calls if path_part in c.path]
+    def application(self) -> web.Application:
+        return _app(self)
+
+    def api_calls(self, path_part: str = "") -> list[Seen]:
+        """The console and statistics calls (not the token's) whose path holds ``path_part``."""
+        return [c for c in self.calls(path_part) if c.path != TOKEN_PATH]
 
 
 def _envelope(fake: FakeMailUp, request: web.Request, items: list[dict[str, Any]]) -> web.Response:
@@ -131,16 +122,6 @@ def _app(fake: FakeMailUp) -> web.Application:
     async def auth(request: web.Request, handler: Any) -> web.StreamResponse:
         if request.path == TOKEN_PATH:
             return cast(web.StreamResponse, await handler(request))
-        fake.calls.append(
-            Call(
-                time.monotonic(),
-                request.method,
-                request.path,
-                dict(request.query),
-                request.headers.get("Authorization", ""),
-                request.headers.get("Accept", ""),
-            )
-        )
         if fake.limit_next:
             fake.limit_next -= 1
             return web.json_response(
@@ -269,22 +250,7 @@ def _app(fake: FakeMailUp) -> web.Application:
     return app
 
 
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeMailUp]:
-    state = FakeMailUp()
-    runner = web.AppRunner(_app(state))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    state.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    yield state
-    await runner.cleanup()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
+fake = served(FakeMailUp, name="fake")
 
 
 def account(url: str, *, secret: str | None = "s3cr3t", **options: Any) -> AccountConfig:
@@ -303,18 +269,14 @@ def account(url: str, *, secret: str | None = "s3cr3t", **options: Any) -> Accou
     )
 
 
-def make(
-    fake: FakeMailUp, http: aiohttp.ClientSession, sftp: SftpPool | None = None, **options: Any
-) -> MailUpConnector:
-    made = connector_for(account(fake.url, **options), ConnectorContext(http, sftp))
+def make(fake: FakeMailUp, sftp: SftpPool | None = None, **options: Any) -> MailUpConnector:
+    made = connector_for(account(fake.url, **options), ConnectorContext(fake.http, sftp))
     assert isinstance(made, MailUpConnector)
     return made
 
 
 def offline(**options: Any) -> MailUpConnector:
-    return MailUpConnector(
-        account("http://127.0.0.1:1", **options), ConnectorContext(http=cast(aiohttp.ClientSession, None))
-    )
+    return MailUpConnector(account("http://127.0.0.1:1", **options), OFFLINE)
 
 
 def job(**overrides: Any) -> BroadcastJob:
@@ -345,37 +307,33 @@ def test_options_are_checked_and_name_the_account() -> None:
     with pytest.raises(ConfigurationError, match="mailup/demo options"):
         MailUpConnector(
             account("http://127.0.0.1:1").model_copy(update={"options": {}}),
-            ConnectorContext(http=cast(aiohttp.ClientSession, None)),
+            OFFLINE,
         )
     no_user = account("http://127.0.0.1:1").model_copy(update={"username": None})
     with pytest.raises(ConfigurationError, match="needs username"):
-        MailUpConnector(no_user, ConnectorContext(http=cast(aiohttp.ClientSession, None)))
+        MailUpConnector(no_user, OFFLINE)
 
 
 # --- OAuth2 ------------------------------------------------------------------------------------------
 
 
-async def test_the_password_grant_sends_the_documented_form(
-    fake: FakeMailUp, http: aiohttp.ClientSession
-) -> None:
-    assert await make(fake, http).find_send(job()) is None
+async def test_the_password_grant_sends_the_documented_form(fake: FakeMailUp) -> None:
+    assert await make(fake).find_send(job()) is None
     assert fake.grants == [PASSWORD_GRANT]
-    paths = [c.path.removeprefix(CONSOLE) for c in fake.calls]
+    paths = [c.path.removeprefix(CONSOLE) for c in fake.api_calls()]
     assert paths == [
         "/Console/Email/Sendings/Undefined",
         "/Console/Email/Sendings/Deferred",
         "/Console/Email/Sendings/Immediate",
         "/Console/List/1/Email/42/SendHistory",
     ]
-    assert {(c.authorization, c.accept) for c in fake.calls} == {("Bearer t1", "application/json")}
-    assert {(c.query["pageSize"], c.query["pageNumber"]) for c in fake.calls} == {("500", "0")}
+    assert {(c.authorization, c.accept) for c in fake.api_calls()} == {("Bearer t1", "application/json")}
+    assert {(c.query["pageSize"], c.query["pageNumber"]) for c in fake.api_calls()} == {("500", "0")}
 
 
-async def test_the_token_is_refreshed_before_it_expires(
-    fake: FakeMailUp, http: aiohttp.ClientSession
-) -> None:
+async def test_the_token_is_refreshed_before_it_expires(fake: FakeMailUp) -> None:
     fake.expires_in = 30  # within token_margin_s (60): every call finds it about to expire
-    await make(fake, http).find_send(job())
+    await make(fake).find_send(job())
     assert [g["grant_type"] for g in fake.grants] == ["password"] + ["refresh_token"] * 3
     assert fake.grants[1] == {
         "grant_type": "refresh_token",
@@ -384,59 +342,54 @@ async def test_the_token_is_refreshed_before_it_expires(
         "refresh_token": "r1",
     }
     assert [g["refresh_token"] for g in fake.grants[1:]] == ["r1", "r2", "r3"]  # each used once
-    assert [c.authorization for c in fake.calls] == ["Bearer t1", "Bearer t2", "Bearer t3", "Bearer t4"]
+    assert [c.authorization for c in fake.api_calls()] == ["Bearer t1", "Bearer t2", "Bearer t3", "Bearer t4"]
 
 
-async def test_a_401_refreshes_once_and_repeats_the_call(
-    fake: FakeMailUp, http: aiohttp.ClientSession
-) -> None:
-    mailup = make(fake, http)
+async def test_a_401_refreshes_once_and_repeats_the_call(fake: FakeMailUp) -> None:
+    mailup = make(fake)
     await mailup.send_status("42:555")
     fake.expire_next = 1
-    before = len(fake.calls)
+    before = len(fake.api_calls())
     status = await mailup.send_status("42:555")
     assert status.state is SendState.FAILED
-    assert len(fake.calls) - before == 5  # four reads, one of them twice
+    assert len(fake.api_calls()) - before == 5  # four reads, one of them twice
     assert [g["grant_type"] for g in fake.grants] == ["password", "refresh_token"]
     fake.refresh_tokens.clear()  # a refused refresh falls back to the password grant
     fake.expire_next = 1
     await mailup.send_status("42:555")
     assert [g["grant_type"] for g in fake.grants][2:] == ["refresh_token", "password"]
     fake.expire_next = 2
-    before = len(fake.calls)
+    before = len(fake.api_calls())
     with pytest.raises(EspAuthError):
         await mailup.send_status("42:555")
-    assert len(fake.calls) - before == 2  # one repeat, never a loop
+    assert len(fake.api_calls()) - before == 2  # one repeat, never a loop
 
 
-async def test_a_refused_password_is_a_configuration_error(
-    fake: FakeMailUp, http: aiohttp.ClientSession
-) -> None:
+async def test_a_refused_password_is_a_configuration_error(fake: FakeMailUp) -> None:
     wrong = account(fake.url).model_copy(update={"password": SecretStr("nope")})
     with pytest.raises(ConfigurationError, match="refused the credentials"):
-        await MailUpConnector(wrong, ConnectorContext(http)).send_status("42:1")
-    assert fake.calls == []
+        await MailUpConnector(wrong, ConnectorContext(fake.http)).send_status("42:1")
+    assert fake.api_calls() == []
 
 
 # --- rate limits -------------------------------------------------------------------------------------
 
 
-async def test_the_limiter_keeps_five_calls_per_second(fake: FakeMailUp, http: aiohttp.ClientSession) -> None:
-    mailup = make(fake, http, rate_limit_per_s=5)
+async def test_the_limiter_keeps_five_calls_per_second(fake: FakeMailUp) -> None:
+    mailup = make(fake, rate_limit_per_s=5)
     await asyncio.gather(*(mailup.send_status(f"42:{n}") for n in range(3)))  # 12 calls
-    times = sorted(c.at for c in fake.calls)
+    times = sorted(c.at for c in fake.api_calls())
     assert len(times) == 12
-    windows = [sum(1 for t in times if start <= t < start + 1.0) for start in times]
-    assert max(windows) <= 5  # as MailUp counts them, on arrival
+    assert fake.most_within(1.0, CONSOLE) <= 5  # as MailUp counts them, on arrival
     assert times[-1] - times[0] >= 2.0  # 12 calls at 5/s need two full waits
     assert len(fake.grants) == 1  # token calls are not limited (nor counted)
 
 
-async def test_a_429_is_waited_out_and_repeated(fake: FakeMailUp, http: aiohttp.ClientSession) -> None:
-    mailup = make(fake, http)
+async def test_a_429_is_waited_out_and_repeated(fake: FakeMailUp) -> None:
+    mailup = make(fake)
     fake.limit_next = 2
     assert (await mailup.send_status("42:1")).state is SendState.FAILED
-    assert len(fake.calls) == 6
+    assert len(fake.api_calls()) == 6
     fake.limit_next, fake.retry_after = 1, "30"  # longer than the request timeout: the caller waits
     with pytest.raises(EspUnavailableError) as info:
         await mailup.send_status("42:1")
@@ -471,10 +424,8 @@ async def test_list_rows_are_read_across_chunk_boundaries() -> None:
     assert rows == [(1, ["a", "b"]), (2, ["x\r\ny", "é"]), (4, []), (5, ["last", 'q"q'])]
 
 
-async def test_the_list_is_posted_in_chunks_to_the_jobs_group(
-    fake: FakeMailUp, http: aiohttp.ClientSession
-) -> None:
-    mailup = make(fake, http, import_chunk_rows=2)
+async def test_the_list_is_posted_in_chunks_to_the_jobs_group(fake: FakeMailUp) -> None:
+    mailup = make(fake, import_chunk_rows=2)
     fake.unavailable_imports = 1  # repeated in place: a re-post is an upsert
     status = await mailup.import_list(chunked(LIST_FILE, 5), job())
     assert status.import_id == "17/5/9001,9002,9003"
@@ -503,10 +454,8 @@ async def test_the_list_is_posted_in_chunks_to_the_jobs_group(
     assert len(fake.group_posts) == 1
 
 
-async def test_send_to_list_posts_to_the_list_and_an_unknown_column_fails(
-    fake: FakeMailUp, http: aiohttp.ClientSession
-) -> None:
-    mailup = make(fake, http, send_to="list")
+async def test_send_to_list_posts_to_the_list_and_an_unknown_column_fails(fake: FakeMailUp) -> None:
+    mailup = make(fake, send_to="list")
     status = await mailup.import_list(chunked(b"Email,CommunicationKey\na@x.com,K-1\n", 100), job())
     assert status.import_id == "0/0/9001"
     assert fake.posted[0][0] == f"{CONSOLE}/Console/List/1/Recipients"
@@ -514,9 +463,7 @@ async def test_send_to_list_posts_to_the_list_and_an_unknown_column_fails(
     with pytest.raises(ListRejectedError, match="'Shoe'"):
         await mailup.import_list(chunked(b"Email,Shoe,CommunicationKey\na@x.com,9,K-1\n", 100), job())
     with pytest.raises(ListRejectedError, match="'Nickname'"):
-        await make(fake, http, job_field="Nickname").import_list(
-            chunked(b"Email,CommunicationKey\n", 9), job()
-        )
+        await make(fake, job_field="Nickname").import_list(chunked(b"Email,CommunicationKey\n", 9), job())
 
 
 class FakeRemoteFile:
@@ -542,12 +489,10 @@ class FakeSftp:
         yield self
 
 
-async def test_start_import_reads_the_file_back_and_refuses_a_used_message(
-    fake: FakeMailUp, http: aiohttp.ClientSession
-) -> None:
+async def test_start_import_reads_the_file_back_and_refuses_a_used_message(fake: FakeMailUp) -> None:
     remote = "mailup/demo/drop/job-1.csv"
     sftp = cast(SftpPool, FakeSftp({remote: LIST_FILE}))
-    mailup = make(fake, http, sftp)
+    mailup = make(fake, sftp)
     assert mailup.list_path(job()) == remote
     status = await mailup.start_import(remote, job())
     assert status.import_id == "17/5/9001"
@@ -573,8 +518,8 @@ def _detail(code: int, valid: int = 0, repeated: int = 0, invalid: int = 0, bad:
     }
 
 
-async def test_import_status_folds_every_chunk(fake: FakeMailUp, http: aiohttp.ClientSession) -> None:
-    mailup = make(fake, http)
+async def test_import_status_folds_every_chunk(fake: FakeMailUp) -> None:
+    mailup = make(fake)
     fake.imports = {9001: _detail(1), 9002: _detail(1)}
     assert (await mailup.import_status("17/2/9001,9002")).state is ImportState.QUEUED
     fake.imports = {9001: _detail(3, valid=4998, repeated=1, invalid=2, bad=1), 9002: _detail(2)}
@@ -599,8 +544,8 @@ async def test_import_status_folds_every_chunk(fake: FakeMailUp, http: aiohttp.C
         await mailup.import_status("nonsense")
 
 
-async def test_import_status_reports_the_local_reasons(fake: FakeMailUp, http: aiohttp.ClientSession) -> None:
-    mailup = make(fake, http)
+async def test_import_status_reports_the_local_reasons(fake: FakeMailUp) -> None:
+    mailup = make(fake)
     started = await mailup.import_list(chunked(LIST_FILE, 64), job())
     fake.imports[9001] = _detail(3, valid=5)
     status = await mailup.import_status(started.import_id)
@@ -611,8 +556,8 @@ async def test_import_status_reports_the_local_reasons(fake: FakeMailUp, http: a
 # --- send ----------------------------------------------------------------------------------------------
 
 
-async def test_send_posts_and_confirms(fake: FakeMailUp, http: aiohttp.ClientSession) -> None:
-    mailup = make(fake, http)
+async def test_send_posts_and_confirms(fake: FakeMailUp) -> None:
+    mailup = make(fake)
     status = await mailup.send("17/0/9001", job())
     assert (status.send_id, status.state, status.recipients) == ("42:555", SendState.SCHEDULED, 3)
     assert fake.sends == [(f"{CONSOLE}/Console/Group/17/Email/42/Send", {})]
@@ -630,22 +575,22 @@ async def test_send_posts_and_confirms(fake: FakeMailUp, http: aiohttp.ClientSes
         await mailup.send("17/0/9001", job())
 
 
-async def test_a_deferred_send_is_not_confirmed(fake: FakeMailUp, http: aiohttp.ClientSession) -> None:
-    mailup = make(fake, http)
+async def test_a_deferred_send_is_not_confirmed(fake: FakeMailUp) -> None:
+    mailup = make(fake)
     when = datetime(2026, 11, 22, 11, 0, tzinfo=UTC)
     status = await mailup.send("17/0/9001", job(send_at=when.isoformat()))
     assert status.state is SendState.SCHEDULED
     assert fake.sends == [(f"{CONSOLE}/Console/Group/17/Email/42/Send", {"datetime": "2026-11-22 11:00:00Z"})]
     assert fake.confirmed == []
     assert (await mailup.send_status(status.send_id)).state is SendState.SCHEDULED
-    unconfirmed = make(fake, http, confirm_sending=False, send_to="list")
+    unconfirmed = make(fake, confirm_sending=False, send_to="list")
     await unconfirmed.send("0/0/9001", job(message="43"))
     assert fake.sends[-1] == (f"{CONSOLE}/Console/List/1/Email/43/Send", {})
     assert fake.confirmed == []
 
 
-async def test_find_send_reads_every_queue_page(fake: FakeMailUp, http: aiohttp.ClientSession) -> None:
-    mailup = make(fake, http, page_size=2)
+async def test_find_send_reads_every_queue_page(fake: FakeMailUp) -> None:
+    mailup = make(fake, page_size=2)
     fake.queues["Deferred"] = [{"Id": n, "IdMessage": 100 + n} for n in range(5)]
     assert await mailup.find_send(job()) is None
     fake.queues["Deferred"].append({"Id": 600, "IdMessage": 42})
@@ -697,22 +642,11 @@ def _stats(fake: FakeMailUp) -> None:
     }
 
 
-async def _round(mailup: MailUpConnector, cursor: str | None) -> tuple[list[Any], list[str | None], bool]:
-    items: list[Any] = []
-    cursors: list[str | None] = []
-    while True:
-        page = await mailup.pull_responses(BROADCAST, cursor)
-        items.extend(page.items)
-        cursor = page.cursor
-        cursors.append(cursor)
-        if not page.more:
-            return items, cursors, page.more
-
-
-async def test_statistics_are_pulled_page_by_page(fake: FakeMailUp, http: aiohttp.ClientSession) -> None:
+async def test_statistics_are_pulled_page_by_page(fake: FakeMailUp) -> None:
     _stats(fake)
-    mailup = make(fake, http, page_size=2)
-    items, cursors, _ = await _round(mailup, None)
+    mailup = make(fake, page_size=2)
+    pulls = await pulled(mailup, BROADCAST, None)
+    items, cursors = pulls.items, pulls.cursors
     assert [orjson.loads(c or "") for c in cursors] == [
         {"v": 1, "ep": "Recipients", "page": 1},
         {"v": 1, "ep": "Bounces", "page": 0},
@@ -749,43 +683,40 @@ async def test_statistics_are_pulled_page_by_page(fake: FakeMailUp, http: aiohtt
     unsubscribe = next(e for e in events if e.type is EventType.UNSUBSCRIBE)
     assert unsubscribe.event_id == event_id_for("mailup", esp_event_id="demo:uns:42:p0@example.com")
     # every round reads everything again, with the same event ids
-    again, _, _ = await _round(mailup, cursors[-1])
+    again = (await pulled(mailup, BROADCAST, cursors[-1])).items
     assert [i.event_id for i in again if isinstance(i, ResponseEvent)] == [e.event_id for e in events]
 
 
-async def test_a_pull_resumes_from_a_stored_cursor(fake: FakeMailUp, http: aiohttp.ClientSession) -> None:
+async def test_a_pull_resumes_from_a_stored_cursor(fake: FakeMailUp) -> None:
     _stats(fake)
     stored = '{"v":1,"ep":"UrlClickDetails","page":0}'
-    mailup = make(fake, http, page_size=2)  # a new process: only the cursor survives
+    mailup = make(fake, page_size=2)  # a new process: only the cursor survives
     first = await mailup.pull_responses(BROADCAST, stored)
     assert [i.type for i in first.items if isinstance(i, ResponseEvent)] == [EventType.CLICK] * 2
     assert first.more
-    assert [c.path.rsplit("/", 1)[1] for c in fake.calls] == ["UrlClickDetails"]
+    assert [c.path.rsplit("/", 1)[1] for c in fake.api_calls()] == ["UrlClickDetails"]
     restart = await mailup.pull_responses(BROADCAST, '{"v":0,"ep":"Nope"}')  # unusable: a new round
-    assert fake.calls[-1].path.endswith("/Recipients")
+    assert fake.api_calls()[-1].path.endswith("/Recipients")
     assert orjson.loads(restart.cursor or "") == {"v": 1, "ep": "Recipients", "page": 1}
 
 
-async def test_the_servers_page_size_is_used(fake: FakeMailUp, http: aiohttp.ClientSession) -> None:
+async def test_the_servers_page_size_is_used(fake: FakeMailUp) -> None:
     _stats(fake)
     fake.page_cap = 2
-    mailup = make(fake, http)  # asks 500, gets 2
+    mailup = make(fake)  # asks 500, gets 2
     page = await mailup.pull_responses(BROADCAST, None)
     assert (len(page.items), orjson.loads(page.cursor or "")) == (2, {"v": 1, "ep": "Recipients", "page": 1})
-    assert fake.calls[0].query["pageSize"] == "500"
+    assert fake.api_calls()[0].query["pageSize"] == "500"
 
 
-async def test_with_the_export_only_unsubscriptions_are_pulled(
-    fake: FakeMailUp, http: aiohttp.ClientSession
-) -> None:
+async def test_with_the_export_only_unsubscriptions_are_pulled(fake: FakeMailUp) -> None:
     _stats(fake)
-    mailup = make(fake, http, statistics_source="export")
+    mailup = make(fake, statistics_source="export")
     assert mailup.response_sources == (ResponseSource("statistics", "*.csv"),)
-    assert make(fake, http).response_sources == ()
-    items, cursors, more = await _round(mailup, None)
-    assert not more
-    assert len(cursors) == 1
-    assert {i.type for i in items if isinstance(i, ResponseEvent)} == {
+    assert make(fake).response_sources == ()
+    pulls = await pulled(mailup, BROADCAST, None)
+    assert len(pulls.cursors) == 1  # one page ends the round
+    assert {i.type for i in pulls.items if isinstance(i, ResponseEvent)} == {
         EventType.UNSUBSCRIBE,
         EventType.COMPLAINT,
     }
@@ -956,11 +887,9 @@ def _ids(items: Iterator[ResponseEvent | BadRow] | list[ResponseEvent | BadRow])
     return [i.event_id for i in items if isinstance(i, ResponseEvent)]
 
 
-async def test_api_and_webhook_unsubscribes_share_an_event_id(
-    fake: FakeMailUp, http: aiohttp.ClientSession
-) -> None:
+async def test_api_and_webhook_unsubscribes_share_an_event_id(fake: FakeMailUp) -> None:
     _stats(fake)
-    mailup = make(fake, http, statistics_source="export")
+    mailup = make(fake, statistics_source="export")
     page = await mailup.pull_responses(BROADCAST, None)
     hook = _hook(mailup, Email="p0@example.com", Job="42:job-1")
     assert _ids(hook)[0] in _ids(list(page.items))

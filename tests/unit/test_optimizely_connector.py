@@ -10,14 +10,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Self, cast
 
-import aiohttp
 import orjson
 import pytest
 from aiohttp import web
@@ -39,6 +37,7 @@ from shared.esp.rest import EspAuthError, EspUnavailableError
 from shared.infra.sftp import SftpPool
 from shared.model.errors import ConfigurationError, PermanentError
 from shared.model.messages import EventType, ResponseEvent, SendMode
+from tests.fixtures.fake_esp import OFFLINE, FakeEsp, pulled, served
 from tests.unit.test_messages import job
 
 CLIENT = "1000001"
@@ -59,21 +58,10 @@ LIST = (
 
 
 @dataclass
-class Seen:
-    method: str
-    path: str
-    query: dict[str, str]
-    content_type: str
-    authorization: str | None
-    at: float
-
-
-@dataclass
-class FakeOptimizely:
+class FakeOptimizely(FakeEsp):
     """Sending batches, campaigns, bounces and unsubscribes as the documentation describes them."""
 
-    url: str = ""
-    seen: list[Seen] = field(default_factory=list)
+    base: str = "/rest"
     batches: dict[int, dict[str, Any]] = field(default_factory=dict)
     chunks: dict[int, dict[str, list[dict[str, Any]]]] = field(default_factory=dict)
     campaigns: dict[int, dict[str, Any]] = field(default_factory=dict)
@@ -103,6 +91,103 @@ class FakeOptimizely:
         )
         return self.batches[batch_id]
 
+    def application(self) -> web.Application:
+        app = web.Application()
+        app.router.add_route("*", "/rest/{client}/{tail:.*}", self.handle)
+        return app
+
+    async def handle(self, request: web.Request) -> web.Response:
+        """Checks the credentials and the client, answers a planned fault, then the routes."""
+        tail = request.match_info["tail"]
+        expected = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+        if request.headers.get("Authorization") != expected:
+            return web.json_response(
+                {"status": 401, "message": "Unauthorized"},
+                status=401,
+                headers={"WWW-Authenticate": 'Basic realm="Optimizely Campaign"'},
+            )
+        if request.match_info["client"] != CLIENT:
+            return error(403, "Forbidden")
+        if self.faults:
+            status, headers = self.faults.pop(0)
+            return error(status, "Too many requests are used at the same time", headers)
+        return await self.route(request, tail)
+
+    async def route(self, request: web.Request, tail: str) -> web.Response:
+        method, parts, query = request.method, tail.split("/"), dict(request.query)
+        if tail == "sending/batches" and method == "POST":
+            if not request.content_type.startswith("multipart/form-data"):
+                return error(415, "multipart/form-data expected")
+            form = {k: str(v) for k, v in (await request.post()).items()}
+            if not form.get("campaign", "").isdigit() or form.get("campaignAction") not in ("use", "copy"):
+                return error(400, "bad campaign")
+            self.created += 1
+            return web.json_response(self.batch(form["tag"]), status=201)
+        if tail == "sending/batches" and method == "GET":
+            return page(sorted(self.batches.values(), key=lambda b: int(b["id"])), query)
+        if parts[:2] == ["sending", "batches"] and len(parts) == 3:
+            batch = self.batches.get(int(parts[2]))
+            if batch is None:
+                return error(404, "no such batch")
+            if method == "GET":
+                return await self.held(batch)
+            if method == "PUT":
+                body = await request.json()
+                if batch["state"] == "sent":
+                    return error(409, "batch already sent")
+                recipients = body["recipients"]
+                earlier: set[str] = set()
+                count = 0
+                for r in recipients:
+                    if passes(r, earlier):
+                        count += 1
+                    earlier.add(r.get("id", ""))
+                self.chunks[batch["id"]][body["chunk"]] = recipients
+                batch["chunks"] = sorted(self.chunks[batch["id"]])
+                batch["state"] = "has_recipients"
+                return web.json_response({"chunk": body["chunk"], "count": count})
+            if method == "POST":
+                if batch["state"] != "has_recipients":
+                    return error(409, f"batch is {batch['state']}")
+                batch["state"] = "sent"
+                return web.Response(status=202)
+        if parts[0] == "smartcampaigns":
+            campaign = self.campaigns.get(int(parts[1]))
+            if campaign is None:
+                return error(404, "no such campaign")
+            if len(parts) == 3:
+                return web.json_response(
+                    {"campaignId": campaign["id"], "recipients": {"net": 0, "total": campaign["total"]}}
+                )
+            return web.json_response({"id": campaign["id"], "name": "c", "type": "regular", **campaign})
+        if tail == "responses":
+            if "category" not in query:
+                return error(400, "category is required")
+            rows = [
+                b
+                for b in self.bounces
+                if b["category"] == query["category"] and str(b["mailingId"]) == query.get("mailingId")
+            ]
+            return page(sorted(rows, key=lambda b: (when(b["created"]), b["recipientId"])), query)
+        if tail == "unsubscribes":
+            assert (query.get("sort"), query.get("direction")) == ("created", "DESC")
+            return page(sorted(self.unsubscribes, key=lambda u: when(u["created"]), reverse=True), query)
+        return error(404, f"no route {method} {tail}")
+
+    async def held(self, batch: dict[str, Any]) -> web.Response:
+        async with self.changed:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            self.changed.notify_all()
+        try:
+            if self.gate is not None:
+                await self.gate.wait()
+            return web.json_response(batch)
+        finally:
+            async with self.changed:
+                self.in_flight -= 1
+                self.changed.notify_all()
+
 
 def error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
     return web.json_response({"status": status, "message": message}, status=status, headers=headers)
@@ -127,126 +212,7 @@ def page(items: list[Any], query: dict[str, str]) -> web.Response:
     return web.json_response(body)
 
 
-@pytest.fixture
-async def esp() -> AsyncIterator[FakeOptimizely]:
-    fake = FakeOptimizely()
-    expected = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
-
-    async def handle(request: web.Request) -> web.Response:
-        tail = request.match_info["tail"]
-        fake.seen.append(
-            Seen(
-                request.method,
-                tail,
-                dict(request.query),
-                request.content_type,
-                request.headers.get("Authorization"),
-                time.monotonic(),
-            )
-        )
-        if request.headers.get("Authorization") != expected:
-            return web.json_response(
-                {"status": 401, "message": "Unauthorized"},
-                status=401,
-                headers={"WWW-Authenticate": 'Basic realm="Optimizely Campaign"'},
-            )
-        if request.match_info["client"] != CLIENT:
-            return error(403, "Forbidden")
-        if fake.faults:
-            status, headers = fake.faults.pop(0)
-            return error(status, "Too many requests are used at the same time", headers)
-        return await route(request, tail)
-
-    async def route(request: web.Request, tail: str) -> web.Response:
-        method, parts, query = request.method, tail.split("/"), dict(request.query)
-        if tail == "sending/batches" and method == "POST":
-            if not request.content_type.startswith("multipart/form-data"):
-                return error(415, "multipart/form-data expected")
-            form = {k: str(v) for k, v in (await request.post()).items()}
-            if not form.get("campaign", "").isdigit() or form.get("campaignAction") not in ("use", "copy"):
-                return error(400, "bad campaign")
-            fake.created += 1
-            return web.json_response(fake.batch(form["tag"]), status=201)
-        if tail == "sending/batches" and method == "GET":
-            return page(sorted(fake.batches.values(), key=lambda b: int(b["id"])), query)
-        if parts[:2] == ["sending", "batches"] and len(parts) == 3:
-            batch = fake.batches.get(int(parts[2]))
-            if batch is None:
-                return error(404, "no such batch")
-            if method == "GET":
-                return await held(batch)
-            if method == "PUT":
-                body = await request.json()
-                if batch["state"] == "sent":
-                    return error(409, "batch already sent")
-                recipients = body["recipients"]
-                earlier: set[str] = set()
-                count = 0
-                for r in recipients:
-                    if passes(r, earlier):
-                        count += 1
-                    earlier.add(r.get("id", ""))
-                fake.chunks[batch["id"]][body["chunk"]] = recipients
-                batch["chunks"] = sorted(fake.chunks[batch["id"]])
-                batch["state"] = "has_recipients"
-                return web.json_response({"chunk": body["chunk"], "count": count})
-            if method == "POST":
-                if batch["state"] != "has_recipients":
-                    return error(409, f"batch is {batch['state']}")
-                batch["state"] = "sent"
-                return web.Response(status=202)
-        if parts[0] == "smartcampaigns":
-            campaign = fake.campaigns.get(int(parts[1]))
-            if campaign is None:
-                return error(404, "no such campaign")
-            if len(parts) == 3:
-                return web.json_response(
-                    {"campaignId": campaign["id"], "recipients": {"net": 0, "total": campaign["total"]}}
-                )
-            return web.json_response({"id": campaign["id"], "name": "c", "type": "regular", **campaign})
-        if tail == "responses":
-            if "category" not in query:
-                return error(400, "category is required")
-            rows = [
-                b
-                for b in fake.bounces
-                if b["category"] == query["category"] and str(b["mailingId"]) == query.get("mailingId")
-            ]
-            return page(sorted(rows, key=lambda b: (when(b["created"]), b["recipientId"])), query)
-        if tail == "unsubscribes":
-            assert (query.get("sort"), query.get("direction")) == ("created", "DESC")
-            return page(sorted(fake.unsubscribes, key=lambda u: when(u["created"]), reverse=True), query)
-        return error(404, f"no route {method} {tail}")
-
-    async def held(batch: dict[str, Any]) -> web.Response:
-        async with fake.changed:
-            fake.in_flight += 1
-            fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
-            fake.changed.notify_all()
-        try:
-            if fake.gate is not None:
-                await fake.gate.wait()
-            return web.json_response(batch)
-        finally:
-            async with fake.changed:
-                fake.in_flight -= 1
-                fake.changed.notify_all()
-
-    app = web.Application()
-    app.router.add_route("*", "/rest/{client}/{tail:.*}", handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    fake.url = f"http://127.0.0.1:{runner.addresses[0][1]}/rest"
-    yield fake
-    await runner.cleanup()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
+esp = served(FakeOptimizely)
 
 
 # --- an in-memory SFTP pool (only what download_stream uses) -------------------------------------------
@@ -284,7 +250,6 @@ class MemorySftp:
 
 
 def connector(
-    http: aiohttp.ClientSession,
     esp: FakeOptimizely,
     files: dict[str, bytes] | None = None,
     password: str = PASSWORD,
@@ -304,7 +269,7 @@ def connector(
         options=options,
     )
     sftp = MemorySftp(files if files is not None else {LIST_PATH: LIST.encode()})
-    return OptimizelyConnector(account, ConnectorContext(http, cast(SftpPool, sftp)))
+    return OptimizelyConnector(account, ConnectorContext(esp.http, cast(SftpPool, sftp)))
 
 
 async def chunks_of(data: bytes, job_id: str = "job-1", **kwargs: Any) -> list[Chunk | BadRow]:
@@ -328,24 +293,17 @@ def broadcast(send_id: str | None = "5001", requested_at: datetime | None = None
 async def pull_round(
     c: OptimizelyConnector, b: SentBroadcast, cursor: str | None
 ) -> tuple[list[ResponseEvent | BadRow], str | None, int]:
-    items: list[ResponseEvent | BadRow] = []
-    pages = 0
-    while True:
-        result = await c.pull_responses(b, cursor)
-        items += result.items
-        cursor = result.cursor
-        pages += 1
-        assert pages < 50
-        if not result.more:
-            return items, cursor, pages
+    """One round of pulls: the items, the cursor to store, the pages."""
+    pulls = await pulled(c, b, cursor, most=49)
+    return pulls.items, pulls.cursors[-1], len(pulls.cursors)
 
 
 # --- configuration --------------------------------------------------------------------------------------
 
 
-async def test_registered_and_list_format(http: aiohttp.ClientSession, esp: FakeOptimizely) -> None:
+async def test_registered_and_list_format(esp: FakeOptimizely) -> None:
     assert CONNECTORS["optimizely"] is OptimizelyConnector
-    c = connector(http, esp)
+    c = connector(esp)
     fmt = c.list_format
     assert (fmt.delimiter, fmt.encoding, fmt.line_terminator) == (";", "utf-8", "\n")
     assert (fmt.email_field, fmt.key_field) == ("email", "CommunicationKey")
@@ -354,7 +312,7 @@ async def test_registered_and_list_format(http: aiohttp.ClientSession, esp: Fake
     assert c.archive_folder == "archive"
     assert c.can_send
     assert c.pulls_api
-    assert not connector(http, esp, api_pulls=False).pulls_api
+    assert not connector(esp, api_pulls=False).pulls_api
 
 
 @pytest.mark.parametrize(
@@ -371,17 +329,17 @@ async def test_registered_and_list_format(http: aiohttp.ClientSession, esp: Fake
     ],
 )
 async def test_invalid_options_are_a_configuration_error_naming_the_account(
-    http: aiohttp.ClientSession, esp: FakeOptimizely, options: dict[str, Any], complaint: str
+    esp: FakeOptimizely, options: dict[str, Any], complaint: str
 ) -> None:
     with pytest.raises(ConfigurationError, match="optimizely/demo") as info:
-        connector(http, esp, **options)
+        connector(esp, **options)
     assert complaint in str(info.value)
 
 
-async def test_credentials_are_required(http: aiohttp.ClientSession) -> None:
+async def test_credentials_are_required() -> None:
     account = AccountConfig(esp="optimizely", account="demo", connector="optimizely", api_url="http://x/rest")
     with pytest.raises(ConfigurationError, match="optimizely/demo"):
-        OptimizelyConnector(account, ConnectorContext(http))
+        OptimizelyConnector(account, OFFLINE)
 
 
 def test_tags_encode_and_decode_the_job_id() -> None:
@@ -397,10 +355,8 @@ def test_tags_encode_and_decode_the_job_id() -> None:
 # --- HTTP: auth, errors, limits -------------------------------------------------------------------------
 
 
-async def test_every_call_carries_basic_auth_under_the_client_path(
-    http: aiohttp.ClientSession, esp: FakeOptimizely
-) -> None:
-    c = connector(http, esp)
+async def test_every_call_carries_basic_auth_under_the_client_path(esp: FakeOptimizely) -> None:
+    c = connector(esp)
     esp.batch("job-1", state="has_recipients")
     assert (await c.import_status("5001:3:1")).state is ImportState.DONE
     await c.find_send(job())
@@ -409,19 +365,15 @@ async def test_every_call_carries_basic_auth_under_the_client_path(
     assert all(s.authorization == expected for s in esp.seen)
 
 
-async def test_refused_credentials_are_a_configuration_error(
-    http: aiohttp.ClientSession, esp: FakeOptimizely
-) -> None:
-    c = connector(http, esp, password="wrong")
+async def test_refused_credentials_are_a_configuration_error(esp: FakeOptimizely) -> None:
+    c = connector(esp, password="wrong")
     with pytest.raises(EspAuthError):
         await c.import_status("5001:1:0")
     assert len(esp.seen) == 1  # not retried
 
 
-async def test_429_with_retry_after_is_unavailable_and_later_calls_wait_for_it(
-    http: aiohttp.ClientSession, esp: FakeOptimizely
-) -> None:
-    c = connector(http, esp, timeout=5.0)
+async def test_429_with_retry_after_is_unavailable_and_later_calls_wait_for_it(esp: FakeOptimizely) -> None:
+    c = connector(esp, timeout=5.0)
     esp.batch("job-1", state="has_recipients")
     esp.faults = [(429, {"Retry-After": "120"})]
     with pytest.raises(EspUnavailableError) as info:
@@ -435,10 +387,8 @@ async def test_429_with_retry_after_is_unavailable_and_later_calls_wait_for_it(
     assert len(esp.seen) == 1
 
 
-async def test_429_and_5xx_within_the_budget_are_retried(
-    http: aiohttp.ClientSession, esp: FakeOptimizely
-) -> None:
-    c = connector(http, esp)
+async def test_429_and_5xx_within_the_budget_are_retried(esp: FakeOptimizely) -> None:
+    c = connector(esp)
     esp.batch("job-1", state="has_recipients")
     esp.faults = [(429, {"Retry-After": "0"}), (503, {"Retry-After": "0"})]
     status = await c.import_status("5001:1:0")
@@ -446,8 +396,8 @@ async def test_429_and_5xx_within_the_budget_are_retried(
     assert len(esp.seen) == 3
 
 
-async def test_the_concurrency_cap_holds(http: aiohttp.ClientSession, esp: FakeOptimizely) -> None:
-    c = connector(http, esp, max_concurrency=3, requests_per_second=1000)
+async def test_the_concurrency_cap_holds(esp: FakeOptimizely) -> None:
+    c = connector(esp, max_concurrency=3, requests_per_second=1000)
     esp.batch("job-1", state="has_recipients")
     esp.gate = asyncio.Event()
     calls = [asyncio.create_task(c.import_status("5001:1:0")) for _ in range(10)]
@@ -464,15 +414,13 @@ async def test_the_concurrency_cap_holds(http: aiohttp.ClientSession, esp: FakeO
     assert len(esp.seen) == 10
 
 
-async def test_the_rate_limit_holds(http: aiohttp.ClientSession, esp: FakeOptimizely) -> None:
-    c = connector(http, esp, max_concurrency=50, requests_per_second=20)
+async def test_the_rate_limit_holds(esp: FakeOptimizely) -> None:
+    c = connector(esp, max_concurrency=50, requests_per_second=20)
     esp.batch("job-1", state="has_recipients")
-    started = time.monotonic()
     await asyncio.gather(*(c.import_status("5001:1:0") for _ in range(30)))
-    arrivals = [s.at for s in esp.seen]
+    arrivals = esp.arrivals()
     assert len(arrivals) == 30
-    assert time.monotonic() - started >= 0.95
-    # at most 20 requests in any one second: the 21st after a request comes a second later
+    # at most 20 requests in any one second at the ESP: the 21st after a request comes a second later
     assert all(later - earlier >= 0.95 for earlier, later in zip(arrivals, arrivals[20:], strict=False))
 
 
@@ -535,11 +483,11 @@ async def test_list_file_custom_columns_and_a_bad_header() -> None:
 
 
 async def test_start_import_creates_the_batch_with_the_encoded_tag_and_finds_it_again(
-    http: aiohttp.ClientSession, esp: FakeOptimizely
+    esp: FakeOptimizely,
 ) -> None:
     j = job(job_id="job_1.a", message="7001")
     path = "optimizely/demo/drop/job_1.a.csv"
-    c = connector(http, esp, files={path: LIST.encode()}, chunk_size=2)
+    c = connector(esp, files={path: LIST.encode()}, chunk_size=2)
     first = await c.start_import(path, j)
     creation = [s for s in esp.seen if s.method == "POST"]
     assert len(creation) == 1
@@ -565,16 +513,14 @@ async def test_start_import_creates_the_batch_with_the_encoded_tag_and_finds_it_
     again = await c.start_import(path, j)  # a redelivery: the batch is found, chunks are replaced
     assert esp.created == 1
     assert again.import_id == first.import_id
-    listing = [s for s in esp.seen if (s.method, s.path) == ("GET", "sending/batches")]
+    listing = [s for s in esp.seen if (s.method, s.path) == ("GET", f"/{CLIENT}/sending/batches")]
     assert all(s.query["limit"] == "1000" for s in listing)
 
 
-async def test_start_import_skips_invalid_batches_and_stops_at_a_sent_one(
-    http: aiohttp.ClientSession, esp: FakeOptimizely
-) -> None:
+async def test_start_import_skips_invalid_batches_and_stops_at_a_sent_one(esp: FakeOptimizely) -> None:
     esp.batch("job-1", state="invalid")
     esp.batch("other", state="initiated")
-    c = connector(http, esp)
+    c = connector(esp)
     status = await c.start_import(LIST_PATH, job(message="7001"))
     assert esp.created == 1
     assert status.import_id.startswith("5003:")
@@ -584,21 +530,19 @@ async def test_start_import_skips_invalid_batches_and_stops_at_a_sent_one(
     assert esp.created == 1
 
 
-async def test_batches_are_paged_with_the_page_size(http: aiohttp.ClientSession, esp: FakeOptimizely) -> None:
+async def test_batches_are_paged_with_the_page_size(esp: FakeOptimizely) -> None:
     for i in range(4):
         esp.batch(f"other-{i}", state="sent")
     esp.batch("job-1", state="has_recipients")
-    c = connector(http, esp, page_size=2)
+    c = connector(esp, page_size=2)
     assert await c.find_send(job()) is None
-    listing = [s.query for s in esp.seen if s.path == "sending/batches"]
+    listing = [s.query for s in esp.seen if s.path == f"/{CLIENT}/sending/batches"]
     assert [(q["offset"], q["limit"]) for q in listing] == [("0", "2"), ("2", "2"), ("4", "2")]
 
 
-async def test_an_empty_or_all_invalid_list_fails_the_import(
-    http: aiohttp.ClientSession, esp: FakeOptimizely
-) -> None:
+async def test_an_empty_or_all_invalid_list_fails_the_import(esp: FakeOptimizely) -> None:
     files = {LIST_PATH: b"email;CommunicationKey\nno-at;K1\n", "empty.csv": b"email;CommunicationKey\n"}
-    c = connector(http, esp, files=files)
+    c = connector(esp, files=files)
     status = await c.start_import(LIST_PATH, job(message="7001"))
     assert (status.state, status.rows_valid, status.rows_invalid) == (ImportState.FAILED, 0, 1)
     assert (await c.import_status(status.import_id)).state is ImportState.FAILED
@@ -608,9 +552,9 @@ async def test_an_empty_or_all_invalid_list_fails_the_import(
 
 
 async def test_upload_only_makes_no_call_and_a_late_send_at_is_refused_before_staging(
-    http: aiohttp.ClientSession, esp: FakeOptimizely
+    esp: FakeOptimizely,
 ) -> None:
-    c = connector(http, esp)
+    c = connector(esp)
     only = await c.start_import(LIST_PATH, job(mode=SendMode.UPLOAD_ONLY.value))
     assert (only.state, only.import_id) == (ImportState.DONE, "file:job-1.csv")
     assert (await c.import_status(only.import_id)).state is ImportState.DONE
@@ -622,8 +566,8 @@ async def test_upload_only_makes_no_call_and_a_late_send_at_is_refused_before_st
     assert (await c.start_import(LIST_PATH, job(send_at=soon, message="7001"))).state is ImportState.DONE
 
 
-async def test_import_states_map(http: aiohttp.ClientSession, esp: FakeOptimizely) -> None:
-    c = connector(http, esp)
+async def test_import_states_map(esp: FakeOptimizely) -> None:
+    c = connector(esp)
     for state in ("initiated", "has_recipients", "sent", "invalid"):
         esp.batch(f"t-{state}", state=state)
     assert (await c.import_status("5001:0:0")).state is ImportState.FAILED
@@ -640,15 +584,13 @@ async def test_import_states_map(http: aiohttp.ClientSession, esp: FakeOptimizel
 # --- sends ----------------------------------------------------------------------------------------------
 
 
-async def test_send_202_then_409_follows_the_sent_batch(
-    http: aiohttp.ClientSession, esp: FakeOptimizely
-) -> None:
-    c = connector(http, esp)
+async def test_send_202_then_409_follows_the_sent_batch(esp: FakeOptimizely) -> None:
+    c = connector(esp)
     imp = await c.start_import(LIST_PATH, job(message="7001"))
     assert await c.find_send(job()) is None
     send = await c.send(imp.import_id, job())
     assert (send.send_id, send.state) == ("5001", SendState.SCHEDULED)
-    posts = [s for s in esp.seen if (s.method, s.path) == ("POST", "sending/batches/5001")]
+    posts = [s for s in esp.seen if (s.method, s.path) == ("POST", f"/{CLIENT}/sending/batches/5001")]
     assert len(posts) == 1
     again = await c.send(imp.import_id, job())  # 409: the batch is sent, so it is followed
     assert (again.send_id, again.state) == ("5001", SendState.SCHEDULED)
@@ -657,21 +599,17 @@ async def test_send_202_then_409_follows_the_sent_batch(
     assert found.send_id == "5001"
 
 
-async def test_send_409_on_an_unsent_batch_is_permanent(
-    http: aiohttp.ClientSession, esp: FakeOptimizely
-) -> None:
+async def test_send_409_on_an_unsent_batch_is_permanent(esp: FakeOptimizely) -> None:
     esp.batch("job-1", state="initiated")
-    c = connector(http, esp)
+    c = connector(esp)
     with pytest.raises(ListRejectedError, match="batch is initiated"):
         await c.send("5001:0:0", job())
     with pytest.raises(ListRejectedError):
         await c.send("file:job-1.csv", job())
 
 
-async def test_send_status_follows_batch_and_campaign(
-    http: aiohttp.ClientSession, esp: FakeOptimizely
-) -> None:
-    c = connector(http, esp)
+async def test_send_status_follows_batch_and_campaign(esp: FakeOptimizely) -> None:
+    c = connector(esp)
     esp.batch("job-1", state="has_recipients", campaign=7002)
     assert (await c.send_status("5001")).state is SendState.SCHEDULED
     esp.batches[5001]["state"] = "sent"
@@ -726,9 +664,7 @@ def unsubscribe(recipient: str, created: str, mailing: int | None = 8004) -> dic
     return element
 
 
-async def test_bounces_and_unsubscribes_are_pulled_and_resumed_from_the_cursor(
-    http: aiohttp.ClientSession, esp: FakeOptimizely
-) -> None:
+async def test_bounces_and_unsubscribes_are_pulled_and_resumed_from_the_cursor(esp: FakeOptimizely) -> None:
     esp.batch("job-1", state="sent", campaign=7002)
     esp.bounces = [
         bounce("K1", "hardbounce", "2026-11-22T11:00:09.000+01:00"),
@@ -745,7 +681,7 @@ async def test_bounces_and_unsubscribes_are_pulled_and_resumed_from_the_cursor(
         unsubscribe("X2", "2026-11-22T11:00:30+01:00", mailing=None),
         unsubscribe("K2", "2026-11-22T11:00:40+01:00"),
     ]
-    c = connector(http, esp, page_size=2)
+    c = connector(esp, page_size=2)
     b = broadcast()
     nothing = await c.pull_responses(b, None)  # the campaign is not running yet
     assert (nothing.items, nothing.cursor, nothing.more) == ((), None, False)
@@ -771,7 +707,7 @@ async def test_bounces_and_unsubscribes_are_pulled_and_resumed_from_the_cursor(
     assert first.source.kind == "api"
     assert events[3].occurred_at == datetime(2026, 11, 22, 10, 0, 12, tzinfo=UTC)  # to the second
     assert events[4].extra == {"reason": "link"}
-    responses = [s.query for s in esp.seen if s.path == "responses"]
+    responses = [s.query for s in esp.seen if s.path == f"/{CLIENT}/responses"]
     assert all(q["limit"] == "2" and "offset" in q for q in responses)
     assert all(int(s.query.get("limit", "0")) < 10000 for s in esp.seen if s.method == "GET")
 
@@ -787,7 +723,7 @@ async def test_bounces_and_unsubscribes_are_pulled_and_resumed_from_the_cursor(
     offsets = [
         s.query["offset"]
         for s in esp.seen[seen_before:]
-        if s.path == "responses" and s.query["category"] == "hardbounce"
+        if s.path == f"/{CLIENT}/responses" and s.query["category"] == "hardbounce"
     ]
     assert offsets[0] == "4"  # resumed where the first round stopped, not from 0
 
@@ -805,12 +741,12 @@ async def test_bounces_and_unsubscribes_are_pulled_and_resumed_from_the_cursor(
 
 
 async def test_another_mailings_newer_unsubscribes_do_not_hide_this_broadcasts_later_ones(
-    http: aiohttp.ClientSession, esp: FakeOptimizely
+    esp: FakeOptimizely,
 ) -> None:
     esp.batch("job-1", state="sent", campaign=7002)
     esp.campaigns[7002]["status"] = "running"
     esp.unsubscribes = [unsubscribe("X9", "2026-11-22T20:00:00+01:00", mailing=9999)]
-    c = connector(http, esp, page_size=2)
+    c = connector(esp, page_size=2)
     b = broadcast()
     first, cursor, _ = await pull_round(c, b, None)
     assert [i for i in first if isinstance(i, ResponseEvent)] == []
@@ -822,24 +758,22 @@ async def test_another_mailings_newer_unsubscribes_do_not_hide_this_broadcasts_l
     ]
 
 
-async def test_bounces_without_offset_paging_use_one_large_request(
-    http: aiohttp.ClientSession, esp: FakeOptimizely
-) -> None:
+async def test_bounces_without_offset_paging_use_one_large_request(esp: FakeOptimizely) -> None:
     esp.batch("job-1", state="sent", campaign=7002)
     esp.campaigns[7002]["status"] = "finished"
     esp.bounces = [bounce("K1", "softbounce", "2026-11-22T11:00:09+01:00")]
-    c = connector(http, esp, responses_offset_paging=False)
+    c = connector(esp, responses_offset_paging=False)
     items, _, _ = await pull_round(c, broadcast(), None)
     assert [i.type for i in items if isinstance(i, ResponseEvent)] == [EventType.BOUNCE_SOFT]
-    responses = [s.query for s in esp.seen if s.path == "responses"]
+    responses = [s.query for s in esp.seen if s.path == f"/{CLIENT}/responses"]
     assert responses
     assert all(q["limit"] == "9999" and "offset" not in q for q in responses)
 
 
-async def test_an_unreadable_cursor_starts_over(http: aiohttp.ClientSession, esp: FakeOptimizely) -> None:
+async def test_an_unreadable_cursor_starts_over(esp: FakeOptimizely) -> None:
     esp.batch("job-1", state="sent", campaign=7002)
     esp.campaigns[7002]["status"] = "running"
-    c = connector(http, esp)
+    c = connector(esp)
     first = await c.pull_responses(broadcast(), "not json")
     assert first.more
     assert first.cursor is not None
@@ -860,10 +794,8 @@ def parse(tmp_path: Path, c: OptimizelyConnector, text: str) -> list[ResponseEve
     return list(c.parse_response_file(path, "optimizely/demo/responses/Response_5001_20261122130000_001.csv"))
 
 
-async def test_response_files_map_rows_with_berlin_times(
-    tmp_path: Path, http: aiohttp.ClientSession, esp: FakeOptimizely
-) -> None:
-    c = connector(http, esp)
+async def test_response_files_map_rows_with_berlin_times(tmp_path: Path, esp: FakeOptimizely) -> None:
+    c = connector(esp)
     text = (
         f"\ufeff{HEADER}\r\n"
         "a@example.com;K1;K1;Send;22.11.2026 11:00:00;;;22.11.2026 11:00:00;;job-1\r\n"
@@ -900,20 +832,17 @@ async def test_response_files_map_rows_with_berlin_times(
     assert [i.event_id for i in again if isinstance(i, ResponseEvent)] == [e.event_id for e in events]
 
 
-async def test_response_file_bad_rows_keep_their_line(
-    tmp_path: Path, http: aiohttp.ClientSession, esp: FakeOptimizely
-) -> None:
-    c = connector(http, esp)
-    text = (
-        f"{HEADER}\n"
-        "a@example.com;K1;K1;Teleport;22.11.2026 11:00:00;;;22.11.2026 11:00:00;;job-1\n"
-        "a@example.com;K1;K1;Open;22.11.2026 11:00:00;;;2026-11-22 11:00:00;;job-1\n"
-        "a@example.com;K1;K1;Open;22.11.2026 11:00:00\n"
-        "a@example.com;K1;K1;Bounce;22.11.2026 11:00:00;;;22.11.2026 11:00:00;;job-1\n"
-        "a@example.com;K1;K1;Click;22.11.2026 11:00:00;;;22.11.2026 11:00:00;;job-1\n"
-        'a@example.com;K1;K1;Open;22.11.2026 11:00:00;;;22.11.2026 11:00:01;"x\ny";job-1\n'
-    )
-    items = parse(tmp_path, c, text)
+async def test_response_file_bad_rows_keep_their_line(tmp_path: Path, esp: FakeOptimizely) -> None:
+    c = connector(esp)
+    rows = [
+        "a@example.com;K1;K1;Teleport;22.11.2026 11:00:00;;;22.11.2026 11:00:00;;job-1",
+        "a@example.com;K1;K1;Open;22.11.2026 11:00:00;;;2026-11-22 11:00:00;;job-1",
+        "a@example.com;K1;K1;Open;22.11.2026 11:00:00",
+        "a@example.com;K1;K1;Bounce;22.11.2026 11:00:00;;;22.11.2026 11:00:00;;job-1",
+        "a@example.com;K1;K1;Click;22.11.2026 11:00:00;;;22.11.2026 11:00:00;;job-1",
+        'a@example.com;K1;K1;Open;22.11.2026 11:00:00;;;22.11.2026 11:00:01;"x\ny";job-1',
+    ]
+    items = parse(tmp_path, c, "\n".join([HEADER, *rows, ""]))
     bad = {i.line: i.error for i in items if isinstance(i, BadRow)}
     good = [i for i in items if isinstance(i, ResponseEvent)]
     assert set(bad) == {2, 3, 4, 5, 6}
@@ -929,10 +858,8 @@ async def test_response_file_bad_rows_keep_their_line(
     assert "EventTriggeredDate" in whole.error
 
 
-async def test_a_plain_bounce_can_be_mapped(
-    tmp_path: Path, http: aiohttp.ClientSession, esp: FakeOptimizely
-) -> None:
-    c = connector(http, esp, message_types={"Bounce": "bounce_hard"})
+async def test_a_plain_bounce_can_be_mapped(tmp_path: Path, esp: FakeOptimizely) -> None:
+    c = connector(esp, message_types={"Bounce": "bounce_hard"})
     (event,) = parse(tmp_path, c, f"{HEADER}\na;K1;K1;Bounce;;;;22.11.2026 11:00:00;;job-1\n")
     assert isinstance(event, ResponseEvent)
     assert event.type is EventType.BOUNCE_HARD
@@ -983,13 +910,9 @@ WEBHOOK_BODY = orjson.dumps(
     ],
 )
 async def test_webhook_authentication(
-    http: aiohttp.ClientSession,
-    esp: FakeOptimizely,
-    options: dict[str, Any],
-    headers: dict[str, str],
-    ok: bool,
+    esp: FakeOptimizely, options: dict[str, Any], headers: dict[str, str], ok: bool
 ) -> None:
-    c = connector(http, esp, **options)
+    c = connector(esp, **options)
     if ok:
         (event,) = c.parse_webhook(headers, WEBHOOK_BODY)
         assert isinstance(event, ResponseEvent)
@@ -998,10 +921,8 @@ async def test_webhook_authentication(
             c.parse_webhook(headers, WEBHOOK_BODY)
 
 
-async def test_webhook_items_become_events_and_bad_items_keep_their_index(
-    http: aiohttp.ClientSession, esp: FakeOptimizely
-) -> None:
-    c = connector(http, esp)
+async def test_webhook_items_become_events_and_bad_items_keep_their_index(esp: FakeOptimizely) -> None:
+    c = connector(esp)
     auth = {"Authorization": basic("espbridge", SECRET)}
     data = {"email": "b@example.com", "CommunicationKey": "K2", "BroadcastId": "job-1"}
     base = {"mailingId": 8004, "recipientId": "K2", "created": "2026-11-22T10:00:09Z", "data": data}
@@ -1043,12 +964,12 @@ async def test_webhook_items_become_events_and_bad_items_keep_their_index(
 
 
 async def test_one_event_from_a_file_the_api_and_a_webhook_has_one_id(
-    tmp_path: Path, http: aiohttp.ClientSession, esp: FakeOptimizely
+    tmp_path: Path, esp: FakeOptimizely
 ) -> None:
     esp.batch("job-1", state="sent", campaign=7002)
     esp.campaigns[7002]["status"] = "finished"
     esp.bounces = [bounce("K7", "hardbounce", "2026-11-22T11:00:09.000+01:00")]
-    c = connector(http, esp)
+    c = connector(esp)
     pulled, _, _ = await pull_round(c, broadcast(), None)
     (from_api,) = [i for i in pulled if isinstance(i, ResponseEvent)]
     (from_file, file_click) = parse(
