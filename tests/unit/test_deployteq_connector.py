@@ -191,34 +191,6 @@ async def test_upload_only_and_bad_trigger_names_are_refused_before_anything_mov
     assert site.ops == []
 
 
-@pytest.mark.parametrize(
-    ("options", "complaint"),
-    [
-        ({"bogus": 1}, "bogus"),
-        ({"page_limit": 1001}, "page_limit"),
-        ({"api_rate_per_s": 0}, "api_rate_per_s"),
-        ({"pickup_timeout_s": 0}, "pickup_timeout_s"),
-        ({"api_timezone": "Mars/Olympus_Mons"}, "api_timezone"),
-        ({"brand": "a/b"}, "brand"),
-        ({"staging_folder": "../up"}, "staging_folder"),
-        ({"api_metrics": {"opens": "teleport"}}, "unknown event types"),
-        ({"export_types": {"COMPLAINT": "grumble"}}, "unknown event types"),
-        ({"export_columns": {"nope": "X"}}, "unknown roles"),
-        ({"export_types": {"BOUNCE": "bounce"}}, "both the Events API"),
-        ({"export_types": {"OPEN": "open"}}, "both the Events API"),
-        ({"api_metrics": {"complaints": "complaint"}}, "both the Events API"),
-        ({"export_timestamp_format": "%Q"}, "export_timestamp_format"),
-        ({"list_encoding": "klingon"}, "list_encoding"),
-    ],
-)
-def test_invalid_options_are_a_configuration_error_naming_the_account(
-    options: dict[str, Any], complaint: str
-) -> None:
-    with pytest.raises(ConfigurationError, match="deployteq/acme") as info:
-        folders(FakeSite(), Clock(), **options)
-    assert complaint in str(info.value)
-
-
 def test_bounces_can_come_from_the_export_instead() -> None:
     c = folders(
         FakeSite(),

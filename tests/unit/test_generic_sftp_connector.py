@@ -11,7 +11,6 @@ import pytest
 
 from shared.esp import AccountConfig, BadRow, ConnectorContext
 from shared.esp.generic_sftp import GenericSftpConnector, UploadOnlyError
-from shared.model.errors import ConfigurationError
 from shared.model.messages import EventType, ResponseEvent
 
 HEADER = "MessageType\turn\temail\tmailingId\tmailingName\ttimestamp\tlink\tbouncetype\tbouncereason"
@@ -87,15 +86,6 @@ def test_formats_are_configurable(tmp_path: Path) -> None:
     assert isinstance(event, ResponseEvent)
     assert (event.type, event.broadcast_id, event.communication_key) == (EventType.OPEN, "job-2", "k9")
     assert event.occurred_at == datetime(2026, 11, 22, 9, 30, tzinfo=UTC)
-
-
-def test_bad_options_are_configuration_errors() -> None:
-    with pytest.raises(ConfigurationError, match="unknown event types"):
-        connector(message_types={"OPN": "looked"})
-    with pytest.raises(ConfigurationError, match="time zone"):
-        connector(timezone="Mars/Olympus")
-    with pytest.raises(ConfigurationError, match="columns has unknown roles"):
-        connector(columns={"colour": "x"})
 
 
 async def test_there_is_no_send() -> None:

@@ -234,33 +234,6 @@ async def test_list_format_and_path() -> None:
     assert (other.list_format.delimiter, other.list_format.email_field) == (";", "EmailAddress")
 
 
-@pytest.mark.parametrize(
-    ("options", "complaint"),
-    [
-        ({"bogus": 1}, "bogus"),
-        ({"page_size": 0}, "page_size"),
-        ({"page_size": 5001}, "page_size"),
-        ({"requests_per_second": 0}, "requests_per_second"),
-        ({"list_identifier_template": "espbridge"}, "{job_id}"),
-        ({"list_identifier_template": "x_{job_id}_{other}"}, "job_id only"),
-        ({"export_types": ["output", "returned"]}, "not mapped"),
-        ({"export_type_map": {"open": "teleport"}}, "export_type_map"),
-        ({"import_states": {"complete": "finished"}}, "import_states"),
-        ({"timezone": "Mars/Olympus_Mons"}, "time zone"),
-        ({"paths": {"nope": "/x"}}, "unknown roles"),
-        ({"params": {"list": "api_key"}}, "params"),
-        ({"id_column": "EventId", "columns": {"id": "Id2"}}, "disagree"),
-        ({"date_format": "%Q"}, "date_format"),
-    ],
-)
-async def test_invalid_options_are_a_configuration_error_naming_the_account(
-    options: dict[str, Any], complaint: str
-) -> None:
-    with pytest.raises(ConfigurationError, match="instiller/acme") as info:
-        InstillerConnector(account(**options), OFFLINE)
-    assert complaint in str(info.value)
-
-
 async def test_options_given_in_part_are_merged_over_the_defaults() -> None:
     c = InstillerConnector(
         account(

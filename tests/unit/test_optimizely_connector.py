@@ -315,27 +315,6 @@ async def test_registered_and_list_format(esp: FakeOptimizely) -> None:
     assert not connector(esp, api_pulls=False).pulls_api
 
 
-@pytest.mark.parametrize(
-    ("options", "complaint"),
-    [
-        ({"page_size": 10000}, "page_size"),
-        ({"campaign_action": "clone"}, "campaign_action"),
-        ({"webhook_auth": "hmac"}, "webhook_auth"),
-        ({"timezone": "Mars/Olympus"}, "time zone"),
-        ({"response_columns": {"colour": "Farbe"}}, "unknown roles"),
-        ({"message_types": {"Send": "teleport"}}, "message_types"),
-        ({"chunk_size": 0}, "chunk_size"),
-        ({"surprise": 1}, "surprise"),
-    ],
-)
-async def test_invalid_options_are_a_configuration_error_naming_the_account(
-    esp: FakeOptimizely, options: dict[str, Any], complaint: str
-) -> None:
-    with pytest.raises(ConfigurationError, match="optimizely/demo") as info:
-        connector(esp, **options)
-    assert complaint in str(info.value)
-
-
 async def test_credentials_are_required() -> None:
     account = AccountConfig(esp="optimizely", account="demo", connector="optimizely", api_url="http://x/rest")
     with pytest.raises(ConfigurationError, match="optimizely/demo"):
