@@ -12,15 +12,15 @@ import asyncio
 import logging
 import secrets
 import threading
+import time
 from collections import Counter
 from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
-from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from sandbox.errors import EspError
-from sandbox.eventlog import EVENTS_FOLDER, EventLog
+from sandbox.eventlog import EVENTS_FOLDER, EventLog, SendInterruptedError
 from sandbox.files import atomic_writer, csv_line
 from sandbox.limits import RateLimiter, TokenBucket, rate_limited
 from sandbox.listfile import ImportInterruptedError, ImportResult, import_list
@@ -36,16 +36,7 @@ from sandbox.protocol import (
     parse_utc,
     utc_text,
 )
-from sandbox.responses import (
-    Broadcast,
-    EventLogFormat,
-    EventLogWriter,
-    PhaseWriter,
-    ResponseFormat,
-    ResponsePhase,
-    ResponseWriter,
-    SendInterruptedError,
-)
+from sandbox.responses import Broadcast, PendingFile, ResponseFormat, ResponsePhase
 from sandbox.settings import Settings
 from sandbox.state import AccountState, ImportRecord, SendRecord
 
@@ -77,7 +68,8 @@ class Account:
         self.settings = settings
         self.flavor = flavor
         self.state = AccountState(folder / STATE_FILE)
-        self._stop = stop
+        self.stopping = stop
+        """Set when the sandbox stops: worker threads check it between rows, files and steps."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._running_imports: dict[str, asyncio.Task[None]] = {}
         self._logs: dict[str, EventLog] = {}
@@ -154,7 +146,11 @@ class Account:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def _list_store(self, import_id: str) -> Path:
+    def _log_created(self, what: str, **fields: object) -> None:
+        log.info(f"{what} created", extra={"account": self.name, **fields})
+
+    def list_store(self, import_id: str) -> Path:
+        """Where an import's valid recipients are kept (``sandbox.listfile.recipients`` reads them)."""
         return self.folder / LISTS_FOLDER / f"{import_id}.csv"
 
     # Imports
@@ -186,17 +182,38 @@ class Account:
         )
         self.state.imports[record.import_id] = record
         await self.state.save()
-        log.info(
-            "import created",
-            extra={
-                "account": self.name,
-                "import_id": record.import_id,
-                "external_id": external_id,
-                "file": file,
-            },
-        )
+        self._log_created("import", import_id=record.import_id, external_id=external_id, file=file)
         self._start_import(record)
         return record, True
+
+    async def imported_list(
+        self,
+        import_id: str,
+        recipients: int,
+        *,
+        list_id: str | None = None,
+        attrs: Mapping[str, str] | None = None,
+    ) -> ImportRecord:
+        """Record as done an import the flavor carried out itself (its ESP takes recipients its own
+        way); its ``recipients`` valid rows are in :meth:`list_store` already. Again: the same record."""
+        existing = self.state.imports.get(import_id)
+        if existing is not None:
+            return existing
+        record = ImportRecord(
+            import_id=import_id,
+            external_id=import_id,
+            file=f"{LISTS_FOLDER}/{import_id}.csv",
+            state=ImportState.DONE,
+            rows_total=recipients,
+            rows_valid=recipients,
+            list_id=list_id or _new_id("lst"),
+            created_at=utc_text(_now()),
+            attrs=dict(attrs or {}),
+        )
+        self.state.imports[import_id] = record
+        await self.state.save()
+        self._log_created("flavor's import", import_id=import_id, recipients=recipients)
+        return record
 
     # Imports of recipients received in API requests
 
@@ -245,10 +262,7 @@ class Account:
             await asyncio.to_thread(self._write_chunk, self._chunk_path(import_id, 0), [header])
             self.state.imports[import_id] = record
             await self.state.save()
-        log.info(
-            "import created from rows",
-            extra={"account": self.name, "import_id": import_id, "external_id": external_id},
-        )
+        self._log_created("import from rows", import_id=import_id, external_id=external_id)
         await self.add_rows(import_id, rows, complete=complete)
         return record, True
 
@@ -314,12 +328,12 @@ class Account:
                 record.state = ImportState.RUNNING
                 await self.state.save()
             try:
-                store = self._list_store(record.import_id)
+                store = self.list_store(record.import_id)
                 if record.source == "rows":
-                    result = await asyncio.to_thread(self._read_rows_import, record, store, self._stop)
+                    result = await asyncio.to_thread(self._read_rows_import, record, store, self.stopping)
                 else:
                     result = await asyncio.to_thread(
-                        self.flavor.read_list, self.folder / record.file, store, self._stop
+                        self.flavor.read_list, self.folder / record.file, store, self.stopping
                     )
             except OSError as exc:
                 log.exception("import could not be read", extra={"import_id": record.import_id})
@@ -381,6 +395,7 @@ class Account:
             message=message,
             recipients=imported.rows_valid,
             send_at=utc_text(send_at) if send_at is not None else None,
+            starts_at=send_at.timestamp() if send_at is not None else None,
             created_at=utc_text(_now()),
             seed=self.settings.seed,
             rows_per_file=self.settings.rows_per_file,
@@ -390,15 +405,12 @@ class Account:
         )
         self.state.sends[record.send_id] = record
         await self.state.save()
-        log.info(
-            "send created",
-            extra={
-                "account": self.name,
-                "send_id": record.send_id,
-                "external_id": external_id,
-                "recipients": record.recipients,
-                "send_at": record.send_at,
-            },
+        self._log_created(
+            "send",
+            send_id=record.send_id,
+            external_id=external_id,
+            recipients=record.recipients,
+            send_at=record.send_at,
         )
         self.spawn(self._run_send(record), f"send {record.send_id}")
         return record, True
@@ -418,17 +430,15 @@ class Account:
 
     async def _send(self, record: SendRecord) -> None:
         if record.state is SendState.SCHEDULED:
-            if record.send_at is not None:
-                wait_s = (parse_utc(record.send_at) - _now()).total_seconds()
-                if wait_s > 0:
-                    await asyncio.sleep(wait_s)
+            if record.starts_at is not None:
+                await asyncio.sleep(max(0.0, record.starts_at - time.time()))
             record.state = SendState.SENDING
             record.started_at = utc_text(_now())
             await self.state.save()
             log.info("sending", extra={"account": self.name, "send_id": record.send_id})
             if self.settings.send_delay_s:
                 await asyncio.sleep(self.settings.send_delay_s)  # a real send takes a while
-        store = self._list_store(record.import_id)
+        store = self.list_store(record.import_id)
         if not store.is_file():
             raise FileNotFoundError(f"the imported list of {record.import_id} is gone: {store}")
         started = parse_utc(record.started_at) if record.started_at else _now()
@@ -447,14 +457,8 @@ class Account:
             attrs=dict(record.attrs),
         )
         responses = self.flavor.responses
-        writer: PhaseWriter
-        if isinstance(responses, EventLogFormat):
-            writer = EventLogWriter(broadcast, responses, self.event_log(record.send_id), self._stop)
-        else:
-            writer = ResponseWriter(
-                broadcast, responses, partial(self._file_name, record, broadcast), self._stop
-            )
-        await asyncio.to_thread(writer.start)
+        writer = responses.writer(self, record, broadcast)
+        await writer.start()
         for index, phase in enumerate(responses.phases):
             # Responses trickle in: a pause before each later phase, once this run has written a file.
             if index and writer.files_written:
@@ -465,7 +469,7 @@ class Account:
                 record.finished_at = utc_text(_now())
                 await self.state.save()
                 log.info("sent", extra={"account": self.name, "send_id": record.send_id})
-        await asyncio.to_thread(writer.finish)
+        await writer.finish()
         record.responses_complete = True
         await self.state.save()
         log.info(
@@ -473,7 +477,7 @@ class Account:
             extra={"account": self.name, "send_id": record.send_id, "counts": writer.counts},
         )
 
-    async def _file_name(
+    async def name_file(
         self, record: SendRecord, broadcast: Broadcast, phase: ResponsePhase, seq: int
     ) -> str:
         """The path of the send's ``seq``-th response file: the saved one, or a new one saved now."""
@@ -481,7 +485,7 @@ class Account:
             return record.files[seq - 1]
         responses = self.flavor.responses
         assert isinstance(responses, ResponseFormat)
-        path = responses.file_name(broadcast, phase, seq, _now(), self._path_taken)
+        path = responses.file_name(PendingFile(broadcast, phase, seq, _now(), self._path_taken))
         record.files.append(path)
         await self.state.save()
         return path

@@ -10,7 +10,9 @@ seed and writes only those not on disk, so no item is released twice or moves.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,11 @@ import orjson
 from sandbox.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
+
+
+class SendInterruptedError(Exception):
+    """The sandbox is stopping; the send resumes from what is on disk when it restarts."""
+
 
 EVENTS_FOLDER = ".sandbox-events"
 
@@ -59,6 +66,17 @@ class EventLog:
     def publish(self, records: Sequence[Record]) -> None:
         """Make a written step's items visible to the API (in the event loop's thread)."""
         self._append(records)
+
+    async def release(self, seq: int, records: Sequence[Record], stop: threading.Event) -> bool:
+        """Write step ``seq`` (in a worker thread) and publish it, unless an earlier run released it;
+        True if released now. Raises ``SendInterruptedError`` once ``stop`` is set."""
+        if seq <= self.steps:
+            return False
+        if stop.is_set():
+            raise SendInterruptedError
+        await asyncio.to_thread(self.write_step, seq, records)
+        self.publish(records)
+        return True
 
     def _append(self, records: Sequence[Record]) -> None:
         for stream, item in records:

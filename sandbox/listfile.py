@@ -8,6 +8,7 @@ dropped file once the import is done.
 from __future__ import annotations
 
 import _csv
+import contextlib
 import csv
 import threading
 from collections.abc import Callable, Iterator
@@ -88,6 +89,15 @@ def import_list(source: Path, store: Path, stop: threading.Event, delimiter: str
         return _fail(1, "not a file")
 
 
+@contextlib.contextmanager
+def recipient_store(store: Path) -> Iterator[Callable[[str, str], object]]:
+    """Write an import's recipients to ``store``: ``add(email, key)`` for each, in list order; the
+    file is renamed into place at the end of the block (and discarded if the block raises)."""
+    with atomic_writer(store) as out:
+        out.write(csv_line((EMAIL, COMMUNICATION_KEY)))
+        yield lambda email, key: out.write(csv_line((email, key)))
+
+
 def _read(reader: _csv.Reader, store: Path, stop: threading.Event) -> ImportResult:
     header = next(reader, None)
     if header is None:
@@ -104,8 +114,7 @@ def _read(reader: _csv.Reader, store: Path, stop: threading.Event) -> ImportResu
     # Keys of the rows imported so far: a later row with the same key is the duplicate.
     seen: set[str] = set()
     line_num = reader.line_num
-    with atomic_writer(store) as out:
-        out.write(csv_line((EMAIL, COMMUNICATION_KEY)))
+    with recipient_store(store) as add:
         for row in reader:
             start_line, line_num = line_num + 1, reader.line_num
             if not row:
@@ -120,7 +129,7 @@ def _read(reader: _csv.Reader, store: Path, stop: threading.Event) -> ImportResu
                 continue
             seen.add(row[key_at])
             result.rows_valid += 1
-            out.write(csv_line((row[email_at], row[key_at])))
+            add(row[email_at], row[key_at])
     return result
 
 

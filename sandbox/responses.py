@@ -14,15 +14,15 @@ import asyncio
 import logging
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path, PurePosixPath
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import orjson
 
-from sandbox.eventlog import EventLog, Record
+from sandbox.eventlog import Record, SendInterruptedError
 from sandbox.files import atomic_write_bytes, atomic_writer
 from sandbox.limits import MalformedRows
 from sandbox.listfile import recipients
@@ -30,13 +30,13 @@ from sandbox.protocol import ARCHIVE, COUNTED_TYPES, ESP_ONLY_TYPES, MANIFEST, E
 from sandbox.settings import Rates
 from sandbox.simulate import Event, distinct_seconds, phase_files, simulate
 
+if TYPE_CHECKING:
+    from sandbox.engine import Account
+    from sandbox.state import SendRecord
+
 log = logging.getLogger(__name__)
 
 _STOP_CHECK_EVENTS = 10_000
-
-
-class SendInterruptedError(Exception):
-    """The sandbox is stopping; the broadcast resumes from its manifest when it restarts."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,41 @@ class ResponsePhase:
 
     name: str
     types: frozenset[EventType]
+
+
+OPTOUTS = frozenset({EventType.UNSUBSCRIBE, EventType.COMPLAINT})
+
+
+def usual_phases(
+    sent: str,
+    bounces: str,
+    opens: str,
+    clicks: str,
+    optouts: str,
+    optout_types: Collection[EventType] = OPTOUTS,
+) -> tuple[ResponsePhase, ...]:
+    """The order most ESPs report in, under the ESP's names: sends; hard and soft bounces; opens;
+    clicks; opt-outs (``optout_types``: unsubscribes and complaints unless the ESP has fewer)."""
+    return (
+        ResponsePhase(sent, frozenset({EventType.SENT})),
+        ResponsePhase(bounces, frozenset({EventType.BOUNCE_HARD, EventType.BOUNCE_SOFT})),
+        ResponsePhase(opens, frozenset({EventType.OPEN})),
+        ResponsePhase(clicks, frozenset({EventType.CLICK})),
+        ResponsePhase(optouts, frozenset(optout_types)),
+    )
+
+
+@dataclass(frozen=True)
+class PendingFile:
+    """A response file about to be written, to be named by its format."""
+
+    broadcast: Broadcast
+    phase: ResponsePhase
+    seq: int
+    """The broadcast's file number, from 1."""
+    now: datetime
+    taken: Callable[[str], bool]
+    """Whether a path (relative to the account) is in use already in this account."""
 
 
 class PhasedFormat(ABC):
@@ -96,6 +131,10 @@ class PhasedFormat(ABC):
         """The ESP-only event types the phases carry (simulated only then; ``esp_only`` in the manifest)."""
         return frozenset(t for p in self.phases for t in p.types if t in ESP_ONLY_TYPES)
 
+    @abstractmethod
+    def writer(self, account: Account, record: SendRecord, broadcast: Broadcast) -> PhaseWriter:
+        """The writer that releases one send's responses in this format (the engine runs it)."""
+
 
 class ResponseFormat(PhasedFormat):
     """How one flavor writes response files."""
@@ -104,24 +143,20 @@ class ResponseFormat(PhasedFormat):
     """Where the client moves the files it has processed: a file found there counts as written."""
 
     @abstractmethod
-    def file_name(
-        self,
-        broadcast: Broadcast,
-        phase: ResponsePhase,
-        seq: int,
-        now: datetime,
-        taken: Callable[[str], bool],
-    ) -> str:
-        """The path of the broadcast's ``seq``-th file (1-based), about to be written, relative to
-        the account folder (e.g. ``responses/…``).
+    def file_name(self, file: PendingFile) -> str:
+        """The path of a file about to be written, relative to the account folder (``responses/…``).
 
         Called once per file: the path is kept in the send's saved state, and a resumed broadcast
-        reuses it. ``taken(path)`` tells whether a path is in use already in this account.
+        reuses it.
         """
 
     @abstractmethod
     def write(self, out: IO[str], broadcast: Broadcast, phase: ResponsePhase, events: list[Event]) -> None:
         """Write one whole file (header and rows) of ``events``, which are in time order."""
+
+    def writer(self, account: Account, record: SendRecord, broadcast: Broadcast) -> PhaseWriter:
+        """A :class:`ResponseWriter`."""
+        return ResponseWriter(self, account, record, broadcast)
 
 
 class EventLogFormat(PhasedFormat):
@@ -147,22 +182,26 @@ class EventLogFormat(PhasedFormat):
         following the well-formed item ``after`` of ``stream`` (with ``MALFORMED_EVERY``)."""
         raise NotImplementedError
 
-
-FileNamer = Callable[[ResponsePhase, int], Awaitable[str]]
-"""``(phase, seq) -> path``: the engine's, which asks the format once and saves the path."""
+    def writer(self, account: Account, record: SendRecord, broadcast: Broadcast) -> PhaseWriter:
+        """An :class:`EventLogWriter`."""
+        return EventLogWriter(self, account, record, broadcast)
 
 
 class PhaseWriter(ABC):
-    """Releases one broadcast's responses; await :meth:`write_phase` for each phase in order.
+    """Releases one send's responses: the engine awaits :meth:`start`, :meth:`write_phase` for each
+    phase in order (``PHASE_DELAY_S`` apart), then :meth:`finish`.
 
     Every step is regenerated and counted, also when an earlier run released it already (then it
-    is only skipped), so the counts and the manifest are those of the whole broadcast so far.
+    is only skipped), so the counts and the manifest are those of the whole broadcast so far. A
+    flavor whose ESP releases in its own way subclasses it (its format's ``writer`` makes one).
     """
 
-    def __init__(self, broadcast: Broadcast, fmt: PhasedFormat, stop: threading.Event) -> None:
-        self.broadcast = broadcast
+    def __init__(self, fmt: PhasedFormat, account: Account, record: SendRecord, broadcast: Broadcast) -> None:
         self.format = fmt
-        self._stop = stop
+        self.account = account
+        self.record = record
+        self.broadcast = broadcast
+        self._stop: threading.Event = account.stopping
         self.manifest_path = broadcast.account_dir / MANIFEST / f"{broadcast.external_id}.json"
         self.counts: dict[str, int] = {t.value: 0 for t in COUNTED_TYPES}
         self.esp_only: dict[str, int] = {t.value: 0 for t in EventType if t in fmt.esp_only}
@@ -190,10 +229,10 @@ class PhaseWriter(ABC):
         data = orjson.dumps(self.manifest(complete), option=orjson.OPT_INDENT_2)
         atomic_write_bytes(self.manifest_path, data)
 
-    def start(self) -> None:
-        """Write the first (empty) manifest of a broadcast that has none yet."""
+    async def start(self) -> None:
+        """Before the first phase: write the first (empty) manifest of a broadcast that has none yet."""
         if not self.manifest_path.exists():
-            self._write_manifest(complete=False)
+            await asyncio.to_thread(self._write_manifest, False)
 
     def _count(self, events: list[Event]) -> None:
         for e in events:
@@ -209,15 +248,17 @@ class PhaseWriter(ABC):
                 raise SendInterruptedError
             yield event
 
-    def _chunks(self, phase: ResponsePhase) -> Iterator[list[Event]]:
-        b = self.broadcast
-        events: Iterator[Event] = self.format.adjust(
-            simulate(recipients(b.list_store), b.seed, b.external_id, b.t0, b.rates, self.format.esp_only)
+    def events(self) -> Iterator[Event]:
+        """The broadcast's events as its ESP reports them, recipient by recipient (from the seed)."""
+        b, fmt = self.broadcast, self.format
+        events = fmt.adjust(
+            simulate(recipients(b.list_store), b.seed, b.external_id, b.t0, b.rates, fmt.esp_only)
         )
-        if self.format.distinct_seconds:
-            events = distinct_seconds(events)
-        events = self._unless_stopped(events)
-        return phase_files(events, phase.types, b.rows_per_file, self.format.time_ordered_phases)
+        return distinct_seconds(events) if fmt.distinct_seconds else events
+
+    def _chunks(self, phase: ResponsePhase) -> Iterator[list[Event]]:
+        events = self._unless_stopped(self.events())
+        return phase_files(events, phase.types, self.broadcast.rows_per_file, self.format.time_ordered_phases)
 
     @abstractmethod
     async def _release(self, phase: ResponsePhase, seq: int, events: list[Event]) -> bool:
@@ -236,9 +277,9 @@ class PhaseWriter(ABC):
         self.files_written += wrote
         return wrote
 
-    def finish(self) -> None:
-        """Mark the manifest complete: every response of the broadcast is released."""
-        self._write_manifest(complete=True)
+    async def finish(self) -> None:
+        """After the last phase: mark the manifest complete, every response of the broadcast is released."""
+        await asyncio.to_thread(self._write_manifest, True)
 
 
 class ResponseWriter(PhaseWriter):
@@ -247,10 +288,9 @@ class ResponseWriter(PhaseWriter):
     format: ResponseFormat
 
     def __init__(
-        self, broadcast: Broadcast, fmt: ResponseFormat, name_file: FileNamer, stop: threading.Event
+        self, fmt: ResponseFormat, account: Account, record: SendRecord, broadcast: Broadcast
     ) -> None:
-        super().__init__(broadcast, fmt, stop)
-        self._name_file = name_file
+        super().__init__(fmt, account, record, broadcast)
         self._written_before = self._previous_files()
         self.files: list[str] = []
 
@@ -263,9 +303,11 @@ class ResponseWriter(PhaseWriter):
             previous = orjson.loads(self.manifest_path.read_bytes())
         except FileNotFoundError:
             return set()
-        if previous.get("send_id") != self.broadcast.send_id:
-            return set()
-        return set(previous.get("files", []))
+        return set(previous.get("files", [])) if self._same_send(previous) else set()
+
+    def _same_send(self, manifest: dict[str, Any]) -> bool:
+        """Whether a manifest on disk is this send's (the client may reuse a broadcast id)."""
+        return bool(manifest.get("send_id") == self.broadcast.send_id)
 
     def _already_written(self, path: str) -> bool:
         # The manifest is updated after the file's rename, so a stop between the two leaves the
@@ -296,7 +338,7 @@ class ResponseWriter(PhaseWriter):
         return fresh
 
     async def _release(self, phase: ResponsePhase, seq: int, events: list[Event]) -> bool:
-        path = await self._name_file(phase, seq)
+        path = await self.account.name_file(self.record, self.broadcast, phase, seq)
         fresh = await asyncio.to_thread(self._write_file, phase, path, events)
         if fresh:
             log.info(
@@ -317,12 +359,11 @@ class EventLogWriter(PhaseWriter):
     format: EventLogFormat
 
     def __init__(
-        self, broadcast: Broadcast, fmt: EventLogFormat, event_log: EventLog, stop: threading.Event
+        self, fmt: EventLogFormat, account: Account, record: SendRecord, broadcast: Broadcast
     ) -> None:
-        super().__init__(broadcast, fmt, stop)
-        self.log = event_log
-        every = broadcast.malformed_every if fmt.malformed_kinds else 0
-        self.malformed = MalformedRows(every)
+        super().__init__(fmt, account, record, broadcast)
+        self.log = account.event_log(record.send_id)
+        self.malformed = MalformedRows(broadcast.malformed_every if fmt.malformed_kinds else 0)
 
     def _manifest_extra(self) -> dict[str, Any]:
         return {"malformed": dict(sorted(self.malformed.counts.items()))}
@@ -338,18 +379,11 @@ class EventLogWriter(PhaseWriter):
                 records.append((stream, fmt.malformed_item(b, stream, k, item)))
         return records
 
-    def _write_step(self, seq: int, records: list[Record]) -> None:
-        if self._stop.is_set():
-            raise SendInterruptedError
-        self.log.write_step(seq, records)
-
     async def _release(self, phase: ResponsePhase, seq: int, events: list[Event]) -> bool:
         records = await asyncio.to_thread(self._records, events)
         self._count(events)
-        if seq <= self.log.steps:
+        if not await self.log.release(seq, records, self._stop):
             return False
-        await asyncio.to_thread(self._write_step, seq, records)
-        self.log.publish(records)
         await asyncio.to_thread(self._write_manifest, False)
         log.info(
             "responses released",

@@ -24,21 +24,30 @@ log = logging.getLogger(__name__)
 STATE_VERSION = 1
 
 
-class ImportRecord(BaseModel):
-    """One import, with the fields the API shows and the ones the sandbox needs to redo it."""
+class PublicImport(BaseModel):
+    """An import as ``GET /imports/<import_id>`` shows it; :class:`ImportRecord` adds the rest."""
 
     model_config = ConfigDict(extra="ignore", validate_assignment=True)
 
     import_id: str
     external_id: str
-    file: str
-    list_name: str | None = None
     state: ImportState = ImportState.QUEUED
     rows_total: int = 0
     rows_valid: int = 0
     rows_invalid: int = 0
     errors: list[dict[str, int | str]] = Field(default_factory=list)
     list_id: str | None = None
+
+    def public(self) -> dict[str, Any]:
+        """The body of ``GET /imports/<import_id>``."""
+        return self.model_dump(mode="json", include=set(PublicImport.model_fields))
+
+
+class ImportRecord(PublicImport):
+    """One import, with the fields the API shows and the ones the sandbox needs to redo it."""
+
+    file: str
+    list_name: str | None = None
     created_at: str
     source: Literal["file", "rows"] = "file"
     """``rows``: the recipients came in API requests and were staged in ``file`` (comma CSV)."""
@@ -49,25 +58,9 @@ class ImportRecord(BaseModel):
     attrs: dict[str, str] = Field(default_factory=dict)
     """The flavor's own attributes (e.g. the list it imports into)."""
 
-    def public(self) -> dict[str, Any]:
-        """The body of ``GET /imports/<import_id>``."""
-        return self.model_dump(
-            mode="json",
-            include={
-                "import_id",
-                "external_id",
-                "state",
-                "rows_total",
-                "rows_valid",
-                "rows_invalid",
-                "errors",
-                "list_id",
-            },
-        )
 
-
-class SendRecord(BaseModel):
-    """One send; ``responses_complete`` tells a restarted sandbox whether response files remain to write."""
+class PublicSend(BaseModel):
+    """A send as ``GET /sends/<send_id>`` shows it; :class:`SendRecord` adds the rest."""
 
     model_config = ConfigDict(extra="ignore", validate_assignment=True)
 
@@ -80,6 +73,17 @@ class SendRecord(BaseModel):
     send_at: str | None = None
     started_at: str | None = None
     finished_at: str | None = None
+
+    def public(self) -> dict[str, Any]:
+        """The body of ``GET /sends/<send_id>``."""
+        return self.model_dump(mode="json", include=set(PublicSend.model_fields))
+
+
+class SendRecord(PublicSend):
+    """One send; ``responses_complete`` tells a restarted sandbox whether response files remain to write."""
+
+    starts_at: float | None = None
+    """When a scheduled send starts (epoch seconds: ``send_at`` to the microsecond); None: at once."""
     created_at: str
     responses_complete: bool = False
     # The simulation parameters the send was created under: a resumed send must regenerate the
@@ -95,23 +99,6 @@ class SendRecord(BaseModel):
     """Why a ``failed`` send failed."""
     attrs: dict[str, str] = Field(default_factory=dict)
     """The flavor's own attributes (e.g. the list it was sent to); also ``Broadcast.attrs``."""
-
-    def public(self) -> dict[str, Any]:
-        """The body of ``GET /sends/<send_id>``."""
-        return self.model_dump(
-            mode="json",
-            include={
-                "send_id",
-                "external_id",
-                "import_id",
-                "message",
-                "state",
-                "recipients",
-                "send_at",
-                "started_at",
-                "finished_at",
-            },
-        )
 
 
 class _StateFile(BaseModel):

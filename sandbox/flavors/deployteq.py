@@ -12,13 +12,15 @@
 - **Activities export**: every ``EXPORT_INTERVAL_S``, ``event-export/activities_<stamp>.csv`` and
   ``broadcasts_<stamp>.csv`` with the rows released since the last run.
 
-The flavor runs its sends itself (not through the engine's writers), because the API and the export
-are account-wide: each release step is one file ``.sandbox-deployteq/steps/<seq>.json`` (its API
-items with their ``metric_id``, its export rows with the injected ones, the account counters after
-it), written under a hidden name and renamed. The steps on disk are the truth: a restarted sandbox
-loads them, regenerates each unfinished send from its saved seed, rates, file size and start time,
-and releases only the steps that are missing; an export run's name and range are saved before its
-files are written, so a run cut short is finished under the same name and no row is exported twice.
+A ``Done`` file's campaign is an engine send (its kept rows an engine import), released phase by
+phase by the engine. Its writer, :class:`DeployteqRelease`, puts each step in the account-wide
+step log, because the API and the export are account-wide: one file
+``.sandbox-deployteq/steps/<seq>.json`` per step (its API items with their ``metric_id``, its
+export rows with the injected ones, the account counters after it), written under a hidden name
+and renamed. The steps on disk are the truth: a restarted sandbox loads them, the engine resumes
+the unfinished send and only the missing steps are added; an export run's name and range are
+saved before its files are written, so a run cut short is finished under the same name and no
+row is exported twice.
 
 Choices where the page leaves room:
 
@@ -73,20 +75,21 @@ from sandbox.engine import Account
 from sandbox.errors import OAUTH, ErrorStyle, EspError, json_response
 from sandbox.files import atomic_write_bytes, atomic_writer, csv_field, csv_line
 from sandbox.flavors.base import Flavor
-from sandbox.listfile import ImportResult, recipients
+from sandbox.listfile import ImportResult
 from sandbox.protocol import (
     COMMUNICATION_KEY,
     COUNTED_TYPES,
     EMAIL,
     EXTERNAL_ID_RE,
-    LISTS_FOLDER,
     MANIFEST,
     EventType,
+    parse_utc,
     utc_text,
 )
-from sandbox.responses import Broadcast, EventLogFormat, ResponsePhase
-from sandbox.settings import Rates, SandboxSettings
-from sandbox.simulate import URLS, Event, distinct_seconds, phase_files, simulate
+from sandbox.responses import Broadcast, EventLogFormat, PhaseWriter, ResponsePhase, usual_phases
+from sandbox.settings import SandboxSettings
+from sandbox.simulate import URLS, Event
+from sandbox.state import SendRecord
 from sandbox.validators import CommaList, TimeZone, name_matching, names_matching
 
 log = logging.getLogger(__name__)
@@ -405,13 +408,7 @@ def read_list(source: Path, store: Path, _stop: threading.Event) -> ImportResult
 class DeployteqResponses(EventLogFormat):
     """The phases of a send and the Events API item of each published event."""
 
-    phases = (
-        ResponsePhase("sends", frozenset({EventType.SENT})),
-        ResponsePhase("bounces", frozenset({EventType.BOUNCE_HARD, EventType.BOUNCE_SOFT})),
-        ResponsePhase("opens", frozenset({EventType.OPEN})),
-        ResponsePhase("clicks", frozenset({EventType.CLICK})),
-        ResponsePhase("optouts", frozenset({EventType.UNSUBSCRIBE, EventType.COMPLAINT})),
-    )
+    phases = usual_phases("sends", "bounces", "opens", "clicks", "optouts")
     # "Deployteq writes no two rows alike in customer, broadcast, type, URL and second."
     distinct_seconds = True
     time_ordered_phases = True
@@ -448,6 +445,10 @@ class DeployteqResponses(EventLogFormat):
             "subject": f"{broadcast.message}: news",
         }
 
+    def writer(self, account: Account, record: SendRecord, broadcast: Broadcast) -> PhaseWriter:
+        """A :class:`DeployteqRelease`."""
+        return DeployteqRelease(self, account, record, broadcast)
+
 
 RESPONSES = DeployteqResponses()
 
@@ -466,17 +467,13 @@ class Job(BaseModel):
     trigger: str
     state: Literal["active", "done", "failed"] = "active"
     taken_at: str
-    seed: int
-    rows_per_file: int
-    rates: Rates
     broadcast_id: int | None = None
     """Deployteq's broadcast id (from 5000001 on), once the file is ``Done``."""
-    t0: int | None = None
-    """When the campaign started (epoch seconds): the simulation's start."""
     recipients: int = 0
     rows_skipped: int = 0
     reasons: list[str] = Field(default_factory=list)
     released_all: bool = False
+    """Every step of its send is released (the engine finished it)."""
     complaints_exported: int = 0
     malformed: int = 0
     files: list[str] = Field(default_factory=list)
@@ -722,8 +719,8 @@ class Deployteq:
         """Finish a file's move to its final folder (a stop may have come between), then its send."""
         await self.write_manifest(job)
         await asyncio.to_thread(self._finish_move, job)
-        if job.state == "done" and not job.released_all:
-            await self.release(job)
+        if job.state == "done":
+            await self.start_send(job)
 
     def _finish_move(self, job: Job) -> None:
         """Move a read file on to ``Done``, or to ``Failed`` after writing its reason file."""
@@ -785,16 +782,8 @@ class Deployteq:
 
     async def take(self, brand: str, name: str, trigger: str, job_id: str) -> None:
         """Move a new trigger file to ``Active`` (saved first) and read it after ``IMPORT_DELAY_S``."""
-        settings = self.account.settings
         job = Job(
-            job_id=job_id,
-            name=name,
-            brand=brand,
-            trigger=trigger,
-            taken_at=utc_text(datetime.now(UTC)),
-            seed=settings.seed,
-            rows_per_file=settings.rows_per_file,
-            rates=settings.rate,
+            job_id=job_id, name=name, brand=brand, trigger=trigger, taken_at=utc_text(datetime.now(UTC))
         )
         self.jobs[job_id] = job
         await self.save()
@@ -832,7 +821,7 @@ class Deployteq:
         await asyncio.sleep(self.account.settings.import_delay_s)
         await asyncio.to_thread(self._move, job, ACTIVE, (UPLOAD,))
         source = self._find(job, (ACTIVE,))
-        store = self.folder / LISTS_FOLDER / f"{job.job_id}.csv"
+        store = self.account.list_store(job.job_id)
         reading = Reading()
         if source is None:
             reading.fail(1, "the file vanished before it was read")
@@ -850,7 +839,6 @@ class Deployteq:
             job.broadcast_id = FIRST_BROADCAST_ID + sum(
                 1 for j in self.jobs.values() if j.broadcast_id is not None
             )
-            job.t0 = int(datetime.now(UTC).timestamp())
             job.state = "done"
         # Saved and in the manifest before the file moves on; a restart finishes the move.
         await self.save()
@@ -863,62 +851,28 @@ class Deployteq:
             "campaign started",
             extra={"file": job.path(DONE), "recipients": job.recipients, "broadcast_id": job.broadcast_id},
         )
-        await self.release(job)
+        await self.start_send(job)
 
     # Releasing a send's events
 
-    def _broadcast(self, job: Job) -> Broadcast:
-        assert job.t0 is not None
-        assert job.broadcast_id is not None
-        return Broadcast(
-            account_dir=self.folder,
-            send_id=job.job_id,
-            external_id=job.job_id,
-            message=job.trigger,
-            recipients=job.recipients,
-            list_store=self.folder / LISTS_FOLDER / f"{job.job_id}.csv",
-            t0=job.t0,
-            seed=job.seed,
-            rates=job.rates,
-            rows_per_file=job.rows_per_file,
-            attrs={"broadcast_id": str(job.broadcast_id), "file": job.name},
-        )
+    async def start_send(self, job: Job) -> None:
+        """Hand a ``Done`` job's campaign to the engine, which releases it through
+        :class:`DeployteqRelease` (again: nothing new). Its recipients are the file's kept rows."""
+        await self.account.imported_list(job.job_id, job.recipients)
+        attrs = {"broadcast_id": str(job.broadcast_id), "file": job.name}
+        await self.account.create_send(job.job_id, job.trigger, job.job_id, None, attrs)
 
-    def _chunks(self, broadcast: Broadcast, phase: ResponsePhase) -> Iterator[list[Event]]:
-        events = simulate(
-            recipients(broadcast.list_store),
-            broadcast.seed,
-            broadcast.external_id,
-            broadcast.t0,
-            broadcast.rates,
-        )
-        return phase_files(distinct_seconds(events), phase.types, broadcast.rows_per_file, whole_phase=True)
-
-    async def release(self, job: Job) -> None:
-        """Release the job's steps phase by phase, ``PHASE_DELAY_S`` apart; skip those released before."""
-        broadcast = self._broadcast(job)
-        progress = self.progress.setdefault(job.job_id, Progress())
-        n, released = 0, 0
-        for index, phase in enumerate(RESPONSES.phases):
-            if index and released:
-                await asyncio.sleep(self.account.settings.phase_delay_s)
-            chunks = self._chunks(broadcast, phase)
-            while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
-                n += 1
-                if n <= progress.steps:
-                    continue
-                await self.append_step(job, broadcast, n, chunk)
-                released += 1
-        job.released_all = True
-        await self.save()
-        await self.write_manifest(job)
-        log.info("all events released", extra={"job_id": job.job_id, "steps": n})
+    def started_at(self, job: Job) -> int | None:
+        """When the job's campaign started (epoch seconds), once it did."""
+        sends = self.account.state.sends_by_external_id(job.job_id)
+        started = sends[0].started_at if sends else None
+        return int(parse_utc(started).timestamp()) if started is not None else None
 
     def _step(self, job: Job, broadcast: Broadcast, n: int, events: list[Event]) -> Step:
         """The next step's records, with the account counters moved on (not yet applied)."""
         c = Counters(**asdict(self.counters))
         foreign_every = self.settings.foreign_every
-        malformed_every = self.account.settings.malformed_every
+        malformed_every = broadcast.malformed_every
         api: list[tuple[str, str, dict[str, Any]]] = []
         export: list[ExportRow] = []
         counts: Counter[str] = Counter()
@@ -1106,7 +1060,8 @@ class Deployteq:
         for broadcast in dict.fromkeys(r.broadcast for r in rows):
             job = jobs.get(broadcast)
             trigger = job.trigger if job is not None else "other-mailing"
-            started = local_text(job.t0) if job is not None and job.t0 is not None else ""
+            at = self.started_at(job) if job is not None else None
+            started = local_text(at) if at is not None else ""
             cid = campaign_id(trigger) if job is not None else 99
             yield (
                 str(broadcast),
@@ -1166,6 +1121,34 @@ class Deployteq:
             "tokens_issued": tokens_issued,
             "rate_limited": self.account.counters["rate_limited"],
         }
+
+
+class DeployteqRelease(PhaseWriter):
+    """Releases a job's send into the account-wide step log (:meth:`Deployteq.append_step`): the
+    Events API and the export read the steps of every job, and the manifest is the job's."""
+
+    def __init__(
+        self, fmt: DeployteqResponses, account: Account, record: SendRecord, broadcast: Broadcast
+    ) -> None:
+        super().__init__(fmt, account, record, broadcast)
+        self.deployteq = deployteq_of(account)
+        self.job = self.deployteq.jobs[record.external_id]
+
+    async def start(self) -> None:
+        """Nothing: the job's manifest was written when its file moved on."""
+
+    async def _release(self, phase: ResponsePhase, seq: int, events: list[Event]) -> bool:
+        released = self.deployteq.progress.get(self.job.job_id, Progress()).steps
+        if seq <= released:
+            return False
+        await self.deployteq.append_step(self.job, self.broadcast, seq, events)
+        return True
+
+    async def finish(self) -> None:
+        """Mark the job released: its manifest is complete once the export has its last step."""
+        self.job.released_all = True
+        await self.deployteq.save()
+        await self.deployteq.write_manifest(self.job)
 
 
 _ACCOUNTS: dict[Path, Deployteq] = {}

@@ -6,8 +6,6 @@ REST API for imports and sends (the client triggers both), comma-delimited list 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from datetime import datetime
 from enum import StrEnum
 from pathlib import PurePosixPath
 from typing import IO
@@ -21,8 +19,9 @@ from sandbox.files import csv_line
 from sandbox.flavors.base import Flavor
 from sandbox.listfile import import_list
 from sandbox.protocol import API_PREFIX, DROP, EXTERNAL_ID_RE, RESPONSES, EventType, utc_text
-from sandbox.responses import Broadcast, ResponseFormat, ResponsePhase
+from sandbox.responses import Broadcast, PendingFile, ResponseFormat, ResponsePhase
 from sandbox.simulate import Event
+from sandbox.state import ImportRecord, SendRecord
 
 # REST API
 
@@ -62,6 +61,11 @@ def drop_file(file: str) -> str:
     return str(path)
 
 
+def _answer(record: ImportRecord | SendRecord, created: bool, new: dict[str, str]) -> web.Response:
+    """202 with ``new`` for an object just created; 200 with the whole one an ``external_id`` made before."""
+    return json_response(new, 202) if created else json_response(record.public())
+
+
 async def create_import(request: web.Request) -> web.Response:
     """``POST /imports``: 202 with a new import, 200 with the one this ``external_id`` made."""
     account = account_of(request)
@@ -70,9 +74,7 @@ async def create_import(request: web.Request) -> web.Response:
     existing = account.state.import_by_external_id(body.external_id)
     file = body.file if existing is not None else drop_file(body.file)
     record, created = await account.create_import(file, body.list_name, body.external_id)
-    if created:
-        return json_response({"import_id": record.import_id, "state": record.state.value}, 202)
-    return json_response(record.public())
+    return _answer(record, created, {"import_id": record.import_id, "state": record.state.value})
 
 
 async def get_import(request: web.Request) -> web.Response:
@@ -87,9 +89,7 @@ async def create_send(request: web.Request) -> web.Response:
     account = account_of(request)
     body = await read_body(request, SendRequest)
     record, created = await account.create_send(body.import_id, body.message, body.external_id, body.send_at)
-    if created:
-        return json_response({"send_id": record.send_id, "state": record.state.value}, 202)
-    return json_response(record.public())
+    return _answer(record, created, {"send_id": record.send_id, "state": record.state.value})
 
 
 async def get_send(request: web.Request) -> web.Response:
@@ -149,16 +149,9 @@ PHASE_OF: dict[EventType, Phase] = {
     EventType.COMPLAINT: Phase.OPTOUTS,
 }
 
-RESPONSE_HEADER = (
-    "EventId",
-    "BroadcastId",
-    "MessageId",
-    "CommunicationKey",
-    "Email",
-    "EventType",
-    "Url",
-    "OccurredAt",
-)
+HEADER_LINE = "EventId,BroadcastId,MessageId,CommunicationKey,Email,EventType,Url,OccurredAt"
+"""The first line of every response file (docs/generic-esp.md)."""
+RESPONSE_HEADER = tuple(HEADER_LINE.split(","))
 
 
 def response_file_name(send_id: str, seq: int, phase: str) -> str:
@@ -173,16 +166,9 @@ class GenericResponses(ResponseFormat):
         ResponsePhase(phase.value, frozenset(t for t, p in PHASE_OF.items() if p is phase)) for phase in Phase
     )
 
-    def file_name(
-        self,
-        broadcast: Broadcast,
-        phase: ResponsePhase,
-        seq: int,
-        now: datetime,
-        taken: Callable[[str], bool],
-    ) -> str:
+    def file_name(self, file: PendingFile) -> str:
         """`responses/<send_id>_<seq>_<phase>.csv`: unique by construction."""
-        return f"{RESPONSES}/{response_file_name(broadcast.send_id, seq, phase.name)}"
+        return f"{RESPONSES}/{response_file_name(file.broadcast.send_id, file.seq, file.phase.name)}"
 
     def write(self, out: IO[str], broadcast: Broadcast, phase: ResponsePhase, events: list[Event]) -> None:
         """The header, then one row per event."""

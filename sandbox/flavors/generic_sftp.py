@@ -15,8 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC
 from pathlib import Path
 from typing import IO
 
@@ -26,7 +25,7 @@ from sandbox.files import csv_line
 from sandbox.flavors.base import Flavor
 from sandbox.listfile import ImportResult, import_list
 from sandbox.protocol import DROP, EXTERNAL_ID_RE, RESPONSES, EventType, ImportState
-from sandbox.responses import Broadcast, ResponseFormat, ResponsePhase
+from sandbox.responses import Broadcast, PendingFile, ResponseFormat, ResponsePhase, usual_phases
 from sandbox.simulate import Event
 
 log = logging.getLogger(__name__)
@@ -46,19 +45,15 @@ HEADER = (
     "bouncereason",
 )
 
-MESSAGE_TYPES = {
-    EventType.SENT: "Send",
-    EventType.BOUNCE_HARD: "Bounce",
-    EventType.BOUNCE_SOFT: "Bounce",
-    EventType.OPEN: "Open",
-    EventType.CLICK: "Click",
-    EventType.UNSUBSCRIBE: "Unsubscription",
-}
-
-# (bouncetype, bouncereason); the quotes make readers prove they honour the csv module's quoting.
-BOUNCES = {
-    EventType.BOUNCE_HARD: ("hardbounce", '550 5.1.1 "user unknown"'),
-    EventType.BOUNCE_SOFT: ("softbounce", "452 4.2.2 mailbox full"),
+# (MessageType, bouncetype, bouncereason) of each event type written; the quotes make readers
+# prove they honour the csv module's quoting.
+ROW_KINDS: dict[EventType, tuple[str, str, str]] = {
+    EventType.SENT: ("Send", "", ""),
+    EventType.BOUNCE_HARD: ("Bounce", "hardbounce", '550 5.1.1 "user unknown"'),
+    EventType.BOUNCE_SOFT: ("Bounce", "softbounce", "452 4.2.2 mailbox full"),
+    EventType.OPEN: ("Open", "", ""),
+    EventType.CLICK: ("Click", "", ""),
+    EventType.UNSUBSCRIBE: ("Unsubscription", "", ""),
 }
 
 
@@ -70,28 +65,15 @@ def read_list(source: Path, store: Path, stop: threading.Event) -> ImportResult:
 class FergResponses(ResponseFormat):
     """FERG-style response files, one ``kind`` per phase; delivered and complaint events are not written."""
 
-    phases = (
-        ResponsePhase("sents", frozenset({EventType.SENT})),
-        ResponsePhase("bounces", frozenset({EventType.BOUNCE_HARD, EventType.BOUNCE_SOFT})),
-        ResponsePhase("opens", frozenset({EventType.OPEN})),
-        ResponsePhase("clicks", frozenset({EventType.CLICK})),
-        ResponsePhase("unsubscribes", frozenset({EventType.UNSUBSCRIBE})),
-    )
+    phases = usual_phases("sents", "bounces", "opens", "clicks", "unsubscribes", {EventType.UNSUBSCRIBE})
     # The reader derives event ids from (mailingId, urn, type, timestamp, link).
     distinct_seconds = True
 
-    def file_name(
-        self,
-        broadcast: Broadcast,
-        phase: ResponsePhase,
-        seq: int,
-        now: datetime,
-        taken: Callable[[str], bool],
-    ) -> str:
+    def file_name(self, file: PendingFile) -> str:
         """``responses/<yyyyMMddHHmmss>_FERGE_<kind>.txt`` (UTC, now); ``…_002.txt`` and on if taken."""
-        stem = f"{RESPONSES}/{now.astimezone(UTC):%Y%m%d%H%M%S}_FERGE_{phase.name}"
+        stem = f"{RESPONSES}/{file.now.astimezone(UTC):%Y%m%d%H%M%S}_FERGE_{file.phase.name}"
         path, n = f"{stem}.txt", 1
-        while taken(path):
+        while file.taken(path):
             n += 1
             path = f"{stem}_{n:03d}.txt"
         return path
@@ -100,9 +82,9 @@ class FergResponses(ResponseFormat):
         """The header, then one row per event, in the columns of :data:`HEADER`."""
         out.write(csv_line(HEADER, DELIMITER))
         for e in events:
-            bounce_type, reason = BOUNCES.get(e.event_type, ("", ""))
+            message_type, bounce_type, reason = ROW_KINDS[e.event_type]
             row = (
-                MESSAGE_TYPES[e.event_type],
+                message_type,
                 e.key,
                 e.email,
                 broadcast.external_id,

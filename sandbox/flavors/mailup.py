@@ -11,11 +11,12 @@ are limited per account to ``RATE_LIMIT_PER_S`` in a sliding second (a real 429,
 The flavor keeps MailUp's list (one list, id 1: recipients with their personal data fields,
 subscription state and groups), groups, imports and sendings in ``<account>/.sandbox-mailup.json``,
 saved before an answer. A sending snapshots the subscribed members it addresses into an engine
-import; once confirmed (or at its ``datetime``), plus ``PHASE_DELAY_S``, it becomes an engine send
-with ``external_id`` = the job named by its recipients' ``EspbridgeJob``, whose event log holds the
-released events. The statistics API aggregates the logs of a message's sendings; each released
-step is also written as an export file to ``statistics/`` (``MAILUP_EXPORT``) and its
-unsubscribes and complaints POSTed to ``MAILUP_WEBHOOK_URL`` (if set).
+import; once confirmed (or given a ``datetime``) it becomes an engine send, scheduled
+``PHASE_DELAY_S`` after the confirmation (or the ``datetime``), with ``external_id`` = the job
+named by its recipients' ``EspbridgeJob``, whose event log holds the released events. The
+statistics API aggregates the logs of a message's sendings; each released step is also written
+as an export file to ``statistics/`` (``MAILUP_EXPORT``) and its unsubscribes and complaints
+POSTed to ``MAILUP_WEBHOOK_URL`` (if set).
 
 Choices where the page leaves room (see also the README):
 
@@ -76,29 +77,23 @@ from sandbox.api import CONTEXT, account_of, own_auth
 from sandbox.engine import Account
 from sandbox.errors import OAUTH, ErrorStyle, EspError, bad_request, found, json_response, not_found
 from sandbox.eventlog import EVENTS_FOLDER
-from sandbox.files import atomic_write_bytes, atomic_writer, csv_field, csv_line
+from sandbox.files import atomic_write_bytes, atomic_writer, csv_field
 from sandbox.flavors.base import Flavor
 from sandbox.limits import SlidingWindow
-from sandbox.listfile import import_list
+from sandbox.listfile import import_list, recipient_store
 from sandbox.protocol import (
     API_PREFIX,
     ARCHIVE,
-    COMMUNICATION_KEY,
     DROP,
-    EMAIL,
     EXTERNAL_ID_RE,
-    LISTS_FOLDER,
     MANIFEST,
     UPLOADS_FOLDER,
     EventType,
-    ImportState,
     SendState,
-    utc_text,
 )
-from sandbox.responses import Broadcast, EventLogFormat, ResponsePhase
+from sandbox.responses import Broadcast, EventLogFormat, usual_phases
 from sandbox.settings import SandboxSettings
 from sandbox.simulate import URLS, Event
-from sandbox.state import ImportRecord
 from sandbox.validators import CommaList, HttpUrl
 
 log = logging.getLogger(__name__)
@@ -628,8 +623,8 @@ class MailUp:
         """The sending's queue (``Undefined``, ``Deferred``, ``Immediate``), or None once delivery
         started (or if it failed)."""
         record = account.state.sends.get(sending.send_id) if sending.send_id else None
-        if record is not None:
-            return None if record.state in (SendState.SENT, SendState.FAILED) else "Immediate"
+        if record is not None and record.state in (SendState.SENT, SendState.FAILED):
+            return None
         if sending.deferred is not None:
             return "Deferred" if _now() < datetime.fromisoformat(sending.deferred) else "Immediate"
         return "Immediate" if sending.confirmed is not None else "Undefined"
@@ -653,20 +648,9 @@ class MailUp:
         job = jobs.most_common(1)[0][0] if jobs else f"sending-{sending_id}"
         # The recipients addressed, as an engine import: (email, IdRecipient) in IdRecipient order.
         import_id = f"mailup-sending-{sending_id}"
-        store_path = account.folder / LISTS_FOLDER / f"{import_id}.csv"
         rows = [(r.email, str(r.id)) for r in members]
-        await asyncio.to_thread(_write_members, store_path, rows)
-        account.state.imports[import_id] = ImportRecord(
-            import_id=import_id,
-            external_id=import_id,
-            file=f"{LISTS_FOLDER}/{import_id}.csv",
-            state=ImportState.DONE,
-            rows_total=len(rows),
-            rows_valid=len(rows),
-            list_id=f"list-{LIST_ID}",
-            created_at=utc_text(_now()),
-        )
-        await account.state.save()
+        await asyncio.to_thread(_write_members, account.list_store(import_id), rows)
+        await account.imported_list(import_id, len(rows), list_id=f"list-{LIST_ID}")
         sending = Sending(
             id=sending_id,
             message=message,
@@ -693,7 +677,7 @@ class MailUp:
             },
         )
         if deferred is not None:
-            account.spawn(self.start_sending(account, sending), f"sending {sending_id}")
+            await self.start_sending(account, sending)
         return sending
 
     async def confirm(self, account: Account, sending: Sending) -> None:
@@ -703,23 +687,21 @@ class MailUp:
         with self.store.lock:
             sending.confirmed = _now().isoformat()
         await asyncio.to_thread(self.store.save)
-        account.spawn(self.start_sending(account, sending), f"sending {sending.id}")
+        await self.start_sending(account, sending)
 
     async def start_sending(self, account: Account, sending: Sending) -> None:
-        """Start delivery ``PHASE_DELAY_S`` after the confirmation (or the ``datetime``)."""
+        """Schedule the engine send of a confirmed (or deferred) sending: it starts ``PHASE_DELAY_S``
+        after the confirmation (or the ``datetime``); a sending of a job already sent shares its send."""
         since = sending.deferred or sending.confirmed
         assert since is not None
         start = datetime.fromisoformat(since) + timedelta(seconds=account.settings.phase_delay_s)
-        wait_s = (start - _now()).total_seconds()
-        if wait_s > 0:
-            await asyncio.sleep(wait_s)
         attrs = {
             "message": str(sending.message),
             "sending": str(sending.id),
             "bad_rows": str(sending.bad_rows),
         }
         record, _ = await account.create_send(
-            sending.import_id, str(sending.message), sending.job, None, attrs
+            sending.import_id, str(sending.message), sending.job, start, attrs
         )
         with self.store.lock:
             sending.send_id = record.send_id
@@ -906,10 +888,9 @@ class MailUp:
 
 
 def _write_members(path: Path, rows: list[tuple[str, str]]) -> None:
-    with atomic_writer(path) as out:
-        out.write(csv_line((EMAIL, COMMUNICATION_KEY)))
-        for row in rows:
-            out.write(csv_line(row))
+    with recipient_store(path) as add:
+        for email, key in rows:
+            add(email, key)
 
 
 def _bad_row(template: list[str], k: int) -> list[str]:
@@ -1333,13 +1314,7 @@ ROUTES = (
 class MailUpResponses(EventLogFormat):
     """One stream per statistics endpoint; an item per released event (the API aggregates them)."""
 
-    phases = (
-        ResponsePhase("sent", frozenset({EventType.SENT})),
-        ResponsePhase("bounces", frozenset({EventType.BOUNCE_HARD, EventType.BOUNCE_SOFT})),
-        ResponsePhase("opens", frozenset({EventType.OPEN})),
-        ResponsePhase("clicks", frozenset({EventType.CLICK})),
-        ResponsePhase("unsubscribes", frozenset({EventType.UNSUBSCRIBE, EventType.COMPLAINT})),
-    )
+    phases = usual_phases("sent", "bounces", "opens", "clicks", "unsubscribes")
     # Export rows have no event id: never two of one recipient with the same type, link and second.
     distinct_seconds = True
 
@@ -1423,8 +1398,8 @@ async def watch(account: Account) -> None:
             for s in runtime.store.data.sendings
             if s.send_id is None and (s.deferred is not None or s.confirmed is not None)
         ]
-    for sending in waiting:
-        account.spawn(runtime.start_sending(account, sending), f"sending {sending.id}")
+    for sending in waiting:  # confirmed (or deferred) when a stop came, not yet handed to the engine
+        await runtime.start_sending(account, sending)
     account.spawn(runtime.run_imports(account.settings.import_delay_s), "mailup imports")
     url = mailup_settings().mailup_webhook_url
     secret = account.settings.bearer_token.get_secret_value()

@@ -14,12 +14,14 @@ among the sources that can carry it: ``Response_*.csv`` files on the SFTP site, 
 activated webhook when the batch was started). ``OPT_DUPLICATE_RATE`` sends some events through
 other capable sources too. The manifest counts what at least one source delivered.
 
-Everything the flavor keeps is in ``<account>/.sandbox-optimizely.json`` (ids, batches, campaigns,
-webhooks, each send's parameters, file names and webhook outcomes) and
-``.sandbox-optimizely/batches/<id>/`` (staged chunks, the merged recipients); the API elements are
-the engine's event log ``.sandbox-events/opt-<batchId>/``. A restarted sandbox resumes unfinished
-sends: it regenerates the events and releases only the files, log steps and webhook calls it had
-not released.
+A started batch is an engine send (its merged recipients an engine import) that starts once the
+campaign was ``activated`` for ``IMPORT_DELAY_S``; the engine releases it phase by phase through
+:class:`OptimizelyRelease`, whose steps are a response file, a step of the send's event log (the
+API elements) and webhook calls. The flavor keeps ``<account>/.sandbox-optimizely.json`` (ids,
+batches, campaigns, webhooks, each send's source parameters and webhook outcomes) and
+``.sandbox-optimizely/batches/<id>/`` (staged chunks, the merged recipients' attributes). A
+restarted sandbox resumes unfinished sends: the engine regenerates the events and only the files,
+log steps and webhook calls not released yet are.
 
 Choices where the page leaves room are listed in sandbox/README.md (flavor ``optimizely``).
 """
@@ -39,9 +41,9 @@ import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
-from datetime import datetime
-from pathlib import Path, PurePosixPath
+from dataclasses import dataclass, field, fields, replace
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import IO, Annotated, Any, Literal
 from zoneinfo import ZoneInfo
 
@@ -54,15 +56,24 @@ from pydantic_settings import NoDecode
 from sandbox.api import CONTEXT, basic_credentials
 from sandbox.engine import Account
 from sandbox.errors import ErrorStyle, EspError, bad_request, conflict, found, json_response, not_found
-from sandbox.eventlog import EventLog
+from sandbox.eventlog import SendInterruptedError
 from sandbox.files import atomic_write_bytes, atomic_writer, csv_line
 from sandbox.flavors.base import Flavor
 from sandbox.limits import TokenBucket, retry_after_s
-from sandbox.listfile import ImportResult, import_list, recipients
-from sandbox.protocol import ARCHIVE, COUNTED_TYPES, EXTERNAL_ID_RE, MANIFEST, RESPONSES, EventType
-from sandbox.responses import Broadcast, ResponseFormat, ResponsePhase
-from sandbox.settings import Rates, SandboxSettings
-from sandbox.simulate import Event, distinct_seconds, phase_files, simulate
+from sandbox.listfile import ImportResult, import_list, recipient_store, recipients
+from sandbox.protocol import COUNTED_TYPES, EXTERNAL_ID_RE, RESPONSES, EventType, parse_utc
+from sandbox.responses import (
+    Broadcast,
+    PendingFile,
+    PhaseWriter,
+    ResponseFormat,
+    ResponsePhase,
+    ResponseWriter,
+    usual_phases,
+)
+from sandbox.settings import SandboxSettings
+from sandbox.simulate import Event, distinct_seconds, simulate
+from sandbox.state import SendRecord
 from sandbox.validators import HttpUrl, Pairs, Probability, optional, split_pairs
 
 log = logging.getLogger(__name__)
@@ -77,7 +88,6 @@ DEFAULT_LIMIT = 100
 MAX_BODY = 64 * 1024 * 1024
 WEBHOOK_TIMEOUT_S = 10.0
 WEBHOOK_RETRIES_S = (1, 2, 4, 8, 16)
-_STOP_CHECK_EVENTS = 10_000
 
 TAG_RE = re.compile(r"^[A-Za-z0-9_-]{1,250}$")
 CHUNK_RE = TAG_RE
@@ -110,6 +120,15 @@ WEBHOOK_TYPE = {
 }
 CATEGORY = {EventType.BOUNCE_HARD: "hardbounce", EventType.BOUNCE_SOFT: "softbounce"}
 RULE_NAME = {EventType.BOUNCE_HARD: "mailbox unknown", EventType.BOUNCE_SOFT: "mailbox full"}
+REPORT_KINDS = {
+    EventType.SENT: "sent",
+    EventType.BOUNCE_HARD: "hard",
+    EventType.BOUNCE_SOFT: "soft",
+    EventType.UNSUBSCRIBE: "unsubscribes",
+    EventType.OPEN: "opens",
+    EventType.CLICK: "clicks",
+}
+"""The campaign report's counter of each event type."""
 UNSUBSCRIBE_STREAM = "unsubscribe"
 UNSUBSCRIBE_REASON = "unsubscribe link"
 
@@ -247,14 +266,12 @@ BatchState = Literal["initiated", "has_recipients", "sent", "invalid"]
 
 
 class SendRun(BaseModel):
-    """A started batch: the parameters its responses are simulated with, and what was released."""
+    """A started batch: what its engine send is simulated with beyond the engine's own parameters
+    (seed, rates, file size), and what its webhook calls and report came to."""
 
     model_config = ConfigDict(extra="ignore")
 
     recipients: int
-    seed: int
-    rates: Rates
-    rows_per_file: int
     malformed_every: int
     weights: dict[str, float]
     duplicate_rate: float
@@ -263,11 +280,8 @@ class SendRun(BaseModel):
     sent_at: float
     duplicate_of: int | None = None
     """Another batch with this tag was started before: this one is counted but not simulated."""
-    started_at: float | None = None
-    finished_at: float | None = None
-    complete: bool = False
-    files: list[str] = Field(default_factory=list)
-    """Response file names in writing order, each saved before the file is written."""
+    send_id: str | None = None
+    """The engine send that releases its responses (once handed to the engine)."""
     calls: dict[int, bool] = Field(default_factory=dict)
     """Webhook call number → acknowledged with 2xx (False: finally failed)."""
     report: dict[str, int] = Field(default_factory=dict)
@@ -368,7 +382,6 @@ class Store:
         self.data = OptData()
         self.lock = asyncio.Lock()
         self._save_lock = asyncio.Lock()
-        self.stop = threading.Event()
         self.in_flight = 0
         rate = self.settings.opt_rate_per_s
         self.bucket = TokenBucket(rate, max(1, math.ceil(rate))) if rate else None
@@ -441,7 +454,6 @@ class Store:
         return self._http
 
     async def close(self) -> None:
-        self.stop.set()
         if self._http is not None:
             await self._http.close()
 
@@ -477,8 +489,10 @@ class Store:
     def started_batch(self, campaign: Campaign) -> Batch | None:
         return self.data.batches.get(campaign.started_by) if campaign.started_by is not None else None
 
-    def event_log(self, batch: Batch) -> EventLog:
-        return self.account.event_log(f"opt-{batch.id}")
+    def send_of(self, batch: Batch) -> SendRecord | None:
+        """The engine send of a started batch (None before it is handed over, or for a duplicate)."""
+        send_id = batch.run.send_id if batch.run is not None else None
+        return self.account.state.sends.get(send_id) if send_id is not None else None
 
 
 _STORES: dict[Path, Store] = {}
@@ -551,23 +565,16 @@ def _int(text: str | None, name: str, default: int) -> int:
     return int(text)
 
 
-def _paging(request: web.Request) -> tuple[int, int]:
+def _page(request: web.Request, elements: list[Any]) -> web.Response:
+    """The page ``offset``/``limit`` (1 to 9999) asks for, in the collection envelope."""
     offset = _int(request.query.get("offset"), "offset", 0)
     limit = _int(request.query.get("limit"), "limit", DEFAULT_LIMIT)
     if not 1 <= limit <= MAX_LIMIT:
         raise bad_request(f"limit must be from 1 to {MAX_LIMIT} (less than 10000)")
-    return offset, limit
-
-
-def _collection(request: web.Request, page: list[Any], offset: int, limit: int) -> web.Response:
+    page = elements[offset : offset + limit]
+    links = [{"rel": "self", "href": str(request.rel_url)}]
     return json_response(
-        {
-            "elements": page,
-            "count": len(page),
-            "offset": offset,
-            "limit": limit,
-            "links": [{"rel": "self", "href": str(request.rel_url)}],
-        }
+        {"elements": page, "count": len(page), "offset": offset, "limit": limit, "links": links}
     )
 
 
@@ -736,9 +743,7 @@ async def create_batch(request: web.Request, store: Store) -> web.Response:
 
 async def list_batches(request: web.Request, store: Store) -> web.Response:
     """``GET /sending/batches``: ascending ``id``, paged."""
-    offset, limit = _paging(request)
-    batches = [store.data.batches[i].public() for i in sorted(store.data.batches)]
-    return _collection(request, batches[offset : offset + limit], offset, limit)
+    return _page(request, [store.data.batches[i].public() for i in sorted(store.data.batches)])
 
 
 async def get_batch(request: web.Request, store: Store) -> web.Response:
@@ -758,20 +763,45 @@ async def put_chunk(request: web.Request, store: Store) -> web.Response:
     return json_response({"chunk": chunk, "count": len(passed)})
 
 
+def _list_of(batch: Batch) -> str:
+    """The engine import of a started batch's recipients."""
+    return f"batch-{batch.id}"
+
+
 def _merge(store: Store, batch: Batch) -> int:
-    """Write the batch's recipients in chunk order (an id kept from its lowest chunk); how many."""
+    """Write the batch's recipients in chunk order (an id kept from its lowest chunk); how many.
+
+    Their attributes go to the batch's folder, (email, id) to the engine's store of its import.
+    """
     folder = store.batch_dir(batch.id)
     seen: set[str] = set()
-    with atomic_writer(folder / "recipients.jsonl") as people, atomic_writer(folder / "list.csv") as lst:
-        lst.write(csv_line(("Email", "CommunicationKey")))
+    with (
+        atomic_writer(folder / "recipients.jsonl") as people,
+        recipient_store(store.account.list_store(_list_of(batch))) as add,
+    ):
         for chunk in sorted(batch.chunks):
             for person in orjson.loads((folder / f"chunk-{chunk}.json").read_bytes()):
                 if person["id"] in seen:
                     continue
                 seen.add(person["id"])
                 people.write(orjson.dumps(person).decode() + "\n")
-                lst.write(csv_line((person["data"]["email"], person["id"])))
+                add(person["data"]["email"], person["id"])
     return len(seen)
+
+
+async def start_send(store: Store, batch: Batch) -> None:
+    """Hand a started batch to the engine: its send starts once the campaign was ``activated`` for
+    ``IMPORT_DELAY_S``, and releases through :class:`OptimizelyRelease`. Again: nothing new."""
+    run, account = batch.run, store.account
+    assert run is not None
+    mailing = store.data.campaigns[batch.campaign_id].mailing_id
+    await account.imported_list(_list_of(batch), run.recipients)
+    starts = datetime.fromtimestamp(run.sent_at + account.settings.import_delay_s, UTC)
+    record, _ = await account.create_send(
+        _list_of(batch), str(mailing), batch.job_id, starts, {BATCH: str(batch.id)}
+    )
+    run.send_id = record.send_id
+    await store.save()
 
 
 async def start_batch(request: web.Request, store: Store) -> web.Response:
@@ -809,9 +839,6 @@ async def start_batch(request: web.Request, store: Store) -> web.Response:
         hook_types = sorted(t for t in WEBHOOK_TYPES if store.webhook_for(t) is not None)
         batch.run = SendRun(
             recipients=count,
-            seed=account.settings.seed,
-            rates=account.settings.rate,
-            rows_per_file=account.settings.rows_per_file,
             malformed_every=settings.opt_malformed_every,
             weights=dict(settings.opt_source_weights),
             duplicate_rate=settings.opt_duplicate_rate,
@@ -828,7 +855,7 @@ async def start_batch(request: web.Request, store: Store) -> web.Response:
         extra={"account": account.name, "batch_id": batch.id, "job_id": batch.job_id, "recipients": count},
     )
     if earlier is None:
-        account.spawn(run_send(store, batch), f"batch {batch.id}")
+        await start_send(store, batch)
     else:
         log.warning(
             "a second batch of a job was started; not simulated again",
@@ -848,12 +875,12 @@ def campaign_status(store: Store, campaign: Campaign) -> str:
         if batches and all(b.state == "invalid" for b in batches):
             return "invalid"
         return "activationRequired"
-    run = batch.run
-    if run.duplicate_of is not None:
+    if batch.run.duplicate_of is not None:
         return "canceled"
-    if run.started_at is None:
+    record = store.send_of(batch)
+    if record is None or record.started_at is None:
         return "activated"
-    if run.finished_at is None:
+    if record.finished_at is None:
         return "running"
     return "finished"
 
@@ -868,9 +895,9 @@ async def get_campaign(request: web.Request, store: Store) -> web.Response:
     campaign = _campaign(request, store)
     status = campaign_status(store, campaign)
     batch = store.started_batch(campaign)
-    run = batch.run if batch is not None else None
-    started = run.started_at if run is not None and run.duplicate_of is None else None
-    finished = run.finished_at if run is not None and run.duplicate_of is None else None
+    record = store.send_of(batch) if batch is not None else None
+    started = record.started_at if record is not None else None
+    finished = record.finished_at if record is not None else None
     return json_response(
         {
             "id": campaign.id,
@@ -878,8 +905,8 @@ async def get_campaign(request: web.Request, store: Store) -> web.Response:
             "status": status,
             "type": "regular",
             "created": rest_time(campaign.created),
-            "started": rest_time(started) if started is not None else None,
-            "finished": rest_time(finished) if finished is not None else None,
+            "started": rest_time(parse_utc(started).timestamp()) if started is not None else None,
+            "finished": rest_time(parse_utc(finished).timestamp()) if finished is not None else None,
             "messages": [{"mailingId": campaign.mailing_id, "status": status, "mediaType": "EMAIL"}],
         }
     )
@@ -924,9 +951,10 @@ def _released(store: Store, stream: str, mailing_id: int | None) -> list[dict[st
         if mailing_id is not None and campaign.mailing_id != mailing_id:
             continue
         batch = store.started_batch(campaign)
-        if batch is None or batch.run is None or batch.run.duplicate_of is not None:
+        record = store.send_of(batch) if batch is not None else None
+        if record is None:
             continue
-        event_log = store.event_log(batch)
+        event_log = store.account.event_log(record.send_id)
         out.extend(event_log.page(stream, 0, event_log.total(stream)))
     if mailing_id is None:
         out.sort(key=_created_key)
@@ -944,9 +972,7 @@ async def get_responses(request: web.Request, store: Store) -> web.Response:
         mailing_id = _int(mailing_text, "mailingId", 0)
         if store.campaign_of_mailing(mailing_id) is None:
             raise not_found(f"no mailing {mailing_id}")
-    offset, limit = _paging(request)
-    elements = _released(store, category, mailing_id)
-    return _collection(request, elements[offset : offset + limit], offset, limit)
+    return _page(request, _released(store, category, mailing_id))
 
 
 async def get_unsubscribes(request: web.Request, store: Store) -> web.Response:
@@ -956,11 +982,10 @@ async def get_unsubscribes(request: web.Request, store: Store) -> web.Response:
     direction = request.query.get("direction", "ASC").upper()
     if direction not in ("ASC", "DESC"):
         raise bad_request("direction must be ASC or DESC")
-    offset, limit = _paging(request)
     elements = _released(store, UNSUBSCRIBE_STREAM, None)
     if direction == "DESC":
         elements.reverse()
-    return _collection(request, elements[offset : offset + limit], offset, limit)
+    return _page(request, elements)
 
 
 # Webhooks (registration)
@@ -999,9 +1024,7 @@ async def create_webhook(request: web.Request, store: Store) -> web.Response:
 
 async def list_webhooks(request: web.Request, store: Store) -> web.Response:
     """``GET /webhooks``: ascending ``id``, paged."""
-    offset, limit = _paging(request)
-    hooks = [store.data.webhooks[i].public() for i in sorted(store.data.webhooks)]
-    return _collection(request, hooks[offset : offset + limit], offset, limit)
+    return _page(request, [store.data.webhooks[i].public() for i in sorted(store.data.webhooks)])
 
 
 async def activate_webhook(request: web.Request, store: Store) -> web.Response:
@@ -1053,65 +1076,47 @@ ROUTES = (
 )
 
 
-# Response files
+# Responses: files, API elements and webhook calls, released by the engine's send
+
+BATCH = "batch"
+"""The send attribute naming the batch it releases."""
 
 
 @dataclass(frozen=True)
 class OptBroadcast(Broadcast):
-    """A started batch as the response format sees it: its recipients' attributes and send times."""
+    """A started batch as its files see it: its recipients' attributes and send times."""
 
-    batch_id: int = 0
     recipient_data: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     delivery: Mapping[str, int] = field(default_factory=dict)
     """Recipient id → when the message was sent to them (``DeliveryDate``)."""
 
 
-SENDS = ResponsePhase("sends", frozenset({EventType.SENT}))
-
-
 class OptimizelyResponses(ResponseFormat):
-    """``responses/Response_<batchId>_<yyyyMMddHHmmss>_<seq>.csv``: ``;``, Europe/Berlin dates."""
+    """``responses/Response_<batchId>_<yyyyMMddHHmmss>_<seq>.csv``: ``;``, Europe/Berlin dates;
+    the API elements and webhook calls of each step come with them (:class:`OptimizelyRelease`)."""
 
-    phases = (
-        SENDS,
-        ResponsePhase("bounces", frozenset({EventType.BOUNCE_HARD, EventType.BOUNCE_SOFT})),
-        ResponsePhase("opens", frozenset({EventType.OPEN})),
-        ResponsePhase("clicks", frozenset({EventType.CLICK})),
-        ResponsePhase("optouts", frozenset({EventType.UNSUBSCRIBE, EventType.COMPLAINT})),
-    )
+    phases = usual_phases("sends", "bounces", "opens", "clicks", "optouts")
     # Events are identified by their facts: never two of a recipient with one type, URL and second.
     distinct_seconds = True
     # /responses is in ascending `created`: a phase's steps follow each other in time.
     time_ordered_phases = True
 
-    def file_name(
-        self,
-        broadcast: Broadcast,
-        phase: ResponsePhase,
-        seq: int,
-        now: datetime,
-        taken: Callable[[str], bool],
-    ) -> str:
+    def file_name(self, file: PendingFile) -> str:
         """The batch id, the local time of writing and the send's file number."""
-        batch_id = broadcast.batch_id if isinstance(broadcast, OptBroadcast) else broadcast.send_id
-        stamp = now.astimezone(BERLIN).strftime("%Y%m%d%H%M%S")
-        return f"{RESPONSES}/Response_{batch_id}_{stamp}_{seq:03d}.csv"
+        stamp = file.now.astimezone(BERLIN).strftime("%Y%m%d%H%M%S")
+        return f"{RESPONSES}/Response_{file.broadcast.attrs[BATCH]}_{stamp}_{file.seq:03d}.csv"
 
     @staticmethod
-    def row(broadcast: Broadcast, event: Event) -> list[str]:
+    def row(broadcast: OptBroadcast, event: Event) -> list[str]:
         """One event's row in the columns of :data:`HEADER`."""
-        data: Mapping[str, str] = {"CommunicationKey": event.key, "BroadcastId": broadcast.external_id}
-        delivery = event.at
-        if isinstance(broadcast, OptBroadcast):
-            data = broadcast.recipient_data.get(event.key, {})
-            delivery = broadcast.delivery.get(event.key, event.at)
+        data = broadcast.recipient_data.get(event.key, {})
         click = event.event_type is EventType.CLICK
         return [
             event.email,
             event.key,
             data.get("CommunicationKey", ""),
             MESSAGE_TYPES[event.event_type],
-            file_time(delivery),
+            file_time(broadcast.delivery.get(event.key, event.at)),
             event.url if click else "",
             file_time(event.at) if click else "",
             file_time(event.at),
@@ -1121,12 +1126,14 @@ class OptimizelyResponses(ResponseFormat):
 
     def write(self, out: IO[str], broadcast: Broadcast, phase: ResponsePhase, events: list[Event]) -> None:
         """The header and one row per event."""
+        assert isinstance(broadcast, OptBroadcast)
         out.write(csv_line(HEADER, DELIMITER))
         for event in events:
             out.write(csv_line(self.row(broadcast, event), DELIMITER))
 
-
-FORMAT = OptimizelyResponses()
+    def writer(self, account: Account, record: SendRecord, broadcast: Broadcast) -> PhaseWriter:
+        """An :class:`OptimizelyRelease`."""
+        return OptimizelyRelease(self, account, record, broadcast)
 
 
 def bad_row(good: list[str], kind: int) -> list[str]:
@@ -1143,80 +1150,55 @@ def bad_row(good: list[str], kind: int) -> list[str]:
     return row
 
 
-# Releasing a started batch's responses
+class OptimizelyRelease(ResponseWriter):
+    """Releases a started batch's steps through its sources: each step's file-owned events in one
+    response file, its API elements in one event-log step, then its webhook calls.
 
-
-class SendInterruptedError(Exception):
-    """The sandbox is stopping; the send resumes at the next start."""
-
-
-class Release:
-    """Releases one started batch's responses phase by phase, through files, the API and webhooks.
-
-    Every step is regenerated and counted, also when an earlier run released it (then only the
-    parts not released yet are), so the manifest counts the whole send so far.
+    Each event's sources (its owner, and duplicates) are drawn once, before the first step. The
+    manifest counts what at least one source delivered (a webhook event once acknowledged).
     """
 
-    def __init__(self, store: Store, batch: Batch, run: SendRun, started_at: float) -> None:
-        self.store = store
-        self.batch = batch
-        self.run = run
-        self.campaign = store.data.campaigns[batch.campaign_id]
-        self.account_dir = store.account.folder
-        self.folder = store.batch_dir(batch.id)
-        self.event_log = store.event_log(batch)
-        self.manifest_path = self.account_dir / MANIFEST / f"{batch.job_id}.json"
-        self.t0 = int(started_at)
+    format: OptimizelyResponses
+
+    def __init__(
+        self, fmt: OptimizelyResponses, account: Account, record: SendRecord, broadcast: Broadcast
+    ) -> None:
+        self.store = store_of(account)
+        self.batch = self.store.data.batches[int(broadcast.attrs[BATCH])]
+        assert self.batch.run is not None
+        self.run = self.batch.run
+        self.campaign = self.store.data.campaigns[self.batch.campaign_id]
+        super().__init__(fmt, account, record, broadcast)
+        self.opt_broadcast = OptBroadcast(**{f.name: getattr(broadcast, f.name) for f in fields(broadcast)})
+        self.log = account.event_log(record.send_id)
         self.plan = bytearray()
-        self.broadcast = OptBroadcast(
-            account_dir=self.account_dir,
-            send_id=f"opt-{batch.id}",
-            external_id=batch.job_id,
-            message=str(self.campaign.mailing_id),
-            recipients=self.run.recipients,
-            list_store=self.folder / "list.csv",
-            t0=self.t0,
-            seed=self.run.seed,
-            rates=self.run.rates,
-            rows_per_file=self.run.rows_per_file,
-            batch_id=batch.id,
-        )
-        self.counts = {t.value: 0 for t in COUNTED_TYPES}
+        """Event number → the sources that deliver it (bits)."""
         self.by_source = {s: {t.value: 0 for t in COUNTED_TYPES} for s in SOURCES}
         self.undelivered = 0
         self.malformed = 0
-        self.files: list[str] = []
         self.report: Counter[str] = Counter()
         self._openers: set[str] = set()
         self._clickers: set[str] = set()
-        self._written_before: set[str] = set()
-        self._step = 0
         self._file_seq = 0
         self._call_seq = 0
-        self.released = 0
+
+    def _same_send(self, manifest: dict[str, Any]) -> bool:
+        return bool(manifest.get("batch_id") == self.batch.id)
 
     # The events
 
-    def _adjust(self, events: Iterator[Event]) -> Iterator[Event]:
+    def events(self) -> Iterator[Event]:
         """No ``delivered`` events (only the draw gates opens); complaints only with their webhook;
         the link with a comma gets a ``;`` instead, so files prove their quoting."""
+        b = self.broadcast
         complaints = "spamcomplaint" in self.run.webhook_types
-        for n, event in enumerate(events):
-            if n % _STOP_CHECK_EVENTS == 0 and self.store.stop.is_set():
-                raise SendInterruptedError
-            if event.event_type is EventType.DELIVERED:
-                continue
-            if event.event_type is EventType.COMPLAINT and not complaints:
-                continue
-            yield replace(event, url=event.url.replace(",", ";")) if "," in event.url else event
-
-    def events(self) -> Iterator[Event]:
-        """The send's events, recipient by recipient (deterministic from the seed)."""
-        r = self.run
-        simulated = simulate(
-            recipients(self.broadcast.list_store), r.seed, self.batch.job_id, self.t0, r.rates
+        adjusted = (
+            replace(event, url=event.url.replace(",", ";")) if "," in event.url else event
+            for event in simulate(recipients(b.list_store), b.seed, b.external_id, b.t0, b.rates)
+            if event.event_type is not EventType.DELIVERED
+            and (complaints or event.event_type is not EventType.COMPLAINT)
         )
-        return distinct_seconds(self._adjust(simulated))
+        return distinct_seconds(adjusted)
 
     def _draw(self, rng: random.Random, event: Event) -> int:
         """The sources that deliver an event (bits): its owner, then maybe duplicates."""
@@ -1247,56 +1229,37 @@ class Release:
                 mask |= SOURCE_BIT[source]
         return mask
 
-    def start(self) -> None:
-        """Draw every event's sources, read the recipients, write a first manifest (worker thread)."""
+    def _plan_sources(self) -> None:
+        """Draw every event's sources and read the recipients' attributes (worker thread)."""
         data: dict[str, Mapping[str, str]] = {}
-        with (self.folder / "recipients.jsonl").open("rb") as people:
+        with (self.store.batch_dir(self.batch.id) / "recipients.jsonl").open("rb") as people:
             for line in people:
                 person = orjson.loads(line)
                 data[person["id"]] = person["data"]
         delivery: dict[str, int] = {}
-        rng = random.Random(f"{self.run.seed}:{self.batch.job_id}:src")
-        for event in self.events():
+        rng = random.Random(f"{self.broadcast.seed}:{self.batch.job_id}:src")
+        for event in self._unless_stopped(self.events()):
             if event.event_type is EventType.SENT:
                 delivery[event.key] = event.at
             if event.number >= len(self.plan):
                 self.plan.extend(bytes(event.number + 1 - len(self.plan)))
             self.plan[event.number] = self._draw(rng, event)
-        self.broadcast = replace(self.broadcast, recipient_data=data, delivery=delivery)
-        try:
-            previous = orjson.loads(self.manifest_path.read_bytes())
-        except FileNotFoundError:
-            self.write_manifest(complete=False)
-        else:
-            if previous.get("batch_id") == self.batch.id:
-                self._written_before = set(previous.get("files", []))
+        self.opt_broadcast = replace(self.opt_broadcast, recipient_data=data, delivery=delivery)
 
-    def _phase_steps(self, phase: ResponsePhase) -> Iterator[list[Event]]:
-        return phase_files(self.events(), phase.types, self.run.rows_per_file, FORMAT.time_ordered_phases)
-
-    async def write_phase(self, phase: ResponsePhase) -> None:
-        """Release the phase's steps that are not released yet."""
-        steps = self._phase_steps(phase)
-        while (events := await asyncio.to_thread(next, steps, None)) is not None:
-            self._step += 1
-            if self.store.stop.is_set():
-                raise SendInterruptedError
-            if await self._release(self._step, events):
-                self.released += 1
+    async def start(self) -> None:
+        """Draw the sources, then write the first manifest if there is none."""
+        await asyncio.to_thread(self._plan_sources)
+        await super().start()
 
     # One step
 
-    async def _release(self, seq: int, events: list[Event]) -> bool:
+    async def _release(self, phase: ResponsePhase, seq: int, events: list[Event]) -> bool:
         fresh = False
         file_events = [e for e in events if self.plan[e.number] & FILE]
         if file_events:
-            fresh |= await self._file(file_events)
-        if seq > self.event_log.steps:
-            api_events = sorted((e for e in events if self.plan[e.number] & API), key=lambda e: (e.at, e.key))
-            records = [self._api_record(e) for e in api_events]
-            await asyncio.to_thread(self.event_log.write_step, seq, records)
-            self.event_log.publish(records)
-            fresh = True
+            fresh |= await self._file(phase, file_events)
+        api_events = sorted((e for e in events if self.plan[e.number] & API), key=lambda e: (e.at, e.key))
+        fresh |= await self.log.release(seq, [self._api_record(e) for e in api_events], self._stop)
         acked: set[int] = set()
         hook_events = [e for e in events if self.plan[e.number] & WEBHOOK]
         for hook_type in WEBHOOK_TYPES:
@@ -1314,18 +1277,18 @@ class Release:
                     acked.update(e.number for e in call)
                     if self._bad_call(self._call_seq):
                         self.malformed += 1
-        self._count(events, acked)
+        self._count_sources(events, acked)
         if fresh:
             self.run.report = self.report_now()
             await self.store.save()
-            await asyncio.to_thread(self.write_manifest, False)
+            await asyncio.to_thread(self._write_manifest, False)
             log.info(
                 "responses released",
                 extra={"batch_id": self.batch.id, "step": seq, "events": len(events), "counts": self.counts},
             )
         return fresh
 
-    def _count(self, events: list[Event], acked: set[int]) -> None:
+    def _count_sources(self, events: list[Event], acked: set[int]) -> None:
         for e in events:
             mask, t = self.plan[e.number], e.event_type.value
             delivered = [s for s in SOURCES if mask & SOURCE_BIT[s] and (s != "webhook" or e.number in acked)]
@@ -1335,25 +1298,16 @@ class Release:
                 self.counts[t] += 1
             else:
                 self.undelivered += 1
-            self._count_report(e)
-
-    def _count_report(self, e: Event) -> None:
-        kind = {
-            EventType.SENT: "sent",
-            EventType.BOUNCE_HARD: "hard",
-            EventType.BOUNCE_SOFT: "soft",
-            EventType.UNSUBSCRIBE: "unsubscribes",
-            EventType.OPEN: "opens",
-            EventType.CLICK: "clicks",
-        }.get(e.event_type)
-        if kind is not None:
-            self.report[kind] += 1
-        if e.event_type is EventType.OPEN:
-            self._openers.add(e.key)
-        if e.event_type is EventType.CLICK:
-            self._clickers.add(e.key)
+            kind = REPORT_KINDS.get(e.event_type)
+            if kind is not None:
+                self.report[kind] += 1
+            if e.event_type is EventType.OPEN:
+                self._openers.add(e.key)
+            if e.event_type is EventType.CLICK:
+                self._clickers.add(e.key)
 
     def report_now(self) -> dict[str, int]:
+        """The campaign report's counters so far."""
         return {**self.report, "opens_unique": len(self._openers), "clicks_unique": len(self._clickers)}
 
     # Files
@@ -1368,38 +1322,24 @@ class Release:
         every = self.run.malformed_every
         return every > 0 and call_seq % every == 0
 
-    async def _file_name(self, file_seq: int) -> str:
-        if file_seq <= len(self.run.files):
-            return self.run.files[file_seq - 1]
-        name = FORMAT.file_name(self.broadcast, SENDS, file_seq, datetime.now(BERLIN), lambda _: False)
-        self.run.files.append(name)
-        await self.store.save()
-        return name
-
-    def _already_written(self, path: str) -> bool:
-        return (
-            path in self._written_before
-            or (self.account_dir / path).exists()
-            or (self.account_dir / ARCHIVE / PurePosixPath(path).name).exists()
-        )
-
-    def _write_file(self, path: str, events: list[Event], bad: int | None) -> None:
-        if self.store.stop.is_set():
+    def _write_with_bad_row(self, path: str, events: list[Event], bad: int | None) -> None:
+        if self._stop.is_set():
             raise SendInterruptedError
-        target = self.account_dir / path
+        target = self.broadcast.account_dir / path
         target.parent.mkdir(parents=True, exist_ok=True)
         with atomic_writer(target) as out:
-            FORMAT.write(out, self.broadcast, SENDS, events)
+            self.format.write(out, self.opt_broadcast, self.format.phases[0], events)
             if bad is not None:
-                out.write(csv_line(bad_row(FORMAT.row(self.broadcast, events[-1]), bad), DELIMITER))
+                row = self.format.row(self.opt_broadcast, events[-1])
+                out.write(csv_line(bad_row(row, bad), DELIMITER))
 
-    async def _file(self, events: list[Event]) -> bool:
+    async def _file(self, phase: ResponsePhase, events: list[Event]) -> bool:
         self._file_seq += 1
-        path = await self._file_name(self._file_seq)
+        path = await self.account.name_file(self.record, self.broadcast, phase, self._file_seq)
         bad = self._bad_file(self._file_seq)
         fresh = not self._already_written(path)
         if fresh:
-            await asyncio.to_thread(self._write_file, path, events, bad)
+            await asyncio.to_thread(self._write_with_bad_row, path, events, bad)
             log.info("response file written", extra={"batch_id": self.batch.id, "file": path})
         self.files.append(path)
         if bad is not None:
@@ -1452,7 +1392,7 @@ class Release:
             item["category"] = CATEGORY[e.event_type]
         if e.event_type is EventType.UNSUBSCRIBE:
             item["reason"] = UNSUBSCRIBE_REASON
-        item["data"] = dict(self.broadcast.recipient_data.get(e.key, {}))
+        item["data"] = dict(self.opt_broadcast.recipient_data.get(e.key, {}))
         return item
 
     async def _deliver(self, call_seq: int, hook_type: str, events: list[Event]) -> bool:
@@ -1509,11 +1449,11 @@ class Release:
             "complete": complete,
         }
 
-    def write_manifest(self, complete: bool) -> None:
-        self.manifest_path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(
-            self.manifest_path, orjson.dumps(self.manifest(complete), option=orjson.OPT_INDENT_2)
-        )
+    async def finish(self) -> None:
+        """Save the final report, then mark the manifest complete."""
+        self.run.report = self.report_now()
+        await self.store.save()
+        await super().finish()
 
 
 def _auth_headers(auth: Mapping[str, str] | None) -> dict[str, str]:
@@ -1526,49 +1466,13 @@ def _auth_headers(auth: Mapping[str, str] | None) -> dict[str, str]:
     return {auth["key"]: auth["passphrase"]}
 
 
-async def run_send(store: Store, batch: Batch) -> None:
-    """Carry out a started batch: ``activated`` for ``IMPORT_DELAY_S``, then the phases."""
-    run = batch.run
-    assert run is not None
-    settings = store.account.settings
-    try:
-        started_at = run.started_at
-        if started_at is None:
-            await asyncio.sleep(max(0.0, run.sent_at + settings.import_delay_s - time.time()))
-            run.started_at = started_at = time.time()
-            await store.save()
-        release = Release(store, batch, run, started_at)
-        await asyncio.to_thread(release.start)
-        for index, phase in enumerate(FORMAT.phases):
-            if index and release.released:
-                await asyncio.sleep(settings.phase_delay_s)
-            await release.write_phase(phase)
-            if phase is SENDS and run.finished_at is None:
-                run.finished_at = time.time()
-                await store.save()
-        run.report = release.report_now()
-        run.complete = True
-        await store.save()
-        await asyncio.to_thread(release.write_manifest, True)
-        log.info("responses complete", extra={"batch_id": batch.id, "counts": release.counts})
-    except SendInterruptedError:
-        log.info("send interrupted; resumed at the next start", extra={"batch_id": batch.id})
-    except asyncio.CancelledError:
-        store.stop.set()
-        raise
-    except Exception:
-        log.exception("releasing the responses failed", extra={"batch_id": batch.id})
-
-
 async def watch(account: Account) -> None:
-    """Resume the started batches an earlier run left unfinished; close the webhook client at the stop."""
+    """Hand the engine the started batches a stop left without a send; close the webhook client at the end."""
     store = store_of(account)
     try:
-        for batch in store.data.batches.values():
-            run = batch.run
-            if run is not None and not run.complete and run.duplicate_of is None:
-                log.info("resuming batch", extra={"account": account.name, "batch_id": batch.id})
-                account.spawn(run_send(store, batch), f"batch {batch.id}")
+        for batch in list(store.data.batches.values()):
+            if batch.run is not None and batch.run.duplicate_of is None and batch.run.send_id is None:
+                await start_send(store, batch)
         await asyncio.Event().wait()
     finally:
         await store.close()
@@ -1582,7 +1486,7 @@ def read_list(source: Path, store: Path, stop: threading.Event) -> ImportResult:
 FLAVOR = Flavor(
     name="optimizely",
     read_list=read_list,
-    responses=FORMAT,
+    responses=OptimizelyResponses(),
     routes=ROUTES,
     watch=watch,
     check_settings=opt_settings,
