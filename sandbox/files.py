@@ -6,7 +6,7 @@ import contextlib
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 
 def csv_field(value: str, delimiter: str = ",") -> str:
@@ -37,24 +37,22 @@ def atomic_writer(path: Path) -> Iterator[IO[str]]:
     The data is flushed to disk before the rename so a crash leaves either the old file or the
     whole new one, never a truncated file under the final name.
     """
-    tmp = temp_path(path)
-    try:
-        with tmp.open("w", encoding="utf-8", newline="") as out:
-            yield out
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with _replacing(path, binary=False) as out:
+        yield out
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data`` atomically (hidden temporary name, then rename)."""
+    with _replacing(path, binary=True) as out:
+        out.write(data)
+
+
+@contextlib.contextmanager
+def _replacing(path: Path, binary: bool) -> Iterator[IO[Any]]:
     tmp = temp_path(path)
     try:
-        with tmp.open("wb") as out:
-            out.write(data)
+        with tmp.open("wb") if binary else tmp.open("w", encoding="utf-8", newline="") as out:
+            yield out
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, path)

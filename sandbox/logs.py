@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import sys
 from datetime import UTC, datetime
-from typing import Any
 
 import orjson
 
@@ -16,18 +15,12 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, the record's extra fields, exception."""
 
     def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname,
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        for key, value in vars(record).items():
-            if key not in _STD_ATTRS and not key.startswith("_"):
-                out[key] = value
+        moment = datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
+        extra = {k: v for k, v in vars(record).items() if k not in _STD_ATTRS and not k.startswith("_")}
         if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(out, default=str).decode()
+            extra["exc"] = self.formatException(record.exc_info)
+        line = {"ts": moment, "level": record.levelname, "logger": record.name, "msg": record.getMessage()}
+        return orjson.dumps({**line, **extra}, default=str).decode()
 
 
 def configure(level: str) -> None:

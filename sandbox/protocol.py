@@ -36,28 +36,26 @@ MAX_LISTED_ERRORS = 100
 
 
 class EventType(StrEnum):
-    """What the simulation produces per recipient; each flavor writes them in its own format."""
+    """What the simulation produces per recipient; each flavor writes them in its own format.
+
+    ``sent``: the message left the ESP; ``delivered``: the receiving server accepted it;
+    ``bounce_hard``: permanent failure (unknown address); ``bounce_soft``: temporary failure
+    (mailbox full, greylisting given up); ``open`` (may repeat); ``click`` (the event has a URL);
+    ``unsubscribe`` through the message; ``complaint``: marked as spam. ``returned`` is ESP-only
+    (espbridge has no type for it): an auto-reply or a late bounce of a delivered message,
+    simulated only for a flavor whose phases carry it (``RATE_RETURNED``) and counted in the
+    manifest's ``esp_only``, never in ``counts``.
+    """
 
     SENT = "sent"
-    """The message left the ESP for this recipient."""
     DELIVERED = "delivered"
-    """The receiving server accepted the message."""
     BOUNCE_HARD = "bounce_hard"
-    """Permanent failure (unknown address)."""
     BOUNCE_SOFT = "bounce_soft"
-    """Temporary failure (mailbox full, greylisting given up)."""
     OPEN = "open"
-    """The recipient opened the message (may repeat)."""
     CLICK = "click"
-    """The recipient clicked a link (the event has a URL)."""
     UNSUBSCRIBE = "unsubscribe"
-    """The recipient unsubscribed through the message."""
     COMPLAINT = "complaint"
-    """The recipient marked the message as spam."""
     RETURNED = "returned"
-    """ESP-only (no espbridge type): an auto-reply or a late bounce of a delivered message. Simulated
-    only for a flavor whose phases carry it (``RATE_RETURNED``); counted in the manifest's
-    ``esp_only``, never in ``counts``."""
 
 
 ESP_ONLY_TYPES = frozenset({EventType.RETURNED})
