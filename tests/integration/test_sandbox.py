@@ -11,22 +11,26 @@ import csv
 import io
 import re
 import signal
-import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import aiohttp
-import orjson
 import pytest
 
-from tests.fixtures.sandbox import SandboxEsp, running_sandbox
+from sandbox.flavors.generic import RESPONSE_HEADER
+from tests.fixtures.sandbox import (
+    EVENT_TYPES,
+    SandboxClient,
+    Sandboxes,
+    file_ids,
+    sandbox_fixture,
+)
+from tests.fixtures.waits import wait_for
 
-T = TypeVar("T")
+sandbox = sandbox_fixture  # the fixture this module's tests start sandboxes with
 
-EVENT_TYPES = ("sent", "delivered", "bounce_hard", "bounce_soft", "open", "click", "unsubscribe", "complaint")
 PHASES = ("sent", "delivery", "opens", "clicks", "optouts")
 PHASE_OF = {
     "sent": "sent",
@@ -38,16 +42,7 @@ PHASE_OF = {
     "unsubscribe": "optouts",
     "complaint": "optouts",
 }
-HEADER = [
-    "EventId",
-    "BroadcastId",
-    "MessageId",
-    "CommunicationKey",
-    "Email",
-    "EventType",
-    "Url",
-    "OccurredAt",
-]
+HEADER = list(RESPONSE_HEADER)
 FILE_RE = re.compile(r"^(?P<send>snd-[A-Za-z0-9]+)_(?P<seq>\d{3,})_(?P<phase>[a-z]+)\.csv$")
 TIME_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
 
@@ -55,27 +50,11 @@ TIME_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
 # Helpers
 
 
-async def wait_for(check: Callable[[], Awaitable[T | None]], what: str, timeout_s: float = 30.0) -> T:
-    """Poll ``check`` until it returns something other than None, or fail after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = await check()
-        if result is not None:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
-def drop_list(esp: SandboxEsp, name: str, rows: Sequence[Sequence[str]], bom: bool = False) -> str:
+def drop_list(esp: SandboxClient, name: str, rows: Sequence[Sequence[str]], bom: bool = False) -> str:
     """Upload a list file the way a client does (hidden name, then rename); returns its ``file``."""
     buffer = io.StringIO()
     csv.writer(buffer, lineterminator="\n").writerows(rows)
-    drop = esp.account_dir() / "drop"
-    tmp = drop / f".{name}.part"
-    tmp.write_bytes((b"\xef\xbb\xbf" if bom else b"") + buffer.getvalue().encode())
-    tmp.rename(drop / name)
-    return f"drop/{name}"
+    return esp.upload(f"drop/{name}", (b"\xef\xbb\xbf" if bom else b"") + buffer.getvalue().encode())
 
 
 def recipients(count: int, prefix: str = "k") -> list[list[str]]:
@@ -85,43 +64,27 @@ def recipients(count: int, prefix: str = "k") -> list[list[str]]:
     return rows
 
 
-async def api(
-    http: aiohttp.ClientSession, esp: SandboxEsp, method: str, path: str, body: Any = None
-) -> tuple[int, Any]:
+async def api(esp: SandboxClient, method: str, path: str, body: Any = None) -> tuple[int, Any]:
     """Call the account's API with the token; returns (status, JSON body)."""
-    async with http.request(method, esp.api() + path, json=body, headers=esp.headers) as resp:
+    async with esp.http.request(method, esp.api() + path, json=body, headers=esp.headers) as resp:
         assert resp.content_type == "application/json"
         return resp.status, await resp.json()
 
 
-async def import_done(
-    http: aiohttp.ClientSession, esp: SandboxEsp, file: str, external_id: str
-) -> dict[str, Any]:
+async def import_done(esp: SandboxClient, file: str, external_id: str) -> dict[str, Any]:
     """Import a dropped file and wait until the import is done or failed."""
     status, created = await api(
-        http, esp, "POST", "/imports", {"file": file, "list_name": "test", "external_id": external_id}
+        esp, "POST", "/imports", {"file": file, "list_name": "test", "external_id": external_id}
     )
     assert status == 202, created
     assert created["state"] == "queued"
 
     async def finished() -> dict[str, Any] | None:
-        _, body = await api(http, esp, "GET", f"/imports/{created['import_id']}")
+        _, body = await api(esp, "GET", f"/imports/{created['import_id']}")
         return body if body["state"] in ("done", "failed") else None
 
-    return await wait_for(finished, f"import {external_id}")
-
-
-def read_manifest(esp: SandboxEsp, external_id: str) -> dict[str, Any] | None:
-    path = esp.account_dir() / "manifest" / f"{external_id}.json"
-    return orjson.loads(path.read_bytes()) if path.exists() else None
-
-
-async def manifest_complete(esp: SandboxEsp, external_id: str, timeout_s: float = 60.0) -> dict[str, Any]:
-    async def complete() -> dict[str, Any] | None:
-        manifest = read_manifest(esp, external_id)
-        return manifest if manifest is not None and manifest["complete"] else None
-
-    return await wait_for(complete, f"the manifest of {external_id} to be complete", timeout_s)
+    result: dict[str, Any] = await wait_for(finished, 30, 0.02, what=f"import {external_id}")
+    return result
 
 
 def read_events(account_dir: Path, files: Sequence[str]) -> list[dict[str, str]]:
@@ -142,33 +105,22 @@ def file_name_parts(name: str) -> tuple[str, int, str]:
     return match["send"], int(match["seq"]), match["phase"]
 
 
-def response_files(esp: SandboxEsp) -> list[str]:
+def response_files(esp: SandboxClient) -> list[str]:
     return sorted(p.name for p in (esp.account_dir() / "responses").iterdir())
 
 
-def file_ids(paths: Iterable[Path]) -> dict[str, tuple[int, int]]:
-    """Each file's identity (inode, modification time): a rewritten file gets a new one."""
-    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in paths}
-
-
 @pytest.fixture
-def sandbox_esp(tmp_path: Path) -> Iterator[SandboxEsp]:
-    """A sandbox ESP with fast timings on a fresh root; it must exit 0 on SIGTERM at the end."""
-    with running_sandbox(tmp_path / "sftp") as esp:
-        yield esp
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
+def sandbox_esp(sandbox: Sandboxes) -> SandboxClient:
+    """A generic sandbox ESP with fast timings on a fresh root."""
+    return sandbox()
 
 
 # Authentication and errors
 
 
-async def test_wrong_or_missing_token_is_401(sandbox_esp: SandboxEsp, http: aiohttp.ClientSession) -> None:
+async def test_wrong_or_missing_token_is_401(sandbox_esp: SandboxClient) -> None:
     url = sandbox_esp.api() + "/sends?external_id=x"
+    http = sandbox_esp.http
     for headers in ({}, {"Authorization": "Bearer not-the-token"}, {"Authorization": sandbox_esp.token}):
         async with http.get(url, headers=headers) as resp:
             assert resp.status == 401
@@ -184,51 +136,47 @@ async def test_wrong_or_missing_token_is_401(sandbox_esp: SandboxEsp, http: aioh
     assert sandbox_esp.token not in sandbox_esp.log_text()
 
 
-async def test_unknown_objects_and_bad_requests(sandbox_esp: SandboxEsp, http: aiohttp.ClientSession) -> None:
+async def test_unknown_objects_and_bad_requests(sandbox_esp: SandboxClient) -> None:
     esp = sandbox_esp
-    assert await api(http, esp, "GET", "/imports/imp-nope") == (
+    assert await api(esp, "GET", "/imports/imp-nope") == (
         404,
         {"error": "import_not_found", "message": "no import imp-nope"},
     )
-    status, body = await api(http, esp, "GET", "/sends/snd-nope")
+    status, body = await api(esp, "GET", "/sends/snd-nope")
     assert (status, body["error"]) == (404, "send_not_found")
-    status, body = await api(http, esp, "POST", "/imports", {"file": "drop/missing.csv", "external_id": "j1"})
+    status, body = await api(esp, "POST", "/imports", {"file": "drop/missing.csv", "external_id": "j1"})
     assert (status, body["error"]) == (404, "file_not_found")
     for outside in ("responses/x.csv", "drop/../x.csv", "/etc/passwd", "drop/.hidden.csv"):
-        status, body = await api(http, esp, "POST", "/imports", {"file": outside, "external_id": "j1"})
+        status, body = await api(esp, "POST", "/imports", {"file": outside, "external_id": "j1"})
         assert (status, body["error"]) == (400, "invalid_request"), outside
-    status, body = await api(http, esp, "POST", "/sends", {"import_id": "imp-x", "message": "m"})
+    status, body = await api(esp, "POST", "/sends", {"import_id": "imp-x", "message": "m"})
     assert (status, body["error"]) == (400, "invalid_request")
     status, body = await api(
-        http, esp, "POST", "/sends", {"import_id": "imp-x", "message": "m", "external_id": "j1"}
+        esp, "POST", "/sends", {"import_id": "imp-x", "message": "m", "external_id": "j1"}
     )
     assert (status, body["error"]) == (404, "import_not_found")
-    assert (await api(http, esp, "GET", "/_sandbox/stats"))[1] == {"sends_created": {}, "imports_created": {}}
+    assert (await api(esp, "GET", "/_sandbox/stats"))[1] == {"sends_created": {}, "imports_created": {}}
 
 
 # Imports
 
 
-async def test_import_of_a_good_list(sandbox_esp: SandboxEsp, http: aiohttp.ClientSession) -> None:
+async def test_import_of_a_good_list(sandbox_esp: SandboxClient) -> None:
     file = drop_list(sandbox_esp, "job-good.csv", recipients(25))
-    done = await import_done(http, sandbox_esp, file, "job-good")
+    done = await import_done(sandbox_esp, file, "job-good")
     assert done["state"] == "done"
     assert (done["rows_total"], done["rows_valid"], done["rows_invalid"], done["errors"]) == (25, 25, 0, [])
     assert done["external_id"] == "job-good"
     assert done["list_id"]
 
 
-async def test_import_tolerates_a_byte_order_mark(
-    sandbox_esp: SandboxEsp, http: aiohttp.ClientSession
-) -> None:
+async def test_import_tolerates_a_byte_order_mark(sandbox_esp: SandboxClient) -> None:
     file = drop_list(sandbox_esp, "job-bom.csv", recipients(3), bom=True)
-    done = await import_done(http, sandbox_esp, file, "job-bom")
+    done = await import_done(sandbox_esp, file, "job-bom")
     assert (done["state"], done["rows_valid"]) == ("done", 3)
 
 
-async def test_import_counts_bad_rows_with_their_line_numbers(
-    sandbox_esp: SandboxEsp, http: aiohttp.ClientSession
-) -> None:
+async def test_import_counts_bad_rows_with_their_line_numbers(sandbox_esp: SandboxClient) -> None:
     rows = [
         ["Email", "CommunicationKey", "Note"],
         ["a@example.com", "k1", "two\nlines"],  # lines 2-3
@@ -239,7 +187,7 @@ async def test_import_counts_bad_rows_with_their_line_numbers(
         ["d@example.com", "k4"],  # line 8: a field short
         ["e@example.com", "k5", "fine"],  # line 9
     ]
-    done = await import_done(http, sandbox_esp, drop_list(sandbox_esp, "job-bad.csv", rows), "job-bad")
+    done = await import_done(sandbox_esp, drop_list(sandbox_esp, "job-bad.csv", rows), "job-bad")
     assert done["state"] == "done"
     assert (done["rows_total"], done["rows_valid"], done["rows_invalid"]) == (7, 2, 5)
     assert [e["line"] for e in done["errors"]] == [4, 5, 6, 7, 8]
@@ -251,66 +199,62 @@ async def test_import_counts_bad_rows_with_their_line_numbers(
     ]
 
 
-async def test_import_lists_at_most_100_errors(sandbox_esp: SandboxEsp, http: aiohttp.ClientSession) -> None:
+async def test_import_lists_at_most_100_errors(sandbox_esp: SandboxClient) -> None:
     rows = [["Email", "CommunicationKey"]] + [[f"bad{i}", f"k{i}"] for i in range(150)] + [["ok@x.org", "ok"]]
-    done = await import_done(http, sandbox_esp, drop_list(sandbox_esp, "job-many.csv", rows), "job-many")
+    done = await import_done(sandbox_esp, drop_list(sandbox_esp, "job-many.csv", rows), "job-many")
     assert (done["rows_total"], done["rows_valid"], done["rows_invalid"]) == (151, 1, 150)
     assert [e["line"] for e in done["errors"]] == list(range(2, 102))
 
 
 @pytest.mark.parametrize("header", [["Email", "Key"], ["EmailAddress", "CommunicationKey"]])
-async def test_import_without_a_required_column_fails(
-    sandbox_esp: SandboxEsp, http: aiohttp.ClientSession, header: list[str]
-) -> None:
+async def test_import_without_a_required_column_fails(sandbox_esp: SandboxClient, header: list[str]) -> None:
     file = drop_list(sandbox_esp, "job-nohdr.csv", [header, ["a@example.com", "k1"]])
-    done = await import_done(http, sandbox_esp, file, "job-nohdr")
+    done = await import_done(sandbox_esp, file, "job-nohdr")
     assert done["state"] == "failed"
     assert done["errors"][0]["line"] == 1
     assert done["list_id"] is None
 
 
-async def test_import_is_idempotent_by_external_id(
-    sandbox_esp: SandboxEsp, http: aiohttp.ClientSession
-) -> None:
+async def test_import_is_idempotent_by_external_id(sandbox_esp: SandboxClient) -> None:
     file = drop_list(sandbox_esp, "job-idem.csv", recipients(5))
     body = {"file": file, "list_name": "x", "external_id": "job-idem"}
-    status, first = await api(http, sandbox_esp, "POST", "/imports", body)
+    status, first = await api(sandbox_esp, "POST", "/imports", body)
     assert status == 202
-    again = await asyncio.gather(*(api(http, sandbox_esp, "POST", "/imports", body) for _ in range(5)))
+    again = await asyncio.gather(*(api(sandbox_esp, "POST", "/imports", body) for _ in range(5)))
     assert {(s, b["import_id"]) for s, b in again} == {(200, first["import_id"])}
-    _, stats = await api(http, sandbox_esp, "GET", "/_sandbox/stats")
+    _, stats = await api(sandbox_esp, "GET", "/_sandbox/stats")
     assert stats["imports_created"] == {"job-idem": 1}
 
 
 # Sends
 
 
-async def test_only_a_done_import_can_be_sent(tmp_path: Path, http: aiohttp.ClientSession) -> None:
-    with running_sandbox(tmp_path / "sftp", import_delay_s="60") as esp:
+async def test_only_a_done_import_can_be_sent(sandbox: Sandboxes) -> None:
+    with sandbox(import_delay_s="60") as esp:
         file = drop_list(esp, "job-slow.csv", recipients(3))
-        status, created = await api(http, esp, "POST", "/imports", {"file": file, "external_id": "job-slow"})
+        status, created = await api(esp, "POST", "/imports", {"file": file, "external_id": "job-slow"})
         assert (status, created["state"]) == (202, "queued")
         send = {"import_id": created["import_id"], "message": "msg-1", "external_id": "job-slow"}
-        status, body = await api(http, esp, "POST", "/sends", send)
+        status, body = await api(esp, "POST", "/sends", send)
         assert (status, body["error"]) == (409, "import_not_done")
-        assert (await api(http, esp, "GET", "/sends?external_id=job-slow"))[1] == {"sends": []}
+        assert (await api(esp, "GET", "/sends?external_id=job-slow"))[1] == {"sends": []}
         assert esp.stop() == 0
 
 
-async def test_a_failed_import_cannot_be_sent(sandbox_esp: SandboxEsp, http: aiohttp.ClientSession) -> None:
+async def test_a_failed_import_cannot_be_sent(sandbox_esp: SandboxClient) -> None:
     file = drop_list(sandbox_esp, "job-f.csv", [["Email"], ["a@example.com"]])
-    failed = await import_done(http, sandbox_esp, file, "job-f")
+    failed = await import_done(sandbox_esp, file, "job-f")
     assert failed["state"] == "failed"
     send = {"import_id": failed["import_id"], "message": "msg-1", "external_id": "job-f"}
-    status, body = await api(http, sandbox_esp, "POST", "/sends", send)
+    status, body = await api(sandbox_esp, "POST", "/sends", send)
     assert (status, body["error"]) == (409, "import_not_done")
 
 
-async def test_send_writes_response_files_phase_by_phase(tmp_path: Path, http: aiohttp.ClientSession) -> None:
-    with running_sandbox(tmp_path / "sftp", phase_delay_s="0.2", rows_per_file="40") as esp:
-        done = await import_done(http, esp, drop_list(esp, "job-r.csv", recipients(200)), "job-r")
+async def test_send_writes_response_files_phase_by_phase(sandbox: Sandboxes) -> None:
+    with sandbox(phase_delay_s="0.2", rows_per_file="40") as esp:
+        done = await import_done(esp, drop_list(esp, "job-r.csv", recipients(200)), "job-r")
         body = {"import_id": done["import_id"], "message": "msg-42", "external_id": "job-r", "send_at": None}
-        status, created = await api(http, esp, "POST", "/sends", body)
+        status, created = await api(esp, "POST", "/sends", body)
         assert (status, created["state"]) == (202, "scheduled")
         send_id = created["send_id"]
 
@@ -322,13 +266,13 @@ async def test_send_writes_response_files_phase_by_phase(tmp_path: Path, http: a
             files = [n for n in response_files(esp) if not n.startswith(".")]
             if not snapshots or snapshots[-1] != files:
                 snapshots.append(files)
-            _, send = await api(http, esp, "GET", f"/sends/{send_id}")
+            _, send = await api(esp, "GET", f"/sends/{send_id}")
             if not states or states[-1] != send["state"]:
                 states.append(send["state"])
-            manifest = read_manifest(esp, "job-r")
+            manifest = esp.manifest("job-r")
             return manifest if manifest is not None and manifest["complete"] else None
 
-        manifest = await wait_for(complete, "the responses of job-r")
+        manifest = await wait_for(complete, 30, 0.02, what="the responses of job-r")
         assert esp.stop() == 0
 
     final = response_files(esp)
@@ -371,22 +315,20 @@ async def test_send_writes_response_files_phase_by_phase(tmp_path: Path, http: a
         assert e["OccurredAt"] >= first_seen[e["CommunicationKey"]], "an event before its message was sent"
 
 
-async def test_send_is_idempotent_and_sent_exactly_once(
-    sandbox_esp: SandboxEsp, http: aiohttp.ClientSession
-) -> None:
+async def test_send_is_idempotent_and_sent_exactly_once(sandbox_esp: SandboxClient) -> None:
     esp = sandbox_esp
     job = "2026-11-22:once"  # job ids may hold ':'
-    done = await import_done(http, esp, drop_list(esp, "job-once.csv", recipients(20)), job)
+    done = await import_done(esp, drop_list(esp, "job-once.csv", recipients(20)), job)
     body = {"import_id": done["import_id"], "message": "msg-1", "external_id": job, "send_at": None}
-    answers = await asyncio.gather(*(api(http, esp, "POST", "/sends", body) for _ in range(5)))
+    answers = await asyncio.gather(*(api(esp, "POST", "/sends", body) for _ in range(5)))
     assert sorted(s for s, _ in answers) == [200, 200, 200, 200, 202]
     assert len({b["send_id"] for _, b in answers}) == 1
-    manifest = await manifest_complete(esp, job)
-    status, again = await api(http, esp, "POST", "/sends", body)
+    manifest = await esp.complete_manifest(job, timeout_s=60)
+    status, again = await api(esp, "POST", "/sends", body)
     assert (status, again["send_id"], again["external_id"]) == (200, manifest["send_id"], job)
     assert again["state"] == "sent"
 
-    _, listed = await api(http, esp, "GET", f"/sends?external_id={job}")
+    _, listed = await api(esp, "GET", f"/sends?external_id={job}")
     assert [s["send_id"] for s in listed["sends"]] == [manifest["send_id"]]
     assert set(listed["sends"][0]) == {
         "send_id",
@@ -399,14 +341,14 @@ async def test_send_is_idempotent_and_sent_exactly_once(
         "started_at",
         "finished_at",
     }
-    _, stats = await api(http, esp, "GET", "/_sandbox/stats")
+    _, stats = await api(esp, "GET", "/_sandbox/stats")
     assert stats == {"sends_created": {job: 1}, "imports_created": {job: 1}}
     assert {file_name_parts(n)[0] for n in response_files(esp)} == {manifest["send_id"]}
 
 
-async def test_send_at_in_the_future_waits(sandbox_esp: SandboxEsp, http: aiohttp.ClientSession) -> None:
+async def test_send_at_in_the_future_waits(sandbox_esp: SandboxClient) -> None:
     esp = sandbox_esp
-    done = await import_done(http, esp, drop_list(esp, "job-later.csv", recipients(5)), "job-later")
+    done = await import_done(esp, drop_list(esp, "job-later.csv", recipients(5)), "job-later")
     send_at = (datetime.now(UTC) + timedelta(seconds=3)).replace(microsecond=0)
     body = {
         "import_id": done["import_id"],
@@ -414,13 +356,13 @@ async def test_send_at_in_the_future_waits(sandbox_esp: SandboxEsp, http: aiohtt
         "external_id": "job-later",
         "send_at": send_at.isoformat().replace("+00:00", "Z"),
     }
-    status, created = await api(http, esp, "POST", "/sends", body)
+    status, created = await api(esp, "POST", "/sends", body)
     assert status == 202
-    _, send = await api(http, esp, "GET", f"/sends/{created['send_id']}")
+    _, send = await api(esp, "GET", f"/sends/{created['send_id']}")
     assert (send["state"], send["started_at"], send["send_at"]) == ("scheduled", None, body["send_at"])
-    assert read_manifest(esp, "job-later") is None
-    await manifest_complete(esp, "job-later")
-    _, send = await api(http, esp, "GET", f"/sends/{created['send_id']}")
+    assert esp.manifest("job-later") is None
+    await esp.complete_manifest("job-later", timeout_s=60)
+    _, send = await api(esp, "GET", f"/sends/{created['send_id']}")
     assert send["state"] == "sent"
     assert datetime.fromisoformat(send["started_at"]) >= send_at
 
@@ -430,36 +372,36 @@ async def test_send_at_in_the_future_waits(sandbox_esp: SandboxEsp, http: aiohtt
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 async def test_restart_mid_send_resumes_without_duplicates(
-    tmp_path: Path, http: aiohttp.ClientSession, sig: signal.Signals
+    sandbox: Sandboxes, tmp_path: Path, sig: signal.Signals
 ) -> None:
     rows = recipients(300)
     settings = {"seed": "7", "rows_per_file": "50"}
     token = "restart-token"
 
     # The reference: the same list, seed and broadcast, uninterrupted, on another root.
-    with running_sandbox(tmp_path / "ref" / "sftp", token, **settings) as ref:
-        done = await import_done(http, ref, drop_list(ref, "job-x.csv", rows), "job-x")
+    with sandbox(root=tmp_path / "ref" / "sftp", token=token, **settings) as ref:
+        done = await import_done(ref, drop_list(ref, "job-x.csv", rows), "job-x")
         body = {"import_id": done["import_id"], "message": "msg-9", "external_id": "job-x", "send_at": None}
-        assert (await api(http, ref, "POST", "/sends", body))[0] == 202
-        expected = await manifest_complete(ref, "job-x")
+        assert (await api(ref, "POST", "/sends", body))[0] == 202
+        expected = await ref.complete_manifest("job-x", timeout_s=60)
         expected_events = read_events(ref.account_dir(), expected["files"])
         assert ref.stop() == 0
 
     root = tmp_path / "run" / "sftp"
-    with running_sandbox(root, token, phase_delay_s="1.0", **settings) as first:
-        done = await import_done(http, first, drop_list(first, "job-x.csv", rows), "job-x")
+    with sandbox(root=root, token=token, phase_delay_s="1.0", **settings) as first:
+        done = await import_done(first, drop_list(first, "job-x.csv", rows), "job-x")
         body = {"import_id": done["import_id"], "message": "msg-9", "external_id": "job-x", "send_at": None}
-        status, created = await api(http, first, "POST", "/sends", body)
+        status, created = await api(first, "POST", "/sends", body)
         assert status == 202
 
         async def some_files() -> dict[str, Any] | None:
-            manifest = read_manifest(first, "job-x")
+            manifest = first.manifest("job-x")
             return manifest if manifest is not None and manifest["files"] else None
 
-        await wait_for(some_files, "the first response files")
+        await wait_for(some_files, 30, 0.02, what="the first response files")
         exit_code = first.stop(sig)
         assert exit_code == (0 if sig is signal.SIGTERM else -signal.SIGKILL)
-    interrupted = read_manifest(first, "job-x")
+    interrupted = first.manifest("job-x")
     assert interrupted is not None
     assert not interrupted["complete"], "the send finished before the stop; nothing was resumed"
     account_dir = first.account_dir()
@@ -470,18 +412,18 @@ async def test_restart_mid_send_resumes_without_duplicates(
 
     # Other seed, file cuts and rates now: the send goes on with those it was created under.
     changed = {"seed": "8", "rows_per_file": "30", "rate_open": "0.9"}
-    with running_sandbox(root, token, phase_delay_s="0.05", **changed) as second:
+    with sandbox(root=root, token=token, phase_delay_s="0.05", **changed) as second:
         # The restarted sandbox knows the import and the send, and does not send again.
-        status, send = await api(http, second, "GET", f"/sends/{created['send_id']}")
+        status, send = await api(second, "GET", f"/sends/{created['send_id']}")
         assert (status, send["external_id"]) == (200, "job-x")
-        status, again = await api(http, second, "POST", "/sends", body)
+        status, again = await api(second, "POST", "/sends", body)
         assert (status, again["send_id"]) == (200, created["send_id"])
-        assert (await api(http, second, "GET", f"/imports/{done['import_id']}"))[1]["state"] == "done"
+        assert (await api(second, "GET", f"/imports/{done['import_id']}"))[1]["state"] == "done"
 
-        manifest = await manifest_complete(second, "job-x")
-        _, stats = await api(http, second, "GET", "/_sandbox/stats")
+        manifest = await second.complete_manifest("job-x", timeout_s=60)
+        _, stats = await api(second, "GET", "/_sandbox/stats")
         assert stats["sends_created"] == {"job-x": 1}
-        assert (await api(http, second, "GET", f"/sends/{created['send_id']}"))[1]["state"] == "sent"
+        assert (await api(second, "GET", f"/sends/{created['send_id']}"))[1]["state"] == "sent"
         assert second.stop() == 0
 
     assert manifest["counts"] == expected["counts"]
@@ -507,7 +449,7 @@ async def test_restart_mid_send_resumes_without_duplicates(
         assert {n: after[n] for n in before} == before
 
 
-async def test_sigint_stops_cleanly(tmp_path: Path) -> None:
-    with running_sandbox(tmp_path / "sftp") as esp:
+async def test_sigint_stops_cleanly(sandbox: Sandboxes) -> None:
+    with sandbox() as esp:
         assert esp.stop(signal.SIGINT) == 0
     assert '"msg":"stopped"' in esp.log_text()

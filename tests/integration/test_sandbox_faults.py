@@ -5,12 +5,17 @@ after the ESP did the work, and the counters tests read."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from tests.fixtures.sandbox import SandboxEsp, running_sandbox
+from tests.fixtures.sandbox import (
+    SandboxClient,
+    Sandboxes,
+    sandbox_fixture,
+)
+
+sandbox = sandbox_fixture  # the fixture this module's tests start sandboxes with
 
 RULES: list[dict[str, Any]] = [
     {"name": "create import", "method": "POST", "path": "/imports$", "fault": "reset", "when": "after"},
@@ -20,9 +25,8 @@ RULES: list[dict[str, Any]] = [
 ]
 
 
-def drop_list(esp: SandboxEsp, name: str) -> str:
-    (esp.account_dir() / "drop" / name).write_text("Email,CommunicationKey\na@example.com,k1\n")
-    return f"drop/{name}"
+def drop_list(esp: SandboxClient, name: str) -> str:
+    return esp.upload(f"drop/{name}", b"Email,CommunicationKey\na@example.com,k1\n")
 
 
 async def answer(
@@ -40,15 +44,15 @@ async def answer(
         return status, type(exc).__name__
 
 
-async def faults(http: aiohttp.ClientSession, esp: SandboxEsp) -> dict[str, dict[str, Any]]:
+async def faults(http: aiohttp.ClientSession, esp: SandboxClient) -> dict[str, dict[str, Any]]:
     async with http.get(f"{esp.url}/_sandbox/faults", headers=esp.headers) as resp:
         assert resp.status == 200
         body = await resp.json()
     return {r["name"]: r for r in body["rules"]}
 
 
-async def test_faults_break_the_answers_they_pick(tmp_path: Path) -> None:
-    with running_sandbox(tmp_path / "sftp", faults=json.dumps(RULES)) as esp:
+async def test_faults_break_the_answers_they_pick(sandbox: Sandboxes) -> None:
+    with sandbox(faults=json.dumps(RULES)) as esp:
         async with aiohttp.ClientSession(headers=esp.headers) as http:
             body = {"file": drop_list(esp, "job-1.csv"), "list_name": "l", "external_id": "job-1"}
 
@@ -94,4 +98,4 @@ async def test_faults_break_the_answers_they_pick(tmp_path: Path) -> None:
         log = esp.log_text()
         assert log.count('"msg":"fault injected"') == 5
         assert esp.token not in log
-    # running_sandbox checked that it stopped with exit code 0 on SIGTERM
+    # the block's end checked that it stopped with exit code 0 on SIGTERM

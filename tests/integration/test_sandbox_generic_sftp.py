@@ -7,39 +7,32 @@ SFTP server would serve it, and use only the test-support ``_sandbox/stats`` ove
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import io
 import re
 import signal
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import aiohttp
-import orjson
-import pytest
-
+from sandbox.flavors import generic_sftp
 from sandbox.protocol import EventType
 from sandbox.simulate import Event, distinct_seconds
-from tests.fixtures.sandbox import SandboxEsp, running_sandbox
+from tests.fixtures.sandbox import (
+    EVENT_TYPES,
+    SandboxClient,
+    Sandboxes,
+    file_ids,
+    sandbox_fixture,
+)
+from tests.fixtures.waits import wait_for
 
-T = TypeVar("T")
+sandbox = sandbox_fixture  # the fixture this module's tests start sandboxes with
 
-FLAVOR = {"flavor": "generic_sftp", "esp": "generic_sftp"}
-HEADER = [
-    "MessageType",
-    "urn",
-    "email",
-    "mailingId",
-    "mailingName",
-    "timestamp",
-    "link",
-    "bouncetype",
-    "bouncereason",
-]
+FLAVOR = "generic_sftp"
+HEADER = list(generic_sftp.HEADER)
 NAME_RE = re.compile(r"^\d{14}_FERGE_(?P<kind>sents|bounces|opens|clicks|unsubscribes)(_\d{3})?\.txt$")
 KIND_TYPES = {
     "sents": {"Send"},
@@ -57,22 +50,9 @@ EVENT_TYPE = {
     ("Click", ""): "click",
     ("Unsubscription", ""): "unsubscribe",
 }
-EVENT_TYPES = ("sent", "delivered", "bounce_hard", "bounce_soft", "open", "click", "unsubscribe", "complaint")
 
 
 # Helpers
-
-
-async def wait_for(check: Callable[[], T | None], what: str, timeout_s: float = 15.0) -> T:
-    """Poll ``check`` until it returns something other than None, or fail after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = check()
-        if result is not None:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def tsv(rows: Sequence[Sequence[str]]) -> bytes:
@@ -81,12 +61,9 @@ def tsv(rows: Sequence[Sequence[str]]) -> bytes:
     return buffer.getvalue().encode()
 
 
-def drop_list(esp: SandboxEsp, name: str, rows: Sequence[Sequence[str]]) -> None:
+def drop_list(esp: SandboxClient, name: str, rows: Sequence[Sequence[str]]) -> None:
     """Upload a list file as espbridge does: under a hidden name, then renamed."""
-    drop = esp.account_dir() / "drop"
-    tmp = drop / f".{name}.partial"
-    tmp.write_bytes(tsv(rows))
-    tmp.rename(drop / name)
+    esp.upload(f"drop/{name}", tsv(rows))
 
 
 def recipients(count: int, prefix: str = "k") -> list[list[str]]:
@@ -94,19 +71,6 @@ def recipients(count: int, prefix: str = "k") -> list[list[str]]:
     rows = [["Email", "CommunicationKey", "FirstName"]]
     rows += [[f"user{i}@example.com", f"{prefix}{i}", f'Name "{i}"\tJr.\nline two'] for i in range(count)]
     return rows
-
-
-def read_manifest(esp: SandboxEsp, mailing_id: str) -> dict[str, Any] | None:
-    path = esp.account_dir() / "manifest" / f"{mailing_id}.json"
-    return orjson.loads(path.read_bytes()) if path.exists() else None
-
-
-async def manifest_complete(esp: SandboxEsp, mailing_id: str) -> dict[str, Any]:
-    def complete() -> dict[str, Any] | None:
-        manifest = read_manifest(esp, mailing_id)
-        return manifest if manifest is not None and manifest["complete"] else None
-
-    return await wait_for(complete, f"the manifest of {mailing_id} to be complete")
 
 
 def read_rows(account_dir: Path, files: Sequence[str]) -> list[dict[str, str]]:
@@ -125,34 +89,14 @@ def counts_of(rows: list[dict[str, str]]) -> dict[str, int]:
     return {t: counts.get(t, 0) for t in EVENT_TYPES}
 
 
-def response_files(esp: SandboxEsp) -> list[str]:
+def response_files(esp: SandboxClient) -> list[str]:
     return sorted(p.name for p in (esp.account_dir() / "responses").iterdir())
-
-
-def file_ids(folder: Path) -> dict[str, tuple[int, int]]:
-    """Each file's identity (inode, modification time): a rewritten file gets a new one."""
-    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.iterdir()}
-
-
-async def stats(http: aiohttp.ClientSession, esp: SandboxEsp) -> dict[str, Any]:
-    async with http.get(esp.api() + "/_sandbox/stats", headers=esp.headers) as resp:
-        assert resp.status == 200
-        body: dict[str, Any] = await resp.json()
-        return body
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 # Tests
 
 
-async def test_a_dropped_list_is_sent_and_answered_in_ferg_files(
-    tmp_path: Path, http: aiohttp.ClientSession
-) -> None:
+async def test_a_dropped_list_is_sent_and_answered_in_ferg_files(sandbox: Sandboxes, tmp_path: Path) -> None:
     rows = recipients(150)
     rows += [
         ["no-at-sign.example.com", "bad1", "x"],
@@ -163,25 +107,24 @@ async def test_a_dropped_list_is_sent_and_answered_in_ferg_files(
     ]
     # Opens and clicks in plenty, so same-second repeats of one recipient are likely.
     settings = {
-        **FLAVOR,
         "rows_per_file": "25",
         "rate_open": "1",
         "rate_click": "1",
         "rate_unsubscribe": "0.3",
     }
-    with running_sandbox(tmp_path / "sftp", **settings) as esp:
+    with sandbox(FLAVOR, **settings) as esp:
         drop = esp.account_dir() / "drop"
         # An upload in progress, and a file that is not a list: neither is touched.
         (drop / ".x.txt.partial").write_bytes(tsv(recipients(3, "x")))
         (drop / "notes.csv").write_bytes(b"Email,CommunicationKey\na@example.com,n1\n")
         started = int(time.time())
         drop_list(esp, "job-1.txt", rows)
-        manifest = await manifest_complete(esp, "job-1")
-        assert await stats(http, esp) == {"sends_created": {"job-1": 1}, "imports_created": {"job-1": 1}}
+        manifest = await esp.complete_manifest("job-1")
+        assert await esp.stats() == {"sends_created": {"job-1": 1}, "imports_created": {"job-1": 1}}
         # Without the token, the test-support API is closed as in every flavor.
-        async with http.get(esp.api() + "/_sandbox/stats") as resp:
+        async with esp.http.get(esp.api() + "/_sandbox/stats") as resp:
             assert resp.status == 401
-        async with http.post(esp.api() + "/imports", headers=esp.headers, json={}) as resp:
+        async with esp.http.post(esp.api() + "/imports", headers=esp.headers, json={}) as resp:
             assert resp.status == 404, "this flavor has no REST API"
         assert esp.stop() == 0
     finished = int(time.time())
@@ -247,63 +190,59 @@ def test_repeats_in_one_second_move_on() -> None:
     assert moved == [(1, 100), (2, 101), (3, 102), (4, 100), (5, 100), (6, 100)]
 
 
-async def test_a_restarted_sandbox_sends_a_file_only_once(
-    tmp_path: Path, http: aiohttp.ClientSession
-) -> None:
+async def test_a_restarted_sandbox_sends_a_file_only_once(sandbox: Sandboxes, tmp_path: Path) -> None:
     root = tmp_path / "sftp"
     token = "restart-token"
-    with running_sandbox(root, token, **FLAVOR) as first:
+    with sandbox(FLAVOR, root=root, token=token) as first:
         drop_list(first, "job-a.txt", recipients(20))
-        before = await manifest_complete(first, "job-a")
+        before = await first.complete_manifest("job-a")
         assert first.stop() == 0
-    written = file_ids(first.account_dir() / "responses")
+    written = file_ids((first.account_dir() / "responses").iterdir())
 
-    with running_sandbox(root, token, **FLAVOR) as second:
+    with sandbox(FLAVOR, root=root, token=token) as second:
         # A new list after the restart: by the time it is answered, job-a was seen again in drop/.
         drop_list(second, "job-b.txt", recipients(10, "b"))
-        await manifest_complete(second, "job-b")
-        assert await stats(http, second) == {
+        await second.complete_manifest("job-b")
+        assert await second.stats() == {
             "sends_created": {"job-a": 1, "job-b": 1},
             "imports_created": {"job-a": 1, "job-b": 1},
         }
         assert second.stop() == 0
-    assert read_manifest(second, "job-a") == before
-    after = file_ids(second.account_dir() / "responses")
+    assert second.manifest("job-a") == before
+    after = file_ids((second.account_dir() / "responses").iterdir())
     assert {n: after[n] for n in written} == written, "job-a's response files were written again"
 
 
-async def test_a_send_killed_midway_resumes_without_duplicates(
-    tmp_path: Path, http: aiohttp.ClientSession
-) -> None:
+async def test_a_send_killed_midway_resumes_without_duplicates(sandbox: Sandboxes, tmp_path: Path) -> None:
     rows = recipients(200)
-    settings = {**FLAVOR, "seed": "7", "rows_per_file": "40"}
+    settings = {"seed": "7", "rows_per_file": "40"}
     token = "kill-token"
 
     # The reference: the same list, seed and mailingId, uninterrupted, on another root.
-    with running_sandbox(tmp_path / "ref" / "sftp", token, **settings) as ref:
+    with sandbox(FLAVOR, root=tmp_path / "ref" / "sftp", token=token, **settings) as ref:
         drop_list(ref, "job-k.txt", rows)
-        expected = await manifest_complete(ref, "job-k")
+        expected = await ref.complete_manifest("job-k")
         expected_rows = read_rows(ref.account_dir(), expected["files"])
         assert ref.stop() == 0
 
     root = tmp_path / "run" / "sftp"
-    with running_sandbox(root, token, **{**settings, "phase_delay_s": "1.0"}) as first:
+    with sandbox(FLAVOR, root=root, token=token, **{**settings, "phase_delay_s": "1.0"}) as first:
         drop_list(first, "job-k.txt", rows)
 
         def some_files() -> dict[str, Any] | None:
-            manifest = read_manifest(first, "job-k")
+            manifest = first.manifest("job-k")
             return manifest if manifest is not None and manifest["files"] else None
 
-        await wait_for(some_files, "the first response files")
+        await wait_for(some_files, 15, 0.02, what="the first response files")
         assert first.stop(signal.SIGKILL) == -signal.SIGKILL
-    interrupted = read_manifest(first, "job-k")
+    interrupted = first.manifest("job-k")
     assert interrupted is not None
     assert not interrupted["complete"], "the send finished before the kill; nothing was resumed"
-    before = file_ids(first.account_dir() / "responses")
+    before = file_ids((first.account_dir() / "responses").iterdir())
 
-    with running_sandbox(root, token, **settings) as second:
-        manifest = await manifest_complete(second, "job-k")
-        assert (await stats(http, second))["sends_created"] == {"job-k": 1}
+    with sandbox(FLAVOR, root=root, token=token, **settings) as second:
+        manifest = await second.complete_manifest("job-k")
+        assert (await second.stats())["sends_created"] == {"job-k": 1}
         assert second.stop() == 0
 
     assert manifest["counts"] == expected["counts"]
@@ -318,7 +257,7 @@ async def test_a_send_killed_midway_resumes_without_duplicates(
         return Counter((e["MessageType"], e["bouncetype"], e["urn"], e["link"]) for e in evs)
 
     assert outcome(events) == outcome(expected_rows)
-    after = file_ids(second.account_dir() / "responses")
+    after = file_ids((second.account_dir() / "responses").iterdir())
     assert {n: after[n] for n in before if not n.startswith(".")} == {
         n: v for n, v in before.items() if not n.startswith(".")
     }
