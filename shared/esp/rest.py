@@ -120,6 +120,14 @@ class RequestParts(TypedDict, total=False):
 _NOT_JSON = object()
 
 
+def _json(body: bytes) -> Any:
+    """The parsed body (None when empty), or :data:`_NOT_JSON`."""
+    try:
+        return orjson.loads(body) if body else None
+    except orjson.JSONDecodeError:
+        return _NOT_JSON
+
+
 async def request_json(
     session: aiohttp.ClientSession,
     method: str,
@@ -168,17 +176,16 @@ async def request_json(
     except aiohttp.ClientError as exc:
         # from None: the original exception's text may hold the URL with its query string
         raise EspUnavailableError(f"{where}: {type(exc).__name__}: {redact(str(exc), secrets)}") from None
-    text = redact(body[:300].decode("utf-8", "replace"), secrets)
+    said = redact(body.decode("utf-8", "replace"), secrets)  # what an error may quote of the answer
+    text = said[:300]
     if status == 429 or status >= 500:
         raise EspUnavailableError(f"{where} answered {status}: {text}", wait, status=status)
     if status in (401, 403):
         raise EspAuthError(f"{where} answered {status}: the ESP refused the credentials: {text}")
-    try:
-        parsed = orjson.loads(body) if body else None
-    except orjson.JSONDecodeError:
-        parsed = _NOT_JSON
     if status not in parts.get("answered", ANSWERED):
-        raise refusal(where, status, None if parsed is _NOT_JSON else parsed, text)
+        refused_body = _json(said.encode())
+        raise refusal(where, status, None if refused_body is _NOT_JSON else refused_body, text)
+    parsed = _json(body)
     if parsed is _NOT_JSON:
         raise EspUnavailableError(
             f"{where} answered {status} with a body that is not JSON: {text}", status=status

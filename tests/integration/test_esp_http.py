@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -52,8 +53,9 @@ class Esp(FakeEsp):
             )
 
         async def echo(request: web.Request) -> web.Response:
-            """A careless ESP: its error body repeats the query string it was sent."""
-            message = f"cannot serve {request.path_qs}"
+            """A careless ESP: its error body repeats the query string and the key it was sent."""
+            key = request.query.get("api_key") or (await request.post()).get("api_key")
+            message = f"cannot serve {request.path_qs} for key {key}"
             return web.json_response({"message": message}, status=int(request.match_info["code"]))
 
         async def flaky(request: web.Request) -> web.Response:
@@ -93,8 +95,24 @@ async def test_statuses_map_to_transient_and_permanent_errors(esp: Esp) -> None:
         await rest.request_json(esp.http, "GET", "http://127.0.0.1:9/closed", timeout_s=2)
 
 
-@pytest.mark.parametrize(("method", "code"), [("GET", 400), ("POST", 404), ("GET", 401), ("GET", 503)])
-async def test_no_error_text_carries_a_query_string_or_a_secret(esp: Esp, method: str, code: int) -> None:
+def quoting(where: str, status: int, body: Any, text: str) -> Exception:
+    """A connector's refusal that quotes the ESP's message."""
+    return rest.EspRequestError(f"{where} answered {status}: {body['message']}")
+
+
+@pytest.mark.parametrize(
+    ("method", "code", "refusal"),
+    [
+        ("GET", 400, rest.refused),
+        ("GET", 400, quoting),
+        ("POST", 404, quoting),
+        ("GET", 401, quoting),
+        ("GET", 503, rest.refused),
+    ],
+)
+async def test_no_error_text_carries_a_query_string_or_a_secret(
+    esp: Esp, method: str, code: int, refusal: rest.Refusal
+) -> None:
     api = rest.EspClient(
         esp.http,
         esp.url,
@@ -102,14 +120,16 @@ async def test_no_error_text_carries_a_query_string_or_a_secret(esp: Esp, method
         timeout_s=5,
         auth_params={"api_id": "acme", "api_key": "k3y-s3cret"},
         answered=(200,),
+        refusal=refusal,
     )
     with pytest.raises((rest.EspRequestError, rest.EspAuthError, rest.EspUnavailableError)) as info:
         await api.call(method, f"/echo/{code}", params={"list": "l1"}, form={"list": "l1"})
     text = str(info.value)
     assert f"answered {code}" in text
     assert "k3y-s3cret" not in text
+    assert "for key ***" in text  # the ESP's answer quoted, the key starred
     assert "api_key" not in text
-    assert "?…" in text or method == "POST"  # the echoed query string is cut
+    assert "?…" in text  # the echoed query string is cut
     unreachable = rest.EspClient(
         esp.http, "http://127.0.0.1:9", account="esp/acme", timeout_s=2, auth_params={"api_key": "k3y-s3cret"}
     )
