@@ -54,7 +54,7 @@ class Esp(FakeEsp):
 
         async def echo(request: web.Request) -> web.Response:
             """A careless ESP: its error body repeats the query string and the key it was sent."""
-            key = request.query.get("api_key") or (await request.post()).get("api_key")
+            key = request.query.get("api_key") or str((await request.post()).get("api_key"))
             message = f"cannot serve {request.path_qs} for key {key}"
             return web.json_response({"message": message}, status=int(request.match_info["code"]))
 
