@@ -7,54 +7,30 @@ writes, and speak HTTP to it (OAuth2 token endpoint, Analytics Events API). No e
 from __future__ import annotations
 
 import asyncio
-import base64
 import csv
 import io
 import re
-import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 from zoneinfo import ZoneInfo
 
-import aiohttp
 import orjson
-import pytest
 from yarl import URL
 
-from tests.fixtures.sandbox import SandboxEsp, running_sandbox
+from sandbox.flavors import deployteq
+from tests.fixtures.sandbox import EVENT_TYPES, SandboxClient, Sandboxes, basic, sandbox_fixture
+from tests.fixtures.waits import wait_for
 
-T = TypeVar("T")
+sandbox = sandbox_fixture  # the fixture this module's tests start sandboxes with
 
-FLAVOR = {"flavor": "deployteq", "esp": "deployteq"}
+FLAVOR = "deployteq"
 METRICS = ("sends", "bounces", "opens", "clicks", "unsubscribes")
 SCOPE = "analytics.events:read"
-EVENT_TYPES = ("sent", "delivered", "bounce_hard", "bounce_soft", "open", "click", "unsubscribe", "complaint")
-ACTIVITY_COLUMNS = [
-    "Broadcast ID",
-    "Customer ID",
-    "External customer number",
-    "Email address",
-    "Event type",
-    "Event date",
-    "URL",
-    "Bounce type",
-    "Bounce code",
-    "espbridge_file",
-]
-BROADCAST_COLUMNS = [
-    "Broadcast ID",
-    "Broadcast date",
-    "Campaign ID",
-    "Campaign name",
-    "Campaign object ID",
-    "Email ID",
-    "Email name",
-    "Subject",
-]
+ACTIVITY_COLUMNS = list(deployteq.ACTIVITY_COLUMNS)
+BROADCAST_COLUMNS = list(deployteq.BROADCAST_COLUMNS)
 AMSTERDAM = ZoneInfo("Europe/Amsterdam")
 EXPORT_TIME_RE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d$")
 BUSY_RATES = {
@@ -69,18 +45,6 @@ TREE = "csv upload/espbridge"
 
 
 # Helpers
-
-
-async def wait_for(check: Callable[[], Awaitable[T | None]], what: str, timeout_s: float = 15.0) -> T:
-    """Poll ``check`` until it returns something other than None, or fail after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = await check()
-        if result is not None:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 def people(n: int) -> list[list[str]]:
@@ -101,38 +65,18 @@ def list_text(
     return out.getvalue()
 
 
-def drop(esp: SandboxEsp, name: str, data: bytes) -> None:
+def drop(esp: SandboxClient, name: str, data: bytes) -> None:
     """Upload to staging, then rename into ``Upload/`` (as the connector releases a file)."""
     staged = esp.account_dir() / "espbridge/staging" / name
     staged.write_bytes(data)
     staged.rename(esp.account_dir() / TREE / "Upload" / name)
 
 
-def where(esp: SandboxEsp, name: str) -> list[str]:
+def where(esp: SandboxClient, name: str) -> list[str]:
     """The trigger folders holding ``name``."""
     return [
         s for s in ("Upload", "Active", "Done", "Failed") if (esp.account_dir() / TREE / s / name).is_file()
     ]
-
-
-def manifest(esp: SandboxEsp, job_id: str) -> dict[str, Any] | None:
-    path = esp.account_dir() / "manifest" / f"{job_id}.json"
-    if not path.exists():
-        return None
-    body: dict[str, Any] = orjson.loads(path.read_bytes())
-    return body
-
-
-async def complete_manifest(esp: SandboxEsp, job_id: str, timeout_s: float = 15.0) -> dict[str, Any]:
-    async def check() -> dict[str, Any] | None:
-        body = manifest(esp, job_id)
-        return body if body is not None and body["complete"] else None
-
-    return await wait_for(check, f"the manifest of {job_id} to be complete", timeout_s)
-
-
-def basic(client_id: str, secret: str) -> dict[str, str]:
-    return {"Authorization": "Basic " + base64.b64encode(f"{client_id}:{secret}".encode()).decode()}
 
 
 def offset_of(link: str) -> int:
@@ -142,8 +86,8 @@ def offset_of(link: str) -> int:
 class Client:
     """The OAuth2 token endpoint and the Events API of one account."""
 
-    def __init__(self, http: aiohttp.ClientSession, esp: SandboxEsp, account: str | None = None) -> None:
-        self.http = http
+    def __init__(self, esp: SandboxClient, account: str | None = None) -> None:
+        self.http = esp.http
         self.esp = esp
         self.account = account or esp.account
         self.base = f"{esp.url}/deployteq/{self.account}"
@@ -256,27 +200,18 @@ def malformed_kind(row: list[str]) -> int | None:
     return None
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
 # Tests
 
 
-async def test_tokens_expire_and_the_events_api_is_rate_limited(
-    tmp_path: Path, http: aiohttp.ClientSession
-) -> None:
+async def test_tokens_expire_and_the_events_api_is_rate_limited(sandbox: Sandboxes) -> None:
     settings = {
-        **FLAVOR,
         "accounts": "demo,other",
         "token_ttl_s": "1",
         "api_limit_per_s": "1",
         "api_limit_burst": "2",
     }
-    with running_sandbox(tmp_path / "sftp", **settings) as esp:
-        client = Client(http, esp)
+    with sandbox(FLAVOR, **settings) as esp:
+        client = Client(esp)
         # Client authentication (Basic client_id:secret), then grant_type and scope (RFC 6749 §5.2).
         for headers in [None, basic("demo", "wrong"), basic("other", esp.token), basic("nobody", esp.token)]:
             status, body, resp_headers = await client.token(headers)
@@ -291,7 +226,7 @@ async def test_tokens_expire_and_the_events_api_is_rate_limited(
             status, body, _ = await client.token(good, form)
             assert (status, body["error"]) == (400, error), form
             assert isinstance(body["error_description"], str)
-        status, body, _ = await Client(http, esp, "nobody").token(basic("nobody", esp.token))
+        status, body, _ = await Client(esp, "nobody").token(basic("nobody", esp.token))
         assert status == 404
 
         status, body, headers = await client.token(good)
@@ -302,7 +237,7 @@ async def test_tokens_expire_and_the_events_api_is_rate_limited(
         access = body["access_token"]
 
         # A missing, unknown or foreign token: 401 with WWW-Authenticate and a problem body.
-        _, other_body, _ = await Client(http, esp, "other").token(basic("other", esp.token))
+        _, other_body, _ = await Client(esp, "other").token(basic("other", esp.token))
         for token in [None, "nonsense", esp.token, other_body["access_token"]]:
             status, body, headers = await client.get(
                 f"{client.api}/events", token, **{"filter[metric]": "sends"}
@@ -330,7 +265,7 @@ async def test_tokens_expire_and_the_events_api_is_rate_limited(
         for _ in range(5):
             stats = await client.stats()
         assert stats == {"sends_created": {}, "tokens_issued": 2, "rate_limited": 4}
-        assert (await Client(http, esp, "other").stats())["tokens_issued"] == 1
+        assert (await Client(esp, "other").stats())["tokens_issued"] == 1
         assert (await client.stats(access))["rate_limited"] == 4
 
         # The token expires after TOKEN_TTL_S: then 401 (before the rate limit is consulted).
@@ -338,7 +273,7 @@ async def test_tokens_expire_and_the_events_api_is_rate_limited(
             status, _, _ = await client.get(f"{client.api}/_sandbox/stats", access)
             return True if status == 401 else None
 
-        await wait_for(expired, "the access token to expire", 5.0)
+        await wait_for(expired, 5.0, 0.01, what="the access token to expire")
         status, body, headers = await client.get(
             f"{client.api}/events", access, **{"filter[metric]": "sends"}
         )
@@ -346,11 +281,8 @@ async def test_tokens_expire_and_the_events_api_is_rate_limited(
         assert (await client.stats())["rate_limited"] == 4
 
 
-async def test_trigger_files_events_and_export_match_the_manifest(
-    tmp_path: Path, http: aiohttp.ClientSession
-) -> None:
+async def test_trigger_files_events_and_export_match_the_manifest(sandbox: Sandboxes) -> None:
     settings = {
-        **FLAVOR,
         **BUSY_RATES,
         "campaigns": "newsletter,promo",
         "import_delay_s": "0.3",
@@ -360,8 +292,8 @@ async def test_trigger_files_events_and_export_match_the_manifest(
         "malformed_every": "7",
         "foreign_every": "5",
     }
-    with running_sandbox(tmp_path / "sftp", **settings) as esp:
-        client = Client(http, esp)
+    with sandbox(FLAVOR, **settings) as esp:
+        client = Client(esp)
         account = esp.account_dir()
         for folder in [*(f"{TREE}/{s}" for s in ("Upload", "Active", "Done", "Failed")), "espbridge/staging"]:
             assert (account / folder).is_dir(), folder
@@ -386,7 +318,7 @@ async def test_trigger_files_events_and_export_match_the_manifest(
                 seen.append(now[0])
             return True if now == ["Done"] else None
 
-        await wait_for(done, f"{name} in Done", 10.0)
+        await wait_for(done, 10.0, 0.01, what=f"{name} in Done")
         assert seen[-2:] == ["Active", "Done"], seen
         assert "Failed" not in seen
         assert (await client.stats())["sends_created"] == {"job-1": 1}
@@ -408,11 +340,11 @@ async def test_trigger_files_events_and_export_match_the_manifest(
             async def failed(file: str = failed_name) -> bool | None:
                 return True if where(esp, file) == ["Failed"] else None
 
-            await wait_for(failed, f"{failed_name} in Failed", 10.0)
+            await wait_for(failed, 10.0, 0.01, what=f"{failed_name} in Failed")
             text = (account / TREE / "Failed" / f"{failed_name}.reason.txt").read_text(encoding="utf-8")
             assert text.splitlines() == [reason], failed_name
             job_id = failed_name.split("+")[1].removesuffix(".csv")
-            body = manifest(esp, job_id)
+            body = esp.manifest(job_id)
             assert body is not None
             assert body["complete"] is True
             assert body["failed"] == [reason]
@@ -420,10 +352,10 @@ async def test_trigger_files_events_and_export_match_the_manifest(
             assert body["file"] == f"{TREE}/Failed/{failed_name}"
         # The later files were taken while other+job-3.csv lay in Upload the whole time.
         assert where(esp, "other+job-3.csv") == ["Upload"]
-        assert manifest(esp, "job-3") is None
+        assert esp.manifest("job-3") is None
         assert (await client.stats())["sends_created"] == {"job-1": 1}
 
-        body = await complete_manifest(esp, "job-1")
+        body = await esp.complete_manifest("job-1")
         assert body["broadcast_id"] == "job-1"
         assert body["deployteq_broadcast_id"] == 5000001
         assert body["file"] == f"{TREE}/Done/{name}"
@@ -510,7 +442,7 @@ async def test_trigger_files_events_and_export_match_the_manifest(
             assert_problem(status, body, headers, 400)
 
         # The export: activities files with SEND/BOUNCE/OPEN/CLICK/COMPLAINT rows, injections.
-        final = manifest(esp, "job-1")
+        final = esp.manifest("job-1")
         assert final is not None
         export = account / "event-export"
         activities = sorted(export.glob("activities_*.csv"))
@@ -573,22 +505,18 @@ async def test_trigger_files_events_and_export_match_the_manifest(
         async def refused() -> bool | None:
             return True if "Upload" not in where(esp, name) and "Failed" in where(esp, name) else None
 
-        await wait_for(refused, "the repeated file to be refused", 10.0)
+        await wait_for(refused, 10.0, 0.01, what="the repeated file to be refused")
         assert where(esp, name) == ["Done", "Failed"]
         reason = (account / TREE / "Failed" / f"{name}.reason.txt").read_text(encoding="utf-8")
         assert "job-1" in reason
         assert "already" in reason
         assert (await client.stats())["sends_created"] == {"job-1": 1}
-        assert manifest(esp, "job-1") == final
+        assert esp.manifest("job-1") == final
         assert len(await client.all_events("sends", limit=1000)) == len(by_metric["sends"])
 
 
-async def test_a_restart_midway_releases_and_exports_each_event_once(
-    tmp_path: Path, http: aiohttp.ClientSession
-) -> None:
-    root = tmp_path / "sftp"
+async def test_a_restart_midway_releases_and_exports_each_event_once(sandbox: Sandboxes) -> None:
     settings = {
-        **FLAVOR,
         **BUSY_RATES,
         "rows_per_file": "15",
         "phase_delay_s": "0.4",
@@ -597,25 +525,25 @@ async def test_a_restart_midway_releases_and_exports_each_event_once(
         "foreign_every": "4",
     }
     name = "newsletter+job-1.csv"
-    with running_sandbox(root, **settings) as esp:
+    with sandbox(FLAVOR, **settings) as esp:
         drop(esp, name, list_text(people(120)).encode())
 
         async def some_released() -> bool | None:
-            body = manifest(esp, "job-1")
+            body = esp.manifest("job-1")
             return True if body is not None and body["counts"]["sent"] > 0 else None
 
-        await wait_for(some_released, "the first events", 10.0)
-        old_token = await Client(http, esp).new_token()
+        await wait_for(some_released, 10.0, 0.01, what="the first events")
+        old_token = await Client(esp).new_token()
         assert esp.stop() == 0
-        stopped = manifest(esp, "job-1")
+        stopped = esp.manifest("job-1")
         assert stopped is not None
         assert not stopped["complete"]
 
-    with running_sandbox(root, esp.token, **settings) as esp:
-        client = Client(http, esp)
+    with sandbox(FLAVOR, root=esp.root, token=esp.token, **settings) as esp:
+        client = Client(esp)
         status, _, _ = await client.get(f"{client.api}/events", old_token, **{"filter[metric]": "sends"})
         assert status == 401, "tokens live in memory: a restarted sandbox wants a new one"
-        final = await complete_manifest(esp, "job-1")
+        final = await esp.complete_manifest("job-1")
         by_metric = {m: await client.all_events(m, limit=1000) for m in METRICS}
         uuids = [item["uuid"] for items in by_metric.values() for item in items]
         assert len(uuids) == len(set(uuids))

@@ -8,16 +8,15 @@ helpers other flavors build on (rate limits, tokens, imports from request rows) 
 
 from __future__ import annotations
 
-import asyncio
 import re
 import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import aiohttp
@@ -31,11 +30,12 @@ from sandbox.limits import MalformedRows, SlidingWindow, TokenBucket, TokenIssue
 from sandbox.listfile import recipients as stored_recipients
 from sandbox.protocol import ImportState
 from sandbox.settings import Settings
-from tests.fixtures.sandbox import SandboxEsp, running_sandbox
+from tests.fixtures.sandbox import EVENT_TYPES, SandboxClient, Sandboxes, sandbox_fixture
+from tests.fixtures.waits import wait_for
 
-T = TypeVar("T")
+sandbox = sandbox_fixture  # the fixture this module's tests start sandboxes with
 
-FLAVOR = {"flavor": "instiller", "esp": "instiller"}
+FLAVOR = "instiller"
 EXPORT_TYPES = {
     "output": ("SentDate", "sent", ()),
     "delivered": ("DeliveryDate", "delivered", ()),
@@ -47,7 +47,6 @@ EXPORT_TYPES = {
     "complaints": ("ComplaintDate", "complaint", ()),
     "unsubscribes": ("UnsubscribeDate", "unsubscribe", ()),
 }
-EVENT_TYPES = ("sent", "delivered", "bounce_hard", "bounce_soft", "open", "click", "unsubscribe", "complaint")
 COMMON_KEYS = ["Id", "SendId", "EmailApiIdentifier", "CommunicationKey", "Email"]
 LOCAL_TIME_RE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d$")
 LONDON = ZoneInfo("Europe/London")
@@ -66,23 +65,11 @@ BUSY_RATES = {
 # Helpers
 
 
-async def wait_for(check: Callable[[], Awaitable[T | None]], what: str, timeout_s: float = 15.0) -> T:
-    """Poll ``check`` until it returns something other than None, or fail after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = await check()
-        if result is not None:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
 class Client:
     """Calls the flavor's API the way the doc says: credentials as request parameters."""
 
-    def __init__(self, http: aiohttp.ClientSession, esp: SandboxEsp) -> None:
-        self.http = http
+    def __init__(self, esp: SandboxClient) -> None:
+        self.http = esp.http
         self.esp = esp
         self.creds = {"api_id": esp.account, "api_key": esp.token}
 
@@ -108,10 +95,6 @@ class Client:
         assert status == 200, (path, status, body)
         return body
 
-    async def stats(self) -> dict[str, Any]:
-        body: dict[str, Any] = await self.ok("GET", "_sandbox/stats")
-        return body
-
     async def import_list(self, job: str, file: str | None = None) -> dict[str, Any]:
         body: dict[str, Any] = await self.ok(
             "POST",
@@ -129,7 +112,8 @@ class Client:
             body: dict[str, Any] = await self.ok("GET", "lists/import_status", import_id=import_id)
             return body if body["state"] in ("complete", "failed") else None
 
-        return await wait_for(finished, f"import {import_id} to finish")
+        body: dict[str, Any] = await wait_for(finished, 15, 0.02, what=f"import {import_id} to finish")
+        return body
 
     async def send(self, job: str, **extra: str) -> dict[str, Any]:
         body: dict[str, Any] = await self.ok(
@@ -178,34 +162,19 @@ class Gatherer:
                     break
 
 
-def write_list(esp: SandboxEsp, name: str, rows: Sequence[Sequence[str]]) -> None:
+def write_list(esp: SandboxClient, name: str, rows: Sequence[Sequence[str]]) -> None:
     """Upload a list file as espbridge does: under a hidden name into ``upload/``, then renamed."""
-    upload = esp.account_dir() / "upload"
     lines = []
     for row in rows:
         fields = ['"' + f.replace('"', '""') + '"' if any(c in f for c in ',"\n') else f for f in row]
         lines.append(",".join(fields) + "\n")
-    (upload / f".{name}.partial").write_text("".join(lines), encoding="utf-8")
-    (upload / f".{name}.partial").rename(upload / name)
+    esp.upload(f"upload/{name}", "".join(lines).encode())
 
 
 def people(count: int, prefix: str = "k") -> list[list[str]]:
     rows = [["Email", "CommunicationKey", "FirstName"]]
     rows += [[f"user{i}@example.com", f"{prefix}{i}", f'Name "{i}", Jr.'] for i in range(count)]
     return rows
-
-
-def read_manifest(esp: SandboxEsp, job: str) -> dict[str, Any] | None:
-    path = esp.account_dir() / "manifest" / f"{job}.json"
-    return orjson.loads(path.read_bytes()) if path.exists() else None
-
-
-async def manifest_complete(esp: SandboxEsp, job: str) -> dict[str, Any]:
-    async def complete() -> dict[str, Any] | None:
-        manifest = read_manifest(esp, job)
-        return manifest if manifest is not None and manifest["complete"] else None
-
-    return await wait_for(complete, f"the manifest of {job} to be complete")
 
 
 def is_malformed(row: dict[str, str], send_id: str) -> bool:
@@ -243,18 +212,12 @@ def check_malformed(rows: dict[str, list[dict[str, str]]], send_id: str, every: 
     return counts
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
 # Tests
 
 
-async def test_credentials_are_request_parameters(tmp_path: Path, http: aiohttp.ClientSession) -> None:
-    with running_sandbox(tmp_path / "sftp", **FLAVOR, accounts="demo,other") as esp:
-        client = Client(http, esp)
+async def test_credentials_are_request_parameters(sandbox: Sandboxes) -> None:
+    with sandbox(FLAVOR, accounts="demo,other") as esp:
+        client, http = Client(esp), esp.http
         bad = [
             {},
             {"api_id": "demo"},
@@ -301,7 +264,7 @@ async def test_credentials_are_request_parameters(tmp_path: Path, http: aiohttp.
             assert (await resp.json())["error"] == "invalid_parameter"
 
 
-async def test_import_send_and_paged_exports(tmp_path: Path, http: aiohttp.ClientSession) -> None:
+async def test_import_send_and_paged_exports(sandbox: Sandboxes) -> None:
     rows = people(120)
     rows += [
         ["no-at-sign.example.com", "bad1", "x"],
@@ -310,9 +273,9 @@ async def test_import_send_and_paged_exports(tmp_path: Path, http: aiohttp.Clien
         ["again@example.com", "k1", "x"],
         ["short@example.com", "bad3"],
     ]
-    settings = {**FLAVOR, **BUSY_RATES, "rows_per_file": "20", "malformed_every": "7", "phase_delay_s": "0.2"}
-    with running_sandbox(tmp_path / "sftp", **settings) as esp:
-        client = Client(http, esp)
+    settings = {**BUSY_RATES, "rows_per_file": "20", "malformed_every": "7", "phase_delay_s": "0.2"}
+    with sandbox(FLAVOR, **settings) as esp:
+        client = Client(esp)
         assert sorted(p.name for p in esp.account_dir().iterdir() if not p.name.startswith(".")) == [
             "manifest",
             "upload",
@@ -365,7 +328,7 @@ async def test_import_send_and_paged_exports(tmp_path: Path, http: aiohttp.Clien
             seen.add(body["state"])
             return body if body["state"] == "complete" else None
 
-        imported = await wait_for(complete, "the import")
+        imported = await wait_for(complete, 15, 0.02, what="the import")
         assert "processing" in seen, seen
         assert imported == {
             "import_id": created["import_id"],
@@ -429,7 +392,7 @@ async def test_import_send_and_paged_exports(tmp_path: Path, http: aiohttp.Clien
         deadline = time.monotonic() + 15
         while manifest is None or not manifest["complete"]:
             assert time.monotonic() < deadline, "the send did not complete"
-            manifest = read_manifest(esp, "job-1")
+            manifest = esp.manifest("job-1")
             await gatherer.round()
         await gatherer.round()
         assert manifest is not None
@@ -448,7 +411,7 @@ async def test_import_send_and_paged_exports(tmp_path: Path, http: aiohttp.Clien
         assert await client.ok("GET", "emails/list_sends", external_id="nope") == {"sends": []}
         status, body, _ = await client.get("emails/send_status", send_id="snd-nope")
         assert (status, body["error"]) == (404, "send_not_found")
-        assert await client.stats() == {
+        assert await client.esp.stats() == {
             "sends_created": {"job-1": 1},
             "imports_created": {"job-1": 1},
             "rate_limited": 0,
@@ -512,9 +475,9 @@ async def test_import_send_and_paged_exports(tmp_path: Path, http: aiohttp.Clien
     assert any("," in r["ClickUrl"] for r in rows_by_type["clicks_info"])
 
 
-async def test_send_at_and_list_states(tmp_path: Path, http: aiohttp.ClientSession) -> None:
-    with running_sandbox(tmp_path / "sftp", **FLAVOR) as esp:
-        client = Client(http, esp)
+async def test_send_at_and_list_states(sandbox: Sandboxes) -> None:
+    with sandbox(FLAVOR) as esp:
+        client = Client(esp)
         write_list(esp, "job-s.csv", people(5))
         write_list(esp, "job-f.csv", [["Email", "Key"], ["a@example.com", "1"]])
         failed = await client.import_complete((await client.import_list("job-f"))["import_id"])
@@ -547,10 +510,10 @@ async def test_send_at_and_list_states(tmp_path: Path, http: aiohttp.ClientSessi
         assert page["total"] == 0
 
 
-async def test_over_the_limit_answers_429(tmp_path: Path, http: aiohttp.ClientSession) -> None:
-    settings = {**FLAVOR, "api_limit_per_s": "1", "api_limit_burst": "3"}
-    with running_sandbox(tmp_path / "sftp", **settings) as esp:
-        client = Client(http, esp)
+async def test_over_the_limit_answers_429(sandbox: Sandboxes) -> None:
+    settings = {"api_limit_per_s": "1", "api_limit_burst": "3"}
+    with sandbox(FLAVOR, **settings) as esp:
+        client = Client(esp)
         answers = [await client.get("emails/list_sends", external_id="job-1") for _ in range(8)]
         statuses = [status for status, _, _ in answers]
         assert statuses[:3] == [200, 200, 200]
@@ -565,14 +528,14 @@ async def test_over_the_limit_answers_429(tmp_path: Path, http: aiohttp.ClientSe
         )
         assert status == 401
         for _ in range(5):
-            stats = await client.stats()
+            stats = await client.esp.stats()
         assert stats["rate_limited"] == len(limited)
 
         async def accepted() -> bool | None:
             status, _, _ = await client.get("emails/list_sends", external_id="job-1")
             return True if status == 200 else None
 
-        await wait_for(accepted, "the bucket to refill", timeout_s=5)
+        await wait_for(accepted, 5, 0.02, what="the bucket to refill")
 
 
 async def collect_all(client: Client, job: str) -> dict[str, list[dict[str, str]]]:
@@ -602,24 +565,24 @@ def comparable(rows: dict[str, list[dict[str, str]]], send_id: str) -> dict[str,
 
 
 async def test_a_restart_midway_continues_the_log_without_duplicates(
-    tmp_path: Path, http: aiohttp.ClientSession
+    sandbox: Sandboxes, tmp_path: Path
 ) -> None:
-    settings = {**FLAVOR, **BUSY_RATES, "seed": "7", "rows_per_file": "15", "malformed_every": "5"}
+    settings = {**BUSY_RATES, "seed": "7", "rows_per_file": "15", "malformed_every": "5"}
     token = "restart-token"
     rows = people(60)
 
     # The reference: the same list, seed and job, uninterrupted, on another root.
-    with running_sandbox(tmp_path / "ref" / "sftp", token, **settings) as ref:
-        client = Client(http, ref)
+    with sandbox(FLAVOR, root=tmp_path / "ref" / "sftp", token=token, **settings) as ref:
+        client = Client(ref)
         write_list(ref, "job-r.csv", rows)
         await client.import_complete((await client.import_list("job-r"))["import_id"])
         ref_send = (await client.send("job-r"))["send_id"]
-        expected_manifest = await manifest_complete(ref, "job-r")
+        expected_manifest = await ref.complete_manifest("job-r")
         expected = comparable(await collect_all(client, "job-r"), ref_send)
 
     root = tmp_path / "run" / "sftp"
-    with running_sandbox(root, token, **{**settings, "phase_delay_s": "1.5"}) as first:
-        client = Client(http, first)
+    with sandbox(FLAVOR, root=root, token=token, **{**settings, "phase_delay_s": "1.5"}) as first:
+        client = Client(first)
         write_list(first, "job-r.csv", rows)
         await client.import_complete((await client.import_list("job-r"))["import_id"])
         send_id = (await client.send("job-r"))["send_id"]
@@ -628,17 +591,17 @@ async def test_a_restart_midway_continues_the_log_without_duplicates(
             page = await client.export_page("job-r", "output", 0, 5000)
             return page if page["total"] >= 60 else None
 
-        before = (await wait_for(output_released, "the output rows"))["rows"]
+        before = (await wait_for(output_released, 15, 0.02, what="the output rows"))["rows"]
         assert first.stop(signal.SIGKILL) == -signal.SIGKILL
-    interrupted = read_manifest(first, "job-r")
+    interrupted = first.manifest("job-r")
     assert interrupted is not None
     assert not interrupted["complete"], "the send finished before the kill; nothing was resumed"
 
-    with running_sandbox(root, token, **settings) as second:
-        client = Client(http, second)
-        manifest = await manifest_complete(second, "job-r")
+    with sandbox(FLAVOR, root=root, token=token, **settings) as second:
+        client = Client(second)
+        manifest = await second.complete_manifest("job-r")
         after = await collect_all(client, "job-r")
-        assert (await client.stats())["sends_created"] == {"job-r": 1}
+        assert (await client.esp.stats())["sends_created"] == {"job-r": 1}
         listed = await client.ok("GET", "emails/list_sends", external_id="job-r")
         assert [(s["send_id"], s["state"]) for s in listed["sends"]] == [(send_id, "sent")]
 

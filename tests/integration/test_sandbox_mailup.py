@@ -14,41 +14,29 @@ import re
 import signal
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 from zoneinfo import ZoneInfo
 
-import aiohttp
 import orjson
 import pytest
 from aiohttp import web
 
-from tests.fixtures.sandbox import SandboxEsp, running_sandbox
+from sandbox.flavors import mailup
+from tests.fixtures.sandbox import EVENT_TYPES, SandboxClient, Sandboxes, WebhookReceiver, sandbox_fixture
+from tests.fixtures.waits import wait_for
 
-T = TypeVar("T")
+sandbox = sandbox_fixture  # the fixture this module's tests start sandboxes with
 
 CONSOLE = "/API/v1.1/Rest/ConsoleService.svc"
 STATS = "/API/v1.1/Rest/MailStatisticsService.svc"
 TOKEN_PATH = "/Authorization/OAuth/Token"
-FLAVOR = {"flavor": "mailup", "esp": "mailup"}
+FLAVOR = "mailup"
 FIELDS = {"FirstName": 1, "LastName": 2, "Company": 3, "City": 4, "CommunicationKey": 5, "EspbridgeJob": 6}
 KINDS = ("Recipients", "Bounces", "Views", "UrlClickDetails", "Unsubscriptions")
-EVENT_TYPES = ("sent", "delivered", "bounce_hard", "bounce_soft", "open", "click", "unsubscribe", "complaint")
-EXPORT_HEADER = [
-    "idList",
-    "idInvio",
-    "idNl",
-    "e-mail address",
-    "subject",
-    "statusType",
-    "details",
-    "statusChange",
-    "sentDate",
-    "CommunicationKey",
-    "EspbridgeJob",
-]
+EXPORT_HEADER = list(mailup.EXPORT_HEADER)
 EXPORT_NAME_RE = re.compile(r"^statistics/statistics_\d{8}T\d{6}_\d+\.csv$")
 API_TIME_RE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ$")
 ROME = ZoneInfo("Europe/Rome")
@@ -63,23 +51,11 @@ BUSY_RATES = {
 }
 
 
-async def wait_for(check: Callable[[], Awaitable[T | None]], what: str, timeout_s: float = 10.0) -> T:
-    """Poll ``check`` until it returns something other than None, or fail after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = await check()
-        if result is not None:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
 class Client:
     """A MailUp API client as the doc describes it: OAuth2 password grant, then bearer calls."""
 
-    def __init__(self, http: aiohttp.ClientSession, esp: SandboxEsp, account: str | None = None) -> None:
-        self.http = http
+    def __init__(self, esp: SandboxClient, account: str | None = None) -> None:
+        self.http = esp.http
         self.esp = esp
         self.base = esp.api(account)
         self.account = account or esp.account
@@ -135,12 +111,6 @@ class Client:
         assert status == 200, (method, path, status, body)
         return body
 
-    async def sandbox_stats(self) -> dict[str, Any]:
-        async with self.http.get(self.base + "/_sandbox/stats", headers=self.esp.headers) as resp:
-            assert resp.status == 200
-            body: dict[str, Any] = await resp.json()
-            return body
-
     async def group(self, name: str) -> int:
         """The group of that name, created if missing (as ``start_import`` does)."""
         found = await self.ok("GET", "/Console/List/1/Groups", params={"filterby": f"Name=='{name}'"})
@@ -156,7 +126,8 @@ class Client:
             body: dict[str, Any] = await self.ok("GET", f"/Console/Imports/{import_id}")
             return body if body["StatusCode"] in (3, 4) else None
 
-        return await wait_for(done, f"import {import_id}")
+        body: dict[str, Any] = await wait_for(done, 10, 0.02, what=f"import {import_id}")
+        return body
 
     async def import_job(self, job: str, message: int, count: int, prefix: str = "user") -> tuple[int, int]:
         """Import ``count`` recipients for a job into its group; (group id, import id)."""
@@ -226,20 +197,7 @@ def api_counts(pulled: dict[str, list[dict[str, Any]]], message: int) -> dict[st
     return counts
 
 
-def read_manifest(esp: SandboxEsp, job: str) -> dict[str, Any] | None:
-    path = esp.account_dir() / "manifest" / f"{job}.json"
-    return orjson.loads(path.read_bytes()) if path.exists() else None
-
-
-async def manifest_complete(esp: SandboxEsp, job: str) -> dict[str, Any]:
-    async def complete() -> dict[str, Any] | None:
-        manifest = read_manifest(esp, job)
-        return manifest if manifest is not None and manifest["complete"] else None
-
-    return await wait_for(complete, f"the manifest of {job} to be complete")
-
-
-def read_export(esp: SandboxEsp, files: list[str]) -> tuple[list[list[str]], list[list[str]]]:
+def read_export(esp: SandboxClient, files: list[str]) -> tuple[list[list[str]], list[list[str]]]:
     """The good and the bad rows of the export files, as the connector's reader tells them apart."""
     good: list[list[str]] = []
     bad: list[list[str]] = []
@@ -295,49 +253,21 @@ def without_unsubscribes(counts: dict[str, int]) -> dict[str, int]:
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
-class Webhooks:
-    """espbridge's webhook endpoint, played by the test: records every form POSTed to it."""
-
-    def __init__(self, fail_first: int = 0) -> None:
-        self.calls: list[tuple[str, dict[str, str]]] = []
-        self.fail_first = fail_first
-        self.url = ""
-
-    async def handle(self, request: web.Request) -> web.Response:
-        form = {k: v for k, v in (await request.post()).items() if isinstance(v, str)}
-        self.calls.append((request.path, form))
-        if len(self.calls) <= self.fail_first:
-            return web.Response(status=503)
-        return web.Response(status=204)
-
-
-@pytest.fixture
-async def webhooks() -> AsyncIterator[Webhooks]:
-    hooks = Webhooks(fail_first=1)
-    app = web.Application()
-    app.router.add_post("/webhooks/mailup/{account}", hooks.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    hooks.url = f"http://127.0.0.1:{port}/webhooks/mailup/{{account}}"
-    yield hooks
-    await runner.cleanup()
+async def webhooks() -> AsyncIterator[WebhookReceiver]:
+    """espbridge's MailUp webhook endpoint: the first call is refused (503), the others taken (204)."""
+    receiver = WebhookReceiver()
+    receiver.answer = lambda call: web.Response(status=503 if call is receiver.calls[0] else 204)
+    async with receiver:
+        yield receiver
 
 
 # Tests
 
 
-async def test_token_grants_refresh_and_expiry(tmp_path: Path, http: aiohttp.ClientSession) -> None:
-    settings = {**FLAVOR, "accounts": "demo,other", "token_ttl_s": "1", "rate_limit_per_s": "0"}
-    with running_sandbox(tmp_path / "sftp", **settings) as esp:
-        client = Client(http, esp)
+async def test_token_grants_refresh_and_expiry(sandbox: Sandboxes) -> None:
+    settings = {"accounts": "demo,other", "token_ttl_s": "1", "rate_limit_per_s": "0"}
+    with sandbox(FLAVOR, **settings) as esp:
+        client, http = Client(esp), esp.http
         good = {
             "grant_type": "password",
             "client_id": "espbridge",
@@ -374,14 +304,14 @@ async def test_token_grants_refresh_and_expiry(tmp_path: Path, http: aiohttp.Cli
             status, body, _ = await client.call("GET", "/Console/Recipient/DynamicFields", token=token)
             assert (status, body) == (401, invalid), token
         # A token is the account's own; the sandbox stats take the sandbox token instead.
-        other = Client(http, esp, "other")
+        other = Client(esp, "other")
         status, body, _ = await other.call("GET", "/Console/Recipient/DynamicFields", token=client.access)
         assert (status, body) == (401, invalid)
         async with http.get(
             client.base + "/_sandbox/stats", headers={"Authorization": f"Bearer {client.access}"}
         ) as resp:
             assert resp.status == 401
-        assert await client.sandbox_stats() == {"sends_created": {}, "imports_created": {}, "rate_limited": 0}
+        assert await client.esp.stats() == {"sends_created": {}, "imports_created": {}, "rate_limited": 0}
 
         # Refresh: a new pair; the used refresh token is spent.
         old_refresh = client.refresh
@@ -408,7 +338,7 @@ async def test_token_grants_refresh_and_expiry(tmp_path: Path, http: aiohttp.Cli
             status, body, _ = await client.call("GET", "/Console/Recipient/DynamicFields")
             return body if status == 401 else None
 
-        body = await wait_for(expired, "the access token to expire", timeout_s=5)
+        body = await wait_for(expired, 5, 0.02, what="the access token to expire")
         assert body == {**invalid, "ErrorDescription": "Authorization error: Access token is expired"}
         status, body = await client.grant(
             grant_type="refresh_token",
@@ -421,11 +351,8 @@ async def test_token_grants_refresh_and_expiry(tmp_path: Path, http: aiohttp.Cli
         assert await client.ok("GET", "/Console/Recipient/DynamicFields")
 
 
-async def test_import_send_and_every_response_source(
-    tmp_path: Path, http: aiohttp.ClientSession, webhooks: Webhooks
-) -> None:
+async def test_import_send_and_every_response_source(sandbox: Sandboxes, webhooks: WebhookReceiver) -> None:
     settings = {
-        **FLAVOR,
         **BUSY_RATES,
         "rate_limit_per_s": "0",
         "bad_rows": "4",
@@ -433,8 +360,8 @@ async def test_import_send_and_every_response_source(
         "phase_delay_s": "0.3",
         "mailup_webhook_url": webhooks.url,
     }
-    with running_sandbox(tmp_path / "sftp", **settings) as esp:
-        client = Client(http, esp)
+    with sandbox(FLAVOR, **settings) as esp:
+        client = Client(esp)
         assert sorted(p.name for p in esp.account_dir().iterdir() if not p.name.startswith(".")) == [
             "archive",
             "drop",
@@ -492,7 +419,7 @@ async def test_import_send_and_every_response_source(
             seen.add((a["StatusCode"], b["StatusCode"]))
             return True if a["StatusCode"] == b["StatusCode"] == 3 else None
 
-        await wait_for(both_done, "the imports")
+        await wait_for(both_done, 10, 0.02, what="the imports")
         assert any(2 in pair for pair in seen), f"running was never seen: {seen}"
         assert all(b <= 1 or a == 3 for a, b in seen), f"imports of one list run one at a time: {seen}"
         done1 = await client.ok("GET", f"/Console/Imports/{first}")
@@ -593,7 +520,7 @@ async def test_import_send_and_every_response_source(
         manifest: dict[str, Any] | None = None
         while manifest is None or not manifest["complete"]:
             assert time.monotonic() < deadline, "the send did not complete"
-            manifest = read_manifest(esp, "job-1")
+            manifest = esp.manifest("job-1")
             history = await client.ok("GET", "/Console/List/1/Email/42/SendHistory")
             for item in history["Items"]:
                 history_states.add(item["EndDate"] is None)
@@ -660,13 +587,13 @@ async def test_import_send_and_every_response_source(
         wanted = counts["unsubscribe"] + counts["complaint"]
 
         async def all_hooks() -> list[dict[str, str]] | None:
-            forms = [form for _path, form in webhooks.calls[webhooks.fail_first :]]
+            forms = [call.form for call in webhooks.calls[1:]]
             return forms if len(forms) >= wanted else None
 
-        forms = await wait_for(all_hooks, "the webhook calls")
+        forms = await wait_for(all_hooks, 10, 0.02, what="the webhook calls")
         assert len(forms) == wanted
-        assert webhooks.calls[0][1] in forms, "the refused call was not repeated"
-        assert {path for path, _ in webhooks.calls} == {"/webhooks/mailup/demo"}
+        assert webhooks.calls[0].form in forms, "the refused call was not repeated"
+        assert {call.path for call in webhooks.calls} == {"/webhooks/demo"}
         by_email = {i["Email"]: i["Reason"] for i in pulled["Unsubscriptions"]}
         for form in forms:
             assert list(form) == [
@@ -692,7 +619,7 @@ async def test_import_send_and_every_response_source(
             assert form["Key"] == "K-" + form["Email"].removeprefix("user").split("@")[0]
             assert datetime.fromisoformat(form["EventDate"]).utcoffset() is not None
 
-        assert await client.sandbox_stats() == {
+        assert await client.esp.stats() == {
             "sends_created": {"job-1": 1},
             "imports_created": {"job-1": 2},
             "rate_limited": 0,
@@ -702,13 +629,13 @@ async def test_import_send_and_every_response_source(
         gone = counts["bounce_hard"] + counts["unsubscribe"] + counts["complaint"]
         again = await client.ok("POST", f"/Console/Group/{group}/Email/42/Send")
         assert (again["Sent"], again["Id"] != sending) == (120 - gone, True)
-        assert (await client.sandbox_stats())["sends_created"] == {"job-1": 2}
+        assert (await client.esp.stats())["sends_created"] == {"job-1": 2}
 
 
-async def test_deferred_and_list_sendings_without_export(tmp_path: Path, http: aiohttp.ClientSession) -> None:
-    settings = {**FLAVOR, "rate_limit_per_s": "0", "mailup_export": "false", "bad_rows": "3"}
-    with running_sandbox(tmp_path / "sftp", **settings) as esp:
-        client = Client(http, esp)
+async def test_deferred_and_list_sendings_without_export(sandbox: Sandboxes) -> None:
+    settings = {"rate_limit_per_s": "0", "mailup_export": "false", "bad_rows": "3"}
+    with sandbox(FLAVOR, **settings) as esp:
+        client, http = Client(esp), esp.http
         await client.login()
         later_group, _ = await client.import_job("job-later", 7, 5, prefix="later")
         status, _, _ = await client.call(
@@ -745,7 +672,7 @@ async def test_deferred_and_list_sendings_without_export(tmp_path: Path, http: a
             assert resp.status == 200
             now_sent = await resp.json()
         assert now_sent["Sent"] == 13, "the whole list is addressed"
-        manifest = await manifest_complete(esp, "job-now")
+        manifest = await esp.complete_manifest("job-now", timeout_s=10)
         assert (manifest["recipients"], manifest["send_id"]) == (13, f"8:{now_sent['Id']}")
         assert (manifest["files"], manifest["bad_rows"], manifest["export_unattributable"]) == ([], 0, 0)
         assert list((esp.account_dir() / "statistics").iterdir()) == []
@@ -757,8 +684,8 @@ async def test_deferred_and_list_sendings_without_export(tmp_path: Path, http: a
             deferred["Id"]
         ]
         assert (await client.pull(7, 5))["Recipients"] == []
-        assert read_manifest(esp, "job-later") is None
-        stats = await client.sandbox_stats()
+        assert esp.manifest("job-later") is None
+        stats = await client.esp.stats()
         assert stats["sends_created"] == {"job-later": 1, "job-now": 1}
         assert stats["imports_created"] == {"job-later": 1, "job-now": 1}
 
@@ -781,9 +708,9 @@ async def test_deferred_and_list_sendings_without_export(tmp_path: Path, http: a
         assert status == 404
 
 
-async def test_over_the_limit_answers_429(tmp_path: Path, http: aiohttp.ClientSession) -> None:
-    with running_sandbox(tmp_path / "sftp", **FLAVOR) as esp:
-        client = Client(http, esp)
+async def test_over_the_limit_answers_429(sandbox: Sandboxes) -> None:
+    with sandbox(FLAVOR) as esp:
+        client = Client(esp)
         await client.login()
         answers = [
             await client.call("GET", "/Console/Recipient/DynamicFields", retry_429=False) for _ in range(12)
@@ -809,27 +736,25 @@ async def test_over_the_limit_answers_429(tmp_path: Path, http: aiohttp.ClientSe
         )
         assert status == 401
         for _ in range(6):
-            stats = await client.sandbox_stats()
+            stats = await client.esp.stats()
         assert stats["rate_limited"] == len(limited)
 
         async def accepted() -> bool | None:
             status, _, _ = await client.call("GET", "/Console/Recipient/DynamicFields", retry_429=False)
             return True if status == 200 else None
 
-        await wait_for(accepted, "the window to move on", timeout_s=3)
+        await wait_for(accepted, 3, 0.02, what="the window to move on")
 
 
-async def test_restart_resumes_without_sending_twice(tmp_path: Path, http: aiohttp.ClientSession) -> None:
+async def test_restart_resumes_without_sending_twice(sandbox: Sandboxes) -> None:
     settings = {
-        **FLAVOR,
         **BUSY_RATES,
         "rate_limit_per_s": "0",
         "phase_delay_s": "0.25",
         "rows_per_file": "30",
     }
-    root = tmp_path / "sftp"
-    with running_sandbox(root, **settings) as esp:
-        client = Client(http, esp)
+    with sandbox(FLAVOR, **settings) as esp:
+        client = Client(esp)
         await client.login()
         group, import_id = await client.import_job("job-r", 5, 80)
         other_group, _ = await client.import_job("job-u", 6, 3, prefix="undef")
@@ -838,22 +763,22 @@ async def test_restart_resumes_without_sending_twice(tmp_path: Path, http: aioht
         await client.ok("POST", f"/Console/Email/Sendings/{sending}/Immediate")
 
         async def some_released() -> dict[str, Any] | None:
-            manifest = read_manifest(esp, "job-r")
+            manifest = esp.manifest("job-r")
             return manifest if manifest is not None and manifest["counts"]["sent"] > 0 else None
 
-        partial = await wait_for(some_released, "the first phase")
+        partial = await wait_for(some_released, 10, 0.02, what="the first phase")
         assert not partial["complete"]
         assert esp.stop(signal.SIGTERM) == 0
         old_token = client.access
 
-    with running_sandbox(root, **settings) as esp:
-        client = Client(http, esp)
+    with sandbox(FLAVOR, root=esp.root, **settings) as esp:
+        client = Client(esp)
         status, body, _ = await client.call("GET", "/Console/Recipient/DynamicFields", token=old_token)
         assert (status, body["ErrorDescription"]) == (401, "Authorization error: Invalid access token")
         await client.login()
-        manifest = await manifest_complete(esp, "job-r")
+        manifest = await esp.complete_manifest("job-r", timeout_s=10)
         # Nothing sent, imported or released twice; the state survived.
-        assert await client.sandbox_stats() == {
+        assert await client.esp.stats() == {
             "sends_created": {"job-r": 1, "job-u": 1},
             "imports_created": {"job-r": 1, "job-u": 1},
             "rate_limited": 0,
@@ -877,19 +802,17 @@ async def test_restart_resumes_without_sending_twice(tmp_path: Path, http: aioht
         [item] = (await client.ok("GET", "/Console/List/1/Email/5/SendHistory"))["Items"]
         assert (item["IdSending"], item["Recipients"]) == (sending, 80)
         assert item["EndDate"] is not None
-        assert await client.sandbox_stats() == {
+        assert await client.esp.stats() == {
             "sends_created": {"job-r": 1, "job-u": 1},
             "imports_created": {"job-r": 1, "job-u": 1},
             "rate_limited": 0,
         }
 
 
-async def test_rows_of_recipients_imported_for_a_later_job(
-    tmp_path: Path, http: aiohttp.ClientSession
-) -> None:
-    settings = {**FLAVOR, "rate_limit_per_s": "0", "phase_delay_s": "0.3", "rate_open": "0.9"}
-    with running_sandbox(tmp_path / "sftp", **settings) as esp:
-        client = Client(http, esp)
+async def test_rows_of_recipients_imported_for_a_later_job(sandbox: Sandboxes) -> None:
+    settings = {"rate_limit_per_s": "0", "phase_delay_s": "0.3", "rate_open": "0.9"}
+    with sandbox(FLAVOR, **settings) as esp:
+        client = Client(esp)
         await client.login()
         group, _ = await client.import_job("job-a", 1, 30, prefix="shared")
         sending = (await client.ok("POST", f"/Console/Group/{group}/Email/1/Send"))["Id"]
@@ -899,10 +822,10 @@ async def test_rows_of_recipients_imported_for_a_later_job(
             status, body, _ = await client.call("GET", "/Message/1/List/Recipients", service=STATS)
             return True if status == 200 and body["TotalElementsCount"] > 0 else None
 
-        await wait_for(sent_released, "the sent phase")
+        await wait_for(sent_released, 10, 0.02, what="the sent phase")
         # The same people imported for job B (message 2) while job A's rows are still released.
         await client.import_job("job-b", 2, 30, prefix="shared")
-        manifest = await manifest_complete(esp, "job-a")
+        manifest = await esp.complete_manifest("job-a", timeout_s=10)
         good, _ = read_export(esp, manifest["files"])
         foreign = [r for r in good if r[10].partition(":")[0] != r[2]]
         assert {r[10] for r in foreign} <= {"2:job-b"}

@@ -14,38 +14,36 @@ import csv
 import io
 import re
 import signal
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import aiohttp
 import orjson
-import pytest
 from aiohttp import web
 
-from tests.fixtures.sandbox import SandboxEsp, running_sandbox
+from sandbox.flavors import optimizely
+from tests.fixtures.sandbox import (
+    EVENT_TYPES,
+    OPTIMIZELY_USER,
+    SandboxClient,
+    Sandboxes,
+    WebhookCall,
+    WebhookReceiver,
+    basic,
+    sandbox_fixture,
+)
+from tests.fixtures.waits import wait_for
 
-T = TypeVar("T")
+sandbox = sandbox_fixture  # the fixture this module's tests start sandboxes with
 
-FLAVOR = {"flavor": "optimizely", "esp": "optimizely"}
-USER = "api-user@example.com"
+FLAVOR = "optimizely"
+USER = OPTIMIZELY_USER
 BERLIN = ZoneInfo("Europe/Berlin")
-HEADER = [
-    "Email",
-    "Urn",
-    "CommunicationKey",
-    "MessageType",
-    "DeliveryDate",
-    "ClickUrl",
-    "ClickDate",
-    "EventTriggeredDate",
-    "BounceType",
-    "BroadcastId",
-]
+HEADER = list(optimizely.HEADER)
 FILE_TYPES = {
     ("Send", ""): "sent",
     ("Bounce", "hardbounce"): "bounce_hard",
@@ -61,7 +59,6 @@ HOOK_TYPES = {
     "unsubscribe": "unsubscribe",
     "spamcomplaint": "complaint",
 }
-EVENT_TYPES = ("sent", "delivered", "bounce_hard", "bounce_soft", "open", "click", "unsubscribe", "complaint")
 FILE_NAME_RE = re.compile(r"^Response_(\d+)_\d{14}_(\d{3})\.csv$")
 REST_TIME_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+0[12]:00$")
 BUSY_RATES = {
@@ -82,29 +79,13 @@ Fact = tuple[str, str, int, str]
 # Helpers
 
 
-async def wait_for(check: Callable[[], Awaitable[T | None]], what: str, timeout_s: float = 15.0) -> T:
-    """Poll ``check`` until it returns something other than None, or fail after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = await check()
-        if result is not None:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
-def basic(user: str, password: str) -> dict[str, str]:
-    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
-
-
 class Client:
     """Calls ``/rest/{clientId}/…`` with HTTP Basic, as the doc says."""
 
-    def __init__(
-        self, http: aiohttp.ClientSession, esp: SandboxEsp, client_id: str = "demo", **auth: str
-    ) -> None:
-        self.http = http
+    def __init__(self, esp: SandboxClient, client_id: str = "demo", **auth: str) -> None:
+        self.esp = esp
+        self.http = esp.http
+        self.client_id = client_id
         self.base = f"{esp.url}/rest/{client_id}"
         self.headers = basic(auth.get("user", USER), auth.get("password", esp.token))
 
@@ -153,7 +134,7 @@ class Client:
                 return elements
 
     async def stats(self) -> Any:
-        return await self.ok("GET", "_sandbox/stats")
+        return await self.esp.stats(self.client_id)
 
 
 def person(i: int, job: str) -> dict[str, Any]:
@@ -164,19 +145,6 @@ def person(i: int, job: str) -> dict[str, Any]:
 
 def people(keys: Iterable[int], job: str) -> list[dict[str, Any]]:
     return [person(i, job) for i in keys]
-
-
-def read_manifest(esp: SandboxEsp, job: str) -> dict[str, Any] | None:
-    path = esp.account_dir() / "manifest" / f"{job}.json"
-    return orjson.loads(path.read_bytes()) if path.exists() else None
-
-
-async def manifest_complete(esp: SandboxEsp, job: str, timeout_s: float = 15.0) -> dict[str, Any]:
-    async def complete() -> dict[str, Any] | None:
-        manifest = read_manifest(esp, job)
-        return manifest if manifest is not None and manifest["complete"] else None
-
-    return await wait_for(complete, f"the manifest of {job} to be complete", timeout_s)
 
 
 def file_seconds(text: str) -> int:
@@ -197,7 +165,7 @@ class FileRows:
     rows: list[dict[str, str]] = field(default_factory=list)
 
 
-def read_files(esp: SandboxEsp, names: Iterable[str], job: str) -> FileRows:
+def read_files(esp: SandboxClient, names: Iterable[str], job: str) -> FileRows:
     out = FileRows()
     for name in names:
         text = (esp.account_dir() / name).read_text(encoding="utf-8")
@@ -255,28 +223,29 @@ def by_type(facts: Iterable[Fact]) -> dict[str, int]:
     return counts
 
 
-class Hooks:
+@dataclass
+class Hooks(WebhookReceiver):
     """A webhook target: checks the Basic authentication and keeps the calls it acknowledged.
 
     ``fail_first`` answers the very first call 503 (the sandbox retries it 1 s later); calls of the
     ``refuse`` types get 422, which is not retried.
     """
 
-    def __init__(self, refuse: frozenset[str] = frozenset(), fail_first: bool = False) -> None:
-        self.refuse = refuse
-        self.fail_first = fail_first
-        self.attempts = 0
-        self.refused = 0
-        self.acked: list[list[dict[str, Any]]] = []
-        self.url = ""
-        self._runner: web.AppRunner | None = None
+    refuse: frozenset[str] = frozenset()
+    fail_first: bool = False
+    attempts: int = 0
+    refused: int = 0
+    acked: list[list[dict[str, Any]]] = field(default_factory=list)
 
-    async def handle(self, request: web.Request) -> web.Response:
-        if request.headers.get("Authorization") != basic("espbridge", HOOK_SECRET)["Authorization"]:
+    def __post_init__(self) -> None:
+        self.answer = self._answer
+
+    def _answer(self, call: WebhookCall) -> web.Response:
+        if call.headers.get("Authorization") != basic("espbridge", HOOK_SECRET)["Authorization"]:
             return web.json_response({"error": "unauthorized"}, status=401)
-        assert request.content_type == "application/json"
-        assert request.match_info["account"] == "demo"
-        items = orjson.loads(await request.read())
+        assert call.headers["Content-Type"].startswith("application/json")
+        assert call.path == "/webhooks/demo"
+        items = orjson.loads(call.body)
         assert isinstance(items, list)
         assert items
         self.attempts += 1
@@ -288,29 +257,8 @@ class Hooks:
         self.acked.append(items)
         return web.json_response({"accepted": len(items), "rejected": 0})
 
-    async def __aenter__(self) -> Hooks:
-        app = web.Application()
-        app.router.add_post("/webhooks/optimizely/{account}", self.handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = self._runner.addresses[0][1]
-        self.url = f"http://127.0.0.1:{port}/webhooks/optimizely/{{account}}"
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        assert self._runner is not None
-        await self._runner.cleanup()
-
     def items(self) -> list[dict[str, Any]]:
         return [item for call in self.acked for item in call]
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def start_job(client: Client, job: str, count: int, chunk_size: int = 40) -> dict[str, Any]:
@@ -333,9 +281,9 @@ class Gathered:
     bad_hook_items: int
 
 
-async def gather(client: Client, esp: SandboxEsp, hooks: Hooks | None, job: str, mailing: int) -> Gathered:
+async def gather(client: Client, esp: SandboxClient, hooks: Hooks | None, job: str, mailing: int) -> Gathered:
     """Every source's events of a completed send, as the connector would read them."""
-    manifest = read_manifest(esp, job)
+    manifest = esp.manifest(job)
     assert manifest is not None
     on_disk = sorted(p.name for p in (esp.account_dir() / "responses").iterdir())
     assert sorted(manifest["files"]) == [f"responses/{n}" for n in on_disk]
@@ -365,11 +313,10 @@ async def gather(client: Client, esp: SandboxEsp, hooks: Hooks | None, job: str,
 # Tests
 
 
-async def test_basic_auth_client_ids_and_webhook_registration(
-    tmp_path: Path, http: aiohttp.ClientSession
-) -> None:
-    settings = {**FLAVOR, "accounts": "demo,other", "opt_client_ids": "demo=1000001,other=1000002"}
-    with running_sandbox(tmp_path / "sftp", **settings) as esp:
+async def test_basic_auth_client_ids_and_webhook_registration(sandbox: Sandboxes, tmp_path: Path) -> None:
+    settings = {"accounts": "demo,other", "opt_client_ids": "demo=1000001,other=1000002"}
+    with sandbox(FLAVOR, **settings) as esp:
+        http = esp.http
         bad_auth: list[dict[str, str]] = [
             {},
             basic(USER, "wrong"),
@@ -386,11 +333,11 @@ async def test_basic_auth_client_ids_and_webhook_registration(
                     assert await resp.json() == {"status": 401, "message": "Unauthorized"}
         # The account name is no client id once mapped; an unknown client id is 403.
         for client_id in ("demo", "1000003"):
-            status, body, _ = await Client(http, esp, client_id).call("GET", "sending/batches")
+            status, body, _ = await Client(esp, client_id).call("GET", "sending/batches")
             assert status == 403
             assert body["status"] == 403
             assert set(body) == {"status", "message"}
-        demo, other = Client(http, esp, "1000001"), Client(http, esp, "1000002")
+        demo, other = Client(esp, "1000001"), Client(esp, "1000002")
         page = await demo.ok("GET", "sending/batches")
         assert (page["elements"], page["count"], page["offset"], page["limit"]) == ([], 0, 0, 100)
         assert await other.stats() == {"sends_created": {}, "batches_created": {}, "rate_limited": 0}
@@ -418,10 +365,9 @@ async def test_basic_auth_client_ids_and_webhook_registration(
         assert status == 404
 
 
-async def test_batch_sending_and_every_response_source(tmp_path: Path, http: aiohttp.ClientSession) -> None:
+async def test_batch_sending_and_every_response_source(sandbox: Sandboxes) -> None:
     async with Hooks(refuse=frozenset({"open"}), fail_first=True) as hooks:
         settings = {
-            **FLAVOR,
             **BUSY_RATES,
             "rows_per_file": "40",
             "import_delay_s": "0.3",
@@ -432,8 +378,8 @@ async def test_batch_sending_and_every_response_source(tmp_path: Path, http: aio
             "opt_duplicate_rate": "0.2",
             "opt_malformed_every": "3",
         }
-        with running_sandbox(tmp_path / "sftp", **settings) as esp:
-            client = Client(http, esp)
+        with sandbox(FLAVOR, **settings) as esp:
+            client, http = Client(esp), esp.http
             # Batch creation: multipart only, the fields checked.
             async with http.post(
                 f"{client.base}/sending/batches",
@@ -514,7 +460,7 @@ async def test_batch_sending_and_every_response_source(tmp_path: Path, http: aio
                     statuses.append(body["status"])
                 return body if body["status"] == "finished" else None
 
-            campaign = await wait_for(finished, "the campaign to finish")
+            campaign = await wait_for(finished, 15, 0.02, what="the campaign to finish")
             assert statuses == ["activated", "running", "finished"]
             assert REST_TIME_RE.fullmatch(campaign["started"])
             assert REST_TIME_RE.fullmatch(campaign["finished"])
@@ -522,7 +468,7 @@ async def test_batch_sending_and_every_response_source(tmp_path: Path, http: aio
             assert report["recipients"]["total"] == 120
             assert (await client.call("GET", "smartcampaigns/7999"))[0] == 404
 
-            manifest = await manifest_complete(esp, "job-1")
+            manifest = await esp.complete_manifest("job-1")
             found = await gather(client, esp, hooks, "job-1", mailing)
 
             # Paging rules.
@@ -592,10 +538,10 @@ async def test_batch_sending_and_every_response_source(tmp_path: Path, http: aio
     assert any(";" in row["ClickUrl"] for row in found.files.rows)
 
 
-async def test_over_the_limits_answers_429(tmp_path: Path, http: aiohttp.ClientSession) -> None:
-    settings = {**FLAVOR, "opt_max_concurrent": "2", "opt_rate_per_s": "20"}
-    with running_sandbox(tmp_path / "sftp", **settings) as esp:
-        client = Client(http, esp)
+async def test_over_the_limits_answers_429(sandbox: Sandboxes) -> None:
+    settings = {"opt_max_concurrent": "2", "opt_rate_per_s": "20"}
+    with sandbox(FLAVOR, **settings) as esp:
+        client = Client(esp)
         status, batch, _ = await client.create_batch("job-l")
         assert status == 201
         # Two PUTs whose bodies are held back stay in flight; one more request is refused.
@@ -617,7 +563,7 @@ async def test_over_the_limits_answers_429(tmp_path: Path, http: aiohttp.ClientS
             return (body, headers) if status == 429 and "same time" in body["message"] else None
 
         try:
-            body, headers = await wait_for(refused, "a 429 while two requests are in flight", 5.0)
+            body, headers = await wait_for(refused, 5, 0.02, what="a 429 while two requests are in flight")
         finally:
             release.set()
         assert body == {"status": 429, "message": "Too many requests are used at the same time"}
@@ -638,14 +584,14 @@ async def test_over_the_limits_answers_429(tmp_path: Path, http: aiohttp.ClientS
         async def passes() -> bool | None:
             return True if (await client.call("GET", "sending/batches"))[0] == 200 else None
 
-        await wait_for(passes, "the bucket to refill", 5.0)
+        await wait_for(passes, 5, 0.02, what="the bucket to refill")
         # Test support is not limited.
         assert all([(await client.call("GET", "_sandbox/stats"))[0] == 200 for _ in range(10)])
 
 
-async def test_injected_503s_come_before_any_side_effect(tmp_path: Path, http: aiohttp.ClientSession) -> None:
-    with running_sandbox(tmp_path / "sftp", **FLAVOR, opt_error_rate="0.4") as esp:
-        client = Client(http, esp)
+async def test_injected_503s_come_before_any_side_effect(sandbox: Sandboxes) -> None:
+    with sandbox(FLAVOR, opt_error_rate="0.4") as esp:
+        client = Client(esp)
         created: set[str] = set()
         unavailable = 0
         for n in range(30):
@@ -662,11 +608,8 @@ async def test_injected_503s_come_before_any_side_effect(tmp_path: Path, http: a
         assert stats["batches_created"] == dict.fromkeys(created, 1)
 
 
-async def test_a_restart_resumes_the_send_without_sending_twice(
-    tmp_path: Path, http: aiohttp.ClientSession
-) -> None:
+async def test_a_restart_resumes_the_send_without_sending_twice(sandbox: Sandboxes, tmp_path: Path) -> None:
     settings = {
-        **FLAVOR,
         **BUSY_RATES,
         "seed": "7",
         "rows_per_file": "15",
@@ -678,30 +621,31 @@ async def test_a_restart_resumes_the_send_without_sending_twice(
 
     # The reference: the same job and recipients, uninterrupted, on another root.
     async with Hooks() as hooks:
-        with running_sandbox(
-            tmp_path / "ref" / "sftp",
-            token,
+        with sandbox(
+            FLAVOR,
+            root=tmp_path / "ref" / "sftp",
+            token=token,
             **settings,
             opt_webhook_url=hooks.url,
             opt_webhook_auth=HOOK_AUTH,
         ) as ref:
-            await start_job(Client(http, ref), "job-r", 60)
-            expected = await manifest_complete(ref, "job-r")
+            await start_job(Client(ref), "job-r", 60)
+            expected = await ref.complete_manifest("job-r")
 
     async with Hooks() as hooks:
         hook_settings = {**settings, "opt_webhook_url": hooks.url, "opt_webhook_auth": HOOK_AUTH}
         root = tmp_path / "run" / "sftp"
-        with running_sandbox(root, token, **hook_settings, phase_delay_s="1.5") as first:
-            client = Client(http, first)
+        with sandbox(FLAVOR, root=root, token=token, **hook_settings, phase_delay_s="1.5") as first:
+            client = Client(first)
             batch = await start_job(client, "job-r", 60)
 
             async def first_file() -> list[Path] | None:
                 found = list((first.account_dir() / "responses").glob("Response_*.csv"))
                 return found or None
 
-            await wait_for(first_file, "the first response file")
+            await wait_for(first_file, 15, 0.02, what="the first response file")
             assert first.stop(signal.SIGKILL) == -signal.SIGKILL
-        interrupted = read_manifest(first, "job-r")
+        interrupted = first.manifest("job-r")
         assert interrupted is not None
         assert not interrupted["complete"], "the send finished before the kill; nothing was resumed"
         # Complete response files only: a hidden temporary one is the killed run's unfinished write.
@@ -711,10 +655,10 @@ async def test_a_restart_resumes_the_send_without_sending_twice(
             if not p.name.startswith(".")
         }
 
-        with running_sandbox(root, token, **hook_settings) as second:
-            client = Client(http, second)
+        with sandbox(FLAVOR, root=root, token=token, **hook_settings) as second:
+            client = Client(second)
             assert (await client.call("POST", f"sending/batches/{batch['id']}"))[0] == 409
-            manifest = await manifest_complete(second, "job-r")
+            manifest = await second.complete_manifest("job-r")
             found = await gather(client, second, hooks, "job-r", 8001)
             assert await client.stats() == {
                 "sends_created": {"job-r": 1},
