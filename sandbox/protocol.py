@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
-from enum import StrEnum
+from enum import StrEnum, auto
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 """ESP and account names."""
@@ -47,15 +47,16 @@ class EventType(StrEnum):
     manifest's ``esp_only``, never in ``counts``.
     """
 
-    SENT = "sent"
-    DELIVERED = "delivered"
-    BOUNCE_HARD = "bounce_hard"
-    BOUNCE_SOFT = "bounce_soft"
-    OPEN = "open"
-    CLICK = "click"
-    UNSUBSCRIBE = "unsubscribe"
-    COMPLAINT = "complaint"
-    RETURNED = "returned"
+    # StrEnum's auto() values are the names in lower case: SENT is "sent", BOUNCE_HARD "bounce_hard".
+    SENT = auto()
+    DELIVERED = auto()
+    BOUNCE_HARD = auto()
+    BOUNCE_SOFT = auto()
+    OPEN = auto()
+    CLICK = auto()
+    UNSUBSCRIBE = auto()
+    COMPLAINT = auto()
+    RETURNED = auto()
 
 
 ESP_ONLY_TYPES = frozenset({EventType.RETURNED})

@@ -6,6 +6,7 @@ REST API for imports and sends (the client triggers both), comma-delimited list 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import PurePosixPath
 from typing import IO
@@ -14,7 +15,7 @@ from aiohttp import web
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from sandbox.api import account_of, read_body
-from sandbox.errors import EspError, found, json_response
+from sandbox.errors import EspError, json_response, not_found
 from sandbox.files import csv_line
 from sandbox.flavors.base import Flavor
 from sandbox.listfile import import_list
@@ -61,6 +62,15 @@ def drop_file(file: str) -> str:
     return str(path)
 
 
+def _shown(request: web.Request, records: Mapping[str, ImportRecord | SendRecord], kind: str) -> web.Response:
+    """The body of the record the path's ``<kind>_id`` names; 404 ``<kind>_not_found``."""
+    record_id = request.match_info[f"{kind}_id"]
+    record = records.get(record_id)
+    if record is None:
+        raise not_found(f"no {kind} {record_id}", f"{kind}_not_found")
+    return json_response(record.public())
+
+
 def _answer(record: ImportRecord | SendRecord, created: bool, new: dict[str, str]) -> web.Response:
     """202 with ``new`` for an object just created; 200 with the whole one an ``external_id`` made before."""
     return json_response(new, 202) if created else json_response(record.public())
@@ -79,9 +89,7 @@ async def create_import(request: web.Request) -> web.Response:
 
 async def get_import(request: web.Request) -> web.Response:
     """``GET /imports/<import_id>``."""
-    import_id = request.match_info["import_id"]
-    imports = account_of(request).state.imports
-    return json_response(found(imports.get(import_id), f"no import {import_id}", "import_not_found").public())
+    return _shown(request, account_of(request).state.imports, "import")
 
 
 async def create_send(request: web.Request) -> web.Response:
@@ -94,9 +102,7 @@ async def create_send(request: web.Request) -> web.Response:
 
 async def get_send(request: web.Request) -> web.Response:
     """``GET /sends/<send_id>``."""
-    send_id = request.match_info["send_id"]
-    sends = account_of(request).state.sends
-    return json_response(found(sends.get(send_id), f"no send {send_id}", "send_not_found").public())
+    return _shown(request, account_of(request).state.sends, "send")
 
 
 async def list_sends(request: web.Request) -> web.Response:
@@ -104,10 +110,10 @@ async def list_sends(request: web.Request) -> web.Response:
     account = account_of(request)
     external_id = request.query.get("external_id")
     if external_id is None:
-        found = list(account.state.sends.values())
+        sends = list(account.state.sends.values())
     else:
-        found = account.state.sends_by_external_id(external_id)
-    return json_response({"sends": [s.public() for s in found]})
+        sends = account.state.sends_by_external_id(external_id)
+    return json_response({"sends": [s.public() for s in sends]})
 
 
 _BASE = API_PREFIX + "/{account}"
