@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from sandbox.flavors import FLAVORS
 from sandbox.flavors.generic import RESPONSE_HEADER
 from tests.fixtures.sandbox import (
     EVENT_TYPES,
@@ -449,7 +450,11 @@ async def test_restart_mid_send_resumes_without_duplicates(
         assert {n: after[n] for n in before} == before
 
 
-async def test_sigint_stops_cleanly(sandbox: Sandboxes) -> None:
-    with sandbox() as esp:
+@pytest.mark.parametrize("flavor", sorted(FLAVORS))
+async def test_every_flavor_answers_its_stats_and_stops_cleanly_on_sigint(
+    sandbox: Sandboxes, flavor: str
+) -> None:
+    with sandbox(flavor) as esp:
+        assert (await esp.stats())["sends_created"] == {}
         assert esp.stop(signal.SIGINT) == 0
     assert '"msg":"stopped"' in esp.log_text()

@@ -21,7 +21,7 @@ import orjson
 from yarl import URL
 
 from sandbox.flavors import deployteq
-from tests.fixtures.sandbox import EVENT_TYPES, SandboxClient, Sandboxes, basic, sandbox_fixture
+from tests.fixtures.sandbox import BUSY_RATES, EVENT_TYPES, SandboxClient, Sandboxes, basic, sandbox_fixture
 from tests.fixtures.waits import wait_for
 
 sandbox = sandbox_fixture  # the fixture this module's tests start sandboxes with
@@ -33,14 +33,6 @@ ACTIVITY_COLUMNS = list(deployteq.ACTIVITY_COLUMNS)
 BROADCAST_COLUMNS = list(deployteq.BROADCAST_COLUMNS)
 AMSTERDAM = ZoneInfo("Europe/Amsterdam")
 EXPORT_TIME_RE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d$")
-BUSY_RATES = {
-    "rate_hard_bounce": "0.05",
-    "rate_soft_bounce": "0.05",
-    "rate_open": "0.8",
-    "rate_click": "0.6",
-    "rate_unsubscribe": "0.3",
-    "rate_complaint": "0.15",
-}
 TREE = "csv upload/espbridge"
 
 

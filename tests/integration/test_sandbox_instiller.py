@@ -30,7 +30,7 @@ from sandbox.limits import MalformedRows, SlidingWindow, TokenBucket, TokenIssue
 from sandbox.listfile import recipients as stored_recipients
 from sandbox.protocol import ImportState
 from sandbox.settings import Settings
-from tests.fixtures.sandbox import EVENT_TYPES, SandboxClient, Sandboxes, sandbox_fixture
+from tests.fixtures.sandbox import BUSY_RATES, EVENT_TYPES, SandboxClient, Sandboxes, sandbox_fixture
 from tests.fixtures.waits import wait_for
 
 sandbox = sandbox_fixture  # the fixture this module's tests start sandboxes with
@@ -50,16 +50,6 @@ EXPORT_TYPES = {
 COMMON_KEYS = ["Id", "SendId", "EmailApiIdentifier", "CommunicationKey", "Email"]
 LOCAL_TIME_RE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d$")
 LONDON = ZoneInfo("Europe/London")
-# Plenty of every response, so each export type has rows.
-BUSY_RATES = {
-    "rate_hard_bounce": "0.05",
-    "rate_soft_bounce": "0.05",
-    "rate_open": "0.8",
-    "rate_click": "0.6",
-    "rate_unsubscribe": "0.3",
-    "rate_complaint": "0.1",
-    "rate_returned": "0.2",
-}
 
 
 # Helpers

@@ -25,7 +25,14 @@ import pytest
 from aiohttp import web
 
 from sandbox.flavors import mailup
-from tests.fixtures.sandbox import EVENT_TYPES, SandboxClient, Sandboxes, WebhookReceiver, sandbox_fixture
+from tests.fixtures.sandbox import (
+    BUSY_RATES,
+    EVENT_TYPES,
+    SandboxClient,
+    Sandboxes,
+    WebhookReceiver,
+    sandbox_fixture,
+)
 from tests.fixtures.waits import wait_for
 
 sandbox = sandbox_fixture  # the fixture this module's tests start sandboxes with
@@ -40,15 +47,6 @@ EXPORT_HEADER = list(mailup.EXPORT_HEADER)
 EXPORT_NAME_RE = re.compile(r"^statistics/statistics_\d{8}T\d{6}_\d+\.csv$")
 API_TIME_RE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ$")
 ROME = ZoneInfo("Europe/Rome")
-# Plenty of every response.
-BUSY_RATES = {
-    "rate_hard_bounce": "0.08",
-    "rate_soft_bounce": "0.08",
-    "rate_open": "0.8",
-    "rate_click": "0.6",
-    "rate_unsubscribe": "0.3",
-    "rate_complaint": "0.15",
-}
 
 
 class Client:

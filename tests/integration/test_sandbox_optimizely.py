@@ -27,6 +27,7 @@ from aiohttp import web
 
 from sandbox.flavors import optimizely
 from tests.fixtures.sandbox import (
+    BUSY_RATES,
     EVENT_TYPES,
     OPTIMIZELY_USER,
     SandboxClient,
@@ -61,14 +62,6 @@ HOOK_TYPES = {
 }
 FILE_NAME_RE = re.compile(r"^Response_(\d+)_\d{14}_(\d{3})\.csv$")
 REST_TIME_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+0[12]:00$")
-BUSY_RATES = {
-    "rate_hard_bounce": "0.1",
-    "rate_soft_bounce": "0.1",
-    "rate_open": "0.8",
-    "rate_click": "0.6",
-    "rate_unsubscribe": "0.4",
-    "rate_complaint": "0.2",
-}
 HOOK_SECRET = "hook-secret"
 HOOK_AUTH = orjson.dumps({"type": "basicAuth", "userName": "espbridge", "password": HOOK_SECRET}).decode()
 
