@@ -17,8 +17,9 @@ from sandbox.settings import PREFIX, Settings
 
 EPILOG = """\
 environment variables (prefix ESPBRIDGE_SANDBOX_):
-  FLAVOR             the ESP played: generic (default; docs/generic-esp.md), generic_sftp
-                     (docs/connectors/generic_sftp.md) or instiller (docs/connectors/instiller.md)
+  FLAVOR             the ESP played: generic (default; docs/generic-esp.md), generic_sftp,
+                     instiller, mailup, optimizely or deployteq (docs/connectors/<flavor>.md;
+                     their own settings in sandbox/README.md)
   ROOT               the SFTP login directory (required); accounts are ROOT/ESP/ACCOUNT
   ESP                ESP folder name (default sandbox)
   ACCOUNTS           comma-separated account names (default demo)
