@@ -1,7 +1,9 @@
 """The HTTP server every flavor shares: bearer auth, JSON errors, ``/healthz``, ``_sandbox/stats``.
 
 The flavor adds its own routes (the generic flavor's imports and sends, docs/generic-esp.md);
-their handlers use :func:`account_of`, :func:`read_body` and :func:`json_response` from here.
+their handlers use :func:`account_of`, :func:`read_body`, :func:`bearer_token` and
+:func:`basic_credentials` from here, and answer with ``sandbox.errors`` (``json_response``, an
+``ErrorStyle`` for their ESP's error bodies).
 """
 
 from __future__ import annotations

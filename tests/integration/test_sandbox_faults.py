@@ -9,11 +9,7 @@ from typing import Any
 
 import aiohttp
 
-from tests.fixtures.sandbox import (
-    SandboxClient,
-    Sandboxes,
-    sandbox_fixture,
-)
+from tests.fixtures.sandbox import SandboxClient, Sandboxes, sandbox_fixture
 
 sandbox = sandbox_fixture  # the fixture this module's tests start sandboxes with
 
