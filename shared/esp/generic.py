@@ -193,9 +193,16 @@ def _event(writer: FileEventWriter, line: int, row: list[str]) -> EncodedEvent:
         raise ValueError(f"BroadcastId must have 1 to {MAX_BROADCAST_ID} characters")
     if not (key or email):
         raise ValueError("a response event needs a CommunicationKey or an Email")
-    fields = (writer.event_id(event_id), broadcast_id, message_id or None, key or None, email or None, kind)
-    if json_plain(joined):
-        body = writer.json(*fields, url or None, _utc_time(occurred), line)
-    else:  # values with quotes, backslashes or control characters: escaped by orjson
-        body = writer.escaped_json(*fields, url or None, rows.aware_time("OccurredAt", occurred), line)
+    body = writer.json(
+        writer.event_id(event_id),
+        broadcast_id,
+        message_id or None,
+        key or None,
+        email or None,
+        kind,
+        url or None,
+        _utc_time(occurred),
+        line,
+        plain=json_plain(joined),  # else values with quotes, backslashes or control characters
+    )
     return EncodedEvent(body, event_key(broadcast_id, key, email).encode(), broadcast_id, line)

@@ -4,9 +4,9 @@ The gatherer turns millions of file rows into ResponseEvent JSON and the loader 
 a model per event costs more than the rest of the path together. So both sides work on the JSON
 itself, with the same wire format (the ResponseEvent JSON Schema, unchanged):
 
-* :func:`event_json` writes the JSON of a ResponseEvent from plain values, byte for byte what
-  ``ResponseEvent(...).to_json()`` writes; :func:`encode` does it for a model (other connectors,
-  webhooks, API pulls).
+* :class:`FileEventWriter` writes the JSON of a response file's events from plain values, byte for
+  byte what ``ResponseEvent(...).to_json()`` writes; :func:`encode` does it for a model (other
+  connectors, webhooks, API pulls).
 * :func:`read_fast` reads a ResponseEvent JSON that has exactly the shape espbridge writes and
   checks every rule of the model; anything else (another producer's spelling, a bad message)
   returns None and goes through the model (``ResponseEvent.from_json``), so what is accepted and
@@ -61,51 +61,6 @@ class EncodedEvent:
     """The line of the response file it came from (None for API pages and webhooks)."""
 
 
-def event_json(
-    *,
-    event_id: str,
-    esp: str,
-    account: str,
-    broadcast_id: str,
-    esp_message_id: str | None,
-    communication_key: str | None,
-    email: str | None,
-    event_type: str,
-    url: str | None,
-    occurred_at: datetime,
-    source_kind: str,
-    source_name: str,
-    line: int | None = None,
-    page: int | None = None,
-) -> bytes:
-    """The JSON of a ResponseEvent, field for field as the model writes it (``occurred_at`` in UTC)."""
-    return orjson.dumps(
-        {
-            "schema_version": 1,
-            "event_id": event_id,
-            "esp": esp,
-            "account": account,
-            "broadcast_id": broadcast_id,
-            "esp_message_id": esp_message_id,
-            "communication_key": communication_key,
-            "email": email,
-            "type": event_type,
-            "url": url,
-            "occurred_at": occurred_at,
-            "source": {
-                "kind": source_kind,
-                "name": source_name,
-                "line": line,
-                "page": page,
-                "partition": None,
-                "offset": None,
-            },
-            "extra": {},
-        },
-        option=orjson.OPT_UTC_Z,
-    )
-
-
 _JSON_SPECIAL: Final = re.compile(r'["\\\x00-\x1f]')
 """Characters a JSON string must escape (orjson escapes nothing else)."""
 
@@ -120,20 +75,19 @@ def _quoted(value: str | None) -> str:
 
 
 class FileEventWriter:
-    """:func:`event_json` for the rows of one response file, faster: the parts that are the same
-    for every row (ESP, account, file name) are written once, and a row's values are put in as they
-    are. Only for values :func:`json_plain` accepts; others go through :func:`event_json`.
+    """The JSON of the events of one response file: the parts that are the same for every row
+    (ESP, account, file name) are written once, and a row's values are put in as they are, or
+    escaped as orjson escapes them where :func:`json_plain` refuses one.
 
-    Writes the same bytes as :func:`event_json` (a unit test holds them equal).
+    Writes the same bytes as the model's ``to_json`` (a unit test holds them equal).
     """
 
-    __slots__ = ("_account", "_esp", "_esp_id_prefix", "_head", "_name", "_tail")
+    __slots__ = ("_esp_id_prefix", "_head", "_tail")
 
     def __init__(self, esp: str, account: str, name: str) -> None:
         def text(value: str) -> str:
             return orjson.dumps(value).decode()
 
-        self._esp, self._account, self._name = esp, account, name
         self._head = f'","esp":{text(esp)},"account":{text(account)},"broadcast_id":"'
         self._tail = f'","source":{{"kind":"file","name":{text(name)},"line":'
         self._esp_id_prefix = f"{esp}\x1f{account}:"
@@ -153,8 +107,16 @@ class FileEventWriter:
         url: str | None,
         occurred_at: str,
         line: int,
+        plain: bool = True,
     ) -> bytes:
-        """The event's JSON; ``occurred_at`` as orjson writes a UTC time (see :func:`utc_text`)."""
+        """The event's JSON; ``occurred_at`` as orjson writes a UTC time (see :func:`utc_text`).
+        ``plain`` says that every value is one :func:`json_plain` accepts (the fast path); with
+        False the values are escaped first."""
+        if not plain:
+            event_id, broadcast_id, event_type = (_escaped(v) for v in (event_id, broadcast_id, event_type))
+            esp_message_id, communication_key, email, url = (
+                None if v is None else _escaped(v) for v in (esp_message_id, communication_key, email, url)
+            )
         return (
             f'{{"schema_version":1,"event_id":"{event_id}{self._head}{broadcast_id}",'
             f'"esp_message_id":{_quoted(esp_message_id)},"communication_key":{_quoted(communication_key)},'
@@ -163,38 +125,14 @@ class FileEventWriter:
             '"extra":{}}'
         ).encode()
 
-    def escaped_json(
-        self,
-        event_id: str,
-        broadcast_id: str,
-        esp_message_id: str | None,
-        communication_key: str | None,
-        email: str | None,
-        event_type: str,
-        url: str | None,
-        occurred_at: datetime,
-        line: int,
-    ) -> bytes:
-        """The event's JSON for any values (:func:`event_json` with this file's parts)."""
-        return event_json(
-            event_id=event_id,
-            esp=self._esp,
-            account=self._account,
-            broadcast_id=broadcast_id,
-            esp_message_id=esp_message_id,
-            communication_key=communication_key,
-            email=email,
-            event_type=event_type,
-            url=url,
-            occurred_at=occurred_at,
-            source_kind="file",
-            source_name=self._name,
-            line=line,
-        )
+
+def _escaped(value: str) -> str:
+    """``value`` as it stands inside a JSON string that orjson writes."""
+    return orjson.dumps(value).decode()[1:-1]
 
 
 def utc_text(when: datetime) -> str:
-    """A UTC time as :func:`event_json` writes it (``2026-11-22T09:00:00Z``, microseconds if any)."""
+    """A UTC time as a ResponseEvent's JSON holds it (``2026-11-22T09:00:00Z``, microseconds if any)."""
     return orjson.dumps(when, option=orjson.OPT_UTC_Z)[1:-1].decode()
 
 
