@@ -515,8 +515,8 @@ class MailUp:
             {"Retry-After": "1"},
         )
 
-    def stats(self, account: Account) -> dict[str, Any]:
-        """``_sandbox/stats``."""
+    def stats(self, account: Account, tokens_issued: int) -> dict[str, Any]:
+        """``_sandbox/stats``: sendings and imports per job id, tokens issued, 429s answered."""
         with self.store.lock:
             sends = collections.Counter(s.job for s in self.store.data.sendings)
             imports = collections.Counter(i.job for i in self.store.data.imports)
@@ -524,6 +524,7 @@ class MailUp:
             "sends_created": dict(sends),
             "imports_created": dict(imports),
             "rate_limited": account.counters["rate_limited"],
+            "tokens_issued": tokens_issued,
         }
 
     # Imports
@@ -1283,7 +1284,8 @@ async def statistics(call: Call) -> dict[str, Any]:
 async def sandbox_stats(request: web.Request) -> web.Response:
     """``GET <base>/_sandbox/stats`` (the sandbox bearer token; not rate-limited)."""
     account = account_of(request)
-    return _json(mailup(account.folder).stats(account))
+    tokens = request.app[CONTEXT].tokens.issued[account.name]
+    return _json(mailup(account.folder).stats(account, tokens))
 
 
 # The stats route comes first: it replaces the shared one at the same path.

@@ -264,7 +264,7 @@ TOKEN_ESPS = ["mailup", "deployteq"]
 async def test_expiring_tokens_are_renewed_through_a_broadcast(
     esp: str, deployment: Deployment, stack: ExitStack
 ) -> None:
-    pipeline, job, _manifest = await run_broadcast(
+    pipeline, _job, _manifest = await run_broadcast(
         stack,
         deployment,
         esp,
@@ -272,13 +272,9 @@ async def test_expiring_tokens_are_renewed_through_a_broadcast(
         1000,
         sandbox_settings={"token_ttl_s": "1", "phase_delay_s": "1.0"},
     )
-    statuses = await read_statuses(deployment.kafka, job.job_id)
-    lasted = (statuses[-1].at - statuses[0].at).total_seconds()
-    assert lasted > 3, f"the broadcast outlived several 1 s tokens (it took {lasted:.1f} s)"
-    stats = await pipeline.stats(esp)
-    if "tokens_issued" in stats:  # where the flavor counts them, renewals are visible directly
-        issued = stats["tokens_issued"]
-        assert (sum(issued.values()) if isinstance(issued, dict) else int(issued)) >= 2
+    # The broadcast went through (run_broadcast waited for every response), and the ESP issued the
+    # account more tokens than the three services that call it would take without renewing one.
+    assert (await pipeline.stats(esp))["tokens_issued"] > 3
     pipeline.stop()
 
 
