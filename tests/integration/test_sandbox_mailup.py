@@ -31,11 +31,8 @@ from tests.fixtures.sandbox import (
     SandboxClient,
     Sandboxes,
     WebhookReceiver,
-    sandbox_fixture,
 )
 from tests.fixtures.waits import wait_for
-
-sandbox = sandbox_fixture  # the fixture this module's tests start sandboxes with
 
 CONSOLE = "/API/v1.1/Rest/ConsoleService.svc"
 STATS = "/API/v1.1/Rest/MailStatisticsService.svc"
@@ -309,7 +306,12 @@ async def test_token_grants_refresh_and_expiry(sandbox: Sandboxes) -> None:
             client.base + "/_sandbox/stats", headers={"Authorization": f"Bearer {client.access}"}
         ) as resp:
             assert resp.status == 401
-        assert await client.esp.stats() == {"sends_created": {}, "imports_created": {}, "rate_limited": 0}
+        assert await client.esp.stats() == {
+            "sends_created": {},
+            "imports_created": {},
+            "rate_limited": 0,
+            "tokens_issued": 1,
+        }
 
         # Refresh: a new pair; the used refresh token is spent.
         old_refresh = client.refresh
@@ -621,6 +623,7 @@ async def test_import_send_and_every_response_source(sandbox: Sandboxes, webhook
             "sends_created": {"job-1": 1},
             "imports_created": {"job-1": 2},
             "rate_limited": 0,
+            "tokens_issued": 1,
         }
         # Hard-bounced, unsubscribed and complaining recipients left the list: a new Send (counted)
         # addresses the others.
@@ -780,6 +783,7 @@ async def test_restart_resumes_without_sending_twice(sandbox: Sandboxes) -> None
             "sends_created": {"job-r": 1, "job-u": 1},
             "imports_created": {"job-r": 1, "job-u": 1},
             "rate_limited": 0,
+            "tokens_issued": 1,
         }
         assert (await client.ok("GET", f"/Console/Imports/{import_id}"))["StatusCode"] == 3
         assert await client.group("espbridge-job-r") == group
@@ -804,6 +808,7 @@ async def test_restart_resumes_without_sending_twice(sandbox: Sandboxes) -> None
             "sends_created": {"job-r": 1, "job-u": 1},
             "imports_created": {"job-r": 1, "job-u": 1},
             "rate_limited": 0,
+            "tokens_issued": 1,
         }
 
 
