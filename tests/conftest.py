@@ -6,8 +6,10 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
+import aiohttp
 import asyncpg
 import pytest
 
@@ -15,6 +17,7 @@ from shared.infra.db import connect
 from shared.infra.kafka import ensure_topics
 from shared.infra.settings import KafkaSettings, PostgresSettings
 from tests.fixtures.deployment import Deployment
+from tests.fixtures.sandbox import Sandboxes
 from tests.fixtures.servers import (
     REQUIRED,
     Servers,
@@ -101,3 +104,12 @@ def sftp_folder(servers: Servers, unique: str) -> tuple[str, Path]:
     local = servers.sftp_local_root / remote
     local.mkdir(parents=True)
     return remote, local
+
+
+@pytest.fixture
+async def sandbox(tmp_path: Path) -> AsyncIterator[Sandboxes]:
+    """Starts sandbox ESPs for one test (see :class:`~tests.fixtures.sandbox.Sandboxes`); each must
+    exit 0 at its end."""
+    async with aiohttp.ClientSession() as http:
+        with ExitStack() as running:
+            yield Sandboxes(tmp_path, http, running)

@@ -21,10 +21,8 @@ import pytest
 
 from sandbox.flavors import FLAVORS
 from sandbox.flavors.generic import RESPONSE_HEADER
-from tests.fixtures.sandbox import EVENT_TYPES, SandboxClient, Sandboxes, file_ids, sandbox_fixture
+from tests.fixtures.sandbox import EVENT_TYPES, SandboxClient, Sandboxes, file_ids
 from tests.fixtures.waits import wait_for
-
-sandbox = sandbox_fixture  # the fixture this module's tests start sandboxes with
 
 PHASES = ("sent", "delivery", "opens", "clicks", "optouts")
 PHASE_OF = {

@@ -21,10 +21,8 @@ import orjson
 from yarl import URL
 
 from sandbox.flavors import deployteq
-from tests.fixtures.sandbox import BUSY_RATES, EVENT_TYPES, SandboxClient, Sandboxes, basic, sandbox_fixture
+from tests.fixtures.sandbox import BUSY_RATES, EVENT_TYPES, SandboxClient, Sandboxes, basic
 from tests.fixtures.waits import wait_for
-
-sandbox = sandbox_fixture  # the fixture this module's tests start sandboxes with
 
 FLAVOR = "deployteq"
 METRICS = ("sends", "bounces", "opens", "clicks", "unsubscribes")

@@ -9,9 +9,7 @@ from typing import Any
 
 import aiohttp
 
-from tests.fixtures.sandbox import SandboxClient, Sandboxes, sandbox_fixture
-
-sandbox = sandbox_fixture  # the fixture this module's tests start sandboxes with
+from tests.fixtures.sandbox import SandboxClient, Sandboxes
 
 RULES: list[dict[str, Any]] = [
     {"name": "create import", "method": "POST", "path": "/imports$", "fault": "reset", "when": "after"},

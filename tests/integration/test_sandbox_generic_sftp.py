@@ -20,10 +20,8 @@ from typing import Any
 from sandbox.flavors import generic_sftp
 from sandbox.protocol import EventType
 from sandbox.simulate import Event, distinct_seconds
-from tests.fixtures.sandbox import EVENT_TYPES, SandboxClient, Sandboxes, file_ids, sandbox_fixture
+from tests.fixtures.sandbox import EVENT_TYPES, SandboxClient, Sandboxes, file_ids
 from tests.fixtures.waits import wait_for
-
-sandbox = sandbox_fixture  # the fixture this module's tests start sandboxes with
 
 FLAVOR = "generic_sftp"
 HEADER = list(generic_sftp.HEADER)

@@ -30,10 +30,8 @@ from sandbox.limits import MalformedRows, SlidingWindow, TokenBucket, TokenIssue
 from sandbox.listfile import recipients as stored_recipients
 from sandbox.protocol import ImportState
 from sandbox.settings import Settings
-from tests.fixtures.sandbox import BUSY_RATES, EVENT_TYPES, SandboxClient, Sandboxes, sandbox_fixture
+from tests.fixtures.sandbox import BUSY_RATES, EVENT_TYPES, SandboxClient, Sandboxes
 from tests.fixtures.waits import wait_for
-
-sandbox = sandbox_fixture  # the fixture this module's tests start sandboxes with
 
 FLAVOR = "instiller"
 EXPORT_TYPES = {

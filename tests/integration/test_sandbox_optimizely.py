@@ -35,11 +35,8 @@ from tests.fixtures.sandbox import (
     WebhookCall,
     WebhookReceiver,
     basic,
-    sandbox_fixture,
 )
 from tests.fixtures.waits import wait_for
-
-sandbox = sandbox_fixture  # the fixture this module's tests start sandboxes with
 
 FLAVOR = "optimizely"
 USER = OPTIMIZELY_USER
