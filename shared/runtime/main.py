@@ -29,6 +29,19 @@ from shared.runtime.tuning import tune_gc, tune_malloc
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One line of ``--check``."""
+
+    what: str
+    detail: str
+    ok: bool = True
+
+    def line(self) -> str:
+        """The line as printed."""
+        return f"{'ok  ' if self.ok else 'FAIL'} {self.what}: {self.detail}"
+
+
 async def check(settings: ServiceSettings) -> list[Check]:
     """What the service needs, read and reported: Kafka and the registry topics, and PostgreSQL
     with its migrations when the service has a database. Creates and changes nothing."""
@@ -68,19 +81,6 @@ async def check(settings: ServiceSettings) -> list[Check]:
             )
             checks.append(Check(where, detail, ok=not pending))
     return checks
-
-
-@dataclass(frozen=True, slots=True)
-class Check:
-    """One line of ``--check``."""
-
-    what: str
-    detail: str
-    ok: bool = True
-
-    def line(self) -> str:
-        """The line as printed."""
-        return f"{'ok  ' if self.ok else 'FAIL'} {self.what}: {self.detail}"
 
 
 def service_main(spec: ServiceSpec, argv: Sequence[str] | None = None) -> int:
