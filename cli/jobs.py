@@ -7,10 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import orjson
-import yaml
-
 from cli.output import as_json
+from shared.infra.documents import DocumentError, read_document
 from shared.infra.settings import KafkaSettings, PostgresSettings
 from shared.model.errors import ConfigurationError, InvalidMessageError
 from shared.model.messages import BroadcastStatus
@@ -18,18 +16,14 @@ from shared.model.topics import Topic
 from shared.operations.jobs import build_job, funnel, publish_job, read_statuses
 
 
-def read_document(path: Path) -> dict[str, Any]:
+def read_job_file(path: Path) -> dict[str, Any]:
     """A job file: JSON or YAML, a mapping at the top."""
     try:
-        raw = path.read_bytes()
+        data = read_document(path)
     except OSError as exc:
         raise ConfigurationError(f"cannot read {path}: {exc.strerror}") from None
-    try:
-        data = orjson.loads(raw) if path.suffix == ".json" else yaml.safe_load(raw)
-    except (orjson.JSONDecodeError, yaml.YAMLError) as exc:
-        raise InvalidMessageError(
-            f"{path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}"
-        ) from None
+    except DocumentError as exc:
+        raise InvalidMessageError(f"{path} is not valid {exc.form}: {exc}") from None
     if not isinstance(data, dict):
         raise InvalidMessageError(f"{path} must hold one job (a mapping)")
     return data
@@ -37,7 +31,7 @@ def read_document(path: Path) -> dict[str, Any]:
 
 def job_document(args: argparse.Namespace) -> dict[str, Any]:
     """The job's fields: the file's, with the flags' laid over them."""
-    doc: dict[str, Any] = read_document(Path(args.file)) if args.file else {}
+    doc: dict[str, Any] = read_job_file(Path(args.file)) if args.file else {}
     flags = {
         "job_id": args.job_id,
         "esp": args.esp,

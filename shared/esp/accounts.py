@@ -18,11 +18,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Self
 
-import orjson
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.infra.documents import DocumentError, read_document
 from shared.infra.settings import read_secret_file
 from shared.model.errors import ConfigurationError, PermanentError
 from shared.model.messages import Name
@@ -109,12 +108,10 @@ class Accounts:
         if path is None:
             return cls()
         try:
-            raw = path.read_bytes()
-            data = orjson.loads(raw) if path.suffix == ".json" else yaml.safe_load(raw)
-            parsed = AccountsFile.model_validate(data or {})
+            parsed = AccountsFile.model_validate(read_document(path) or {})
         except OSError as exc:
             raise ConfigurationError(f"cannot read accounts file {path}: {exc.strerror}") from None
-        except (orjson.JSONDecodeError, yaml.YAMLError, ValidationError) as exc:
+        except (DocumentError, ValidationError) as exc:
             raise ConfigurationError(f"accounts file {path} is invalid: {exc}") from None
         return cls(parsed.accounts)
 
