@@ -12,13 +12,16 @@ the final line end), so a record a parser rejects becomes a dead letter naming t
   lines after it) is not parsed: it comes back with ``fields=None`` and its first
   ``keep_bytes`` bytes, and reading goes on at the next line.
 * A UTF-8 byte order mark at the start of the file is skipped.
+
+A list file a connector reads back from the SFTP site to post its rows itself comes as a stream of
+bytes: :func:`stream_records` splits it into records without holding the file in memory.
 """
 
 from __future__ import annotations
 
 import codecs
 import csv
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, AsyncIterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -192,3 +195,51 @@ def read_csv_records(
                 continue
             last = reader.line_num
             yield Record(line, delimiter.join(fields).encode("utf-8", "surrogateescape"), fields)
+
+
+class NotUtf8Error(ValueError):
+    """A streamed file's bytes that are not UTF-8."""
+
+    def __init__(self, lines_read: int, reason: str) -> None:
+        super().__init__(f"not UTF-8 after line {lines_read}: {reason}")
+        self.lines_read = lines_read
+        """The complete lines before the bad bytes."""
+        self.reason = reason
+
+
+async def stream_records(data: AsyncIterable[bytes]) -> AsyncGenerator[tuple[int, list[str]], None]:
+    """The records of a UTF-8 CSV byte stream: the line each starts on, and its lines (each with
+    its ``\\n``, but a last line the file does not end); a byte order mark is skipped.
+
+    RFC 4180 quoting as Python's csv writes it: a quoted field may hold the delimiter, doubled
+    quotes and line ends, so a record ends at a line end after an even number of ``"``; an
+    unclosed quote takes the rest of the file. Decoding is incremental, so the file is never held
+    in memory; bytes that are not UTF-8 raise :class:`NotUtf8Error`.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8-sig")()
+    pending = ""
+    record: list[str] = []
+    quotes = line = start = 0
+    try:
+        async for block in data:
+            pending += decoder.decode(block)
+            *lines, pending = pending.split("\n")
+            for text in lines:
+                line += 1
+                if not record:
+                    start = line
+                record.append(text + "\n")
+                quotes += text.count('"')
+                if quotes % 2 == 0:
+                    yield start, record
+                    record, quotes = [], 0
+        pending += decoder.decode(b"", final=True)
+    except UnicodeDecodeError as exc:
+        raise NotUtf8Error(line, exc.reason) from None
+    if pending:
+        line += 1
+        if not record:
+            start = line
+        record.append(pending)
+    if record:
+        yield start, record

@@ -27,7 +27,6 @@ call's answer), and a 429 is waited out
 
 from __future__ import annotations
 
-import codecs
 import csv
 import hmac
 import logging
@@ -45,6 +44,7 @@ from pydantic import Field, model_validator
 from shared.esp import base, rows
 from shared.esp.accounts import AccountConfig
 from shared.esp.cursor import Count, StoredCursor
+from shared.esp.delimited import NotUtf8Error, stream_records
 from shared.esp.generic import ListRejectedError
 from shared.esp.options import ConnectorOptions, DateFormat, Encoding, TimeZone
 from shared.esp.rest import EspClient, EspUnavailableError, OAuth2Token, RateLimiter, Retries
@@ -226,56 +226,26 @@ class _Fields:
 async def read_list_rows(
     chunks: AsyncIterable[bytes],
 ) -> AsyncGenerator[tuple[int, list[str] | None], None]:
-    """Records of a UTF-8 CSV byte stream with the line each starts on (header included).
-
-    RFC 4180 as Python's csv writes it: a quoted field may hold the delimiter, doubled quotes and
-    line ends, so a record ends at a line end after an even number of quotes. ``None`` stands for
-    a record csv cannot read. Decoding is incremental, so the file is never held in memory.
+    """Records of a UTF-8 CSV byte stream with the line each starts on (header included), as
+    :func:`~shared.esp.delimited.stream_records` splits them; ``None`` stands for a record csv
+    cannot read. The file is never held in memory.
     """
-    decoder = codecs.getincrementaldecoder("utf-8-sig")()
-    pending = ""
-    record: list[str] = []
-    quotes = 0
-    line = 0
-    start = 1
-
-    def complete(text: str) -> list[tuple[int, list[str] | None]]:
-        nonlocal quotes, line, start
-        line += 1
-        if not record:
-            start = line
-        record.append(text)
-        quotes += text.count('"')
-        if quotes % 2:
-            return []
-        return [take()]
-
-    def take() -> tuple[int, list[str] | None]:
-        nonlocal quotes
-        lines = list(record)
-        record.clear()
-        quotes = 0
-        try:
-            parsed = list(csv.reader(lines))
-        except csv.Error:
-            return start, None
-        return start, (parsed[0] if len(parsed) == 1 else [] if not parsed else None)
-
     try:
-        async for chunk in chunks:
-            pending += decoder.decode(chunk)
-            *lines, pending = pending.split("\n")
-            for text in lines:
-                for item in complete(text + "\n"):
-                    yield item
-        pending += decoder.decode(b"", final=True)
-    except UnicodeDecodeError as exc:
-        raise PermanentError(f"the list file is not UTF-8 (after line {line}): {exc.reason}") from None
-    if pending:
-        for item in complete(pending):
-            yield item
-    if record:
-        yield take()  # an unclosed quote at the end of the file
+        async for start, lines in stream_records(chunks):
+            yield start, _list_row(lines)
+    except NotUtf8Error as exc:
+        raise PermanentError(
+            f"the list file is not UTF-8 (after line {exc.lines_read}): {exc.reason}"
+        ) from None
+
+
+def _list_row(lines: list[str]) -> list[str] | None:
+    """The fields of one record's lines ([] for an empty line), None when csv cannot read them."""
+    try:
+        parsed = list(csv.reader(lines))
+    except csv.Error:
+        return None
+    return parsed[0] if len(parsed) == 1 else [] if not parsed else None
 
 
 def _int(value: Any) -> int:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import codecs
 import csv
 import hmac
 import logging
@@ -52,6 +51,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 from shared.esp import base, rows
 from shared.esp.accounts import AccountConfig
 from shared.esp.cursor import Count, StoredCursor
+from shared.esp.delimited import NotUtf8Error, stream_records
 from shared.esp.generic import ListRejectedError
 from shared.esp.options import ConnectorOptions, DateFormat, Encoding, TimeZone
 from shared.esp.rest import EspClient, EspUnavailableError, RateLimiter, Retries, is_count, short_json
@@ -287,36 +287,15 @@ def _unsubscribe_key(element: Any) -> str:
 
 
 async def _records(data: AsyncIterable[bytes]) -> AsyncGenerator[tuple[int, str], None]:
-    """Complete CSV records of a UTF-8 byte stream with the line each starts on.
-
-    A record ends at an LF outside quotes: with the documented quoting (``"`` around a field, ``""``
-    inside it) that is an LF after an even number of ``"`` in the record.
-    """
-    decoder = codecs.getincrementaldecoder("utf-8-sig")()
-    buffer, pending, quotes, line, start = "", "", 0, 0, 1
+    """Complete CSV records of a UTF-8 byte stream with the line each starts on
+    (:func:`~shared.esp.delimited.stream_records`)."""
     try:
-        async for block in data:
-            buffer += decoder.decode(block)
-            *lines, buffer = buffer.split("\n")
-            for text in lines:
-                line += 1
-                if not pending:
-                    start = line
-                pending += text + "\n"
-                quotes += text.count('"')
-                if quotes % 2 == 0:
-                    yield start, pending
-                    pending, quotes = "", 0
-        buffer += decoder.decode(b"", final=True)
-    except UnicodeDecodeError as exc:
-        raise ListFileError(f"the list file is not UTF-8 near line {line + 1}: {exc.reason}") from None
-    if buffer:
-        line += 1
-        if not pending:
-            start = line
-        pending += buffer
-    if pending:
-        yield start, pending
+        async for start, lines in stream_records(data):
+            yield start, "".join(lines)
+    except NotUtf8Error as exc:
+        raise ListFileError(
+            f"the list file is not UTF-8 near line {exc.lines_read + 1}: {exc.reason}"
+        ) from None
 
 
 async def list_chunks(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, ClassVar
@@ -15,7 +16,7 @@ from pydantic import Field
 
 from shared.esp import AccountConfig, BadRow, connector_for, deployteq, instiller, mailup, optimizely
 from shared.esp.cursor import Count, CursorError, StoredCursor
-from shared.esp.delimited import Record
+from shared.esp.delimited import NotUtf8Error, Record, stream_records
 from shared.esp.options import ConnectorOptions, DateFormat, Encoding, TimeZone
 from shared.esp.rows import (
     ISO,
@@ -189,6 +190,30 @@ def test_a_row_not_in_the_tables_encoding_is_a_bad_row(tmp_path: Path) -> None:
     assert isinstance(bad, BadRow)
     assert (bad.line, bad.error) == (2, "not valid utf-8: byte 0xE9 in field 2, character 4")
     assert table(tmp_path, latin, encoding="latin-1") == ["open:K1"]
+
+
+async def streamed(data: bytes) -> list[tuple[int, list[str]]]:
+    """The records of ``data`` streamed a byte at a time (lines and characters split)."""
+
+    async def blocks() -> AsyncIterator[bytes]:
+        for i in range(len(data)):
+            yield data[i : i + 1]
+
+    return [record async for record in stream_records(blocks())]
+
+
+async def test_a_streamed_list_file_is_split_into_records_by_its_quotes() -> None:
+    data = '\ufeffa,b\r\n"x\r\ny",é\r\n\r\nlast,"q""q"'.encode()
+    assert await streamed(data) == [
+        (1, ["a,b\r\n"]),
+        (2, ['"x\r\n', 'y",é\r\n']),
+        (4, ["\r\n"]),
+        (5, ['last,"q""q"']),  # the last line without its line end
+    ]
+    assert await streamed(b'a\n"b\nc\n') == [(1, ["a\n"]), (2, ['"b\n', "c\n"])]  # an unclosed quote
+    with pytest.raises(NotUtf8Error) as info:
+        await streamed(b"a\nb\nj\xf6rg\n")
+    assert info.value.lines_read == 2
 
 
 def test_columns_name_what_a_header_lacks_and_rows_read_times_by_role() -> None:

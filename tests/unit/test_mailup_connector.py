@@ -33,7 +33,7 @@ from shared.esp.generic import ListRejectedError
 from shared.esp.mailup import MailUpConnector, MessageTakenError, read_list_rows
 from shared.esp.rest import EspAuthError, EspUnavailableError
 from shared.infra.sftp import SftpPool
-from shared.model.errors import ConfigurationError
+from shared.model.errors import ConfigurationError, PermanentError
 from shared.model.messages import BroadcastJob, EventType, ResponseEvent, event_id_for
 from tests.fixtures.fake_esp import OFFLINE, FakeEsp, Seen, pulled, served
 from tests.unit.test_messages import job as base_job
@@ -422,6 +422,8 @@ async def test_list_rows_are_read_across_chunk_boundaries() -> None:
     data = 'a,b\r\n"x\r\ny",é\r\n\r\nlast,"q""q"'.encode()
     rows = [r async for r in read_list_rows(chunked(data, 1))]
     assert rows == [(1, ["a", "b"]), (2, ["x\r\ny", "é"]), (4, []), (5, ["last", 'q"q'])]
+    with pytest.raises(PermanentError, match=r"^the list file is not UTF-8 \(after line 1\): "):
+        [r async for r in read_list_rows(chunked(b"Email,Key\nj\xf6rg@x.com,K1\n", 1))]
 
 
 async def test_the_list_is_posted_in_chunks_to_the_jobs_group(fake: FakeMailUp) -> None:

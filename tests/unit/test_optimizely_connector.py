@@ -459,6 +459,8 @@ async def test_list_file_custom_columns_and_a_bad_header() -> None:
 
     with pytest.raises(ListFileError, match="CommunicationKey"):
         await chunks_of(b"email;key\na@b.c;1\n")
+    with pytest.raises(ListFileError, match=r"^the list file is not UTF-8 near line 2: "):
+        await chunks_of(b"email;CommunicationKey\nj\xf6rg@b.c;1\n")
 
 
 async def test_start_import_creates_the_batch_with_the_encoded_tag_and_finds_it_again(
