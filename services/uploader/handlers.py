@@ -52,8 +52,8 @@ async def handle_job(body: bytes, uploader: Uploader) -> None:
     except InvalidMessageError as exc:
         status = core.rejected(body, str(exc))
         if status is not None:
-            # Not recorded: control.jobs holds the valid job of that id, if any, not this message.
-            await uploader.statuses.report(status, record=False)
+            # Published only: control.jobs holds the valid job of that id, if any, not this message.
+            await uploader.runtime.publish(status)
         log.error("job rejected", extra={"job_id": core.job_id_of(body), "error": str(exc)[:2000]})
         raise
     with log_context(job_id=job.job_id):

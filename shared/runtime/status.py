@@ -22,10 +22,10 @@ class StatusReporter:
     pool: asyncpg.Pool | None = None
     """The database of control.jobs, for a service that records its statuses; None: published only."""
 
-    async def report(self, status: BroadcastStatus, *, record: bool = True) -> None:
-        """Publish a status (acknowledged by Kafka), then record it unless ``record`` is False."""
+    async def report(self, status: BroadcastStatus) -> None:
+        """Publish a status (acknowledged by Kafka), then record it."""
         await self.runtime.publish(status)
-        if record and self.pool is not None:
+        if self.pool is not None:
             async with self.pool.acquire() as conn:
                 await jobs.record_status(conn, status)
 

@@ -9,7 +9,9 @@ from typing import Any, cast
 
 import pytest
 
+from services.uploader.handlers import Uploader, handle_job
 from shared.infra.db import jobs
+from shared.model.errors import InvalidMessageError
 from shared.model.messages import BroadcastStatus, Message, Stage, State
 from shared.runtime.runtime import Runtime
 from shared.runtime.status import StatusReporter
@@ -68,9 +70,17 @@ async def test_a_service_that_drives_the_job_records_each_status_after_publishin
     ]
 
 
-async def test_a_status_not_of_the_recorded_job_is_published_only(journal: Journal) -> None:
-    await reporter(journal, records=True).report(status("rejected"), record=False)
-    assert journal.steps == [("published", "rejected")]
+async def test_the_uploader_publishes_a_rejected_jobs_status_only(journal: Journal) -> None:
+    """control.jobs holds the valid job of that id, if any, not the message that was rejected."""
+    none: Any = None
+    uploader = Uploader(
+        none, cast(Runtime, journal), cast(Any, journal), none, reporter(journal, records=True)
+    )
+    with pytest.raises(InvalidMessageError):
+        await handle_job(b'{"job_id": "job-1", "esp": 3}', uploader)
+    [(step, detail)] = journal.steps
+    assert step == "published"
+    assert detail.startswith("not a valid BroadcastJob")
 
 
 async def test_a_service_without_the_jobs_table_publishes_only(journal: Journal) -> None:
