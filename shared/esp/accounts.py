@@ -98,7 +98,7 @@ class Accounts:
         self._by_key: dict[tuple[str, str], AccountConfig] = {}
         for acc in accounts:
             if acc.key in self._by_key:
-                raise ConfigurationError(f"account {acc.esp}/{acc.account} is configured twice")
+                raise ConfigurationError(f"account {acc.name} is configured twice")
             self._by_key[acc.key] = acc
 
     @classmethod

@@ -118,9 +118,7 @@ class GenericSftpConnector(base.Connector):
 
     async def send(self, import_id: str, job: BroadcastJob) -> base.SendStatus:
         """Refused: the message is sent at the ESP by a person or its own automation."""
-        raise UploadOnlyError(
-            f"{self.account.esp}/{self.account.account} has no send API: publish upload_only jobs"
-        )
+        raise UploadOnlyError(f"{self.account.name} has no send API: publish upload_only jobs")
 
     # --- response files --------------------------------------------------------------------------------
 

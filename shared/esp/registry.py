@@ -28,7 +28,7 @@ def connector_for(account: AccountConfig, context: ConnectorContext) -> Connecto
         cls = CONNECTORS[account.connector]
     except KeyError:
         raise ConfigurationError(
-            f"account {account.esp}/{account.account} names unknown connector {account.connector!r} "
+            f"account {account.name} names unknown connector {account.connector!r} "
             f"(known: {', '.join(sorted(CONNECTORS))})"
         ) from None
     return cls(account, context)
