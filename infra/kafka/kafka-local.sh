@@ -269,7 +269,7 @@ accepting() { port_open "$HOST" "$PORT"; }
 # the process is gone (the caller decides), dies on timeout.
 wait_ready() {
   local pid="$1" t0="$2" rc=0
-  wait_server_ready "$pid" accepting "$START_TIMEOUT" || rc=$?
+  wait_server_ready "$pid" accepting || rc=$?
   if ((rc == 1)); then
     dump_logs
     cmd_stop || true
@@ -324,9 +324,9 @@ cmd_start() {
   log "start took $(elapsed_s "$t_total")s in total (including fetch/format when needed)"
 }
 
-cmd_stop() { stop_server " (SIGTERM = controlled shutdown)" "$STOP_TIMEOUT" "$HOST" "$PORT"; }
+cmd_stop() { stop_server " (SIGTERM = controlled shutdown)"; }
 
-cmd_status() { server_status kafka "$ADDRESS" "$(current_pid)" accepting; }
+cmd_status() { server_status "$(current_pid)" accepting; }
 
 cmd_env() {
   printf 'export ESPBRIDGE_KAFKA_BOOTSTRAP_SERVERS=%s\n' "$ADDRESS"

@@ -142,13 +142,14 @@ wait_port_closed() {
 }
 
 # ---- the commands every server script has ----------------------------------------------------
-# The sourcing script defines is_running (its own server's process runs) and, for a server it runs
-# from a pid file, PID_FILE.
+# The sourcing script has called server_settings (these read its HOST, PORT, ADDRESS and timeouts),
+# defines is_running (its own server's process runs) and, for a server it runs from a pid file,
+# PID_FILE.
 
-# wait_server_ready PID READY TIMEOUT_S: poll READY (a function of the script) until it succeeds.
-# Returns 0 then, 2 when process PID is gone first (its pid file removed), 1 after TIMEOUT_S.
+# wait_server_ready PID READY: poll READY (a function of the script) until it succeeds.
+# Returns 0 then, 2 when process PID is gone first (its pid file removed), 1 after START_TIMEOUT.
 wait_server_ready() {
-  local pid="$1" ready="$2" deadline=$((SECONDS + $3))
+  local pid="$1" ready="$2" deadline=$((SECONDS + START_TIMEOUT))
   until "$ready"; do
     if ! pid_alive "$pid"; then
       rm -f "${PID_FILE:-}"
@@ -159,11 +160,11 @@ wait_server_ready() {
   done
 }
 
-# stop_server WHAT TIMEOUT_S HOST PORT [BEFORE]: `stop` of a server run from $PID_FILE: SIGTERM,
-# SIGKILL after TIMEOUT_S, the pid file removed, then (bounded) until the port is closed. WHAT ends
-# the "stopping pid N" line; BEFORE, a function of the script, runs first with the pid.
+# stop_server WHAT [BEFORE]: `stop` of a server run from $PID_FILE: SIGTERM, SIGKILL after
+# STOP_TIMEOUT, the pid file removed, then (bounded) until the port is closed. WHAT ends the
+# "stopping pid N" line; BEFORE, a function of the script, runs first with the pid.
 stop_server() {
-  local what="$1" timeout="$2" host="$3" port="$4" before="${5:-}" pid t0
+  local what="$1" before="${2:-}" pid t0
   if ! is_running; then
     rm -f "$PID_FILE"
     log "not running"
@@ -173,15 +174,15 @@ stop_server() {
   t0="$(now_us)"
   log "stopping pid $pid$what"
   [[ -z "$before" ]] || "$before" "$pid"
-  stop_pid "$pid" "$timeout" || die "pid $pid did not exit"
+  stop_pid "$pid" "$STOP_TIMEOUT" || die "pid $pid did not exit"
   rm -f "$PID_FILE"
-  report_stopped "$host" "$port" "$t0"
+  report_stopped "$t0"
 }
 
-# report_stopped HOST PORT T0_US: after a stop, wait (bounded) until the port is closed; log how long
+# report_stopped T0_US: after a stop, wait (bounded) until the port is closed; log how long it took
 report_stopped() {
-  wait_port_closed "$1" "$2" 10 || log "WARNING: $1:$2 still accepts after stop"
-  log "stopped in $(elapsed_s "$3")s"
+  wait_port_closed "$HOST" "$PORT" 10 || log "WARNING: $ADDRESS still accepts after stop"
+  log "stopped in $(elapsed_s "$1")s"
 }
 
 # run_server_command CMD [ARGS...]: start | stop | restart | status | env through the script's
@@ -202,19 +203,19 @@ print_status() {
   printf '%-9s %-16s %-8s pid=%-8s rss=%s\n' "$1" "$2" "$3" "${4:--}" "$(kb_to_mb "${5:-}")"
 }
 
-# server_status NAME ADDRESS PID ACCEPTING: `status`, the one line and its exit code: 0 running,
-# 1 started but not accepting yet (ACCEPTING, a function of the script, fails), 3 stopped.
+# server_status PID ACCEPTING: `status`, the one line (COMPONENT at ADDRESS) and its exit code:
+# 0 running, 1 started but not accepting yet (ACCEPTING, a function of the script, fails), 3 stopped.
 server_status() {
-  local name="$1" address="$2" pid="$3" accepting="$4"
+  local pid="$1" accepting="$2"
   if ! is_running; then
-    print_status "$name" "$address" stopped "" ""
+    print_status "$COMPONENT" "$ADDRESS" stopped "" ""
     return 3
   fi
   if "$accepting"; then
-    print_status "$name" "$address" running "$pid" "$(rss_kb "$pid")"
+    print_status "$COMPONENT" "$ADDRESS" running "$pid" "$(rss_kb "$pid")"
     return 0
   fi
-  print_status "$name" "$address" starting "$pid" "$(rss_kb "$pid")"
+  print_status "$COMPONENT" "$ADDRESS" starting "$pid" "$(rss_kb "$pid")"
   return 1
 }
 

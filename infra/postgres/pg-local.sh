@@ -201,7 +201,7 @@ cmd_start() {
   if is_running; then
     if ! accepting; then
       log "postmaster $(postmaster_pid) is up but not accepting yet; waiting"
-      wait_server_ready "$(postmaster_pid)" accepting "$START_TIMEOUT" ||
+      wait_server_ready "$(postmaster_pid)" accepting ||
         { dump_log; die "not accepting on $ADDRESS after ${START_TIMEOUT}s"; }
     fi
     log "already running (pid $(postmaster_pid)) on $ADDRESS, data $DATA_DIR"
@@ -240,10 +240,10 @@ cmd_stop() {
     log "fast shutdown failed, trying immediate"
     as_pg "$PG_BINDIR/pg_ctl" stop -D "$DATA_DIR" -m immediate -w -t "$STOP_TIMEOUT" -s || die "could not stop pid $pid"
   }
-  report_stopped "$HOST" "$PORT" "$t0"
+  report_stopped "$t0"
 }
 
-cmd_status() { server_status postgres "$ADDRESS" "$(postmaster_pid)" accepting; }
+cmd_status() { server_status "$(postmaster_pid)" accepting; }
 
 cmd_psql() {
   is_running || die "not running (start it with: $0 start)"

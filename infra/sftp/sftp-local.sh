@@ -168,7 +168,7 @@ listening() { port_listening "$HOST" "$PORT"; }
 wait_ready() {
   local pid="$1" t0="$2" rc=0
   PROBE_OUT=""
-  wait_server_ready "$pid" ready "$START_TIMEOUT" || rc=$?
+  wait_server_ready "$pid" ready || rc=$?
   if ((rc == 1)); then
     [[ -z "$PROBE_OUT" ]] || log "last sftp probe: $PROBE_OUT"
     dump_log
@@ -229,9 +229,9 @@ end_sessions() {
   for child in $(child_pids "$1"); do kill -TERM "$child" 2>/dev/null || true; done
 }
 
-cmd_stop() { stop_server " and its open sessions" "$STOP_TIMEOUT" "$HOST" "$PORT" end_sessions; }
+cmd_stop() { stop_server " and its open sessions" end_sessions; }
 
-cmd_status() { server_status sftp "$ADDRESS" "$(current_pid)" listening; }
+cmd_status() { server_status "$(current_pid)" listening; }
 
 cmd_env() {
   cat <<EOF
