@@ -19,11 +19,10 @@ from pydantic import ValidationError
 from shared.infra.db import applied_migrations, connect, load_migrations
 from shared.infra.kafka import back_off_failed_metadata_updates, check_topics
 from shared.infra.logs import configure
-from shared.infra.settings import PostgresSettings
 from shared.model.errors import EspbridgeError, UnavailableError
 from shared.runtime.run import run_service
 from shared.runtime.runtime import ServiceSpec
-from shared.runtime.settings import ServiceSettings
+from shared.runtime.settings import DatabaseServiceSettings, ServiceSettings
 from shared.runtime.tuning import tune_gc, tune_malloc
 
 log = logging.getLogger(__name__)
@@ -63,8 +62,8 @@ async def check(settings: ServiceSettings) -> list[Check]:
                     ok=problem is None or topic.partitions is None,
                 )
             )
-    pg = getattr(settings, "pg", None)
-    if isinstance(pg, PostgresSettings):
+    if isinstance(settings, DatabaseServiceSettings):
+        pg = settings.pg
         where = f"PostgreSQL at {pg.host}:{pg.port}/{pg.database}"
         try:
             conn = await connect(pg)
