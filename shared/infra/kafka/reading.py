@@ -33,12 +33,10 @@ async def _started(consumer: AIOKafkaConsumer, kafka: KafkaSettings) -> None:
         raise UnavailableError(f"Kafka at {kafka.bootstrap_servers} is unreachable: {exc}") from exc
 
 
-async def read_topic(
-    kafka: KafkaSettings, topic: Topic, *, key: bytes | None = None, timeout_s: float = READ_TIMEOUT_S
-) -> list[Record]:
+async def read_topic(kafka: KafkaSettings, topic: Topic, *, key: bytes | None = None) -> list[Record]:
     """Every record of a registry topic written before the call (only those with ``key`` if given),
     in partition order; [] when the topic does not exist yet. Raises UnavailableError when the
-    records cannot be read within ``timeout_s``."""
+    records cannot be read within :data:`READ_TIMEOUT_S`."""
     name = kafka.topic(topic)
     probe = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap_servers, group_id=None)
     await _started(probe, kafka)
@@ -61,10 +59,10 @@ async def read_topic(
         parts = list(consumer.assignment())  # without a group, every partition of the topic
         ends = await consumer.end_offsets(parts)
         pending = {tp for tp in parts if ends[tp] > 0}
-        deadline = time.monotonic() + timeout_s
+        deadline = time.monotonic() + READ_TIMEOUT_S
         while pending:
             if time.monotonic() > deadline:
-                raise UnavailableError(f"reading {name} took over {timeout_s:.0f}s")
+                raise UnavailableError(f"reading {name} took over {READ_TIMEOUT_S:.0f}s")
             batch = await consumer.getmany(timeout_ms=500)
             for tp, records in batch.items():
                 for record in records:
