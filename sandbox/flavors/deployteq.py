@@ -57,7 +57,7 @@ import threading
 import uuid
 import zlib
 from collections import Counter
-from collections.abc import Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from http import HTTPStatus
@@ -73,13 +73,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from sandbox.api import CONTEXT, account_of, basic_credentials, bearer_token
 from sandbox.engine import Account
 from sandbox.errors import OAUTH, ErrorStyle, EspError, json_response
-from sandbox.files import atomic_write_bytes, atomic_writer, csv_field, csv_line
+from sandbox.files import atomic_write_bytes, atomic_writer, csv_field
 from sandbox.flavors.base import Flavor
-from sandbox.listfile import ImportResult
+from sandbox.listfile import ImportResult, recipient_store
 from sandbox.protocol import (
-    COMMUNICATION_KEY,
     COUNTED_TYPES,
-    EMAIL,
     EXTERNAL_ID_RE,
     MANIFEST,
     EventType,
@@ -340,10 +338,10 @@ def read_trigger_file(source: Path, store: Path) -> Reading:
     reading = Reading()
     line = [0]
     try:
-        with source.open("rb") as handle, atomic_writer(store) as out:
+        with source.open("rb") as handle, recipient_store(store) as add:
             reader = csv.reader(_decoded(handle, line), delimiter=DELIMITER, strict=True)
             try:
-                _read_rows(reader, out, reading, line)
+                _read_rows(reader, add, reading, line)
             except UnicodeDecodeError:
                 reading.fail(line[0], "not valid UTF-8")
             except csv.Error as exc:
@@ -355,7 +353,9 @@ def read_trigger_file(source: Path, store: Path) -> Reading:
     return reading
 
 
-def _read_rows(reader: Iterator[list[str]], out: IO[str], reading: Reading, line: list[int]) -> None:
+def _read_rows(
+    reader: Iterator[list[str]], add: Callable[[str, str], object], reading: Reading, line: list[int]
+) -> None:
     header = next(reader, None)
     if header is None:
         reading.fail(1, "empty file: no header row")
@@ -365,7 +365,6 @@ def _read_rows(reader: Iterator[list[str]], out: IO[str], reading: Reading, line
     if reading.reasons:
         return
     width, email_at, key_at = len(header), header.index(EMAIL_COLUMN), header.index(KEY_COLUMN)
-    out.write(csv_line((EMAIL, COMMUNICATION_KEY)))
     seen: set[str] = set()
     start = line[0] + 1
     for row in reader:
@@ -382,7 +381,7 @@ def _read_rows(reader: Iterator[list[str]], out: IO[str], reading: Reading, line
             continue
         seen.add(key)
         reading.kept += 1
-        out.write(csv_line((email, key)))
+        add(email, key)
     if reading.rows == 0:
         reading.fail(line[0] + 1, "no rows")
 
