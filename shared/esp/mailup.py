@@ -47,7 +47,7 @@ from shared.esp.cursor import Count, StoredCursor
 from shared.esp.delimited import NotUtf8Error, stream_records
 from shared.esp.generic import ListRejectedError
 from shared.esp.options import ConnectorOptions, DateFormat, Encoding, TimeZone
-from shared.esp.rest import EspClient, EspUnavailableError, OAuth2Token, RateLimiter, Retries
+from shared.esp.rest import EspClient, EspUnavailableError, OAuth2Token, RateLimiter, Retries, is_count
 from shared.infra.db.jobs import SentBroadcast
 from shared.infra.sftp import download_stream
 from shared.model.errors import ConfigurationError, PermanentError
@@ -893,7 +893,7 @@ class MailUpConnector(base.Connector):
             event_id = f"uns:{m}:{email.strip().lower()}"
             return [self._api_event(ctx, event_id, kind_or_none, email, None, {**extra, **reason})]
         count = item.get("Count", 1)
-        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        if not is_count(count):
             raise ValueError(f"Count {count!r} is not a count")
         if ctx.endpoint == "Views":
             return [
