@@ -229,9 +229,6 @@ def test_columns_name_what_a_header_lacks_and_rows_read_times_by_role() -> None:
     assert row.unmapped() == {}
 
 
-LONDON = "%Y-%m-%d %H:%M:%S"
-
-
 @pytest.mark.parametrize(
     ("fmt", "zone", "value", "outcome"),
     [
