@@ -266,7 +266,7 @@ async def wait_until(
         if value:
             return value
         if time.monotonic() > deadline:
-            raise TimeoutError(f"gave up after {timeout_s:.0f}s waiting for {what}")
+            raise TimeoutError(f"gave up after {timeout_s:g}s waiting for {what}")
         await asyncio.sleep(every_s)  # polling interval of a condition with a deadline
 
 
