@@ -4,7 +4,7 @@ The gatherer turns millions of file rows into ResponseEvent JSON and the loader 
 a model per event costs more than the rest of the path together. So both sides work on the JSON
 itself, with the same wire format (the ResponseEvent JSON Schema, unchanged):
 
-* :class:`FileEventWriter` writes the JSON of a response file's events from plain values, byte for
+* :class:`FileEventWriter` writes the JSON of a response file's events from a row's texts, byte for
   byte what ``ResponseEvent(...).to_json()`` writes; :func:`encode` does it for a model (other
   connectors, webhooks, API pulls).
 * :func:`read_fast` reads a ResponseEvent JSON that has exactly the shape espbridge writes and
