@@ -1,4 +1,6 @@
-"""PostgreSQL access: one asyncpg pool per process, and the migration runner."""
+"""PostgreSQL access: connections and one asyncpg pool per process, the migration runner and
+quoted SQL names; the control tables' SQL in the modules named for them (:mod:`.jobs`,
+:mod:`.files`, :mod:`.cursors`, :mod:`.replays`) and the analysts' funnel in :mod:`.responses`."""
 
 from shared.infra.db.core import (
     Conn,
