@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from sandbox.listfile import ListReader
+from sandbox.listfile import ListReader, import_list
 from sandbox.protocol import ACCOUNT_FOLDERS
 from sandbox.responses import EventLogFormat, ResponseFormat
 
@@ -29,12 +29,14 @@ class Flavor:
     """One ESP the sandbox can play (``ESPBRIDGE_SANDBOX_FLAVOR``); each flavor module defines one."""
 
     name: str
-    read_list: ListReader
-    """Reads a dropped list file in a worker thread: validates it and stores the valid recipients
-    (usually :func:`sandbox.listfile.import_list` with the flavor's delimiter)."""
     responses: ResponseFormat | EventLogFormat
     """Its responses: files (the phases, the file names, the rows) or an event log its routes serve
     (the phases, the stream and item of each event)."""
+    read_list: ListReader = import_list
+    """Reads a list file of an ``Account.create_import`` in a worker thread: validates it and stores
+    the valid recipients (:func:`sandbox.listfile.import_list`, comma-delimited by default; with the
+    flavor's delimiter). A flavor whose ESP takes recipients its own way records them with
+    ``Account.imported_list`` and reads no list files."""
     folders: Sequence[str] = ACCOUNT_FOLDERS
     """The account's folders (relative to it), created at the start if missing; ``manifest/`` is
     always created."""

@@ -53,7 +53,6 @@ import functools
 import logging
 import os
 import re
-import threading
 import uuid
 import zlib
 from collections import Counter
@@ -75,7 +74,7 @@ from sandbox.engine import Account
 from sandbox.errors import OAUTH, ErrorStyle, EspError, json_response
 from sandbox.files import atomic_write_bytes, atomic_writer, csv_field
 from sandbox.flavors.base import Flavor
-from sandbox.listfile import ImportResult, recipient_store
+from sandbox.listfile import recipient_store
 from sandbox.protocol import (
     COUNTED_TYPES,
     EXTERNAL_ID_RE,
@@ -384,21 +383,6 @@ def _read_rows(
         add(email, key)
     if reading.rows == 0:
         reading.fail(line[0] + 1, "no rows")
-
-
-def read_list(source: Path, store: Path, _stop: threading.Event) -> ImportResult:
-    """The flavor's list reader in the engine's terms (the trigger watcher reads files itself)."""
-    reading = read_trigger_file(source, store)
-    result = ImportResult(
-        failed=bool(reading.reasons),
-        rows_total=reading.rows,
-        rows_valid=reading.kept,
-        rows_invalid=reading.skipped,
-    )
-    for reason in reading.reasons:
-        number, _, text = reason.removeprefix("line ").partition(": ")
-        result.error(int(number), text)
-    return result
 
 
 # Responses: the API items
@@ -1304,7 +1288,6 @@ ROUTES = (
 
 FLAVOR = Flavor(
     name="deployteq",
-    read_list=read_list,
     responses=RESPONSES,
     folders=_Folders(),
     routes=ROUTES,

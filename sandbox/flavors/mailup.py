@@ -80,7 +80,7 @@ from sandbox.eventlog import EVENTS_FOLDER
 from sandbox.files import atomic_write_bytes, atomic_writer, csv_field
 from sandbox.flavors.base import Flavor
 from sandbox.limits import SlidingWindow
-from sandbox.listfile import import_list, recipient_store
+from sandbox.listfile import recipient_store
 from sandbox.protocol import (
     API_PREFIX,
     ARCHIVE,
@@ -1416,7 +1416,6 @@ async def watch(account: Account) -> None:
 
 FLAVOR = Flavor(
     name="mailup",
-    read_list=import_list,
     responses=MailUpResponses(),
     folders=(DROP, STATISTICS, ARCHIVE, MANIFEST),
     routes=ROUTES,

@@ -37,7 +37,6 @@ import logging
 import math
 import random
 import re
-import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
@@ -60,7 +59,7 @@ from sandbox.eventlog import SendInterruptedError
 from sandbox.files import atomic_write_bytes, atomic_writer, csv_line
 from sandbox.flavors.base import Flavor
 from sandbox.limits import TokenBucket, retry_after_s
-from sandbox.listfile import ImportResult, import_list, recipient_store
+from sandbox.listfile import recipient_store
 from sandbox.protocol import COUNTED_TYPES, EXTERNAL_ID_RE, RESPONSES, EventType, parse_utc
 from sandbox.responses import (
     Broadcast,
@@ -1478,14 +1477,8 @@ async def watch(account: Account) -> None:
         await store.close()
 
 
-def read_list(source: Path, store: Path, stop: threading.Event) -> ImportResult:
-    """A ``;``-delimited list file (the connector's upload format; batches carry the recipients)."""
-    return import_list(source, store, stop, delimiter=DELIMITER)
-
-
 FLAVOR = Flavor(
     name="optimizely",
-    read_list=read_list,
     responses=OptimizelyResponses(),
     routes=ROUTES,
     watch=watch,
