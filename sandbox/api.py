@@ -1,8 +1,8 @@
 """The HTTP server every flavor shares: bearer auth, JSON errors, ``/healthz``, ``_sandbox/stats``.
 
 The flavor adds its own routes (the generic flavor's imports and sends, docs/generic-esp.md);
-their handlers use :func:`account_of`, :func:`read_body`, :func:`bearer_token` and
-:func:`basic_credentials` from here, and answer with ``sandbox.errors`` (``json_response``, an
+their handlers use :func:`account_of`, :func:`read_body` (:func:`problems`), :func:`bearer_token`
+and :func:`basic_credentials` from here, and answer with ``sandbox.errors`` (``json_response``, an
 ``ErrorStyle`` for their ESP's error bodies).
 """
 
@@ -104,6 +104,13 @@ def account_of(request: web.Request, code: str = "account_not_found") -> Account
     return found(request.app[CONTEXT].accounts.get(name), f"no account {name}", code)
 
 
+def problems(exc: ValidationError) -> str:
+    """A request body's validation errors in one line: ``where: what; …`` (``body`` for the whole)."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors(include_input=False)
+    )
+
+
 async def read_body(request: web.Request, model: type[M]) -> M:
     """The JSON body validated as ``model``; 400 with the problems otherwise."""
     try:
@@ -113,11 +120,7 @@ async def read_body(request: web.Request, model: type[M]) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}"
-            for e in exc.errors(include_input=False)
-        )
-        raise EspError(400, "invalid_request", problems) from None
+        raise EspError(400, "invalid_request", problems(exc)) from None
 
 
 async def stats(request: web.Request) -> web.Response:

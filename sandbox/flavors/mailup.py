@@ -73,7 +73,7 @@ from pydantic import (
     ValidationError,
 )
 
-from sandbox.api import CONTEXT, account_of, own_auth
+from sandbox.api import CONTEXT, account_of, bearer_token, own_auth, problems
 from sandbox.engine import Account
 from sandbox.errors import OAUTH, ErrorStyle, EspError, bad_request, found, json_response, not_found
 from sandbox.eventlog import EVENTS_FOLDER
@@ -963,8 +963,7 @@ async def token(request: web.Request) -> web.Response:
 
 
 def _authorise(request: web.Request, account: str) -> None:
-    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    access = given.strip() if scheme.lower() == "bearer" else ""
+    access = bearer_token(request)
     owner = request.app[CONTEXT].tokens.account_of(access) if access else None
     if owner == account:
         return
@@ -1116,7 +1115,7 @@ async def create_group(call: Call) -> dict[str, Any]:
     try:
         body = GroupIn.model_validate(await call.json_body())
     except ValidationError as exc:
-        raise bad_request(_problems(exc)) from None
+        raise bad_request(problems(exc)) from None
     if not body.Name.strip() or len(body.Name) > MAX_GROUP_NAME:
         raise bad_request(f"Name must have 1 to {MAX_GROUP_NAME} characters")
     store = call.mailup.store
@@ -1127,17 +1126,11 @@ async def create_group(call: Call) -> dict[str, Any]:
     return group.body()
 
 
-def _problems(exc: ValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors(include_input=False)
-    )
-
-
 async def _import(call: Call, group: int | None) -> int:
     try:
         rows = IMPORT_BODY.validate_python(await call.json_body())
     except ValidationError as exc:
-        raise bad_request(_problems(exc)) from None
+        raise bad_request(problems(exc)) from None
     known = len(mailup_settings().mailup_fields)
     for line, row in enumerate(rows):
         for value in row.Fields:
