@@ -11,7 +11,6 @@ import functools
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from shared.infra.kafka import ensure_topics, kafka_answers
@@ -68,12 +67,7 @@ def watch_outages(runtime: Runtime) -> None:
     runtime.stack.push_async_callback(restore)
 
 
-async def run_service(
-    name: str,
-    settings: ServiceSettings,
-    create_app: AppFactory,
-    on_ready: Callable[[], Awaitable[None]] | None = None,
-) -> None:
+async def run_service(name: str, settings: ServiceSettings, create_app: AppFactory) -> None:
     """Run a service until SIGTERM/SIGINT.
 
     A SIGTERM before the app runs (while it waits for Kafka or opens its pools) cancels the
@@ -104,8 +98,6 @@ async def run_service(
             async def mark_ready() -> None:
                 runtime.ready = True
                 log.info("service ready", extra={"group_id": settings.group_id(name)})
-                if on_ready is not None:
-                    await on_ready()
 
             async def mark_stopping() -> None:
                 runtime.ready = False
