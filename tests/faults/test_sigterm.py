@@ -38,9 +38,11 @@ STOPPING = "stopping: finishing in-flight messages"
 
 
 async def the_list_is_uploaded_and_announced(pipeline: Pipeline, job_id: str) -> None:
+    kafka = pipeline.deployment.kafka
     drop = pipeline.esps["sandbox"].account_dir(pipeline.accounts["sandbox"]) / "drop"
     assert (drop / f"{job_id}.csv").exists()
-    assert len(await read_topic(pipeline.deployment.kafka, Topic.BROADCAST_LISTS)) == 1
+    assert len(await read_topic(kafka, Topic.BROADCAST_LISTS)) == 1
+    assert await committed(kafka, "uploader", Topic.BROADCAST_JOBS) == 1, "the job's offset is committed"
 
 
 async def the_file_is_published_and_archived(pipeline: Pipeline, job_id: str) -> None:
