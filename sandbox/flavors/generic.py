@@ -15,7 +15,7 @@ from aiohttp import web
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from sandbox.api import account_of, read_body
-from sandbox.errors import EspError, found, json_response
+from sandbox.errors import EspError, json_response, not_found
 from sandbox.files import csv_line
 from sandbox.flavors.base import Flavor
 from sandbox.listfile import import_list
@@ -65,9 +65,10 @@ def drop_file(file: str) -> str:
 def _shown(request: web.Request, records: Mapping[str, ImportRecord | SendRecord], kind: str) -> web.Response:
     """The body of the record the path's ``<kind>_id`` names; 404 ``<kind>_not_found``."""
     record_id = request.match_info[f"{kind}_id"]
-    return json_response(
-        found(records.get(record_id), f"no {kind} {record_id}", f"{kind}_not_found").public()
-    )
+    record = records.get(record_id)
+    if record is None:
+        raise not_found(f"no {kind} {record_id}", f"{kind}_not_found")
+    return json_response(record.public())
 
 
 def _answer(record: ImportRecord | SendRecord, created: bool, new: dict[str, str]) -> web.Response:
