@@ -34,6 +34,20 @@ Record = tuple[str, Any]
 """One item of a step: (stream, JSON-serialisable item)."""
 
 
+def _step_path(folder: Path, seq: int) -> Path:
+    return folder / f"{seq:06d}.jsonl"
+
+
+def read_step(folder: Path, seq: int) -> list[Record] | None:
+    """Step ``seq`` of the event log in ``folder`` as written, or None while it is not on disk
+    (blocking; a flavor that acts on each released step reads them with it)."""
+    path = _step_path(folder, seq)
+    if not path.is_file():
+        return None
+    lines = path.read_bytes().splitlines()
+    return [(str(stream), item) for stream, item in (orjson.loads(line) for line in lines if line)]
+
+
 class EventLog:
     """The released items of one send, per stream, in release order."""
 
@@ -42,16 +56,12 @@ class EventLog:
         self.steps = 0
         self._streams: dict[str, list[Any]] = {}
 
-    def _step_path(self, seq: int) -> Path:
-        return self.folder / f"{seq:06d}.jsonl"
-
     def load(self) -> None:
         """Read the steps written so far (1, 2, … while they exist); remove a half-written one."""
         for stale in self.folder.glob(".*.tmp"):
             stale.unlink(missing_ok=True)
-        while (path := self._step_path(self.steps + 1)).is_file():
-            records = [orjson.loads(line) for line in path.read_bytes().splitlines() if line]
-            self._append([(str(stream), item) for stream, item in records])
+        while (records := read_step(self.folder, self.steps + 1)) is not None:
+            self._append(records)
         if self.steps:
             log.info("event log loaded", extra={"folder": str(self.folder), "steps": self.steps})
 
@@ -61,7 +71,7 @@ class EventLog:
             raise ValueError(f"step {seq} written after step {self.steps}")
         self.folder.mkdir(parents=True, exist_ok=True)
         data = b"".join(orjson.dumps([stream, item]) + b"\n" for stream, item in records)
-        atomic_write_bytes(self._step_path(seq), data)
+        atomic_write_bytes(_step_path(self.folder, seq), data)
 
     def publish(self, records: Sequence[Record]) -> None:
         """Make a written step's items visible to the API (in the event loop's thread)."""

@@ -76,7 +76,7 @@ from pydantic import (
 from sandbox.api import CONTEXT, account_of, bearer_token, own_auth, problems
 from sandbox.engine import Account
 from sandbox.errors import OAUTH, ErrorStyle, EspError, bad_request, found, json_response, not_found
-from sandbox.eventlog import EVENTS_FOLDER
+from sandbox.eventlog import EVENTS_FOLDER, read_step
 from sandbox.files import atomic_write_bytes, atomic_writer, csv_field
 from sandbox.flavors.base import Flavor
 from sandbox.limits import SlidingWindow
@@ -792,8 +792,7 @@ class MailUp:
         with store.lock:
             export = store.data.exports.setdefault(broadcast.send_id, Export())
         folder = broadcast.account_dir / EVENTS_FOLDER / broadcast.send_id
-        while (path := folder / f"{export.synced + 1:06d}.jsonl").is_file():
-            records = [orjson.loads(line) for line in path.read_bytes().splitlines() if line]
+        while (records := read_step(folder, export.synced + 1)) is not None:
             self._sync_step(broadcast, export, [item for _stream, item in records])
         return export
 
