@@ -88,18 +88,6 @@ TimeZone = Annotated[ZoneInfo, PlainValidator(_zone), PlainSerializer(lambda zon
 """An IANA time zone name (``Europe/London``), read as its ``ZoneInfo``."""
 
 
-def _http_url(value: str | None) -> str | None:
-    if value is None or not value.strip():
-        return None
-    if not value.startswith(("http://", "https://")):
-        raise ValueError("must be an http:// or https:// URL")
-    return value
-
-
-HttpUrl = Annotated[str | None, AfterValidator(_http_url)]
-"""An ``http(s)://`` URL, or None when unset or empty."""
-
-
 def optional(check: Callable[[str], object]) -> AfterValidator:
     """An optional text's check: empty counts as unset (None); any other value must pass ``check``."""
 
@@ -110,3 +98,12 @@ def optional(check: Callable[[str], object]) -> AfterValidator:
         return value
 
     return AfterValidator(checked)
+
+
+def _http_url(value: str) -> None:
+    if not value.startswith(("http://", "https://")):
+        raise ValueError("must be an http:// or https:// URL")
+
+
+HttpUrl = Annotated[str | None, optional(_http_url)]
+"""An ``http(s)://`` URL, or None when unset or empty."""
