@@ -65,27 +65,24 @@ class EventLog:
         if self.steps:
             log.info("event log loaded", extra={"folder": str(self.folder), "steps": self.steps})
 
-    def write_step(self, seq: int, records: Sequence[Record]) -> None:
-        """Write step ``seq`` to disk (blocking: call it in a worker thread); :meth:`publish` it next."""
+    def _write_step(self, seq: int, records: Sequence[Record]) -> None:
+        """Write step ``seq`` to disk (blocking: :meth:`release` calls it in a worker thread)."""
         if seq != self.steps + 1:
             raise ValueError(f"step {seq} written after step {self.steps}")
         self.folder.mkdir(parents=True, exist_ok=True)
         data = b"".join(orjson.dumps([stream, item]) + b"\n" for stream, item in records)
         atomic_write_bytes(_step_path(self.folder, seq), data)
 
-    def publish(self, records: Sequence[Record]) -> None:
-        """Make a written step's items visible to the API (in the event loop's thread)."""
-        self._append(records)
-
     async def release(self, seq: int, records: Sequence[Record], stop: threading.Event) -> bool:
-        """Write step ``seq`` (in a worker thread) and publish it, unless an earlier run released it;
-        True if released now. Raises ``SendInterruptedError`` once ``stop`` is set."""
+        """Write step ``seq`` (in a worker thread), then make its items visible to the API, unless an
+        earlier run released it; True if released now. Raises ``SendInterruptedError`` once ``stop``
+        is set."""
         if seq <= self.steps:
             return False
         if stop.is_set():
             raise SendInterruptedError
-        await asyncio.to_thread(self.write_step, seq, records)
-        self.publish(records)
+        await asyncio.to_thread(self._write_step, seq, records)
+        self._append(records)
         return True
 
     def _append(self, records: Sequence[Record]) -> None:
