@@ -3,7 +3,10 @@
 * Host keys are always checked against a ``known_hosts`` file; an unknown or changed key is
   refused with :class:`~shared.model.errors.HostKeyError`. There is no way to turn the check off.
 * Uploads go to a hidden temporary name in the target folder and are renamed when complete, so
-  the ESP (or any reader) never sees a half-written list.
+  the ESP (or any reader) never sees a half-written list; :func:`is_partial_upload` tells such a
+  name (one a crash left behind) from anyone else's.
+* A folder listing keeps apart the files whose names say they are not to be read (yet): hidden
+  ones, and partial uploads.
 * Remote file names are never used as local paths without :func:`safe_local_name`.
 """
 
@@ -30,6 +33,8 @@ log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 256 * 1024
 PARTIAL_SUFFIX = ".partial"
+_PARTIAL_TAG_HEX = 12
+_PARTIAL_NAME = re.compile(rf"\.(?s:.+)\.[0-9a-f]{{{_PARTIAL_TAG_HEX}}}{re.escape(PARTIAL_SUFFIX)}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,9 +162,16 @@ class SftpPool:
             self._conn = None
 
 
-def _partial_name(remote_path: str) -> str:
+def partial_upload_name(remote_path: str) -> str:
+    """The temporary path an upload to ``remote_path`` is written to: ``.<name>.<12 hex>.partial``."""
     folder, name = posixpath.split(remote_path)
-    return posixpath.join(folder, f".{name}.{uuid.uuid4().hex[:12]}{PARTIAL_SUFFIX}")
+    return posixpath.join(folder, f".{name}.{uuid.uuid4().hex[:_PARTIAL_TAG_HEX]}{PARTIAL_SUFFIX}")
+
+
+def is_partial_upload(name: str) -> bool:
+    """Whether a file name is exactly of espbridge's own partial-upload form (see
+    :func:`partial_upload_name`); a name of any other form is someone else's file."""
+    return _PARTIAL_NAME.fullmatch(name) is not None
 
 
 async def _finish(sftp: asyncssh.SFTPClient, tmp: str, remote_path: str) -> None:
@@ -176,7 +188,7 @@ async def upload_stream_atomic(
     sftp: asyncssh.SFTPClient, chunks: AsyncIterable[bytes], remote_path: str
 ) -> Uploaded:
     """Stream chunks to ``remote_path`` via a hidden temporary name, then rename into place."""
-    tmp = _partial_name(remote_path)
+    tmp = partial_upload_name(remote_path)
     digest = hashlib.sha256()
     size = 0
     try:
@@ -200,7 +212,7 @@ async def upload_file_atomic(sftp: asyncssh.SFTPClient, local_path: Path, remote
     with local_path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    tmp = _partial_name(remote_path)
+    tmp = partial_upload_name(remote_path)
     try:
         await sftp.put(str(local_path), tmp)
         await _finish(sftp, tmp, remote_path)
@@ -209,6 +221,20 @@ async def upload_file_atomic(sftp: asyncssh.SFTPClient, local_path: Path, remote
             await asyncio.shield(sftp.remove(tmp))
         raise
     return Uploaded(remote_path, local_path.stat().st_size, digest.hexdigest())
+
+
+async def remove_if_present(sftp: asyncssh.SFTPClient, remote_path: str) -> bool:
+    """Remove a remote file; False if it was gone already (another process may have removed it).
+
+    Raises :class:`PermanentError` if the server refuses (no permission, say).
+    """
+    try:
+        await sftp.remove(remote_path)
+    except asyncssh.SFTPNoSuchFile:
+        return False
+    except asyncssh.SFTPError as exc:
+        raise PermanentError(f"cannot remove {remote_path}: {exc.reason}") from None
+    return True
 
 
 async def download_stream(
@@ -223,17 +249,50 @@ async def download_stream(
             yield chunk
 
 
+def shown_path(folder: str, raw_name: bytes) -> str:
+    """A remote path for people and logs: bytes of the name that are not UTF-8 shown escaped."""
+    return posixpath.join(folder, raw_name.decode("utf-8", "backslashreplace"))
+
+
+@dataclass(frozen=True, slots=True)
+class HiddenFile:
+    """A regular file whose name says it is not to be read (yet): it starts with ``.`` (an upload
+    in progress, or a file kept out of sight) or ends with ``.partial``."""
+
+    folder: str
+    raw_name: bytes
+    """As the server sent it; it may not be UTF-8."""
+    size: int
+    mtime: float
+
+    @property
+    def name(self) -> str | None:
+        """The name, or None where it is not UTF-8."""
+        try:
+            return self.raw_name.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+
+    @property
+    def shown(self) -> str:
+        """Its path as :func:`shown_path` writes it."""
+        return shown_path(self.folder, self.raw_name)
+
+
 @dataclass(frozen=True, slots=True)
 class Listing:
-    """A remote folder's regular, complete files, and the names that cannot be handled."""
+    """A remote folder's regular files: the complete ones, the hidden ones, and the names that
+    cannot be handled."""
 
     files: list[RemoteFile]
     unreadable: list[bytes]
     """Names that are not UTF-8: they cannot travel in messages or the ledger, so they are left alone."""
+    hidden: list[HiddenFile]
+    """Files whose names say they are not to be read (yet); what becomes of them is the caller's rule."""
 
 
 async def list_folder(sftp: asyncssh.SFTPClient, folder: str) -> Listing:
-    """Regular, complete files in a remote folder (hidden and partial uploads left out).
+    """The regular files in a remote folder, complete ones apart from hidden and partial ones.
 
     Names are read as bytes, so one name that is not UTF-8 cannot break the listing of the rest.
     Any other name is taken as it is (a backslash, a space, a newline): it is only ever used as a
@@ -241,25 +300,29 @@ async def list_folder(sftp: asyncssh.SFTPClient, folder: str) -> Listing:
     """
     files: list[RemoteFile] = []
     unreadable: list[bytes] = []
+    hidden: list[HiddenFile] = []
     try:
         entries = await sftp.readdir(folder.encode("utf-8"))
     except asyncssh.SFTPNoSuchFile:
         raise PermanentError(f"remote folder {folder} does not exist") from None
     for entry in entries:
         raw = entry.filename if isinstance(entry.filename, bytes) else entry.filename.encode("utf-8")
-        if raw.startswith(b".") or raw.endswith(PARTIAL_SUFFIX.encode()) or b"/" in raw:
-            continue
         attrs = entry.attrs
-        if attrs.type != asyncssh.FILEXFER_TYPE_REGULAR:
+        if attrs.type != asyncssh.FILEXFER_TYPE_REGULAR or b"/" in raw:
+            continue
+        size, mtime = attrs.size or 0, float(attrs.mtime or 0)
+        if raw.startswith(b".") or raw.endswith(PARTIAL_SUFFIX.encode()):
+            hidden.append(HiddenFile(folder, raw, size, mtime))
             continue
         try:
             name = raw.decode("utf-8")
         except UnicodeDecodeError:
             unreadable.append(raw)
             continue
-        files.append(RemoteFile(posixpath.join(folder, name), attrs.size or 0, float(attrs.mtime or 0)))
+        files.append(RemoteFile(posixpath.join(folder, name), size, mtime))
     files.sort(key=lambda f: (f.mtime, f.path))
-    return Listing(files, sorted(unreadable))
+    hidden.sort(key=lambda f: (f.mtime, f.raw_name))
+    return Listing(files, sorted(unreadable), hidden)
 
 
 async def list_files(sftp: asyncssh.SFTPClient, folder: str) -> list[RemoteFile]:

@@ -11,7 +11,16 @@ from pathlib import Path
 import asyncssh
 import pytest
 
-from shared.infra.sftp import SftpPool, download_stream, list_files, upload_file_atomic, upload_stream_atomic
+from shared.infra.sftp import (
+    SftpPool,
+    download_stream,
+    is_partial_upload,
+    list_files,
+    list_folder,
+    remove_if_present,
+    upload_file_atomic,
+    upload_stream_atomic,
+)
 from shared.model.errors import ConfigurationError, HostKeyError
 from tests.fixtures.servers import Servers
 
@@ -36,12 +45,15 @@ async def test_upload_is_never_seen_half_written(servers: Servers, sftp_folder: 
     want = hashlib.sha256(full).hexdigest()
     writer_pool, reader_pool = SftpPool(servers.sftp), SftpPool(servers.sftp)
     observations: list[tuple[str, int, str | None]] = []
+    hidden_seen: set[bytes] = set()
     upload_done = asyncio.Event()
 
     async def reader() -> None:
         async with reader_pool.session() as sftp:
             while not upload_done.is_set():
-                names = {f.path: f.size for f in await list_files(sftp, remote)}
+                listing = await list_folder(sftp, remote)
+                hidden_seen.update(h.raw_name for h in listing.hidden)
+                names = {f.path: f.size for f in listing.files}
                 if target in names:
                     data = b"".join([c async for c in download_stream(sftp, target)])
                     observations.append(("final", len(data), hashlib.sha256(data).hexdigest()))
@@ -64,6 +76,8 @@ async def test_upload_is_never_seen_half_written(servers: Servers, sftp_folder: 
     assert all(o[1] == len(full) and o[2] == want for o in observations if o[0] == "final")
     assert hashlib.sha256((local / "list.csv").read_bytes()).hexdigest() == want
     assert sorted(os.listdir(local)) == ["list.csv"], "a temporary file was left behind"
+    assert [n for n in hidden_seen if not is_partial_upload(n.decode())] == []
+    assert all(n.startswith(b".list.csv.") for n in hidden_seen)
 
 
 async def test_reupload_replaces_the_file_atomically(
@@ -84,6 +98,45 @@ async def test_reupload_replaces_the_file_atomically(
     assert (local / "job.csv").read_bytes() == second.read_bytes()
     assert result.sha256 == hashlib.sha256(second.read_bytes()).hexdigest()
     assert [(f.path, f.size) for f in listed] == [(f"{remote}/job.csv", second.stat().st_size)]
+
+
+async def test_a_listing_keeps_hidden_and_partial_files_apart_with_their_times(
+    servers: Servers, sftp_folder: tuple[str, Path]
+) -> None:
+    remote, local = sftp_folder
+    for name in (b"r.csv", b".r2.csv", b"r3.csv.partial", b".\xff.csv", b"\xfe.csv"):
+        (local / os.fsdecode(name)).write_bytes(b"x" * len(name))
+    (local / ".folder").mkdir()
+    os.utime(local / ".r2.csv", (1_700_000_000, 1_700_000_000))
+    pool = SftpPool(servers.sftp)
+    try:
+        async with pool.session() as sftp:
+            listing = await list_folder(sftp, remote)
+    finally:
+        await pool.close()
+    assert [(f.path, f.size) for f in listing.files] == [(f"{remote}/r.csv", 5)]
+    assert listing.unreadable == [b"\xfe.csv"]
+    hidden = {h.raw_name: h for h in listing.hidden}
+    assert sorted(hidden) == [b".r2.csv", b".\xff.csv", b"r3.csv.partial"]
+    assert hidden[b".r2.csv"].mtime == 1_700_000_000
+    assert hidden[b".r2.csv"].name == ".r2.csv"
+    assert (hidden[b".\xff.csv"].name, hidden[b".\xff.csv"].shown) == (None, f"{remote}/.\\xff.csv")
+
+
+async def test_removing_a_file_another_process_removed_first_is_no_error(
+    servers: Servers, sftp_folder: tuple[str, Path]
+) -> None:
+    remote, local = sftp_folder
+    (local / ".l.csv.0123456789ab.partial").write_bytes(b"half")
+    pool = SftpPool(servers.sftp)
+    try:
+        async with pool.session() as sftp:
+            first = await remove_if_present(sftp, f"{remote}/.l.csv.0123456789ab.partial")
+            again = await remove_if_present(sftp, f"{remote}/.l.csv.0123456789ab.partial")
+    finally:
+        await pool.close()
+    assert (first, again) == (True, False)
+    assert os.listdir(local) == []
 
 
 async def test_download_streams_in_chunks(servers: Servers, sftp_folder: tuple[str, Path]) -> None:
