@@ -29,6 +29,8 @@ from shared.model.topics import Topic
 KINDS = ("file", "api", "webhook", "topic")
 STATES = ("new", "replayed", "failing", "not-replayable")
 AUTH_ERRORS = frozenset({"WebhookAuthError"})
+LEFT_IN_PLACE = frozenset({"UnreadableFileName", "HiddenResponseFile"})
+"""Errors of response files that were never read, only reported: nothing of them to replay."""
 
 
 class ConsumedRecord(Protocol):
@@ -97,6 +99,25 @@ def file_name_letter(where: str, raw_name: bytes, service: str) -> DeadLetter:
             "it is left in place: rename it on the ESP's site and it is gathered at the next scan"
         ),
         service=service,
+    )
+
+
+def hidden_file_letter(esp: str, account: str, path: str, grace_s: float, service: str) -> DeadLetter:
+    """The dead letter of a hidden response file (a name starting with ``.`` or ending in
+    ``.partial``) unchanged for longer than uploads in progress take: the file is left on the
+    ESP's site, unread (payload: its name's bytes)."""
+    return DeadLetter(
+        source=EventSource(kind="file", name=path),
+        payload=path.rsplit("/", 1)[-1].encode("utf-8"),
+        error_class="HiddenResponseFile",
+        message=(
+            f"the response file's name says it is not ready (a leading '.' or a .partial ending), "
+            f"yet it has not changed for over {grace_s:g} s; espbridge does not read it and leaves "
+            "it in place: if it holds responses, rename it on the ESP's site and it is gathered at "
+            "the next scan"
+        ),
+        service=service,
+        context={"esp": esp, "account": account},
     )
 
 
@@ -261,6 +282,8 @@ def not_replayable(letter: DeadLetter, prefix: str) -> str | None:
         if topic is Topic.DEADLETTER:
             return "dead letters of the dead-letter topic are not replayed"
         return None
+    if letter.error_class in LEFT_IN_PLACE:
+        return "the file was left unread on the ESP's site: rename it there and the next scan gathers it"
     if not letter.context.get("esp") or not letter.context.get("account"):
         return "the dead letter does not say which ESP account read the file (written by an older version)"
     if "header" not in letter.context:

@@ -69,6 +69,20 @@ def test_a_file_name_that_is_not_utf8_keeps_the_names_bytes() -> None:
     )
 
 
+def test_a_hidden_response_file_is_reported_with_its_account_and_never_replayed() -> None:
+    letter = dlq.hidden_file_letter("e", "a", "e/a/responses/.r.csv", 3600, "gatherer")
+    assert letter.source == EventSource(kind="file", name="e/a/responses/.r.csv")
+    assert what(letter) == (
+        b".r.csv",
+        "HiddenResponseFile",
+        letter.message,
+        "gatherer",
+        {"esp": "e", "account": "a"},
+    )
+    assert "3600 s" in letter.message
+    assert "rename it" in (dlq.not_replayable(letter, "") or "")
+
+
 def test_a_webhook_call_keeps_its_body_and_an_item_its_line() -> None:
     call = dlq.webhook_letter("e", "a", b"{not json", "PermanentError", "unreadable", "gatherer")
     assert call.source == EventSource(kind="webhook", name="webhook:e/a")

@@ -2,7 +2,8 @@
 
 A file is identified by its account, path, size and modification time, so a file written again
 under the same name is gathered again. States: ``found`` (announced by a scan), ``processing`` (a
-gatherer took it), ``archived`` (its events are published and it is in the ESP's archive folder).
+gatherer took it), ``archived`` (its events are published and it is in the ESP's archive folder),
+``failed`` (reported, never read: a hidden file left on the ESP's site; ``error`` says why).
 """
 
 from __future__ import annotations
@@ -32,6 +33,27 @@ async def record_found(conn: Conn, file: ResponseFile, republish_after_s: float)
         republish_after_s,
     )
     return bool(announce)
+
+
+async def record_unread(conn: Conn, file: ResponseFile, reason: str) -> bool:
+    """Record a file that is reported instead of gathered (state ``failed``, ``reason`` its error);
+    True only the first time, so each version of it is reported once across scans, processes and
+    restarts."""
+    first = await conn.fetchval(
+        """
+        INSERT INTO control.gathered_files (esp, account, path, size, mtime, state, error, finished_at)
+        VALUES ($1, $2, $3, $4, $5, 'failed', $6, now())
+        ON CONFLICT (esp, account, path, size, mtime) DO NOTHING
+        RETURNING true
+        """,
+        file.esp,
+        file.account,
+        file.path,
+        file.size,
+        file.mtime,
+        reason,
+    )
+    return bool(first)
 
 
 async def take(conn: Conn, file: ResponseFile) -> bool:
