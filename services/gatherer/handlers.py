@@ -75,6 +75,8 @@ class Gatherer:
             kafka,
             self.settings.republish_after_s,
             self.unreadable,
+            hidden_grace_s=self.settings.hidden_file_grace_s,
+            metrics=self.runtime.metrics,
         )
         pulled = await pull_api(
             self.esp.connectors,

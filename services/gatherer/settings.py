@@ -8,6 +8,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from shared.esp.resources import EspServiceSettings
+from shared.operations.gathering import HIDDEN_GRACE_S
 
 
 class Settings(EspServiceSettings):
@@ -20,6 +21,12 @@ class Settings(EspServiceSettings):
     )
     republish_after_s: float = Field(
         default=300.0, gt=0, description="re-announce a file nobody took after this"
+    )
+    hidden_file_grace_s: float = Field(
+        default=HIDDEN_GRACE_S,
+        gt=0,
+        description="a hidden remote file unchanged this long is no upload in progress: reported "
+        "in response folders, removed in list folders if it is espbridge's own partial upload",
     )
     work_dir: Path | None = Field(
         default=None, description="where files are downloaded to (default: a temp dir)"

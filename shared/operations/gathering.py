@@ -21,20 +21,31 @@ import contextlib
 import fnmatch
 import logging
 import posixpath
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import asyncpg
+from asyncssh import SFTPClient
 from faststream.kafka import KafkaBroker
 
-from shared.esp import AccountsSettings, BadRow, Connector, Connectors
+from shared.esp import AccountConfig, AccountsSettings, BadRow, Connector, Connectors
 from shared.esp.resources import EspResources
 from shared.infra.db import Conn, create_pool, cursors, files, jobs
 from shared.infra.db.jobs import SentBroadcast
+from shared.infra.health import Metrics
 from shared.infra.kafka import ensure_topics, publish_many
 from shared.infra.settings import KafkaSettings, PostgresSettings, SftpSettings
-from shared.infra.sftp import SftpPool, list_folder
-from shared.model.deadletters import api_item_letter, file_name_letter
+from shared.infra.sftp import (
+    HiddenFile,
+    RemoteFile,
+    SftpPool,
+    is_partial_upload,
+    list_folder,
+    remove_if_present,
+    shown_path,
+)
+from shared.model.deadletters import api_item_letter, file_name_letter, hidden_file_letter
 from shared.model.errors import EspbridgeError, PermanentError
 from shared.model.messages import (
     BroadcastStatus,
@@ -49,6 +60,10 @@ from shared.model.messages import (
 log = logging.getLogger(__name__)
 
 
+HIDDEN_GRACE_S = 3600.0
+"""How long a hidden file may stay unchanged before it is no longer taken for an upload in progress."""
+
+
 async def scan(
     connectors: Connectors,
     sftp: SftpPool,
@@ -57,21 +72,42 @@ async def scan(
     kafka: KafkaSettings,
     republish_after_s: float = 300.0,
     unreadable: set[str] | None = None,
+    *,
+    hidden_grace_s: float = HIDDEN_GRACE_S,
+    metrics: Metrics | None = None,
 ) -> list[ResponseFile]:
     """One scan of every configured account's response folders; returns the files it published.
 
     A file whose name is not UTF-8 is left on the site and reported as a dead letter (payload:
     the name's bytes); ``unreadable`` remembers those reported, so a process scanning on an
-    interval reports each once.
+    interval reports each once. A hidden file (see :class:`~shared.infra.sftp.HiddenFile`) is
+    left alone while it changed within ``hidden_grace_s`` (an upload in progress); after that it
+    is reported, never read nor removed: a dead letter, a ``failed`` ledger row that makes it
+    once per version of the file, a warning and ``hidden_files_reported_total``. espbridge's own
+    partial uploads that old in the accounts' list folders are removed (see
+    :func:`remove_stale_partials`).
     """
     found: list[ResponseFile] = []
+    hidden: list[ResponseFile] = []
     letters: list[DeadLetter] = []
     unreadable = set() if unreadable is None else unreadable
+    changed_since = time.time() - hidden_grace_s  # remote mtimes against our clock: the grace absorbs skew
+    cleaned: set[str] = set()
+
+    def report_unreadable(where: str, raw: bytes) -> None:
+        if where not in unreadable:
+            unreadable.add(where)
+            letters.append(file_name_letter(where, raw, "gatherer"))
+            log.warning("response file name is not UTF-8, file left in place", extra={"file": where})
+
     for connector in connectors.all():
-        if not connector.response_sources:
-            continue
         account = connector.account
+        drop = posixpath.join(account.sftp_root, connector.list_format.drop_folder)
         async with sftp.session() as session:
+            if drop not in cleaned:
+                cleaned.add(drop)
+                removed = await remove_stale_partials(session, drop, changed_since)
+                _count(metrics, "stale_partials_removed_total", len(removed), account.esp)
             for source in connector.response_sources:
                 folder = posixpath.join(account.sftp_root, source.folder)
                 try:
@@ -81,36 +117,82 @@ async def scan(
                     log.warning("response folder not scanned", extra={"folder": folder, "error": str(exc)})
                     continue
                 for raw in listing.unreadable:
-                    where = posixpath.join(folder, raw.decode("utf-8", "backslashreplace"))
-                    if where not in unreadable:
-                        unreadable.add(where)
-                        letters.append(file_name_letter(where, raw, "gatherer"))
-                        log.warning(
-                            "response file name is not UTF-8, file left in place", extra={"file": where}
-                        )
+                    report_unreadable(shown_path(folder, raw), raw)
+                for hid in listing.hidden:
+                    if hid.mtime > changed_since:
+                        continue  # an upload in progress, most likely
+                    if hid.name is None:
+                        report_unreadable(hid.shown, hid.raw_name)
+                    elif not (folder == drop and is_partial_upload(hid.name)):
+                        hidden.append(_response_file(account, posixpath.join(folder, hid.name), hid))
                 for remote in listing.files:
-                    if not fnmatch.fnmatch(posixpath.basename(remote.path), source.pattern):
-                        continue
-                    found.append(
-                        ResponseFile(
-                            esp=account.esp,
-                            account=account.account,
-                            path=remote.path,
-                            size=remote.size,
-                            mtime=datetime.fromtimestamp(remote.mtime, UTC),
-                        )
-                    )
+                    if fnmatch.fnmatch(posixpath.basename(remote.path), source.pattern):
+                        found.append(_response_file(account, remote.path, remote))
     to_publish: list[ResponseFile] = []
+    reported: list[ResponseFile] = []
     # The new rows commit only once Kafka has the files' messages: if publishing fails (Kafka
     # down), the next scan finds the files new again instead of waiting for republish_after_s.
     async with pool.acquire() as conn, conn.transaction():
         for file in found:
             if await files.record_found(conn, file, republish_after_s):
                 to_publish.append(file)
+        for file in hidden:
+            letter = hidden_file_letter(file.esp, file.account, file.path, hidden_grace_s, "gatherer")
+            if await files.record_unread(conn, file, letter.message):
+                letters.append(letter)
+                reported.append(file)
         await publish_many(broker, kafka, [*letters, *to_publish])
+    for file in reported:
+        log.warning(
+            "hidden response file unchanged for longer than an upload takes: reported, left unread",
+            extra={"file": file.path, "esp": file.esp, "account": file.account, "size": file.size},
+        )
+        _count(metrics, "hidden_files_reported_total", 1, file.esp)
     if to_publish:
         log.info("response files found", extra={"files": len(to_publish)})
     return to_publish
+
+
+async def remove_stale_partials(session: SFTPClient, folder: str, changed_since: float) -> list[str]:
+    """Remove from a list folder espbridge's own partial uploads unchanged since ``changed_since``
+    (an upload that crashed before its rename); returns the paths removed.
+
+    Only names exactly of the uploader's form are touched (:func:`~shared.infra.sftp.is_partial_upload`);
+    a file another process removed first is no error. A folder not there yet holds nothing.
+    """
+    try:
+        listing = await list_folder(session, folder)
+    except PermanentError:
+        return []
+    removed: list[str] = []
+    for hid in listing.hidden:
+        if hid.name is None or hid.mtime > changed_since or not is_partial_upload(hid.name):
+            continue
+        path = posixpath.join(folder, hid.name)
+        try:
+            if not await remove_if_present(session, path):
+                continue
+        except PermanentError as exc:
+            log.warning("stale partial upload not removed", extra={"file": path, "error": str(exc)})
+            continue
+        log.warning("stale partial upload removed", extra={"file": path, "size": hid.size})
+        removed.append(path)
+    return removed
+
+
+def _response_file(account: AccountConfig, path: str, remote: RemoteFile | HiddenFile) -> ResponseFile:
+    return ResponseFile(
+        esp=account.esp,
+        account=account.account,
+        path=path,
+        size=remote.size,
+        mtime=datetime.fromtimestamp(remote.mtime, UTC),
+    )
+
+
+def _count(metrics: Metrics | None, name: str, value: int, esp: str) -> None:
+    if metrics is not None and value:
+        metrics.inc(name, value, esp=esp)
 
 
 @dataclass
