@@ -37,7 +37,8 @@ from shared.esp.rest import EspAuthError, EspUnavailableError
 from shared.infra.sftp import SftpPool
 from shared.model.errors import ConfigurationError, PermanentError
 from shared.model.messages import EventType, ResponseEvent, SendMode
-from tests.fixtures.fake_esp import OFFLINE, FakeEsp, pulled, served
+from tests.fixtures.contract import checked_fake
+from tests.fixtures.fake_esp import OFFLINE, FakeEsp, pulled
 from tests.unit.test_messages import job
 
 CLIENT = "1000001"
@@ -159,7 +160,8 @@ class FakeOptimizely(FakeEsp):
                 return web.json_response(
                     {"campaignId": campaign["id"], "recipients": {"net": 0, "total": campaign["total"]}}
                 )
-            return web.json_response({"id": campaign["id"], "name": "c", "type": "regular", **campaign})
+            shown = {k: v for k, v in campaign.items() if k != "total"}  # the report's, not the campaign's
+            return web.json_response({"name": "c", "type": "regular", **shown})
         if tail == "responses":
             if "category" not in query:
                 return error(400, "category is required")
@@ -208,11 +210,11 @@ def page(items: list[Any], query: dict[str, str]) -> web.Response:
     if limit >= 10000:
         return error(400, "limit must be < 10000")
     chunk = items[offset : offset + limit]
-    body = {"elements": chunk, "count": len(chunk), "offset": offset, "limit": limit, "links": []}
+    body = {"elements": chunk, "count": len(chunk), "offset": offset, "limit": limit}
     return web.json_response(body)
 
 
-esp = served(FakeOptimizely)
+esp = checked_fake(FakeOptimizely)
 
 
 # --- an in-memory SFTP pool (only what download_stream uses) -------------------------------------------
