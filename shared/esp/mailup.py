@@ -7,9 +7,10 @@
   The import id is ``<idGroup>/<local invalid rows>/<idImport>,<idImport>,…`` and is followed with
   ``GET /Console/Imports/{id}``.
 * Sends: ``POST /Console/Group/{g}/Email/{m}/Send`` of the job's own message, confirmed with
-  ``POST /Console/Email/Sendings/{id}/Immediate`` (or deferred with ``?datetime=``). The send id is
-  ``<idMessage>:<idSending>``, followed through the Undefined, Deferred and Immediate queues and the
-  message's SendHistory.
+  ``POST /Console/Email/Sendings/{id}/Immediate`` (or deferred with ``?datetime="…"``). The send id
+  is ``<idMessage>:<idSending>`` (``<idMessage>`` when only SendHistory showed it), followed through
+  the Undefined, Deferred and Immediate queues, then the message's SendHistory (whose rows carry no
+  sending id: the message is the job's own), then the message's recipient count.
 * Responses: paged pulls of the mail statistics service (one page of one endpoint per
   :meth:`MailUpConnector.pull_responses` call, cursor ``{"v":1,"ep":…,"page":…}``), or, with
   ``statistics_source: export``, the SFTP statistics export files (``statistics/*.csv``) plus the
@@ -18,7 +19,8 @@
 Credentials (OAuth2 password grant at ``token_path``): ``username`` and ``password``/``password_file``
 are the MailUp console user, ``client_id`` and ``client_secret``/``client_secret_file`` the
 application's API keys. ``token``/``token_file`` is *not* an API credential: it is the webhook's
-shared secret, sent by MailUp as the form field ``Secret``. The token is refreshed
+shared secret, sent by MailUp as the literal parameter ``Secret``; the job and the communication
+key reach the webhook as numbered fields (``job_field``, ``key_field``: ``[Field39]``, ``[Field38]``). The token is refreshed
 ``token_margin_s`` before it expires and once after a 401; every console and statistics call of the
 account waits for the connector's ``RateLimiter`` (``rate_limit_per_s``, 5, per 1.1 s after each
 call's answer), and a 429 is waited out
@@ -39,7 +41,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, Self
 from urllib.parse import parse_qsl, quote, urlencode
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from shared.esp import base, rows
 from shared.esp.accounts import AccountConfig
@@ -78,6 +80,31 @@ DEFAULT_EXPORT_COLUMNS = {
     "job": "EspbridgeJob",
 }
 REQUIRED_EXPORT_ROLES = ("list_id", "message_id", "email", "status", "details", "time", "job")
+DEFAULT_WEBHOOK_PARAMS = {
+    "secret": "Secret",
+    "event_type": "EventType",
+    "event_source": "EventSource",
+    "event_date": "EventDate",
+    "list_id": "IdList",
+    "message_id": "IdNL",
+    "email": "Email",
+    "reason": "Reason",
+    "job": "Job",
+    "key": "Key",
+}
+"""The webhook's parameter names by role; MailUp lets the account name them freely."""
+WEBHOOK_PLACEHOLDERS = {
+    "event_type": "[EventType]",
+    "event_source": "[EventSource]",
+    "event_date": "[EventDate]",
+    "list_id": "[IdList]",
+    "message_id": "[IdNL]",
+    "email": "[Email]",
+    "reason": "[Reason]",
+}
+"""MailUp's placeholder for each role (the job and key are ``[FieldNN]`` of their fields)."""
+MAX_FIELD = 39
+"""MailUp's personal data fields are numbered 1 to 39."""
 DEFAULT_IMPORT_STATUS_CODES = {"1": "queued", "2": "running", "3": "done", "4": "failed"}
 ReasonType = Literal["unsubscribe", "complaint"]
 """What an unsubscription becomes (or None in ``unsubscribe_reasons``: no event)."""
@@ -91,13 +118,15 @@ API_ENDPOINTS = ("Recipients", "Bounces", "Views", "UrlClickDetails", "Unsubscri
 """The statistics endpoints read with ``statistics_source: api``, in this order."""
 EXPORT_API_ENDPOINTS = ("Unsubscriptions",)
 """The only endpoint read with ``statistics_source: export`` (the export has no unsubscribes)."""
-QUEUES = ("Undefined", "Deferred", "Immediate")
-"""Sending queues in the order a sending moves through them (then SendHistory): a sending that
-moves on while they are read is met again further on, never missed."""
+Place = Literal["Undefined", "Deferred", "Immediate", "History", "Recipients"]
+"""Where a sending is seen: one of the three queues, SendHistory, or only in its recipient count."""
+QUEUES: tuple[Place, ...] = ("Undefined", "Deferred", "Immediate")
+"""Sending queues in the order a sending moves through them (then SendHistory, then the message's
+recipients): a sending that moves on while they are read is met again further on, never missed."""
 EXPORT_TYPES = {"SNT": EventType.SENT, "OPN": EventType.OPEN, "CLK": EventType.CLICK}
 
 _IMPORT_ID = re.compile(r"([0-9]+)/([0-9]+)/([0-9]+(?:,[0-9]+)*)?")
-_SEND_ID = re.compile(r"([0-9]+):([0-9]+)")
+_SEND_ID = re.compile(r"([0-9]+)(?::([0-9]+))?")
 _DIGITS = re.compile(r"[0-9]+")
 _INVALID_KINDS = (
     ("Invalid", "InvalidEmail", "invalid email"),
@@ -112,19 +141,22 @@ _INVALID_KINDS = (
 class Options(ConnectorOptions):
     """The account ``options`` this connector reads (docs/connectors/mailup.md#configuration).
 
-    ``export_columns`` is laid over its defaults (the ``key`` and ``job`` columns default to
-    ``key_field`` and ``job_field``); ``import_status_codes`` and ``unsubscribe_reasons`` replace
-    theirs as a whole.
+    ``export_columns`` and ``webhook_params`` are laid over their defaults; ``import_status_codes``
+    and ``unsubscribe_reasons`` replace theirs as a whole.
     """
 
-    MERGED: ClassVar[Mapping[str, Mapping[str, Any]]] = {"export_columns": DEFAULT_EXPORT_COLUMNS}
-    ROLE_KEYED: ClassVar = ("export_columns",)
+    MERGED: ClassVar[Mapping[str, Mapping[str, Any]]] = {
+        "export_columns": DEFAULT_EXPORT_COLUMNS,
+        "webhook_params": DEFAULT_WEBHOOK_PARAMS,
+    }
+    ROLE_KEYED: ClassVar = ("export_columns", "webhook_params")
 
     list_id: int = Field(gt=0, description="the MailUp list (required)")
     send_to: Literal["group", "list"] = "group"
     group_prefix: str = "espbridge-"
-    key_field: str = Field(default="CommunicationKey", min_length=1)
-    job_field: str = Field(default="EspbridgeJob", min_length=1)
+    key_field: int = Field(default=38, ge=1, le=MAX_FIELD, description="the field number of the key")
+    job_field: int = Field(default=39, ge=1, le=MAX_FIELD, description="the field number of the job")
+    webhook_params: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_WEBHOOK_PARAMS))
     import_chunk_rows: int = Field(default=5000, ge=1)
     confirm_sending: bool = True
     statistics_source: Literal["api", "export"] = "api"
@@ -154,15 +186,23 @@ class Options(ConnectorOptions):
     export_date_format: DateFormat = "%Y%m%dT%H%M%S"
     export_columns: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_EXPORT_COLUMNS))
 
+    @field_validator("key_field", "job_field", mode="before")
     @classmethod
-    def merged_defaults(cls, given: Mapping[str, Any]) -> Mapping[str, Mapping[str, Any]]:
-        """The ``key`` and ``job`` columns default to ``key_field`` and ``job_field``."""
-        key = given.get("key_field", DEFAULT_EXPORT_COLUMNS["key"])
-        job = given.get("job_field", DEFAULT_EXPORT_COLUMNS["job"])
-        return {"export_columns": {**DEFAULT_EXPORT_COLUMNS, "key": key, "job": job}}
+    def _field_number(cls, value: Any) -> Any:
+        if isinstance(value, str) and not _DIGITS.fullmatch(value.strip()):
+            raise ValueError(
+                f"is a MailUp personal data field number (1 to {MAX_FIELD}, as in [Field07]), "
+                f"not a name ({value!r})"
+            )
+        return value
 
     @model_validator(mode="after")
     def _coherent(self) -> Self:
+        if self.key_field == self.job_field:
+            raise ValueError(f"key_field and job_field are both field {self.key_field}")
+        names = [name.strip() for name in self.webhook_params.values()]
+        if not all(names) or len(set(names)) != len(names):
+            raise ValueError(f"webhook_params names must be non-empty and distinct: {self.webhook_params}")
         for name in ("token_path", "console_path", "stats_path"):
             if not getattr(self, name).startswith("/"):
                 raise ValueError(f"{name} must start with '/'")
@@ -188,6 +228,17 @@ class Options(ConnectorOptions):
         if "'" in self.group_prefix:
             raise ValueError("group_prefix cannot contain ' (it is quoted in the group filter)")
         return self
+
+    def webhook_parameters(self) -> list[tuple[str, str]]:
+        """The webhook's parameters as they are configured at MailUp, (name, value) in order; the
+        secret's value is the account's ``token``, shown as ``<secret>``."""
+        names = self.webhook_params
+        return [
+            (names["secret"], "<secret>"),
+            *((names[role], placeholder) for role, placeholder in WEBHOOK_PLACEHOLDERS.items()),
+            (names["job"], f"[Field{self.job_field:02d}]"),
+            (names["key"], f"[Field{self.key_field:02d}]"),
+        ]
 
 
 class Cursor(StoredCursor):
@@ -274,6 +325,11 @@ def _split_job_value(value: str) -> tuple[str, str] | None:
     if not sep or not _DIGITS.fullmatch(message) or not job_id:
         return None
     return message, job_id
+
+
+def _api_time(moment: datetime) -> str:
+    """A time as MailUp's API writes it: ``yyyy-MM-dd HH:mm:ssZ`` in UTC."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def _backoff_s(attempt: int, error: EspUnavailableError) -> float:
@@ -418,45 +474,50 @@ class MailUpConnector(base.Connector):
         path = self.options.send_history_path.format(list=self.options.list_id, message=message)
         return self._console + path
 
-    async def _find_sending(
-        self, message: int, sending: int | None = None
-    ) -> tuple[str, dict[str, Any]] | None:
-        """Where a sending of the message (or that one sending) is: a queue name or ``History``.
+    async def _find_sending(self, message: int, sending: int | None = None) -> _Sending | None:
+        """Where the message's sending is (that sending's, when its id is given), or None if the
+        message has none: the queues, then SendHistory, then the message's recipients.
 
-        Raises :class:`ListRejectedError` when MailUp does not know the message (404).
+        SendHistory rows carry no sending id, so they are the message's: every job has a message of
+        its own. Raises :class:`ListRejectedError` when MailUp does not know the message (404).
         """
         for queue in QUEUES:
             for item in await self._pages(f"{self._console}/Console/Email/Sendings/{queue}") or []:
                 if _int(item.get("IdMessage")) == message and sending in (None, _int(item.get("Id"))):
-                    return queue, item
+                    return _Sending(message, _int(item.get("Id")), queue)
         history = await self._pages(self._history_url(message))
         if history is None:
             raise ListRejectedError(f"MailUp knows no message {message} in list {self.options.list_id}")
-        found = [i for i in history if sending in (None, _int(i.get("IdSending")))]
-        if not found:
-            return None
-        return "History", max(found, key=lambda i: _int(i.get("IdSending")))
-
-    def _status_of(self, message: int, where: str, item: Mapping[str, Any]) -> base.SendStatus:
-        if where == "History":
-            sending = _int(item.get("IdSending"))
-            done = item.get("EndDate") not in (None, "")
-            return base.SendStatus(
-                send_id=f"{message}:{sending}",
-                state=base.SendState.SENT if done else base.SendState.SENDING,
-                recipients=_int(item.get("Recipients")),
-                detail=f"sending {sending} " + ("finished" if done else "in delivery"),
+        if history:
+            return _Sending(
+                message,
+                sending,
+                "History",
+                ended=all(row.get("EndDate") not in (None, "") for row in history),
+                recipients=sum(_int(row.get("Recipients")) for row in history),
             )
-        sending = _int(item.get("Id"))
-        return base.SendStatus(
-            send_id=f"{message}:{sending}",
-            state=base.SendState.SENDING if where == "Immediate" else base.SendState.SCHEDULED,
-            detail=f"sending {sending} in the {where} queue",
-        )
+        counted = await self._recipients_counted(message)
+        return _Sending(message, sending, "Recipients", recipients=counted) if counted > 0 else None
+
+    async def _recipients_counted(self, message: int) -> int:
+        """How many recipients the message was sent to (the statistics service; 0 when unknown)."""
+        status, body = await self._call("GET", f"{self._stats}/Message/{message}/Count/Recipients")
+        return 0 if status == 404 else _int(body)
 
     async def _confirm(self, sending: int) -> None:
         status, body = await self._call(
             "POST", f"{self._console}/Console/Email/Sendings/{sending}/Immediate", repeatable=True
+        )
+        if status == 404:
+            raise ListRejectedError(f"MailUp does not know sending {sending}: {_error_text(body)}")
+
+    async def _defer(self, sending: int, when: datetime) -> None:
+        """Schedule a sending left unconfirmed for its job's ``send_at``."""
+        status, body = await self._call(
+            "POST",
+            f"{self._console}/Console/Email/Sendings/{sending}/Deferred",
+            json={"Date": _api_time(when)},
+            repeatable=True,
         )
         if status == 404:
             raise ListRejectedError(f"MailUp does not know sending {sending}: {_error_text(body)}")
@@ -469,7 +530,7 @@ class MailUpConnector(base.Connector):
         found = await self._find_sending(message)
         if found is not None:
             raise MessageTakenError(
-                f"message {message} already has a sending ({self._status_of(message, *found).send_id}): "
+                f"message {message} already has a sending ({found.status().send_id}): "
                 "every job needs a MailUp message of its own"
             )
         if self.context.sftp is None:
@@ -591,7 +652,8 @@ class MailUpConnector(base.Connector):
         return None
 
     async def _resolve_fields(self, header: Sequence[str]) -> _Fields:
-        """Map the list file's columns to MailUp personal data fields by their Description."""
+        """Map the list file's columns to MailUp personal data fields: the key to the field
+        numbered ``key_field``, the others by their Description; the job goes to ``job_field``."""
         fmt, opts = self.list_format, self.options
         for needed in (fmt.email_field, fmt.key_field):
             if needed not in header:
@@ -601,31 +663,40 @@ class MailUpConnector(base.Connector):
             raise ListRejectedError(f"the list file names columns twice: {', '.join(duplicated)}")
         items = await self._pages(f"{self._console}/Console/Recipient/DynamicFields")
         by_name: dict[str, int] = {}
+        numbers: set[int] = set()
         for item in items or []:
             description, field = item.get("Description"), _int(item.get("Id"))
-            if isinstance(description, str) and field > 0:
-                by_name.setdefault(description, field)
+            if field > 0:
+                numbers.add(field)
+                if isinstance(description, str):
+                    by_name.setdefault(description, field)
+        for option in ("key_field", "job_field"):
+            if getattr(opts, option) not in numbers:
+                raise ListRejectedError(
+                    f"MailUp has no personal data field {getattr(opts, option)} ({option}); "
+                    f"the account's fields are {', '.join(str(n) for n in sorted(numbers)) or 'none'}"
+                )
 
-        def field_of(name: str, what: str) -> int:
+        def field_of(name: str) -> int:
             if name not in by_name:
                 raise ListRejectedError(
-                    f"MailUp has no personal data field {name!r} ({what}); "
+                    f"MailUp has no personal data field {name!r} (for the column {name!r}); "
                     f"known: {', '.join(sorted(by_name))}"
                 )
             return by_name[name]
 
         key_index = header.index(fmt.key_field)
-        columns = [(key_index, field_of(opts.key_field, f"for the column {fmt.key_field!r}"))]
+        columns = [(key_index, opts.key_field)]
         for index, column in enumerate(header):
             if column not in (fmt.email_field, fmt.key_field):
-                columns.append((index, field_of(column, f"for the column {column!r}")))
-        job_field = field_of(opts.job_field, "the job_field")
-        ids = [field for _, field in columns] + [job_field]
+                columns.append((index, field_of(column)))
+        ids = [field for _, field in columns] + [opts.job_field]
         if len(set(ids)) != len(ids):
             raise ListRejectedError(
-                f"two list columns (or a column and the job field {opts.job_field!r}) go to one MailUp field"
+                f"two list columns (or a column and the key or job field {opts.key_field}, "
+                f"{opts.job_field}) go to one MailUp field"
             )
-        return _Fields(email=header.index(fmt.email_field), columns=tuple(columns), job_field=job_field)
+        return _Fields(email=header.index(fmt.email_field), columns=tuple(columns), job_field=opts.job_field)
 
     async def _group(self, job: BroadcastJob) -> int:
         """The job's group, found by name or created."""
@@ -734,25 +805,26 @@ class MailUpConnector(base.Connector):
     async def find_send(self, job: BroadcastJob) -> base.SendStatus | None:
         """The sending of the job's message, if any (each job has a message of its own).
 
-        A sending still waiting in the Undefined queue for an immediate job is confirmed here:
-        its confirmation may be what failed before the monitor asked.
+        A sending still waiting in the Undefined queue is confirmed here (immediately, or deferred
+        to ``send_at``): its confirmation may be what failed before the monitor asked.
         """
         message = self._message_id(job)
         try:
             found = await self._find_sending(message)
         except ListRejectedError:
             return None
-        if found is None:
-            return None
-        where, item = found
-        if where == "Undefined" and job.send_at is None and self.options.confirm_sending:
-            await self._confirm(_int(item.get("Id")))
-            return base.SendStatus(
-                send_id=f"{message}:{_int(item.get('Id'))}",
-                state=base.SendState.SCHEDULED,
-                detail=f"sending {_int(item.get('Id'))} confirmed",
-            )
-        return self._status_of(message, where, item)
+        if found is None or found.place != "Undefined" or not self.options.confirm_sending:
+            return found.status() if found is not None else None
+        assert found.sending is not None  # a queue item names its sending
+        if job.send_at is None:
+            await self._confirm(found.sending)
+        else:
+            await self._defer(found.sending, job.send_at)
+        return base.SendStatus(
+            send_id=found.send_id,
+            state=base.SendState.SCHEDULED,
+            detail=f"sending {found.sending} confirmed",
+        )
 
     async def send(self, import_id: str, job: BroadcastJob) -> base.SendStatus:
         """Send the job's message to its group (or list), confirmed now or deferred to ``send_at``."""
@@ -764,7 +836,7 @@ class MailUpConnector(base.Connector):
         found = await self._find_sending(message)
         if found is not None:
             raise MessageTakenError(
-                f"message {message} already sent ({self._status_of(message, *found).send_id}); "
+                f"message {message} already sent ({found.status().send_id}); "
                 "every job needs a MailUp message of its own"
             )
         opts = self.options
@@ -774,9 +846,8 @@ class MailUpConnector(base.Connector):
             url = f"{self._console}/Console/Group/{group}/Email/{message}/Send"
         else:
             raise ListRejectedError(f"import {import_id} has no group to send to (send_to: group)")
-        query = (
-            {"datetime": job.send_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")} if job.send_at else None
-        )
+        # MailUp's documented deferred form quotes the time: ?datetime="2015-10-20 05:00:00Z".
+        query = {"datetime": f'"{_api_time(job.send_at)}"'} if job.send_at else None
         status, body = await self._call("POST", _with_query(url, query))
         sending = _int(_dict(body).get("Id"))
         if status == 404 or sending <= 0:
@@ -792,20 +863,25 @@ class MailUpConnector(base.Connector):
         )
 
     async def send_status(self, send_id: str) -> base.SendStatus:
-        """Where the sending is: queues → scheduled/sending, SendHistory → sending/sent."""
+        """Where the sending is: a queue → scheduled/sending; SendHistory → sending, or sent once
+        every row has its EndDate; only recipients counted → sending; nowhere → failed."""
         match = _SEND_ID.fullmatch(send_id)
         if match is None:
-            raise ListRejectedError(f"{send_id!r} is not a mailup send id (<message>:<sending>)")
-        message, sending = int(match.group(1)), int(match.group(2))
+            raise ListRejectedError(f"{send_id!r} is not a mailup send id (<message>[:<sending>])")
+        message = int(match.group(1))
+        sending = int(match.group(2)) if match.group(2) else None
         try:
             found = await self._find_sending(message, sending)
         except ListRejectedError:
             found = None
         if found is None:
+            what = f"sending {sending}" if sending is not None else f"a sending of message {message}"
             return base.SendStatus(
-                send_id=send_id, state=base.SendState.FAILED, detail=f"sending {sending} not found"
+                send_id=send_id,
+                state=base.SendState.FAILED,
+                detail=f"{what} not found (in no queue, no SendHistory, no recipients)",
             )
-        return self._status_of(message, *found)
+        return found.status()
 
     # --- statistics API -------------------------------------------------------------------------------
 
@@ -1013,68 +1089,124 @@ class MailUpConnector(base.Connector):
     # --- webhook --------------------------------------------------------------------------------------
 
     def parse_webhook(self, headers: Mapping[str, str], body: bytes) -> list[ResponseEvent | base.BadRow]:
-        """MailUp's Unsubscribe webhook (form fields, the shared secret as ``Secret``)."""
+        """MailUp's Unsubscribe webhook: form parameters named by ``webhook_params``, the job and key
+        from the numbered fields they carry, the shared secret as the literal parameter ``Secret``."""
+        names = self.options.webhook_params
         form: dict[str, str] = {}
         for key, value in parse_qsl(
             body.decode("utf-8", "replace"), keep_blank_values=True, encoding="utf-8", errors="replace"
         ):
             form.setdefault(key, value)
         expected = self.account.token.get_secret_value() if self.account.token else ""
-        given = form.get("Secret")
+        given = form.get(names["secret"])
         if not expected:
             raise base.WebhookAuthError(f"{self._name} has no webhook secret configured (token/token_file)")
         if given is None:
-            raise base.WebhookAuthError("the webhook call has no Secret")
+            raise base.WebhookAuthError(f"the webhook call has no {names['secret']}")
         if not hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8")):
-            raise base.WebhookAuthError("the webhook call's Secret is wrong")
-        if form.get("EventType", "").strip().lower() != "unsubscribe":
-            return []
-        message = form.get("IdNL", "").strip()
-        if message in ("", "0"):
+            raise base.WebhookAuthError(f"the webhook call's {names['secret']} is wrong")
+        fields = _WebhookForm(form, names)
+        if fields.get("event_type", "unsubscribe").lower() != "unsubscribe":
+            return []  # the webhook is meant for Unsubscribe: another event configured on it is ignored
+        if fields.get("message_id") in ("", "0"):
             return []  # not caused by a message
-        job_value = form.get("Job", "").strip()
-        if not job_value:
+        if not fields.get("job"):
             return []  # a recipient espbridge did not import
-        safe_body = "&".join(f"{k}={quote(v, safe='')}" for k, v in form.items() if k != "Secret").encode(
-            "utf-8"
-        )
+        safe_body = "&".join(
+            f"{k}={quote(v, safe='')}" for k, v in form.items() if k != names["secret"]
+        ).encode("utf-8")
         try:
-            event = self._webhook_event(form, message, job_value)
+            event = self._webhook_event(fields)
         except ValueError as exc:
             return [base.BadRow(1, safe_body, str(exc))]
         return [event] if event is not None else []
 
-    def _webhook_event(self, form: Mapping[str, str], message: str, job_value: str) -> ResponseEvent | None:
+    def _webhook_event(self, fields: _WebhookForm) -> ResponseEvent | None:
+        message, job_value = fields.get("message_id"), fields.get("job")
         if not _DIGITS.fullmatch(message):
-            raise ValueError(f"IdNL {message!r} is not a message id")
+            raise ValueError(f"{fields.name('message_id')} {message!r} is not a message id")
         parts = _split_job_value(job_value)
         if parts is None:
-            raise ValueError(f"Job {job_value!r} is not <message>:<job_id>")
+            raise ValueError(f"{fields.name('job')} {job_value!r} is not <message>:<job_id>")
         if int(parts[0]) != int(message):
             raise ValueError(
-                f"Job {job_value!r} names message {parts[0]}, the unsubscribe is from message {message} "
-                "(the recipient was imported for a later job)"
+                f"{fields.name('job')} {job_value!r} names message {parts[0]}, the unsubscribe is from "
+                f"message {message} (the recipient was imported for a later job)"
             )
-        kind = self._reason_type(form.get("Reason", "").strip())
+        kind = self._reason_type(fields.get("reason"))
         if kind is None:
             return None
-        email = form.get("Email", "").strip()
+        email = fields.get("email")
         if not email:
-            raise ValueError("no Email")
-        occurred = rows.aware_time("EventDate", form.get("EventDate", "").strip())
+            raise ValueError(f"no {fields.name('email')}")
+        occurred = rows.aware_time(fields.name("event_date"), fields.get("event_date"))
         m = str(int(message))
-        extra = {"reason": form.get("Reason", ""), "event_source": form.get("EventSource", "")}
+        extra = {"reason": fields.get("reason"), "event_source": fields.get("event_source")}
         return self._events.make(
             broadcast_id=parts[1],
             type=kind,
             occurred_at=occurred,
             source=EventSource(kind="webhook", name=f"webhook:{self._name}"),
             esp_event_id=f"{self.account.account}:uns:{m}:{email.lower()}",
-            communication_key=form.get("Key", "").strip() or None,
+            communication_key=fields.get("key") or None,
             email=email,
             esp_message_id=m,
             extra={k: v for k, v in extra.items() if v},
         )
+
+
+@dataclass(frozen=True, slots=True)
+class _WebhookForm:
+    """A webhook call's parameters read by role, under the names the account gave them."""
+
+    form: Mapping[str, str]
+    names: Mapping[str, str]
+
+    def name(self, role: str) -> str:
+        """The parameter's name for a role."""
+        return self.names[role]
+
+    def get(self, role: str, default: str = "") -> str:
+        """The parameter's value (stripped) for a role, ``default`` when the call has none."""
+        value = self.form.get(self.names[role])
+        return default if value is None else value.strip()
+
+
+@dataclass(frozen=True, slots=True)
+class _Sending:
+    """A sending of a message as MailUp shows it: in a queue (its id known), in SendHistory (rows
+    without a sending id), or only in the message's recipient count."""
+
+    message: int
+    sending: int | None
+    """The sending id, when a queue showed it or the caller knew it."""
+    place: Place
+    ended: bool = False
+    """SendHistory: every row of the message has its EndDate."""
+    recipients: int = 0
+
+    @property
+    def send_id(self) -> str:
+        """``<message>:<sending>``, or ``<message>`` when no queue showed the sending's id."""
+        return f"{self.message}:{self.sending}" if self.sending is not None else str(self.message)
+
+    def status(self) -> base.SendStatus:
+        """The sending as espbridge reports it."""
+        which = (
+            f"sending {self.sending}"
+            if self.sending is not None
+            else f"the sending of message {self.message}"
+        )
+        if self.place == "History":
+            state = base.SendState.SENT if self.ended else base.SendState.SENDING
+            detail = f"{which} " + ("finished" if self.ended else "in delivery")
+        elif self.place == "Recipients":
+            state = base.SendState.SENDING
+            detail = f"{which} in delivery ({self.recipients} recipients, no SendHistory row yet)"
+        else:
+            state = base.SendState.SENDING if self.place == "Immediate" else base.SendState.SCHEDULED
+            detail = f"{which} in the {self.place} queue"
+        return base.SendStatus(send_id=self.send_id, state=state, recipients=self.recipients, detail=detail)
 
 
 @dataclass(frozen=True, slots=True)

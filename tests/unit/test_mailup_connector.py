@@ -52,8 +52,8 @@ FIELDS = [
     {"Description": "FirstName", "Id": 1},
     {"Description": "LastName", "Id": 2},
     {"Description": "Company", "Id": 3},
-    {"Description": "CommunicationKey", "Id": 12},
-    {"Description": "EspbridgeJob", "Id": 13},
+    {"Description": "CommunicationKey", "Id": 38},
+    {"Description": "EspbridgeJob", "Id": 39},
 ]
 
 
@@ -83,8 +83,12 @@ class FakeMailUp(FakeEsp):
         default_factory=lambda: {"Undefined": [], "Deferred": [], "Immediate": []}
     )
     history: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    """SendHistory rows by message, in MailUp's shape (no sending id)."""
+    counted: dict[int, int] = field(default_factory=dict)
+    """The statistics service's ``Count/Recipients`` by message."""
     sends: list[tuple[str, dict[str, str]]] = field(default_factory=list)
     confirmed: list[int] = field(default_factory=list)
+    deferred: list[tuple[int, Any]] = field(default_factory=list)
     next_sending: int = 555
     stats: dict[tuple[int, str], list[dict[str, Any]]] = field(default_factory=dict)
 
@@ -220,8 +224,20 @@ def _app(fake: FakeMailUp) -> web.Application:
                 fake.queues["Immediate"].append({**item, "State": "Immediate"})
         return web.json_response({"Id": sending, "IdList": 1, "State": "Immediate", "Type": "Newsletter"})
 
+    async def defer(request: web.Request) -> web.Response:
+        sending = int(request.match_info["id"])
+        fake.deferred.append((sending, await request.json()))
+        for item in list(fake.queues["Undefined"]):
+            if item["Id"] == sending:
+                fake.queues["Undefined"].remove(item)
+                fake.queues["Deferred"].append({**item, "State": "Deferred"})
+        return web.json_response({"Id": sending, "IdList": 1, "State": "Deferred", "Type": "Newsletter"})
+
     async def queue(request: web.Request) -> web.Response:
         return _envelope(fake, request, fake.queues[request.match_info["queue"]])
+
+    async def count_recipients(request: web.Request) -> web.Response:
+        return web.json_response(fake.counted.get(int(request.match_info["message"]), 0))
 
     async def send_history(request: web.Request) -> web.Response:
         message = int(request.match_info["message"])
@@ -244,9 +260,11 @@ def _app(fake: FakeMailUp) -> web.Application:
     app.router.add_post(CONSOLE + "/Console/Group/{group}/Email/{message}/Send", send)
     app.router.add_post(CONSOLE + "/Console/List/{list}/Email/{message}/Send", send)
     app.router.add_post(CONSOLE + "/Console/Email/Sendings/{id}/Immediate", immediate)
+    app.router.add_post(CONSOLE + "/Console/Email/Sendings/{id}/Deferred", defer)
     app.router.add_get(CONSOLE + "/Console/Email/Sendings/{queue}", queue)
     app.router.add_get(CONSOLE + "/Console/List/{list}/Email/{message}/SendHistory", send_history)
     app.router.add_get(STATS + "/Message/{message}/List/{endpoint}", statistics)
+    app.router.add_get(STATS + "/Message/{message}/Count/Recipients", count_recipients)
     return app
 
 
@@ -304,6 +322,10 @@ def test_options_are_checked_and_name_the_account() -> None:
         offline(no_such_option=1)
     with pytest.raises(ConfigurationError, match="export_columns has unknown roles"):
         offline(export_columns={"colour": "x"})
+    with pytest.raises(ConfigurationError, match="webhook_params has unknown roles"):
+        offline(webhook_params={"colour": "x"})
+    with pytest.raises(ConfigurationError, match="distinct"):
+        offline(webhook_params={"job": "Key"})
     with pytest.raises(ConfigurationError, match="mailup/demo options"):
         MailUpConnector(
             account("http://127.0.0.1:1").model_copy(update={"options": {}}),
@@ -312,6 +334,32 @@ def test_options_are_checked_and_name_the_account() -> None:
     no_user = account("http://127.0.0.1:1").model_copy(update={"username": None})
     with pytest.raises(ConfigurationError, match="needs username"):
         MailUpConnector(no_user, OFFLINE)
+
+
+def test_the_job_and_key_travel_in_numbered_fields() -> None:
+    assert (offline().options.key_field, offline().options.job_field) == (38, 39)
+    assert offline(key_field="7").options.key_field == 7
+    with pytest.raises(ConfigurationError, match=r"field number \(1 to 39, as in \[Field07\]\), not a name"):
+        offline(job_field="EspbridgeJob")
+    for bad in (0, 40):
+        with pytest.raises(ConfigurationError, match="key_field"):
+            offline(key_field=bad)
+    with pytest.raises(ConfigurationError, match="both field 7"):
+        offline(key_field=7, job_field=7)
+    assert offline().options.webhook_parameters() == [
+        ("Secret", "<secret>"),
+        ("EventType", "[EventType]"),
+        ("EventSource", "[EventSource]"),
+        ("EventDate", "[EventDate]"),
+        ("IdList", "[IdList]"),
+        ("IdNL", "[IdNL]"),
+        ("Email", "[Email]"),
+        ("Reason", "[Reason]"),
+        ("Job", "[Field39]"),
+        ("Key", "[Field38]"),
+    ]
+    renamed = offline(job_field=7, webhook_params={"job": "j", "secret": "s"}).options.webhook_parameters()
+    assert (renamed[0], renamed[-2]) == (("s", "<secret>"), ("j", "[Field07]"))
 
 
 # --- OAuth2 ------------------------------------------------------------------------------------------
@@ -326,23 +374,25 @@ async def test_the_password_grant_sends_the_documented_form(fake: FakeMailUp) ->
         "/Console/Email/Sendings/Deferred",
         "/Console/Email/Sendings/Immediate",
         "/Console/List/1/Email/42/SendHistory",
+        f"{STATS}/Message/42/Count/Recipients",
     ]
     assert {(c.authorization, c.accept) for c in fake.api_calls()} == {("Bearer t1", "application/json")}
-    assert {(c.query["pageSize"], c.query["pageNumber"]) for c in fake.api_calls()} == {("500", "0")}
+    paged = fake.api_calls()[:4]  # the count is a bare number, not a paged list
+    assert {(c.query["pageSize"], c.query["pageNumber"]) for c in paged} == {("500", "0")}
 
 
 async def test_the_token_is_refreshed_before_it_expires(fake: FakeMailUp) -> None:
     fake.expires_in = 30  # within token_margin_s (60): every call finds it about to expire
     await make(fake).find_send(job())
-    assert [g["grant_type"] for g in fake.grants] == ["password"] + ["refresh_token"] * 3
+    assert [g["grant_type"] for g in fake.grants] == ["password"] + ["refresh_token"] * 4
     assert fake.grants[1] == {
         "grant_type": "refresh_token",
         "client_id": "cid",
         "client_secret": "csecret",
         "refresh_token": "r1",
     }
-    assert [g["refresh_token"] for g in fake.grants[1:]] == ["r1", "r2", "r3"]  # each used once
-    assert [c.authorization for c in fake.api_calls()] == ["Bearer t1", "Bearer t2", "Bearer t3", "Bearer t4"]
+    assert [g["refresh_token"] for g in fake.grants[1:]] == ["r1", "r2", "r3", "r4"]  # each used once
+    assert [c.authorization for c in fake.api_calls()] == [f"Bearer t{n}" for n in range(1, 6)]
 
 
 async def test_a_401_refreshes_once_and_repeats_the_call(fake: FakeMailUp) -> None:
@@ -352,7 +402,7 @@ async def test_a_401_refreshes_once_and_repeats_the_call(fake: FakeMailUp) -> No
     before = len(fake.api_calls())
     status = await mailup.send_status("42:555")
     assert status.state is SendState.FAILED
-    assert len(fake.api_calls()) - before == 5  # four reads, one of them twice
+    assert len(fake.api_calls()) - before == 6  # five reads, one of them twice
     assert [g["grant_type"] for g in fake.grants] == ["password", "refresh_token"]
     fake.refresh_tokens.clear()  # a refused refresh falls back to the password grant
     fake.expire_next = 1
@@ -377,11 +427,11 @@ async def test_a_refused_password_is_a_configuration_error(fake: FakeMailUp) -> 
 
 async def test_the_limiter_keeps_five_calls_per_second(fake: FakeMailUp) -> None:
     mailup = make(fake, rate_limit_per_s=5)
-    await asyncio.gather(*(mailup.send_status(f"42:{n}") for n in range(3)))  # 12 calls
+    await asyncio.gather(*(mailup.send_status(f"42:{n}") for n in range(3)))  # 15 calls
     times = sorted(c.at for c in fake.api_calls())
-    assert len(times) == 12
-    assert fake.most_within(1.0, CONSOLE) <= 5  # as MailUp counts them, on arrival
-    assert times[-1] - times[0] >= 2.0  # 12 calls at 5/s need two full waits
+    assert len(times) == 15
+    assert fake.most_within(1.0, "/API/v1.1/Rest/") <= 5  # as MailUp counts them, on arrival
+    assert times[-1] - times[0] >= 2.0  # 15 calls at 5/s need two full waits
     assert len(fake.grants) == 1  # token calls are not limited (nor counted)
 
 
@@ -389,7 +439,7 @@ async def test_a_429_is_waited_out_and_repeated(fake: FakeMailUp) -> None:
     mailup = make(fake)
     fake.limit_next = 2
     assert (await mailup.send_status("42:1")).state is SendState.FAILED
-    assert len(fake.api_calls()) == 6
+    assert len(fake.api_calls()) == 7
     fake.limit_next, fake.retry_after = 1, "30"  # longer than the request timeout: the caller waits
     with pytest.raises(EspUnavailableError) as info:
         await mailup.send_status("42:1")
@@ -415,7 +465,7 @@ LIST_FILE = (
 
 
 def _fields(key: str, first: str) -> list[dict[str, Any]]:
-    return [{"Id": 12, "Value": key}, {"Id": 13, "Value": "42:job-1"}, {"Id": 1, "Value": first}]
+    return [{"Id": 38, "Value": key}, {"Id": 39, "Value": "42:job-1"}, {"Id": 1, "Value": first}]
 
 
 async def test_list_rows_are_read_across_chunk_boundaries() -> None:
@@ -464,8 +514,12 @@ async def test_send_to_list_posts_to_the_list_and_an_unknown_column_fails(fake: 
     assert fake.group_posts == []
     with pytest.raises(ListRejectedError, match="'Shoe'"):
         await mailup.import_list(chunked(b"Email,Shoe,CommunicationKey\na@x.com,9,K-1\n", 100), job())
-    with pytest.raises(ListRejectedError, match="'Nickname'"):
-        await make(fake, job_field="Nickname").import_list(chunked(b"Email,CommunicationKey\n", 9), job())
+    with pytest.raises(
+        ListRejectedError, match=r"no personal data field 37 \(job_field\); .* 1, 2, 3, 38, 39"
+    ):
+        await make(fake, job_field=37).import_list(chunked(b"Email,CommunicationKey\n", 9), job())
+    with pytest.raises(ListRejectedError, match="go to one MailUp field"):
+        await make(fake, key_field=1).import_list(chunked(b"Email,FirstName,CommunicationKey\n", 9), job())
 
 
 class FakeRemoteFile:
@@ -499,8 +553,8 @@ async def test_start_import_reads_the_file_back_and_refuses_a_used_message(fake:
     status = await mailup.start_import(remote, job())
     assert status.import_id == "17/5/9001"
     assert len(fake.posted[0][1]) == 5
-    fake.history[42] = [{"IdSending": 555, "IdMessage": 42, "IdList": 1, "EndDate": None, "Recipients": 5}]
-    with pytest.raises(MessageTakenError, match="42:555"):
+    fake.history[42] = [_history_row(5, ended=False)]
+    with pytest.raises(MessageTakenError, match="already has a sending \\(42\\)"):
         await mailup.start_import(remote, job())
     with pytest.raises(ListRejectedError, match="not a MailUp message id"):
         await mailup.start_import(remote, job(message="msg-42"))
@@ -558,7 +612,20 @@ async def test_import_status_reports_the_local_reasons(fake: FakeMailUp) -> None
 # --- send ----------------------------------------------------------------------------------------------
 
 
-async def test_send_posts_and_confirms(fake: FakeMailUp) -> None:
+def _history_row(recipients: int, ended: bool = True) -> dict[str, Any]:
+    """A SendHistory item as MailUp's help page shows one: no sending id, no list id, ``idMessage``."""
+    return {
+        "EndDate": "2026-11-22 10:00:31Z" if ended else None,
+        "Kb_transferred": 42 * recipients,
+        "Recipients": recipients,
+        "SenderEmail": "news@example.com",
+        "SenderName": "News",
+        "StartDate": "2026-11-22 10:00:06Z",
+        "idMessage": 42,
+    }
+
+
+async def test_send_posts_and_confirms_and_the_history_says_when_it_is_sent(fake: FakeMailUp) -> None:
     mailup = make(fake)
     status = await mailup.send("17/0/9001", job())
     assert (status.send_id, status.state, status.recipients) == ("42:555", SendState.SCHEDULED, 3)
@@ -566,23 +633,41 @@ async def test_send_posts_and_confirms(fake: FakeMailUp) -> None:
     assert fake.confirmed == [555]
     assert (await mailup.send_status("42:555")).state is SendState.SENDING  # in the Immediate queue
     fake.queues["Immediate"] = []
-    fake.history[42] = [{"IdSending": 555, "IdMessage": 42, "IdList": 1, "EndDate": None, "Recipients": 3}]
-    assert (await mailup.send_status("42:555")).state is SendState.SENDING
-    fake.history[42][0]["EndDate"] = "2026-11-22 10:00:31Z"
+    fake.history[42] = [_history_row(3, ended=False)]
+    delivering = await mailup.send_status("42:555")
+    assert (delivering.send_id, delivering.state, delivering.detail) == (
+        "42:555",
+        SendState.SENDING,
+        "sending 555 in delivery",
+    )
+    fake.history[42] = [_history_row(3)]
     sent = await mailup.send_status("42:555")
-    assert (sent.state, sent.recipients) == (SendState.SENT, 3)
-    missing = await mailup.send_status("42:556")
-    assert (missing.state, missing.detail) == (SendState.FAILED, "sending 556 not found")
+    assert (sent.send_id, sent.state, sent.recipients) == ("42:555", SendState.SENT, 3)
     with pytest.raises(MessageTakenError, match="message 42 already sent"):
         await mailup.send("17/0/9001", job())
 
 
-async def test_a_deferred_send_is_not_confirmed(fake: FakeMailUp) -> None:
+async def test_a_sending_found_nowhere_has_failed(fake: FakeMailUp) -> None:
+    mailup = make(fake)
+    missing = await mailup.send_status("42:556")
+    assert (missing.state, missing.detail) == (
+        SendState.FAILED,
+        "sending 556 not found (in no queue, no SendHistory, no recipients)",
+    )
+    unknown = await mailup.send_status("901")  # MailUp does not know the message
+    assert unknown.state is SendState.FAILED
+    with pytest.raises(ListRejectedError, match="not a mailup send id"):
+        await mailup.send_status("42:x")
+
+
+async def test_a_deferred_send_quotes_its_time_and_is_not_confirmed(fake: FakeMailUp) -> None:
     mailup = make(fake)
     when = datetime(2026, 11, 22, 11, 0, tzinfo=UTC)
     status = await mailup.send("17/0/9001", job(send_at=when.isoformat()))
     assert status.state is SendState.SCHEDULED
-    assert fake.sends == [(f"{CONSOLE}/Console/Group/17/Email/42/Send", {"datetime": "2026-11-22 11:00:00Z"})]
+    assert fake.sends == [
+        (f"{CONSOLE}/Console/Group/17/Email/42/Send", {"datetime": '"2026-11-22 11:00:00Z"'})
+    ]
     assert fake.confirmed == []
     assert (await mailup.send_status(status.send_id)).state is SendState.SCHEDULED
     unconfirmed = make(fake, confirm_sending=False, send_to="list")
@@ -604,17 +689,61 @@ async def test_find_send_reads_every_queue_page(fake: FakeMailUp) -> None:
     found = await mailup.find_send(job())
     assert found is not None
     assert (found.send_id, found.state) == ("42:601", SendState.SENDING)
-    fake.queues["Immediate"] = []
-    fake.history[42] = [{"IdSending": 602, "EndDate": "2026-11-22 10:00:31Z", "Recipients": 9}]
+
+
+async def test_after_a_restart_the_history_proves_the_message_was_sent(fake: FakeMailUp) -> None:
+    """The queues no longer hold the sending and SendHistory rows name no sending: the message,
+    which is the job's own, is what ties them to the job (send id ``<message>``)."""
+    mailup = make(fake)
+    fake.history[42] = [_history_row(9, ended=False)]
     found = await mailup.find_send(job())
     assert found is not None
-    assert (found.send_id, found.state, found.recipients) == ("42:602", SendState.SENT, 9)
-    # a sending left unconfirmed (the confirmation failed) is confirmed when it is found
-    fake.history[42] = []
+    assert (found.send_id, found.state, found.recipients) == ("42", SendState.SENDING, 9)
+    fake.history[42] = [_history_row(9)]
+    sent = await mailup.send_status("42")
+    assert (sent.send_id, sent.state, sent.recipients, sent.detail) == (
+        "42",
+        SendState.SENT,
+        9,
+        "the sending of message 42 finished",
+    )
+
+
+async def test_recipients_counted_without_history_are_a_sending_in_delivery(fake: FakeMailUp) -> None:
+    mailup = make(fake)
+    fake.counted[42] = 7  # delivery began; SendHistory has no row yet
+    found = await mailup.find_send(job())
+    assert found is not None
+    assert (found.send_id, found.state, found.recipients) == ("42", SendState.SENDING, 7)
+    assert (await mailup.send_status("42:555")).state is SendState.SENDING
+    with pytest.raises(MessageTakenError):
+        await mailup.send("17/0/9001", job())
+
+
+async def test_a_sending_left_unconfirmed_is_confirmed_when_it_is_found(fake: FakeMailUp) -> None:
+    mailup = make(fake)
     fake.queues["Undefined"] = [{"Id": 603, "IdMessage": 42}]
     found = await mailup.find_send(job())
     assert found is not None
-    assert (found.send_id, found.state) == ("42:603", SendState.SCHEDULED)
+    assert (found.send_id, found.state, found.detail) == (
+        "42:603",
+        SendState.SCHEDULED,
+        "sending 603 confirmed",
+    )
+    assert fake.confirmed == [603]
+    # a deferred job's sending is scheduled for its send_at instead
+    fake.queues["Undefined"] = [{"Id": 604, "IdMessage": 43}]
+    when = datetime(2026, 11, 22, 11, 0, tzinfo=UTC)
+    deferred = await mailup.find_send(job(message="43", send_at=when.isoformat()))
+    assert deferred is not None
+    assert deferred.send_id == "43:604"
+    assert fake.deferred == [(604, {"Date": "2026-11-22 11:00:00Z"})]
+    assert fake.confirmed == [603]
+    # without confirm_sending, a person confirms it in the console
+    fake.queues["Undefined"] = [{"Id": 605, "IdMessage": 44}]
+    waiting = await make(fake, confirm_sending=False).find_send(job(message="44"))
+    assert waiting is not None
+    assert (waiting.state, waiting.detail) == (SendState.SCHEDULED, "sending 605 in the Undefined queue")
     assert fake.confirmed == [603]
 
 
@@ -860,6 +989,21 @@ def test_the_unsubscribe_webhook_yields_the_apis_event() -> None:
     assert _hook(mailup, EventType="Subscribe") == []
     assert _hook(mailup, IdNL="0") == []
     assert _hook(mailup, IdNL="") == []
+
+
+def test_the_webhook_reads_the_parameter_names_the_account_gave() -> None:
+    mailup = offline(webhook_params={"secret": "k", "job": "j", "key": "ck", "message_id": "nl"})
+    form = {"k": "s3cr3t", "EventDate": "2026-11-22T12:00:03.695+01", "nl": "42", "Email": "anna@example.com"}
+    (event,) = mailup.parse_webhook({}, urlencode({**form, "j": "42:job-1", "ck": "K-1"}).encode())
+    assert isinstance(event, ResponseEvent)
+    assert (event.type, event.broadcast_id, event.communication_key) == (
+        EventType.UNSUBSCRIBE,
+        "job-1",
+        "K-1",
+    )
+    assert mailup.parse_webhook({}, urlencode({**form, "Job": "42:job-1"}).encode()) == []  # no "j"
+    with pytest.raises(WebhookAuthError, match="no k"):
+        mailup.parse_webhook({}, urlencode({"Secret": "s3cr3t"}).encode())
 
 
 def test_webhook_secret_is_required() -> None:
