@@ -9,24 +9,33 @@ A connector's ``Options`` subclasses :class:`ConnectorOptions` and declares, bes
 The list file's format comes from the options named as every connector names them
 (:data:`LIST_FORMAT_OPTIONS`) and what else the connector gives (:meth:`ConnectorOptions.list_format`).
 
-Fields typed :data:`TimeZone`, :data:`DateFormat` or :data:`Encoding` are checked when the options
-are read, so a connector never meets an unknown zone, a format it cannot read back or an unknown
-codec later. :meth:`ConnectorOptions.of` turns every refusal into a ConfigurationError naming the
-account.
+Fields typed :data:`TimeZone`, :data:`DateFormat`, :data:`TimeFormats` or :data:`Encoding` are
+checked when the options are read, so a connector never meets an unknown zone, a format it cannot
+read back or an unknown codec later. :meth:`ConnectorOptions.of` turns every refusal into a
+ConfigurationError naming the account.
 """
 
 from __future__ import annotations
 
 import codecs
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Self
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from shared.esp.accounts import AccountConfig
 from shared.esp.base import ListFormat
+from shared.esp.rows import ISO, UNIX
 from shared.model.errors import ConfigurationError
 
 
@@ -39,12 +48,23 @@ def _known_zone(name: str) -> str:
 
 
 def _readable_format(fmt: str) -> str:
-    sample = datetime(2026, 11, 22, 10, 0, 3)
+    sample = datetime(2026, 11, 22, 10, 0, 3, tzinfo=UTC)  # aware, so %z and %Z read back too
     try:
         datetime.strptime(sample.strftime(fmt), fmt)
     except ValueError as exc:
         raise ValueError(f"{fmt!r} cannot be read back: {exc}") from None
     return fmt
+
+
+def _one_or_more(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+def _readable_formats(formats: tuple[str, ...]) -> tuple[str, ...]:
+    for fmt in formats:
+        if fmt not in (UNIX, ISO):
+            _readable_format(fmt)
+    return formats
 
 
 def _known_encoding(name: str) -> str:
@@ -59,6 +79,14 @@ TimeZone = Annotated[str, AfterValidator(_known_zone)]
 """An IANA time zone name (``Europe/Berlin``)."""
 DateFormat = Annotated[str, Field(min_length=1), AfterValidator(_readable_format)]
 """A strptime pattern whose output it reads back."""
+TimeFormats = Annotated[
+    tuple[Annotated[str, Field(min_length=1)], ...],
+    BeforeValidator(_one_or_more),
+    Field(min_length=1),
+    AfterValidator(_readable_formats),
+]
+"""The formats an account writes times in, tried in order (see :class:`~shared.esp.rows.LocalTimes`):
+``unix``, ``iso`` or strptime patterns; one format may be given as a plain string."""
 Encoding = Annotated[str, AfterValidator(_known_encoding)]
 """A codec Python knows."""
 

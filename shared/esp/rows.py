@@ -7,8 +7,9 @@
 * A connector's function from a row or an item to its event raises ValueError to reject it: the
   rejection becomes a :class:`~shared.esp.base.BadRow` with its line and its bytes, and the next
   row is read.
-* :class:`LocalTimes` reads times written in an account's format and zone, :func:`aware_time`
-  ISO 8601 times with an offset; :class:`Events` builds the events with their deterministic ids.
+* :class:`LocalTimes` reads times written in an account's formats and zone (and ISO 8601 always),
+  :func:`aware_time` ISO 8601 times with an offset; :class:`Events` builds the events with their
+  deterministic ids.
 """
 
 from __future__ import annotations
@@ -191,55 +192,87 @@ def item_events(
 
 
 class LocalTimes:
-    """Times an account writes in its format and zone, read as UTC.
+    """Times an account writes in its formats and zone, read as UTC.
 
-    A time in the hour repeated when summer time ends is read as its first occurrence; a format
-    with ``%z`` keeps the offset it reads. The formats :data:`UNIX` and :data:`ISO` read Unix
-    seconds and ISO 8601.
+    A value is read by the first of the account's formats it fits (:data:`UNIX`, :data:`ISO` or a
+    strptime pattern), else as an ISO 8601 time with ``Z`` or an offset, which every account
+    accepts. A time that carries its zone keeps it; one without is in the account's zone, and in
+    the hour repeated when summer time ends it is the first occurrence.
     """
 
-    def __init__(self, fmt: str, zone: str) -> None:
-        self.format = fmt
+    def __init__(self, formats: str | Sequence[str], zone: str) -> None:
+        self.formats = (formats,) if isinstance(formats, str) else tuple(formats)
+        if not self.formats:
+            raise ValueError("no time format")
         self.zone = ZoneInfo(zone)
 
     def utc(self, label: str, value: str) -> datetime:
         """``value`` (of the field ``label``, for messages) as UTC; ValueError when it is none."""
         if not value:
             raise ValueError(f"empty {label}")
-        if self.format == UNIX:
-            try:
-                return datetime.fromtimestamp(float(value), UTC)
-            except (ValueError, OverflowError, OSError):
-                raise ValueError(f"{label} {value!r} is not Unix seconds") from None
-        if self.format == ISO:
-            try:
-                parsed = datetime.fromisoformat(value)
-            except ValueError:
-                raise ValueError(f"{label} {value!r} is not an ISO 8601 time") from None
+        for fmt in self.formats:
+            parsed = _read_time(fmt, value)
+            if parsed is not None:
+                break
         else:
-            try:
-                parsed = datetime.strptime(value, self.format)
-            except ValueError:
-                raise ValueError(f"{label} {value!r} does not match {self.format!r}") from None
+            # Every account takes ISO 8601 times that say their zone; a naive one must fit a format.
+            parsed = _iso_time(value)
+            if parsed is None or parsed.tzinfo is None:
+                raise ValueError(self._unreadable(label, value))
         local = parsed if parsed.tzinfo else parsed.replace(tzinfo=self.zone, fold=0)
         return local.astimezone(UTC)
 
+    def _unreadable(self, label: str, value: str) -> str:
+        if len(self.formats) > 1:
+            named = ", ".join(_FORMAT_NAMES.get(fmt, repr(fmt)) for fmt in self.formats)
+            return f"{label} {value!r} is in none of the formats {named}, nor ISO 8601 with a zone"
+        fmt = self.formats[0]
+        if fmt == UNIX:
+            return f"{label} {value!r} is not Unix seconds"
+        if fmt == ISO:
+            return f"{label} {value!r} is not an ISO 8601 time"
+        return f"{label} {value!r} does not match {fmt!r}"
 
-def aware_time(label: str, value: Any) -> datetime:
-    """An ISO 8601 time with ``Z`` or an offset (RFC 3339's ``t``, ``z`` or a space too) as UTC."""
-    if not value:
-        raise ValueError(f"empty {label}")
-    if not isinstance(value, str):
-        raise ValueError(f"{label} {value!r} is not an ISO 8601 time")
+
+_FORMAT_NAMES = {UNIX: "Unix seconds", ISO: "ISO 8601"}
+
+
+def _read_time(fmt: str, value: str) -> datetime | None:
+    """``value`` in one format (naive unless it carries a zone), or None when it does not fit."""
+    if fmt == UNIX:
+        try:
+            return datetime.fromtimestamp(float(value), UTC)
+        except (ValueError, OverflowError, OSError):
+            return None
+    if fmt == ISO:
+        return _iso_time(value)
+    try:
+        return datetime.strptime(value, fmt)
+    except ValueError:
+        return None
+
+
+def _iso_time(value: str) -> datetime | None:
+    """An ISO 8601 time (RFC 3339's ``t``, ``z`` or a space too), naive when it has no zone; None
+    when ``value`` is none."""
     text = value.strip()
     if len(text) > 10 and text[10] in "tT ":
         text = f"{text[:10]}T{text[11:]}"
     if text.endswith(("z", "Z")):
         text = text[:-1] + "+00:00"
     try:
-        when = datetime.fromisoformat(text)
+        return datetime.fromisoformat(text)
     except ValueError:
-        raise ValueError(f"{label} {value!r} is not an ISO 8601 time") from None
+        return None
+
+
+def aware_time(label: str, value: Any) -> datetime:
+    """An ISO 8601 time with ``Z`` or an offset (RFC 3339's ``t``, ``z`` or a space too) as UTC."""
+    if not value:
+        raise ValueError(f"empty {label}")
+    when = _iso_time(value) if isinstance(value, str) else None
+    if when is None:
+        raise ValueError(f"{label} {value!r} is not an ISO 8601 time")
     if when.utcoffset() is None:
         raise ValueError(f"{label} {value!r} has no time zone offset")
     return when.astimezone(UTC)

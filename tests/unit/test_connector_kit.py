@@ -17,7 +17,7 @@ from pydantic import Field
 from shared.esp import AccountConfig, BadRow, connector_for, deployteq, instiller, mailup, optimizely
 from shared.esp.cursor import Count, CursorError, StoredCursor
 from shared.esp.delimited import NotUtf8Error, Record, stream_records
-from shared.esp.options import ConnectorOptions, DateFormat, Encoding, TimeZone
+from shared.esp.options import ConnectorOptions, DateFormat, Encoding, TimeFormats, TimeZone
 from shared.esp.rows import (
     ISO,
     UNIX,
@@ -252,6 +252,23 @@ def test_columns_name_what_a_header_lacks_and_rows_read_times_by_role() -> None:
         ("%Y-%m-%d", "UTC", "22.11.2026", "When '22.11.2026' does not match '%Y-%m-%d'"),
         (UNIX, "UTC", "yesterday", "When 'yesterday' is not Unix seconds"),
         (ISO, "UTC", "yesterday", "When 'yesterday' is not an ISO 8601 time"),
+        # ISO 8601 with Z or an offset is read in every account, whatever its formats
+        (UNIX, "Europe/Berlin", "2026-11-22T10:00:09Z", datetime(2026, 11, 22, 10, 0, 9, tzinfo=UTC)),
+        (
+            "%d.%m.%Y %H:%M",
+            "Europe/Berlin",
+            "2026-11-22 11:00:09+01:00",
+            datetime(2026, 11, 22, 10, 0, 9, tzinfo=UTC),
+        ),
+        (
+            "%d.%m.%Y %H:%M",
+            "Europe/Berlin",
+            "2026-11-22t10:00:09.5z",
+            datetime(2026, 11, 22, 10, 0, 9, 500000, tzinfo=UTC),
+        ),
+        # a naive ISO time is no exception: it must fit one of the account's formats
+        (UNIX, "Europe/Berlin", "2026-11-22T10:00:09", "When '2026-11-22T10:00:09' is not Unix seconds"),
+        ("%d.%m.%Y", "UTC", "2026-11-22", "When '2026-11-22' does not match '%d.%m.%Y'"),
     ],
 )
 def test_local_times_are_read_in_the_accounts_format_and_zone(
@@ -263,6 +280,67 @@ def test_local_times_are_read_in_the_accounts_format_and_zone(
     else:
         with pytest.raises(ValueError, match=f"^{re.escape(outcome)}$"):
             times.utc("When", value)
+
+
+MIXED = (UNIX, "%d.%m.%Y %H:%M", "%Y-%m-%d %H:%M:%S%z")
+"""An account whose ESP writes its times three ways."""
+
+
+@pytest.mark.parametrize(
+    ("value", "outcome"),
+    [
+        ("1795330000", datetime.fromtimestamp(1795330000, UTC)),
+        ("22.07.2026 10:30", datetime(2026, 7, 22, 8, 30, tzinfo=UTC)),  # CEST
+        ("22.11.2026 10:30", datetime(2026, 11, 22, 9, 30, tzinfo=UTC)),  # CET
+        ("25.10.2026 02:30", datetime(2026, 10, 25, 0, 30, tzinfo=UTC)),  # the repeated hour: its first
+        ("2026-11-22 10:30:00+0000", datetime(2026, 11, 22, 10, 30, tzinfo=UTC)),
+        ("2026-11-22T10:30:00-05:00", datetime(2026, 11, 22, 15, 30, tzinfo=UTC)),
+        ("2026-11-22T10:30:00Z", datetime(2026, 11, 22, 10, 30, tzinfo=UTC)),
+        (
+            "2026-11-22T10:30:00",
+            "When '2026-11-22T10:30:00' is in none of the formats Unix seconds, '%d.%m.%Y %H:%M', "
+            "'%Y-%m-%d %H:%M:%S%z', nor ISO 8601 with a zone",
+        ),
+    ],
+)
+def test_an_account_with_several_formats_reads_each_time_by_the_first_that_fits(
+    value: str, outcome: datetime | str
+) -> None:
+    times = LocalTimes(MIXED, "Europe/Berlin")
+    if isinstance(outcome, datetime):
+        assert times.utc("When", value) == outcome
+    else:
+        with pytest.raises(ValueError, match=f"^{re.escape(outcome)}$"):
+            times.utc("When", value)
+
+
+class Stamps(ConnectorOptions):
+    """An account option of time formats, as a connector declares it."""
+
+    stamps: TimeFormats = (UNIX,)
+
+
+@pytest.mark.parametrize(
+    ("given", "outcome"),
+    [
+        ({}, (UNIX,)),
+        ({"stamps": "%d.%m.%Y"}, ("%d.%m.%Y",)),  # one format as a plain string, as before
+        ({"stamps": ["iso", "unix", "%Y-%m-%d %H:%M:%S%z"]}, (ISO, UNIX, "%Y-%m-%d %H:%M:%S%z")),
+        ({"stamps": []}, "at least 1 item"),
+        ({"stamps": ["unix", "%Q"]}, "'%Q' cannot be read back"),
+        ({"stamps": ["unix", ""]}, "at least 1 character"),
+        ({"stamps": 5}, "valid tuple"),
+    ],
+)
+def test_time_formats_are_one_or_a_list_each_checked_when_read(
+    given: dict[str, Any], outcome: tuple[str, ...] | str
+) -> None:
+    account = AccountConfig(esp="toy", account="acme", options=given)
+    if isinstance(outcome, tuple):
+        assert Stamps.of(account).stamps == outcome
+    else:
+        with pytest.raises(ConfigurationError, match=re.escape(outcome)):
+            Stamps.of(account)
 
 
 @pytest.mark.parametrize(
