@@ -565,16 +565,14 @@ def _int(text: str | None, name: str, default: int) -> int:
 
 
 def _page(request: web.Request, elements: list[Any]) -> web.Response:
-    """The page ``offset``/``limit`` (1 to 9999) asks for, in the collection envelope."""
+    """The page ``offset``/``limit`` (1 to 9999) asks for, in the collection envelope (without
+    ``links``, which the OpenAPI document marks write-only: never in an answer)."""
     offset = _int(request.query.get("offset"), "offset", 0)
     limit = _int(request.query.get("limit"), "limit", DEFAULT_LIMIT)
     if not 1 <= limit <= MAX_LIMIT:
         raise bad_request(f"limit must be from 1 to {MAX_LIMIT} (less than 10000)")
     page = elements[offset : offset + limit]
-    links = [{"rel": "self", "href": str(request.rel_url)}]
-    return json_response(
-        {"elements": page, "count": len(page), "offset": offset, "limit": limit, "links": links}
-    )
+    return json_response({"elements": page, "count": len(page), "offset": offset, "limit": limit})
 
 
 def _path_int(request: web.Request, name: str, what: str) -> int:
