@@ -16,7 +16,8 @@ import; once confirmed (or given a ``datetime``) it becomes an engine send, sche
 named by its recipients' ``EspbridgeJob``, whose event log holds the released events. The
 statistics API aggregates the logs of a message's sendings; each released step is also written
 as an export file to ``statistics/`` (``MAILUP_EXPORT``) and its unsubscribes and complaints
-POSTed to ``MAILUP_WEBHOOK_URL`` (if set).
+POSTed to ``MAILUP_WEBHOOK_URL`` (if set), with the parameters ``MAILUP_WEBHOOK_PARAMS`` names
+and their placeholders (``[Email]``, ``[Field39]``…) filled as MailUp fills them.
 
 Choices where the page leaves room (see also the README):
 
@@ -32,9 +33,15 @@ Choices where the page leaves room (see also the README):
 - Several sendings attributed to one job share that job's (first) engine send and events.
 - Import ``Rows`` are counted when the import completes (before: only ``Total``). A group may
   share its name with another; names are at most 138 characters.
-- Queues: *Undefined* until confirmed; *Deferred* until its ``datetime``; then *Immediate* until
-  the first phase is released; then SendHistory. Confirming a deferred or delivered sending
-  changes nothing. ``StartDate`` of an Undefined item is null.
+- Queues: *Undefined* until confirmed (``Immediate``, or ``Deferred`` with a ``Date``); *Deferred*
+  until its time; then *Immediate* until the first phase is released; then SendHistory.
+  Confirming a deferred or delivered sending changes nothing. ``StartDate`` of an Undefined item
+  is null. The Send's ``datetime`` must be quoted as MailUp writes it (``"2026-11-22 10:00:00Z"``).
+- SendHistory answers whole (``IsPaginated`` false), in MailUp's item shape, which names no
+  sending: ``SenderEmail``/``SenderName`` are fixed, ``Kb_transferred`` is 42 per recipient.
+- Webhook placeholders: ``[IdConsole]`` is 1, ``[Channel]`` 0 (mail), ``[Prefix]``/``[Number]``
+  empty, ``[Groups]`` the recipient's group ids; ``[EventDate]`` in Italian time with
+  milliseconds and an hours-only offset, as MailUp's example.
 - No ``Reason`` 3 items: hard bounces only unsubscribe the recipient from the list.
 - Export files: name time in Italian time, ``<n>`` numbers the account's export files from 1;
   ``sentDate`` is the sending's start; bad rows come after the good ones, each a good row of the
@@ -109,6 +116,47 @@ STORE_FILE = ".sandbox-mailup.json"
 ROME = ZoneInfo("Europe/Rome")
 KEY_FIELD = "CommunicationKey"
 JOB_FIELD = "EspbridgeJob"
+MAX_FIELDS = 39
+DEFAULT_FIELDS = (
+    "FirstName",
+    "LastName",
+    "Company",
+    "City",
+    *(f"Field{n:02d}" for n in range(5, MAX_FIELDS - 1)),
+    KEY_FIELD,
+    JOB_FIELD,
+)
+"""All 39 fields of a MailUp account: four named ones, the key and the job in the last two."""
+DEFAULT_WEBHOOK_PARAMS = (
+    "EventType=[EventType]&EventSource=[EventSource]&EventDate=[EventDate]&IdList=[IdList]"
+    "&IdNL=[IdNL]&Email=[Email]&Reason=[Reason]&Job=[Field39]&Key=[Field38]"
+)
+WEBHOOK_PLACEHOLDERS = frozenset(
+    {
+        "EventDate",
+        "IdConsole",
+        "IdList",
+        "IdNL",
+        "EventType",
+        "EventSource",
+        "Reason",
+        "Email",
+        "Prefix",
+        "Number",
+        "Groups",
+        "Channel",
+        *(f"Field{n:02d}" for n in range(1, MAX_FIELDS + 1)),
+    }
+)
+"""The placeholders MailUp fills in a webhook's parameters."""
+_PLACEHOLDER_RE = re.compile(r"\[([^\[\]]*)\]")
+ID_CONSOLE = 1
+"""The account id ``[IdConsole]`` stands for."""
+MAIL_CHANNEL = 0
+"""``[Channel]`` of an email event (-1 unknown, 0 mail, 1 sms, 2 fax, 5 social)."""
+SENDER_EMAIL = "newsletter@example.com"
+SENDER_NAME = "Sandbox"
+KB_PER_RECIPIENT = 42
 MAX_VALUE = 200
 MAX_GROUP_NAME = 138
 DEFAULT_PAGE_SIZE = 20
@@ -127,6 +175,8 @@ RECIPIENTS, BOUNCES, VIEWS, CLICKS, UNSUBSCRIPTIONS = (
     "UrlClickDetails",
     "Unsubscriptions",
 )
+# MailUp's published click lists: per recipient {Count, Email, IdRecipient}, per link {Count, IdMessage, Url}.
+CLICKS_PER_RECIPIENT, CLICKS_PER_URL = "Clicks", "UrlClicks"
 STREAMS = {
     EventType.SENT: RECIPIENTS,
     EventType.BOUNCE_HARD: BOUNCES,
@@ -180,23 +230,54 @@ UNSUBSCRIBING = {EventType.BOUNCE_HARD.value, EventType.UNSUBSCRIBE.value, Event
 
 
 def _field_names(value: tuple[str, ...]) -> tuple[str, ...]:
-    if not 1 <= len(value) <= 39:
-        raise ValueError("between 1 and 39 fields are needed")
+    if not 1 <= len(value) <= MAX_FIELDS:
+        raise ValueError(f"between 1 and {MAX_FIELDS} fields are needed")
     if len(set(value)) != len(value):
         raise ValueError("field names must be unique")
     return value
+
+
+def webhook_params(text: str) -> tuple[tuple[str, str], ...]:
+    """``name=value&…`` as a webhook's parameters are configured at MailUp: (name, value) pairs
+    whose values may hold placeholders (``[Email]``, ``[Field07]``); an unknown one is refused."""
+    pairs: list[tuple[str, str]] = []
+    for part in text.split("&"):
+        name, sep, value = part.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"{part!r} is not name=value")
+        unknown = [p for p in _PLACEHOLDER_RE.findall(value) if p not in WEBHOOK_PLACEHOLDERS]
+        if unknown:
+            raise ValueError(
+                f"unknown placeholder [{unknown[0]}] (MailUp's: [Email], [Field01]…[Field39], …)"
+            )
+        pairs.append((name.strip(), value))
+    return tuple(pairs)
+
+
+def _valid_webhook_params(text: str) -> str:
+    webhook_params(text)
+    return text
+
+
+def fill_placeholders(value: str, values: dict[str, str]) -> str:
+    """A parameter's value with its placeholders filled (an empty field stays empty)."""
+    return _PLACEHOLDER_RE.sub(lambda m: values.get(m.group(1), ""), value)
 
 
 class MailUpSettings(SandboxSettings):
     """The flavor's own settings (prefix ``ESPBRIDGE_SANDBOX_``)."""
 
     mailup_fields: Annotated[CommaList, AfterValidator(_field_names)] = Field(
-        default=("FirstName", "LastName", "Company", "City", KEY_FIELD, JOB_FIELD),
-        description="comma list of the personal data fields, numbered 1…n",
+        default=DEFAULT_FIELDS,
+        description="comma list of the personal data fields' descriptions, numbered 1…n",
     )
     mailup_export: bool = Field(default=True, description="write the statistics export files")
     mailup_webhook_url: HttpUrl = Field(
         default=None, description="where unsubscribes are POSTed ({account} replaced); unset: none"
+    )
+    mailup_webhook_params: Annotated[str, AfterValidator(_valid_webhook_params)] = Field(
+        default=DEFAULT_WEBHOOK_PARAMS,
+        description="the webhook's parameters as configured at MailUp (name=[Placeholder]&…), after Secret",
     )
     rate_limit_per_s: int = Field(
         default=5, ge=0, description="console+statistics calls per second (0 = off)"
@@ -681,6 +762,15 @@ class MailUp:
             await self.start_sending(account, sending)
         return sending
 
+    async def defer(self, account: Account, sending: Sending, when: datetime) -> None:
+        """Schedule an Undefined sending for ``when`` (a confirmed or deferred one: nothing happens)."""
+        if sending.confirmed is not None or sending.deferred is not None:
+            return
+        with self.store.lock:
+            sending.deferred = when.isoformat()
+        await asyncio.to_thread(self.store.save)
+        await self.start_sending(account, sending)
+
     async def confirm(self, account: Account, sending: Sending) -> None:
         """Confirm an Undefined sending (again, or a deferred one: nothing happens)."""
         if sending.confirmed is not None or sending.deferred is not None:
@@ -724,7 +814,8 @@ class MailUp:
         }
 
     def history_item(self, account: Account, sending: Sending) -> dict[str, Any] | None:
-        """The sending's SendHistory item, once delivery started."""
+        """The sending's SendHistory item, once delivery started: MailUp's shape, which names no
+        sending and no list (``EndDate`` null while in delivery)."""
         record = account.state.sends.get(sending.send_id) if sending.send_id else None
         if record is None or record.state is not SendState.SENT:
             return None
@@ -736,12 +827,13 @@ class MailUp:
             except FileNotFoundError:
                 end = api_time(record.finished_at)
         return {
-            "IdSending": sending.id,
-            "IdMessage": sending.message,
-            "IdList": LIST_ID,
-            "StartDate": api_time(record.started_at),
             "EndDate": end,
+            "Kb_transferred": sending.recipients * KB_PER_RECIPIENT,
             "Recipients": sending.recipients,
+            "SenderEmail": SENDER_EMAIL,
+            "SenderName": SENDER_NAME,
+            "StartDate": api_time(record.started_at),
+            "idMessage": sending.message,
         }
 
     # Statistics
@@ -784,6 +876,23 @@ class MailUp:
         self._stats[message, kind] = (signature, result)
         return result
 
+    def clicks(self, account: Account, message: int) -> list[dict[str, Any]]:
+        """``List/Clicks``: each recipient's clicks on any link of the message."""
+        per: dict[int, dict[str, Any]] = {}
+        for item in self.statistics(account, message, CLICKS):
+            found = per.setdefault(
+                item["IdRecipient"], {"Count": 0, "Email": item["Email"], "IdRecipient": item["IdRecipient"]}
+            )
+            found["Count"] += item["Count"]
+        return [per[key] for key in sorted(per)]
+
+    def url_clicks(self, account: Account, message: int) -> list[dict[str, Any]]:
+        """``List/UrlClicks``: the clicks on each link of the message."""
+        counts: collections.Counter[str] = collections.Counter()
+        for item in self.statistics(account, message, CLICKS):
+            counts[item["Url"]] += item["Count"]
+        return [{"Count": counts[url], "IdMessage": message, "Url": url} for url in sorted(counts)]
+
     # Released steps: recipients' states, export files, webhooks (in the writer's worker thread)
 
     def sync(self, broadcast: Broadcast) -> Export:
@@ -801,6 +910,7 @@ class MailUp:
         message = int(broadcast.attrs["message"])
         sending = broadcast.attrs["sending"]
         key_field, job_field = settings.field_id(KEY_FIELD), settings.field_id(JOB_FIELD)
+        params = webhook_params(settings.mailup_webhook_params)
         rows: list[list[str]] = []
         hooks: list[dict[str, str]] = []
         unattributable = 0
@@ -831,21 +941,7 @@ class MailUp:
                     if job.partition(":")[0] != str(message) or not job.partition(":")[2]:
                         unattributable += 1
                 if event_type in REASONS:
-                    hooks.append(
-                        {
-                            "EventType": "Unsubscribe",
-                            "EventSource": "Recipient",
-                            "EventDate": datetime.fromtimestamp(item["At"], ROME).isoformat(
-                                timespec="seconds"
-                            ),
-                            "IdList": str(LIST_ID),
-                            "IdNL": str(message),
-                            "Email": item["Email"],
-                            "Reason": str(item["Reason"]),
-                            "Job": job,
-                            "Key": key,
-                        }
-                    )
+                    hooks.append(_webhook_form(params, item, message, recipient))
                 if item["Type"] in UNSUBSCRIBING and recipient is not None:
                     recipient.subscribed = False
         written = bool(rows) and settings.mailup_export
@@ -885,6 +981,38 @@ class MailUp:
             store.save()
         if settings.mailup_webhook_url:
             self.webhooks.extend(hooks)
+
+
+def webhook_date(at: float) -> str:
+    """``[EventDate]`` as MailUp's example writes it: ``2012-09-12T11:18:37.664+02`` (Italian time)."""
+    moment = datetime.fromtimestamp(at, ROME)
+    offset = moment.utcoffset()
+    assert offset is not None
+    hours = int(offset.total_seconds()) // 3600
+    return f"{moment:%Y-%m-%dT%H:%M:%S}.{moment.microsecond // 1000:03d}{hours:+03d}"
+
+
+def _webhook_form(
+    params: tuple[tuple[str, str], ...], item: dict[str, Any], message: int, recipient: Recipient | None
+) -> dict[str, str]:
+    """The Unsubscribe webhook's parameters for one released unsubscribe or complaint."""
+    fields = recipient.fields if recipient is not None else {}
+    values = {
+        "EventDate": webhook_date(item["At"]),
+        "IdConsole": str(ID_CONSOLE),
+        "IdList": str(LIST_ID),
+        "IdNL": str(message),
+        "EventType": "Unsubscribe",
+        "EventSource": "Recipient",
+        "Reason": str(item["Reason"]),
+        "Email": item["Email"],
+        "Prefix": "",
+        "Number": "",
+        "Groups": ",".join(str(g) for g in recipient.groups) if recipient is not None else "",
+        "Channel": str(MAIL_CHANNEL),
+        **{f"Field{n:02d}": fields.get(str(n), "") for n in range(1, MAX_FIELDS + 1)},
+    }
+    return {name: fill_placeholders(value, values) for name, value in params}
 
 
 def _write_members(path: Path, rows: list[tuple[str, str]]) -> None:
@@ -1041,6 +1169,18 @@ def page(call: Call, items: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def unpaged(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """A list MailUp answers whole, as its SendHistory example: ``IsPaginated`` false."""
+    return {
+        "IsPaginated": False,
+        "Items": items,
+        "PageNumber": 0,
+        "PageSize": DEFAULT_PAGE_SIZE,
+        "Skipped": 0,
+        "TotalElementsCount": len(items),
+    }
+
+
 def _query(request: web.Request) -> dict[str, str]:
     query: dict[str, str] = {}
     for name, value in request.query.items():
@@ -1180,14 +1320,44 @@ async def import_status(call: Call) -> dict[str, Any]:
         }
 
 
-def _datetime(call: Call) -> datetime | None:
-    text = call.query.get("datetime")
-    if text is None:
-        return None
+async def import_state(call: Call) -> dict[str, Any]:
+    """``GET /Console/Import/{import}``: the import's status (``Completed`` and its counts)."""
+    import_id = call.path_int("import")
+    store = call.mailup.store
+    with store.lock:
+        record = next((i for i in store.data.imports if i.id == import_id), None)
+        if record is None:
+            raise not_found(f"Import {import_id} not found")
+        rows = record.rows if record.rows is not None else _rows_body(record.total)
+    valid, invalid = rows["Valid"], rows["Invalid"]
+    return {
+        "Completed": record.status in (3, 4),
+        "CreatedRecipients": valid["EmailNew"],
+        "ImportedRecipients": valid["EmailNew"] + valid["EmailUpdate"],
+        "NotValidRecipients": invalid["Total"],
+        "StatusCode": record.status,
+        "UpdatedRecipients": valid["EmailUpdate"],
+        "ValidRecipients": valid["Total"],
+        "idImport": record.id,
+    }
+
+
+def _api_datetime(text: str, what: str) -> datetime:
     try:
         return datetime.strptime(text.strip(), API_TIME).replace(tzinfo=UTC)
     except ValueError:
-        raise bad_request(f"datetime must look like 2026-11-22 10:00:00Z, not {text!r}") from None
+        raise bad_request(f"{what} must look like 2026-11-22 10:00:00Z, not {text!r}") from None
+
+
+def _datetime(call: Call) -> datetime | None:
+    """The Send's ``datetime``, quoted as MailUp documents it: ``?datetime="2015-10-20 05:00:00Z"``."""
+    text = call.query.get("datetime")
+    if text is None:
+        return None
+    text = text.strip()
+    if len(text) < 2 or text[0] != '"' or text[-1] != '"':
+        raise bad_request(f'datetime must be quoted, as datetime="2026-11-22 10:00:00Z", not {text!r}')
+    return _api_datetime(text[1:-1], "datetime")
 
 
 async def _send(call: Call, group: int | None) -> dict[str, Any]:
@@ -1233,6 +1403,26 @@ async def confirm(call: Call) -> dict[str, Any]:
     return call.mailup.sending_item(call.account, sending)
 
 
+class DeferredIn(BaseModel):
+    """The body of ``POST /Console/Email/Sendings/{sending}/Deferred``."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    Date: StrictStr
+
+
+async def defer(call: Call) -> dict[str, Any]:
+    """``POST /Console/Email/Sendings/{sending}/Deferred`` with ``{"Date": …}`` (UTC)."""
+    call.no_filter()
+    sending = _sending(call)
+    try:
+        body = DeferredIn.model_validate(await call.json_body())
+    except ValidationError as exc:
+        raise bad_request(problems(exc)) from None
+    await call.mailup.defer(call.account, sending, _api_datetime(body.Date, "Date"))
+    return call.mailup.sending_item(call.account, sending)
+
+
 def queue(name: str) -> Endpoint:
     """``GET /Console/Email/Sendings/{name}``: the sendings in that queue, by id."""
 
@@ -1260,7 +1450,7 @@ async def send_history(call: Call) -> dict[str, Any]:
     with runtime.store.lock:
         sendings = [s for s in runtime.store.data.sendings if s.message == message]
     items = [item for s in sendings if (item := runtime.history_item(call.account, s)) is not None]
-    return page(call, items)
+    return unpaged(items)
 
 
 async def statistics(call: Call) -> dict[str, Any]:
@@ -1268,9 +1458,19 @@ async def statistics(call: Call) -> dict[str, Any]:
     call.no_filter()
     message = call.message_id()
     kind = call.request.match_info["kind"]
+    if kind == CLICKS_PER_RECIPIENT:
+        return page(call, call.mailup.clicks(call.account, message))
+    if kind == CLICKS_PER_URL:
+        return page(call, call.mailup.url_clicks(call.account, message))
     if kind not in (RECIPIENTS, BOUNCES, VIEWS, CLICKS, UNSUBSCRIPTIONS):
         raise not_found(f"Unknown statistics {kind}")
     return page(call, call.mailup.statistics(call.account, message, kind))
+
+
+async def count_recipients(call: Call) -> int:
+    """``GET /Message/{message}/Count/Recipients``: how many recipients the message was sent to."""
+    call.no_filter()
+    return len(call.mailup.statistics(call.account, call.message_id(), RECIPIENTS))
 
 
 async def sandbox_stats(request: web.Request) -> web.Response:
@@ -1290,15 +1490,18 @@ ROUTES = (
     web.post(f"{BASE}{CONSOLE}/Console/Group/{{group}}/Recipients", api(import_to_group)),
     web.post(f"{BASE}{CONSOLE}/Console/List/{{list}}/Recipients", api(import_to_list)),
     web.get(f"{BASE}{CONSOLE}/Console/Imports/{{import}}", api(import_status)),
+    web.get(f"{BASE}{CONSOLE}/Console/Import/{{import}}", api(import_state)),
     web.post(f"{BASE}{CONSOLE}/Console/Group/{{group}}/Email/{{message}}/Send", api(send_to_group)),
     web.post(f"{BASE}{CONSOLE}/Console/List/{{list}}/Email/{{message}}/Send", api(send_to_list)),
     web.post(f"{BASE}{CONSOLE}/Console/Email/Sendings/{{sending}}/Immediate", api(confirm)),
+    web.post(f"{BASE}{CONSOLE}/Console/Email/Sendings/{{sending}}/Deferred", api(defer)),
     *(
         web.get(f"{BASE}{CONSOLE}/Console/Email/Sendings/{name}", api(queue(name)))
         for name in ("Deferred", "Undefined", "Immediate")
     ),
     web.get(f"{BASE}{CONSOLE}/Console/List/{{list}}/Email/{{message}}/SendHistory", api(send_history)),
     web.get(f"{BASE}{STATS}/Message/{{message}}/List/{{kind}}", api(statistics)),
+    web.get(f"{BASE}{STATS}/Message/{{message}}/Count/Recipients", api(count_recipients)),
 )
 
 

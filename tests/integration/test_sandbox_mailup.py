@@ -37,7 +37,16 @@ CONSOLE = "/API/v1.1/Rest/ConsoleService.svc"
 STATS = "/API/v1.1/Rest/MailStatisticsService.svc"
 TOKEN_PATH = "/Authorization/OAuth/Token"
 FLAVOR = "mailup"
-FIELDS = {"FirstName": 1, "LastName": 2, "Company": 3, "City": 4, "CommunicationKey": 5, "EspbridgeJob": 6}
+FIELDS = {
+    "FirstName": 1,
+    "LastName": 2,
+    "Company": 3,
+    "City": 4,
+    **{f"Field{n:02d}": n for n in range(5, 38)},
+    "CommunicationKey": 38,
+    "EspbridgeJob": 39,
+}
+"""The flavor's default fields: all 39 of a MailUp account, the key and the job in the last two."""
 KINDS = ("Recipients", "Bounces", "Views", "UrlClickDetails", "Unsubscriptions")
 # The export's columns as docs/connectors/mailup.md documents them, written out here.
 EXPORT_HEADER = [
@@ -542,13 +551,18 @@ async def test_import_send_and_every_response_source(sandbox: Sandboxes, webhook
         pulled = await client.pull(42, 7)
         assert pulled == await client.pull(42, 1000)
         history = await client.ok("GET", "/Console/List/1/Email/42/SendHistory")
+        assert (history["IsPaginated"], history["TotalElementsCount"]) == (False, 1)
         [item] = history["Items"]
-        assert (item["IdSending"], item["IdMessage"], item["IdList"], item["Recipients"]) == (
-            sending,
-            42,
-            1,
-            120,
-        )
+        assert sorted(item) == [
+            "EndDate",
+            "Kb_transferred",
+            "Recipients",
+            "SenderEmail",
+            "SenderName",
+            "StartDate",
+            "idMessage",
+        ], "MailUp's SendHistory item names no sending and no list"
+        assert (item["idMessage"], item["Recipients"]) == (42, 120)
         assert API_TIME_RE.fullmatch(item["StartDate"])
         assert API_TIME_RE.fullmatch(item["EndDate"])
         for queue in ("Deferred", "Undefined", "Immediate"):
@@ -620,6 +634,7 @@ async def test_import_send_and_every_response_source(sandbox: Sandboxes, webhook
                 "Job",
                 "Key",
             ]
+            # Job=[Field39] and Key=[Field38]: the fields the import wrote them into.
             assert (form["Secret"], form["EventType"], form["IdList"], form["IdNL"], form["Job"]) == (
                 esp.token,
                 "Unsubscribe",
@@ -629,7 +644,7 @@ async def test_import_send_and_every_response_source(sandbox: Sandboxes, webhook
             )
             assert int(form["Reason"]) == by_email[form["Email"]]
             assert form["Key"] == "K-" + form["Email"].removeprefix("user").split("@")[0]
-            assert datetime.fromisoformat(form["EventDate"]).utcoffset() is not None
+            assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+0[12]", form["EventDate"])
 
         assert await client.esp.stats() == {
             "sends_created": {"job-1": 1},
@@ -651,13 +666,14 @@ async def test_deferred_and_list_sendings_without_export(sandbox: Sandboxes) -> 
         client, http = Client(esp), esp.http
         await client.login()
         later_group, _ = await client.import_job("job-later", 7, 5, prefix="later")
-        status, _, _ = await client.call(
-            "POST", f"/Console/Group/{later_group}/Email/7/Send", params={"datetime": "tomorrow"}
-        )
-        assert status == 400
         later = (datetime.now(UTC) + timedelta(hours=1)).strftime("%Y-%m-%d %H:%M:%SZ")
+        for refused in ('"tomorrow"', later):  # MailUp's form is quoted: datetime="2015-10-20 05:00:00Z"
+            status, _, _ = await client.call(
+                "POST", f"/Console/Group/{later_group}/Email/7/Send", params={"datetime": refused}
+            )
+            assert status == 400, refused
         deferred = await client.ok(
-            "POST", f"/Console/Group/{later_group}/Email/7/Send", params={"datetime": later}
+            "POST", f"/Console/Group/{later_group}/Email/7/Send", params={"datetime": f'"{later}"'}
         )
         queued = await client.ok("GET", "/Console/Email/Sendings/Deferred")
         assert [(i["Id"], i["State"], i["StartDate"]) for i in queued["Items"]] == [
@@ -671,6 +687,20 @@ async def test_deferred_and_list_sendings_without_export(sandbox: Sandboxes) -> 
         assert [i["Id"] for i in (await client.ok("GET", "/Console/Email/Sendings/Deferred"))["Items"]] == [
             deferred["Id"]
         ]
+        # An Undefined sending is scheduled with POST Sendings/{id}/Deferred {"Date": …} (UTC).
+        defer_group, _ = await client.import_job("job-defer", 9, 2, prefix="defer")
+        undefined = await client.ok("POST", f"/Console/Group/{defer_group}/Email/9/Send")
+        path = f"/Console/Email/Sendings/{undefined['Id']}/Deferred"
+        status, _, _ = await client.call("POST", path, body={"Date": "soon"})
+        assert status == 400
+        scheduled = await client.ok("POST", path, body={"Date": later})
+        assert (scheduled["Id"], scheduled["State"], scheduled["StartDate"]) == (
+            undefined["Id"],
+            "Deferred",
+            later,
+        )
+        queued = await client.ok("GET", "/Console/Email/Sendings/Deferred")
+        assert [i["Id"] for i in queued["Items"]] == [deferred["Id"], undefined["Id"]]
 
         # Into the list, sent to the list with a datetime in the past (and '+' for the space): at once.
         rows = [recipient(f"now{i}@example.com", f"N-{i}", "8:job-now") for i in range(8)]
@@ -679,40 +709,43 @@ async def test_deferred_and_list_sendings_without_export(sandbox: Sandboxes) -> 
         assert imported["IdGroups"] == []
         past = (datetime.now(UTC) - timedelta(hours=1)).strftime("%Y-%m-%d %H:%M:%SZ")
         async with http.post(
-            client.base + CONSOLE + f"/Console/List/1/Email/8/Send?datetime={past.replace(' ', '+')}",
+            client.base + CONSOLE + f"/Console/List/1/Email/8/Send?datetime=%22{past.replace(' ', '+')}%22",
             headers={"Authorization": f"Bearer {client.access}"},
         ) as resp:
             assert resp.status == 200
             now_sent = await resp.json()
-        assert now_sent["Sent"] == 13, "the whole list is addressed"
+        assert now_sent["Sent"] == 15, "the whole list is addressed"
         manifest = await esp.complete_manifest("job-now", timeout_s=10)
-        assert (manifest["recipients"], manifest["send_id"]) == (13, f"8:{now_sent['Id']}")
+        assert (manifest["recipients"], manifest["send_id"]) == (15, f"8:{now_sent['Id']}")
         assert (manifest["files"], manifest["bad_rows"], manifest["export_unattributable"]) == ([], 0, 0)
         assert list((esp.account_dir() / "statistics").iterdir()) == []
         history = await client.ok("GET", "/Console/List/1/Email/8/SendHistory")
-        assert [i["IdSending"] for i in history["Items"]] == [now_sent["Id"]]
+        assert [(i["idMessage"], i["Recipients"]) for i in history["Items"]] == [(8, 15)]
         assert api_counts(await client.pull(8, 5), 8) == manifest["counts"]
         # The deferred one is still waiting; its message has no statistics yet.
         assert [i["Id"] for i in (await client.ok("GET", "/Console/Email/Sendings/Deferred"))["Items"]] == [
-            deferred["Id"]
+            deferred["Id"],
+            undefined["Id"],
         ]
         assert (await client.pull(7, 5))["Recipients"] == []
         assert esp.manifest("job-later") is None
         stats = await client.esp.stats()
-        assert stats["sends_created"] == {"job-later": 1, "job-now": 1}
-        assert stats["imports_created"] == {"job-later": 1, "job-now": 1}
+        assert stats["sends_created"] == {"job-later": 1, "job-defer": 1, "job-now": 1}
+        assert stats["imports_created"] == {"job-later": 1, "job-defer": 1, "job-now": 1}
 
         # Paging: the cap, bad values, case-insensitive names.
         capped = await client.ok("GET", "/Console/Recipient/DynamicFields", params={"pageSize": 5000})
-        assert (capped["PageSize"], capped["TotalElementsCount"], len(capped["Items"])) == (1000, 6, 6)
+        assert (capped["PageSize"], capped["TotalElementsCount"], len(capped["Items"])) == (1000, 39, 39)
         second = await client.ok(
-            "GET", "/Console/Recipient/DynamicFields", params={"PageSize": 4, "PageNumber": 1}
+            "GET", "/Console/Recipient/DynamicFields", params={"PageSize": 4, "PageNumber": 9}
         )
-        assert (second["Skipped"], [i["Id"] for i in second["Items"]]) == (4, [5, 6])
+        assert (second["Skipped"], [i["Id"] for i in second["Items"]]) == (36, [37, 38, 39])
         beyond = await client.ok(
-            "GET", "/Console/Recipient/DynamicFields", params={"pageSize": 4, "pageNumber": 9}
+            "GET", "/Console/Recipient/DynamicFields", params={"pageSize": 4, "pageNumber": 10}
         )
-        assert (beyond["Items"], beyond["TotalElementsCount"]) == ([], 6)
+        assert (beyond["Items"], beyond["TotalElementsCount"]) == ([], 39)
+        default = await client.ok("GET", "/Console/Recipient/DynamicFields")
+        assert (default["PageSize"], len(default["Items"])) == (20, 20), "MailUp's default page size"
         bad_paging: list[dict[str, str | int]] = [{"pageSize": 0}, {"pageSize": "x"}, {"pageNumber": -1}]
         for params in bad_paging:
             status, _, _ = await client.call("GET", "/Console/Recipient/DynamicFields", params=params)
@@ -814,7 +847,7 @@ async def test_restart_resumes_without_sending_twice(sandbox: Sandboxes) -> None
         )
         assert export_counts(good) == without_unsubscribes(manifest["counts"])
         [item] = (await client.ok("GET", "/Console/List/1/Email/5/SendHistory"))["Items"]
-        assert (item["IdSending"], item["Recipients"]) == (sending, 80)
+        assert (item["idMessage"], item["Recipients"]) == (5, 80)
         assert item["EndDate"] is not None
         assert await client.esp.stats() == {
             "sends_created": {"job-r": 1, "job-u": 1},
