@@ -1,11 +1,12 @@
 """The ``instiller`` flavor: Instiller as docs/connectors/instiller.md describes it.
 
 REST under ``/rest`` with ``api_id`` (the account name) and ``api_key`` (the sandbox ``TOKEN``) as
-request parameters: query string for ``GET``, form fields (urlencoded or multipart) for ``POST``;
-never headers. A list file uploaded to ``upload/`` is imported by ``POST lists/import_file`` into
-the list ``list_api_identifier``; ``POST emails/send`` sends an email to a list whose latest import
-is ``complete``. There are no response files: each send's rows are released phase by phase into its
-event log, one stream per export type, and ``GET emails/export_responses`` pages through them.
+request parameters: query string for ``GET``, ``multipart/form-data`` fields for ``POST`` (as the
+public client sends them); never headers. A list file uploaded to ``upload/`` is imported by
+``POST lists/import_file`` into the list ``list_api_identifier``; ``POST emails/send`` sends an
+email to a list whose latest import is ``complete``. There are no response files: each send's
+rows are released phase by phase into its event log, one stream per export type, and
+``GET emails/export_responses`` pages through them.
 
 Choices where the page leaves room:
 
@@ -14,6 +15,9 @@ Choices where the page leaves room:
 - The export of a list serves the rows of the first send to that list (one list per job).
 - A repeated ``import_file`` or ``send`` (same ``external_id``) answers the whole status object plus
   ``"created": false``, before checking any other parameter.
+- A ``POST`` whose body is not ``multipart/form-data`` (url-encoded, JSON, none) is
+  ``415 unsupported_media_type``, before its credentials are looked at: no other form is known to
+  work, so a client that drifts from it fails here rather than at the real ESP.
 - A parameter given twice is ``400 invalid_parameter``; an empty optional parameter counts as absent;
   ``list_name`` may be empty (the list is then named after its identifier).
 - ``file`` with ``..``, an absolute path or a backslash is ``400 invalid_parameter``; a hidden file
@@ -116,7 +120,11 @@ class Params:
 async def _params(request: web.Request) -> Params:
     if request.method == "GET":
         return Params(request.query.items())
-    # Form fields only (urlencoded or multipart); a JSON body or query parameters carry nothing.
+    # Multipart form fields only; a POST's query parameters carry nothing.
+    if request.content_type != "multipart/form-data":
+        raise EspError(
+            415, "unsupported_media_type", "POST parameters are read from multipart/form-data only"
+        )
     return Params((await request.post()).items())
 
 

@@ -11,9 +11,9 @@
   (``{"v":1,"next":<type>,"offsets":{<type>: rows read}}``). No response files, no webhooks.
 
 Credentials: every request carries ``api_id`` and ``api_key`` as request parameters (query string
-for GET, form fields for POST; never a header). ``api_id`` is the account's ``client_id`` and
-``api_key`` its ``client_secret`` (prefer ``client_secret_file``). Because the key travels in
-URLs, no request URL's query string is ever put into a log line or an error message.
+for GET, ``multipart/form-data`` fields for POST; never a header). ``api_id`` is the account's
+``client_id`` and ``api_key`` its ``client_secret`` (prefer ``client_secret_file``). Because the key
+travels in URLs, no request URL's query string is ever put into a log line or an error message.
 
 Calls keep to ``requests_per_second`` per account (evenly spaced, one connector instance per
 account per process). A 429 raises :class:`EspUnavailableError` with its ``Retry-After``, and the
@@ -264,13 +264,14 @@ class InstillerConnector(base.Connector):
         self.list_format = opts.list_format(drop_folder=opts.upload_folder)
 
     async def _call(self, method: str, role: str, params: dict[str, str]) -> Any:
-        """One call of an endpoint role (a GET's parameters in the query, a POST's in the form):
-        the parsed body of a 200, else the mapped error."""
+        """One call of an endpoint role (a GET's parameters in the query, a POST's as
+        ``multipart/form-data``, as Instiller's public client sends them): the parsed body of a
+        200, else the mapped error."""
         path = self.options.paths[role]
-        get = method == "GET"
-        _, body = await self._api.call(
-            method, path, params=params if get else None, form=None if get else params
-        )
+        if method == "GET":
+            _, body = await self._api.call(method, path, params=params)
+        else:
+            _, body = await self._api.call(method, path, form=params, multipart=True)
         return body
 
     # --- imports and sends ----------------------------------------------------------------------------

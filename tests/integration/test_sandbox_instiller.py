@@ -53,6 +53,11 @@ LONDON = ZoneInfo("Europe/London")
 # Helpers
 
 
+def multipart(fields: dict[str, str]) -> aiohttp.FormData:
+    """POST fields as the doc has them: ``multipart/form-data``."""
+    return aiohttp.FormData(fields, default_to_multipart=True)
+
+
 class Client:
     """Calls the flavor's API the way the doc says: credentials as request parameters."""
 
@@ -71,7 +76,7 @@ class Client:
     async def post(
         self, path: str, creds: dict[str, str] | None = None, /, **params: str
     ) -> tuple[int, Any, dict[str, str]]:
-        form = {**(self.creds if creds is None else creds), **params}
+        form = multipart({**(self.creds if creds is None else creds), **params})
         async with self.http.post(f"{self.esp.url}/rest/{path}", data=form) as resp:
             return resp.status, orjson.loads(await resp.read()), dict(resp.headers)
 
@@ -221,7 +226,7 @@ async def test_credentials_are_request_parameters(sandbox: Sandboxes) -> None:
             assert (status, body["error"]) == (401, "invalid_credentials"), creds
             status, _, _ = await client.get("_sandbox/stats", creds)
             assert status == 401
-        # Never in headers, and a POST takes them from its form only.
+        # Never in headers, and a POST takes them from its multipart form only.
         async with http.get(
             f"{esp.url}/rest/emails/list_sends",
             params={"external_id": "job-1"},
@@ -229,20 +234,24 @@ async def test_credentials_are_request_parameters(sandbox: Sandboxes) -> None:
         ) as resp:
             assert resp.status == 401
         async with http.post(
-            f"{esp.url}/rest/emails/list_sends", params=client.creds, data={"external_id": "x"}
+            f"{esp.url}/rest/emails/list_sends", params=client.creds, data=multipart({"external_id": "x"})
         ) as resp:
             assert resp.status == 405
         async with http.post(
-            f"{esp.url}/rest/emails/send", params=client.creds, data={"external_id": "job-1"}
+            f"{esp.url}/rest/emails/send", params=client.creds, data=multipart({"external_id": "job-1"})
         ) as resp:
             assert resp.status == 401
-        async with http.post(
-            f"{esp.url}/rest/emails/send", json={**client.creds, "external_id": "job-1"}
-        ) as resp:
-            assert resp.status == 401, "a JSON body carries no parameters"
-        # Multipart form fields work like urlencoded ones; every account has the sandbox token.
-        form = aiohttp.FormData({"api_id": "other", "api_key": esp.token, "external_id": "job-1"})
-        async with http.post(f"{esp.url}/rest/emails/send", data=form()) as resp:
+        # A body in any other form is refused as such, credentials and all: url-encoded, JSON, none.
+        fields, url = {**client.creds, "external_id": "job-1"}, f"{esp.url}/rest/emails/send"
+        for request in [http.post(url, data=fields), http.post(url, json=fields), http.post(url)]:
+            async with request as resp:
+                assert resp.status == 415, resp.request_info.headers.get("Content-Type")
+                refusal = await resp.json()
+                assert refusal["error"] == "unsupported_media_type"
+                assert "multipart/form-data" in refusal["message"]
+        # Every account has the sandbox token.
+        other = multipart({"api_id": "other", "api_key": esp.token, "external_id": "job-1"})
+        async with http.post(f"{esp.url}/rest/emails/send", data=other) as resp:
             assert resp.status == 400
             assert (await resp.json())["error"] == "invalid_parameter"
         assert await client.ok("GET", "emails/list_sends", external_id="job-1") == {"sends": []}

@@ -68,7 +68,9 @@ def error(status: int, code: str, message: str, headers: dict[str, str] | None =
 
 
 async def handle(fake: FakeInstiller, request: web.Request) -> web.Response:
-    """Checks the credentials, then the documented endpoints."""
+    """Checks the body's form and the credentials, then the documented endpoints."""
+    if request.method == "POST" and request.content_type != "multipart/form-data":
+        return error(415, "unsupported_media_type", "POST parameters are read from multipart/form-data only")
     form = {k: str(v) for k, v in (await request.post()).items()} if request.method == "POST" else {}
     query = dict(request.query)
     p = query if request.method == "GET" else form
@@ -270,7 +272,7 @@ async def test_requests_carry_api_id_and_key_as_parameters_under_the_documented_
     await c.start_import("instiller/acme/upload/job-1.csv", job())
     post = esp.seen[-1]
     assert (post.method, post.path, post.query) == ("POST", "/lists/import_file", {})
-    assert post.content_type == "application/x-www-form-urlencoded"
+    assert post.content_type == "multipart/form-data"  # as Instiller's public PHP client sends them
     assert post.authorization is None
     assert post.form == {
         "list_api_identifier": "espbridge_job-1",
