@@ -888,25 +888,23 @@ def _campaign(request: web.Request, store: Store) -> Campaign:
 
 
 async def get_campaign(request: web.Request, store: Store) -> web.Response:
-    """``GET /smartcampaigns/{id}``."""
+    """``GET /smartcampaigns/{id}``; ``started`` and ``finished`` only once they happened (the
+    OpenAPI document types them as date-times, never null)."""
     campaign = _campaign(request, store)
     status = campaign_status(store, campaign)
     batch = store.started_batch(campaign)
     record = store.send_of(batch) if batch is not None else None
-    started = record.started_at if record is not None else None
-    finished = record.finished_at if record is not None else None
-    return json_response(
-        {
-            "id": campaign.id,
-            "name": campaign.name,
-            "status": status,
-            "type": "regular",
-            "created": rest_time(campaign.created),
-            "started": rest_time(parse_utc(started).timestamp()) if started is not None else None,
-            "finished": rest_time(parse_utc(finished).timestamp()) if finished is not None else None,
-            "messages": [{"mailingId": campaign.mailing_id, "status": status, "mediaType": "EMAIL"}],
-        }
-    )
+    body: dict[str, Any] = {
+        "id": campaign.id,
+        "name": campaign.name,
+        "status": status,
+        "type": "regular",
+        "created": rest_time(campaign.created),
+        "messages": [{"mailingId": campaign.mailing_id, "status": status, "mediaType": "EMAIL"}],
+    }
+    moments = {"started": record.started_at, "finished": record.finished_at} if record is not None else {}
+    body |= {name: rest_time(parse_utc(at).timestamp()) for name, at in moments.items() if at is not None}
+    return json_response(body)
 
 
 async def campaign_report(request: web.Request, store: Store) -> web.Response:
