@@ -1310,6 +1310,8 @@ async def import_status(call: Call) -> dict[str, Any]:
             "EndDate": api_time(record.end),
             "Filename": "",
             "FieldSeparator": "",
+            "IgnoreDoubleQuotes": False,
+            "IgnoreFirstRow": False,
             "ImportAsUnsubscribed": False,
             "IncludePendingRecipients": False,
             "OverwriteEmptyFields": True,

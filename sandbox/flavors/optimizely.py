@@ -342,13 +342,14 @@ class Webhook(BaseModel):
     created: float
 
     def public(self) -> dict[str, Any]:
-        """``RestWebhook`` (the authentication's secret is not shown)."""
+        """``RestWebhook``; its ``authentication`` shows the type only (``none`` without one), not the
+        secret."""
         return {
             "id": self.id,
             "type": self.type,
             "format": "json",
             "targetUrl": self.target_url,
-            "authenticationType": self.authentication["type"] if self.authentication else None,
+            "authentication": {"type": self.authentication["type"] if self.authentication else "none"},
             "status": self.status,
             "created": rest_time(self.created),
         }
