@@ -1,8 +1,9 @@
 """Stored pull cursors: a connector's position in an ESP's API, kept by the gatherer as JSON text.
 
 A connector declares its cursor as a :class:`StoredCursor` model; every cursor is a JSON object
-whose ``v`` is the model's ``VERSION``, then its fields in declaration order. Reading is strict:
-a cursor of another version, or of another shape (a missing field, a count that is negative or not
+whose ``v`` is the model's ``VERSION``, then its fields in declaration order. A cursor of an older
+version named in the model's ``UPGRADES`` is read as the current one. Reading is strict: a cursor
+of another version, or of another shape (a missing field, a count that is negative or not
 an integer, a date that is not one), raises :class:`CursorError` saying which, and the connector
 then pulls the broadcast from the start (:meth:`StoredCursor.read`).
 """
@@ -10,6 +11,7 @@ then pulls the broadcast from the start (:meth:`StoredCursor.read`).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
 from typing import Annotated, Any, ClassVar, Self
 
 import orjson
@@ -31,6 +33,8 @@ class StoredCursor(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore", populate_by_name=True)
 
     VERSION: ClassVar[int] = 1
+    UPGRADES: ClassVar[Mapping[int, Callable[[dict[str, Any]], dict[str, Any]]]] = {}
+    """Older versions still read: version → the fields of such a cursor as this version's."""
 
     def dump(self) -> str:
         """The cursor as stored: ``{"v": VERSION, <fields>…}``."""
@@ -45,14 +49,18 @@ class StoredCursor(BaseModel):
             raise CursorError(f"a cursor that is not JSON: {exc}") from None
         if not isinstance(data, dict):
             raise CursorError(f"a cursor that is not a JSON object but {type(data).__name__}")
-        if data.get("v") != cls.VERSION:
-            raise CursorError(f"a cursor of version {data.get('v')!r}, not {cls.VERSION}")
+        version = data.get("v")
+        if version != cls.VERSION:
+            upgrade = cls.UPGRADES.get(version) if type(version) is int else None
+            if upgrade is None:
+                raise CursorError(f"a cursor of version {version!r}, not {cls.VERSION}")
+            text = orjson.dumps({**upgrade(data), "v": cls.VERSION}).decode()
         try:
             return cls.model_validate_json(text)
         except ValidationError as exc:
             fields = ", ".join(".".join(str(p) for p in e["loc"]) or "the cursor" for e in exc.errors())
             raise CursorError(
-                f"a version {cls.VERSION} cursor of another shape: {fields} missing or wrong"
+                f"a version {version} cursor of another shape: {fields} missing or wrong"
             ) from None
 
     @classmethod
