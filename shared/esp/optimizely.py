@@ -12,8 +12,10 @@
   report (recipient total). A ``send_at`` more than ``send_at_tolerance_s`` ahead is refused
   before anything is staged: batch sending cannot be scheduled.
 * Responses: ``Response*`` files (``;``, dates in ``Europe/Berlin``); API pulls of bounces
-  (``GET /responses``) and unsubscribes (``GET /unsubscribes``), one page per call with the
-  connector's own JSON cursor; webhooks (``basicAuth`` or ``keyAuth`` against the account's token).
+  (``GET /responses`` by mailing; a full page is read again by ``recipientIds``, a page of the
+  batch's recipient list at a time) and unsubscribes (``GET /unsubscribes``), one page per call
+  with the connector's own JSON cursor; webhooks (``basicAuth`` or ``keyAuth`` against the
+  account's token).
   Event ids are always derived from the facts (job id, recipient id, type, time to the second,
   URL), so one event read from a file, the API and a webhook is loaded once.
 
@@ -32,12 +34,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import csv
 import hmac
 import logging
 import posixpath
 import re
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -63,7 +66,12 @@ from shared.model.messages import BroadcastJob, EventSource, EventType, Response
 log = logging.getLogger(__name__)
 
 MAX_LIMIT = 9999
-"""The largest ``limit`` the API takes (``limit`` must be ``< 10000``)."""
+"""The largest ``limit`` of the list calls (``limit`` must be ``< 10000``)."""
+MAX_RESPONSES_LIMIT = 10000
+"""The largest ``limit`` of ``GET /responses`` (``400`` only when it is greater than 10000)."""
+RECIPIENT_IDS_BUDGET = 6000
+"""The longest ``recipientIds`` value of one request, percent-encoded, so that its whole URL stays
+well under the 8 KB many servers take."""
 MAX_ERRORS = 100
 """At most this many entries in an import's ``errors``."""
 BACKOFF_INITIAL_S = 1.0
@@ -181,10 +189,21 @@ class Options(ConnectorOptions):
     date_format: DateFormat = "%d.%m.%Y %H:%M:%S"
     timezone: TimeZone = "Europe/Berlin"
     api_pulls: bool = True
-    responses_offset_paging: bool = True
+    responses_limit: int = Field(default=MAX_RESPONSES_LIMIT, ge=1, le=MAX_RESPONSES_LIMIT)
     webhook_auth: Literal["basicAuth", "keyAuth", "none"] = "basicAuth"
     webhook_user: str = Field(default="espbridge", min_length=1)
     webhook_key_header: str = Field(default="Authorization", min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _retired(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "responses_offset_paging" in data:
+            log.warning(
+                "option responses_offset_paging is ignored: GET /responses is paged as documented "
+                "(by mailingId, then recipientIds), never by offset"
+            )
+            return {k: v for k, v in data.items() if k != "responses_offset_paging"}
+        return data
 
     @model_validator(mode="after")
     def _named_columns(self) -> Self:
@@ -204,6 +223,7 @@ class Batch:
     state: str
     tag: str
     campaign_id: int | None
+    recipient_list_id: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,19 +281,33 @@ class UnsubscribeScan(BaseModel):
     """Its entries at ``top``."""
 
 
+def _from_version_1(data: dict[str, Any]) -> dict[str, Any]:
+    """A version 1 cursor as version 2: its bounce ``offsets`` (of the offset paging /responses
+    does not have) are dropped, so each bounce stream is read again from its mailing's page."""
+    return {**{k: v for k, v in data.items() if k != "offsets"}, "sweeps": {}}
+
+
 class Cursor(StoredCursor):
-    """The pull position of one broadcast: its mailings, the stream being read, the bounce offsets."""
+    """The pull position of one broadcast: its mailings and recipient list, the stream being read,
+    the sweeps of bounce streams too large for one page, the unsubscribe scan."""
+
+    VERSION: ClassVar[int] = 2
+    UPGRADES: ClassVar = {1: _from_version_1}
 
     batch: Count
     mailings: list[Count] | None = None
+    recipient_list: Count | None = None
+    """The batch's ``recipientListId`` (absent from version 1 cursors: read again when needed)."""
     pos: Count
-    offsets: dict[str, Count]
+    sweeps: dict[str, Count]
+    """``<mailingId>:<category>`` → the offset in the recipient list of that stream's sweep in
+    progress (a stream whose mailing page came back full)."""
     unsubscribes: UnsubscribeScan
 
     @classmethod
     def start(cls, batch: int) -> Cursor:
         """The position before the first page of a batch's broadcast."""
-        return cls(batch=batch, pos=0, offsets={}, unsubscribes=UnsubscribeScan(offset=0))
+        return cls(batch=batch, pos=0, sweeps={}, unsubscribes=UnsubscribeScan(offset=0))
 
 
 def _unsubscribe_key(element: Any) -> str:
@@ -715,22 +749,23 @@ class OptimizelyConnector(base.Connector):
         if body.get("status") not in PULLABLE_CAMPAIGN_STATES or not mailings:
             return base.PullPage((), cursor, more=False)
         state.mailings = mailings
+        state.recipient_list = batch.recipient_list_id
         return base.PullPage((), state.dump(), more=True)
 
     async def _bounce_page(
         self, broadcast: SentBroadcast, state: Cursor, mailing: int, category: str
     ) -> tuple[list[ResponseEvent | base.BadRow], bool]:
-        """One page of ``GET /responses``; finished when it is short (or without offset paging)."""
-        opts = self.options
+        """One page of a mailing's bounces of one category, and whether the stream is finished.
+
+        ``GET /responses`` has no ``offset``: the mailing's page (``responses_limit``) is complete
+        when it is short. A full one starts a sweep of the batch's recipient list, whose recipients'
+        bounces are then asked for by ``recipientIds``, one page of the list per call.
+        """
         key = f"{mailing}:{category}"
-        offset = state.offsets.get(key, 0)
-        paging = opts.responses_offset_paging
-        limit = opts.page_size if paging else MAX_LIMIT
+        if key in state.sweeps:
+            return await self._swept_page(broadcast, state, mailing, category)
+        limit = self.options.responses_limit
         params = {"category": category, "mailingId": str(mailing), "limit": str(limit)}
-        if paging:
-            params["offset"] = str(offset)
-        else:
-            offset = 0
         status, body = await self._api.call("GET", "/responses", params=params)
         if status == 404:
             log.warning(
@@ -740,17 +775,88 @@ class OptimizelyConnector(base.Connector):
             return [], True
         elements = _elements(body, "GET /responses")
         name = f"/responses?category={category}&mailingId={mailing}"
-        page = offset // limit
-        items = self._api_items(broadcast, elements, offset, name, page, mailing, BOUNCE_CATEGORIES[category])
-        if not paging:
-            if len(elements) >= limit:
-                log.warning(
-                    "GET /responses came back full without offset paging: bounces may be missing",
-                    extra={"account": self._name, "mailing": mailing, "category": category},
-                )
+        items = self._api_items(broadcast, elements, 0, name, 0, mailing, BOUNCE_CATEGORIES[category])
+        if len(elements) < limit:
             return items, True
-        state.offsets[key] = offset + len(elements)
-        return items, len(elements) < limit
+        state.sweeps[key] = 0  # there may be more than one page holds: read them by recipients
+        return items, False
+
+    async def _swept_page(
+        self, broadcast: SentBroadcast, state: Cursor, mailing: int, category: str
+    ) -> tuple[list[ResponseEvent | base.BadRow], bool]:
+        """The bounces of the recipients on the next page of the batch's recipient list."""
+        key = f"{mailing}:{category}"
+        offset, size = state.sweeps[key], self.options.page_size
+        if state.recipient_list is None:
+            with contextlib.suppress(ListRejectedError):  # the batch is gone: no list to read
+                state.recipient_list = (await self._get_batch(state.batch)).recipient_list_id
+        list_id = state.recipient_list
+        status, body = 404, None
+        if list_id is not None:
+            params = {"offset": str(offset), "limit": str(size)}
+            status, body = await self._api.call("GET", f"/recipients/{list_id}", params=params)
+        if status == 404:
+            log.warning(
+                "the batch's recipient list cannot be read: bounces beyond the mailing's first page "
+                "are not pulled",
+                extra={"account": self._name, "batch": state.batch, "recipient_list": list_id},
+            )
+            del state.sweeps[key]
+            return [], True
+        recipients = _elements(body, f"GET /recipients/{list_id}")
+        ids = [str(r["id"]) for r in recipients if isinstance(r, dict) and _is_id(r.get("id"))]
+        askable = [i for i in ids if _askable(i)]
+        if len(askable) < len(recipients):
+            log.warning(
+                "recipients whose id recipientIds cannot carry (none, a comma, too long): their "
+                "bounces come only from the mailing's first page",
+                extra={
+                    "account": self._name,
+                    "recipient_list": list_id,
+                    "recipients": len(recipients) - len(askable),
+                },
+            )
+        async with asyncio.TaskGroup() as group:
+            asked = [
+                group.create_task(self._bounces_of(mailing, category, ids))
+                for ids in recipient_slices(askable)
+            ]
+        elements = [element for task in asked for element in task.result()]
+        name = f"/responses?category={category}&mailingId={mailing}&recipientIds"
+        page = offset // size + 1
+        items = self._api_items(broadcast, elements, 0, name, page, mailing, BOUNCE_CATEGORIES[category])
+        if len(recipients) < size:
+            del state.sweeps[key]
+            return items, True
+        state.sweeps[key] = offset + len(recipients)
+        return items, False
+
+    async def _bounces_of(self, mailing: int, category: str, ids: list[str]) -> list[Any]:
+        """The mailing's bounces of these recipients; a full answer is asked for again in halves."""
+        limit = self.options.responses_limit
+        params = {
+            "category": category,
+            "mailingId": str(mailing),
+            "recipientIds": ",".join(ids),
+            "limit": str(limit),
+        }
+        status, body = await self._api.call("GET", "/responses", params=params)
+        if status == 404:
+            return []  # none of these recipients is known (any more)
+        elements = _elements(body, "GET /responses")
+        if len(elements) < limit:
+            return elements
+        if len(ids) == 1:
+            log.warning(
+                "a recipient has a full page of bounces of one mailing: later ones are not pulled",
+                extra={"account": self._name, "mailing": mailing, "category": category, "limit": limit},
+            )
+            return elements
+        half = len(ids) // 2
+        return [
+            *await self._bounces_of(mailing, category, ids[:half]),
+            *await self._bounces_of(mailing, category, ids[half:]),
+        ]
 
     async def _unsubscribe_page(
         self, broadcast: SentBroadcast, state: Cursor
@@ -1059,6 +1165,36 @@ def _recipient(element: dict[str, Any]) -> str:
     return str(recipient)
 
 
+def _is_id(value: Any) -> bool:
+    """A recipient id as the API gives one: a non-empty string or an integer."""
+    return isinstance(value, str | int) and not isinstance(value, bool) and value != ""
+
+
+def _encoded_length(recipient: str) -> int:
+    return len(quote(recipient, safe=""))
+
+
+def _askable(recipient: str) -> bool:
+    """Whether ``recipientIds`` can carry the id: no comma (its separator), not over the budget."""
+    return "," not in recipient and _encoded_length(recipient) <= RECIPIENT_IDS_BUDGET
+
+
+def recipient_slices(ids: Iterable[str], budget: int = RECIPIENT_IDS_BUDGET) -> Iterator[list[str]]:
+    """Consecutive groups of recipient ids whose comma-joined ``recipientIds``, every id
+    percent-encoded, stays within ``budget`` characters (an id over it makes a group alone)."""
+    group: list[str] = []
+    length = 0
+    for recipient in ids:
+        size = _encoded_length(recipient) + (1 if group else 0)
+        if group and length + size > budget:
+            yield group
+            group, length, size = [], 0, size - 1
+        group.append(recipient)
+        length += size
+    if group:
+        yield group
+
+
 def _element_extra(element: dict[str, Any]) -> dict[str, str]:
     return {k: str(element[k]) for k in ("mailId", "ruleName", "reason") if element.get(k)}
 
@@ -1079,12 +1215,13 @@ def _batch(body: Any) -> Batch:
         or not isinstance(body.get("tag", ""), str)
     ):
         raise EspUnavailableError(f"an answer that is not a sending batch: {short_json(body)}")
-    campaign = body.get("campaignId")
+    campaign, recipient_list = body.get("campaignId"), body.get("recipientListId")
     return Batch(
         id=body["id"],
         state=body["state"],
         tag=body.get("tag") or "",
         campaign_id=campaign if is_count(campaign) else None,
+        recipient_list_id=recipient_list if is_count(recipient_list) else None,
     )
 
 
@@ -1110,6 +1247,7 @@ def _batch_of(broadcast: SentBroadcast) -> int | None:
 __all__ = [
     "Batch",
     "Chunk",
+    "Cursor",
     "ListFileError",
     "OptimizelyConnector",
     "Options",
@@ -1117,4 +1255,5 @@ __all__ = [
     "decode_tag",
     "encode_tag",
     "list_chunks",
+    "recipient_slices",
 ]

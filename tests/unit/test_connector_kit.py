@@ -458,7 +458,7 @@ def test_an_unreadable_cursor_is_none_and_logged(caplog: pytest.LogCaptureFixtur
         (deployteq.Cursor, '{"v":1,"from":"2026-11-21","to":"2026-12-22","i":2,"offsets":{"sends":5}}'),
         (
             optimizely.Cursor,
-            '{"v":1,"batch":5001,"mailings":[8004],"pos":2,"offsets":{"8004:hardbounce":2},'
+            '{"v":2,"batch":5001,"mailings":[8004],"recipient_list":3001,"pos":2,"sweeps":{"8004:hardbounce":200},'
             '"unsubscribes":{"high_water":"2026-11-22T10:00:00+00:00","high_seen":["K1|8004|x"],'
             '"offset":0,"top":null,"top_seen":[]}}',
         ),

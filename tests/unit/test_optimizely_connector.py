@@ -68,6 +68,7 @@ class FakeOptimizely(FakeEsp):
     campaigns: dict[int, dict[str, Any]] = field(default_factory=dict)
     bounces: list[dict[str, Any]] = field(default_factory=list)
     unsubscribes: list[dict[str, Any]] = field(default_factory=list)
+    recipients: dict[int, list[str]] = field(default_factory=dict)  # list id → recipient ids, id order
     created: int = 0
     faults: list[tuple[int, dict[str, str]]] = field(default_factory=list)  # next answers, in order
     gate: asyncio.Event | None = None  # GET /sending/batches/{id} waits for it when set
@@ -163,18 +164,37 @@ class FakeOptimizely(FakeEsp):
             shown = {k: v for k, v in campaign.items() if k != "total"}  # the report's, not the campaign's
             return web.json_response({"name": "c", "type": "regular", **shown})
         if tail == "responses":
-            if "category" not in query:
-                return error(400, "category is required")
-            rows = [
-                b
-                for b in self.bounces
-                if b["category"] == query["category"] and str(b["mailingId"]) == query.get("mailingId")
-            ]
-            return page(sorted(rows, key=lambda b: (when(b["created"]), b["recipientId"])), query)
+            return self.responses(query)
+        if parts[0] == "recipients" and len(parts) == 2 and method == "GET":
+            listed = self.recipients.get(int(parts[1]))
+            if listed is None:
+                return error(404, "no such recipient list")
+            return page([{"id": r, "created": "2026-11-22T09:00:00.000+01:00"} for r in listed], query)
         if tail == "unsubscribes":
             assert (query.get("sort"), query.get("direction")) == ("created", "DESC")
             return page(sorted(self.unsubscribes, key=lambda u: when(u["created"]), reverse=True), query)
         return error(404, f"no route {method} {tail}")
+
+    def responses(self, query: dict[str, str]) -> web.Response:
+        """``GET /responses`` as documented: no ``offset``; the first ``limit`` (at most 10000)."""
+        unknown = set(query) - {"limit", "recipientIds", "mailingId", "category"}
+        if unknown:
+            return error(400, f"unknown parameters {sorted(unknown)}")
+        limit = int(query.get("limit", "100"))
+        ids = set(query["recipientIds"].split(",")) if "recipientIds" in query else None
+        if limit > 10000 or "category" not in query or (ids is None and "mailingId" not in query):
+            return error(400, "category and mailingId or recipientIds, limit up to 10000")
+        rows = [
+            b
+            for b in self.bounces
+            if b["category"] == query["category"]
+            and str(b["mailingId"]) == query.get("mailingId", str(b["mailingId"]))
+            and (ids is None or b["recipientId"] in ids)
+        ]
+        rows.sort(key=lambda b: (when(b["created"]), b["recipientId"]))
+        return web.json_response(
+            {"elements": rows[:limit], "count": len(rows[:limit]), "offset": 0, "limit": limit}
+        )
 
     async def held(self, batch: dict[str, Any]) -> web.Response:
         async with self.changed:
@@ -691,8 +711,9 @@ async def test_bounces_and_unsubscribes_are_pulled_and_resumed_from_the_cursor(e
     assert events[3].occurred_at == datetime(2026, 11, 22, 10, 0, 12, tzinfo=UTC)  # to the second
     assert events[4].extra == {"reason": "link"}
     responses = [s.query for s in esp.seen if s.path == f"/{CLIENT}/responses"]
-    assert all(q["limit"] == "2" and "offset" in q for q in responses)
-    assert all(int(s.query.get("limit", "0")) < 10000 for s in esp.seen if s.method == "GET")
+    assert all(q["limit"] == "10000" and q["mailingId"] == "8004" and "offset" not in q for q in responses)
+    listed = [s.query for s in esp.seen if s.method == "GET" and s.path != f"/{CLIENT}/responses"]
+    assert all(int(q.get("limit", "0")) < 10000 for q in listed)
 
     esp.bounces.append(bounce("K6", "hardbounce", "2026-11-22T11:05:00+01:00"))
     esp.unsubscribes.append(unsubscribe("K7", "2026-11-22T11:06:00+01:00"))
@@ -702,13 +723,11 @@ async def test_bounces_and_unsubscribes_are_pulled_and_resumed_from_the_cursor(e
     new = {(e.type, e.communication_key) for e in more if isinstance(e, ResponseEvent)}
     new_ids = {e.event_id for e in more if isinstance(e, ResponseEvent)} - old_ids
     assert new >= {(EventType.BOUNCE_HARD, "K6"), (EventType.UNSUBSCRIBE, "K7")}
-    assert len(new_ids) == 2  # anything read again has the same id
-    offsets = [
-        s.query["offset"]
-        for s in esp.seen[seen_before:]
-        if s.path == f"/{CLIENT}/responses" and s.query["category"] == "hardbounce"
+    assert len(new_ids) == 2  # the mailing's page is read again whole: anything read again has the same id
+    assert [s.query["category"] for s in esp.seen[seen_before:] if s.path == f"/{CLIENT}/responses"] == [
+        "hardbounce",
+        "softbounce",
     ]
-    assert offsets[0] == "4"  # resumed where the first round stopped, not from 0
 
     # Nothing new: the newest unsubscribe (read again, since its second may not be over) is not
     # pulled again; one arriving later in that same second is pulled, once.
@@ -716,11 +735,15 @@ async def test_bounces_and_unsubscribes_are_pulled_and_resumed_from_the_cursor(e
     assert [e for e in again if isinstance(e, ResponseEvent) and e.type is EventType.UNSUBSCRIBE] == []
     esp.unsubscribes.append(unsubscribe("K8", "2026-11-22T11:06:00+01:00"))
     late, cursor4, _ = await pull_round(c, b, cursor3)
-    assert [(e.type, e.communication_key) for e in late if isinstance(e, ResponseEvent)] == [
-        (EventType.UNSUBSCRIBE, "K8")
-    ]
+    known = old_ids | new_ids
+    assert [
+        (e.type, e.communication_key)
+        for e in late
+        if isinstance(e, ResponseEvent) and e.event_id not in known
+    ] == [(EventType.UNSUBSCRIBE, "K8")]
     final, _, _ = await pull_round(c, b, cursor4)
-    assert [e for e in final if isinstance(e, ResponseEvent)] == []
+    assert [e for e in final if isinstance(e, ResponseEvent) and e.type is EventType.UNSUBSCRIBE] == []
+    assert {e.event_id for e in final if isinstance(e, ResponseEvent)} <= known, "bounces read again"
 
 
 async def test_another_mailings_newer_unsubscribes_do_not_hide_this_broadcasts_later_ones(
@@ -739,18 +762,6 @@ async def test_another_mailings_newer_unsubscribes_do_not_hide_this_broadcasts_l
     assert [(e.type, e.communication_key) for e in second if isinstance(e, ResponseEvent)] == [
         (EventType.UNSUBSCRIBE, "K1")
     ]
-
-
-async def test_bounces_without_offset_paging_use_one_large_request(esp: FakeOptimizely) -> None:
-    esp.batch("job-1", state="sent", campaign=7002)
-    esp.campaigns[7002]["status"] = "finished"
-    esp.bounces = [bounce("K1", "softbounce", "2026-11-22T11:00:09+01:00")]
-    c = connector(esp, responses_offset_paging=False)
-    items, _, _ = await pull_round(c, broadcast(), None)
-    assert [i.type for i in items if isinstance(i, ResponseEvent)] == [EventType.BOUNCE_SOFT]
-    responses = [s.query for s in esp.seen if s.path == f"/{CLIENT}/responses"]
-    assert responses
-    assert all(q["limit"] == "9999" and "offset" not in q for q in responses)
 
 
 async def test_an_unreadable_cursor_starts_over(esp: FakeOptimizely) -> None:
