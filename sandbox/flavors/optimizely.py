@@ -565,15 +565,31 @@ def _int(text: str | None, name: str, default: int) -> int:
     return int(text)
 
 
-def _page(request: web.Request, elements: list[Any]) -> web.Response:
-    """The page ``offset``/``limit`` (1 to 9999) asks for, in the collection envelope (without
-    ``links``, which the OpenAPI document marks write-only: never in an answer)."""
+@dataclass(frozen=True)
+class Window:
+    """The part of a list that ``offset``/``limit`` (1 to 9999) ask for."""
+
+    offset: int
+    limit: int
+    elements: list[Any]
+
+
+def _window(request: web.Request, elements: list[Any]) -> Window:
     offset = _int(request.query.get("offset"), "offset", 0)
     limit = _int(request.query.get("limit"), "limit", DEFAULT_LIMIT)
     if not 1 <= limit <= MAX_LIMIT:
         raise bad_request(f"limit must be from 1 to {MAX_LIMIT} (less than 10000)")
-    page = elements[offset : offset + limit]
-    return json_response({"elements": page, "count": len(page), "offset": offset, "limit": limit})
+    return Window(offset, limit, elements[offset : offset + limit])
+
+
+def _page(request: web.Request, elements: list[Any]) -> web.Response:
+    """The window asked for in the collection envelope (without ``links``, which the OpenAPI
+    document marks write-only: never in an answer)."""
+    window = _window(request, elements)
+    page = window.elements
+    return json_response(
+        {"elements": page, "count": len(page), "offset": window.offset, "limit": window.limit}
+    )
 
 
 def _path_int(request: web.Request, name: str, what: str) -> int:
@@ -1019,8 +1035,10 @@ async def create_webhook(request: web.Request, store: Store) -> web.Response:
 
 
 async def list_webhooks(request: web.Request, store: Store) -> web.Response:
-    """``GET /webhooks``: ascending ``id``, paged."""
-    return _page(request, [store.data.webhooks[i].public() for i in sorted(store.data.webhooks)])
+    """``GET /webhooks``: ascending ``id``, paged by ``offset``/``limit`` but a plain array, as the
+    OpenAPI document answers it (no collection envelope)."""
+    window = _window(request, [store.data.webhooks[i].public() for i in sorted(store.data.webhooks)])
+    return json_response(window.elements)
 
 
 async def activate_webhook(request: web.Request, store: Store) -> web.Response:

@@ -360,8 +360,8 @@ async def test_basic_auth_client_ids_and_webhook_registration(sandbox: Sandboxes
             assert (status, body["status"]) == (400, 400), bad
         activated = await demo.ok("POST", f"webhooks/{created['id']}/activate")
         assert activated == {**created, "status": "activated"}
-        assert (await demo.ok("GET", "webhooks"))["elements"] == [activated]
-        assert (await other.ok("GET", "webhooks"))["elements"] == []
+        assert await demo.ok("GET", "webhooks") == [activated]
+        assert await other.ok("GET", "webhooks") == []
         status, _, _ = await demo.call("POST", "webhooks/999/activate")
         assert status == 404
 
