@@ -30,7 +30,8 @@ Choices where the page leaves room:
   accepted (the failure list does not name them). Every wrong header name, and every row with the
   wrong field count (at most 100), is a reason line; the other checks stop at the header.
 - A file whose rows are all skipped is ``Done`` with 0 recipients (no events; complete at once).
-- ``filter[metric]`` is required, the date filters are optional (absent = unbounded), ``limit``
+- Without ``filter[metric]`` a call answers every metric's events together, in ``metric_id``
+  order, as Deployteq documents; the date filters are optional (absent = unbounded), ``limit``
   defaults to 100 and ``offset`` to 0; a repeated parameter is a 400. ``_links.current`` and
   ``_links.next`` repeat the given filters with raw brackets; ``next`` is absent on the last page.
 - The token endpoint checks the client (401 ``invalid_client``) before ``grant_type`` (400
@@ -581,6 +582,7 @@ class Deployteq:
         self.counters = Counters()
         self.progress: dict[str, Progress] = {}
         self.metrics: dict[str, list[tuple[str, dict[str, Any]]]] = {m: [] for m in METRIC_NAMES}
+        self.released: list[tuple[str, dict[str, Any]]] = []  # every metric's, in metric_id order
         self.unexported: dict[int, list[ExportRow]] = {}
         self.step_jobs: dict[int, str] = {}
         self.lock = asyncio.Lock()
@@ -963,6 +965,7 @@ class Deployteq:
             raise ValueError(f"step {step.seq} after step {self.seq}")
         for metric, day, item in step.api:
             self.metrics[metric].append((day, item))
+            self.released.append((day, item))
         progress = self.progress.setdefault(step.job, Progress())
         progress.steps, progress.last_seq = step.n, step.seq
         progress.counts.update(step.counts)
@@ -1088,10 +1091,11 @@ class Deployteq:
     # The API
 
     def events_page(
-        self, metric: str, lo: str | None, hi: str | None, offset: int, limit: int
+        self, metric: str | None, lo: str | None, hi: str | None, offset: int, limit: int
     ) -> tuple[int, list[Any]]:
-        """``total_count`` and one page of a metric's events with a local date in ``[lo, hi]``."""
-        items = self.metrics[metric]
+        """``total_count`` and one page of a metric's events (None: every metric's) with a local
+        date in ``[lo, hi]``."""
+        items = self.released if metric is None else self.metrics[metric]
         if lo is None and hi is None:
             return len(items), [item for _, item in items[offset : offset + limit]]
         chosen = [item for day, item in items if (lo is None or day >= lo) and (hi is None or day <= hi)]
@@ -1251,20 +1255,20 @@ def _link(base: str, query: list[tuple[str, str]]) -> str:
 
 @PROBLEMS.guard
 async def events(request: web.Request) -> web.Response:
-    """``GET analytics-events/events``: one metric's events of the account, paged."""
+    """``GET analytics-events/events``: one metric's events of the account (all without a
+    ``filter[metric]``), paged."""
     account = _api_account(request)
     account.check_rate_limit()
     metric = _single(request, "filter[metric]")
     lo, hi = _date(request, "filter[date_from]"), _date(request, "filter[date_to]")
     limit = _count(request, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
     offset = _count(request, "offset", 0, 0, None)
-    if not metric:
-        raise EspError(400, "invalid_parameter", "filter[metric] is required")
-    if metric not in METRIC_NAMES:
+    if metric is not None and metric not in METRIC_NAMES:
         raise EspError(400, "invalid_parameter", f"invalid metric {metric}")
     total, data = deployteq_of(account).events_page(metric, lo, hi, offset, limit)
     query = [(k, v) for k, v in (("filter[date_from]", lo), ("filter[date_to]", hi)) if v is not None]
-    query.append(("filter[metric]", metric))
+    if metric is not None:
+        query.append(("filter[metric]", metric))
     base = str(request.url.with_query(None))
     links: dict[str, str] = {"current": _link(base, [*query, ("limit", str(limit)), ("offset", str(offset))])}
     if offset + len(data) < total:

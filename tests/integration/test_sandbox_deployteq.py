@@ -136,9 +136,11 @@ class Client:
             self.access = None
         raise AssertionError("401 twice")
 
-    async def all_events(self, metric: str, limit: int = 25, **filters: str) -> list[dict[str, Any]]:
-        """Every event of a metric, following ``_links.next`` (sent as given: raw brackets)."""
-        body = await self.events(**{"filter[metric]": metric, "limit": str(limit), "offset": "0"}, **filters)
+    async def all_events(self, metric: str | None, limit: int = 25, **filters: str) -> list[dict[str, Any]]:
+        """Every event of a metric (of every metric with None), following ``_links.next`` as given."""
+        if metric is not None:
+            filters["filter[metric]"] = metric
+        body = await self.events(**{"limit": str(limit), "offset": "0"}, **filters)
         items: list[dict[str, Any]] = []
         total, offset = body["total_count"], 0
         while True:
@@ -151,7 +153,7 @@ class Client:
                 assert offset + len(body["data"]) == total
                 return items
             assert len(body["data"]) == limit
-            assert "filter[metric]=" + metric in next_link
+            assert parse_qs(urlsplit(next_link).query).get("filter[metric]") == ([metric] if metric else None)
             offset += len(body["data"])
             assert offset_of(next_link) == offset
             body = await self.events(URL(next_link, encoded=True))
@@ -410,6 +412,10 @@ async def test_trigger_files_events_and_export_match_the_manifest(sandbox: Sandb
         assert any('"' in url for url in urls)
         counts = api_counts(by_metric, name)
         assert counts["sent"] == 150
+        # Without filter[metric]: every metric's events together, in metric_id order.
+        every = await client.all_events(None, limit=100)
+        by_id = sorted((item for items in by_metric.values() for item in items), key=lambda i: i["metric_id"])
+        assert every == by_id
 
         # Date filters: inclusive local dates of metric_timestamp; brackets percent-encoded here.
         days = sorted(
@@ -446,7 +452,7 @@ async def test_trigger_files_events_and_export_match_the_manifest(sandbox: Sandb
             {"filter[metric]": "sends", "limit": "1001"},
             {"filter[metric]": "sends", "offset": "-1"},
             {"filter[metric]": "sends", "filter[date_from]": "2026-13-01"},
-            {"limit": "10"},
+            {"filter[metric]": ""},
         ]:
             status, body, headers = await client.get(f"{client.api}/events", client.access, **params)
             assert_problem(status, body, headers, 400)
