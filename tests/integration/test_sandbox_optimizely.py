@@ -25,6 +25,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from tests.fixtures.contract import ContractCalls, contract_calls
 from tests.fixtures.sandbox import (
     BUSY_RATES,
     EVENT_TYPES,
@@ -81,10 +82,14 @@ Fact = tuple[str, str, int, str]
 
 
 class Client:
-    """Calls ``/rest/{clientId}/…`` with HTTP Basic, as the doc says."""
+    """Calls ``/rest/{clientId}/…`` with HTTP Basic, as the doc says; every answer it reads is held
+    to Optimizely's OpenAPI document (``contract``, checked at the end of the test)."""
 
-    def __init__(self, esp: SandboxClient, client_id: str = "demo", **auth: str) -> None:
+    def __init__(
+        self, esp: SandboxClient, contract: ContractCalls, client_id: str = "demo", **auth: str
+    ) -> None:
         self.esp = esp
+        self.contract = contract
         self.http = esp.http
         self.client_id = client_id
         self.base = f"{esp.url}/rest/{client_id}"
@@ -96,6 +101,7 @@ class Client:
         all_headers = {"Accept": "application/json", **self.headers, **(headers or {})}
         async with self.http.request(method, f"{self.base}/{path}", headers=all_headers, **kwargs) as resp:
             raw = await resp.read()
+            self.contract.answered(method, str(resp.url), resp.status, resp.headers, raw)
             return resp.status, orjson.loads(raw) if raw else None, dict(resp.headers)
 
     async def ok(self, method: str, path: str, status: int = 200, **kwargs: Any) -> Any:
@@ -314,7 +320,13 @@ async def gather(client: Client, esp: SandboxClient, hooks: Hooks | None, job: s
 # Tests
 
 
-async def test_basic_auth_client_ids_and_webhook_registration(sandbox: Sandboxes, tmp_path: Path) -> None:
+contract = contract_calls()
+"""The answers of each test's clients, checked against the document at its end."""
+
+
+async def test_basic_auth_client_ids_and_webhook_registration(
+    sandbox: Sandboxes, contract: ContractCalls, tmp_path: Path
+) -> None:
     settings = {"accounts": "demo,other", "opt_client_ids": "demo=1000001,other=1000002"}
     with sandbox(FLAVOR, **settings) as esp:
         http = esp.http
@@ -334,11 +346,11 @@ async def test_basic_auth_client_ids_and_webhook_registration(sandbox: Sandboxes
                     assert await resp.json() == {"status": 401, "message": "Unauthorized"}
         # The account name is no client id once mapped; an unknown client id is 403.
         for client_id in ("demo", "1000003"):
-            status, body, _ = await Client(esp, client_id).call("GET", "sending/batches")
+            status, body, _ = await Client(esp, contract, client_id).call("GET", "sending/batches")
             assert status == 403
             assert body["status"] == 403
             assert set(body) == {"status", "message"}
-        demo, other = Client(esp, "1000001"), Client(esp, "1000002")
+        demo, other = Client(esp, contract, "1000001"), Client(esp, contract, "1000002")
         page = await demo.ok("GET", "sending/batches")
         assert (page["elements"], page["count"], page["offset"], page["limit"]) == ([], 0, 0, 100)
         assert await other.stats() == {"sends_created": {}, "batches_created": {}, "rate_limited": 0}
@@ -366,7 +378,7 @@ async def test_basic_auth_client_ids_and_webhook_registration(sandbox: Sandboxes
         assert status == 404
 
 
-async def test_batch_sending_and_every_response_source(sandbox: Sandboxes) -> None:
+async def test_batch_sending_and_every_response_source(sandbox: Sandboxes, contract: ContractCalls) -> None:
     async with Hooks(refuse=frozenset({"open"}), fail_first=True) as hooks:
         settings = {
             **BUSY_RATES,
@@ -380,7 +392,7 @@ async def test_batch_sending_and_every_response_source(sandbox: Sandboxes) -> No
             "opt_malformed_every": "3",
         }
         with sandbox(FLAVOR, **settings) as esp:
-            client, http = Client(esp), esp.http
+            client, http = Client(esp, contract), esp.http
             # Batch creation: multipart only, the fields checked.
             async with http.post(
                 f"{client.base}/sending/batches",
@@ -539,10 +551,10 @@ async def test_batch_sending_and_every_response_source(sandbox: Sandboxes) -> No
     assert any(";" in row["ClickUrl"] for row in found.files.rows)
 
 
-async def test_over_the_limits_answers_429(sandbox: Sandboxes) -> None:
+async def test_over_the_limits_answers_429(sandbox: Sandboxes, contract: ContractCalls) -> None:
     settings = {"opt_max_concurrent": "2", "opt_rate_per_s": "20"}
     with sandbox(FLAVOR, **settings) as esp:
-        client = Client(esp)
+        client = Client(esp, contract)
         status, batch, _ = await client.create_batch("job-l")
         assert status == 201
         # Two PUTs whose bodies are held back stay in flight; one more request is refused.
@@ -590,9 +602,9 @@ async def test_over_the_limits_answers_429(sandbox: Sandboxes) -> None:
         assert all([(await client.call("GET", "_sandbox/stats"))[0] == 200 for _ in range(10)])
 
 
-async def test_injected_503s_come_before_any_side_effect(sandbox: Sandboxes) -> None:
+async def test_injected_503s_come_before_any_side_effect(sandbox: Sandboxes, contract: ContractCalls) -> None:
     with sandbox(FLAVOR, opt_error_rate="0.4") as esp:
-        client = Client(esp)
+        client = Client(esp, contract)
         created: set[str] = set()
         unavailable = 0
         for n in range(30):
@@ -609,7 +621,9 @@ async def test_injected_503s_come_before_any_side_effect(sandbox: Sandboxes) -> 
         assert stats["batches_created"] == dict.fromkeys(created, 1)
 
 
-async def test_a_restart_resumes_the_send_without_sending_twice(sandbox: Sandboxes, tmp_path: Path) -> None:
+async def test_a_restart_resumes_the_send_without_sending_twice(
+    sandbox: Sandboxes, contract: ContractCalls, tmp_path: Path
+) -> None:
     settings = {
         **BUSY_RATES,
         "seed": "7",
@@ -630,14 +644,14 @@ async def test_a_restart_resumes_the_send_without_sending_twice(sandbox: Sandbox
             opt_webhook_url=hooks.url,
             opt_webhook_auth=HOOK_AUTH,
         ) as ref:
-            await start_job(Client(ref), "job-r", 60)
+            await start_job(Client(ref, contract), "job-r", 60)
             expected = await ref.complete_manifest("job-r")
 
     async with Hooks() as hooks:
         hook_settings = {**settings, "opt_webhook_url": hooks.url, "opt_webhook_auth": HOOK_AUTH}
         root = tmp_path / "run" / "sftp"
         with sandbox(FLAVOR, root=root, token=token, **hook_settings, phase_delay_s="1.5") as first:
-            client = Client(first)
+            client = Client(first, contract)
             batch = await start_job(client, "job-r", 60)
 
             async def first_file() -> list[Path] | None:
@@ -657,7 +671,7 @@ async def test_a_restart_resumes_the_send_without_sending_twice(sandbox: Sandbox
         }
 
         with sandbox(FLAVOR, root=root, token=token, **hook_settings) as second:
-            client = Client(second)
+            client = Client(second, contract)
             assert (await client.call("POST", f"sending/batches/{batch['id']}"))[0] == 409
             manifest = await second.complete_manifest("job-r")
             found = await gather(client, second, hooks, "job-r", 8001)
