@@ -3,8 +3,9 @@
 - **CSV trigger.** Every ``IMPORT_DELAY_S`` the sandbox lists ``csv upload/*/Upload/``. A visible
   ``<trigger>+<job_id>.csv`` whose trigger is in ``CAMPAIGNS`` (``*`` = any) moves to ``Active`` at
   once, is read after ``IMPORT_DELAY_S`` (``;``, UTF-8, ``emailAddress``/``externalId``) and moves
-  to ``Done`` (the campaign starts: ``sends_created[job_id]`` = 1) or, with
-  ``Failed/<name>.reason.txt`` written first, to ``Failed``. Other files stay in ``Upload``.
+  to ``Done`` (the campaign starts: ``sends_created[job_id]`` = 1) or to ``Failed``. Like
+  Deployteq, which gives the reason only in its notification e-mail, the sandbox writes no reason
+  file: the reasons are in its log and in the job's manifest. Other files stay in ``Upload``.
 - **Events API** under ``/deployteq/<account>/analytics-events`` with OAuth2 client-credentials
   tokens from ``/deployteq/<account>/oauth2/token`` (Basic ``<account>:<TOKEN>``): the account's
   released events per metric in ``metric_id`` (release) order, paged with ``limit``/``offset`` and
@@ -25,7 +26,7 @@ row is exported twice.
 Choices where the page leaves room:
 
 - A file is taken once per job id: a later file with a job id already taken (same or other trigger
-  or brand) is not started again; it moves to ``Failed`` with a reason naming the first file.
+  or brand) is not started again; it moves to ``Failed``, and a log line names the first file.
 - A file is decoded as strict UTF-8, so a byte order mark fails the header; LF line ends are
   accepted (the failure list does not name them). Every wrong header name, and every row with the
   wrong field count (at most 100), is a reason line; the other checks stop at the header.
@@ -102,7 +103,6 @@ EXPORT_ARCHIVE = "event-export/archive"
 DATA = ".sandbox-deployteq"
 STEPS = f"{DATA}/steps"
 STATE = f"{DATA}/state.json"
-REASON_SUFFIX = ".reason.txt"
 
 BASE = "/deployteq/{account}"
 SCOPE = "analytics.events:read"
@@ -708,13 +708,8 @@ class Deployteq:
             await self.start_send(job)
 
     def _finish_move(self, job: Job) -> None:
-        """Move a read file on to ``Done``, or to ``Failed`` after writing its reason file."""
+        """Move a read file on to ``Done`` or ``Failed`` (no reason file: Deployteq writes none)."""
         if job.state == "failed":
-            if self._find(job, (UPLOAD, ACTIVE)) is not None:
-                failed = self.folder / job.path(FAILED)
-                failed.parent.mkdir(parents=True, exist_ok=True)
-                text = "".join(f"{r}\n" for r in job.reasons)
-                atomic_write_bytes(failed.with_name(failed.name + REASON_SUFFIX), text.encode())
             self._move(job, FAILED, (UPLOAD, ACTIVE))
         elif job.state == "done":
             self._move(job, DONE, (UPLOAD, ACTIVE))
@@ -784,25 +779,24 @@ class Deployteq:
         self.spawn(self.process(job), f"read {name}")
 
     async def refuse_repeat(self, brand: str, name: str, first: Job) -> None:
-        """A file of a job taken before: not started again; to ``Failed`` with the reason."""
+        """A file of a job taken before: not started again; to ``Failed`` (the reason only logged)."""
         folder = self.folder / trigger_folder(brand, FAILED)
-        reason = (
-            f"line 1: job {first.job_id} was triggered already by {first.path(UPLOAD)}; not started again\n"
-        )
 
         def move() -> None:
             folder.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(folder / f"{name}{REASON_SUFFIX}", reason.encode())
             os.replace(self.folder / trigger_folder(brand, UPLOAD) / name, folder / name)
 
         try:
             await asyncio.to_thread(move)
         except FileNotFoundError:
             return
-        log.warning("trigger file of a job taken before; not sent again", extra={"file": name})
+        log.warning(
+            "trigger file of a job taken before; not sent again",
+            extra={"file": name, "job_id": first.job_id, "first_file": first.path(UPLOAD)},
+        )
 
     async def process(self, job: Job) -> None:
-        """Read an ``Active`` file; fail it (reason file first) or start its campaign."""
+        """Read an ``Active`` file; fail it or start its campaign."""
         await asyncio.sleep(self.account.settings.import_delay_s)
         await asyncio.to_thread(self._move, job, ACTIVE, (UPLOAD,))
         source = self._find(job, (ACTIVE,))

@@ -84,6 +84,14 @@ STATE_FILE = ".sandbox-optimizely.json"
 DATA_FOLDER = ".sandbox-optimizely"
 MAX_LIMIT = 9999
 DEFAULT_LIMIT = 100
+MAX_RESPONSES_LIMIT = 10000
+"""``GET /responses`` answers 400 only above this ``limit`` (the list calls: from 10000 on)."""
+RESPONSE_PARAMETERS = frozenset({"category", "mailingId", "recipientIds", "limit"})
+"""The documented parameters of ``GET /responses`` (there is no ``offset``)."""
+RESPONSE_CATEGORIES = ("hardbounce", "softbounce", "autoresponder", "unknown")
+RECIPIENT_SORTS = frozenset({"id"})
+"""The ``sort`` of ``GET /recipients/{listId}`` the sandbox serves (the documented default)."""
+UNSIMULATED_RECIPIENT_PARAMETERS = frozenset({"targetGroup", "attributeNames", "includeOptinData"})
 MAX_BODY = 64 * 1024 * 1024
 WEBHOOK_TIMEOUT_S = 10.0
 WEBHOOK_RETRIES_S = (1, 2, 4, 8, 16)
@@ -387,6 +395,7 @@ class Store:
         self.bucket = TokenBucket(rate, max(1, math.ceil(rate))) if rate else None
         self.faults = random.Random(f"{account.settings.seed}:{account.name}:faults")
         self._http: aiohttp.ClientSession | None = None
+        self._members: dict[int, list[dict[str, Any]]] = {}
 
     def batch_dir(self, batch_id: int) -> Path:
         return self.account.folder / DATA_FOLDER / "batches" / str(batch_id)
@@ -489,10 +498,30 @@ class Store:
     def started_batch(self, campaign: Campaign) -> Batch | None:
         return self.data.batches.get(campaign.started_by) if campaign.started_by is not None else None
 
+    def batch_of_list(self, list_id: int) -> Batch | None:
+        return next((b for b in self.data.batches.values() if b.recipient_list_id == list_id), None)
+
+    async def members(self, batch: Batch) -> list[dict[str, Any]]:
+        """The ``RestRecipient``s of a batch's list in ``id`` order: its merged recipients once it
+        is sent, none before (the import runs at the start)."""
+        if batch.run is None:
+            return []
+        found = self._members.get(batch.id)
+        if found is None:
+            at = rest_time(batch.run.sent_at)
+            ids = await asyncio.to_thread(_member_ids, self.batch_dir(batch.id) / "recipients.jsonl")
+            found = self._members[batch.id] = [{"id": i, "created": at, "modified": at} for i in ids]
+        return found
+
     def send_of(self, batch: Batch) -> SendRecord | None:
         """The engine send of a started batch (None before it is handed over, or for a duplicate)."""
         send_id = batch.run.send_id if batch.run is not None else None
         return self.account.state.sends.get(send_id) if send_id is not None else None
+
+
+def _member_ids(path: Path) -> list[str]:
+    with path.open("rb") as people:
+        return sorted(str(orjson.loads(line)["id"]) for line in people)
 
 
 _STORES: dict[Path, Store] = {}
@@ -974,17 +1003,65 @@ def _released(store: Store, stream: str, mailing_id: int | None) -> list[dict[st
 
 
 async def get_responses(request: web.Request, store: Store) -> web.Response:
-    """``GET /responses?category=hardbounce|softbounce&mailingId=``: ascending ``created``, paged."""
-    category = request.query.get("category")
-    if category not in ("hardbounce", "softbounce"):
-        raise bad_request("category must be hardbounce or softbounce")
-    mailing_text = request.query.get("mailingId")
+    """``GET /responses?category=&mailingId=&recipientIds=&limit=``: the first ``limit`` (100 by
+    default, at most 10000) in ascending ``created``. There is no ``offset``: a parameter the
+    document does not name is 400. ``recipientIds`` is comma-separated (also given repeated)."""
+    query = request.query
+    unknown = sorted(set(query) - RESPONSE_PARAMETERS)
+    if unknown:
+        raise bad_request(
+            f"{', '.join(unknown)}: not a parameter of GET /responses "
+            f"(it takes {', '.join(sorted(RESPONSE_PARAMETERS))})"
+        )
+    category = query.get("category")
+    if category not in RESPONSE_CATEGORIES:
+        raise bad_request(f"category must be one of {', '.join(RESPONSE_CATEGORIES)}")
+    limit = _int(query.get("limit"), "limit", DEFAULT_LIMIT)
+    if not 1 <= limit <= MAX_RESPONSES_LIMIT:
+        raise bad_request(f"limit must be from 1 to {MAX_RESPONSES_LIMIT}")
+    wanted = {r for value in query.getall("recipientIds", []) for r in value.split(",") if r}
+    mailing_text = query.get("mailingId")
+    if not mailing_text and not wanted:
+        raise bad_request("category and mailingId or recipientIds are required")
     mailing_id: int | None = None
+    campaigns = list(store.data.campaigns.values())
     if mailing_text:
         mailing_id = _int(mailing_text, "mailingId", 0)
-        if store.campaign_of_mailing(mailing_id) is None:
+        campaign = store.campaign_of_mailing(mailing_id)
+        if campaign is None:
             raise not_found(f"no mailing {mailing_id}")
-    return _page(request, _released(store, category, mailing_id))
+        campaigns = [campaign]
+    if wanted:
+        known: set[str] = set()
+        for campaign in campaigns:
+            batch = store.started_batch(campaign)
+            known.update(r["id"] for r in (await store.members(batch) if batch is not None else ()))
+        wanted &= known
+        if not wanted:
+            raise not_found("none of the recipientIds was found")
+    elements = _released(store, category, mailing_id) if category in CATEGORY.values() else []
+    if wanted:
+        elements = [e for e in elements if e["recipientId"] in wanted]
+    page = elements[:limit]
+    return json_response({"elements": page, "count": len(page), "offset": 0, "limit": limit})
+
+
+async def get_recipients(request: web.Request, store: Store) -> web.Response:
+    """``GET /recipients/{listId}?offset=&limit=&sort=id&direction=``: a batch's list, its
+    recipients by ``id`` (``RestRecipient``); an unknown list is 404."""
+    list_id = _path_int(request, "listId", "recipient list")
+    batch = found(store.batch_of_list(list_id), f"no recipient list {list_id}")
+    query = request.query
+    unsimulated = sorted(UNSIMULATED_RECIPIENT_PARAMETERS & set(query))
+    if unsimulated:
+        raise bad_request(f"the sandbox does not simulate {', '.join(unsimulated)}")
+    if query.get("sort", "id") not in RECIPIENT_SORTS:
+        raise bad_request("sort must be id")
+    direction = query.get("direction", "ASC")
+    if direction not in ("ASC", "DESC"):
+        raise bad_request("direction must be ASC or DESC")
+    members = await store.members(batch)
+    return _page(request, members[::-1] if direction == "DESC" else members)
 
 
 async def get_unsubscribes(request: web.Request, store: Store) -> web.Response:
@@ -1081,6 +1158,7 @@ ROUTES = (
     web.get(f"{BASE}/smartcampaigns/{{campaignId}}", endpoint(get_campaign)),
     web.get(f"{BASE}/smartcampaigns/{{campaignId}}/report", endpoint(campaign_report)),
     web.get(f"{BASE}/responses", endpoint(get_responses)),
+    web.get(f"{BASE}/recipients/{{listId}}", endpoint(get_recipients)),
     web.get(f"{BASE}/unsubscribes", endpoint(get_unsubscribes)),
     web.get(f"{BASE}/webhooks", endpoint(list_webhooks)),
     web.post(f"{BASE}/webhooks", endpoint(create_webhook)),

@@ -1,6 +1,7 @@
 """The sandbox ESP's ``optimizely`` flavor as a client sees it (docs/connectors/optimizely.md).
 
 REST under ``/rest/{clientId}`` with HTTP Basic, batch sending, campaign status and report, bounces
+asked for by mailing and recipients (``/responses`` has no ``offset``), the batch's recipient list
 and unsubscribes paged by ``offset``/``limit``, ``Response_*.csv`` files on the SFTP site and
 webhook calls to a receiver running in the test. The sandbox runs as a real process; the tests
 speak HTTP to it and read its files, and use no espbridge code.
@@ -297,7 +298,9 @@ async def gather(client: Client, esp: SandboxClient, hooks: Hooks | None, job: s
     files = read_files(esp, manifest["files"], job)
     bounces = []
     for category in ("hardbounce", "softbounce"):
-        elements = await client.collect("responses", 7, category=category, mailingId=str(mailing))
+        query = {"category": category, "mailingId": str(mailing), "limit": "10000"}
+        elements = (await client.ok("GET", "responses", params=query))["elements"]
+        assert len(elements) < 10000, "one page holds them all"
         created = [datetime.fromisoformat(e["created"]) for e in elements]
         assert created == sorted(created), "bounces not in ascending created order"
         assert all(e["category"] == category and e["mailingId"] == mailing for e in elements)
@@ -487,18 +490,13 @@ async def test_batch_sending_and_every_response_source(sandbox: Sandboxes, contr
             # Paging rules.
             for path, params in [
                 ("sending/batches", {}),
-                ("responses", {"category": "hardbounce"}),
+                ("recipients/3001", {}),
                 ("unsubscribes", {}),
                 ("webhooks", {}),
             ]:
                 status, body, _ = await client.call("GET", path, params={**params, "limit": "10000"})
                 assert (status, body["status"]) == (400, 400), path
                 assert (await client.call("GET", path, params={**params, "limit": "9999"}))[0] == 200
-            assert (await client.call("GET", "responses", params={"mailingId": str(mailing)}))[0] == 400
-            status, _, _ = await client.call(
-                "GET", "responses", params={"category": "softbounce", "mailingId": "8999"}
-            )
-            assert status == 404
             listed = await client.collect("sending/batches", 1)
             assert [b["id"] for b in listed] == [5001, 5002]
             assert await client.stats() == {
@@ -549,6 +547,66 @@ async def test_batch_sending_and_every_response_source(sandbox: Sandboxes, contr
     assert kinds[:3] == ["Forward", "date-or-type", "field count"]
     # The URL with a ";" came through the quoting.
     assert any(";" in row["ClickUrl"] for row in found.files.rows)
+
+
+async def test_bounces_are_asked_for_by_mailing_and_recipients_as_documented(
+    sandbox: Sandboxes, contract: ContractCalls
+) -> None:
+    settings = {**BUSY_RATES, "import_delay_s": "0.1", "phase_delay_s": "0.05", "opt_source_weights": "api=1"}
+    with sandbox(FLAVOR, **settings) as esp:
+        client = Client(esp, contract)
+        status, batch, _ = await client.create_batch("job-p")
+        assert status == 201
+        listed_at = f"recipients/{batch['recipientListId']}"
+        assert (await client.ok("GET", listed_at))["elements"] == [], "imported only when the batch starts"
+        for n, start in enumerate((0, 30), 1):
+            await client.put(batch["id"], f"c{n:06d}", people(range(start, start + 30), "job-p"))
+        assert await client.ok("POST", f"sending/batches/{batch['id']}", 202) is None
+        manifest = await esp.complete_manifest("job-p")
+        mailing = manifest["mailing_id"]
+
+        # The batch's list: its recipients by id, paged by offset and limit, in either direction.
+        listed = await client.collect(listed_at, 7)
+        ids = [r["id"] for r in listed]
+        assert ids == sorted(f"K{i}" for i in range(60))
+        assert all(REST_TIME_RE.fullmatch(r["created"]) for r in listed)
+        newest = await client.ok("GET", listed_at, params={"direction": "DESC", "limit": "3"})
+        assert [r["id"] for r in newest["elements"]] == ids[::-1][:3]
+        for bad in ({"sort": "email"}, {"attributeNames": "email"}, {"limit": "0"}):
+            assert (await client.call("GET", listed_at, params=bad))[0] == 400, bad
+        assert (await client.call("GET", "recipients/3999"))[0] == 404
+
+        # /responses: a mailing's first `limit` (100 unless given) in ascending created.
+        by_mailing = {"category": "hardbounce", "mailingId": str(mailing)}
+        every = (await client.ok("GET", "responses", params={**by_mailing, "limit": "10000"}))["elements"]
+        assert len(every) == manifest["counts"]["bounce_hard"] > 2
+        first = await client.ok("GET", "responses", params={**by_mailing, "limit": "2"})
+        assert (first["elements"], first["count"], first["limit"]) == (every[:2], 2, 2)
+        assert (await client.ok("GET", "responses", params=by_mailing))["limit"] == 100
+        # Narrowed by recipientIds (comma-separated), with the mailing or without.
+        wanted = {every[0]["recipientId"], every[-1]["recipientId"]}
+        for params in (
+            {**by_mailing, "recipientIds": ",".join([*sorted(wanted), "nobody"])},
+            {"category": "hardbounce", "recipientIds": ",".join(sorted(wanted))},
+        ):
+            narrowed = await client.ok("GET", "responses", params=params)
+            assert {e["recipientId"] for e in narrowed["elements"]} == wanted, params
+        assert (await client.call("GET", "responses", params={**by_mailing, "recipientIds": "x,y"}))[0] == 404
+        assert (await client.call("GET", "responses", params={**by_mailing, "mailingId": "8999"}))[0] == 404
+        autoresponses = await client.ok(
+            "GET", "responses", params={**by_mailing, "category": "autoresponder"}
+        )
+        assert autoresponses["elements"] == []
+        # Refused: an offset (no such parameter), a limit over 10000, neither mailing nor recipients.
+        for params, says in [
+            ({**by_mailing, "offset": "0"}, "offset"),
+            ({**by_mailing, "limit": "10001"}, "limit"),
+            ({"category": "hardbounce"}, "mailingId or recipientIds"),
+            ({**by_mailing, "category": "bounce"}, "category"),
+        ]:
+            status, body, _ = await client.call("GET", "responses", params=params)
+            assert (status, body["status"]) == (400, 400), params
+            assert says in body["message"], body
 
 
 async def test_over_the_limits_answers_429(sandbox: Sandboxes, contract: ContractCalls) -> None:
