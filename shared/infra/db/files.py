@@ -8,8 +8,15 @@ gatherer took it), ``archived`` (its events are published and it is in the ESP's
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from shared.infra.db.core import Conn
 from shared.model.messages import ResponseFile
+
+
+def _key(file: ResponseFile) -> tuple[str, str, str, int, datetime]:
+    """The ledger's unique key of a file, the first five parameters of each statement."""
+    return file.esp, file.account, file.path, file.size, file.mtime
 
 
 async def record_found(conn: Conn, file: ResponseFile, republish_after_s: float) -> bool:
@@ -25,11 +32,7 @@ async def record_found(conn: Conn, file: ResponseFile, republish_after_s: float)
               AND gathered_files.found_at < now() - make_interval(secs => $6)
         RETURNING true
         """,
-        file.esp,
-        file.account,
-        file.path,
-        file.size,
-        file.mtime,
+        *_key(file),
         republish_after_s,
     )
     return bool(announce)
@@ -46,11 +49,7 @@ async def record_unread(conn: Conn, file: ResponseFile, reason: str) -> bool:
         ON CONFLICT (esp, account, path, size, mtime) DO NOTHING
         RETURNING true
         """,
-        file.esp,
-        file.account,
-        file.path,
-        file.size,
-        file.mtime,
+        *_key(file),
         reason,
     )
     return bool(first)
@@ -69,11 +68,7 @@ async def take(conn: Conn, file: ResponseFile) -> bool:
             started_at = now()
         RETURNING state
         """,
-        file.esp,
-        file.account,
-        file.path,
-        file.size,
-        file.mtime,
+        *_key(file),
     )
     return str(state) != "archived"
 
@@ -90,11 +85,7 @@ async def archived(
             events = coalesce($7, events), bad_rows = coalesce($8, bad_rows), error = NULL
         WHERE esp = $1 AND account = $2 AND path = $3 AND size = $4 AND mtime = $5
         """,
-        file.esp,
-        file.account,
-        file.path,
-        file.size,
-        file.mtime,
+        *_key(file),
         archive,
         events,
         bad_rows,
