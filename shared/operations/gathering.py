@@ -5,6 +5,9 @@
   in one transaction that commits after Kafka acknowledged the messages.
   The ledger's unique key makes concurrent scans publish each file once; a file recorded but not
   taken after ``republish_after_s`` is published again (its first message may have been lost).
+  A hidden file there (a leading ``.`` or a ``.partial`` ending) is an upload in progress while
+  young, and reported once when old; espbridge's own partial uploads that old are removed from
+  the accounts' list folders.
 * :func:`pull_api` asks each API-capable account for the responses of its recently sent
   broadcasts, page by page from a stored cursor (control.api_cursors), publishing the events
   before it stores the next cursor; an advisory lock keeps two gatherers off the same broadcast.
