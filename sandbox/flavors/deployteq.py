@@ -34,7 +34,8 @@ Choices where the page leaves room:
 - Without ``filter[metric]`` a call answers every metric's events together, in ``metric_id``
   order, as Deployteq documents; the date filters are optional (absent = unbounded), ``limit``
   defaults to 100 and ``offset`` to 0; a repeated parameter is a 400. ``_links.current`` and
-  ``_links.next`` repeat the given filters with raw brackets; ``next`` is absent on the last page.
+  ``_links.next`` repeat the given filters with their brackets percent-encoded
+  (``filter%5Bmetric%5D``), as Deployteq's do; ``next`` is absent on the last page.
 - The token endpoint checks the client (401 ``invalid_client``) before ``grant_type`` (400
   ``invalid_request`` when missing, ``unsupported_grant_type`` otherwise) and ``scope`` (optional;
   400 ``invalid_scope`` unless it is ``analytics.events:read``); the client id and secret are
@@ -1244,7 +1245,8 @@ def _count(request: web.Request, name: str, default: int, low: int, high: int | 
 
 
 def _link(base: str, query: list[tuple[str, str]]) -> str:
-    return base + "?" + "&".join(f"{k}={quote(v, safe='-_.:')}" for k, v in query)
+    """A link as Deployteq writes one: names and values percent-encoded (``filter%5Bmetric%5D``)."""
+    return base + "?" + "&".join(f"{quote(k, safe='')}={quote(v, safe='-_.:')}" for k, v in query)
 
 
 @PROBLEMS.guard

@@ -137,7 +137,8 @@ class Client:
         raise AssertionError("401 twice")
 
     async def all_events(self, metric: str | None, limit: int = 25, **filters: str) -> list[dict[str, Any]]:
-        """Every event of a metric (of every metric with None), following ``_links.next`` as given."""
+        """Every event of a metric (of every metric with None), following ``_links.next`` as given
+        (its brackets percent-encoded, as Deployteq's)."""
         if metric is not None:
             filters["filter[metric]"] = metric
         body = await self.events(**{"limit": str(limit), "offset": "0"}, **filters)
@@ -153,6 +154,7 @@ class Client:
                 assert offset + len(body["data"]) == total
                 return items
             assert len(body["data"]) == limit
+            assert "[" not in next_link  # percent-encoded (parse_qs below decodes them)
             assert parse_qs(urlsplit(next_link).query).get("filter[metric]") == ([metric] if metric else None)
             offset += len(body["data"])
             assert offset_of(next_link) == offset
@@ -418,7 +420,8 @@ async def test_trigger_files_events_and_export_match_the_manifest(sandbox: Sandb
         by_id = sorted((item for items in by_metric.values() for item in items), key=lambda i: i["metric_id"])
         assert every == by_id
 
-        # Date filters: inclusive local dates of metric_timestamp; brackets percent-encoded here.
+        # Date filters: inclusive local dates of metric_timestamp; brackets percent-encoded in the
+        # request here and in the links.
         days = sorted(
             {
                 datetime.fromisoformat(i["metric_timestamp"]).astimezone(AMSTERDAM).date().isoformat()
@@ -434,7 +437,7 @@ async def test_trigger_files_events_and_export_match_the_manifest(sandbox: Sandb
             }
         )
         assert page["total_count"] == len(by_metric["opens"])
-        assert "filter[date_from]=" + days[0] in page["_links"]["current"]
+        assert "filter%5Bdate_from%5D=" + days[0] in page["_links"]["current"]
         page = await client.events(
             **{"filter[metric]": "opens", "filter[date_from]": days[-1], "filter[date_to]": days[-1]}
         )

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
+from urllib.parse import unquote
 from zoneinfo import ZoneInfo
 
 import aiohttp
@@ -382,6 +383,8 @@ class FakeDeployteq(FakeEsp):
     unauthorized: int = 0
     rate_limited: int = 0
     refuse_all: bool = False
+    raw_links: bool = False  # links with raw brackets, where Deployteq percent-encodes them
+    next_links: list[str] = field(default_factory=list)  # every _links.next answered
 
     def application(self) -> web.Application:
         return _app(self)
@@ -457,9 +460,13 @@ def _app(fake: FakeDeployteq) -> web.Application:
         )
         matching = [e for e in fake.events[metric] if start <= local_date(e, start) <= end]
         data = matching[offset : offset + limit]
-        links: dict[str, Any] = {"current": str(request.url)}
+        links: dict[str, Any] = {"current": str(request.url)}  # yarl percent-encodes like Deployteq
         if offset + len(data) < len(matching):
             links["next"] = str(request.url.update_query(offset=str(offset + len(data))))
+        if fake.raw_links:
+            links = {k: unquote(v) for k, v in links.items()}
+        if "next" in links:
+            fake.next_links.append(links["next"])
         return web.json_response(
             {"total_count": len(matching), "_links": links, "data": data}, content_type="application/hal+json"
         )
@@ -662,6 +669,27 @@ async def test_events_are_paged_through_links_next_and_resume_from_the_cursor(es
     assert [e.communication_key for e in events_of(again)] == ["C-000006", "C-000012"]
     # the same event read twice keeps its id
     assert events[0].event_id == event_id_for("deployteq", esp_event_id=ev(1)["uuid"])
+
+
+@pytest.mark.parametrize("raw", [False, True], ids=["percent-encoded", "raw"])
+async def test_links_next_is_read_with_its_brackets_percent_encoded_or_raw(
+    esp: FakeDeployteq, raw: bool
+) -> None:
+    esp.raw_links = raw
+    esp.events = {m: [] for m in METRICS}
+    esp.events["sends"] = [ev(n) for n in range(1, 6)]
+    c = api(esp, page_limit=2, api_metrics={"sends": "sent"})
+    first = await c.pull_responses(BROADCAST, None)
+    assert first.more
+    assert orjson.loads(first.cursor or "")["offsets"] == {"sends": 2}
+    items, _ = await pull_round(c, first.cursor)
+    assert esp.offsets() == [("sends", 0), ("sends", 2), ("sends", 4)]
+    assert [e.communication_key for e in events_of([*first.items, *items])] == [
+        f"C-{n:06d}" for n in range(1, 6)
+    ]
+    brackets = "filter[metric]=sends" if raw else "filter%5Bmetric%5D=sends"
+    assert len(esp.next_links) == 2
+    assert all(brackets in link for link in esp.next_links), esp.next_links
 
 
 async def test_items_map_to_types_and_bad_items_become_bad_rows(esp: FakeDeployteq) -> None:
