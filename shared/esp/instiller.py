@@ -223,6 +223,21 @@ class InstillerRefusedError(EspRequestError):
         return cls(where, status, "", text)
 
 
+class ExportTypesRefusedError(EspRequestError):
+    """Required export types the ESP answered ``invalid_export_type`` in a round of pulls; the
+    round's other types were read."""
+
+    def __init__(self, account: str, refused: Mapping[str, str]) -> None:
+        answers = "; ".join(refused.values())
+        super().__init__(
+            f"Instiller does not know the export types {', '.join(refused)} of account {account} "
+            f"({answers}): their rows are not pulled, the other types are. Name the types this "
+            "account knows in options.export_types (with export_type_map and date_columns), or "
+            "list them in optional_export_types"
+        )
+        self.export_types = tuple(refused)
+
+
 class InstillerConnector(base.Connector):
     """Connector for Instiller (REST with ``api_id``/``api_key`` parameters, SFTP list files)."""
 
@@ -261,6 +276,10 @@ class InstillerConnector(base.Connector):
         self._id_key = opts.id_column
         self._columns = dict(opts.columns)
         self._missing_types: set[str] = set()  # optional export types the ESP does not know
+        # Required export types the ESP refused in a broadcast's round (type → the ESP's answer),
+        # and the error that reports them at the call after the round's last page.
+        self._refused: dict[str, dict[str, str]] = {}
+        self._reports: dict[str, ExportTypesRefusedError] = {}
         self.list_format = opts.list_format(drop_folder=opts.upload_folder)
 
     async def _call(self, method: str, role: str, params: dict[str, str]) -> Any:
@@ -390,26 +409,36 @@ class InstillerConnector(base.Connector):
         """One GET emails/export_responses page: export type ``next`` from its stored offset.
 
         When a type is exhausted the cursor moves to the next type (``more``), and after the last
-        type it wraps to the first with ``more = False``: one round visits every type.
+        type it wraps to the first with ``more = False``: one round visits every type. A type the
+        ESP refuses (``invalid_export_type``) is read as empty: an optional one from then on, a
+        required one for this round, whose end then fails with :class:`ExportTypesRefusedError`.
         """
+        job_id = broadcast.job_id
+        refused_last_round = self._reports.pop(job_id, None)
+        if refused_last_round is not None:
+            raise refused_last_round
         opts, p = self.options, self.options.params
         types = opts.export_types
         stored = self._read_cursor(cursor)
         current, offsets = stored.next, stored.offsets
         index = types.index(current)
 
-        def advance() -> tuple[str, bool]:
-            """The type after ``current``, and whether the round goes on (False when it wraps)."""
-            following = index + 1
-            return (types[following], True) if following < len(types) else (types[0], False)
+        def done(items: tuple[ResponseEvent | base.BadRow, ...], read: dict[str, int]) -> base.PullPage:
+            """The page after which ``current`` is exhausted: on to the following type, or the wrap."""
+            if index + 1 < len(types):
+                return base.PullPage(items, Cursor(next=types[index + 1], offsets=read).dump(), more=True)
+            refused = self._refused.pop(job_id, None)
+            if refused:  # one more call reports them, after this page's cursor is stored
+                self._reports[job_id] = ExportTypesRefusedError(self._name, refused)
+            return base.PullPage(items, Cursor(next=types[0], offsets=read).dump(), more=bool(refused))
 
         while current in self._missing_types:  # optional types the ESP does not know: treated as empty
             if index + 1 >= len(types):
-                return base.PullPage((), Cursor(next=types[0], offsets=offsets).dump(), more=False)
+                return done((), offsets)
             index += 1
             current = types[index]
         offset = offsets.get(current, 0)
-        list_id = self._list_id(broadcast.job_id)
+        list_id = self._list_id(job_id)
         query = {
             p["list"]: list_id,
             p["export_type"]: current,
@@ -419,20 +448,17 @@ class InstillerConnector(base.Connector):
         try:
             body = await self._call("GET", "export", query)
         except InstillerRefusedError as exc:
-            if (
-                exc.status == 400
-                and exc.error == "invalid_export_type"
-                and current in opts.optional_export_types
-            ):
-                if current not in self._missing_types:
-                    self._missing_types.add(current)
-                    log.warning(
-                        "Instiller does not know an optional export type: treated as empty",
-                        extra={"account": self._name, "export_type": current},
-                    )
-                following, more = advance()
-                return base.PullPage((), Cursor(next=following, offsets=offsets).dump(), more=more)
-            raise
+            if exc.status != 400 or exc.error != "invalid_export_type":
+                raise
+            if current not in opts.optional_export_types:
+                self._refused.setdefault(job_id, {})[current] = str(exc)
+            elif current not in self._missing_types:
+                self._missing_types.add(current)
+                log.warning(
+                    "Instiller does not know an optional export type: treated as empty",
+                    extra={"account": self._name, "export_type": current},
+                )
+            return done((), offsets)
         found, total = self._envelope(body, current, list_id, offset)
         events = rows.item_events(
             found,
@@ -444,8 +470,7 @@ class InstillerConnector(base.Connector):
         offsets = {**offsets, current: offset + len(found)}
         if found and offset + len(found) < total:
             return base.PullPage(items, Cursor(next=current, offsets=offsets).dump(), more=True)
-        following, more = advance()
-        return base.PullPage(items, Cursor(next=following, offsets=offsets).dump(), more=more)
+        return done(items, offsets)
 
     def _envelope(self, body: Any, export_type: str, list_id: str, offset: int) -> tuple[list[Any], int]:
         """The rows and total of an export answer; anything else fails the call (cursor kept)."""

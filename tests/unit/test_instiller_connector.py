@@ -39,6 +39,7 @@ DATE_COLUMNS = {
     "open": "OpenDate",
     "clicks_info": "ClickDate",
     "complaints": "ComplaintDate",
+    "unsubscribes": "UnsubscribeDate",
 }
 
 
@@ -638,13 +639,60 @@ async def test_a_body_that_is_not_the_envelope_fails_the_call_and_keeps_the_curs
     assert [i.communication_key for i in second.items if isinstance(i, ResponseEvent)] == ["ck3"]
 
 
-async def test_an_unknown_export_type_that_is_not_optional_is_permanent(esp: FakeInstiller) -> None:
-    esp.exports = {"open": []}
-    c = connector(
-        esp,
-        export_types=["open", "returned"],
-        export_type_map={"returned": "bounce_soft"},
-    )
-    page = await c.pull_responses(BROADCAST, None)
-    with pytest.raises(EspRequestError, match="invalid_export_type"):
-        await c.pull_responses(BROADCAST, page.cursor)
+async def refused_round(
+    c: InstillerConnector, cursor: str | None
+) -> tuple[list[ResponseEvent], str, EspRequestError]:
+    """Pages until the round fails on a refused export type, as the gatherer makes them: the
+    events, the cursor stored last, and the error."""
+    events: list[ResponseEvent] = []
+    for _ in range(100):
+        try:
+            page = await c.pull_responses(BROADCAST, cursor)
+        except EspRequestError as exc:
+            return events, str(cursor), exc
+        events += [i for i in page.items if isinstance(i, ResponseEvent)]
+        cursor = page.cursor
+        assert page.more, "the round ended without reporting the refused type"
+    raise AssertionError("the round never ended")
+
+
+async def test_a_refused_required_export_type_fails_each_round_after_the_other_types_are_read(
+    esp: FakeInstiller,
+) -> None:
+    # The account knows no "open" (Apteco's page names the type "oprn"): no "open" in the fake.
+    esp.exports = {t: [row(t, 1)] for t in EXPORT_TYPES if t != "open"}
+    esp.exports["clicks_info"] = [row("clicks_info", 1, ClickUrl="https://e.com")]
+    c = connector(esp)
+    events, cursor, refusal = await refused_round(c, None)
+    assert isinstance(refusal, PermanentError), "the operator must act: the gather stage fails"
+    error = str(refusal)
+    assert [s.query["export_type"] for s in esp.seen] == list(EXPORT_TYPES)
+    assert [e.type for e in events] == [
+        EventType.SENT,
+        EventType.DELIVERED,
+        EventType.BOUNCE_HARD,
+        EventType.BOUNCE_SOFT,
+        EventType.CLICK,
+        EventType.COMPLAINT,
+        EventType.UNSUBSCRIBE,
+    ]
+    assert "export types open of account instiller/acme" in error
+    assert "invalid_export_type" in error
+    assert "options.export_types" in error
+    assert orjson.loads(cursor)["next"] == "output", "the next round starts afresh"
+
+    # Each round reads what is new of the other types, asks for "open" again, and fails alike.
+    esp.exports["clicks_info"].append(row("clicks_info", 2, ClickUrl="https://e.com/2"))
+    esp.seen.clear()
+    restarted = connector(esp)
+    events, cursor, again = await refused_round(restarted, cursor)
+    assert [e.url for e in events] == ["https://e.com/2"]
+    assert "open" in [s.query["export_type"] for s in esp.seen]
+    assert str(again) == error, "the same words, so the gatherer reports a lasting refusal once"
+
+    # Once the account knows the type, its rows are read from the start and the round ends well.
+    esp.exports["open"] = [row("open", 1)]
+    items, _ = await pull_round(restarted, cursor)
+    assert [(e.type, e.communication_key) for e in items if isinstance(e, ResponseEvent)] == [
+        (EventType.OPEN, "ck1")
+    ]
