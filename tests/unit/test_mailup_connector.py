@@ -36,6 +36,7 @@ from shared.infra.sftp import SftpPool
 from shared.model.errors import ConfigurationError, PermanentError
 from shared.model.messages import BroadcastJob, EventType, ResponseEvent, event_id_for
 from tests.fixtures.fake_esp import OFFLINE, FakeEsp, Seen, pulled, served
+from tests.fixtures.servers import ROOT
 from tests.unit.test_messages import job as base_job
 
 CONSOLE = "/API/v1.1/Rest/ConsoleService.svc"
@@ -989,6 +990,12 @@ def test_the_unsubscribe_webhook_yields_the_apis_event() -> None:
     assert _hook(mailup, EventType="Subscribe") == []
     assert _hook(mailup, IdNL="0") == []
     assert _hook(mailup, IdNL="") == []
+
+
+def test_the_page_gives_the_webhook_parameters_the_connector_reads() -> None:
+    page = (ROOT / "docs" / "connectors" / "mailup.md").read_text(encoding="utf-8")
+    configured = "&".join(f"{name}={value}" for name, value in offline().options.webhook_parameters())
+    assert f"`{configured}`" in page
 
 
 def test_the_webhook_reads_the_parameter_names_the_account_gave() -> None:
