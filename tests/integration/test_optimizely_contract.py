@@ -9,10 +9,12 @@ operation the connector calls is checked at least once.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from uuid import UUID
 
+import pytest
 from pydantic import SecretStr
 
 from shared.esp import AccountConfig, ConnectorContext, ImportState, SendState, SentBroadcast
@@ -37,6 +39,7 @@ CONNECTOR_OPERATIONS = {
     "GET /{clientId}/smartcampaigns/{campaignId}",
     "GET /{clientId}/smartcampaigns/{campaignId}/report",
     "GET /{clientId}/responses",
+    "GET /{clientId}/recipients/{recipientListId}",
     "GET /{clientId}/unsubscribes",
 }
 """The operations the connector calls in a broadcast's life, each to be checked at least once."""
@@ -55,14 +58,21 @@ def list_file(job_id: str) -> bytes:
     return ("\n".join(rows) + "\n").encode()
 
 
+@pytest.fixture
+async def pool(servers: Servers) -> AsyncIterator[SftpPool]:
+    """The SFTP pool the connector reads the list back through."""
+    opened = SftpPool(servers.sftp)
+    yield opened
+    await opened.close()
+
+
 async def test_a_broadcast_through_the_connector_keeps_to_the_openapi_document(
-    sandbox: Sandboxes, servers: Servers, sftp_folder: tuple[str, Path]
+    sandbox: Sandboxes, pool: SftpPool, sftp_folder: tuple[str, Path]
 ) -> None:
     settings = {**BUSY_RATES, "opt_client_ids": f"demo={CLIENT}", "opt_source_weights": "file=1,api=3"}
     remote, local = sftp_folder
     broadcast_job = job(job_id="contract-1", esp="optimizely", message="7000")
     (local / "contract-1.csv").write_bytes(list_file(broadcast_job.job_id))
-    pool = SftpPool(servers.sftp)
     with sandbox("optimizely", **settings) as esp:
         async with ContractProxy(f"{esp.url}/rest") as proxy:
             account = AccountConfig(
@@ -73,7 +83,7 @@ async def test_a_broadcast_through_the_connector_keeps_to_the_openapi_document(
                 client_id=CLIENT,
                 username=OPTIMIZELY_USER,
                 password=SecretStr(esp.token),
-                options={"page_size": 4, "chunk_size": 25},
+                options={"page_size": 10, "responses_limit": 3, "chunk_size": 25},
             )
             connector = OptimizelyConnector(account, ConnectorContext(esp.http, pool))
             requested = datetime.now(UTC) - timedelta(seconds=1)
@@ -100,15 +110,16 @@ async def test_a_broadcast_through_the_connector_keeps_to_the_openapi_document(
                 API_TYPES[kind]: n for kind, n in manifest["by_source"]["api"].items() if kind in API_TYPES
             }
             events: dict[UUID, ResponseEvent] = {}
+            cursors: list[str | None] = [None]
 
             async def all_pulled() -> bool:
-                pulls = await pulled(connector, broadcast, None)
+                pulls = await pulled(connector, broadcast, cursors[-1])  # a round, as the gatherer makes it
+                cursors.append(pulls.cursors[-1])
                 events.update({e.event_id: e for e in pulls.items if isinstance(e, ResponseEvent)})
                 by_type = {t: sum(e.type is t for e in events.values()) for t in api_made}
                 return by_type == api_made
 
             await wait_for(all_pulled, 30, 0.2, what="the API's bounces and unsubscribes to be pulled")
-        await pool.close()
 
     assert sum(api_made.values()) > 0, manifest["by_source"]
     assert CONNECTOR_OPERATIONS - set(proxy.calls.operations) == set(), proxy.calls.report()
