@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 from contextlib import ExitStack
+from typing import Any
 
 import orjson
 
@@ -24,15 +25,14 @@ ESP = "mailup"
 async def test_a_monitor_killed_after_the_send_finds_it_in_the_send_history(deployment: Deployment) -> None:
     expected_rows = await seed_list(deployment, CUSTOMERS)
     point = Point.MONITOR_AFTER_SEND
+    armed: dict[str, Any] = {
+        **SERVICES,
+        "ESPBRIDGE_FAILPOINTS": point.value,
+        "ESPBRIDGE_FAILPOINT_DIR": str(markers(deployment)),
+    }
     with ExitStack() as stack:
         pipeline = start_pipeline(
-            stack,
-            deployment,
-            [(ESP, deployment.account)],
-            sandbox_settings=SANDBOX,
-            ESPBRIDGE_FAILPOINTS=point.value,
-            ESPBRIDGE_FAILPOINT_DIR=str(markers(deployment)),
-            **SERVICES,
+            stack, deployment, [(ESP, deployment.account)], sandbox_settings=SANDBOX, **armed
         )
         job = await pipeline.publish(ESP, f"kill-{ESP}-{deployment.unique}")
         monitor = pipeline.procs["monitor"]
