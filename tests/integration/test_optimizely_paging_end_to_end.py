@@ -7,10 +7,7 @@ recipient, over the batch's recipient list, to load them all.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from contextlib import ExitStack
-
-import pytest
 
 from shared.infra.db import connect
 from tests.fixtures.deployment import Deployment
@@ -21,29 +18,25 @@ RESPONSES_LIMIT = 5
 BOUNCES = ("bounce_hard", "bounce_soft")
 
 
-@pytest.fixture
-def stack() -> Iterator[ExitStack]:
-    with ExitStack() as processes:
-        yield processes
-
-
 async def test_bounces_beyond_one_page_are_read_by_recipients_and_each_loaded_once(
-    deployment: Deployment, stack: ExitStack
+    deployment: Deployment,
 ) -> None:
-    pipeline, job, manifest = await run_broadcast(
-        stack,
-        deployment,
-        "optimizely",
-        f"paged-{deployment.unique}",
-        1000,
-        # Every bounce and unsubscribe is the API's (the rest comes in files).
-        sandbox_settings={
-            "opt_source_weights": "api=1",
-            "rate_hard_bounce": "0.05",
-            "rate_soft_bounce": "0.03",
-        },
-        account_options={"responses_limit": RESPONSES_LIMIT, "page_size": 200},
-    )
+    with ExitStack() as processes:
+        pipeline, job, manifest = await run_broadcast(
+            processes,
+            deployment,
+            "optimizely",
+            f"paged-{deployment.unique}",
+            1000,
+            # Every bounce and unsubscribe is the API's (the rest comes in files).
+            sandbox_settings={
+                "opt_source_weights": "api=1",
+                "rate_hard_bounce": "0.05",
+                "rate_soft_bounce": "0.03",
+            },
+            account_options={"responses_limit": RESPONSES_LIMIT, "page_size": 200},
+        )
+        pipeline.stop()
     # run_broadcast waited until the loaded counts equal the sandbox's own, type by type.
     by_api = manifest["by_source"]["api"]
     assert all(by_api[t] == manifest["counts"][t] > RESPONSES_LIMIT for t in BOUNCES), by_api
@@ -62,4 +55,3 @@ async def test_bounces_beyond_one_page_are_read_by_recipients_and_each_loaded_on
     assert loaded == {t: (manifest["counts"][t], manifest["counts"][t]) for t in BOUNCES}, "each once"
     # Those beyond the mailing's first page could only come from the requests by recipientIds.
     assert all(r["narrowed"] >= r["n"] - RESPONSES_LIMIT for r in rows)
-    pipeline.stop()
