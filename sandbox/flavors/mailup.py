@@ -58,11 +58,11 @@ import functools
 import logging
 import re
 import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol, TypeVar
 from zoneinfo import ZoneInfo
 
 import aiohttp
@@ -1294,14 +1294,31 @@ async def import_to_list(call: Call) -> int:
     return await _import(call, None)
 
 
+class _Identified(Protocol):
+    id: int
+
+
+Record = TypeVar("Record", bound=_Identified)
+
+
+def _by_path_id(call: Call, name: str, records: Iterable[Record], what: str) -> Record:
+    """The record whose id the path's ``{name}`` gives; 404 if there is none."""
+    wanted = call.path_int(name)
+    found = next((r for r in records if r.id == wanted), None)
+    if found is None:
+        raise not_found(f"{what} {wanted} not found")
+    return found
+
+
+def _import_record(call: Call) -> MailUpImport:
+    """The import named in the path (call with the store's lock held)."""
+    return _by_path_id(call, "import", call.mailup.store.data.imports, "Import")
+
+
 async def import_status(call: Call) -> dict[str, Any]:
     """``GET /Console/Imports/{import}``."""
-    import_id = call.path_int("import")
-    store = call.mailup.store
-    with store.lock:
-        record = next((i for i in store.data.imports if i.id == import_id), None)
-        if record is None:
-            raise not_found(f"Import {import_id} not found")
+    with call.mailup.store.lock:
+        record = _import_record(call)
         return {
             "IdImport": record.id,
             "IdList": LIST_ID,
@@ -1324,12 +1341,8 @@ async def import_status(call: Call) -> dict[str, Any]:
 
 async def import_state(call: Call) -> dict[str, Any]:
     """``GET /Console/Import/{import}``: the import's status (``Completed`` and its counts)."""
-    import_id = call.path_int("import")
-    store = call.mailup.store
-    with store.lock:
-        record = next((i for i in store.data.imports if i.id == import_id), None)
-        if record is None:
-            raise not_found(f"Import {import_id} not found")
+    with call.mailup.store.lock:
+        record = _import_record(call)
         rows = record.rows if record.rows is not None else _rows_body(record.total)
     valid, invalid = rows["Valid"], rows["Invalid"]
     return {
@@ -1390,11 +1403,7 @@ async def send_to_list(call: Call) -> dict[str, Any]:
 
 
 def _sending(call: Call) -> Sending:
-    sending_id = call.path_int("sending")
-    found = next((s for s in call.mailup.store.data.sendings if s.id == sending_id), None)
-    if found is None:
-        raise not_found(f"Sending {sending_id} not found")
-    return found
+    return _by_path_id(call, "sending", call.mailup.store.data.sendings, "Sending")
 
 
 async def confirm(call: Call) -> dict[str, Any]:

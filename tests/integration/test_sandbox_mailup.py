@@ -552,16 +552,7 @@ async def test_import_send_and_every_response_source(sandbox: Sandboxes, webhook
         assert pulled == await client.pull(42, 1000)
         history = await client.ok("GET", "/Console/List/1/Email/42/SendHistory")
         assert (history["IsPaginated"], history["TotalElementsCount"]) == (False, 1)
-        [item] = history["Items"]
-        assert sorted(item) == [
-            "EndDate",
-            "Kb_transferred",
-            "Recipients",
-            "SenderEmail",
-            "SenderName",
-            "StartDate",
-            "idMessage",
-        ], "MailUp's SendHistory item names no sending and no list"
+        [item] = history["Items"]  # MailUp's item, no sending id (test_mailup_shapes holds its fields)
         assert (item["idMessage"], item["Recipients"]) == (42, 120)
         assert API_TIME_RE.fullmatch(item["StartDate"])
         assert API_TIME_RE.fullmatch(item["EndDate"])
