@@ -20,11 +20,11 @@ Credentials (OAuth2 password grant at ``token_path``): ``username`` and ``passwo
 are the MailUp console user, ``client_id`` and ``client_secret``/``client_secret_file`` the
 application's API keys. ``token``/``token_file`` is *not* an API credential: it is the webhook's
 shared secret, sent by MailUp as the literal parameter ``Secret``; the job and the communication
-key reach the webhook as numbered fields (``job_field``, ``key_field``: ``[Field39]``, ``[Field38]``). The token is refreshed
-``token_margin_s`` before it expires and once after a 401; every console and statistics call of the
-account waits for the connector's ``RateLimiter`` (``rate_limit_per_s``, 5, per 1.1 s after each
-call's answer), and a 429 is waited out
-(``Retry-After``, else 1 s) and repeated. Every option is described on the documentation page.
+key reach the webhook as numbered fields (``job_field``, ``key_field``: ``[Field39]``, ``[Field38]``).
+The token is refreshed ``token_margin_s`` before it expires and once after a 401; every console
+and statistics call of the account waits for the connector's ``RateLimiter`` (``rate_limit_per_s``,
+5, per 1.1 s after each call's answer), and a 429 is waited out (``Retry-After``, else 1 s) and
+repeated. Every option is described on the documentation page.
 """
 
 from __future__ import annotations
