@@ -120,8 +120,18 @@ WEBHOOK_TYPES = {
     "unsubscribe": EventType.UNSUBSCRIBE,
     "spamcomplaint": EventType.COMPLAINT,
 }
+# The OpenAPI document spells the type "archive" where a webhook is registered and "archived" in
+# RestWebhook; the payload's spelling is unpublished, so both are known.
 IGNORED_WEBHOOK_TYPES = frozenset(
-    {"singleoptin", "confirmedoptin", "doubleoptin", "blocklist", "archive", "filteredbyblocklist"}
+    {
+        "singleoptin",
+        "confirmedoptin",
+        "doubleoptin",
+        "blocklist",
+        "archive",
+        "archived",
+        "filteredbyblocklist",
+    }
 )
 UNSUBSCRIBES = "unsubscribes"
 _NOT_PULLED = object()

@@ -991,3 +991,14 @@ async def test_one_event_from_a_file_the_api_and_a_webhook_has_one_id(
     assert isinstance(hook_click, ResponseEvent)
     assert from_api.event_id == from_file.event_id == from_hook.event_id
     assert file_click.event_id == hook_click.event_id
+
+
+@pytest.mark.parametrize("kind", ["archive", "archived", "doubleoptin", "blocklist"])
+async def test_webhook_types_espbridge_does_not_load_are_passed_over_not_dead_lettered(
+    esp: FakeOptimizely, kind: str
+) -> None:
+    c = connector(esp)
+    auth = {"Authorization": basic("espbridge", SECRET)}
+    data = {"email": "b@example.com", "CommunicationKey": "K2", "BroadcastId": "job-1"}
+    item = {"mailingId": 8004, "recipientId": "K2", "created": "2026-11-22T10:00:09Z", "data": data}
+    assert c.parse_webhook(auth, orjson.dumps([{**item, "type": kind}])) == []
