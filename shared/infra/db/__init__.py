@@ -1,6 +1,7 @@
 """PostgreSQL access: connections and one asyncpg pool per process, the migration runner and
 quoted SQL names; the control tables' SQL in the modules named for them (:mod:`.jobs`,
-:mod:`.files`, :mod:`.cursors`, :mod:`.replays`) and the analysts' funnel in :mod:`.responses`."""
+:mod:`.files`, :mod:`.cursors`, :mod:`.replays`, :mod:`.uploaded_lists`) and the analysts' funnel in
+:mod:`.responses`."""
 
 from shared.infra.db.core import (
     Conn,
