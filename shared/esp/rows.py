@@ -138,6 +138,13 @@ class ResponseTable:
     def events(self, path: Path, event: Callable[[Row], T | None]) -> Iterator[T | BadRow]:
         """The events ``event`` makes of a file's rows under its header (None: none), and BadRows:
         the header when it lacks a required column, and each row ``event`` or the header rejects."""
+        return self.events_under(path, lambda columns: event)
+
+    def events_under(
+        self, path: Path, per_file: Callable[[Columns], Callable[[Row], T | None]]
+    ) -> Iterator[T | BadRow]:
+        """:meth:`events` with the row function ``per_file`` makes from the file's header, which
+        may also refuse the whole file (ValueError: one BadRow, the header's)."""
         if self.byte_exact:
             records = read_records(path, delimiter=self.delimiter, encoding=self.encoding)
         else:
@@ -154,6 +161,11 @@ class ResponseTable:
         missing = columns.missing(self.required)
         if missing:
             yield BadRow(first.line, first.raw, f"header lacks {', '.join(missing)}")
+            return
+        try:
+            event = per_file(columns)
+        except ValueError as exc:
+            yield BadRow(first.line, first.raw, str(exc))
             return
         yield from records_events(
             records, lambda record: event(columns.row(record, self.encoding, self.times))

@@ -9,8 +9,11 @@ from typing import Any, cast
 import aiohttp
 import pytest
 
-from shared.esp import AccountConfig, BadRow, ConnectorContext
+from shared.esp import AccountConfig, BadRow, ConnectorContext, attribution
+from shared.esp.attribution import KeyLists
 from shared.esp.generic_sftp import GenericSftpConnector, UploadOnlyError
+from shared.infra.db.uploaded_lists import UploadedList
+from shared.model.errors import ConfigurationError
 from shared.model.messages import EventType, ResponseEvent
 
 HEADER = "MessageType\turn\temail\tmailingId\tmailingName\ttimestamp\tlink\tbouncetype\tbouncereason"
@@ -111,3 +114,201 @@ def job_for_send() -> Any:
     from tests.unit.test_messages import job
 
     return job(mode="upload_only")
+
+
+# --- which broadcast a row belongs to ---------------------------------------------------------------
+
+NO_BROADCAST = "MessageType\turn\temail\ttimestamp"
+BY_NAME: dict[str, Any] = {
+    "attribution": "file_name",
+    "file_name_pattern": r"(?P<broadcast_id>job-\d+)_FERGE_\w+\.txt",
+}
+MONDAY, TUESDAY = datetime(2026, 11, 23, 9, tzinfo=UTC), datetime(2026, 11, 24, 9, tzinfo=UTC)
+LISTS = KeyLists(
+    {
+        "k1": (UploadedList("job-mon", MONDAY), UploadedList("job-tue", TUESDAY)),
+        "k2": (UploadedList("job-tue", TUESDAY),),
+    },
+    kept_days=90,
+)
+
+
+def parse_named(
+    tmp_path: Path, name: str, text: str, lists: KeyLists | None = None, **options: Any
+) -> list[ResponseEvent | BadRow]:
+    path = tmp_path / "download"
+    path.write_text(text, encoding="utf-8")
+    c = connector(**options)
+    remote = f"ferg/demo/responses/{name}"
+    return list(
+        c.parse_response_file(path, remote) if lists is None else c.parse_with_lists(path, remote, lists)
+    )
+
+
+def broadcasts(items: list[ResponseEvent | BadRow]) -> list[str]:
+    """Each item's broadcast, or its error."""
+    return [i.broadcast_id if isinstance(i, ResponseEvent) else f"line {i.line}: {i.error}" for i in items]
+
+
+def test_rows_of_a_file_without_a_broadcast_column_take_the_broadcast_from_the_file_name(
+    tmp_path: Path,
+) -> None:
+    text = f"{NO_BROADCAST}\nOpen\tk1\ta@x.com\t1795330000\nClick\tk2\tb@x.com\t1795330001\n"
+    items = parse_named(tmp_path, "job-7_FERGE_opens.txt", text, **BY_NAME)
+    assert broadcasts(items) == ["job-7", "job-7"]
+    # The name is the file's own, never its folders: a folder named like a broadcast gives nothing.
+    refused = parse_named(tmp_path, "job-8_FERGE_opens.txt/x.txt", text, **BY_NAME)
+    assert broadcasts(refused) == [
+        "line 1: no row can be attributed to a broadcast: the file name 'x.txt' does not match "
+        r"file_name_pattern '(?P<broadcast_id>job-\d+)_FERGE_\w+\.txt'"
+    ]
+
+
+def test_the_rules_are_tried_in_the_accounts_order(tmp_path: Path) -> None:
+    text = (
+        f"{HEADER}\n"
+        "Open\tk1\ta@x.com\tjob-1\tNov\t1795330000\t\t\t\n"
+        "Open\tk1\ta@x.com\t\tNov\t1795330000\t\t\t\n"  # the column empty
+    )
+    column_first = {**BY_NAME, "attribution": ["column", "file_name"]}
+    assert broadcasts(parse_named(tmp_path, "job-7_FERGE_opens.txt", text, **column_first)) == [
+        "job-1",
+        "job-7",
+    ]
+    name_first = {**BY_NAME, "attribution": ["file_name", "column"]}
+    assert broadcasts(parse_named(tmp_path, "job-7_FERGE_opens.txt", text, **name_first)) == [
+        "job-7",
+        "job-7",
+    ]
+    # The column alone, as before: an empty one is a bad row, a header without it refuses the file.
+    assert broadcasts(parse_named(tmp_path, "x_FERGE_opens.txt", text)) == [
+        "job-1",
+        "line 3: empty mailingId",
+    ]
+    no_column = f"{NO_BROADCAST}\nOpen\tk1\ta@x.com\t1795330000\n"
+    assert broadcasts(parse_named(tmp_path, "x_FERGE_opens.txt", no_column)) == [
+        "line 1: header lacks mailingId"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("row", "outcome"),
+    [
+        ("Open\tk1\t\t2026-11-23T12:00:00Z", "job-mon"),  # after Monday's list, before Tuesday's
+        ("Open\tk1\t\t2026-11-24T09:00:00Z", "job-tue"),  # at the upload itself: that list
+        ("Open\tk1\t\t2026-12-24T12:00:00Z", "job-tue"),  # the latest of both
+        ("Open\tk2\t\t2026-11-24T12:00:00Z", "job-tue"),
+        (
+            "Open\tk2\t\t2026-11-23T12:00:00Z",
+            "communication key 'k2' is in no list uploaded before the event (2026-11-23T12:00:00+00:00); "
+            "the first that held it, job-tue, was uploaded at 2026-11-24T09:00:00+00:00",
+        ),
+        (
+            "Open\tk9\t\t2026-11-24T12:00:00Z",
+            "communication key 'k9' is in no list uploaded to this account in the last 90 days",
+        ),
+        ("Open\t\ta@x.com\t2026-11-24T12:00:00Z", "no communication key"),
+    ],
+)
+def test_a_key_takes_the_latest_list_uploaded_before_its_event(
+    tmp_path: Path, row: str, outcome: str
+) -> None:
+    (item,) = parse_named(
+        tmp_path, "x_FERGE_opens.txt", f"{NO_BROADCAST}\n{row}\n", LISTS, attribution="communication_key"
+    )
+    assert broadcasts([item]) == [outcome if outcome.startswith("job-") else f"line 2: {outcome}"]
+
+
+def test_only_the_keys_no_earlier_rule_attributes_are_looked_up(tmp_path: Path) -> None:
+    text = (
+        f"{HEADER}\n"
+        "Open\tk1\ta@x.com\tjob-1\tNov\t1795330000\t\t\t\n"  # its column says it
+        "Open\tk2\tb@x.com\t\tNov\t1795330000\t\t\t\n"
+        "Open\tk3\tc@x.com\t\tNov\tyesterday\t\t\t\n"  # a bad time is the parse's to report
+        "Open\t\td@x.com\t\tNov\t1795330000\t\t\t\n"  # no key to look up
+        "Open\tk2\n"
+    )
+    path = tmp_path / "x_FERGE_opens.txt"
+    path.write_text(text, encoding="utf-8")
+    c = connector(attribution=["column", "communication_key"])
+    assert c.keys_to_look_up(path, "ferg/demo/responses/x_FERGE_opens.txt") == {"k2", "k3"}
+    named = connector(**{**BY_NAME, "attribution": ["file_name", "communication_key"]})
+    assert named.keys_to_look_up(path, "ferg/demo/responses/job-7_FERGE_opens.txt") == set()
+    # Parsed without the lists (not through the gatherer), a key row says so instead of vanishing.
+    items = c.parse_response_file(path, "ferg/demo/responses/x_FERGE_opens.txt")
+    assert (
+        broadcasts(list(items))[1]
+        == "line 3: empty mailingId; communication key 'k2' was not looked up in the uploaded lists"
+    )
+
+
+def test_a_file_no_rule_can_attribute_is_one_bad_row_naming_each_rule(tmp_path: Path) -> None:
+    text = "MessageType\temail\ttimestamp\nOpen\ta@x.com\t1795330000\n"
+    items = parse_named(
+        tmp_path,
+        "y.txt",
+        text,
+        LISTS,
+        **{**BY_NAME, "attribution": ["column", "file_name", "communication_key"]},
+    )
+    assert broadcasts(items) == [
+        "line 1: no row can be attributed to a broadcast: the header has no broadcast-id column; the file "
+        r"name 'y.txt' does not match file_name_pattern '(?P<broadcast_id>job-\d+)_FERGE_\w+\.txt'; "
+        "the header has no communication-key column"
+    ]
+
+
+def test_a_file_of_mixed_time_formats_is_read_by_the_accounts_list(tmp_path: Path) -> None:
+    text = (
+        f"{NO_BROADCAST}\n"
+        "Open\tk1\t\t1795330000\n"
+        "Open\tk2\t\t22.11.2026 11:00\n"
+        "Open\tk3\t\t2026-11-22T10:00:00Z\n"
+        "Open\tk4\t\t2026-11-22T10:00:00\n"
+    )
+    items = parse_named(
+        tmp_path,
+        "job-7_FERGE_opens.txt",
+        text,
+        timestamp_format=["unix", "%d.%m.%Y %H:%M"],
+        timezone="Europe/Amsterdam",
+        **BY_NAME,
+    )
+    times = [i.occurred_at if isinstance(i, ResponseEvent) else i.error for i in items]
+    assert times == [
+        datetime.fromtimestamp(1795330000, UTC),
+        datetime(2026, 11, 22, 10, tzinfo=UTC),
+        datetime(2026, 11, 22, 10, tzinfo=UTC),
+        "timestamp '2026-11-22T10:00:00' is in none of the formats Unix seconds, '%d.%m.%Y %H:%M', "
+        "nor ISO 8601 with a zone",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("options", "complaint"),
+    [
+        ({"attribution": "file_name"}, "attribution file_name needs a file_name_pattern"),
+        ({"file_name_pattern": "(?P<broadcast_id>.+)"}, "attribution does not name file_name"),
+        ({**BY_NAME, "file_name_pattern": r"(job-\d+)\.txt"}, "needs a named group (?P<broadcast_id>"),
+        ({**BY_NAME, "file_name_pattern": "(?P<broadcast_id>[a-"}, "file_name_pattern"),
+        ({"attribution": ["column", "column"]}, "names a rule twice"),
+        ({"attribution": ["mailing"]}, "attribution"),
+        ({"attribution": []}, "attribution"),
+        ({"key_lists_days": 0}, "key_lists_days"),
+        ({"timestamp_format": ["unix", "%Q"]}, "'%Q' cannot be read back"),
+    ],
+)
+def test_attribution_options_are_checked_when_the_account_is_read(
+    options: dict[str, Any], complaint: str
+) -> None:
+    with pytest.raises(ConfigurationError, match="account ferg/demo options") as info:
+        connector(**options)
+    assert complaint in str(info.value)
+
+
+def test_only_accounts_attributing_by_key_have_their_lists_recorded() -> None:
+    assert attribution.kept_days(connector()) is None
+    assert attribution.kept_days(connector(**BY_NAME)) is None
+    assert (
+        attribution.kept_days(connector(attribution=["column", "communication_key"], key_lists_days=30)) == 30
+    )
