@@ -5,14 +5,16 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 import asyncpg
 
 from services.uploader import core, selection
 from services.uploader.listfile import ListStream
 from services.uploader.settings import Settings
+from shared.esp import attribution
 from shared.esp.resources import EspResources
-from shared.infra.db import jobs
+from shared.infra.db import Conn, jobs, uploaded_lists
 from shared.infra.logs import log_context
 from shared.infra.sftp import upload_stream_atomic
 from shared.model.errors import InvalidMessageError, PermanentError
@@ -78,25 +80,40 @@ async def handle_job(body: bytes, uploader: Uploader) -> None:
 
 
 async def upload_list(job: BroadcastJob, uploader: Uploader) -> ListUploaded:
-    """Stream the selection into the ESP's list format and upload it atomically."""
+    """Stream the selection into the ESP's list format and upload it atomically; where the account
+    attributes response rows by communication key, record the list's keys."""
     connector = uploader.esp.connectors.get(job.esp, job.account)
     core.check_mode(job, connector.can_send, connector.account.connector)
     fmt = connector.list_format
     wanted = core.source_columns(job, fmt.key_field)
+    header = core.list_columns(job, fmt.email_field, fmt.key_field)
+    sel = job.selection
+    copied = isinstance(sel, TableSelection) and core.copy_can_write(fmt)
+    kept_days = attribution.kept_days(connector)
+    recording = kept_days is not None
+    key_at = header.index(fmt.key_field)
     stream = ListStream(
-        header=core.list_columns(job, fmt.email_field, fmt.key_field),
+        header=header,
         fmt=fmt,
         first_rows_written=functools.partial(uploader.runtime.failpoints.reach, Point.UPLOADER_MID_UPLOAD),
         tally=selection.Tally(),
+        key_at=key_at if recording and not copied else None,
     )
     remote = connector.list_path(job)
     await uploader.statuses.report(core.status(job.job_id, State.RUNNING, f"writing {remote}"))
-    sel = job.selection
     column = uploader.settings.suppression_column
+    uploaded_at: datetime | None = None  # set where the keys are recorded with the upload
     async with uploader.esp.sftp.session() as sftp:
-        if isinstance(sel, TableSelection) and core.copy_can_write(fmt):
-            async with uploader.pool.acquire() as conn, conn.transaction(readonly=True):
+        if isinstance(sel, TableSelection) and copied:
+            # Recording reads the keys again, in the snapshot the file was written from.
+            async with (
+                uploader.pool.acquire() as conn,
+                conn.transaction(readonly=not recording, isolation="repeatable_read" if recording else None),
+            ):
                 uploaded = await upload_stream_atomic(sftp, stream.copied(conn, sel, wanted, column), remote)
+                if recording:
+                    uploaded_at = utcnow()
+                    await _record_selected_keys(conn, job, uploaded_at, sel, wanted[key_at], column)
         elif isinstance(sel, TableSelection):
             async with uploader.pool.acquire() as conn, conn.transaction(readonly=True):
                 rows = selection.from_table(
@@ -111,7 +128,16 @@ async def upload_list(job: BroadcastJob, uploader: Uploader) -> ListUploaded:
             assert isinstance(sel, InlineSelection)
             rows = selection.from_inline(sel, wanted, column, stream.tally)
             uploaded = await upload_stream_atomic(sftp, stream.encoded(rows), remote)
+    uploaded_at = uploaded_at or utcnow()
     async with uploader.pool.acquire() as conn:
+        if kept_days is not None:
+            if not copied:
+                await _record_keys(conn, job, uploaded_at, stream.keys)
+            forgotten = await uploaded_lists.forget_lists(
+                conn, job.esp, job.account, uploaded_at - timedelta(days=kept_days)
+            )
+            if forgotten:
+                log.info("old lists' keys removed", extra={"lists": forgotten, "kept_days": kept_days})
         await jobs.set_remote_path(conn, job.job_id, remote)
     return ListUploaded(
         job_id=job.job_id,
@@ -122,5 +148,24 @@ async def upload_list(job: BroadcastJob, uploader: Uploader) -> ListUploaded:
         bytes=uploaded.bytes,
         sha256=uploaded.sha256,
         excluded=stream.tally.excluded,
-        uploaded_at=utcnow(),
+        uploaded_at=uploaded_at,
     )
+
+
+async def _record_selected_keys(
+    conn: Conn, job: BroadcastJob, uploaded_at: datetime, sel: TableSelection, key_column: str, column: str
+) -> None:
+    """Record the keys of a list written by the server's COPY, by the same selection, in the same
+    transaction (so in the snapshot the file was written from)."""
+    select, args = await selection.key_query(conn, sel, key_column, column)
+    list_id = await uploaded_lists.start_list(conn, job.job_id, job.esp, job.account, uploaded_at)
+    keys = await uploaded_lists.insert_selected_keys(conn, list_id, select, args)
+    log.info("list keys recorded", extra={"keys": keys})
+
+
+async def _record_keys(conn: Conn, job: BroadcastJob, uploaded_at: datetime, keys: list[str]) -> None:
+    """Record the keys of a list written here (noted as its rows were encoded), by COPY."""
+    async with conn.transaction():
+        list_id = await uploaded_lists.start_list(conn, job.job_id, job.esp, job.account, uploaded_at)
+        await uploaded_lists.copy_keys(conn, list_id, keys)
+    log.info("list keys recorded", extra={"keys": len(keys)})

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from services.uploader import core, selection
@@ -29,10 +29,21 @@ class ListStream:
     first_rows_written: Callable[[], Awaitable[None]]
     """Called once the header and the first rows are handed on (a failpoint)."""
     tally: selection.Tally
+    key_at: int | None = None
+    """The communication key's column, when the list's keys are noted in ``keys`` as rows are encoded."""
+    keys: list[str] = field(default_factory=list)
     rows: int = 0
 
     def _encode(self, rows: list[Any]) -> bytes:
+        if self.key_at is not None:
+            at = self.key_at
+            self.keys.extend(key for row in rows if (key := core.text(row[at])))
         return core.encode_rows(rows, self.fmt.delimiter, self.fmt.line_terminator, self.fmt.encoding)
+
+    def _encode_header(self) -> bytes:
+        return core.encode_rows(
+            [self.header], self.fmt.delimiter, self.fmt.line_terminator, self.fmt.encoding
+        )
 
     def _empty(self) -> core.EmptySelectionError:
         return core.EmptySelectionError(f"the selection has no recipients ({self.tally.excluded} opted out)")
@@ -42,7 +53,7 @@ class ListStream:
         first = await anext(source, None)
         if first is None:
             raise self._empty()
-        yield self._encode([self.header, first])
+        yield self._encode_header() + self._encode([first])
         self.rows = 1
         await self.first_rows_written()
         batch: list[tuple[Any, ...]] = []
@@ -80,7 +91,7 @@ class ListStream:
 
         task = asyncio.create_task(run())
         try:
-            yield self._encode([self.header])
+            yield self._encode_header()
             first = True
             while (chunk := await _next_chunk(queue, task)) is not None:
                 yield chunk

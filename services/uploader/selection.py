@@ -48,11 +48,11 @@ async def _table_query(
     selection: TableSelection,
     wanted: Sequence[str],
     suppression_column: str,
-    tally: Tally,
+    tally: Tally | None,
     expressions: Sequence[str],
 ) -> tuple[str, list[Any]]:
     """The SELECT of a table selection's ``expressions`` (one per wanted column), and its
-    arguments; counts the opted-out rows into ``tally``."""
+    arguments; counts the opted-out rows into ``tally`` (unless None)."""
     available = await table_columns(conn, selection.table)
     missing = sorted({*wanted, *selection.filters} - available)
     if missing:
@@ -68,9 +68,10 @@ async def _table_query(
     source = quote_qualified(selection.table)
     if suppression_column in available:
         suppressed = f"coalesce({quote_ident(suppression_column)}, false)"
-        tally.excluded = await conn.fetchval(
-            f"SELECT count(*) FROM {source} WHERE {' AND '.join([*where, suppressed])}", *args
-        )
+        if tally is not None:
+            tally.excluded = await conn.fetchval(
+                f"SELECT count(*) FROM {source} WHERE {' AND '.join([*where, suppressed])}", *args
+            )
         where.append(f"NOT {suppressed}")
     query = f"SELECT {', '.join(expressions)} FROM {source}"
     if where:
@@ -139,6 +140,16 @@ async def copy_table_csv(
     await conn.execute("SET LOCAL TIME ZONE 'UTC'")
     done = await conn.copy_from_query(query, *args, output=output, format="csv", delimiter=delimiter)
     return int(done.split()[-1])
+
+
+async def key_query(
+    conn: Conn, selection: TableSelection, key_column: str, suppression_column: str
+) -> tuple[str, list[Any]]:
+    """The SELECT of a table selection's communication keys as its list file writes them (one
+    text column; NULL for none), and its arguments."""
+    types = await column_types(conn, selection.table)
+    key = [list_text(key_column, types.get(key_column, ""))]
+    return await _table_query(conn, selection, [key_column], suppression_column, None, key)
 
 
 def resolve_csv(csv_dir: Path | None, path: str) -> Path:
