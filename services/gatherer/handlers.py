@@ -25,7 +25,7 @@ from aiohttp import web
 from services.gatherer import core
 from services.gatherer.originals import RecordReader, row_letter, with_originals
 from services.gatherer.settings import Settings
-from shared.esp import BadRow, NotSupportedError, WebhookAuthError
+from shared.esp import BadRow, NotSupportedError, WebhookAuthError, attribution
 from shared.esp.accounts import UnknownAccountError
 from shared.esp.resources import EspResources
 from shared.infra.db import files
@@ -142,10 +142,11 @@ async def handle_file(body: bytes, gatherer: Gatherer) -> None:
                         log.info("file was archived by an earlier attempt")
                         return
                     raise PermanentError(f"response file {file.path} is gone from the ESP's site")
+            async with gatherer.pool.acquire() as conn:
+                # Where rows are attributed by communication key, the file's keys are looked up first.
+                items = await attribution.encoded_file(connector, local, file.path, conn)
             with RecordReader(local) as records:
-                events, bad = await _publish_file(
-                    gatherer, file, connector.encode_response_file(local, file.path), records
-                )
+                events, bad = await _publish_file(gatherer, file, items, records)
             async with gatherer.esp.sftp.session() as sftp:
                 await sftp.posix_rename(file.path, archive)
             await _archived(gatherer, file, archive, events, bad)

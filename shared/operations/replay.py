@@ -21,7 +21,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
-from shared.esp import Accounts, AccountsSettings, BadRow, ConnectorContext, Connectors
+from shared.esp import Accounts, AccountsSettings, BadRow, ConnectorContext, Connectors, attribution
 from shared.infra.db import Conn, connect, replays
 from shared.infra.kafka import read_topic
 from shared.infra.settings import KafkaSettings, PostgresSettings
@@ -184,7 +184,7 @@ class Replayer:
             with tempfile.TemporaryDirectory(prefix="espbridge-dlq-") as folder:
                 path = Path(folder) / "replay"
                 path.write_bytes(dlq.replay_file(letter))
-                items = list(connector.parse_response_file(path, letter.source.name))
+                items = list(await attribution.parsed_file(connector, path, letter.source.name, self.conn))
         except PermanentError as exc:
             return await self._failing(item, f"{type(exc).__name__}: {exc}")
         events = [dlq.at_original_line(i, letter) for i in items if isinstance(i, ResponseEvent)]
