@@ -1,8 +1,9 @@
 """Broken response files through the real gatherer and loader: in every file the good rows load,
 each bad row becomes a dead letter naming the file and line with the row's original bytes, and
-the file is archived. One gatherer and one loader serve every file of the module (three ESP
-accounts: the default ``sandbox`` ESP's format, and ``generic_sftp`` with its defaults and with
-a configured encoding and time zone)."""
+the file is archived. One gatherer and one loader serve every file of the module (five ESP
+accounts: the default ``sandbox`` ESP's format, and ``generic_sftp`` with its defaults, with a
+configured encoding and time zone, with several time formats, and with the broadcast in the file
+name)."""
 
 from __future__ import annotations
 
@@ -214,11 +215,12 @@ CASES = {
             "x_FERGE_dates.txt",
             lines(
                 FERG_HEADER,
-                ferg_row("Open", "fd1", when="2026-11-22T10:00:00Z"),
+                ferg_row("Open", "fd1", when="2026-11-22T10:00:00Z"),  # ISO 8601 with a zone: any account
                 ferg_row("Open", "fd2", when="1795330000"),
+                ferg_row("Open", "fd3", when="2026-11-22T10:00:00"),  # naive: must fit the account's format
             ),
-            frozenset({3}),
-            {2: "is not Unix seconds"},
+            frozenset({2, 3}),
+            {4: "'2026-11-22T10:00:00' is not Unix seconds"},
         ),
         Case(
             "ferg",
@@ -242,6 +244,35 @@ CASES = {
             frozenset({2, 3}),
             {4: "does not match '%Y-%m-%d %H:%M:%S'"},
         ),
+        # --- generic_sftp whose ESP writes its times several ways, local ones in Europe/Amsterdam -----
+        Case(
+            "ferg_times",
+            "x_FERGE_mixed.txt",
+            lines(
+                FERG_HEADER,
+                ferg_row("Open", "mt1", when="1795330000"),
+                ferg_row("Open", "mt2", when="22.11.2026 11:00:00"),  # CET
+                ferg_row("Open", "mt3", when="01.07.2026 12:00:00"),  # CEST
+                ferg_row("Open", "mt4", when="2026-11-22T10:00:00Z"),
+                ferg_row("Open", "mt5", when="2026-11-22T05:00:00-05:00"),
+                ferg_row("Open", "mt6", when="2026-11-22 10:00:00"),
+            ),
+            frozenset({2, 3, 4, 5, 6}),
+            {7: "'2026-11-22 10:00:00' is in none of the formats Unix seconds, '%d.%m.%Y %H:%M:%S'"},
+        ),
+        # --- generic_sftp whose ESP names the broadcast in the file name, not in the rows -----------
+        Case(
+            "ferg_named",
+            f"{JOB}_FERGE_opens.txt",
+            lines(
+                b"MessageType\turn\temail\ttimestamp",
+                b"Open\tfn1\tfn1@x.com\t1795330000",
+                b"Click\tfn2\tfn2@x.com\t1795330000",
+                b"Open\t\t\t1795330000",
+            ),
+            frozenset({2, 3}),
+            {4: "neither a communication key nor an email"},
+        ),
     ]
 }
 UNREADABLE = b"caf\xe9.csv"
@@ -252,6 +283,14 @@ ACCOUNTS: dict[str, tuple[str, dict[str, Any]]] = {
     "ferg_latin": (
         "generic_sftp",
         {"encoding": "latin-1", "timestamp_format": "%Y-%m-%d %H:%M:%S", "timezone": "Europe/Amsterdam"},
+    ),
+    "ferg_times": (
+        "generic_sftp",
+        {"timestamp_format": ["unix", "%d.%m.%Y %H:%M:%S"], "timezone": "Europe/Amsterdam"},
+    ),
+    "ferg_named": (
+        "generic_sftp",
+        {"attribution": "file_name", "file_name_pattern": r"(?P<broadcast_id>.+)_FERGE_[a-z]+\.txt"},
     ),
 }
 
@@ -392,6 +431,29 @@ def test_dates_are_stored_in_utc_and_zone_less_ones_read_in_the_configured_zone(
     assert winter["occurred_at"] == datetime(2026, 11, 22, 10, tzinfo=UTC)  # CET, UTC+1
     assert summer["occurred_at"] == datetime(2026, 7, 1, 10, tzinfo=UTC)  # CEST, UTC+2
     assert winter["email"] == "josé@x.com", "Latin-1 text read in the configured encoding, not mangled"
+
+
+def test_times_written_several_ways_in_one_file_load_as_the_right_utc_instants(outcome: Outcome) -> None:
+    mixed = outcome.remote(CASES["x_FERGE_mixed.txt"])
+    loaded = {line: outcome.rows[f"file:{mixed}:{line}"]["occurred_at"] for line in range(2, 7)}
+    assert loaded == {
+        2: datetime.fromtimestamp(1795330000, UTC),
+        3: datetime(2026, 11, 22, 10, tzinfo=UTC),  # 11:00 CET
+        4: datetime(2026, 7, 1, 10, tzinfo=UTC),  # 12:00 CEST
+        5: datetime(2026, 11, 22, 10, tzinfo=UTC),
+        6: datetime(2026, 11, 22, 10, tzinfo=UTC),
+    }
+    iso = outcome.rows[f"file:{outcome.remote(CASES['x_FERGE_dates.txt'])}:2"]
+    assert iso["occurred_at"] == datetime(2026, 11, 22, 10, tzinfo=UTC)
+
+
+def test_rows_of_a_file_without_a_broadcast_column_take_it_from_the_file_name(outcome: Outcome) -> None:
+    named = outcome.remote(CASES[f"{JOB}_FERGE_opens.txt"])
+    loaded = [outcome.rows[f"file:{named}:{line}"] for line in (2, 3)]
+    assert [(r["broadcast_id"], r["communication_key"], r["type"]) for r in loaded] == [
+        (JOB, "fn1", "open"),
+        (JOB, "fn2", "click"),
+    ]
 
 
 def test_a_10_mb_line_is_one_bounded_dead_letter(outcome: Outcome) -> None:
