@@ -67,6 +67,25 @@ class SendStatus:
     detail: str = ""
 
 
+class CancelOutcome(StrEnum):
+    """What asking an ESP to cancel a send came to."""
+
+    CANCELLED = "cancelled"
+    """The ESP stopped the send (or withdrew it before it started)."""
+    TOO_LATE = "too_late"
+    """The send has already gone out or finished; nothing was stopped."""
+    NOT_SUPPORTED = "not_supported"
+    """The ESP has no way to cancel a send."""
+
+
+@dataclass(frozen=True, slots=True)
+class CancelResult:
+    """The outcome of a cancel and what the ESP said, for the broadcast's status."""
+
+    outcome: CancelOutcome
+    detail: str
+
+
 @dataclass(frozen=True, slots=True)
 class ListFormat:
     """How an ESP wants its recipient list file."""
@@ -181,6 +200,10 @@ class Connector:
     async def send_status(self, send_id: str) -> SendStatus:
         """The send's current state."""
         raise NotSupportedError(f"{self.account.connector} has no send")
+
+    async def cancel_send(self, send_id: str, job: BroadcastJob) -> CancelResult:
+        """Ask the ESP to stop a send it was asked for (``send_id`` as :meth:`send` returned it)."""
+        return CancelResult(CancelOutcome.NOT_SUPPORTED, f"{self.account.connector} has no cancel of a send")
 
     def parse_response_file(self, local_path: Path, remote_path: str) -> Iterator[ResponseEvent | BadRow]:
         """Events (and rejected rows) of a downloaded response file, streamed from disk."""

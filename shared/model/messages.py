@@ -43,6 +43,9 @@ Name = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
 JobId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")]
 """A broadcast job id: safe in a file name and a Kafka key."""
 
+OneLine = Annotated[str, StringConstraints(pattern=r"^[^\x00-\x1f\x7f\x85\u2028\u2029]*$")]
+"""Free text on one line: no line breaks or other control characters (it is printed and logged)."""
+
 Scalar = str | int | float | bool | None
 """A JSON scalar, the only value type allowed in filters and inline rows."""
 
@@ -247,6 +250,16 @@ class BroadcastStatus(Message):
     at: UtcDatetime = Field(default_factory=utcnow)
 
 
+class CancelRequest(Message):
+    """A request to cancel a broadcast: nothing is sent if it comes before the send, else the ESP's
+    cancel is called where the ESP has one (the outcome is reported on broadcast.status.v1)."""
+
+    job_id: JobId
+    reason: OneLine = Field(default="", max_length=500)
+    requested_at: UtcDatetime
+    requested_by: OneLine = Field(default="", max_length=200)
+
+
 # --- responses ----------------------------------------------------------------------------------
 
 
@@ -387,6 +400,7 @@ def json_schema_bundle() -> dict[str, Any]:
         BroadcastJob,
         ListUploaded,
         BroadcastStatus,
+        CancelRequest,
         ResponseFile,
         ResponseEvent,
         SubscriptionChange,

@@ -23,6 +23,8 @@ class Topic(StrEnum):
     """Recipient lists uploaded to an ESP, ready for import and send (ListUploaded)."""
     BROADCAST_STATUS = "broadcast.status.v1"
     """Every stage of every broadcast, from every service (BroadcastStatus)."""
+    BROADCAST_CANCELS = "broadcast.cancels.v1"
+    """Requests to cancel a broadcast, from the CLI or any producer (CancelRequest)."""
     RESPONSE_FILES = "responses.files.v1"
     """Remote response files found by a gatherer scan, one message per file (ResponseFile)."""
     RESPONSE_EVENTS = "responses.events.v1"
@@ -53,6 +55,7 @@ REGISTRY: dict[Topic, TopicSpec] = {
         TopicSpec(Topic.BROADCAST_JOBS, m.BroadcastJob, lambda msg: msg.job_id),
         TopicSpec(Topic.BROADCAST_LISTS, m.ListUploaded, lambda msg: msg.job_id),
         TopicSpec(Topic.BROADCAST_STATUS, m.BroadcastStatus, lambda msg: msg.job_id),
+        TopicSpec(Topic.BROADCAST_CANCELS, m.CancelRequest, lambda msg: msg.job_id),
         TopicSpec(Topic.RESPONSE_FILES, m.ResponseFile, lambda msg: f"{msg.esp}/{msg.account}/{msg.path}"),
         TopicSpec(
             Topic.RESPONSE_EVENTS,

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from shared.model.messages import (
     BroadcastJob,
     BroadcastStatus,
+    CancelRequest,
     DeadLetter,
     EventSource,
     EventType,
@@ -68,6 +69,7 @@ def examples() -> list[Message]:
             uploaded_at=NOW,
         ),
         BroadcastStatus(job_id="job-1", stage=Stage.SEND, state=State.DONE, counts={"sent": 10}, at=NOW),
+        CancelRequest(job_id="job-1", reason="wrong list", requested_at=NOW, requested_by="ops@example.com"),
         ResponseFile(esp="sandbox", account="demo", path="responses/opens.csv", size=10, mtime=NOW),
         ResponseEvent(
             event_id=event_id_for("sandbox", esp_event_id="e1"),
@@ -106,6 +108,28 @@ def test_dead_letter_keeps_the_original_bytes() -> None:
     (letter,) = [m for m in examples() if isinstance(m, DeadLetter)]
     assert letter.payload == b"\xff\x00not json", "bytes that are neither UTF-8 nor JSON"
     assert DeadLetter.from_json(letter.to_json()).payload == b"\xff\x00not json"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "error"),
+    [
+        ("reason", "wrong list\nsend the other one", "pattern"),
+        ("reason", "wrong list\u2028again", "pattern"),
+        ("reason", "x" * 501, "at most 500"),
+        ("requested_by", "ops\r\nX-Injected: 1", "pattern"),
+        ("requested_at", "2026-11-22T09:30:00", "timezone"),
+        ("job_id", "../etc/passwd", "pattern"),
+    ],
+)
+def test_a_cancel_request_refuses_bad_fields(field: str, value: str, error: str) -> None:
+    data = {"job_id": "job-1", "requested_at": NOW.isoformat(), field: value}
+    with pytest.raises(ValidationError, match=error):
+        CancelRequest.model_validate(data)
+
+
+def test_a_cancel_request_needs_only_the_job_and_the_time() -> None:
+    cancel = CancelRequest.model_validate({"job_id": "job-1", "requested_at": "2026-11-22T10:30:00+01:00"})
+    assert (cancel.reason, cancel.requested_by, cancel.requested_at) == ("", "", NOW)
 
 
 def test_messages_are_frozen() -> None:

@@ -26,6 +26,7 @@ def test_topic_names_are_versioned() -> None:
 def test_keys_follow_the_design() -> None:
     keys = {spec_for_model(type(m)).topic: spec_for_model(type(m)).key(m) for m in examples()}
     assert keys[Topic.BROADCAST_JOBS] == "job-1"
+    assert keys[Topic.BROADCAST_CANCELS] == "job-1", "a cancel lands on its job's partition"
     assert keys[Topic.RESPONSE_FILES] == "sandbox/demo/responses/opens.csv"
     assert keys[Topic.RESPONSE_EVENTS] == "job-1/ck-1"
     assert keys[Topic.SUBSCRIPTION_CHANGES] == "a@example.com"
