@@ -53,6 +53,10 @@ EVENT_NAMESPACE = uuid.UUID("6f1c1d2e-8a0b-5c3e-9f47-2b1d0e6a9c55")
 """The uuid5 namespace of espbridge's deterministic event ids; never change it."""
 
 MAX_INLINE_ROWS = 10_000
+MAX_COLUMNS = 1600
+"""The most columns a selection or field map may name: PostgreSQL's own limit for one table."""
+MAX_FIELD_NAME = 200
+"""The longest ESP field name a field map may map a column to."""
 MAX_BROADCAST_ID = 200
 """The longest broadcast id a response event carries."""
 
@@ -128,8 +132,8 @@ class TableSelection(BaseModel):
 
     kind: Literal["table"] = "table"
     table: QualifiedName
-    columns: tuple[Identifier, ...] = Field(min_length=1)
-    filters: dict[Identifier, Scalar] = Field(default_factory=dict)
+    columns: tuple[Identifier, ...] = Field(min_length=1, max_length=MAX_COLUMNS)
+    filters: dict[Identifier, Scalar] = Field(default_factory=dict, max_length=MAX_COLUMNS)
 
 
 class CsvSelection(BaseModel):
@@ -154,6 +158,10 @@ class InlineSelection(BaseModel):
 Selection = Annotated[TableSelection | CsvSelection | InlineSelection, Field(discriminator="kind")]
 
 
+FieldName = Annotated[OneLine, StringConstraints(min_length=1, max_length=MAX_FIELD_NAME)]
+"""An ESP field a column is mapped to: the list file's header cell, on one line."""
+
+
 class SendMode(StrEnum):
     """Whether the monitor triggers the send after the import."""
 
@@ -169,14 +177,14 @@ class BroadcastJob(Message):
     job_id: JobId
     esp: Name
     account: Name
-    list_name: str = Field(min_length=1, max_length=200)
-    message: str = Field(min_length=1, max_length=200)
+    list_name: OneLine = Field(min_length=1, max_length=200)
+    message: OneLine = Field(min_length=1, max_length=200)
     selection: Selection
-    field_map: dict[Identifier, str] = Field(min_length=1)
+    field_map: dict[Identifier, FieldName] = Field(min_length=1, max_length=MAX_COLUMNS)
     communication_key: Identifier
     mode: SendMode = SendMode.UPLOAD_AND_SEND
     send_at: UtcDatetime | None = None
-    requested_by: str = Field(min_length=1, max_length=200)
+    requested_by: OneLine = Field(min_length=1, max_length=200)
     created_at: UtcDatetime
 
     @model_validator(mode="after")

@@ -159,6 +159,33 @@ def test_field_map_and_key_must_be_selected_columns() -> None:
         job(field_map={"email": "Email", "last_name": "LastName"})
 
 
+@pytest.mark.parametrize(
+    ("overrides", "error"),
+    [
+        ({"list_name": "November\nnewsletter"}, "list_name"),
+        ({"list_name": "x" * 201}, "at most 200"),
+        ({"message": "msg-42\r\n"}, "message"),
+        ({"field_map": {"email": "Email\nX-Injected: 1"}}, "field_map.email"),
+        ({"field_map": {"email": "E" * 201}}, "at most 200"),
+        ({"field_map": {"email": ""}}, "at least 1"),
+        ({"requested_by": "ops\u2028someone"}, "requested_by"),
+        (
+            {
+                "selection": {
+                    "kind": "table",
+                    "table": "crm.customers",
+                    "columns": [f"c{i}" for i in range(1601)],
+                }
+            },
+            "at most 1600",
+        ),
+    ],
+)
+def test_a_jobs_free_text_is_one_line_and_bounded(overrides: dict[str, object], error: str) -> None:
+    with pytest.raises(ValidationError, match=error):
+        job(**overrides)
+
+
 def test_naive_datetimes_are_refused_and_zones_normalized_to_utc() -> None:
     with pytest.raises(ValidationError, match="timezone"):
         job(created_at="2026-11-22T09:30:00")
