@@ -9,6 +9,7 @@ response files (or serves an event log), and its routes or its watcher call
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import threading
@@ -57,6 +58,11 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def _cancelled(record: SendRecord) -> bool:
+    """Whether a send was cancelled; asked after each wait, since a cancel may come during any."""
+    return record.state is SendState.CANCELLED
+
+
 class Account:
     """One ESP account: its folder tree, its imports and sends, and the background work for them."""
 
@@ -72,6 +78,10 @@ class Account:
         """Set when the sandbox stops: worker threads check it between rows, files and steps."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._running_imports: dict[str, asyncio.Task[None]] = {}
+        self._send_wakeups: dict[str, asyncio.Event] = {}
+        """Set to wake a send waiting for its start (or in its send delay): it was cancelled."""
+        self._writing: set[str] = set()
+        """Sends whose responses are being written: past the point a cancel can stop them."""
         self._logs: dict[str, EventLog] = {}
         self._staging = asyncio.Lock()
         self.limiter: RateLimiter | None = (
@@ -415,6 +425,31 @@ class Account:
         self.spawn(self._run_send(record), f"send {record.send_id}")
         return record, True
 
+    async def cancel_send(self, send_id: str) -> SendRecord:
+        """Cancel a send whose messages have not gone out: it ends ``cancelled`` with no responses.
+
+        A send already cancelled is answered as it is; one past that point keeps its state (the
+        caller tells the client it is too late). 404 ``send_not_found``.
+        """
+        record = self.state.sends.get(send_id)
+        if record is None:
+            raise EspError(404, "send_not_found", f"no send {send_id}")
+        if record.state not in (SendState.SCHEDULED, SendState.SENDING) or send_id in self._writing:
+            return record
+        record.state = SendState.CANCELLED
+        record.finished_at = utc_text(_now())
+        record.responses_complete = True  # none will be written; a restart does not resume it
+        self._send_wakeups.setdefault(send_id, asyncio.Event()).set()
+        await self.state.save()
+        log.info("send cancelled", extra={"account": self.name, "send_id": send_id})
+        return record
+
+    async def _until(self, record: SendRecord, seconds: float) -> None:
+        """Wait ``seconds``, or less if the send is cancelled meanwhile."""
+        woken = self._send_wakeups.setdefault(record.send_id, asyncio.Event())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(woken.wait(), max(0.0, seconds))
+
     async def _run_send(self, record: SendRecord) -> None:
         try:
             await self._send(record)
@@ -427,17 +462,25 @@ class Account:
                 record.finished_at = utc_text(_now())
                 record.error = f"the send could not be carried out: {exc}"
             await self.state.save()
+        finally:
+            self._send_wakeups.pop(record.send_id, None)
+            self._writing.discard(record.send_id)
 
     async def _send(self, record: SendRecord) -> None:
         if record.state is SendState.SCHEDULED:
             if record.starts_at is not None:
-                await asyncio.sleep(max(0.0, record.starts_at - time.time()))
+                await self._until(record, record.starts_at - time.time())
+            if _cancelled(record):
+                return
             record.state = SendState.SENDING
             record.started_at = utc_text(_now())
             await self.state.save()
             log.info("sending", extra={"account": self.name, "send_id": record.send_id})
             if self.settings.send_delay_s:
-                await asyncio.sleep(self.settings.send_delay_s)  # a real send takes a while
+                await self._until(record, self.settings.send_delay_s)  # a real send takes a while
+        if _cancelled(record):
+            return
+        self._writing.add(record.send_id)
         store = self.list_store(record.import_id)
         if not store.is_file():
             raise FileNotFoundError(f"the imported list of {record.import_id} is gone: {store}")

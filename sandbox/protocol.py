@@ -90,6 +90,8 @@ class SendState(StrEnum):
     """Every message went out (responses keep arriving afterwards)."""
     FAILED = "failed"
     """The send could not be carried out."""
+    CANCELLED = "cancelled"
+    """Cancelled by the client before its messages went out (no responses follow)."""
 
 
 def utc_text(moment: datetime | float) -> str:

@@ -141,9 +141,12 @@ class AccountState:
         return [s for s in self.sends.values() if s.external_id == external_id]
 
     def stats(self) -> dict[str, dict[str, int]]:
-        """How many imports and sends were created per ``external_id`` (tests prove "exactly once")."""
+        """How many imports and sends were created, and sends cancelled, per ``external_id`` (tests
+        prove "exactly once" and "never sent")."""
+        cancelled = (s.external_id for s in self.sends.values() if s.state is SendState.CANCELLED)
         return {
             "sends_created": dict(Counter(s.external_id for s in self.sends.values())),
+            "sends_cancelled": dict(Counter(cancelled)),
             "imports_created": dict(Counter(i.external_id for i in self.imports.values())),
         }
 

@@ -1,6 +1,7 @@
 """The ``generic`` flavor: the generic ESP protocol of docs/generic-esp.md (the default).
 
-REST API for imports and sends (the client triggers both), comma-delimited list files
+REST API for imports and sends (the client triggers both, and may cancel a send before its messages
+go out), comma-delimited list files
 ``drop/<job_id>.csv``, and response files ``<send_id>_<seq>_<phase>.csv`` with an ``EventId``.
 """
 
@@ -19,7 +20,7 @@ from sandbox.errors import EspError, json_response, not_found
 from sandbox.files import csv_line
 from sandbox.flavors.base import Flavor
 from sandbox.listfile import import_list
-from sandbox.protocol import API_PREFIX, DROP, EXTERNAL_ID_RE, RESPONSES, EventType, utc_text
+from sandbox.protocol import API_PREFIX, DROP, EXTERNAL_ID_RE, RESPONSES, EventType, SendState, utc_text
 from sandbox.responses import Broadcast, PendingFile, ResponseFormat, ResponsePhase
 from sandbox.simulate import Event
 from sandbox.state import ImportRecord, SendRecord
@@ -105,6 +106,18 @@ async def get_send(request: web.Request) -> web.Response:
     return _shown(request, account_of(request).state.sends, "send")
 
 
+async def cancel_send(request: web.Request) -> web.Response:
+    """``POST /sends/<send_id>/cancel``: 200 with the send, ``cancelled`` (again: the same answer);
+    409 ``send_not_cancellable`` once its messages are going out or went out."""
+    account = account_of(request)
+    record = await account.cancel_send(request.match_info["send_id"])
+    if record.state is not SendState.CANCELLED:
+        raise EspError(
+            409, "send_not_cancellable", f"send {record.send_id} is {record.state.value}: too late to cancel"
+        )
+    return json_response(record.public())
+
+
 async def list_sends(request: web.Request) -> web.Response:
     """``GET /sends?external_id=…``: the sends made with that ``external_id`` (all without it)."""
     account = account_of(request)
@@ -124,6 +137,7 @@ ROUTES = (
     web.post(f"{_BASE}/sends", create_send),
     web.get(f"{_BASE}/sends", list_sends),
     web.get(f"{_BASE}/sends/{{send_id}}", get_send),
+    web.post(f"{_BASE}/sends/{{send_id}}/cancel", cancel_send),
 )
 
 # Response files

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC
 from pathlib import Path
 from typing import Any, Unpack
+from urllib.parse import quote
 
 from shared.esp import base, rows
 from shared.esp.accounts import AccountConfig
@@ -108,6 +109,18 @@ class GenericConnector(base.Connector):
         unknown = EspUnavailableError(f"the ESP does not (yet) know send {send_id}")
         return _send_status(await self._body("GET", f"/sends/{send_id}", lambda _: unknown))
 
+    async def cancel_send(self, send_id: str, job: BroadcastJob) -> base.CancelResult:
+        """POST /sends/{id}/cancel: 200 → cancelled (also when it was already); 409 → too late."""
+        path = f"/sends/{quote(send_id, safe='')}/cancel"
+        status, body = await self._api.call("POST", path, answered=(200, 404, 409))
+        if status == 404:
+            raise ListRejectedError(f"the ESP does not know send {send_id}: {_message(body)}")
+        if status == 409:
+            return base.CancelResult(base.CancelOutcome.TOO_LATE, f"send {send_id}: {_message(body)}")
+        return base.CancelResult(
+            base.CancelOutcome.CANCELLED, f"send {send_id} cancelled at the ESP: nothing was sent"
+        )
+
     # --- response files -------------------------------------------------------------------------
 
     def parse_response_file(
@@ -150,6 +163,8 @@ def _import_status(body: Any) -> base.ImportStatus:
 
 
 def _send_status(body: Any) -> base.SendStatus:
+    if body["state"] == "cancelled":  # the send ends here, without messages
+        return base.SendStatus(str(body["send_id"]), base.SendState.FAILED, detail="cancelled at the ESP")
     return base.SendStatus(
         send_id=str(body["send_id"]),
         state=base.SendState(body["state"]),

@@ -157,7 +157,11 @@ async def test_unknown_objects_and_bad_requests(sandbox_esp: SandboxClient) -> N
         esp, "POST", "/sends", {"import_id": "imp-x", "message": "m", "external_id": "j1"}
     )
     assert (status, body["error"]) == (404, "import_not_found")
-    assert (await api(esp, "GET", "/_sandbox/stats"))[1] == {"sends_created": {}, "imports_created": {}}
+    assert (await api(esp, "GET", "/_sandbox/stats"))[1] == {
+        "sends_created": {},
+        "sends_cancelled": {},
+        "imports_created": {},
+    }
 
 
 # Imports
@@ -344,7 +348,7 @@ async def test_send_is_idempotent_and_sent_exactly_once(sandbox_esp: SandboxClie
         "finished_at",
     }
     _, stats = await api(esp, "GET", "/_sandbox/stats")
-    assert stats == {"sends_created": {job: 1}, "imports_created": {job: 1}}
+    assert stats == {"sends_created": {job: 1}, "sends_cancelled": {}, "imports_created": {job: 1}}
     assert {file_name_parts(n)[0] for n in response_files(esp)} == {manifest["send_id"]}
 
 
@@ -367,6 +371,36 @@ async def test_send_at_in_the_future_waits(sandbox_esp: SandboxClient) -> None:
     _, send = await api(esp, "GET", f"/sends/{created['send_id']}")
     assert send["state"] == "sent"
     assert datetime.fromisoformat(send["started_at"]) >= send_at
+
+
+async def test_a_cancelled_send_sends_nothing_and_a_sent_one_cannot_be_cancelled(
+    sandbox_esp: SandboxClient,
+) -> None:
+    esp = sandbox_esp
+    later = await import_done(esp, drop_list(esp, "job-cancel.csv", recipients(5)), "job-cancel")
+    send_at = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+    body = {"import_id": later["import_id"], "message": "m", "external_id": "job-cancel", "send_at": send_at}
+    _, created = await api(esp, "POST", "/sends", body)
+    cancel = f"/sends/{created['send_id']}/cancel"
+    answers = [await api(esp, "POST", cancel) for _ in range(2)]
+    assert [(status, b["state"]) for status, b in answers] == [(200, "cancelled"), (200, "cancelled")]
+    assert (await api(esp, "GET", f"/sends/{created['send_id']}"))[1]["state"] == "cancelled"
+
+    now = await import_done(esp, drop_list(esp, "job-now.csv", recipients(5)), "job-now")
+    body = {"import_id": now["import_id"], "message": "m", "external_id": "job-now", "send_at": None}
+    _, sent = await api(esp, "POST", "/sends", body)
+    await esp.complete_manifest("job-now")
+    status, refused = await api(esp, "POST", f"/sends/{sent['send_id']}/cancel")
+    assert (status, refused["error"]) == (409, "send_not_cancellable")
+    assert (await api(esp, "POST", "/sends/snd-unknown/cancel"))[0] == 404
+
+    stats = await esp.stats()
+    assert (stats["sends_created"], stats["sends_cancelled"]) == (
+        {"job-cancel": 1, "job-now": 1},
+        {"job-cancel": 1},
+    )
+    assert esp.manifest("job-cancel") is None
+    assert {file_name_parts(n)[0] for n in response_files(esp)} == {sent["send_id"]}
 
 
 # Restarts

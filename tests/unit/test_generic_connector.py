@@ -1,21 +1,26 @@
-"""The generic connector's response parser and the uploader's list-file rules, without servers."""
+"""The generic connector's response parser, its cancel against a fake of docs/generic-esp.md, and
+the uploader's list-file rules."""
 
 from __future__ import annotations
 
 import csv
 import io
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 from pydantic import SecretStr
 
 from cli.jobs import summarize
 from services.uploader import core as uploader
-from shared.esp import AccountConfig, BadRow, ConnectorContext
-from shared.esp.generic import RESPONSE_HEADER, GenericConnector
+from shared.esp import AccountConfig, BadRow, ConnectorContext, SendState
+from shared.esp.base import CancelOutcome
+from shared.esp.generic import RESPONSE_HEADER, GenericConnector, ListRejectedError
 from shared.model.messages import BroadcastStatus, EventType, ResponseEvent, Stage, State
+from tests.fixtures.fake_esp import FakeEsp, served
 from tests.unit.test_messages import job
 
 HEADER = ",".join(RESPONSE_HEADER)
@@ -121,3 +126,81 @@ def test_status_summary_folds_progress_updates() -> None:
         (Stage.SEND, State.DONE, 1, 1),
         (Stage.LOAD, State.RUNNING, 4, 5),
     ]
+
+
+# --- cancel -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class FakeGeneric(FakeEsp):
+    """Sends and their cancel as docs/generic-esp.md describes them."""
+
+    base: str = "/api/v1/accounts/demo"
+    sends: dict[str, str] = field(default_factory=dict)  # send id → state
+
+    def application(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post(self.base + "/sends/{send_id}/cancel", self.cancel)
+        app.router.add_get(self.base + "/sends/{send_id}", self.show)
+        return app
+
+    def body(self, send_id: str) -> dict[str, object]:
+        return {"send_id": send_id, "external_id": "job-1", "state": self.sends[send_id], "recipients": 3}
+
+    async def cancel(self, request: web.Request) -> web.Response:
+        send_id = request.match_info["send_id"]
+        if send_id not in self.sends:
+            return web.json_response({"error": "send_not_found", "message": f"no send {send_id}"}, status=404)
+        if self.sends[send_id] not in ("scheduled", "cancelled"):
+            message = f"send {send_id} is {self.sends[send_id]}: too late to cancel"
+            return web.json_response({"error": "send_not_cancellable", "message": message}, status=409)
+        self.sends[send_id] = "cancelled"
+        return web.json_response(self.body(send_id))
+
+    async def show(self, request: web.Request) -> web.Response:
+        return web.json_response(self.body(request.match_info["send_id"]))
+
+
+esp = served(FakeGeneric)
+
+
+def generic(esp: FakeGeneric) -> GenericConnector:
+    account = AccountConfig(esp="sandbox", account="demo", api_url=esp.url, token=SecretStr("t0k"))
+    return GenericConnector(account, ConnectorContext(esp.http))
+
+
+@pytest.mark.parametrize(
+    ("state", "outcome", "detail"),
+    [
+        ("scheduled", CancelOutcome.CANCELLED, "nothing was sent"),
+        ("cancelled", CancelOutcome.CANCELLED, "nothing was sent"),
+        ("sending", CancelOutcome.TOO_LATE, "is sending: too late"),
+        ("sent", CancelOutcome.TOO_LATE, "is sent: too late"),
+    ],
+)
+async def test_a_cancel_is_the_esps_answer_to_the_cancel_call(
+    esp: FakeGeneric, state: str, outcome: CancelOutcome, detail: str
+) -> None:
+    esp.sends["snd-1"] = state
+    result = await generic(esp).cancel_send("snd-1", job())
+    assert (result.outcome, detail in result.detail) == (outcome, True), result.detail
+    (call,) = esp.calls("/cancel")
+    assert (call.method, call.path, call.authorization) == ("POST", "/sends/snd-1/cancel", "Bearer t0k")
+
+
+async def test_a_cancelled_send_is_followed_as_ended_without_messages(esp: FakeGeneric) -> None:
+    esp.sends["snd-1"] = "scheduled"
+    c = generic(esp)
+    await c.cancel_send("snd-1", job())
+    status = await c.send_status("snd-1")
+    assert (status.state, status.detail) == (SendState.FAILED, "cancelled at the ESP")
+
+
+async def test_a_send_the_esp_does_not_know_cannot_be_cancelled(esp: FakeGeneric) -> None:
+    with pytest.raises(ListRejectedError, match="does not know send snd-9: no send snd-9"):
+        await generic(esp).cancel_send("snd-9", job())
+
+
+async def test_a_send_id_is_one_path_segment(esp: FakeGeneric) -> None:
+    with pytest.raises(ListRejectedError, match=r"no send \.\./imports/imp-1"):  # the route took it whole
+        await generic(esp).cancel_send("../imports/imp-1", job())
