@@ -9,8 +9,7 @@ from datetime import datetime, timedelta
 
 import asyncpg
 
-from services.uploader import core, selection
-from services.uploader.listfile import ListStream
+from services.uploader import core
 from services.uploader.settings import Settings
 from shared.esp import attribution
 from shared.esp.resources import EspResources
@@ -18,16 +17,9 @@ from shared.infra.db import Conn, jobs, uploaded_lists
 from shared.infra.logs import log_context
 from shared.infra.sftp import upload_stream_atomic
 from shared.model.errors import InvalidMessageError, PermanentError
-from shared.model.messages import (
-    BroadcastJob,
-    CsvSelection,
-    InlineSelection,
-    ListUploaded,
-    State,
-    TableSelection,
-    decode,
-    utcnow,
-)
+from shared.model.messages import BroadcastJob, ListUploaded, State, TableSelection, decode, utcnow
+from shared.operations import lists, selection
+from shared.operations.lists import ListStream
 from shared.runtime.failpoints import Point
 from shared.runtime.runtime import Runtime
 from shared.runtime.status import StatusReporter
@@ -83,51 +75,47 @@ async def upload_list(job: BroadcastJob, uploader: Uploader) -> ListUploaded:
     """Stream the selection into the ESP's list format and upload it atomically; where the account
     attributes response rows by communication key, record the list's keys."""
     connector = uploader.esp.connectors.get(job.esp, job.account)
-    core.check_mode(job, connector.can_send, connector.account.connector)
+    lists.check_mode(job, connector.can_send, connector.account.connector)
     fmt = connector.list_format
-    wanted = core.source_columns(job, fmt.key_field)
-    header = core.list_columns(job, fmt.email_field, fmt.key_field)
+    wanted = lists.source_columns(job, fmt.key_field)
+    header = lists.list_columns(job, fmt.email_field, fmt.key_field)
     sel = job.selection
-    copied = isinstance(sel, TableSelection) and core.copy_can_write(fmt)
+    copied = isinstance(sel, TableSelection) and lists.copy_can_write(fmt)
     kept_days = attribution.kept_days(connector)
     recording = kept_days is not None
     key_at = header.index(fmt.key_field)
+    remote = connector.list_path(job)
     stream = ListStream(
         header=header,
         fmt=fmt,
         first_rows_written=functools.partial(uploader.runtime.failpoints.reach, Point.UPLOADER_MID_UPLOAD),
-        tally=selection.Tally(),
         key_at=key_at if recording and not copied else None,
     )
-    remote = connector.list_path(job)
+
+    async def progress() -> None:
+        await uploader.statuses.report(core.writing_status(job.job_id, remote, stream.rows, stream.written))
+
+    stream.progress = progress
     await uploader.statuses.report(core.status(job.job_id, State.RUNNING, f"writing {remote}"))
-    column = uploader.settings.suppression_column
+    settings = uploader.settings
     uploaded_at: datetime | None = None  # set where the keys are recorded with the upload
     async with uploader.esp.sftp.session() as sftp:
-        if isinstance(sel, TableSelection) and copied:
+        if isinstance(sel, TableSelection):
             # Recording reads the keys again, in the snapshot the file was written from.
+            snapshot = recording and copied
             async with (
                 uploader.pool.acquire() as conn,
-                conn.transaction(readonly=not recording, isolation="repeatable_read" if recording else None),
+                conn.transaction(readonly=not snapshot, isolation="repeatable_read" if snapshot else None),
             ):
-                uploaded = await upload_stream_atomic(sftp, stream.copied(conn, sel, wanted, column), remote)
-                if recording:
+                file = lists.list_file(stream, job, wanted, settings, conn, copied=copied)
+                uploaded = await upload_stream_atomic(sftp, file, remote)
+                if snapshot:
                     uploaded_at = utcnow()
+                    column = settings.suppression_column
                     await _record_selected_keys(conn, job, uploaded_at, sel, wanted[key_at], column)
-        elif isinstance(sel, TableSelection):
-            async with uploader.pool.acquire() as conn, conn.transaction(readonly=True):
-                rows = selection.from_table(
-                    conn, sel, wanted, column, stream.tally, uploader.settings.fetch_rows
-                )
-                uploaded = await upload_stream_atomic(sftp, stream.encoded(rows), remote)
-        elif isinstance(sel, CsvSelection):
-            path = selection.resolve_csv(uploader.settings.csv_dir, sel.path)
-            rows = selection.from_csv(path, sel, wanted, column, stream.tally)
-            uploaded = await upload_stream_atomic(sftp, stream.encoded(rows), remote)
         else:
-            assert isinstance(sel, InlineSelection)
-            rows = selection.from_inline(sel, wanted, column, stream.tally)
-            uploaded = await upload_stream_atomic(sftp, stream.encoded(rows), remote)
+            file = lists.list_file(stream, job, wanted, settings, None, copied=False)
+            uploaded = await upload_stream_atomic(sftp, file, remote)
     uploaded_at = uploaded_at or utcnow()
     async with uploader.pool.acquire() as conn:
         if kept_days is not None:

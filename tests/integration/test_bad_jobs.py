@@ -52,6 +52,11 @@ CHANGED: list[tuple[str, dict[str, Any], str]] = [
     ("column-injection", extra_column('"email"--', "Extra"), "selection.table.columns"),
     ("no-such-table", {"selection": table("crm.missing")}, "crm.missing does not exist"),
     ("no-such-column", extra_column("shoe_size", "ShoeSize"), "crm.customers has no column shoe_size"),
+    (
+        "no-such-selected-column",  # selected, never mapped: still refused, the list is never written
+        {"selection": table(columns=[*COLUMNS, "shoe_size", "hat_size"])},
+        "crm.customers has no column hat_size, shoe_size",
+    ),
     ("no-rows", {"selection": table(city="Atlantis")}, "the selection has no recipients (0 opted out)"),
     ("all-opted-out", {"selection": table(opted_out=True)}, "the selection has no recipients (1 opted out)"),
 ]

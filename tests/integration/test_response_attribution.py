@@ -10,10 +10,10 @@ from typing import Any
 
 import asyncpg
 
-from services.uploader import core, selection
 from shared.infra.db import connect, uploaded_lists
 from shared.model.messages import DeadLetter, TableSelection
 from shared.model.topics import Topic
+from shared.operations import lists, selection
 from shared.operations.jobs import build_job, publish_job
 from tests.fixtures.deployment import Deployment, place
 from tests.fixtures.kafka import read_until
@@ -156,7 +156,7 @@ async def test_a_lists_keys_are_recorded_alike_from_the_copy_and_the_row_writer_
                 r async for r in selection.from_table(db, sel, ["ck"], "opted_out", selection.Tally(), 10)
             ]
             written = await uploaded_lists.start_list(db, f"written-{table}", "e", "a", start)
-            await uploaded_lists.copy_keys(db, written, [k for (v,) in rows if (k := core.text(v))])
+            await uploaded_lists.copy_keys(db, written, [k for (v,) in rows if (k := lists.text(v))])
         held = await uploaded_lists.lists_holding(db, "e", "a", [*wanted, "K4", ""])
         assert set(held) == wanted
         assert all(

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncpg
 
-from services.uploader import core, selection
 from shared.model.messages import TableSelection
+from shared.operations import lists, selection
 
 ROWS = """
 INSERT INTO crm.mixed VALUES
@@ -35,7 +35,7 @@ async def test_copy_and_the_row_writer_write_the_same_list(db: asyncpg.Connectio
     by_rows = selection.Tally()
     async with db.transaction(readonly=True):
         rows = [r async for r in selection.from_table(db, sel, COLUMNS, "opted_out", by_rows, 100)]
-    written = core.encode_rows(rows, ";", "\n", "utf-8")
+    written = lists.encode_rows(rows, ";", "\n", "utf-8")
 
     pieces: list[bytes] = []
 

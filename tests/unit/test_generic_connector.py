@@ -1,10 +1,8 @@
-"""The generic connector's response parser, its cancel against a fake of docs/generic-esp.md, and
-the uploader's list-file rules."""
+"""The generic connector's response parser and its cancel against a fake of docs/generic-esp.md
+(the list file's rules are in tests/unit/test_list_file.py)."""
 
 from __future__ import annotations
 
-import csv
-import io
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,7 +13,6 @@ from aiohttp import web
 from pydantic import SecretStr
 
 from cli.jobs import summarize
-from services.uploader import core as uploader
 from shared.esp import AccountConfig, BadRow, ConnectorContext, SendState
 from shared.esp.base import CancelOutcome
 from shared.esp.generic import RESPONSE_HEADER, GenericConnector, ListRejectedError
@@ -86,31 +83,6 @@ async def test_an_unexpected_header_rejects_the_file(tmp_path: Path) -> None:
     (item,) = await parse(tmp_path, "Email,Type\na@x.com,open\n")
     assert isinstance(item, BadRow)
     assert item.line == 1
-
-
-def test_list_columns_add_the_key_field_and_need_an_email() -> None:
-    j = job()
-    assert uploader.list_columns(j, "EmailAddress", "CommunicationKey") == [
-        "EmailAddress",
-        "FirstName",
-        "CommunicationKey",
-    ]
-    assert uploader.source_columns(j, "CommunicationKey") == ["email", "first_name", "communication_key"]
-    with pytest.raises(uploader.FieldMapError, match="'Email'"):
-        uploader.list_columns(j, "Email", "CommunicationKey")
-
-
-def test_list_rows_are_quoted_as_rfc_4180() -> None:
-    data = uploader.encode_rows([["a@x.com", 'Jo "JJ", Jr', None, True]], ",", "\n", "utf-8")
-    assert data == b'a@x.com,"Jo ""JJ"", Jr",,true\n'
-    assert next(csv.reader(io.StringIO(data.decode()))) == ["a@x.com", 'Jo "JJ", Jr', "", "true"]
-
-
-def test_suppression_values() -> None:
-    assert uploader.is_suppressed({"opted_out": "Yes"}, "opted_out")
-    assert uploader.is_suppressed({"opted_out": True}, "opted_out")
-    assert not uploader.is_suppressed({"opted_out": "0"}, "opted_out")
-    assert not uploader.is_suppressed({}, "opted_out")
 
 
 def test_status_summary_folds_progress_updates() -> None:

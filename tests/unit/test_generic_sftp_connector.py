@@ -101,7 +101,7 @@ async def test_there_is_no_send() -> None:
 
 
 def test_upload_and_send_jobs_are_refused_for_file_only_esps() -> None:
-    from services.uploader.core import ModeError, check_mode
+    from shared.operations.lists import ModeError, check_mode
     from tests.unit.test_messages import job
 
     with pytest.raises(ModeError, match="mode upload_only"):

@@ -1,65 +1,13 @@
-"""The uploader's rules without I/O: the list file's header and bytes as the ESP gets them, and the
-status a job gets at each step of its upload."""
+"""The uploader's rules without I/O: the status a job gets at each step of its upload (the list
+file's rules are in tests/unit/test_list_file.py)."""
 
 from __future__ import annotations
-
-from datetime import UTC, date, datetime
-from decimal import Decimal
 
 import pytest
 
 from services.uploader import core
-from shared.esp import ListFormat
 from shared.model.messages import ListUploaded, Stage, State
-from tests.unit.test_messages import examples, job
-
-
-def test_the_header_follows_the_field_map_and_keeps_a_mapped_key_field_once() -> None:
-    mapped_key = job(field_map={"email": "EmailAddress", "communication_key": "CommunicationKey"})
-    assert core.list_columns(mapped_key, "EmailAddress", "CommunicationKey") == [
-        "EmailAddress",
-        "CommunicationKey",
-    ]
-    assert core.source_columns(mapped_key, "CommunicationKey") == ["email", "communication_key"]
-
-
-@pytest.mark.parametrize(
-    ("value", "text"),
-    [
-        (None, ""),
-        (False, "false"),
-        (7, "7"),
-        (Decimal("1E+20"), "100000000000000000000"),
-        (Decimal("12.50"), "12.50"),
-        (date(2026, 11, 22), "2026-11-22"),
-        (datetime(2026, 11, 22, 9, 30, tzinfo=UTC), "2026-11-22T09:30:00+00:00"),
-    ],
-)
-def test_a_value_is_written_as_postgresql_would_write_it(value: object, text: str) -> None:
-    assert core.text(value) == text
-
-
-def test_rows_take_the_esps_delimiter_line_end_and_encoding() -> None:
-    data = core.encode_rows([["Email", "Name"], ["zoë@x.com", "a;b"]], ";", "\r\n", "latin-1")
-    assert data == 'Email;Name\r\nzoë@x.com;"a;b"\r\n'.encode("latin-1")
-
-
-@pytest.mark.parametrize(
-    ("fmt", "copy_writes_it"),
-    [
-        (ListFormat(), True),
-        (ListFormat(delimiter="\t"), True),
-        (ListFormat(line_terminator="\r\n"), False),
-        (ListFormat(encoding="latin-1"), False),
-        (ListFormat(encoding="UTF8"), True),
-        (ListFormat(delimiter="||"), False),
-        (ListFormat(delimiter='"'), False),
-    ],
-)
-def test_postgresql_copy_writes_the_list_only_for_formats_it_writes_byte_for_byte(
-    fmt: ListFormat, copy_writes_it: bool
-) -> None:
-    assert core.copy_can_write(fmt) is copy_writes_it
+from tests.unit.test_messages import examples
 
 
 def test_an_upload_in_progress_reports_the_upload_stage_running() -> None:
