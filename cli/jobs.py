@@ -1,4 +1,4 @@
-"""``espbridge job``: publish a broadcast job, and follow it."""
+"""``espbridge job``: publish a broadcast job, follow it, cancel it."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from shared.infra.settings import KafkaSettings, PostgresSettings
 from shared.model.errors import ConfigurationError, InvalidMessageError
 from shared.model.messages import BroadcastStatus
 from shared.model.topics import Topic
-from shared.operations.jobs import build_job, funnel, publish_job, read_statuses
+from shared.operations.jobs import build_cancel, build_job, funnel, publish_cancel, publish_job, read_statuses
 
 
 def read_job_file(path: Path) -> dict[str, Any]:
@@ -98,6 +98,29 @@ async def job_publish(args: argparse.Namespace) -> int:
     return 0
 
 
+async def job_cancel(args: argparse.Namespace) -> int:
+    """``job cancel``: publish a cancel request for the job and say what was published."""
+    request = build_cancel(args.job_id, args.reason)
+    kafka = KafkaSettings()
+    await publish_cancel(kafka, request)
+    reason = f", reason {request.reason!r}" if request.reason else ""
+    print(
+        f"cancel of job {request.job_id} requested by {request.requested_by or '(unknown)'} "
+        f"at {request.requested_at:%Y-%m-%d %H:%M:%S} UTC{reason} (on {kafka.topic(Topic.BROADCAST_CANCELS)})"
+    )
+    print(f"the outcome is reported by the monitor: espbridge job status {request.job_id}")
+    return 0
+
+
+CANCEL_HELP = """\
+Ask for a broadcast to be cancelled: publishes a cancel request for JOB_ID on broadcast.cancels.v1
+and returns at once. The monitor acts on it. Before the send was requested nothing is sent; after,
+the ESP's own cancel is called where the ESP has one, and `espbridge job status JOB_ID` shows
+the outcome: cancelled, too late (the send already went out) or not supported by the ESP. A
+cancelled job stays cancelled: a late import or file does not start it again. Exit 0 once the
+request is published, 1 if Kafka cannot be reached, 2 for a bad JOB_ID or reason."""
+
+
 async def job_status(args: argparse.Namespace) -> int:
     """``job status``: the job's stages from broadcast.status.v1 and its response funnel."""
     statuses = await read_statuses(KafkaSettings(), args.job_id)
@@ -136,6 +159,16 @@ def add_parser(groups: Any) -> None:
     pub.add_argument("--communication-key", help="the column responses are matched on")
     pub.add_argument("--upload-only", action="store_true", help="upload and import, do not send")
     pub.add_argument("--send-at", help="ISO 8601 time with zone to send at")
+    cancel = job.add_parser(
+        "cancel",
+        help="cancel a broadcast: nothing is sent, or the ESP's cancel is called",
+        description=CANCEL_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    cancel.add_argument("job_id", metavar="JOB_ID", help="the job to cancel (as `job publish` printed it)")
+    cancel.add_argument(
+        "--reason", default="", help="why, for the job's history (one line, at most 500 characters)"
+    )
     st = job.add_parser("status", help="a job's stages and response funnel")
     st.add_argument("job_id")
     st.add_argument("--json", action="store_true", help="machine-readable output")

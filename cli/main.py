@@ -6,6 +6,7 @@ espbridge topics create     create the registry topics (ESPBRIDGE_KAFKA_*)
 espbridge topics list       the registry: topic, model, partitions
 espbridge job publish       publish a broadcast job from a file and/or flags
 espbridge job status        a job's stages and response funnel
+espbridge job cancel        ask for a broadcast to be cancelled (the monitor reports the outcome)
 espbridge gather now        scan the ESP accounts for response files now
 espbridge dlq list          dead letters with their reason and replay state
 espbridge dlq replay        send dead letters back once their cause is fixed (once each)
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
@@ -56,6 +58,7 @@ COMMANDS: dict[tuple[str, str], Callable[[argparse.Namespace], int | Coroutine[A
     ("topics", "list"): lambda _: topics_list(),
     ("job", "publish"): jobs.job_publish,
     ("job", "status"): jobs.job_status,
+    ("job", "cancel"): jobs.job_cancel,
     ("gather", "now"): lambda _: gather_now_command(),
     ("dlq", "list"): dlq.dlq_list,
     ("dlq", "replay"): dlq.dlq_replay,
@@ -67,6 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one CLI command; returns the exit code."""
     args = parser().parse_args(argv)
     configure("cli", "WARNING")
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # an outage is said once, by the command
     back_off_failed_metadata_updates()
     command = COMMANDS[(args.group, args.cmd)]
     try:

@@ -1,4 +1,5 @@
-"""Broadcast jobs from the outside: building one from a document, publishing it, following it.
+"""Broadcast jobs from the outside: building one from a document, publishing it, cancelling it,
+following it.
 
 Used by the CLI (``espbridge job …``), the demo and the tests; services never need these.
 """
@@ -17,7 +18,7 @@ from shared.infra.db import connect, responses
 from shared.infra.kafka import ensure_topics, publish, read_topic
 from shared.infra.settings import KafkaSettings, PostgresSettings
 from shared.model.errors import InvalidMessageError
-from shared.model.messages import BroadcastJob, BroadcastStatus
+from shared.model.messages import BroadcastJob, BroadcastStatus, CancelRequest, Message
 from shared.model.topics import Topic
 
 
@@ -35,21 +36,49 @@ def build_job(document: dict[str, Any]) -> BroadcastJob:
     try:
         return BroadcastJob.model_validate(data)
     except ValidationError as exc:
-        problems = "\n".join(
-            f"  {'.'.join(str(p) for p in e['loc']) or '(job)'}: {e['msg']}" for e in exc.errors()
+        raise InvalidMessageError(f"the job is not valid:\n{_problems(exc, '(job)')}") from None
+
+
+def build_cancel(job_id: str, reason: str = "", requested_by: str | None = None) -> CancelRequest:
+    """A request to cancel a job, made now, by ``requested_by`` (default: the user running this)."""
+    try:
+        return CancelRequest(
+            job_id=job_id,
+            reason=reason,
+            requested_at=datetime.now(UTC),
+            requested_by=getpass.getuser() if requested_by is None else requested_by,
         )
-        raise InvalidMessageError(f"the job is not valid:\n{problems}") from None
+    except ValidationError as exc:
+        raise InvalidMessageError(
+            f"the cancel request is not valid:\n{_problems(exc, '(request)')}"
+        ) from None
 
 
-async def publish_job(kafka: KafkaSettings, job: BroadcastJob) -> None:
-    """Publish a job to broadcast.jobs.v1 (creating the topics if needed)."""
+def _problems(exc: ValidationError, whole: str) -> str:
+    """One indented line per problem: where (``whole`` for the message itself) and what."""
+    return "\n".join(f"  {'.'.join(str(p) for p in e['loc']) or whole}: {e['msg']}" for e in exc.errors())
+
+
+async def _publish(kafka: KafkaSettings, message: Message) -> None:
+    """Publish one message to its topic (creating the topics if needed)."""
     await ensure_topics(kafka)
     broker = KafkaBroker(kafka.bootstrap_servers, client_id=f"{kafka.client_id}-cli")
     await broker.start()
     try:
-        await publish(broker, kafka, job)
+        await publish(broker, kafka, message)
     finally:
         await broker.stop()
+
+
+async def publish_job(kafka: KafkaSettings, job: BroadcastJob) -> None:
+    """Publish a job to broadcast.jobs.v1 (creating the topics if needed)."""
+    await _publish(kafka, job)
+
+
+async def publish_cancel(kafka: KafkaSettings, request: CancelRequest) -> None:
+    """Publish a cancel request to broadcast.cancels.v1, keyed by its job (creating the topics if
+    needed). The monitor acts on it and reports the outcome on broadcast.status.v1."""
+    await _publish(kafka, request)
 
 
 async def read_statuses(kafka: KafkaSettings, job_id: str) -> list[BroadcastStatus]:
