@@ -6,13 +6,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from shared.model.messages import BroadcastJob, BroadcastStatus
+from shared.model.messages import BroadcastJob, BroadcastStatus, Stage, State
 
 if TYPE_CHECKING:  # SentBroadcast crosses the connector interface, which imports no I/O library
+    import asyncpg
+
     from shared.infra.db.core import Conn
 
 
@@ -175,3 +177,102 @@ async def sent_broadcasts(conn: Conn, esp: str, account: str, window_days: float
         int(window_days),
     )
     return [SentBroadcast(**dict(row)) for row in rows]
+
+
+# --- the run history: jobs listed and shown (espbridge job list, job status) --------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class JobSummary:
+    """A job as the run history shows it: what it sends, where it is now, and when."""
+
+    job_id: str
+    esp: str
+    account: str
+    list_name: str
+    message: str
+    mode: str
+    send_at: datetime | None
+    requested_by: str
+    stage: str
+    state: str
+    detail: str
+    counts: dict[str, int]
+    created_at: datetime
+    updated_at: datetime
+    send_requested_at: datetime | None
+    esp_import_id: str | None
+    esp_send_id: str | None
+
+
+_SUMMARY = """
+    SELECT job_id, esp, account, job->>'list_name' AS list_name, job->>'message' AS message,
+           coalesce(job->>'mode', 'upload_and_send') AS mode, (job->>'send_at')::timestamptz AS send_at,
+           job->>'requested_by' AS requested_by, stage, state, detail, counts::text AS counts,
+           created_at, updated_at, send_requested_at, esp_import_id, esp_send_id
+    FROM control.jobs
+"""
+
+
+def _summary(row: asyncpg.Record) -> JobSummary:
+    fields: dict[str, Any] = dict(row)
+    return JobSummary(**{**fields, "counts": orjson.loads(fields["counts"])})
+
+
+async def list_jobs(
+    conn: Conn,
+    *,
+    state: str | None = None,
+    stage: str | None = None,
+    esp: str | None = None,
+    account: str | None = None,
+    since: datetime | None = None,
+    limit: int = 50,
+) -> list[JobSummary]:
+    """The newest jobs first, those that match every filter given (None: any)."""
+    rows = await conn.fetch(
+        _SUMMARY
+        + """
+        WHERE ($1::text IS NULL OR state = $1) AND ($2::text IS NULL OR stage = $2)
+          AND ($3::text IS NULL OR esp = $3) AND ($4::text IS NULL OR account = $4)
+          AND ($5::timestamptz IS NULL OR created_at >= $5)
+        ORDER BY created_at DESC, job_id DESC
+        LIMIT $6
+        """,
+        state,
+        stage,
+        esp,
+        account,
+        since,
+        limit,
+    )
+    return [_summary(r) for r in rows]
+
+
+async def job_summary(conn: Conn, job_id: str) -> JobSummary | None:
+    """One job as the run history shows it, if recorded."""
+    row = await conn.fetchrow(_SUMMARY + " WHERE job_id = $1", job_id)
+    return None if row is None else _summary(row)
+
+
+async def job_history(conn: Conn, job_id: str) -> list[BroadcastStatus]:
+    """Every status recorded for a job (upload, import, send), oldest first."""
+    rows = await conn.fetch(
+        """
+        SELECT stage, state, detail, counts::text AS counts, service, at
+        FROM control.job_history WHERE job_id = $1 ORDER BY at, seq
+        """,
+        job_id,
+    )
+    return [
+        BroadcastStatus(
+            job_id=job_id,
+            stage=Stage(r["stage"]),
+            state=State(r["state"]),
+            detail=r["detail"],
+            counts=orjson.loads(r["counts"]),
+            service=r["service"],
+            at=r["at"],
+        )
+        for r in rows
+    ]

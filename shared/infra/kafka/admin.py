@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from shared.infra.settings import KafkaSettings
@@ -119,6 +120,25 @@ async def ensure_topics(settings: KafkaSettings, topics: Iterable[Topic] = tuple
         return created
     finally:
         await admin.close()
+
+
+async def max_message_bytes(settings: KafkaSettings, topic: Topic, timeout_s: float = 10.0) -> int | None:
+    """The largest record batch the topic takes (its ``max.message.bytes``, the broker's default
+    unless set); None when the topic does not exist yet."""
+    admin = _admin(settings, "check", timeout_s)
+    await _started(admin, settings)
+    try:
+        name = settings.topic(topic)
+        (response,) = await admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, name, {"max.message.bytes": None})]
+        )
+    finally:
+        await admin.close()
+    for resource in cast(Any, response).to_object()["resources"]:
+        for entry in resource["config_entries"]:
+            if resource["error_code"] == 0 and entry["config_names"] == "max.message.bytes":
+                return int(entry["config_value"])
+    return None
 
 
 async def kafka_answers(settings: KafkaSettings, timeout_s: float = 5.0) -> bool:

@@ -14,12 +14,17 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from faststream.kafka import KafkaBroker
 
 from shared.infra.settings import KafkaSettings
 from shared.model.errors import InvalidMessageError, UnavailableError
 from shared.model.messages import Message
 from shared.model.topics import Topic, spec_for_model
+
+
+def _headers(message: Message) -> dict[str, str]:
+    return {"content-type": "application/json", "schema-version": str(message.schema_version)}
 
 
 async def publish(broker: KafkaBroker, settings: KafkaSettings, message: Message) -> None:
@@ -29,8 +34,20 @@ async def publish(broker: KafkaBroker, settings: KafkaSettings, message: Message
         message.to_json(),
         topic=settings.topic(spec.topic),
         key=spec.key(message).encode(),
-        headers={"content-type": "application/json", "schema-version": str(message.schema_version)},
+        headers=_headers(message),
     )
+
+
+def record_bytes(message: Message) -> int:
+    """The size the producer counts for a message as :func:`publish` sends it (key, value, headers and
+    a record batch's overhead), which must stay within its ``max_request_size`` and the topic's
+    ``max.message.bytes``."""
+    spec = spec_for_model(type(message))
+    headers: list[tuple[str, bytes | None]] = [(k, v.encode()) for k, v in _headers(message).items()]
+    size: int = DefaultRecordBatchBuilder.estimate_size_in_bytes(
+        spec.key(message).encode(), message.to_json(), headers
+    )
+    return size
 
 
 async def publish_many(broker: KafkaBroker, settings: KafkaSettings, messages: Iterable[Message]) -> int:
@@ -43,7 +60,7 @@ async def publish_many(broker: KafkaBroker, settings: KafkaSettings, messages: I
                 message.to_json(),
                 topic=settings.topic(spec.topic),
                 key=spec.key(message).encode(),
-                headers={"content-type": "application/json", "schema-version": str(message.schema_version)},
+                headers=_headers(message),
                 no_confirm=True,
             )
         )
@@ -51,6 +68,9 @@ async def publish_many(broker: KafkaBroker, settings: KafkaSettings, messages: I
         await asyncio.gather(*pending)
     return len(pending)
 
+
+PRODUCER_MAX_REQUEST_BYTES = 1024 * 1024
+"""The producers' ``max_request_size``: aiokafka's default, which every espbridge producer keeps."""
 
 BATCH_BYTES = 512 * 1024
 """The size of one record batch of :class:`BatchPublisher` (under the broker's 1 MB message limit)."""
