@@ -20,10 +20,11 @@ from typing import Any
 import orjson
 
 from bench import generate, report, scenarios
+from bench.broadcasts import BroadcastsPlan, run_broadcasts
 from bench.harness import PARTITIONS_RESPONSES, ROOT, BenchEnv, bench_env, kafka_version, say
 from shared.infra.db import connect
 
-PARTS = ("e2e", "scale", "profile", "memory", "upload")
+PARTS = ("e2e", "scale", "profile", "memory", "broadcasts", "upload")
 
 
 @dataclass(frozen=True)
@@ -31,19 +32,25 @@ class Sizes:
     """How big each part is."""
 
     events: int
-    broadcasts: int
+    response_broadcasts: int
+    """How many broadcasts the generated response events belong to."""
     upload_rows: int
     memory_bytes: int
     scale_events: int
     rounds: int
     """How often the end-to-end run, the upload and their limits are each measured (best kept)."""
+    broadcasts: int
+    """Broadcasts of the many-broadcasts part (a tenth of them scheduled)."""
+    broadcast_recipients: int
+    broadcasts_timeout_s: float
+    """How long the many-broadcasts part waits from the publication before it reports what finished."""
 
     @classmethod
     def for_run(cls, quick: bool) -> Sizes:
         """The issue's sizes, or QUICK ones for a run of a few minutes."""
         if quick:
-            return cls(200_000, 8, 200_000, 100 * 10**6, 200_000, 2)
-        return cls(1_000_000, 8, 1_000_000, 2**30, 200_000, 3)
+            return cls(200_000, 8, 200_000, 100 * 10**6, 200_000, 2, 60, 500, 480)
+        return cls(1_000_000, 8, 1_000_000, 2**30, 200_000, 3, 500, 2000, 900)
 
 
 def _at_least_one(text: str) -> int:
@@ -105,11 +112,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     sizes = Sizes.for_run(args.quick)
     sizes = Sizes(
         args.events or sizes.events,
-        sizes.broadcasts,
+        sizes.response_broadcasts,
         args.upload_rows or sizes.upload_rows,
         args.memory_mb * 10**6 if args.memory_mb else sizes.memory_bytes,
         args.scale_events or sizes.scale_events,
         args.rounds or sizes.rounds,
+        args.broadcasts or sizes.broadcasts,
+        args.broadcast_recipients or sizes.broadcast_recipients,
+        args.broadcasts_timeout or sizes.broadcasts_timeout_s,
     )
     parts = set(args.only.split(",")) if args.only else set(PARTS)
     results: dict[str, Any] = {k: None for k in report.KEYS}
@@ -134,7 +144,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             folder = env.work / "responses"
             folder.mkdir()
             broadcasts = generate.plan_broadcasts(
-                env.token, sizes.events, sizes.broadcasts, generate.now_utc()
+                env.token, sizes.events, sizes.response_broadcasts, generate.now_utc()
             )
             limit_csv = env.work / "limit-events.csv"
             with limit_csv.open("w", encoding="utf-8", newline="") as out:
@@ -243,6 +253,30 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 if made.bytes >= 10**9
                 else f"QUICK: the file is {made.bytes / 1e6:.0f} MB, not 1 GB.",
             }
+        if "broadcasts" in parts:
+            plan = BroadcastsPlan(
+                sizes.broadcasts,
+                sizes.broadcast_recipients,
+                uploaders=args.uploaders,
+                monitors=args.monitors,
+                timeout_s=sizes.broadcasts_timeout_s,
+            )
+            say(
+                f"many broadcasts: {plan.broadcasts:,} of {plan.recipients:,} recipients published at once, "
+                f"{plan.scheduled} scheduled {plan.scheduled_ahead_s:.0f} s ahead; "
+                f"uploaders={plan.uploaders}, monitors={plan.monitors}, timeout {plan.timeout_s:.0f} s"
+            )
+            figures = await run_broadcasts(env, plan)
+            for key in ("broadcasts_per_min", "publish_to_sent_p95_s", "scheduled_late_p95_s"):
+                results[key] = figures.pop(key)
+            details["broadcasts"] = {**vars(plan), **figures}
+            say(
+                f"  {results['broadcasts_per_min']} broadcasts/min, publication → sent p95 "
+                f"{results['publish_to_sent_p95_s']} s, scheduled ones late p95 "
+                f"{results['scheduled_late_p95_s']} s (cpu s: "
+                + ", ".join(f"{k} {v:.0f}" for k, v in figures["cpu_s"].items())
+                + ")"
+            )
         if "upload" in parts:
             say(f"list upload: {sizes.upload_rows:,} recipients")
             u = await scenarios.upload(
@@ -283,6 +317,21 @@ def main(argv: list[str] | None = None) -> int:
         "--rounds",
         type=_at_least_one,
         help="times the end-to-end run, the upload and their limits are measured (best kept)",
+    )
+    parser.add_argument("--broadcasts", type=_at_least_one, help="broadcasts of the many-broadcasts part")
+    parser.add_argument(
+        "--broadcast-recipients", type=_at_least_one, help="recipients of each of the many broadcasts"
+    )
+    parser.add_argument(
+        "--broadcasts-timeout",
+        type=_at_least_one,
+        help="seconds the many-broadcasts part waits from the publication before it reports what finished",
+    )
+    parser.add_argument(
+        "--uploaders", type=_at_least_one, default=2, help="uploader processes of the many-broadcasts part"
+    )
+    parser.add_argument(
+        "--monitors", type=_at_least_one, default=2, help="monitor processes of the many-broadcasts part"
     )
     parser.add_argument("--seed", type=int, default=20261122, help="seed of the generated data")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "latest.json")

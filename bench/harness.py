@@ -146,14 +146,20 @@ class BenchEnv:
         env.update(extra)
         return env
 
-    def start(self, name: str, env: Mapping[str, str]) -> Service:
-        """Start ``python -m services.<name>`` (several of one service get numbered logs)."""
+    @property
+    def token_file(self) -> Path:
+        """The ESP account's API token (the sandbox ESP reads it, the accounts file names it)."""
+        return self.work / "esp-token"
+
+    def start(self, name: str, env: Mapping[str, str], module: str | None = None) -> Service:
+        """Start ``python -m services.<name>``, or ``python -m <module>`` (several of one name get
+        numbered logs)."""
         n = sum(1 for s in self.services if s.name == name)
         log = self.work / "logs" / f"run{self.runs}-{name}{n}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("ab") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", f"services.{name}"],
+                [sys.executable, "-m", module or f"services.{name}"],
                 env=dict(env),
                 cwd=ROOT,
                 stdout=out,
@@ -232,8 +238,7 @@ async def bench_env(base_env: Mapping[str, str], keep_work: bool = False) -> Asy
         work=work,
         accounts_file=work / "accounts.json",
     )
-    token_file = work / "esp-token"
-    token_file.write_text(secrets.token_urlsafe(16))
+    env.token_file.write_text(secrets.token_urlsafe(16))
     # The generic connector needs an API address; the bench's stages never call it.
     write_accounts_file(
         env.accounts_file,
@@ -243,7 +248,7 @@ async def bench_env(base_env: Mapping[str, str], keep_work: bool = False) -> Asy
                 "account": account,
                 "connector": "generic",
                 "api_url": f"http://127.0.0.1:9/api/v1/accounts/{account}",
-                "token_file": str(token_file),
+                "token_file": str(env.token_file),
             }
         ],
     )

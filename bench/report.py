@@ -21,6 +21,9 @@ KEYS = (
     "upload_ratio",
     "gatherer_peak_rss_mb",
     "loader_peak_rss_mb",
+    "broadcasts_per_min",
+    "publish_to_sent_p95_s",
+    "scheduled_late_p95_s",
     "scale",
 )
 """Every figure key of latest.json (a part not run has the key with null)."""
@@ -30,8 +33,27 @@ TARGETS: dict[str, tuple[str, float]] = {
     "upload_ratio": ("<=", 1.5),
     "gatherer_peak_rss_mb": ("<=", 300.0),
     "loader_peak_rss_mb": ("<=", 300.0),
+    "broadcasts_per_min": (">=", 90.0),
 }
 """The issue's targets: key → (comparison, bound)."""
+
+BROADCASTS_TARGET = (
+    "the issue's: the 450 immediate broadcasts all sent within 5 minutes of publication "
+    "(`broadcasts_per_min` >= 90), limited by the uploads and the ESP calls, never by waiting behind "
+    "each other or behind the scheduled ones"
+)
+
+PHASE_MEANING = {
+    "waiting for an uploader": "the jobs waited for an uploader: the uploads are the bound (more "
+    "uploader processes share them, up to the partitions of `broadcast.jobs.v1`)",
+    "upload": "writing the list files (selection → file on the ESP's SFTP site)",
+    "waiting for a monitor": "the uploaded lists waited for a monitor to take them: how many "
+    "broadcasts the monitors follow at once is the bound",
+    "import": "the ESP's imports, from the import call to the monitor seeing it done",
+    "send": "from the import's end to the ESP's send seen done: the send calls and the monitors' "
+    "status polls",
+}
+"""What it means when an immediate broadcast spent most of its time in a phase (bench.broadcasts.PHASES)."""
 
 SCALE_RUNS = ((1, 1), (2, 1), (4, 1), (1, 2), (2, 2))
 """(loaders, gatherers) of the scale runs."""
@@ -50,6 +72,88 @@ def judge(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
         met = None if value is None else (value >= bound if op == ">=" else value <= bound)
         out[key] = {"target": f"{op} {bound:g}", "value": value, "met": met}
     return out
+
+
+def slowest_phase(phases: dict[str, dict[str, Any]]) -> str | None:
+    """The phase with the largest mean time (None when no phase was measured)."""
+    means = {name: p["mean_s"] for name, p in phases.items() if p.get("mean_s") is not None}
+    return max(means, key=lambda name: means[name]) if means else None
+
+
+def _broadcasts_figures(b: dict[str, Any], results: dict[str, Any]) -> str:
+    """The bullet that says what the many-broadcasts figures are."""
+    p95 = _fmt(results.get("publish_to_sent_p95_s"))
+    if b.get("publish_to_sent_p95_is_lower_bound"):
+        p95 = f"over {p95} (more than 5 % were not sent when the scenario stopped)"
+    late = _fmt(results.get("scheduled_late_p95_s"))
+    if b.get("scheduled_late_p95_is_lower_bound"):
+        late = f"over {late} (not all were sent when the scenario stopped)"
+    text = (
+        f"- **Many broadcasts**: {_fmt(b.get('broadcasts'))} broadcasts of {_fmt(b.get('recipients'))} "
+        f"recipients each published at once to `broadcast.jobs.v1`, {_fmt(b.get('scheduled'))} of them "
+        f"(every {b.get('scheduled_every')}th) scheduled {_fmt(b.get('scheduled_ahead_s'))} s ahead, "
+        "through upload → import → send against the sandbox ESP (generic flavor) with "
+        f"{b.get('uploaders')} uploader and {b.get('monitors')} monitor processes. A broadcast is sent "
+        "when its job's status in `control.jobs` is `send` `done`. `broadcasts_per_min`: the "
+        f"{_fmt(b.get('immediate'))} immediate ones sent per minute from the publication to the last "
+        f"one's end ({_fmt(b.get('immediate_sent'))} sent in {_fmt(b.get('window_s'))} s); "
+        f"`publish_to_sent_p95_s`: publication → sent, 95th percentile, {p95} s (median "
+        f"{_fmt(b.get('publish_to_sent_p50_s'))} s, last {_fmt(b.get('publish_to_sent_max_s'))} s); "
+        "`scheduled_late_p95_s`: how long after its send time a scheduled one was sent, 95th "
+        f"percentile, {late} s ({_fmt(b.get('scheduled_sent'))} of {_fmt(b.get('scheduled'))} sent, "
+        f"the latest {_fmt(b.get('scheduled_late_max_s'))} s late"
+        + (f", {b['scheduled_early']} before their time" if b.get("scheduled_early") else "")
+        + f"). The target is {BROADCASTS_TARGET}."
+    )
+    if b.get("timed_out"):
+        text += (
+            f" **The scenario stopped at its timeout of {_fmt(b.get('timeout_s'))} s** with "
+            f"{_fmt(b.get('immediate_running'))} immediate and {_fmt(b.get('scheduled_running'))} "
+            "scheduled broadcasts not yet sent: the figures count what finished by then."
+        )
+    unsent = (b.get("immediate_unsent") or 0) + (b.get("scheduled_unsent") or 0)
+    if unsent:
+        text += f" {unsent} ended without a send: {'; '.join(b.get('unsent_reasons', []))}."
+    most = b.get("sends_per_broadcast_max")
+    if most is not None and most > 1:
+        text += f" **The ESP created {most} sends for one broadcast.**"
+    return text
+
+
+def _broadcasts_bounds(b: dict[str, Any], cores: Any) -> list[str]:
+    """The section that says what bounds the many-broadcasts figures."""
+    phases: dict[str, dict[str, Any]] = b.get("phases") or {}
+    lines = [
+        "",
+        "## Many broadcasts: what bounds them",
+        "",
+        "Where the immediate broadcasts that were sent spent their time, from the publication (each "
+        "span from the first time one status was recorded in `control.job_history` to the next):",
+        "",
+        "| phase | mean s | p95 s |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {name} | {_fmt(p.get('mean_s'))} | {_fmt(p.get('p95_s'))} |" for name, p in phases.items()]
+    slowest = slowest_phase(phases)
+    lines.append("")
+    if slowest is not None:
+        lines.append(f"Most of it went to **{slowest}**: {PHASE_MEANING.get(slowest, slowest)}.")
+    lines.append(
+        f"At most {_fmt(b.get('peak_in_flight'))} broadcasts were between their import's start and "
+        f"their end at the same time (`broadcast.lists.v1` has {_fmt(b.get('lists_partitions'))} "
+        "partitions)."
+    )
+    cpu: dict[str, Any] = b.get("cpu_s") or {}
+    if cpu:
+        available = cores * b["waited_s"] if isinstance(cores, int) and b.get("waited_s") else None
+        lines.append(
+            "CPU seconds of the processes during the scenario: "
+            + ", ".join(f"{name} {_fmt(v)}" for name, v in cpu.items())
+            + (f"; the machine's {cores} cores had {_fmt(available)} in that time" if available else "")
+            + " (the sandbox stands in for the ESP's own machines, and writes only the sent, "
+            "delivered and bounce responses)."
+        )
+    return lines
 
 
 def missing_keys(results: dict[str, Any]) -> list[str]:
@@ -188,6 +292,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         target, met = (t["target"], _fmt(t["met"])) if t else ("", "")
         lines.append(f"| `{key}` | {_fmt(results.get(key))} | {target} | {met} |")
     e2e, up, mem = details.get("e2e", {}), details.get("upload", {}), details.get("memory", {})
+    many = details.get("broadcasts", {})
     lines += ["", "What each figure is:", ""]
     if e2e:
         mb = _fmt((e2e.get("bytes") or 0) / 1e6)
@@ -227,6 +332,9 @@ def render_markdown(results: dict[str, Any]) -> str:
             f"tracking links) end to end ({_fmt(mem.get('events_per_s'))} events/s)."
             + (f" {mem['note']}" if mem.get("note") else "")
         )
+    if many:
+        lines.append(_broadcasts_figures(many, results))
+        lines += _broadcasts_bounds(many, machine.get("cpu_count"))
     scale = results.get("scale") or {}
     if scale:
         lines += [
@@ -295,14 +403,18 @@ def render_markdown(results: dict[str, Any]) -> str:
         "## Reproduce",
         "",
         "```",
-        "make bench            # full sizes: 1,000,000 events, 1,000,000 recipients, a 1 GiB response file",
-        "make bench QUICK=1    # a few minutes: 200,000 events and recipients, a 100 MB response file",
+        "make bench            # full sizes: 1,000,000 events, 1,000,000 recipients, a 1 GiB response file,",
+        "                      #   500 broadcasts of 2,000 recipients",
+        "make bench QUICK=1    # a few minutes: 200,000 events and recipients, a 100 MB response file,",
+        "                      #   60 broadcasts of 500 recipients",
         "```",
         "",
         "`make bench` starts the servers that are not running (`make up`), then runs `python -m bench`",
         "in its own `bench_*` database, `bench*.` topic prefix and ESP account folder, all removed at",
         "the end. It writes bench/results/latest.json and this page; `python -m bench --help` lists the",
-        "options (only some parts, other sizes, another output file).",
+        "options (only some parts, other sizes, another output file): with the servers' settings",
+        "sourced (`set -a; source .run/espbridge.env; set +a`), `python -m bench --only broadcasts",
+        "--monitors 3` runs the many-broadcasts part alone with three monitors.",
     ]
     if sizes:
         lines += ["", "Sizes of this run: " + ", ".join(f"{k} {_fmt(v)}" for k, v in sizes.items()) + "."]
