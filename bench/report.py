@@ -139,8 +139,8 @@ def _broadcasts_bounds(b: dict[str, Any], cores: Any) -> list[str]:
     if slowest is not None:
         lines.append(f"Most of it went to **{slowest}**: {PHASE_MEANING.get(slowest, slowest)}.")
     lines.append(
-        f"At most {_fmt(b.get('peak_in_flight'))} broadcasts were between their import's start and "
-        f"their end at the same time (`broadcast.lists.v1` has {_fmt(b.get('lists_partitions'))} "
+        "The most broadcasts between their import's start and their end at one time: "
+        f"{_fmt(b.get('peak_in_flight'))} (`broadcast.lists.v1` has {_fmt(b.get('lists_partitions'))} "
         "partitions)."
     )
     cpu: dict[str, Any] = b.get("cpu_s") or {}

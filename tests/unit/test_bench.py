@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import io
 from collections import Counter
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,18 @@ import pytest
 from pydantic import SecretStr
 
 from bench import generate, report
-from bench.__main__ import main
+from bench.__main__ import Sizes, main
+from bench.broadcasts import (
+    SENT,
+    BroadcastsPlan,
+    Timeline,
+    peak_overlap,
+    per_minute,
+    percentile,
+    percentile_with_unfinished,
+    plan_jobs,
+    summarize,
+)
 from services.loader.core import copy_line
 from shared.esp import AccountConfig, BadRow, ConnectorContext
 from shared.esp.generic import GenericConnector
@@ -163,3 +174,143 @@ def test_rounds_below_one_are_refused_with_a_clear_error(
         main(["--rounds", rounds])
     assert exited.value.code == 2  # argparse's usage error, before anything is measured
     assert "--rounds" in capsys.readouterr().err
+
+
+def test_the_issue_sizes_the_many_broadcasts_part_and_quick_shrinks_it() -> None:
+    full, quick = Sizes.for_run(quick=False), Sizes.for_run(quick=True)
+    assert (full.broadcasts, full.broadcast_recipients) == (500, 2000)
+    assert (quick.broadcasts, quick.broadcast_recipients) == (60, 500)
+    assert BroadcastsPlan(full.broadcasts, full.broadcast_recipients).scheduled == 50
+    assert BroadcastsPlan(quick.broadcasts, quick.broadcast_recipients).scheduled == 6
+
+
+def test_every_tenth_job_is_scheduled_ahead_to_the_whole_second() -> None:
+    now = START + timedelta(microseconds=250_000)
+    jobs, timelines = plan_jobs("t", "bench-t", BroadcastsPlan(20, 10), now)
+    due = START + timedelta(seconds=121)  # 120 s ahead, rounded up
+    assert [j.send_at for j in jobs] == [due if i in (9, 19) else None for i in range(20)]
+    assert len({j.job_id for j in jobs}) == len({j.list_name for j in jobs}) == 20
+    assert [t.send_at for t in timelines.values()] == [j.send_at for j in jobs]
+
+
+@pytest.mark.parametrize(
+    ("values", "pct", "expected"),
+    [
+        ([float(v) for v in range(20, 0, -1)], 95, 19.0),  # nearest rank: the 19th of 20, in order
+        ([float(v) for v in range(1, 101)], 95, 95.0),
+        ([1.0, 2.0, 3.0, 4.0], 50, 2.0),
+        ([7.0], 95, 7.0),
+        ([], 95, None),
+    ],
+)
+def test_a_percentile_is_the_nearest_rank_value(
+    values: list[float], pct: float, expected: float | None
+) -> None:
+    assert percentile(values, pct) == expected
+
+
+def test_broadcasts_not_sent_yet_make_the_p95_a_lower_bound() -> None:
+    sent = [float(v) for v in range(1, 20)]
+    assert percentile_with_unfinished(sent, 1, 300.0) == (19.0, False)  # the 19th of 20 was sent
+    assert percentile_with_unfinished(sent, 2, 300.0) == (300.0, True)  # the 20th of 21 is not sent yet
+    assert percentile_with_unfinished([], 0, 300.0) == (None, False)
+
+
+def at(seconds: float) -> datetime:
+    return START + timedelta(seconds=seconds)
+
+
+def sent_broadcast(n: int, seconds: float) -> Timeline:
+    """An immediate broadcast through every stage, sent ``seconds`` after START."""
+    stages = {
+        "upload/running": 1,
+        "upload/done": 2,
+        "import/running": seconds - 3,
+        "import/done": seconds - 1,
+    }
+    first = {k: at(v) for k, v in stages.items()} | {SENT: at(seconds)}
+    return Timeline(f"b{n}", None, first, sent_at=at(seconds))
+
+
+def test_the_rate_counts_the_immediate_broadcasts_from_publication_to_the_last_sent() -> None:
+    immediate = [sent_broadcast(n, 10.0 * n) for n in range(1, 10)]  # sent at 10, 20 … 90 s
+    scheduled = Timeline("s", at(120), {SENT: at(125)}, sent_at=at(125))
+    figures = summarize([*immediate, scheduled], START, ended_at=at(126))
+    assert figures["broadcasts_per_min"] == 6.0  # 9 in 90 s; the scheduled one, later, not counted
+    assert figures["window_s"] == 90.0
+    assert figures["publish_to_sent_p95_s"] == 90.0  # the 9th of 9
+    assert figures["publish_to_sent_p50_s"] == 50.0
+    assert figures["scheduled_late_p95_s"] == 5.0
+    assert (figures["immediate_sent"], figures["scheduled_sent"], figures["timed_out"]) == (9, 1, False)
+    assert figures["phases"]["waiting for an uploader"] == {"mean_s": 1.0, "p95_s": 1.0}
+    assert figures["phases"]["send"] == {"mean_s": 1.0, "p95_s": 1.0}
+    assert figures["phases"]["waiting for a monitor"]["mean_s"] == 45.0  # (7 + 17 … + 87) / 9
+
+
+def test_a_timeout_reports_what_finished_by_then() -> None:
+    timelines = [sent_broadcast(n, 10.0 * n) for n in range(1, 7)]  # 6 sent by 60 s
+    timelines += [Timeline(f"r{n}", None, {"import/running": at(50)}) for n in range(3)]
+    timelines.append(
+        Timeline(
+            "f",
+            None,
+            {"import/failed": at(5)},
+            unsent="import/failed: line 2: invalid email",
+            unsent_at=at(5),
+        )
+    )
+    timelines.append(Timeline("s", at(120), {"import/done": at(30)}))
+    figures = summarize(timelines, START, ended_at=at(180))
+    assert figures["broadcasts_per_min"] == 2.0  # 6 sent in the 3 minutes waited
+    assert (figures["publish_to_sent_p95_s"], figures["publish_to_sent_p95_is_lower_bound"]) == (180.0, True)
+    assert (figures["scheduled_late_p95_s"], figures["scheduled_late_p95_is_lower_bound"]) == (60.0, True)
+    assert figures["timed_out"] is True
+    assert (figures["immediate_running"], figures["immediate_unsent"], figures["scheduled_running"]) == (
+        3,
+        1,
+        1,
+    )
+    assert figures["unsent_reasons"] == ["import/failed: line 2: invalid email"]
+
+
+def test_in_flight_counts_the_broadcasts_between_import_and_end_at_one_instant() -> None:
+    assert peak_overlap([(at(0), at(10)), (at(5), at(15)), (at(10), at(20))]) == 2
+    assert peak_overlap([(at(0), at(10)), (at(10), at(20)), (at(20), at(30))]) == 1
+    assert peak_overlap([]) == 0
+    three = [sent_broadcast(n, 10.0) for n in range(3)]  # all three between 7 s and 10 s
+    assert summarize(three, START, at(10))["peak_in_flight"] == 3
+    assert per_minute(0, 0.0) == 0.0
+
+
+def broadcasts_results(timed_out: bool) -> dict[str, Any]:
+    figures = summarize([sent_broadcast(n, 10.0 * n) for n in range(1, 10)], START, at(90))
+    results = full_results()
+    for key in ("broadcasts_per_min", "publish_to_sent_p95_s", "scheduled_late_p95_s"):
+        results[key] = figures.pop(key)
+    results["details"] = {
+        "broadcasts": {
+            **vars(BroadcastsPlan(9, 100)),
+            **figures,
+            "timed_out": timed_out,
+            "cpu_s": {"uploader": 4.0, "monitor": 9.5, "sandbox": 3.0},
+            "lists_partitions": 3,
+        }
+    }
+    results["targets"] = report.judge(results)
+    return results
+
+
+def test_the_page_says_what_bounds_the_many_broadcasts_against_the_issues_target() -> None:
+    results = broadcasts_results(timed_out=False)
+    assert results["targets"]["broadcasts_per_min"] == {"target": ">= 90", "value": 6.0, "met": False}
+    page = report.render_markdown(results)
+    assert "| `broadcasts_per_min` | 6.00 | >= 90 | no |" in page
+    assert "the 450 immediate broadcasts all sent within 5 minutes of publication" in page
+    assert "| waiting for a monitor | 45.00 | 85.00 |" in page
+    assert "Most of it went to **waiting for a monitor**" in page
+    assert "`broadcast.lists.v1` has 3 partitions" in page
+    assert "monitor 9.50" in page
+    assert "the machine's 2 cores had 180" in page
+    assert "stopped at its timeout" not in page
+    assert "stopped at its timeout" in report.render_markdown(broadcasts_results(timed_out=True))
+    assert report.slowest_phase({}) is None
