@@ -6,11 +6,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from shared.model.messages import BroadcastJob, BroadcastStatus, Stage, State
+from shared.model.messages import BroadcastJob, BroadcastStatus, CancelRequest, Stage, State
 
 if TYPE_CHECKING:  # SentBroadcast crosses the connector interface, which imports no I/O library
     import asyncpg
@@ -31,21 +32,32 @@ class JobRow:
     esp_send_id: str | None
 
 
+async def _lock_job_id(conn: Conn, job_id: str) -> None:
+    """Serialize, until the transaction ends, the recording of a job and of a cancel for its id
+    (a cancel may come before the job: neither may miss the other)."""
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtext('control.jobs'), hashtext($1))", job_id)
+
+
 async def upsert_job(conn: Conn, job: BroadcastJob) -> bool:
-    """Record a job (once); True if it was new."""
-    inserted = await conn.fetchval(
-        """
-        INSERT INTO control.jobs (job_id, esp, account, job, stage, state, created_at)
-        VALUES ($1, $2, $3, $4::jsonb, 'upload', 'queued', $5)
-        ON CONFLICT (job_id) DO NOTHING
-        RETURNING true
-        """,
-        job.job_id,
-        job.esp,
-        job.account,
-        job.to_json().decode(),
-        job.created_at,
-    )
+    """Record a job (once); True if it was new. A job whose cancel came first is recorded cancelled."""
+    async with conn.transaction():
+        await _lock_job_id(conn, job.job_id)
+        inserted = await conn.fetchval(
+            """
+            INSERT INTO control.jobs (job_id, esp, account, job, stage, state, detail, created_at)
+            SELECT $1, $2, $3, $4::jsonb, 'upload',
+                   CASE WHEN c.job_id IS NULL THEN 'queued' ELSE 'cancelled' END,
+                   CASE WHEN c.job_id IS NULL THEN '' ELSE 'cancelled before the job arrived' END, $5
+            FROM (SELECT 1) AS one LEFT JOIN control.job_cancels c ON c.job_id = $1
+            ON CONFLICT (job_id) DO NOTHING
+            RETURNING true
+            """,
+            job.job_id,
+            job.esp,
+            job.account,
+            job.to_json().decode(),
+            job.created_at,
+        )
     return bool(inserted)
 
 
@@ -63,35 +75,31 @@ async def upload_done(conn: Conn, job_id: str) -> bool:
 
 
 async def record_status(conn: Conn, status: BroadcastStatus) -> None:
-    """Keep a job's latest state and its history (unknown jobs are ignored)."""
-    counts = orjson.dumps(status.counts).decode()
-    async with conn.transaction():
-        updated = await conn.fetchval(
-            """
-            UPDATE control.jobs SET stage = $2, state = $3, detail = $4, counts = $5::jsonb, updated_at = $6
-            WHERE job_id = $1 RETURNING true
-            """,
-            status.job_id,
-            status.stage.value,
-            status.state.value,
-            status.detail,
-            counts,
-            status.at,
+    """Keep a job's latest state and its history (unknown jobs are ignored).
+
+    ``cancelled`` is final: a later status of a cancelled job (a step that was already under way)
+    goes into its history but does not move its state.
+    """
+    await conn.execute(
+        """
+        WITH job AS (
+            SELECT job_id, state FROM control.jobs WHERE job_id = $1 FOR UPDATE
+        ), moved AS (
+            UPDATE control.jobs j
+            SET stage = $2, state = $3, detail = $4, counts = $5::jsonb, updated_at = $6
+            FROM job WHERE j.job_id = job.job_id AND (job.state <> 'cancelled' OR $3 = 'cancelled')
         )
-        if updated:
-            await conn.execute(
-                """
-                INSERT INTO control.job_history (job_id, stage, state, detail, counts, service, at)
-                VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7)
-                """,
-                status.job_id,
-                status.stage.value,
-                status.state.value,
-                status.detail,
-                counts,
-                status.service,
-                status.at,
-            )
+        INSERT INTO control.job_history (job_id, stage, state, detail, counts, service, at)
+        SELECT job.job_id, $2, $3, $4, $5::jsonb, $7, $6 FROM job
+        """,
+        status.job_id,
+        status.stage.value,
+        status.state.value,
+        status.detail,
+        orjson.dumps(status.counts).decode(),
+        status.at,
+        status.service,
+    )
 
 
 async def get_job(conn: Conn, job_id: str) -> JobRow | None:
@@ -116,20 +124,95 @@ async def set_import_id(conn: Conn, job_id: str, import_id: str) -> None:
     await conn.execute("UPDATE control.jobs SET esp_import_id = $2 WHERE job_id = $1", job_id, import_id)
 
 
-async def claim_send(conn: Conn, job_id: str) -> bool:
-    """Record "send requested" before the send call; False if it was recorded before.
+class SendClaim(StrEnum):
+    """What claiming a job's send found."""
 
-    A False answer means an earlier attempt may have reached the ESP: the caller must ask the ESP
-    whether the send exists before calling send again.
-    """
+    CLAIMED = "claimed"
+    """"Send requested" is recorded now: the caller makes the send call."""
+    CLAIMED_BEFORE = "claimed_before"
+    """It was recorded before, so an earlier attempt may have reached the ESP: ask the ESP first."""
+    CANCELLED = "cancelled"
+    """The job was cancelled before its send was claimed: nothing may be sent."""
+
+
+async def claim_send(conn: Conn, job_id: str) -> SendClaim:
+    """Record "send requested" before the send call, unless it was recorded before or the job was
+    cancelled. The claim and :func:`request_cancel` lock the job's row, so exactly one comes first."""
     claimed = await conn.fetchval(
         """
         UPDATE control.jobs SET send_requested_at = now()
-        WHERE job_id = $1 AND send_requested_at IS NULL RETURNING true
+        WHERE job_id = $1 AND send_requested_at IS NULL AND state <> 'cancelled' RETURNING true
         """,
         job_id,
     )
-    return bool(claimed)
+    if claimed:
+        return SendClaim.CLAIMED
+    # A new statement, a new snapshot: it sees whichever claim or cancel made the update pass.
+    before = await conn.fetchval(
+        "SELECT send_requested_at IS NOT NULL FROM control.jobs WHERE job_id = $1", job_id
+    )
+    return SendClaim.CLAIMED_BEFORE if before else SendClaim.CANCELLED
+
+
+class CancelFound(StrEnum):
+    """Where a cancel request found its job."""
+
+    UNKNOWN_JOB = "unknown_job"
+    """Not received yet: the cancel is recorded and the job is refused when it arrives."""
+    BEFORE_SEND = "before_send"
+    """Its send was not claimed: the job is cancelled now and nothing will be sent."""
+    ALREADY_CANCELLED = "already_cancelled"
+    """Cancelled before (or an upload_only job whose import ended): nothing to do."""
+    SEND_CLAIMED = "send_claimed"
+    """Its send was requested from the ESP: only the ESP's cancel can stop it."""
+
+
+@dataclass(frozen=True, slots=True)
+class CancelDecision:
+    """What :func:`request_cancel` decided, and the job's stage when the cancel came."""
+
+    found: CancelFound
+    stage: str | None
+
+
+async def request_cancel(conn: Conn, cancel: CancelRequest, detail: str) -> CancelDecision:
+    """Record a cancel request and cancel the job if its send is not claimed yet (``detail`` is then
+    its state's detail). Exclusive with :func:`claim_send`: whichever locks the job's row first wins."""
+    async with conn.transaction():
+        await _lock_job_id(conn, cancel.job_id)
+        await conn.execute(
+            """
+            INSERT INTO control.job_cancels (job_id, reason, requested_by, requested_at)
+            VALUES ($1, $2, $3, $4) ON CONFLICT (job_id) DO NOTHING
+            """,
+            cancel.job_id,
+            cancel.reason,
+            cancel.requested_by,
+            cancel.requested_at,
+        )
+        row = await conn.fetchrow(
+            "SELECT stage, state, send_requested_at FROM control.jobs WHERE job_id = $1 FOR UPDATE",
+            cancel.job_id,
+        )
+        if row is None:
+            return CancelDecision(CancelFound.UNKNOWN_JOB, None)
+        if row["send_requested_at"] is not None:
+            return CancelDecision(CancelFound.SEND_CLAIMED, row["stage"])
+        if row["state"] == "cancelled":
+            return CancelDecision(CancelFound.ALREADY_CANCELLED, row["stage"])
+        await conn.execute(
+            "UPDATE control.jobs SET state = 'cancelled', detail = $2, updated_at = now() WHERE job_id = $1",
+            cancel.job_id,
+            detail,
+        )
+        return CancelDecision(CancelFound.BEFORE_SEND, row["stage"])
+
+
+async def cancel_requested(conn: Conn, job_id: str) -> bool:
+    """Whether a cancel was requested for the job (also before it arrived)."""
+    return bool(
+        await conn.fetchval("SELECT EXISTS (SELECT 1 FROM control.job_cancels WHERE job_id = $1)", job_id)
+    )
 
 
 async def set_send_id(conn: Conn, job_id: str, send_id: str) -> None:
