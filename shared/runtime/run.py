@@ -1,7 +1,8 @@
 """Running a service: wait for Kafka, open what ``create_app`` asks for, run until SIGTERM.
 
 SIGTERM and SIGINT stop the consumers, let in-flight messages finish (long work that polls hands
-its message back instead), close every resource in reverse, and the process exits 0.
+its message back instead) and background work return, close every resource in reverse, and the
+process exits 0.
 """
 
 from __future__ import annotations
@@ -97,12 +98,14 @@ async def run_service(name: str, settings: ServiceSettings, create_app: AppFacto
 
             async def mark_ready() -> None:
                 runtime.ready = True
+                runtime.start_background()
                 log.info("service ready", extra={"group_id": settings.group_id(name)})
 
             async def mark_stopping() -> None:
                 runtime.ready = False
                 runtime.stopping.set()
                 log.info("stopping: finishing in-flight messages")
+                await runtime.stop_background()
 
             app.after_startup(mark_ready)
             app.on_shutdown(mark_stopping)

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -61,6 +61,8 @@ class Runtime:
         self.failpoints = Failpoints(settings.failpoints)
         self.outages = Outages()
         self._postgres_watched = False
+        self._background: list[tuple[str, Callable[[], Coroutine[Any, Any, None]]]] = []
+        self._running: list[asyncio.Task[None]] = []
         self.stack = contextlib.AsyncExitStack()
         self.http = HealthServer(settings.http, self.metrics, lambda: self.ready)
         self.broker: KafkaBroker = make_broker(
@@ -116,6 +118,35 @@ class Runtime:
         rebalance waits for the messages in flight."""
         return self.stopping.is_set() or self.inflight.draining
 
+    def run_in_background(self, name: str, work: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run ``work()`` beside the subscribers from the moment the service is ready.
+
+        It must return soon after :attr:`stopping` is set (SIGTERM): the stop waits for it, up to
+        the shutdown grace, before the consumers and the broker stop, and cancels it after that.
+        """
+        self._background.append((name, work))
+
+    def start_background(self) -> None:
+        """Start the work given to :meth:`run_in_background` (the service is ready)."""
+        for name, work in self._background:
+            task = asyncio.create_task(work(), name=name)
+            task.add_done_callback(_log_failure)
+            self._running.append(task)
+
+    async def stop_background(self) -> None:
+        """Wait for the background work to return (:attr:`stopping` is set), cancelling what is
+        still running when the shutdown grace is over."""
+        if not self._running:
+            return
+        _, late = await asyncio.wait(self._running, timeout=self.settings.shutdown_timeout_s)
+        for task in late:
+            log.warning(
+                "background work cut off at the end of the shutdown grace", extra={"work": task.get_name()}
+            )
+            task.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
+        self._running.clear()
+
     async def sleep(self, seconds: float) -> None:
         """Wait between polls of long work; raises :class:`StoppingError` once the service begins
         to stop, so the work hands its message back instead of holding shutdown past its grace."""
@@ -169,6 +200,13 @@ class Runtime:
         """Publish a dead letter and count it."""
         await self.publish(letter)
         self.metrics.inc("dead_letters_total", error_class=letter.error_class)
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error(
+            "background work ended with an error", extra={"work": task.get_name()}, exc_info=task.exception()
+        )
 
 
 class AppFactory(Protocol):
