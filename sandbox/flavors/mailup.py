@@ -86,7 +86,7 @@ from sandbox.errors import OAUTH, ErrorStyle, EspError, bad_request, found, json
 from sandbox.eventlog import EVENTS_FOLDER, read_step
 from sandbox.files import atomic_write_bytes, atomic_writer, csv_field
 from sandbox.flavors.base import Flavor
-from sandbox.limits import SlidingWindow
+from sandbox.limits import SlidingWindow, retry_after_s
 from sandbox.listfile import recipient_store
 from sandbox.protocol import (
     API_PREFIX,
@@ -282,6 +282,9 @@ class MailUpSettings(SandboxSettings):
     rate_limit_per_s: int = Field(
         default=5, ge=0, description="console+statistics calls per second (0 = off)"
     )
+    mailup_stop_interval_s: float = Field(
+        default=30.0, ge=0, description="Stop calls: at most one per so many seconds (MailUp: 30; 0 = off)"
+    )
     bad_rows: int = Field(default=0, ge=0, description="malformed rows added to every export file")
 
     def field_id(self, name: str) -> int | None:
@@ -406,6 +409,8 @@ class Sending(BaseModel):
     confirmed: str | None = None
     send_id: str | None = None
     bad_rows: int = 0
+    stopped: str | None = None
+    """When a Stop took it out of its queue: it leaves every queue and sends nothing."""
 
 
 class Export(BaseModel):
@@ -571,6 +576,9 @@ class MailUp:
             stale.unlink(missing_ok=True)
         settings = mailup_settings()
         self.window = SlidingWindow(settings.rate_limit_per_s) if settings.rate_limit_per_s else None
+        self.stops = (
+            SlidingWindow(1, settings.mailup_stop_interval_s) if settings.mailup_stop_interval_s else None
+        )
         self.webhooks: collections.deque[dict[str, str]] = collections.deque()
         self._wakeup: asyncio.Event | None = None
         self._stats: dict[tuple[int, str], tuple[tuple[tuple[str, int], ...], list[dict[str, Any]]]] = {}
@@ -596,13 +604,29 @@ class MailUp:
             {"Retry-After": "1"},
         )
 
+    def check_stop_limit(self, account: Account) -> None:
+        """The 429 over one Stop per ``MAILUP_STOP_INTERVAL_S``, with the seconds left as ``Retry-After``."""
+        if self.stops is None or (wait_s := self.stops.acquire()) == 0:
+            return
+        account.counters["rate_limited"] += 1
+        raise EspError(
+            429,
+            "too_many_requests",
+            "Authorization error (too_many_requests): Too many requests. "
+            f"Max:1 call every {self.stops.window_s:g} seconds for Stop/Delete sendings.",
+            {"Retry-After": str(retry_after_s(wait_s))},
+        )
+
     def stats(self, account: Account, tokens_issued: int) -> dict[str, Any]:
-        """``_sandbox/stats``: sendings and imports per job id, tokens issued, 429s answered."""
+        """``_sandbox/stats``: sendings (created and stopped) and imports per job id, tokens issued,
+        429s answered."""
         with self.store.lock:
             sends = collections.Counter(s.job for s in self.store.data.sendings)
+            stopped = collections.Counter(s.job for s in self.store.data.sendings if s.stopped is not None)
             imports = collections.Counter(i.job for i in self.store.data.imports)
         return {
             "sends_created": dict(sends),
+            "sends_cancelled": dict(stopped),
             "imports_created": dict(imports),
             "rate_limited": account.counters["rate_limited"],
             "tokens_issued": tokens_issued,
@@ -705,7 +729,9 @@ class MailUp:
         """The sending's queue (``Undefined``, ``Deferred``, ``Immediate``), or None once delivery
         started (or if it failed)."""
         record = account.state.sends.get(sending.send_id) if sending.send_id else None
-        if record is not None and record.state in (SendState.SENT, SendState.FAILED):
+        if sending.stopped is not None or (
+            record is not None and record.state in (SendState.SENT, SendState.FAILED)
+        ):
             return None
         if sending.deferred is not None:
             return "Deferred" if _now() < datetime.fromisoformat(sending.deferred) else "Immediate"
@@ -763,8 +789,9 @@ class MailUp:
         return sending
 
     async def defer(self, account: Account, sending: Sending, when: datetime) -> None:
-        """Schedule an Undefined sending for ``when`` (a confirmed or deferred one: nothing happens)."""
-        if sending.confirmed is not None or sending.deferred is not None:
+        """Schedule an Undefined sending for ``when`` (a confirmed, deferred or stopped one: nothing
+        happens)."""
+        if sending.confirmed is not None or sending.deferred is not None or sending.stopped is not None:
             return
         with self.store.lock:
             sending.deferred = when.isoformat()
@@ -772,8 +799,8 @@ class MailUp:
         await self.start_sending(account, sending)
 
     async def confirm(self, account: Account, sending: Sending) -> None:
-        """Confirm an Undefined sending (again, or a deferred one: nothing happens)."""
-        if sending.confirmed is not None or sending.deferred is not None:
+        """Confirm an Undefined sending (again, or a deferred or stopped one: nothing happens)."""
+        if sending.confirmed is not None or sending.deferred is not None or sending.stopped is not None:
             return
         with self.store.lock:
             sending.confirmed = _now().isoformat()
@@ -797,6 +824,23 @@ class MailUp:
         with self.store.lock:
             sending.send_id = record.send_id
         await asyncio.to_thread(self.store.save)
+
+    async def stop(self, account: Account, sending: Sending) -> bool:
+        """Take a sending out of its queue before its delivery starts (again: nothing happens);
+        False once delivery started (or the sending failed)."""
+        if sending.stopped is not None:
+            return True
+        if sending.send_id is not None:
+            record = await account.cancel_send(sending.send_id)
+            if record.state is not SendState.CANCELLED:
+                return False
+        with self.store.lock:
+            sending.stopped = _now().isoformat()
+        await asyncio.to_thread(self.store.save)
+        log.info(
+            "sending stopped", extra={"account": account.name, "sending": sending.id, "job": sending.job}
+        )
+        return True
 
     def sending_item(self, account: Account, sending: Sending, state: str | None = None) -> dict[str, Any]:
         """An ``EmailSendingItem``."""
@@ -1434,6 +1478,16 @@ async def defer(call: Call) -> dict[str, Any]:
     return call.mailup.sending_item(call.account, sending)
 
 
+async def stop(call: Call) -> None:
+    """``POST /Console/Email/Sendings/{sending}/Stop``: out of its queue, nothing sent (200, no
+    body); 400 once its delivery started. One call per ``MAILUP_STOP_INTERVAL_S`` (429)."""
+    call.no_filter()
+    sending = _sending(call)
+    call.mailup.check_stop_limit(call.account)
+    if not await call.mailup.stop(call.account, sending):
+        raise bad_request(f"Sending {sending.id} is completed and cannot be stopped")
+
+
 def queue(name: str) -> Endpoint:
     """``GET /Console/Email/Sendings/{name}``: the sendings in that queue, by id."""
 
@@ -1506,6 +1560,7 @@ ROUTES = (
     web.post(f"{BASE}{CONSOLE}/Console/List/{{list}}/Email/{{message}}/Send", api(send_to_list)),
     web.post(f"{BASE}{CONSOLE}/Console/Email/Sendings/{{sending}}/Immediate", api(confirm)),
     web.post(f"{BASE}{CONSOLE}/Console/Email/Sendings/{{sending}}/Deferred", api(defer)),
+    web.post(f"{BASE}{CONSOLE}/Console/Email/Sendings/{{sending}}/Stop", api(stop)),
     *(
         web.get(f"{BASE}{CONSOLE}/Console/Email/Sendings/{name}", api(queue(name)))
         for name in ("Deferred", "Undefined", "Immediate")

@@ -33,6 +33,7 @@ import csv
 import hmac
 import logging
 import re
+import time
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, replace
@@ -162,6 +163,7 @@ class Options(ConnectorOptions):
     statistics_source: Literal["api", "export"] = "api"
     page_size: int = Field(default=500, ge=1)
     rate_limit_per_s: int = Field(default=5, ge=1)
+    stop_interval_s: float = Field(default=30.0, ge=0, description="MailUp: one Stop every 30 s")
     token_margin_s: float = Field(default=60.0, ge=0)
     token_path: str = Field(default="/Authorization/OAuth/Token", min_length=1)
     console_path: str = "/API/v1.1/Rest/ConsoleService.svc"
@@ -411,6 +413,7 @@ class MailUpConnector(base.Connector):
             times=rows.LocalTimes(opts.export_date_format, opts.export_timezone),
         )
         self._endpoints = API_ENDPOINTS if opts.statistics_source == "api" else EXPORT_API_ENDPOINTS
+        self._stopped_at: float | None = None  # when this process last called Stop (monotonic)
         self._final_imports: dict[int, _Chunk] = {}
         self._local_errors: dict[str, tuple[str, ...]] = {}
         self.response_sources: tuple[base.ResponseSource, ...] = (
@@ -865,11 +868,7 @@ class MailUpConnector(base.Connector):
     async def send_status(self, send_id: str) -> base.SendStatus:
         """Where the sending is: a queue → scheduled/sending; SendHistory → sending, or sent once
         every row has its EndDate; only recipients counted → sending; nowhere → failed."""
-        match = _SEND_ID.fullmatch(send_id)
-        if match is None:
-            raise ListRejectedError(f"{send_id!r} is not a mailup send id (<message>[:<sending>])")
-        message = int(match.group(1))
-        sending = int(match.group(2)) if match.group(2) else None
+        message, sending = _parse_send_id(send_id)
         try:
             found = await self._find_sending(message, sending)
         except ListRejectedError:
@@ -882,6 +881,60 @@ class MailUpConnector(base.Connector):
                 detail=f"{what} not found (in no queue, no SendHistory, no recipients)",
             )
         return found.status()
+
+    async def cancel_send(self, send_id: str, job: BroadcastJob) -> base.CancelResult:
+        """Stop the job's sending where MailUp still has it: in a queue, or in delivery.
+
+        ``POST /Console/Email/Sendings/{id}/Stop``, at most once every ``stop_interval_s`` (MailUp's
+        limit; sooner raises a transient error with the wait). A send id without the sending's id
+        (only SendHistory showed it) and a finished sending are too late.
+        """
+        message, sending = _parse_send_id(send_id)
+        if sending is None:
+            return base.CancelResult(
+                base.CancelOutcome.TOO_LATE,
+                f"the sending of message {message} was found only in its SendHistory: delivery began, "
+                "and MailUp's Stop needs the sending's id",
+            )
+        found = await self._find_sending(message, sending)
+        if found is None:
+            return base.CancelResult(
+                base.CancelOutcome.CANCELLED, f"sending {sending} is in no queue and has no history: stopped"
+            )
+        if found.place == "History" and found.ended:
+            return base.CancelResult(
+                base.CancelOutcome.TOO_LATE, f"sending {sending} finished ({found.recipients} recipients)"
+            )
+        status, body = await self._stop(sending)
+        if status == 200:
+            where = "in delivery: recipients reached before it got the message"
+            if found.place not in _DELIVERY:
+                where = f"in the {found.place} queue: nothing was sent"
+            return base.CancelResult(base.CancelOutcome.CANCELLED, f"sending {sending} stopped {where}")
+        after = await self._find_sending(message, sending)  # refused: where is it now?
+        if after is None:
+            return base.CancelResult(base.CancelOutcome.CANCELLED, f"sending {sending} was stopped before")
+        if after.place in _DELIVERY:
+            return base.CancelResult(
+                base.CancelOutcome.TOO_LATE,
+                f"sending {sending}: MailUp refused the stop: {_error_text(body)}",
+            )
+        raise ListRejectedError(f"MailUp refused to stop sending {sending} ({status}): {_error_text(body)}")
+
+    async def _stop(self, sending: int) -> tuple[int, Any]:
+        """One Stop call, kept to MailUp's one call per ``stop_interval_s`` in this process."""
+        interval = self.options.stop_interval_s
+        if self._stopped_at is not None and (wait := self._stopped_at + interval - time.monotonic()) > 0:
+            raise EspUnavailableError(
+                f"MailUp allows one Stop every {interval:g}s: the next in {wait:.0f}s", retry_after_s=wait
+            )
+        self._stopped_at = time.monotonic()
+        return await self._api.call(
+            "POST",
+            f"{self._console}/Console/Email/Sendings/{sending}/Stop",
+            retries=Retries(),  # a 429 goes to the caller with its Retry-After: the window is long
+            answered=(200, 400, 404, 409),
+        )
 
     # --- statistics API -------------------------------------------------------------------------------
 
@@ -1219,6 +1272,18 @@ class _PullContext:
     page: int
     pulled_at: datetime
     sending: str | None
+
+
+_DELIVERY: tuple[Place, ...] = ("History", "Recipients")
+"""Where a sending is once its delivery began."""
+
+
+def _parse_send_id(send_id: str) -> tuple[int, int | None]:
+    """(message, sending) of ``<message>[:<sending>]``."""
+    match = _SEND_ID.fullmatch(send_id)
+    if match is None:
+        raise ListRejectedError(f"{send_id!r} is not a mailup send id (<message>[:<sending>])")
+    return int(match.group(1)), int(match.group(2)) if match.group(2) else None
 
 
 def _error_text(body: Any) -> str:

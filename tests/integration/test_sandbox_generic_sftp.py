@@ -122,7 +122,11 @@ async def test_a_dropped_list_is_sent_and_answered_in_ferg_files(sandbox: Sandbo
         started = int(time.time())
         drop_list(esp, "job-1.txt", rows)
         manifest = await esp.complete_manifest("job-1")
-        assert await esp.stats() == {"sends_created": {"job-1": 1}, "imports_created": {"job-1": 1}}
+        assert await esp.stats() == {
+            "sends_created": {"job-1": 1},
+            "sends_cancelled": {},
+            "imports_created": {"job-1": 1},
+        }
         # Without the token, the test-support API is closed as in every flavor.
         async with esp.http.get(esp.api() + "/_sandbox/stats") as resp:
             assert resp.status == 401
@@ -207,6 +211,7 @@ async def test_a_restarted_sandbox_sends_a_file_only_once(sandbox: Sandboxes, tm
         await second.complete_manifest("job-b")
         assert await second.stats() == {
             "sends_created": {"job-a": 1, "job-b": 1},
+            "sends_cancelled": {},
             "imports_created": {"job-a": 1, "job-b": 1},
         }
         assert second.stop() == 0

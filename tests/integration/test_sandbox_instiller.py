@@ -410,6 +410,7 @@ async def test_import_send_and_paged_exports(sandbox: Sandboxes) -> None:
         assert (status, body["error"]) == (404, "send_not_found")
         assert await client.esp.stats() == {
             "sends_created": {"job-1": 1},
+            "sends_cancelled": {},
             "imports_created": {"job-1": 1},
             "rate_limited": 0,
         }

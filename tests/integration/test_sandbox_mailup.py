@@ -329,6 +329,7 @@ async def test_token_grants_refresh_and_expiry(sandbox: Sandboxes) -> None:
             assert resp.status == 401
         assert await client.esp.stats() == {
             "sends_created": {},
+            "sends_cancelled": {},
             "imports_created": {},
             "rate_limited": 0,
             "tokens_issued": 1,
@@ -639,6 +640,7 @@ async def test_import_send_and_every_response_source(sandbox: Sandboxes, webhook
 
         assert await client.esp.stats() == {
             "sends_created": {"job-1": 1},
+            "sends_cancelled": {},
             "imports_created": {"job-1": 2},
             "rate_limited": 0,
             "tokens_issued": 1,
@@ -745,6 +747,45 @@ async def test_deferred_and_list_sendings_without_export(sandbox: Sandboxes) -> 
         assert status == 404
 
 
+async def test_stop_takes_a_sending_out_of_its_queue_once_per_interval(sandbox: Sandboxes) -> None:
+    with sandbox(FLAVOR, rate_limit_per_s="0", mailup_stop_interval_s="1") as esp:
+        client = Client(esp)
+        await client.login()
+        later = (datetime.now(UTC) + timedelta(hours=1)).strftime("%Y-%m-%d %H:%M:%SZ")
+        group, _ = await client.import_job("job-deferred", 7, 3, prefix="d")
+        deferred = await client.ok(
+            "POST", f"/Console/Group/{group}/Email/7/Send", params={"datetime": f'"{later}"'}
+        )
+        group, _ = await client.import_job("job-undefined", 9, 3, prefix="u")
+        undefined = await client.ok("POST", f"/Console/Group/{group}/Email/9/Send")
+
+        assert await client.ok("POST", f"/Console/Email/Sendings/{deferred['Id']}/Stop") is None
+        status, body, headers = await client.call(
+            "POST", f"/Console/Email/Sendings/{undefined['Id']}/Stop", retry_429=False
+        )
+        assert (status, body["ErrorCode"], headers["Retry-After"]) == (429, "429", "1"), "one Stop a second"
+        await client.ok("POST", f"/Console/Email/Sendings/{undefined['Id']}/Stop")  # after Retry-After
+        await client.ok("POST", f"/Console/Email/Sendings/{undefined['Id']}/Immediate")  # changes nothing
+        for queue in ("Undefined", "Deferred", "Immediate"):
+            assert (await client.ok("GET", f"/Console/Email/Sendings/{queue}"))["Items"] == [], queue
+        for message in (7, 9):
+            assert (await client.ok("GET", f"/Console/List/1/Email/{message}/SendHistory"))["Items"] == []
+
+        group, _ = await client.import_job("job-now", 8, 3, prefix="n")
+        now = await client.ok("POST", f"/Console/Group/{group}/Email/8/Send")
+        await client.ok("POST", f"/Console/Email/Sendings/{now['Id']}/Immediate")
+        await esp.complete_manifest("job-now", timeout_s=10)
+        status, body, _ = await client.call("POST", f"/Console/Email/Sendings/{now['Id']}/Stop")
+        assert (status, body["ErrorDescription"]) == (
+            400,
+            f"Sending {now['Id']} is completed and cannot be stopped",
+        )
+
+        stats = await esp.stats()
+        assert stats["sends_cancelled"] == {"job-deferred": 1, "job-undefined": 1}
+        assert (esp.manifest("job-deferred"), esp.manifest("job-undefined")) == (None, None)
+
+
 async def test_over_the_limit_answers_429(sandbox: Sandboxes) -> None:
     with sandbox(FLAVOR) as esp:
         client = Client(esp)
@@ -817,6 +858,7 @@ async def test_restart_resumes_without_sending_twice(sandbox: Sandboxes) -> None
         # Nothing sent, imported or released twice; the state survived.
         assert await client.esp.stats() == {
             "sends_created": {"job-r": 1, "job-u": 1},
+            "sends_cancelled": {},
             "imports_created": {"job-r": 1, "job-u": 1},
             "rate_limited": 0,
             "tokens_issued": 1,
@@ -842,6 +884,7 @@ async def test_restart_resumes_without_sending_twice(sandbox: Sandboxes) -> None
         assert item["EndDate"] is not None
         assert await client.esp.stats() == {
             "sends_created": {"job-r": 1, "job-u": 1},
+            "sends_cancelled": {},
             "imports_created": {"job-r": 1, "job-u": 1},
             "rate_limited": 0,
             "tokens_issued": 1,

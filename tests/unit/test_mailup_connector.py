@@ -28,7 +28,7 @@ from shared.esp import (
     WebhookAuthError,
     connector_for,
 )
-from shared.esp.base import ResponseSource
+from shared.esp.base import CancelOutcome, ResponseSource
 from shared.esp.generic import ListRejectedError
 from shared.esp.mailup import MailUpConnector, MessageTakenError, read_list_rows
 from shared.esp.rest import EspAuthError, EspUnavailableError
@@ -91,6 +91,9 @@ class FakeMailUp(FakeEsp):
     confirmed: list[int] = field(default_factory=list)
     deferred: list[tuple[int, Any]] = field(default_factory=list)
     next_sending: int = 555
+    stopped: list[int] = field(default_factory=list)
+    delivering: set[int] = field(default_factory=set)
+    """Sendings in delivery that a Stop still halts (a Stop of any other sending in no queue: 400)."""
     stats: dict[tuple[int, str], list[dict[str, Any]]] = field(default_factory=dict)
 
     def application(self) -> web.Application:
@@ -237,6 +240,16 @@ def _app(fake: FakeMailUp) -> web.Application:
     async def queue(request: web.Request) -> web.Response:
         return _envelope(fake, request, fake.queues[request.match_info["queue"]])
 
+    async def stop(request: web.Request) -> web.Response:
+        sending = int(request.match_info["id"])
+        queued = [(q, i) for q, items in fake.queues.items() for i in items if i["Id"] == sending]
+        if not queued and sending not in fake.delivering:
+            return _error(400, f"Sending {sending} is completed and cannot be stopped", "BadRequest")
+        for q, item in queued:
+            fake.queues[q].remove(item)
+        fake.stopped.append(sending)
+        return web.json_response(None)
+
     async def count_recipients(request: web.Request) -> web.Response:
         return web.json_response(fake.counted.get(int(request.match_info["message"]), 0))
 
@@ -263,6 +276,7 @@ def _app(fake: FakeMailUp) -> web.Application:
     app.router.add_post(CONSOLE + "/Console/Email/Sendings/{id}/Immediate", immediate)
     app.router.add_post(CONSOLE + "/Console/Email/Sendings/{id}/Deferred", defer)
     app.router.add_get(CONSOLE + "/Console/Email/Sendings/{queue}", queue)
+    app.router.add_post(CONSOLE + "/Console/Email/Sendings/{id}/Stop", stop)
     app.router.add_get(CONSOLE + "/Console/List/{list}/Email/{message}/SendHistory", send_history)
     app.router.add_get(STATS + "/Message/{message}/List/{endpoint}", statistics)
     app.router.add_get(STATS + "/Message/{message}/Count/Recipients", count_recipients)
@@ -746,6 +760,91 @@ async def test_a_sending_left_unconfirmed_is_confirmed_when_it_is_found(fake: Fa
     assert waiting is not None
     assert (waiting.state, waiting.detail) == (SendState.SCHEDULED, "sending 605 in the Undefined queue")
     assert fake.confirmed == [603]
+
+
+# --- cancel --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("queue", ["Undefined", "Deferred", "Immediate"])
+async def test_a_queued_sending_is_stopped_and_nothing_is_sent(fake: FakeMailUp, queue: str) -> None:
+    fake.queues[queue] = [{"Id": 555, "IdMessage": 42, "State": queue}]
+    result = await make(fake).cancel_send("42:555", job())
+    assert (result.outcome, result.detail) == (
+        CancelOutcome.CANCELLED,
+        f"sending 555 stopped in the {queue} queue: nothing was sent",
+    )
+    assert (fake.stopped, fake.queues[queue]) == ([555], [])
+    (stop,) = fake.api_calls("/Stop")
+    assert (stop.method, stop.path) == ("POST", f"{CONSOLE}/Console/Email/Sendings/555/Stop")
+
+
+async def test_a_sending_in_delivery_is_stopped_and_its_rest_not_sent(fake: FakeMailUp) -> None:
+    fake.history[42] = [_history_row(3, ended=False)]
+    fake.delivering = {555}
+    result = await make(fake).cancel_send("42:555", job())
+    assert (result.outcome, result.detail) == (
+        CancelOutcome.CANCELLED,
+        "sending 555 stopped in delivery: recipients reached before it got the message",
+    )
+    assert fake.stopped == [555]
+
+
+@pytest.mark.parametrize(
+    ("send_id", "ended", "detail"),
+    [
+        ("42:555", True, "sending 555 finished (3 recipients)"),
+        (
+            "42",
+            False,
+            "found only in its SendHistory: delivery began, and MailUp's Stop needs the sending's id",
+        ),
+        (
+            "42:555",
+            False,
+            "sending 555: MailUp refused the stop: Sending 555 is completed and cannot be stopped",
+        ),
+    ],
+    ids=["finished", "no sending id", "stop refused"],
+)
+async def test_a_sending_that_went_out_is_too_late(
+    fake: FakeMailUp, send_id: str, ended: bool, detail: str
+) -> None:
+    fake.history[42] = [_history_row(3, ended=ended)]
+    result = await make(fake).cancel_send(send_id, job())
+    assert result.outcome is CancelOutcome.TOO_LATE
+    assert detail in result.detail
+    assert fake.stopped == []
+
+
+async def test_a_sending_stopped_before_is_cancelled_without_another_stop(fake: FakeMailUp) -> None:
+    # the answer to an earlier Stop was lost: the sending has left its queue and has no history
+    result = await make(fake).cancel_send("42:555", job())
+    assert (result.outcome, result.detail) == (
+        CancelOutcome.CANCELLED,
+        "sending 555 is in no queue and has no history: stopped",
+    )
+    assert fake.api_calls("/Stop") == []
+
+
+async def test_stops_keep_to_one_every_30_seconds(fake: FakeMailUp) -> None:
+    fake.queues["Deferred"] = [{"Id": 555, "IdMessage": 42}, {"Id": 556, "IdMessage": 43}]
+    mailup = make(fake)
+    await mailup.cancel_send("42:555", job())
+    with pytest.raises(EspUnavailableError, match="one Stop every 30s") as waited:
+        await mailup.cancel_send("43:556", job(message="43"))
+    wait = waited.value.retry_after_s
+    assert wait is not None
+    assert 0 < wait <= 30, "the rest of the window, for the caller to wait"
+    assert fake.stopped == [555], "the second Stop was not sent"
+    await make(fake, stop_interval_s=0).cancel_send("43:556", job(message="43"))
+    assert fake.stopped == [555, 556]
+
+
+async def test_a_cancel_of_an_unknown_message_or_a_bad_send_id_is_refused(fake: FakeMailUp) -> None:
+    with pytest.raises(ListRejectedError, match="MailUp knows no message 901"):
+        await make(fake).cancel_send("901:555", job(message="901"))
+    with pytest.raises(ListRejectedError, match="not a mailup send id"):
+        await make(fake).cancel_send("42:x", job())
 
 
 # --- statistics API ------------------------------------------------------------------------------------
