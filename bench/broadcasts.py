@@ -12,17 +12,16 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 from faststream.kafka import KafkaBroker
 
 from bench.generate import customers_for
-from bench.harness import ESP, BenchEnv, Service, create_topics, say, usage, wait_for
+from bench.harness import ESP, ROOT, BenchEnv, Service, create_topics, say, usage, wait_for
 from shared.infra.db import Conn, connect
 from shared.infra.kafka import publish_many
 from shared.model.messages import BroadcastJob
@@ -300,7 +299,7 @@ async def _start_sandbox(env: BenchEnv) -> tuple[Service, str]:
         "ESPBRIDGE_SANDBOX_PORT": "0",
         "ESPBRIDGE_SANDBOX_URL_FILE": str(url_file),
         "ESPBRIDGE_SANDBOX_TOKEN_FILE": str(env.token_file),
-        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+        "PYTHONPATH": str(ROOT),
     }
     sandbox = env.start("sandbox", sandbox_env, module="sandbox")
 
@@ -356,7 +355,8 @@ async def _follow(
     return datetime.now(UTC)
 
 
-def _progress(timelines: Any) -> str:
+def _progress(timelines: Iterable[Timeline]) -> str:
+    """Where the broadcasts are, in one line."""
     items = list(timelines)
     immediate = [t for t in items if t.send_at is None]
     scheduled = [t for t in items if t.send_at is not None]
