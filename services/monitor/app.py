@@ -1,4 +1,5 @@
-"""Wiring of the monitor: its resources, its subscriber on broadcast.lists.v1."""
+"""Wiring of the monitor: its resources, its subscribers on broadcast.lists.v1 and
+broadcast.cancels.v1, and the due-work loop beside them."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from faststream.kafka.annotations import KafkaMessage
 
 from services.monitor import DESCRIPTION, handlers
 from services.monitor.settings import Settings
+from services.monitor.worker import DueWork
 from shared.esp.resources import EspResources
 from shared.model.topics import Topic
 from shared.runtime.runtime import Runtime, ServiceSpec
@@ -14,17 +16,21 @@ from shared.runtime.status import StatusReporter
 
 
 async def create_app(settings: Settings, runtime: Runtime) -> FastStream:
-    """The monitor's app: consumes broadcast.lists.v1 in the espbridge-monitor consumer group."""
+    """The monitor's app: consumes broadcast.lists.v1 and broadcast.cancels.v1 in the
+    espbridge-monitor consumer group; the handlers only record work, which the loop runs."""
     esp = await EspResources.open(runtime.stack, settings.accounts, settings.sftp)
     pool = await runtime.open_pool(settings.pg)
     monitor = handlers.Monitor(settings, runtime, pool, esp.connectors, StatusReporter(runtime, pool))
-    # A list is followed inside its handler until the send ends: allow that long between polls.
-    max_poll_ms = int((settings.import_timeout_s + settings.send_timeout_s + 600) * 1000)
 
-    @runtime.subscriber(Topic.BROADCAST_LISTS, max_poll_interval_ms=max_poll_ms)
-    async def on_message(message: KafkaMessage) -> None:
+    @runtime.subscriber(Topic.BROADCAST_LISTS)
+    async def on_list(message: KafkaMessage) -> None:
         await handlers.handle_list(message.body, monitor)
 
+    @runtime.subscriber(Topic.BROADCAST_CANCELS)
+    async def on_cancel(message: KafkaMessage) -> None:
+        await handlers.handle_cancel(message.body, monitor)
+
+    runtime.run_in_background("due work", DueWork(monitor).run)
     return FastStream(runtime.broker)
 
 

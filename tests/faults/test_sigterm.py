@@ -115,7 +115,9 @@ async def test_sigterm_mid_work_finishes_the_work_in_hand(held: Held, deployment
         pipeline.stop()
 
 
-async def test_sigterm_monitor_while_polling_an_import_hands_it_back(deployment: Deployment) -> None:
+async def test_sigterm_monitor_while_polling_an_import_leaves_the_next_poll_due(
+    deployment: Deployment,
+) -> None:
     expected_rows = await seed_list(deployment, CUSTOMERS)
     log = deployment.folder / "monitor.log"
     with ExitStack() as stack:
@@ -124,6 +126,7 @@ async def test_sigterm_monitor_while_polling_an_import_hands_it_back(deployment:
             deployment,
             sandbox={"import_delay_s": "2"},
             ESPBRIDGE_MONITOR_SHUTDOWN_TIMEOUT_S=str(GRACE_S),
+            ESPBRIDGE_MONITOR_LEASE_S="600",  # only a released row can be resumed at once
         )
         job = await pipeline.publish("sandbox", f"term-{deployment.unique}")
         conn = await connect(deployment.database)
@@ -131,24 +134,27 @@ async def test_sigterm_monitor_while_polling_an_import_hands_it_back(deployment:
 
             async def importing() -> bool:
                 row = await conn.fetchrow(
-                    "SELECT stage, state, esp_import_id FROM control.jobs WHERE job_id = $1", job.job_id
+                    "SELECT w.step, j.stage, j.state FROM control.broadcast_work w "
+                    "JOIN control.jobs j USING (job_id) WHERE job_id = $1",
+                    job.job_id,
                 )
-                return row is not None and row["esp_import_id"] is not None and row["stage"] == "import"
+                return row is not None and tuple(row) == ("import_status", "import", "running")
 
             await wait_for(importing, timeout_s=60, what="the monitor polling the import")
             proc = pipeline.procs["monitor"]
             proc.send_signal(signal.SIGTERM)
             assert stopped_within(proc, GRACE_S) == 0, "it exits 0 before its grace runs out"
-            # It stops polling at once and hands the list back, rather than holding its stop until
-            # the grace cuts the poll off.
+            # It finished the step in hand (one ESP call) and claimed nothing more.
             stop = log_messages(log)[log_messages(log).index(STOPPING) :]
-            assert "handed back unfinished at shutdown (offset not committed)" in stop
-            # Handed back untouched: the import still running at the ESP, no send requested.
+            assert "due work stopped: the steps in hand finished" in stop
+            # The import's next poll is due, its row free for any monitor; nothing was sent.
             row = await conn.fetchrow(
-                "SELECT stage, state, send_requested_at FROM control.jobs WHERE job_id = $1", job.job_id
+                "SELECT w.step, w.lease, j.state, j.send_requested_at FROM control.broadcast_work w "
+                "JOIN control.jobs j USING (job_id) WHERE job_id = $1",
+                job.job_id,
             )
             assert row is not None
-            assert (row["stage"], row["state"], row["send_requested_at"]) == ("import", "running", None)
+            assert tuple(row) == ("import_status", None, "running", None)
             assert await pipeline.sends_created("sandbox") == {}
         finally:
             await conn.close()

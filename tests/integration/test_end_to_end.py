@@ -18,8 +18,9 @@ from shared.model.topics import Topic
 from shared.operations.gathering import gather_now
 from shared.operations.jobs import funnel, read_statuses
 from tests.fixtures.deployment import Deployment
-from tests.fixtures.kafka import produce, read_until
+from tests.fixtures.kafka import committed, produce, read_until
 from tests.fixtures.pipeline import loaded_as_made, loaded_counts, seed_list, start_pipeline, wait_all_loaded
+from tests.fixtures.processes import log_messages
 from tests.fixtures.waits import wait_for
 from tools.demo import SERVICES
 
@@ -72,19 +73,19 @@ async def test_a_broadcast_end_to_end(deployment: Deployment) -> None:
         # Sent exactly once.
         assert await pipeline.sends_created("sandbox") == {job.job_id: 1}
 
-        # A redelivered ListUploaded (as after a monitor crash) follows the existing send, never a new one.
+        # A redelivered ListUploaded (as after a monitor crash) finds the broadcast's work recorded
+        # already: it is consumed and changes nothing, and nothing is sent again.
         (uploaded,) = await read_until(kafka, Topic.BROADCAST_LISTS, lambda rs: len(rs) >= 1)
         await produce(kafka, Topic.BROADCAST_LISTS, [(uploaded.key, uploaded.value or b"")])
 
-        async def second_send_done() -> bool:
-            done = [
-                s
-                for s in await read_statuses(kafka, job.job_id)
-                if (s.stage, s.state) == (Stage.SEND, State.DONE)
-            ]
-            return len(done) == 2
+        async def redelivery_consumed() -> bool:
+            return await committed(kafka, "monitor", Topic.BROADCAST_LISTS) == 2
 
-        await wait_for(second_send_done, timeout_s=60, what="the redelivered list followed to its send")
+        await wait_for(redelivery_consumed, timeout_s=60, what="the redelivered list consumed")
+        monitor_log = log_messages(deployment.folder / "monitor.log")
+        assert "the broadcast's work is recorded already: the list changes nothing" in monitor_log
+        sends = [s for s in await read_statuses(kafka, job.job_id) if s.stage is Stage.SEND]
+        assert [s.state for s in sends] == [State.RUNNING, State.DONE]
         assert await pipeline.sends_created("sandbox") == {job.job_id: 1}
 
         # Gathering again adds no rows: a scan finds nothing new, and a file the ESP delivers again
