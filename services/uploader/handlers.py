@@ -57,6 +57,13 @@ async def handle_job(body: bytes, uploader: Uploader) -> None:
                 # The same job published again: its list is on the ESP's site and announced already.
                 log.info("job already uploaded, the duplicate is ignored")
                 return
+            cancelled = await jobs.cancel_requested(conn, job.job_id)
+        if cancelled:
+            await uploader.statuses.report(
+                core.status(job.job_id, State.CANCELLED, "cancelled: not uploaded")
+            )
+            log.info("job cancelled before its upload: not uploaded")
+            return
         try:
             upload = await upload_list(job, uploader)
         except PermanentError as exc:
