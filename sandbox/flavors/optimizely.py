@@ -60,7 +60,7 @@ from sandbox.files import atomic_write_bytes, atomic_writer, csv_line
 from sandbox.flavors.base import Flavor
 from sandbox.limits import TokenBucket, retry_after_s
 from sandbox.listfile import recipient_store
-from sandbox.protocol import COUNTED_TYPES, EXTERNAL_ID_RE, RESPONSES, EventType, parse_utc
+from sandbox.protocol import COUNTED_TYPES, EXTERNAL_ID_RE, RESPONSES, EventType, SendState, parse_utc
 from sandbox.responses import (
     Broadcast,
     PendingFile,
@@ -334,6 +334,8 @@ class Campaign(BaseModel):
     copy_of: int | None = None
     batch_ids: list[int] = Field(default_factory=list)
     started_by: int | None = None
+    canceled: float | None = None
+    """When ``POST /smartcampaigns/{id}/stop`` cancelled it: it sends nothing more."""
 
 
 class Webhook(BaseModel):
@@ -837,6 +839,8 @@ async def start_send(store: Store, batch: Batch) -> None:
     ``IMPORT_DELAY_S``, and releases through :class:`OptimizelyRelease`. Again: nothing new."""
     run, account = batch.run, store.account
     assert run is not None
+    if store.data.campaigns[batch.campaign_id].canceled is not None:
+        return  # stopped before its send was handed over
     mailing = store.data.campaigns[batch.campaign_id].mailing_id
     await account.imported_list(_list_of(batch), run.recipients)
     starts = datetime.fromtimestamp(run.sent_at + account.settings.import_delay_s, UTC)
@@ -911,7 +915,10 @@ async def start_batch(request: web.Request, store: Store) -> web.Response:
 
 
 def campaign_status(store: Store, campaign: Campaign) -> str:
-    """``activationRequired`` until a batch starts it, then ``activated`` → ``running`` → ``finished``."""
+    """``activationRequired`` until a batch starts it, then ``activated`` → ``running`` → ``finished``
+    (or ``canceled``, stopped on the way)."""
+    if campaign.canceled is not None:
+        return "canceled"
     batch = store.started_batch(campaign)
     if batch is None or batch.run is None:
         batches = [store.data.batches[i] for i in campaign.batch_ids]
@@ -931,6 +938,33 @@ def campaign_status(store: Store, campaign: Campaign) -> str:
 def _campaign(request: web.Request, store: Store) -> Campaign:
     campaign_id = _path_int(request, "campaignId", "campaign")
     return found(store.data.campaigns.get(campaign_id), f"no campaign {campaign_id}")
+
+
+CANCELLABLE = ("activated", "running", "paused")
+"""The statuses a Smart Campaign can be cancelled from: started, not finished."""
+
+
+async def stop_campaign(request: web.Request, store: Store) -> web.Response:
+    """``POST /smartcampaigns/{id}/stop``: 200 with the campaign, ``canceled``, while it is started
+    and its send has not written its first step (nothing is sent); 409 otherwise."""
+    campaign = _campaign(request, store)
+    async with store.lock:
+        status = campaign_status(store, campaign)
+        if status not in CANCELLABLE:
+            raise conflict(
+                f"campaign {campaign.id} is {status}: it can be cancelled once started, until it finished"
+            )
+        batch = store.started_batch(campaign)
+        record = store.send_of(batch) if batch is not None else None
+        if (
+            record is not None
+            and (await store.account.cancel_send(record.send_id)).state is not SendState.CANCELLED
+        ):
+            raise conflict(f"campaign {campaign.id} is sending its last mails: it can no longer be cancelled")
+        campaign.canceled = time.time()
+        await store.save()
+    log.info("campaign cancelled", extra={"account": store.account.name, "campaign_id": campaign.id})
+    return await get_campaign(request, store)
 
 
 async def get_campaign(request: web.Request, store: Store) -> web.Response:
@@ -1131,12 +1165,17 @@ async def activate_webhook(request: web.Request, store: Store) -> web.Response:
 
 
 async def stats(request: web.Request, store: Store) -> web.Response:
-    """``GET _sandbox/stats`` (tests): batches created (201) and started (202) per decoded tag, and
-    the 429s answered."""
+    """``GET _sandbox/stats`` (tests): batches created (201), started (202) and whose campaign was
+    cancelled, per decoded tag, and the 429s answered."""
     batches = store.data.batches.values()
+    campaigns = store.data.campaigns
+    cancelled = (
+        b.job_id for b in batches if b.state == "sent" and campaigns[b.campaign_id].canceled is not None
+    )
     return json_response(
         {
             "sends_created": dict(Counter(b.job_id for b in batches if b.state == "sent")),
+            "sends_cancelled": dict(Counter(cancelled)),
             "batches_created": dict(Counter(b.job_id for b in batches)),
             "rate_limited": store.account.counters["rate_limited"],
         }
@@ -1157,6 +1196,7 @@ ROUTES = (
     web.post(f"{BASE}/sending/batches/{{batchId}}", endpoint(start_batch)),
     web.get(f"{BASE}/smartcampaigns/{{campaignId}}", endpoint(get_campaign)),
     web.get(f"{BASE}/smartcampaigns/{{campaignId}}/report", endpoint(campaign_report)),
+    web.post(f"{BASE}/smartcampaigns/{{campaignId}}/stop", endpoint(stop_campaign)),
     web.get(f"{BASE}/responses", endpoint(get_responses)),
     web.get(f"{BASE}/recipients/{{listId}}", endpoint(get_recipients)),
     web.get(f"{BASE}/unsubscribes", endpoint(get_unsubscribes)),

@@ -110,6 +110,8 @@ CAMPAIGN_SEND_STATES = {
     "canceled": base.SendState.FAILED,
     "invalid": base.SendState.FAILED,
 }
+CANCELLABLE_CAMPAIGN_STATES = frozenset({"activationRequired", "activated", "running", "paused"})
+"""Campaign statuses from which ``POST /smartcampaigns/{id}/stop`` can still keep mails from going out."""
 PULLABLE_CAMPAIGN_STATES = frozenset({"running", "paused", "finished", "canceled"})
 """Campaign statuses from which on a broadcast's mailings may have responses to pull."""
 BOUNCE_CATEGORIES = {"hardbounce": EventType.BOUNCE_HARD, "softbounce": EventType.BOUNCE_SOFT}
@@ -664,10 +666,7 @@ class OptimizelyConnector(base.Connector):
 
     async def send_status(self, send_id: str) -> base.SendStatus:
         """The batch's state, then its campaign's status and, when finished, its report's total."""
-        try:
-            batch_id = int(send_id)
-        except ValueError:
-            raise PermanentError(f"{send_id!r} is not an Optimizely batch id") from None
+        batch_id = _batch_id(send_id)
         batch = await self._get_batch(batch_id)
         if batch.state == "invalid":
             return base.SendStatus(send_id, base.SendState.FAILED, detail=f"batch {batch_id} is invalid")
@@ -675,16 +674,10 @@ class OptimizelyConnector(base.Connector):
             return base.SendStatus(
                 send_id, base.SendState.SCHEDULED, detail=f"batch {batch_id} is {batch.state}"
             )
-        if batch.campaign_id is None:
-            raise EspUnavailableError(f"batch {batch_id} is sent but names no campaignId")
-        campaign = batch.campaign_id
-        status, body = await self._api.call("GET", f"/smartcampaigns/{campaign}")
-        if status != 200 or not isinstance(body, dict) or not isinstance(body.get("status"), str):
-            raise EspUnavailableError(f"GET /smartcampaigns/{campaign} answered {status}: {short_json(body)}")
-        state = CAMPAIGN_SEND_STATES.get(body["status"])
-        if state is None:
-            raise EspUnavailableError(f"campaign {campaign} has an unknown status {body['status']!r}")
-        detail = f"campaign {campaign} {body['status']}"
+        campaign = _campaign_of(batch)
+        campaign_status = await self._campaign_status(campaign)
+        state = CAMPAIGN_SEND_STATES[campaign_status]
+        detail = f"campaign {campaign} {campaign_status}"
         if state is not base.SendState.SENT:
             return base.SendStatus(send_id, state, detail=detail)
         status, report = await self._api.call("GET", f"/smartcampaigns/{campaign}/report")
@@ -696,6 +689,50 @@ class OptimizelyConnector(base.Connector):
                 f"{short_json(report)}"
             )
         return base.SendStatus(send_id, base.SendState.SENT, recipients=int(total or 0), detail=detail)
+
+    async def _campaign_status(self, campaign: int) -> str:
+        """``GET /smartcampaigns/{id}``: the campaign's status, one of :data:`CAMPAIGN_SEND_STATES`."""
+        status, body = await self._api.call("GET", f"/smartcampaigns/{campaign}")
+        if status != 200 or not isinstance(body, dict) or not isinstance(body.get("status"), str):
+            raise EspUnavailableError(f"GET /smartcampaigns/{campaign} answered {status}: {short_json(body)}")
+        if body["status"] not in CAMPAIGN_SEND_STATES:
+            raise EspUnavailableError(f"campaign {campaign} has an unknown status {body['status']!r}")
+        return str(body["status"])
+
+    async def cancel_send(self, send_id: str, job: BroadcastJob) -> base.CancelResult:
+        """Cancel the batch's Smart Campaign (``POST /smartcampaigns/{id}/stop``) unless it finished.
+
+        A batch never started and a campaign already ``canceled`` or ``invalid`` send nothing more:
+        cancelled without a call. A ``409`` (the campaign moved on meanwhile) is read again:
+        ``finished`` is too late, a status still moving is a transient error (asked again later).
+        """
+        batch_id = _batch_id(send_id)
+        batch = await self._get_batch(batch_id)
+        if batch.state != "sent":
+            return base.CancelResult(
+                base.CancelOutcome.CANCELLED,
+                f"batch {batch_id} is {batch.state}: never started, nothing sent",
+            )
+        campaign = _campaign_of(batch)
+        before = await self._campaign_status(campaign)
+        if before not in CANCELLABLE_CAMPAIGN_STATES:
+            return _cancel_result(campaign, before)
+        status, body = await self._api.call("POST", f"/smartcampaigns/{campaign}/stop")
+        if status == 404:
+            raise ListRejectedError(f"Optimizely does not know campaign {campaign}: {_message(body)}")
+        if status == 200:
+            reached = "recipients reached before it got the mailing"
+            if before in ("activationRequired", "activated"):
+                reached = "nothing was sent"
+            return base.CancelResult(
+                base.CancelOutcome.CANCELLED, f"campaign {campaign} cancelled while {before}: {reached}"
+            )
+        after = await self._campaign_status(campaign)
+        if after in CANCELLABLE_CAMPAIGN_STATES:
+            raise EspUnavailableError(
+                f"campaign {campaign} could not be cancelled while {after} (409): {_message(body)}"
+            )
+        return _cancel_result(campaign, after)
 
     # --- API pulls ------------------------------------------------------------------------------------
 
@@ -1232,6 +1269,30 @@ def _batch(body: Any) -> Batch:
         tag=body.get("tag") or "",
         campaign_id=campaign if is_count(campaign) else None,
         recipient_list_id=recipient_list if is_count(recipient_list) else None,
+    )
+
+
+def _batch_id(send_id: str) -> int:
+    """The batch id a send id is."""
+    try:
+        return int(send_id)
+    except ValueError:
+        raise PermanentError(f"{send_id!r} is not an Optimizely batch id") from None
+
+
+def _campaign_of(batch: Batch) -> int:
+    """A sent batch's campaign (Optimizely names it once the batch is sent)."""
+    if batch.campaign_id is None:
+        raise EspUnavailableError(f"batch {batch.id} is sent but names no campaignId")
+    return batch.campaign_id
+
+
+def _cancel_result(campaign: int, status: str) -> base.CancelResult:
+    """A cancel's outcome for a campaign that can no longer be stopped."""
+    if status == "finished":
+        return base.CancelResult(base.CancelOutcome.TOO_LATE, f"campaign {campaign} finished: it was sent")
+    return base.CancelResult(
+        base.CancelOutcome.CANCELLED, f"campaign {campaign} is {status}: nothing more is sent"
     )
 
 

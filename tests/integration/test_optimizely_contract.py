@@ -12,18 +12,20 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 from uuid import UUID
 
 import pytest
 from pydantic import SecretStr
 
 from shared.esp import AccountConfig, ConnectorContext, ImportState, SendState, SentBroadcast
+from shared.esp.base import CancelOutcome
 from shared.esp.optimizely import OptimizelyConnector
 from shared.infra.sftp import SftpPool
 from shared.model.messages import EventType, ResponseEvent
 from tests.fixtures.contract import ContractProxy
 from tests.fixtures.fake_esp import pulled
-from tests.fixtures.sandbox import BUSY_RATES, OPTIMIZELY_USER, Sandboxes
+from tests.fixtures.sandbox import BUSY_RATES, OPTIMIZELY_USER, SandboxClient, Sandboxes
 from tests.fixtures.servers import Servers
 from tests.fixtures.waits import wait_for
 from tests.unit.test_messages import job
@@ -58,6 +60,21 @@ def list_file(job_id: str) -> bytes:
     return ("\n".join(rows) + "\n").encode()
 
 
+def through(proxy: ContractProxy, esp: SandboxClient, pool: SftpPool, **options: Any) -> OptimizelyConnector:
+    """The connector of the sandbox's account ``demo``, calling it through the contract proxy."""
+    account = AccountConfig(
+        esp="optimizely",
+        account="demo",
+        connector="optimizely",
+        api_url=proxy.url,
+        client_id=CLIENT,
+        username=OPTIMIZELY_USER,
+        password=SecretStr(esp.token),
+        options=options,
+    )
+    return OptimizelyConnector(account, ConnectorContext(esp.http, pool))
+
+
 @pytest.fixture
 async def pool(servers: Servers) -> AsyncIterator[SftpPool]:
     """The SFTP pool the connector reads the list back through."""
@@ -75,17 +92,7 @@ async def test_a_broadcast_through_the_connector_keeps_to_the_openapi_document(
     (local / "contract-1.csv").write_bytes(list_file(broadcast_job.job_id))
     with sandbox("optimizely", **settings) as esp:
         async with ContractProxy(f"{esp.url}/rest") as proxy:
-            account = AccountConfig(
-                esp="optimizely",
-                account="demo",
-                connector="optimizely",
-                api_url=proxy.url,
-                client_id=CLIENT,
-                username=OPTIMIZELY_USER,
-                password=SecretStr(esp.token),
-                options={"page_size": 10, "responses_limit": 3, "chunk_size": 25},
-            )
-            connector = OptimizelyConnector(account, ConnectorContext(esp.http, pool))
+            connector = through(proxy, esp, pool, page_size=10, responses_limit=3, chunk_size=25)
             requested = datetime.now(UTC) - timedelta(seconds=1)
             imported = await connector.start_import(f"{remote}/contract-1.csv", broadcast_job)
             assert (imported.state, imported.rows_valid) == (ImportState.DONE, RECIPIENTS)
@@ -124,4 +131,35 @@ async def test_a_broadcast_through_the_connector_keeps_to_the_openapi_document(
     assert sum(api_made.values()) > 0, manifest["by_source"]
     assert CONNECTOR_OPERATIONS - set(proxy.calls.operations) == set(), proxy.calls.report()
     assert proxy.calls.silenced["error answers"] >= 1, "the second send's 409 was not seen"
+    proxy.calls.assert_kept()
+
+
+async def test_a_cancel_through_the_connector_keeps_to_the_openapi_document(
+    sandbox: Sandboxes, pool: SftpPool, sftp_folder: tuple[str, Path]
+) -> None:
+    # The started campaign stays activated (its send waits IMPORT_DELAY_S): the cancel comes first.
+    settings = {"opt_client_ids": f"demo={CLIENT}", "import_delay_s": "60"}
+    remote, local = sftp_folder
+    broadcast_job = job(job_id="contract-cancel", esp="optimizely", message="7000")
+    (local / "contract-cancel.csv").write_bytes(list_file(broadcast_job.job_id))
+    with sandbox("optimizely", **settings) as esp:
+        async with ContractProxy(f"{esp.url}/rest") as proxy:
+            connector = through(proxy, esp, pool)
+            imported = await connector.start_import(f"{remote}/contract-cancel.csv", broadcast_job)
+            sent = await connector.send(imported.import_id, broadcast_job)
+
+            cancelled = await connector.cancel_send(sent.send_id, broadcast_job)
+            again = await connector.cancel_send(sent.send_id, broadcast_job)  # no second stop
+            status = await connector.send_status(sent.send_id)
+
+            assert (cancelled.outcome, again.outcome) == (CancelOutcome.CANCELLED, CancelOutcome.CANCELLED)
+            assert cancelled.detail.endswith("cancelled while activated: nothing was sent")
+            assert (status.state, status.detail.endswith("canceled")) == (SendState.FAILED, True)
+            stats = await esp.stats(CLIENT)
+            assert (stats["sends_created"], stats["sends_cancelled"]) == (
+                {"contract-cancel": 1},
+                {"contract-cancel": 1},
+            )
+            assert esp.manifest("contract-cancel") is None
+    assert proxy.calls.operations["POST /{clientId}/smartcampaigns/{campaignId}/stop"] == 1
     proxy.calls.assert_kept()

@@ -356,7 +356,12 @@ async def test_basic_auth_client_ids_and_webhook_registration(
         demo, other = Client(esp, contract, "1000001"), Client(esp, contract, "1000002")
         page = await demo.ok("GET", "sending/batches")
         assert (page["elements"], page["count"], page["offset"], page["limit"]) == ([], 0, 0, 100)
-        assert await other.stats() == {"sends_created": {}, "batches_created": {}, "rate_limited": 0}
+        assert await other.stats() == {
+            "sends_created": {},
+            "sends_cancelled": {},
+            "batches_created": {},
+            "rate_limited": 0,
+        }
         status, body, _ = await demo.call("GET", "no/such/thing")
         assert (status, body["status"]) == (404, 404)
 
@@ -459,6 +464,7 @@ async def test_batch_sending_and_every_response_source(sandbox: Sandboxes, contr
             assert (got["state"], got["chunks"]) == ("has_recipients", ["c000001", "c000002"])
             campaign = await client.ok("GET", "smartcampaigns/7001")
             assert campaign["status"] == "activationRequired"
+            assert (await client.call("POST", "smartcampaigns/7001/stop"))[0] == 409, "not started: no cancel"
             mailing = campaign["messages"][0]["mailingId"]
             assert mailing == 8001
 
@@ -482,6 +488,7 @@ async def test_batch_sending_and_every_response_source(sandbox: Sandboxes, contr
             assert REST_TIME_RE.fullmatch(campaign["finished"])
             report = await client.ok("GET", "smartcampaigns/7001/report")
             assert report["recipients"]["total"] == 120
+            assert (await client.call("POST", "smartcampaigns/7001/stop"))[0] == 409, "finished: too late"
             assert (await client.call("GET", "smartcampaigns/7999"))[0] == 404
 
             manifest = await esp.complete_manifest("job-1")
@@ -496,6 +503,7 @@ async def test_batch_sending_and_every_response_source(sandbox: Sandboxes, contr
             assert [b["id"] for b in listed] == [5001, 5002]
             assert await client.stats() == {
                 "sends_created": {"job-1": 1},
+                "sends_cancelled": {},
                 "batches_created": {"job-1": 1, "job.2": 1},
                 "rate_limited": 0,
             }
@@ -730,6 +738,7 @@ async def test_a_restart_resumes_the_send_without_sending_twice(
             found = await gather(client, second, hooks, "job-r", 8001)
             assert await client.stats() == {
                 "sends_created": {"job-r": 1},
+                "sends_cancelled": {},
                 "batches_created": {"job-r": 1},
                 "rate_limited": 0,
             }

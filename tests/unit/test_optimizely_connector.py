@@ -22,7 +22,7 @@ from aiohttp import web
 from pydantic import SecretStr
 
 from shared.esp import AccountConfig, BadRow, ConnectorContext, ImportState, SendState, SentBroadcast
-from shared.esp.base import WebhookAuthError
+from shared.esp.base import CancelOutcome, WebhookAuthError
 from shared.esp.generic import ListRejectedError
 from shared.esp.optimizely import (
     Chunk,
@@ -75,6 +75,7 @@ class FakeOptimizely(FakeEsp):
     in_flight: int = 0
     max_in_flight: int = 0
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    moved_on: str | None = None  # a stop finds the campaign moved on to this status: 409
 
     def batch(self, tag: str, state: str = "initiated", campaign: int | None = None) -> dict[str, Any]:
         batch_id = 5001 + len(self.batches)
@@ -157,12 +158,13 @@ class FakeOptimizely(FakeEsp):
             campaign = self.campaigns.get(int(parts[1]))
             if campaign is None:
                 return error(404, "no such campaign")
+            if parts[2:] == ["stop"] and method == "POST":
+                return self.stop(campaign)
             if len(parts) == 3:
                 return web.json_response(
                     {"campaignId": campaign["id"], "recipients": {"net": 0, "total": campaign["total"]}}
                 )
-            shown = {k: v for k, v in campaign.items() if k != "total"}  # the report's, not the campaign's
-            return web.json_response({"name": "c", "type": "regular", **shown})
+            return self.shown(campaign)
         if tail == "responses":
             return self.responses(query)
         if parts[0] == "recipients" and len(parts) == 2 and method == "GET":
@@ -174,6 +176,20 @@ class FakeOptimizely(FakeEsp):
             assert (query.get("sort"), query.get("direction")) == ("created", "DESC")
             return page(sorted(self.unsubscribes, key=lambda u: when(u["created"]), reverse=True), query)
         return error(404, f"no route {method} {tail}")
+
+    def shown(self, campaign: dict[str, Any]) -> web.Response:
+        """A ``RestSmartCampaign``."""
+        shown = {k: v for k, v in campaign.items() if k != "total"}  # the report's, not the campaign's
+        return web.json_response({"name": "c", "type": "regular", **shown})
+
+    def stop(self, campaign: dict[str, Any]) -> web.Response:
+        """``POST /smartcampaigns/{id}/stop``: 200 and ``canceled`` once started and not finished."""
+        if self.moved_on is not None:
+            campaign["status"] = self.moved_on
+        if campaign["status"] not in ("activated", "running", "paused"):
+            return error(409, "The Smart Campaign could not be cancelled. Ensure that it has started.")
+        campaign["status"] = "canceled"
+        return self.shown(campaign)
 
     def responses(self, query: dict[str, str]) -> web.Response:
         """``GET /responses`` as documented: no ``offset``; the first ``limit`` (at most 10000)."""
@@ -635,6 +651,72 @@ async def test_send_status_follows_batch_and_campaign(esp: FakeOptimizely) -> No
     assert (done.state, done.recipients) == (SendState.SENT, 3)
     esp.batches[5001]["state"] = "invalid"
     assert (await c.send_status("5001")).state is SendState.FAILED
+
+
+# --- cancel --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "outcome", "detail", "stopped"),
+    [
+        (
+            "activated",
+            CancelOutcome.CANCELLED,
+            "campaign 7002 cancelled while activated: nothing was sent",
+            True,
+        ),
+        (
+            "running",
+            CancelOutcome.CANCELLED,
+            "campaign 7002 cancelled while running: recipients reached before it got the mailing",
+            True,
+        ),
+        ("finished", CancelOutcome.TOO_LATE, "campaign 7002 finished: it was sent", False),
+        ("canceled", CancelOutcome.CANCELLED, "campaign 7002 is canceled: nothing more is sent", False),
+    ],
+)
+async def test_a_cancel_stops_the_batchs_campaign_unless_it_finished(
+    esp: FakeOptimizely, status: str, outcome: CancelOutcome, detail: str, stopped: bool
+) -> None:
+    esp.batch("job-1", state="sent", campaign=7002)
+    esp.campaigns[7002]["status"] = status
+    result = await connector(esp).cancel_send("5001", job())
+    assert (result.outcome, result.detail) == (outcome, detail)
+    stops = [(s.method, s.path) for s in esp.calls("/stop")]
+    assert stops == ([("POST", f"/{CLIENT}/smartcampaigns/7002/stop")] if stopped else [])
+    assert (await connector(esp).send_status("5001")).state is (
+        SendState.SENT if status == "finished" else SendState.FAILED
+    )
+
+
+async def test_a_batch_never_started_is_cancelled_without_a_call(esp: FakeOptimizely) -> None:
+    esp.batch("job-1", state="has_recipients", campaign=7002)
+    result = await connector(esp).cancel_send("5001", job())
+    assert (result.outcome, result.detail) == (
+        CancelOutcome.CANCELLED,
+        "batch 5001 is has_recipients: never started, nothing sent",
+    )
+    assert esp.calls("/smartcampaigns") == []
+
+
+@pytest.mark.parametrize(
+    ("moved_on", "outcome"), [("finished", CancelOutcome.TOO_LATE), ("canceled", CancelOutcome.CANCELLED)]
+)
+async def test_a_campaign_that_moved_on_before_the_stop_is_read_again(
+    esp: FakeOptimizely, moved_on: str, outcome: CancelOutcome
+) -> None:
+    esp.batch("job-1", state="sent", campaign=7002)
+    esp.campaigns[7002]["status"], esp.moved_on = "running", moved_on
+    assert (await connector(esp).cancel_send("5001", job())).outcome is outcome
+
+
+async def test_a_stop_refused_while_the_campaign_still_runs_is_asked_again_later(esp: FakeOptimizely) -> None:
+    esp.batch("job-1", state="sent", campaign=7002)
+    esp.campaigns[7002]["status"], esp.moved_on = "activated", "activationRequired"
+    with pytest.raises(EspUnavailableError, match="could not be cancelled while activationRequired"):
+        await connector(esp).cancel_send("5001", job())
+    with pytest.raises(PermanentError, match="not an Optimizely batch id"):
+        await connector(esp).cancel_send("x", job())
 
 
 # --- API pulls ------------------------------------------------------------------------------------------
