@@ -70,6 +70,10 @@ log = logging.getLogger(__name__)
 LIST_SUFFIX = ".csv"
 STAGED_PREFIX = "staged:"
 SEND_AT_FORMAT = "%Y%m%dT%H%M%SZ"
+WITHDRAWN_SUFFIX = ".cancelled"
+"""A cancelled job's list file stays in staging as ``<name>.cancelled``, never released, for the record."""
+WITHDRAW_ATTEMPTS = 3
+"""Looks at where a file is when cancelling: a release or Deployteq may move it between look and rename."""
 REASON_LINES = 20
 REASON_MAX_BYTES = 64 * 1024
 RETRY_ATTEMPTS = 3
@@ -435,6 +439,16 @@ _DETAILS = {
 }
 
 
+_NO_CANCEL = "Deployteq has no API call that cancels a triggered campaign"
+_TOO_LATE = {
+    Where.ACTIVE: f"Deployteq took {{name}} (Active) and starts its campaign; {_NO_CANCEL}",
+    Where.DONE: f"Deployteq started the campaign of {{name}} (Done); {_NO_CANCEL}",
+    Where.FAILED: "Deployteq rejected {name} (Failed): its campaign did not start",
+    Where.NOWHERE: "{name} is in neither staging nor Deployteq's folders: nothing to withdraw",
+}
+"""Why a list file can no longer be withdrawn, by where it is."""
+
+
 class Cursor(StoredCursor):
     """The pull position: the window of local dates pulled, the metric read next, the offsets."""
 
@@ -691,6 +705,35 @@ class DeployteqConnector(base.Connector):
         name, send_at = _parse_send_id(send_id)
         due = send_at is None or self._now() >= send_at
         return self._send_status(send_id, await self._observe(name, release=due))
+
+    async def cancel_send(self, send_id: str, job: BroadcastJob) -> base.CancelResult:
+        """Withdraw the list file while Deployteq has not taken it: from staging (held for ``send_at``)
+        or from ``Upload`` (not picked up yet), renamed to ``<staging>/<name>.cancelled``, so nothing
+        is triggered. Once Deployteq took it (``Active``, ``Done``, ``Failed``) it is too late:
+        Deployteq has no API call that cancels a triggered campaign."""
+        name, _ = _parse_send_id(send_id)
+        withdrawn = self._path(Where.STAGING, name + WITHDRAWN_SUFFIX)
+        async with self._files() as files:
+            for _ in range(WITHDRAW_ATTEMPTS):
+                where, _mtime = await self._locate(files, name)
+                if where not in (Where.STAGING, Where.UPLOAD):
+                    break
+                if await files.rename(self._path(where, name), withdrawn, overwrite=True):
+                    self._released_at.pop(name, None)
+                    log.info(
+                        "list file withdrawn",
+                        extra={"account": self._name, "file": name, "from": where.value},
+                    )
+                    return base.CancelResult(
+                        base.CancelOutcome.CANCELLED,
+                        f"{name} withdrawn from {where.value} before Deployteq took it: nothing was sent "
+                        f"(kept as {posixpath.basename(withdrawn)} in staging)",
+                    )
+            else:
+                raise EspUnavailableError(f"could not withdraw {name}: it kept moving")
+            if where is Where.NOWHERE and await files.stat(withdrawn) is not None:
+                return base.CancelResult(base.CancelOutcome.CANCELLED, f"{name} was withdrawn before")
+        return base.CancelResult(base.CancelOutcome.TOO_LATE, _TOO_LATE[where].format(name=name))
 
     # --- responses: the Events API ------------------------------------------------------------------
 

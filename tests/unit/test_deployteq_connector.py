@@ -42,6 +42,7 @@ from shared.esp import (
     SentBroadcast,
     WebhookAuthError,
 )
+from shared.esp.base import CancelOutcome
 from shared.esp.deployteq import DeployteqConnector, SiteFiles, job_id_of
 from shared.esp.registry import CONNECTORS
 from shared.esp.rest import EspAuthError, EspRequestError
@@ -358,6 +359,82 @@ async def test_a_vanished_file_fails_import_and_send() -> None:
     assert (await c.start_import(f"{STAGING}/{NAME}", deployteq_job())).state is ImportState.FAILED
     with pytest.raises(PermanentError):
         await c.import_status("not-a-trigger-file")
+
+
+# --- cancel: withdrawing the list file ------------------------------------------------------------------
+
+WITHDRAWN = f"{STAGING}/{NAME}.cancelled"
+
+
+@pytest.mark.parametrize("folder", [STAGING, f"{TRIGGER}/Upload"], ids=["held in staging", "not picked up"])
+async def test_a_file_deployteq_has_not_taken_is_withdrawn_and_nothing_is_sent(folder: str) -> None:
+    site, clock = FakeSite(), Clock()
+    c = folders(site, clock)
+    site.put(folder)
+    result = await c.cancel_send(NAME, deployteq_job())
+    where = folder.rsplit("/", 1)[1]
+    assert (result.outcome, result.detail) == (
+        CancelOutcome.CANCELLED,
+        f"{NAME} withdrawn from {where} before Deployteq took it: nothing was sent "
+        f"(kept as {NAME}.cancelled in staging)",
+    )
+    assert (site.where(), list(site.files)) == ([], [WITHDRAWN])
+    again = await c.cancel_send(NAME, deployteq_job())
+    assert (again.outcome, again.detail) == (CancelOutcome.CANCELLED, f"{NAME} was withdrawn before")
+
+
+async def test_a_withdrawn_file_is_not_released_at_its_send_time() -> None:
+    site, clock = FakeSite(), Clock()
+    c = folders(site, clock)
+    j = deployteq_job(send_at=datetime.fromtimestamp(T0 + 60, UTC).isoformat())
+    site.put(STAGING)
+    send = await c.send((await c.start_import(c.list_path(j), j)).import_id, j)
+    await c.cancel_send(send.send_id, j)
+    clock.now = T0 + 61
+    assert (await c.send_status(send.send_id)).state is SendState.FAILED
+    assert list(site.files) == [WITHDRAWN], "nothing went to Upload"
+
+
+@pytest.mark.parametrize(
+    ("folder", "detail"),
+    [
+        ("Active", "Deployteq took {name} (Active) and starts its campaign; Deployteq has no API call"),
+        ("Done", "Deployteq started the campaign of {name} (Done); Deployteq has no API call"),
+        ("Failed", "Deployteq rejected {name} (Failed): its campaign did not start"),
+        (None, "{name} is in neither staging nor Deployteq's folders: nothing to withdraw"),
+    ],
+)
+async def test_a_file_deployteq_took_is_too_late_to_withdraw(folder: str | None, detail: str) -> None:
+    site = FakeSite()
+    if folder is not None:
+        site.put(f"{TRIGGER}/{folder}")
+    result = await folders(site, Clock()).cancel_send(NAME, deployteq_job())
+    assert result.outcome is CancelOutcome.TOO_LATE
+    assert result.detail.startswith(detail.format(name=NAME))
+    assert site.where() == ([f"{TRIGGER}/{folder}"] if folder else [])
+
+
+@dataclass
+class ReleasedMeanwhile(FakeSite):
+    """A release by another monitor moves the staged file into Upload just before the withdrawal."""
+
+    def __post_init__(self) -> None:
+        self.released = False
+
+    async def rename(self, source: str, target: str, *, overwrite: bool = False) -> bool:
+        if source.startswith(STAGING) and not self.released:
+            self.released = True
+            self.files[f"{TRIGGER}/Upload/{NAME}"] = self.files.pop(source)
+            return False
+        return await super().rename(source, target, overwrite=overwrite)
+
+
+async def test_a_file_released_while_it_is_withdrawn_is_withdrawn_from_upload() -> None:
+    site = ReleasedMeanwhile()
+    site.put(STAGING)
+    result = await folders(site, Clock()).cancel_send(NAME, deployteq_job())
+    assert (result.outcome, "withdrawn from Upload" in result.detail) == (CancelOutcome.CANCELLED, True)
+    assert list(site.files) == [WITHDRAWN]
 
 
 # --- the Events API fake ---------------------------------------------------------------------------
