@@ -11,6 +11,7 @@ import pytest
 
 from shared.esp import AccountConfig, BadRow, ConnectorContext, attribution
 from shared.esp.attribution import KeyLists
+from shared.esp.base import CancelOutcome
 from shared.esp.generic_sftp import GenericSftpConnector, UploadOnlyError
 from shared.infra.db.uploaded_lists import UploadedList
 from shared.model.errors import ConfigurationError
@@ -311,4 +312,14 @@ def test_only_accounts_attributing_by_key_have_their_lists_recorded() -> None:
     assert attribution.kept_days(connector(**BY_NAME)) is None
     assert (
         attribution.kept_days(connector(attribution=["column", "communication_key"], key_lists_days=30)) == 30
+    )
+
+
+async def test_an_esp_reached_by_files_has_no_cancel() -> None:
+    from tests.unit.test_messages import job
+
+    result = await connector().cancel_send("job-1", job())
+    assert (result.outcome, result.detail) == (
+        CancelOutcome.NOT_SUPPORTED,
+        "generic_sftp has no cancel of a send",
     )

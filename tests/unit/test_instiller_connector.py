@@ -18,6 +18,7 @@ from aiohttp import web
 from pydantic import SecretStr
 
 from shared.esp import AccountConfig, BadRow, ConnectorContext, ImportState, SendState, SentBroadcast
+from shared.esp.base import CancelOutcome
 from shared.esp.generic import ListRejectedError
 from shared.esp.instiller import InstillerConnector
 from shared.esp.registry import CONNECTORS
@@ -235,6 +236,14 @@ async def test_list_format_and_path() -> None:
     )
     assert other.list_path(job()) == "instiller/acme/in/job-1.txt"
     assert (other.list_format.delimiter, other.list_format.email_field) == (";", "EmailAddress")
+
+
+async def test_instiller_has_no_cancel_of_a_send() -> None:
+    result = await InstillerConnector(account(), OFFLINE).cancel_send("snd-81d2", job())
+    assert (result.outcome, result.detail) == (
+        CancelOutcome.NOT_SUPPORTED,
+        "instiller has no cancel of a send",
+    )
 
 
 async def test_options_given_in_part_are_merged_over_the_defaults() -> None:
