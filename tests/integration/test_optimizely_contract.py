@@ -16,21 +16,20 @@ from typing import Any
 from uuid import UUID
 
 import pytest
-from pydantic import SecretStr
 
-from shared.esp import AccountConfig, ConnectorContext, ImportState, SendState, SentBroadcast
+from shared.esp import ConnectorContext, ImportState, SendState, SentBroadcast
 from shared.esp.base import CancelOutcome
 from shared.esp.optimizely import OptimizelyConnector
 from shared.infra.sftp import SftpPool
 from shared.model.messages import EventType, ResponseEvent
 from tests.fixtures.contract import ContractProxy
 from tests.fixtures.fake_esp import pulled
-from tests.fixtures.sandbox import BUSY_RATES, OPTIMIZELY_USER, SandboxClient, Sandboxes
+from tests.fixtures.sandbox import BUSY_RATES, SandboxClient, Sandboxes
 from tests.fixtures.servers import Servers
 from tests.fixtures.waits import wait_for
 from tests.unit.test_messages import job
+from tests.unit.test_optimizely_connector import CLIENT, account
 
-CLIENT = "1000001"
 RECIPIENTS = 90
 CONNECTOR_OPERATIONS = {
     "GET /{clientId}/sending/batches",
@@ -62,17 +61,8 @@ def list_file(job_id: str) -> bytes:
 
 def through(proxy: ContractProxy, esp: SandboxClient, pool: SftpPool, **options: Any) -> OptimizelyConnector:
     """The connector of the sandbox's account ``demo``, calling it through the contract proxy."""
-    account = AccountConfig(
-        esp="optimizely",
-        account="demo",
-        connector="optimizely",
-        api_url=proxy.url,
-        client_id=CLIENT,
-        username=OPTIMIZELY_USER,
-        password=SecretStr(esp.token),
-        options=options,
-    )
-    return OptimizelyConnector(account, ConnectorContext(esp.http, pool))
+    demo = account(proxy.url, esp.token, timeout=30.0, **options)
+    return OptimizelyConnector(demo, ConnectorContext(esp.http, pool))
 
 
 @pytest.fixture

@@ -287,18 +287,13 @@ class MemorySftp:
         yield self
 
 
-def connector(
-    esp: FakeOptimizely,
-    files: dict[str, bytes] | None = None,
-    password: str = PASSWORD,
-    timeout: float = 5.0,
-    **options: Any,
-) -> OptimizelyConnector:
-    account = AccountConfig(
+def account(url: str, password: str = PASSWORD, timeout: float = 5.0, **options: Any) -> AccountConfig:
+    """The account ``demo`` of client :data:`CLIENT` at ``url``."""
+    return AccountConfig(
         esp="optimizely",
         account="demo",
         connector="optimizely",
-        api_url=esp.url,
+        api_url=url,
         client_id=CLIENT,
         username=USER,
         password=SecretStr(password),
@@ -306,8 +301,18 @@ def connector(
         request_timeout_s=timeout,
         options=options,
     )
+
+
+def connector(
+    esp: FakeOptimizely,
+    files: dict[str, bytes] | None = None,
+    password: str = PASSWORD,
+    timeout: float = 5.0,
+    **options: Any,
+) -> OptimizelyConnector:
     sftp = MemorySftp(files if files is not None else {LIST_PATH: LIST.encode()})
-    return OptimizelyConnector(account, ConnectorContext(esp.http, cast(SftpPool, sftp)))
+    made = account(esp.url, password, timeout, **options)
+    return OptimizelyConnector(made, ConnectorContext(esp.http, cast(SftpPool, sftp)))
 
 
 async def chunks_of(data: bytes, job_id: str = "job-1", **kwargs: Any) -> list[Chunk | BadRow]:
