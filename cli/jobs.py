@@ -1,19 +1,24 @@
-"""``espbridge job``: publish a broadcast job, follow it, cancel it."""
+"""``espbridge job``: check a broadcast job and publish it, cancel it; its run history (``list``,
+``status``) is in :mod:`cli.history`."""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from cli import history
+from cli.checks import check_json, check_report, refusal
 from cli.output import as_json
+from shared.esp import AccountsSettings
 from shared.infra.documents import DocumentError, read_document
 from shared.infra.settings import KafkaSettings, PostgresSettings
 from shared.model.errors import ConfigurationError, InvalidMessageError
-from shared.model.messages import BroadcastStatus
+from shared.model.messages import BroadcastJob
 from shared.model.topics import Topic
-from shared.operations.jobs import build_cancel, build_job, funnel, publish_cancel, publish_job, read_statuses
+from shared.operations.checking import JobCheck, Verdict, check_job, size_finding
+from shared.operations.jobs import build_cancel, build_job, publish_cancel, publish_job
+from shared.operations.selection import SelectionSettings
 
 
 def read_job_file(path: Path) -> dict[str, Any]:
@@ -60,40 +65,41 @@ def _pair(text: str, flag: str) -> tuple[str, str]:
     return key, value
 
 
-def summarize(statuses: Sequence[BroadcastStatus]) -> list[tuple[BroadcastStatus, int]]:
-    """The statuses a person reads: every change of stage or state, with repeated progress
-    updates of one stage and state (gather and load report per file and batch) folded into the
-    latest one and counted."""
-    out: list[tuple[BroadcastStatus, int]] = []
-    index: dict[tuple[str, str], int] = {}
-    for s in statuses:
-        key = (s.stage.value, s.state.value)
-        if key in index and s.state.value == "running":
-            i = index[key]
-            out[i] = (s, out[i][1] + 1)
-        else:
-            index[key] = len(out)
-            out.append((s, 1))
-    return out
+async def run_check(job: BroadcastJob) -> JobCheck:
+    """The job's check against the servers and accounts this command is configured for."""
+    return await check_job(
+        job,
+        kafka=KafkaSettings(),
+        pg=PostgresSettings(),
+        accounts=AccountsSettings(),
+        reading=SelectionSettings(),
+    )
 
 
-def format_statuses(statuses: Sequence[BroadcastStatus]) -> str:
-    """Statuses as an aligned table, progress updates folded (see :func:`summarize`)."""
-    lines = [f"{'at':<24} {'stage':<7} {'state':<9} {'service':<9} detail"]
-    for s, n in summarize(statuses):
-        counts = " ".join(f"{k}={v}" for k, v in s.counts.items())
-        detail = f"{s.detail} {counts}".strip() + (f" ({n} updates, latest shown)" if n > 1 else "")
-        lines.append(
-            f"{s.at:%Y-%m-%d %H:%M:%S.%f}"[:23].ljust(24)
-            + f" {s.stage:<7} {s.state:<9} {s.service:<9} {detail}"
-        )
-    return "\n".join(lines)
+async def job_check(args: argparse.Namespace) -> int:
+    """``job check`` (and ``job publish --dry-run``): every check, nothing published; exit 2 if the
+    job would fail."""
+    check = await run_check(build_job(job_document(args)))
+    print(as_json(check_json(check)) if args.json else check_report(check))
+    return 0 if check.ok else 2
 
 
 async def job_publish(args: argparse.Namespace) -> int:
-    """``job publish``: build the job, publish it, print its id."""
+    """``job publish``: build the job, check it (unless ``--no-check``), publish it, print its id.
+    A job that fails its check, or is too large for the topic, is refused with the reason (exit 2)."""
+    if args.dry_run:
+        return await job_check(args)
     job = build_job(job_document(args))
-    await publish_job(KafkaSettings(), job)
+    kafka = KafkaSettings()
+    if args.no_check:
+        size = await size_finding(kafka, job)  # a job too large for the topic is refused, checked or not
+        if size.verdict is Verdict.FAILED:
+            raise InvalidMessageError(f"not published: {size.detail}")
+    else:
+        check = await run_check(job)
+        if not check.ok:
+            raise InvalidMessageError(refusal(check))
+    await publish_job(kafka, job)
     print(job.job_id)
     return 0
 
@@ -121,44 +127,29 @@ cancelled job stays cancelled: a late import or file does not start it again. Ex
 request is published, 1 if Kafka cannot be reached, 2 for a bad JOB_ID or reason."""
 
 
-async def job_status(args: argparse.Namespace) -> int:
-    """``job status``: the job's stages from broadcast.status.v1 and its response funnel."""
-    statuses = await read_statuses(KafkaSettings(), args.job_id)
-    numbers = await funnel(PostgresSettings(), args.job_id)
-    if args.json:
-        out = {
-            "job_id": args.job_id,
-            "statuses": [s.model_dump(mode="json") for s in statuses],
-            "funnel": numbers,
-        }
-        print(as_json(out))
-        return 0 if statuses else 1
-    if not statuses:
-        print(f"no status for job {args.job_id} on {KafkaSettings().topic(Topic.BROADCAST_STATUS)}")
-        return 1
-    print(format_statuses(statuses))
-    if numbers is not None:
-        print("\nresponse funnel: " + "  ".join(f"{k}={v}" for k, v in numbers.items()))
-    return 0
-
-
 def add_parser(groups: Any) -> None:
     """The ``job`` commands and their arguments."""
     job = groups.add_parser("job", help="broadcast jobs").add_subparsers(dest="cmd", required=True)
-    pub = job.add_parser("publish", help="publish a broadcast job from a YAML/JSON file and/or flags")
-    pub.add_argument("file", nargs="?", help="a YAML or JSON file with the job's fields")
-    pub.add_argument("--job-id")
-    pub.add_argument("--esp")
-    pub.add_argument("--account")
-    pub.add_argument("--list-name")
-    pub.add_argument("--message", help="the ESP's pre-created message / campaign id")
-    pub.add_argument("--table", help="select recipients from this table or view (schema.table)")
-    pub.add_argument("--column", action="append", help="a selected column (repeatable)")
-    pub.add_argument("--filter", action="append", help="COLUMN=VALUE equality filter (repeatable)")
-    pub.add_argument("--field", action="append", help="COLUMN=ESPField mapping (repeatable)")
-    pub.add_argument("--communication-key", help="the column responses are matched on")
-    pub.add_argument("--upload-only", action="store_true", help="upload and import, do not send")
-    pub.add_argument("--send-at", help="ISO 8601 time with zone to send at")
+    pub = job.add_parser(
+        "publish",
+        help="check a broadcast job (from a YAML/JSON file and/or flags) and publish it",
+        description=PUBLISH_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    chk = job.add_parser(
+        "check",
+        help="check a broadcast job against the live system; publish nothing",
+        description=CHECK_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    for p in (pub, chk):
+        _job_arguments(p)
+    chk.add_argument("--json", action="store_true", help="machine-readable output")
+    pub.add_argument(
+        "--dry-run", action="store_true", help="check the job as `job check` does; publish nothing"
+    )
+    pub.add_argument("--no-check", action="store_true", help="publish without checking the job first")
+    pub.set_defaults(json=False)
     cancel = job.add_parser(
         "cancel",
         help="cancel a broadcast: nothing is sent, or the ESP's cancel is called",
@@ -169,6 +160,41 @@ def add_parser(groups: Any) -> None:
     cancel.add_argument(
         "--reason", default="", help="why, for the job's history (one line, at most 500 characters)"
     )
-    st = job.add_parser("status", help="a job's stages and response funnel")
-    st.add_argument("job_id")
-    st.add_argument("--json", action="store_true", help="machine-readable output")
+    history.add_arguments(
+        job.add_parser("list", help="the run history: jobs with their stage and state, newest first"),
+        job.add_parser("status", help="a job's stages and response funnel; --follow: live until it ends"),
+    )
+
+
+def _job_arguments(p: argparse.ArgumentParser) -> None:
+    """The job's fields as a file and/or flags (``job publish``, ``job check``)."""
+    p.add_argument("file", nargs="?", help="a YAML or JSON file with the job's fields")
+    p.add_argument("--job-id")
+    p.add_argument("--esp")
+    p.add_argument("--account")
+    p.add_argument("--list-name")
+    p.add_argument("--message", help="the ESP's pre-created message / campaign id")
+    p.add_argument("--table", help="select recipients from this table or view (schema.table)")
+    p.add_argument("--column", action="append", help="a selected column (repeatable)")
+    p.add_argument("--filter", action="append", help="COLUMN=VALUE equality filter (repeatable)")
+    p.add_argument("--field", action="append", help="COLUMN=ESPField mapping (repeatable)")
+    p.add_argument("--communication-key", help="the column responses are matched on")
+    p.add_argument("--upload-only", action="store_true", help="upload and import, do not send")
+    p.add_argument("--send-at", help="ISO 8601 time with zone to send at")
+
+
+CHECK_HELP = """\
+Check a broadcast job against the live system before its run, changing nothing: the ESP account
+exists and its connector takes the job's mode, the field map gives the ESP its email field, the
+table and every column the job names exist, how many recipients the list would hold and how many
+are left out as opted out, the first rows of the list file exactly as the uploader would write
+them, the send time (ahead, for a send), that the job id is new, and that the job fits on its
+topic. Nothing is uploaded, published or sent. Reads ESPBRIDGE_PG_*, ESPBRIDGE_KAFKA_*,
+ESPBRIDGE_ACCOUNTS_FILE and the uploader's ESPBRIDGE_UPLOADER_SUPPRESSION_COLUMN and _CSV_DIR.
+Exit 0 if the job can run, 2 if it would fail (each reason is shown), 1 if a server is down."""
+
+PUBLISH_HELP = """\
+Check a broadcast job (as `job check` does) and publish it to broadcast.jobs.v1; prints its job
+id. A job that fails the check is not published: the reasons are shown and the exit code is 2.
+--no-check publishes without the check (a job too large for the topic is still refused);
+--dry-run checks and publishes nothing. Exit 1 if a server is down."""

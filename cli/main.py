@@ -4,8 +4,10 @@ espbridge db migrate        apply pending migrations (ESPBRIDGE_PG_*)
 espbridge db status         list applied and pending migrations
 espbridge topics create     create the registry topics (ESPBRIDGE_KAFKA_*)
 espbridge topics list       the registry: topic, model, partitions
-espbridge job publish       publish a broadcast job from a file and/or flags
-espbridge job status        a job's stages and response funnel
+espbridge job check         check a broadcast job against the live system; publish nothing
+espbridge job publish       check a broadcast job (from a file and/or flags) and publish it
+espbridge job list          the run history: jobs with their stage and state
+espbridge job status        a job's stages and response funnel (--follow: live until it ends)
 espbridge job cancel        ask for a broadcast to be cancelled (the monitor reports the outcome)
 espbridge gather now        scan the ESP accounts for response files now
 espbridge dlq list          dead letters with their reason and replay state
@@ -23,9 +25,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from cli import dlq, jobs
+from cli import dlq, history, jobs
 from cli.db import db_migrate, db_status
 from cli.gather import gather_now_command
+from cli.output import one_line
 from cli.topics import topics_create, topics_list
 from shared.infra.kafka import back_off_failed_metadata_updates
 from shared.infra.logs import configure
@@ -56,8 +59,10 @@ COMMANDS: dict[tuple[str, str], Callable[[argparse.Namespace], int | Coroutine[A
     ("db", "status"): lambda _: db_status(),
     ("topics", "create"): lambda _: topics_create(),
     ("topics", "list"): lambda _: topics_list(),
+    ("job", "check"): jobs.job_check,
     ("job", "publish"): jobs.job_publish,
-    ("job", "status"): jobs.job_status,
+    ("job", "list"): history.job_list,
+    ("job", "status"): history.job_status,
     ("job", "cancel"): jobs.job_cancel,
     ("gather", "now"): lambda _: gather_now_command(),
     ("dlq", "list"): dlq.dlq_list,
@@ -82,6 +87,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"espbridge: invalid settings:\n{exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130  # Ctrl-C: the operator stopped it (following a job, say); nothing to explain
+    except Exception as exc:  # no traceback reaches the operator: one line saying what broke
+        print(
+            f"espbridge: unexpected error ({type(exc).__name__}): {one_line(str(exc), 500)}", file=sys.stderr
+        )
+        return 1
 
 
 if __name__ == "__main__":

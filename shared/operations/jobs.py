@@ -1,5 +1,5 @@
 """Broadcast jobs from the outside: building one from a document, publishing it, cancelling it,
-following it.
+following it, and the run history (control.jobs, job_history and the response funnel).
 
 Used by the CLI (``espbridge job …``), the demo and the tests; services never need these.
 """
@@ -8,17 +8,27 @@ from __future__ import annotations
 
 import getpass
 import secrets
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from faststream.kafka import KafkaBroker
 from pydantic import ValidationError
 
-from shared.infra.db import connect, responses
+from shared.infra.db import connect, jobs, responses
+from shared.infra.db.jobs import JobSummary
 from shared.infra.kafka import ensure_topics, publish, read_topic
 from shared.infra.settings import KafkaSettings, PostgresSettings
 from shared.model.errors import InvalidMessageError
-from shared.model.messages import BroadcastJob, BroadcastStatus, CancelRequest, Message
+from shared.model.messages import (
+    BroadcastJob,
+    BroadcastStatus,
+    CancelRequest,
+    Message,
+    SendMode,
+    Stage,
+    State,
+)
 from shared.model.topics import Topic
 
 
@@ -92,5 +102,66 @@ async def funnel(pg: PostgresSettings, broadcast_id: str) -> dict[str, int] | No
     conn = await connect(pg)
     try:
         return await responses.funnel(conn, broadcast_id)
+    finally:
+        await conn.close()
+
+
+@dataclass(frozen=True, slots=True)
+class JobView:
+    """A job as ``espbridge job status`` shows it, all from the database: its row in control.jobs,
+    the statuses recorded in control.job_history, and its response funnel."""
+
+    summary: JobSummary
+    history: list[BroadcastStatus]
+    funnel: dict[str, int] | None
+
+    @property
+    def ended(self) -> bool:
+        """Whether the broadcast is over: sent (imported, for an upload_only job), failed or cancelled.
+
+        Responses may keep coming in for days after; they show in its funnel, not in its state.
+        """
+        s = self.summary
+        last = Stage.IMPORT if s.mode == SendMode.UPLOAD_ONLY else Stage.SEND
+        return s.state in (State.FAILED, State.CANCELLED) or (s.stage, s.state) == (last, State.DONE)
+
+    @property
+    def recipients(self) -> int | None:
+        """The recipients its list file held, once uploaded."""
+        done = [h for h in self.history if (h.stage, h.state) == (Stage.UPLOAD, State.DONE)]
+        return done[-1].counts.get("rows") if done else None
+
+
+async def view_job(pg: PostgresSettings, job_id: str) -> JobView | None:
+    """The job's row, history and funnel, read in one go; None for a job the uploader never took."""
+    conn = await connect(pg)
+    try:
+        async with conn.transaction(readonly=True, isolation="repeatable_read"):  # one snapshot
+            summary = await jobs.job_summary(conn, job_id)
+            if summary is None:
+                return None
+            return JobView(
+                summary, await jobs.job_history(conn, job_id), await responses.funnel(conn, job_id)
+            )
+    finally:
+        await conn.close()
+
+
+async def list_jobs(
+    pg: PostgresSettings,
+    *,
+    state: str | None = None,
+    stage: str | None = None,
+    esp: str | None = None,
+    account: str | None = None,
+    since: datetime | None = None,
+    limit: int = 50,
+) -> list[JobSummary]:
+    """The run history: the newest jobs first, those that match every filter given."""
+    conn = await connect(pg)
+    try:
+        return await jobs.list_jobs(
+            conn, state=state, stage=stage, esp=esp, account=account, since=since, limit=limit
+        )
     finally:
         await conn.close()

@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 from pydantic import SecretStr
 
-from cli.jobs import summarize
+from cli.history import summarize
 from shared.esp import AccountConfig, BadRow, ConnectorContext, SendState
 from shared.esp.base import CancelOutcome
 from shared.esp.generic import RESPONSE_HEADER, GenericConnector, ListRejectedError
