@@ -21,7 +21,7 @@ from shared.runtime.status import StatusReporter
 
 async def create_app(settings: Settings, runtime: Runtime) -> FastStream:
     """The gatherer's app: consumes responses.files.v1 in the espbridge-gatherer consumer group."""
-    esp = await EspResources.open(runtime.stack, settings.accounts, settings.sftp)
+    esp = await EspResources.open(runtime.stack, settings.accounts, settings.sftp, settings.pg)
     pool = await runtime.open_pool(settings.pg)
     if settings.work_dir is not None:
         settings.work_dir.mkdir(parents=True, exist_ok=True)

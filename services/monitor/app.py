@@ -18,7 +18,7 @@ from shared.runtime.status import StatusReporter
 async def create_app(settings: Settings, runtime: Runtime) -> FastStream:
     """The monitor's app: consumes broadcast.lists.v1 and broadcast.cancels.v1 in the
     espbridge-monitor consumer group; the handlers only record work, which the loop runs."""
-    esp = await EspResources.open(runtime.stack, settings.accounts, settings.sftp)
+    esp = await EspResources.open(runtime.stack, settings.accounts, settings.sftp, settings.pg)
     pool = await runtime.open_pool(settings.pg)
     monitor = handlers.Monitor(settings, runtime, pool, esp.connectors, StatusReporter(runtime, pool))
 

@@ -15,7 +15,7 @@ from shared.runtime.status import StatusReporter
 
 async def create_app(settings: Settings, runtime: Runtime) -> FastStream:
     """The uploader's app: consumes broadcast.jobs.v1 in the espbridge-uploader consumer group."""
-    esp = await EspResources.open(runtime.stack, settings.accounts, settings.sftp)
+    esp = await EspResources.open(runtime.stack, settings.accounts, settings.sftp, settings.pg)
     pool = await runtime.open_pool(settings.pg)
     uploader = handlers.Uploader(settings, runtime, pool, esp, StatusReporter(runtime, pool))
 

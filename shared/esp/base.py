@@ -17,6 +17,7 @@ from shared.model.messages import BroadcastJob, ResponseEvent
 if TYPE_CHECKING:  # the values module stays free of I/O libraries (services' core modules import it)
     import aiohttp
 
+    from shared.esp.limits import RateLimits
     from shared.infra.sftp import SftpPool
 
 
@@ -143,6 +144,9 @@ class ConnectorContext:
 
     http: aiohttp.ClientSession
     sftp: SftpPool | None = None
+    rates: RateLimits | None = None
+    """The accounts' rate limiters (shared by every process when it has a database); None: each
+    connector keeps its own in memory."""
 
 
 class WebhookAuthError(PermanentError):

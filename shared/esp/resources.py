@@ -1,5 +1,6 @@
 """What a process needs to talk to the ESPs, opened in one place: the configured accounts, the SFTP
-pool, the HTTP session and the connectors that share them; and the settings they are opened from.
+pool, the HTTP session, the accounts' rate limits and the connectors that share them; and the
+settings they are opened from.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from pydantic import Field
 
 from shared.esp.accounts import Accounts, AccountsSettings
 from shared.esp.base import ConnectorContext
+from shared.esp.limits import RateLimits
 from shared.esp.registry import Connectors
-from shared.infra.settings import SftpSettings
+from shared.infra.settings import PostgresSettings, SftpSettings
 from shared.infra.sftp import SftpPool
 from shared.runtime.settings import DatabaseServiceSettings
 
@@ -39,12 +41,20 @@ class EspResources:
 
     @classmethod
     async def open(
-        cls, stack: contextlib.AsyncExitStack, accounts: AccountsSettings, sftp: SftpSettings
+        cls,
+        stack: contextlib.AsyncExitStack,
+        accounts: AccountsSettings,
+        sftp: SftpSettings,
+        database: PostgresSettings | None = None,
     ) -> EspResources:
         """Read the accounts file (a bad one fails here, before anything is opened), then open the
-        SFTP pool and the HTTP session on ``stack``, which closes them in reverse."""
+        SFTP pool, the HTTP session and the rate limits on ``stack``, which closes them in reverse.
+
+        With a ``database`` the accounts' rate limits are shared by every process using it.
+        """
         configured = Accounts.load(accounts)
         pool = SftpPool(sftp)
         stack.push_async_callback(pool.close)
         http = await stack.enter_async_context(aiohttp.ClientSession())
-        return cls(configured, pool, http, Connectors(configured, ConnectorContext(http, pool)))
+        rates = await RateLimits.open(stack, database)
+        return cls(configured, pool, http, Connectors(configured, ConnectorContext(http, pool, rates)))

@@ -2,7 +2,8 @@
 
 :class:`EspClient` makes an account's calls: it adds the credentials (headers, an OAuth2 token
 renewed once after a 401, or request parameters), keeps the concurrency cap and the
-:class:`RateLimiter`, waits out an earlier answer's ``Retry-After`` (or fails at once when that is
+:class:`RateLimiter` (or the account's limiter shared by every process, :mod:`shared.esp.limits`),
+waits out an earlier answer's ``Retry-After`` (or fails at once when that is
 further away than the request timeout) and repeats a call as the ESP's :class:`Retries` say.
 Every answer goes through :func:`request_json`'s one mapping:
 
@@ -193,6 +194,15 @@ async def request_json(
     return status, parsed
 
 
+class Limiter(Protocol):
+    """What an :class:`EspClient` waits on before each call: a :class:`RateLimiter`, or one that all
+    processes share (:mod:`shared.esp.limits`)."""
+
+    def slot(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """Wait for a free slot; it is held while the block runs, and for the limit's window after."""
+        ...
+
+
 class RateLimiter:
     """At most ``calls`` calls in any ``per_s`` seconds, across all tasks of the process.
 
@@ -310,7 +320,7 @@ class EspClient:
         token: TokenSource | None = None,
         auth_params: Mapping[str, str] | None = None,
         secrets: Iterable[str] = (),
-        limiter: RateLimiter | None = None,
+        limiter: Limiter | None = None,
         concurrency: int | None = None,
         retries: Retries | None = None,
         holds: bool = False,

@@ -350,7 +350,7 @@ async def gather_now(
     """One scan of every configured account, announcing new response files to the gatherers, and
     one API pull of every account that has one (``espbridge gather now``)."""
     async with contextlib.AsyncExitStack() as stack:
-        esp = await EspResources.open(stack, accounts, sftp)
+        esp = await EspResources.open(stack, accounts, sftp, pg)
         await ensure_topics(kafka)
         pool = await create_pool(pg)
         stack.push_async_callback(pool.close)
