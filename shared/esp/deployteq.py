@@ -50,13 +50,13 @@ from pydantic import Field, model_validator
 from shared.esp import base, rows
 from shared.esp.accounts import AccountConfig
 from shared.esp.cursor import Count, StoredCursor
+from shared.esp.limits import rate_limiter
 from shared.esp.options import ConnectorOptions, DateFormat, Encoding, TimeZone
 from shared.esp.rest import (
     EspClient,
     EspRequestError,
     EspUnavailableError,
     OAuth2Token,
-    RateLimiter,
     Retries,
     short_json,
 )
@@ -517,7 +517,7 @@ class DeployteqConnector(base.Connector):
             timeout_s=account.request_timeout_s,
             token=token,
             secrets=(account.client_secret.get_secret_value(),),
-            limiter=RateLimiter(1, 1.0 / opts.api_rate_per_s),  # evenly spaced: no bursts
+            limiter=rate_limiter(context, account, 1, 1.0 / opts.api_rate_per_s),  # evenly spaced: no bursts
             retries=Retries(attempts=RETRY_ATTEMPTS, max_wait_s=account.request_timeout_s),
             holds=True,
         )

@@ -34,8 +34,9 @@ from shared.esp import base, rows
 from shared.esp.accounts import AccountConfig
 from shared.esp.cursor import Count, StoredCursor
 from shared.esp.generic import ListRejectedError
+from shared.esp.limits import rate_limiter
 from shared.esp.options import ConnectorOptions, DateFormat, TimeZone
-from shared.esp.rest import EspClient, EspRequestError, EspUnavailableError, RateLimiter, is_count, short_json
+from shared.esp.rest import EspClient, EspRequestError, EspUnavailableError, is_count, short_json
 from shared.infra.db.jobs import SentBroadcast
 from shared.model.errors import ConfigurationError
 from shared.model.messages import BroadcastJob, EventType, ResponseEvent
@@ -265,7 +266,7 @@ class InstillerConnector(base.Connector):
             account=account.name,
             timeout_s=account.request_timeout_s,
             auth_params={"api_id": account.client_id, "api_key": account.client_secret.get_secret_value()},
-            limiter=RateLimiter(1, 1.0 / opts.requests_per_second),
+            limiter=rate_limiter(context, account, 1, 1.0 / opts.requests_per_second),
             holds=True,
             answered=(200,),
             refusal=InstillerRefusedError.of,

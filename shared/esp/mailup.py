@@ -49,8 +49,9 @@ from shared.esp.accounts import AccountConfig
 from shared.esp.cursor import Count, StoredCursor
 from shared.esp.delimited import NotUtf8Error, stream_records
 from shared.esp.generic import ListRejectedError
+from shared.esp.limits import rate_limiter
 from shared.esp.options import ConnectorOptions, DateFormat, Encoding, TimeZone
-from shared.esp.rest import EspClient, EspUnavailableError, OAuth2Token, RateLimiter, Retries, is_count
+from shared.esp.rest import EspClient, EspUnavailableError, OAuth2Token, Retries, is_count
 from shared.infra.db.jobs import SentBroadcast
 from shared.infra.sftp import download_stream
 from shared.model.errors import ConfigurationError, PermanentError
@@ -394,7 +395,7 @@ class MailUpConnector(base.Connector):
             timeout_s=account.request_timeout_s,
             token=token,
             secrets=(grant["client_secret"], grant["password"]),
-            limiter=RateLimiter(opts.rate_limit_per_s, RATE_WINDOW_S),
+            limiter=rate_limiter(context, account, opts.rate_limit_per_s, RATE_WINDOW_S),
             retries=replace(retries, rate_limits_only=True),
         )
         self._repeatable = retries

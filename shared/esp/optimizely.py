@@ -56,8 +56,9 @@ from shared.esp.accounts import AccountConfig
 from shared.esp.cursor import Count, StoredCursor
 from shared.esp.delimited import NotUtf8Error, stream_records
 from shared.esp.generic import ListRejectedError
+from shared.esp.limits import rate_limiter
 from shared.esp.options import ConnectorOptions, DateFormat, Encoding, TimeZone
-from shared.esp.rest import EspClient, EspUnavailableError, RateLimiter, Retries, is_count, short_json
+from shared.esp.rest import EspClient, EspUnavailableError, Retries, is_count, short_json
 from shared.infra.db.jobs import SentBroadcast
 from shared.infra.sftp import download_stream
 from shared.model.errors import ConfigurationError, PermanentError
@@ -433,7 +434,7 @@ class OptimizelyConnector(base.Connector):
             timeout_s=account.request_timeout_s,
             headers={"Authorization": "Basic " + base64.b64encode(credentials).decode("ascii")},
             secrets=(password,),
-            limiter=RateLimiter(calls, calls / opts.requests_per_second),
+            limiter=rate_limiter(context, account, calls, calls / opts.requests_per_second),
             concurrency=opts.max_concurrency,
             retries=Retries(attempts=None, backoff_s=_backoff_s, total_wait_s=account.request_timeout_s),
             holds=True,
