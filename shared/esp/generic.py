@@ -1,7 +1,8 @@
 """The generic ESP connector (``connector: generic``), written from docs/generic-esp.md.
 
 REST under the account's ``api_url`` with a bearer token; list files as UTF-8 CSV with ``Email``
-and ``CommunicationKey``; response files in ``responses/`` with one event per row.
+and ``CommunicationKey``; response files in ``responses/`` with one event per row. An account's
+``requests_per_second`` option limits its calls (by every process of the deployment together).
 """
 
 from __future__ import annotations
@@ -13,9 +14,13 @@ from pathlib import Path
 from typing import Any, Unpack
 from urllib.parse import quote
 
+from pydantic import Field
+
 from shared.esp import base, rows
 from shared.esp.accounts import AccountConfig
 from shared.esp.delimited import read_records, undecodable
+from shared.esp.limits import rate_limiter
+from shared.esp.options import ConnectorOptions
 from shared.esp.rest import EspClient, EspUnavailableError, RequestParts
 from shared.model.errors import ConfigurationError, PermanentError
 from shared.model.events import EncodedEvent, FileEventWriter, event_key, json_plain, utc_text
@@ -30,6 +35,14 @@ class ListRejectedError(PermanentError):
     """The ESP refused to import or send a list."""
 
 
+class Options(ConnectorOptions):
+    """The generic connector's options."""
+
+    requests_per_second: float | None = Field(
+        default=None, gt=0, description="the account's calls a second at most (None: no limit)"
+    )
+
+
 class GenericConnector(base.Connector):
     """Connector for the generic ESP protocol."""
 
@@ -41,12 +54,18 @@ class GenericConnector(base.Connector):
         if not account.api_url:
             raise ConfigurationError(f"account {account.name} needs an api_url")
         token = account.token.get_secret_value() if account.token else ""
+        rate = Options.of(account).requests_per_second
+        limiter = None
+        if rate:
+            calls = max(1, int(rate))  # whole calls in a window as long as they need: 2.5/s is 2 per 0.8 s
+            limiter = rate_limiter(context, account, calls, calls / rate)
         self._api = EspClient(
             context.http,
             account.api_url,
             account=account.name,
             timeout_s=account.request_timeout_s,
             headers={"Authorization": f"Bearer {token}"},
+            limiter=limiter,
         )
 
     # --- REST ---------------------------------------------------------------------------------
