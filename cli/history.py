@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import sys
 import time
 from collections.abc import Sequence
@@ -19,7 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from cli.output import as_json, one_line, table
-from shared.infra.db.jobs import JobSummary
+from shared.infra.db.jobs import JobFilters, JobSummary
 from shared.infra.settings import PostgresSettings
 from shared.model.deadletters import parse_since
 from shared.model.errors import InvalidMessageError
@@ -63,40 +64,15 @@ def list_rows(jobs: Sequence[JobSummary]) -> list[list[str]]:
 
 
 def summary_json(s: JobSummary) -> dict[str, object]:
-    """One job for ``--json``."""
-    return {
-        "job_id": s.job_id,
-        "esp": s.esp,
-        "account": s.account,
-        "list_name": s.list_name,
-        "message": s.message,
-        "mode": s.mode,
-        "send_at": s.send_at.isoformat() if s.send_at else None,
-        "requested_by": s.requested_by,
-        "stage": s.stage,
-        "state": s.state,
-        "detail": s.detail,
-        "counts": s.counts,
-        "created_at": s.created_at.isoformat(),
-        "updated_at": s.updated_at.isoformat(),
-        "send_requested_at": s.send_requested_at.isoformat() if s.send_requested_at else None,
-        "esp_import_id": s.esp_import_id,
-        "esp_send_id": s.esp_send_id,
-    }
+    """One job for ``--json``, times in ISO 8601."""
+    return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in dataclasses.asdict(s).items()}
 
 
 async def job_list(args: argparse.Namespace) -> int:
     """``job list``: the run history, newest first."""
     since = parse_since(args.since, utcnow()) if args.since else None
-    found = await list_jobs(
-        PostgresSettings(),
-        state=args.state,
-        stage=args.stage,
-        esp=args.esp,
-        account=args.account,
-        since=since,
-        limit=args.limit,
-    )
+    filters = JobFilters(state=args.state, stage=args.stage, esp=args.esp, account=args.account, since=since)
+    found = await list_jobs(PostgresSettings(), filters, args.limit)
     if args.json:
         print(as_json([summary_json(s) for s in found]))
     elif found:

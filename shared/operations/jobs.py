@@ -16,7 +16,7 @@ from faststream.kafka import KafkaBroker
 from pydantic import ValidationError
 
 from shared.infra.db import connect, jobs, responses
-from shared.infra.db.jobs import JobSummary
+from shared.infra.db.jobs import JobFilters, JobSummary
 from shared.infra.kafka import ensure_topics, publish, read_topic
 from shared.infra.settings import KafkaSettings, PostgresSettings
 from shared.model.errors import InvalidMessageError
@@ -147,21 +147,10 @@ async def view_job(pg: PostgresSettings, job_id: str) -> JobView | None:
         await conn.close()
 
 
-async def list_jobs(
-    pg: PostgresSettings,
-    *,
-    state: str | None = None,
-    stage: str | None = None,
-    esp: str | None = None,
-    account: str | None = None,
-    since: datetime | None = None,
-    limit: int = 50,
-) -> list[JobSummary]:
-    """The run history: the newest jobs first, those that match every filter given."""
+async def list_jobs(pg: PostgresSettings, filters: JobFilters, limit: int = 50) -> list[JobSummary]:
+    """The run history: the newest jobs first, those that match the filters."""
     conn = await connect(pg)
     try:
-        return await jobs.list_jobs(
-            conn, state=state, stage=stage, esp=esp, account=account, since=since, limit=limit
-        )
+        return await jobs.list_jobs(conn, filters, limit)
     finally:
         await conn.close()

@@ -16,7 +16,7 @@ import orjson
 import pytest
 
 from shared.infra.db import connect
-from shared.infra.db.jobs import record_status, upsert_job
+from shared.infra.db.jobs import JobFilters, record_status, upsert_job
 from shared.model.messages import BroadcastStatus, Stage, State
 from shared.model.topics import Topic
 from shared.operations import lists
@@ -243,7 +243,8 @@ async def test_job_list_filters_on_state_stage_esp_account_and_time(deployment: 
     await record(deployment, "elsewhere", UPLOADED, account="other")
 
     async def listed(**filters: Any) -> list[str]:
-        return [j.job_id for j in await list_jobs(deployment.database, **filters)]
+        limit = filters.pop("limit", 50)
+        return [j.job_id for j in await list_jobs(deployment.database, JobFilters(**filters), limit)]
 
     assert await listed() == ["elsewhere", "failed", "sent", "old"], "newest first"
     assert await listed(state="failed") == ["failed"]

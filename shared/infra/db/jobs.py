@@ -302,17 +302,20 @@ def _summary(row: asyncpg.Record) -> JobSummary:
     return JobSummary(**{**fields, "counts": orjson.loads(fields["counts"])})
 
 
-async def list_jobs(
-    conn: Conn,
-    *,
-    state: str | None = None,
-    stage: str | None = None,
-    esp: str | None = None,
-    account: str | None = None,
-    since: datetime | None = None,
-    limit: int = 50,
-) -> list[JobSummary]:
-    """The newest jobs first, those that match every filter given (None: any)."""
+@dataclass(frozen=True, slots=True)
+class JobFilters:
+    """Which jobs :func:`list_jobs` lists: those that match every filter given (None: any)."""
+
+    state: str | None = None
+    stage: str | None = None
+    esp: str | None = None
+    account: str | None = None
+    since: datetime | None = None
+    """Created at or after this time."""
+
+
+async def list_jobs(conn: Conn, filters: JobFilters, limit: int = 50) -> list[JobSummary]:
+    """The newest jobs first, those that match the filters."""
     rows = await conn.fetch(
         _SUMMARY
         + """
@@ -322,11 +325,11 @@ async def list_jobs(
         ORDER BY created_at DESC, job_id DESC
         LIMIT $6
         """,
-        state,
-        stage,
-        esp,
-        account,
-        since,
+        filters.state,
+        filters.stage,
+        filters.esp,
+        filters.account,
+        filters.since,
         limit,
     )
     return [_summary(r) for r in rows]
