@@ -98,10 +98,18 @@ async def bearer_auth(request: web.Request, handler: Handler) -> web.StreamRespo
     return await handler(request)
 
 
-def account_of(request: web.Request, code: str = "account_not_found") -> Account:
+def named_account(request: web.Request, code: str = "account_not_found") -> Account:
     """The account named in the path (``{account}``); 404 ``code`` if there is none."""
     name = request.match_info["account"]
     return found(request.app[CONTEXT].accounts.get(name), f"no account {name}", code)
+
+
+def account_of(request: web.Request, code: str = "account_not_found") -> Account:
+    """The account an API call names in its path (``{account}``), the call counted in its calls per
+    second; 404 ``code`` if there is none."""
+    account = named_account(request, code)
+    account.calls.count()
+    return account
 
 
 def problems(exc: ValidationError) -> str:
@@ -124,8 +132,9 @@ async def read_body(request: web.Request, model: type[M]) -> M:
 
 
 async def stats(request: web.Request) -> web.Response:
-    """``GET /_sandbox/stats`` (every flavor, for tests): imports and sends created per ``external_id``."""
-    return json_response(account_of(request).state.stats())
+    """``GET /_sandbox/stats`` (every flavor, for tests; not counted as a call): imports and sends
+    created per ``external_id``, and the account's API calls per second."""
+    return json_response(named_account(request).stats())
 
 
 async def healthz(_request: web.Request) -> web.Response:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from sandbox.errors import EspError
 from sandbox.eventlog import EVENTS_FOLDER, EventLog, SendInterruptedError
 from sandbox.files import atomic_writer, csv_line
-from sandbox.limits import RateLimiter, TokenBucket, rate_limited
+from sandbox.limits import CallsPerSecond, RateLimiter, TokenBucket, rate_limited
 from sandbox.listfile import ImportInterruptedError, ImportResult, import_list
 from sandbox.protocol import (
     LISTS_FOLDER,
@@ -92,6 +92,8 @@ class Account:
         """The account's API rate limit (``API_LIMIT_PER_S``/``API_LIMIT_BURST``; None when off)."""
         self.counters: Counter[str] = Counter()
         """In-memory counts for a flavor's ``_sandbox/stats`` (``rate_limited`` is kept here)."""
+        self.calls = CallsPerSecond()
+        """The account's API calls per second (counted by ``sandbox.api.account_of``)."""
 
     def open(self) -> None:
         """Create the account's missing folders, load its state, remove its own stale temporary files."""
@@ -107,6 +109,11 @@ class Account:
         for sub in {".", RESPONSES, MANIFEST, LISTS_FOLDER, UPLOADS_FOLDER, *written, *staged}:
             for stale in (self.folder / sub).glob(".*.tmp"):
                 stale.unlink(missing_ok=True)
+
+    def stats(self) -> dict[str, Any]:
+        """The shared ``_sandbox/stats``: imports and sends created per ``external_id``, and the
+        account's API calls per second."""
+        return {**self.state.stats(), "calls_per_second": self.calls.seconds()}
 
     def check_rate_limit(self) -> None:
         """Raise the 429 ``rate_limited`` (with ``Retry-After``) if the account's API is over its limit.

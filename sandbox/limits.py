@@ -9,6 +9,8 @@
   memory: after a restart clients authenticate again.
 - :class:`MalformedRows` decides after which well-formed row a malformed one follows
   (``MALFORMED_EVERY``) and counts them per stream.
+- :class:`CallsPerSecond` counts an account's API calls per second of the sandbox's clock, as an
+  ESP counts its rate limit (``calls_per_second`` in ``_sandbox/stats``).
 """
 
 from __future__ import annotations
@@ -81,6 +83,31 @@ class SlidingWindow:
                 self._accepted.append(now)
                 return 0.0
             return self._accepted[0] + self.window_s - now
+
+
+class CallsPerSecond:
+    """Calls counted in whole seconds of ``clock`` (the sandbox's wall clock), the last ``keep_s``
+    of them: what an ESP that allows "n calls a second" counts against it."""
+
+    def __init__(self, keep_s: int = 3600, clock: Clock = time.time) -> None:
+        self.keep_s = keep_s
+        self._clock = clock
+        self._calls: Counter[int] = Counter()
+        self._lock = threading.Lock()
+
+    def count(self) -> None:
+        """One call now."""
+        with self._lock:
+            second = math.floor(self._clock())
+            self._calls[second] += 1
+            if len(self._calls) > self.keep_s:
+                for old in [s for s in self._calls if s <= second - self.keep_s]:
+                    del self._calls[old]
+
+    def seconds(self) -> dict[str, int]:
+        """Calls per second that had any, keyed by the second's Unix time (a JSON object's keys)."""
+        with self._lock:
+            return {str(second): n for second, n in sorted(self._calls.items())}
 
 
 def retry_after_s(wait_s: float) -> int:
