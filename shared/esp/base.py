@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -192,6 +193,11 @@ class Connector:
     async def import_status(self, import_id: str) -> ImportStatus:
         """The import's current state."""
         raise NotSupportedError(f"{self.account.connector} cannot import lists")
+
+    def send_at_problem(self, job: BroadcastJob, now: datetime) -> str | None:
+        """Why this ESP cannot send the job at its ``send_at``, or None (``espbridge job check`` asks
+        before the run; a connector with a limit refuses the job with the same words)."""
+        return None
 
     async def find_send(self, job: BroadcastJob) -> SendStatus | None:
         """The send of a broadcast if the ESP has one (checked before any retried send call)."""

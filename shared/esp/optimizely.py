@@ -529,20 +529,28 @@ class OptimizelyConnector(base.Connector):
 
     # --- imports and sends ----------------------------------------------------------------------------
 
+    def send_at_problem(self, job: BroadcastJob, now: datetime) -> str | None:
+        """A ``send_at`` more than ``send_at_tolerance_s`` ahead: batch sending has no schedule."""
+        if job.send_at is None or job.mode is SendMode.UPLOAD_ONLY:
+            return None
+        ahead = (job.send_at - now).total_seconds()
+        if ahead <= self.options.send_at_tolerance_s:
+            return None
+        return (
+            f"Optimizely batch sending cannot be scheduled: send_at {job.send_at.isoformat()} is "
+            f"{ahead:.0f}s ahead (at most {self.options.send_at_tolerance_s:.0f}s); "
+            "publish the job at its send time"
+        )
+
     async def start_import(self, remote_path: str, job: BroadcastJob) -> base.ImportStatus:
         """Find or create the job's batch and stage the list file's rows in it (see the doc's Mapping)."""
         if job.mode is SendMode.UPLOAD_ONLY:
             return base.ImportStatus(
                 import_id=f"file:{posixpath.basename(remote_path)}", state=base.ImportState.DONE
             )
-        if job.send_at is not None:
-            ahead = (job.send_at - datetime.now(UTC)).total_seconds()
-            if ahead > self.options.send_at_tolerance_s:
-                raise SendAtNotSupportedError(
-                    f"Optimizely batch sending cannot be scheduled: send_at {job.send_at.isoformat()} is "
-                    f"{ahead:.0f}s ahead (at most {self.options.send_at_tolerance_s:.0f}s); "
-                    "publish the job at its send time"
-                )
+        problem = self.send_at_problem(job, datetime.now(UTC))
+        if problem is not None:
+            raise SendAtNotSupportedError(problem)
         if self.context.sftp is None:
             raise ConfigurationError(f"the {self._name} connector needs the SFTP pool to read the list back")
         tag = encode_tag(job.job_id)

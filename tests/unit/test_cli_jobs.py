@@ -7,18 +7,22 @@ import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import aiohttp
 import pytest
 from rich.console import Console
 
 from cli import main as cli_main
 from cli.checks import check_report
 from cli.history import follow_renderable, list_rows
+from shared.esp import ConnectorContext
+from shared.esp.optimizely import OptimizelyConnector
 from shared.infra.db.jobs import JobSummary
 from shared.model.messages import BroadcastStatus, Stage, State
 from shared.operations.checking import Finding, JobCheck, ListHead, Verdict, count_finding, send_time_finding
 from shared.operations.jobs import JobView
 from shared.operations.selection import Counted
 from tests.unit.test_messages import job
+from tests.unit.test_optimizely_connector import account
 
 NOW = datetime(2026, 11, 22, 9, 30, tzinfo=UTC)
 
@@ -40,6 +44,19 @@ NOW = datetime(2026, 11, 22, 9, 30, tzinfo=UTC)
 )
 def test_a_send_time_must_still_be_ahead(changes: dict[str, Any], verdict: Verdict, detail: str) -> None:
     assert send_time_finding(job(**changes), NOW) == Finding("send time", verdict, detail)
+
+
+async def test_a_send_time_the_accounts_esp_cannot_keep_fails_the_check() -> None:
+    async with aiohttp.ClientSession() as http:
+        optimizely = OptimizelyConnector(account("http://127.0.0.1:9"), ConnectorContext(http))
+        later, soon = job(send_at=NOW + timedelta(minutes=10)), job(send_at=NOW + timedelta(minutes=4))
+        assert send_time_finding(later, NOW, optimizely) == Finding(
+            "send time",
+            Verdict.FAILED,
+            "Optimizely batch sending cannot be scheduled: send_at 2026-11-22T09:40:00+00:00 is 600s "
+            "ahead (at most 300s); publish the job at its send time",
+        )
+        assert send_time_finding(soon, NOW, optimizely).verdict is Verdict.OK
 
 
 @pytest.mark.parametrize(
