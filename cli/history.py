@@ -124,13 +124,21 @@ def funnel_line(numbers: dict[str, int] | None) -> str:
 def view_header(view: JobView) -> list[str]:
     """What the job is and where it is now."""
     s = view.summary
-    return [
+    lines = [
         f"job {s.job_id} → {s.esp}/{s.account}, list {s.list_name!r}, message {s.message!r}",
         f"  {s.mode}, send at: {_send_time(s)}; requested by {s.requested_by}, created {_when(s.created_at)}",
+    ]
+    if s.cancel_requested_at is not None:
+        why = f": {one_line(s.cancel_reason, 200)}" if s.cancel_reason else ""
+        lines.append(
+            f"  cancel requested by {s.cancel_requested_by or '?'} at {_when(s.cancel_requested_at)}{why}"
+        )
+    lines.append(
         f"  now: {s.stage} {s.state}"
         + (f": {one_line(s.detail, 200)}" if s.detail else "")
-        + f" (updated {_when(s.updated_at)})",
-    ]
+        + f" (updated {_when(s.updated_at)})"
+    )
+    return lines
 
 
 def view_json(view: JobView) -> dict[str, object]:
@@ -138,6 +146,7 @@ def view_json(view: JobView) -> dict[str, object]:
     return {
         "job": summary_json(view.summary),
         "ended": view.ended,
+        "succeeded": view.succeeded,
         "history": [h.model_dump(mode="json", exclude={"job_id", "schema_version"}) for h in view.history],
         "funnel": view.funnel,
     }
@@ -149,11 +158,6 @@ def not_known(job_id: str) -> str:
         f"espbridge: job {job_id} is not known: no uploader has taken it yet (a job refused as "
         f"invalid is shown by `espbridge dlq list --broadcast {job_id}`)"
     )
-
-
-def ended_code(view: JobView) -> int:
-    """``--follow``'s exit code: 0 sent (or imported, upload_only), 1 failed or cancelled."""
-    return 1 if view.summary.state in (State.FAILED, State.CANCELLED) else 0
 
 
 def _latest(history: Sequence[BroadcastStatus], stage: Stage) -> BroadcastStatus | None:
@@ -262,8 +266,8 @@ async def follow(job_id: str, interval_s: float, timeout_s: float | None) -> int
                 return 1
             await asyncio.sleep(interval_s)  # the poll interval of the control tables
             view = await view_job(pg, job_id)
-    print(f"job {job_id} ended: {view.summary.stage} {view.summary.state}", flush=True)
-    return ended_code(view)
+    print(f"job {job_id} ended: {one_line(view.outcome, 300)}", flush=True)
+    return 0 if view.succeeded else 1
 
 
 async def job_status(args: argparse.Namespace) -> int:

@@ -126,6 +126,24 @@ class JobView:
         return s.state in (State.FAILED, State.CANCELLED) or (s.stage, s.state) == (last, State.DONE)
 
     @property
+    def succeeded(self) -> bool:
+        """Whether it did what it was for: sent, or for an upload_only job imported (its send stage is
+        then marked cancelled: there is none)."""
+        s = self.summary
+        if s.mode == SendMode.UPLOAD_ONLY:
+            imported = any((h.stage, h.state) == (Stage.IMPORT, State.DONE) for h in self.history)
+            return imported and s.state != State.FAILED
+        return (s.stage, s.state) == (Stage.SEND, State.DONE)
+
+    @property
+    def outcome(self) -> str:
+        """How it ended, in words (for a broadcast that :attr:`ended`)."""
+        s = self.summary
+        if self.succeeded:
+            return "sent" if s.mode != SendMode.UPLOAD_ONLY else "imported (an upload_only job is not sent)"
+        return f"{s.state} at {s.stage}" + (f": {s.detail}" if s.detail else "")
+
+    @property
     def recipients(self) -> int | None:
         """The recipients its list file held, once uploaded."""
         done = [h for h in self.history if (h.stage, h.state) == (Stage.UPLOAD, State.DONE)]

@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 import pytest
 
+from cli.history import view_header
 from shared.infra.db import connect
 from shared.infra.db.jobs import JobFilters, record_status, upsert_job
 from shared.model.messages import BroadcastStatus, Stage, State
@@ -289,6 +290,36 @@ async def test_job_status_reads_the_control_tables_and_the_funnel(deployment: De
     assert "job j2 is not known" in unknown.stderr
 
 
+async def test_a_cancelled_job_shows_who_cancelled_it_and_why(deployment: Deployment) -> None:
+    await record(deployment, "j3", UPLOADED, (Stage.SEND, State.CANCELLED, "cancelled before its send"))
+    conn = await connect(deployment.database)
+    try:
+        await conn.execute(
+            "INSERT INTO control.job_cancels (job_id, reason, requested_by, requested_at) "
+            "VALUES ($1, $2, $3, $4)",
+            "j3",
+            "wrong list",
+            "ops-anna",
+            datetime(2026, 11, 22, 9, 45, tzinfo=UTC),
+        )
+    finally:
+        await conn.close()
+
+    view = await view_job(deployment.database, "j3")
+
+    assert view is not None
+    assert (view.ended, view.succeeded, view.outcome) == (
+        True,
+        False,
+        "cancelled at send: cancelled before its send",
+    )
+    updated = f"{view.summary.updated_at.astimezone(UTC):%Y-%m-%d %H:%M:%S}"
+    assert view_header(view)[2:] == [
+        "  cancel requested by ops-anna at 2026-11-22 09:45:00: wrong list",
+        f"  now: send cancelled: cancelled before its send (updated {updated})",
+    ]
+
+
 async def test_follow_shows_each_stage_as_it_is_recorded_and_ends_with_the_broadcast(
     deployment: Deployment,
 ) -> None:
@@ -327,5 +358,5 @@ async def test_follow_shows_each_stage_as_it_is_recorded_and_ends_with_the_broad
             await proc.wait()
     rest = (await proc.stdout.read()).decode().splitlines()
     assert code == 0
-    assert rest[-1] == "job live ended: send done"
+    assert rest[-1] == "job live ended: sent"
     assert any("send    done" in line for line in rest)

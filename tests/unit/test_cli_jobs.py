@@ -120,26 +120,37 @@ def summary(stage: str, state: str, mode: str = "upload_and_send") -> JobSummary
         send_requested_at=None,
         esp_import_id=None,
         esp_send_id=None,
+        cancel_requested_at=None,
+        cancel_requested_by=None,
+        cancel_reason=None,
     )
 
 
+IMPORTED = [BroadcastStatus(job_id="job-1", stage=Stage.IMPORT, state=State.DONE, at=NOW)]
+IMPORTED_ONLY = "imported (an upload_only job is not sent)"
+
+
 @pytest.mark.parametrize(
-    ("stage", "state", "mode", "ended"),
+    ("stage", "state", "mode", "history", "ended", "outcome"),
     [
-        ("upload", "running", "upload_and_send", False),
-        ("import", "done", "upload_and_send", False),
-        ("send", "running", "upload_and_send", False),
-        ("send", "done", "upload_and_send", True),
-        ("import", "done", "upload_only", True),
-        ("upload", "failed", "upload_and_send", True),
-        ("send", "cancelled", "upload_and_send", True),
-        ("import", "cancelled", "upload_only", True),
+        ("upload", "running", "upload_and_send", [], False, None),
+        ("import", "done", "upload_and_send", IMPORTED, False, None),
+        ("send", "queued", "upload_and_send", IMPORTED, False, None),
+        ("send", "done", "upload_and_send", IMPORTED, True, "sent"),
+        ("import", "done", "upload_only", IMPORTED, True, IMPORTED_ONLY),
+        ("send", "cancelled", "upload_only", IMPORTED, True, IMPORTED_ONLY),
+        ("upload", "failed", "upload_and_send", [], True, "failed at upload"),
+        ("send", "cancelled", "upload_and_send", IMPORTED, True, "cancelled at send"),
+        ("upload", "cancelled", "upload_only", [], True, "cancelled at upload"),
     ],
 )
 def test_a_broadcast_ends_when_sent_failed_or_cancelled(
-    stage: str, state: str, mode: str, ended: bool
+    stage: str, state: str, mode: str, history: list[BroadcastStatus], ended: bool, outcome: str | None
 ) -> None:
-    assert JobView(summary(stage, state, mode), [], None).ended is ended
+    view = JobView(summary(stage, state, mode), history, None)
+    assert view.ended is ended
+    if outcome is not None:
+        assert (view.outcome, view.succeeded) == (outcome, outcome in ("sent", IMPORTED_ONLY))
 
 
 def status(stage: Stage, state: State, detail: str = "", **counts: int) -> BroadcastStatus:

@@ -286,14 +286,20 @@ class JobSummary:
     send_requested_at: datetime | None
     esp_import_id: str | None
     esp_send_id: str | None
+    cancel_requested_at: datetime | None
+    """When a cancel of the job was requested (control.job_cancels), if one was."""
+    cancel_requested_by: str | None
+    cancel_reason: str | None
 
 
 _SUMMARY = """
-    SELECT job_id, esp, account, job->>'list_name' AS list_name, job->>'message' AS message,
-           coalesce(job->>'mode', 'upload_and_send') AS mode, (job->>'send_at')::timestamptz AS send_at,
-           job->>'requested_by' AS requested_by, stage, state, detail, counts::text AS counts,
-           created_at, updated_at, send_requested_at, esp_import_id, esp_send_id
-    FROM control.jobs
+    SELECT j.job_id, j.esp, j.account, j.job->>'list_name' AS list_name, j.job->>'message' AS message,
+           coalesce(j.job->>'mode', 'upload_and_send') AS mode, (j.job->>'send_at')::timestamptz AS send_at,
+           j.job->>'requested_by' AS requested_by, j.stage, j.state, j.detail, j.counts::text AS counts,
+           j.created_at, j.updated_at, j.send_requested_at, j.esp_import_id, j.esp_send_id,
+           c.requested_at AS cancel_requested_at, c.requested_by AS cancel_requested_by,
+           c.reason AS cancel_reason
+    FROM control.jobs j LEFT JOIN control.job_cancels c ON c.job_id = j.job_id
 """
 
 
@@ -319,10 +325,10 @@ async def list_jobs(conn: Conn, filters: JobFilters, limit: int = 50) -> list[Jo
     rows = await conn.fetch(
         _SUMMARY
         + """
-        WHERE ($1::text IS NULL OR state = $1) AND ($2::text IS NULL OR stage = $2)
-          AND ($3::text IS NULL OR esp = $3) AND ($4::text IS NULL OR account = $4)
-          AND ($5::timestamptz IS NULL OR created_at >= $5)
-        ORDER BY created_at DESC, job_id DESC
+        WHERE ($1::text IS NULL OR j.state = $1) AND ($2::text IS NULL OR j.stage = $2)
+          AND ($3::text IS NULL OR j.esp = $3) AND ($4::text IS NULL OR j.account = $4)
+          AND ($5::timestamptz IS NULL OR j.created_at >= $5)
+        ORDER BY j.created_at DESC, j.job_id DESC
         LIMIT $6
         """,
         filters.state,
@@ -337,7 +343,7 @@ async def list_jobs(conn: Conn, filters: JobFilters, limit: int = 50) -> list[Jo
 
 async def job_summary(conn: Conn, job_id: str) -> JobSummary | None:
     """One job as the run history shows it, if recorded."""
-    row = await conn.fetchrow(_SUMMARY + " WHERE job_id = $1", job_id)
+    row = await conn.fetchrow(_SUMMARY + " WHERE j.job_id = $1", job_id)
     return None if row is None else _summary(row)
 
 
