@@ -250,17 +250,15 @@ async def run_broadcasts(env: BenchEnv, plan: BroadcastsPlan) -> dict[str, Any]:
         finally:
             await broker.stop()
         say(f"  published {len(jobs)} jobs in {publish_s:.2f} s")
-        ended_at = await _follow(conn, [sandbox, *services], timelines, published_at, plan.timeout_s)
+        processes = [sandbox, *services]
+        cpu_before = _cpu(processes)
+        ended_at, cpu_after = await _follow(conn, processes, timelines, published_at, plan.timeout_s)
         await _read_history(conn, timelines)
         figures = summarize(list(timelines.values()), published_at, ended_at)
         figures["publish_s"] = round(publish_s, 2)
         figures["lists_partitions"] = kafka.partitions(Topic.BROADCAST_LISTS)
         figures["sends_per_broadcast_max"] = await _most_sends(url, env, list(timelines))
-        cpu: dict[str, float] = {}
-        for s in [sandbox, *services]:
-            if s.alive():
-                cpu[s.name] = round(cpu.get(s.name, 0.0) + usage(s.pid).cpu_s, 1)
-        figures["cpu_s"] = cpu
+        figures["cpu_s"] = {k: round(v - cpu_before.get(k, 0.0), 1) for k, v in cpu_after.items()}
         env.stop_all()
     finally:
         await conn.close()
@@ -312,17 +310,27 @@ async def _start_sandbox(env: BenchEnv) -> tuple[Service, str]:
     return sandbox, url_file.read_text().strip()
 
 
+def _cpu(processes: list[Service]) -> dict[str, float]:
+    """CPU seconds used so far per service (all its processes)."""
+    cpu: dict[str, float] = {}
+    for s in processes:
+        cpu[s.name] = cpu.get(s.name, 0.0) + usage(s.pid).cpu_s
+    return cpu
+
+
 async def _follow(
     conn: Conn,
     processes: list[Service],
     timelines: dict[str, Timeline],
     published_at: datetime,
     timeout_s: float,
-) -> datetime:
+) -> tuple[datetime, dict[str, float]]:
     """Read control.jobs until every broadcast is sent or ended unsent, or until ``timeout_s`` from
-    the publication; returns when it stopped (a timeout is a result: the figures say what finished)."""
+    the publication (a timeout is a result: the figures say what finished). Returns when it stopped
+    and the processes' CPU seconds when the last immediate broadcast ended (or at the stop)."""
     ids = list(timelines)
     last_said = time.monotonic()
+    cpu: dict[str, float] = {}
 
     async def finished() -> bool:
         nonlocal last_said
@@ -340,6 +348,8 @@ async def _follow(
                 t.sent_at = r["updated_at"]
             elif r["state"] in UNSENT_STATES and not t.finished:
                 t.unsent, t.unsent_at = f"{status}: {r['detail']}", r["updated_at"]
+        if not cpu and all(t.finished for t in timelines.values() if t.send_at is None):
+            cpu.update(_cpu(processes))
         if time.monotonic() - last_said >= 15:
             last_said = time.monotonic()
             say(f"  {_progress(timelines.values())}")
@@ -352,7 +362,7 @@ async def _follow(
         say(f"  timed out after {timeout_s:.0f} s: {_progress(timelines.values())}")
     else:
         say(f"  {_progress(timelines.values())}")
-    return datetime.now(UTC)
+    return datetime.now(UTC), cpu or _cpu(processes)
 
 
 def _progress(timelines: Iterable[Timeline]) -> str:

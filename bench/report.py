@@ -145,9 +145,10 @@ def _broadcasts_bounds(b: dict[str, Any], cores: Any) -> list[str]:
     )
     cpu: dict[str, Any] = b.get("cpu_s") or {}
     if cpu:
-        available = cores * b["waited_s"] if isinstance(cores, int) and b.get("waited_s") else None
+        window = b.get("window_s")
+        available = cores * window if isinstance(cores, int) and window else None
         lines.append(
-            "CPU seconds of the processes during the scenario: "
+            "CPU seconds of the processes from the publication to the last immediate broadcast's end: "
             + ", ".join(f"{name} {_fmt(v)}" for name, v in cpu.items())
             + (f"; the machine's {cores} cores had {_fmt(available)} in that time" if available else "")
             + " (the sandbox stands in for the ESP's own machines, and writes only the sent, "
