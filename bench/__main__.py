@@ -270,11 +270,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             for key in ("broadcasts_per_min", "publish_to_sent_p95_s", "scheduled_late_p95_s"):
                 results[key] = figures.pop(key)
             details["broadcasts"] = {**vars(plan), **figures}
+            late = results["scheduled_late_p95_s"]
             say(
                 f"  {results['broadcasts_per_min']} broadcasts/min, publication → sent p95 "
-                f"{results['publish_to_sent_p95_s']} s, scheduled ones late p95 "
-                f"{results['scheduled_late_p95_s']} s (cpu s: "
-                + ", ".join(f"{k} {v:.0f}" for k, v in figures["cpu_s"].items())
+                f"{results['publish_to_sent_p95_s']} s"
+                + (f", scheduled ones late p95 {late} s" if late is not None else "")
+                + " (cpu s to the last immediate one: "
+                + ", ".join(f"{k} {v:.1f}" for k, v in figures["cpu_s"].items())
                 + ")"
             )
         if "upload" in parts:
