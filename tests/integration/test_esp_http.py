@@ -1,17 +1,22 @@
 """The connectors' HTTP kit against a real aiohttp server on loopback: error mapping and
-redaction, OAuth2 token fetch/refresh/retry on 401, and the client-side rate limiter."""
+redaction, OAuth2 token fetch/refresh/retry on 401, and the client-side rate limiter (in memory,
+and shared by processes through PostgreSQL: the same rule)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 from aiohttp import web
 
-from shared.esp import rest
+from shared.esp import AccountConfig, rest
+from shared.esp.limits import RateLimits
+from shared.infra.settings import PostgresSettings
 from shared.model.errors import ConfigurationError
 from tests.fixtures.fake_esp import FakeEsp, served
 
@@ -75,8 +80,17 @@ class Esp(FakeEsp):
 
 esp = served(Esp)
 
+ACCOUNT = AccountConfig(esp="esp", account="acme", api_url="http://127.0.0.1:9", request_timeout_s=30)
 
-def client(esp: Esp, token: rest.OAuth2Token, limiter: rest.RateLimiter | None = None) -> rest.EspClient:
+
+@pytest.fixture(params=["in memory", "shared through PostgreSQL"])
+async def limits(request: pytest.FixtureRequest, database: PostgresSettings) -> AsyncIterator[RateLimits]:
+    """The rate limits of a process without a database, or of one with a database."""
+    async with contextlib.AsyncExitStack() as stack:
+        yield await RateLimits.open(stack, database if request.param != "in memory" else None)
+
+
+def client(esp: Esp, token: rest.OAuth2Token, limiter: rest.Limiter | None = None) -> rest.EspClient:
     return rest.EspClient(esp.http, esp.url, account="esp/acme", timeout_s=30, token=token, limiter=limiter)
 
 
@@ -206,8 +220,8 @@ async def test_wrong_credentials_are_a_configuration_error(esp: Esp) -> None:
         await client(esp, token).call("GET", "/data")
 
 
-async def test_rate_limiter_keeps_calls_under_the_limit(esp: Esp) -> None:
-    limiter = rest.RateLimiter(5, per_s=0.5)
+async def test_rate_limiter_keeps_calls_under_the_limit(esp: Esp, limits: RateLimits) -> None:
+    limiter = limits.limiter(ACCOUNT, 5, per_s=0.5)
     token = rest.OAuth2Token(esp.http, f"{esp.url}/token", {"grant_type": "client_credentials"})
     api = client(esp, token, limiter)
     for _ in range(12):
@@ -221,10 +235,10 @@ async def test_rate_limiter_keeps_calls_under_the_limit(esp: Esp) -> None:
     assert all(later - earlier >= 0.5 for earlier, later in zip(arrivals, arrivals[5:], strict=False))
 
 
-async def test_a_call_slow_to_arrive_still_counts_against_the_next_one() -> None:
+async def test_a_call_slow_to_arrive_still_counts_against_the_next_one(limits: RateLimits) -> None:
     """The server sees a call somewhere between its start and its end: the slot stays taken until
     ``per_s`` after the end, so a slow call and the next ones never meet in one window there."""
-    limiter = rest.RateLimiter(2, per_s=0.4)
+    limiter = limits.limiter(ACCOUNT, 2, per_s=0.4)
     arrived: list[float] = []
 
     async def call(on_the_way_s: float) -> None:
