@@ -22,13 +22,17 @@ async def create_app(settings: Settings, runtime: Runtime) -> FastStream:
     pool = await runtime.open_pool(settings.pg)
     monitor = handlers.Monitor(settings, runtime, pool, esp.connectors, StatusReporter(runtime, pool))
 
-    @runtime.subscriber(Topic.BROADCAST_LISTS)
-    async def on_list(message: KafkaMessage) -> None:
-        await handlers.handle_list(message.body, monitor)
+    cancels = settings.kafka.topic(Topic.BROADCAST_CANCELS)
 
-    @runtime.subscriber(Topic.BROADCAST_CANCELS)
-    async def on_cancel(message: KafkaMessage) -> None:
-        await handlers.handle_cancel(message.body, monitor)
+    # One consumer for both topics: one member of the group, one join at start.
+    @runtime.subscriber(Topic.BROADCAST_LISTS, Topic.BROADCAST_CANCELS)
+    async def on_message(message: KafkaMessage) -> None:
+        record = message.raw_message
+        assert not isinstance(record, tuple)  # one record per message: no batch subscriber
+        if record.topic == cancels:
+            await handlers.handle_cancel(message.body, monitor)
+        else:
+            await handlers.handle_list(message.body, monitor)
 
     runtime.run_in_background("due work", DueWork(monitor).run)
     return FastStream(runtime.broker)

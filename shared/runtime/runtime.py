@@ -72,15 +72,15 @@ class Runtime:
             middlewares=[error_policy(name, self.dead_letter, self.inflight, self.outages)],
         )
 
-    def subscriber(self, topic: Topic, **options: Any) -> Callable[[Handler], Any]:
-        """A subscriber on a registry topic in this service's consumer group.
+    def subscriber(self, *topics: Topic, **options: Any) -> Callable[[Handler], Any]:
+        """A subscriber on registry topics (one consumer for them all) in this service's consumer group.
 
         Offsets are committed by the error policy after the handler finished; a transient failure
         rewinds to the message (retry), a permanent one is dead-lettered and committed. Before a
         rebalance takes partitions away, the message in hand finishes and commits.
         """
         subscriber: Callable[[Handler], Any] = self.broker.subscriber(
-            self.settings.kafka.topic(topic),
+            *(self.settings.kafka.topic(topic) for topic in topics),
             group_id=self.settings.group_id(self.name),
             ack_policy=AckPolicy.MANUAL,
             listener=DrainOnRevoke(self.inflight, self.settings.shutdown_timeout_s),
