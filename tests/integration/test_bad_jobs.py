@@ -1,7 +1,8 @@
 """Bad broadcast jobs through the real uploader and monitor: each gets a failed status that names
 the job and says why, a log line with the job id, and a dead letter with its original bytes; a
 good job published after them on the same partition still goes through, and a list the ESP
-refuses fails the import with the ESP's reason and is never sent.
+refuses fails the import with the ESP's reason (a failed status and the monitor's log line) and is
+never sent.
 
 An empty selection (no rows, or every row opted out) is a failure, not a done upload of zero
 rows: nothing is uploaded, imported or sent, and the requester sees why."""
@@ -16,7 +17,7 @@ from typing import Any
 import orjson
 import pytest
 
-from shared.model.messages import DeadLetter, ListUploaded, Stage, State
+from shared.model.messages import DeadLetter, Stage, State
 from shared.model.topics import Topic
 from tests.fixtures.deployment import Deployment
 from tests.fixtures.kafka import Record, produce, read_until, status_of
@@ -103,7 +104,7 @@ async def test_bad_jobs_fail_clearly_and_never_block_the_good_job_behind_them(
     statuses = [status_of(r) for r in await read_until(kafka, Topic.BROADCAST_STATUS, finished, timeout_s=90)]
     letters = [
         DeadLetter.from_json(r.value or b"")
-        for r in await read_until(kafka, Topic.DEADLETTER, lambda rs: len(rs) >= len(bad) + 2)
+        for r in await read_until(kafka, Topic.DEADLETTER, lambda rs: len(rs) >= len(bad) + 1)
     ]
     pipeline.stop()
 
@@ -127,9 +128,9 @@ async def test_bad_jobs_fail_clearly_and_never_block_the_good_job_behind_them(
     # The list the ESP refused: the import failed with the ESP's own reason, nothing was sent.
     assert "the ESP refused all" in failed["refused"].detail
     assert "line 2: invalid email" in failed["refused"].detail
-    (rejected,) = [d for d in letters if d.service == "monitor"]
-    assert rejected.error_class == "ImportRejectedError"
-    assert ListUploaded.from_json(rejected.payload).job_id == "refused"
+    # The monitor's step failed the stage (its list was taken when its work was recorded): a log line.
+    monitor = [r for r in log_records(deployment.folder / "monitor.log") if r.get("job_id") == "refused"]
+    assert "ImportRejectedError" in [r.get("error_class") for r in monitor]
     sends = await pipeline.sends_created("sandbox")
     assert "refused" not in sends
     assert sends.get("good") == 1
