@@ -163,6 +163,8 @@ def _span(delta: timedelta) -> str:
 async def job_id_finding(conn: Conn, job: BroadcastJob) -> Finding:
     """Whether the job id is new; publishing a known job again retries only an upload that failed."""
     row = await jobs.get_job(conn, job.job_id)
+    if row is None and await jobs.cancel_requested(conn, job.job_id):
+        return _failed("job id", f"{job.job_id} was cancelled before it was published: it would be refused")
     if row is None:
         return _ok("job id", f"{job.job_id} is new")
     if (row.stage, row.state) == ("upload", "failed"):

@@ -21,6 +21,7 @@ from shared.infra.db.jobs import JobFilters, record_status, upsert_job
 from shared.model.messages import BroadcastStatus, Stage, State
 from shared.model.topics import Topic
 from shared.operations import lists
+from shared.operations.checking import Verdict, job_id_finding
 from shared.operations.jobs import build_job, list_jobs, view_job
 from tests.fixtures.deployment import Deployment
 from tests.fixtures.kafka import count_records
@@ -165,6 +166,38 @@ async def test_a_job_too_large_for_the_topic_is_refused_with_the_limit_even_unch
         done.stderr,
     ), done.stderr
     assert await count_records(deployment.kafka, Topic.BROADCAST_JOBS) == 0
+
+
+async def test_a_job_id_in_use_or_cancelled_fails_the_check_and_a_failed_upload_may_be_retried(
+    deployment: Deployment,
+) -> None:
+    await record(deployment, "sent", UPLOADED, SENT)
+    await record(deployment, "upload-failed", (Stage.UPLOAD, State.FAILED, "crm.x does not exist"))
+    conn = await connect(deployment.database)
+    try:
+        await conn.execute(
+            "INSERT INTO control.job_cancels (job_id, requested_at) VALUES ('cancelled-first', now())"
+        )
+        found = {
+            job_id: await job_id_finding(conn, build_job(demo_job(job_id, "sandbox", deployment.account)))
+            for job_id in ("new", "sent", "upload-failed", "cancelled-first")
+        }
+    finally:
+        await conn.close()
+
+    assert {job_id: f.verdict for job_id, f in found.items()} == {
+        "new": Verdict.OK,
+        "sent": Verdict.FAILED,
+        "upload-failed": Verdict.OK,
+        "cancelled-first": Verdict.FAILED,
+    }
+    assert found["sent"].detail.startswith(
+        "sent exists already (send done): publishing it again does nothing"
+    )
+    assert found["upload-failed"].detail.endswith("publishing it again retries the upload")
+    assert found["cancelled-first"].detail.endswith(
+        "was cancelled before it was published: it would be refused"
+    )
 
 
 @pytest.mark.parametrize(
