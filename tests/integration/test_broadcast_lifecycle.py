@@ -23,6 +23,8 @@ from tests.fixtures.waits import wait_for
 from tools.demo import FLAVORS, demo_job
 
 ESP = "sandbox"
+HELD_FILE_ESP = "deployteq"
+"""An ESP whose send is a file released from staging: held there until its send time."""
 CUSTOMERS = 60
 IMMEDIATE = 27
 SCHEDULED = 3
@@ -30,10 +32,10 @@ SEND_AFTER_S = 30.0
 """How far ahead the scheduled broadcasts are sent: time for the immediate ones to be sent first."""
 
 
-def a_job(pipeline: Pipeline, job_id: str, send_at: datetime | None = None) -> BroadcastJob:
-    """The demo broadcast to the sandbox ESP, sent now or at ``send_at``."""
-    flavor = FLAVORS[ESP]
-    document = demo_job(job_id, ESP, pipeline.accounts[ESP], flavor.mode, flavor.message, flavor.email_field)
+def a_job(pipeline: Pipeline, job_id: str, send_at: datetime | None = None, esp: str = ESP) -> BroadcastJob:
+    """The demo broadcast to an ESP of the pipeline, sent now or at ``send_at``."""
+    flavor = FLAVORS[esp]
+    document = demo_job(job_id, esp, pipeline.accounts[esp], flavor.mode, flavor.message, flavor.email_field)
     return build_job({**document, "send_at": send_at.isoformat() if send_at else None})
 
 
@@ -72,9 +74,8 @@ async def test_scheduled_broadcasts_wait_while_the_rest_are_sent_and_survive_eve
     await deployment.seed(CUSTOMERS)
     database = deployment.database
     with ExitStack() as stack:
-        pipeline = start_pipeline(
-            stack, deployment, [(ESP, deployment.account)], ESPBRIDGE_MONITOR_MAX_IN_FLIGHT="4"
-        )
+        esps = [(ESP, deployment.account), (HELD_FILE_ESP, deployment.account)]
+        pipeline = start_pipeline(stack, deployment, esps, ESPBRIDGE_MONITOR_MAX_IN_FLIGHT="4")
         second = await start_another(pipeline, stack, "monitor", "monitor-2")
         monitors = [pipeline.procs["monitor"], second]
         send_at = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=SEND_AFTER_S)
@@ -83,7 +84,8 @@ async def test_scheduled_broadcasts_wait_while_the_rest_are_sent_and_survive_eve
         scheduled = [a_job(pipeline, f"later-{n}-{unique}", send_at) for n in range(SCHEDULED)]
         called_off_at = send_at - timedelta(seconds=5)
         called_off = a_job(pipeline, f"called-off-{unique}", called_off_at)
-        await publish_jobs(pipeline, [*scheduled[:2], *immediate, called_off, scheduled[2]])
+        held = a_job(pipeline, f"held-{unique}", send_at, HELD_FILE_ESP)
+        await publish_jobs(pipeline, [*scheduled[:2], *immediate, called_off, held, scheduled[2]])
 
         # The immediate broadcasts are all sent, once each, while the scheduled ones wait.
         async def immediate_sent() -> dict[str, int] | None:
@@ -103,12 +105,17 @@ async def test_scheduled_broadcasts_wait_while_the_rest_are_sent_and_survive_eve
                 rows = await conn.fetch(
                     "SELECT job_id, due_at FROM control.broadcast_work WHERE step = 'send' ORDER BY job_id"
                 )
-                return [tuple(r) for r in rows] if len(rows) == SCHEDULED + 1 else None
+                return [tuple(r) for r in rows] if len(rows) == SCHEDULED + 2 else None
 
-            held = await wait_for(waiting, timeout_s=10, what="the scheduled broadcasts imported")
-            assert held == sorted(
-                [(job.job_id, send_at) for job in scheduled] + [(called_off.job_id, called_off_at)]
+            waits = await wait_for(waiting, timeout_s=10, what="the scheduled broadcasts imported")
+            assert waits == sorted(
+                [(job.job_id, send_at) for job in (*scheduled, held)] + [(called_off.job_id, called_off_at)]
             )
+            # Deployteq's list file is the send: it stays in staging until its time.
+            deployteq_site = pipeline.esps[HELD_FILE_ESP].account_dir(pipeline.accounts[HELD_FILE_ESP])
+            staged = list(deployteq_site.glob(f"espbridge/staging/*+{held.job_id}.csv"))
+            assert len(staged) == 1
+            assert list(deployteq_site.glob(f"csv upload/*/*/*+{held.job_id}.csv")) == []
 
             # Several monitors shared the work: the steps ran in both processes.
             ran_in = {
@@ -148,6 +155,14 @@ async def test_scheduled_broadcasts_wait_while_the_rest_are_sent_and_survive_eve
             assert sends == {job.job_id: 1 for job in [*immediate, *scheduled]}, (
                 "the cancelled one is not sent"
             )
+
+            async def held_file_sent() -> dict[str, int] | None:
+                return await pipeline.sends_created(HELD_FILE_ESP) or None
+
+            assert await wait_for(held_file_sent, timeout_s=30, what="the held file released") == {
+                held.job_id: 1
+            }
+            assert not staged[0].exists(), "released from staging"
             assert datetime.now(UTC) > called_off_at
             state = await conn.fetchval("SELECT state FROM control.jobs WHERE job_id = $1", called_off.job_id)
             assert state == "cancelled"
@@ -155,7 +170,7 @@ async def test_scheduled_broadcasts_wait_while_the_rest_are_sent_and_survive_eve
             await conn.close()
 
         statuses = await statuses_by_job(pipeline)
-        for job in scheduled:
+        for job in (*scheduled, held):
             waited = first(statuses[job.job_id], Stage.SEND, State.QUEUED)
             assert waited is not None
             assert waited.detail == f"waiting for its send time {send_at:%Y-%m-%dT%H:%M:%SZ}"
