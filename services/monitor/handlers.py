@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from shared.infra.db.broadcast_work import CancelState, Next, Recorded, Step, Wo
 from shared.infra.db.jobs import CancelFound, SendClaim
 from shared.infra.logs import log_context
 from shared.infra.outages import unreachable_server
-from shared.model.errors import PermanentError, TransientError, is_transient
+from shared.model.errors import PermanentError, is_transient
 from shared.model.messages import (
     BroadcastJob,
     CancelRequest,
@@ -135,10 +136,10 @@ class StepRun:
     send_called: bool = False
     """The send call was (or is being) made: a failure must be followed by "find send"."""
 
-    @property
+    @functools.cached_property
     def job(self) -> BroadcastJob:
-        """The broadcast's job as received."""
-        return self.item.job
+        """The broadcast's job as received (one no longer valid fails its step)."""
+        return decode(BroadcastJob, self.item.job_json.encode())
 
     @property
     def connector(self) -> Connector:
@@ -387,32 +388,40 @@ class StepRun:
             log.info("the step's broadcast was cancelled or taken over meanwhile: its outcome is dropped")
             return None
         item = self.item
-        s = self.monitor.settings
         if unreachable_server(exc) is not None or is_transient(exc):
-            retry_after = exc.retry_after_s if isinstance(exc, EspUnavailableError) else None
-            delay = core.retry_delay(s.poll_initial_s, s.poll_max_s, item.attempts, retry_after)
-            step = Step.FIND_SEND if self.send_called else item.step
-            log.warning(
-                f"{item.step} failed, trying again",
-                extra={
-                    "error": str(exc)[:500],
-                    "error_class": type(exc).__name__,
-                    "retry_in_s": round(delay, 2),
-                    "attempt": item.attempts + 1,
-                },
-            )
-            return self.after(
-                step,
-                delay,
-                polls=item.polls,
-                attempts=item.attempts + 1,
-                last_error=str(exc)[:500] or type(exc).__name__,
-            )
-        if isinstance(exc, TransientError | PermanentError):
+            return self.retry(exc)
+        if isinstance(exc, PermanentError):
             log.error(
                 f"{item.step} failed", extra={"error_class": type(exc).__name__, "error": str(exc)[:2000]}
             )
         else:
             log.exception(f"{item.step} failed unexpectedly")
-        await self.report(core.stage_of(item.step), State.FAILED, str(exc) or type(exc).__name__)
+        try:
+            await self.report(core.stage_of(item.step), State.FAILED, str(exc) or type(exc).__name__)
+        except Exception as unreported:
+            return self.retry(unreported)  # the failure is said once Kafka and PostgreSQL take it
         return self.ended(cancel_answered=item.cancel is CancelState.REQUESTED)
+
+    def retry(self, exc: Exception) -> Next:
+        """The step again after a growing wait, at least the ESP's Retry-After; a failed send call
+        is followed by "find send"."""
+        item = self.item
+        s = self.monitor.settings
+        retry_after = exc.retry_after_s if isinstance(exc, EspUnavailableError) else None
+        delay = core.retry_delay(s.poll_initial_s, s.poll_max_s, item.attempts, retry_after)
+        log.warning(
+            f"{item.step} failed, trying again",
+            extra={
+                "error": str(exc)[:500],
+                "error_class": type(exc).__name__,
+                "retry_in_s": round(delay, 2),
+                "attempt": item.attempts + 1,
+            },
+        )
+        return self.after(
+            Step.FIND_SEND if self.send_called else item.step,
+            delay,
+            polls=item.polls,
+            attempts=item.attempts + 1,
+            last_error=str(exc)[:500] or type(exc).__name__,
+        )

@@ -60,17 +60,17 @@ class DueWork:
                         claimed = await broadcast_work.claim_due(conn, self.owner, settings.lease_s, free)
                 except Exception as exc:
                     server = unreachable_server(exc)
-                    if server is None and not is_transient(exc):
-                        raise
                     failures += 1
                     wait_s = max(wait_s, backoff_s(failures))
                     if server is not None:
                         down = server
                         outages.failed(server, exc, wait_s, "the due work")
-                    else:
+                    elif is_transient(exc):
                         log.warning(
                             "claiming due work failed", extra={"error": str(exc), "retry_in_s": wait_s}
                         )
+                    else:  # logged, never the end of the loop: every broadcast would wait
+                        log.exception("claiming due work failed", extra={"retry_in_s": wait_s})
                 else:
                     failures = 0
                     if down is not None:
@@ -119,11 +119,17 @@ class DueWork:
             monitor.runtime.metrics.inc("monitor_steps_total", step=item.step.value)
             if after is None:
                 return
-            async with monitor.pool.acquire() as conn:
-                if not await broadcast_work.finish(conn, item.lease, after):
-                    log.info(
-                        "the broadcast was cancelled or taken over during the step: its outcome is dropped"
-                    )
+            try:
+                async with monitor.pool.acquire() as conn:
+                    kept = await broadcast_work.finish(conn, item.lease, after)
+            except Exception as exc:
+                log.warning(
+                    "the step's outcome could not be written: the step runs again when its lease runs out",
+                    extra={"error": str(exc)[:500], "error_class": type(exc).__name__},
+                )
+                return
+            if not kept:
+                log.info("the broadcast was cancelled or taken over during the step: its outcome is dropped")
 
     async def _renew_leases(self) -> None:
         """Keep the leases of the steps in hand, every third of the lease."""

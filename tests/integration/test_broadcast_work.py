@@ -14,7 +14,7 @@ from shared.infra.db import broadcast_work, connect, jobs
 from shared.infra.db.broadcast_work import CancelState, Next, Recorded, Step
 from shared.infra.db.jobs import CancelFound, SendClaim
 from shared.infra.settings import PostgresSettings
-from shared.model.messages import BroadcastStatus, CancelRequest, Stage, State
+from shared.model.messages import BroadcastJob, BroadcastStatus, CancelRequest, Stage, State
 from shared.operations.jobs import build_job
 from tests.fixtures.waits import wait_for
 from tools.demo import demo_job
@@ -107,7 +107,8 @@ async def test_a_finished_step_writes_the_next_and_releases_the_row(db: asyncpg.
     await a_job(db, "j-1")
     await broadcast_work.record(db, "j-1", "drop/j-1.csv", HOUR, HOUR)
     (item,) = await broadcast_work.claim_due(db, "a:1", 60, 10)
-    assert (item.job.job_id, item.step, item.job_state) == ("j-1", Step.START_IMPORT, "queued")
+    assert (item.job_id, item.step, item.job_state) == ("j-1", Step.START_IMPORT, "queued")
+    assert BroadcastJob.from_json(item.job_json).job_id == "j-1"
     later = item.now + timedelta(hours=2)
     after = Next(Step.IMPORT_STATUS, later, item.deadline, "imp-1", None, polls=1)
     assert await broadcast_work.finish(db, item.lease, after)

@@ -16,8 +16,6 @@ from datetime import datetime
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
-from shared.model.messages import BroadcastJob
-
 if TYPE_CHECKING:  # the step names cross into the monitor's core, which imports no I/O library
     from shared.infra.db.core import Conn
 
@@ -78,7 +76,8 @@ class WorkItem:
     attempts: int
     last_error: str
     cancel: CancelState
-    job: BroadcastJob
+    job_json: str
+    """The job as received (parsed by the step, so that one unreadable job fails alone)."""
     job_state: str
     """The job's state in control.jobs."""
     now: datetime
@@ -180,7 +179,7 @@ async def claim_due(conn: Conn, owner: str, lease_s: float, limit: int) -> list[
             attempts=r["attempts"],
             last_error=r["last_error"],
             cancel=CancelState(r["cancel"]),
-            job=BroadcastJob.from_json(r["job"]),
+            job_json=r["job"],
             job_state=r["job_state"],
             now=r["now"],
         )
