@@ -139,6 +139,25 @@ async def test_scheduled_broadcasts_wait_while_the_rest_are_sent_and_survive_eve
 
             await wait_for(called_off_ended, timeout_s=20, what="the cancelled broadcast ended")
 
+            # A cancel after a broadcast went out: the ESP is asked, says it is too late; still done.
+            went_out = immediate[0].job_id
+
+            async def went_out_done() -> bool:
+                state = await conn.fetchval("SELECT state FROM control.jobs WHERE job_id = $1", went_out)
+                return bool(state == "done")
+
+            await wait_for(went_out_done, timeout_s=20, what="an immediate broadcast done")
+            await cancel(pipeline, went_out)
+
+            async def too_late() -> BroadcastStatus | None:
+                answers = [s for s in await read_statuses(deployment.kafka, went_out) if "cancel" in s.detail]
+                return answers[0] if answers else None
+
+            answer = await wait_for(too_late, timeout_s=20, what="the ESP's answer to the late cancel")
+            assert (answer.stage, answer.state) == (Stage.SEND, State.DONE)
+            assert answer.detail.startswith("too late to cancel send "), answer.detail
+            assert await conn.fetchval("SELECT state FROM control.jobs WHERE job_id = $1", went_out) == "done"
+
             # kill -9 every monitor during the wait; the send times are rows, new monitors take them.
             for proc in monitors:
                 proc.send_signal(signal.SIGKILL)
@@ -155,6 +174,7 @@ async def test_scheduled_broadcasts_wait_while_the_rest_are_sent_and_survive_eve
             assert sends == {job.job_id: 1 for job in [*immediate, *scheduled]}, (
                 "the cancelled one is not sent"
             )
+            assert (await pipeline.stats(ESP))["sends_cancelled"] == {}
 
             async def held_file_sent() -> dict[str, int] | None:
                 return await pipeline.sends_created(HELD_FILE_ESP) or None
