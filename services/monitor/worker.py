@@ -15,6 +15,8 @@ import os
 import socket
 import uuid
 
+import asyncpg
+
 from services.monitor.handlers import Monitor, StepRun
 from shared.infra.db import broadcast_work
 from shared.infra.db.broadcast_work import Next, WorkItem
@@ -65,6 +67,12 @@ class DueWork:
                     if server is not None:
                         down = server
                         outages.failed(server, exc, wait_s, "the due work")
+                    elif isinstance(exc, asyncpg.UndefinedTableError):
+                        log.error(
+                            "the database has no control.broadcast_work: apply the migrations "
+                            "(espbridge db migrate)",
+                            extra={"error": str(exc), "retry_in_s": wait_s},
+                        )
                     elif is_transient(exc):
                         log.warning(
                             "claiming due work failed", extra={"error": str(exc), "retry_in_s": wait_s}
