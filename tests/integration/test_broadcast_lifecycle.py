@@ -204,17 +204,22 @@ async def test_scheduled_broadcasts_wait_while_the_rest_are_sent_and_survive_eve
         pipeline.stop()
 
 
-async def test_a_cancel_after_the_send_asks_the_esp_and_one_before_the_job_refuses_it(
+async def test_a_cancel_after_the_send_asks_the_esp_one_before_the_job_refuses_it_and_a_missed_time_fails(
     deployment: Deployment,
 ) -> None:
     await deployment.seed(CUSTOMERS)
     with ExitStack() as stack:
         # The ESP holds each send a while before its messages go out: time to cancel it there.
         pipeline = start_pipeline(
-            stack, deployment, [(ESP, deployment.account)], sandbox_settings={"send_delay_s": "20"}
+            stack,
+            deployment,
+            [(ESP, deployment.account)],
+            sandbox_settings={"send_delay_s": "20"},
+            ESPBRIDGE_MONITOR_SEND_AT_GRACE_S="60",
         )
         unique = deployment.unique
         sending, early = a_job(pipeline, f"sending-{unique}"), a_job(pipeline, f"early-{unique}")
+        late = a_job(pipeline, f"late-{unique}", datetime.now(UTC) - timedelta(seconds=120))
         await cancel(pipeline, early.job_id)  # before its job is even published
 
         async def cancel_recorded() -> BroadcastStatus | None:
@@ -225,7 +230,7 @@ async def test_a_cancel_after_the_send_asks_the_esp_and_one_before_the_job_refus
             recorded.detail
             == "cancelled by ana: wrong segment before the job arrived: it is refused when it comes"
         )
-        await publish_jobs(pipeline, [sending, early])
+        await publish_jobs(pipeline, [sending, early, late])
 
         async def send_requested() -> bool:
             statuses = await read_statuses(deployment.kafka, sending.job_id)
@@ -239,6 +244,13 @@ async def test_a_cancel_after_the_send_asks_the_esp_and_one_before_the_job_refus
 
         answer = await wait_for(cancelled_at_the_esp, timeout_s=30, what="the ESP's answer to the cancel")
         assert answer.detail.startswith("the ESP cancelled send ")
+
+        # A send time already passed by more than the grace when the broadcast is ready: not sent late.
+        async def late_failed() -> BroadcastStatus | None:
+            return first(await read_statuses(deployment.kafka, late.job_id), Stage.SEND, State.FAILED)
+
+        missed = await wait_for(late_failed, timeout_s=30, what="the late broadcast failed")
+        assert missed.detail.endswith("(more than send_at_grace_s, 60s): not sent late"), missed.detail
         stats = await pipeline.stats(ESP)
         assert stats["sends_created"] == {sending.job_id: 1}
         assert stats["sends_cancelled"] == {sending.job_id: 1}
