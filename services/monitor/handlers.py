@@ -111,7 +111,7 @@ async def handle_cancel(body: bytes, monitor: Monitor) -> None:
         stage = Stage(decision.stage) if decision.stage else Stage.UPLOAD
         if decision.found is CancelFound.SEND_CLAIMED:
             if asked:
-                log.info("cancel requested after the send was: asking the ESP")
+                log.info("cancel requested after the send was requested: asking the ESP")
                 monitor.due.set()
             else:
                 log.warning("cancel requested after the send, but the broadcast has no work to cancel")
