@@ -154,6 +154,9 @@ def _broadcasts_bounds(b: dict[str, Any], cores: Any) -> list[str]:
             + " (the sandbox stands in for the ESP's own machines, and writes only the sent, "
             "delivered and bounce responses)."
         )
+        if available:
+            busiest = max(cpu, key=lambda name: cpu[name])
+            lines.append(f"The busiest was the {busiest}: {cpu[busiest] / available:.0%} of the cores' time.")
     return lines
 
 

@@ -310,6 +310,7 @@ def test_the_page_says_what_bounds_the_many_broadcasts_against_the_issues_target
     assert "Most of it went to **waiting for a monitor**" in page
     assert "`broadcast.lists.v1` has 3 partitions" in page
     assert "monitor 9.50" in page
+    assert "The busiest was the monitor: 5% of the cores' time." in page
     assert "the machine's 2 cores had 180" in page  # 2 cores for the 90 s to the last immediate one
     assert "stopped at its timeout" not in page
     assert "stopped at its timeout" in report.render_markdown(broadcasts_results(timed_out=True))
