@@ -9,8 +9,9 @@
   ``upload_only`` jobs make no API call at all (``file:<name>``).
 * Sends: ``POST /sending/batches/{id}`` (``202``; a ``409`` on a batch already ``sent`` is
   followed), then the batch state, the campaign status (``GET /smartcampaigns/{id}``) and its
-  report (recipient total). A ``send_at`` more than ``send_at_tolerance_s`` ahead is refused
-  before anything is staged: batch sending cannot be scheduled.
+  report (recipient total). Batch sending cannot be scheduled, so a job's ``send_at`` is held by
+  the monitor, which calls the send at its time; a send call more than ``send_at_tolerance_s``
+  ahead of it is refused.
 * Responses: ``Response*`` files (``;``, dates in ``Europe/Berlin``); API pulls of bounces
   (``GET /responses`` by mailing; a full page is read again by ``recipientIds``, a page of the
   batch's recipient list at a time) and unsubscribes (``GET /unsubscribes``), one page per call
@@ -529,17 +530,17 @@ class OptimizelyConnector(base.Connector):
 
     # --- imports and sends ----------------------------------------------------------------------------
 
-    def send_at_problem(self, job: BroadcastJob, now: datetime) -> str | None:
-        """A ``send_at`` more than ``send_at_tolerance_s`` ahead: batch sending has no schedule."""
-        if job.send_at is None or job.mode is SendMode.UPLOAD_ONLY:
+    def _too_early(self, job: BroadcastJob, now: datetime) -> str | None:
+        """Why a send now would be early: batch sending has no schedule, so the send call is the
+        send; the monitor holds it until ``send_at`` and this guards against a call ahead of it."""
+        if job.send_at is None:
             return None
         ahead = (job.send_at - now).total_seconds()
         if ahead <= self.options.send_at_tolerance_s:
             return None
         return (
             f"Optimizely batch sending cannot be scheduled: send_at {job.send_at.isoformat()} is "
-            f"{ahead:.0f}s ahead (at most {self.options.send_at_tolerance_s:.0f}s); "
-            "publish the job at its send time"
+            f"{ahead:.0f}s ahead (at most {self.options.send_at_tolerance_s:.0f}s); it is sent at its time"
         )
 
     async def start_import(self, remote_path: str, job: BroadcastJob) -> base.ImportStatus:
@@ -548,9 +549,6 @@ class OptimizelyConnector(base.Connector):
             return base.ImportStatus(
                 import_id=f"file:{posixpath.basename(remote_path)}", state=base.ImportState.DONE
             )
-        problem = self.send_at_problem(job, datetime.now(UTC))
-        if problem is not None:
-            raise SendAtNotSupportedError(problem)
         if self.context.sftp is None:
             raise ConfigurationError(f"the {self._name} connector needs the SFTP pool to read the list back")
         tag = encode_tag(job.job_id)
@@ -661,6 +659,9 @@ class OptimizelyConnector(base.Connector):
         """``POST /sending/batches/{id}``: 202 → scheduled; 409 on a sent batch → followed."""
         if import_id.startswith("file:"):
             raise ListRejectedError(f"job {job.job_id} was uploaded only: there is no batch to send")
+        early = self._too_early(job, datetime.now(UTC))
+        if early is not None:
+            raise SendAtNotSupportedError(early)
         batch_id = _parse_import_id(import_id)[0]
         status, body = await self._api.call("POST", f"/sending/batches/{batch_id}", answered=(202, 404, 409))
         if status == 202:

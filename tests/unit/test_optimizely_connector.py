@@ -575,19 +575,23 @@ async def test_an_empty_or_all_invalid_list_fails_the_import(esp: FakeOptimizely
     assert "no recipients" in empty.errors[-1]
 
 
-async def test_upload_only_makes_no_call_and_a_late_send_at_is_refused_before_staging(
+async def test_upload_only_makes_no_call_and_a_send_ahead_of_its_time_is_refused(
     esp: FakeOptimizely,
 ) -> None:
     c = connector(esp)
     only = await c.start_import(LIST_PATH, job(mode=SendMode.UPLOAD_ONLY.value))
     assert (only.state, only.import_id) == (ImportState.DONE, "file:job-1.csv")
     assert (await c.import_status(only.import_id)).state is ImportState.DONE
-    later = (datetime.now(UTC) + timedelta(seconds=301)).isoformat()
-    with pytest.raises(SendAtNotSupportedError):
-        await c.start_import(LIST_PATH, job(send_at=later, message="7001"))
     assert esp.seen == []
-    soon = (datetime.now(UTC) + timedelta(seconds=200)).isoformat()
-    assert (await c.start_import(LIST_PATH, job(send_at=soon, message="7001"))).state is ImportState.DONE
+    later = job(send_at=(datetime.now(UTC) + timedelta(days=3)).isoformat(), message="7001")
+    staged = await c.start_import(LIST_PATH, later)  # the list is staged at once, days ahead
+    assert staged.state is ImportState.DONE
+    calls = len(esp.seen)
+    with pytest.raises(SendAtNotSupportedError, match="sent at its time"):
+        await c.send(staged.import_id, later)
+    assert len(esp.seen) == calls, "no call made for a send ahead of its time"
+    soon = job(send_at=(datetime.now(UTC) + timedelta(seconds=200)).isoformat(), message="7001")
+    assert (await c.send(staged.import_id, soon)).state is SendState.SCHEDULED
 
 
 async def test_import_states_map(esp: FakeOptimizely) -> None:
