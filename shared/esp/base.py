@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -156,6 +156,14 @@ class WebhookAuthError(PermanentError):
 
 class NotSupportedError(PermanentError):
     """The ESP has no such interface (a send, API pulls, webhooks)."""
+
+
+def schedule_of(job: BroadcastJob) -> datetime | None:
+    """The job's ``send_at`` while it is still ahead, else None: the monitor calls a send at its
+    ``send_at``, so a due send goes out now instead of with a past time the ESP might refuse."""
+    if job.send_at is None or job.send_at <= datetime.now(UTC):
+        return None
+    return job.send_at
 
 
 class Connector:

@@ -108,11 +108,12 @@ class GenericConnector(base.Connector):
 
     async def send(self, import_id: str, job: BroadcastJob) -> base.SendStatus:
         """POST /sends (idempotent by the job id as external id)."""
+        send_at = base.schedule_of(job)
         payload = {
             "import_id": import_id,
             "message": job.message,
             "external_id": job.job_id,
-            "send_at": job.send_at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if job.send_at else None,
+            "send_at": send_at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if send_at else None,
         }
         body = await self._body(
             "POST",

@@ -343,8 +343,9 @@ class InstillerConnector(base.Connector):
             p["list"]: self._list_id(job.job_id),
             p["external_id"]: job.job_id,
         }
-        if job.send_at is not None:
-            form[p["send_at"]] = job.send_at.astimezone(self._times.zone).strftime(opts.date_format)
+        send_at = base.schedule_of(job)
+        if send_at is not None:
+            form[p["send_at"]] = send_at.astimezone(self._times.zone).strftime(opts.date_format)
         if opts.email_profile_api_identifier:
             form[p["email_profile"]] = opts.email_profile_api_identifier
         try:

@@ -820,10 +820,11 @@ class MailUpConnector(base.Connector):
         if found is None or found.place != "Undefined" or not self.options.confirm_sending:
             return found.status() if found is not None else None
         assert found.sending is not None  # a queue item names its sending
-        if job.send_at is None:
+        send_at = base.schedule_of(job)
+        if send_at is None:
             await self._confirm(found.sending)
         else:
-            await self._defer(found.sending, job.send_at)
+            await self._defer(found.sending, send_at)
         return base.SendStatus(
             send_id=found.send_id,
             state=base.SendState.SCHEDULED,
@@ -851,19 +852,20 @@ class MailUpConnector(base.Connector):
         else:
             raise ListRejectedError(f"import {import_id} has no group to send to (send_to: group)")
         # MailUp's documented deferred form quotes the time: ?datetime="2015-10-20 05:00:00Z".
-        query = {"datetime": f'"{_api_time(job.send_at)}"'} if job.send_at else None
+        send_at = base.schedule_of(job)
+        query = {"datetime": f'"{_api_time(send_at)}"'} if send_at else None
         status, body = await self._call("POST", _with_query(url, query))
         sending = _int(_dict(body).get("Id"))
         if status == 404 or sending <= 0:
             raise ListRejectedError(f"MailUp refused the send of message {message}: {_error_text(body)}")
-        if job.send_at is None and opts.confirm_sending:
+        if send_at is None and opts.confirm_sending:
             await self._confirm(sending)
         log.info("MailUp sending created", extra={"job_id": job.job_id, "sending": sending})
         return base.SendStatus(
             send_id=f"{message}:{sending}",
             state=base.SendState.SCHEDULED,
             recipients=_int(_dict(body).get("Sent")),
-            detail=f"sending {sending}" + (" deferred" if job.send_at else ""),
+            detail=f"sending {sending}" + (" deferred" if send_at else ""),
         )
 
     async def send_status(self, send_id: str) -> base.SendStatus:

@@ -349,7 +349,7 @@ async def test_imports_are_idempotent_and_their_states_map(esp: FakeInstiller) -
 
 async def test_sends_are_found_once_and_their_states_map(esp: FakeInstiller) -> None:
     c = connector(esp, email_profile_api_identifier="marketing")
-    summer = job(send_at="2026-07-01T09:00:00Z")
+    summer = job(send_at="2099-07-01T09:00:00Z")
     assert await c.find_send(summer) is None
     assert esp.seen[-1].query == {"external_id": "job-1", "api_id": API_ID, "api_key": API_KEY}
 
@@ -363,7 +363,7 @@ async def test_sends_are_found_once_and_their_states_map(esp: FakeInstiller) -> 
         "email_api_identifier": "msg-42",
         "list_api_identifier": "espbridge_job-1",
         "external_id": "job-1",
-        "send_at": "2026-07-01 10:00:00",  # British Summer Time
+        "send_at": "2099-07-01 10:00:00",  # British Summer Time
         "email_profile_api_identifier": "marketing",
         "api_id": API_ID,
         "api_key": API_KEY,

@@ -677,18 +677,23 @@ async def test_a_sending_found_nowhere_has_failed(fake: FakeMailUp) -> None:
 
 async def test_a_deferred_send_quotes_its_time_and_is_not_confirmed(fake: FakeMailUp) -> None:
     mailup = make(fake)
-    when = datetime(2026, 11, 22, 11, 0, tzinfo=UTC)
+    when = datetime(2099, 11, 22, 11, 0, tzinfo=UTC)
     status = await mailup.send("17/0/9001", job(send_at=when.isoformat()))
     assert status.state is SendState.SCHEDULED
     assert fake.sends == [
-        (f"{CONSOLE}/Console/Group/17/Email/42/Send", {"datetime": '"2026-11-22 11:00:00Z"'})
+        (f"{CONSOLE}/Console/Group/17/Email/42/Send", {"datetime": '"2099-11-22 11:00:00Z"'})
     ]
     assert fake.confirmed == []
     assert (await mailup.send_status(status.send_id)).state is SendState.SCHEDULED
+    # a send_at already passed (the monitor calls the send at its time) goes out now, confirmed
+    due = datetime(2026, 11, 22, 11, 0, tzinfo=UTC).isoformat()
+    await mailup.send("18/0/9001", job(message="45", send_at=due))
+    assert fake.sends[-1] == (f"{CONSOLE}/Console/Group/18/Email/45/Send", {})
+    assert len(fake.confirmed) == 1
     unconfirmed = make(fake, confirm_sending=False, send_to="list")
     await unconfirmed.send("0/0/9001", job(message="43"))
     assert fake.sends[-1] == (f"{CONSOLE}/Console/List/1/Email/43/Send", {})
-    assert fake.confirmed == []
+    assert len(fake.confirmed) == 1
 
 
 async def test_find_send_reads_every_queue_page(fake: FakeMailUp) -> None:
@@ -748,11 +753,11 @@ async def test_a_sending_left_unconfirmed_is_confirmed_when_it_is_found(fake: Fa
     assert fake.confirmed == [603]
     # a deferred job's sending is scheduled for its send_at instead
     fake.queues["Undefined"] = [{"Id": 604, "IdMessage": 43}]
-    when = datetime(2026, 11, 22, 11, 0, tzinfo=UTC)
+    when = datetime(2099, 11, 22, 11, 0, tzinfo=UTC)
     deferred = await mailup.find_send(job(message="43", send_at=when.isoformat()))
     assert deferred is not None
     assert deferred.send_id == "43:604"
-    assert fake.deferred == [(604, {"Date": "2026-11-22 11:00:00Z"})]
+    assert fake.deferred == [(604, {"Date": "2099-11-22 11:00:00Z"})]
     assert fake.confirmed == [603]
     # without confirm_sending, a person confirms it in the console
     fake.queues["Undefined"] = [{"Id": 605, "IdMessage": 44}]
