@@ -7,7 +7,7 @@
   are read from the folder the file is in (``Upload`` → ``Active`` → ``Done`` | ``Failed``, with
   ``Failed/<name>.reason.txt`` when present). A file still in ``Upload`` after ``pickup_timeout_s``
   matched no campaign and is withdrawn to staging. A job with ``send_at`` stays in staging until
-  the first status poll at or after that time. ``upload_only`` jobs are refused: at Deployteq a
+  the monitor's send step at that time releases it. ``upload_only`` jobs are refused: at Deployteq a
   file in ``Upload`` *is* a send. The SFTP folder moves go through :class:`TriggerSite`, whose
   real implementation (:class:`SftpTriggerSite`) uses the process's :class:`~shared.infra.sftp.SftpPool`.
 * Responses: ``sent``, ``open``, ``click``, bounces and ``unsubscribe`` from the Analytics Events
