@@ -24,8 +24,9 @@ token is renewed when less than min(60 s, 10 % of its lifetime) remains and once
 ``api_url`` is the Events API base (``https://api.canopydeploy.net/analytics-events``). The SFTP
 login is the process's (``ESPBRIDGE_SFTP_*``); ``sftp_root`` is the account's folder on it.
 
-One connector instance per account per process holds the token, the rate limiter
-(``api_rate_per_s``) and the hold after a 429's ``Retry-After``.
+One connector instance per account per process holds the token and the hold after a 429's
+``Retry-After``; the rate (``api_rate_per_s``) is the account's, shared by every process with a
+database (:mod:`shared.esp.limits`).
 """
 
 from __future__ import annotations

@@ -15,11 +15,11 @@ for GET, ``multipart/form-data`` fields for POST; never a header). ``api_id`` is
 ``client_id`` and ``api_key`` its ``client_secret`` (prefer ``client_secret_file``). Because the key
 travels in URLs, no request URL's query string is ever put into a log line or an error message.
 
-Calls keep to ``requests_per_second`` per account (evenly spaced, one connector instance per
-account per process). A 429 raises :class:`EspUnavailableError` with its ``Retry-After``, and the
-account's further calls wait until that time has passed (or fail at once if it is further away
-than the request timeout). Every endpoint path, parameter name, state name, export type, row key
-and time format is an account option; see the documentation page for each of them.
+Calls keep to ``requests_per_second`` per account, together across every process with a database
+(:mod:`shared.esp.limits`). A 429 raises :class:`EspUnavailableError` with its ``Retry-After``, and
+the account's further calls wait until that time has passed (or fail at once if it is further away
+than the request timeout). Every endpoint path, parameter name, state name, export type, row key and
+time format is an account option; see the documentation page for each of them.
 """
 
 from __future__ import annotations

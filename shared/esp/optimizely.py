@@ -23,11 +23,12 @@
 Credentials: every REST call carries HTTP Basic ``Authorization`` of the account's ``username``
 (the Optimizely API user) and ``password``/``password_file``; ``client_id`` is the clientId path
 segment after ``api_url`` (``{api_url}/{client_id}/…``). ``token``/``token_file`` is the webhook
-secret. Calls keep to ``max_concurrency`` in flight and ``requests_per_second`` per account (one
-connector instance per account per process). ``429`` and ``5xx`` are retried after their
-``Retry-After`` (else 1 s, doubling, at most 60 s) while the total wait of one call stays within
-the account's ``request_timeout_s``; beyond that the call raises :class:`EspUnavailableError`
-with the server's ``retry_after_s``, and further calls wait for (or fail fast before) that time.
+secret. Calls keep to ``max_concurrency`` in flight per process and ``requests_per_second`` per
+account, together across every process with a database (:mod:`shared.esp.limits`). ``429`` and
+``5xx`` are retried after their ``Retry-After`` (else 1 s, doubling, at most 60 s) while the total
+wait of one call stays within the account's ``request_timeout_s``; beyond that the call raises
+:class:`EspUnavailableError` with the server's ``retry_after_s``, and further calls wait for (or
+fail fast before) that time.
 """
 
 from __future__ import annotations
