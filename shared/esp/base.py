@@ -202,11 +202,6 @@ class Connector:
         """The import's current state."""
         raise NotSupportedError(f"{self.account.connector} cannot import lists")
 
-    def send_at_problem(self, job: BroadcastJob, now: datetime) -> str | None:
-        """Why this ESP cannot send the job at its ``send_at``, or None (``espbridge job check`` asks
-        before the run; a connector with a limit refuses the job with the same words)."""
-        return None
-
     async def find_send(self, job: BroadcastJob) -> SendStatus | None:
         """The send of a broadcast if the ESP has one (checked before any retried send call)."""
         return None

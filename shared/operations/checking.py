@@ -131,9 +131,9 @@ def field_map_finding(job: BroadcastJob, fmt: ListFormat) -> tuple[Finding, list
     return _ok("field map", ", ".join(pairs)), header
 
 
-def send_time_finding(job: BroadcastJob, now: datetime, connector: Connector | None = None) -> Finding:
-    """The send time: none for upload_only jobs, else now or a time still ahead that the account's
-    ESP can send at (when the connector is known)."""
+def send_time_finding(job: BroadcastJob, now: datetime) -> Finding:
+    """The send time: none for upload_only jobs, else now or a time still ahead (any time ahead:
+    the monitor holds every send until its ``send_at``, whatever the ESP can schedule)."""
     if job.mode is SendMode.UPLOAD_ONLY:
         return _ok("send time", "none: an upload_only job is uploaded and imported, not sent")
     if job.send_at is None:
@@ -141,9 +141,6 @@ def send_time_finding(job: BroadcastJob, now: datetime, connector: Connector | N
     when = f"{job.send_at:%Y-%m-%d %H:%M:%S} UTC"
     if job.send_at <= now:
         return _failed("send time", f"send_at {when} is in the past ({_span(now - job.send_at)} ago)")
-    problem = connector.send_at_problem(job, now) if connector is not None else None
-    if problem is not None:
-        return _failed("send time", problem)
     return _ok("send time", f"{when}, in {_span(job.send_at - now)}")
 
 
@@ -313,6 +310,6 @@ async def check_job(
                 head = await list_head(conn, job, connector, header, reading, first_rows)
         finally:
             await conn.close()
-    findings.append(send_time_finding(job, now or utcnow(), connector))
+    findings.append(send_time_finding(job, now or utcnow()))
     findings.append(await size_finding(kafka, job))
     return JobCheck(job, tuple(findings), counted, head)

@@ -7,22 +7,18 @@ import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import aiohttp
 import pytest
 from rich.console import Console
 
 from cli import main as cli_main
 from cli.checks import check_report
 from cli.history import follow_renderable, list_rows
-from shared.esp import ConnectorContext
-from shared.esp.optimizely import OptimizelyConnector
 from shared.infra.db.jobs import JobSummary
 from shared.model.messages import BroadcastStatus, Stage, State
 from shared.operations.checking import Finding, JobCheck, ListHead, Verdict, count_finding, send_time_finding
 from shared.operations.jobs import JobView
 from shared.operations.selection import Counted
 from tests.unit.test_messages import job
-from tests.unit.test_optimizely_connector import account
 
 NOW = datetime(2026, 11, 22, 9, 30, tzinfo=UTC)
 
@@ -46,15 +42,11 @@ def test_a_send_time_must_still_be_ahead(changes: dict[str, Any], verdict: Verdi
     assert send_time_finding(job(**changes), NOW) == Finding("send time", verdict, detail)
 
 
-async def test_a_send_time_weeks_ahead_passes_the_check_even_where_the_esp_cannot_schedule() -> None:
-    # Optimizely's batch sending has no schedule: the monitor holds the send until its time
-    async with aiohttp.ClientSession() as http:
-        optimizely = OptimizelyConnector(account("http://127.0.0.1:9"), ConnectorContext(http))
-        weeks = job(send_at=NOW + timedelta(weeks=3))
-        assert send_time_finding(weeks, NOW, optimizely).verdict is Verdict.OK
-        assert send_time_finding(job(send_at=NOW - timedelta(minutes=1)), NOW, optimizely).verdict is (
-            Verdict.FAILED
-        )
+def test_a_send_time_weeks_ahead_passes_the_check_whatever_the_esp_can_schedule() -> None:
+    # Optimizely's batch sending has no schedule: the monitor holds every send until its time
+    weeks = job(send_at=NOW + timedelta(weeks=3))
+    assert send_time_finding(weeks, NOW).verdict is Verdict.OK
+    assert send_time_finding(job(send_at=NOW - timedelta(minutes=1)), NOW).verdict is Verdict.FAILED
 
 
 @pytest.mark.parametrize(
