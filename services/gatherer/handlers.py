@@ -63,6 +63,8 @@ class Gatherer:
     unreadable: set[str] = field(default_factory=set)
     """Response files with names that are not UTF-8, reported once
     (see :func:`shared.operations.gathering.scan`)."""
+    swept: dict[str, float] = field(default_factory=dict)
+    """When each account's list folder was last swept of stale partial uploads."""
 
     async def scan_once(self) -> int:
         """Scan every account's folders and pull its API once; returns files announced + events pulled."""
@@ -77,6 +79,7 @@ class Gatherer:
             self.unreadable,
             hidden_grace_s=self.settings.hidden_file_grace_s,
             metrics=self.runtime.metrics,
+            swept=self.swept,
         )
         pulled = await pull_api(
             self.esp.connectors,

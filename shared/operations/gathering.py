@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import logging
+import math
 import posixpath
 import time
 from dataclasses import dataclass
@@ -78,6 +79,7 @@ async def scan(
     *,
     hidden_grace_s: float = HIDDEN_GRACE_S,
     metrics: Metrics | None = None,
+    swept: dict[str, float] | None = None,
 ) -> list[ResponseFile]:
     """One scan of every configured account's response folders; returns the files it published.
 
@@ -88,7 +90,9 @@ async def scan(
     is reported, never read nor removed: a dead letter, a ``failed`` ledger row that makes it
     once per version of the file, a warning and ``hidden_files_reported_total``. espbridge's own
     partial uploads that old in the accounts' list folders are removed (see
-    :func:`remove_stale_partials`).
+    :func:`remove_stale_partials`). ``swept`` remembers when each list folder was last swept, so a
+    process scanning on an interval lists it once per quarter of the grace, not on every scan (a
+    partial upload only becomes stale after the grace); without it every scan sweeps.
     """
     found: list[ResponseFile] = []
     hidden: list[ResponseFile] = []
@@ -96,6 +100,7 @@ async def scan(
     unreadable = set() if unreadable is None else unreadable
     changed_since = time.time() - hidden_grace_s  # remote mtimes against our clock: the grace absorbs skew
     cleaned: set[str] = set()
+    sweep_after = time.monotonic() - hidden_grace_s / 4
 
     def report_unreadable(where: str, raw: bytes) -> None:
         if where not in unreadable:
@@ -107,8 +112,10 @@ async def scan(
         account = connector.account
         drop = posixpath.join(account.sftp_root, connector.list_format.drop_folder)
         async with sftp.session() as session:
-            if drop not in cleaned:
+            if drop not in cleaned and (swept is None or swept.get(drop, -math.inf) <= sweep_after):
                 cleaned.add(drop)
+                if swept is not None:
+                    swept[drop] = time.monotonic()
                 removed = await remove_stale_partials(session, drop, changed_since)
                 _count(metrics, "stale_partials_removed_total", len(removed), account.esp)
             for source in connector.response_sources:

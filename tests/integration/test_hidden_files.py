@@ -65,8 +65,9 @@ class Gatherers:
         """The connector of this deployment's account at ``esp``."""
         return self.esp.connectors.get(esp, self.deployment.account)
 
-    async def scan(self, metrics: Metrics) -> list[ResponseFile]:
-        """One scan as a freshly started gatherer makes it (nothing remembered in memory)."""
+    async def scan(self, metrics: Metrics, swept: dict[str, float] | None = None) -> list[ResponseFile]:
+        """One scan as a freshly started gatherer makes it (nothing remembered in memory), or, with
+        ``swept``, as one scanning on an interval."""
         return await scan(
             self.esp.connectors,
             self.esp.sftp,
@@ -75,6 +76,7 @@ class Gatherers:
             self.deployment.kafka,
             hidden_grace_s=GRACE_S,
             metrics=metrics,
+            swept=swept,
         )
 
 
@@ -187,3 +189,25 @@ async def test_stale_partial_uploads_of_espbridge_are_removed_and_nothing_else(
     for esp in FLAVORS:
         assert sum(m.value("stale_partials_removed_total", esp=esp) for m in two) == 1
     assert await count_records(deployment.kafka, Topic.DEADLETTER) == 0, "a list folder's file was reported"
+
+
+async def test_a_gatherer_on_an_interval_sweeps_a_list_folder_once_per_quarter_of_the_grace(
+    gatherers: Gatherers, deployment: Deployment
+) -> None:
+    esp = "sandbox"
+    job = build_job(demo_job("job-sweep", esp, deployment.account, FLAVORS[esp].mode))
+    remote = partial_upload_name(gatherers.connector(esp).list_path(job))
+    folder = site(deployment, posixpath.dirname(remote))
+    first = put(folder, posixpath.basename(remote), old=True)
+    swept: dict[str, float] = {}
+    metrics = Metrics("gatherer")
+    await gatherers.scan(metrics, swept)
+    assert not first.exists()
+    second = put(folder, posixpath.basename(partial_upload_name(remote)), old=True)
+    await gatherers.scan(metrics, swept)  # the next scan, within a quarter of the grace
+    assert second.exists(), "the list folder was listed again on the very next scan"
+    for drop in swept:  # as if a quarter of the grace had passed since
+        swept[drop] -= GRACE_S / 4
+    await gatherers.scan(metrics, swept)
+    assert not second.exists()
+    assert metrics.value("stale_partials_removed_total", esp=esp) == 2
