@@ -156,6 +156,10 @@ checkpoint_timeout = 15min
 # durability: fsync stays on; commits do not wait for the WAL flush (dev cluster)
 fsync = on
 synchronous_commit = off
+# logical decoding: Kafka Connect's Debezium connector captures the CRM's subscription changes
+wal_level = logical
+max_replication_slots = 40
+max_wal_senders = 40
 # logging to stderr -> pg_ctl log file
 log_line_prefix = '%m [%p] %q%u@%d '
 log_min_duration_statement = -1
@@ -184,7 +188,7 @@ SET log_statement = 'none';
 SET log_min_error_statement = 'panic';
 SELECT format('CREATE ROLE %I', '$PG_ROLE')
  WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '$PG_ROLE') \\gexec
-ALTER ROLE $PG_ROLE WITH LOGIN CREATEDB PASSWORD :'pw';
+ALTER ROLE $PG_ROLE WITH LOGIN CREATEDB REPLICATION PASSWORD :'pw';
 \\unset pw
 SELECT format('CREATE DATABASE %I OWNER %I ENCODING %L TEMPLATE template0', '$PG_DATABASE', '$PG_ROLE', 'UTF8')
  WHERE NOT EXISTS (SELECT 1 FROM pg_database WHERE datname = '$PG_DATABASE') \\gexec
