@@ -36,7 +36,7 @@ from shared.infra.sftp import download_stream, safe_local_name
 from shared.model.deadletters import webhook_letter
 from shared.model.errors import PermanentError, is_transient
 from shared.model.events import EncodedEvent
-from shared.model.messages import Message, ResponseEvent, ResponseFile, decode
+from shared.model.messages import Message, ResponseEvent, ResponseFile, SubscriptionChange, decode
 from shared.operations.gathering import pull_api, scan
 from shared.runtime.failpoints import Point
 from shared.runtime.runtime import Runtime
@@ -270,15 +270,22 @@ async def handle_webhook(request: web.Request, gatherer: Gatherer) -> web.Respon
         )
         return web.json_response({"error": "rejected", "message": str(exc)}, status=400)
     events = [i for i in items if isinstance(i, ResponseEvent)]
+    changes = [i for i in items if isinstance(i, SubscriptionChange)]
     letters = [
         webhook_letter(esp, account, i.raw, "BadWebhookItem", i.error, core.SERVICE_NAME, line=i.line)
         for i in items
         if isinstance(i, BadRow)
     ]
-    await gatherer.runtime.publish_many([*events, *letters])  # acknowledged by Kafka before we answer 200
+    # acknowledged by Kafka before we answer 200
+    await gatherer.runtime.publish_many([*events, *changes, *letters])
     gatherer.runtime.metrics.inc("webhook_events_total", len(events), esp=esp)
-    log.info("webhook received", extra={"webhook": where, "accepted": len(events), "rejected": len(letters)})
-    return web.json_response({"accepted": len(events), "rejected": len(letters)})
+    gatherer.runtime.metrics.inc("webhook_subscription_changes_total", len(changes), esp=esp)
+    accepted = len(events) + len(changes)
+    log.info(
+        "webhook received",
+        extra={"webhook": where, "accepted": accepted, "changes": len(changes), "rejected": len(letters)},
+    )
+    return web.json_response({"accepted": accepted, "rejected": len(letters)})
 
 
 def default_work_dir() -> Path:

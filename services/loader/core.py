@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import uuid
 from collections.abc import Iterable
 from datetime import date, datetime
 
@@ -13,8 +14,8 @@ from shared.model.messages import (
     EventType,
     Stage,
     State,
-    SubscriptionAction,
     SubscriptionChange,
+    SubscriptionState,
 )
 
 COLUMNS = (
@@ -51,10 +52,13 @@ def unknown_broadcast(event: EventFields) -> str:
 
 
 OPT_OUTS = {
-    EventType.UNSUBSCRIBE.value: SubscriptionAction.UNSUBSCRIBE,
-    EventType.COMPLAINT.value: SubscriptionAction.SUPPRESS,
-    EventType.BOUNCE_HARD.value: SubscriptionAction.SUPPRESS,
+    EventType.UNSUBSCRIBE.value: SubscriptionState.UNSUBSCRIBED,
+    EventType.COMPLAINT.value: SubscriptionState.UNSUBSCRIBED,
+    EventType.BOUNCE_HARD.value: SubscriptionState.UNSUBSCRIBED,
+    EventType.SUBSCRIBE.value: SubscriptionState.SUBSCRIBED,
 }
+"""Response events that change a contact's subscription, and the state they report (whether a
+hard bounce unsubscribes is the account's policy, applied by the syncer)."""
 
 _ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 _SPECIAL = re.compile(r"[\\\t\n\r\x00]")
@@ -274,18 +278,28 @@ class Tally:
 
 
 def subscription_changes(events: Iterable[EventFields]) -> list[SubscriptionChange]:
-    """Opt-outs to carry back to the CRM: unsubscribes, complaints and hard bounces with an email."""
-    return [
-        SubscriptionChange(
-            email=e.email,
-            action=OPT_OUTS[e.type],
-            reason=e.type,
-            source=e.esp,
-            occurred_at=datetime.fromisoformat(e.occurred_at),
-        )
-        for e in events
-        if e.type in OPT_OUTS and e.email
-    ]
+    """The subscription states to carry to the CRM: unsubscribes, complaints, hard bounces and
+    subscribes with an email, each under its event's id (the same event loaded twice is one change).
+    An address no ESP would take is left out: the event itself is still loaded."""
+    changes: list[SubscriptionChange] = []
+    for e in events:
+        if e.type not in OPT_OUTS or not e.email:
+            continue
+        try:
+            changes.append(
+                SubscriptionChange(
+                    change_id=uuid.UUID(e.event_id),
+                    email=e.email,
+                    esp=e.esp,
+                    account=e.account,
+                    state=OPT_OUTS[e.type],
+                    reason=e.type,
+                    occurred_at=datetime.fromisoformat(e.occurred_at),
+                )
+            )
+        except ValueError:
+            continue
+    return changes
 
 
 def load_status(broadcast_id: str, totals: dict[str, int], added: int) -> BroadcastStatus:

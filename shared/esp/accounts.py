@@ -16,7 +16,7 @@ Read from a JSON or YAML file named by ``ESPBRIDGE_ACCOUNTS_FILE``::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -24,7 +24,50 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from shared.infra.documents import DocumentError, read_document
 from shared.infra.settings import read_secret_file
 from shared.model.errors import ConfigurationError, PermanentError
-from shared.model.messages import Name
+from shared.model.messages import ListId, Name
+
+
+class SubscriptionPolicy(BaseModel):
+    """How espbridge keeps an account's subscriptions in sync with the CRM (``subscriptions:``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    lists: tuple[ListId, ...] = Field(
+        default=(), description="the ESP lists kept in sync with the CRM; none: no subscription sync"
+    )
+    broadcast_list: ListId | None = Field(
+        default=None,
+        description="the list broadcasts go to and changes without a list belong to (default: the first)",
+    )
+    unsubscribe_scope: Literal["list", "account", "all_accounts"] = Field(
+        default="list",
+        description="an unsubscribe reported by this ESP also unsubscribes the contact from the "
+        "account's other lists (account) or from every synced list of every account (all_accounts)",
+    )
+    hard_bounces: Literal["unsubscribe", "ignore"] = Field(
+        default="unsubscribe", description="whether a hard bounce unsubscribes the contact"
+    )
+    double_opt_in: bool = Field(
+        default=False, description="a new subscriber is pending until it confirms the ESP's opt-in mail"
+    )
+
+    @model_validator(mode="after")
+    def _broadcast_list_is_synced(self) -> Self:
+        if self.broadcast_list is not None and self.lists and self.broadcast_list not in self.lists:
+            raise ValueError(f"broadcast_list {self.broadcast_list!r} is not one of lists")
+        if self.broadcast_list == "":
+            raise ValueError("broadcast_list must name a list")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the account's subscriptions are synced at all."""
+        return bool(self.lists)
+
+    @property
+    def default_list(self) -> str:
+        """The list of a change or request that names none."""
+        return self.broadcast_list or (self.lists[0] if self.lists else "")
 
 
 class AccountConfig(BaseModel):
@@ -47,6 +90,7 @@ class AccountConfig(BaseModel):
     sftp_root: str = ""
     request_timeout_s: float = Field(default=30.0, gt=0)
     options: dict[str, Any] = Field(default_factory=dict, description="connector-specific settings")
+    subscriptions: SubscriptionPolicy = Field(default_factory=SubscriptionPolicy)
 
     @model_validator(mode="after")
     def _defaults(self) -> Self:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -13,7 +13,7 @@ from shared.esp.accounts import AccountConfig
 from shared.infra.db.jobs import SentBroadcast
 from shared.model.errors import PermanentError
 from shared.model.events import EncodedEvent, encode
-from shared.model.messages import BroadcastJob, ResponseEvent
+from shared.model.messages import BroadcastJob, ResponseEvent, SubscriptionChange, SubscriptionState
 
 if TYPE_CHECKING:  # the values module stays free of I/O libraries (services' core modules import it)
     import aiohttp
@@ -86,6 +86,36 @@ class CancelResult:
 
     outcome: CancelOutcome
     detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class ContactChange:
+    """One contact's change to push to one list of the account (a subscription request, resolved)."""
+
+    email: str
+    list: str
+    """The ESP's list (never empty: the syncer resolves the account's broadcast list)."""
+    state: SubscriptionState | None
+    """The state wanted; None: only update the contact's fields."""
+    fields: Mapping[str, str] = field(default_factory=dict)
+    """Contact data to set, by the ESP's field names."""
+    double_opt_in: bool = False
+    """A subscribe goes through the ESP's confirmation (the contact stays pending until it confirms)."""
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ContactResult:
+    """What the ESP made of one :class:`ContactChange`."""
+
+    email: str
+    list: str
+    accepted: bool
+    """False: the ESP refused this contact (a bad address, a blocklisted one); dead-lettered with
+    ``detail``. Outages raise instead, and the whole batch is retried."""
+    state: SubscriptionState | None = None
+    """The state the ESP now holds, where it says (``pending`` for a double opt-in)."""
+    detail: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +207,8 @@ class Connector:
     archive_folder = "archive"
     can_send = True
     pulls_api = False
+    contacts_per_call = 1
+    """How many contact changes :meth:`apply_contacts` takes at once (the ESP's batch size)."""
 
     def __init__(self, account: AccountConfig, context: ConnectorContext) -> None:
         self.account = account
@@ -232,6 +264,14 @@ class Connector:
         """One page of the broadcast's responses from the ESP's API, from ``cursor`` on."""
         raise NotSupportedError(f"{self.account.connector} has no response API")
 
-    def parse_webhook(self, headers: Mapping[str, str], body: bytes) -> list[ResponseEvent | BadRow]:
-        """Verify a webhook call and turn its body into events (raises WebhookAuthError)."""
+    def parse_webhook(
+        self, headers: Mapping[str, str], body: bytes
+    ) -> list[ResponseEvent | SubscriptionChange | BadRow]:
+        """Verify a webhook call and turn its body into events and subscription changes (raises
+        WebhookAuthError)."""
         raise NotSupportedError(f"{self.account.connector} receives no webhooks")
+
+    async def apply_contacts(self, changes: Sequence[ContactChange]) -> list[ContactResult]:
+        """Push at most :attr:`contacts_per_call` contact changes to the ESP, one result per change
+        in order; a refused contact is a result, an outage an exception (the batch is retried)."""
+        raise NotSupportedError(f"{self.account.connector} cannot change contacts at the ESP")

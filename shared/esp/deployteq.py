@@ -64,7 +64,7 @@ from shared.esp.rest import (
 from shared.infra.db.jobs import SentBroadcast
 from shared.infra.sftp import SftpPool
 from shared.model.errors import ConfigurationError, PermanentError, TransientError, UnavailableError
-from shared.model.messages import BroadcastJob, EventType, ResponseEvent, SendMode
+from shared.model.messages import BroadcastJob, EventType, ResponseEvent, SendMode, SubscriptionChange
 
 log = logging.getLogger(__name__)
 
@@ -925,7 +925,9 @@ class DeployteqConnector(base.Connector):
 
     # --- webhooks -------------------------------------------------------------------------------------
 
-    def parse_webhook(self, headers: Mapping[str, str], body: bytes) -> list[ResponseEvent | base.BadRow]:
+    def parse_webhook(
+        self, headers: Mapping[str, str], body: bytes
+    ) -> list[ResponseEvent | SubscriptionChange | base.BadRow]:
         """Always refused: Deployteq sends no outbound event webhooks."""
         raise base.WebhookAuthError(
             f"{self._name}: Deployteq sends no webhooks; espbridge accepts none from it"

@@ -55,7 +55,7 @@ from shared.esp.rest import EspClient, EspUnavailableError, OAuth2Token, Retries
 from shared.infra.db.jobs import SentBroadcast
 from shared.infra.sftp import download_stream
 from shared.model.errors import ConfigurationError, PermanentError
-from shared.model.messages import BroadcastJob, EventSource, EventType, ResponseEvent
+from shared.model.messages import BroadcastJob, EventSource, EventType, ResponseEvent, SubscriptionChange
 
 log = logging.getLogger(__name__)
 
@@ -1144,7 +1144,9 @@ class MailUpConnector(base.Connector):
 
     # --- webhook --------------------------------------------------------------------------------------
 
-    def parse_webhook(self, headers: Mapping[str, str], body: bytes) -> list[ResponseEvent | base.BadRow]:
+    def parse_webhook(
+        self, headers: Mapping[str, str], body: bytes
+    ) -> list[ResponseEvent | SubscriptionChange | base.BadRow]:
         """MailUp's Unsubscribe webhook: form parameters named by ``webhook_params``, the job and key
         from the numbered fields they carry, the shared secret as the literal parameter ``Secret``."""
         names = self.options.webhook_params

@@ -64,7 +64,14 @@ from shared.esp.rest import EspClient, EspUnavailableError, Retries, is_count, s
 from shared.infra.db.jobs import SentBroadcast
 from shared.infra.sftp import download_stream
 from shared.model.errors import ConfigurationError, PermanentError
-from shared.model.messages import BroadcastJob, EventSource, EventType, ResponseEvent, SendMode
+from shared.model.messages import (
+    BroadcastJob,
+    EventSource,
+    EventType,
+    ResponseEvent,
+    SendMode,
+    SubscriptionChange,
+)
 
 log = logging.getLogger(__name__)
 
@@ -1139,7 +1146,9 @@ class OptimizelyConnector(base.Connector):
         if not (plain_ok or bearer_ok):
             raise base.WebhookAuthError(f"the webhook call's {header} header is wrong")
 
-    def parse_webhook(self, headers: Mapping[str, str], body: bytes) -> list[ResponseEvent | base.BadRow]:
+    def parse_webhook(
+        self, headers: Mapping[str, str], body: bytes
+    ) -> list[ResponseEvent | SubscriptionChange | base.BadRow]:
         """Verify the call (basicAuth/keyAuth against the account's token), then its events."""
         self._verify_webhook(headers)
         try:
@@ -1150,7 +1159,7 @@ class OptimizelyConnector(base.Connector):
         if items is None:
             raise PermanentError(f"the webhook body is neither an event nor an array: {short_json(parsed)}")
         name = f"webhook:{self._name}"
-        return rows.item_events(items, lambda number, item: self._webhook_event(item, name, number))
+        return [*rows.item_events(items, lambda number, item: self._webhook_event(item, name, number))]
 
     def _webhook_event(self, item: Any, name: str, number: int) -> ResponseEvent | None:
         if not isinstance(item, dict):

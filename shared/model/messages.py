@@ -363,26 +363,109 @@ class ResponseEvent(Message):
         return self
 
 
-class SubscriptionAction(StrEnum):
-    """What a subscription change does."""
+EMAIL_PATTERN = r"^[^@\s\x00-\x1f\x7f]{1,64}@[^@\s\x00-\x1f\x7f]{1,255}\.[^@\s\x00-\x1f\x7f.]{1,63}$"
+"""An address espbridge takes for a contact: one ``@``, a dotted domain, no spaces or control
+characters (what every ESP refuses without it)."""
 
-    UNSUBSCRIBE = "unsubscribe"
-    """The person opted out of the list."""
-    RESUBSCRIBE = "resubscribe"
-    """The person opted back in."""
-    SUPPRESS = "suppress"
-    """Never mail the address again (hard bounce, complaint)."""
+
+def _lower(value: str) -> str:
+    return value.strip().lower()
+
+
+Email = Annotated[
+    str,
+    AfterValidator(_lower),
+    StringConstraints(min_length=6, max_length=320, pattern=EMAIL_PATTERN),
+]
+"""A contact's email address, lower-cased: the key of a contact in the CRM's subscription state."""
+
+ListId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:-]{0,100}$")]
+"""An ESP list as the ESP names it (an id or a name); ``""`` in a message: the account's
+broadcast list (its ``subscriptions.broadcast_list``)."""
+
+
+class SubscriptionState(StrEnum):
+    """Where a contact stands on one list of one ESP account."""
+
+    PENDING = "pending"
+    """Subscribed, waiting for the contact to confirm (double opt-in); not mailed."""
+    SUBSCRIBED = "subscribed"
+    """Subscribed (and confirmed, where the list asks for it)."""
+    UNSUBSCRIBED = "unsubscribed"
+    """Opted out (an unsubscribe, a complaint, a hard bounce as the account's policy says)."""
+    REMOVED = "removed"
+    """Deleted from the list at the ESP."""
 
 
 class SubscriptionChange(Message):
-    """An opt-out or opt-in to carry between the ESPs and the CRM."""
+    """A contact's subscription state as an ESP reported it (a webhook, an API, a response file),
+    or a follow-on of one: written to the CRM by the syncer (``subscriptions.changes.v1``)."""
 
-    email: str = Field(min_length=3, max_length=320)
-    list: str = ""
-    action: SubscriptionAction
-    reason: str = ""
-    source: str = Field(min_length=1, description="the ESP connector name, or 'crm'")
-    occurred_at: UtcDatetime
+    change_id: uuid.UUID = Field(
+        description="the same change read twice (a webhook and a response file) has the same id; applied once"
+    )
+    email: Email
+    esp: Name
+    account: Name
+    list: ListId = ""
+    state: SubscriptionState
+    reason: OneLine = Field(default="", max_length=200, description="unsubscribe, complaint, bounce_hard, …")
+    occurred_at: UtcDatetime = Field(description="when the contact's state changed at the ESP")
+
+
+class RequestOrigin(StrEnum):
+    """Where a subscription request comes from."""
+
+    PRODUCER = "producer"
+    """Any producer (a CRM, the CLI) on the requests topic: the syncer writes it to the CRM first."""
+    CAPTURE = "capture"
+    """A change the CRM made to its subscriptions table, captured by Debezium: already in the CRM."""
+    FOLLOW_ON = "follow_on"
+    """A post-operation of another change (``unsubscribe_scope``): already in the CRM."""
+
+
+class SubscriptionRequest(Message):
+    """A change to push to one ESP account: a subscription state, contact data, or both
+    (``subscriptions.requests.v1``, keyed by email: one contact's requests stay in order)."""
+
+    request_id: uuid.UUID = Field(description="the same request published twice is pushed once")
+    email: Email
+    esp: Name
+    account: Name
+    list: ListId = ""
+    state: SubscriptionState | None = Field(
+        default=None, description="the state wanted at the ESP; none: only update the contact's fields"
+    )
+    fields: dict[FieldName, OneLine] = Field(default_factory=dict, max_length=MAX_COLUMNS)
+    reason: OneLine = Field(default="", max_length=200)
+    origin: RequestOrigin = RequestOrigin.PRODUCER
+    source: OneLine = Field(
+        default="crm",
+        min_length=1,
+        max_length=200,
+        description="who made the change first: 'crm', or the 'esp/account' of a follow-on's origin",
+    )
+    requested_at: UtcDatetime = Field(description="when the change was made; a later one wins")
+
+    @model_validator(mode="after")
+    def _does_something(self) -> Self:
+        if self.state is None and not self.fields:
+            raise ValueError("a subscription request needs a state, fields, or both")
+        return self
+
+
+class CapturedChange(Message):
+    """A row change of the CRM's ``crm.subscriptions`` as Debezium's PostgreSQL connector publishes
+    it from the Kafka Connect worker (its JSON envelope with schemas off); espbridge only reads it."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    before: dict[str, Any] | None = None
+    after: dict[str, Any] | None = None
+    op: Literal["c", "u", "d", "r", "t", "m"] = Field(
+        description="create, update, delete, snapshot read, truncate, message"
+    )
+    source: dict[str, Any] = Field(default_factory=dict, description="lsn, txId, ts_ms, table, …")
 
 
 class DeadLetter(Message):
@@ -412,6 +495,8 @@ def json_schema_bundle() -> dict[str, Any]:
         ResponseFile,
         ResponseEvent,
         SubscriptionChange,
+        SubscriptionRequest,
+        CapturedChange,
         DeadLetter,
     ]
     return {m.__name__: m.model_json_schema() for m in models}

@@ -30,7 +30,12 @@ class Topic(StrEnum):
     RESPONSE_EVENTS = "responses.events.v1"
     """Normalized response events from files, APIs and webhooks (ResponseEvent)."""
     SUBSCRIPTION_CHANGES = "subscriptions.changes.v1"
-    """Opt-outs and opt-ins flowing between the ESPs and the CRM (SubscriptionChange)."""
+    """Subscription states the ESPs reported, and their follow-ons, for the CRM (SubscriptionChange)."""
+    SUBSCRIPTION_REQUESTS = "subscriptions.requests.v1"
+    """Changes to push to an ESP account: from any producer, the CRM's captured changes and
+    follow-ons (SubscriptionRequest)."""
+    CRM_CAPTURED = "crm.subscriptions.captured.v1"
+    """Row changes of the CRM's crm.subscriptions, published by Debezium in Kafka Connect (CapturedChange)."""
     DEADLETTER = "deadletter.v1"
     """Anything rejected, with the original bytes and the reason (DeadLetter)."""
 
@@ -63,6 +68,12 @@ REGISTRY: dict[Topic, TopicSpec] = {
             lambda msg: f"{msg.broadcast_id}/{msg.communication_key or msg.email}",
         ),
         TopicSpec(Topic.SUBSCRIPTION_CHANGES, m.SubscriptionChange, lambda msg: msg.email),
+        TopicSpec(Topic.SUBSCRIPTION_REQUESTS, m.SubscriptionRequest, lambda msg: msg.email),
+        TopicSpec(
+            Topic.CRM_CAPTURED,
+            m.CapturedChange,
+            lambda msg: str((msg.after or msg.before or {}).get("email", "")),
+        ),
         TopicSpec(Topic.DEADLETTER, m.DeadLetter, lambda msg: msg.source.kind),
     )
 }

@@ -15,7 +15,7 @@ from shared.model.messages import (
     ResponseEvent,
     Stage,
     State,
-    SubscriptionAction,
+    SubscriptionState,
     event_id_for,
 )
 
@@ -51,24 +51,31 @@ def test_an_event_is_one_copy_line_in_column_order_with_nulls_as_backslash_n() -
 
 
 @pytest.mark.parametrize(
-    ("kind", "action"),
+    ("kind", "state"),
     [
-        (EventType.UNSUBSCRIBE, SubscriptionAction.UNSUBSCRIBE),
-        (EventType.COMPLAINT, SubscriptionAction.SUPPRESS),
-        (EventType.BOUNCE_HARD, SubscriptionAction.SUPPRESS),
+        (EventType.UNSUBSCRIBE, SubscriptionState.UNSUBSCRIBED),
+        (EventType.COMPLAINT, SubscriptionState.UNSUBSCRIBED),
+        (EventType.BOUNCE_HARD, SubscriptionState.UNSUBSCRIBED),
+        (EventType.SUBSCRIBE, SubscriptionState.SUBSCRIBED),
     ],
 )
-def test_an_opt_out_becomes_a_subscription_change_for_the_crm(
-    kind: EventType, action: SubscriptionAction
+def test_a_subscription_event_becomes_a_change_for_the_crm_under_its_event_id(
+    kind: EventType, state: SubscriptionState
 ) -> None:
-    (change,) = core.subscription_changes([event(kind)])
-    assert (change.email, change.action, change.reason, change.source) == (
+    fields = event(kind)
+    (change,) = core.subscription_changes([fields])
+    assert (change.email, change.esp, change.account, change.state, change.reason) == (
         "a@x.com",
-        action,
-        kind.value,
         "sandbox",
+        "demo",
+        state,
+        kind.value,
     )
-    assert change.occurred_at == WHEN
+    assert (str(change.change_id), change.occurred_at, change.list) == (fields.event_id, WHEN, "")
+
+
+def test_an_address_no_esp_takes_changes_no_subscription() -> None:
+    assert core.subscription_changes([event(EventType.UNSUBSCRIBE, email="not an address")]) == []
 
 
 def test_other_events_and_opt_outs_without_an_email_change_no_subscription() -> None:

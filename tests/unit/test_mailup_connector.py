@@ -34,7 +34,7 @@ from shared.esp.mailup import MailUpConnector, MessageTakenError, read_list_rows
 from shared.esp.rest import EspAuthError, EspUnavailableError
 from shared.infra.sftp import SftpPool
 from shared.model.errors import ConfigurationError, PermanentError
-from shared.model.messages import BroadcastJob, EventType, ResponseEvent, event_id_for
+from shared.model.messages import BroadcastJob, EventType, ResponseEvent, SubscriptionChange, event_id_for
 from tests.fixtures.fake_esp import OFFLINE, FakeEsp, Seen, pulled, served
 from tests.fixtures.servers import ROOT
 from tests.unit.test_messages import job as base_job
@@ -1063,7 +1063,10 @@ WEBHOOK = {
 }
 
 
-def _hook(mailup: MailUpConnector, **changes: str | None) -> list[ResponseEvent | BadRow]:
+Hooked = list[ResponseEvent | SubscriptionChange | BadRow]
+
+
+def _hook(mailup: MailUpConnector, **changes: str | None) -> Hooked:
     form = {k: v for k, v in {**WEBHOOK, **changes}.items() if v is not None}
     return mailup.parse_webhook(
         {"Content-Type": "application/x-www-form-urlencoded"}, urlencode(form).encode()
@@ -1140,7 +1143,7 @@ def test_webhook_items_that_do_not_fit_are_bad_rows() -> None:
     assert "offset" in no_offset.error
 
 
-def _ids(items: Iterator[ResponseEvent | BadRow] | list[ResponseEvent | BadRow]) -> list[Any]:
+def _ids(items: Iterator[ResponseEvent | BadRow] | Hooked) -> list[Any]:
     return [i.event_id for i in items if isinstance(i, ResponseEvent)]
 
 

@@ -12,6 +12,7 @@ from shared.model.messages import (
     BroadcastJob,
     BroadcastStatus,
     CancelRequest,
+    CapturedChange,
     DeadLetter,
     EventSource,
     EventType,
@@ -21,8 +22,9 @@ from shared.model.messages import (
     ResponseFile,
     Stage,
     State,
-    SubscriptionAction,
     SubscriptionChange,
+    SubscriptionRequest,
+    SubscriptionState,
     event_id_for,
     json_schema_bundle,
 )
@@ -84,7 +86,28 @@ def examples() -> list[Message]:
             extra={"Browser": "Firefox"},
         ),
         SubscriptionChange(
-            email="a@example.com", action=SubscriptionAction.UNSUBSCRIBE, source="sandbox", occurred_at=NOW
+            change_id=uuid.UUID(int=7),
+            email="A@Example.com",
+            esp="sandbox",
+            account="demo",
+            state=SubscriptionState.UNSUBSCRIBED,
+            occurred_at=NOW,
+        ),
+        SubscriptionRequest(
+            request_id=uuid.UUID(int=8),
+            email="b@example.com",
+            esp="sandbox",
+            account="demo",
+            list="12",
+            state=SubscriptionState.SUBSCRIBED,
+            fields={"FirstName": "Bo"},
+            requested_at=NOW,
+        ),
+        CapturedChange(
+            before=None,
+            after={"email": "b@example.com", "esp": "sandbox", "state": "unsubscribed"},
+            op="c",
+            source={"lsn": 1, "txId": 2},
         ),
         DeadLetter(
             source=source, payload=b"\xff\x00not json", error_class="InvalidMessageError", message="x"
