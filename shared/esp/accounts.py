@@ -26,6 +26,10 @@ from shared.infra.settings import read_secret_file
 from shared.model.errors import ConfigurationError, PermanentError
 from shared.model.messages import ListId, Name
 
+EVERY_LIST = "*"
+"""The CRM's subscription row for every list of an account (and, with esp and account ``*``, of
+every account): an opt-out whose list is not known."""
+
 
 class SubscriptionPolicy(BaseModel):
     """How espbridge keeps an account's subscriptions in sync with the CRM (``subscriptions:``)."""
@@ -66,8 +70,9 @@ class SubscriptionPolicy(BaseModel):
 
     @property
     def default_list(self) -> str:
-        """The list of a change or request that names none."""
-        return self.broadcast_list or (self.lists[0] if self.lists else "")
+        """The list of a change or request that names none; ``*`` (every list of the account) when
+        the account syncs no lists, so an opt-out it reports still reaches the CRM."""
+        return self.broadcast_list or (self.lists[0] if self.lists else EVERY_LIST)
 
 
 class AccountConfig(BaseModel):

@@ -94,6 +94,40 @@ class PostgresSettings(_Piece):
         return self.model_copy(update={"database": database})
 
 
+class CrmSettings(_Piece):
+    """Where the CRM's tables are (the selections broadcasts read, the subscription state the syncer
+    keeps): by default the database of :class:`PostgresSettings`; any field set here moves it."""
+
+    model_config = SettingsConfigDict(env_prefix="ESPBRIDGE_CRM_", frozen=True, extra="ignore")
+
+    host: str | None = None
+    port: int | None = Field(default=None, ge=1, le=65535)
+    database: str | None = None
+    user: str | None = None
+    password: SecretStr | None = None
+    password_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _password_from_file(self) -> Self:
+        if self.password is None and self.password_file is not None:
+            object.__setattr__(self, "password", read_secret_file(self.password_file))
+        return self
+
+    def resolve(self, pg: PostgresSettings) -> PostgresSettings:
+        """The CRM's connection: ``pg`` with every field set here in its place."""
+        update = {
+            name: value
+            for name in ("host", "port", "database", "user", "password")
+            if (value := getattr(self, name)) is not None
+        }
+        return pg.model_copy(update=update) if update else pg
+
+    def same_database(self, pg: PostgresSettings) -> bool:
+        """Whether the CRM is the database of ``pg`` (one pool can serve both)."""
+        crm = self.resolve(pg)
+        return (crm.host, crm.port, crm.database, crm.user) == (pg.host, pg.port, pg.database, pg.user)
+
+
 class SftpSettings(_Piece):
     """How to reach an ESP's SFTP site; the host key is always pinned through ``known_hosts``."""
 
