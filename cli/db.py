@@ -1,32 +1,28 @@
-"""``espbridge db``: the database's migrations."""
+"""``espbridge db``: the migrations of espbridge's database and of the CRM's."""
 
 from __future__ import annotations
 
-from shared.infra.db import Migration, applied_migrations, connect, load_migrations, migrate
-from shared.infra.settings import PostgresSettings
+from shared.infra.db import migrate_databases, migration_status
+from shared.infra.settings import CrmSettings, PostgresSettings
 
 
 async def db_migrate() -> int:
-    """``db migrate``: apply the pending migrations."""
-    conn = await connect(PostgresSettings())
-    try:
-        applied: list[Migration] = await migrate(conn)
-    finally:
-        await conn.close()
-    for m in applied:
-        print(f"applied {m.version:04d}_{m.name}")
-    if not applied:
-        print("database is up to date")
+    """``db migrate``: apply espbridge's pending migrations, then the CRM's (to the CRM database,
+    the same one unless ESPBRIDGE_CRM_* moves it)."""
+    pg = PostgresSettings()
+    for result in await migrate_databases(pg, CrmSettings().resolve(pg)):
+        for m in result.applied:
+            print(f"applied {result.migration_set.name} {m.version:04d}_{m.name} in {result.database}")
+        if not result.applied:
+            print(f"{result.migration_set.name} migrations in database {result.database}: up to date")
     return 0
 
 
 async def db_status() -> int:
-    """``db status``: each migration, applied or pending."""
-    conn = await connect(PostgresSettings())
-    try:
-        done = await applied_migrations(conn)
-    finally:
-        await conn.close()
-    for m in load_migrations():
-        print(f"{m.version:04d}_{m.name}\t{'applied' if m.version in done else 'pending'}")
+    """``db status``: each migration of both sets, applied or pending."""
+    pg = PostgresSettings()
+    for status in await migration_status(pg, CrmSettings().resolve(pg)):
+        print(f"{status.migration_set.name} migrations in database {status.database}:")
+        for m in status.migrations:
+            print(f"  {m.version:04d}_{m.name}\t{'applied' if m.version in status.recorded else 'pending'}")
     return 0

@@ -3,17 +3,24 @@ migration applied, and the topics under a prefix. Each is made for one run and r
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import asyncpg
 from aiokafka.admin import AIOKafkaAdminClient
 
-from shared.infra.db import connect, migrate, quote_ident
+from shared.infra.db import CRM_MIGRATIONS, ESPBRIDGE_MIGRATIONS, MigrationSet, connect, migrate, quote_ident
 from shared.infra.settings import KafkaSettings, PostgresSettings
 from tools.demo import wait_until
 
 
-async def create_database(admin: PostgresSettings, name: str) -> PostgresSettings:
-    """Create database ``name`` with the server's ``admin`` settings and apply every migration;
-    the settings to reach it."""
+async def create_database(
+    admin: PostgresSettings,
+    name: str,
+    sets: Sequence[MigrationSet] = (ESPBRIDGE_MIGRATIONS, CRM_MIGRATIONS),
+) -> PostgresSettings:
+    """Create database ``name`` with the server's ``admin`` settings and apply the migration sets
+    (by default both: espbridge's and its CRM in one database; ``(CRM_MIGRATIONS,)`` for a CRM of
+    its own); the settings to reach it."""
     conn = await connect(admin)
     try:
         await conn.execute(f"CREATE DATABASE {quote_ident(name)}")
@@ -22,7 +29,8 @@ async def create_database(admin: PostgresSettings, name: str) -> PostgresSetting
     settings = admin.with_database(name)
     conn = await connect(settings)
     try:
-        await migrate(conn)
+        for migration_set in sets:
+            await migrate(conn, migration_set=migration_set)
     finally:
         await conn.close()
     return settings
