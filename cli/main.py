@@ -1,7 +1,7 @@
 """The ``espbridge`` command line: operator tasks on the database, the topics, jobs and dead letters.
 
-espbridge db migrate        apply pending migrations (ESPBRIDGE_PG_*)
-espbridge db status         list applied and pending migrations
+espbridge db migrate        apply pending migrations (ESPBRIDGE_PG_*), then the CRM's (ESPBRIDGE_CRM_*)
+espbridge db status         list applied and pending migrations of both sets
 espbridge topics create     create the registry topics (ESPBRIDGE_KAFKA_*)
 espbridge topics list       the registry: topic, model, partitions
 espbridge job check         check a broadcast job against the live system; publish nothing
@@ -42,8 +42,8 @@ def parser() -> argparse.ArgumentParser:
     db = groups.add_parser("db", help="the response and control database").add_subparsers(
         dest="cmd", required=True
     )
-    db.add_parser("migrate", help="apply pending migrations")
-    db.add_parser("status", help="list applied and pending migrations")
+    db.add_parser("migrate", help="apply pending migrations: espbridge's, then the CRM's")
+    db.add_parser("status", help="list applied and pending migrations of both sets")
     jobs.add_parser(groups)
     gather = groups.add_parser("gather", help="response gathering").add_subparsers(dest="cmd", required=True)
     gather.add_parser("now", help="scan the ESP accounts for new response files now")
