@@ -1,4 +1,5 @@
-"""The HTTP server every flavor shares: bearer auth, JSON errors, ``/healthz``, ``_sandbox/stats``.
+"""The HTTP server every flavor shares: bearer auth, JSON errors, ``/healthz``, ``_sandbox/stats``
+and the ``_sandbox/contacts`` control routes.
 
 The flavor adds its own routes (the generic flavor's imports and sends, docs/generic-esp.md);
 their handlers use :func:`account_of`, :func:`read_body` (:func:`problems`), :func:`bearer_token`
@@ -12,13 +13,15 @@ import base64
 import binascii
 import hmac
 from collections.abc import Iterable
-from typing import TypeVar
+from dataclasses import dataclass
+from typing import Literal, TypeVar
 
 import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from sandbox.contacts import ContactState, Via, valid_email
 from sandbox.engine import Account
 from sandbox.errors import PLAIN, EspError, found, json_response
 from sandbox.faults import FAULTS_REPORT, Faults, fault_middleware, install
@@ -137,6 +140,84 @@ async def stats(request: web.Request) -> web.Response:
     return json_response(named_account(request).stats())
 
 
+@dataclass(frozen=True)
+class ContactAction:
+    """What a control-route action does to the contact: its new state, how, and why."""
+
+    state: ContactState
+    via: Via
+    reason: str
+
+
+CONTACT_ACTIONS: dict[str, ContactAction] = {
+    "unsubscribe_link": ContactAction(ContactState.UNSUBSCRIBED, Via.LINK, "unsubscribe"),
+    "complaint": ContactAction(ContactState.UNSUBSCRIBED, Via.COMPLAINT, "complaint"),
+    "bounce_hard": ContactAction(ContactState.UNSUBSCRIBED, Via.BOUNCE, "bounce_hard"),
+    "confirm": ContactAction(ContactState.SUBSCRIBED, Via.CONFIRM, "confirm"),
+    "subscribe": ContactAction(ContactState.SUBSCRIBED, Via.LINK, "subscribe"),
+    "remove": ContactAction(ContactState.REMOVED, Via.API, "remove"),
+}
+"""The ``_sandbox/contacts`` actions: what a contact does on the ESP side (its message's unsubscribe
+link, a complaint, a hard bounce, a double opt-in confirmation, a sign-up form) or what someone
+does in the ESP's own interface (``remove``)."""
+
+
+class ContactActionRequest(BaseModel):
+    """The body of ``POST …/_sandbox/contacts``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    email: str = Field(min_length=3, max_length=254)
+    list: str = Field(min_length=1, max_length=200)
+    action: Literal["unsubscribe_link", "complaint", "confirm", "subscribe", "remove", "bounce_hard"]
+    job: str | None = Field(default=None, min_length=1, max_length=200)
+
+
+async def contact_action(request: web.Request) -> web.Response:
+    """``POST /_sandbox/contacts`` (every flavor, for tests and the demo; not counted as a call): a
+    change made on the ESP side, reported by the flavor (``Flavor.on_contact_event``); 200 with the
+    record. 400 for a malformed address, or without the ``job`` the flavor needs for this action;
+    404 ``send_not_found`` for a ``job`` that names no send; 409 ``contact_not_pending`` for a
+    confirmation of a contact that is not pending."""
+    account = named_account(request)
+    body = await read_body(request, ContactActionRequest)
+    if not valid_email(body.email):
+        raise EspError(400, "invalid_email", f"{body.email!r} is not a valid email address")
+    flavor = account.flavor
+    if body.job is None and body.action in flavor.job_required_for:
+        raise EspError(
+            400,
+            "job_required",
+            f"the {flavor.name} ESP reports {body.action} in a broadcast's responses: name its job",
+        )
+    if body.job is not None and body.action in flavor.job_required_for:
+        sends = account.state.sends
+        if body.job not in sends and not account.state.sends_by_external_id(body.job):
+            raise EspError(404, "send_not_found", f"no send {body.job}")
+    action = CONTACT_ACTIONS[body.action]
+    if body.action == "confirm":
+        current = account.contacts.get(body.list, body.email)
+        if current is None or current.state is not ContactState.PENDING:
+            state = current.state.value if current is not None else "not on the list"
+            raise EspError(
+                409, "contact_not_pending", f"{body.email} is {state}, not pending, on {body.list}"
+            )
+    event = account.contacts.set(
+        body.list, body.email, action.state, reason=action.reason, via=action.via, job=body.job
+    )
+    await account.report_contact_event(event)
+    return json_response(event.record.public())
+
+
+async def contact_records(request: web.Request) -> web.Response:
+    """``GET /_sandbox/contacts?email=&list=`` (every flavor; not counted as a call): the records of
+    that email and/or list (all without either), as ``{"contacts": [...]}``."""
+    account = named_account(request)
+    email = request.query.get("email") or None
+    list_id = request.query.get("list") or None
+    return json_response({"contacts": [r.public() for r in account.contacts.records(list_id, email)]})
+
+
 async def healthz(_request: web.Request) -> web.Response:
     """Liveness for process supervisors; no authentication, no account data."""
     return json_response({"status": "ok"})
@@ -161,5 +242,7 @@ def create_app(
     install(app, faults)
     app.add_routes(routes)
     app.router.add_get(API_PREFIX + "/{account}/_sandbox/stats", stats)
+    app.router.add_post(API_PREFIX + "/{account}/_sandbox/contacts", contact_action)
+    app.router.add_get(API_PREFIX + "/{account}/_sandbox/contacts", contact_records)
     app.router.add_get("/healthz", healthz)
     return app

@@ -20,11 +20,12 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
+from sandbox.contacts import CONTACTS_FILE, ContactBook, ContactEvent
 from sandbox.errors import EspError
 from sandbox.eventlog import EVENTS_FOLDER, EventLog, SendInterruptedError
 from sandbox.files import atomic_writer, csv_line
 from sandbox.limits import CallsPerSecond, RateLimiter, TokenBucket, rate_limited
-from sandbox.listfile import ImportInterruptedError, ImportResult, import_list
+from sandbox.listfile import ImportInterruptedError, ImportResult, import_list, recipients
 from sandbox.protocol import (
     LISTS_FOLDER,
     MANIFEST,
@@ -94,12 +95,15 @@ class Account:
         """In-memory counts for a flavor's ``_sandbox/stats`` (``rate_limited`` is kept here)."""
         self.calls = CallsPerSecond()
         """The account's API calls per second (counted by ``sandbox.api.account_of``)."""
+        self.contacts = ContactBook(folder / CONTACTS_FILE)
+        """Who is on which of the account's lists (``sandbox.contacts``), shared by every flavor."""
 
     def open(self) -> None:
         """Create the account's missing folders, load its state, remove its own stale temporary files."""
         for sub in dict.fromkeys((*self.flavor.folders, MANIFEST, LISTS_FOLDER)):
             (self.folder / sub).mkdir(parents=True, exist_ok=True)
         self.state.load()
+        self.contacts.load()
         # A killed sandbox may leave half-written files under hidden temporary names; only the
         # sandbox writes in these folders (the client's list folders are left alone).
         written = {str(PurePosixPath(f).parent) for snd in self.state.sends.values() for f in snd.files}
@@ -155,6 +159,7 @@ class Account:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.contacts.close()
 
     def spawn(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         """Run ``work`` in the background until it ends or the sandbox stops."""
@@ -169,6 +174,32 @@ class Account:
     def list_store(self, import_id: str) -> Path:
         """Where an import's valid recipients are kept (``sandbox.listfile.recipients`` reads them)."""
         return self.folder / LISTS_FOLDER / f"{import_id}.csv"
+
+    # Contacts
+
+    async def subscribe_imported(self, import_id: str, list_id: str) -> int:
+        """Subscribe an imported broadcast list's recipients to the account's list ``list_id`` (those
+        not on it yet: an unsubscribed one stays so), so an unsubscribe by link has a row to change.
+        How many were added; read and written in a worker thread."""
+        store = self.list_store(import_id)
+
+        def add() -> int:
+            if not store.is_file():
+                return 0
+            return self.contacts.add_subscribed(list_id, (email for email, _ in recipients(store)))
+
+        added = await asyncio.to_thread(add)
+        if added:
+            log.info(
+                "recipients subscribed",
+                extra={"account": self.name, "import_id": import_id, "list": list_id, "added": added},
+            )
+        return added
+
+    async def report_contact_event(self, event: ContactEvent) -> None:
+        """Let the flavor report a change made on the ESP side (its ``on_contact_event``), if it does."""
+        if self.flavor.on_contact_event is not None:
+            await self.flavor.on_contact_event(self, event)
 
     # Imports
 

@@ -10,7 +10,7 @@ appearing in an SFTP folder it watches).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +21,7 @@ from sandbox.protocol import ACCOUNT_FOLDERS
 from sandbox.responses import EventLogFormat, ResponseFormat
 
 if TYPE_CHECKING:
+    from sandbox.contacts import ContactEvent
     from sandbox.engine import Account
 
 
@@ -50,3 +51,11 @@ class Flavor:
     check_settings: Callable[[], object] | None = None
     """Reads the flavor's own ``ESPBRIDGE_SANDBOX_*`` settings (a pydantic settings class) at the
     start, so invalid ones stop ``python -m sandbox`` with exit code 2 like the shared ones."""
+    on_contact_event: Callable[[Account, ContactEvent], Awaitable[None]] | None = None
+    """How the flavor reports a change made on the ESP side (a link unsubscribe, a complaint, a
+    double opt-in confirmation…): its webhook call, a row in its response file, an item its API
+    serves. Called for changes made through the ``_sandbox/contacts`` control route and for
+    confirmations, never for changes an API caller made. An error it raises answers the route."""
+    job_required_for: frozenset[str] = frozenset()
+    """Control-route actions (e.g. ``unsubscribe_link``) this flavor's ESP reports only in a
+    broadcast's responses: without a ``job`` the route answers 400 and changes nothing."""
