@@ -69,7 +69,7 @@ def _problems(exc: ValidationError, whole: str) -> str:
     return "\n".join(f"  {'.'.join(str(p) for p in e['loc']) or whole}: {e['msg']}" for e in exc.errors())
 
 
-async def _publish(kafka: KafkaSettings, message: Message) -> None:
+async def publish_message(kafka: KafkaSettings, message: Message) -> None:
     """Publish one message to its topic (creating the topics if needed)."""
     await ensure_topics(kafka)
     broker = KafkaBroker(kafka.bootstrap_servers, client_id=f"{kafka.client_id}-cli")
@@ -82,13 +82,13 @@ async def _publish(kafka: KafkaSettings, message: Message) -> None:
 
 async def publish_job(kafka: KafkaSettings, job: BroadcastJob) -> None:
     """Publish a job to broadcast.jobs.v1 (creating the topics if needed)."""
-    await _publish(kafka, job)
+    await publish_message(kafka, job)
 
 
 async def publish_cancel(kafka: KafkaSettings, request: CancelRequest) -> None:
     """Publish a cancel request to broadcast.cancels.v1, keyed by its job (creating the topics if
     needed). The monitor acts on it and reports the outcome on broadcast.status.v1."""
-    await _publish(kafka, request)
+    await publish_message(kafka, request)
 
 
 async def read_statuses(kafka: KafkaSettings, job_id: str) -> list[BroadcastStatus]:
