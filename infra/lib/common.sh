@@ -1,11 +1,11 @@
 # shellcheck shell=bash
 # infra/lib/common.sh — helpers shared by the espbridge local-infrastructure scripts.
-# Sourced (never executed) by infra/local.sh and infra/{kafka,postgres,sftp}/*.sh.
+# Sourced (never executed) by infra/local.sh and infra/{kafka,postgres,sftp,connect}/*.sh.
 # The sourcing script sets COMPONENT (log prefix) before sourcing.
 #
 # Environment honoured by every script:
 #   ESPBRIDGE_STATE_DIR  runtime state (configs, data, logs, pids, keys, secrets)  default: <repo>/.run
-#   ESPBRIDGE_CACHE_DIR  downloads kept across state resets (Kafka jars)           default: $HOME/.cache/espbridge
+#   ESPBRIDGE_CACHE_DIR  downloads kept across state resets (Kafka, Connect jars)  default: $HOME/.cache/espbridge
 
 COMPONENT="${COMPONENT:-espbridge}"
 
@@ -267,8 +267,12 @@ ensure_packages() {
 ESPBRIDGE_KAFKA_VERSION="${ESPBRIDGE_KAFKA_VERSION:-4.2.1}"
 ESPBRIDGE_PG_BINDIR="${ESPBRIDGE_PG_BINDIR:-/usr/lib/postgresql/15/bin}"
 ESPBRIDGE_SSHD="${ESPBRIDGE_SSHD:-/usr/sbin/sshd}"
+ESPBRIDGE_DEBEZIUM_VERSION="${ESPBRIDGE_DEBEZIUM_VERSION:-3.6.1.Final}"
 
 kafka_lib_dir() { printf '%s\n' "$ESPBRIDGE_CACHE_DIR/kafka/lib-$ESPBRIDGE_KAFKA_VERSION"; }
+connect_lib_dir() {
+  printf '%s\n' "$ESPBRIDGE_CACHE_DIR/connect/kafka-$ESPBRIDGE_KAFKA_VERSION-debezium-$ESPBRIDGE_DEBEZIUM_VERSION"
+}
 
 # component_requirements NAME -> CHECK=PACKAGE specs for ensure_packages
 component_requirements() {
@@ -277,6 +281,10 @@ component_requirements() {
       echo "java=openjdk-17-jre-headless"
       # Maven is only needed until the jar cache is populated
       [[ -f "$(kafka_lib_dir)/.complete" ]] || echo "mvn=maven"
+      ;;
+    connect)
+      echo "java=openjdk-17-jre-headless"
+      [[ -f "$(connect_lib_dir)/.complete" ]] || echo "mvn=maven"
       ;;
     postgres)
       echo "$ESPBRIDGE_PG_BINDIR/postgres=postgresql-15"
