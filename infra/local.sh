@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# infra/local.sh — the espbridge local servers (Kafka, PostgreSQL, SFTP) as one unit.
+# infra/local.sh — the espbridge local servers (Kafka, PostgreSQL, SFTP, Kafka Connect) as one unit.
 #
 #   infra/local.sh up     [component...]   start what is not running; remember what THIS command started
 #   infra/local.sh down   [component...]   stop only what `up` started (servers that were already running stay)
 #   infra/local.sh status [component...]   one line per server: name address state pid rss; exit 1 if any is down
 #   infra/local.sh env                     print $ESPBRIDGE_STATE_DIR/espbridge.env:  eval "$(infra/local.sh env)"
-#   infra/local.sh install [component...]  install missing Debian packages and fetch the Kafka jars; start nothing
+#   infra/local.sh install [component...]  install missing Debian packages and fetch the Kafka and Connect jars; start nothing
 #
-# Components: kafka postgres sftp (default: all).
-# Per-component scripts: infra/kafka/kafka-local.sh, infra/postgres/pg-local.sh, infra/sftp/sftp-local.sh.
+# Components: kafka postgres sftp connect (default: all; connect needs kafka and postgres, so it starts last).
+# Per-component scripts: infra/kafka/kafka-local.sh, infra/postgres/pg-local.sh, infra/sftp/sftp-local.sh,
+# infra/connect/connect-local.sh.
 #
 # Files in $ESPBRIDGE_STATE_DIR (default <repo>/.run, gitignored):
 #   started-by-up   components started by `up` and not yet stopped by `down`, one per line
@@ -20,7 +21,7 @@ SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source-path=SCRIPTDIR source=lib/common.sh
 . "$SCRIPT_DIR/lib/common.sh"
 
-ALL_COMPONENTS=(kafka postgres sftp)
+ALL_COMPONENTS=(kafka postgres sftp connect)
 RECORD="$ESPBRIDGE_STATE_DIR/started-by-up"
 ENV_FILE="$ESPBRIDGE_STATE_DIR/espbridge.env"
 
@@ -29,6 +30,7 @@ script_for() {
     kafka) echo "$SCRIPT_DIR/kafka/kafka-local.sh" ;;
     postgres) echo "$SCRIPT_DIR/postgres/pg-local.sh" ;;
     sftp) echo "$SCRIPT_DIR/sftp/sftp-local.sh" ;;
+    connect) echo "$SCRIPT_DIR/connect/connect-local.sh" ;;
     *) die "unknown component '$1' (known: ${ALL_COMPONENTS[*]})" ;;
   esac
 }
@@ -143,7 +145,7 @@ cmd_install() {
   t0="$(now_us)"
   ensure_component_packages "${SELECTED[@]}"
   for c in "${SELECTED[@]}"; do
-    [[ "$c" == kafka ]] && "$(script_for kafka)" fetch
+    [[ "$c" == kafka || "$c" == connect ]] && "$(script_for "$c")" fetch
   done
   log "install done in $(elapsed_s "$t0")s"
 }
@@ -154,7 +156,7 @@ cmd_env() {
 }
 
 usage() {
-  echo "usage: $0 {up|down|status|install} [kafka|postgres|sftp ...]  |  $0 env" >&2
+  echo "usage: $0 {up|down|status|install} [kafka|postgres|sftp|connect ...]  |  $0 env" >&2
   exit 2
 }
 

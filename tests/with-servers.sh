@@ -2,9 +2,10 @@
 # tests/with-servers.sh COMMAND… — run COMMAND (the test suite) against real local servers.
 #
 # Servers named by ESPBRIDGE_KAFKA_BOOTSTRAP_SERVERS, ESPBRIDGE_PG_HOST and ESPBRIDGE_SFTP_HOST are
-# used as given. Otherwise `infra/local.sh up` starts the components that are not running, the
-# command runs with their settings in its environment, and exactly the components started here
-# are stopped afterwards (also on failure or Ctrl-C); servers that were already running stay.
+# used as given (and the Kafka Connect worker of ESPBRIDGE_CONNECT_URL). Otherwise `infra/local.sh up`
+# starts the components that are not running (Kafka Connect among them), the command runs with
+# their settings in its environment, and exactly the components started here are stopped afterwards
+# (also on failure or Ctrl-C); servers that were already running stay.
 # Starting them once, before the test processes fork, lets parallel test workers share them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +15,7 @@ if [[ -n "${ESPBRIDGE_KAFKA_BOOTSTRAP_SERVERS:-}" && -n "${ESPBRIDGE_PG_HOST:-}"
 fi
 
 started=()
-for component in kafka postgres sftp; do
+for component in kafka postgres sftp connect; do
   infra/local.sh status "$component" >/dev/null 2>&1 || started+=("$component")
 done
 stop_started() {
