@@ -46,7 +46,7 @@ def build_job(document: dict[str, Any]) -> BroadcastJob:
     try:
         return BroadcastJob.model_validate(data)
     except ValidationError as exc:
-        raise InvalidMessageError(f"the job is not valid:\n{_problems(exc, '(job)')}") from None
+        raise InvalidMessageError(f"the job is not valid:\n{validation_problems(exc, '(job)')}") from None
 
 
 def build_cancel(job_id: str, reason: str = "", requested_by: str | None = None) -> CancelRequest:
@@ -60,11 +60,11 @@ def build_cancel(job_id: str, reason: str = "", requested_by: str | None = None)
         )
     except ValidationError as exc:
         raise InvalidMessageError(
-            f"the cancel request is not valid:\n{_problems(exc, '(request)')}"
+            f"the cancel request is not valid:\n{validation_problems(exc, '(request)')}"
         ) from None
 
 
-def _problems(exc: ValidationError, whole: str) -> str:
+def validation_problems(exc: ValidationError, whole: str) -> str:
     """One indented line per problem: where (``whole`` for the message itself) and what."""
     return "\n".join(f"  {'.'.join(str(p) for p in e['loc']) or whole}: {e['msg']}" for e in exc.errors())
 
