@@ -15,6 +15,12 @@
   :meth:`MailUpConnector.pull_responses` call, cursor ``{"v":1,"ep":…,"page":…}``), or, with
   ``statistics_source: export``, the SFTP statistics export files (``statistics/*.csv``) plus the
   Unsubscriptions endpoint; unsubscribes also arrive by the Unsubscribe webhook.
+* Subscriptions: :meth:`MailUpConnector.apply_contacts` looks a contact up in the list's
+  ``Recipients/Subscribed|Pending|Unsubscribed``, then subscribes it (``POST …/List/{id}/Recipient``,
+  ``?ConfirmEmail=true`` for a double opt-in, or ``POST …/Subscribe/{idRecipient}``), unsubscribes
+  it (``DELETE …/Unsubscribe/{idRecipient}``), removes it or sets its fields
+  (``PUT /Console/Recipient/Detail``), one contact at a time. The Subscribe, Unsubscribe and Delete
+  webhooks report changes made at MailUp as subscription changes.
 
 Credentials (OAuth2 password grant at ``token_path``): ``username`` and ``password``/``password_file``
 are the MailUp console user, ``client_id`` and ``client_secret``/``client_secret_file`` the
@@ -30,6 +36,7 @@ repeated. Every option is described on the documentation page.
 from __future__ import annotations
 
 import csv
+import functools
 import hmac
 import logging
 import re
@@ -55,7 +62,15 @@ from shared.esp.rest import EspClient, EspUnavailableError, OAuth2Token, Retries
 from shared.infra.db.jobs import SentBroadcast
 from shared.infra.sftp import download_stream
 from shared.model.errors import ConfigurationError, PermanentError
-from shared.model.messages import BroadcastJob, EventSource, EventType, ResponseEvent, SubscriptionChange
+from shared.model.messages import (
+    BroadcastJob,
+    EventSource,
+    EventType,
+    ResponseEvent,
+    SubscriptionChange,
+    SubscriptionState,
+    event_id_for,
+)
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +131,23 @@ DEFAULT_UNSUBSCRIBE_REASONS: dict[str, ReasonType | None] = {
     "2": "complaint",
     "3": None,
 }
+DEFAULT_WEBHOOK_EVENTS: dict[str, SubscriptionState | None] = {
+    "subscribe": SubscriptionState.SUBSCRIBED,
+    "unsubscribe": SubscriptionState.UNSUBSCRIBED,
+    "delete": SubscriptionState.REMOVED,
+    "changeprofile": None,
+}
+"""MailUp's webhook events (``[EventType]``, any case) and the subscription state each reports;
+None: no change (a profile change carries no subscription state)."""
+RECIPIENT_STATUSES = (
+    ("Subscribed", SubscriptionState.SUBSCRIBED),
+    ("Pending", SubscriptionState.PENDING),
+    ("Unsubscribed", SubscriptionState.UNSUBSCRIBED),
+)
+"""A list's recipients by status (``GET /Console/List/{id}/Recipients/<status>``), in the order a
+contact is looked for: the three exclude each other on one list."""
+CONTACT_ANSWERS = (200, 201, 202, 204, 400, 404, 409)
+"""The answers of a recipient call read by the connector: a 4xx is MailUp refusing the contact."""
 API_ENDPOINTS = ("Recipients", "Bounces", "Views", "UrlClickDetails", "Unsubscriptions")
 """The statistics endpoints read with ``statistics_source: api``, in this order."""
 EXPORT_API_ENDPOINTS = ("Unsubscriptions",)
@@ -143,13 +175,14 @@ _INVALID_KINDS = (
 class Options(ConnectorOptions):
     """The account ``options`` this connector reads (docs/connectors/mailup.md#configuration).
 
-    ``export_columns`` and ``webhook_params`` are laid over their defaults; ``import_status_codes``
-    and ``unsubscribe_reasons`` replace theirs as a whole.
+    ``export_columns``, ``webhook_params`` and ``webhook_events`` are laid over their defaults;
+    ``import_status_codes`` and ``unsubscribe_reasons`` replace theirs as a whole.
     """
 
     MERGED: ClassVar[Mapping[str, Mapping[str, Any]]] = {
         "export_columns": DEFAULT_EXPORT_COLUMNS,
         "webhook_params": DEFAULT_WEBHOOK_PARAMS,
+        "webhook_events": DEFAULT_WEBHOOK_EVENTS,
     }
     ROLE_KEYED: ClassVar = ("export_columns", "webhook_params")
 
@@ -188,6 +221,21 @@ class Options(ConnectorOptions):
     export_timezone: TimeZone = "Europe/Rome"
     export_date_format: DateFormat = "%Y%m%dT%H%M%S"
     export_columns: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_EXPORT_COLUMNS))
+    contact_fields: dict[str, int] = Field(
+        default_factory=dict,
+        description="subscription requests' field names → MailUp personal data field numbers "
+        "(other names are matched to a field's Description)",
+    )
+    webhook_events: dict[str, SubscriptionState | None] = Field(
+        default_factory=lambda: dict(DEFAULT_WEBHOOK_EVENTS),
+        description="webhook [EventType] values → the subscription state they report (None: none)",
+    )
+    remove_recipient_path: str = "/Console/List/{list}/Recipient/{recipient}"
+
+    @field_validator("webhook_events", mode="after")
+    @classmethod
+    def _event_names(cls, value: dict[str, SubscriptionState | None]) -> dict[str, SubscriptionState | None]:
+        return {name.strip().lower(): state for name, state in value.items()}
 
     @field_validator("key_field", "job_field", mode="before")
     @classmethod
@@ -209,7 +257,20 @@ class Options(ConnectorOptions):
         for name in ("token_path", "console_path", "stats_path"):
             if not getattr(self, name).startswith("/"):
                 raise ValueError(f"{name} must start with '/'")
+        for name, number in self.contact_fields.items():
+            if not 1 <= number <= MAX_FIELD:
+                raise ValueError(
+                    f"contact_fields {name!r}: {number} is not a field number (1 to {MAX_FIELD})"
+                )
+            if number in (self.key_field, self.job_field):
+                raise ValueError(
+                    f"contact_fields {name!r}: field {number} holds espbridge's "
+                    + ("key (key_field)" if number == self.key_field else "job (job_field)")
+                )
+        if self.webhook_events.get("unsubscribe") not in (SubscriptionState.UNSUBSCRIBED, None):
+            raise ValueError("webhook_events: an Unsubscribe reports the state unsubscribed (or none)")
         templates = {
+            "remove_recipient_path": (self.remove_recipient_path, {"list": 1, "recipient": 2}),
             "import_status_path": (self.import_status_path, {"id": 1}),
             "send_history_path": (self.send_history_path, {"list": 1, "message": 2}),
             "click_details_path": (self.click_details_path, {"message": 2}),
@@ -253,6 +314,18 @@ class Cursor(StoredCursor):
 
 class MessageTakenError(PermanentError):
     """The job's MailUp message already has a sending (each job needs a message of its own)."""
+
+
+class _ContactRefusedError(Exception):
+    """MailUp refused one contact change (its reason is the text); the other changes go on."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Recipient:
+    """A recipient of a list: MailUp's id and its subscription status on that list."""
+
+    id: int
+    state: SubscriptionState
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,6 +375,13 @@ def _list_row(lines: list[str]) -> list[str] | None:
     return parsed[0] if len(parsed) == 1 else [] if not parsed else None
 
 
+def _list_number(list_id: str) -> int:
+    """A contact change's list as MailUp's list id (a positive number)."""
+    if not _DIGITS.fullmatch(list_id) or int(list_id) <= 0:
+        raise _ContactRefusedError(f"list {list_id!r} is not a MailUp list id (a positive number)")
+    return int(list_id)
+
+
 def _int(value: Any) -> int:
     """A JSON integer (or integer text) from a MailUp body; anything else is 0."""
     if isinstance(value, bool):
@@ -346,6 +426,9 @@ class MailUpConnector(base.Connector):
     can_send = True
     pulls_api = True
     list_format = base.ListFormat()
+    contacts_per_call = 1
+    """MailUp's recipient calls take one recipient; its bulk import is asynchronous and reports
+    only counts, so it could not say which contact it refused."""
 
     def __init__(self, account: AccountConfig, context: base.ConnectorContext) -> None:
         super().__init__(account, context)
@@ -416,6 +499,7 @@ class MailUpConnector(base.Connector):
         self._endpoints = API_ENDPOINTS if opts.statistics_source == "api" else EXPORT_API_ENDPOINTS
         self._stopped_at: float | None = None  # when this process last called Stop (monotonic)
         self._final_imports: dict[int, _Chunk] = {}
+        self._field_ids: dict[str, int] | None = None
         self._local_errors: dict[str, tuple[str, ...]] = {}
         self.response_sources: tuple[base.ResponseSource, ...] = (
             (base.ResponseSource(opts.export_folder, opts.export_pattern),)
@@ -939,6 +1023,137 @@ class MailUpConnector(base.Connector):
             answered=(200, 400, 404, 409),
         )
 
+    # --- contacts (subscription sync) -------------------------------------------------------------------
+
+    async def apply_contacts(self, changes: Sequence[base.ContactChange]) -> list[base.ContactResult]:
+        """Each change with MailUp's synchronous recipient calls (see :meth:`_apply_contact`)."""
+        return [await self._apply_contact(change) for change in changes]
+
+    async def _apply_contact(self, change: base.ContactChange) -> base.ContactResult:
+        """Find the recipient's status on the list, then subscribe (``ConfirmEmail=true`` for a
+        double opt-in), unsubscribe, remove or update its fields; what MailUp refuses (a 4xx, an
+        unknown list or field) is a refused result with MailUp's reason."""
+        done = functools.partial(base.ContactResult, change.email, change.list, True)
+        try:
+            list_id = _list_number(change.list)
+            fields = await self._contact_fields(change.fields)
+            found = await self._recipient(list_id, change.email)
+            wanted = change.state
+            if wanted in (SubscriptionState.SUBSCRIBED, SubscriptionState.PENDING):
+                confirm = change.double_opt_in or wanted is SubscriptionState.PENDING
+                return done(state=await self._subscribe(list_id, change.email, found, fields, confirm))
+            if found is None:
+                return done(detail=f"not a recipient of MailUp list {list_id}: nothing to change")
+            if fields and wanted is not SubscriptionState.REMOVED:
+                await self._update_recipient(found, change.email, fields)
+            if wanted is SubscriptionState.UNSUBSCRIBED and found.state is not SubscriptionState.UNSUBSCRIBED:
+                await self._contact_call("DELETE", f"/Console/List/{list_id}/Unsubscribe/{found.id}")
+            elif wanted is SubscriptionState.REMOVED:
+                path = self.options.remove_recipient_path.format(list=list_id, recipient=found.id)
+                await self._contact_call("DELETE", path)
+            return done(state=wanted or found.state)
+        except _ContactRefusedError as exc:
+            log.info("MailUp refused a contact", extra={"account": self._name, "reason": str(exc)})
+            return base.ContactResult(change.email, change.list, False, detail=str(exc))
+
+    async def _subscribe(
+        self,
+        list_id: int,
+        email: str,
+        found: _Recipient | None,
+        fields: list[dict[str, Any]],
+        confirm: bool,
+    ) -> SubscriptionState:
+        """Subscribe the contact; the state it is in afterwards (pending until it confirms)."""
+        if found is None or (confirm and found.state is SubscriptionState.UNSUBSCRIBED):
+            # MailUp's synchronous add: new recipients (and a confirmed resubscribe) go through it
+            body = await self._contact_call(
+                "POST",
+                f"/Console/List/{list_id}/Recipient",
+                json={"Email": email, "Fields": fields},
+                query={"ConfirmEmail": "true"} if confirm else None,
+            )
+            if _int(body) <= 0:
+                raise EspUnavailableError(f"MailUp added {email} to list {list_id} without a recipient id")
+            return SubscriptionState.PENDING if confirm else SubscriptionState.SUBSCRIBED
+        if fields:
+            await self._update_recipient(found, email, fields)
+        if found.state is SubscriptionState.SUBSCRIBED or (
+            confirm and found.state is SubscriptionState.PENDING
+        ):
+            return found.state
+        # a forced opt-in, for a contact the CRM says wants to be subscribed again (or confirmed)
+        await self._contact_call("POST", f"/Console/List/{list_id}/Subscribe/{found.id}")
+        return SubscriptionState.SUBSCRIBED
+
+    async def _recipient(self, list_id: int, email: str) -> _Recipient | None:
+        """The recipient of that email on the list with its status there, or None."""
+        quoted = email.replace("'", "''")
+        for status, state in RECIPIENT_STATUSES:
+            url = f"{self._console}/Console/List/{list_id}/Recipients/{status}"
+            items = await self._pages(url, {"filterby": f"\"Email=='{quoted}'\""})
+            if items is None:
+                raise _ContactRefusedError(f"MailUp knows no list {list_id}")
+            for item in items:
+                if (
+                    str(item.get("Email", "")).strip().lower() == email.lower()
+                    and _int(item.get("idRecipient")) > 0
+                ):
+                    return _Recipient(_int(item.get("idRecipient")), state)
+        return None
+
+    async def _update_recipient(self, found: _Recipient, email: str, fields: list[dict[str, Any]]) -> None:
+        """Set personal data fields (account-wide in MailUp, shared by every list)."""
+        body = {"idRecipient": found.id, "Email": email, "Fields": fields}
+        await self._contact_call("PUT", "/Console/Recipient/Detail", json=body)
+
+    async def _contact_call(
+        self, method: str, path: str, *, json: Any = None, query: Mapping[str, str] | None = None
+    ) -> Any:
+        """One recipient call under the console path (a 429 waited out and repeated, an outage
+        raised: the caller applies the contact again); a 4xx is MailUp refusing the contact."""
+        url = self._console + _with_query(path, query)
+        status, body = await self._api.call(method, url, json=json, answered=CONTACT_ANSWERS)
+        if status >= 400:
+            raise _ContactRefusedError(f"{method} {path} answered {status}: {_error_text(body)}")
+        return body
+
+    async def _contact_fields(self, fields: Mapping[str, str]) -> list[dict[str, Any]]:
+        """``Fields`` for a recipient body: each by ``contact_fields``, else by its Description."""
+        opts = self.options
+        out: list[dict[str, Any]] = []
+        for name, value in fields.items():
+            number = opts.contact_fields.get(name)
+            if number is None:
+                number = (await self._field_numbers()).get(name)
+            if number is None:
+                usable = (
+                    n
+                    for n, i in (await self._field_numbers()).items()
+                    if i not in (opts.key_field, opts.job_field)
+                )
+                known = ", ".join(sorted(usable)) or "none"
+                raise _ContactRefusedError(f"MailUp has no personal data field {name!r} (known: {known})")
+            if number in (opts.key_field, opts.job_field):
+                raise _ContactRefusedError(
+                    f"field {name!r} is field {number}, which holds espbridge's key or job"
+                )
+            if len(value) > FIELD_MAX_CHARS:
+                raise _ContactRefusedError(f"field {name!r} is over {FIELD_MAX_CHARS} characters")
+            out.append({"Id": number, "Value": value})
+        return out
+
+    async def _field_numbers(self) -> dict[str, int]:
+        """The account's personal data fields by Description (read once per connector)."""
+        if self._field_ids is None:
+            items = await self._pages(f"{self._console}/Console/Recipient/DynamicFields") or []
+            self._field_ids = {
+                str(item["Description"]): _int(item.get("Id"))
+                for item in items
+                if isinstance(item.get("Description"), str) and _int(item.get("Id")) > 0
+            }
+        return self._field_ids
+
     # --- statistics API -------------------------------------------------------------------------------
 
     async def pull_responses(self, broadcast: SentBroadcast, cursor: str | None) -> base.PullPage:
@@ -1147,8 +1362,13 @@ class MailUpConnector(base.Connector):
     def parse_webhook(
         self, headers: Mapping[str, str], body: bytes
     ) -> list[ResponseEvent | SubscriptionChange | base.BadRow]:
-        """MailUp's Unsubscribe webhook: form parameters named by ``webhook_params``, the job and key
-        from the numbered fields they carry, the shared secret as the literal parameter ``Secret``."""
+        """MailUp's Subscribe, Unsubscribe and Delete webhooks: form parameters named by
+        ``webhook_params``, the shared secret as the literal parameter ``Secret``.
+
+        An unsubscribe caused by a message of a job (``IdNL`` and the job field's ``<message>:<job>``)
+        is that broadcast's event; every other subscription event is a :class:`SubscriptionChange`
+        of its list, in the state ``webhook_events`` gives its ``[EventType]``.
+        """
         names = self.options.webhook_params
         form: dict[str, str] = {}
         for key, value in parse_qsl(
@@ -1164,20 +1384,46 @@ class MailUpConnector(base.Connector):
         if not hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8")):
             raise base.WebhookAuthError(f"the webhook call's {names['secret']} is wrong")
         fields = _WebhookForm(form, names)
-        if fields.get("event_type", "unsubscribe").lower() != "unsubscribe":
-            return []  # the webhook is meant for Unsubscribe: another event configured on it is ignored
-        if fields.get("message_id") in ("", "0"):
-            return []  # not caused by a message
-        if not fields.get("job"):
-            return []  # a recipient espbridge did not import
+        event_type = fields.get("event_type", "unsubscribe").lower()
         safe_body = "&".join(
             f"{k}={quote(v, safe='')}" for k, v in form.items() if k != names["secret"]
         ).encode("utf-8")
+        from_message = fields.get("message_id") not in ("", "0") and bool(fields.get("job"))
         try:
-            event = self._webhook_event(fields)
-        except ValueError as exc:
+            if event_type == "unsubscribe" and from_message:
+                event = self._webhook_event(fields)
+                return [event] if event is not None else []
+            state = self.options.webhook_events.get(event_type)
+            return [self._webhook_change(fields, event_type, state)] if state is not None else []
+        except ValueError as exc:  # pydantic's ValidationError is one too
             return [base.BadRow(1, safe_body, str(exc))]
-        return [event] if event is not None else []
+
+    def _webhook_change(
+        self, fields: _WebhookForm, event_type: str, state: SubscriptionState
+    ) -> SubscriptionChange:
+        """A subscription event as the change it reports; its id from its facts (MailUp gives none)."""
+        list_id = fields.get("list_id")
+        if list_id and not _DIGITS.fullmatch(list_id):
+            raise ValueError(f"{fields.name('list_id')} {list_id!r} is not a list id")
+        email = fields.get("email")
+        if not email:
+            raise ValueError(f"no {fields.name('email')}")
+        occurred = rows.aware_time(fields.name("event_date"), fields.get("event_date"))
+        reason = event_type
+        if event_type == "unsubscribe":
+            kind = self._reason_type(fields.get("reason"))
+            reason = kind.value if kind is not None else EventType.BOUNCE_HARD.value  # MailUp's automatic one
+        facts = f"{self.account.account}:{event_type}:{list_id}:{email.lower()}:{occurred.isoformat()}"
+        return SubscriptionChange(
+            change_id=event_id_for(self.account.esp, esp_event_id=facts),
+            email=email,
+            esp=self.account.esp,
+            account=self.account.account,
+            list=str(int(list_id)) if list_id else "",
+            state=state,
+            reason=reason,
+            occurred_at=occurred,
+        )
 
     def _webhook_event(self, fields: _WebhookForm) -> ResponseEvent | None:
         message, job_value = fields.get("message_id"), fields.get("job")
