@@ -162,6 +162,22 @@ def api_item_letter(
     )
 
 
+def subscription_letter(
+    record: ConsumedRecord, esp: str, account: str, list_id: str, reason: str, service: str
+) -> DeadLetter:
+    """The dead letter of a subscription request the ESP refused (a bad or blocked address): the
+    request's bytes and its place on its topic, with the ESP's reason. A replay publishes it to its
+    topic again, and the request is pushed again (a refused push is not recorded as taken)."""
+    return DeadLetter(
+        source=EventSource(kind="topic", name=record.topic, partition=record.partition, offset=record.offset),
+        payload=bytes(record.value or b""),
+        error_class="ContactRefused",
+        message=reason,
+        service=service,
+        context={"esp": esp, "account": account, "list": list_id},
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Letter:
     """A dead letter and its place on the dead-letter topic."""
