@@ -4,8 +4,10 @@ A record per (list, email) holds the contact's state (``pending``, ``subscribed`
 ``unsubscribed``, ``removed``), why and how it got there (``via``), when, and the contact's fields.
 Every change is an event with a sequence number, appended as one JSON line to
 ``<account>/.sandbox-contacts.jsonl`` before :meth:`ContactBook.set` returns; a restarted sandbox
-replays the log. At the start a log holding many superseded changes is compacted to the latest
-event per contact (sequence numbers kept), so it never grows without bound.
+replays the log. The log's first line names the book (a random id made with it), so the ids of its
+events (:meth:`ContactBook.event_id`) are never those of another book, e.g. an account set up
+anew. At the start a log holding many superseded changes is compacted to the latest event per
+contact (sequence numbers kept), so it never grows without bound.
 
 The book is thread-safe: list imports run in worker threads and add their recipients in one batch
 (:meth:`ContactBook.set_many`, one write and one flush for the whole list).
@@ -17,6 +19,7 @@ import bisect
 import logging
 import os
 import re
+import secrets
 import threading
 import time
 from collections.abc import Iterable
@@ -80,7 +83,7 @@ def valid_email(email: str) -> bool:
     return len(email) <= 254 and _EMAIL_RE.fullmatch(email) is not None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ContactRecord:
     """One contact on one list: its latest state."""
 
@@ -107,7 +110,7 @@ class ContactRecord:
         }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ContactEvent:
     """One change of the book, in order: the record after it and the state before (None: new)."""
 
@@ -120,7 +123,7 @@ class ContactEvent:
     responses needs it)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ContactChange:
     """One change of a :meth:`ContactBook.set_many` batch."""
 
@@ -132,11 +135,38 @@ class ContactChange:
     fields: dict[str, str] | None = None
 
 
+_STATES = {s.value: s for s in ContactState}
+_VIAS = {v.value: v for v in Via}
+
+
+def _state(value: ContactState | str) -> ContactState:
+    """The state named ``value``; ValueError for another word (a dict lookup: imports set many)."""
+    found = _STATES.get(value)
+    if found is None:
+        raise ValueError(f"unknown contact state {value!r} (one of {', '.join(_STATES)})")
+    return found
+
+
+def _via(value: Via | str) -> Via:
+    found = _VIAS.get(value)
+    if found is None:
+        raise ValueError(f"unknown via {value!r} (one of {', '.join(_VIAS)})")
+    return found
+
+
 def _line(event: ContactEvent) -> bytes:
+    r = event.record
+    # orjson writes the enums as their values
     data = {
         "seq": event.seq,
-        **event.record.public(),
-        "previous": event.previous_state.value if event.previous_state else None,
+        "email": r.email,
+        "list": r.list,
+        "state": r.state,
+        "reason": r.reason,
+        "via": r.via,
+        "changed_at": r.changed_at,
+        "fields": r.fields,
+        "previous": event.previous_state,
     }
     if event.job is not None:
         data["job"] = event.job
@@ -144,20 +174,19 @@ def _line(event: ContactEvent) -> bytes:
 
 
 def _event(data: dict[str, Any]) -> ContactEvent:
-    previous = data.get("previous")
+    """An event of the log as :func:`_line` wrote it (KeyError, ValueError or TypeError otherwise)."""
+    previous = data["previous"]
     record = ContactRecord(
-        email=str(data["email"]),
-        list=str(data["list"]),
-        state=ContactState(data["state"]),
-        reason=str(data.get("reason", "")),
-        via=Via(data.get("via", Via.API)),
-        changed_at=float(data["changed_at"]),
-        fields={str(k): str(v) for k, v in (data.get("fields") or {}).items()},
+        str(data["email"]),
+        str(data["list"]),
+        _state(data["state"]),
+        str(data["reason"]),
+        _via(data["via"]),
+        float(data["changed_at"]),
+        dict(data["fields"]),
     )
     job = data.get("job")
-    return ContactEvent(
-        int(data["seq"]), record, ContactState(previous) if previous else None, str(job) if job else None
-    )
+    return ContactEvent(int(data["seq"]), record, _state(previous) if previous else None, job)
 
 
 class ContactBook:
@@ -170,6 +199,8 @@ class ContactBook:
         self._events: list[ContactEvent] = []
         self._seqs: list[int] = []
         self._out: IO[bytes] | None = None
+        self.book_id = ""
+        """The book's random id, made with its log (see the module)."""
 
     @property
     def last_seq(self) -> int:
@@ -185,25 +216,28 @@ class ContactBook:
             self._records.clear()
             self._events.clear()
             self._seqs.clear()
+            self.book_id = ""
             lines = 0
-            if self.path.is_file():
-                for number, line in enumerate(self.path.read_bytes().splitlines(), 1):
-                    if not line.strip():
+            data = self.path.read_bytes() if self.path.is_file() else b""
+            for number, line in enumerate(data.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    item = orjson.loads(line)
+                    if "book" in item:
+                        self.book_id = str(item["book"])
                         continue
-                    try:
-                        event = _event(orjson.loads(line))
-                    except (orjson.JSONDecodeError, KeyError, ValueError, TypeError):
-                        log.warning("unreadable contact log line dropped", extra={"line": number})
-                        continue
-                    lines += 1
-                    self._remember(event)
-            if lines > 2 * len(self._records) + 1000:
+                    event = _event(item)
+                except (orjson.JSONDecodeError, KeyError, ValueError, TypeError, AttributeError):
+                    log.warning("unreadable contact log line dropped", extra={"line": number})
+                    continue
+                lines += 1
+                self._remember(event)
+            # A new log, a long one mostly superseded, or one whose last line a kill cut short
+            # (appends must start on a line of their own) is rewritten.
+            if not self.book_id or lines > 2 * len(self._records) + 1000 or not data.endswith(b"\n"):
+                self.book_id = self.book_id or secrets.token_hex(6)
                 self._compact()
-            elif self.path.is_file():
-                # Rewrite a log whose last line is cut short, so appends start on a line of their own.
-                data = self.path.read_bytes()
-                if data and not data.endswith(b"\n"):
-                    self._compact()
             if self._records:
                 log.info("contacts loaded", extra={"contacts": len(self._records), "events": lines})
 
@@ -214,7 +248,8 @@ class ContactBook:
             key=lambda e: e.seq,
         )
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(self.path, b"".join(_line(e) for e in latest))
+        header = orjson.dumps({"book": self.book_id}) + b"\n"
+        atomic_write_bytes(self.path, header + b"".join(_line(e) for e in latest))
         self._events = latest
         self._seqs = [e.seq for e in latest]
 
@@ -238,6 +273,10 @@ class ContactBook:
         self._out.write(b"".join(_line(e) for e in events))
         self._out.flush()
         os.fsync(self._out.fileno())
+
+    def event_id(self, event: ContactEvent) -> str:
+        """An id of the event no other book's events have: ``<book id>-<seq>``."""
+        return f"{self.book_id}-{event.seq}"
 
     def get(self, list_id: str, email: str) -> ContactRecord | None:
         """The contact's record on the list, or None if it never was on it."""
@@ -284,7 +323,8 @@ class ContactBook:
         return self.set_many([ContactChange(list_id, email, state, reason, via, fields)], job=job)[0]
 
     def set_many(self, changes: Iterable[ContactChange], *, job: str | None = None) -> list[ContactEvent]:
-        """Apply ``changes`` in order, persisted with one write before this returns; their events."""
+        """Apply ``changes`` in order, persisted with one write before this returns; their events.
+        ValueError for an unknown state or via (nothing is changed then)."""
         with self._lock:
             now = time.time()
             seq = self._seqs[-1] if self._seqs else 0
@@ -293,17 +333,11 @@ class ContactBook:
             for change in changes:
                 key = (change.list_id, change.email.strip().lower())
                 before = pending.get(key) or self._records.get(key)
-                merged = dict(before.fields) if before is not None else {}
-                merged.update(change.fields or {})
-                record = ContactRecord(
-                    email=key[1],
-                    list=change.list_id,
-                    state=ContactState(change.state),
-                    reason=change.reason,
-                    via=Via(change.via),
-                    changed_at=now,
-                    fields=merged,
-                )
+                fields = dict(before.fields) if before is not None else {}
+                if change.fields:
+                    fields.update(change.fields)
+                state, via = _state(change.state), _via(change.via)
+                record = ContactRecord(key[1], change.list_id, state, change.reason, via, now, fields)
                 seq += 1
                 pending[key] = record
                 events.append(ContactEvent(seq, record, before.state if before else None, job))

@@ -209,11 +209,15 @@ class Account:
         list_name: str | None,
         external_id: str,
         attrs: Mapping[str, str] | None = None,
+        *,
+        contact_list: str | None = None,
     ) -> tuple[ImportRecord, bool]:
         """A new import (and True), or the existing one with this ``external_id`` (and False).
 
         ``file`` is relative to the account folder; the flavor has checked that it may be imported.
-        ``attrs`` are the flavor's own attributes, saved with the import.
+        ``attrs`` are the flavor's own attributes, saved with the import. With ``contact_list``
+        the valid recipients are subscribed to that list before the import is ``done``
+        (:meth:`subscribe_imported`).
         """
         existing = self.state.import_by_external_id(external_id)
         if existing is not None:
@@ -227,6 +231,7 @@ class Account:
             list_name=list_name,
             created_at=utc_text(_now()),
             attrs=dict(attrs or {}),
+            contact_list=contact_list,
         )
         self.state.imports[record.import_id] = record
         await self.state.save()
@@ -283,6 +288,7 @@ class Account:
         list_name: str | None = None,
         attrs: Mapping[str, str] | None = None,
         complete: bool = True,
+        contact_list: str | None = None,
     ) -> tuple[ImportRecord, bool]:
         """A new import of recipients the flavor received in a request (and True), or the existing
         one with this ``external_id`` (and False).
@@ -290,7 +296,8 @@ class Account:
         ``header`` and ``rows`` are the list's columns and records (``Email`` and
         ``CommunicationKey`` among them); they are validated like a list file's, whose line numbers
         the errors give (header = line 1). With ``complete=False`` the import takes more chunks
-        with :meth:`add_rows` and starts at :meth:`submit_import`.
+        with :meth:`add_rows` and starts at :meth:`submit_import`. ``contact_list`` is as for
+        :meth:`create_import`.
         """
         existing = self.state.import_by_external_id(external_id)
         if existing is not None:
@@ -305,6 +312,7 @@ class Account:
             source="rows",
             receiving=True,
             attrs=dict(attrs or {}),
+            contact_list=contact_list,
         )
         async with self._staging:
             await asyncio.to_thread(self._write_chunk, self._chunk_path(import_id, 0), [header])
@@ -399,6 +407,8 @@ class Account:
         if result.failed:
             record.state = ImportState.FAILED
         else:
+            if record.contact_list is not None:
+                await self.subscribe_imported(record.import_id, record.contact_list)
             record.list_id = _new_id("lst")
             record.state = ImportState.DONE
         await self.state.save()

@@ -57,6 +57,8 @@ class ImportRecord(PublicImport):
     """A ``rows`` import's chunks of rows staged so far."""
     attrs: dict[str, str] = Field(default_factory=dict)
     """The flavor's own attributes (e.g. the list it imports into)."""
+    contact_list: str | None = None
+    """The account's contact list the recipients are subscribed to once imported (none: no list)."""
 
 
 class PublicSend(BaseModel):
