@@ -81,7 +81,7 @@ class Runtime:
         """
         subscriber: Callable[[Handler], Any] = self.broker.subscriber(
             *(self.settings.kafka.topic(topic) for topic in topics),
-            group_id=self.settings.group_id(self.name),
+            group_id=options.pop("group_id", None) or self.settings.group_id(self.name),
             ack_policy=AckPolicy.MANUAL,
             listener=DrainOnRevoke(self.inflight, self.settings.shutdown_timeout_s),
             auto_offset_reset="earliest",
