@@ -19,6 +19,14 @@
   account's token).
   Event ids are always derived from the facts (job id, recipient id, type, time to the second,
   URL), so one event read from a file, the API and a webhook is loaded once.
+* Subscriptions (:meth:`~OptimizelyConnector.apply_contacts`): recipients of the account's synced
+  recipient lists, keyed by their email address. A subscribe lifts the contact's unsubscribe
+  (``DELETE /unsubscribes``), then adds it with the bulk ``PUT /recipients/{listId}``, or with
+  ``POST /recipients/{listId}`` and the double opt-in process (``202``: pending); an unsubscribe
+  is ``POST /unsubscribes``, a removal ``DELETE /recipients/{listId}``, fields
+  ``PUT /recipients/{listId}/modify``. Contacts Optimizely does not take are asked about
+  (``GET /recipients?recipientId=``) for its reason. Webhooks of the opt-in types, ``blocklist``,
+  and unsubscribes, complaints and hard bounces without a broadcast are subscription changes.
 
 Credentials: every REST call carries HTTP Basic ``Authorization`` of the account's ``username``
 (the Optimizely API user) and ``password``/``password_file``; ``client_id`` is the clientId path
@@ -42,9 +50,17 @@ import hmac
 import logging
 import posixpath
 import re
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Self, cast
@@ -71,6 +87,8 @@ from shared.model.messages import (
     ResponseEvent,
     SendMode,
     SubscriptionChange,
+    SubscriptionState,
+    event_id_for,
 )
 
 log = logging.getLogger(__name__)
@@ -134,17 +152,26 @@ WEBHOOK_TYPES = {
 }
 # The OpenAPI document spells the type "archive" where a webhook is registered and "archived" in
 # RestWebhook; the payload's spelling is unpublished, so both are known.
-IGNORED_WEBHOOK_TYPES = frozenset(
-    {
-        "singleoptin",
-        "confirmedoptin",
-        "doubleoptin",
-        "blocklist",
-        "archive",
-        "archived",
-        "filteredbyblocklist",
-    }
-)
+IGNORED_WEBHOOK_TYPES = frozenset({"archive", "archived", "filteredbyblocklist"})
+OPT_IN_WEBHOOK_TYPES = frozenset({"singleoptin", "confirmedoptin", "doubleoptin"})
+"""A new recipient of a list, through an opt-in process of that type (double: once confirmed)."""
+OPT_OUT_REASONS = {
+    "unsubscribe": EventType.UNSUBSCRIBE.value,
+    "spamcomplaint": EventType.COMPLAINT.value,
+    "blocklist": "blocklist",
+}
+"""Webhook types that unsubscribe a contact, and the reason its change carries (the loader's
+reasons: the event type)."""
+MAX_UNSUBSCRIBE_IDS = 5000
+"""``POST /unsubscribes`` takes at most this many recipient ids."""
+MEDIA_TYPE = "EMAIL"
+VALIDATION_REASONS = {
+    "blacklisted": "it is on the blocklist",
+    "bounced": "it exceeded the bounce limit",
+    "unsubscribed": "it is on the unsubscribe list",
+    "not_found": "it is not on the list",
+}
+"""``RestRecipientValid.validationFailedReason`` in the words of a refused contact's detail."""
 UNSUBSCRIBES = "unsubscribes"
 _NOT_PULLED = object()
 """An element of a page that is not this broadcast's, or was pulled before."""
@@ -215,6 +242,21 @@ class Options(ConnectorOptions):
     webhook_auth: Literal["basicAuth", "keyAuth", "none"] = "basicAuth"
     webhook_user: str = Field(default="espbridge", min_length=1)
     webhook_key_header: str = Field(default="Authorization", min_length=1)
+    contacts_per_call: int = Field(default=1000, ge=1, le=MAX_UNSUBSCRIBE_IDS)
+    double_opt_in_process_id: int | None = Field(
+        default=None, ge=1, description="the double opt-in process of a subscribe that asks for one"
+    )
+    opt_in_process_id: int | None = Field(
+        default=None, ge=1, description="the opt-in process of every other subscribe (none: no process)"
+    )
+    list_unsubscribes: bool = Field(
+        default=False,
+        description="the client's unsubscribe list is recipient-list based (support sets it up): "
+        "unsubscribes name their recipient list; otherwise one unsubscribe holds for every list",
+    )
+    contact_fields: dict[str, str] = Field(
+        default_factory=dict, description="CRM field → Optimizely attribute; others keep their name"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -231,6 +273,8 @@ class Options(ConnectorOptions):
     def _named_columns(self) -> Self:
         if any(not name for name in self.response_columns.values()):
             raise ValueError("response_columns names an empty column")
+        if any(not name.strip() for name in self.contact_fields.values()):
+            raise ValueError("contact_fields maps a field to an empty attribute name")
         return self
 
 
@@ -432,6 +476,8 @@ class OptimizelyConnector(base.Connector):
             )
         if ":" in account.username:
             raise ConfigurationError(f"account {name}: an HTTP Basic user name cannot contain ':'")
+        _check_subscriptions(account, opts)
+        self.contacts_per_call = opts.contacts_per_call
         self._name = name
         password = account.password.get_secret_value()
         credentials = f"{account.username}:{password}".encode()
@@ -751,6 +797,235 @@ class OptimizelyConnector(base.Connector):
                 f"campaign {campaign} could not be cancelled while {after} (409): {_message(body)}"
             )
         return _cancel_result(campaign, after)
+
+    # --- contacts (subscription sync) -----------------------------------------------------------------
+
+    async def apply_contacts(self, changes: Sequence[base.ContactChange]) -> list[base.ContactResult]:
+        """Subscribe, unsubscribe, remove or update contacts, batched by kind and list (see the
+        doc's Subscriptions); a contact Optimizely refuses is a refused result with its reason.
+
+        The changes go in rounds in which each email appears once, so two changes of one contact
+        are made in their order.
+        """
+        results: dict[int, base.ContactResult] = {}
+        for round_ in _rounds(changes):
+            plan = _ContactPlan()
+            for index, change in round_:
+                problem = self._contact_problem(change)
+                if problem is not None:
+                    results[index] = _refused(change, problem)
+                else:
+                    plan.add(index, change, self._double_opt_in(change))
+            for list_id, batch in plan.subscribes.items():
+                results |= await self._subscribe(list_id, batch)
+            for list_id, batch in plan.double_opt_ins.items():
+                results |= await self._subscribe_confirmed(list_id, batch)
+            for list_id, batch in plan.updates.items():
+                results |= await self._update(list_id, batch)
+            for list_id, batch in plan.unsubscribes.items():
+                results |= await self._unsubscribe(list_id, batch)
+            for list_id, batch in plan.removals.items():
+                results |= await self._remove(list_id, batch)
+        return [results[i] for i in range(len(changes))]
+
+    def _double_opt_in(self, change: base.ContactChange) -> bool:
+        """Whether a subscribe goes through the double opt-in process (a pending one always does)."""
+        return change.double_opt_in or change.state is SubscriptionState.PENDING
+
+    def _contact_problem(self, change: base.ContactChange) -> str | None:
+        """Why the change cannot be made at all (said before any call), or None."""
+        if not _is_list_id(change.list):
+            return f"{change.list!r} is not an Optimizely recipient list id (a number)"
+        subscribing = change.state in (SubscriptionState.SUBSCRIBED, SubscriptionState.PENDING)
+        if subscribing and self._double_opt_in(change) and self.options.double_opt_in_process_id is None:
+            return f"a double opt-in subscribe needs option double_opt_in_process_id in account {self._name}"
+        return None
+
+    def _data(self, change: base.ContactChange) -> dict[str, str]:
+        """The contact's fields by their Optimizely attribute names (option ``contact_fields``)."""
+        names = self.options.contact_fields
+        return {names.get(name, name): value for name, value in change.fields.items()}
+
+    def _unsubscribe_scope(self, list_id: str) -> dict[str, str]:
+        """The parameters that say which unsubscribe list: the recipient list's, or the client's."""
+        scope = {"mediaType": MEDIA_TYPE}
+        if self.options.list_unsubscribes:
+            scope["recipientListId"] = list_id
+        return scope
+
+    async def _subscribe(self, list_id: str, batch: list[_Planned]) -> dict[int, base.ContactResult]:
+        """Lift their unsubscribes, then ``PUT /recipients/{listId}`` (the bulk add, with option
+        ``opt_in_process_id``); a recipient already on the list gets its fields set instead."""
+        await self._lift_unsubscribes(list_id, batch)
+        body: dict[str, Any] = {
+            "recipients": [{"id": p.change.email, "data": self._data(p.change)} for p in batch]
+        }
+        if self.options.opt_in_process_id is not None:
+            body["optinProcessId"] = self.options.opt_in_process_id
+        path = f"/recipients/{list_id}"
+        status, answer = await self._api.call("PUT", path, json=body, answered=CONTACT_ANSWERS)
+        if status != 200:
+            return _all_refused(batch, _list_refusal("PUT", list_id, status, answer))
+        failed = _failed_ids(answer, f"PUT {path}")
+        results = _accepted(batch, SubscriptionState.SUBSCRIBED)
+        again = [p for p in batch if p.change.email in failed]
+        verdicts = await self._validity(list_id, [p.change.email for p in again])
+        present = [p for p in again if verdicts.get(p.change.email) is None]
+        results |= {
+            p.index: _refused(p.change, f"Optimizely did not add it to recipient list {list_id}: {reason}")
+            for p in again
+            if (reason := verdicts.get(p.change.email)) is not None
+        }
+        with_fields = [p for p in present if p.change.fields]
+        if with_fields:  # already on the list: the add left its data as it was
+            results |= await self._update(list_id, with_fields, SubscriptionState.SUBSCRIBED)
+        return results
+
+    async def _subscribe_confirmed(
+        self, list_id: str, batch: list[_Planned]
+    ) -> dict[int, base.ContactResult]:
+        """Lift their unsubscribes, then ``POST /recipients/{listId}`` with the double opt-in
+        process, one contact a call: ``202`` pending until it confirms, ``201`` subscribed."""
+        await self._lift_unsubscribes(list_id, batch)
+        process = self.options.double_opt_in_process_id
+        results: dict[int, base.ContactResult] = {}
+        for planned in batch:
+            change = planned.change
+            form = {"recipientId": change.email, "optinProcessId": str(process)}
+            form |= {f"data.{name}": value for name, value in self._data(change).items()}
+            path = f"/recipients/{list_id}"
+            status, answer = await self._api.call("POST", path, form=form, answered=CONTACT_ANSWERS)
+            if status in (201, 202):
+                state = SubscriptionState.PENDING if status == 202 else SubscriptionState.SUBSCRIBED
+                results[planned.index] = base.ContactResult(change.email, change.list, True, state)
+                continue
+            if status == 409:
+                reason = (await self._validity(list_id, [change.email])).get(change.email)
+                if reason is None:  # "exists already": on the list, in whatever opt-in state it is
+                    results[planned.index] = base.ContactResult(
+                        change.email, change.list, True, detail=f"already on recipient list {list_id}"
+                    )
+                    continue
+                detail = f"Optimizely did not add it to recipient list {list_id} (409): {reason}"
+            else:
+                detail = _list_refusal("POST", list_id, status, answer)
+            results[planned.index] = _refused(change, detail)
+        return results
+
+    async def _update(
+        self,
+        list_id: str,
+        batch: list[_Planned],
+        state: SubscriptionState | None = None,
+    ) -> dict[int, base.ContactResult]:
+        """``PUT /recipients/{listId}/modify``: set the contacts' fields (``updateMode`` set)."""
+        body = {
+            "updateMode": "set",
+            "recipients": [{"id": p.change.email, "data": self._data(p.change)} for p in batch],
+        }
+        path = f"/recipients/{list_id}/modify"
+        status, answer = await self._api.call("PUT", path, json=body, answered=CONTACT_ANSWERS)
+        if status != 200:
+            return _all_refused(batch, _list_refusal("PUT", list_id, status, answer))
+        failed = _failed_ids(answer, f"PUT {path}")
+        verdicts = await self._validity(list_id, [p.change.email for p in batch if p.change.email in failed])
+        results = _accepted(batch, state)
+        for planned in batch:
+            if planned.change.email in failed:
+                reason = verdicts.get(planned.change.email) or "Optimizely gave no reason"
+                detail = f"Optimizely did not update its fields on recipient list {list_id}: {reason}"
+                results[planned.index] = _refused(planned.change, detail)
+        return results
+
+    async def _unsubscribe(self, list_id: str, batch: list[_Planned]) -> dict[int, base.ContactResult]:
+        """Set the fields of those that carry some, then ``POST /unsubscribes`` (at most 5000
+        ids); ids Optimizely did not take but already holds as unsubscribed count as done."""
+        with_fields = [p for p in batch if p.change.fields]
+        notes: dict[int, str] = {}
+        if with_fields:
+            updated = await self._update(list_id, with_fields)
+            notes = {i: r.detail for i, r in updated.items() if not r.accepted}
+        scope = self._unsubscribe_scope(list_id)
+        ids = list(dict.fromkeys(p.change.email for p in batch))
+        form = {"recipientIds": ",".join(ids), **scope}
+        status, answer = await self._api.call("POST", "/unsubscribes", form=form, answered=CONTACT_ANSWERS)
+        if status == 200:
+            missed = set(ids) - _id_list(answer, "successfulIds", "POST /unsubscribes")
+        elif status == 400:
+            missed = set(ids)
+        else:
+            return _all_refused(batch, f"POST /unsubscribes answered {status}: {_message(answer)}")
+        if missed:
+            missed -= await self._unsubscribed(sorted(missed), scope)
+        results: dict[int, base.ContactResult] = {}
+        for planned in batch:
+            change = planned.change
+            if change.email in missed:
+                why = _message(answer) if status == 400 else "not among its successfulIds"
+                results[planned.index] = _refused(change, f"Optimizely did not unsubscribe it: {why}")
+            else:
+                note = notes.get(planned.index, "")
+                results[planned.index] = base.ContactResult(
+                    change.email, change.list, True, SubscriptionState.UNSUBSCRIBED, note
+                )
+        return results
+
+    async def _remove(self, list_id: str, batch: list[_Planned]) -> dict[int, base.ContactResult]:
+        """``DELETE /recipients/{listId}?recipientIds=…``, as many ids a call as a URL holds."""
+        ids = [p.change.email for p in batch]
+        for part in recipient_slices(ids):
+            if not part:  # without recipientIds the call deletes every recipient of the list
+                raise AssertionError("a removal names no recipient")
+            params = {"recipientIds": ",".join(part)}
+            status, answer = await self._api.call(
+                "DELETE", f"/recipients/{list_id}", params=params, answered=CONTACT_ANSWERS
+            )
+            if status != 204:
+                return _all_refused(batch, _list_refusal("DELETE", list_id, status, answer))
+        return _accepted(batch, SubscriptionState.REMOVED)
+
+    async def _lift_unsubscribes(self, list_id: str, batch: list[_Planned]) -> None:
+        """``DELETE /unsubscribes?recipientIds=…``: a subscribe from the CRM is later than the
+        contact's unsubscribe (the syncer keeps time order), so Optimizely must mail it again;
+        ``404``: none of them was unsubscribed."""
+        scope = self._unsubscribe_scope(list_id)
+        for part in recipient_slices([p.change.email for p in batch]):
+            params = {"recipientIds": ",".join(part), **scope}
+            await self._api.call("DELETE", "/unsubscribes", params=params, answered=(204, 404))
+
+    async def _unsubscribed(self, ids: list[str], scope: Mapping[str, str]) -> set[str]:
+        """Those of the ids on the unsubscribe list (``GET /unsubscribes?recipientIds=…``)."""
+        found: set[str] = set()
+        for part in recipient_slices(ids):
+            params = {"recipientIds": ",".join(part), "limit": str(MAX_LIMIT), **scope}
+            _, body = await self._api.call("GET", "/unsubscribes", params=params)
+            elements = _elements(body, "GET /unsubscribes")
+            found |= {str(e.get("recipientId")).lower() for e in elements if isinstance(e, dict)}
+        return found & set(ids)
+
+    async def _validity(self, list_id: str, ids: list[str]) -> dict[str, str | None]:
+        """Why each contact cannot be mailed on the list (``GET /recipients?recipientId=…``):
+        None when it is valid there."""
+        verdicts: dict[str, str | None] = {}
+        for recipient in ids:
+            params = {"recipientId": recipient, "recipientListIds": list_id, "mediaType": MEDIA_TYPE}
+            status, body = await self._api.call("GET", "/recipients", params=params)
+            entry = next(
+                (
+                    e
+                    for e in (body if status == 200 and isinstance(body, list) else [])
+                    if isinstance(e, dict) and str(e.get("recipientListId")) == list_id
+                ),
+                None,
+            )
+            if entry is None:
+                verdicts[recipient] = f"recipient list {list_id} is unknown to Optimizely"
+            elif entry.get("valid") is True:
+                verdicts[recipient] = None
+            else:
+                said = entry.get("validationFailedReason")
+                verdicts[recipient] = VALIDATION_REASONS.get(str(said), f"not valid there ({said})")
+        return verdicts
 
     # --- API pulls ------------------------------------------------------------------------------------
 
@@ -1149,7 +1424,8 @@ class OptimizelyConnector(base.Connector):
     def parse_webhook(
         self, headers: Mapping[str, str], body: bytes
     ) -> list[ResponseEvent | SubscriptionChange | base.BadRow]:
-        """Verify the call (basicAuth/keyAuth against the account's token), then its events."""
+        """Verify the call (basicAuth/keyAuth against the account's token), then its items: a
+        broadcast's responses as events, a contact's opt-in or opt-out as a subscription change."""
         self._verify_webhook(headers)
         try:
             parsed = orjson.loads(body)
@@ -1159,14 +1435,77 @@ class OptimizelyConnector(base.Connector):
         if items is None:
             raise PermanentError(f"the webhook body is neither an event nor an array: {short_json(parsed)}")
         name = f"webhook:{self._name}"
-        return [*rows.item_events(items, lambda number, item: self._webhook_event(item, name, number))]
+        changes: list[SubscriptionChange] = []
 
-    def _webhook_event(self, item: Any, name: str, number: int) -> ResponseEvent | None:
+        def item_event(number: int, item: Any) -> ResponseEvent | None:
+            made = self._webhook_item(item, name, number)
+            if isinstance(made, SubscriptionChange):
+                changes.append(made)
+                return None
+            return made
+
+        return [*rows.item_events(items, item_event), *changes]
+
+    def _webhook_item(self, item: Any, name: str, number: int) -> ResponseEvent | SubscriptionChange | None:
+        """An item as an event of a broadcast, or as a change of a contact's subscription: an
+        opt-in, a blocklisting, and an unsubscribe, complaint or hard bounce without a broadcast."""
         if not isinstance(item, dict):
             raise ValueError(f"not an object but {type(item).__name__}")
         kind = item.get("type")
         if kind in IGNORED_WEBHOOK_TYPES:
             return None
+        if kind in OPT_IN_WEBHOOK_TYPES:
+            return self._webhook_change(item, SubscriptionState.SUBSCRIBED, str(kind))
+        if kind == "blocklist":
+            return self._webhook_change(item, SubscriptionState.UNSUBSCRIBED, OPT_OUT_REASONS[kind])
+        data = item.get("data")
+        broadcast = data.get(self.options.job_attribute) if isinstance(data, dict) else None
+        if not broadcast:  # not a response to a broadcast espbridge sent
+            if kind in OPT_OUT_REASONS:
+                return self._webhook_change(item, SubscriptionState.UNSUBSCRIBED, OPT_OUT_REASONS[kind])
+            if kind == "bounce" and item.get("category") == "hardbounce":
+                return self._webhook_change(item, SubscriptionState.UNSUBSCRIBED, EventType.BOUNCE_HARD.value)
+        return self._webhook_event(item, name, number)
+
+    def _webhook_change(
+        self, item: dict[str, Any], state: SubscriptionState, reason: str
+    ) -> SubscriptionChange | None:
+        """The change an item reports on its recipient list. A list espbridge does not sync (a
+        batch's pool list, or none named) is the account's broadcast list for an opt-out; an opt-in
+        to such a list is none of espbridge's business (None)."""
+        data = item.get("data")
+        email = data.get("email") if isinstance(data, dict) else None
+        if not isinstance(email, str) or "@" not in email:
+            email = item.get("recipientId")
+        if not isinstance(email, str) or "@" not in email:
+            raise ValueError("no email address: neither data.email nor recipientId is one")
+        listed = item.get("recipientListId")
+        list_id = str(listed) if _is_id(listed) else ""
+        if list_id not in self.account.subscriptions.lists:
+            if state is SubscriptionState.SUBSCRIBED:
+                return None
+            list_id = ""
+        created = rows.aware_time("created", item.get("created"))
+        change_id = event_id_for(
+            self.account.esp,
+            broadcast_id=f"{self.account.account}/{list_id}",
+            recipient=email.strip().lower(),
+            event_type=f"subscription:{item.get('type')}",
+            occurred_at=created.replace(microsecond=0),
+        )
+        return SubscriptionChange(
+            change_id=change_id,
+            email=email,
+            esp=self.account.esp,
+            account=self.account.account,
+            list=list_id,
+            state=state,
+            reason=reason,
+            occurred_at=created,
+        )
+
+    def _webhook_event(self, item: dict[str, Any], name: str, number: int) -> ResponseEvent | None:
+        kind = item.get("type")
         if kind == "bounce":
             category = item.get("category")
             if category not in BOUNCE_CATEGORIES:
@@ -1202,6 +1541,112 @@ class OptimizelyConnector(base.Connector):
 
 
 # --- helpers ------------------------------------------------------------------------------------------
+
+
+CONTACT_ANSWERS = (200, 201, 202, 204, 400, 404, 409)
+"""What a contact call answers to the connector: success, and the refusals it reads as a refused
+contact (or a list Optimizely does not know)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Planned:
+    """A change of :meth:`OptimizelyConnector.apply_contacts` and where its result goes."""
+
+    index: int
+    change: base.ContactChange
+
+
+@dataclass
+class _ContactPlan:
+    """One round's changes by the call that makes them, each by recipient list."""
+
+    subscribes: dict[str, list[_Planned]] = field(default_factory=dict)
+    double_opt_ins: dict[str, list[_Planned]] = field(default_factory=dict)
+    updates: dict[str, list[_Planned]] = field(default_factory=dict)
+    unsubscribes: dict[str, list[_Planned]] = field(default_factory=dict)
+    removals: dict[str, list[_Planned]] = field(default_factory=dict)
+
+    def add(self, index: int, change: base.ContactChange, double_opt_in: bool) -> None:
+        """Plan one change (its list id already checked)."""
+        if change.state is None:
+            kind = self.updates
+        elif change.state is SubscriptionState.UNSUBSCRIBED:
+            kind = self.unsubscribes
+        elif change.state is SubscriptionState.REMOVED:
+            kind = self.removals
+        else:
+            kind = self.double_opt_ins if double_opt_in else self.subscribes
+        kind.setdefault(change.list, []).append(_Planned(index, change))
+
+
+def _rounds(changes: Sequence[base.ContactChange]) -> list[list[tuple[int, base.ContactChange]]]:
+    """The changes in rounds, each email at most once a round and a contact's changes in order."""
+    rounds: list[list[tuple[int, base.ContactChange]]] = []
+    emails: list[set[str]] = []
+    for index, change in enumerate(changes):
+        after = max((n for n, seen in enumerate(emails) if change.email in seen), default=-1) + 1
+        if after == len(rounds):
+            rounds.append([])
+            emails.append(set())
+        rounds[after].append((index, change))
+        emails[after].add(change.email)
+    return rounds
+
+
+def _is_list_id(value: str) -> bool:
+    """An Optimizely recipient list id: a positive decimal number (int64)."""
+    return value.isascii() and value.isdigit() and 0 < int(value) < 2**63
+
+
+def _check_subscriptions(account: AccountConfig, options: Options) -> None:
+    """The account's ``subscriptions:`` fit Optimizely: numeric list ids, and a double opt-in
+    process when it asks for double opt-in (checked at start-up)."""
+    policy = account.subscriptions
+    odd = [list_id for list_id in policy.lists if not _is_list_id(list_id)]
+    if odd:
+        raise ConfigurationError(
+            f"account {account.name}: subscriptions.lists names {', '.join(map(repr, odd))}, but an "
+            "Optimizely recipient list id is a number"
+        )
+    if policy.double_opt_in and options.double_opt_in_process_id is None:
+        raise ConfigurationError(
+            f"account {account.name} asks for double opt-in (subscriptions.double_opt_in) but names no "
+            "double_opt_in_process_id in its options (the id of its double opt-in process, shown "
+            "under Administration > API Overview)"
+        )
+
+
+def _refused(change: base.ContactChange, detail: str) -> base.ContactResult:
+    log.info("Optimizely refused a contact", extra={"list": change.list, "reason": detail})
+    return base.ContactResult(change.email, change.list, False, detail=detail)
+
+
+def _all_refused(batch: Iterable[_Planned], detail: str) -> dict[int, base.ContactResult]:
+    return {p.index: _refused(p.change, detail) for p in batch}
+
+
+def _accepted(batch: Iterable[_Planned], state: SubscriptionState | None) -> dict[int, base.ContactResult]:
+    return {p.index: base.ContactResult(p.change.email, p.change.list, True, state) for p in batch}
+
+
+def _list_refusal(method: str, list_id: str, status: int, body: Any) -> str:
+    """A refused recipient-list call in words: an unknown list, or Optimizely's own message."""
+    if status == 404:
+        return f"Optimizely does not know recipient list {list_id} ({method} answered 404): {_message(body)}"
+    return f"{method} /recipients/{list_id} answered {status}: {_message(body)}"
+
+
+def _id_list(body: Any, name: str, where: str) -> set[str]:
+    """The ids of an answer's array ``name``; an answer without one fails the call (retried)."""
+    ids = body.get(name, []) if isinstance(body, dict) else None
+    if not isinstance(ids, list):
+        raise EspUnavailableError(f"{where} answered without a list {name}: {short_json(body)}")
+    return {str(i).lower() for i in ids}
+
+
+def _failed_ids(body: Any, where: str) -> set[str]:
+    """``RestRecipientsCreationModify.failedIds`` (absent: none failed)."""
+    return _id_list(body, "failedIds", where)
 
 
 def _message(body: Any) -> str:

@@ -1084,7 +1084,7 @@ async def test_one_event_from_a_file_the_api_and_a_webhook_has_one_id(
     assert file_click.event_id == hook_click.event_id
 
 
-@pytest.mark.parametrize("kind", ["archive", "archived", "doubleoptin", "blocklist"])
+@pytest.mark.parametrize("kind", ["archive", "archived", "filteredbyblocklist"])
 async def test_webhook_types_espbridge_does_not_load_are_passed_over_not_dead_lettered(
     esp: FakeOptimizely, kind: str
 ) -> None:

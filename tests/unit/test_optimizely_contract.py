@@ -93,6 +93,14 @@ def test_calls_as_the_document_has_them_pass() -> None:
         ),
         call("POST", "/1000001/sending/batches/5001", status=202),
         call(
+            "POST",
+            "/1000001/recipients/4001",
+            body=b"recipientId=a%40example.com&optinProcessId=102&data.firstname=Anna",
+            content_type="application/x-www-form-urlencoded",
+            status=202,
+            answer={"id": "a@example.com"},
+        ),
+        call(
             "GET",
             "/1000001/responses",
             {"category": "hardbounce", "mailingId": "8001", "limit": "9999"},
@@ -146,6 +154,15 @@ def test_calls_as_the_document_has_them_pass() -> None:
                 content_type="application/json",
             ),
             "request body.recipients[0].email: not in the document",
+        ),
+        (
+            call(
+                "POST",
+                "/1000001/recipients/4001",
+                body=b"recipientId=a%40example.com&firstname=Anna",
+                content_type="application/x-www-form-urlencoded",
+            ),
+            "request form field firstname: not in the document",
         ),
         (call("GET", "/1000001/sending/batches/5001/chunks"), "request path: the document has no such path"),
         (call("DELETE", "/1000001/sending/batches"), "request method: the document has no such operation"),
