@@ -15,7 +15,13 @@
   call, cursor ``{"v":1,"from","to","i","offsets"}``); ``complaint`` from the daily activities
   export files (``event-export/activities_*.csv``). Every event type comes from exactly one
   source. Responses are mapped back to the job through the manual option ``espbridge_file`` (the
-  trigger file's name). No SOAP, no webhooks (``parse_webhook`` always refuses).
+  trigger file's name). No SOAP.
+* Subscriptions: the customer calls of the public REST API v2 (``options.rest_url``, the account's
+  ``token``): each synced list is a Y/N customer field (``list_fields``, by default ``optin``); a
+  double opt-in posts the customer to the webhook receiver whose campaign mails the confirmation.
+  Changes made at Deployteq (an unsubscribe, a complaint, a confirmed opt-in) come from its
+  campaigns' HTTP request objects as webhook calls (:meth:`DeployteqConnector.parse_webhook`),
+  authenticated with the account's ``password``; without one every webhook call is refused.
 
 Credentials: the Events API's OAuth2 client-credentials grant. The account's ``client_id`` and
 ``client_secret`` (prefer ``client_secret_file``) are the OAuth 2.0 app's client id and secret,
@@ -36,19 +42,19 @@ import logging
 import posixpath
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, Self, cast
+from typing import Any, ClassVar, Literal, Protocol, Self, cast
 from urllib.parse import parse_qs, urlsplit
 
 import asyncssh
 from pydantic import Field, model_validator
 
-from shared.esp import base, rows
+from shared.esp import base, contacts, rows
 from shared.esp.accounts import AccountConfig
 from shared.esp.cursor import Count, StoredCursor
 from shared.esp.limits import rate_limiter
@@ -64,7 +70,14 @@ from shared.esp.rest import (
 from shared.infra.db.jobs import SentBroadcast
 from shared.infra.sftp import SftpPool
 from shared.model.errors import ConfigurationError, PermanentError, TransientError, UnavailableError
-from shared.model.messages import BroadcastJob, EventType, ResponseEvent, SendMode, SubscriptionChange
+from shared.model.messages import (
+    BroadcastJob,
+    EventType,
+    ResponseEvent,
+    SendMode,
+    SubscriptionChange,
+    SubscriptionState,
+)
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +96,8 @@ RETRY_ATTEMPTS = 3
 TRIGGER_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 """A trigger name (the job's ``message``): the part of the file name before the ``+``."""
 JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
+LIST_ID_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
+"""A list id as espbridge's messages carry one (shared.model.messages.ListId), never empty here."""
 """espbridge's job id pattern (shared.model.messages.JobId): no ``+``, no ``@``."""
 
 BOUNCE = "bounce"
@@ -116,6 +131,15 @@ DEFAULT_EXPORT_TYPES: dict[str, str | None] = {
     "COMPLAINT": "complaint",
 }
 REQUIRED_EXPORT_ROLES = ("broadcast_id", "event_type", "event_date", "file")
+DEFAULT_LIST_FIELDS = {"optin": "optin"}
+"""The lists of a Deployteq account espbridge keeps in sync: each is a Y/N customer field, by
+default the customer's one e-mail opt-in, ``optin``."""
+CUSTOMER_ID = "id"
+EMAIL_FIELD = "emailaddress"
+STATUS_FIELD = "status"
+BLACKLISTED = "BLACKLIST"
+"""The customer status Deployteq mails nobody with: a subscribe to it is refused."""
+WEBHOOK_TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 API_EXTRAS = ("customer_id", "campaign_id", "link_id", "bounce_code", "bounce_category", "machine_generated")
 
 _EVENT_TYPES = frozenset(t.value for t in EventType)
@@ -149,6 +173,7 @@ class Options(ConnectorOptions):
     MERGED: ClassVar[Mapping[str, Mapping[str, Any]]] = {
         "export_columns": DEFAULT_EXPORT_COLUMNS,
         "export_types": DEFAULT_EXPORT_TYPES,
+        "webhook_events": contacts.DEFAULT_WEBHOOK_EVENTS,
     }
     ROLE_KEYED: ClassVar = ("export_columns",)
 
@@ -180,6 +205,19 @@ class Options(ConnectorOptions):
     export_types: dict[str, str | None] = Field(default_factory=lambda: dict(DEFAULT_EXPORT_TYPES))
     export_timestamp_format: DateFormat = "%Y-%m-%d %H:%M:%S"
     export_timezone: TimeZone = "Europe/Amsterdam"
+    rest_url: str | None = Field(
+        default=None,
+        pattern=r"^https?://",
+        description="the public REST API v2 base, https://<portal>.myclang.com/app/api/rest/public/v2",
+    )
+    list_fields: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_LIST_FIELDS))
+    double_opt_in_url: str | None = Field(
+        default=None, pattern=r"^https?://", description="the webhook receiver starting the opt-in campaign"
+    )
+    removal: Literal["opt_out", "delete_customer"] = "opt_out"
+    webhook_events: dict[str, SubscriptionState] = Field(
+        default_factory=lambda: dict(contacts.DEFAULT_WEBHOOK_EVENTS)
+    )
 
     @classmethod
     def merged_defaults(cls, given: Mapping[str, Any]) -> Mapping[str, Mapping[str, Any]]:
@@ -207,6 +245,16 @@ class Options(ConnectorOptions):
             bad = sorted({str(v) for v in mapping.values() if v is not None and v not in allowed})
             if bad:
                 raise ValueError(f"{name} maps to unknown event types {bad} (known: {sorted(allowed)})")
+        bad_fields = sorted(
+            f"{k}: {v}"
+            for k, v in self.list_fields.items()
+            if not LIST_ID_PATTERN.fullmatch(k) or not contacts.FIELD_NAME.fullmatch(v)
+        )
+        if bad_fields or not self.list_fields:
+            raise ValueError(
+                "list_fields maps each synced list (its id) to a Y/N customer field "
+                f"(a letter, then letters, digits or _): {bad_fields or 'none given'}"
+            )
         both = sorted(self.api_types() & self.export_event_types())
         if both:
             raise ValueError(
@@ -511,6 +559,7 @@ class DeployteqConnector(base.Connector):
             basic=(account.client_id, account.client_secret.get_secret_value()),
             timeout_s=account.request_timeout_s,
         )
+        limiter = rate_limiter(context, account, 1, 1.0 / opts.api_rate_per_s)  # evenly spaced: no bursts
         self._api = EspClient(
             context.http,
             account.api_url,
@@ -518,10 +567,13 @@ class DeployteqConnector(base.Connector):
             timeout_s=account.request_timeout_s,
             token=token,
             secrets=(account.client_secret.get_secret_value(),),
-            limiter=rate_limiter(context, account, 1, 1.0 / opts.api_rate_per_s),  # evenly spaced: no bursts
+            limiter=limiter,
             retries=Retries(attempts=RETRY_ATTEMPTS, max_wait_s=account.request_timeout_s),
             holds=True,
         )
+        self._customers = _customer_api(account, opts, context, limiter)
+        self._webhook_secret = account.password.get_secret_value() if account.password else ""
+        self._webhook_times = rows.LocalTimes((WEBHOOK_TIME_FORMAT, rows.ISO), opts.api_timezone)
         self._released_at: dict[str, float] = {}  # this process's releases, in case setstat failed
         root = account.sftp_root.rstrip("/")
         self._staging = posixpath.join(root, opts.staging_folder)
@@ -923,15 +975,244 @@ class DeployteqConnector(base.Connector):
             extra=extra,
         )
 
-    # --- webhooks -------------------------------------------------------------------------------------
+    # --- subscriptions: the customer REST API --------------------------------------------------------
+
+    async def apply_contacts(self, changes: Sequence[base.ContactChange]) -> list[base.ContactResult]:
+        """Each change through the public REST API: the customers with the address are looked up,
+        then updated (``PUT customer/<id>``) or one is created (``POST customer``) with the list's
+        opt-in field Y or N and the change's fields; a double opt-in leaves the field N and posts
+        the customer to the webhook receiver that starts the opt-in campaign (pending). A removal
+        opts out, or deletes the customers (``removal``). A refusal of Deployteq's is the contact's."""
+        if self._customers is None:
+            raise ConfigurationError(_NO_SYNC.format(name=self._name))
+        return [await self._customers.apply(change) for change in changes]
+
+    # --- webhooks: ESP-side changes from the campaigns' HTTP request objects ------------------------
 
     def parse_webhook(
         self, headers: Mapping[str, str], body: bytes
     ) -> list[ResponseEvent | SubscriptionChange | base.BadRow]:
-        """Always refused: Deployteq sends no outbound event webhooks."""
-        raise base.WebhookAuthError(
-            f"{self._name}: Deployteq sends no webhooks; espbridge accepts none from it"
+        """A campaign's HTTP request object reporting subscription changes (an unsubscribe, a
+        complaint, a confirmed opt-in…): ``Authorization: Bearer <password>``, a JSON object or an
+        array of them, each a :class:`SubscriptionChange`. Without a ``password`` configured every
+        call is refused: Deployteq sends no event webhooks of its own."""
+        if not self._webhook_secret:
+            raise base.WebhookAuthError(
+                f"{self._name}: no webhook secret (password[_file]) is configured, so no call from "
+                "a Deployteq HTTP request object is accepted"
+            )
+        contacts.check_bearer(headers, self._webhook_secret, "webhook")
+        items = contacts.json_items(body, "webhook")
+        return [*contacts.item_changes(items, self._webhook_change, "subscription change")]
+
+    def _webhook_change(self, _number: int, item: dict[str, Any]) -> SubscriptionChange:
+        event = contacts.text_field(item, "event")
+        state = contacts.event_state(self.options.webhook_events, event)
+        email = contacts.text_field(item, EMAIL_FIELD).lower()
+        list_id = contacts.text_field(item, "list", required=False)
+        if list_id and list_id not in self.options.list_fields:
+            raise ValueError(
+                f"unknown list {list_id!r} (options.list_fields: {sorted(self.options.list_fields)})"
+            )
+        occurred = self._webhook_times.utc("timestamp", contacts.text_field(item, "timestamp"))
+        esp_id = contacts.text_field(item, "id", required=False)
+        account = self.account
+        return SubscriptionChange(
+            change_id=contacts.change_id(
+                account.esp,
+                account.account,
+                esp_id=esp_id,
+                email=email,
+                list_id=list_id,
+                state=f"{state}:{event}",
+                occurred_at=occurred,
+            ),
+            email=email,
+            esp=account.esp,
+            account=account.account,
+            list=list_id,
+            state=state,
+            reason=event,
+            occurred_at=occurred,
         )
+
+
+_NO_SYNC = (
+    "{name} does not sync subscriptions: its subscriptions.lists is empty, so no contact is pushed to it"
+)
+
+
+class DeployteqRefusedError(EspRequestError):
+    """The customer REST API refused a request (a 4xx with its ``message``)."""
+
+    def __init__(self, where: str, status: int, message: str) -> None:
+        super().__init__(f"{where} answered {status}: {message}")
+        self.status = status
+        self.message = message
+
+    @classmethod
+    def of(cls, where: str, status: int, body: Any, text: str) -> DeployteqRefusedError:
+        """The refusal of an answer (the :class:`EspClient` refusal of the customer API)."""
+        message = body.get("message") if isinstance(body, dict) else None
+        return cls(where, status, str(message) if message else text)
+
+
+def _customer_api(
+    account: AccountConfig, opts: Options, context: base.ConnectorContext, limiter: Any
+) -> _Customers | None:
+    """The customer API of an account that syncs subscriptions (None otherwise), its options
+    checked: a misconfigured account fails at the start, not at its first contact."""
+    policy = account.subscriptions
+    if not policy.enabled:
+        return None
+    name = account.name
+    problems = []
+    if not opts.rest_url:
+        problems.append(
+            "options.rest_url (the REST API base, https://<portal>.myclang.com/app/api/rest/public/v2)"
+        )
+    token = account.token.get_secret_value() if account.token else ""
+    if not token:
+        problems.append("token[_file] (the Deployteq API token of the REST API)")
+    unmapped = [lst for lst in policy.lists if lst not in opts.list_fields]
+    if unmapped:
+        problems.append(f"options.list_fields for the lists {unmapped} (each list's Y/N customer field)")
+    if policy.double_opt_in and not opts.double_opt_in_url:
+        problems.append("options.double_opt_in_url (the webhook receiver that starts the opt-in campaign)")
+    if problems:
+        raise ConfigurationError(f"account {name} syncs subscriptions and needs " + "; ".join(problems))
+
+    def client(base_url: str, headers: Mapping[str, str] | None = None) -> EspClient:
+        return EspClient(
+            context.http,
+            base_url,
+            account=name,
+            timeout_s=account.request_timeout_s,
+            headers=headers,
+            secrets=(token,),
+            limiter=limiter,
+            # a 429 was not carried out; a 5xx may have been, so the caller retries from the lookup
+            retries=Retries(
+                attempts=RETRY_ATTEMPTS, rate_limits_only=True, max_wait_s=account.request_timeout_s
+            ),
+            holds=True,
+            answered=(200, 201, 202, 204, 404),
+            refusal=DeployteqRefusedError.of,
+        )
+
+    assert opts.rest_url is not None  # checked above
+    receiver = opts.double_opt_in_url
+    opt_in = client(receiver, {"Authorization": f"Bearer {token}"}) if receiver else None
+    return _Customers(name, opts, client(opts.rest_url), opt_in, token)
+
+
+class _Customers:
+    """The customer calls of one account (docs/connectors/deployteq.md#subscriptions)."""
+
+    def __init__(
+        self, name: str, opts: Options, client: EspClient, opt_in: EspClient | None, token: str
+    ) -> None:
+        self._name = name
+        self._opts = opts
+        self._client = client
+        self._opt_in = opt_in
+        self._token = token
+        self._reserved = {CUSTOMER_ID, EMAIL_FIELD, "token", *opts.list_fields.values()}
+
+    async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
+        return await self._client.call(method, path, params={"token": self._token}, json=body)
+
+    async def find(self, email: str) -> list[dict[str, Any]]:
+        """``GET customer?emailaddress=``: the customers with the address (none: an empty list)."""
+        status, body = await self._client.call(
+            "GET", "/customer", params={"token": self._token, EMAIL_FIELD: email}
+        )
+        if status == 404:
+            raise ConfigurationError(
+                f"GET /customer answered 404: is options.rest_url of {self._name} the REST API v2 base?"
+            )
+        if not isinstance(body, list) or not all(
+            isinstance(c, dict) and isinstance(c.get(CUSTOMER_ID), int) for c in body
+        ):
+            raise EspUnavailableError(
+                f"GET /customer answered no array of customers with ids: {short_json(body)}"
+            )
+        return body
+
+    async def apply(self, change: base.ContactChange) -> base.ContactResult:
+        """One change: refused (Deployteq's reason) or applied (the state Deployteq now holds)."""
+        field = self._opts.list_fields.get(change.list)
+        if field is None:
+            return contacts.refused(
+                change, f"Deployteq account {self._name} has no list {change.list!r} (options.list_fields)"
+            )
+        fields = contacts.contact_fields(change, self._reserved)
+        if isinstance(fields, str):
+            return contacts.refused(change, fields)
+        try:
+            return await self._apply(change, field, fields)
+        except DeployteqRefusedError as exc:
+            return contacts.refused(change, f"Deployteq refused {change.email}: {exc.message}")
+
+    async def _apply(
+        self, change: base.ContactChange, field: str, fields: dict[str, str]
+    ) -> base.ContactResult:
+        customers = await self.find(change.email)
+        state = change.state
+        if state is None:
+            if not customers:
+                return contacts.applied(
+                    change, None, "no Deployteq customer has this address: nothing to update"
+                )
+            await self._save(change.email, customers, fields)
+            return contacts.applied(change, None)
+        if state is SubscriptionState.REMOVED and self._opts.removal == "delete_customer":
+            for customer in customers:
+                await self._call("DELETE", f"/customer/{customer[CUSTOMER_ID]}")
+            return contacts.applied(change, SubscriptionState.REMOVED)
+        if state in (SubscriptionState.UNSUBSCRIBED, SubscriptionState.REMOVED):
+            await self._save(change.email, customers, {**fields, field: "N"})
+            return contacts.applied(change, state if state is SubscriptionState.UNSUBSCRIBED else None)
+        blacklisted = [c[CUSTOMER_ID] for c in customers if c.get(STATUS_FIELD) == BLACKLISTED]
+        if blacklisted:
+            return contacts.refused(
+                change,
+                f"Deployteq customer {blacklisted[0]} with this address is blacklisted (status BLACKLIST)",
+            )
+        confirmed = customers and all(c.get(field) == "Y" for c in customers)
+        wants_opt_in = state is SubscriptionState.PENDING or change.double_opt_in
+        if not wants_opt_in or confirmed:
+            await self._save(change.email, customers, {**fields, field: "Y"})
+            return contacts.applied(change, SubscriptionState.SUBSCRIBED)
+        if self._opt_in is None:
+            return contacts.refused(
+                change, f"account {self._name} has no double opt-in (options.double_opt_in_url is not set)"
+            )
+        ids = await self._save(change.email, customers, {**fields, field: "N"})
+        # the receiver's campaign mails the confirmation; its HTTP request object reports the confirm
+        body = {EMAIL_FIELD: change.email, "list": change.list, "field": field, "customer_id": ids[0]}
+        status, answer = await self._opt_in.call("POST", "", json=body)
+        if status == 404:
+            raise ConfigurationError(
+                f"the webhook receiver of {self._name} (options.double_opt_in_url) answered 404: "
+                f"{short_json(answer)}"
+            )
+        return contacts.applied(change, SubscriptionState.PENDING)
+
+    async def _save(self, email: str, customers: list[dict[str, Any]], values: dict[str, str]) -> list[int]:
+        """Update every customer with the address, or create one; their ids."""
+        ids = []
+        for customer in customers:
+            status, _ = await self._call("PUT", f"/customer/{customer[CUSTOMER_ID]}", values)
+            if status != 404:  # deleted since the lookup: nothing to update
+                ids.append(customer[CUSTOMER_ID])
+        if ids:
+            return ids
+        _, body = await self._call("POST", "/customer", {EMAIL_FIELD: email, **values})
+        made = body.get(CUSTOMER_ID) if isinstance(body, dict) else None
+        if not isinstance(made, int):
+            raise EspUnavailableError(f"POST /customer answered no customer id: {short_json(body)}")
+        return [made]
 
 
 def _text(value: Any) -> str:

@@ -863,7 +863,7 @@ async def test_the_client_keeps_to_its_rate_limit(esp: FakeDeployteq) -> None:
     assert times[-1] - times[0] >= 0.65
 
 
-async def test_no_webhooks_are_accepted() -> None:
+async def test_no_webhooks_are_accepted_without_a_webhook_secret() -> None:
     c = folders(FakeSite(), Clock())
     with pytest.raises(WebhookAuthError):
         c.parse_webhook({"Content-Type": "application/json"}, b"[]")
