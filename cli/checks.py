@@ -40,6 +40,8 @@ def check_json(check: JobCheck) -> dict[str, object]:
         ],
         "recipients": counted.recipients if counted else None,
         "excluded": counted.excluded if counted else None,
+        "excluded_by_subscription_state": counted.by_state if counted else None,
+        "excluded_by_suppression_column": counted.by_column if counted else None,
         "list_file": None
         if check.head is None
         else {"path": check.head.path, "rows": check.head.rows, "text": check.head.text},

@@ -17,7 +17,9 @@ async def create_app(settings: Settings, runtime: Runtime) -> FastStream:
     """The uploader's app: consumes broadcast.jobs.v1 in the espbridge-uploader consumer group."""
     esp = await EspResources.open(runtime.stack, settings.accounts, settings.sftp, settings.pg)
     pool = await runtime.open_pool(settings.pg)
-    uploader = handlers.Uploader(settings, runtime, pool, esp, StatusReporter(runtime, pool))
+    crm = settings.crm
+    crm_pool = pool if crm.same_database(settings.pg) else await runtime.open_pool(crm.resolve(settings.pg))
+    uploader = handlers.Uploader(settings, runtime, pool, esp, StatusReporter(runtime, pool), crm_pool)
 
     @runtime.subscriber(Topic.BROADCAST_JOBS)
     async def on_message(message: KafkaMessage) -> None:

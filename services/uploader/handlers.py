@@ -6,12 +6,13 @@ import functools
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 import asyncpg
 
 from services.uploader import core
 from services.uploader.settings import Settings
-from shared.esp import attribution
+from shared.esp import Connector, attribution
 from shared.esp.resources import EspResources
 from shared.infra.db import Conn, jobs, uploaded_lists
 from shared.infra.logs import log_context
@@ -37,6 +38,23 @@ class Uploader:
     esp: EspResources
     statuses: StatusReporter
     """Publishes the upload statuses and records them in control.jobs."""
+    crm_pool: asyncpg.Pool
+    """The CRM database's pool, that selections are read from (``pool`` itself when the CRM is
+    espbridge's database)."""
+    state_missing_said: bool = False
+
+    async def suppression(self, crm: Conn, job: BroadcastJob, connector: Connector) -> selection.Suppression:
+        """What leaves the job's recipients out; says once per process that the CRM keeps no
+        subscription state (so only the suppression column does)."""
+        suppression = await lists.job_suppression(crm, job, connector, self.settings)
+        if suppression.scope is None and not self.state_missing_said:
+            self.state_missing_said = True
+            log.warning(
+                "the CRM database has no crm.suppressions view: no subscription state is kept, "
+                "only the suppression column leaves recipients out",
+                extra={"suppression_column": suppression.column},
+            )
+        return suppression
 
 
 async def handle_job(body: bytes, uploader: Uploader) -> None:
@@ -79,8 +97,9 @@ async def handle_job(body: bytes, uploader: Uploader) -> None:
 
 
 async def upload_list(job: BroadcastJob, uploader: Uploader) -> ListUploaded:
-    """Stream the selection into the ESP's list format and upload it atomically; where the account
-    attributes response rows by communication key, record the list's keys."""
+    """Stream the selection into the ESP's list format, without the recipients the CRM suppresses,
+    and upload it atomically; where the account attributes response rows by communication key,
+    record the list's keys."""
     connector = uploader.esp.connectors.get(job.esp, job.account)
     lists.check_mode(job, connector.can_send, connector.account.connector)
     fmt = connector.list_format
@@ -106,34 +125,54 @@ async def upload_list(job: BroadcastJob, uploader: Uploader) -> ListUploaded:
     await uploader.statuses.report(core.status(job.job_id, State.RUNNING, f"writing {remote}"))
     settings = uploader.settings
     uploaded_at: datetime | None = None  # set where the keys are recorded with the upload
-    async with uploader.esp.sftp.session() as sftp:
-        if isinstance(sel, TableSelection):
-            # Recording reads the keys again, in the snapshot the file was written from.
-            snapshot = recording and copied
-            async with (
-                uploader.pool.acquire() as conn,
-                conn.transaction(readonly=not snapshot, isolation="repeatable_read" if snapshot else None),
-            ):
-                file = lists.list_file(stream, job, wanted, settings, conn, copied=copied)
-                uploaded = await upload_stream_atomic(sftp, file, remote)
-                if snapshot:
-                    uploaded_at = utcnow()
-                    column = settings.suppression_column
-                    await _record_selected_keys(conn, job, uploaded_at, sel, wanted[key_at], column)
-        else:
-            file = lists.list_file(stream, job, wanted, settings, None, copied=False)
+    selected_keys: list[str] | None = None  # the keys of a COPY-written list in a CRM of its own
+    # Recording reads the keys again, in the snapshot the file was written from.
+    snapshot = recording and copied
+    # The keys go in by the selection's own INSERT … SELECT only where the CRM is espbridge's database.
+    in_place = snapshot and uploader.crm_pool is uploader.pool
+    if isinstance(sel, TableSelection):
+        async with (
+            uploader.esp.sftp.session() as sftp,
+            uploader.crm_pool.acquire() as conn,
+            conn.transaction(readonly=not in_place, isolation="repeatable_read" if snapshot else None),
+        ):
+            suppression = await uploader.suppression(conn, job, connector)
+            file = lists.list_file(stream, job, wanted, settings, suppression, conn, copied=copied)
+            uploaded = await upload_stream_atomic(sftp, file, remote)
+            if snapshot:
+                uploaded_at = utcnow()
+                select, args = await selection.key_query(conn, sel, wanted[key_at], suppression)
+                if in_place:
+                    await _record_selected_keys(conn, job, uploaded_at, select, args)
+                else:
+                    selected_keys = [r[0] for r in await conn.fetch(select, *args) if r[0] is not None]
+    else:
+        async with uploader.crm_pool.acquire() as conn:  # the suppressed emails are read once, here
+            suppression = await uploader.suppression(conn, job, connector)
+        async with uploader.esp.sftp.session() as sftp:
+            file = lists.list_file(stream, job, wanted, settings, suppression, None, copied=False)
             uploaded = await upload_stream_atomic(sftp, file, remote)
     uploaded_at = uploaded_at or utcnow()
     async with uploader.pool.acquire() as conn:
         if kept_days is not None:
-            if not copied:
-                await _record_keys(conn, job, uploaded_at, stream.keys)
+            if not in_place:
+                await _record_keys(
+                    conn, job, uploaded_at, stream.keys if selected_keys is None else selected_keys
+                )
             forgotten = await uploaded_lists.forget_lists(
                 conn, job.esp, job.account, uploaded_at - timedelta(days=kept_days)
             )
             if forgotten:
                 log.info("old lists' keys removed", extra={"lists": forgotten, "kept_days": kept_days})
         await jobs.set_remote_path(conn, job.job_id, remote)
+    if stream.tally.excluded:
+        log.info(
+            "recipients left out",
+            extra={
+                "by_subscription_state": stream.tally.by_state,
+                "by_suppression_column": stream.tally.by_column,
+            },
+        )
     return ListUploaded(
         job_id=job.job_id,
         esp=job.esp,
@@ -148,11 +187,10 @@ async def upload_list(job: BroadcastJob, uploader: Uploader) -> ListUploaded:
 
 
 async def _record_selected_keys(
-    conn: Conn, job: BroadcastJob, uploaded_at: datetime, sel: TableSelection, key_column: str, column: str
+    conn: Conn, job: BroadcastJob, uploaded_at: datetime, select: str, args: list[Any]
 ) -> None:
-    """Record the keys of a list written by the server's COPY, by the same selection, in the same
-    transaction (so in the snapshot the file was written from)."""
-    select, args = await selection.key_query(conn, sel, key_column, column)
+    """Record the keys of a list written by the server's COPY, by the same selection (``select``),
+    in the same transaction (so in the snapshot the file was written from)."""
     list_id = await uploaded_lists.start_list(conn, job.job_id, job.esp, job.account, uploaded_at)
     keys = await uploaded_lists.insert_selected_keys(conn, list_id, select, args)
     log.info("list keys recorded", extra={"keys": keys})

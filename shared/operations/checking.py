@@ -10,6 +10,7 @@ the job id, and whether the job fits on its topic. Nothing is uploaded, publishe
 
 from __future__ import annotations
 
+import contextlib
 import csv
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from shared.model.messages import (
 )
 from shared.model.topics import Topic
 from shared.operations import lists, selection
-from shared.operations.selection import Counted, SelectionSettings
+from shared.operations.selection import Counted, SelectionSettings, Suppression
 
 FIRST_ROWS = 5
 """How many rows of the list file the check shows."""
@@ -190,15 +191,23 @@ async def size_finding(kafka: KafkaSettings, job: BroadcastJob) -> Finding:
 
 
 def count_finding(counted: Counted, column: str) -> Finding:
-    """The recipients and those excluded; nobody left is a failure, as the uploader's."""
-    excluded = (
-        f"{counted.excluded:,} excluded as opted out ({column})"
-        if counted.suppression_checked
-        else f"nobody excluded: the selection has no {column} column"
-    )
+    """The recipients and those excluded, by the subscription state and by the suppression column;
+    nobody left is a failure, as the uploader's."""
     if counted.recipients == 0:
-        return _failed("recipients", f"the selection has no recipients ({counted.excluded} opted out)")
-    return _ok("recipients", f"{counted.recipients:,} to upload, {excluded}")
+        excluded = lists.excluded_text(counted.by_state, counted.by_column)
+        return _failed("recipients", f"the selection has no recipients ({excluded})")
+    by_state = (
+        f"{counted.by_state:,} by the subscription state"
+        if counted.state_checked
+        else "none by the subscription state (the CRM keeps none)"
+    )
+    by_column = (
+        f"{counted.by_column:,} as opted out ({column})"
+        if counted.suppression_checked
+        else f"none as opted out (the selection has no {column} column)"
+    )
+    excluded = f"{counted.excluded:,} excluded" if counted.excluded else "nobody excluded"
+    return _ok("recipients", f"{counted.recipients:,} to upload, {excluded}: {by_state}, {by_column}")
 
 
 async def _count_rows(rows: AsyncIterator[Any]) -> int:
@@ -209,22 +218,25 @@ async def _count_rows(rows: AsyncIterator[Any]) -> int:
 
 
 async def count_recipients(
-    conn: Conn, job: BroadcastJob, wanted: list[str], reading: SelectionSettings
+    conn: Conn, job: BroadcastJob, wanted: list[str], reading: SelectionSettings, suppression: Suppression
 ) -> Counted:
-    """How many recipients the selection holds and how many it leaves out (the uploader's rules)."""
+    """How many recipients the selection holds and how many it leaves out (the uploader's rules),
+    read through the CRM connection."""
     sel, column = job.selection, reading.suppression_column
+    state_checked = suppression.scope is not None
     if isinstance(sel, TableSelection):
-        return await selection.count_table(conn, sel, wanted, column)
+        return await selection.count_table(conn, sel, wanted, suppression)
     tally = selection.Tally()
     if isinstance(sel, CsvSelection):
         path = selection.resolve_csv(reading.csv_dir, sel.path)
         with path.open(encoding="utf-8-sig", newline="") as f:
             has_column = column in next(csv.reader(f, delimiter=sel.delimiter), [])
-        kept = await _count_rows(selection.from_csv(path, sel, wanted, column, tally))
-        return Counted(kept, tally.excluded, suppression_checked=has_column)
-    assert isinstance(sel, InlineSelection)
-    kept = await _count_rows(selection.from_inline(sel, wanted, column, tally))
-    return Counted(kept, tally.excluded, suppression_checked=any(column in row for row in sel.rows))
+        kept = await _count_rows(selection.from_csv(path, sel, wanted, suppression, tally))
+    else:
+        assert isinstance(sel, InlineSelection)
+        has_column = any(column in row for row in sel.rows)
+        kept = await _count_rows(selection.from_inline(sel, wanted, suppression, tally))
+    return Counted(kept, tally.by_column, has_column, tally.by_state, state_checked)
 
 
 async def list_head(
@@ -233,6 +245,7 @@ async def list_head(
     connector: Connector,
     header: list[str],
     reading: SelectionSettings,
+    suppression: Suppression,
     rows: int = FIRST_ROWS,
 ) -> ListHead:
     """The header and first rows of the list file, written by the uploader's own code."""
@@ -241,7 +254,7 @@ async def list_head(
     stream = lists.ListStream(header=header, fmt=fmt, limit=rows)
     copied = isinstance(job.selection, TableSelection) and lists.copy_can_write(fmt)
     async with conn.transaction(readonly=True):
-        file = lists.list_file(stream, job, wanted, reading, conn, copied=copied)
+        file = lists.list_file(stream, job, wanted, reading, suppression, conn, copied=copied)
         data = b"".join([chunk async for chunk in file])
     return ListHead(connector.list_path(job), data.decode(fmt.encoding, "replace"), stream.rows)
 
@@ -254,6 +267,16 @@ def _selection_text(job: BroadcastJob, counted: Counted) -> str:
     if isinstance(sel, CsvSelection):
         return f"CSV file {sel.path}: has every column the field map and key name"
     return f"{counted.recipients + counted.excluded} inline rows, each with every mapped column"
+
+
+async def _suppression(
+    crm: Conn, job: BroadcastJob, connector: Connector | None, reading: SelectionSettings
+) -> Suppression:
+    """The uploader's suppression of the job; the suppression column alone without an account (or
+    a field map that names the email)."""
+    if connector is None:
+        return Suppression(reading.suppression_column)
+    return await lists.job_suppression(crm, job, connector, reading)
 
 
 async def check_job(
@@ -285,9 +308,14 @@ async def check_job(
             field_map, header = field_map_finding(job, fmt)
             findings.append(field_map)
             wanted = lists.source_columns(job, fmt.key_field)
-        conn = await connect(pg)
-        try:
+        async with contextlib.AsyncExitStack() as opened:
+            conn = await connect(pg)
+            opened.push_async_callback(conn.close)
             findings.append(await job_id_finding(conn, job))
+            crm = conn  # selections are read from the CRM database, espbridge's unless moved
+            if not reading.crm.same_database(pg):
+                crm = await connect(reading.crm.resolve(pg))
+                opened.push_async_callback(crm.close)
             if isinstance(job.selection, CsvSelection) and reading.csv_dir is None:
                 findings.append(
                     _skipped(
@@ -298,7 +326,8 @@ async def check_job(
                 )
             else:
                 try:
-                    counted = await count_recipients(conn, job, wanted, reading)
+                    suppression = await _suppression(crm, job, connector if header else None, reading)
+                    counted = await count_recipients(crm, job, wanted, reading, suppression)
                 except selection.SelectionError as exc:
                     findings.append(_failed("selection", str(exc)))
                 else:
@@ -306,10 +335,8 @@ async def check_job(
                         _ok("selection", _selection_text(job, counted)),
                         count_finding(counted, reading.suppression_column),
                     ]
-            if connector is not None and header is not None and counted is not None and counted.recipients:
-                head = await list_head(conn, job, connector, header, reading, first_rows)
-        finally:
-            await conn.close()
+                    if connector is not None and header is not None and counted.recipients:
+                        head = await list_head(crm, job, connector, header, reading, suppression, first_rows)
     findings.append(send_time_finding(job, now or utcnow()))
     findings.append(await size_finding(kafka, job))
     return JobCheck(job, tuple(findings), counted, head)

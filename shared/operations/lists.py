@@ -20,12 +20,12 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
-from shared.esp import ListFormat
+from shared.esp import Connector, ListFormat
 from shared.infra.db import Conn
 from shared.model.errors import PermanentError
 from shared.model.messages import BroadcastJob, CsvSelection, InlineSelection, SendMode, TableSelection
 from shared.operations import selection
-from shared.operations.selection import SelectionSettings
+from shared.operations.selection import SelectionSettings, Suppression
 
 CHUNK_ROWS = 2000
 COPY_CHUNK_BYTES = 256 * 1024
@@ -63,6 +63,14 @@ def list_columns(job: BroadcastJob, email_field: str, key_field: str) -> list[st
     if key_field not in fields:
         fields.append(key_field)
     return fields
+
+
+def email_column(job: BroadcastJob, email_field: str) -> str:
+    """The source column mapped to the ESP's email field (whose subscription state is checked)."""
+    for column, list_field in job.field_map.items():
+        if list_field == email_field:
+            return column
+    raise FieldMapError(f"field_map maps no column to the ESP's {email_field!r} field")
 
 
 def source_columns(job: BroadcastJob, key_field: str) -> list[str]:
@@ -142,7 +150,9 @@ class ListStream:
         return encode_rows([self.header], self.fmt.delimiter, self.fmt.line_terminator, self.fmt.encoding)
 
     def _empty(self) -> EmptySelectionError:
-        return EmptySelectionError(f"the selection has no recipients ({self.tally.excluded} opted out)")
+        return EmptySelectionError(
+            f"the selection has no recipients ({excluded_text(self.tally.by_state, self.tally.by_column)})"
+        )
 
     async def _handed_on(self, chunk: bytes) -> None:
         self.written += len(chunk)
@@ -178,7 +188,7 @@ class ListStream:
             await self._handed_on(chunk)
 
     async def copied(
-        self, conn: Conn, table: TableSelection, wanted: list[str], suppression_column: str
+        self, conn: Conn, table: TableSelection, wanted: list[str], suppression: Suppression
     ) -> AsyncIterator[bytes]:
         """The file from the server's COPY: the header, then its CSV as it arrives (only for a format
         :func:`copy_can_write`)."""
@@ -193,7 +203,7 @@ class ListStream:
 
         async def run() -> int:
             n = await selection.copy_table_csv(
-                conn, table, wanted, suppression_column, self.tally, self.fmt.delimiter, output, self.limit
+                conn, table, wanted, suppression, self.tally, self.fmt.delimiter, output, self.limit
             )
             await queue.put(bytes(pending))
             await queue.put(None)
@@ -230,26 +240,60 @@ async def _next_chunk(queue: asyncio.Queue[bytes | None], task: asyncio.Task[int
     return await queue.get()  # the COPY finished: its last pieces are queued
 
 
+def subscription_scope(connector: Connector) -> selection.SubscriptionScope:
+    """The account and list whose subscription state a job through ``connector`` honours: the
+    account's broadcast list (``*`` when it syncs no lists)."""
+    account = connector.account
+    return selection.SubscriptionScope(account.esp, account.account, account.subscriptions.default_list)
+
+
+async def job_suppression(
+    crm: Conn, job: BroadcastJob, connector: Connector, reading: SelectionSettings
+) -> Suppression:
+    """What leaves a recipient out of the job's list, read through the CRM connection: the
+    account's subscription state (where the CRM keeps it) and the suppression column."""
+    return await selection.suppression_for(
+        crm,
+        job.selection,
+        reading.suppression_column,
+        subscription_scope(connector),
+        email_column(job, connector.list_format.email_field),
+    )
+
+
+def excluded_text(by_state: int, by_column: int) -> str:
+    """The rows left out, as an empty selection's error says them."""
+    if by_state and by_column:
+        return f"{by_state:,} suppressed by the subscription state, {by_column:,} opted out"
+    if by_state:
+        return f"{by_state:,} suppressed by the subscription state"
+    return f"{by_column:,} opted out"
+
+
 def list_file(
     stream: ListStream,
     job: BroadcastJob,
     wanted: list[str],
     reading: SelectionSettings,
+    suppression: Suppression,
     conn: Conn | None,
     *,
     copied: bool,
 ) -> AsyncIterator[bytes]:
-    """The job's list file from its selection: a table through ``conn`` (inside a transaction; by
-    the server's COPY when ``copied``), a CSV file from the allowed folder, or the inline rows."""
-    sel, column = job.selection, reading.suppression_column
+    """The job's list file from its selection: a table through the CRM connection ``conn`` (inside
+    a transaction; by the server's COPY when ``copied``), a CSV file from the allowed folder, or the
+    inline rows; each without the rows ``suppression`` leaves out."""
+    sel = job.selection
     if isinstance(sel, TableSelection):
         assert conn is not None, "a table selection is read through a connection"
         if copied:
-            return stream.copied(conn, sel, wanted, column)
-        rows = selection.from_table(conn, sel, wanted, column, stream.tally, reading.fetch_rows, stream.limit)
+            return stream.copied(conn, sel, wanted, suppression)
+        rows = selection.from_table(
+            conn, sel, wanted, suppression, stream.tally, reading.fetch_rows, stream.limit
+        )
         return stream.encoded(rows)
     if isinstance(sel, CsvSelection):
         path = selection.resolve_csv(reading.csv_dir, sel.path)
-        return stream.encoded(selection.from_csv(path, sel, wanted, column, stream.tally))
+        return stream.encoded(selection.from_csv(path, sel, wanted, suppression, stream.tally))
     assert isinstance(sel, InlineSelection)
-    return stream.encoded(selection.from_inline(sel, wanted, column, stream.tally))
+    return stream.encoded(selection.from_inline(sel, wanted, suppression, stream.tally))

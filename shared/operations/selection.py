@@ -1,9 +1,10 @@
 """Reading a job's recipients: a CRM table or view (server-side cursor or COPY), a CSV file, inline
 rows — for the uploader's list file and for ``espbridge job check``, which run the same code.
 
-Every source yields rows of the selected source columns as tuples, streamed; rows opted out by
-the suppression column are counted, not yielded. A table selection's every column (selected,
-mapped or filtered) must exist, or nothing is read.
+Every source yields rows of the selected source columns as tuples, streamed; suppressed rows are
+counted, not yielded (:class:`Suppression`): an email the CRM's subscription state suppresses for the
+job's account (a row of ``crm.suppressions``), or a row the table's own suppression column flags. A
+table selection's every column (selected, mapped or filtered) must exist, or nothing is read.
 """
 
 from __future__ import annotations
@@ -18,12 +19,16 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.infra.db import Conn, quote_ident, quote_qualified
+from shared.infra.settings import CrmSettings
 from shared.model.errors import PermanentError
 from shared.model.messages import CsvSelection, Identifier, InlineSelection, TableSelection
 
 TRUTHY = frozenset({"true", "t", "1", "yes", "y"})
 NAMED_AT_MOST = 20
 """How many missing columns an error names before it counts the rest."""
+SUPPRESSIONS = "crm.suppressions"
+"""The CRM's view of the emails not to be mailed, per (esp, account, list); ``*`` rows: every list
+of the account, or with esp and account ``*`` too, everywhere."""
 
 
 class SelectionError(PermanentError):
@@ -40,23 +45,118 @@ class SelectionSettings(BaseSettings):
     )
     csv_dir: Path | None = Field(default=None, description="the only folder CSV selections may be read from")
     fetch_rows: int = Field(default=5000, ge=100, description="rows per round trip of the selection cursor")
+    crm: CrmSettings = Field(
+        default_factory=CrmSettings, description="the CRM database selections are read from"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionScope:
+    """The account and list whose suppression rows leave an email out of a job's list."""
+
+    esp: str
+    account: str
+    list: str
+    """The account's broadcast list (``*`` when it syncs none)."""
+
+    def __str__(self) -> str:
+        return f"{self.esp}/{self.account} list {self.list!r}"
+
+
+@dataclass(frozen=True, slots=True)
+class Suppression:
+    """What leaves a selected row out: the subscription state of its email for ``scope`` (in SQL
+    for a table selection, ``emails`` read once for a CSV or inline one), then the ``column`` flag."""
+
+    column: str
+    """The source's own boolean suppression column (ignored where the source has none)."""
+    scope: SubscriptionScope | None = None
+    """None: no subscription state is checked (the CRM keeps none, or the job has no account)."""
+    email_column: str = "email"
+    """The source column holding the email (the one mapped to the ESP's email field)."""
+    emails: frozenset[str] = frozenset()
+    """For CSV and inline selections: the lower-cased emails ``scope`` suppresses."""
+
+    def state_suppresses(self, row: Mapping[str, Any]) -> bool:
+        """Whether a CSV or inline row's email is suppressed by the subscription state."""
+        value = row.get(self.email_column)
+        return self.scope is not None and value is not None and str(value).strip().lower() in self.emails
 
 
 @dataclass
 class Tally:
-    """Rows excluded while streaming a selection."""
+    """Rows excluded while streaming a selection: by the subscription state, and (of the rest) by
+    the suppression column."""
 
-    excluded: int = 0
+    by_state: int = 0
+    by_column: int = 0
+
+    @property
+    def excluded(self) -> int:
+        """Every row left out."""
+        return self.by_state + self.by_column
 
 
 @dataclass(frozen=True, slots=True)
 class Counted:
-    """A selection's size: the recipients a list file would hold, and those left out as opted out."""
+    """A selection's size: the recipients a list file would hold, and those left out as opted out
+    by the suppression column and by the subscription state."""
 
     recipients: int
-    excluded: int
+    by_column: int
     suppression_checked: bool
-    """Whether the source has the suppression column at all (else nobody is excluded)."""
+    """Whether the source has the suppression column at all (else nobody is excluded by it)."""
+    by_state: int = 0
+    state_checked: bool = False
+    """Whether the CRM keeps subscription state that was checked (else nobody is excluded by it)."""
+
+    @property
+    def excluded(self) -> int:
+        """Every row left out."""
+        return self.by_state + self.by_column
+
+
+async def subscription_state_kept(conn: Conn) -> bool:
+    """Whether the CRM database keeps subscription state (has the :data:`SUPPRESSIONS` view)."""
+    return bool(await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", SUPPRESSIONS))
+
+
+_SCOPE_SQL = (
+    "((s.esp = ${esp} AND s.account = ${account} AND s.list IN (${list}, '*'))"
+    " OR (s.esp = '*' AND s.account = '*' AND s.list = '*'))"
+)
+"""The suppression rows of a scope: its account's list, every list of it, everywhere."""
+
+
+def _scope_condition(scope: SubscriptionScope, args: list[Any]) -> str:
+    """:data:`_SCOPE_SQL` with the scope's values appended to ``args`` as parameters."""
+    at = len(args)
+    args += [scope.esp, scope.account, scope.list]
+    return _SCOPE_SQL.format(esp=at + 1, account=at + 2, list=at + 3)
+
+
+async def suppressed_emails(conn: Conn, scope: SubscriptionScope) -> frozenset[str]:
+    """The emails the CRM's subscription state suppresses for ``scope``, read once for a CSV or
+    inline selection."""
+    args: list[Any] = []
+    where = _scope_condition(scope, args)
+    rows = await conn.fetch(f"SELECT DISTINCT s.email FROM {SUPPRESSIONS} AS s WHERE {where}", *args)
+    return frozenset(str(r["email"]).lower() for r in rows)
+
+
+async def suppression_for(
+    conn: Conn,
+    sel: TableSelection | CsvSelection | InlineSelection,
+    column: str,
+    scope: SubscriptionScope | None,
+    email_column: str,
+) -> Suppression:
+    """The suppression of a job's selection read through the CRM connection ``conn``: the
+    subscription state for ``scope`` where the CRM keeps it, and the ``column`` flag."""
+    if scope is None or not await subscription_state_kept(conn):
+        return Suppression(column, email_column=email_column)
+    emails = frozenset() if isinstance(sel, TableSelection) else await suppressed_emails(conn, scope)
+    return Suppression(column, scope, email_column, emails)
 
 
 def missing_text(where: str, missing: Collection[str]) -> str:
@@ -91,6 +191,10 @@ async def table_columns(conn: Conn, table: str) -> dict[str, str]:
     return {r["attname"]: r["type"] for r in rows}
 
 
+_ALIAS = "recipient"
+"""The selection's table in its queries, so the suppression subquery names its email column."""
+
+
 @dataclass(frozen=True, slots=True)
 class _Where:
     """A table selection's source and conditions, checked against its columns."""
@@ -98,17 +202,25 @@ class _Where:
     source: str
     conditions: list[str]
     args: list[Any]
-    suppressed: str | None
-    """The SQL that is true for an opted-out row; None when the table has no suppression column."""
+    by_state: str | None
+    """The SQL that is true for a row the subscription state suppresses; None when not checked."""
+    by_column: str | None
+    """The SQL that is true for a row the suppression column flags; None when the table has none."""
     types: dict[str, str]
+
+    @property
+    def kept(self) -> list[str]:
+        """The conditions of the rows the list holds."""
+        return [*self.conditions, *(f"NOT {s}" for s in (self.by_state, self.by_column) if s is not None)]
 
 
 async def _where(
-    conn: Conn, selection: TableSelection, wanted: Sequence[str], suppression_column: str
+    conn: Conn, selection: TableSelection, wanted: Sequence[str], suppression: Suppression
 ) -> _Where:
     """The selection's conditions (filter values as parameters), once every column it names exists."""
     types = await table_columns(conn, selection.table)
-    missing = {*selection.columns, *wanted, *selection.filters} - types.keys()
+    checked = {suppression.email_column} if suppression.scope is not None else set()
+    missing = {*selection.columns, *wanted, *selection.filters, *checked} - types.keys()
     if missing:
         raise SelectionError(missing_text(selection.table, missing))
     conditions: list[str] = []
@@ -119,10 +231,40 @@ async def _where(
         else:
             args.append(value)
             conditions.append(f"{quote_ident(column)} = ${len(args)}")
-    suppressed = (
-        f"coalesce({quote_ident(suppression_column)}, false)" if suppression_column in types else None
+    by_state = None
+    if suppression.scope is not None:
+        email = f"lower({_ALIAS}.{quote_ident(suppression.email_column)}::text)"
+        scope = _scope_condition(suppression.scope, args)
+        by_state = f"EXISTS (SELECT 1 FROM {SUPPRESSIONS} AS s WHERE s.email = {email} AND {scope})"
+    column = suppression.column
+    by_column = f"coalesce({_ALIAS}.{quote_ident(column)}, false)" if column in types else None
+    source = f"{quote_qualified(selection.table)} AS {_ALIAS}"
+    return _Where(source, conditions, args, by_state, by_column, types)
+
+
+async def _count_excluded(conn: Conn, where: _Where) -> Counted:
+    """The rows a table selection keeps and those it leaves out (by the state, then by the column
+    of the rest), in one scan."""
+    by_state = where.by_state or "false"
+    by_column = f"{where.by_column} AND NOT {by_state}" if where.by_column else "false"
+    row = await conn.fetchrow(
+        _sql(
+            f"count(*) FILTER (WHERE {' AND '.join(where.kept) or 'true'}) AS kept, "
+            f"count(*) FILTER (WHERE {by_state}) AS by_state, "
+            f"count(*) FILTER (WHERE {by_column}) AS by_column",
+            where.source,
+            where.conditions,
+        ),
+        *where.args,
     )
-    return _Where(quote_qualified(selection.table), conditions, args, suppressed, types)
+    assert row is not None  # an aggregate always answers one row
+    return Counted(
+        row["kept"],
+        row["by_column"],
+        suppression_checked=where.by_column is not None,
+        by_state=row["by_state"],
+        state_checked=where.by_state is not None,
+    )
 
 
 def _sql(select: str, source: str, conditions: Sequence[str]) -> str:
@@ -133,22 +275,19 @@ async def _table_query(
     conn: Conn,
     selection: TableSelection,
     wanted: Sequence[str],
-    suppression_column: str,
+    suppression: Suppression,
     tally: Tally | None,
     expressions: Callable[[dict[str, str]], Sequence[str]],
     limit: int | None = None,
 ) -> tuple[str, list[Any]]:
     """The SELECT of a table selection's ``expressions`` (made from the column types; one per
-    wanted column), and its arguments; counts the opted-out rows into ``tally`` (unless None)."""
-    where = await _where(conn, selection, wanted, suppression_column)
-    conditions, args = list(where.conditions), list(where.args)
-    if where.suppressed is not None:
-        if tally is not None:
-            tally.excluded = await conn.fetchval(
-                _sql("count(*)", where.source, [*conditions, where.suppressed]), *args
-            )
-        conditions.append(f"NOT {where.suppressed}")
-    query = _sql(", ".join(expressions(where.types)), where.source, conditions)
+    wanted column), and its arguments; counts the excluded rows into ``tally`` (unless None)."""
+    where = await _where(conn, selection, wanted, suppression)
+    args = list(where.args)
+    if tally is not None and (where.by_state or where.by_column):
+        counted = await _count_excluded(conn, where)
+        tally.by_state, tally.by_column = counted.by_state, counted.by_column
+    query = _sql(", ".join(expressions(where.types)), where.source, where.kept)
     if limit is not None:
         args.append(limit)
         query += f" LIMIT ${len(args)}"
@@ -156,40 +295,24 @@ async def _table_query(
 
 
 async def count_table(
-    conn: Conn, selection: TableSelection, wanted: Sequence[str], suppression_column: str
+    conn: Conn, selection: TableSelection, wanted: Sequence[str], suppression: Suppression
 ) -> Counted:
     """How many rows a table selection would upload and leave out, in one scan."""
-    where = await _where(conn, selection, wanted, suppression_column)
-    if where.suppressed is None:
-        total = await conn.fetchval(_sql("count(*)", where.source, where.conditions), *where.args)
-        return Counted(total, 0, suppression_checked=False)
-    row = await conn.fetchrow(
-        _sql(
-            f"count(*) FILTER (WHERE NOT {where.suppressed}) AS kept, "
-            f"count(*) FILTER (WHERE {where.suppressed}) AS excluded",
-            where.source,
-            where.conditions,
-        ),
-        *where.args,
-    )
-    assert row is not None  # an aggregate always answers one row
-    return Counted(row["kept"], row["excluded"], suppression_checked=True)
+    return await _count_excluded(conn, await _where(conn, selection, wanted, suppression))
 
 
 async def from_table(
     conn: Conn,
     selection: TableSelection,
     wanted: Sequence[str],
-    suppression_column: str,
+    suppression: Suppression,
     tally: Tally,
     prefetch: int,
     limit: int | None = None,
 ) -> AsyncIterator[tuple[Any, ...]]:
     """Rows of a table or view, in a server-side cursor (call inside a transaction)."""
     columns = [quote_ident(c) for c in wanted]
-    query, args = await _table_query(
-        conn, selection, wanted, suppression_column, tally, lambda _: columns, limit
-    )
+    query, args = await _table_query(conn, selection, wanted, suppression, tally, lambda _: columns, limit)
     async for record in conn.cursor(query, *args, prefetch=prefetch):
         yield tuple(record.values())
 
@@ -219,7 +342,7 @@ async def copy_table_csv(
     conn: Conn,
     selection: TableSelection,
     wanted: Sequence[str],
-    suppression_column: str,
+    suppression: Suppression,
     tally: Tally,
     delimiter: str,
     output: Callable[[bytes], Coroutine[Any, Any, None]],
@@ -227,22 +350,18 @@ async def copy_table_csv(
 ) -> int:
     """The selection's rows as CSV (no header) from the server's COPY, streamed to ``output``;
     the number of rows. Call inside a transaction: times are rendered in UTC, as asyncpg's are."""
-    query, args = await _table_query(
-        conn, selection, wanted, suppression_column, tally, _list_texts(wanted), limit
-    )
+    query, args = await _table_query(conn, selection, wanted, suppression, tally, _list_texts(wanted), limit)
     await conn.execute("SET LOCAL TIME ZONE 'UTC'")
     done = await conn.copy_from_query(query, *args, output=output, format="csv", delimiter=delimiter)
     return int(done.split()[-1])
 
 
 async def key_query(
-    conn: Conn, selection: TableSelection, key_column: str, suppression_column: str
+    conn: Conn, selection: TableSelection, key_column: str, suppression: Suppression
 ) -> tuple[str, list[Any]]:
     """The SELECT of a table selection's communication keys as its list file writes them (one
     text column; NULL for none), and its arguments."""
-    return await _table_query(
-        conn, selection, [key_column], suppression_column, None, _list_texts([key_column])
-    )
+    return await _table_query(conn, selection, [key_column], suppression, None, _list_texts([key_column]))
 
 
 def resolve_csv(csv_dir: Path | None, path: str) -> Path:
@@ -258,8 +377,19 @@ def resolve_csv(csv_dir: Path | None, path: str) -> Path:
     return candidate
 
 
+def _kept(row: Mapping[str, Any], suppression: Suppression, tally: Tally) -> bool:
+    """Whether a CSV or inline row goes in the list; counts it into ``tally`` if not."""
+    if suppression.state_suppresses(row):
+        tally.by_state += 1
+        return False
+    if is_suppressed(row, suppression.column):
+        tally.by_column += 1
+        return False
+    return True
+
+
 async def from_csv(
-    path: Path, selection: CsvSelection, wanted: Sequence[str], suppression_column: str, tally: Tally
+    path: Path, selection: CsvSelection, wanted: Sequence[str], suppression: Suppression, tally: Tally
 ) -> AsyncIterator[tuple[Any, ...]]:
     """Rows of a UTF-8 CSV file with a header row, read as a stream."""
     with path.open(encoding="utf-8-sig", newline="") as f:
@@ -268,21 +398,17 @@ async def from_csv(
         if missing:
             raise SelectionError(missing_text(f"CSV file {path.name}", missing))
         for row in reader:
-            if is_suppressed(row, suppression_column):
-                tally.excluded += 1
-                continue
-            yield tuple(row[c] for c in wanted)
+            if _kept(row, suppression, tally):
+                yield tuple(row[c] for c in wanted)
 
 
 async def from_inline(
-    selection: InlineSelection, wanted: Sequence[str], suppression_column: str, tally: Tally
+    selection: InlineSelection, wanted: Sequence[str], suppression: Suppression, tally: Tally
 ) -> AsyncIterator[tuple[Any, ...]]:
     """Rows carried in the job."""
     for n, row in enumerate(selection.rows, start=1):
         missing = sorted(set(wanted) - set(row))
         if missing:
             raise SelectionError(f"inline row {n} has no {', '.join(missing)}")
-        if is_suppressed(row, suppression_column):
-            tally.excluded += 1
-            continue
-        yield tuple(row[c] for c in wanted)
+        if _kept(row, suppression, tally):
+            yield tuple(row[c] for c in wanted)

@@ -149,11 +149,14 @@ async def test_a_lists_keys_are_recorded_alike_from_the_copy_and_the_row_writer_
     for table, wanted in (("crm.keyed", {"K1", 'Ünï "q"'}), ("crm.numbered", {"7"})):
         sel = TableSelection(kind="table", table=table, columns=("email", "ck"))
         async with db.transaction():
-            select, args = await selection.key_query(db, sel, "ck", "opted_out")
+            select, args = await selection.key_query(db, sel, "ck", selection.Suppression("opted_out"))
             copied = await uploaded_lists.start_list(db, f"copied-{table}", "e", "a", start)
             await uploaded_lists.insert_selected_keys(db, copied, select, args)
             rows = [
-                r async for r in selection.from_table(db, sel, ["ck"], "opted_out", selection.Tally(), 10)
+                r
+                async for r in selection.from_table(
+                    db, sel, ["ck"], selection.Suppression("opted_out"), selection.Tally(), 10
+                )
             ]
             written = await uploaded_lists.start_list(db, f"written-{table}", "e", "a", start)
             await uploaded_lists.copy_keys(db, written, [k for (v,) in rows if (k := lists.text(v))])

@@ -19,6 +19,8 @@ and a line break', false, '2026-11-22 10:00:00.120000+00', '1999-01-01', 0.1, -3
    'Ünï "q"'),
   ('e@x.com', 'opted out', true, now(), current_date, 1, 1, '{}', true, 'x')
 """
+OPTED_OUT = selection.Suppression("opted_out")
+"""The table's own flag column; no subscription state (no account)."""
 COLUMNS = ["email", "note", "flag", "seen_at", "born", "amount", "n", "attrs", "code"]
 
 
@@ -34,7 +36,7 @@ async def test_copy_and_the_row_writer_write_the_same_list(db: asyncpg.Connectio
     sel = TableSelection(kind="table", table="crm.mixed", columns=tuple(COLUMNS))
     by_rows = selection.Tally()
     async with db.transaction(readonly=True):
-        rows = [r async for r in selection.from_table(db, sel, COLUMNS, "opted_out", by_rows, 100)]
+        rows = [r async for r in selection.from_table(db, sel, COLUMNS, OPTED_OUT, by_rows, 100)]
     written = lists.encode_rows(rows, ";", "\n", "utf-8")
 
     pieces: list[bytes] = []
@@ -44,6 +46,6 @@ async def test_copy_and_the_row_writer_write_the_same_list(db: asyncpg.Connectio
 
     by_copy = selection.Tally()
     async with db.transaction(readonly=True):
-        n = await selection.copy_table_csv(db, sel, COLUMNS, "opted_out", by_copy, ";", output)
+        n = await selection.copy_table_csv(db, sel, COLUMNS, OPTED_OUT, by_copy, ";", output)
     assert (n, by_copy.excluded) == (len(rows), by_rows.excluded) == (4, 1)
     assert b"".join(pieces) == written

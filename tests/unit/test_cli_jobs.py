@@ -52,13 +52,35 @@ def test_a_send_time_weeks_ahead_passes_the_check_whatever_the_esp_can_schedule(
 @pytest.mark.parametrize(
     ("counted", "verdict", "detail"),
     [
-        (Counted(96970, 3030, True), Verdict.OK, "96,970 to upload, 3,030 excluded as opted out (opted_out)"),
         (
-            Counted(12, 0, False),
+            Counted(96970, 0, False, by_state=3030, state_checked=True),
             Verdict.OK,
-            "12 to upload, nobody excluded: the selection has no opted_out column",
+            "96,970 to upload, 3,030 excluded: 3,030 by the subscription state, "
+            "none as opted out (the selection has no opted_out column)",
+        ),
+        (
+            Counted(96970, 30, True, by_state=3000, state_checked=True),
+            Verdict.OK,
+            "96,970 to upload, 3,030 excluded: 3,000 by the subscription state, 30 as opted out (opted_out)",
+        ),
+        (
+            Counted(96970, 3030, True),
+            Verdict.OK,
+            "96,970 to upload, 3,030 excluded: none by the subscription state (the CRM keeps none), "
+            "3,030 as opted out (opted_out)",
+        ),
+        (
+            Counted(12, 0, False, state_checked=True),
+            Verdict.OK,
+            "12 to upload, nobody excluded: 0 by the subscription state, "
+            "none as opted out (the selection has no opted_out column)",
         ),
         (Counted(0, 4, True), Verdict.FAILED, "the selection has no recipients (4 opted out)"),
+        (
+            Counted(0, 1, True, by_state=3, state_checked=True),
+            Verdict.FAILED,
+            "the selection has no recipients (3 suppressed by the subscription state, 1 opted out)",
+        ),
     ],
 )
 def test_the_recipients_are_counted_and_nobody_left_is_a_failure(

@@ -98,13 +98,15 @@ def test_missing_columns_are_named_up_to_twenty_then_counted() -> None:
     assert many.endswith("c0019 and 4977 more")
 
 
+OPTED_OUT = selection.Suppression("opted_out")
+"""The rows' own flag column; no subscription state (no account)."""
 INLINE = InlineSelection(
     rows=tuple({"email": f"p{i}@x.com", "ck": f"k{i}", "opted_out": i % 3 == 0} for i in range(1, 10))
 )
 
 
 async def inline_file(stream: ListStream) -> bytes:
-    rows = selection.from_inline(INLINE, ["email", "ck"], "opted_out", stream.tally)
+    rows = selection.from_inline(INLINE, ["email", "ck"], OPTED_OUT, stream.tally)
     return b"".join([chunk async for chunk in stream.encoded(rows)])
 
 
@@ -136,5 +138,5 @@ async def test_an_empty_selection_is_an_error_that_counts_the_opted_out() -> Non
     stream = ListStream(header=["Email"], fmt=ListFormat())
     opted_out: Any = InlineSelection(rows=({"email": "a@x.com", "opted_out": True},))
     with pytest.raises(lists.EmptySelectionError, match=r"no recipients \(1 opted out\)"):
-        async for _ in stream.encoded(selection.from_inline(opted_out, ["email"], "opted_out", stream.tally)):
+        async for _ in stream.encoded(selection.from_inline(opted_out, ["email"], OPTED_OUT, stream.tally)):
             pass

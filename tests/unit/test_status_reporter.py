@@ -74,7 +74,7 @@ async def test_the_uploader_publishes_a_rejected_jobs_status_only(journal: Journ
     """control.jobs holds the valid job of that id, if any, not the message that was rejected."""
     none: Any = None
     uploader = Uploader(
-        none, cast(Runtime, journal), cast(Any, journal), none, reporter(journal, records=True)
+        none, cast(Runtime, journal), cast(Any, journal), none, reporter(journal, records=True), none
     )
     with pytest.raises(InvalidMessageError):
         await handle_job(b'{"job_id": "job-1", "esp": 3}', uploader)
