@@ -24,7 +24,7 @@ from shared.infra.kafka import publish
 from shared.model.messages import ListUploaded
 from shared.model.topics import Topic
 from shared.operations.jobs import build_job
-from tools.demo import demo_job, seed_customers
+from tools.demo import NOT_OPTED_OUT, demo_job, seed_customers
 
 LIMIT_TABLE = "bench_limit.events"
 SPY_OPTIONS = ("--rate", "50", "--nonblocking")
@@ -230,9 +230,7 @@ async def upload(env: BenchEnv, rows: int, customers: int, runs: int) -> UploadR
         await seed_customers(conn, customers)
         await conn.execute("VACUUM ANALYZE crm.customers")
         seed_s = time.monotonic() - t
-        selected = await conn.fetchval(
-            "SELECT count(*) FROM crm.customers WHERE NOT coalesce(opted_out, false)"
-        )
+        selected = await conn.fetchval(f"SELECT count(*) FROM crm.customers WHERE {NOT_OPTED_OUT}")
     finally:
         await conn.close()
     say(f"  crm.customers: {customers} customers, {selected} selected (seeded in {seed_s:.0f} s)")
@@ -297,7 +295,7 @@ async def upload(env: BenchEnv, rows: int, customers: int, runs: int) -> UploadR
 async def _list_limit(env: BenchEnv) -> tuple[float, float, int]:
     """psql ``\\copy (select …) to`` a local file, then OpenSSH ``sftp put`` of it: (copy s, put s, bytes)."""
     limit_csv = env.work / "limit-list.csv"
-    select = f"SELECT {', '.join(LIST_COLUMNS)} FROM crm.customers WHERE NOT coalesce(opted_out, false)"
+    select = f"SELECT {', '.join(LIST_COLUMNS)} FROM crm.customers WHERE {NOT_OPTED_OUT}"
     copy_s = await limits.copy_out_limit(env.pg, select, limit_csv)
     put_s = await limits.sftp_put(env.sftp, limit_csv, f"{env.remote_root}/drop/.limit-list.csv")
     limit_bytes = limit_csv.stat().st_size

@@ -47,31 +47,52 @@ FUNNEL_TYPES = (
 )
 
 
+NOT_OPTED_OUT = (
+    "NOT EXISTS (SELECT 1 FROM crm.suppressions AS s "
+    "WHERE s.email = lower(crm.customers.email) AND (s.esp, s.account, s.list) = ('*', '*', '*'))"
+)
+"""SQL true for a customer of crm.customers not opted out everywhere (the demo's opt-outs)."""
+
+
 async def seed_customers(conn: Conn, total: int, opted_out_every: int = 33) -> int:
-    """Top crm.customers up to ``total`` rows (deterministic data); returns the rows added."""
+    """Top crm.customers up to ``total`` rows (deterministic data), every ``opted_out_every``-th
+    opted out of everything in crm.subscriptions; returns the customers added."""
     have = await conn.fetchval("SELECT count(*) FROM crm.customers")
     if have >= total:
         return 0
-    await conn.execute(
-        """
-        INSERT INTO crm.customers (email, first_name, last_name, communication_key, opted_out, opted_out_at,
-                                   city, country, segment, loyalty_points)
-        SELECT 'customer' || n || '@example.com',
-               (ARRAY['Anna','Ben','Chloé','Dario','Emre','Fatma','Gustav','Hana'])[1 + n % 8],
-               (ARRAY['Smith','Jones','Müller','García','Dupont','Rossi','Novak','Kim'])[1 + (n / 8) % 8],
-               'ck-' || lpad(n::text, 9, '0'),
-               n % $3 = 0,
-               CASE WHEN n % $3 = 0 THEN now() END,
-               (ARRAY['London','Leeds','Bristol','Manchester, UK','Glasgow'])[1 + n % 5],
-               'GB',
-               (ARRAY['gold','silver','bronze'])[1 + n % 3],
-               (n * 37) % 1000
-        FROM generate_series($1::bigint + 1, $2::bigint) AS n
-        """,
-        have,
-        total,
-        opted_out_every,
-    )
+    async with conn.transaction():
+        await conn.execute(
+            """
+            INSERT INTO crm.customers (email, first_name, last_name, communication_key,
+                                       city, country, segment, loyalty_points)
+            SELECT 'customer' || n || '@example.com',
+                   (ARRAY['Anna','Ben','Chloé','Dario','Emre','Fatma','Gustav','Hana'])[1 + n % 8],
+                   (ARRAY['Smith','Jones','Müller','García','Dupont','Rossi','Novak','Kim'])[1 + (n / 8) % 8],
+                   'ck-' || lpad(n::text, 9, '0'),
+                   (ARRAY['London','Leeds','Bristol','Manchester, UK','Glasgow'])[1 + n % 5],
+                   'GB',
+                   (ARRAY['gold','silver','bronze'])[1 + n % 3],
+                   (n * 37) % 1000
+            FROM generate_series($1::bigint + 1, $2::bigint) AS n
+            """,
+            have,
+            total,
+        )
+        # The seeded opt-outs are the CRM's history, not changes for the syncer to push: written as
+        # espbridge's, as migration 0002 wrote the old opted_out flags (source stays 'crm').
+        await conn.execute("SET LOCAL espbridge.writer = 'espbridge'")
+        await conn.execute(
+            """
+            INSERT INTO crm.subscriptions (email, esp, account, list, state, reason, source, changed_at)
+            SELECT 'customer' || n || '@example.com', '*', '*', '*', 'unsubscribed', 'opted out', 'crm', now()
+            FROM generate_series($1::bigint + 1, $2::bigint) AS n
+            WHERE n % $3 = 0
+            ON CONFLICT (email, esp, account, list) DO NOTHING
+            """,
+            have,
+            total,
+            opted_out_every,
+        )
     return total - int(have)
 
 
@@ -352,12 +373,13 @@ async def run(recipients: int, esp: str, account: str) -> int:
     try:
         added = await seed_customers(conn, recipients)
         counts = await conn.fetchrow(
-            "SELECT count(*) AS n, count(*) FILTER (WHERE opted_out) AS o FROM crm.customers"
+            f"SELECT count(*) AS n, count(*) FILTER (WHERE NOT {NOT_OPTED_OUT}) AS o FROM crm.customers"
         )
     finally:
         await conn.close()
     assert counts is not None
-    say(f"crm.customers: {counts['n']} customers ({added} added now), {counts['o']} opted out")
+    opted_out = f"{counts['o']} opted out in crm.subscriptions"
+    say(f"crm.customers: {counts['n']} customers ({added} added now), {opted_out}")
 
     job = build_job(
         demo_job(

@@ -59,7 +59,11 @@ CHANGED: list[tuple[str, dict[str, Any], str]] = [
         "crm.customers has no column hat_size, shoe_size",
     ),
     ("no-rows", {"selection": table(city="Atlantis")}, "the selection has no recipients (0 opted out)"),
-    ("all-opted-out", {"selection": table(opted_out=True)}, "the selection has no recipients (1 opted out)"),
+    (
+        "all-opted-out",  # customer 33 is opted out everywhere in crm.subscriptions
+        {"selection": table(email="customer33@example.com")},
+        "the selection has no recipients (1 suppressed by the subscription state)",
+    ),
 ]
 
 
@@ -85,7 +89,7 @@ async def test_bad_jobs_fail_clearly_and_never_block_the_good_job_behind_them(
     deployment: Deployment, stack: ExitStack
 ) -> None:
     kafka, account = deployment.kafka, deployment.account
-    await deployment.seed(40)  # customer 33 is opted out
+    await deployment.seed(40)  # customer 33 is opted out (in crm.subscriptions)
     pipeline = start_pipeline(stack, deployment, [("sandbox", account)])
     bad = bad_jobs(account)
     # The ESP refuses every row: the field map puts first names in the Email column.

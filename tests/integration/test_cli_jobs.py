@@ -28,7 +28,7 @@ from tests.fixtures.kafka import count_records
 from tests.fixtures.servers import ROOT, free_port
 from tests.fixtures.waits import wait_for
 from tests.integration.test_dlq import Cli
-from tools.demo import demo_job
+from tools.demo import NOT_OPTED_OUT, demo_job
 
 COLUMNS = ["email", "first_name", "last_name", "city", "communication_key"]
 HEADER = "Email,FirstName,LastName,City,CommunicationKey"
@@ -118,11 +118,11 @@ async def test_job_publish_checks_first_a_missing_table_is_an_error_at_the_promp
 async def test_a_good_job_is_checked_with_its_first_rows_as_the_list_file_holds_them_then_published(
     deployment: Deployment,
 ) -> None:
-    await deployment.seed(40)  # customer 33 is opted out
+    await deployment.seed(40)  # customer 33 is opted out (in crm.subscriptions)
     cli, path = cli_for(deployment), job_file(deployment, "good")
     conn = await connect(deployment.database)
     try:
-        rows = await conn.fetch(f"SELECT {', '.join(COLUMNS)} FROM crm.customers WHERE NOT opted_out")
+        rows = await conn.fetch(f"SELECT {', '.join(COLUMNS)} FROM crm.customers WHERE {NOT_OPTED_OUT}")
     finally:
         await conn.close()
     list_rows = set(lists.encode_rows(rows, ",", "\n", "utf-8").decode().splitlines())  # quoted as CSV
@@ -132,6 +132,7 @@ async def test_a_good_job_is_checked_with_its_first_rows_as_the_list_file_holds_
     assert checked.returncode == 0, checked.stdout
     found = orjson.loads(checked.stdout)
     assert (found["ok"], found["recipients"], found["excluded"]) == (True, 39, 1)
+    assert (found["excluded_by_subscription_state"], found["excluded_by_suppression_column"]) == (1, 0)
     assert {c["check"]: c["verdict"] for c in found["checks"]} == dict.fromkeys(
         ["account", "field map", "job id", "selection", "recipients", "send time", "size"], "ok"
     )
