@@ -17,11 +17,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
-import asyncpg
 import orjson
 
-from shared.infra.db.core import Conn
+if TYPE_CHECKING:  # the values and rules here serve the syncer's core, which does no I/O
+    import asyncpg
+
+    from shared.infra.db.core import Conn
 
 WRITER_GUC = "espbridge.writer"
 """The setting espbridge's transactions set to ``espbridge``: the trigger then keeps their source."""
