@@ -8,7 +8,12 @@
   idempotent by the job id (``external_id``).
 * Responses: pulled from ``GET emails/export_responses``, one export type and one page per
   :meth:`InstillerConnector.pull_responses` call, with the connector's own JSON cursor
-  (``{"v":1,"next":<type>,"offsets":{<type>: rows read}}``). No response files, no webhooks.
+  (``{"v":1,"next":<type>,"offsets":{<type>: rows read}}``). No response files.
+* Subscriptions: a contact's fields through ``POST users/add_or_update``, its state on a list
+  through ``GET users/list_subscribe`` (``subscribed`` Y or N), a double opt-in through the
+  account's workflow (``POST automation/trigger_workflow``). Changes made at Instiller (an
+  unsubscribe, a complaint, a confirmed opt-in) come from the account's workflows as webhook calls
+  (:meth:`InstillerConnector.parse_webhook`), authenticated with the account's ``token``.
 
 Credentials: every request carries ``api_id`` and ``api_key`` as request parameters (query string
 for GET, ``multipart/form-data`` fields for POST; never a header). ``api_id`` is the account's
@@ -25,12 +30,13 @@ time format is an account option; see the documentation page for each of them.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Self, TypeVar
 
+import orjson
 from pydantic import Field, model_validator
 
-from shared.esp import base, rows
+from shared.esp import base, contacts, rows
 from shared.esp.accounts import AccountConfig
 from shared.esp.cursor import Count, StoredCursor
 from shared.esp.generic import ListRejectedError
@@ -39,7 +45,13 @@ from shared.esp.options import ConnectorOptions, DateFormat, TimeZone
 from shared.esp.rest import EspClient, EspRequestError, EspUnavailableError, is_count, short_json
 from shared.infra.db.jobs import SentBroadcast
 from shared.model.errors import ConfigurationError
-from shared.model.messages import BroadcastJob, EventType, ResponseEvent
+from shared.model.messages import (
+    BroadcastJob,
+    EventType,
+    ResponseEvent,
+    SubscriptionChange,
+    SubscriptionState,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +64,9 @@ DEFAULT_PATHS = {
     "send_status": "/emails/send_status",
     "list_sends": "/emails/list_sends",
     "export": "/emails/export_responses",
+    "add_or_update": "/users/add_or_update",
+    "list_subscribe": "/users/list_subscribe",
+    "trigger_workflow": "/automation/trigger_workflow",
 }
 DEFAULT_PARAMS = {
     "list": "list_api_identifier",
@@ -67,6 +82,10 @@ DEFAULT_PARAMS = {
     "export_type": "export_type",
     "offset": "offset",
     "limit": "limit",
+    "email": "email_address",
+    "subscribed": "subscribed",
+    "workflow": "workflow_api_identifier",
+    "workflow_variables": "workflow_session_variables",
 }
 DEFAULT_IMPORT_STATES = {"queued": "queued", "processing": "running", "complete": "done", "failed": "failed"}
 DEFAULT_SEND_STATES = {s: s for s in ("scheduled", "sending", "sent", "failed")}
@@ -128,6 +147,7 @@ class Options(ConnectorOptions):
         "export_type_map": DEFAULT_EXPORT_TYPE_MAP,
         "columns": DEFAULT_COLUMNS,
         "date_columns": DEFAULT_DATE_COLUMNS,
+        "webhook_events": contacts.DEFAULT_WEBHOOK_EVENTS,
     }
     ROLE_KEYED: ClassVar = ("paths", "params", "columns")
 
@@ -161,6 +181,14 @@ class Options(ConnectorOptions):
     date_format: DateFormat = "%Y-%m-%d %H:%M:%S"
     timezone: TimeZone = "Europe/London"
     requests_per_second: float = Field(default=5.0, gt=0)
+    double_opt_in_workflow: str | None = Field(
+        default=None,
+        min_length=1,
+        description="the API identifier of the workflow that mails the opt-in confirmation and subscribes",
+    )
+    webhook_events: dict[str, SubscriptionState] = Field(
+        default_factory=lambda: dict(contacts.DEFAULT_WEBHOOK_EVENTS)
+    )
 
     @classmethod
     def laid_over_defaults(cls, given: dict[str, Any]) -> dict[str, Any]:
@@ -282,6 +310,16 @@ class InstillerConnector(base.Connector):
         self._refused: dict[str, dict[str, str]] = {}
         self._reports: dict[str, ExportTypesRefusedError] = {}
         self.list_format = opts.list_format(drop_folder=opts.upload_folder)
+        policy = account.subscriptions
+        if policy.enabled and policy.double_opt_in and not opts.double_opt_in_workflow:
+            raise ConfigurationError(
+                f"account {account.name} subscribes with double opt-in (subscriptions.double_opt_in) "
+                "and needs options.double_opt_in_workflow: the API identifier of the Instiller "
+                "workflow that mails the confirmation and subscribes the user once confirmed"
+            )
+        self._webhook_secret = account.token.get_secret_value() if account.token else ""
+        # the user's fields travel as further parameters beside these
+        self._reserved = {*AUTH_PARAMS, *opts.params.values()}
 
     async def _call(self, method: str, role: str, params: dict[str, str]) -> Any:
         """One call of an endpoint role (a GET's parameters in the query, a POST's as
@@ -395,6 +433,91 @@ class InstillerConnector(base.Connector):
             state=state,
             recipients=_count(body, "recipients"),
             detail=str(body.get("error") or ""),
+        )
+
+    # --- subscriptions: users and their lists -------------------------------------------------------
+
+    async def apply_contacts(self, changes: Sequence[base.ContactChange]) -> list[base.ContactResult]:
+        """Each change with the users calls: fields through ``POST users/add_or_update`` (which also
+        creates the user), then ``GET users/list_subscribe`` with ``subscribed`` Y or N; a double
+        opt-in triggers the account's opt-in workflow instead (pending). A refusal is the contact's."""
+        return [await self._apply(change) for change in changes]
+
+    async def _apply(self, change: base.ContactChange) -> base.ContactResult:
+        fields = contacts.contact_fields(change, self._reserved)
+        if isinstance(fields, str):
+            return contacts.refused(change, fields)
+        try:
+            return await self._apply_fields(change, fields)
+        except InstillerRefusedError as exc:
+            return contacts.refused(change, str(exc))
+
+    async def _apply_fields(self, change: base.ContactChange, fields: dict[str, str]) -> base.ContactResult:
+        p, opts, state = self.options.params, self.options, change.state
+        user = {p["email"]: change.email, **fields}
+        opt_in = state is SubscriptionState.PENDING or (
+            state is SubscriptionState.SUBSCRIBED and change.double_opt_in
+        )
+        if opt_in:
+            if not opts.double_opt_in_workflow:
+                return contacts.refused(
+                    change, f"account {self._name} has no double opt-in (options.double_opt_in_workflow)"
+                )
+            variables = orjson.dumps({p["list"]: change.list}).decode()
+            form = {p["workflow"]: opts.double_opt_in_workflow, p["workflow_variables"]: variables, **user}
+            await self._call("POST", "trigger_workflow", form)
+            return contacts.applied(change, SubscriptionState.PENDING)
+        if fields or state is SubscriptionState.SUBSCRIBED or state is None:
+            await self._call("POST", "add_or_update", user)  # the user exists before its lists change
+        if state is None:
+            return contacts.applied(change, None)
+        subscribed = "Y" if state is SubscriptionState.SUBSCRIBED else "N"
+        query = {p["email"]: change.email, p["list"]: change.list, p["subscribed"]: subscribed}
+        await self._call("GET", "list_subscribe", query)
+        # Instiller has no removal from a list: a removed contact is unsubscribed there
+        return contacts.applied(change, None if state is SubscriptionState.REMOVED else state)
+
+    # --- webhooks: ESP-side changes from the account's workflows ------------------------------------
+
+    def parse_webhook(
+        self, headers: Mapping[str, str], body: bytes
+    ) -> list[ResponseEvent | SubscriptionChange | base.BadRow]:
+        """A workflow's webhook reporting subscription changes (an unsubscribe, a complaint, a
+        confirmed opt-in…): ``Authorization: Bearer <token>``, a JSON object or an array of them,
+        each a :class:`SubscriptionChange`. Without a ``token`` the account takes no webhooks."""
+        if not self._webhook_secret:
+            raise base.NotSupportedError(
+                f"{self._name} takes no webhooks: no webhook secret (token[_file]) is configured"
+            )
+        contacts.check_bearer(headers, self._webhook_secret, "webhook")
+        items = contacts.json_items(body, "webhook")
+        return [*contacts.item_changes(items, self._webhook_change, "subscription change")]
+
+    def _webhook_change(self, _number: int, item: dict[str, Any]) -> SubscriptionChange:
+        p = self.options.params
+        event = contacts.text_field(item, "event")
+        state = contacts.event_state(self.options.webhook_events, event)
+        email = contacts.text_field(item, p["email"]).lower()
+        list_id = contacts.text_field(item, p["list"], required=False)
+        occurred = self._times.utc("event_date", contacts.text_field(item, "event_date"))
+        account = self.account
+        return SubscriptionChange(
+            change_id=contacts.change_id(
+                account.esp,
+                account.account,
+                esp_id=contacts.text_field(item, "id", required=False),
+                email=email,
+                list_id=list_id,
+                state=f"{state}:{event}",
+                occurred_at=occurred,
+            ),
+            email=email,
+            esp=account.esp,
+            account=account.account,
+            list=list_id,
+            state=state,
+            reason=event,
+            occurred_at=occurred,
         )
 
     # --- responses --------------------------------------------------------------------------------------
