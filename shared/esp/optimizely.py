@@ -69,7 +69,7 @@ from urllib.parse import quote
 import orjson
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from shared.esp import base, rows
+from shared.esp import base, contacts, rows
 from shared.esp.accounts import AccountConfig
 from shared.esp.cursor import Count, StoredCursor
 from shared.esp.delimited import NotUtf8Error, stream_records
@@ -88,7 +88,6 @@ from shared.model.messages import (
     SendMode,
     SubscriptionChange,
     SubscriptionState,
-    event_id_for,
 )
 
 log = logging.getLogger(__name__)
@@ -165,6 +164,8 @@ reasons: the event type)."""
 MAX_UNSUBSCRIBE_IDS = 5000
 """``POST /unsubscribes`` takes at most this many recipient ids."""
 MEDIA_TYPE = "EMAIL"
+RESERVED_FIELDS = ("email",)
+"""The recipient's address is its id on a synced list: never a field a change sets."""
 VALIDATION_REASONS = {
     "blacklisted": "it is on the blocklist",
     "bounced": "it exceeded the bounce limit",
@@ -836,6 +837,9 @@ class OptimizelyConnector(base.Connector):
         """Why the change cannot be made at all (said before any call), or None."""
         if not _is_list_id(change.list):
             return f"{change.list!r} is not an Optimizely recipient list id (a number)"
+        fields = contacts.contact_fields(change, RESERVED_FIELDS)
+        if isinstance(fields, str):
+            return fields
         subscribing = change.state in (SubscriptionState.SUBSCRIBED, SubscriptionState.PENDING)
         if subscribing and self._double_opt_in(change) and self.options.double_opt_in_process_id is None:
             return f"a double opt-in subscribe needs option double_opt_in_process_id in account {self._name}"
@@ -897,14 +901,13 @@ class OptimizelyConnector(base.Connector):
             status, answer = await self._api.call("POST", path, form=form, answered=CONTACT_ANSWERS)
             if status in (201, 202):
                 state = SubscriptionState.PENDING if status == 202 else SubscriptionState.SUBSCRIBED
-                results[planned.index] = base.ContactResult(change.email, change.list, True, state)
+                results[planned.index] = contacts.applied(change, state)
                 continue
             if status == 409:
                 reason = (await self._validity(list_id, [change.email])).get(change.email)
                 if reason is None:  # "exists already": on the list, in whatever opt-in state it is
-                    results[planned.index] = base.ContactResult(
-                        change.email, change.list, True, detail=f"already on recipient list {list_id}"
-                    )
+                    already = f"already on recipient list {list_id}"
+                    results[planned.index] = contacts.applied(change, None, already)
                     continue
                 detail = f"Optimizely did not add it to recipient list {list_id} (409): {reason}"
             else:
@@ -965,9 +968,7 @@ class OptimizelyConnector(base.Connector):
                 results[planned.index] = _refused(change, f"Optimizely did not unsubscribe it: {why}")
             else:
                 note = notes.get(planned.index, "")
-                results[planned.index] = base.ContactResult(
-                    change.email, change.list, True, SubscriptionState.UNSUBSCRIBED, note
-                )
+                results[planned.index] = contacts.applied(change, SubscriptionState.UNSUBSCRIBED, note)
         return results
 
     async def _remove(self, list_id: str, batch: list[_Planned]) -> dict[int, base.ContactResult]:
@@ -1486,12 +1487,13 @@ class OptimizelyConnector(base.Connector):
                 return None
             list_id = ""
         created = rows.aware_time("created", item.get("created"))
-        change_id = event_id_for(
+        change_id = contacts.change_id(
             self.account.esp,
-            broadcast_id=f"{self.account.account}/{list_id}",
-            recipient=email.strip().lower(),
-            event_type=f"subscription:{item.get('type')}",
-            occurred_at=created.replace(microsecond=0),
+            self.account.account,
+            email=email.strip().lower(),
+            list_id=list_id,
+            state=state.value,
+            occurred_at=created,
         )
         return SubscriptionChange(
             change_id=change_id,
@@ -1618,7 +1620,7 @@ def _check_subscriptions(account: AccountConfig, options: Options) -> None:
 
 def _refused(change: base.ContactChange, detail: str) -> base.ContactResult:
     log.info("Optimizely refused a contact", extra={"list": change.list, "reason": detail})
-    return base.ContactResult(change.email, change.list, False, detail=detail)
+    return contacts.refused(change, detail)
 
 
 def _all_refused(batch: Iterable[_Planned], detail: str) -> dict[int, base.ContactResult]:
@@ -1626,7 +1628,7 @@ def _all_refused(batch: Iterable[_Planned], detail: str) -> dict[int, base.Conta
 
 
 def _accepted(batch: Iterable[_Planned], state: SubscriptionState | None) -> dict[int, base.ContactResult]:
-    return {p.index: base.ContactResult(p.change.email, p.change.list, True, state) for p in batch}
+    return {p.index: contacts.applied(p.change, state) for p in batch}
 
 
 def _list_refusal(method: str, list_id: str, status: int, body: Any) -> str:

@@ -388,9 +388,11 @@ async def test_refused_contacts_say_why_and_the_others_go_through(esp: FakeConta
             change("fine@example.com", SUBSCRIBED),
             change("x@example.com", SUBSCRIBED, list_id="9999"),
             change("y@example.com", UNSUBSCRIBED, list_id="newsletter"),
+            change("z@example.com", SUBSCRIBED, fields={"email": "other@example.com"}),
         ]
     )
-    assert [r.accepted for r in results] == [False, True, False, False]
+    assert [r.accepted for r in results] == [False, True, False, False, False]
+    assert "set by espbridge itself" in results[4].detail
     assert results[0].detail == "Optimizely did not add it to recipient list 4001: it is on the blocklist"
     assert "Optimizely does not know recipient list 9999" in results[2].detail
     assert "'newsletter' is not an Optimizely recipient list id" in results[3].detail
