@@ -10,7 +10,15 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from shared.infra.db import MIGRATIONS_DIR, copy_merge, load_migrations, migrate
+from shared.infra.db import (
+    CRM_MIGRATIONS,
+    ESPBRIDGE_MIGRATIONS,
+    MIGRATIONS_DIR,
+    MigrationSet,
+    copy_merge,
+    load_migrations,
+    migrate,
+)
 from shared.model.errors import ConfigurationError
 from shared.model.messages import event_id_for
 
@@ -50,13 +58,16 @@ async def test_migrations_create_the_schemas_and_are_recorded_once(db: asyncpg.C
     assert await db.fetchval("SELECT count(*) FROM public.espbridge_migrations") == len(recorded)
 
 
-async def test_a_changed_migration_is_refused(db: asyncpg.Connection, tmp_path: Path) -> None:
+@pytest.mark.parametrize("migration_set", [ESPBRIDGE_MIGRATIONS, CRM_MIGRATIONS], ids=lambda m: m.name)
+async def test_a_changed_migration_is_refused(
+    db: asyncpg.Connection, tmp_path: Path, migration_set: MigrationSet
+) -> None:
     copy = tmp_path / "migrations"
-    shutil.copytree(MIGRATIONS_DIR, copy)
+    shutil.copytree(migration_set.directory, copy)
     first = sorted(copy.glob("*.sql"))[0]
     first.write_text(first.read_text() + "\n-- edited after release\n")
-    with pytest.raises(ConfigurationError, match="was changed after it was applied"):
-        await migrate(db, copy)
+    with pytest.raises(ConfigurationError, match=f"{migration_set.name} migration 0001_.* was changed after"):
+        await migrate(db, copy, migration_set=migration_set)
 
 
 async def test_a_new_migration_is_applied_in_order(db: asyncpg.Connection, tmp_path: Path) -> None:
