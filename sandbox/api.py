@@ -177,8 +177,8 @@ async def contact_action(request: web.Request) -> web.Response:
     """``POST /_sandbox/contacts`` (every flavor, for tests and the demo; not counted as a call): a
     change made on the ESP side, reported by the flavor (``Flavor.on_contact_event``); 200 with the
     record. 400 for a malformed address, or without the ``job`` the flavor needs for this action;
-    404 ``send_not_found`` for a ``job`` that names no send; 409 ``contact_not_pending`` for a
-    confirmation of a contact that is not pending."""
+    404 ``send_not_found`` for a ``job`` that names no send (by its external id or send id); 409
+    ``contact_not_pending`` for a confirmation of a contact that is not pending."""
     account = named_account(request)
     body = await read_body(request, ContactActionRequest)
     if not valid_email(body.email):
@@ -190,10 +190,8 @@ async def contact_action(request: web.Request) -> web.Response:
             "job_required",
             f"the {flavor.name} ESP reports {body.action} in a broadcast's responses: name its job",
         )
-    if body.job is not None and body.action in flavor.job_required_for:
-        sends = account.state.sends
-        if body.job not in sends and not account.state.sends_by_external_id(body.job):
-            raise EspError(404, "send_not_found", f"no send {body.job}")
+    if body.job is not None and account.send_of_job(body.job) is None:
+        raise EspError(404, "send_not_found", f"no send {body.job}")
     action = CONTACT_ACTIONS[body.action]
     if body.action == "confirm":
         current = account.contacts.get(body.list, body.email)

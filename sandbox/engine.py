@@ -196,6 +196,23 @@ class Account:
             )
         return added
 
+    def send_of_job(self, job: str) -> SendRecord | None:
+        """The send a control route's ``job`` names: by its ``external_id`` (the job id) or send id."""
+        found = self.state.sends.get(job)
+        if found is not None:
+            return found
+        sends = self.state.sends_by_external_id(job)
+        return sends[0] if sends else None
+
+    def recipient_key(self, import_id: str, email: str) -> str | None:
+        """The communication key an imported list gave ``email`` (None if it was not on the list);
+        reads the list store, so call it in a worker thread."""
+        store = self.list_store(import_id)
+        if not store.is_file():
+            return None
+        wanted = email.strip().lower()
+        return next((key for address, key in recipients(store) if address.strip().lower() == wanted), None)
+
     async def report_contact_event(self, event: ContactEvent) -> None:
         """Let the flavor report a change made on the ESP side (its ``on_contact_event``), if it does."""
         if self.flavor.on_contact_event is not None:

@@ -3,27 +3,66 @@
 REST API for imports and sends (the client triggers both, and may cancel a send before its messages
 go out), comma-delimited list files
 ``drop/<job_id>.csv``, and response files ``<send_id>_<seq>_<phase>.csv`` with an ``EventId``.
+Contacts: batch calls per list to subscribe (with double opt-in), unsubscribe, remove and update
+them; a change made on the ESP side is reported in a response file when it belongs to a broadcast
+(a link unsubscribe, a complaint, a hard bounce with a ``job``), else by the contacts webhook.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import logging
+import re
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import PurePosixPath
-from typing import IO
+from typing import IO, Literal
 
+import aiohttp
+import orjson
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from sandbox.api import account_of, read_body
+from sandbox.contacts import ContactChange, ContactEvent, ContactState, Via, valid_email
+from sandbox.engine import Account
 from sandbox.errors import EspError, json_response, not_found
-from sandbox.files import csv_line
+from sandbox.files import atomic_writer, csv_line
 from sandbox.flavors.base import Flavor
 from sandbox.listfile import import_list
 from sandbox.protocol import API_PREFIX, DROP, EXTERNAL_ID_RE, RESPONSES, EventType, SendState, utc_text
 from sandbox.responses import Broadcast, PendingFile, ResponseFormat, ResponsePhase
+from sandbox.settings import SandboxSettings
 from sandbox.simulate import Event
 from sandbox.state import ImportRecord, SendRecord
+from sandbox.validators import HttpUrl
+
+log = logging.getLogger(__name__)
+
+LIST_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,100}$")
+"""A contact list's id (created on first use)."""
+FIELD_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
+MAX_FIELD_VALUE = 1000
+MAX_CONTACTS = 1000
+"""Contacts in one call at most."""
+WEBHOOK_BATCH = 100
+WEBHOOK_ATTEMPTS = 5
+
+
+class GenericSettings(SandboxSettings):
+    """The flavor's own settings (prefix ``ESPBRIDGE_SANDBOX_``)."""
+
+    generic_webhook_url: HttpUrl = Field(
+        default=None,
+        description="where contact changes made on the ESP side are POSTed ({account} replaced); unset: none",
+    )
+
+
+generic_settings = functools.cache(GenericSettings)
+"""The flavor's settings, read from the environment once."""
 
 # REST API
 
@@ -36,6 +75,8 @@ class ImportRequest(BaseModel):
     file: str = Field(min_length=1)
     list_name: str | None = None
     external_id: str = Field(pattern=EXTERNAL_ID_RE.pattern)
+    list_id: str | None = Field(default=None, pattern=LIST_ID_RE.pattern)
+    """The contact list the recipients join (as subscribed, unless they opted out of it)."""
 
 
 class SendRequest(BaseModel):
@@ -84,7 +125,9 @@ async def create_import(request: web.Request) -> web.Response:
     # An existing import is the answer whatever the file says (idempotency comes first).
     existing = account.state.import_by_external_id(body.external_id)
     file = body.file if existing is not None else drop_file(body.file)
-    record, created = await account.create_import(file, body.list_name, body.external_id)
+    record, created = await account.create_import(
+        file, body.list_name, body.external_id, contact_list=body.list_id
+    )
     return _answer(record, created, {"import_id": record.import_id, "state": record.state.value})
 
 
@@ -129,6 +172,141 @@ async def list_sends(request: web.Request) -> web.Response:
     return json_response({"sends": [s.public() for s in sends]})
 
 
+# Contacts
+
+
+class ContactIn(BaseModel):
+    """One contact of a contacts call; checked one by one (a bad one is refused alone)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    email: str = Field(max_length=320)
+    fields: dict[str, str] = Field(default_factory=dict)
+    reason: str = Field(default="", max_length=200)
+
+
+class ContactsRequest(BaseModel):
+    """The body of the contacts calls: at most :data:`MAX_CONTACTS` contacts."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    contacts: list[ContactIn] = Field(min_length=1, max_length=MAX_CONTACTS)
+    double_opt_in: bool = False
+    """``subscribe`` only: a contact not subscribed yet is ``pending`` until it confirms."""
+
+
+Action = Literal["subscribe", "unsubscribe", "remove", "update"]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one contact of a call."""
+
+    email: str
+    list: str
+    state: ContactState | None = None
+    error: str = ""
+    message: str = ""
+
+    def public(self) -> dict[str, object]:
+        """One item of the call's ``results``."""
+        accepted = not self.error
+        return {
+            "email": self.email,
+            "list": self.list,
+            "accepted": accepted,
+            "state": self.state.value if self.state is not None else None,
+            **({} if accepted else {"error": self.error, "message": self.message}),
+        }
+
+
+def _contact_problem(contact: ContactIn) -> tuple[str, str] | None:
+    """Why the ESP refuses a contact, as (error, message), or None."""
+    if not valid_email(contact.email):
+        return "invalid_email", f"{contact.email!r} is not a valid email address"
+    for name, value in contact.fields.items():
+        if not FIELD_NAME_RE.fullmatch(name):
+            return "invalid_field", f"field name {name!r} must match {FIELD_NAME_RE.pattern}"
+        if len(value) > MAX_FIELD_VALUE or any(ord(c) < 32 and c not in "\t" for c in value):
+            return (
+                "invalid_field",
+                f"field {name} must be at most {MAX_FIELD_VALUE} characters, no line breaks",
+            )
+    return None
+
+
+def _new_state(action: Action, current: ContactState | None, double_opt_in: bool) -> ContactState | None:
+    """The state a contact gets from ``action`` (None: ``update`` keeps it)."""
+    if action == "subscribe":
+        if double_opt_in and current not in (ContactState.SUBSCRIBED,):
+            return ContactState.PENDING  # an already subscribed contact is not asked to confirm again
+        return ContactState.SUBSCRIBED
+    if action == "unsubscribe":
+        return ContactState.UNSUBSCRIBED
+    if action == "remove":
+        return ContactState.REMOVED
+    return current
+
+
+def apply_contacts(account: Account, list_id: str, action: Action, body: ContactsRequest) -> list[Outcome]:
+    """Apply a contacts call to the account's contact book (one write for the accepted ones)."""
+    book = account.contacts
+    outcomes: list[Outcome] = []
+    changes: list[ContactChange] = []
+    states: dict[str, ContactState] = {}  # the batch's own changes so far, by email
+    for contact in body.contacts:
+        email = contact.email.strip().lower()
+        problem = _contact_problem(contact)
+        if problem is not None:
+            outcomes.append(Outcome(contact.email, list_id, None, *problem))
+            continue
+        record = book.get(list_id, email)
+        current = states.get(email) or (record.state if record is not None else None)
+        if action == "update" and current is None:
+            outcomes.append(
+                Outcome(email, list_id, None, "contact_not_found", f"{email} is not on {list_id}")
+            )
+            continue
+        state = _new_state(action, current, body.double_opt_in)
+        assert state is not None  # update keeps a state the contact has
+        states[email] = state
+        changes.append(ContactChange(list_id, email, state, contact.reason, Via.API, dict(contact.fields)))
+        outcomes.append(Outcome(email, list_id, state))
+    book.set_many(changes)
+    return outcomes
+
+
+def _list_id(request: web.Request) -> str:
+    list_id = request.match_info["list_id"]
+    if not LIST_ID_RE.fullmatch(list_id):
+        raise EspError(400, "invalid_list", f"list id {list_id!r} must match {LIST_ID_RE.pattern}")
+    return list_id
+
+
+def contacts_call(action: Action) -> Handler:
+    """The handler of one contacts call: ``POST /lists/<list_id>/<action>`` (``PATCH …/contacts``
+    for ``update``): 200 with ``{"results": [...]}``, one per contact in order; a refused contact
+    has ``accepted: false`` with its ``error`` and ``message`` and changes nothing."""
+
+    async def handler(request: web.Request) -> web.Response:
+        account = account_of(request)
+        list_id = _list_id(request)
+        body = await read_body(request, ContactsRequest)
+        outcomes = apply_contacts(account, list_id, action, body)
+        return json_response({"results": [o.public() for o in outcomes]})
+
+    return handler
+
+
+async def list_contacts(request: web.Request) -> web.Response:
+    """``GET /lists/<list_id>/contacts?email=…``: the list's contacts (that one with ``email``)."""
+    account = account_of(request)
+    list_id = _list_id(request)
+    email = request.query.get("email") or None
+    records = account.contacts.records(list_id, email)
+    return json_response({"contacts": [r.public() for r in records]})
+
+
 _BASE = API_PREFIX + "/{account}"
 
 ROUTES = (
@@ -138,6 +316,11 @@ ROUTES = (
     web.get(f"{_BASE}/sends", list_sends),
     web.get(f"{_BASE}/sends/{{send_id}}", get_send),
     web.post(f"{_BASE}/sends/{{send_id}}/cancel", cancel_send),
+    web.post(f"{_BASE}/lists/{{list_id}}/subscribe", contacts_call("subscribe")),
+    web.post(f"{_BASE}/lists/{{list_id}}/unsubscribe", contacts_call("unsubscribe")),
+    web.post(f"{_BASE}/lists/{{list_id}}/remove", contacts_call("remove")),
+    web.patch(f"{_BASE}/lists/{{list_id}}/contacts", contacts_call("update")),
+    web.get(f"{_BASE}/lists/{{list_id}}/contacts", list_contacts),
 )
 
 # Response files
@@ -211,4 +394,124 @@ class GenericResponses(ResponseFormat):
             )
 
 
-FLAVOR = Flavor(name="generic", read_list=import_list, responses=GenericResponses(), routes=ROUTES)
+# Changes made on the ESP side
+
+OPT_OUT_TYPES: dict[Via, EventType] = {
+    Via.LINK: EventType.UNSUBSCRIBE,
+    Via.COMPLAINT: EventType.COMPLAINT,
+    Via.BOUNCE: EventType.BOUNCE_HARD,
+}
+"""The response event of an opt-out that belongs to a broadcast, by how it was made."""
+
+
+def opt_out_file(account: Account, event: ContactEvent, send: SendRecord, kind: EventType) -> str:
+    """Write the response file of an opt-out a broadcast's message led to (blocking): one row under
+    the broadcast's id, in ``responses/<send_id>_c<seq>_optouts.csv``; its path."""
+    record = event.record
+    key = account.recipient_key(send.import_id, record.email) or ""
+    path = f"{RESPONSES}/{send.send_id}_c{event.seq:06d}_{Phase.OPTOUTS.value}.csv"
+    row = (
+        f"c-{account.contacts.event_id(event)}",
+        send.external_id,
+        send.message,
+        key,
+        record.email,
+        kind.value,
+        "",
+        utc_text(record.changed_at),
+    )
+    with atomic_writer(account.folder / path) as out:
+        out.write(csv_line(RESPONSE_HEADER))
+        out.write(csv_line(row))
+    return path
+
+
+def webhook_item(account: Account, event: ContactEvent) -> dict[str, str]:
+    """One change as the contacts webhook carries it."""
+    record = event.record
+    return {
+        "id": account.contacts.event_id(event),
+        "email": record.email,
+        "list": record.list,
+        "state": record.state.value,
+        "reason": record.reason,
+        "via": record.via.value,
+        "changed_at": utc_text(record.changed_at),
+    }
+
+
+@dataclass
+class Webhook:
+    """An account's queue of contact changes for the webhook, posted in order by one task."""
+
+    queue: asyncio.Queue[dict[str, str]] = field(default_factory=asyncio.Queue)
+    task: asyncio.Task[None] | None = None
+
+
+_webhooks: dict[str, Webhook] = {}
+
+
+async def _post(http: aiohttp.ClientSession, url: str, token: str, items: list[dict[str, str]]) -> bool:
+    """POST one webhook call (a JSON array of changes, the API token as its bearer token), retried
+    with a growing pause; False if every attempt failed."""
+    body = orjson.dumps(items)
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
+    for attempt in range(1, WEBHOOK_ATTEMPTS + 1):
+        try:
+            async with http.post(url, data=body, headers=headers) as resp:
+                if resp.status < 300:
+                    return True
+                problem = f"answered {resp.status}"
+                if 400 <= resp.status < 500 and resp.status != 429:
+                    break  # the receiver refuses this call: repeating it changes nothing
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            problem = f"{type(exc).__name__}: {exc}"
+        log.warning("contacts webhook call failed", extra={"attempt": attempt, "problem": problem})
+        if attempt < WEBHOOK_ATTEMPTS:
+            await asyncio.sleep(0.5 * 2 ** (attempt - 1))
+    log.warning(
+        "contacts webhook call dropped", extra={"changes": [i["id"] for i in items], "problem": problem}
+    )
+    return False
+
+
+async def _deliver(account: Account, url: str, token: str, hook: Webhook) -> None:
+    """Post the account's queued changes, up to :data:`WEBHOOK_BATCH` a call, until the sandbox stops."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+        while True:
+            items = [await hook.queue.get()]
+            while not hook.queue.empty() and len(items) < WEBHOOK_BATCH:
+                items.append(hook.queue.get_nowait())
+            if await _post(http, url, token, items):
+                log.info("contacts webhook called", extra={"account": account.name, "changes": len(items)})
+
+
+async def on_contact_event(account: Account, event: ContactEvent) -> None:
+    """Report a change made on the ESP side: an opt-out with a ``job`` in a response file of that
+    broadcast, anything else by the contacts webhook (nothing without ``GENERIC_WEBHOOK_URL``)."""
+    kind = OPT_OUT_TYPES.get(event.record.via)
+    send = account.send_of_job(event.job) if event.job else None
+    if kind is not None and send is not None and event.record.state is ContactState.UNSUBSCRIBED:
+        path = await asyncio.to_thread(opt_out_file, account, event, send, kind)
+        log.info("opt-out reported", extra={"account": account.name, "file": path})
+        return
+    url = generic_settings().generic_webhook_url
+    if not url:
+        log.info("no contacts webhook configured: change kept", extra={"account": account.name})
+        return
+    hook = _webhooks.setdefault(account.name, Webhook())
+    if hook.task is None or hook.task.done():
+        token = account.settings.bearer_token.get_secret_value()
+        target = url.replace("{account}", account.name)
+        hook.task = account.spawn(_deliver(account, target, token, hook), "contacts webhook")
+    hook.queue.put_nowait(webhook_item(account, event))
+
+
+FLAVOR = Flavor(
+    name="generic",
+    read_list=import_list,
+    responses=GenericResponses(),
+    routes=ROUTES,
+    check_settings=generic_settings,
+    on_contact_event=on_contact_event,
+)

@@ -3,12 +3,17 @@
 REST under the account's ``api_url`` with a bearer token; list files as UTF-8 CSV with ``Email``
 and ``CommunicationKey``; response files in ``responses/`` with one event per row. An account's
 ``requests_per_second`` option limits its calls (by every process of the deployment together).
+
+Subscriptions: :meth:`GenericConnector.apply_contacts` calls the list's contact calls (subscribe,
+unsubscribe, remove, update), up to 1000 contacts a call; ESP-side changes arrive as opt-out rows of
+a broadcast's response files (the loader makes them changes) or by the contacts webhook
+(:meth:`GenericConnector.parse_webhook`), authenticated with the account's token.
 """
 
 from __future__ import annotations
 
 import posixpath
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC
 from pathlib import Path
 from typing import Any, Unpack
@@ -16,19 +21,31 @@ from urllib.parse import quote
 
 from pydantic import Field
 
-from shared.esp import base, rows
+from shared.esp import base, contacts, rows
 from shared.esp.accounts import AccountConfig
 from shared.esp.delimited import read_records, undecodable
 from shared.esp.limits import rate_limiter
 from shared.esp.options import ConnectorOptions
-from shared.esp.rest import EspClient, EspUnavailableError, RequestParts
+from shared.esp.rest import EspClient, EspUnavailableError, RequestParts, Retries, short_json
 from shared.model.errors import ConfigurationError, PermanentError
 from shared.model.events import EncodedEvent, FileEventWriter, event_key, json_plain, utc_text
-from shared.model.messages import MAX_BROADCAST_ID, BroadcastJob, EventType, ResponseEvent
+from shared.model.messages import (
+    MAX_BROADCAST_ID,
+    BroadcastJob,
+    EventType,
+    ResponseEvent,
+    SubscriptionChange,
+    SubscriptionState,
+)
 
 RESPONSE_HEADER_LINE = "EventId,BroadcastId,MessageId,CommunicationKey,Email,EventType,Url,OccurredAt"
 """The first line of a response file, as docs/generic-esp.md gives it."""
 RESPONSE_HEADER = tuple(RESPONSE_HEADER_LINE.split(","))
+MAX_CONTACTS = 1000
+"""Contacts in one contact call at most (docs/generic-esp.md)."""
+CONTACT_RETRIES = Retries(attempts=3, backoff_s=lambda attempt, _error: 0.5 * attempt, max_wait_s=30.0)
+"""A contact call is idempotent (it sets a state): a 429 or 5xx is repeated twice, after the ESP's
+Retry-After or a short pause, before the outage goes to the caller (which retries the batch)."""
 
 
 class ListRejectedError(PermanentError):
@@ -48,6 +65,7 @@ class GenericConnector(base.Connector):
 
     list_format = base.ListFormat()
     response_sources: tuple[base.ResponseSource, ...] = (base.ResponseSource("responses"),)
+    contacts_per_call = MAX_CONTACTS
 
     def __init__(self, account: AccountConfig, context: base.ConnectorContext) -> None:
         super().__init__(account, context)
@@ -87,11 +105,15 @@ class GenericConnector(base.Connector):
     async def start_import(self, remote_path: str, job: BroadcastJob) -> base.ImportStatus:
         """POST /imports (idempotent by the job id as external id)."""
         rel = self.in_account_folder(remote_path)
+        request: dict[str, Any] = {"file": rel, "list_name": job.list_name, "external_id": job.job_id}
+        policy = self.account.subscriptions
+        if policy.enabled:  # the recipients join the broadcast list, so an opt-out has a contact to change
+            request["list_id"] = policy.default_list
         body = await self._body(
             "POST",
             "/imports",
             lambda body: ListRejectedError(f"the ESP cannot find the list file {rel}: {_message(body)}"),
-            json={"file": rel, "list_name": job.list_name, "external_id": job.job_id},
+            json=request,
         )
         return _import_status(body)
 
@@ -141,6 +163,80 @@ class GenericConnector(base.Connector):
             base.CancelOutcome.CANCELLED, f"send {send_id} cancelled at the ESP: nothing was sent"
         )
 
+    # --- contacts ---------------------------------------------------------------------------------------
+
+    async def apply_contacts(self, changes: Sequence[base.ContactChange]) -> list[base.ContactResult]:
+        """One contact call per (list, call) the changes need, in the order they first appear; a
+        contact the ESP refuses is a refused result with its ``error: message``."""
+        results: dict[int, base.ContactResult] = {}
+        groups: dict[tuple[str, str, bool], list[int]] = {}
+        for index, change in enumerate(changes):
+            fields = contacts.contact_fields(change, ())
+            if isinstance(fields, str):
+                results[index] = contacts.refused(change, fields)
+                continue
+            call = _CALL_OF[change.state]
+            double = call == "subscribe" and (
+                change.double_opt_in or change.state is SubscriptionState.PENDING
+            )
+            groups.setdefault((change.list, call, double), []).append(index)
+        for (list_id, path, double), indexes in groups.items():
+            batch = [changes[i] for i in indexes]
+            for index, result in zip(
+                indexes, await self._contact_call(list_id, path, double, batch), strict=True
+            ):
+                results[index] = result
+        return [results[i] for i in range(len(changes))]
+
+    async def _contact_call(
+        self, list_id: str, path: str, double_opt_in: bool, batch: Sequence[base.ContactChange]
+    ) -> list[base.ContactResult]:
+        """One contact call; a call the ESP refuses as a whole (400, 404) refuses each contact."""
+        payload: dict[str, Any] = {"contacts": [_contact_item(c) for c in batch]}
+        if double_opt_in:
+            payload["double_opt_in"] = True
+        method, where = ("PATCH", "contacts") if path == "update" else ("POST", path)
+        status, body = await self._api.call(
+            method,
+            f"/lists/{quote(list_id, safe='')}/{where}",
+            json=payload,
+            answered=(200, 400, 404),
+            retries=CONTACT_RETRIES,
+        )
+        if status != 200:
+            return [contacts.refused(c, f"the ESP refused the call: {_message(body)}") for c in batch]
+        items = body.get("results") if isinstance(body, dict) else None
+        if not isinstance(items, list) or len(items) != len(batch):
+            raise PermanentError(f"the ESP answered {len(batch)} contacts with {short_json(body)}")
+        return [_contact_result(change, item) for change, item in zip(batch, items, strict=True)]
+
+    def parse_webhook(
+        self, headers: Mapping[str, str], body: bytes
+    ) -> list[ResponseEvent | SubscriptionChange | base.BadRow]:
+        """The contacts webhook: a JSON array of changes made at the ESP, with the account's token
+        as the bearer token; each change under an id made from the ESP's own."""
+        secret = self.account.token.get_secret_value() if self.account.token else ""
+        if not secret:
+            raise base.WebhookAuthError(f"{self.account.name} has no token to check the webhook with")
+        contacts.check_bearer(headers, secret, "contacts webhook")
+        items = contacts.json_items(body, "contacts webhook")
+        return [*contacts.item_changes(items, lambda _n, item: self._webhook_change(item), "contact change")]
+
+    def _webhook_change(self, item: Mapping[str, Any]) -> SubscriptionChange:
+        account = self.account
+        return SubscriptionChange(
+            change_id=contacts.change_id(
+                account.esp, account.account, esp_id=contacts.text_field(item, "id")
+            ),
+            email=contacts.text_field(item, "email"),
+            esp=account.esp,
+            account=account.account,
+            list=contacts.text_field(item, "list"),
+            state=SubscriptionState(contacts.text_field(item, "state")),
+            reason=contacts.text_field(item, "reason", required=False),
+            occurred_at=rows.aware_time("changed_at", contacts.text_field(item, "changed_at")),
+        )
+
     # --- response files -------------------------------------------------------------------------
 
     def parse_response_file(
@@ -169,6 +265,40 @@ class GenericConnector(base.Connector):
 
 def _message(body: Any) -> str:
     return str(body.get("message") or body.get("error")) if isinstance(body, dict) else str(body)
+
+
+_CALL_OF: dict[SubscriptionState | None, str] = {
+    SubscriptionState.SUBSCRIBED: "subscribe",
+    SubscriptionState.PENDING: "subscribe",
+    SubscriptionState.UNSUBSCRIBED: "unsubscribe",
+    SubscriptionState.REMOVED: "remove",
+    None: "update",
+}
+"""The contact call a wanted state takes (``update``: the fields alone)."""
+
+
+def _contact_item(change: base.ContactChange) -> dict[str, Any]:
+    item: dict[str, Any] = {"email": change.email}
+    if change.fields:
+        item["fields"] = dict(change.fields)
+    if change.reason and change.state is not None:
+        item["reason"] = change.reason[:200]
+    return item
+
+
+def _contact_result(change: base.ContactChange, item: Any) -> base.ContactResult:
+    """One item of a contact call's ``results``."""
+    if not isinstance(item, dict):
+        raise PermanentError(f"the ESP answered a contact with {short_json(item)}")
+    if item.get("accepted") is not True:
+        return contacts.refused(
+            change, f"{item.get('error') or 'refused'}: {item.get('message') or ''}".strip()
+        )
+    try:
+        state = SubscriptionState(item["state"]) if item.get("state") else None
+    except ValueError:
+        raise PermanentError(f"the ESP answered an unknown contact state {short_json(item)}") from None
+    return contacts.applied(change, state)
 
 
 def _import_status(body: Any) -> base.ImportStatus:
