@@ -22,7 +22,7 @@ from shared.esp.accounts import Accounts
 from shared.esp.base import ContactChange, ContactResult
 from shared.infra.db import outside_message_context, subscriptions
 from shared.infra.db.core import Conn
-from shared.infra.db.subscriptions import Push, Result, Write
+from shared.infra.db.subscriptions import Outcome, Push, Result, Write
 from shared.infra.kafka import BatchStages, Records
 from shared.model.deadletters import record_letter, subscription_letter
 from shared.model.errors import PermanentError, UnavailableError, is_transient
@@ -122,19 +122,29 @@ class Applied:
 
     results: list[Result]
     committed_at: datetime
+    requests: list[SubscriptionRequest]
+    """The follow-ons to push: those the CRM took, once each, but none an ESP has taken already
+    (a change that comes again, or a batch retried after its follow-ons were published)."""
 
 
 async def store_changes(batch: Changes, syncer: Syncer) -> Applied:
     """The batch's one CRM transaction: the changes and their follow-ons."""
-    results = await _in_crm(
-        lambda conn: subscriptions.apply(conn, batch.writes), syncer, f"writing {batch.count} changes"
-    )
-    return Applied(results, datetime.now(UTC))
+
+    async def write(conn: Conn) -> tuple[list[Result], list[SubscriptionRequest]]:
+        results = await subscriptions.apply(conn, batch.writes)
+        requests = {r.request_id: r for r in map(core.follow_on_request, results) if r is not None}
+        duplicates = {r.write.change_id for r in results if r.outcome is Outcome.DUPLICATE}
+        again = [i for i in requests if i in duplicates]
+        taken = await subscriptions.accepted_pushes(conn, again) if again else set()
+        return results, [r for i, r in requests.items() if i not in taken]
+
+    results, requests = await _in_crm(write, syncer, f"writing {batch.count} changes")
+    return Applied(results, datetime.now(UTC), requests)
 
 
 async def finish_changes(batch: Changes, applied: Applied, syncer: Syncer) -> None:
     """After the commit: the follow-ons' push requests, metrics, a log line per applied change."""
-    requests = [r for r in map(core.follow_on_request, applied.results) if r is not None]
+    requests = applied.requests
     await syncer.runtime.publish_many(requests)
     metrics = syncer.runtime.metrics
     for result in applied.results:
