@@ -12,6 +12,9 @@ espbridge job cancel        ask for a broadcast to be cancelled (the monitor rep
 espbridge gather now        scan the ESP accounts for response files now
 espbridge dlq list          dead letters with their reason and replay state
 espbridge dlq replay        send dead letters back once their cause is fixed (once each)
+espbridge subscriptions export   write the unsubscriber file for the CRM now
+espbridge subscriptions show     a contact's state per ESP account and list, from the CRM
+espbridge subscriptions request  publish a subscription request (subscribe, unsubscribe, remove, fields)
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from cli import dlq, history, jobs
+from cli import dlq, history, jobs, subscriptions
 from cli.db import db_migrate, db_status
 from cli.gather import gather_now_command
 from cli.output import one_line
@@ -51,6 +54,7 @@ def parser() -> argparse.ArgumentParser:
     topics.add_parser("create", help="create the registry topics that are missing")
     topics.add_parser("list", help="list the registry topics")
     dlq.add_parser(groups)
+    subscriptions.add_parser(groups)
     return top
 
 
@@ -67,6 +71,9 @@ COMMANDS: dict[tuple[str, str], Callable[[argparse.Namespace], int | Coroutine[A
     ("gather", "now"): lambda _: gather_now_command(),
     ("dlq", "list"): dlq.dlq_list,
     ("dlq", "replay"): dlq.dlq_replay,
+    ("subscriptions", "export"): subscriptions.subscriptions_export,
+    ("subscriptions", "show"): subscriptions.subscriptions_show,
+    ("subscriptions", "request"): subscriptions.subscriptions_request,
 }
 """Each command's function: a coroutine function for those that talk to a server."""
 
