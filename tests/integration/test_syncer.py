@@ -1,7 +1,7 @@
 """The syncer as a process: an ESP's change reaches crm.subscriptions with its follow-ons (written,
 and published as push requests), a producer's request is written to the CRM and pushed to the ESP
-(the sandbox's generic flavor through the generic connector), and bad requests are dead letters
-that say why."""
+(the sandbox's generic flavor through the generic connector), and bad requests and contacts the ESP
+refused are dead letters that say why."""
 
 from __future__ import annotations
 
@@ -84,6 +84,7 @@ async def test_the_syncer_keeps_the_crm_and_the_esp_in_sync_and_dead_letters_bad
         "unknown list": request(esp, BO, list="weekly"),
         "no lists": request(esp, BO, account="quiet"),
         "bad email": request(esp, "not an address"),
+        "refused by the ESP": request(esp, "cy@example.com", fields={"First Name": "Cy"}),
     }
     crm = await connect(deployment.database)
     with ExitStack() as stack:
@@ -99,17 +100,19 @@ async def test_the_syncer_keeps_the_crm_and_the_esp_in_sync_and_dead_letters_bad
             found = await crm.fetch(
                 "SELECT email, list, state, source, written_by FROM crm.subscriptions ORDER BY email, list"
             )
-            return found if len(found) == 3 else None
+            return found if len(found) == 4 else None
 
         assert [tuple(r) for r in await wait_for(rows, what="the CRM's rows")] == [
             (ANN, "news", "unsubscribed", "sandbox/demo", "espbridge"),
             (ANN, "offers", "unsubscribed", "sandbox/demo", "espbridge"),  # the account's other list
             (BO, "news", "subscribed", "crm", "espbridge"),
+            ("cy@example.com", "news", "subscribed", "crm", "espbridge"),  # written, then refused
         ]
         outcomes = await crm.fetch("SELECT origin, outcome FROM crm.subscription_log ORDER BY origin")
         assert sorted(map(tuple, outcomes)) == [
             ("esp", "applied"),
             ("follow_on", "applied"),
+            ("producer", "applied"),
             ("producer", "applied"),
         ]  # the change that came twice is logged once
 
@@ -158,6 +161,13 @@ async def test_the_syncer_keeps_the_crm_and_the_esp_in_sync_and_dead_letters_bad
             "nothing is pushed to it"
         )
         assert said["bad email"].startswith("not a valid SubscriptionRequest: email: ")
+        refused = next(d for d in letters if d.payload == bad["refused by the ESP"])
+        assert (refused.error_class, refused.context) == (
+            "ContactRefused",
+            {"esp": "sandbox", "account": "demo", "list": "news"},
+        )
+        assert said["refused by the ESP"].startswith("sandbox/demo refused cy@example.com on list 'news': ")
+        assert "First Name" in said["refused by the ESP"]
         assert stop(proc) == 0
     await crm.close()
     lags = [r["crm_lag_s"] for r in log_records(deployment.folder / "syncer.log") if "crm_lag_s" in r]
