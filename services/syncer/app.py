@@ -9,6 +9,7 @@ from services.syncer import DESCRIPTION, handlers
 from services.syncer.settings import Settings
 from shared.esp.resources import EspResources
 from shared.model.topics import Topic
+from shared.operations.exporting import schedule_unsubscriber_export
 from shared.runtime.runtime import Runtime, ServiceSpec
 
 NAME = "syncer"
@@ -16,7 +17,8 @@ NAME = "syncer"
 
 async def create_app(settings: Settings, runtime: Runtime) -> FastStream:
     """The syncer's app: subscriptions.changes.v1 (group espbridge-syncer-changes) into the CRM,
-    and subscriptions.requests.v1 (espbridge-syncer-push) to the ESPs."""
+    and subscriptions.requests.v1 (espbridge-syncer-push) to the ESPs; the unsubscriber export on
+    its schedule, if one is set."""
     esp = await EspResources.open(runtime.stack, settings.accounts, settings.sftp, settings.pg)
     crm = await runtime.open_pool(settings.crm.resolve(settings.pg))
     syncer = handlers.Syncer(settings, runtime, crm, esp.accounts, esp.connectors)
@@ -37,6 +39,7 @@ async def create_app(settings: Settings, runtime: Runtime) -> FastStream:
         group_id=settings.group_id(f"{NAME}-push"),
         **batching,
     )
+    schedule_unsubscriber_export(runtime, crm, settings.export)
     return FastStream(runtime.broker)
 
 

@@ -7,15 +7,17 @@ from pydantic_settings import SettingsConfigDict
 
 from shared.esp.resources import EspServiceSettings
 from shared.infra.settings import CrmSettings
+from shared.operations.exporting import ExportSettings
 
 
 class Settings(EspServiceSettings):
     """The syncer's settings: Kafka, HTTP and logging, the databases (the CRM's may be its own),
-    the ESP accounts, change data capture, batching."""
+    the ESP accounts, change data capture, batching, the scheduled unsubscriber export."""
 
     model_config = SettingsConfigDict(env_prefix="ESPBRIDGE_SYNCER_", frozen=True, extra="ignore")
 
     crm: CrmSettings = Field(default_factory=CrmSettings)
+    export: ExportSettings = Field(default_factory=ExportSettings)
     capture: bool = Field(
         default=False,
         description="post the Debezium connector's configuration at start, so the CRM's own changes "

@@ -88,7 +88,12 @@ async def test_the_syncer_keeps_the_crm_and_the_esp_in_sync_and_dead_letters_bad
     }
     crm = await connect(deployment.database)
     with ExitStack() as stack:
-        proc = deployment.start(stack, "syncer", deployment.env(accounts))
+        exports = deployment.folder / "unsubscribers"
+        exports.mkdir()
+        env = deployment.env(
+            accounts, ESPBRIDGE_SYNCER_EXPORT_SCHEDULE="0 6 * * *", ESPBRIDGE_SYNCER_EXPORT_DIR=str(exports)
+        )
+        proc = deployment.start(stack, "syncer", env)
         await produce(kafka, Topic.SUBSCRIPTION_CHANGES, [(ANN.encode(), unsubscribed.to_json())] * 2)
         await produce(
             kafka,
@@ -168,6 +173,8 @@ async def test_the_syncer_keeps_the_crm_and_the_esp_in_sync_and_dead_letters_bad
         )
         assert said["refused by the ESP"].startswith("sandbox/demo refused cy@example.com on list 'news': ")
         assert "First Name" in said["refused by the ESP"]
+        # the unsubscriber export runs beside: the latest scheduled day's file, written at start
+        assert await wait_for(lambda: [p for p in exports.iterdir() if p.is_file()], what="the export's file")
         assert stop(proc) == 0
     await crm.close()
     lags = [r["crm_lag_s"] for r in log_records(deployment.folder / "syncer.log") if "crm_lag_s" in r]
