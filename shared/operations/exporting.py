@@ -252,7 +252,9 @@ async def export_unsubscribers(
         except BaseException:
             await asyncio.to_thread(out.discard)
             raise
-    await asyncio.to_thread(_record_written, export.folder, file.name)
+        # recorded before the lock is let go: the next exporter sees the record even if the CRM
+        # has taken the file already
+        await asyncio.to_thread(_record_written, export.folder, file.name)
     return ExportOutcome(path, rows, written=True, replaced=replaced)
 
 
