@@ -8,13 +8,15 @@ from datetime import UTC
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 from pydantic import TypeAdapter, ValidationError
 
 from cli.output import as_json, table
 from shared.infra.db import connect
 from shared.infra.db.subscriptions import contact_rows
+from shared.infra.db.unsubscribers import NO_TABLE
 from shared.infra.settings import CrmSettings, KafkaSettings, PostgresSettings
-from shared.model.errors import InvalidMessageError
+from shared.model.errors import ConfigurationError, InvalidMessageError
 from shared.model.messages import Email, SubscriptionState, utcnow
 from shared.model.topics import Topic
 from shared.operations.exporting import (
@@ -80,6 +82,8 @@ async def subscriptions_show(args: argparse.Namespace) -> int:
     conn = await connect(CrmSettings().resolve(PostgresSettings()))
     try:
         rows = await contact_rows(conn, email)
+    except asyncpg.UndefinedTableError:
+        raise ConfigurationError(NO_TABLE) from None
     finally:
         await conn.close()
     if args.json:

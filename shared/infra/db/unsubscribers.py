@@ -13,6 +13,9 @@ import asyncpg
 from shared.infra.db.core import Conn
 from shared.model.errors import ConfigurationError
 
+NO_TABLE = "the CRM database has no crm.subscriptions: run `espbridge db migrate`"
+"""What a CRM database without the subscription tables is told."""
+
 EVERY = "*"
 """A list pattern's list (and a row's esp, account or list) that stands for all of them."""
 
@@ -106,9 +109,7 @@ async def unsubscribers(
                 yield batch
                 batch = []
     except asyncpg.UndefinedTableError:
-        raise ConfigurationError(
-            "the CRM database has no crm.subscriptions: run `espbridge db migrate`"
-        ) from None
+        raise ConfigurationError(NO_TABLE) from None
     if batch:
         yield batch
 
