@@ -78,7 +78,7 @@ def private_servers() -> Iterator[PrivateServers]:
     state_dir.chmod(0o755)
     env = script_env(state_dir)
     try:
-        local_sh(env, "up", timeout_s=600.0)
+        local_sh(env, "up", *COMPONENTS, timeout_s=600.0)
         env_text = (state_dir / "espbridge.env").read_text(encoding="utf-8")
         yield PrivateServers(state_dir, env, servers_from_env(parse_env_file(env_text)))
     finally:
