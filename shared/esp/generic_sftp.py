@@ -4,24 +4,37 @@ Written from docs/connectors/generic_sftp.md. There is no API: jobs must be ``up
 import counts as done once the file is on the site; responses come as delimited files with a
 ``MessageType`` column, every part of whose format is configurable per account (``options``),
 down to how a row's broadcast is found (:mod:`shared.esp.attribution`).
+
+Subscriptions: :meth:`GenericSftpConnector.apply_contacts` writes each batch as one contacts file
+in the account's ``contacts/`` folder (uploaded under a hidden name and renamed), which the ESP
+applies; it has no double opt-in and reports back only the opt-outs of broadcasts, as response rows.
 """
 
 from __future__ import annotations
 
+import contextlib
+import csv
+import io
 import posixpath
-from collections.abc import Callable, Iterator
+import re
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, ClassVar, Self
 
+import asyncssh
 from pydantic import AfterValidator, Field, model_validator
 
-from shared.esp import base, rows
+from shared.esp import base, contacts, rows
 from shared.esp.accounts import AccountConfig
 from shared.esp.attribution import AttributionOptions, FileAttribution, KeyAttributed, KeyLists
 from shared.esp.delimited import check_line_encoding
 from shared.esp.options import TimeFormats, TimeZone
-from shared.model.errors import PermanentError
-from shared.model.messages import BroadcastJob, EventType, ResponseEvent
+from shared.esp.rest import EspUnavailableError
+from shared.infra.sftp import upload_stream_atomic
+from shared.model.errors import ConfigurationError, PermanentError, UnavailableError
+from shared.model.messages import BroadcastJob, EventType, ResponseEvent, SubscriptionState
 
 DEFAULT_COLUMNS = {
     "message_type": "MessageType",
@@ -40,6 +53,20 @@ DEFAULT_TYPES = {
     "Bounce:hardbounce": "bounce_hard",
     "Bounce:softbounce": "bounce_soft",
 }
+CONTACT_COLUMNS = ("Email", "List", "Status", "Reason")
+"""A contacts file's columns before the contacts' fields (docs/connectors/generic_sftp.md)."""
+FILE_STATUS = {
+    SubscriptionState.SUBSCRIBED: "subscribed",
+    SubscriptionState.UNSUBSCRIBED: "unsubscribed",
+    SubscriptionState.REMOVED: "removed",
+    None: "",
+}
+"""A wanted state as the file's ``Status`` (empty: update the fields only); pending has none."""
+ESP_ADDRESS = re.compile(
+    r"^[^@\s\"(),:;<>\[\\\]]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9-]+)+$"
+)
+"""An address the ESP takes: no blanks, quotes or brackets before the ``@``, a dotted host name after
+it (letters, digits, hyphens), 254 characters at most; it refuses the row of any other."""
 REQUIRED_ROLES = ("message_type", "timestamp", ("communication_key", "email"))
 """Columns a response file's header must have (a key or an email column at least); the
 broadcast-id column too when it is the only attribution rule."""
@@ -73,6 +100,14 @@ class Options(AttributionOptions):
     timezone: TimeZone = "UTC"
     list_delimiter: str = Field(default="\t", min_length=1, max_length=1)
     list_suffix: str = ".txt"
+    contacts_folder: str = Field(
+        default="contacts",
+        pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$",
+        description="where contacts files go, relative to the account's sftp_root",
+    )
+    contacts_per_file: int = Field(
+        default=10_000, ge=1, le=100_000, description="contacts in one file at most"
+    )
 
     @model_validator(mode="after")
     def _known_types(self) -> Self:
@@ -95,6 +130,12 @@ class GenericSftpConnector(base.Connector, KeyAttributed):
         super().__init__(account, context)
         self.options = Options.of(account)
         opts = self.options
+        if account.subscriptions.double_opt_in:
+            raise ConfigurationError(
+                f"account {account.name}: subscriptions.double_opt_in cannot be on: an ESP reached by "
+                "files alone has no opt-in mail to send"
+            )
+        self.contacts_per_call = opts.contacts_per_file
         self.attribution = opts.rules()
         self._table = rows.ResponseTable(
             opts.columns,
@@ -125,6 +166,62 @@ class GenericSftpConnector(base.Connector, KeyAttributed):
     async def send(self, import_id: str, job: BroadcastJob) -> base.SendStatus:
         """Refused: the message is sent at the ESP by a person or its own automation."""
         raise UploadOnlyError(f"{self.account.name} has no send API: publish upload_only jobs")
+
+    # --- contacts files -------------------------------------------------------------------------------
+
+    async def apply_contacts(self, changes: Sequence[base.ContactChange]) -> list[base.ContactResult]:
+        """Write the changes the ESP takes as one contacts file on its site; a change it would refuse
+        (an address it refuses, a double opt-in, a field it cannot have) is refused here, unwritten.
+        The ESP reports no state back: it applies the file when its watch finds it."""
+        refused: dict[int, base.ContactResult] = {}
+        taken: list[base.ContactChange] = []
+        for index, change in enumerate(changes):
+            problem = _contact_problem(change)
+            if problem:
+                refused[index] = contacts.refused(change, problem)
+            else:
+                taken.append(change)
+        where = await self._upload_contacts(taken) if taken else ""
+        accepted = iter(contacts.applied(c, None, f"in {where}") for c in taken)
+        return [refused[i] if i in refused else next(accepted) for i in range(len(changes))]
+
+    async def _upload_contacts(self, taken: Sequence[base.ContactChange]) -> str:
+        """One contacts file of ``taken``, uploaded under a hidden name and renamed; its path."""
+        opts = self.options
+        names = sorted({name for c in taken for name in c.fields})
+        buffer = io.StringIO()
+        out = csv.writer(buffer, delimiter=opts.list_delimiter, lineterminator="\n")
+        out.writerow([*CONTACT_COLUMNS, *names])
+        for c in taken:
+            status = FILE_STATUS[c.state]
+            out.writerow(
+                [c.email, c.list, status, c.reason if status else "", *(c.fields.get(n, "") for n in names)]
+            )
+        stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
+        remote = posixpath.join(
+            self.account.sftp_root, opts.contacts_folder, f"{stamp}_{uuid.uuid4().hex[:12]}.txt"
+        )
+        data = buffer.getvalue().encode("utf-8")
+
+        async def chunks() -> AsyncIterator[bytes]:
+            yield data
+
+        async with self._site(f"upload {remote}") as sftp:
+            await upload_stream_atomic(sftp, chunks(), remote)
+        return remote
+
+    @contextlib.asynccontextmanager
+    async def _site(self, what: str) -> AsyncIterator[asyncssh.SFTPClient]:
+        """An SFTP session; a server out of reach is a transient ESP error, a refusal a configuration one."""
+        if self.context.sftp is None:
+            raise ConfigurationError(f"{self.account.name}: contacts files need an SFTP connection")
+        try:
+            async with self.context.sftp.session() as sftp:
+                yield sftp
+        except asyncssh.SFTPPermissionDenied as exc:
+            raise ConfigurationError(f"the SFTP server refused to {what}: {exc.reason}") from None
+        except (UnavailableError, asyncssh.Error, OSError) as exc:
+            raise EspUnavailableError(f"SFTP could not {what}: {exc}") from exc
 
     # --- response files --------------------------------------------------------------------------------
 
@@ -202,3 +299,13 @@ class GenericSftpConnector(base.Connector, KeyAttributed):
             email=email or None,
             extra=row.unmapped(),
         )
+
+
+def _contact_problem(change: base.ContactChange) -> str:
+    """Why the ESP would refuse a change ("" if it takes it)."""
+    if change.state is SubscriptionState.PENDING or change.double_opt_in:
+        return "generic_sftp has no double opt-in: a contact is subscribed or not"
+    if len(change.email) > 254 or not ESP_ADDRESS.fullmatch(change.email):
+        return f"the ESP refuses the address {change.email!r}"
+    fields = contacts.contact_fields(change, CONTACT_COLUMNS)
+    return fields if isinstance(fields, str) else ""

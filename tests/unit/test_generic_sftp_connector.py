@@ -1,21 +1,29 @@
-"""The generic_sftp connector: FERG-style response files, configurable formats, upload-only."""
+"""The generic_sftp connector: FERG-style response files, configurable formats, upload-only, and
+contacts files written to the ESP's site."""
 
 from __future__ import annotations
 
+import contextlib
+import re
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
 import aiohttp
+import asyncssh
 import pytest
 
 from shared.esp import AccountConfig, BadRow, ConnectorContext, attribution
+from shared.esp.accounts import SubscriptionPolicy
 from shared.esp.attribution import KeyLists
-from shared.esp.base import CancelOutcome
+from shared.esp.base import CancelOutcome, ContactChange
 from shared.esp.generic_sftp import GenericSftpConnector, UploadOnlyError
+from shared.esp.rest import EspUnavailableError
 from shared.infra.db.uploaded_lists import UploadedList
-from shared.model.errors import ConfigurationError
-from shared.model.messages import EventType, ResponseEvent
+from shared.infra.sftp import SftpPool
+from shared.model.errors import ConfigurationError, UnavailableError
+from shared.model.messages import EventType, ResponseEvent, SubscriptionState
 
 HEADER = "MessageType\turn\temail\tmailingId\tmailingName\ttimestamp\tlink\tbouncetype\tbouncereason"
 
@@ -323,3 +331,140 @@ async def test_an_esp_reached_by_files_has_no_cancel() -> None:
         CancelOutcome.NOT_SUPPORTED,
         "generic_sftp has no cancel of a send",
     )
+
+
+# --- contacts files ---------------------------------------------------------------------------------
+
+
+class WrittenFile:
+    """A file being written on :class:`MemorySite`."""
+
+    def __init__(self, site: MemorySite, path: str) -> None:
+        self.site, self.path = site, path
+
+    async def __aenter__(self) -> WrittenFile:
+        self.site.files[self.path] = b""
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        return None
+
+    async def write(self, data: bytes) -> None:
+        self.site.files[self.path] += data
+
+
+class MemorySite:
+    """The ESP's SFTP site in memory: the files, and each operation in order."""
+
+    def __init__(self, refuse: Exception | None = None) -> None:
+        self.files: dict[str, bytes] = {}
+        self.operations: list[str] = []
+        self.refuse = refuse
+
+    @contextlib.asynccontextmanager
+    async def session(self) -> AsyncIterator[MemorySite]:
+        if self.refuse is not None:
+            raise self.refuse
+        yield self
+
+    def open(self, path: str, mode: str) -> WrittenFile:
+        assert mode == "wb"
+        self.operations.append(f"write {path}")
+        return WrittenFile(self, path)
+
+    async def posix_rename(self, source: str, target: str) -> None:
+        self.operations.append(f"rename {source} {target}")
+        self.files[target] = self.files.pop(source)
+
+
+def contacts_connector(site: MemorySite, **options: Any) -> GenericSftpConnector:
+    return GenericSftpConnector(
+        AccountConfig(esp="ferg", account="demo", connector="generic_sftp", options=options),
+        ConnectorContext(http=cast(aiohttp.ClientSession, None), sftp=cast(SftpPool, site)),
+    )
+
+
+def contact(email: str, state: SubscriptionState | None, **more: Any) -> ContactChange:
+    return ContactChange(email=email, list=more.pop("list_id", "news"), state=state, **more)
+
+
+async def test_contacts_are_one_file_uploaded_under_a_hidden_name_then_renamed() -> None:
+    site = MemorySite()
+    changes = [
+        contact("ann@example.com", SubscriptionState.SUBSCRIBED, fields={"FirstName": "Ann\tMarie"}),
+        contact("bob@example.com", SubscriptionState.UNSUBSCRIBED, reason="crm opt-out", list_id="offers"),
+        contact("cy@example.com", SubscriptionState.REMOVED),
+        contact("dee@example.com", None, fields={"City": "Oslo"}, reason="ignored without a state"),
+    ]
+    results = await contacts_connector(site).apply_contacts(changes)
+    ((path, data),) = site.files.items()
+    assert re.fullmatch(r"ferg/demo/contacts/\d{14}_[0-9a-f]{12}\.txt", path), path
+    written, renamed = site.operations
+    assert re.fullmatch(
+        rf"write ferg/demo/contacts/\.{re.escape(path.rsplit('/', 1)[1])}\.[0-9a-f]+\.partial", written
+    )
+    assert renamed.endswith(f" {path}")
+    assert data.decode() == (
+        "Email\tList\tStatus\tReason\tCity\tFirstName\n"
+        'ann@example.com\tnews\tsubscribed\t\t\t"Ann\tMarie"\n'
+        "bob@example.com\toffers\tunsubscribed\tcrm opt-out\t\t\n"
+        "cy@example.com\tnews\tremoved\t\t\t\n"
+        "dee@example.com\tnews\t\t\tOslo\t\n"
+    )
+    assert [(r.accepted, r.state, r.detail) for r in results] == [(True, None, f"in {path}")] * 4
+
+
+async def test_contacts_the_esp_would_refuse_are_refused_and_not_written() -> None:
+    site = MemorySite()
+    results = await contacts_connector(site).apply_contacts(
+        [
+            contact("ann@exa_mple.com", SubscriptionState.SUBSCRIBED),
+            contact("bob@example.com", SubscriptionState.SUBSCRIBED, double_opt_in=True),
+            contact("cy@example.com", None, fields={"Status": "vip"}),
+            contact("dee@example.com", SubscriptionState.SUBSCRIBED),
+        ]
+    )
+    assert [r.accepted for r in results] == [False, False, False, True]
+    assert "refuses the address 'ann@exa_mple.com'" in results[0].detail
+    assert "no double opt-in" in results[1].detail
+    assert "set by espbridge itself" in results[2].detail
+    ((_, data),) = site.files.items()
+    assert data.decode().splitlines()[1:] == ["dee@example.com\tnews\tsubscribed\t"]
+
+
+async def test_nothing_to_write_touches_no_site() -> None:
+    site = MemorySite(refuse=AssertionError("no session wanted"))
+    (result,) = await contacts_connector(site).apply_contacts([contact("a@b", SubscriptionState.SUBSCRIBED)])
+    assert not result.accepted
+
+
+@pytest.mark.parametrize(
+    ("refusal", "error"),
+    [
+        (UnavailableError("connection refused"), EspUnavailableError),
+        (asyncssh.SFTPFailure("disk full"), EspUnavailableError),
+        (asyncssh.SFTPPermissionDenied("no"), ConfigurationError),
+    ],
+)
+async def test_a_site_out_of_reach_is_an_outage_and_a_refusal_a_configuration_error(
+    refusal: Exception, error: type[Exception]
+) -> None:
+    with pytest.raises(error):
+        await contacts_connector(MemorySite(refuse=refusal)).apply_contacts(
+            [contact("a@example.com", SubscriptionState.SUBSCRIBED)]
+        )
+
+
+def test_contacts_options_are_checked_when_the_account_is_read() -> None:
+    assert contacts_connector(MemorySite()).contacts_per_call == 10_000
+    assert contacts_connector(MemorySite(), contacts_per_file=500).contacts_per_call == 500
+    with pytest.raises(ConfigurationError, match="contacts_folder"):
+        contacts_connector(MemorySite(), contacts_folder="../elsewhere")
+    account = AccountConfig(
+        esp="ferg",
+        account="demo",
+        connector="generic_sftp",
+        subscriptions=SubscriptionPolicy(lists=("news",), double_opt_in=True),
+    )
+    with pytest.raises(ConfigurationError, match="double_opt_in"):
+        GenericSftpConnector(account, ConnectorContext(http=cast(aiohttp.ClientSession, None)))
