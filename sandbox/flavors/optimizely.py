@@ -53,6 +53,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from pydantic_settings import NoDecode
 
 from sandbox.api import CONTEXT, basic_credentials
+from sandbox.contacts import ContactChange, ContactEvent, ContactRecord, ContactState, Via, valid_email
 from sandbox.engine import Account
 from sandbox.errors import ErrorStyle, EspError, bad_request, conflict, found, json_response, not_found
 from sandbox.eventlog import SendInterruptedError
@@ -73,7 +74,7 @@ from sandbox.responses import (
 from sandbox.settings import SandboxSettings
 from sandbox.simulate import Event
 from sandbox.state import SendRecord
-from sandbox.validators import HttpUrl, Pairs, Probability, optional, split_pairs
+from sandbox.validators import CommaList, HttpUrl, Pairs, Probability, optional, split_pairs
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,30 @@ TAG_RE = re.compile(r"^[A-Za-z0-9_-]{1,250}$")
 CHUNK_RE = TAG_RE
 TAG_CODES = {"_5F": "_", "_2E": ".", "_3A": ":"}
 _TAG_CODE_RE = re.compile("|".join(TAG_CODES))
+
+REGISTRABLE_HOOK_TYPES = (
+    "open",
+    "click",
+    "sent",
+    "bounce",
+    "unsubscribe",
+    "spamcomplaint",
+    "singleoptin",
+    "confirmedoptin",
+    "doubleoptin",
+    "blocklist",
+    "archive",
+    "filteredbyblocklist",
+)
+"""The types a webhook is registered for (``WebhookRequestData.type``)."""
+CONTACT_HOOK_TYPES = ("singleoptin", "doubleoptin")
+"""The opt-in types the sandbox reports (a sign-up form, a double opt-in confirmation)."""
+EVERY_LIST = "*"
+"""The contact book's list of the client's unsubscribe list, when it is not recipient-list based."""
+OPT_IN_TYPES = frozenset({"single", "confirmed", "double"})
+MAX_UNSUBSCRIBE_IDS = 5000
+"""``POST /unsubscribes`` takes at most this many ids (400 beyond)."""
+REMOVAL_TYPES = {"unsubscribed": "unsubscribed", "blacklisted": "blacklisted", "bounced": "bounced"}
 
 SOURCES = ("file", "api", "webhook")
 FILE, API, WEBHOOK = 1, 2, 4
@@ -196,6 +221,22 @@ def _client_ids(value: dict[str, str]) -> dict[str, str]:
     return value
 
 
+def _list_ids(value: tuple[str, ...]) -> tuple[str, ...]:
+    for list_id in value:
+        if not list_id.isascii() or not list_id.isdigit():
+            raise ValueError(f"recipient list id {list_id!r} is not a number")
+    return value
+
+
+def _processes(value: dict[str, str]) -> dict[str, str]:
+    for process, kind in value.items():
+        if not process.isascii() or not process.isdigit():
+            raise ValueError(f"opt-in process id {process!r} is not a number")
+        if kind not in OPT_IN_TYPES:
+            raise ValueError(f"opt-in process {process}: type {kind!r} is not one of {sorted(OPT_IN_TYPES)}")
+    return value
+
+
 def _weights(value: dict[str, float]) -> dict[str, float]:
     for source in value:
         if source not in SOURCES:
@@ -227,6 +268,17 @@ class OptimizelySettings(SandboxSettings):
     opt_rate_per_s: float = Field(default=0.0, ge=0.0, description="token bucket per client (0 = off)")
     opt_error_rate: Probability = 0.0
     opt_malformed_every: int = Field(default=0, ge=0, description="a bad row in every n-th file / call")
+    opt_recipient_lists: Annotated[CommaList, AfterValidator(_list_ids)] = Field(
+        default=("4001", "4002", "4003"),
+        description="the recipient lists of every client besides the batches' pool lists",
+    )
+    opt_optin_processes: Annotated[Pairs, AfterValidator(_processes)] = Field(
+        default_factory=lambda: {"100": "single", "101": "confirmed", "102": "double"},
+        description="opt-in process id=single|confirmed|double,…",
+    )
+    opt_list_unsubscribes: bool = Field(
+        default=False, description="the unsubscribe list is recipient-list based (else one per client)"
+    )
 
     @property
     def webhook_auth(self) -> dict[str, str] | None:
@@ -365,6 +417,40 @@ class Webhook(BaseModel):
         }
 
 
+class BlockEntry(BaseModel):
+    """A blocklist entry: a pattern of addresses (``*`` any characters, ``?`` one)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    pattern: str
+    reason: str = ""
+    created: float
+
+    def public(self) -> dict[str, Any]:
+        """``RestBlacklistEntry``."""
+        at = rest_time(self.created)
+        return {"pattern": self.pattern, "reason": self.reason, "created": at, "modified": at}
+
+    def matches(self, email: str) -> bool:
+        """Whether the address falls under the pattern (case-insensitive; a backslash makes ``*``
+        or ``?`` literal)."""
+        parts = re.split(r"(\\[*?]|[*?])", self.pattern.lower())
+        regex = "".join(
+            ".*" if part == "*" else "." if part == "?" else re.escape(part.removeprefix("\\"))
+            for part in parts
+        )
+        return re.fullmatch(regex, email.lower()) is not None
+
+
+class ContactFeed(BaseModel):
+    """How far the contact book's feed was reported through webhooks."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    book: str = ""
+    seq: int = 0
+
+
 class OptData(BaseModel):
     """Everything the flavor saves per account."""
 
@@ -379,6 +465,8 @@ class OptData(BaseModel):
     batches: dict[int, Batch] = Field(default_factory=dict)
     campaigns: dict[int, Campaign] = Field(default_factory=dict)
     webhooks: dict[int, Webhook] = Field(default_factory=dict)
+    blocklist: dict[str, BlockEntry] = Field(default_factory=dict)
+    reported: ContactFeed = Field(default_factory=ContactFeed)
 
 
 class Store:
@@ -398,6 +486,8 @@ class Store:
         self.faults = random.Random(f"{account.settings.seed}:{account.name}:faults")
         self._http: aiohttp.ClientSession | None = None
         self._members: dict[int, list[dict[str, Any]]] = {}
+        self.contact_changes = asyncio.Event()
+        """Set when the contact book has a change to report (:func:`report_contacts` waits on it)."""
 
     def batch_dir(self, batch_id: int) -> Path:
         return self.account.folder / DATA_FOLDER / "batches" / str(batch_id)
@@ -421,7 +511,8 @@ class Store:
             await asyncio.to_thread(atomic_write_bytes, self.path, data)
 
     def _register_settings_webhooks(self) -> bool:
-        """Webhooks for all six types to ``OPT_WEBHOOK_URL``, activated; earlier settings' ones deleted."""
+        """Webhooks for the six response types and the two opt-in types the sandbox reports to
+        ``OPT_WEBHOOK_URL``, activated; earlier settings' ones deleted."""
         url = self.settings.opt_webhook_url
         if url is not None:
             url = url.replace("{account}", self.account.name).replace("{esp}", self.account.settings.esp)
@@ -434,7 +525,7 @@ class Store:
                 changed = True
         if url is None:
             return changed
-        for hook_type in WEBHOOK_TYPES:
+        for hook_type in (*WEBHOOK_TYPES, *CONTACT_HOOK_TYPES):
             if any(
                 h.origin == "settings" and h.type == hook_type and h.status == "activated"
                 for h in self.data.webhooks.values()
@@ -519,6 +610,52 @@ class Store:
         """The engine send of a started batch (None before it is handed over, or for a duplicate)."""
         send_id = batch.run.send_id if batch.run is not None else None
         return self.account.state.sends.get(send_id) if send_id is not None else None
+
+    # Contacts: the account's contact book as Optimizely's recipient lists
+
+    def list_exists(self, list_id: str) -> bool:
+        """A recipient list of the client: one of ``OPT_RECIPIENT_LISTS``, or a batch's pool list."""
+        if list_id in self.settings.opt_recipient_lists:
+            return True
+        return list_id.isdigit() and self.batch_of_list(int(list_id)) is not None
+
+    def blocked(self, email: str) -> bool:
+        return any(entry.matches(email) for entry in self.data.blocklist.values())
+
+    def unsubscribe_list(self, list_id: str) -> str:
+        """The contact book's list that holds a recipient list's unsubscribes (see EVERY_LIST)."""
+        return list_id if self.settings.opt_list_unsubscribes else EVERY_LIST
+
+    def unsubscribed(self, list_id: str, email: str) -> ContactRecord | None:
+        """The contact's unsubscribe (or hard bounce) that holds for the list, if any."""
+        for key in dict.fromkeys((list_id, self.unsubscribe_list(list_id))):
+            record = self.account.contacts.get(key, email)
+            if record is not None and record.state is ContactState.UNSUBSCRIBED:
+                return record
+        return None
+
+    def standing(self, list_id: str, email: str) -> str | None:
+        """Why the contact cannot be mailed on the list (``validationFailedReason``), or None."""
+        if self.blocked(email):
+            return "blacklisted"
+        stopped = self.unsubscribed(list_id, email)
+        if stopped is not None:
+            return "bounced" if stopped.via is Via.BOUNCE else "unsubscribed"
+        record = self.account.contacts.get(list_id, email)
+        if record is None or record.state is not ContactState.SUBSCRIBED:
+            return "not_found"
+        return None
+
+    def refusal(self, list_id: str, email: str) -> str | None:
+        """Why the contact cannot be added to the list: blocklisted, bounced, unsubscribed, or on
+        it already (subscribed or pending); None when it can."""
+        reason = self.standing(list_id, email)
+        if reason != "not_found":
+            return reason or "exists already"
+        record = self.account.contacts.get(list_id, email)
+        if record is not None and record.state is ContactState.PENDING:
+            return "exists already (waiting for the double opt-in confirmation)"
+        return None
 
 
 def _member_ids(path: Path) -> list[str]:
@@ -820,6 +957,7 @@ def _merge(store: Store, batch: Batch) -> int:
     """
     folder = store.batch_dir(batch.id)
     seen: set[str] = set()
+    emails: list[str] = []
     with (
         atomic_writer(folder / "recipients.jsonl") as people,
         recipient_store(store.account.list_store(_list_of(batch))) as add,
@@ -831,6 +969,9 @@ def _merge(store: Store, batch: Batch) -> int:
                 seen.add(person["id"])
                 people.write(orjson.dumps(person).decode() + "\n")
                 add(person["data"]["email"], person["id"])
+                emails.append(person["data"]["email"])
+    # the pool list holds them now: an unsubscribe by link has a contact to change
+    store.account.contacts.add_subscribed(str(batch.recipient_list_id), emails, via=Via.API, reason="batch")
     return len(seen)
 
 
@@ -1084,7 +1225,9 @@ async def get_recipients(request: web.Request, store: Store) -> web.Response:
     """``GET /recipients/{listId}?offset=&limit=&sort=id&direction=``: a batch's list, its
     recipients by ``id`` (``RestRecipient``); an unknown list is 404."""
     list_id = _path_int(request, "listId", "recipient list")
-    batch = found(store.batch_of_list(list_id), f"no recipient list {list_id}")
+    batch = store.batch_of_list(list_id)
+    if batch is None and not store.list_exists(str(list_id)):
+        raise not_found(f"no recipient list {list_id}")
     query = request.query
     unsimulated = sorted(UNSIMULATED_RECIPIENT_PARAMETERS & set(query))
     if unsimulated:
@@ -1094,21 +1237,328 @@ async def get_recipients(request: web.Request, store: Store) -> web.Response:
     direction = query.get("direction", "ASC")
     if direction not in ("ASC", "DESC"):
         raise bad_request("direction must be ASC or DESC")
-    members = await store.members(batch)
+    if batch is not None:
+        members = await store.members(batch)
+    else:  # a list of the client's: its subscribed and unsubscribed recipients (pending: not yet)
+        members = [
+            _recipient_body(r)
+            for r in store.account.contacts.records(str(list_id))
+            if r.state in (ContactState.SUBSCRIBED, ContactState.UNSUBSCRIBED)
+        ]
     return _page(request, members[::-1] if direction == "DESC" else members)
 
 
 async def get_unsubscribes(request: web.Request, store: Store) -> web.Response:
-    """``GET /unsubscribes?sort=created&direction=ASC|DESC`` (default ASC): every mailing's, paged."""
-    if request.query.get("sort", "created") != "created":
+    """``GET /unsubscribes?sort=created&direction=ASC|DESC`` (default ASC): every mailing's and the
+    contacts' (made through the API or a link), paged; ``recipientIds`` and ``recipientListId``
+    narrow them."""
+    query = request.query
+    if query.get("sort", "created") != "created":
         raise bad_request("sort must be created")
-    direction = request.query.get("direction", "ASC").upper()
+    direction = query.get("direction", "ASC").upper()
     if direction not in ("ASC", "DESC"):
         raise bad_request("direction must be ASC or DESC")
-    elements = _released(store, UNSUBSCRIBE_STREAM, None)
+    if query.get("mediaType", "EMAIL") != "EMAIL":
+        raise bad_request("the sandbox simulates the EMAIL unsubscribe list only")
+    elements = [*_released(store, UNSUBSCRIBE_STREAM, None), *_book_unsubscribes(store)]
+    elements.sort(key=_created_key)
+    wanted = set(_ids(query.getall("recipientIds", [])))
+    if wanted:
+        elements = [e for e in elements if str(e["recipientId"]).lower() in wanted]
+    if query.get("recipientListId"):
+        elements = [e for e in elements if str(e.get("recipientListId")) == query["recipientListId"]]
     if direction == "DESC":
         elements.reverse()
     return _page(request, elements)
+
+
+# Recipients of the client's recipient lists (the account's contact book)
+
+
+def _recipient_list(request: web.Request, store: Store) -> str:
+    """The path's recipient list: 404 when the client has no such list."""
+    list_id = request.match_info["listId"]
+    if not store.list_exists(list_id):
+        raise not_found(f"no recipient list {list_id}")
+    return list_id
+
+
+def _process(value: Any, store: Store, status: int) -> str | None:
+    """The type of the opt-in process ``value`` names (None without one); ``status`` for an unknown one."""
+    if value is None or value == "":
+        return None
+    kind = store.settings.opt_optin_processes.get(str(value))
+    if kind is None:
+        raise EspError(status, "bad_optin_process", f"no opt-in process {value} of this client")
+    return kind
+
+
+def _text(value: Any) -> str:
+    """An attribute value as the list stores it: text (other JSON values as JSON)."""
+    return value if isinstance(value, str) else orjson.dumps(value).decode()
+
+
+def _recipient_body(record: ContactRecord, opt_in_mail: str | None = None) -> dict[str, Any]:
+    """``RestRecipient`` of a contact on a list (its id is its address)."""
+    at = rest_time(record.changed_at)
+    body = {"id": record.email, "created": at, "modified": at}
+    return body | ({"optInMailId": opt_in_mail} if opt_in_mail else {})
+
+
+def _added_state(kind: str | None) -> ContactState:
+    """A new recipient through a double opt-in process waits for its confirmation."""
+    return ContactState.PENDING if kind == "double" else ContactState.SUBSCRIBED
+
+
+async def add_recipients(request: web.Request, store: Store) -> web.Response:
+    """``PUT /recipients/{listId}``: add many (``optinProcessId`` optional; an unknown one is
+    409); ``failedIds``: no address, blocklisted, bounced, unsubscribed, or on the list already."""
+    list_id = _recipient_list(request, store)
+    body = await _json_body(request)
+    if not isinstance(body, dict) or not isinstance(body.get("recipients"), list):
+        raise bad_request("the body must be a JSON object with recipients")
+    kind = _process(body.get("optinProcessId"), store, 409)
+    changes: list[ContactChange] = []
+    failed: list[str] = []
+    async with store.lock:
+        taken: set[str] = set()
+        for item in body["recipients"]:
+            rid = item.get("id") if isinstance(item, dict) else None
+            if not isinstance(rid, str) or not rid:
+                continue  # nothing to name it by
+            address = item.get("address") or rid
+            email = address.strip().lower() if isinstance(address, str) else ""
+            data = item.get("data")
+            fields = (
+                {str(k): _text(v) for k, v in data.items() if v is not None} if isinstance(data, dict) else {}
+            )
+            if not valid_email(email) or email in taken or store.refusal(list_id, email) is not None:
+                failed.append(rid)
+                continue
+            taken.add(email)
+            changes.append(ContactChange(list_id, email, _added_state(kind), "api", Via.API, fields))
+        await asyncio.to_thread(store.account.contacts.set_many, changes)
+    return json_response({"count": len(changes), "failedIds": failed})
+
+
+async def add_recipient(request: web.Request, store: Store) -> web.Response:
+    """``POST /recipients/{listId}`` (form ``recipientId``, ``address``, ``data.<attribute>``,
+    ``optinProcessId``, ``returnOptInMailId``): 201, or 202 pending through a double opt-in
+    process; 409 blocklisted, bounced, unsubscribed or on the list already."""
+    list_id = _recipient_list(request, store)
+    form = await request.post()
+    rid = _form_value(form, "recipientId")
+    if rid is None:
+        raise bad_request('"recipientId" is required')
+    email = (_form_value(form, "address") or rid).lower()
+    if not valid_email(email):
+        raise bad_request(f"{email!r} is not a valid address")
+    kind = _process(_form_value(form, "optinProcessId"), store, 400)
+    fields = {k.removeprefix("data."): str(v) for k, v in form.items() if k.startswith("data.")}
+    async with store.lock:
+        refusal = store.refusal(list_id, email)
+        if refusal is not None:
+            raise conflict(f"{email} cannot be added to recipient list {list_id}: {refusal}")
+        event = await asyncio.to_thread(
+            store.account.contacts.set, list_id, email, _added_state(kind), reason="api", fields=fields
+        )
+    mail = None
+    if _form_value(form, "returnOptInMailId") == "true" and kind in ("double", "confirmed"):
+        mail = f"optin-{store.account.contacts.event_id(event)}"
+    return json_response(_recipient_body(event.record, mail), 202 if kind == "double" else 201)
+
+
+async def modify_recipients(request: web.Request, store: Store) -> web.Response:
+    """``PUT /recipients/{listId}/modify`` (``updateMode`` set, prepend or append): ``failedIds``
+    are the ids not on the list."""
+    list_id = _recipient_list(request, store)
+    body = await _json_body(request)
+    if not isinstance(body, dict) or not isinstance(body.get("recipients"), list):
+        raise bad_request("the body must be a JSON object with recipients")
+    mode = body.get("updateMode", "set")
+    if mode not in ("set", "prepend", "append"):
+        raise bad_request("updateMode must be set, prepend or append")
+    book = store.account.contacts
+    changes: list[ContactChange] = []
+    failed: list[str] = []
+    async with store.lock:
+        for item in body["recipients"]:
+            rid = item.get("id") if isinstance(item, dict) else None
+            if not isinstance(rid, str) or not rid:
+                continue
+            record = book.get(list_id, rid)
+            data = item.get("data") if isinstance(item.get("data"), dict) else {}
+            if record is None or record.state is ContactState.REMOVED:
+                failed.append(rid)
+                continue
+            fields = {}
+            for name, value in data.items():
+                text, old = _text(value), record.fields.get(str(name), "")
+                fields[str(name)] = text if mode == "set" else text + old if mode == "prepend" else old + text
+            changes.append(ContactChange(list_id, record.email, record.state, record.reason, Via.API, fields))
+        await asyncio.to_thread(book.set_many, changes)
+    return json_response({"count": len(changes), "failedIds": failed})
+
+
+async def delete_recipients(request: web.Request, store: Store) -> web.Response:
+    """``DELETE /recipients/{listId}?recipientIds=…|removalType=…``: 204; as documented, neither
+    deletes every recipient of the list; both is 400."""
+    list_id = _recipient_list(request, store)
+    query = request.query
+    ids = [i.strip().lower() for v in query.getall("recipientIds", []) for i in v.split(",") if i.strip()]
+    removal = query.get("removalType")
+    if ids and removal is not None:
+        raise bad_request('"recipientIds" and "removalType" cannot be combined')
+    if "mediaType" in query and removal is None:
+        raise bad_request('"mediaType" goes with "removalType" only')
+    if removal is not None and removal not in REMOVAL_TYPES:
+        raise bad_request(f"removalType must be one of {', '.join(REMOVAL_TYPES)}")
+    book = store.account.contacts
+    async with store.lock:
+        on_list = [r for r in book.records(list_id) if r.state is not ContactState.REMOVED]
+        if ids:
+            wanted = set(ids)
+            on_list = [r for r in on_list if r.email in wanted]
+        elif removal is not None:
+            on_list = [r for r in on_list if store.standing(list_id, r.email) == REMOVAL_TYPES[removal]]
+        changes = [ContactChange(list_id, r.email, ContactState.REMOVED, "api", Via.API) for r in on_list]
+        await asyncio.to_thread(book.set_many, changes)
+    return web.Response(status=204)
+
+
+async def recipient_validity(request: web.Request, store: Store) -> web.Response:
+    """``GET /recipients?recipientId=&recipientListIds=``: per list of the client, whether the
+    recipient can be mailed there and why not (unknown lists are left out)."""
+    recipient = request.query.get("recipientId")
+    if not recipient:
+        raise bad_request("The required parameter 'recipientId' is not provided.")
+    media = request.query.get("mediaType", "EMAIL")
+    lists = [i.strip() for v in request.query.getall("recipientListIds", []) for i in v.split(",")]
+    answer = []
+    for list_id in dict.fromkeys(i for i in lists if i):
+        if not store.list_exists(list_id):
+            continue
+        reason = store.standing(list_id, recipient.lower()) if media == "EMAIL" else "not_found"
+        entry: dict[str, Any] = {"recipientListId": int(list_id), "valid": reason is None}
+        answer.append(entry | ({"validationFailedReason": reason} if reason else {}))
+    return json_response(answer)
+
+
+def _unsubscribe_scope(store: Store, values: Mapping[str, Any]) -> str:
+    """The recipient list an unsubscribe call names, checked against the client's setting: a
+    recipient-list based unsubscribe list needs one, the client's own refuses one."""
+    named = values.get("recipientListId")
+    if store.settings.opt_list_unsubscribes:
+        if not named:
+            raise bad_request("recipientListId is required: unsubscribes are recipient-list based")
+        if not store.list_exists(str(named)):
+            raise not_found(f"no recipient list {named}")
+        return str(named)
+    if named:
+        raise bad_request("recipientListId is only for recipient-list based unsubscribes (not set up)")
+    return EVERY_LIST
+
+
+def _ids(values: Any) -> list[str]:
+    return [i.strip().lower() for v in values for i in str(v).split(",") if i.strip()]
+
+
+def _unsubscribed_everywhere(store: Store, email: str, reason: str) -> list[ContactChange]:
+    """A contact on the client's unsubscribe list is unsubscribed on each list it is on."""
+    return [
+        ContactChange(r.list, email, ContactState.UNSUBSCRIBED, reason, Via.API)
+        for r in store.account.contacts.records(email=email)
+        if r.list != EVERY_LIST and r.state in (ContactState.SUBSCRIBED, ContactState.PENDING)
+    ]
+
+
+async def create_unsubscribes(request: web.Request, store: Store) -> web.Response:
+    """``POST /unsubscribes`` (form ``recipientIds``, ``mediaType``, ``recipientListId``): 200 with
+    the ids added and those not (already unsubscribed, not an address) once one was added; 400
+    when none was, or over 5000 ids."""
+    form = await request.post()
+    if form.get("mailIds"):
+        raise bad_request("the sandbox does not simulate unsubscribes by mailIds")
+    if form.get("mediaType", "EMAIL") != "EMAIL":
+        raise bad_request("the sandbox simulates the EMAIL unsubscribe list only")
+    ids = list(dict.fromkeys(_ids(form.getall("recipientIds", []))))
+    if not ids or len(ids) > MAX_UNSUBSCRIBE_IDS:
+        raise bad_request(f"recipientIds must name 1 to {MAX_UNSUBSCRIBE_IDS} recipients")
+    scope = _unsubscribe_scope(store, form)
+    book = store.account.contacts
+    async with store.lock:
+        added = [i for i in ids if valid_email(i) and store.unsubscribed(scope, i) is None]
+        changes = [ContactChange(scope, i, ContactState.UNSUBSCRIBED, "api", Via.API) for i in added]
+        if scope == EVERY_LIST:
+            changes += [c for i in added for c in _unsubscribed_everywhere(store, i, "api")]
+        await asyncio.to_thread(book.set_many, changes)
+    if not added:
+        raise bad_request("The recipients could not be unsubscribed.")
+    return json_response({"successfulIds": added, "unsuccessfulIds": [i for i in ids if i not in added]})
+
+
+async def remove_unsubscribes(request: web.Request, store: Store) -> web.Response:
+    """``DELETE /unsubscribes?recipientIds=…``: lifts their unsubscribes (a recipient on a list
+    is mailed there again); 204, or 404 when none of them was unsubscribed."""
+    ids = _ids(request.query.getall("recipientIds", []))
+    if not ids:
+        raise bad_request('"recipientIds" is required')
+    scope = _unsubscribe_scope(store, request.query)
+    book = store.account.contacts
+    async with store.lock:
+        lifted = [
+            r
+            for i in ids
+            for r in book.records(email=i)
+            if r.state is ContactState.UNSUBSCRIBED
+            and r.via is not Via.BOUNCE  # a hard bounce is no unsubscribe to lift
+            and scope in (EVERY_LIST, r.list)
+        ]
+        # a list's unsubscribe goes back to subscribed; the client's own entry is taken off
+        changes = [
+            ContactChange(
+                r.list,
+                r.email,
+                ContactState.REMOVED if r.list == EVERY_LIST else ContactState.SUBSCRIBED,
+                "api",
+                Via.API,
+            )
+            for r in lifted
+        ]
+        await asyncio.to_thread(book.set_many, changes)
+    if not lifted:
+        raise not_found("Unsubscribe could not be found for the indicated recipient IDs")
+    return web.Response(status=204)
+
+
+def _book_unsubscribes(store: Store) -> list[dict[str, Any]]:
+    """``RestUnsubscribe``s of the contact book: every unsubscribed contact, with its list when the
+    unsubscribe list is recipient-list based."""
+    out = []
+    for record in store.account.contacts.records():
+        if record.state is not ContactState.UNSUBSCRIBED or record.via is Via.BOUNCE:
+            continue
+        if (record.list == EVERY_LIST) == store.settings.opt_list_unsubscribes:
+            continue  # a list's record mirrors the client's entry, or the client keeps none
+        entry: dict[str, Any] = {"recipientId": record.email}
+        if record.list != EVERY_LIST:
+            entry["recipientListId"] = int(record.list)
+        entry |= {"reason": record.reason, "created": rest_time(record.changed_at), "mediaType": "EMAIL"}
+        out.append(entry)
+    return out
+
+
+async def create_blocklist_entry(request: web.Request, store: Store) -> web.Response:
+    """``POST /blacklistentries`` (form ``entry``, ``reason``): 201 ``RestBlacklistEntry``."""
+    form = await request.post()
+    pattern = _form_value(form, "entry")
+    if pattern is None:
+        raise bad_request("A required value for the entry is not provided: entry")
+    async with store.lock:
+        entry = BlockEntry(pattern=pattern, reason=_form_value(form, "reason") or "", created=time.time())
+        store.data.blocklist[pattern.lower()] = entry
+        await store.save()
+    return json_response(entry.public(), 201)
 
 
 # Webhooks (registration)
@@ -1121,8 +1571,8 @@ async def create_webhook(request: web.Request, store: Store) -> web.Response:
     target = _form_value(form, "targetUrl")
     fmt = _form_value(form, "format") or "json"
     auth_text = _form_value(form, "authentication")
-    if hook_type not in WEBHOOK_TYPES:
-        raise bad_request(f"type must be one of {', '.join(WEBHOOK_TYPES)}")
+    if hook_type not in REGISTRABLE_HOOK_TYPES:
+        raise bad_request(f"type must be one of {', '.join(REGISTRABLE_HOOK_TYPES)}")
     if fmt != "json":
         raise bad_request("format must be json")
     if target is None or not target.startswith(("http://", "https://")):
@@ -1198,8 +1648,16 @@ ROUTES = (
     web.get(f"{BASE}/smartcampaigns/{{campaignId}}/report", endpoint(campaign_report)),
     web.post(f"{BASE}/smartcampaigns/{{campaignId}}/stop", endpoint(stop_campaign)),
     web.get(f"{BASE}/responses", endpoint(get_responses)),
+    web.get(f"{BASE}/recipients", endpoint(recipient_validity)),
     web.get(f"{BASE}/recipients/{{listId}}", endpoint(get_recipients)),
+    web.put(f"{BASE}/recipients/{{listId}}", endpoint(add_recipients)),
+    web.post(f"{BASE}/recipients/{{listId}}", endpoint(add_recipient)),
+    web.delete(f"{BASE}/recipients/{{listId}}", endpoint(delete_recipients)),
+    web.put(f"{BASE}/recipients/{{listId}}/modify", endpoint(modify_recipients)),
     web.get(f"{BASE}/unsubscribes", endpoint(get_unsubscribes)),
+    web.post(f"{BASE}/unsubscribes", endpoint(create_unsubscribes)),
+    web.delete(f"{BASE}/unsubscribes", endpoint(remove_unsubscribes)),
+    web.post(f"{BASE}/blacklistentries", endpoint(create_blocklist_entry)),
     web.get(f"{BASE}/webhooks", endpoint(list_webhooks)),
     web.post(f"{BASE}/webhooks", endpoint(create_webhook)),
     web.post(f"{BASE}/webhooks/{{webhookId}}/activate", endpoint(activate_webhook)),
@@ -1528,8 +1986,7 @@ class OptimizelyRelease(ResponseWriter):
         return item
 
     async def _deliver(self, call_seq: int, hook_type: str, events: list[Event]) -> bool:
-        """POST one call to the type's webhook, retried after a timeout, a connection error or a 5xx
-        1, 2, 4, 8 and 16 s later; True once answered 2xx."""
+        """POST one call of events to the type's webhook (:func:`post_webhook`)."""
         hook = self.store.webhook_for(hook_type)
         if hook is None:
             log.warning("no activated webhook; events undelivered", extra={"type": hook_type})
@@ -1537,30 +1994,7 @@ class OptimizelyRelease(ResponseWriter):
         items = [self._hook_item(hook, hook_type, e) for e in events]
         if self._bad_call(call_seq):
             items.append({k: v for k, v in items[0].items() if k != "recipientId"})
-        body = orjson.dumps(items)
-        headers = {"Content-Type": "application/json", **_auth_headers(hook.authentication)}
-        for attempt, pause in enumerate((0, *WEBHOOK_RETRIES_S)):
-            if pause:
-                await asyncio.sleep(pause)
-            try:
-                async with self.store.http().post(hook.target_url, data=body, headers=headers) as resp:
-                    await resp.read()
-                    if 200 <= resp.status < 300:
-                        return True
-                    problem = f"HTTP {resp.status}"
-                    if resp.status < 500:
-                        log.warning(
-                            "webhook call refused; not retried",
-                            extra={"batch_id": self.batch.id, "call": call_seq, "status": resp.status},
-                        )
-                        return False
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                problem = f"{type(exc).__name__}: {exc}"
-            log.warning(
-                "webhook call failed",
-                extra={"batch_id": self.batch.id, "call": call_seq, "attempt": attempt + 1, "error": problem},
-            )
-        return False
+        return await post_webhook(self.store, hook, items, {"batch_id": self.batch.id, "call": call_seq})
 
     # The manifest
 
@@ -1588,6 +2022,31 @@ class OptimizelyRelease(ResponseWriter):
         await super().finish()
 
 
+async def post_webhook(
+    store: Store, hook: Webhook, items: list[dict[str, Any]], where: dict[str, Any]
+) -> bool:
+    """POST one call to a webhook, retried after a timeout, a connection error or a 5xx 1, 2, 4, 8
+    and 16 s later; True once answered 2xx (``where`` names the call in the log)."""
+    body = orjson.dumps(items)
+    headers = {"Content-Type": "application/json", **_auth_headers(hook.authentication)}
+    for attempt, pause in enumerate((0, *WEBHOOK_RETRIES_S)):
+        if pause:
+            await asyncio.sleep(pause)
+        try:
+            async with store.http().post(hook.target_url, data=body, headers=headers) as resp:
+                await resp.read()
+                if 200 <= resp.status < 300:
+                    return True
+                problem = f"HTTP {resp.status}"
+                if resp.status < 500:
+                    log.warning("webhook call refused; not retried", extra={**where, "status": resp.status})
+                    return False
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            problem = f"{type(exc).__name__}: {exc}"
+        log.warning("webhook call failed", extra={**where, "attempt": attempt + 1, "error": problem})
+    return False
+
+
 def _auth_headers(auth: Mapping[str, str] | None) -> dict[str, str]:
     """The headers a webhook's ``authentication`` puts on each call."""
     if auth is None:
@@ -1598,15 +2057,124 @@ def _auth_headers(auth: Mapping[str, str] | None) -> dict[str, str]:
     return {auth["key"]: auth["passphrase"]}
 
 
-async def watch(account: Account) -> None:
-    """Hand the engine the started batches a stop left without a send; close the webhook client at the end."""
+# Contact changes made on the ESP side, reported through webhooks
+
+CONTACT_HOOKS = {
+    (Via.LINK, ContactState.UNSUBSCRIBED): "unsubscribe",
+    (Via.COMPLAINT, ContactState.UNSUBSCRIBED): "spamcomplaint",
+    (Via.BOUNCE, ContactState.UNSUBSCRIBED): "bounce",
+    (Via.CONFIRM, ContactState.SUBSCRIBED): "doubleoptin",
+    (Via.LINK, ContactState.SUBSCRIBED): "singleoptin",
+}
+"""The webhook type that reports a change made on the ESP side (a removal in the ESP's own
+interface has none: Optimizely does not report one)."""
+UNSUBSCRIBING = frozenset({Via.LINK, Via.COMPLAINT})
+"""Changes that put the contact on the unsubscribe list (a hard bounce counts against the bounce
+limit instead)."""
+
+
+async def on_contact_event(account: Account, event: ContactEvent) -> None:
+    """A change made on the ESP side: an unsubscribe of a client without recipient-list based
+    unsubscribes holds for every list (the book says so at once); the webhook call follows in the
+    background, in the book's order (:func:`report_contacts`)."""
     store = store_of(account)
+    record = event.record
+    if (
+        record.via in UNSUBSCRIBING
+        and record.state is ContactState.UNSUBSCRIBED
+        and not store.settings.opt_list_unsubscribes
+    ):
+        reason = record.reason
+        everywhere = [ContactChange(EVERY_LIST, record.email, ContactState.UNSUBSCRIBED, reason, Via.API)]
+        everywhere += [
+            c for c in _unsubscribed_everywhere(store, record.email, reason) if c.list_id != record.list
+        ]
+        await asyncio.to_thread(account.contacts.set_many, everywhere)
+    store.contact_changes.set()
+
+
+def _batch_recipient(store: Store, batch: Batch, email: str) -> dict[str, Any] | None:
+    """The batch's recipient with that address (its id and attributes), or None (worker thread)."""
+    path = store.batch_dir(batch.id) / "recipients.jsonl"
+    if not path.is_file():
+        return None
+    with path.open("rb") as people:
+        for line in people:
+            person: dict[str, Any] = orjson.loads(line)
+            if str(person["data"].get("email", "")).strip().lower() == email:
+                return person
+    return None
+
+
+async def contact_item(store: Store, hook: Webhook, hook_type: str, event: ContactEvent) -> dict[str, Any]:
+    """The webhook item of a change. On a batch's pool list its recipient there: the recipient's id
+    and attributes (``BroadcastId`` too) and the batch's mailing. On a list of the client's the
+    address is the id and the data are the contact's fields, with the mailing of the ``job`` whose
+    message carried the link, if one was named."""
+    record = event.record
+    listed = int(record.list) if record.list.isdigit() else None
+    pool = store.batch_of_list(listed) if listed is not None else None
+    send = store.account.send_of_job(event.job) if event.job is not None else None
+    named = send.attrs.get(BATCH) if send is not None else None
+    batch = pool or (store.data.batches.get(int(named)) if named else None)
+    person = await asyncio.to_thread(_batch_recipient, store, pool, record.email) if pool else None
+    item: dict[str, Any] = {"webhookId": hook.id, "type": hook_type, "clientId": store.client_id}
+    if batch is not None:
+        item["mailingId"] = store.data.campaigns[batch.campaign_id].mailing_id
+    if listed is not None:
+        item["recipientListId"] = listed
+    item["recipientId"] = person["id"] if person is not None else record.email
+    if batch is not None:
+        item["mailId"] = f"{item['mailingId']}-{item['recipientId']}"
+    item["created"] = rest_time(record.changed_at)
+    if hook_type == "bounce":
+        item["category"] = "hardbounce"
+    if hook_type == "unsubscribe":
+        item["reason"] = UNSUBSCRIBE_REASON
+    item["data"] = dict(person["data"]) if person is not None else {**record.fields, "email": record.email}
+    return item
+
+
+async def report_contacts(store: Store) -> None:
+    """Report the contact book's changes made on the ESP side, in order, each through its type's
+    webhook (none activated: not reported); how far is saved, so a restart goes on from there."""
+    book = store.account.contacts
+    while True:
+        await store.contact_changes.wait()
+        store.contact_changes.clear()
+        feed = store.data.reported
+        if feed.book != book.book_id:
+            feed.book, feed.seq = book.book_id, 0
+        for event in book.events_since(feed.seq):
+            hook_type = CONTACT_HOOKS.get((event.record.via, event.record.state))
+            hook = store.webhook_for(hook_type) if hook_type is not None else None
+            if hook_type is not None and hook is not None:
+                item = await contact_item(store, hook, hook_type, event)
+                where = {"account": store.account.name, "contact_event": event.seq, "type": hook_type}
+                await post_webhook(store, hook, [item], where)
+            elif hook_type is not None:
+                log.info("no activated webhook: a contact change is not reported", extra={"type": hook_type})
+            feed.seq = event.seq
+            if hook_type is not None:
+                await store.save()
+        await store.save()
+
+
+async def watch(account: Account) -> None:
+    """Hand the engine the started batches a stop left without a send; report the contact changes
+    not reported yet, and those to come; close the webhook client at the end."""
+    store = store_of(account)
+    reporting = asyncio.create_task(report_contacts(store))
+    store.contact_changes.set()
     try:
         for batch in list(store.data.batches.values()):
             if batch.run is not None and batch.run.duplicate_of is None and batch.run.send_id is None:
                 await start_send(store, batch)
         await asyncio.Event().wait()
     finally:
+        reporting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reporting
         await store.close()
 
 
@@ -1616,4 +2184,5 @@ FLAVOR = Flavor(
     routes=ROUTES,
     watch=watch,
     check_settings=opt_settings,
+    on_contact_event=on_contact_event,
 )
