@@ -46,6 +46,18 @@ Choices where the page leaves room:
   follows with another customer and broadcast and ``broadcast_manual_options`` alternately ``null``
   and ``{}``. The manifest's ``malformed`` counts the job's malformed rows in written files.
 - ``delivered`` is simulated but in no phase, so it takes no room in a step.
+
+Subscriptions (the page's Subscriptions section): the public REST API's customer calls under
+``/deployteq/<account>/app/api/rest/public/v2/customer`` (``?token=`` the sandbox ``TOKEN``) and the
+webhook receiver ``/deployteq/<account>/datahook/data-receiver/<endpoint>`` (Bearer ``TOKEN``)
+whose campaign is the double opt-in: the customer it receives is pending on the list it names until
+a confirmation (the ``_sandbox/contacts`` control route). A customer's id and other fields are kept
+in ``.sandbox-deployteq/customers.json``; its Y/N list fields (``DEPLOYTEQ_LIST_FIELDS``) are its
+states in the account's contact book: Y is subscribed, anything else N. A customer created without
+the first list field is opted in on it (Deployteq's ``optin`` defaults to Y), and so are the kept
+rows of a trigger file. A customer with an address that is not well formed is refused
+(``400``, ``X-Deployteq-API-Error``). A change made on Deployteq's side is reported to
+``DEPLOYTEQ_WEBHOOK_URL`` as a campaign's HTTP request object would (JSON, Bearer ``TOKEN``).
 """
 
 from __future__ import annotations
@@ -56,6 +68,7 @@ import functools
 import logging
 import os
 import re
+import threading
 import uuid
 import zlib
 from collections import Counter
@@ -73,6 +86,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from sandbox.api import CONTEXT, account_of, basic_credentials, bearer_token
+from sandbox.contacts import ContactChange, ContactEvent, ContactState, valid_email
 from sandbox.engine import Account
 from sandbox.errors import OAUTH, ErrorStyle, EspError, json_response
 from sandbox.files import atomic_write_bytes, atomic_writer, csv_field
@@ -90,7 +104,8 @@ from sandbox.responses import Broadcast, EventLogFormat, PhaseWriter, ResponsePh
 from sandbox.settings import SandboxSettings
 from sandbox.simulate import URLS, Event
 from sandbox.state import SendRecord
-from sandbox.validators import CommaList, TimeZone, name_matching, names_matching
+from sandbox.validators import CommaList, HttpUrl, TimeZone, name_matching, names_matching
+from sandbox.webhooks import call_webhook
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +119,9 @@ EXPORT_ARCHIVE = "event-export/archive"
 DATA = ".sandbox-deployteq"
 STEPS = f"{DATA}/steps"
 STATE = f"{DATA}/state.json"
+CUSTOMERS = f"{DATA}/customers.json"
+REST = "/app/api/rest/public/v2"
+FIRST_CUSTOMER_ID = 1001
 
 BASE = "/deployteq/{account}"
 SCOPE = "analytics.events:read"
@@ -212,6 +230,14 @@ class DeployteqSettings(SandboxSettings):
     export_interval_s: float = Field(default=2.0, ge=1.0, description="time between two export runs")
     foreign_every: int = Field(
         default=0, ge=0, description="a foreign complaint row / API event after every n-th (0 = off)"
+    )
+    deployteq_list_fields: Annotated[CommaList, names_matching(COLUMN_RE, "list field")] = Field(
+        default=("optin",),
+        description="comma list of the customers' Y/N fields that are lists; new customers and "
+        "trigger-file rows are opted in on the first",
+    )
+    deployteq_webhook_url: HttpUrl = Field(
+        default=None, description="where the campaigns report changes made at Deployteq ({account} replaced)"
     )
 
     def campaign_known(self, trigger: str) -> bool:
@@ -839,6 +865,7 @@ class Deployteq:
         """Hand a ``Done`` job's campaign to the engine, which releases it through
         :class:`DeployteqRelease` (again: nothing new). Its recipients are the file's kept rows."""
         await self.account.imported_list(job.job_id, job.recipients)
+        await self.account.subscribe_imported(job.job_id, self.settings.deployteq_list_fields[0])
         attrs = {"broadcast_id": str(job.broadcast_id), "file": job.name}
         await self.account.create_send(job.job_id, job.trigger, job.job_id, None, attrs)
 
@@ -1279,10 +1306,222 @@ async def stats(request: web.Request) -> web.Response:
     return json_response(deployteq_of(account).stats(request.app[CONTEXT].tokens.issued[account.name]))
 
 
+# Subscriptions: customers, the webhook receiver of the opt-in campaign, the HTTP request objects
+
+
+class Customers:
+    """The customers of one account: ids and fields other than the list fields (saved whole on
+    every change), their list fields being their states in the contact book."""
+
+    def __init__(self, account: Account) -> None:
+        self.account = account
+        self.path = account.folder / CUSTOMERS
+        self.lists = deployteq_settings().deployteq_list_fields
+        self.lock = threading.Lock()
+        try:
+            saved = orjson.loads(self.path.read_bytes())
+        except FileNotFoundError:
+            saved = {"next_id": FIRST_CUSTOMER_ID, "customers": {}}
+        self.next_id: int = saved["next_id"]
+        self.fields: dict[int, dict[str, str]] = {int(k): v for k, v in saved["customers"].items()}
+
+    def _save(self) -> None:
+        data = {"next_id": self.next_id, "customers": {str(k): v for k, v in self.fields.items()}}
+        atomic_write_bytes(self.path, orjson.dumps(data))
+
+    def view(self, number: int) -> dict[str, Any]:
+        """The customer as the API shows it: id, fields, and Y or N per list field."""
+        fields = self.fields[number]
+        email = fields["emailaddress"]
+        flags = {}
+        for lst in self.lists:
+            record = self.account.contacts.get(lst, email)
+            flags[lst] = "Y" if record is not None and record.state is ContactState.SUBSCRIBED else "N"
+        return {"id": number, **fields, **flags}
+
+    def find(self, email: str) -> list[int]:
+        """The ids of the customers with the address; one made for an address an import brought."""
+        with self.lock:
+            found = [n for n, f in self.fields.items() if f["emailaddress"] == email]
+            imported = any(
+                r.list in self.lists and r.state is not ContactState.REMOVED
+                for r in self.account.contacts.records(email=email)
+            )
+            if not found and imported:
+                found = [self._add({"emailaddress": email})]
+                self._save()
+            return found
+
+    def _add(self, fields: dict[str, str]) -> int:
+        number = self.next_id
+        self.next_id += 1
+        self.fields[number] = fields
+        return number
+
+    def create(self, body: dict[str, str]) -> int:
+        """A new customer; opted in on the first list field unless the body says otherwise."""
+        with self.lock:
+            number = self._add({k: v for k, v in body.items() if k not in self.lists})
+            self._save()
+        self._set_lists(body["emailaddress"], {self.lists[0]: "Y", **body})
+        return number
+
+    def update(self, number: int, body: dict[str, str]) -> None:
+        """Change the given fields (the address too); the list fields change the contact's states."""
+        with self.lock:
+            self.fields[number].update({k: v for k, v in body.items() if k not in self.lists})
+            self._save()
+        self._set_lists(self.fields[number]["emailaddress"], body)
+
+    def delete(self, number: int) -> None:
+        """The customer is gone, and so is its address from every list it was on."""
+        with self.lock:
+            email = self.fields.pop(number)["emailaddress"]
+            self._save()
+        gone = [
+            ContactChange(r.list, email, ContactState.REMOVED, "customer deleted")
+            for r in self.account.contacts.records(email=email)
+            if r.list in self.lists
+        ]
+        self.account.contacts.set_many(gone)
+
+    def _set_lists(self, email: str, body: dict[str, str]) -> None:
+        changes = [
+            ContactChange(
+                lst,
+                email,
+                ContactState.SUBSCRIBED if body[lst] == "Y" else ContactState.UNSUBSCRIBED,
+                "subscribe" if body[lst] == "Y" else "unsubscribe",
+            )
+            for lst in self.lists
+            if lst in body
+        ]
+        self.account.contacts.set_many(changes)
+
+
+_CUSTOMERS: dict[int, Customers] = {}
+
+
+def customers_of(account: Account) -> Customers:
+    """The account's customers, read from disk at the first use."""
+    found = _CUSTOMERS.get(id(account))
+    if found is None:
+        found = _CUSTOMERS[id(account)] = Customers(account)
+    return found
+
+
+REST_ERRORS = ErrorStyle(lambda e: {"code": e.status, "message": e.message})
+"""The customer API's errors: ``{"code", "message"}``, the message also in ``X-Deployteq-API-Error``."""
+
+
+def _rest_error(status: int, message: str) -> EspError:
+    return EspError(status, "error", message, {"X-Deployteq-API-Error": message})
+
+
+def _rest_account(request: web.Request) -> Account:
+    """The account of a customer call whose ``token`` is the sandbox's; its call counted and limited."""
+    account = account_of(request, code="not_found")
+    if not request.app[CONTEXT].token_matches(_single(request, "token") or ""):
+        raise _rest_error(401, "invalid token")
+    account.check_rate_limit()
+    return account
+
+
+async def _customer_body(request: web.Request) -> dict[str, str]:
+    """A customer's fields from a JSON object of strings (a null or a number taken as text)."""
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        raise _rest_error(400, "the body is not JSON") from None
+    if not isinstance(body, dict) or any(
+        not isinstance(k, str) or isinstance(v, (dict, list)) for k, v in body.items()
+    ):
+        raise _rest_error(400, "the body must be a JSON object of customer fields")
+    fields = {k: "" if v is None else str(v) for k, v in body.items() if k != "id"}
+    lists = deployteq_settings().deployteq_list_fields
+    bad = sorted(lst for lst in lists if lst in fields and fields[lst] not in ("Y", "N"))
+    if bad:
+        raise _rest_error(400, f"{', '.join(bad)} must be Y or N")
+    if "emailaddress" in fields:
+        fields["emailaddress"] = fields["emailaddress"].strip().lower()
+        if not valid_email(fields["emailaddress"]):
+            raise _rest_error(400, "emailaddress is not a valid e-mail address")
+    return fields
+
+
+@REST_ERRORS.guard
+async def customers_route(request: web.Request) -> web.Response:
+    """``GET customer?emailaddress=`` (the customers with the address) and ``POST customer``."""
+    account = _rest_account(request)
+    customers = customers_of(account)
+    if request.method == "GET":
+        email = (_single(request, "emailaddress") or "").strip().lower()
+        found = await asyncio.to_thread(customers.find, email)
+        return json_response([customers.view(n) for n in found])
+    body = await _customer_body(request)
+    if not body.get("emailaddress"):
+        raise _rest_error(400, "emailaddress is required")
+    number = await asyncio.to_thread(customers.create, body)
+    return json_response(customers.view(number), status=201)
+
+
+@REST_ERRORS.guard
+async def customer_route(request: web.Request) -> web.Response:
+    """``GET``, ``PUT`` (the given fields) and ``DELETE customer/<id>``."""
+    account = _rest_account(request)
+    customers = customers_of(account)
+    text = request.match_info["id"]
+    number = int(text) if text.isdigit() else -1
+    if number not in customers.fields:
+        raise _rest_error(404, f"customer {text} not found")
+    if request.method == "DELETE":
+        await asyncio.to_thread(customers.delete, number)
+        return web.Response(status=204)
+    if request.method == "PUT":
+        await asyncio.to_thread(customers.update, number, await _customer_body(request))
+    return json_response(customers.view(number))
+
+
+@REST_ERRORS.guard
+async def data_receiver(request: web.Request) -> web.Response:
+    """``POST datahook/data-receiver/<endpoint>``: the opt-in campaign's webhook receiver makes the
+    customer it gets pending on the list it names."""
+    account = account_of(request, code="not_found")
+    if not request.app[CONTEXT].token_matches(bearer_token(request)):
+        raise _rest_error(401, "invalid token")
+    body = await _customer_body(request)
+    email, lst = body.get("emailaddress", ""), body.get("list", "")
+    if not email or lst not in deployteq_settings().deployteq_list_fields:
+        raise _rest_error(400, "emailaddress and a list (one of the list fields) are required")
+    await asyncio.to_thread(account.contacts.set, lst, email, ContactState.PENDING, reason="double opt-in")
+    return json_response({"status": "received"})
+
+
+async def on_contact_event(account: Account, event: ContactEvent) -> None:
+    """A change made at Deployteq, reported as a campaign's HTTP request object calls espbridge."""
+    record = event.record
+    body = {
+        "id": account.contacts.event_id(event),
+        "event": record.reason or record.state.value,
+        "emailaddress": record.email,
+        "list": record.list,
+        "timestamp": datetime.fromtimestamp(record.changed_at, deployteq_settings().timezone).isoformat(
+            timespec="milliseconds"
+        ),
+    }
+    call_webhook(account, deployteq_settings().deployteq_webhook_url, body)
+
+
 ROUTES = (
     web.post(f"{BASE}/oauth2/token", token),
     web.get(f"{BASE}/analytics-events/events", events),
     web.get(f"{BASE}/analytics-events/_sandbox/stats", stats),
+    web.get(f"{BASE}{REST}/customer", customers_route),
+    web.post(f"{BASE}{REST}/customer", customers_route),
+    web.get(f"{BASE}{REST}/customer/{{id}}", customer_route),
+    web.put(f"{BASE}{REST}/customer/{{id}}", customer_route),
+    web.delete(f"{BASE}{REST}/customer/{{id}}", customer_route),
+    web.post(f"{BASE}/datahook/data-receiver/{{endpoint}}", data_receiver),
 )
 
 
@@ -1293,4 +1532,5 @@ FLAVOR = Flavor(
     routes=ROUTES,
     watch=watch,
     check_settings=deployteq_settings,
+    on_contact_event=on_contact_event,
 )

@@ -337,6 +337,16 @@ async def test_trigger_files_events_and_export_match_the_manifest(sandbox: Sandb
         assert "Failed" not in seen
         assert (await client.stats())["sends_created"] == {"job-1": 1}
 
+        # The file's customers are opted in on optin (an unsubscribe has a row to change).
+        async def opted_in() -> list[dict[str, Any]] | None:
+            url = f"{esp.api()}/_sandbox/contacts"
+            async with esp.http.get(url, params={"list": "optin"}, headers=esp.headers) as resp:
+                found: list[dict[str, Any]] = (await resp.json())["contacts"]
+            return found if len(found) >= 150 else None
+
+        members = await wait_for(opted_in, 10.0, 0.02, what="the file's customers on optin")
+        assert (len(members), {m["state"] for m in members}) == (150, {"subscribed"})
+
         # A trigger that selects no campaign stays; rejected files go to Failed with no reason file
         # beside them (Deployteq gives the reason only in its notification e-mail): the reasons are
         # in the sandbox's manifest.
