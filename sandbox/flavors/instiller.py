@@ -23,24 +23,40 @@ Choices where the page leaves room:
 - ``file`` with ``..``, an absolute path or a backslash is ``400 invalid_parameter``; a hidden file
   (a path part starting with ``.``) or a missing one is ``404 file_not_found``.
 - Every endpoint but ``_sandbox/stats`` is rate-limited; refused calls take no token.
+
+Subscriptions (the page's Subscriptions section): users with their fields (kept in
+``<account>/.sandbox-instiller-users.json``) and their state per list in the account's contact
+book. ``users/list_subscribe`` takes a list in ``INSTILLER_LISTS`` or one an import made, and a
+user ``users/add_or_update`` (or an import) made; ``subscribed=Y`` subscribes, ``N`` unsubscribes.
+``automation/trigger_workflow`` of a workflow in ``INSTILLER_WORKFLOWS`` is the opt-in workflow:
+its user is pending on the list its ``workflow_session_variables`` name, until a confirmation (the
+``_sandbox/contacts`` control route). A change made on Instiller's side (the control route) is
+reported to ``INSTILLER_WEBHOOK_URL`` as the account's workflow webhook would; an address that is
+not well formed is ``400 invalid_parameter``. The recipients of a list a send goes to become
+subscribed on the first of ``INSTILLER_LISTS``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import re
+import threading
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import PurePosixPath
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import orjson
 from aiohttp import web
 from pydantic import Field
 
 from sandbox.api import CONTEXT
+from sandbox.contacts import ContactEvent, ContactState, valid_email
 from sandbox.engine import Account
 from sandbox.errors import EspError, found, json_response
+from sandbox.files import atomic_write_bytes
 from sandbox.flavors.base import Flavor
 from sandbox.limits import MalformedRows
 from sandbox.listfile import import_list
@@ -49,7 +65,8 @@ from sandbox.responses import Broadcast, EventLogFormat, ResponsePhase
 from sandbox.settings import SandboxSettings
 from sandbox.simulate import Event
 from sandbox.state import ImportRecord, SendRecord
-from sandbox.validators import CommaList, TimeZone
+from sandbox.validators import CommaList, HttpUrl, TimeZone
+from sandbox.webhooks import call_webhook
 
 BASE = "/rest"
 UPLOAD = "upload"
@@ -60,6 +77,8 @@ DEFAULT_LIMIT = 1000
 # Attribute keys saved with imports and sends.
 LIST = "list"
 EMAIL_PROFILE = "email_profile"
+USERS_FILE = ".sandbox-instiller-users.json"
+CREDENTIALS = ("api_id", "api_key")
 
 
 class InstillerSettings(SandboxSettings):
@@ -69,6 +88,17 @@ class InstillerSettings(SandboxSettings):
         default=("espbridge",), description="comma list of the field maps that exist"
     )
     timezone: TimeZone = Field(default=ZoneInfo("Europe/London"), description="the account's local time zone")
+    instiller_lists: CommaList = Field(
+        default=("newsletter",),
+        description="comma list of the lists that exist besides those imports make; the first gets "
+        "the recipients of every send",
+    )
+    instiller_workflows: CommaList = Field(
+        default=("double_opt_in",), description="comma list of the opt-in workflows that exist"
+    )
+    instiller_webhook_url: HttpUrl = Field(
+        default=None, description="where the workflows report changes made at Instiller ({account} replaced)"
+    )
 
 
 instiller_settings = functools.cache(InstillerSettings)
@@ -303,6 +333,7 @@ async def send(account: Account, params: Params) -> dict[str, Any]:
     profile = params.optional("email_profile_api_identifier")
     if profile is not None:
         attrs[EMAIL_PROFILE] = profile
+    await account.subscribe_imported(latest.import_id, instiller_settings().instiller_lists[0])
     record, created = await account.create_send(latest.import_id, message, external_id, send_at, attrs)
     return {**_send_body(record), "created": created}
 
@@ -344,6 +375,128 @@ async def export_responses(account: Account, params: Params) -> dict[str, Any]:
     }
 
 
+# Users and their lists
+
+
+class Users:
+    """The users of one account and their fields, saved whole on every change (a few, from API calls)."""
+
+    def __init__(self, account: Account) -> None:
+        self.path = account.folder / USERS_FILE
+        self.lock = threading.Lock()
+        try:
+            self.fields: dict[str, dict[str, str]] = orjson.loads(self.path.read_bytes())
+        except FileNotFoundError:
+            self.fields = {}
+
+    def save(self, email: str, fields: dict[str, str]) -> dict[str, str]:
+        """Create the user or update its fields; the user's fields."""
+        with self.lock:
+            merged = {**self.fields.get(email, {}), **fields}
+            self.fields[email] = merged
+            atomic_write_bytes(self.path, orjson.dumps(self.fields))
+            return merged
+
+
+_USERS: dict[int, Users] = {}
+
+
+def users_of(account: Account) -> Users:
+    """The account's users, read from disk at the first use."""
+    found = _USERS.get(id(account))
+    if found is None:
+        found = _USERS[id(account)] = Users(account)
+    return found
+
+
+def _email(params: Params) -> str:
+    value = params.required("email_address").strip().lower()
+    if not valid_email(value):
+        raise EspError(400, "invalid_parameter", "email_address is not a valid email address")
+    return value
+
+
+def _user_fields(params: Params, *known: str) -> dict[str, str]:
+    """The parameters that are the user's fields: all but the credentials and the call's own."""
+    return {k: v for k, v in params.values.items() if k not in (*CREDENTIALS, *known)}
+
+
+def _list_exists(account: Account, list_id: str) -> bool:
+    return list_id in instiller_settings().instiller_lists or bool(_imports_of(account, list_id))
+
+
+async def add_or_update(account: Account, params: Params) -> dict[str, Any]:
+    """``POST users/add_or_update``: create the user or update its fields (the further parameters)."""
+    email = _email(params)
+    fields = await asyncio.to_thread(users_of(account).save, email, _user_fields(params, "email_address"))
+    return {"email_address": email, **fields}
+
+
+async def user_details(account: Account, params: Params) -> dict[str, Any]:
+    """``GET users/details``: the user's fields and its state on each list it is on."""
+    email = _email(params)
+    fields = users_of(account).fields.get(email)
+    records = account.contacts.records(email=email)
+    if fields is None and not records:
+        raise EspError(404, "user_not_found", f"no user {email}")
+    lists = {r.list: r.state.value for r in records}
+    return {"valid": True, "email_address": email, **(fields or {}), "lists": lists}
+
+
+async def list_subscribe(account: Account, params: Params) -> dict[str, Any]:
+    """``GET users/list_subscribe``: ``subscribed=Y`` subscribes the user to the list, ``N`` unsubscribes."""
+    email = _email(params)
+    list_id = _list_id(params)
+    subscribed = params.required("subscribed")
+    if subscribed not in ("Y", "N"):
+        raise EspError(400, "invalid_parameter", "subscribed must be Y or N")
+    if not _list_exists(account, list_id):
+        raise EspError(404, "list_not_found", f"no list {list_id}")
+    if email not in users_of(account).fields and not account.contacts.records(email=email):
+        raise EspError(404, "user_not_found", f"no user {email}: add it with users/add_or_update first")
+    state = ContactState.SUBSCRIBED if subscribed == "Y" else ContactState.UNSUBSCRIBED
+    reason = "subscribe" if subscribed == "Y" else "unsubscribe"
+    await asyncio.to_thread(account.contacts.set, list_id, email, state, reason=reason)
+    return {"email_address": email, "list_api_identifier": list_id, "subscribed": subscribed}
+
+
+async def trigger_workflow(account: Account, params: Params) -> dict[str, Any]:
+    """``POST automation/trigger_workflow``: the opt-in workflow makes the user pending on the list
+    its session variables name (and saves the user's fields)."""
+    workflow = params.required("workflow_api_identifier")
+    email = _email(params)
+    if workflow not in instiller_settings().instiller_workflows:
+        raise EspError(404, "workflow_not_found", f"no workflow {workflow}")
+    try:
+        variables = orjson.loads(params.optional("workflow_session_variables") or "{}")
+    except orjson.JSONDecodeError:
+        variables = None
+    if not isinstance(variables, dict):
+        raise EspError(400, "invalid_parameter", "workflow_session_variables must be a JSON object")
+    list_id = variables.get("list_api_identifier")
+    if not isinstance(list_id, str) or not _list_exists(account, list_id):
+        raise EspError(404, "list_not_found", f"no list {list_id}")
+    own = ("email_address", "workflow_api_identifier", "workflow_session_variables")
+    await asyncio.to_thread(users_of(account).save, email, _user_fields(params, *own))
+    await asyncio.to_thread(
+        account.contacts.set, list_id, email, ContactState.PENDING, reason="double opt-in"
+    )
+    return {"workflow_api_identifier": workflow, "email_address": email, "triggered": True}
+
+
+async def on_contact_event(account: Account, event: ContactEvent) -> None:
+    """A change made at Instiller, reported as the account's workflow webhook calls espbridge."""
+    record = event.record
+    body = {
+        "id": account.contacts.event_id(event),
+        "event": record.reason or record.state.value,
+        "email_address": record.email,
+        "list_api_identifier": record.list,
+        "event_date": local_text(record.changed_at),
+    }
+    call_webhook(account, instiller_settings().instiller_webhook_url, body)
+
+
 async def stats(account: Account, _params: Params) -> dict[str, Any]:
     """``GET _sandbox/stats`` (tests): imports and sends created per job, and 429s answered."""
     return {**account.state.stats(), "rate_limited": account.counters["rate_limited"]}
@@ -356,6 +509,10 @@ ROUTES = (
     web.get(f"{BASE}/emails/send_status", endpoint(send_status)),
     web.get(f"{BASE}/emails/list_sends", endpoint(list_sends)),
     web.get(f"{BASE}/emails/export_responses", endpoint(export_responses)),
+    web.post(f"{BASE}/users/add_or_update", endpoint(add_or_update)),
+    web.get(f"{BASE}/users/details", endpoint(user_details)),
+    web.get(f"{BASE}/users/list_subscribe", endpoint(list_subscribe)),
+    web.post(f"{BASE}/automation/trigger_workflow", endpoint(trigger_workflow)),
     web.get(f"{BASE}/_sandbox/stats", endpoint(stats, limited=False)),
 )
 
@@ -452,4 +609,5 @@ FLAVOR = Flavor(
     folders=(UPLOAD, MANIFEST),
     routes=ROUTES,
     check_settings=instiller_settings,
+    on_contact_event=on_contact_event,
 )

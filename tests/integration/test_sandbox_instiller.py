@@ -382,6 +382,13 @@ async def test_import_send_and_paged_exports(sandbox: Sandboxes) -> None:
         send_id = sent["send_id"]
         again = await client.ok("POST", "emails/send", external_id="job-1")
         assert (again["send_id"], again["created"]) == (send_id, False)
+        # The send's recipients are subscribed on the account's list (an unsubscribe has a row to change).
+        async with esp.http.get(
+            f"{esp.api()}/_sandbox/contacts", params={"list": "newsletter"}, headers=esp.headers
+        ) as resp:
+            members = (await resp.json())["contacts"]
+        assert len(members) == 120
+        assert {m["state"] for m in members} == {"subscribed"}
 
         # The connector's pull loop, while the rows are being released: offsets stay valid.
         gatherer = Gatherer(client, "job-1", page_size=13)
