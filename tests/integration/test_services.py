@@ -24,7 +24,9 @@ from tests.fixtures.servers import ROOT, Servers
 from tests.fixtures.waits import wait_for
 from tools.demo import demo_job
 
-SERVICES = ["uploader", "monitor", "gatherer", "loader"]
+SERVICES = ["uploader", "monitor", "gatherer", "loader", "syncer"]
+GROUPS = {"syncer": "syncer-changes"}
+"""A service whose subscribers have groups of their own: the one the group test watches."""
 
 
 @pytest.mark.parametrize("name", SERVICES)
@@ -90,7 +92,7 @@ async def test_service_joins_its_group_and_stops_on_sigterm(
     name: str, servers: Servers, kafka: KafkaSettings, tmp_path: Path
 ) -> None:
     env = service_env(servers.env, ESPBRIDGE_KAFKA_TOPIC_PREFIX=kafka.topic_prefix)
-    group = f"{kafka.topic_prefix}espbridge-{name}"
+    group = f"{kafka.topic_prefix}espbridge-{GROUPS.get(name, name)}"
     log = tmp_path / f"{name}.log"
     with running(f"services.{name}", env, log) as proc:
         members = await wait_for(
