@@ -54,7 +54,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import csv
 import functools
+import io
 import logging
 import re
 import threading
@@ -81,6 +84,8 @@ from pydantic import (
 )
 
 from sandbox.api import CONTEXT, account_of, bearer_token, own_auth, problems
+from sandbox.contacts import ContactBook, ContactChange, ContactEvent, ContactRecord, ContactState, Via
+from sandbox.contacts import valid_email as well_formed
 from sandbox.engine import Account
 from sandbox.errors import OAUTH, ErrorStyle, EspError, bad_request, found, json_response, not_found
 from sandbox.eventlog import EVENTS_FOLDER, read_step
@@ -98,9 +103,10 @@ from sandbox.protocol import (
     EventType,
     SendState,
 )
-from sandbox.responses import Broadcast, EventLogFormat, usual_phases
+from sandbox.responses import Broadcast, EventLogFormat, PhaseWriter, usual_phases
 from sandbox.settings import SandboxSettings
 from sandbox.simulate import URLS, Event
+from sandbox.state import SendRecord
 from sandbox.validators import CommaList, HttpUrl
 
 log = logging.getLogger(__name__)
@@ -111,7 +117,11 @@ CONSOLE = "/API/v1.1/Rest/ConsoleService.svc"
 STATS = "/API/v1.1/Rest/MailStatisticsService.svc"
 
 LIST_ID = 1
+"""The list of a group, import or sending saved before the flavor had several lists."""
+DEFAULT_LISTS = ("1", "2", "3")
 STATISTICS = "statistics"
+IMPORT = "import"
+"""The (S)FTP import data sync's folder: ``import/<list id>/`` takes contacts files."""
 STORE_FILE = ".sandbox-mailup.json"
 ROME = ZoneInfo("Europe/Rome")
 KEY_FIELD = "CommunicationKey"
@@ -223,7 +233,12 @@ STATUS_TYPES = {
     EventType.CLICK: "CLK",
 }
 BAD_ROW_KINDS = ("statusType XXX", "statusChange 2026-13-45", "a missing column", "NCO with code 999")
-UNSUBSCRIBING = {EventType.BOUNCE_HARD.value, EventType.UNSUBSCRIBE.value, EventType.COMPLAINT.value}
+LEAVING = {
+    EventType.BOUNCE_HARD: (Via.BOUNCE, "bounce_hard"),
+    EventType.UNSUBSCRIBE: (Via.LINK, "unsubscribe"),
+    EventType.COMPLAINT: (Via.COMPLAINT, "complaint"),
+}
+"""The released events after which the recipient is unsubscribed from the sending's list: how, why."""
 
 
 # Settings
@@ -254,6 +269,15 @@ def webhook_params(text: str) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
+def _list_ids(value: tuple[str, ...]) -> tuple[str, ...]:
+    if not value:
+        raise ValueError("at least one list is needed")
+    bad = [v for v in value if not v.isascii() or not v.isdigit() or int(v) < 1]
+    if bad:
+        raise ValueError(f"{bad[0]!r} is not a MailUp list id (a positive number)")
+    return tuple(dict.fromkeys(str(int(v)) for v in value))
+
+
 def _valid_webhook_params(text: str) -> str:
     webhook_params(text)
     return text
@@ -271,9 +295,13 @@ class MailUpSettings(SandboxSettings):
         default=DEFAULT_FIELDS,
         description="comma list of the personal data fields' descriptions, numbered 1…n",
     )
+    mailup_lists: Annotated[CommaList, AfterValidator(_list_ids)] = Field(
+        default=DEFAULT_LISTS, description="comma list of the account's list ids; others answer 404"
+    )
     mailup_export: bool = Field(default=True, description="write the statistics export files")
     mailup_webhook_url: HttpUrl = Field(
-        default=None, description="where unsubscribes are POSTed ({account} replaced); unset: none"
+        default=None,
+        description="where the Subscribe, Unsubscribe and Delete webhooks POST ({account} replaced)",
     )
     mailup_webhook_params: Annotated[str, AfterValidator(_valid_webhook_params)] = Field(
         default=DEFAULT_WEBHOOK_PARAMS,
@@ -290,6 +318,10 @@ class MailUpSettings(SandboxSettings):
     def field_id(self, name: str) -> int | None:
         """The id of a personal data field (1-based), or None if there is none of that name."""
         return self.mailup_fields.index(name) + 1 if name in self.mailup_fields else None
+
+    def field_name(self, field_id: int | str) -> str:
+        """The description of a personal data field by its id."""
+        return self.mailup_fields[int(field_id) - 1]
 
 
 mailup_settings = functools.cache(MailUpSettings)
@@ -358,8 +390,22 @@ class Recipient(BaseModel):
     id: int
     email: str
     fields: dict[str, str] = Field(default_factory=dict)
-    subscribed: bool = True
     groups: list[int] = Field(default_factory=list)
+
+    def body(self) -> dict[str, Any]:
+        """As the recipient calls show it: its personal data fields with their descriptions."""
+        settings = mailup_settings()
+        return {
+            "Email": self.email,
+            "Fields": [
+                {"Description": settings.field_name(n), "Id": int(n), "Value": value}
+                for n, value in sorted(self.fields.items(), key=lambda item: int(item[0]))
+            ],
+            "MobileNumber": "",
+            "MobilePrefix": "",
+            "Name": "",
+            "idRecipient": self.id,
+        }
 
 
 class Group(BaseModel):
@@ -369,6 +415,7 @@ class Group(BaseModel):
     name: str
     notes: str = ""
     deletable: bool = True
+    list: int = LIST_ID
 
     def body(self) -> dict[str, Any]:
         """As the API shows it."""
@@ -377,7 +424,7 @@ class Group(BaseModel):
             "Name": self.name,
             "Notes": self.notes,
             "idGroup": self.id,
-            "idList": LIST_ID,
+            "idList": self.list,
         }
 
 
@@ -389,6 +436,7 @@ class MailUpImport(BaseModel):
     job: str
     total: int
     created: str
+    list: int = LIST_ID
     status: int = 1
     start: str | None = None
     end: str | None = None
@@ -402,6 +450,7 @@ class Sending(BaseModel):
     message: int
     group: int | None
     job: str
+    list: int = LIST_ID
     recipients: int
     import_id: str
     created: str
@@ -475,19 +524,23 @@ class Store:
         return found
 
     def add_recipient(self, email: str) -> Recipient:
-        """A new subscribed recipient (call with the lock held)."""
+        """A new recipient of the account (call with the lock held); its lists are in the contact book."""
         recipient = Recipient(id=self.new_id("recipient"), email=email)
         self.data.recipients.append(recipient)
         self.by_email[email.lower()] = recipient
         self.by_id[recipient.id] = recipient
         return recipient
 
-    def members(self, group_id: int | None) -> list[Recipient]:
-        """The subscribed members of a group (None: of the list), by ``IdRecipient``."""
-        with self.lock:
-            return [
-                r for r in self.data.recipients if r.subscribed and (group_id is None or group_id in r.groups)
-            ]
+    def groups_in(self, recipient: Recipient | None, list_id: str) -> str:
+        """``[Groups]``: the recipient's groups in the list, comma-separated (call with the lock held)."""
+        if recipient is None:
+            return ""
+        in_list = {g.id for g in self.data.groups if str(g.list) == list_id}
+        return ",".join(str(g) for g in recipient.groups if g in in_list)
+
+    def recipient(self, email: str) -> Recipient:
+        """The account's recipient of that email, added if it has none (call with the lock held)."""
+        return self.by_email.get(email.strip().lower()) or self.add_recipient(email.strip().lower())
 
 
 # The import's request body
@@ -567,8 +620,10 @@ def _job_of(value: str, message: int | None = None) -> str | None:
 class MailUp:
     """The flavor's side of one account: its saved state, rate limit, webhook queue and caches."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, contacts: ContactBook) -> None:
         self.folder = folder
+        self.contacts = contacts
+        """The account's contact book: each recipient's status on each list."""
         self.store = Store(folder / STORE_FILE)
         self.store.load()
         # Export files half-written by a killed sandbox (it writes them only through this object).
@@ -581,6 +636,7 @@ class MailUp:
         )
         self.webhooks: collections.deque[dict[str, str]] = collections.deque()
         self._wakeup: asyncio.Event | None = None
+        self._hooked: asyncio.Event | None = None
         self._stats: dict[tuple[int, str], tuple[tuple[tuple[str, int], ...], list[dict[str, Any]]]] = {}
 
     @property
@@ -589,6 +645,24 @@ class MailUp:
         if self._wakeup is None:
             self._wakeup = asyncio.Event()
         return self._wakeup
+
+    @property
+    def hooked(self) -> asyncio.Event:
+        """Set when a webhook call is queued from the event loop (created there)."""
+        if self._hooked is None:
+            self._hooked = asyncio.Event()
+        return self._hooked
+
+    def members(self, list_id: int, group_id: int | None) -> list[Recipient]:
+        """The recipients subscribed to the list, of a group of it (None: all), by ``IdRecipient``."""
+        with self.store.lock:
+            candidates = [r for r in self.store.data.recipients if group_id is None or group_id in r.groups]
+        return [r for r in candidates if self.status(list_id, r.email) is ContactState.SUBSCRIBED]
+
+    def status(self, list_id: int, email: str) -> ContactState | None:
+        """The recipient's status on the list (None: never on it)."""
+        record = self.contacts.get(str(list_id), email)
+        return record.state if record is not None else None
 
     def check_limit(self, account: Account) -> None:
         """The 429 over ``RATE_LIMIT_PER_S`` calls in a sliding second; refused calls do not count."""
@@ -634,8 +708,8 @@ class MailUp:
 
     # Imports
 
-    async def create_import(self, group: int | None, rows: list[RecipientIn]) -> int:
-        """Save an import request (its rows first) and queue it; its id."""
+    async def create_import(self, list_id: int, group: int | None, rows: list[RecipientIn]) -> int:
+        """Save an import request into the list (and group) (its rows first) and queue it; its id."""
         store = self.store
         job_id = mailup_settings().field_id(JOB_FIELD)
         job = next(
@@ -656,7 +730,9 @@ class MailUp:
         path = self.folder / UPLOADS_FOLDER / f"mailup-import-{import_id}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(atomic_write_bytes, path, orjson.dumps(data))
-        record = MailUpImport(id=import_id, group=group, job=job, total=len(rows), created=_now().isoformat())
+        record = MailUpImport(
+            id=import_id, group=group, job=job, total=len(rows), created=_now().isoformat(), list=list_id
+        )
         with store.lock:
             store.data.imports.append(record)
         await asyncio.to_thread(store.save)
@@ -673,7 +749,8 @@ class MailUp:
         path = self.folder / UPLOADS_FOLDER / f"mailup-import-{record.id}.json"
         rows: list[dict[str, Any]] = orjson.loads(path.read_bytes())
         new = update = repeated = invalid = without = 0
-        seen: set[str] = set()
+        seen: list[str] = []
+        seen_keys: set[str] = set()
         with store.lock:
             for row in rows:
                 email = str(row["Email"]).strip()
@@ -684,10 +761,11 @@ class MailUp:
                     invalid += 1
                     continue
                 key = email.lower()
-                if key in seen:
+                if key in seen_keys:
                     repeated += 1
                     continue
-                seen.add(key)
+                seen_keys.add(key)
+                seen.append(key)
                 recipient = store.by_email.get(key)
                 if recipient is None:
                     recipient = store.add_recipient(email)
@@ -698,6 +776,8 @@ class MailUp:
                 if record.group is not None and record.group not in recipient.groups:
                     recipient.groups.append(record.group)
             record.rows = _rows_body(len(rows), new, update, repeated, invalid, without)
+            # MailUp's import: new recipients are subscribed to the list, the others keep their status
+            self.contacts.add_subscribed(str(record.list), seen)
             record.status = 3
             record.end = _now().isoformat()
             store.save()
@@ -738,11 +818,11 @@ class MailUp:
         return "Immediate" if sending.confirmed is not None else "Undefined"
 
     async def create_sending(
-        self, account: Account, message: int, group: int | None, deferred: datetime | None
+        self, account: Account, message: int, list_id: int, group: int | None, deferred: datetime | None
     ) -> Sending:
-        """A new sending of ``message`` to the subscribed members of ``group`` (None: the list)."""
+        """A new sending of ``message`` to the list's subscribed members (of ``group``, if given)."""
         store = self.store
-        members = store.members(group)
+        members = self.members(list_id, group)
         if not members:
             raise bad_request("No subscribed recipients to send to")
         job_field = mailup_settings().field_id(JOB_FIELD)
@@ -758,11 +838,12 @@ class MailUp:
         import_id = f"mailup-sending-{sending_id}"
         rows = [(r.email, str(r.id)) for r in members]
         await asyncio.to_thread(_write_members, account.list_store(import_id), rows)
-        await account.imported_list(import_id, len(rows), list_id=f"list-{LIST_ID}")
+        await account.imported_list(import_id, len(rows), list_id=f"list-{list_id}")
         sending = Sending(
             id=sending_id,
             message=message,
             group=group,
+            list=list_id,
             job=job,
             recipients=len(rows),
             import_id=import_id,
@@ -817,6 +898,7 @@ class MailUp:
             "message": str(sending.message),
             "sending": str(sending.id),
             "bad_rows": str(sending.bad_rows),
+            "list": str(sending.list),
         }
         record, _ = await account.create_send(
             sending.import_id, str(sending.message), sending.job, start, attrs
@@ -848,7 +930,7 @@ class MailUp:
         start = None if state == "Undefined" else api_time(sending.deferred or sending.confirmed)
         return {
             "Id": sending.id,
-            "IdList": LIST_ID,
+            "IdList": sending.list,
             "IdMessage": sending.message,
             "Notes": "",
             "StartDate": start,
@@ -879,6 +961,238 @@ class MailUp:
             "StartDate": api_time(record.started_at),
             "idMessage": sending.message,
         }
+
+    # Recipients' subscriptions (the account's contact book)
+
+    def _recipient_by_id(self, recipient_id: int) -> Recipient:
+        with self.store.lock:
+            found = self.store.by_id.get(recipient_id)
+        if found is None:
+            raise not_found(f"Recipient {recipient_id} not found")
+        return found
+
+    def _set(
+        self, list_id: int, recipient: Recipient, state: ContactState, reason: str, **fields: str
+    ) -> None:
+        self.contacts.set(
+            str(list_id), recipient.email, state, reason=reason, via=Via.API, fields=fields or None
+        )
+
+    async def add(self, list_id: int, email: str, fields: dict[int, str], confirm: bool) -> int:
+        """``POST …/List/{list}/Recipient``: the recipient (created or its fields updated) is
+        subscribed, or pending with ``confirm``, when new to the list or removed from it; a pending
+        or subscribed one stays so; an unsubscribed one stays so, unless ``confirm`` asks it again
+        (not after hard bounces). Its id."""
+        with self.store.lock:
+            recipient = self.store.recipient(email)
+            recipient.fields.update({str(n): value for n, value in fields.items()})
+        await asyncio.to_thread(self.store.save)
+        record = self.contacts.get(str(list_id), email)
+        state = record.state if record is not None else ContactState.REMOVED
+        if state is ContactState.UNSUBSCRIBED and confirm:
+            self._check_resubscribe(record, recipient)
+        wanted = ContactState.PENDING if confirm else ContactState.SUBSCRIBED
+        if state is ContactState.REMOVED or (state is ContactState.UNSUBSCRIBED and confirm):
+            state = wanted
+        if record is None or state is not record.state or fields:
+            self._set(list_id, recipient, state, "subscribe", **_described(fields))
+        return recipient.id
+
+    def _check_resubscribe(self, record: ContactRecord | None, recipient: Recipient) -> None:
+        """MailUp subscribes no recipient again by API after it unsubscribed through hard bounces."""
+        if record is not None and record.state is ContactState.UNSUBSCRIBED and record.via is Via.BOUNCE:
+            raise bad_request(
+                f"Recipient {recipient.id} was unsubscribed after hard bounces and cannot be subscribed again"
+            )
+
+    def subscribe(self, list_id: int, recipient_id: int) -> None:
+        """``POST …/List/{list}/Subscribe/{recipient}``: subscribed now (a forced opt-in)."""
+        recipient = self._recipient_by_id(recipient_id)
+        record = self.contacts.get(str(list_id), recipient.email)
+        self._check_resubscribe(record, recipient)
+        if record is None or record.state is not ContactState.SUBSCRIBED:
+            self._set(list_id, recipient, ContactState.SUBSCRIBED, "subscribe")
+
+    def unsubscribe(self, list_id: int, recipient_id: int) -> None:
+        """``DELETE …/List/{list}/Unsubscribe/{recipient}``: unsubscribed (again: nothing changes)."""
+        recipient = self._recipient_by_id(recipient_id)
+        if self.status(list_id, recipient.email) is not ContactState.UNSUBSCRIBED:
+            self._set(list_id, recipient, ContactState.UNSUBSCRIBED, "unsubscribe")
+
+    def remove(self, list_id: int, recipient_id: int) -> None:
+        """``DELETE …/List/{list}/Recipient/{recipient}``: off the list; 404 if it is not on it."""
+        recipient = self._recipient_by_id(recipient_id)
+        if self.status(list_id, recipient.email) in (None, ContactState.REMOVED):
+            raise not_found(f"Recipient {recipient_id} is not in list {list_id}")
+        self._set(list_id, recipient, ContactState.REMOVED, "remove")
+
+    async def update(self, recipient_id: int | None, email: str, fields: dict[int, str]) -> Recipient:
+        """``PUT /Console/Recipient/Detail``: the recipient's fields (by its id, else its email),
+        shared by all its lists."""
+        with self.store.lock:
+            found = (
+                self.store.by_id.get(recipient_id) if recipient_id else self.store.by_email.get(email.lower())
+            )
+            if found is None:
+                raise not_found(f"Recipient {recipient_id or email} not found")
+            found.fields.update({str(n): value for n, value in fields.items()})
+        await asyncio.to_thread(self.store.save)
+        described = _described(fields)
+        if described:
+            changes = [
+                ContactChange(r.list, r.email, r.state, r.reason, r.via, described)
+                for r in self.contacts.records(email=found.email)
+            ]
+            self.contacts.set_many(changes)
+        return found
+
+    def listed(self, list_id: int, state: ContactState, email: str | None) -> list[dict[str, Any]]:
+        """``GET …/List/{list}/Recipients/{status}``: the list's recipients in that status (of one
+        email, if given), by ``idRecipient``."""
+        records = self.contacts.records(str(list_id), email)
+        with self.store.lock:
+            found = [
+                r
+                for rec in records
+                if rec.state is state and (r := self.store.by_email.get(rec.email)) is not None
+            ]
+        return [r.body() for r in sorted(found, key=lambda r: r.id)]
+
+    # The (S)FTP import data sync: contacts files with each contact's status on the list
+
+    async def import_contact_files(self) -> None:
+        """Import the contacts files waiting in ``import/<list>/``, in name order; each is moved to
+        ``done/`` (or ``failed/``, when it cannot be read at all) with its ``.result.json``."""
+        for list_id in mailup_settings().mailup_lists:
+            folder = self.folder / IMPORT / list_id
+            for path in sorted(folder.glob("*.csv")):
+                if path.name.startswith("."):
+                    continue  # still being uploaded
+                try:
+                    result = await asyncio.to_thread(self.import_contacts, path, list_id)
+                    outcome = "done"
+                except ContactsFileError as exc:
+                    result, outcome = {"file": path.name, "list": list_id, "error": str(exc)}, "failed"
+                await asyncio.to_thread(_file_away, path, outcome, result)
+                log.info(
+                    "contacts file imported",
+                    extra={"account": self.folder.name, "outcome": outcome, **result},
+                )
+
+    def import_contacts(self, path: Path, list_id: str) -> dict[str, Any]:
+        """One contacts file (in a worker thread): ``Email``, an optional ``Status`` and personal
+        data fields by description; its result, with the lines it left out and why."""
+        settings = mailup_settings()
+        try:
+            rows = list(
+                csv.reader(io.StringIO(path.read_bytes().decode("utf-8-sig"), newline=""), delimiter=";")
+            )
+        except (UnicodeDecodeError, csv.Error) as exc:
+            raise ContactsFileError(f"not a UTF-8 CSV file: {exc}") from None
+        header = [cell.strip() for cell in rows[0]] if rows else []
+        if "Email" not in header:
+            raise ContactsFileError("the header has no Email column")
+        unknown = [c for c in header if c not in ("Email", "Status") and settings.field_id(c) is None]
+        if unknown or len(set(header)) != len(header):
+            raise ContactsFileError(f"columns that are no personal data field, or twice: {unknown or header}")
+        changes: list[ContactChange] = []
+        errors: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        with self.store.lock:
+            for line, row in enumerate(rows[1:], start=2):
+                if not any(cell.strip() for cell in row):
+                    continue
+                problem, change = self._contact_row(list_id, header, row, seen)
+                if problem is not None:
+                    errors.append({"line": line, "error": problem})
+                elif change is not None:
+                    changes.append(change)
+            self.store.save()
+        self.contacts.set_many(changes)
+        states = collections.Counter(ContactState(c.state).value for c in changes)
+        return {
+            "file": path.name,
+            "list": list_id,
+            "imported": len(changes),
+            "states": dict(states),
+            "errors": errors,
+        }
+
+    def _contact_row(
+        self, list_id: str, header: list[str], row: list[str], seen: set[str]
+    ) -> tuple[str | None, ContactChange | None]:
+        """(why the row is left out, or None; its change) — with the store's lock held."""
+        if len(row) != len(header):
+            return f"{len(row)} fields, want {len(header)}", None
+        values = dict(zip(header, row, strict=True))
+        email = values.pop("Email").strip().lower()
+        status = values.pop("Status", "").strip().lower()
+        if not well_formed(email):
+            return f"invalid email address {email!r}", None
+        if email in seen:
+            return f"{email} is in the file twice", None
+        seen.add(email)
+        if status and status not in FILE_STATES:
+            return f"unknown Status {status!r} (known: {', '.join(FILE_STATES)})", None
+        if any(len(v) > MAX_VALUE for v in values.values()):
+            return f"a value over {MAX_VALUE} characters", None
+        record = self.contacts.get(list_id, email)
+        current = record.state if record is not None else ContactState.REMOVED
+        # no Status: MailUp's usual import (new recipients subscribed, the others keep theirs)
+        state = (
+            FILE_STATES[status]
+            if status
+            else (ContactState.SUBSCRIBED if current is ContactState.REMOVED else current)
+        )
+        bounced = (
+            record is not None and record.state is ContactState.UNSUBSCRIBED and record.via is Via.BOUNCE
+        )
+        if bounced and state in (ContactState.SUBSCRIBED, ContactState.PENDING):
+            return f"{email} was unsubscribed after hard bounces and is not subscribed again", None
+        recipient = self.store.recipient(email)
+        settings = mailup_settings()
+        recipient.fields.update({str(settings.field_id(name)): value for name, value in values.items()})
+        return None, ContactChange(list_id, email, state, "import", Via.FILE, values or None)
+
+    # Changes made on MailUp's side: its webhooks
+
+    def queue_hooks(self, forms: Iterable[dict[str, str]]) -> None:
+        """Queue webhook calls (the watcher posts them when ``MAILUP_WEBHOOK_URL`` is set)."""
+        if mailup_settings().mailup_webhook_url:
+            self.webhooks.extend(forms)
+
+    async def report(self, account: Account, event: ContactEvent) -> None:
+        """A change made at MailUp (``Flavor.on_contact_event``) as its Subscribe, Unsubscribe or
+        Delete webhook calls it; a pending one (only an API caller makes one) calls none."""
+        record = event.record
+        if record.list not in mailup_settings().mailup_lists:
+            raise not_found(f"List {record.list} not found")
+        if record.state is ContactState.PENDING:
+            return
+        event_type, source = WEBHOOK_EVENTS[record.state]
+        reason = (
+            str(UNSUBSCRIBE_REASONS.get(record.via, 1)) if record.state is ContactState.UNSUBSCRIBED else ""
+        )
+        with self.store.lock:
+            recipient = self.store.recipient(record.email)
+            groups = self.store.groups_in(recipient, record.list)
+        send = account.send_of_job(event.job) if event.job else None
+        message = int(send.attrs.get("message", "0")) if send is not None else 0
+        await asyncio.to_thread(self.store.save)
+        hook = Hook(event_type, source, record.changed_at, record.list, record.email, message, reason)
+        self.queue_hooks(
+            [webhook_form(webhook_params(mailup_settings().mailup_webhook_params), hook, recipient, groups)]
+        )
+        self.hooked.set()
+        log.info(
+            "contact change reported",
+            extra={
+                "account": account.name,
+                "list": record.list,
+                "state": record.state.value,
+                "hook": event_type,
+            },
+        )
 
     # Statistics
 
@@ -953,10 +1267,12 @@ class MailUp:
         store, settings = self.store, mailup_settings()
         message = int(broadcast.attrs["message"])
         sending = broadcast.attrs["sending"]
+        list_id = broadcast.attrs.get("list", str(LIST_ID))
         key_field, job_field = settings.field_id(KEY_FIELD), settings.field_id(JOB_FIELD)
         params = webhook_params(settings.mailup_webhook_params)
         rows: list[list[str]] = []
         hooks: list[dict[str, str]] = []
+        left: list[ContactChange] = []
         unattributable = 0
         with store.lock:
             for item in items:
@@ -969,7 +1285,7 @@ class MailUp:
                     details = item.get("Url") or item.get("Code") or ""
                     rows.append(
                         [
-                            str(LIST_ID),
+                            list_id,
                             sending,
                             str(message),
                             item["Email"],
@@ -985,9 +1301,20 @@ class MailUp:
                     if job.partition(":")[0] != str(message) or not job.partition(":")[2]:
                         unattributable += 1
                 if event_type in REASONS:
-                    hooks.append(_webhook_form(params, item, message, recipient))
-                if item["Type"] in UNSUBSCRIBING and recipient is not None:
-                    recipient.subscribed = False
+                    hook = Hook(
+                        "Unsubscribe",
+                        "Recipient",
+                        item["At"],
+                        list_id,
+                        item["Email"],
+                        message,
+                        str(item["Reason"]),
+                    )
+                    hooks.append(webhook_form(params, hook, recipient, store.groups_in(recipient, list_id)))
+                if event_type in LEAVING:
+                    via, reason = LEAVING[event_type]
+                    left.append(ContactChange(list_id, item["Email"], ContactState.UNSUBSCRIBED, reason, via))
+        self.contacts.set_many(left)  # they leave the list: reported by the webhook and the API already
         written = bool(rows) and settings.mailup_export
         bad: list[list[str]] = []
         if written:
@@ -1023,8 +1350,41 @@ class MailUp:
             export.pending = None
             export.synced += 1
             store.save()
-        if settings.mailup_webhook_url:
-            self.webhooks.extend(hooks)
+        self.queue_hooks(hooks)
+
+
+WEBHOOK_EVENTS = {
+    ContactState.SUBSCRIBED: ("Subscribe", "Recipient"),
+    ContactState.UNSUBSCRIBED: ("Unsubscribe", "Recipient"),
+    ContactState.REMOVED: ("Delete", "Console"),
+}
+"""The webhook a change made at MailUp calls (``[EventType]``, ``[EventSource]``), by its new state."""
+UNSUBSCRIBE_REASONS = {Via.COMPLAINT: 2, Via.BOUNCE: 3}
+"""``[Reason]`` of an unsubscribe by how it came (else 1, the recipient's own)."""
+
+
+FILE_STATES = {state.value: state for state in ContactState}
+"""A contacts file's ``Status`` values (any case); empty: the import's usual rule."""
+
+
+class ContactsFileError(Exception):
+    """A contacts file that cannot be imported at all (its encoding, its header)."""
+
+
+def _file_away(path: Path, outcome: str, result: dict[str, Any]) -> None:
+    """Move an imported contacts file to ``done/`` or ``failed/`` beside it, with its result."""
+    target = path.parent / outcome / path.name
+    target.parent.mkdir(exist_ok=True)
+    atomic_write_bytes(
+        target.with_name(path.name + ".result.json"), orjson.dumps(result, option=orjson.OPT_INDENT_2)
+    )
+    path.replace(target)
+
+
+def _described(fields: dict[int, str]) -> dict[str, str]:
+    """Field values by id as the contact book keeps them: by the field's description."""
+    settings = mailup_settings()
+    return {settings.field_name(n): value for n, value in fields.items()}
 
 
 def webhook_date(at: float) -> str:
@@ -1036,23 +1396,38 @@ def webhook_date(at: float) -> str:
     return f"{moment:%Y-%m-%dT%H:%M:%S}.{moment.microsecond // 1000:03d}{hours:+03d}"
 
 
-def _webhook_form(
-    params: tuple[tuple[str, str], ...], item: dict[str, Any], message: int, recipient: Recipient | None
+@dataclass(frozen=True)
+class Hook:
+    """What one webhook call reports: MailUp's event, its source, when, which list and recipient,
+    the message that caused it (0: none) and an unsubscribe's reason code."""
+
+    event_type: str
+    source: str
+    at: float
+    list_id: str
+    email: str
+    message: int = 0
+    reason: str = ""
+
+
+def webhook_form(
+    params: tuple[tuple[str, str], ...], hook: Hook, recipient: Recipient | None, groups: str
 ) -> dict[str, str]:
-    """The Unsubscribe webhook's parameters for one released unsubscribe or complaint."""
+    """A webhook call's parameters: ``params`` with MailUp's placeholders filled from the event,
+    the recipient's numbered fields and its ``groups`` in the list."""
     fields = recipient.fields if recipient is not None else {}
     values = {
-        "EventDate": webhook_date(item["At"]),
+        "EventDate": webhook_date(hook.at),
         "IdConsole": str(ID_CONSOLE),
-        "IdList": str(LIST_ID),
-        "IdNL": str(message),
-        "EventType": "Unsubscribe",
-        "EventSource": "Recipient",
-        "Reason": str(item["Reason"]),
-        "Email": item["Email"],
+        "IdList": hook.list_id,
+        "IdNL": str(hook.message),
+        "EventType": hook.event_type,
+        "EventSource": hook.source,
+        "Reason": hook.reason,
+        "Email": hook.email,
         "Prefix": "",
         "Number": "",
-        "Groups": ",".join(str(g) for g in recipient.groups) if recipient is not None else "",
+        "Groups": groups,
         "Channel": str(MAIL_CHANNEL),
         **{f"Field{n:02d}": fields.get(str(n), "") for n in range(1, MAX_FIELDS + 1)},
     }
@@ -1084,12 +1459,12 @@ _RUNTIMES: dict[Path, MailUp] = {}
 _RUNTIMES_LOCK = threading.Lock()
 
 
-def mailup(folder: Path) -> MailUp:
-    """The runtime of the account in ``folder`` (created, with its saved state, on first use)."""
+def mailup(account: Account) -> MailUp:
+    """The account's runtime (created, with its saved state, on first use)."""
     with _RUNTIMES_LOCK:
-        found = _RUNTIMES.get(folder)
+        found = _RUNTIMES.get(account.folder)
         if found is None:
-            found = _RUNTIMES[folder] = MailUp(folder)
+            found = _RUNTIMES[account.folder] = MailUp(account.folder, account.contacts)
         return found
 
 
@@ -1163,14 +1538,14 @@ class Call:
         return int(text)
 
     def list_id(self) -> int:
-        """The list in the path; 404 unless it is list 1."""
+        """The list in the path; 404 unless it is one of the account's (``MAILUP_LISTS``)."""
         value = self.path_int("list")
-        if value != LIST_ID:
+        if str(value) not in mailup_settings().mailup_lists:
             raise not_found(f"List {value} not found")
         return value
 
     def message_id(self) -> int:
-        """The message in the path; every positive id exists in list 1."""
+        """The message in the path; every positive id exists in every list."""
         value = self.path_int("message")
         if value < 1:
             raise not_found(f"Message {value} not found")
@@ -1245,7 +1620,7 @@ def api(endpoint: Endpoint) -> Handler:
         name = request.match_info["account"]
         account = found(request.app[CONTEXT].accounts.get(name), f"Account {name} not found")
         _authorise(request, account.name)
-        runtime = mailup(account.folder)
+        runtime = mailup(account)
         runtime.check_limit(account)
         return _json(await endpoint(Call(request, account, runtime, _query(request))))
 
@@ -1267,7 +1642,7 @@ _FILTER_RE = re.compile(r"^Name=='(.*)'$", re.DOTALL)
 
 async def groups(call: Call) -> dict[str, Any]:
     """``GET /Console/List/{list}/Groups`` (``filterby=Name=='…'`` only)."""
-    call.list_id()
+    list_id = call.list_id()
     wanted: str | None = None
     if "filterby" in call.query:
         expression = call.query["filterby"].strip()
@@ -1278,7 +1653,11 @@ async def groups(call: Call) -> dict[str, Any]:
             raise bad_request(f"Unsupported filter {call.query['filterby']!r}")
         wanted = match.group(1)
     with call.mailup.store.lock:
-        found = [g.body() for g in call.mailup.store.data.groups if wanted is None or g.name == wanted]
+        found = [
+            g.body()
+            for g in call.mailup.store.data.groups
+            if g.list == list_id and (wanted is None or g.name == wanted)
+        ]
     return page(call, found)
 
 
@@ -1294,7 +1673,7 @@ class GroupIn(BaseModel):
 
 async def create_group(call: Call) -> dict[str, Any]:
     """``POST /Console/List/{list}/Group``."""
-    call.list_id()
+    list_id = call.list_id()
     try:
         body = GroupIn.model_validate(await call.json_body())
     except ValidationError as exc:
@@ -1302,40 +1681,50 @@ async def create_group(call: Call) -> dict[str, Any]:
     if not body.Name.strip() or len(body.Name) > MAX_GROUP_NAME:
         raise bad_request(f"Name must have 1 to {MAX_GROUP_NAME} characters")
     store = call.mailup.store
-    group = Group(id=store.new_id("group"), name=body.Name, notes=body.Notes or "", deletable=body.Deletable)
+    group = Group(
+        id=store.new_id("group"),
+        name=body.Name,
+        notes=body.Notes or "",
+        deletable=body.Deletable,
+        list=list_id,
+    )
     with store.lock:
         store.data.groups.append(group)
     await asyncio.to_thread(store.save)
     return group.body()
 
 
-async def _import(call: Call, group: int | None) -> int:
+async def _import(call: Call, list_id: int, group: int | None) -> int:
     try:
         rows = IMPORT_BODY.validate_python(await call.json_body())
     except ValidationError as exc:
         raise bad_request(problems(exc)) from None
-    known = len(mailup_settings().mailup_fields)
     for line, row in enumerate(rows):
-        for value in row.Fields:
-            if not 1 <= value.Id <= known:
-                raise bad_request(f"[{line}]: unknown field Id {value.Id}")
-            if len(value.Value or "") > MAX_VALUE:
-                raise bad_request(f"[{line}]: the value of field {value.Id} is over {MAX_VALUE} characters")
-    return await call.mailup.create_import(group, rows)
+        _check_fields(row.Fields, f"[{line}]: ")
+    return await call.mailup.create_import(list_id, group, rows)
+
+
+def _check_fields(fields: list[FieldIn], where: str) -> None:
+    """400 for a field the account does not have or a value over 200 characters."""
+    known = len(mailup_settings().mailup_fields)
+    for value in fields:
+        if not 1 <= value.Id <= known:
+            raise bad_request(f"{where}unknown field Id {value.Id}")
+        if len(value.Value or "") > MAX_VALUE:
+            raise bad_request(f"{where}the value of field {value.Id} is over {MAX_VALUE} characters")
 
 
 async def import_to_group(call: Call) -> int:
     """``POST /Console/Group/{group}/Recipients``: the bare import id."""
     call.no_filter()
-    group = call.mailup.store.group(call.path_int("group")).id
-    return await _import(call, group)
+    group = call.mailup.store.group(call.path_int("group"))
+    return await _import(call, group.list, group.id)
 
 
 async def import_to_list(call: Call) -> int:
     """``POST /Console/List/{list}/Recipients``: the bare import id."""
     call.no_filter()
-    call.list_id()
-    return await _import(call, None)
+    return await _import(call, call.list_id(), None)
 
 
 class _Identified(Protocol):
@@ -1365,7 +1754,7 @@ async def import_status(call: Call) -> dict[str, Any]:
         record = _import_record(call)
         return {
             "IdImport": record.id,
-            "IdList": LIST_ID,
+            "IdList": record.list,
             "IdGroups": [record.group] if record.group is not None else [],
             "StartDate": api_time(record.start),
             "EndDate": api_time(record.end),
@@ -1419,10 +1808,10 @@ def _datetime(call: Call) -> datetime | None:
     return _api_datetime(text[1:-1], "datetime")
 
 
-async def _send(call: Call, group: int | None) -> dict[str, Any]:
+async def _send(call: Call, list_id: int, group: int | None) -> dict[str, Any]:
     message = call.message_id()
     deferred = _datetime(call)
-    sending = await call.mailup.create_sending(call.account, message, group, deferred)
+    sending = await call.mailup.create_sending(call.account, message, list_id, group, deferred)
     return {
         "Id": sending.id,
         "Sent": sending.recipients,
@@ -1435,15 +1824,14 @@ async def _send(call: Call, group: int | None) -> dict[str, Any]:
 async def send_to_group(call: Call) -> dict[str, Any]:
     """``POST /Console/Group/{group}/Email/{message}/Send[?datetime=…]``."""
     call.no_filter()
-    group = call.mailup.store.group(call.path_int("group")).id
-    return await _send(call, group)
+    group = call.mailup.store.group(call.path_int("group"))
+    return await _send(call, group.list, group.id)
 
 
 async def send_to_list(call: Call) -> dict[str, Any]:
     """``POST /Console/List/{list}/Email/{message}/Send[?datetime=…]``."""
     call.no_filter()
-    call.list_id()
-    return await _send(call, None)
+    return await _send(call, call.list_id(), None)
 
 
 def _sending(call: Call) -> Sending:
@@ -1509,11 +1897,11 @@ def queue(name: str) -> Endpoint:
 async def send_history(call: Call) -> dict[str, Any]:
     """``GET /Console/List/{list}/Email/{message}/SendHistory``."""
     call.no_filter()
-    call.list_id()
+    list_id = call.list_id()
     message = call.message_id()
     runtime = call.mailup
     with runtime.store.lock:
-        sendings = [s for s in runtime.store.data.sendings if s.message == message]
+        sendings = [s for s in runtime.store.data.sendings if s.message == message and s.list == list_id]
     items = [item for s in sendings if (item := runtime.history_item(call.account, s)) is not None]
     return unpaged(items)
 
@@ -1538,11 +1926,101 @@ async def count_recipients(call: Call) -> int:
     return len(call.mailup.statistics(call.account, call.message_id(), RECIPIENTS))
 
 
+# Recipients of a list: their subscription, one at a time
+
+
+STATUSES = {
+    "Subscribed": ContactState.SUBSCRIBED,
+    "Unsubscribed": ContactState.UNSUBSCRIBED,
+    "Pending": ContactState.PENDING,
+}
+"""``GET /Console/List/{list}/Recipients/<status>``: the three statuses a recipient may have on a list."""
+_EMAIL_FILTER_RE = re.compile(r"^Email=='((?:[^']|'')*)'$", re.DOTALL)
+
+
+class OneRecipientIn(BaseModel):
+    """The body of ``POST …/List/{list}/Recipient`` and ``PUT /Console/Recipient/Detail``."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    recipient_id: StrictInt | None = Field(default=None, alias="idRecipient")
+    Email: StrictStr = ""
+    Name: StrictStr | None = None
+    Fields: list[FieldIn] = Field(default_factory=list)
+
+
+async def _one_recipient(call: Call) -> tuple[OneRecipientIn, dict[int, str]]:
+    """The body and its field values by id (400 for an unknown field or a value too long)."""
+    try:
+        body = OneRecipientIn.model_validate(await call.json_body())
+    except ValidationError as exc:
+        raise bad_request(problems(exc)) from None
+    _check_fields(body.Fields, "")
+    return body, {f.Id: f.Value or "" for f in body.Fields}
+
+
+async def recipients_by_status(call: Call) -> dict[str, Any]:
+    """``GET /Console/List/{list}/Recipients/{Subscribed|Unsubscribed|Pending}`` (``filterby``
+    ``Email=='…'`` only, ``''`` for a quote)."""
+    list_id = call.list_id()
+    state = STATUSES.get(call.request.match_info["status"])
+    if state is None:
+        raise not_found(f"Unknown recipient status {call.request.match_info['status']}")
+    email: str | None = None
+    if "filterby" in call.query:
+        expression = call.query["filterby"].strip()
+        if len(expression) >= 2 and expression[0] == expression[-1] == '"':
+            expression = expression[1:-1]
+        match = _EMAIL_FILTER_RE.fullmatch(expression)
+        if match is None:
+            raise bad_request(f"Unsupported filter {call.query['filterby']!r}")
+        email = match.group(1).replace("''", "'")
+    return page(call, call.mailup.listed(list_id, state, email))
+
+
+async def add_recipient(call: Call) -> int:
+    """``POST /Console/List/{list}/Recipient[?ConfirmEmail=true]``: the recipient's id."""
+    list_id = call.list_id()
+    body, fields = await _one_recipient(call)
+    email = body.Email.strip()
+    if not well_formed(email):
+        raise bad_request(f"Invalid email address {email!r}")
+    confirm = call.query.get("confirmemail", "").strip().lower() == "true"
+    return await call.mailup.add(list_id, email, fields, confirm)
+
+
+async def subscribe(call: Call) -> bool:
+    """``POST /Console/List/{list}/Subscribe/{recipient}``."""
+    call.mailup.subscribe(call.list_id(), call.path_int("recipient"))
+    return True
+
+
+async def unsubscribe(call: Call) -> bool:
+    """``DELETE /Console/List/{list}/Unsubscribe/{recipient}``."""
+    call.mailup.unsubscribe(call.list_id(), call.path_int("recipient"))
+    return True
+
+
+async def remove(call: Call) -> bool:
+    """``DELETE /Console/List/{list}/Recipient/{recipient}``."""
+    call.mailup.remove(call.list_id(), call.path_int("recipient"))
+    return True
+
+
+async def update_recipient(call: Call) -> dict[str, Any]:
+    """``PUT /Console/Recipient/Detail``: the recipient as it is now."""
+    call.no_filter()
+    body, fields = await _one_recipient(call)
+    if body.recipient_id is None and not body.Email.strip():
+        raise bad_request("idRecipient or Email is required")
+    return (await call.mailup.update(body.recipient_id, body.Email.strip(), fields)).body()
+
+
 async def sandbox_stats(request: web.Request) -> web.Response:
     """``GET <base>/_sandbox/stats`` (the sandbox bearer token; not rate-limited)."""
     account = account_of(request)
     tokens = request.app[CONTEXT].tokens.issued[account.name]
-    return _json(mailup(account.folder).stats(account, tokens))
+    return _json(mailup(account).stats(account, tokens))
 
 
 # The stats route comes first: it replaces the shared one at the same path.
@@ -1566,6 +2044,12 @@ ROUTES = (
         for name in ("Deferred", "Undefined", "Immediate")
     ),
     web.get(f"{BASE}{CONSOLE}/Console/List/{{list}}/Email/{{message}}/SendHistory", api(send_history)),
+    web.get(f"{BASE}{CONSOLE}/Console/List/{{list}}/Recipients/{{status}}", api(recipients_by_status)),
+    web.post(f"{BASE}{CONSOLE}/Console/List/{{list}}/Recipient", api(add_recipient)),
+    web.post(f"{BASE}{CONSOLE}/Console/List/{{list}}/Subscribe/{{recipient}}", api(subscribe)),
+    web.delete(f"{BASE}{CONSOLE}/Console/List/{{list}}/Unsubscribe/{{recipient}}", api(unsubscribe)),
+    web.delete(f"{BASE}{CONSOLE}/Console/List/{{list}}/Recipient/{{recipient}}", api(remove)),
+    web.put(f"{BASE}{CONSOLE}/Console/Recipient/Detail", api(update_recipient)),
     web.get(f"{BASE}{STATS}/Message/{{message}}/List/{{kind}}", api(statistics)),
     web.get(f"{BASE}{STATS}/Message/{{message}}/Count/Recipients", api(count_recipients)),
 )
@@ -1580,6 +2064,11 @@ class MailUpResponses(EventLogFormat):
     phases = usual_phases("sent", "bounces", "opens", "clicks", "unsubscribes")
     # Export rows have no event id: never two of one recipient with the same type, link and second.
     distinct_seconds = True
+
+    def writer(self, account: Account, record: SendRecord, broadcast: Broadcast) -> PhaseWriter:
+        """The usual writer, once the account's runtime exists (its steps are handled there)."""
+        mailup(account)
+        return super().writer(account, record, broadcast)
 
     def adjust(self, events: Iterator[Event]) -> Iterator[Event]:
         """MailUp's links; a complaining recipient's unsubscribe is left out (a complaint wins)."""
@@ -1616,7 +2105,7 @@ class MailUpResponses(EventLogFormat):
         first, then gives ``send_id`` as ``<message>:<idSending>``, the export files and counts."""
         if "message" not in broadcast.attrs:
             return {}
-        export = mailup(broadcast.account_dir).sync(broadcast)
+        export = _RUNTIMES[broadcast.account_dir].sync(broadcast)  # made by writer()
         return {
             "send_id": f"{broadcast.attrs['message']}:{broadcast.attrs['sending']}",
             "files": list(export.files),
@@ -1654,7 +2143,7 @@ async def _post_webhook(http: aiohttp.ClientSession, url: str, form: dict[str, s
 
 async def watch(account: Account) -> None:
     """Run the imports, start the sendings an earlier run left waiting, and call the webhook."""
-    runtime = mailup(account.folder)
+    runtime = mailup(account)
     with runtime.store.lock:
         waiting = [
             s
@@ -1664,22 +2153,33 @@ async def watch(account: Account) -> None:
     for sending in waiting:  # confirmed (or deferred) when a stop came, not yet handed to the engine
         await runtime.start_sending(account, sending)
     account.spawn(runtime.run_imports(account.settings.import_delay_s), "mailup imports")
+    for list_id in mailup_settings().mailup_lists:
+        (account.folder / IMPORT / list_id).mkdir(parents=True, exist_ok=True)
     url = mailup_settings().mailup_webhook_url
     secret = account.settings.bearer_token.get_secret_value()
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
         while True:
+            runtime.hooked.clear()
             while url and runtime.webhooks:
                 form = {"Secret": secret, **runtime.webhooks.popleft()}
                 target = url.replace("{account}", account.name)
                 account.spawn(_post_webhook(http, target, form), "mailup webhook")
-            await asyncio.sleep(account.settings.watch_interval_s)
+            await runtime.import_contact_files()
+            with contextlib.suppress(TimeoutError):  # a change made at MailUp wakes it at once
+                await asyncio.wait_for(runtime.hooked.wait(), account.settings.watch_interval_s)
+
+
+async def on_contact_event(account: Account, event: ContactEvent) -> None:
+    """``Flavor.on_contact_event``: MailUp calls its webhook (see :meth:`MailUp.report`)."""
+    await mailup(account).report(account, event)
 
 
 FLAVOR = Flavor(
     name="mailup",
     responses=MailUpResponses(),
-    folders=(DROP, STATISTICS, ARCHIVE, MANIFEST),
+    folders=(DROP, STATISTICS, ARCHIVE, MANIFEST, IMPORT),
     routes=ROUTES,
     watch=watch,
     check_settings=mailup_settings,
+    on_contact_event=on_contact_event,
 )

@@ -387,6 +387,7 @@ async def test_import_send_and_every_response_source(sandbox: Sandboxes, webhook
         assert sorted(p.name for p in esp.account_dir().iterdir() if not p.name.startswith(".")) == [
             "archive",
             "drop",
+            "import",
             "manifest",
             "statistics",
         ]
@@ -415,7 +416,7 @@ async def test_import_send_and_every_response_source(sandbox: Sandboxes, webhook
             assert found["Items"] == [created]
         status, body, _ = await client.call("GET", "/Console/List/1/Groups", params={"filterby": "Name!='x'"})
         assert (status, body["ErrorCode"], body["ErrorName"]) == (400, "400", "BadRequest")
-        status, body, _ = await client.call("GET", "/Console/List/2/Groups")
+        status, body, _ = await client.call("GET", "/Console/List/9/Groups")
         assert (status, body["ErrorName"]) == (404, "NotFound")
 
         # The import: two chunks, queued one after the other.
