@@ -2,22 +2,26 @@
 
 The account base ``/api/v1/accounts/<account>`` is the services root (``api_url``). Under it: the
 OAuth2 token endpoint (password and refresh grants; access tokens live ``TOKEN_TTL_S``), the
-console service (personal data fields, groups, recipient imports from JSON bodies, sendings with
-their queues and history) and the mail statistics service (paged per message), and
-``_sandbox/stats`` (the sandbox bearer ``TOKEN``). Errors have MailUp's
+console service (personal data fields, groups, recipient imports from JSON bodies, one
+recipient's subscription, sendings with their queues and history) and the mail statistics
+service (paged per message), and ``_sandbox/stats`` (the sandbox bearer ``TOKEN``). Errors have MailUp's
 ``{"ErrorCode", "ErrorDescription", "ErrorName", "ErrorStack"}`` body; console and statistics calls
 are limited per account to ``RATE_LIMIT_PER_S`` in a sliding second (a real 429, ``Retry-After: 1``).
 
-The flavor keeps MailUp's list (one list, id 1: recipients with their personal data fields,
-subscription state and groups), groups, imports and sendings in ``<account>/.sandbox-mailup.json``,
-saved before an answer. A sending snapshots the subscribed members it addresses into an engine
-import; once confirmed (or given a ``datetime``) it becomes an engine send, scheduled
+The flavor keeps the account's recipients (personal data fields, groups), groups, imports and
+sendings in ``<account>/.sandbox-mailup.json``, saved before an answer; each recipient's status on
+each list (``MAILUP_LISTS``) is in the account's contact book (``sandbox.contacts``). An import
+subscribes the recipients new to its list. A sending snapshots the subscribed members it
+addresses into an engine import; once confirmed (or given a ``datetime``) it becomes an engine send, scheduled
 ``PHASE_DELAY_S`` after the confirmation (or the ``datetime``), with ``external_id`` = the job
 named by its recipients' ``EspbridgeJob``, whose event log holds the released events. The
 statistics API aggregates the logs of a message's sendings; each released step is also written
 as an export file to ``statistics/`` (``MAILUP_EXPORT``) and its unsubscribes and complaints
 POSTed to ``MAILUP_WEBHOOK_URL`` (if set), with the parameters ``MAILUP_WEBHOOK_PARAMS`` names
-and their placeholders (``[Email]``, ``[Field39]``…) filled as MailUp fills them.
+and their placeholders (``[Email]``, ``[Field39]``…) filled as MailUp fills them. A change made
+at MailUp (the ``_sandbox/contacts`` control route, a confirmation) calls the same URL as its
+Subscribe, Unsubscribe or Delete webhook; a change an API caller made calls none, as at MailUp.
+Contacts files put in ``import/<list>/`` (the (S)FTP import data sync) set each contact's status.
 
 Choices where the page leaves room (see also the README):
 
@@ -47,7 +51,22 @@ Choices where the page leaves room (see also the README):
   ``sentDate`` is the sending's start; bad rows come after the good ones, each a good row of the
   file spoiled; unsubscribes and complaints have no export rows (their phase writes no file).
   ``export_unattributable`` also counts rows whose recipient's ``EspbridgeJob`` is empty.
-- Unknown query parameters are ignored, except ``filterby`` outside ``Groups`` (400).
+- Unknown query parameters are ignored, except ``filterby`` outside ``Groups`` and
+  ``Recipients/<status>`` (``Email=='…'`` only) (400).
+- Recipient calls: ``POST …/Recipient`` subscribes a recipient new to the list (or removed from
+  it), pending with ``ConfirmEmail=true``, which also asks an unsubscribed one again; otherwise a
+  status stays. A recipient unsubscribed by a hard bounce is refused (400) a subscribe or a
+  confirmation. An address is checked as ``sandbox.contacts.valid_email`` does (400). Unsubscribe
+  is idempotent; removing a recipient not on the list is 404. Field updates reach the contact
+  book's fields (by description) on every list of the recipient.
+- Webhooks of changes made at MailUp: ``Subscribe``/``Recipient`` (a sign-up, a confirmation),
+  ``Unsubscribe``/``Recipient`` with ``Reason`` 1 (link), 2 (complaint) or 3 (hard bounce), and
+  ``Delete``/``Console``; ``IdNL`` is the message of the control route's ``job`` (else 0).
+- Contacts files: ``;``-separated UTF-8 with a header ``Email``, optional ``Status``
+  (``subscribed``, ``unsubscribed``, ``pending``, ``removed``, any case; empty: new ones
+  subscribed, the others kept), and personal data fields by description. Bad rows are left out
+  with their line; an unknown column fails the whole file. The file moves to ``done/`` (or
+  ``failed/``) with ``<name>.result.json``; no webhook is called, as for MailUp's bulk imports.
 """
 
 from __future__ import annotations
