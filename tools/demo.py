@@ -121,6 +121,8 @@ class Flavor:
                     "api_url": f"{base}/rest",
                     "client_id": account,
                     "client_secret_file": str(token_file),
+                    "token_file": str(token_file),  # the workflows' webhook secret
+                    "options": {"double_opt_in_workflow": "double_opt_in"},
                 }
             case "mailup":
                 entry |= {
@@ -145,7 +147,13 @@ class Flavor:
                     "api_url": f"{base}/deployteq/{account}/analytics-events",
                     "client_id": account,
                     "client_secret_file": str(token_file),
-                    "options": {"token_url": f"{base}/deployteq/{account}/oauth2/token"},
+                    "token_file": str(token_file),  # the customer REST API's token
+                    "password_file": str(token_file),  # the HTTP request objects' webhook secret
+                    "options": {
+                        "token_url": f"{base}/deployteq/{account}/oauth2/token",
+                        "rest_url": f"{base}/deployteq/{account}/app/api/rest/public/v2",
+                        "double_opt_in_url": f"{base}/deployteq/{account}/datahook/data-receiver/optin",
+                    },
                 }
         return entry
 
