@@ -757,3 +757,127 @@ async def test_a_restart_resumes_the_send_without_sending_twice(
     }
     assert manifest["counts"] == by_type(set(files) | set(api) | set(hook_facts))
     assert manifest["counts"]["sent"] == 60
+
+
+async def control(esp: SandboxClient, email: str, action: str, list_id: str = "4001") -> dict[str, Any]:
+    """A change made on the ESP side, through the sandbox's control route; the record."""
+    url = f"{esp.api()}/_sandbox/contacts"
+    body = {"email": email, "list": list_id, "action": action}
+    async with esp.http.post(url, json=body, headers=esp.headers) as resp:
+        assert resp.status == 200, await resp.text()
+        record: dict[str, Any] = await resp.json()
+        return record
+
+
+async def test_recipient_lists_and_the_unsubscribe_list_answer_as_documented(
+    sandbox: Sandboxes, contract: ContractCalls
+) -> None:
+    async with Hooks() as hooks:
+        settings = {"opt_webhook_url": hooks.url, "opt_webhook_auth": HOOK_AUTH}
+        with sandbox(FLAVOR, **settings) as esp:
+            client = Client(esp, contract)
+            # The bulk add: an unknown opt-in process is 409; no address and a repeat fail.
+            anna = {"id": "anna@example.com", "data": {"firstname": "Anna", "age": 41}}
+            added = {"recipients": [anna, {"id": "no-address"}, anna]}
+            assert (await client.call("PUT", "recipients/4001", json={**added, "optinProcessId": 999}))[
+                0
+            ] == 409
+            assert await client.ok("PUT", "recipients/4001", json=added) == {
+                "count": 1,
+                "failedIds": ["no-address", "anna@example.com"],
+            }
+            assert (await client.call("PUT", "recipients/9999", json=added))[0] == 404
+
+            # One add through the double opt-in process: 202, pending, not listed until confirmed.
+            form = {"recipientId": "cleo@example.com", "optinProcessId": "102", "returnOptInMailId": "true"}
+            cleo = await client.ok("POST", "recipients/4001", 202, data={**form, "data.firstname": "Cleo"})
+            assert (cleo["id"], cleo["optInMailId"].startswith("optin-")) == ("cleo@example.com", True)
+            nameless = {k: v for k, v in form.items() if k != "recipientId"}
+            for bad in (nameless, {**form, "optinProcessId": "555"}, {**form, "address": "cleo"}):
+                assert (await client.call("POST", "recipients/4001", data=bad))[0] == 400, bad
+            assert (await client.call("POST", "recipients/4001", data=form))[0] == 409, "on the list already"
+            listed = await client.ok("GET", "recipients/4001")
+            assert [r["id"] for r in listed["elements"]] == ["anna@example.com"]
+
+            # Changes made on the ESP side come as webhook calls; a removal there is not reported.
+            await control(esp, "cleo@example.com", "confirm")
+            await control(esp, "dora@example.com", "subscribe", "4002")
+            await control(esp, "anna@example.com", "bounce_hard")
+            await control(esp, "dora@example.com", "remove", "4002")
+            await wait_for(lambda: len(hooks.acked) >= 3, 10, 0.05, what="three webhook calls")
+            confirmed, signed_up, bounced = hooks.items()
+            assert {k: confirmed[k] for k in ("type", "clientId", "recipientListId", "recipientId")} == {
+                "type": "doubleoptin",
+                "clientId": "demo",
+                "recipientListId": 4001,
+                "recipientId": "cleo@example.com",
+            }
+            assert confirmed["data"] == {"firstname": "Cleo", "email": "cleo@example.com"}
+            assert REST_TIME_RE.fullmatch(confirmed["created"])
+            assert (signed_up["type"], signed_up["recipientListId"]) == ("singleoptin", 4002)
+            assert (bounced["type"], bounced["category"]) == ("bounce", "hardbounce")
+
+            # Attribute updates: set, append; an id not on the list fails.
+            modified = {
+                "updateMode": "append",
+                "recipients": [{"id": "cleo@example.com", "data": {"firstname": "!"}}],
+            }
+            assert await client.ok("PUT", "recipients/4001/modify", json=modified) == {
+                "count": 1,
+                "failedIds": [],
+            }
+            missing = {"recipients": [{"id": "zoe@example.com", "data": {"firstname": "Zoe"}}]}
+            assert await client.ok("PUT", "recipients/4001/modify", json=missing) == {
+                "count": 0,
+                "failedIds": ["zoe@example.com"],
+            }
+
+            # The client's unsubscribe list: once per address, for every list.
+            many = ",".join(f"p{n}@example.com" for n in range(5001))
+            for body in (
+                {"recipientIds": many},
+                {"recipientIds": "cleo@example.com", "recipientListId": "4001"},
+            ):
+                assert (await client.call("POST", "unsubscribes", data=body))[0] == 400
+            unsubscribed = await client.ok(
+                "POST", "unsubscribes", data={"recipientIds": "cleo@example.com,x"}
+            )
+            assert unsubscribed == {"successfulIds": ["cleo@example.com"], "unsuccessfulIds": ["x"]}
+            assert (await client.call("POST", "unsubscribes", data={"recipientIds": "cleo@example.com"}))[
+                0
+            ] == 400
+            entries = await client.ok("GET", "unsubscribes", params={"recipientIds": "cleo@example.com"})
+            assert [(e["recipientId"], "recipientListId" in e) for e in entries["elements"]] == [
+                ("cleo@example.com", False)
+            ]
+            validity = {"recipientId": "cleo@example.com", "recipientListIds": "4001,4002,9999"}
+            assert await client.ok("GET", "recipients", params=validity) == [
+                {"recipientListId": 4001, "valid": False, "validationFailedReason": "unsubscribed"},
+                {"recipientListId": 4002, "valid": False, "validationFailedReason": "unsubscribed"},
+            ], "the client's unsubscribe list holds for every list"
+            assert (
+                await client.ok("DELETE", "unsubscribes", 204, params={"recipientIds": "cleo@example.com"})
+                is None
+            )
+            assert (await client.call("DELETE", "unsubscribes", params={"recipientIds": "cleo@example.com"}))[
+                0
+            ] == 404
+            assert (await client.ok("GET", "recipients", params=validity))[0]["valid"] is True
+
+            # The blocklist keeps an address off every list.
+            assert (await client.ok("POST", "blacklistentries", 201, data={"entry": "*@blocked.example"}))[
+                "pattern"
+            ] == "*@blocked.example"
+            blocked = {"recipients": [{"id": "eve@blocked.example"}]}
+            assert (await client.ok("PUT", "recipients/4002", json=blocked))["failedIds"] == [
+                "eve@blocked.example"
+            ]
+
+            # Deletion: by ids, or (as documented) every recipient when neither ids nor a type is named.
+            both = {"recipientIds": "cleo@example.com", "removalType": "unsubscribed"}
+            assert (await client.call("DELETE", "recipients/4001", params=both))[0] == 400
+            await client.ok("DELETE", "recipients/4001", 204, params={"recipientIds": "cleo@example.com"})
+            assert (await client.ok("GET", "recipients/4001"))["elements"] != []
+            await client.ok("DELETE", "recipients/4001", 204)
+            assert (await client.ok("GET", "recipients/4001"))["elements"] == []
+    assert len(hooks.acked) == 3, "the removal was not reported"
