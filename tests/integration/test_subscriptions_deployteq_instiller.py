@@ -4,12 +4,14 @@ A real ``python -m sandbox`` process of each flavor: the connector pushes contac
 flavor's endpoints, and what the flavor holds is read the way a user checks it (the ESP's own
 lookup, the sandbox's ``_sandbox/contacts``). Changes made on the ESP's side (the control route's
 link unsubscribe, complaint, confirmation) reach the test's webhook receiver the way the flavor's
-ESP reports them, and the connector's ``parse_webhook`` turns each call into subscription changes.
+ESP reports them, and the connector's ``parse_webhook`` turns each call into subscription changes;
+once, they reach a real gatherer, which publishes them on ``subscriptions.changes.v1``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +24,12 @@ from shared.esp.base import Connector, ContactChange, ContactResult
 from shared.esp.deployteq import DeployteqConnector
 from shared.esp.instiller import InstillerConnector
 from shared.model.messages import SubscriptionChange, SubscriptionState
+from shared.model.topics import Topic
+from tests.fixtures.deployment import Deployment
+from tests.fixtures.kafka import read_until
+from tests.fixtures.processes import healthy, stop
 from tests.fixtures.sandbox import SandboxClient, Sandboxes, WebhookCall, WebhookReceiver
+from tests.fixtures.servers import free_port
 from tests.fixtures.waits import wait_for
 
 ANN = "ann@example.com"
@@ -225,3 +232,30 @@ async def test_a_contact_the_esp_refuses_is_a_refused_result_with_its_reason(set
     unknown = await setup.apply(list="weekly", state=SubscriptionState.SUBSCRIBED)
     assert not unknown.accepted
     assert "weekly" in unknown.detail
+
+
+async def test_esp_side_changes_reach_the_gatherer_and_its_subscription_topic(
+    deployment: Deployment, sandbox: Sandboxes
+) -> None:
+    token, name, port = f"hook-{deployment.unique}", deployment.account, free_port()
+    entries = [deployment.offline_account(esp, name, token) for esp in ESPS]
+    env = deployment.env(deployment.accounts_file(entries), ESPBRIDGE_GATHERER_SCAN_INTERVAL_S="30")
+    with ExitStack() as stack:
+        gatherer = deployment.start(stack, "gatherer", {**env, "ESPBRIDGE_HTTP_PORT": str(port)})
+        await wait_for(lambda: healthy(port), timeout_s=60, what="the gatherer up")
+        for esp in ESPS.values():
+            hook = f"http://127.0.0.1:{port}/webhooks/{esp.name}/{{account}}"
+            running = sandbox(esp.name, token=token, accounts=name, **{f"{esp.name}_webhook_url": hook})
+            body = {"email": ANN, "list": esp.list_id, "action": "unsubscribe_link"}
+            url = f"{running.api()}/_sandbox/contacts"
+            async with running.http.post(url, json=body, headers=running.headers) as resp:
+                assert resp.status == 200, await resp.text()
+        records = await read_until(deployment.kafka, Topic.SUBSCRIPTION_CHANGES, lambda rs: len(rs) >= 2)
+        assert stop(gatherer) == 0
+    changes = sorted(
+        (SubscriptionChange.model_validate_json(r.value or b"") for r in records), key=lambda c: c.esp
+    )
+    assert [(c.esp, c.account, c.email, c.list, c.state, c.reason) for c in changes] == [
+        (esp.name, name, ANN, esp.list_id, SubscriptionState.UNSUBSCRIBED, "unsubscribe")
+        for esp in ESPS.values()
+    ]
