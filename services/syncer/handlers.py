@@ -19,7 +19,7 @@ from services.syncer import core
 from services.syncer.settings import Settings
 from shared.esp import Connectors
 from shared.esp.accounts import Accounts
-from shared.esp.base import ContactChange, ContactResult
+from shared.esp.base import ContactResult
 from shared.infra.db import outside_message_context, subscriptions
 from shared.infra.db.core import Conn
 from shared.infra.db.subscriptions import Outcome, Push, Result, Write
@@ -39,8 +39,8 @@ log = logging.getLogger(__name__)
 
 Record = ConsumerRecord[bytes, bytes]
 T = TypeVar("T")
-CaptureMapper = Callable[[CapturedChange, str], SubscriptionRequest | None]
-"""``request_from_capture(change, prefix)``: the request a captured row change makes, if any."""
+CaptureMapper = Callable[[CapturedChange], list[SubscriptionRequest]]
+"""The requests a captured row change makes (none for espbridge's own writes: no echo)."""
 
 
 @dataclass
@@ -77,11 +77,9 @@ async def _dead_letters(syncer: Syncer, letters: Sequence[DeadLetter], what: str
         await syncer.runtime.dead_letter(letter)
     if letters:
         log.warning(
-            f"{what} rejected to the dead-letter topic",
-            extra={
-                "dead_letters": len(letters),
-                "reasons": sorted({letter.message for letter in letters})[:5],
-            },
+            "%s rejected to the dead-letter topic",
+            what,
+            extra={"dead_letters": len(letters), "error_classes": sorted({d.error_class for d in letters})},
         )
 
 
@@ -205,15 +203,13 @@ async def prepare_captured(records: Records, syncer: Syncer, mapper: CaptureMapp
     no request (no echo); a record that cannot be read is dead-lettered."""
     requests: list[SubscriptionRequest] = []
     letters: list[DeadLetter] = []
-    prefix = syncer.settings.kafka.topic_prefix
     for record in records:
+        if record.value is None:
+            continue  # a tombstone (Debezium's after a delete, where they are on) carries no change
         try:
-            request = mapper(decode(CapturedChange, record.value or b""), prefix)
+            requests += mapper(decode(CapturedChange, record.value))
         except PermanentError as exc:
             letters.append(_letter(record, exc))
-            continue
-        if request is not None:
-            requests.append(request)
     await _dead_letters(syncer, letters, "captured changes")
     return Captured(requests, len(records)) if records else None
 
@@ -289,8 +285,9 @@ async def prepare_requests(records: Records, syncer: Syncer) -> Requests | None:
 
 
 async def push_requests(batch: Requests, syncer: Syncer) -> Pushed:
-    """Write producers' requests to the CRM (others are there), then push those to push, each
-    account's in chunks of its connector's ``contacts_per_call``; the accounts side by side."""
+    """Write producers' requests to the CRM (the others are there already), then push those still
+    to push, each account's in chunks of its connector's ``contacts_per_call``, the accounts side
+    by side."""
     writes = [core.request_write(i.request, i.target.key) for i in batch.items]
 
     async def write(conn: Conn) -> tuple[list[Result], set[Any]]:
@@ -321,9 +318,14 @@ async def push_requests(batch: Requests, syncer: Syncer) -> Pushed:
 
 async def _push_account(items: list[Item], syncer: Syncer, pushed: Pushed) -> None:
     """One account's requests, chunk after chunk; what each chunk did is recorded at once, so a
-    retry after an outage pushes nothing the ESP took."""
+    retry after an outage pushes nothing the ESP took. A connector that cannot change contacts (or
+    cannot be made) refuses them all with its reason."""
     first = items[0].target.key
-    connector = syncer.connectors.get(first.esp, first.account)
+    try:
+        connector = syncer.connectors.get(first.esp, first.account)
+    except PermanentError as exc:
+        await _record(items, [_refused(i, exc) for i in items], syncer, pushed)
+        return
     for chunk in core.chunks(items, [i.target.key for i in items], connector.contacts_per_call):
         changes = [core.contact_change(i.request, i.target) for i in chunk.items]
         try:
@@ -332,17 +334,15 @@ async def _push_account(items: list[Item], syncer: Syncer, pushed: Pushed) -> No
             if problem is not None:
                 raise PermanentError(problem)
         except PermanentError as exc:
-            answers = [ContactResult(c.email, c.list, False, None, str(exc)) for c in changes]
-        await _record(chunk.items, changes, answers, syncer, pushed)
+            answers = [_refused(i, exc) for i in chunk.items]
+        await _record(chunk.items, answers, syncer, pushed)
 
 
-async def _record(
-    items: list[Item],
-    changes: list[ContactChange],
-    answers: list[ContactResult],
-    syncer: Syncer,
-    pushed: Pushed,
-) -> None:
+def _refused(item: Item, error: Exception) -> ContactResult:
+    return ContactResult(item.request.email, item.target.key.list, False, None, str(error))
+
+
+async def _record(items: list[Item], answers: list[ContactResult], syncer: Syncer, pushed: Pushed) -> None:
     now = datetime.now(UTC)
     pushes = [
         Push(
