@@ -196,6 +196,8 @@ class ContactBook:
         self.path = path
         self._lock = threading.RLock()
         self._records: dict[tuple[str, str], ContactRecord] = {}
+        self._lists_of: dict[str, set[str]] = {}
+        """The lists each email is on: an email's records without reading them all."""
         self._events: list[ContactEvent] = []
         self._seqs: list[int] = []
         self._out: IO[bytes] | None = None
@@ -214,6 +216,7 @@ class ContactBook:
         with self._lock:
             self.close()
             self._records.clear()
+            self._lists_of.clear()
             self._events.clear()
             self._seqs.clear()
             self.book_id = ""
@@ -256,6 +259,7 @@ class ContactBook:
     def _remember(self, event: ContactEvent) -> None:
         record = event.record
         self._records[(record.list, record.email)] = record
+        self._lists_of.setdefault(record.email, set()).add(record.list)
         self._events.append(event)
         self._seqs.append(event.seq)
 
@@ -285,13 +289,12 @@ class ContactBook:
 
     def records(self, list_id: str | None = None, email: str | None = None) -> list[ContactRecord]:
         """The records of one list and/or one email (all without either), by list and email."""
-        wanted = email.strip().lower() if email is not None else None
         with self._lock:
-            found = [
-                r
-                for (lst, addr), r in self._records.items()
-                if (list_id is None or lst == list_id) and (wanted is None or addr == wanted)
-            ]
+            if email is not None:
+                wanted = email.strip().lower()
+                lists = sorted(self._lists_of.get(wanted, ()))
+                return [self._records[(lst, wanted)] for lst in lists if list_id is None or lst == list_id]
+            found = [r for (lst, _), r in self._records.items() if list_id is None or lst == list_id]
         return sorted(found, key=lambda r: (r.list, r.email))
 
     def lists(self) -> list[str]:
