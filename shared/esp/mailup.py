@@ -51,7 +51,7 @@ from urllib.parse import parse_qsl, quote, urlencode
 
 from pydantic import Field, field_validator, model_validator
 
-from shared.esp import base, rows
+from shared.esp import base, contacts, rows
 from shared.esp.accounts import AccountConfig
 from shared.esp.cursor import Count, StoredCursor
 from shared.esp.delimited import NotUtf8Error, stream_records
@@ -69,7 +69,6 @@ from shared.model.messages import (
     ResponseEvent,
     SubscriptionChange,
     SubscriptionState,
-    event_id_for,
 )
 
 log = logging.getLogger(__name__)
@@ -1033,7 +1032,7 @@ class MailUpConnector(base.Connector):
         """Find the recipient's status on the list, then subscribe (``ConfirmEmail=true`` for a
         double opt-in), unsubscribe, remove or update its fields; what MailUp refuses (a 4xx, an
         unknown list or field) is a refused result with MailUp's reason."""
-        done = functools.partial(base.ContactResult, change.email, change.list, True)
+        done = functools.partial(contacts.applied, change)
         try:
             list_id = _list_number(change.list)
             fields = await self._contact_fields(change.fields)
@@ -1041,9 +1040,9 @@ class MailUpConnector(base.Connector):
             wanted = change.state
             if wanted in (SubscriptionState.SUBSCRIBED, SubscriptionState.PENDING):
                 confirm = change.double_opt_in or wanted is SubscriptionState.PENDING
-                return done(state=await self._subscribe(list_id, change.email, found, fields, confirm))
+                return done(await self._subscribe(list_id, change.email, found, fields, confirm))
             if found is None:
-                return done(detail=f"not a recipient of MailUp list {list_id}: nothing to change")
+                return done(None, f"not a recipient of MailUp list {list_id}: nothing to change")
             if fields and wanted is not SubscriptionState.REMOVED:
                 await self._update_recipient(found, change.email, fields)
             if wanted is SubscriptionState.UNSUBSCRIBED and found.state is not SubscriptionState.UNSUBSCRIBED:
@@ -1051,10 +1050,10 @@ class MailUpConnector(base.Connector):
             elif wanted is SubscriptionState.REMOVED:
                 path = self.options.remove_recipient_path.format(list=list_id, recipient=found.id)
                 await self._contact_call("DELETE", path)
-            return done(state=wanted or found.state)
+            return done(wanted or found.state)
         except _ContactRefusedError as exc:
             log.info("MailUp refused a contact", extra={"account": self._name, "reason": str(exc)})
-            return base.ContactResult(change.email, change.list, False, detail=str(exc))
+            return contacts.refused(change, str(exc))
 
     async def _subscribe(
         self,
@@ -1413,13 +1412,20 @@ class MailUpConnector(base.Connector):
         if event_type == "unsubscribe":
             kind = self._reason_type(fields.get("reason"))
             reason = kind.value if kind is not None else EventType.BOUNCE_HARD.value  # MailUp's automatic one
-        facts = f"{self.account.account}:{event_type}:{list_id}:{email.lower()}:{occurred.isoformat()}"
+        list_text = str(int(list_id)) if list_id else ""
         return SubscriptionChange(
-            change_id=event_id_for(self.account.esp, esp_event_id=facts),
+            change_id=contacts.change_id(
+                self.account.esp,
+                self.account.account,
+                email=email.lower(),
+                list_id=list_text,
+                state=f"{state}:{reason}",
+                occurred_at=occurred,
+            ),
             email=email,
             esp=self.account.esp,
             account=self.account.account,
-            list=str(int(list_id)) if list_id else "",
+            list=list_text,
             state=state,
             reason=reason,
             occurred_at=occurred,
