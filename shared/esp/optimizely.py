@@ -860,7 +860,9 @@ class OptimizelyConnector(base.Connector):
     async def _subscribe(self, list_id: str, batch: list[_Planned]) -> dict[int, base.ContactResult]:
         """Lift their unsubscribes, then ``PUT /recipients/{listId}`` (the bulk add, with option
         ``opt_in_process_id``); a recipient already on the list gets its fields set instead."""
-        await self._lift_unsubscribes(list_id, batch)
+        problem = await self._lift_unsubscribes(list_id, batch)
+        if problem is not None:
+            return _all_refused(batch, problem)
         body: dict[str, Any] = {
             "recipients": [{"id": p.change.email, "data": self._data(p.change)} for p in batch]
         }
@@ -890,7 +892,9 @@ class OptimizelyConnector(base.Connector):
     ) -> dict[int, base.ContactResult]:
         """Lift their unsubscribes, then ``POST /recipients/{listId}`` with the double opt-in
         process, one contact a call: ``202`` pending until it confirms, ``201`` subscribed."""
-        await self._lift_unsubscribes(list_id, batch)
+        problem = await self._lift_unsubscribes(list_id, batch)
+        if problem is not None:
+            return _all_refused(batch, problem)
         process = self.options.double_opt_in_process_id
         results: dict[int, base.ContactResult] = {}
         for planned in batch:
@@ -985,14 +989,19 @@ class OptimizelyConnector(base.Connector):
                 return _all_refused(batch, _list_refusal("DELETE", list_id, status, answer))
         return _accepted(batch, SubscriptionState.REMOVED)
 
-    async def _lift_unsubscribes(self, list_id: str, batch: list[_Planned]) -> None:
+    async def _lift_unsubscribes(self, list_id: str, batch: list[_Planned]) -> str | None:
         """``DELETE /unsubscribes?recipientIds=…``: a subscribe from the CRM is later than the
-        contact's unsubscribe (the syncer keeps time order), so Optimizely must mail it again;
-        ``404``: none of them was unsubscribed."""
+        contact's unsubscribe (the syncer keeps time order), so Optimizely must mail it again
+        (``404``: none of them was unsubscribed). Why the subscribes cannot go on, or None."""
         scope = self._unsubscribe_scope(list_id)
         for part in recipient_slices([p.change.email for p in batch]):
             params = {"recipientIds": ",".join(part), **scope}
-            await self._api.call("DELETE", "/unsubscribes", params=params, answered=(204, 404))
+            status, answer = await self._api.call(
+                "DELETE", "/unsubscribes", params=params, answered=CONTACT_ANSWERS
+            )
+            if status not in (204, 404):
+                return f"DELETE /unsubscribes answered {status}: {_message(answer)}"
+        return None
 
     async def _unsubscribed(self, ids: list[str], scope: Mapping[str, str]) -> set[str]:
         """Those of the ids on the unsubscribe list (``GET /unsubscribes?recipientIds=…``)."""

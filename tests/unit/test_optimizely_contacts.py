@@ -55,6 +55,7 @@ class FakeContacts(FakeOptimizely):
     processes: dict[int, str] = field(default_factory=lambda: {SINGLE: "single", DOUBLE: "double"})
     unsubscribed: dict[str, set[str]] = field(default_factory=dict)  # recipient → lists ("" = every)
     blocked: set[str] = field(default_factory=set)
+    list_based: bool = False  # the unsubscribe list is recipient-list based (support's setting)
     bodies: list[Any] = field(default_factory=list)  # the JSON and form bodies, in order of arrival
 
     def valid(self, recipient: str, list_id: str) -> str | None:
@@ -138,6 +139,8 @@ class FakeContacts(FakeOptimizely):
         self.bodies.append(form)
         ids = str(form["recipientIds"]).split(",")
         scope = str(form.get("recipientListId", ""))
+        if bool(scope) != self.list_based:
+            return error(400, "recipientListId goes with recipient-list based unsubscribes only")
         if request.method == "DELETE":
             lifted = [i for i in ids if scope in self.unsubscribed.get(i, set())]
             for recipient in lifted:
@@ -333,6 +336,7 @@ async def test_an_unsubscribe_is_one_bulk_call_and_one_already_unsubscribed_is_d
 
 async def test_list_unsubscribes_name_the_recipient_list_and_fields_are_set_first(esp: FakeContacts) -> None:
     esp.lists["4002"]["a@example.com"] = Recipient({})
+    esp.list_based = True
     c = connector(esp, list_unsubscribes=True)
     (result,) = await c.apply_contacts(
         [change("a@example.com", UNSUBSCRIBED, "4002", fields={"reason_text": "too many"})]
@@ -397,6 +401,19 @@ async def test_refused_contacts_say_why_and_the_others_go_through(esp: FakeConta
     assert "Optimizely does not know recipient list 9999" in results[2].detail
     assert "'newsletter' is not an Optimizely recipient list id" in results[3].detail
     assert "fine@example.com" in esp.lists["4001"]
+
+
+async def test_an_unsubscribe_list_set_up_otherwise_refuses_with_optimizelys_words(esp: FakeContacts) -> None:
+    c = connector(esp, list_unsubscribes=True)  # but the client's unsubscribe list is its own
+    results = await c.apply_contacts(
+        [change("a@example.com", SUBSCRIBED), change("b@example.com", UNSUBSCRIBED)]
+    )
+    assert [r.accepted for r in results] == [False, False]
+    assert results[0].detail == (
+        "DELETE /unsubscribes answered 400: recipientListId goes with recipient-list based unsubscribes only"
+    )
+    assert results[1].detail.endswith("recipientListId goes with recipient-list based unsubscribes only")
+    assert esp.calls("/recipients/4001") == [], "no add after a lift that failed"
 
 
 async def test_five_thousand_unsubscribes_are_one_call(esp: FakeContacts) -> None:
