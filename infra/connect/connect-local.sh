@@ -178,8 +178,12 @@ status.storage.partitions=1
 # a source's position (Debezium: the LSN it confirms to its replication slot) is committed every
 # 2 s: after a crash at most that much is read again (consumers dedupe), and the slot's WAL is freed
 offset.flush.interval.ms=2000
-# one worker: a task of a worker that died is given out again at once, not after 5 minutes
+# one worker: a task of a worker that died is given out again at once, not after 5 minutes; and a
+# worker restarted after a crash joins its group once the dead one's session ends (the broker's
+# shortest session, 6 s, not 10 s)
 scheduled.rebalance.max.delay.ms=0
+session.timeout.ms=6000
+heartbeat.interval.ms=2000
 listeners=http://$HOST:$PORT
 rest.advertised.host.name=$HOST
 rest.advertised.port=$PORT
