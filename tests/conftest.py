@@ -16,6 +16,7 @@ import pytest
 from shared.infra.db import connect
 from shared.infra.kafka import ensure_topics
 from shared.infra.settings import KafkaSettings, PostgresSettings
+from tests.fixtures.capture import Capture, connect_settings
 from tests.fixtures.deployment import Deployment
 from tests.fixtures.sandbox import Sandboxes
 from tests.fixtures.servers import (
@@ -113,3 +114,16 @@ async def sandbox(tmp_path: Path) -> AsyncIterator[Sandboxes]:
     async with aiohttp.ClientSession() as http:
         with ExitStack() as running:
             yield Sandboxes(tmp_path, http, running)
+
+
+@pytest.fixture
+async def capture(servers: Servers, deployment: Deployment) -> AsyncIterator[Capture]:
+    """The capture of this test's CRM (its database) onto its captured topic by the shared Kafka
+    Connect worker, not yet enabled; whatever was enabled (by the test or a service it ran) is
+    disabled afterwards: its connector deleted, its replication slot and publication dropped."""
+    async with aiohttp.ClientSession() as http:
+        found = Capture(http, connect_settings(servers.env), deployment.kafka, deployment.database)
+        try:
+            yield found
+        finally:
+            await found.disable()
