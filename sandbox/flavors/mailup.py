@@ -1579,6 +1579,19 @@ class Call:
             raise bad_request(f"{name} must be an integer of at least {low}")
         return int(text)
 
+    def filter_value(self, pattern: re.Pattern[str]) -> str | None:
+        """The value a ``filterby`` of the one form ``pattern`` matches (also wrapped in ``"…"``),
+        None without one; 400 for any other expression."""
+        if "filterby" not in self.query:
+            return None
+        expression = self.query["filterby"].strip()
+        if len(expression) >= 2 and expression[0] == expression[-1] == '"':
+            expression = expression[1:-1]
+        match = pattern.fullmatch(expression)
+        if match is None:
+            raise bad_request(f"Unsupported filter {self.query['filterby']!r}")
+        return match.group(1)
+
     def no_filter(self) -> None:
         """Refuse ``filterby`` where the sandbox does not filter."""
         if "filterby" in self.query:
@@ -1662,15 +1675,7 @@ _FILTER_RE = re.compile(r"^Name=='(.*)'$", re.DOTALL)
 async def groups(call: Call) -> dict[str, Any]:
     """``GET /Console/List/{list}/Groups`` (``filterby=Name=='…'`` only)."""
     list_id = call.list_id()
-    wanted: str | None = None
-    if "filterby" in call.query:
-        expression = call.query["filterby"].strip()
-        if len(expression) >= 2 and expression[0] == expression[-1] == '"':
-            expression = expression[1:-1]
-        match = _FILTER_RE.fullmatch(expression)
-        if match is None:
-            raise bad_request(f"Unsupported filter {call.query['filterby']!r}")
-        wanted = match.group(1)
+    wanted = call.filter_value(_FILTER_RE)
     with call.mailup.store.lock:
         found = [
             g.body()
@@ -1985,15 +1990,9 @@ async def recipients_by_status(call: Call) -> dict[str, Any]:
     state = STATUSES.get(call.request.match_info["status"])
     if state is None:
         raise not_found(f"Unknown recipient status {call.request.match_info['status']}")
-    email: str | None = None
-    if "filterby" in call.query:
-        expression = call.query["filterby"].strip()
-        if len(expression) >= 2 and expression[0] == expression[-1] == '"':
-            expression = expression[1:-1]
-        match = _EMAIL_FILTER_RE.fullmatch(expression)
-        if match is None:
-            raise bad_request(f"Unsupported filter {call.query['filterby']!r}")
-        email = match.group(1).replace("''", "'")
+    email = call.filter_value(_EMAIL_FILTER_RE)
+    if email is not None:
+        email = email.replace("''", "'")
     return page(call, call.mailup.listed(list_id, state, email))
 
 
