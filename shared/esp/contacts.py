@@ -1,9 +1,9 @@
 """Contacts at the ESP, both ways: the kit of the connectors' contact calls and of their webhooks.
 
 * ESP → espbridge: a webhook call's items become :class:`SubscriptionChange`\\ s or :class:`BadRow`\\ s
-  (:func:`item_changes`), each under a deterministic id (:func:`change_id`), so the same change
-  delivered twice is one change; :func:`check_bearer` checks the call's shared secret and
-  :func:`json_items` reads a body of one object or an array of them.
+  (:class:`WebhookItems`, or :func:`item_changes` for items of another shape), each under a
+  deterministic id (:func:`change_id`), so the same change delivered twice is one change;
+  :func:`check_bearer` checks the call's shared secret.
 * espbridge → ESP: :func:`applied` and :func:`refused` are the :class:`ContactResult` of one
   :class:`ContactChange`, and :func:`contact_fields` checks the fields a change sets.
 """
@@ -14,13 +14,15 @@ import hmac
 import re
 import uuid
 from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import orjson
 
+from shared.esp.accounts import AccountConfig
 from shared.esp.base import BadRow, ContactChange, ContactResult, WebhookAuthError
-from shared.esp.rows import raw_json
+from shared.esp.rows import LocalTimes, raw_json
 from shared.model.errors import PermanentError
 from shared.model.messages import SubscriptionChange, SubscriptionState, event_id_for
 
@@ -60,6 +62,55 @@ def change_id(
         event_type=state,
         occurred_at=occurred_at,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookItems:
+    """How an ESP's webhook items are read: the names of their members, the events they report
+    (each event's name is the change's reason) and the times they carry."""
+
+    email_key: str
+    list_key: str
+    time_key: str
+    events: Mapping[str, SubscriptionState]
+    times: LocalTimes
+    lists: Collection[str] | None = None
+    """The account's lists a change may name (None: any)."""
+
+    def change(self, account: AccountConfig, item: Mapping[str, Any]) -> SubscriptionChange:
+        """The change one item (``event``, the address, the list, the time and an optional ``id``)
+        reports, under its :func:`change_id`; ValueError when it cannot be one."""
+        event = text_field(item, "event")
+        state = event_state(self.events, event)
+        email = text_field(item, self.email_key).lower()
+        list_id = text_field(item, self.list_key, required=False)
+        if list_id and self.lists is not None and list_id not in self.lists:
+            raise ValueError(f"unknown list {list_id!r} (known: {', '.join(sorted(self.lists))})")
+        occurred = self.times.utc(self.time_key, text_field(item, self.time_key))
+        esp_id = text_field(item, "id", required=False)
+        return SubscriptionChange(
+            change_id=change_id(
+                account.esp,
+                account.account,
+                esp_id=esp_id,
+                email=email,
+                list_id=list_id,
+                state=f"{state}:{event}",
+                occurred_at=occurred,
+            ),
+            email=email,
+            esp=account.esp,
+            account=account.account,
+            list=list_id,
+            state=state,
+            reason=event,
+            occurred_at=occurred,
+        )
+
+    def parse(self, account: AccountConfig, body: bytes) -> list[SubscriptionChange | BadRow]:
+        """A webhook call's changes and bad items (the body one object or an array of them)."""
+        items = json_items(body, "webhook")
+        return item_changes(items, lambda _n, item: self.change(account, item), "subscription change")
 
 
 def json_items(body: bytes, what: str) -> list[Any]:

@@ -573,7 +573,14 @@ class DeployteqConnector(base.Connector):
         )
         self._customers = _customer_api(account, opts, context, limiter)
         self._webhook_secret = account.password.get_secret_value() if account.password else ""
-        self._webhook_times = rows.LocalTimes((WEBHOOK_TIME_FORMAT, rows.ISO), opts.api_timezone)
+        self._webhook_items = contacts.WebhookItems(
+            email_key=EMAIL_FIELD,
+            list_key="list",
+            time_key="timestamp",
+            events=opts.webhook_events,
+            times=rows.LocalTimes((WEBHOOK_TIME_FORMAT, rows.ISO), opts.api_timezone),
+            lists=opts.list_fields,
+        )
         self._released_at: dict[str, float] = {}  # this process's releases, in case setstat failed
         root = account.sftp_root.rstrip("/")
         self._staging = posixpath.join(root, opts.staging_folder)
@@ -1002,39 +1009,7 @@ class DeployteqConnector(base.Connector):
                 "a Deployteq HTTP request object is accepted"
             )
         contacts.check_bearer(headers, self._webhook_secret, "webhook")
-        items = contacts.json_items(body, "webhook")
-        return [*contacts.item_changes(items, self._webhook_change, "subscription change")]
-
-    def _webhook_change(self, _number: int, item: dict[str, Any]) -> SubscriptionChange:
-        event = contacts.text_field(item, "event")
-        state = contacts.event_state(self.options.webhook_events, event)
-        email = contacts.text_field(item, EMAIL_FIELD).lower()
-        list_id = contacts.text_field(item, "list", required=False)
-        if list_id and list_id not in self.options.list_fields:
-            raise ValueError(
-                f"unknown list {list_id!r} (options.list_fields: {sorted(self.options.list_fields)})"
-            )
-        occurred = self._webhook_times.utc("timestamp", contacts.text_field(item, "timestamp"))
-        esp_id = contacts.text_field(item, "id", required=False)
-        account = self.account
-        return SubscriptionChange(
-            change_id=contacts.change_id(
-                account.esp,
-                account.account,
-                esp_id=esp_id,
-                email=email,
-                list_id=list_id,
-                state=f"{state}:{event}",
-                occurred_at=occurred,
-            ),
-            email=email,
-            esp=account.esp,
-            account=account.account,
-            list=list_id,
-            state=state,
-            reason=event,
-            occurred_at=occurred,
-        )
+        return [*self._webhook_items.parse(self.account, body)]
 
 
 _NO_SYNC = (

@@ -318,6 +318,13 @@ class InstillerConnector(base.Connector):
                 "workflow that mails the confirmation and subscribes the user once confirmed"
             )
         self._webhook_secret = account.token.get_secret_value() if account.token else ""
+        self._webhook_items = contacts.WebhookItems(
+            email_key=opts.params["email"],
+            list_key=opts.params["list"],
+            time_key="event_date",
+            events=opts.webhook_events,
+            times=self._times,
+        )
         # the user's fields travel as further parameters beside these
         self._reserved = {*AUTH_PARAMS, *opts.params.values()}
 
@@ -490,35 +497,7 @@ class InstillerConnector(base.Connector):
                 f"{self._name} takes no webhooks: no webhook secret (token[_file]) is configured"
             )
         contacts.check_bearer(headers, self._webhook_secret, "webhook")
-        items = contacts.json_items(body, "webhook")
-        return [*contacts.item_changes(items, self._webhook_change, "subscription change")]
-
-    def _webhook_change(self, _number: int, item: dict[str, Any]) -> SubscriptionChange:
-        p = self.options.params
-        event = contacts.text_field(item, "event")
-        state = contacts.event_state(self.options.webhook_events, event)
-        email = contacts.text_field(item, p["email"]).lower()
-        list_id = contacts.text_field(item, p["list"], required=False)
-        occurred = self._times.utc("event_date", contacts.text_field(item, "event_date"))
-        account = self.account
-        return SubscriptionChange(
-            change_id=contacts.change_id(
-                account.esp,
-                account.account,
-                esp_id=contacts.text_field(item, "id", required=False),
-                email=email,
-                list_id=list_id,
-                state=f"{state}:{event}",
-                occurred_at=occurred,
-            ),
-            email=email,
-            esp=account.esp,
-            account=account.account,
-            list=list_id,
-            state=state,
-            reason=event,
-            occurred_at=occurred,
-        )
+        return [*self._webhook_items.parse(self.account, body)]
 
     # --- responses --------------------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from shared.model.errors import ConfigurationError
 from shared.model.messages import SubscriptionChange, SubscriptionState
 from tests.fixtures.fake_esp import OFFLINE, FakeEsp, served
 from tests.unit.test_instiller_connector import API_ID, API_KEY, error
+from tests.unit.test_instiller_connector import account as instiller_account
 
 WEBHOOK_SECRET = "hook-s3cret"
 ANN = "ann@example.com"
@@ -86,17 +87,10 @@ esp_fixture = served(FakeInstillerUsers)
 
 
 def account(url: str = "http://127.0.0.1:1", *, double_opt_in: bool = False, **options: Any) -> AccountConfig:
-    return AccountConfig(
-        esp="instiller",
-        account="acme",
-        connector="instiller",
-        api_url=url,
-        client_id=API_ID,
-        client_secret=SecretStr(API_KEY),
-        token=SecretStr(WEBHOOK_SECRET),
-        options={"double_opt_in_workflow": "confirm_newsletter", **options},
-        subscriptions=SubscriptionPolicy(lists=("newsletter",), double_opt_in=double_opt_in),
-    )
+    """The connector tests' account, syncing ``newsletter``, with a webhook secret."""
+    base = instiller_account(url, **{"double_opt_in_workflow": "confirm_newsletter", **options})
+    policy = SubscriptionPolicy(lists=("newsletter",), double_opt_in=double_opt_in)
+    return base.model_copy(update={"token": SecretStr(WEBHOOK_SECRET), "subscriptions": policy})
 
 
 def connector(esp: FakeInstillerUsers, **options: Any) -> InstillerConnector:
