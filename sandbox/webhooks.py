@@ -4,7 +4,8 @@ A flavor whose ESP reports changes by calling out (a Deployteq campaign's HTTP r
 Instiller workflow's webhook) puts each call's body on the account's queue; one worker per account
 sends them one after the other with ``Authorization: Bearer <TOKEN>``, so they arrive in the order
 they happened. A call the client does not answer with a 2xx is tried again ``RETRIES`` times,
-``RETRY_DELAY_S`` apart, then dropped with a log line, as ESPs give up on a webhook in the end.
+``RETRY_DELAY_S`` apart, then dropped with a log line, as ESPs give up on a webhook in the end; one
+it refuses (a 4xx but 429) is dropped at once.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from sandbox.contacts import ContactEvent
 from sandbox.engine import Account
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,30 @@ def call_webhook(account: Account, url_template: str | None, body: dict[str, Any
         queue.worker = account.spawn(_deliver(account, url, queue), f"webhook calls of {account.name}")
 
 
+def report_change(
+    account: Account,
+    event: ContactEvent,
+    url_template: str | None,
+    *,
+    email_key: str,
+    list_key: str,
+    time_key: str,
+    time: str,
+) -> None:
+    """Queue the call that reports a change made on the ESP's side: its unique ``id``, the
+    ``event`` (the change's reason: ``unsubscribe``, ``complaint``, ``confirm``…), the address,
+    the list and the time, under the member names of the flavor's ESP."""
+    record = event.record
+    body = {
+        "id": account.contacts.event_id(event),
+        "event": record.reason or record.state.value,
+        email_key: record.email,
+        list_key: record.list,
+        time_key: time,
+    }
+    call_webhook(account, url_template, body)
+
+
 async def _deliver(account: Account, url: str, queue: _Queue) -> None:
     """Send the queued calls in order until the sandbox stops."""
     token = account.settings.bearer_token.get_secret_value()
@@ -70,6 +96,8 @@ async def _post(
                 if 200 <= status < 300:
                     log.info("webhook called", extra={"account": account, "event": body.get("event")})
                     return
+                if 400 <= status < 500 and status != 429:
+                    break  # the client refuses this call: repeating it changes nothing
         except (aiohttp.ClientError, TimeoutError) as exc:
             status = type(exc).__name__
         log.warning("webhook call failed", extra={"account": account, "status": status, "attempt": attempt})

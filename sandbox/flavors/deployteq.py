@@ -105,7 +105,7 @@ from sandbox.settings import SandboxSettings
 from sandbox.simulate import URLS, Event
 from sandbox.state import SendRecord
 from sandbox.validators import CommaList, HttpUrl, TimeZone, name_matching, names_matching
-from sandbox.webhooks import call_webhook
+from sandbox.webhooks import report_change
 
 log = logging.getLogger(__name__)
 
@@ -617,6 +617,14 @@ class Deployteq:
         self._manifest_lock = asyncio.Lock()
         self._ignored: set[str] = set()
         self._started = False
+        self._customers: Customers | None = None
+
+    @property
+    def customers(self) -> Customers:
+        """The account's customers (the REST API's), read from disk at the first use."""
+        if self._customers is None:
+            self._customers = Customers(self.account)
+        return self._customers
 
     # Loading and saving
 
@@ -1399,17 +1407,6 @@ class Customers:
         self.account.contacts.set_many(changes)
 
 
-_CUSTOMERS: dict[int, Customers] = {}
-
-
-def customers_of(account: Account) -> Customers:
-    """The account's customers, read from disk at the first use."""
-    found = _CUSTOMERS.get(id(account))
-    if found is None:
-        found = _CUSTOMERS[id(account)] = Customers(account)
-    return found
-
-
 REST_ERRORS = ErrorStyle(lambda e: {"code": e.status, "message": e.message})
 """The customer API's errors: ``{"code", "message"}``, the message also in ``X-Deployteq-API-Error``."""
 
@@ -1453,7 +1450,7 @@ async def _customer_body(request: web.Request) -> dict[str, str]:
 async def customers_route(request: web.Request) -> web.Response:
     """``GET customer?emailaddress=`` (the customers with the address) and ``POST customer``."""
     account = _rest_account(request)
-    customers = customers_of(account)
+    customers = deployteq_of(account).customers
     if request.method == "GET":
         email = (_single(request, "emailaddress") or "").strip().lower()
         found = await asyncio.to_thread(customers.find, email)
@@ -1469,7 +1466,7 @@ async def customers_route(request: web.Request) -> web.Response:
 async def customer_route(request: web.Request) -> web.Response:
     """``GET``, ``PUT`` (the given fields) and ``DELETE customer/<id>``."""
     account = _rest_account(request)
-    customers = customers_of(account)
+    customers = deployteq_of(account).customers
     text = request.match_info["id"]
     number = int(text) if text.isdigit() else -1
     if number not in customers.fields:
@@ -1499,17 +1496,17 @@ async def data_receiver(request: web.Request) -> web.Response:
 
 async def on_contact_event(account: Account, event: ContactEvent) -> None:
     """A change made at Deployteq, reported as a campaign's HTTP request object calls espbridge."""
-    record = event.record
-    body = {
-        "id": account.contacts.event_id(event),
-        "event": record.reason or record.state.value,
-        "emailaddress": record.email,
-        "list": record.list,
-        "timestamp": datetime.fromtimestamp(record.changed_at, deployteq_settings().timezone).isoformat(
-            timespec="milliseconds"
-        ),
-    }
-    call_webhook(account, deployteq_settings().deployteq_webhook_url, body)
+    settings = deployteq_settings()
+    at = datetime.fromtimestamp(event.record.changed_at, settings.timezone).isoformat(timespec="milliseconds")
+    report_change(
+        account,
+        event,
+        settings.deployteq_webhook_url,
+        email_key="emailaddress",
+        list_key="list",
+        time_key="timestamp",
+        time=at,
+    )
 
 
 ROUTES = (

@@ -66,7 +66,7 @@ from sandbox.settings import SandboxSettings
 from sandbox.simulate import Event
 from sandbox.state import ImportRecord, SendRecord
 from sandbox.validators import CommaList, HttpUrl, TimeZone
-from sandbox.webhooks import call_webhook
+from sandbox.webhooks import report_change
 
 BASE = "/rest"
 UPLOAD = "upload"
@@ -486,15 +486,15 @@ async def trigger_workflow(account: Account, params: Params) -> dict[str, Any]:
 
 async def on_contact_event(account: Account, event: ContactEvent) -> None:
     """A change made at Instiller, reported as the account's workflow webhook calls espbridge."""
-    record = event.record
-    body = {
-        "id": account.contacts.event_id(event),
-        "event": record.reason or record.state.value,
-        "email_address": record.email,
-        "list_api_identifier": record.list,
-        "event_date": local_text(record.changed_at),
-    }
-    call_webhook(account, instiller_settings().instiller_webhook_url, body)
+    report_change(
+        account,
+        event,
+        instiller_settings().instiller_webhook_url,
+        email_key="email_address",
+        list_key="list_api_identifier",
+        time_key="event_date",
+        time=local_text(event.record.changed_at),
+    )
 
 
 async def stats(account: Account, _params: Params) -> dict[str, Any]:
