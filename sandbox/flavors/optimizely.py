@@ -906,6 +906,8 @@ async def create_batch(request: web.Request, store: Store) -> web.Response:
             data.next_campaign += 1
             data.next_mailing += 1
         data.campaigns[campaign.id] = campaign
+        while str(data.next_list) in store.settings.opt_recipient_lists:
+            data.next_list += 1  # the pool's lists are not the client's own
         batch = Batch(
             id=data.next_batch,
             campaign_id=campaign.id,
@@ -1538,6 +1540,8 @@ def _book_unsubscribes(store: Store) -> list[dict[str, Any]]:
     for record in store.account.contacts.records():
         if record.state is not ContactState.UNSUBSCRIBED or record.via is Via.BOUNCE:
             continue
+        if record.list != EVERY_LIST and not record.list.isdigit():
+            continue  # a list the control route named that Optimizely could not have
         if (record.list == EVERY_LIST) == store.settings.opt_list_unsubscribes:
             continue  # a list's record mirrors the client's entry, or the client keeps none
         entry: dict[str, Any] = {"recipientId": record.email}

@@ -235,12 +235,13 @@ def by_type(facts: Iterable[Fact]) -> dict[str, int]:
 class Hooks(WebhookReceiver):
     """A webhook target: checks the Basic authentication and keeps the calls it acknowledged.
 
-    ``fail_first`` answers the very first call 503 (the sandbox retries it 1 s later); calls of the
-    ``refuse`` types get 422, which is not retried.
+    ``fail_first`` answers the very first call 503 (the sandbox retries it 1 s later), ``busy``
+    every call while it is set; calls of the ``refuse`` types get 422, which is not retried.
     """
 
     refuse: frozenset[str] = frozenset()
     fail_first: bool = False
+    busy: bool = False
     attempts: int = 0
     refused: int = 0
     acked: list[list[dict[str, Any]]] = field(default_factory=list)
@@ -256,6 +257,8 @@ class Hooks(WebhookReceiver):
         items = orjson.loads(call.body)
         assert isinstance(items, list)
         assert items
+        if self.busy:
+            return web.json_response({"error": "busy"}, status=503)
         self.attempts += 1
         if self.fail_first and self.attempts == 1:
             return web.json_response({"error": "busy"}, status=503)
@@ -881,3 +884,25 @@ async def test_recipient_lists_and_the_unsubscribe_list_answer_as_documented(
             await client.ok("DELETE", "recipients/4001", 204)
             assert (await client.ok("GET", "recipients/4001"))["elements"] == []
     assert len(hooks.acked) == 3, "the removal was not reported"
+
+
+async def test_a_change_not_yet_reported_when_the_sandbox_was_killed_is_reported_after_the_restart(
+    sandbox: Sandboxes, tmp_path: Path
+) -> None:
+    async with Hooks(busy=True) as hooks:  # the sandbox retries 1, 2, 4… s later
+        settings = {"opt_webhook_url": hooks.url, "opt_webhook_auth": HOOK_AUTH, "token": "restart-token"}
+        root = tmp_path / "sftp"
+        with sandbox(FLAVOR, root=root, **settings) as first:
+            await control(first, "anna@example.com", "unsubscribe_link")
+            await wait_for(lambda: hooks.calls, 10, 0.02, what="the first, refused, webhook call")
+            assert first.stop(signal.SIGKILL) == -signal.SIGKILL
+        hooks.busy = False
+        with sandbox(FLAVOR, root=root, **settings):
+            await wait_for(lambda: hooks.acked, 15, 0.05, what="the change reported after the restart")
+    (item,) = hooks.items()
+    assert (item["type"], item["recipientId"], item["recipientListId"]) == (
+        "unsubscribe",
+        "anna@example.com",
+        4001,
+    )
+    assert len(hooks.acked) == 1
