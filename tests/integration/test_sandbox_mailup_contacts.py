@@ -5,6 +5,7 @@ reported by its webhooks and read back by the connector, and the (S)FTP contacts
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,15 @@ from shared.esp import AccountConfig, ConnectorContext, connector_for
 from shared.esp.base import ContactChange
 from shared.esp.mailup import MailUpConnector
 from shared.model.messages import ResponseEvent, SubscriptionChange, SubscriptionState
+from shared.model.topics import Topic
+from tests.fixtures.deployment import Deployment
+from tests.fixtures.kafka import read_until
+from tests.fixtures.processes import healthy, stop
 from tests.fixtures.sandbox import SandboxClient, Sandboxes, WebhookReceiver
+from tests.fixtures.servers import free_port
 from tests.fixtures.waits import wait_for
 from tests.integration.test_sandbox_mailup import Client
+from tools.demo import FLAVORS
 
 SUBSCRIBED, PENDING, UNSUBSCRIBED, REMOVED = (
     SubscriptionState.SUBSCRIBED,
@@ -197,6 +204,34 @@ async def test_a_double_opt_in_confirmed_at_mailup_is_reported_subscribed(
         (again,) = mailup.parse_webhook(webhooks.calls[0].headers, webhooks.calls[0].body)
         assert isinstance(again, SubscriptionChange)
         assert again.change_id == confirmed.change_id, "the same call read twice is one change"
+
+
+async def test_the_gatherer_publishes_what_the_flavor_reports(
+    sandbox: Sandboxes, deployment: Deployment
+) -> None:
+    port = free_port()
+    hook_url = f"http://127.0.0.1:{port}/webhooks/mailup/{{account}}"
+    with sandbox("mailup", mailup_webhook_url=hook_url, **FAST) as esp, ExitStack() as stack:
+        token_file = deployment.folder / "mailup.secret"
+        token_file.write_text(esp.token)
+        entry = FLAVORS["mailup"].account_entry("mailup", esp.account, esp.url, token_file)
+        env = deployment.env(deployment.accounts_file([entry]), ESPBRIDGE_HTTP_PORT=str(port))
+        gatherer = deployment.start(stack, "gatherer", env)
+        await wait_for(lambda: healthy(port), timeout_s=60, what="the gatherer up")
+        assert (await esp.contact_action("complaint", "zoe@example.com", "2"))[0] == 200
+        records = await read_until(
+            deployment.kafka, Topic.SUBSCRIPTION_CHANGES, lambda found: len(found) >= 1
+        )
+        (change,) = [SubscriptionChange.from_json(r.value or b"") for r in records]
+        assert (change.email, change.esp, change.account, change.list, change.state, change.reason) == (
+            "zoe@example.com",
+            "mailup",
+            esp.account,
+            "2",
+            UNSUBSCRIBED,
+            "complaint",
+        )
+        assert stop(gatherer) == 0
 
 
 async def test_an_unsubscribe_by_a_jobs_message_is_that_broadcasts_event(
