@@ -32,7 +32,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.esp.accounts import EVERY_LIST, Accounts, UnknownAccountError
 from shared.infra.db import connect
-from shared.infra.db.replication import SlotInfo, drop_publication, drop_slot, slot_info
+from shared.infra.db.replication import SlotInfo, capture_problems, drop_publication, drop_slot, slot_info
 from shared.infra.kafka import ensure_topics
 from shared.infra.settings import KafkaSettings, PostgresSettings
 from shared.model.errors import ConfigurationError, EspbridgeError, InvalidMessageError, UnavailableError
@@ -302,6 +302,15 @@ class _Worker:
         )
 
 
+def refused_settings(validation: Any) -> list[str]:
+    """``setting: error`` for each error of the worker's answer to a config validation."""
+    problems: list[str] = []
+    for entry in (validation or {}).get("configs") or ():
+        value = (entry or {}).get("value") or {}
+        problems += [f"{value.get('name', '?')}: {error}" for error in value.get("errors") or ()]
+    return problems
+
+
 def _json_or_none(text: bytes) -> Any:
     try:
         return orjson.loads(text) if text else None
@@ -323,16 +332,36 @@ async def ensure_capture(
     """Post the capture's connector to the worker (created, or its configuration replaced: running
     it twice is one connector) and wait until it and its task run.
 
-    A connector that failed is restarted once; failing again, or a configuration the worker refuses,
+    The CRM database is checked first (the table, ``wal_level``, the right to replicate). A
+    connector that failed is restarted once; failing again, or a configuration the worker refuses,
     raises :class:`ConfigurationError` with the worker's reason. The captured topic is created
     first (with its configured partitions) if it is missing, so the worker never makes its own.
     """
     names = capture_names(kafka, crm)
+    conn = await connect(crm)
+    try:
+        problems = await capture_problems(conn, CAPTURED_TABLE)
+    finally:
+        await conn.close()
+    if problems:
+        raise ConfigurationError(f"the CRM database cannot be captured: {'; '.join(problems)}")
     await ensure_topics(kafka, [Topic.CRM_CAPTURED])
     worker = _Worker(http, connect_url)
     config = capture_config(
         kafka, crm, secrets_file, database_host=database_host, database_port=database_port
     )
+    # validated first: a configuration Debezium refuses (the CRM unreachable, a wrong password) is
+    # said field by field here, where the PUT itself answers 500 with a NullPointerException
+    status, body = await worker.call(
+        "PUT", f"/connector-plugins/{CONNECTOR_CLASS}/config/validate", {**config, "name": names.connector}
+    )
+    if status != 200:
+        raise worker.fail("validating the capture connector's configuration", status, body)
+    if problems := refused_settings(body):
+        raise ConfigurationError(
+            f"the Kafka Connect worker refuses the capture connector {names.connector}: "
+            + "; ".join(problems)
+        )
     status, body = await worker.call("PUT", f"/connectors/{names.connector}/config", config)
     if status not in (200, 201):
         raise worker.fail(f"posting the capture connector {names.connector}", status, body)
