@@ -15,6 +15,7 @@ espbridge dlq replay        send dead letters back once their cause is fixed (on
 espbridge subscriptions export   write the unsubscriber file for the CRM now
 espbridge subscriptions show     a contact's state per ESP account and list, from the CRM
 espbridge subscriptions request  publish a subscription request (subscribe, unsubscribe, remove, fields)
+espbridge crm capture enable|disable|status   Debezium's capture of crm.subscriptions (ESPBRIDGE_CONNECT_URL)
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from cli import dlq, history, jobs, subscriptions
+from cli import crm, dlq, history, jobs, subscriptions
 from cli.db import db_migrate, db_status
 from cli.gather import gather_now_command
 from cli.output import one_line
@@ -55,6 +56,7 @@ def parser() -> argparse.ArgumentParser:
     topics.add_parser("list", help="list the registry topics")
     dlq.add_parser(groups)
     subscriptions.add_parser(groups)
+    crm.add_parser(groups)
     return top
 
 
@@ -74,6 +76,7 @@ COMMANDS: dict[tuple[str, str], Callable[[argparse.Namespace], int | Coroutine[A
     ("subscriptions", "export"): subscriptions.subscriptions_export,
     ("subscriptions", "show"): subscriptions.subscriptions_show,
     ("subscriptions", "request"): subscriptions.subscriptions_request,
+    ("crm", "capture"): crm.crm_capture,
 }
 """Each command's function: a coroutine function for those that talk to a server."""
 
