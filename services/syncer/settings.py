@@ -7,6 +7,7 @@ from pydantic_settings import SettingsConfigDict
 
 from shared.esp.resources import EspServiceSettings
 from shared.infra.settings import CrmSettings
+from shared.operations.capture import ConnectSettings
 from shared.operations.exporting import ExportSettings
 
 
@@ -22,6 +23,9 @@ class Settings(EspServiceSettings):
         default=False,
         description="post the Debezium connector's configuration at start, so the CRM's own changes "
         "to crm.subscriptions are captured and pushed to the ESPs",
+    )
+    connect: ConnectSettings = Field(
+        default_factory=ConnectSettings, description="the Kafka Connect worker that runs the capture"
     )
     batch_max: int = Field(default=500, ge=1, le=10_000, description="changes or requests per batch")
     batch_wait_ms: int = Field(

@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import uuid
 from contextlib import ExitStack
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
 from shared.infra.db import connect
+from shared.infra.settings import KafkaSettings
 from shared.model.messages import (
     DeadLetter,
     RequestOrigin,
@@ -21,9 +25,10 @@ from shared.model.messages import (
     SubscriptionState,
 )
 from shared.model.topics import Topic
+from tests.fixtures.capture import Capture, crm_write, espbridge_write
 from tests.fixtures.deployment import Deployment
-from tests.fixtures.kafka import Record, produce, read_until
-from tests.fixtures.processes import log_records, stop
+from tests.fixtures.kafka import Record, committed, count_records, produce, read_until
+from tests.fixtures.processes import log_messages, log_records, stop
 from tests.fixtures.sandbox import SandboxClient, Sandboxes
 from tests.fixtures.waits import wait_for
 from tools.demo import FLAVORS
@@ -55,20 +60,28 @@ def request(esp: SandboxClient, email: str, **more: Any) -> bytes:
 
 async def sandbox_contact(esp: SandboxClient, email: str, list_id: str) -> dict[str, Any] | None:
     """The sandbox's record of a contact on a list, if it has one."""
-    url = f"{esp.api()}/_sandbox/contacts"
-    async with esp.http.get(url, params={"email": email, "list": list_id}, headers=esp.headers) as resp:
-        assert resp.status == 200, await resp.text()
-        body = await resp.json()
-    records = body if isinstance(body, list) else body.get("contacts", body.get("records", []))
-    return next((r for r in records if r.get("email") == email and r.get("list") == list_id), None)
+    records = await esp.contacts(email, list_id)
+    return records[0] if records else None
+
+
+@dataclass(frozen=True)
+class Synced:
+    """A test's sandbox ESP and the accounts file of the syncer's accounts on it."""
+
+    esp: SandboxClient
+    accounts: Path
+
+
+@pytest.fixture
+def synced(deployment: Deployment, sandbox: Sandboxes) -> Synced:
+    esp = sandbox("generic")
+    return Synced(esp, deployment.accounts_file(syncer_accounts(deployment, esp)))
 
 
 async def test_the_syncer_keeps_the_crm_and_the_esp_in_sync_and_dead_letters_bad_requests(
-    deployment: Deployment, sandbox: Sandboxes
+    deployment: Deployment, synced: Synced
 ) -> None:
-    kafka = deployment.kafka
-    esp = sandbox("generic")
-    accounts = deployment.accounts_file(syncer_accounts(deployment, esp))
+    kafka, esp, accounts = deployment.kafka, synced.esp, synced.accounts
     unsubscribed = SubscriptionChange(
         change_id=uuid.uuid4(),
         email=ANN,
@@ -180,3 +193,51 @@ async def test_the_syncer_keeps_the_crm_and_the_esp_in_sync_and_dead_letters_bad
     lags = [r["crm_lag_s"] for r in log_records(deployment.folder / "syncer.log") if "crm_lag_s" in r]
     assert len(lags) == 1
     assert 0 <= lags[0] < 60
+
+
+async def _finished(kafka: KafkaSettings, group: str, topic: Topic, records: int) -> bool:
+    return await committed(kafka, group, topic) >= records
+
+
+async def test_with_capture_on_the_crms_own_changes_reach_the_esp_and_espbridges_own_writes_never(
+    deployment: Deployment, synced: Synced, capture: Capture
+) -> None:
+    kafka, esp = deployment.kafka, synced.esp
+    env = deployment.env(
+        synced.accounts,
+        ESPBRIDGE_SYNCER_CAPTURE="true",
+        ESPBRIDGE_CONNECT_URL=capture.connect.url,
+        ESPBRIDGE_CONNECT_SECRETS_FILE=capture.connect.require_secrets_file(),
+    )
+    crm = await connect(deployment.database)
+    insert = (
+        "INSERT INTO crm.subscriptions (email, esp, account, list, state, reason) "
+        "VALUES ($1, $2, $3, 'news', $4, $5)"
+    )
+    with ExitStack() as stack:
+        proc = deployment.start(stack, "syncer", env)
+        # the syncer posts the connector at start: running once the syncer is
+        await wait_for(lambda: _capturing(capture), timeout_s=120, what="the capture running")
+        await espbridge_write(crm, insert, ANN, esp.esp, esp.account, "subscribed", "")
+        await crm_write(crm, insert, "dee@example.com", esp.esp, esp.account, "unsubscribed", "asked us")
+        dee = await wait_for(lambda: sandbox_contact(esp, "dee@example.com", "news"), what="dee at the ESP")
+        assert dee["state"] == "unsubscribed"
+        # both captured changes handled: espbridge's own made no request
+        await wait_for(lambda: _finished(kafka, "syncer-capture", Topic.CRM_CAPTURED, 2), what="both handled")
+        (record,) = await read_until(kafka, Topic.SUBSCRIPTION_REQUESTS, lambda rs: bool(rs))
+        assert await count_records(kafka, Topic.SUBSCRIPTION_REQUESTS) == 1
+        pushed = SubscriptionRequest.from_json(record.value or b"")
+        assert (pushed.email, pushed.origin, pushed.source, pushed.reason) == (
+            "dee@example.com",
+            RequestOrigin.CAPTURE,
+            "crm",
+            "asked us",
+        )
+        assert stop(proc) == 0
+    await crm.close()
+    assert await sandbox_contact(esp, ANN, "news") is None
+    assert "capture enabled" in log_messages(deployment.folder / "syncer.log")
+
+
+async def _capturing(capture: Capture) -> bool:
+    return (await capture.status()).running
