@@ -5,11 +5,14 @@ decoding makes requests of the CRM's writes and none of espbridge's own."""
 from __future__ import annotations
 
 import asyncpg
+import pytest
 
+from cli import main as cli_main
 from shared.model.messages import RequestOrigin, SubscriptionState
 from shared.model.topics import Topic
 from tests.fixtures.capture import Capture, as_json, crm_write, espbridge_write, requests_of, subscribe_sql
 from tests.fixtures.kafka import read_until
+from tests.fixtures.servers import Servers
 
 EMAIL = "ann@example.com"
 
@@ -105,3 +108,39 @@ async def test_espbridges_own_write_is_captured_but_becomes_no_request(
         None,  # espbridge's write: never pushed back (no echo)
         SubscriptionState.SUBSCRIBED,
     ]
+
+
+def test_the_operator_enables_checks_and_disables_the_capture_from_the_cli(
+    capture: Capture, servers: Servers, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for key, value in servers.env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("ESPBRIDGE_KAFKA_TOPIC_PREFIX", capture.kafka.topic_prefix)
+    monkeypatch.setenv("ESPBRIDGE_CRM_DATABASE", capture.crm.database)
+    monkeypatch.setattr(cli_main, "configure", lambda *_: None)  # the test's own logging stays
+
+    def run(*args: str) -> tuple[int, str]:
+        code = cli_main.main(["crm", "capture", *args])
+        captured = capsys.readouterr()
+        return code, captured.out + captured.err
+
+    enabled = run("enable")
+    running = run("status")
+    disabled = run("disable")
+    stopped = run("status")
+    monkeypatch.setenv("ESPBRIDGE_CONNECT_URL", "http://127.0.0.1:9")
+    unreachable = run("status")
+
+    assert enabled == (0, enabled[1])
+    assert f"connector {capture.names.connector} RUNNING" in enabled[1]
+    assert running[0] == 0
+    assert f"slot       {capture.names.slot} in database {capture.crm.database}: active" in running[1]
+    assert disabled[0] == 0
+    assert f"replication slot {capture.names.slot} dropped" in disabled[1]
+    assert stopped[0] == 1
+    assert stopped[1].startswith("capture is not enabled")
+    assert unreachable[0] == 1
+    assert unreachable[1].count("\n") == 1
+    assert unreachable[1].startswith(
+        "espbridge: the Kafka Connect worker at http://127.0.0.1:9 is not reachable"
+    )
