@@ -1088,11 +1088,17 @@ class MailUpConnector(base.Connector):
     async def _recipient(self, list_id: int, email: str) -> _Recipient | None:
         """The recipient of that email on the list with its status there, or None."""
         quoted = email.replace("'", "''")
+        query = {
+            "filterby": f"\"Email=='{quoted}'\"",
+            "pageSize": str(self.options.page_size),
+            "pageNumber": "0",
+        }
         for status, state in RECIPIENT_STATUSES:
-            url = f"{self._console}/Console/List/{list_id}/Recipients/{status}"
-            items = await self._pages(url, {"filterby": f"\"Email=='{quoted}'\""})
-            if items is None:
-                raise _ContactRefusedError(f"MailUp knows no list {list_id}")
+            path = f"/Console/List/{list_id}/Recipients/{status}"
+            body = await self._contact_call(
+                "GET", path, query=query, unknown=f"MailUp knows no list {list_id}"
+            )
+            items, _ = self._envelope(path, body, 0)  # one address: one item at most
             for item in items:
                 if (
                     str(item.get("Email", "")).strip().lower() == email.lower()
@@ -1107,14 +1113,22 @@ class MailUpConnector(base.Connector):
         await self._contact_call("PUT", "/Console/Recipient/Detail", json=body)
 
     async def _contact_call(
-        self, method: str, path: str, *, json: Any = None, query: Mapping[str, str] | None = None
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        query: Mapping[str, str] | None = None,
+        unknown: str = "",
     ) -> Any:
         """One recipient call under the console path (a 429 waited out and repeated, an outage
-        raised: the caller applies the contact again); a 4xx is MailUp refusing the contact."""
+        raised: the caller applies the contact again); a 4xx is MailUp refusing the contact, a
+        404 said as ``unknown`` when given."""
         url = self._console + _with_query(path, query)
         status, body = await self._api.call(method, url, json=json, answered=CONTACT_ANSWERS)
         if status >= 400:
-            raise _ContactRefusedError(f"{method} {path} answered {status}: {_error_text(body)}")
+            said = f"{method} {path} answered {status}: {_error_text(body)}"
+            raise _ContactRefusedError(f"{unknown} ({said})" if status == 404 and unknown else said)
         return body
 
     async def _contact_fields(self, fields: Mapping[str, str]) -> list[dict[str, Any]]:
