@@ -23,7 +23,7 @@ $(VENV)/.synced: pyproject.toml uv.lock
 setup: $(VENV)/.synced ## install Python dependencies (uv, from uv.lock) and the servers' packages and jars
 	infra/local.sh install
 
-up: setup ## start Kafka, PostgreSQL and the SFTP server (what is not running) and migrate the database
+up: setup ## start Kafka, PostgreSQL, the SFTP server and the Kafka Connect worker (what is not running) and migrate the database
 	infra/local.sh up
 	set -a; source $(ENVF); set +a; $(VENV)/bin/espbridge db migrate
 
