@@ -68,7 +68,7 @@ async def test_bad_webhook_calls_are_refused_and_good_ones_still_load(deployment
     entries = [
         deployment.offline_account("optimizely", opt, SECRET),
         deployment.offline_account("mailup", mup, SECRET),
-        deployment.offline_account("sandbox", "plain", SECRET),
+        deployment.offline_account("generic_sftp", "plain", SECRET),
     ]
     accounts = deployment.accounts_file(entries)
     await record_jobs(database, "optimizely", opt, JOB)
@@ -106,7 +106,7 @@ async def test_bad_webhook_calls_are_refused_and_good_ones_still_load(deployment
                 ("mailup-unsigned", f"mailup/{mup}", mailup_form("u4@x.com", secret=None), form_type),
                 ("mailup-wrong-secret", f"mailup/{mup}", mailup_form("u5@x.com", secret="guess"), form_type),
                 ("unknown-account", "optimizely/nobody", orjson.dumps(opt_event("u6")), good_auth),
-                ("no-webhooks", "sandbox/plain", orjson.dumps(opt_event("u7")), good_auth),
+                ("no-webhooks", "generic_sftp/plain", orjson.dumps(opt_event("u7")), good_auth),
                 ("opt-not-json", f"optimizely/{opt}", b"\xff{not json", good_auth),
                 ("opt-not-an-event", f"optimizely/{opt}", b"42", good_auth),
                 (
