@@ -248,35 +248,9 @@ dump_logs() {
   tail -n 30 "$LOG_DIR/connect.log" >&2 2>/dev/null || true
 }
 
-wait_ready() { # wait_ready PID T0_US; returns 2 if the process is gone, dies on timeout
-  local pid="$1" t0="$2" rc=0
-  wait_server_ready "$pid" accepting || rc=$?
-  if ((rc == 1)); then
-    dump_logs
-    cmd_stop || true
-    die "worker's REST API not answering on $ADDRESS after ${START_TIMEOUT}s"
-  fi
-  ((rc == 0)) || return "$rc"
-  local rss
-  rss="$(rss_kb "$pid")"
-  printf '%s\n' "$rss" >"$RSS_FILE"
-  log "ready on http://$ADDRESS in $(elapsed_s "$t0")s (pid $pid, RSS $(kb_to_mb "$rss"))"
-}
-
 cmd_start() {
   mkdir -p "$CSTATE"
-  if is_running; then
-    if accepting; then
-      log "already running (pid $(current_pid)) on http://$ADDRESS"
-      return 0
-    fi
-    log "process $(current_pid) is up but http://$ADDRESS does not answer yet; waiting"
-    local rc=0
-    wait_ready "$(current_pid)" "$(now_us)" || rc=$?
-    ((rc == 2)) || return "$rc"
-    log "that process exited; starting a new worker"
-    wait_port_closed "$HOST" "$PORT" 10 || true
-  fi
+  already_started worker && return 0
   rm -f "$PID_FILE" "$RSS_FILE"
   port_open "$HOST" "$PORT" && die "port $PORT on $HOST is in use by another process"
   local t_total
@@ -297,7 +271,7 @@ cmd_start() {
     >>"$LOG_DIR/connect.out" 2>&1 </dev/null &
   pid=$!
   printf '%s\n' "$pid" >"$PID_FILE"
-  if ! wait_ready "$pid" "$t0"; then
+  if ! wait_started "$pid" "$t0" "the worker's REST API"; then
     dump_logs
     die "worker exited during startup"
   fi

@@ -262,40 +262,13 @@ dump_logs() {
   tail -n 30 "$LOG_DIR/server.log" >&2 2>/dev/null || true
 }
 
+# the PLAINTEXT acceptor opens only once the broker has caught up with the metadata log and is
+# unfenced, so "accepts" == "ready"
 accepting() { port_open "$HOST" "$PORT"; }
-
-# wait_ready PID T0_US: until the client port accepts (the PLAINTEXT acceptor opens only once the
-# broker has caught up with the metadata log and is unfenced, so "accepts" == "ready"). Returns 2 if
-# the process is gone (the caller decides), dies on timeout.
-wait_ready() {
-  local pid="$1" t0="$2" rc=0
-  wait_server_ready "$pid" accepting || rc=$?
-  if ((rc == 1)); then
-    dump_logs
-    cmd_stop || true
-    die "broker not accepting on $ADDRESS after ${START_TIMEOUT}s"
-  fi
-  ((rc == 0)) || return "$rc"
-  local rss
-  rss="$(rss_kb "$pid")"
-  printf '%s\n' "$rss" >"$RSS_FILE"
-  log "ready on $ADDRESS in $(elapsed_s "$t0")s (pid $pid, RSS $(kb_to_mb "$rss"))"
-}
 
 cmd_start() {
   mkdir -p "$KSTATE"
-  if is_running; then
-    if accepting; then
-      log "already running (pid $(current_pid)) on $ADDRESS"
-      return 0
-    fi
-    log "process $(current_pid) is up but $ADDRESS does not accept yet; waiting"
-    local rc=0
-    wait_ready "$(current_pid)" "$(now_us)" || rc=$?
-    ((rc == 2)) || return "$rc"
-    log "that process exited; starting a new broker"
-    wait_port_closed "$HOST" "$PORT" 10 || true
-  fi
+  already_started broker && return 0
   rm -f "$PID_FILE" "$RSS_FILE"
   if port_open "$HOST" "$PORT" || port_open "$HOST" "$KAFKA_CONTROLLER_PORT"; then
     die "port $PORT or $KAFKA_CONTROLLER_PORT on $HOST is in use by another process"
@@ -317,7 +290,7 @@ cmd_start() {
     -cp "$LIB_DIR/*" kafka.Kafka "$SERVER_PROPS" >>"$LOG_DIR/kafka.out" 2>&1 </dev/null &
   pid=$!
   printf '%s\n' "$pid" >"$PID_FILE"
-  if ! wait_ready "$pid" "$t0"; then
+  if ! wait_started "$pid" "$t0" broker; then
     dump_logs
     die "broker exited during startup"
   fi

@@ -219,6 +219,40 @@ server_status() {
   return 1
 }
 
+# wait_started PID T0_US WHAT: `start`'s wait until the server accepts (ACCEPTING is the script's
+# `accepting`); on timeout the script's `dump_logs` are shown, it is stopped and this dies. Returns 2
+# when process PID is gone first; once ready, its RSS is kept in RSS_FILE and the time logged.
+wait_started() {
+  local pid="$1" t0="$2" what="$3" rc=0 rss
+  wait_server_ready "$pid" accepting || rc=$?
+  if ((rc == 1)); then
+    dump_logs
+    cmd_stop || true
+    die "$what not accepting on $ADDRESS after ${START_TIMEOUT}s"
+  fi
+  ((rc == 0)) || return "$rc"
+  rss="$(rss_kb "$pid")"
+  printf '%s\n' "$rss" >"$RSS_FILE"
+  log "ready on $ADDRESS in $(elapsed_s "$t0")s (pid $pid, RSS $(kb_to_mb "$rss"))"
+}
+
+# already_started WHAT: at `start`, 0 when the script's server (`is_running`) accepts, after waiting
+# for one still starting; 1 when a new one must be started (none runs, or the starting one exited).
+already_started() {
+  is_running || return 1
+  if accepting; then
+    log "already running (pid $(current_pid)) on $ADDRESS"
+    return 0
+  fi
+  log "process $(current_pid) is up but $ADDRESS does not accept yet; waiting"
+  local rc=0
+  wait_started "$(current_pid)" "$(now_us)" "$1" || rc=$?
+  ((rc == 2)) || return 0
+  log "that process exited; starting a new $1"
+  wait_port_closed "$HOST" "$PORT" 10 || true
+  return 1
+}
+
 # ---- packages ------------------------------------------------------------------------------
 # ensure_packages CHECK=PACKAGE ...
 #   CHECK is a command name (looked up in PATH) or an absolute path (must be executable).
