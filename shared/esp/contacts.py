@@ -64,6 +64,40 @@ def change_id(
     )
 
 
+def reported_change(
+    account: AccountConfig,
+    *,
+    email: str,
+    list_id: str,
+    state: SubscriptionState,
+    reason: str,
+    occurred_at: datetime,
+    esp_id: str = "",
+) -> SubscriptionChange:
+    """The change an ESP reported for one of the account's contacts, under its :func:`change_id`
+    (the ESP's id of it, else its facts with the reason: an unsubscribe and a complaint of one
+    contact at one time are two changes)."""
+    email = email.strip().lower()
+    return SubscriptionChange(
+        change_id=change_id(
+            account.esp,
+            account.account,
+            esp_id=esp_id,
+            email=email,
+            list_id=list_id,
+            state=f"{state}:{reason}",
+            occurred_at=occurred_at,
+        ),
+        email=email,
+        esp=account.esp,
+        account=account.account,
+        list=list_id,
+        state=state,
+        reason=reason,
+        occurred_at=occurred_at,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class WebhookItems:
     """How an ESP's webhook items are read: the names of their members, the events they report
@@ -87,24 +121,14 @@ class WebhookItems:
         if list_id and self.lists is not None and list_id not in self.lists:
             raise ValueError(f"unknown list {list_id!r} (known: {', '.join(sorted(self.lists))})")
         occurred = self.times.utc(self.time_key, text_field(item, self.time_key))
-        esp_id = text_field(item, "id", required=False)
-        return SubscriptionChange(
-            change_id=change_id(
-                account.esp,
-                account.account,
-                esp_id=esp_id,
-                email=email,
-                list_id=list_id,
-                state=f"{state}:{event}",
-                occurred_at=occurred,
-            ),
+        return reported_change(
+            account,
             email=email,
-            esp=account.esp,
-            account=account.account,
-            list=list_id,
+            list_id=list_id,
             state=state,
             reason=event,
             occurred_at=occurred,
+            esp_id=text_field(item, "id", required=False),
         )
 
     def parse(self, account: AccountConfig, body: bytes) -> list[SubscriptionChange | BadRow]:

@@ -1427,22 +1427,8 @@ class MailUpConnector(base.Connector):
             kind = self._reason_type(fields.get("reason"))
             reason = kind.value if kind is not None else EventType.BOUNCE_HARD.value  # MailUp's automatic one
         list_text = str(int(list_id)) if list_id else ""
-        return SubscriptionChange(
-            change_id=contacts.change_id(
-                self.account.esp,
-                self.account.account,
-                email=email.lower(),
-                list_id=list_text,
-                state=f"{state}:{reason}",
-                occurred_at=occurred,
-            ),
-            email=email,
-            esp=self.account.esp,
-            account=self.account.account,
-            list=list_text,
-            state=state,
-            reason=reason,
-            occurred_at=occurred,
+        return contacts.reported_change(
+            self.account, email=email, list_id=list_text, state=state, reason=reason, occurred_at=occurred
         )
 
     def _webhook_event(self, fields: _WebhookForm) -> ResponseEvent | None:

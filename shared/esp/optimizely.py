@@ -1496,23 +1496,8 @@ class OptimizelyConnector(base.Connector):
                 return None
             list_id = ""
         created = rows.aware_time("created", item.get("created"))
-        change_id = contacts.change_id(
-            self.account.esp,
-            self.account.account,
-            email=email.strip().lower(),
-            list_id=list_id,
-            state=state.value,
-            occurred_at=created,
-        )
-        return SubscriptionChange(
-            change_id=change_id,
-            email=email,
-            esp=self.account.esp,
-            account=self.account.account,
-            list=list_id,
-            state=state,
-            reason=reason,
-            occurred_at=created,
+        return contacts.reported_change(
+            self.account, email=email, list_id=list_id, state=state, reason=reason, occurred_at=created
         )
 
     def _webhook_event(self, item: dict[str, Any], name: str, number: int) -> ResponseEvent | None:
