@@ -50,8 +50,8 @@ CAPTURED_TABLE = "crm.subscriptions"
 """The one table captured."""
 CONNECTOR_CLASS = "io.debezium.connector.postgresql.PostgresConnector"
 POLL_INTERVAL_MS = 50
-"""How often Debezium hands its queue to Connect: a CRM UPDATE reaches the captured topic within
-0.1-0.3 s on the local servers (500, Debezium's default, adds up to half a second to each)."""
+"""How often Debezium hands its queue to Connect: a CRM UPDATE was on the captured topic 0.2-0.3 s
+after its commit on the local servers (at Debezium's default of 500 ms: 0.7 s, at most 1.2 s)."""
 HEARTBEAT_INTERVAL_MS = 10_000
 HEARTBEAT_MESSAGE_PREFIX = "espbridge.capture.heartbeat"
 """The prefix of the logical decoding message each heartbeat writes to the CRM's WAL (and Debezium
