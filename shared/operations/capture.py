@@ -332,7 +332,7 @@ async def ensure_capture(
     """Post the capture's connector to the worker (created, or its configuration replaced: running
     it twice is one connector) and wait until it and its task run.
 
-    The CRM database is checked first (the table, ``wal_level``, the right to replicate). A
+    The CRM database is checked first (the table, ``wal_level``). A
     connector that failed is restarted once; failing again, or a configuration the worker refuses,
     raises :class:`ConfigurationError` with the worker's reason. The captured topic is created
     first (with its configured partitions) if it is missing, so the worker never makes its own.
