@@ -17,8 +17,10 @@ import orjson
 from pydantic import ValidationError
 
 from shared.infra.db import applied_migrations, connect, load_migrations
+from shared.infra.db.migrate import CRM_MIGRATIONS, ESPBRIDGE_MIGRATIONS, MigrationSet
 from shared.infra.kafka import back_off_failed_metadata_updates, check_topics
 from shared.infra.logs import configure
+from shared.infra.settings import CrmSettings, PostgresSettings
 from shared.model.errors import EspbridgeError, UnavailableError
 from shared.runtime.run import run_service
 from shared.runtime.runtime import ServiceSpec
@@ -63,23 +65,37 @@ async def check(settings: ServiceSettings) -> list[Check]:
                 )
             )
     if isinstance(settings, DatabaseServiceSettings):
-        pg = settings.pg
-        where = f"PostgreSQL at {pg.host}:{pg.port}/{pg.database}"
-        try:
-            conn = await connect(pg)
-        except EspbridgeError as exc:
-            checks.append(Check(where, str(exc), ok=False))
-        else:
-            try:
-                applied = await applied_migrations(conn)
-            finally:
-                await conn.close()
-            pending = [f"{m.version:04d}_{m.name}" for m in load_migrations() if m.version not in applied]
-            detail = f"answers; {len(applied)} migrations applied" + (
-                f", pending: {', '.join(pending)} (run `espbridge db migrate`)" if pending else ""
-            )
-            checks.append(Check(where, detail, ok=not pending))
+        targets = [(ESPBRIDGE_MIGRATIONS, settings.pg)]
+        crm = getattr(settings, "crm", None)
+        if isinstance(crm, CrmSettings):  # a service that reads the CRM: its migration set too
+            targets.append((CRM_MIGRATIONS, crm.resolve(settings.pg)))
+        for migration_set, pg in targets:
+            checks.append(await _database_check(migration_set, pg))
     return checks
+
+
+async def _database_check(migration_set: MigrationSet, pg: PostgresSettings) -> Check:
+    """Whether the database answers and holds every migration of the set."""
+    where = f"PostgreSQL at {pg.host}:{pg.port}/{pg.database}"
+    if migration_set is not ESPBRIDGE_MIGRATIONS:
+        where += f" ({migration_set.name} migrations)"
+    try:
+        conn = await connect(pg)
+    except EspbridgeError as exc:
+        return Check(where, str(exc), ok=False)
+    try:
+        applied = await applied_migrations(conn, migration_set)
+    finally:
+        await conn.close()
+    pending = [
+        f"{m.version:04d}_{m.name}"
+        for m in load_migrations(migration_set.directory)
+        if m.version not in applied
+    ]
+    detail = f"answers; {len(applied)} migrations applied" + (
+        f", pending: {', '.join(pending)} (run `espbridge db migrate`)" if pending else ""
+    )
+    return Check(where, detail, ok=not pending)
 
 
 def service_main(spec: ServiceSpec, argv: Sequence[str] | None = None) -> int:

@@ -78,6 +78,29 @@ async def test_check_reports_what_the_service_needs_and_creates_nothing(
     assert f"ok   topic {kafka.topic(Topic.BROADCAST_JOBS)}: 3 partitions" in lines
 
 
+async def test_check_of_a_service_that_reads_the_crm_reports_the_crm_migrations_too(
+    servers: Servers, kafka: KafkaSettings, database: PostgresSettings
+) -> None:
+    env = service_env(
+        servers.env, ESPBRIDGE_KAFKA_TOPIC_PREFIX=kafka.topic_prefix, ESPBRIDGE_PG_DATABASE=database.database
+    )
+    where = f"PostgreSQL at {database.host}:{database.port}"
+    migrated = _check("syncer", env).stdout.splitlines()
+    assert any(
+        line.startswith(f"ok   {where}/{database.database} (crm migrations): answers") for line in migrated
+    )
+
+    # a CRM database of its own that nobody migrated: the syncer is not ready, and says why
+    apart = _check("syncer", {**env, "ESPBRIDGE_CRM_DATABASE": "postgres"})
+    assert apart.returncode == 1
+    line = next(x for x in apart.stdout.splitlines() if "(crm migrations)" in x)
+    assert line.startswith(
+        f"FAIL {where}/postgres (crm migrations): answers; 0 migrations applied, pending: "
+    )
+    assert "0001_subscriptions" in line
+    assert line.endswith("(run `espbridge db migrate`)")
+
+
 async def test_check_fails_when_kafka_does_not_answer(servers: Servers, database: PostgresSettings) -> None:
     env = service_env(
         servers.env, ESPBRIDGE_KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:9", ESPBRIDGE_PG_DATABASE=database.database
