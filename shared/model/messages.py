@@ -6,6 +6,7 @@ producers outside espbridge, e.g. a CRM that writes broadcast jobs.
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -20,6 +21,7 @@ from pydantic import (
     Field,
     StringConstraints,
     ValidationError,
+    WithJsonSchema,
     model_validator,
 )
 
@@ -368,14 +370,23 @@ EMAIL_PATTERN = r"^[^@\s\x00-\x1f\x7f]{1,64}@[^@\s\x00-\x1f\x7f]{1,255}\.[^@\s\x
 characters (what every ESP refuses without it)."""
 
 
-def _lower(value: str) -> str:
-    return value.strip().lower()
+_EMAIL = re.compile(EMAIL_PATTERN)
+
+
+def _email(value: str) -> str:
+    address = value.strip().lower()
+    if not 6 <= len(address) <= 320 or not _EMAIL.match(address):
+        raise ValueError(
+            f"{value[:100]!r} is not an email address "
+            "(one @, a dotted domain, no spaces or control characters)"
+        )
+    return address
 
 
 Email = Annotated[
     str,
-    AfterValidator(_lower),
-    StringConstraints(min_length=6, max_length=320, pattern=EMAIL_PATTERN),
+    AfterValidator(_email),
+    WithJsonSchema({"type": "string", "minLength": 6, "maxLength": 320, "pattern": EMAIL_PATTERN}),
 ]
 """A contact's email address, lower-cased: the key of a contact in the CRM's subscription state."""
 
