@@ -179,6 +179,7 @@ async def test_the_syncer_keeps_the_crm_and_the_esp_in_sync_and_dead_letters_bad
             "nothing is pushed to it"
         )
         assert said["bad email"].startswith("not a valid SubscriptionRequest: email: ")
+        assert "'not an address' is not an email address" in said["bad email"]
         refused = next(d for d in letters if d.payload == bad["refused by the ESP"])
         assert (refused.error_class, refused.context) == (
             "ContactRefused",
