@@ -10,7 +10,7 @@ ENVF   := $(STATE)/espbridge.env
 PYTEST_ARGS ?=
 TEST_WORKERS ?= 3
 
-.PHONY: help setup up down status migrate lint typecheck test test-unit check demo demo-stop bench clean
+.PHONY: help setup up down status migrate lint typecheck test test-unit check demo demo-sync demo-stop bench clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -58,8 +58,15 @@ ESP ?= sandbox
 demo: up ## one broadcast through the pipeline against the sandbox ESP and its funnel (ESP=sandbox|generic_sftp|instiller|optimizely|mailup|deployteq)
 	set -a; source $(ENVF); set +a; $(PY) -m tools.demo run --recipients $(RECIPIENTS) --esp $(ESP)
 
-demo-stop: ## stop the sandbox ESP and the services `make demo` started
+# demo-sync's ESP is MailUp unless ESP is given (make's own default above is for `make demo`)
+SYNC_ESP = $(if $(filter command line environment,$(origin ESP)),$(ESP),mailup)
+
+demo-sync: up ## subscriptions in sync both ways: a CRM opt-out reaching the ESP, an ESP unsubscribe the CRM, timed (ESP=mailup|sandbox|instiller|optimizely|deployteq)
+	set -a; source $(ENVF); set +a; $(PY) -m tools.demo_sync run --esp $(SYNC_ESP)
+
+demo-stop: ## stop the sandbox ESP and the services `make demo` or `make demo-sync` started, and turn off demo-sync's capture
 	@if [ -x $(PY) ]; then $(PY) -m tools.demo stop; fi
+	@if [ -x $(PY) ] && [ -f $(ENVF) ]; then set -a; source $(ENVF); set +a; $(PY) -m tools.demo_sync stop; fi
 
 QUICK ?=
 BENCH_TIMEOUT ?= 7200

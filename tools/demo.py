@@ -256,7 +256,7 @@ class Processes:
     async def stop_all(self) -> list[str]:
         """SIGTERM each process still running, SIGKILL one that has not exited after 45 s; their names."""
         stopped = []
-        for name in (*SERVICES, "sandbox"):
+        for name in (*SERVICES, "syncer", "sandbox"):  # the syncer: `make demo-sync` starts it
             pid = self.running(name)
             if pid is None:
                 self.pid_file(name).unlink(missing_ok=True)
@@ -320,61 +320,80 @@ def stage_times(statuses: list[BroadcastStatus], loaded_at: datetime) -> list[tu
     return out
 
 
-async def run(recipients: int, esp: str, account: str) -> int:
-    if esp not in FLAVORS:
-        raise SystemExit(f"unknown ESP {esp!r}: choose one of {', '.join(sorted(FLAVORS))}")
-    flavor = FLAVORS[esp]
+def demo_state() -> tuple[Processes, Path]:
+    """The demo's state folder (``.run/demo``: pid files, logs, the accounts file) as its
+    processes, and the sandbox ESP's token file in it (made on the first run)."""
     state = ROOT / ".run" / "demo"
     state.mkdir(parents=True, exist_ok=True)
-    procs = Processes(state)
-    stopped = await procs.stop_all()
-    if stopped:
-        say(f"stopped the previous demo's {', '.join(stopped)}")
-    sftp_root = Path(os.environ["ESPBRIDGE_SFTP_LOCAL_ROOT"])
     token_file = state / "sandbox_token"
     if not token_file.exists():
         token_file.write_text(secrets.token_urlsafe(24))
         token_file.chmod(0o600)
-    url_file = state / "sandbox_url"
+    return Processes(state), token_file
+
+
+async def start_sandbox(
+    procs: Processes, esp: str, account: str, token_file: Path, settings: Mapping[str, str]
+) -> str:
+    """Start the sandbox ESP playing ``esp``/``account`` with its flavor on the SFTP site's folders,
+    ``settings`` as its ``ESPBRIDGE_SANDBOX_<key>`` variables; its URL once it listens."""
+    url_file = procs.folder / "sandbox_url"
     url_file.unlink(missing_ok=True)
-    env = {k: v for k, v in os.environ.items()}
     sandbox_env = {
-        **env,
-        "ESPBRIDGE_SANDBOX_ROOT": str(sftp_root),
+        **os.environ,
+        "ESPBRIDGE_SANDBOX_ROOT": os.environ["ESPBRIDGE_SFTP_LOCAL_ROOT"],
         "ESPBRIDGE_SANDBOX_ESP": esp,
-        "ESPBRIDGE_SANDBOX_FLAVOR": flavor.sandbox_flavor,
+        "ESPBRIDGE_SANDBOX_FLAVOR": FLAVORS[esp].sandbox_flavor,
         "ESPBRIDGE_SANDBOX_ACCOUNTS": account,
         "ESPBRIDGE_SANDBOX_PORT": "0",
         "ESPBRIDGE_SANDBOX_URL_FILE": str(url_file),
         "ESPBRIDGE_SANDBOX_TOKEN_FILE": str(token_file),
-        "ESPBRIDGE_SANDBOX_PHASE_DELAY_S": "1.0",
+        **{f"ESPBRIDGE_SANDBOX_{key.upper()}": value for key, value in settings.items()},
         "PYTHONPATH": str(ROOT),
     }
-    procs.start("sandbox", "sandbox", sandbox_env)
+    pid = procs.start("sandbox", "sandbox", sandbox_env)
 
     async def sandbox_url() -> str | None:
-        if procs.running("sandbox") is None or _zombie(int(procs.pid_file("sandbox").read_text())):
-            tail = (state / "sandbox.log").read_text().splitlines()[-15:]
+        if procs.running("sandbox") is None or _zombie(pid):
+            tail = (procs.folder / "sandbox.log").read_text().splitlines()[-15:]
             raise RuntimeError("the sandbox ESP exited:\n" + "\n".join(tail))
         text = url_file.read_text().strip() if url_file.exists() else ""
         return text or None
 
-    url = await wait_until("the sandbox ESP", sandbox_url, 30, 0.1)
+    url: str = await wait_until("the sandbox ESP", sandbox_url, 30, 0.1)
+    return url
+
+
+def service_env(accounts_file: Path, **settings: str) -> dict[str, str]:
+    """The environment of a service process of the demo: the servers' settings, the accounts
+    file, and ``settings`` (``ESPBRIDGE_…`` variables)."""
+    return {**os.environ, "ESPBRIDGE_ACCOUNTS_FILE": str(accounts_file), **settings, "PYTHONPATH": str(ROOT)}
+
+
+async def run(recipients: int, esp: str, account: str) -> int:
+    if esp not in FLAVORS:
+        raise SystemExit(f"unknown ESP {esp!r}: choose one of {', '.join(sorted(FLAVORS))}")
+    flavor = FLAVORS[esp]
+    procs, token_file = demo_state()
+    state = procs.folder
+    stopped = await procs.stop_all()
+    if stopped:
+        say(f"stopped the previous demo's {', '.join(stopped)}")
+    sftp_root = Path(os.environ["ESPBRIDGE_SFTP_LOCAL_ROOT"])
+    url = await start_sandbox(procs, esp, account, token_file, {"PHASE_DELAY_S": "1.0"})
     say(f"sandbox ESP {esp}/{account} ({flavor.sandbox_flavor} flavor) at {url}")
     accounts_file = state / "accounts.json"
     write_accounts_file(accounts_file, [flavor.account_entry(esp, account, url, token_file)])
     kafka, pg = KafkaSettings(), PostgresSettings()
     await ensure_topics(kafka)
-    service_env = {
-        **env,
-        "ESPBRIDGE_ACCOUNTS_FILE": str(accounts_file),
-        "ESPBRIDGE_GATHERER_SCAN_INTERVAL_S": "2",
-        "ESPBRIDGE_MONITOR_POLL_INITIAL_S": "0.5",
-        "ESPBRIDGE_MONITOR_POLL_MAX_S": "2",
-        "PYTHONPATH": str(ROOT),
-    }
+    env = service_env(
+        accounts_file,
+        ESPBRIDGE_GATHERER_SCAN_INTERVAL_S="2",
+        ESPBRIDGE_MONITOR_POLL_INITIAL_S="0.5",
+        ESPBRIDGE_MONITOR_POLL_MAX_S="2",
+    )
     for name in SERVICES:
-        procs.start(name, f"services.{name}", service_env)
+        procs.start(name, f"services.{name}", env)
     say(f"started {', '.join(SERVICES)} (logs in {state})")
 
     conn = await connect(pg)
