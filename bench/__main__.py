@@ -22,9 +22,10 @@ import orjson
 from bench import generate, report, scenarios
 from bench.broadcasts import BroadcastsPlan, run_broadcasts
 from bench.harness import PARTITIONS_RESPONSES, ROOT, BenchEnv, bench_env, kafka_version, say
+from bench.subscriptions import SyncPlan, run_subscriptions
 from shared.infra.db import connect
 
-PARTS = ("e2e", "scale", "profile", "memory", "broadcasts", "upload")
+PARTS = ("e2e", "scale", "profile", "memory", "broadcasts", "upload", "subscriptions")
 
 
 @dataclass(frozen=True)
@@ -44,13 +45,15 @@ class Sizes:
     broadcast_recipients: int
     broadcasts_timeout_s: float
     """How long the many-broadcasts part waits from the publication before it reports what finished."""
+    sync_changes: int
+    """Subscription changes of the subscriptions part, each way."""
 
     @classmethod
     def for_run(cls, quick: bool) -> Sizes:
         """The issue's sizes, or QUICK ones for a run of a few minutes."""
         if quick:
-            return cls(200_000, 8, 200_000, 100 * 10**6, 200_000, 2, 60, 500, 480)
-        return cls(1_000_000, 8, 1_000_000, 2**30, 200_000, 3, 500, 2000, 900)
+            return cls(200_000, 8, 200_000, 100 * 10**6, 200_000, 2, 60, 500, 480, 40)
+        return cls(1_000_000, 8, 1_000_000, 2**30, 200_000, 3, 500, 2000, 900, 200)
 
 
 def _at_least_one(text: str) -> int:
@@ -120,6 +123,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         args.broadcasts or sizes.broadcasts,
         args.broadcast_recipients or sizes.broadcast_recipients,
         args.broadcasts_timeout or sizes.broadcasts_timeout_s,
+        args.sync_changes or sizes.sync_changes,
     )
     parts = set(args.only.split(",")) if args.only else set(PARTS)
     results: dict[str, Any] = {k: None for k in report.KEYS}
@@ -301,6 +305,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "uploader_peak_rss_mb": round(u.uploader_peak_rss_mb, 1),
                 "seed_customers_s": round(u.seed_s, 1),
             }
+        if "subscriptions" in parts:
+            sync = SyncPlan(sizes.sync_changes)
+            say(
+                f"subscriptions: {sync.changes} unsubscribes by MailUp's webhook ({sync.webhooks_per_s:g} a "
+                f"second), then {sync.changes} CRM updates ({sync.crm_updates_per_s:g} a second)"
+            )
+            figures = await run_subscriptions(env, sync)
+            for direction in ("webhook_to_crm", "crm_to_esp"):
+                results[f"{direction}_p95_s"] = figures[direction]["p95_s"]
+                results[f"{direction}_count"] = figures[direction]["arrived"]
+            details["subscriptions"] = figures
         results["machine"]["load_average_at_end"] = round(os.getloadavg()[0], 2)
     results["details"] = details
     results["targets"] = report.judge(results)
@@ -334,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--monitors", type=_at_least_one, default=2, help="monitor processes of the many-broadcasts part"
+    )
+    parser.add_argument(
+        "--sync-changes", type=_at_least_one, help="subscription changes of the subscriptions part, each way"
     )
     parser.add_argument("--seed", type=int, default=20261122, help="seed of the generated data")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "latest.json")

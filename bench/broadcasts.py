@@ -10,7 +10,6 @@ time that status was recorded; ``control.job_history`` gives the stages before i
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ import aiohttp
 from faststream.kafka import KafkaBroker
 
 from bench.generate import customers_for
-from bench.harness import ESP, ROOT, BenchEnv, Service, create_topics, say, usage, wait_for
+from bench.harness import ESP, BenchEnv, Service, create_topics, say, start_sandbox, usage, wait_for
 from shared.infra.db import Conn, connect
 from shared.infra.kafka import publish_many
 from shared.model.messages import BroadcastJob
@@ -227,7 +226,7 @@ async def run_broadcasts(env: BenchEnv, plan: BroadcastsPlan) -> dict[str, Any]:
                 f"crm.customers leaves {selected} recipients, not {plan.recipients}: run this part "
                 "before the upload part, which seeds more customers"
             )
-        sandbox, url = await _start_sandbox(env)
+        sandbox, url = await start_sandbox(env, ESP, SANDBOX_SETTINGS)
         accounts_file = env.work / "accounts-broadcasts.json"
         write_accounts_file(
             accounts_file, [FLAVORS[ESP].account_entry(ESP, env.account, url, env.token_file)]
@@ -282,31 +281,6 @@ def plan_jobs(
         jobs.append(job)
         timelines[job.job_id] = Timeline(job.job_id, send_at)
     return jobs, timelines
-
-
-async def _start_sandbox(env: BenchEnv) -> tuple[Service, str]:
-    """The sandbox ESP on a free port, playing the bench's account on the SFTP site's folders."""
-    url_file = env.work / "sandbox-url"
-    sandbox_env = {k: v for k, v in os.environ.items() if not k.startswith("ESPBRIDGE_")}
-    sandbox_env |= {f"ESPBRIDGE_SANDBOX_{k}": v for k, v in SANDBOX_SETTINGS.items()}
-    sandbox_env |= {
-        "ESPBRIDGE_SANDBOX_ROOT": str(env.sftp_local_root),
-        "ESPBRIDGE_SANDBOX_ESP": ESP,
-        "ESPBRIDGE_SANDBOX_ACCOUNTS": env.account,
-        "ESPBRIDGE_SANDBOX_PORT": "0",
-        "ESPBRIDGE_SANDBOX_URL_FILE": str(url_file),
-        "ESPBRIDGE_SANDBOX_TOKEN_FILE": str(env.token_file),
-        "PYTHONPATH": str(ROOT),
-    }
-    sandbox = env.start("sandbox", sandbox_env, module="sandbox")
-
-    async def listening() -> bool:
-        if not sandbox.alive():
-            raise RuntimeError(f"the sandbox ESP exited with {sandbox.proc.returncode}:\n{sandbox.tail()}")
-        return url_file.exists() and bool(url_file.read_text().strip())
-
-    await wait_for(listening, "the sandbox ESP", 60, 0.1)
-    return sandbox, url_file.read_text().strip()
 
 
 def _cpu(processes: list[Service]) -> dict[str, float]:

@@ -190,6 +190,32 @@ class BenchEnv:
         self.services.clear()
 
 
+async def start_sandbox(env: BenchEnv, esp: str, settings: Mapping[str, str]) -> tuple[Service, str]:
+    """The sandbox ESP on a free port, playing ``esp``/the bench's account on the SFTP site's
+    folders, ``settings`` as its ``ESPBRIDGE_SANDBOX_<key>`` variables (``FLAVOR`` among them)."""
+    url_file = env.work / f"sandbox-url-{env.runs}-{esp}"
+    sandbox_env = {k: v for k, v in os.environ.items() if not k.startswith("ESPBRIDGE_")}
+    sandbox_env |= {f"ESPBRIDGE_SANDBOX_{k}": v for k, v in settings.items()}
+    sandbox_env |= {
+        "ESPBRIDGE_SANDBOX_ROOT": str(env.sftp_local_root),
+        "ESPBRIDGE_SANDBOX_ESP": esp,
+        "ESPBRIDGE_SANDBOX_ACCOUNTS": env.account,
+        "ESPBRIDGE_SANDBOX_PORT": "0",
+        "ESPBRIDGE_SANDBOX_URL_FILE": str(url_file),
+        "ESPBRIDGE_SANDBOX_TOKEN_FILE": str(env.token_file),
+        "PYTHONPATH": str(ROOT),
+    }
+    sandbox = env.start("sandbox", sandbox_env, module="sandbox")
+
+    async def listening() -> bool:
+        if not sandbox.alive():
+            raise RuntimeError(f"the sandbox ESP exited with {sandbox.proc.returncode}:\n{sandbox.tail()}")
+        return url_file.exists() and bool(url_file.read_text().strip())
+
+    await wait_for(listening, "the sandbox ESP", 60, 0.1)
+    return sandbox, url_file.read_text().strip()
+
+
 async def _all_ready(services: list[Service]) -> bool:
     for s in services:
         if not s.alive():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 from pydantic import SecretStr
 
 from bench import generate, report
-from bench.__main__ import Sizes, main
+from bench.__main__ import PARTS, Sizes, main
 from bench.broadcasts import (
     SENT,
     BroadcastsPlan,
@@ -27,6 +28,7 @@ from bench.broadcasts import (
     plan_jobs,
     summarize,
 )
+from bench.subscriptions import Latencies, between, crm_lags
 from services.loader.core import copy_line
 from shared.esp import AccountConfig, BadRow, ConnectorContext
 from shared.esp.generic import GenericConnector
@@ -315,3 +317,80 @@ def test_the_page_says_what_bounds_the_many_broadcasts_against_the_issues_target
     assert "stopped at its timeout" not in page
     assert "stopped at its timeout" in report.render_markdown(broadcasts_results(timed_out=True))
     assert report.slowest_phase({}) is None
+
+
+def test_the_subscriptions_part_makes_200_changes_each_way_and_quick_40() -> None:
+    assert (Sizes.for_run(quick=False).sync_changes, Sizes.for_run(quick=True).sync_changes) == (200, 40)
+    assert "subscriptions" in PARTS
+
+
+def test_changes_that_did_not_arrive_make_the_p95_a_lower_bound() -> None:
+    all_in = Latencies(20, [0.1 * n for n in range(1, 21)], waited_s=120.0).figures()
+    assert (all_in["arrived"], all_in["p95_s"], all_in["p95_is_lower_bound"]) == (20, 1.9, False)
+    assert (all_in["p50_s"], all_in["max_s"]) == (1.0, 2.0)
+    two_missing = Latencies(20, [0.5] * 18, waited_s=120.0).figures()
+    assert (two_missing["arrived"], two_missing["p95_s"], two_missing["p95_is_lower_bound"]) == (
+        18,
+        120.0,
+        True,
+    )
+    assert Latencies(5, [], 30.0).figures()["max_s"] is None
+
+
+def test_a_change_counts_only_when_both_its_ends_were_seen() -> None:
+    assert between({"a": 10.0, "b": 11.0, "c": 12.0}, {"a": 10.25, "c": 13.5}) == [0.25, 1.5]
+
+
+def test_the_webhook_figure_is_the_syncers_crm_lag_of_each_unsubscribe_it_committed(tmp_path: Path) -> None:
+    log = tmp_path / "syncer.log"
+    applied = {"msg": "subscription change applied", "esp": "mailup", "state": "unsubscribed"}
+    log.write_text(
+        "\n".join(
+            [
+                json.dumps(applied | {"crm_lag_s": 0.04}),
+                json.dumps(applied | {"state": "subscribed", "crm_lag_s": 9.0}),  # not an unsubscribe
+                json.dumps({"msg": "service ready"}),
+                "a line that is not JSON: subscription change applied",
+                json.dumps(applied | {"crm_lag_s": 0.125}),
+            ]
+        )
+    )
+    assert crm_lags(log) == [0.04, 0.125]
+
+
+def subscriptions_results(webhook_p95: float | None, crm_p95: float | None) -> dict[str, Any]:
+    results = full_results()
+    results |= {
+        "webhook_to_crm_p95_s": webhook_p95,
+        "webhook_to_crm_count": 200,
+        "crm_to_esp_p95_s": crm_p95,
+        "crm_to_esp_count": 189,
+    }
+    results["details"] = {
+        "subscriptions": {
+            "webhook_to_crm": Latencies(200, [0.05] * 200, 120.0).figures() | {"click_to_row_p95_s": 0.06},
+            "crm_to_esp": Latencies(200, [0.5] * 189, 120.0).figures(),  # the 190th is the p95's
+            "webhooks_per_s": 10.0,
+            "crm_updates_per_s": 1.5,
+            "cpu_s": {"sandbox": 1.5, "gatherer": 0.5, "syncer": 3.0},
+        }
+    }
+    results["targets"] = report.judge(results)
+    return results
+
+
+def test_the_sync_times_are_judged_under_their_bounds_and_shown_as_ratios_of_them() -> None:
+    results = subscriptions_results(webhook_p95=0.5, crm_p95=5.0)
+    targets = results["targets"]
+    assert targets["webhook_to_crm_p95_s"] == {"target": "< 2", "value": 0.5, "met": True, "ratio": 0.25}
+    assert targets["crm_to_esp_p95_s"] == {"target": "< 5", "value": 5.0, "met": False, "ratio": 1.0}
+    page = report.render_markdown(results)
+    assert "| `webhook_to_crm_p95_s` | 0.500 | < 2 (0.250 of it) | yes |" in page
+    assert "| `crm_to_esp_p95_s` | 5.00 | < 5 (1.00 of it) | no |" in page
+    assert "| `crm_to_esp_count` | 189 |  |  |" in page
+    assert "clicking the unsubscribe link at the ESP, 10 a second" in page
+    assert "one statement each, 1.5 a second" in page
+    assert "189 of 200 arrived; p95 over 120 (more than 5 % had not arrived" in page
+    assert "syncer 3.00" in page
+    unmeasured = report.judge(subscriptions_results(None, None))
+    assert unmeasured["webhook_to_crm_p95_s"] == {"target": "< 2", "value": None, "met": None, "ratio": None}
