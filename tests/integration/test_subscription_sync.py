@@ -162,31 +162,35 @@ async def test_subscriptions_stay_in_sync_both_ways(
 
 
 async def bad_requests_are_dead_letters(esp: SyncedEsp, account: str, first: str) -> None:
-    """An unknown account, a bad address and an unknown list, each refused with its reason."""
+    """An unknown account, a bad address and an unknown list: each a dead letter with its reason,
+    as ``espbridge dlq list`` shows it."""
     now = "2026-01-01T00:00:00+00:00"
     base = {"esp": esp.esp, "account": account, "list": first, "state": "unsubscribed", "requested_at": now}
     bad = {
-        "unknown account": {**base, "email": "eve@example.com", "account": "nobody"},
-        "bad email": {**base, "email": "not an address"},
-        "unknown list": {**base, "email": "eve@example.com", "list": "weekly"},
+        name: orjson.dumps({"request_id": str(uuid.uuid4()), **base, "email": "eve@example.com", **doc})
+        for name, doc in {
+            "unknown account": {"account": "nobody"},
+            "bad email": {"email": "not an address"},
+            "unknown list": {"list": "weekly"},
+        }.items()
     }
-    await produce(
-        esp.deployment.kafka,
-        Topic.SUBSCRIPTION_REQUESTS,
-        [(b"eve", orjson.dumps({"request_id": str(uuid.uuid4()), **doc})) for doc in bad.values()],
-    )
+    await produce(esp.deployment.kafka, Topic.SUBSCRIPTION_REQUESTS, [(b"eve", v) for v in bad.values()])
     await read_until(esp.deployment.kafka, Topic.DEADLETTER, lambda rs: len(rs) >= len(bad))
     cli = Cli(esp.env)
     listing = cli("dlq", "list", "--service", "syncer", "--json")
     assert listing.returncode == 0, listing.stderr
-    said = sorted(str(d["message"]) for d in orjson.loads(listing.stdout))
-    assert len(said) == len(bad)
-    lists = ", ".join(esp.flavor.lists)
+    reasons = {d["payload"]: d["message"] for d in orjson.loads(listing.stdout)}
+    said = {name: reasons[payload.decode()] for name, payload in bad.items()}
     configured = ", ".join(esp.source(x) for x in sorted(esp.accounts))
-    assert said[0] == f"ESP account {esp.esp}/nobody is not configured (configured: {configured})"
     assert (
-        said[1] == f"list 'weekly' is not one of the lists ESP account {esp.source(account)} syncs ({lists})"
+        said["unknown account"]
+        == f"ESP account {esp.esp}/nobody is not configured (configured: {configured})"
     )
-    assert said[2].startswith("not a valid SubscriptionRequest: email: ")
+    assert said["unknown list"] == (
+        f"list 'weekly' is not one of the lists ESP account {esp.source(account)} syncs"
+        f" ({', '.join(esp.flavor.lists)})"
+    )
+    assert said["bad email"].startswith("not a valid SubscriptionRequest: email: ")
+    assert "not an address" in said["bad email"]
     table = cli("dlq", "list", "--service", "syncer").stdout
     assert len([line for line in table.splitlines() if " syncer " in line]) == len(bad)
