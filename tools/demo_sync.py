@@ -230,6 +230,17 @@ async def pushes_since(conn: Conn, key: tuple[str, str, str, str], since: float)
     return count
 
 
+async def pushes_of_others(conn: Conn, contacts: Sequence[str], since: float) -> int:
+    """How many requests of other contacts the syncer pushed since ``since`` (Unix time)."""
+    count: int = await conn.fetchval(
+        "SELECT count(*) FROM crm.subscription_pushes "
+        "WHERE email <> ALL($1::text[]) AND pushed_at >= to_timestamp($2)",
+        list(contacts),
+        since,
+    )
+    return count
+
+
 def _logged_ready(log: Path, offset: int) -> bool:
     """Whether the service's log says it is ready after ``offset`` (this run's part of it)."""
     with log.open("rb") as f:
@@ -303,7 +314,7 @@ async def _show(conn: Conn, esp_side: EspContacts, esp: str, account: str, lists
     contacts = [f"{name}.{tag}@example.com" for name in NAMES]
     ada, ben = contacts[0], contacts[1]
     first, others = lists[0], lists[1:]
-    t0 = time.monotonic()
+    t0, started = time.monotonic(), time.time()
     await conn.execute(SUBSCRIBE_SQL, contacts, esp, account, list(lists))
     say(f"CRM: {', '.join(contacts)} subscribed on lists {', '.join(lists)} (INSERT into crm.subscriptions)")
     expected = len(contacts) * len(lists)
@@ -314,6 +325,9 @@ async def _show(conn: Conn, esp_side: EspContacts, esp: str, account: str, lists
 
     await wait_until("the contacts subscribed at the ESP", all_subscribed, 120, 0.1)
     say(f"  captured and pushed: {expected} subscriptions at the ESP after {time.monotonic() - t0:.1f} s")
+    earlier = await pushes_of_others(conn, contacts, started)
+    if earlier:
+        say(f"  (and {earlier} earlier changes meanwhile, such as the opt-outs of `make demo`'s broadcasts)")
 
     # CRM → ESP: the CRM's own UPDATE, captured by Debezium, pushed by the syncer.
     updated_at = await conn.fetchval(OPT_OUT_SQL, ada, esp, account, first, "asked by phone")
