@@ -11,14 +11,15 @@ tests/integration/test_subscription_sync.py)."""
 
 from __future__ import annotations
 
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 
 import aiohttp
 import asyncpg
 import pytest
 
 from shared.model.topics import Topic
-from tests.fixtures.capture import Capture, espbridge_write, private_worker
+from tests.fixtures.capture import Capture, PrivateWorker, espbridge_write, private_worker
 from tests.fixtures.deployment import Deployment
 from tests.fixtures.kafka import count_records
 from tests.fixtures.processes import log_records, stop
@@ -31,6 +32,17 @@ pytestmark = pytest.mark.xdist_group("subscription_sync")
 PER_PHASE = 20
 """CRM updates before the kill, while the worker is dead, and after its restart."""
 CONTACTS = [f"c{n:03}@example.com" for n in range(3 * PER_PHASE)]
+
+
+@contextmanager
+def log_on_failure(worker: PrivateWorker) -> Iterator[None]:
+    """On a failure, the worker's log tail in the test's output (its folder goes with the worker)."""
+    try:
+        yield
+    except BaseException:
+        log = worker.state_dir / "connect" / "logs" / "connect.out"
+        print(log.read_text(errors="replace")[-6000:] if log.exists() else f"no {log}")
+        raise
 
 
 async def test_a_worker_killed_mid_stream_loses_no_update_and_pushes_none_twice(
@@ -50,7 +62,7 @@ async def test_a_worker_killed_mid_stream_loses_no_update_and_pushes_none_twice(
         news.list,
     )
     before, during, after = (CONTACTS[n : n + PER_PHASE] for n in range(0, len(CONTACTS), PER_PHASE))
-    with private_worker(servers, deployment.kafka) as worker, ExitStack() as stack:
+    with private_worker(servers, deployment.kafka) as worker, log_on_failure(worker), ExitStack() as stack:
         async with aiohttp.ClientSession() as http:
             capture = Capture(http, worker.connect, deployment.kafka, deployment.database)
             try:
