@@ -4,6 +4,7 @@ order and echo rules, which requests go to the ESP and in what batches, and bad 
 from __future__ import annotations
 
 import uuid
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -193,6 +194,30 @@ def test_a_late_older_change_is_stale_and_has_no_follow_ons() -> None:
     results, changed = decide(writes, {own_key: _row(own_key, "subscribed", 10)}, {})
     assert [(r.outcome, r.superseded) for r in results] == [(Outcome.STALE, True)]
     assert changed == {}
+
+
+@pytest.mark.parametrize(
+    ("reported", "outcome"),
+    [
+        (
+            T0 + timedelta(minutes=10),
+            Outcome.APPLIED,
+        ),  # whole seconds: the opt-out's second holds the CRM's change
+        (T0 + timedelta(minutes=10, microseconds=300_000), Outcome.APPLIED),  # precise and later
+        (T0 + timedelta(minutes=9, seconds=59), Outcome.STALE),  # a second that ended before
+        (T0 + timedelta(minutes=9, seconds=59, microseconds=999_000), Outcome.STALE),  # precise: older
+    ],
+)
+def test_an_opt_out_reported_in_whole_seconds_wins_within_its_second(
+    reported: datetime, outcome: Outcome
+) -> None:
+    writes = core.change_writes(change("a", "news", occurred_at=reported), accounts(account("a", "news")))
+    key = writes[0].key
+    row = replace(_row(key, "subscribed", 10), changed_at=T0 + timedelta(minutes=10, microseconds=250_000))
+    results, changed = decide(writes, {key: row}, {})
+    assert [r.outcome for r in results] == [outcome]
+    if outcome is Outcome.APPLIED:
+        assert changed[key].changed_at == max(reported, row.changed_at), "a row's time never goes back"
 
 
 def test_a_newer_change_wins_and_its_follow_ons_meet_their_own_rows_time() -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
@@ -189,7 +189,7 @@ def _decide_one(w: Write, row: Row | None) -> tuple[Outcome, Row | None]:
     """One write against its row as it stands: the outcome, and the row to write (if any)."""
     if w.ignored:
         return Outcome.IGNORED, None
-    if row is not None and w.occurred_at < row.changed_at:
+    if row is not None and _older(w, row):
         return Outcome.STALE, None
     if w.in_crm:
         return Outcome.APPLIED, None
@@ -203,9 +203,22 @@ def _decide_one(w: Write, row: Row | None) -> tuple[Outcome, Row | None]:
     if row is not None and row.state == w.state and fields_known:
         return Outcome.UNCHANGED, None
     merged = {**(row.fields if row is not None else {}), **w.fields}
+    changed_at = w.occurred_at if row is None else max(w.occurred_at, row.changed_at)
     return Outcome.APPLIED, Row(
-        w.key, w.state, w.reason, w.source, w.occurred_at, "espbridge", w.change_id, merged
+        w.key, w.state, w.reason, w.source, changed_at, "espbridge", w.change_id, merged
     )
+
+
+OPT_OUTS = frozenset({"unsubscribed", "removed"})
+
+
+def _older(w: Write, row: Row) -> bool:
+    """Whether a write is older than its row. An opt-out an ESP reports in whole seconds is older
+    only when its second ended before the row changed: within that second nobody can tell which came
+    first, and an opt-out is honoured (a subscribe made in the same second does not hide it)."""
+    if w.state in OPT_OUTS and w.occurred_at.microsecond == 0:
+        return w.occurred_at + timedelta(seconds=1) <= row.changed_at
+    return w.occurred_at < row.changed_at
 
 
 _LOCK = """
