@@ -192,7 +192,9 @@ async def table_columns(conn: Conn, table: str) -> dict[str, str]:
 
 
 _ALIAS = "recipient"
-"""The selection's table in its queries, so the suppression subquery names its email column."""
+"""The selection's table in its queries, so the suppression join names its email column."""
+_SUPPRESSED = "espbridge_suppressed"
+"""The suppressed emails joined to a selection: the subquery's name and its one column's."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,14 +233,20 @@ async def _where(
         else:
             args.append(value)
             conditions.append(f"{quote_ident(column)} = ${len(args)}")
+    source = f"{quote_qualified(selection.table)} AS {_ALIAS}"
     by_state = None
     if suppression.scope is not None:
+        # A join with the scope's suppressed emails, each once: the planner hashes them (one scan
+        # of each side), where a correlated EXISTS probed the index once per row (5 times slower).
         email = f"lower({_ALIAS}.{quote_ident(suppression.email_column)}::text)"
         scope = _scope_condition(suppression.scope, args)
-        by_state = f"EXISTS (SELECT 1 FROM {SUPPRESSIONS} AS s WHERE s.email = {email} AND {scope})"
+        source += (
+            f" LEFT JOIN (SELECT DISTINCT s.email AS {_SUPPRESSED} FROM {SUPPRESSIONS} AS s WHERE {scope})"
+            f" AS {_SUPPRESSED} ON {_SUPPRESSED}.{_SUPPRESSED} = {email}"
+        )
+        by_state = f"{_SUPPRESSED}.{_SUPPRESSED} IS NOT NULL"
     column = suppression.column
     by_column = f"coalesce({_ALIAS}.{quote_ident(column)}, false)" if column in types else None
-    source = f"{quote_qualified(selection.table)} AS {_ALIAS}"
     return _Where(source, conditions, args, by_state, by_column, types)
 
 
