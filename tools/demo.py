@@ -35,6 +35,10 @@ from shared.operations.jobs import build_job, funnel, publish_job, read_statuses
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVICES = ("uploader", "monitor", "gatherer", "loader")
+"""The broadcast's services (the end-to-end tests run these too)."""
+DEMO_SERVICES = (*SERVICES, "syncer")
+"""What `make demo` starts: the broadcast's services, and the syncer, which writes the ESP's
+opt-outs to the CRM, so the next run's list leaves out whom the ESP no longer mails."""
 FUNNEL_TYPES = (
     "sent",
     "delivered",
@@ -106,6 +110,9 @@ class Flavor:
     mode: str = "upload_and_send"
     message: str = "demo-newsletter"
     """The ESP's id of the pre-created message the demo sends."""
+    message_per_run: bool = False
+    """Each run sends a message of its own (numbered by the time): an ESP whose sendings are
+    tracked by message refuses a message sent before."""
     email_field: str = "Email"
     """The ESP's name for the email column of the list file."""
 
@@ -175,7 +182,7 @@ FLAVORS = {
     "sandbox": Flavor("generic", "generic"),
     "generic_sftp": Flavor("generic_sftp", "generic_sftp", "upload_only"),
     "instiller": Flavor("instiller", "instiller"),
-    "mailup": Flavor("mailup", "mailup", message="42"),
+    "mailup": Flavor("mailup", "mailup", message="42", message_per_run=True),
     "optimizely": Flavor("optimizely", "optimizely", message="1001", email_field="email"),
     "deployteq": Flavor("deployteq", "deployteq", email_field="emailAddress"),
 }
@@ -256,7 +263,7 @@ class Processes:
     async def stop_all(self) -> list[str]:
         """SIGTERM each process still running, SIGKILL one that has not exited after 45 s; their names."""
         stopped = []
-        for name in (*SERVICES, "syncer", "sandbox"):  # the syncer: `make demo-sync` starts it
+        for name in (*DEMO_SERVICES, "sandbox"):
             pid = self.running(name)
             if pid is None:
                 self.pid_file(name).unlink(missing_ok=True)
@@ -392,9 +399,9 @@ async def run(recipients: int, esp: str, account: str) -> int:
         ESPBRIDGE_MONITOR_POLL_INITIAL_S="0.5",
         ESPBRIDGE_MONITOR_POLL_MAX_S="2",
     )
-    for name in SERVICES:
+    for name in DEMO_SERVICES:
         procs.start(name, f"services.{name}", env)
-    say(f"started {', '.join(SERVICES)} (logs in {state})")
+    say(f"started {', '.join(DEMO_SERVICES)} (logs in {state})")
 
     conn = await connect(pg)
     try:
@@ -414,7 +421,7 @@ async def run(recipients: int, esp: str, account: str) -> int:
             esp,
             account,
             flavor.mode,
-            flavor.message,
+            str(int(time.time()) % 2_000_000_000) if flavor.message_per_run else flavor.message,
             flavor.email_field,
         )
     )
@@ -464,7 +471,7 @@ async def run(recipients: int, esp: str, account: str) -> int:
         print(f"  {name:<30}{seconds:>8.1f} s")
     print(f"  {'total (publish → all loaded)':<30}{time.monotonic() - t0:>8.1f} s")
     print(
-        "\nThe sandbox ESP and the four services keep running: "
+        "\nThe sandbox ESP and the services keep running: "
         "`make demo-stop` stops them, `make down` the servers."
     )
     mismatch = any(v != e for _, v, e in rows)
