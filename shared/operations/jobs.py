@@ -37,14 +37,19 @@ def new_job_id() -> str:
     return f"job-{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
 
 
-def build_job(document: dict[str, Any]) -> BroadcastJob:
-    """A job from a YAML/JSON document, filling job_id, created_at and requested_by if absent."""
+def job_fields(document: dict[str, Any]) -> dict[str, Any]:
+    """A job document's fields with job_id, created_at and requested_by filled in if absent."""
     data = dict(document)
     data.setdefault("job_id", new_job_id())
     data.setdefault("created_at", datetime.now(UTC).isoformat())
     data.setdefault("requested_by", getpass.getuser())
+    return data
+
+
+def build_job(document: dict[str, Any]) -> BroadcastJob:
+    """A job from a YAML/JSON document, filling job_id, created_at and requested_by if absent."""
     try:
-        return BroadcastJob.model_validate(data)
+        return BroadcastJob.model_validate(job_fields(document))
     except ValidationError as exc:
         raise InvalidMessageError(f"the job is not valid:\n{validation_problems(exc, '(job)')}") from None
 
