@@ -10,6 +10,7 @@ from typing import Any
 from cli import history
 from cli.checks import check_json, check_report, refusal
 from cli.output import as_json
+from cli.schema import VALIDATE_HELP
 from shared.esp import AccountsSettings
 from shared.infra.documents import DocumentError, read_document
 from shared.infra.settings import KafkaSettings, PostgresSettings
@@ -160,6 +161,13 @@ def add_parser(groups: Any) -> None:
     cancel.add_argument(
         "--reason", default="", help="why, for the job's history (one line, at most 500 characters)"
     )
+    validate = job.add_parser(
+        "validate",
+        help="check a job file against BroadcastJob's schema, offline (no server)",
+        description=VALIDATE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    validate.add_argument("file", help="a YAML or JSON file: one job, or a list of jobs")
     history.add_arguments(
         job.add_parser("list", help="the run history: jobs with their stage and state, newest first"),
         job.add_parser("status", help="a job's stages and response funnel; --follow: live until it ends"),

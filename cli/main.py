@@ -9,6 +9,8 @@ espbridge job publish       check a broadcast job (from a file and/or flags) and
 espbridge job list          the run history: jobs with their stage and state
 espbridge job status        a job's stages and response funnel (--follow: live until it ends)
 espbridge job cancel        ask for a broadcast to be cancelled (the monitor reports the outcome)
+espbridge job validate      check a job file against BroadcastJob's schema, offline
+espbridge schema [MESSAGE]  the messages, their topics and JSON Schemas; --asyncapi, --write
 espbridge gather now        scan the ESP accounts for response files now
 espbridge dlq list          dead letters with their reason and replay state
 espbridge dlq replay        send dead letters back once their cause is fixed (once each)
@@ -29,7 +31,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from cli import crm, dlq, history, jobs, subscriptions
+from cli import crm, dlq, history, jobs, schema, subscriptions
 from cli.db import db_migrate, db_status
 from cli.gather import gather_now_command
 from cli.output import one_line
@@ -57,6 +59,7 @@ def parser() -> argparse.ArgumentParser:
     dlq.add_parser(groups)
     subscriptions.add_parser(groups)
     crm.add_parser(groups)
+    schema.add_parser(groups)
     return top
 
 
@@ -70,6 +73,7 @@ COMMANDS: dict[tuple[str, str], Callable[[argparse.Namespace], int | Coroutine[A
     ("job", "list"): history.job_list,
     ("job", "status"): history.job_status,
     ("job", "cancel"): jobs.job_cancel,
+    ("job", "validate"): schema.job_validate,
     ("gather", "now"): lambda _: gather_now_command(),
     ("dlq", "list"): dlq.dlq_list,
     ("dlq", "replay"): dlq.dlq_replay,
@@ -77,6 +81,7 @@ COMMANDS: dict[tuple[str, str], Callable[[argparse.Namespace], int | Coroutine[A
     ("subscriptions", "show"): subscriptions.subscriptions_show,
     ("subscriptions", "request"): subscriptions.subscriptions_request,
     ("crm", "capture"): crm.crm_capture,
+    ("schema", "show"): schema.schema_command,
 }
 """Each command's function: a coroutine function for those that talk to a server."""
 
