@@ -7,16 +7,11 @@ test fails when the committed files drift from what these return.
 
 from __future__ import annotations
 
-import ast
-import inspect
 from dataclasses import dataclass
-from functools import cache
-from itertools import pairwise
 from typing import Any
 
 from pydantic.json_schema import models_json_schema
 
-from shared.model import topics
 from shared.model.messages import Message
 from shared.model.topics import REGISTRY, Topic
 
@@ -71,24 +66,9 @@ TRAFFIC: dict[Topic, Traffic] = {
 """The one mapping of which party sends and receives on each topic (docs/asyncapi.yaml's operations)."""
 
 
-@cache
 def topic_descriptions() -> dict[str, str]:
-    """Each Topic member's docstring, by member name (Python keeps no attribute docstrings, so they
-    are read from the registry module's source)."""
-    tree = ast.parse(inspect.getsource(topics))
-    found: dict[str, str] = {}
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ClassDef) and node.name == Topic.__name__:
-            for assign, doc in pairwise(node.body):
-                if (
-                    isinstance(assign, ast.Assign)
-                    and isinstance(assign.targets[0], ast.Name)
-                    and isinstance(doc, ast.Expr)
-                    and isinstance(doc.value, ast.Constant)
-                    and isinstance(doc.value.value, str)
-                ):
-                    found[assign.targets[0].id] = " ".join(doc.value.value.split())
-    return found
+    """What flows on each topic, by Topic member name (from the registry)."""
+    return {topic.name: spec.description for topic, spec in REGISTRY.items()}
 
 
 def message_models() -> dict[str, type[Message]]:

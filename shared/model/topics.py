@@ -15,29 +15,19 @@ from shared.model.messages import Message
 
 
 class Topic(StrEnum):
-    """Every topic espbridge reads or writes (without the per-deployment prefix)."""
+    """Every topic espbridge reads or writes (without the per-deployment prefix); what flows on
+    each is said once, in :data:`REGISTRY`."""
 
     BROADCAST_JOBS = "broadcast.jobs.v1"
-    """Broadcast jobs to run, from a CRM, the CLI or any producer (BroadcastJob)."""
     BROADCAST_LISTS = "broadcast.lists.v1"
-    """Recipient lists uploaded to an ESP, ready for import and send (ListUploaded)."""
     BROADCAST_STATUS = "broadcast.status.v1"
-    """Every stage of every broadcast, from every service (BroadcastStatus)."""
     BROADCAST_CANCELS = "broadcast.cancels.v1"
-    """Requests to cancel a broadcast, from the CLI or any producer (CancelRequest)."""
     RESPONSE_FILES = "responses.files.v1"
-    """Remote response files found by a gatherer scan, one message per file (ResponseFile)."""
     RESPONSE_EVENTS = "responses.events.v1"
-    """Normalized response events from files, APIs and webhooks (ResponseEvent)."""
     SUBSCRIPTION_CHANGES = "subscriptions.changes.v1"
-    """Subscription states the ESPs reported, and their follow-ons, for the CRM (SubscriptionChange)."""
     SUBSCRIPTION_REQUESTS = "subscriptions.requests.v1"
-    """Changes to push to an ESP account: from any producer, the CRM's captured changes and
-    follow-ons (SubscriptionRequest)."""
     CRM_CAPTURED = "crm.subscriptions.captured.v1"
-    """Row changes of the CRM's crm.subscriptions, published by Debezium in Kafka Connect (CapturedChange)."""
     DEADLETTER = "deadletter.v1"
-    """Anything rejected, with the original bytes and the reason (DeadLetter)."""
 
 
 def topic_name(topic: Topic, prefix: str = "") -> str:
@@ -47,37 +37,82 @@ def topic_name(topic: Topic, prefix: str = "") -> str:
 
 @dataclass(frozen=True, slots=True)
 class TopicSpec:
-    """A topic's message model and how a message's Kafka key is derived."""
+    """A topic's message model, how a message's Kafka key is derived, and what flows there."""
 
     topic: Topic
     model: type[Message]
     key: Callable[[Any], str]
+    description: str
 
 
 REGISTRY: dict[Topic, TopicSpec] = {
     spec.topic: spec
     for spec in (
-        TopicSpec(Topic.BROADCAST_JOBS, m.BroadcastJob, lambda msg: msg.job_id),
-        TopicSpec(Topic.BROADCAST_LISTS, m.ListUploaded, lambda msg: msg.job_id),
-        TopicSpec(Topic.BROADCAST_STATUS, m.BroadcastStatus, lambda msg: msg.job_id),
-        TopicSpec(Topic.BROADCAST_CANCELS, m.CancelRequest, lambda msg: msg.job_id),
-        TopicSpec(Topic.RESPONSE_FILES, m.ResponseFile, lambda msg: f"{msg.esp}/{msg.account}/{msg.path}"),
+        TopicSpec(
+            Topic.BROADCAST_JOBS,
+            m.BroadcastJob,
+            lambda msg: msg.job_id,
+            "Broadcast jobs to run, from a CRM, the CLI or any producer (BroadcastJob).",
+        ),
+        TopicSpec(
+            Topic.BROADCAST_LISTS,
+            m.ListUploaded,
+            lambda msg: msg.job_id,
+            "Recipient lists uploaded to an ESP, ready for import and send (ListUploaded).",
+        ),
+        TopicSpec(
+            Topic.BROADCAST_STATUS,
+            m.BroadcastStatus,
+            lambda msg: msg.job_id,
+            "Every stage of every broadcast, from every service (BroadcastStatus).",
+        ),
+        TopicSpec(
+            Topic.BROADCAST_CANCELS,
+            m.CancelRequest,
+            lambda msg: msg.job_id,
+            "Requests to cancel a broadcast, from the CLI or any producer (CancelRequest).",
+        ),
+        TopicSpec(
+            Topic.RESPONSE_FILES,
+            m.ResponseFile,
+            lambda msg: f"{msg.esp}/{msg.account}/{msg.path}",
+            "Remote response files found by a gatherer scan, one message per file (ResponseFile).",
+        ),
         TopicSpec(
             Topic.RESPONSE_EVENTS,
             m.ResponseEvent,
             lambda msg: f"{msg.broadcast_id}/{msg.communication_key or msg.email}",
+            "Normalized response events from files, APIs and webhooks (ResponseEvent).",
         ),
-        TopicSpec(Topic.SUBSCRIPTION_CHANGES, m.SubscriptionChange, lambda msg: msg.email),
-        TopicSpec(Topic.SUBSCRIPTION_REQUESTS, m.SubscriptionRequest, lambda msg: msg.email),
+        TopicSpec(
+            Topic.SUBSCRIPTION_CHANGES,
+            m.SubscriptionChange,
+            lambda msg: msg.email,
+            "Subscription states the ESPs reported, and their follow-ons, for the CRM (SubscriptionChange).",
+        ),
+        TopicSpec(
+            Topic.SUBSCRIPTION_REQUESTS,
+            m.SubscriptionRequest,
+            lambda msg: msg.email,
+            "Changes to push to an ESP account: from any producer, the CRM's captured changes and "
+            "follow-ons (SubscriptionRequest).",
+        ),
         TopicSpec(
             Topic.CRM_CAPTURED,
             m.CapturedChange,
             lambda msg: str((msg.after or msg.before or {}).get("email", "")),
+            "Row changes of the CRM's crm.subscriptions, published by Debezium in Kafka Connect "
+            "(CapturedChange).",
         ),
-        TopicSpec(Topic.DEADLETTER, m.DeadLetter, lambda msg: msg.source.kind),
+        TopicSpec(
+            Topic.DEADLETTER,
+            m.DeadLetter,
+            lambda msg: msg.source.kind,
+            "Anything rejected, with the original bytes and the reason (DeadLetter).",
+        ),
     )
 }
-"""Topic → its message model and key; a unit test checks every Topic is here."""
+"""Topic → its message model, key and what flows there; a unit test checks every Topic is here."""
 
 
 def spec_for_model(model: type[Message]) -> TopicSpec:
