@@ -496,23 +496,6 @@ class DeadLetter(Message):
     )
 
 
-def json_schema_bundle() -> dict[str, Any]:
-    """The JSON Schemas of all messages, keyed by model name (published for external producers)."""
-    models: list[type[Message]] = [
-        BroadcastJob,
-        ListUploaded,
-        BroadcastStatus,
-        CancelRequest,
-        ResponseFile,
-        ResponseEvent,
-        SubscriptionChange,
-        SubscriptionRequest,
-        CapturedChange,
-        DeadLetter,
-    ]
-    return {m.__name__: m.model_json_schema() for m in models}
-
-
 def dumps(obj: Any) -> bytes:
     """Compact JSON for non-model payloads (orjson: datetimes and UUIDs included)."""
     return orjson.dumps(obj)

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 from pydantic import ValidationError
 
+from shared.model.contracts import message_models, message_schema
 from shared.model.messages import (
     BroadcastJob,
     BroadcastStatus,
@@ -26,7 +27,6 @@ from shared.model.messages import (
     SubscriptionRequest,
     SubscriptionState,
     event_id_for,
-    json_schema_bundle,
 )
 from shared.model.topics import REGISTRY
 
@@ -265,6 +265,6 @@ def test_response_event_needs_a_recipient() -> None:
 
 
 def test_json_schemas_are_published_for_every_model() -> None:
-    bundle = json_schema_bundle()
-    assert set(bundle) == {spec.model.__name__ for spec in REGISTRY.values()}
-    assert "selection" in bundle["BroadcastJob"]["properties"]
+    models = message_models()
+    assert set(models) == {spec.model.__name__ for spec in REGISTRY.values()}
+    assert "selection" in message_schema(models["BroadcastJob"])["properties"]
