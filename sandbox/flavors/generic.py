@@ -15,13 +15,11 @@ import functools
 import logging
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import PurePosixPath
 from typing import IO, Literal
 
-import aiohttp
-import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
@@ -39,6 +37,7 @@ from sandbox.settings import SandboxSettings
 from sandbox.simulate import Event
 from sandbox.state import ImportRecord, SendRecord
 from sandbox.validators import HttpUrl
+from sandbox.webhooks import call_webhook
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +48,6 @@ MAX_FIELD_VALUE = 1000
 MAX_CONTACTS = 1000
 """Contacts in one call at most."""
 WEBHOOK_BATCH = 100
-WEBHOOK_ATTEMPTS = 5
 
 
 class GenericSettings(SandboxSettings):
@@ -440,52 +438,6 @@ def webhook_item(account: Account, event: ContactEvent) -> dict[str, str]:
     }
 
 
-@dataclass
-class Webhook:
-    """An account's queue of contact changes for the webhook, posted in order by one task."""
-
-    queue: asyncio.Queue[dict[str, str]] = field(default_factory=asyncio.Queue)
-    task: asyncio.Task[None] | None = None
-
-
-_webhooks: dict[str, Webhook] = {}
-
-
-async def _post(http: aiohttp.ClientSession, url: str, token: str, items: list[dict[str, str]]) -> bool:
-    """POST one webhook call (a JSON array of changes, the API token as its bearer token), retried
-    with a growing pause; False if every attempt failed."""
-    body = orjson.dumps(items)
-    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
-    for attempt in range(1, WEBHOOK_ATTEMPTS + 1):
-        try:
-            async with http.post(url, data=body, headers=headers) as resp:
-                if resp.status < 300:
-                    return True
-                problem = f"answered {resp.status}"
-                if 400 <= resp.status < 500 and resp.status != 429:
-                    break  # the receiver refuses this call: repeating it changes nothing
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            problem = f"{type(exc).__name__}: {exc}"
-        log.warning("contacts webhook call failed", extra={"attempt": attempt, "problem": problem})
-        if attempt < WEBHOOK_ATTEMPTS:
-            await asyncio.sleep(0.5 * 2 ** (attempt - 1))
-    log.warning(
-        "contacts webhook call dropped", extra={"changes": [i["id"] for i in items], "problem": problem}
-    )
-    return False
-
-
-async def _deliver(account: Account, url: str, token: str, hook: Webhook) -> None:
-    """Post the account's queued changes, up to :data:`WEBHOOK_BATCH` a call, until the sandbox stops."""
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
-        while True:
-            items = [await hook.queue.get()]
-            while not hook.queue.empty() and len(items) < WEBHOOK_BATCH:
-                items.append(hook.queue.get_nowait())
-            if await _post(http, url, token, items):
-                log.info("contacts webhook called", extra={"account": account.name, "changes": len(items)})
-
-
 async def on_contact_event(account: Account, event: ContactEvent) -> None:
     """Report a change made on the ESP side: an opt-out with a ``job`` in a response file of that
     broadcast, anything else by the contacts webhook (nothing without ``GENERIC_WEBHOOK_URL``)."""
@@ -495,16 +447,9 @@ async def on_contact_event(account: Account, event: ContactEvent) -> None:
         path = await asyncio.to_thread(opt_out_file, account, event, send, kind)
         log.info("opt-out reported", extra={"account": account.name, "file": path})
         return
-    url = generic_settings().generic_webhook_url
-    if not url:
-        log.info("no contacts webhook configured: change kept", extra={"account": account.name})
-        return
-    hook = _webhooks.setdefault(account.name, Webhook())
-    if hook.task is None or hook.task.done():
-        token = account.settings.bearer_token.get_secret_value()
-        target = url.replace("{account}", account.name)
-        hook.task = account.spawn(_deliver(account, target, token, hook), "contacts webhook")
-    hook.queue.put_nowait(webhook_item(account, event))
+    call_webhook(
+        account, generic_settings().generic_webhook_url, webhook_item(account, event), batch=WEBHOOK_BATCH
+    )
 
 
 FLAVOR = Flavor(
