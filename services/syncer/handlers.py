@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -164,18 +165,11 @@ async def finish_changes(batch: Changes, applied: Applied, syncer: Syncer) -> No
                 },
             )
     metrics.inc("subscription_follow_ons_total", len(requests))
-    outcomes = _count(r.outcome.value for r in applied.results if r.write.origin is subscriptions.Origin.ESP)
+    outcomes = Counter(r.outcome.value for r in applied.results if r.write.origin is subscriptions.Origin.ESP)
     log.info(
         "subscription changes written",
         extra={"changes": batch.count, **outcomes, "follow_ons": len(requests)},
     )
-
-
-def _count(values: Any) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for value in values:
-        counts[value] = counts.get(value, 0) + 1
-    return counts
 
 
 def change_stages(syncer: Syncer) -> BatchStages[Changes, Applied]:
