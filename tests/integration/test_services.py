@@ -7,6 +7,7 @@ import sys
 from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -124,9 +125,14 @@ async def test_service_joins_its_group_and_stops_on_sigterm(
         assert len(members) == 1
         assert members[0]["client_id"].startswith(f"espbridge-{name}")
         port = _health_port(log)
-        async with ClientSession() as http, http.get(f"http://127.0.0.1:{port}/healthz") as resp:
-            assert resp.status == 200
-            assert (await resp.json())["service"] == name
+
+        async def healthy() -> dict[str, Any] | None:
+            # a service of several subscribers (the syncer's three groups) is healthy once all run
+            async with ClientSession() as http, http.get(f"http://127.0.0.1:{port}/healthz") as resp:
+                return dict(await resp.json()) if resp.status == 200 else None
+
+        health = await wait_for(healthy, timeout_s=60, what=f"{name}'s /healthz answering 200")
+        assert health["service"] == name
         assert stop(proc) == 0
     assert await group_members(kafka, group) == []
     text = log.read_text()
